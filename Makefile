@@ -1,0 +1,29 @@
+# The two commands a user needs: `make run` starts the whole system, `make test` runs the
+# tests. Both create .venv/ and install on first use (and again when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test run tiny-model bench-worker clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# HF_HUB_OFFLINE: nothing is ever fetched from a hub; tests build their own tiny models.
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# Generates the default `tiny` model into the cache directory (idempotent).
+tiny-model: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m services.gpu_worker.tiny_model
+
+bench-worker: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m bench.worker_step $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,197 @@
+"""Executes step plans: keeps one row per running request, applies the plan's deltas,
+runs the forward pass over every scheduled token and samples where a request is due.
+
+A plan is validated completely before anything changes, so a bad plan (unknown request,
+out-of-range block, tokens beyond the blocks) is answered with an error and leaves the
+worker exactly as it was. If the forward pass itself fails, the rows named in the plan
+are dropped (their cache contents are unknown) and the scheduler must resend them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+import torch
+
+from services.gpu_worker.batch import ScheduledRow, build_batch
+from services.gpu_worker.model import DecoderModel
+from services.gpu_worker.sampler import Sampler, SamplingRow, make_generator
+from shared.messages import StepPlan, StepResult, StepTimings
+
+
+class PlanError(ValueError):
+    """A step plan that contradicts the worker's state; the message says which part."""
+
+
+@dataclass
+class RequestRow:
+    request_id: str
+    token_ids: list[int]  # prompt + generated; the sampler's row shares the generated part
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: SamplingRow
+
+
+class Engine:
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        num_blocks: int,
+        max_model_len: int,
+        eos_token_ids: list[int],
+        worker_id: str = "in-process",
+    ):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_model_len = max_model_len
+        self.worker_id = worker_id
+        self.device = model.device
+        self.sampler = Sampler(model.shape.vocab_size, eos_token_ids, model.device)
+        self.rows: dict[str, RequestRow] = {}
+
+    # ---- the one entry point ----------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        try:
+            self._validate(plan)
+        except PlanError as e:
+            return StepResult(step_id=plan.step_id, worker_id=self.worker_id, error=f"invalid step plan: {e}")
+        self._apply(plan)
+        try:
+            return self._run(plan, t0)
+        except Exception as e:  # noqa: BLE001 — reported to the scheduler, never fatal here
+            named = set(plan.num_scheduled_tokens) | {r.request_id for r in plan.new_requests}
+            for request_id in named:
+                self.rows.pop(request_id, None)
+            return StepResult(step_id=plan.step_id, worker_id=self.worker_id,
+                              error=f"step failed: {type(e).__name__}: {e}; dropped rows {sorted(named)}")
+
+    # ---- validation: nothing mutates here ------------------------------------------------
+
+    def _validate(self, plan: StepPlan) -> None:
+        finished = set(plan.finished_ids)
+        live = {rid for rid in self.rows if rid not in finished}
+        tokens: dict[str, int] = {rid: len(self.rows[rid].token_ids) for rid in live}
+        computed: dict[str, int] = {rid: self.rows[rid].num_computed_tokens for rid in live}
+        blocks: dict[str, int] = {rid: len(self.rows[rid].block_ids) for rid in live}
+
+        for new in plan.new_requests:
+            rid = new.request_id
+            if rid in tokens:
+                raise PlanError(f"new request {rid!r} already has a row on this worker")
+            n = len(new.token_ids)
+            if n == 0 or not 0 < new.num_prompt_tokens <= n:
+                raise PlanError(f"request {rid!r}: {n} token ids with num_prompt_tokens={new.num_prompt_tokens}")
+            if n > self.max_model_len:
+                raise PlanError(f"request {rid!r}: {n} tokens exceed max_model_len {self.max_model_len}")
+            if not 0 <= new.num_computed_tokens < n:
+                raise PlanError(f"request {rid!r}: num_computed_tokens {new.num_computed_tokens} not in [0, {n})")
+            if any(not 0 <= t < self.model.shape.vocab_size for t in new.token_ids):
+                raise PlanError(f"request {rid!r}: token id out of range [0, {self.model.shape.vocab_size})")
+            self._check_blocks(rid, new.block_ids)
+            tokens[rid], computed[rid], blocks[rid] = n, new.num_computed_tokens, len(new.block_ids)
+
+        for cached in plan.cached_requests:
+            rid = cached.request_id
+            if rid not in live:
+                raise PlanError(f"cached request {rid!r} is unknown to this worker")
+            if cached.num_computed_tokens != computed[rid]:
+                raise PlanError(f"request {rid!r}: plan says {cached.num_computed_tokens} computed tokens, "
+                                f"worker has {computed[rid]}")
+            self._check_blocks(rid, cached.new_block_ids)
+            blocks[rid] += len(cached.new_block_ids)
+
+        for rid, count in plan.num_scheduled_tokens.items():
+            if rid not in tokens:
+                raise PlanError(f"scheduled request {rid!r} is unknown to this worker")
+            end = computed[rid] + count
+            if count < 1 or end > tokens[rid]:
+                raise PlanError(f"request {rid!r}: {count} tokens scheduled after {computed[rid]} computed, "
+                                f"but it has {tokens[rid]} tokens")
+            if end > blocks[rid] * self.block_size:
+                raise PlanError(f"request {rid!r}: {end} tokens need more than its {blocks[rid]} blocks")
+
+    def _check_blocks(self, rid: str, block_ids: list[int]) -> None:
+        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise PlanError(f"request {rid!r}: block ids {bad[:5]} out of range [0, {self.num_blocks})")
+
+    # ---- applying deltas -----------------------------------------------------------------
+
+    def _apply(self, plan: StepPlan) -> None:
+        for rid in plan.finished_ids:
+            self.rows.pop(rid, None)
+        for new in plan.new_requests:
+            params = new.sampling
+            prompt = list(new.token_ids[: new.num_prompt_tokens])
+            output = list(new.token_ids[new.num_prompt_tokens:])
+            generator = make_generator(params.seed, self.device) if params.seed is not None else None
+            self.rows[new.request_id] = RequestRow(
+                request_id=new.request_id,
+                token_ids=prompt + output,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                sampling=SamplingRow(params=params, prompt_token_ids=prompt,
+                                     output_token_ids=output, generator=generator),
+            )
+        for cached in plan.cached_requests:
+            self.rows[cached.request_id].block_ids.extend(cached.new_block_ids)
+
+    # ---- forward + sample ------------------------------------------------------------------
+
+    def _run(self, plan: StepPlan, t0: float) -> StepResult:
+        scheduled = list(plan.num_scheduled_tokens.items())
+        if not scheduled:
+            return StepResult(step_id=plan.step_id, worker_id=self.worker_id)
+        rows = [self.rows[rid] for rid, _ in scheduled]
+        batch = build_batch(
+            [ScheduledRow(r.token_ids, r.block_ids, r.num_computed_tokens, n) for r, (_, n) in zip(rows, scheduled)],
+            self.block_size, self.device,
+        )
+        t1 = time.perf_counter()
+        hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+
+        # Only requests that reach the end of their tokens sample; a prefill chunk in the
+        # middle of a prompt produces nothing.
+        due = [(k, i) for k, i in enumerate(batch.order)
+               if rows[i].num_computed_tokens + scheduled[i][1] == len(rows[i].token_ids)]
+        sampled: dict[str, int] = {}
+        logprobs = {}
+        t2 = time.perf_counter()
+        if due:
+            logits = self.model.compute_logits(hidden[[batch.last_token_index[k] for k, _ in due]])
+            t2 = time.perf_counter()
+            due_rows = [rows[i] for _, i in due]
+            for r in due_rows:
+                _seed_for_next_token(r.sampling)
+            out = self.sampler(logits, [r.sampling for r in due_rows])
+            for r, token, lp in zip(due_rows, out.token_ids, out.logprobs):
+                sampled[r.request_id] = token
+                if lp is not None:
+                    logprobs[r.request_id] = lp
+        for r, (_, n) in zip(rows, scheduled):
+            r.num_computed_tokens += n
+            if r.request_id in sampled:
+                r.token_ids.append(sampled[r.request_id])
+                r.sampling.output_token_ids.append(sampled[r.request_id])
+        t3 = time.perf_counter()
+        ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
+        return StepResult(
+            step_id=plan.step_id, worker_id=self.worker_id, sampled_token_ids=sampled, logprobs=logprobs,
+            timings=StepTimings(prepare_ms=ms(t0, t1), forward_ms=ms(t1, t2), sample_ms=ms(t2, t3), total_ms=ms(t0, t3)),
+        )
+
+
+def _seed_for_next_token(row: SamplingRow) -> None:
+    """Seeded requests draw each token from a generator seeded by (seed, token index),
+    so the stream is the same alone or in any batch, and after a preemption or a
+    migration to another worker, without carrying generator state around."""
+    if row.generator is not None:
+        seed = row.params.seed or 0
+        row.generator.manual_seed((seed * 1_000_003 + len(row.output_token_ids)) & 0x7FFF_FFFF_FFFF_FFFF)
+

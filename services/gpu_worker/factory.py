@@ -1,0 +1,102 @@
+"""Builds a ready Engine from WorkerSettings: resolve model, device and dtype, load the
+weights, then size the KV cache from what memory is left."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import get_attention_backend
+from services.gpu_worker.engine import Engine
+from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, cache_budget_bytes
+from services.gpu_worker.loader import ModelLoadError, load_config, load_model
+from shared.config import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineInfo:
+    model: str  # the name clients use: the model directory's path
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    device: str
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    from services.gpu_worker.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def eos_token_ids(model_dir: Path, config) -> list[int]:
+    """EOS ids from generation_config.json when present (it may list several, e.g. a chat
+    end token), else from config.json."""
+    eos = None
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def create_engine(settings: WorkerSettings) -> tuple[Engine, EngineInfo]:
+    model_dir = resolve_model_dir(settings.model)
+    config = load_config(model_dir)  # fails early with a clear message
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    model = load_model(model_dir, device, dtype, get_attention_backend(device))
+
+    max_len = model.shape.max_position_embeddings
+    if settings.max_model_len is not None:
+        if settings.max_model_len > max_len:
+            raise ModelLoadError(f"max_model_len {settings.max_model_len} exceeds the model's "
+                                 f"max_position_embeddings {max_len}")
+        max_len = settings.max_model_len
+
+    per_block = bytes_per_block(model.shape, settings.block_size, dtype)
+    budget = cache_budget_bytes(device, int(settings.kv_cache_memory), settings.gpu_memory_fraction)
+    num_blocks = budget // per_block
+    min_blocks = -(-max_len // settings.block_size)
+    if num_blocks < min_blocks:
+        raise ModelLoadError(f"KV cache budget of {budget} bytes holds {num_blocks} blocks, fewer than the "
+                             f"{min_blocks} one request of max_model_len {max_len} needs: raise "
+                             f"--kv-cache-memory / --gpu-memory-fraction or lower --max-model-len")
+    kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, device)
+    eos = eos_token_ids(model_dir, config)
+    log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", model_dir, device, dtype,
+             num_blocks, settings.block_size, num_blocks * per_block / 2**20)
+    engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id)
+    info = EngineInfo(model=str(model_dir), max_model_len=max_len, block_size=settings.block_size,
+                      num_blocks=num_blocks, vocab_size=model.shape.vocab_size, eos_token_ids=eos,
+                      device=str(device))
+    return engine, info

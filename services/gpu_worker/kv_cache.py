@@ -1,0 +1,36 @@
+"""The physical paged KV cache: one K and one V tensor per layer, sized from a budget.
+
+Shape per tensor: [num_blocks, block_size, num_kv_heads, head_dim]. The scheduler owns
+which block belongs to whom; the worker only stores and reads. Block 0 is a real block
+(the scheduler decides whether to reserve it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.gpu_worker.model import ModelShape
+
+
+def bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * shape.num_layers * block_size * shape.num_kv_heads * shape.head_dim * element
+
+
+def cache_budget_bytes(device: torch.device, cpu_budget: int, gpu_fraction: float) -> int:
+    """CPU: the configured byte budget. CUDA: a share of what is free once weights are
+    loaded, leaving the rest for activations and the allocator's fragmentation."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * gpu_fraction)
+    return int(cpu_budget)
+
+
+def allocate_kv_cache(
+    shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    dims = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
+    return [
+        (torch.zeros(dims, dtype=dtype, device=device), torch.zeros(dims, dtype=dtype, device=device))
+        for _ in range(shape.num_layers)
+    ]

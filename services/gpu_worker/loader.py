@@ -1,0 +1,117 @@
+"""Loads a Llama-family model from a Hugging Face directory into a `DecoderModel`.
+
+transformers reads the config (and is the reference we test against); the weights are
+read straight from the safetensors files and fused where one matmul can do two's work.
+Anything we cannot serve correctly fails here, at start-up, with a message saying why.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+from transformers.activations import ACT2FN
+
+from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
+from services.gpu_worker.rope import RotaryEmbedding
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class ModelLoadError(Exception):
+    """The model directory cannot be served; the message tells the user what to fix."""
+
+
+def load_config(model_dir: str | Path):
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist (CONVEYOR_MODEL / --model)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{str(path)!r} has no config.json: expected a Hugging Face model directory")
+    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ModelLoadError(
+            f"unsupported architecture {archs or 'unknown'} in {str(path)!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if getattr(config, "use_sliding_window", False):
+        raise ModelLoadError("sliding-window attention is not supported (use_sliding_window=true)")
+    if getattr(config, "mlp_bias", False):
+        raise ModelLoadError("MLP biases are not supported (mlp_bias=true)")
+    if config.hidden_act not in ACT2FN:
+        raise ModelLoadError(f"unsupported activation {config.hidden_act!r}")
+    return config
+
+
+def model_shape(config) -> ModelShape:
+    heads = config.num_attention_heads
+    return ModelShape(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+    )
+
+
+def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, attention_backend) -> DecoderModel:
+    config = load_config(model_dir)
+    shape = model_shape(config)
+    weights = _read_safetensors(Path(model_dir), device, dtype)
+
+    def take(name: str, required: bool = True):
+        if name in weights:
+            return weights.pop(name)
+        if required:
+            raise ModelLoadError(f"weight {name!r} is missing from the safetensors files in {str(model_dir)!r}")
+        return None
+
+    layers = []
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}."
+        qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+        biases = [take(p + f"self_attn.{n}_proj.bias", required=False) for n in "qkv"]
+        layers.append(LayerWeights(
+            input_norm=take(p + "input_layernorm.weight"),
+            qkv_weight=torch.cat(qkv),
+            qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+            o_weight=take(p + "self_attn.o_proj.weight"),
+            o_bias=take(p + "self_attn.o_proj.bias", required=False),
+            q_norm=take(p + "self_attn.q_norm.weight", required=False),
+            k_norm=take(p + "self_attn.k_norm.weight", required=False),
+            post_attention_norm=take(p + "post_attention_layernorm.weight"),
+            gate_up_weight=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+            down_weight=take(p + "mlp.down_proj.weight"),
+        ))
+    embed = take("model.embed_tokens.weight")
+    tied = getattr(config, "tie_word_embeddings", False)
+    lm_head = take("lm_head.weight", required=not tied)
+    return DecoderModel(
+        shape=shape,
+        embed_tokens=embed,
+        layers=layers,
+        final_norm=take("model.norm.weight"),
+        lm_head=embed if lm_head is None else lm_head,
+        rotary=RotaryEmbedding(config, shape.head_dim, shape.max_position_embeddings, device),
+        act=ACT2FN[config.hidden_act],
+        attention_backend=attention_backend,
+    )
+
+
+def _read_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors files in {str(model_dir)!r}")
+    weights = {}
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as st:
+            for name in st.keys():
+                weights[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+    return weights

@@ -1,0 +1,126 @@
+"""Conveyor's own forward pass for Llama-family decoders (Llama, Qwen2, Qwen3).
+
+It runs one flat batch of tokens from many requests: each layer writes the new tokens'
+K/V into the paged cache, then attends over each request's pages. Decode tokens (one per
+request) come first in the batch and go to the decode kernel; prefill chunks follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from services.gpu_worker.batch import AttentionMetadata
+from services.gpu_worker.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    # q, k and v projections fused into one matrix: one matmul instead of three.
+    qkv_weight: torch.Tensor
+    qkv_bias: Optional[torch.Tensor]
+    o_weight: torch.Tensor
+    o_bias: Optional[torch.Tensor]
+    q_norm: Optional[torch.Tensor]  # Qwen3: RMSNorm over head_dim of each head
+    k_norm: Optional[torch.Tensor]
+    post_attention_norm: torch.Tensor
+    gate_up_weight: torch.Tensor  # gate and up fused, gate first
+    down_weight: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In fp32 then back, as transformers does, so low-precision runs round the same way.
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class DecoderModel:
+    def __init__(
+        self,
+        shape: ModelShape,
+        embed_tokens: torch.Tensor,
+        layers: list[LayerWeights],
+        final_norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        rotary: RotaryEmbedding,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        attention_backend,
+    ):
+        self.shape = shape
+        self.embed_tokens = embed_tokens
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.rotary = rotary
+        self.act = act
+        self.attn = attention_backend
+        self.scale = shape.head_dim**-0.5
+        self.dtype = embed_tokens.dtype
+        self.device = embed_tokens.device
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
+        h = F.embedding(input_ids, self.embed_tokens)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h = h + self._attention(layer, rms_norm(h, layer.input_norm, self.shape.rms_norm_eps),
+                                    positions, meta, k_cache, v_cache)
+            h = h + self._mlp(layer, rms_norm(h, layer.post_attention_norm, self.shape.rms_norm_eps))
+        return rms_norm(h, self.final_norm, self.shape.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    def _attention(self, layer: LayerWeights, x, positions, meta: AttentionMetadata, k_cache, v_cache):
+        s = self.shape
+        num_tokens = x.shape[0]
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        q, k, v = F.linear(x, layer.qkv_weight, layer.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, s.num_heads, s.head_dim)
+        k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
+        v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, s.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, s.rms_norm_eps)
+        q, k = self.rotary(q, k, positions)
+
+        self.attn.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        d = meta.num_decode_tokens
+        if d:
+            self.attn.decode_attention(q[:d], k_cache, v_cache, meta.decode_block_tables,
+                                       meta.decode_seq_lens, self.scale, out=out[:d])
+        if num_tokens > d:
+            self.attn.prefill_attention(q[d:], k_cache, v_cache, meta.prefill_block_tables,
+                                        meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
+                                        self.scale, out=out[d:])
+        return F.linear(out.view(num_tokens, q_size), layer.o_weight, layer.o_bias)
+
+    def _mlp(self, layer: LayerWeights, x):
+        gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, layer.down_weight)

@@ -1,0 +1,46 @@
+"""Rotary position embeddings, computed once per model into a cos/sin table.
+
+The inverse frequencies come from transformers' own rope functions (default, linear,
+llama3, yarn), so scaled variants match the reference implementation exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+# Types whose frequencies change with the sequence length at run time; a fixed table
+# cannot represent them.
+_UNSUPPORTED = {"dynamic", "longrope"}
+
+
+class RotaryEmbedding:
+    def __init__(self, config, head_dim: int, max_positions: int, device: torch.device):
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = params.get("rope_type", "default")
+        if rope_type in _UNSUPPORTED:
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported (supported: default, linear, llama3, yarn)"
+            )
+        if rope_type == "default":
+            base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        # Same arithmetic as transformers: fp32 angles, cos/sin of the doubled frequencies.
+        angles = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+        emb = torch.cat((angles, angles), dim=-1)
+        self.cos = (emb.cos() * scaling).to(device)
+        self.sin = (emb.sin() * scaling).to(device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """q: [T, H, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k)."""
+        cos = self.cos[positions].to(q.dtype)[:, None, :]
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

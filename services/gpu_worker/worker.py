@@ -1,0 +1,84 @@
+"""The worker process's loop: register with the scheduler over ZeroMQ, then execute each
+StepPlan it receives and answer with a StepResult, until SIGTERM or a Shutdown.
+
+Bad messages are logged and answered with an error result; they never end the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from services.gpu_worker.engine import Engine
+from services.gpu_worker.factory import EngineInfo
+from shared import messages as m
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, engine: Engine, info: EngineInfo, scheduler_address: str, heartbeat_interval: float = 1.0):
+        self.engine = engine
+        self.info = info
+        self.heartbeat_interval = heartbeat_interval
+        self.stopping = False
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, engine.worker_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.connect(scheduler_address)
+
+    def register(self) -> None:
+        i = self.info
+        self._send(m.RegisterWorker(
+            worker_id=self.engine.worker_id, model=i.model, max_model_len=i.max_model_len,
+            block_size=i.block_size, num_blocks=i.num_blocks, vocab_size=i.vocab_size,
+            eos_token_ids=i.eos_token_ids, device=i.device, pid=os.getpid(),
+        ))
+
+    def install_signal_handlers(self) -> None:
+        # SIGTERM lets the current step finish; the loop then says goodbye and returns.
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
+
+    def serve(self) -> None:
+        self.register()
+        log.info("worker %s registered with the scheduler (%d KV blocks)", self.engine.worker_id, self.info.num_blocks)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stopping:
+            if not poller.poll(timeout=self.heartbeat_interval * 1000):
+                self._send(m.Heartbeat(worker_id=self.engine.worker_id, sent_at=time.time()))
+                continue
+            if not self.handle(self.sock.recv()):
+                break
+        self._send(m.WorkerLeaving(worker_id=self.engine.worker_id, reason="shutdown"))
+        log.info("worker %s left", self.engine.worker_id)
+        self.sock.close()
+
+    def handle(self, data: bytes) -> bool:
+        """Handle one incoming message; False means stop serving."""
+        try:
+            msg = m.decode(data)
+        except m.DecodeError as e:
+            log.warning("undecodable message (%d bytes) ignored: %s", len(data), e)
+            self._send(m.StepResult(step_id=-1, worker_id=self.engine.worker_id, error=f"undecodable message: {e}"))
+            return True
+        if isinstance(msg, m.StepPlan):
+            result = self.engine.execute(msg)
+            if result.error:
+                log.warning("step %d: %s", msg.step_id, result.error)
+            self._send(result)
+            return True
+        if isinstance(msg, m.Shutdown):
+            log.info("shutdown asked by the scheduler: %s", msg.reason)
+            return False
+        log.warning("unexpected %s message ignored", type(msg).__name__)
+        return True
+
+    def _send(self, msg: m.Message) -> None:
+        self.sock.send(m.encode(msg))

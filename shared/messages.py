@@ -1,0 +1,164 @@
+"""Every message that crosses a process boundary, as typed msgpack structs.
+
+msgspec checks each field's type while decoding, so a malformed or foreign message fails
+at the socket with a `DecodeError` that names the field, instead of deep in a service.
+No pickle crosses a socket. One name means one thing everywhere: `request_id`,
+`block_ids`, `num_computed_tokens`, `token_ids`.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How one request picks its next token. Defaults match the OpenAI API's.
+
+    `temperature == 0` means greedy. `top_k <= 0` and `top_p == 1` disable those filters.
+    `logprobs`: None returns none; N >= 0 returns the sampled token's logprob and the N
+    most likely alternatives.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Union[int, None] = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: Union[int, None] = None
+
+
+# ---- scheduler -> worker: one step ------------------------------------------------------
+
+
+class NewRequest(msgspec.Struct, frozen=True):
+    """A request the worker has no row for yet (first schedule, or resumed after a
+    preemption or a migration from another worker, with its generated tokens appended).
+
+    `token_ids` are the prompt followed by tokens generated so far; the first
+    `num_prompt_tokens` are the prompt (penalties count only generated tokens).
+    `num_computed_tokens` of them already sit in the cache (a prefix-cache hit).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int = 0
+
+
+class CachedRequest(msgspec.Struct, frozen=True):
+    """A request the worker already holds: blocks appended since the last step, and how
+    many of its tokens are in the cache before this step (the worker checks it agrees)."""
+
+    request_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+class StepPlan(msgspec.Struct, frozen=True, tag="step_plan"):
+    """One iteration for one worker, as deltas against the rows the worker keeps.
+
+    `finished_ids` rows (finished, aborted, preempted, migrated) are dropped before the
+    step runs. `num_scheduled_tokens[request_id]` is a prefill chunk or 1 for a decode;
+    a request samples a token when the step brings it to the end of its `token_ids`.
+    """
+
+    step_id: int
+    new_requests: list[NewRequest] = []
+    cached_requests: list[CachedRequest] = []
+    num_scheduled_tokens: dict[str, int] = {}
+    finished_ids: list[str] = []
+
+
+# ---- worker -> scheduler ----------------------------------------------------------------
+
+
+class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
+    """The sampled token's log-probability and the top alternatives (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
+class StepTimings(msgspec.Struct, frozen=True):
+    prepare_ms: float = 0.0
+    forward_ms: float = 0.0
+    sample_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class StepResult(msgspec.Struct, frozen=True, tag="step_result"):
+    """What one step produced: one sampled token per request that reached the end of
+    its tokens (requests in the middle of a chunked prefill are absent), or an error.
+
+    On error nothing of the step was applied, and the worker keeps serving.
+    """
+
+    step_id: int
+    worker_id: str
+    sampled_token_ids: dict[str, int] = {}
+    logprobs: dict[str, TokenLogprobs] = {}
+    timings: StepTimings = StepTimings()
+    error: Union[str, None] = None
+
+
+class RegisterWorker(msgspec.Struct, frozen=True, tag="register_worker"):
+    """A worker's first message: what it serves and how much KV cache it has."""
+
+    worker_id: str
+    model: str
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    device: str
+    pid: int
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
+    worker_id: str
+    sent_at: float
+
+
+class WorkerLeaving(msgspec.Struct, frozen=True, tag="worker_leaving"):
+    """Sent on SIGTERM after the last step: the scheduler requeues anything left."""
+
+    worker_id: str
+    reason: str = "shutdown"
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
+    """Scheduler -> worker: stop after the current step."""
+
+    reason: str = ""
+
+
+Message = Union[StepPlan, StepResult, RegisterWorker, Heartbeat, WorkerLeaving, Shutdown]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    """Decode one message; raises `msgspec.DecodeError` (a `ValueError`) naming the
+    offending field when `data` is not a well-formed Conveyor message."""
+    return _decoder.decode(data)
+
+
+DecodeError = msgspec.DecodeError

@@ -1,0 +1,31 @@
+"""Fixtures: tiny random models of each supported architecture, built once per session,
+and in-process engines on them."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gpu_worker.factory import create_engine
+from services.gpu_worker.tiny_model import make_model
+from shared.config import WorkerSettings
+
+# Each variant exercises a different loading path: untied + llama3 rope scaling, qkv bias
+# + tied embeddings, q/k norm + explicit head_dim + a non-default rope_theta.
+VARIANTS = {
+    "llama": dict(arch="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
+    "qwen2": dict(arch="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(arch="qwen3", rope_theta=500000.0),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    return {name: make_model(tmp_path_factory.mktemp(name), preset="tiny", num_hidden_layers=2, seed=1, **kw)
+            for name, kw in VARIANTS.items()}
+
+
+def make_engine(model_dir, block_size: int = 16, kv_cache_memory: str = "64MiB"):
+    settings = WorkerSettings(model=str(model_dir), device="cpu", block_size=block_size,
+                              kv_cache_memory=kv_cache_memory, worker_id="test-worker")
+    return create_engine(settings)

@@ -1,0 +1,75 @@
+"""Greedy output of the engine equals transformers' `generate`, token for token, whatever
+the batch around a request: joins mid-decode, odd prefill chunks, prefix-cache hits and
+preemption with recompute."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.gpu_worker.conftest import VARIANTS, make_engine
+from tests.gpu_worker.hf_reference import hf_greedy
+from tests.gpu_worker.plan_driver import PlanDriver
+
+MAX_TOKENS = 10
+PROMPT_LENGTHS = [1, 2, 15, 16, 17, 40, 129, 300]
+
+
+def _prompts(seed: int, vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def _truncate_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+@pytest.mark.parametrize("arch", list(VARIANTS))
+def test_mixed_batch_matches_hf(model_dirs, arch):
+    model_dir = model_dirs[arch]
+    engine, info = make_engine(model_dir)
+    prompts = _prompts(seed=7, vocab=info.vocab_size)
+    # A prefix-sharing prompt: the 129-token prompt's first 64 tokens (4 full blocks) + a new tail.
+    shared = prompts[6][:64] + _prompts(seed=8, vocab=info.vocab_size, lengths=[23])[0]
+    # A prompt that will be preempted mid-generation and resumed by recompute.
+    preempted = _prompts(seed=9, vocab=info.vocab_size, lengths=[57])[0]
+    expected = hf_greedy(model_dir, prompts + [shared, preempted], MAX_TOKENS)
+    expected = [_truncate_at_eos(e, info.eos_token_ids) for e in expected]
+
+    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=13)
+    for i in range(4):  # half the requests start together...
+        driver.add(f"r{i}", prompts[i], MAX_TOKENS)
+    driver.add("preempted", preempted, MAX_TOKENS)
+    for _ in range(3):
+        driver.step()
+    for i in range(4, 8):  # ...the others join while the first ones decode
+        driver.add(f"r{i}", prompts[i], MAX_TOKENS)
+    for _ in range(8):  # long enough for r6's 129-token prompt to be cached in 13-token chunks
+        driver.step()
+    assert driver.requests["r6"].computed >= 64
+    driver.add("shared", shared, MAX_TOKENS, prefix_of="r6", prefix_blocks=4)
+    assert len(driver.requests["preempted"].output) >= 2, "preempt only after it has generated"
+    driver.preempt("preempted")
+    outputs = driver.run()
+
+    for i, want in enumerate(expected[:8]):
+        assert outputs[f"r{i}"] == want, f"prompt of {PROMPT_LENGTHS[i]} tokens"
+    assert outputs["shared"] == expected[8]
+    assert outputs["preempted"] == expected[9]
+    assert not engine.rows, "every finished row was dropped"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_chunk_size_does_not_change_output(model_dirs, chunk_size):
+    engine, info = make_engine(model_dirs["qwen3"], block_size=32)
+    prompts = _prompts(seed=3, vocab=info.vocab_size, lengths=[31, 32, 33, 70])
+    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=chunk_size)
+    for i, p in enumerate(prompts):
+        driver.add(str(i), p, 6)
+    outputs = driver.run()
+    expected = [_truncate_at_eos(e, info.eos_token_ids) for e in hf_greedy(model_dirs["qwen3"], prompts, 6)]
+    assert [outputs[str(i)] for i in range(len(prompts))] == expected

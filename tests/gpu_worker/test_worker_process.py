@@ -1,0 +1,130 @@
+"""The real worker process, driven over ZeroMQ by a test-side stand-in for the scheduler:
+same tokens as the in-process engine, errors answered without dying, clean SIGTERM, and
+clear start-up failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zmq
+
+from shared import messages as m
+from tests.gpu_worker.conftest import make_engine
+from tests.gpu_worker.plan_driver import PlanDriver
+from tests.gpu_worker.test_engine_vs_hf import _prompts
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _start_worker(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "services.gpu_worker", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+class FakeScheduler:
+    """Binds a ROUTER socket like the real scheduler and talks to one worker."""
+
+    def __init__(self):
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.identity = b""
+
+    def recv(self, timeout_s: float = 60.0, skip_heartbeats: bool = True) -> m.Message:
+        while True:
+            if not self.sock.poll(timeout_s * 1000):
+                raise TimeoutError("no message from the worker")
+            self.identity, data = self.sock.recv_multipart()
+            msg = m.decode(data)
+            if not (skip_heartbeats and isinstance(msg, m.Heartbeat)):
+                return msg
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.send_multipart([self.identity, data])
+
+    def execute(self, plan: m.StepPlan) -> m.StepResult:
+        self.send_raw(m.encode(plan))
+        result = self.recv()
+        assert isinstance(result, m.StepResult)
+        return result
+
+
+@pytest.fixture
+def scheduler():
+    s = FakeScheduler()
+    yield s
+    s.sock.close()
+
+
+def test_worker_process_matches_in_process_engine(model_dirs, scheduler):
+    model_dir = model_dirs["llama"]
+    proc = _start_worker("--model", str(model_dir), "--scheduler-address", scheduler.address,
+                         "--device", "cpu", "--kv-cache-memory", "64MiB", "--worker-id", "w1")
+    try:
+        reg = scheduler.recv()
+        assert isinstance(reg, m.RegisterWorker)
+        assert (reg.worker_id, reg.block_size, reg.model) == ("w1", 16, str(model_dir))
+        assert reg.num_blocks > 0 and reg.max_model_len == 4096 and reg.pid == proc.pid
+
+        # Garbage, then a plan naming an unknown request and one with an out-of-range
+        # block: each gets an error result, and the worker keeps serving.
+        scheduler.send_raw(b"\xc1 not msgpack")
+        bad = scheduler.recv()
+        assert isinstance(bad, m.StepResult) and "undecodable" in bad.error
+        unknown = scheduler.execute(m.StepPlan(step_id=900, num_scheduled_tokens={"ghost": 1}))
+        assert unknown.step_id == 900 and "ghost" in unknown.error
+        out_of_range = scheduler.execute(m.StepPlan(step_id=901, new_requests=[m.NewRequest(
+            "x", [5, 6, 7], 3, m.SamplingParams(temperature=0), [reg.num_blocks + 3])], num_scheduled_tokens={"x": 3}))
+        assert "out of range" in out_of_range.error
+
+        prompts = _prompts(seed=11, vocab=reg.vocab_size, lengths=[3, 20, 47, 90])
+        remote = PlanDriver(scheduler.execute, reg.block_size, reg.num_blocks, reg.eos_token_ids, chunk_size=17)
+        engine, info = make_engine(model_dir)
+        local = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=17)
+        for driver in (remote, local):
+            for i, p in enumerate(prompts):
+                driver.add(str(i), p, 8)
+        assert remote.run() == local.run()
+        assert all(r.timings.total_ms > 0 for r in remote.results if r.sampled_token_ids)
+
+        proc.send_signal(signal.SIGTERM)
+        leaving = scheduler.recv()
+        assert isinstance(leaving, m.WorkerLeaving) and leaving.worker_id == "w1"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_missing_model_directory_fails_clearly(tmp_path):
+    proc = _start_worker("--model", str(tmp_path / "nope"), "--device", "cpu")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in out and "nope" in out
+
+
+def test_unsupported_architecture_fails_clearly(model_dirs, tmp_path):
+    model_dir = tmp_path / "gpt2ish"
+    shutil.copytree(model_dirs["llama"], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    proc = _start_worker("--model", str(model_dir), "--device", "cpu")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "unsupported architecture" in out and "GPT2LMHeadModel" in out and "LlamaForCausalLM" in out
+
+
+def test_bad_flag_value_fails_clearly(model_dirs):
+    proc = _start_worker("--model", str(model_dirs["llama"]), "--block-size", "12")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "block_size" in out
