@@ -11,16 +11,18 @@ from shared.log import setup_logging
 def main(argv: list[str] | None = None) -> int:
     setup_logging("gpu_worker")
     log = logging.getLogger("services.gpu_worker")
-    # Heavy imports after logging is set up, so a slow start is visibly a start.
     from pydantic import ValidationError
 
-    from services.gpu_worker.factory import create_engine
-    from services.gpu_worker.loader import ModelLoadError
-    from services.gpu_worker.worker import Worker
+    from services.gpu_worker.model_dir import ModelLoadError, check_model_dir
     from shared.config import WorkerSettings, parse_settings
 
     try:
         settings = parse_settings(WorkerSettings, argv)
+        if settings.model:  # before the slow imports: a typo fails in a fraction of a second
+            check_model_dir(settings.model)
+        from services.gpu_worker.factory import create_engine
+        from services.gpu_worker.worker import Worker
+
         engine, info = create_engine(settings)
     except (ModelLoadError, ValidationError) as e:
         log.error("cannot start: %s", e)

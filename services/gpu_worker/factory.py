@@ -13,7 +13,8 @@ import torch
 from kernels import get_attention_backend
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, cache_budget_bytes
-from services.gpu_worker.loader import ModelLoadError, load_config, load_model
+from services.gpu_worker.loader import load_config, load_model
+from services.gpu_worker.model_dir import ModelLoadError
 from shared.config import WorkerSettings
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ Anything we cannot serve correctly fails here, at start-up, with a message sayin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,33 +14,14 @@ from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.activations import ACT2FN
 
+from services.gpu_worker.model_dir import ModelLoadError, check_model_dir
 from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
 from services.gpu_worker.rope import RotaryEmbedding
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-
-
-class ModelLoadError(Exception):
-    """The model directory cannot be served; the message tells the user what to fix."""
-
 
 def load_config(model_dir: str | Path):
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {str(path)!r} does not exist (CONVEYOR_MODEL / --model)")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{str(path)!r} has no config.json: expected a Hugging Face model directory")
-    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ModelLoadError(
-            f"unsupported architecture {archs or 'unknown'} in {str(path)!r}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if getattr(config, "use_sliding_window", False):
-        raise ModelLoadError("sliding-window attention is not supported (use_sliding_window=true)")
-    if getattr(config, "mlp_bias", False):
-        raise ModelLoadError("MLP biases are not supported (mlp_bias=true)")
+    check_model_dir(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if config.hidden_act not in ACT2FN:
         raise ModelLoadError(f"unsupported activation {config.hidden_act!r}")
     return config
@@ -106,11 +86,8 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
 
 
 def _read_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"no *.safetensors files in {str(model_dir)!r}")
     weights = {}
-    for f in files:
+    for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(f, framework="pt", device="cpu") as st:
             for name in st.keys():
                 weights[name] = st.get_tensor(name).to(device=device, dtype=dtype)

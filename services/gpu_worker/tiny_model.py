@@ -1,0 +1,240 @@
+"""Generates the random-weight models Conveyor serves by default and tests against.
+
+Each is an ordinary Hugging Face directory (config, safetensors weights, a byte-level BPE
+tokenizer with a ChatML template) built offline from a fixed seed, so every machine and
+every test sees the same model. `python -m services.gpu_worker.tiny_model` prints its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+# transformers takes seconds to import; it is imported where a model is built, so that
+# finding an already built model (ensure_tiny_model) stays cheap.
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+# The shapes of BENCH.md's Models table. max_position_embeddings covers its longest CPU
+# workload (2048 + 512 tokens); gpu-0.5b also takes Qwen2.5-0.5B's rope_theta and norm eps.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096),
+    "gpu-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                     num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                     tie_word_embeddings=True, max_position_embeddings=32768,
+                     rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+}
+# gpu-0.5b is Qwen2-shaped by definition (qkv bias), whatever arch a caller names.
+PRESET_ARCH = {"tiny": "llama", "small": "llama", "gpu-0.5b": "qwen2"}
+# The dtype each preset is benchmarked in; the CLI and ensure_model default to it.
+PRESET_DTYPE = {"tiny": torch.float32, "small": torch.float32, "gpu-0.5b": torch.bfloat16}
+ARCHS = ("llama", "qwen2", "qwen3")  # transformers model_type names
+
+EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = Path(__file__).with_name("corpus.txt")
+_DIR_NOT_EMPTY = (errno.ENOTEMPTY, errno.EEXIST)  # what rename() onto a full directory raises
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
+               "tokenizer.json", "tokenizer_config.json")
+
+
+def build_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
+    """Trains a byte-level BPE on CORPUS (deterministic, ~50 ms).
+
+    Starting from all 256 bytes makes any text round-trip exactly. The corpus holds about
+    4300 merges' worth of pairs, so larger vocabularies stop short; the model's extra
+    embedding rows are then never produced by the tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,  # pairs seen once still merge, so `tiny` fills all 4096 ids
+        special_tokens=[EOS, IM_START, IM_END],  # ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=EOS,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,  # decode(encode(s)) == s, spaces included
+    )
+
+
+def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", seed: int = 0,
+               dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Writes a random model to `out_dir` (replacing what is there) and returns its path.
+
+    `overrides` are config fields (num_hidden_layers=2, rope_scaling={...}, ...). The
+    `gpu-0.5b` preset is always qwen2. The same arguments always give the same files.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {list(ARCHS)}, got {arch!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    arch = "qwen2" if preset == "gpu-0.5b" else arch
+    fields = {**PRESETS[preset], "initializer_range": 0.02, **overrides}
+    if arch == "qwen3":  # Qwen3Config's head_dim defaults to 128 whatever the hidden size
+        fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+
+    tokenizer = build_tokenizer(fields["vocab_size"])
+    tokenizer.model_max_length = fields["max_position_embeddings"]
+    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)
+    # No BOS token is prepended (as in Qwen); config.bos_token_id names EOS, as Qwen's does.
+    config = AutoConfig.for_model(
+        arch, **fields, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+
+    torch.manual_seed(seed)
+    # Initialised in fp32 and then cast, so a bf16 model is the rounded fp32 one.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_biases_and_norms(model, config.initializer_range)
+    model.to(dtype)
+    model.config.dtype = dtype
+    # <|im_end|> also stops generation, so a chat turn ends where the template closes it.
+    model.generation_config = GenerationConfig(
+        bos_token_id=eos, eos_token_id=[eos, im_end], pad_token_id=eos)
+
+    out_dir = Path(out_dir).expanduser()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp, save_jinja_files=False)  # template in tokenizer_config.json
+        _publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _randomize_biases_and_norms(model: torch.nn.Module, std: float) -> None:
+    """Draws biases around 0 and norm weights around 1 instead of exactly 0 and 1.
+
+    transformers' default init leaves them constant, so a runner that forgot the qkv bias
+    or a norm weight would still match Hugging Face token for token and pass every test.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, std)
+            elif "norm" in name:  # input/post-attention/final RMSNorm, Qwen3's q_norm/k_norm
+                param.normal_(1.0, std)
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Moves a finished model directory into place, so no reader ever sees half of one.
+
+    NOTE: two processes racing to build the same directory both write complete, identical
+    models; whichever lands last stays and the other is discarded.
+    """
+    try:
+        os.rename(tmp, out_dir)  # atomic; succeeds when out_dir is absent or empty
+        return
+    except OSError as e:
+        if e.errno not in _DIR_NOT_EMPTY:
+            raise
+    # out_dir holds a model already: move it aside, then put ours in its place.
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    try:
+        try:
+            os.rename(out_dir, old)
+        except FileNotFoundError:
+            pass  # a racing writer moved it aside first
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:  # a racing writer published in between; its model is complete
+            if e.errno not in _DIR_NOT_EMPTY:
+                raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_model_dir(path: Path) -> bool:
+    return all((path / name).is_file() for name in MODEL_FILES)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CONVEYOR_CACHE_DIR") or Path.home() / ".cache" / "conveyor")
+
+
+def default_model_dir() -> Path:
+    """Where the default model lives: $CONVEYOR_CACHE_DIR/models/tiny."""
+    return cache_root().expanduser() / "models" / "tiny"
+
+
+def ensure_model(preset: str = "tiny", arch: str | None = None, seed: int = 0,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Builds a preset into the cache unless it is there already; returns its directory.
+
+    The directory is named after the preset, plus whatever differs from the preset's own
+    arch and dtype and seed 0 (e.g. `models/tiny`, `models/small-qwen3-seed1`).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    arch, dtype = arch or PRESET_ARCH[preset], dtype or PRESET_DTYPE[preset]
+    name = preset
+    if arch != PRESET_ARCH[preset] and preset != "gpu-0.5b":
+        name += f"-{arch}"
+    if dtype != PRESET_DTYPE[preset]:
+        name += f"-{str(dtype).removeprefix('torch.')}"
+    if seed:
+        name += f"-seed{seed}"
+    path = default_model_dir().parent / name
+    if not is_model_dir(path):
+        make_model(path, arch=arch, preset=preset, seed=seed, dtype=dtype)
+    return path
+
+
+def ensure_tiny_model() -> Path:
+    """The default model's directory, built on first use (a few seconds), instant after."""
+    return ensure_model("tiny")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Builds a random-weight model; prints its dir.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--arch", choices=ARCHS, default=None,
+                        help="default: the preset's own (llama; qwen2 for gpu-0.5b)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: the preset's benchmark dtype (bfloat16 for gpu-0.5b)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="always (re)build here; default: build into the cache if missing")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.out is None:
+        path = ensure_model(args.preset, args.arch, args.seed, dtype)
+    else:
+        path = make_model(args.out, arch=args.arch or PRESET_ARCH[args.preset], preset=args.preset,
+                          seed=args.seed, dtype=dtype or PRESET_DTYPE[args.preset])
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
