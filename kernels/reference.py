@@ -1,0 +1,128 @@
+"""Plain-torch paged-KV attention: the ground truth the Triton kernels are tested against,
+and the production backend wherever Triton is not available (CPU).
+
+Cache layout: k_cache/v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; token
+slot = block_id * block_size + offset. Query head h reads kv head h // (num_heads // num_kv_heads).
+"""
+
+import torch
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into their cache slots.
+
+    A negative slot marks a padding token, which is skipped.
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    # view (not reshape) so the write lands in the caller's cache, never in a copy.
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep]
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention for a ragged batch of query chunks over the paged cache.
+
+    Sequence i owns q rows cu_seqlens_q[i]:cu_seqlens_q[i+1]; they are its last q_len
+    positions out of seq_lens[i], so a chunk sees the cached prefix plus itself.
+    """
+    if out is None:
+        out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    # One host copy of the (small) metadata instead of a sync per sequence.
+    starts = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        q_start, q_end = starts[i], starts[i + 1]
+        if q_end == q_start:
+            continue
+        k, v = _gather_kv(k_cache, v_cache, block_tables[i], seq_len, block_size)
+        out[q_start:q_end] = _causal_attention(q[q_start:q_end], k, v, scale)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence (q [num_seqs, num_heads, head_dim]) over all its seq_lens[i] keys.
+
+    num_splits only tunes the Triton kernel; it is accepted here so the backends are
+    interchangeable, and ignored.
+    """
+    del num_splits
+    if out is None:
+        out = torch.empty_like(q)
+    num_seqs, num_heads, head_dim = q.shape
+    if num_seqs == 0:
+        return out
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = int(seq_lens.max())
+    num_blocks = -(-max_len // block_size)
+
+    # Batch every sequence by padding to the longest. Table entries past a sequence's
+    # end are arbitrary, so they are replaced by block 0 and everything read from them
+    # (or from the unwritten tail of the last block) is masked out below.
+    pos = torch.arange(num_blocks * block_size, device=q.device)
+    valid = pos[None, :] < seq_lens[:, None].long()  # [num_seqs, padded_len]
+    block_valid = valid[:, ::block_size]
+    table = torch.where(block_valid, block_tables[:, :num_blocks].long(), 0)
+    k = k_cache[table].reshape(num_seqs, -1, num_kv_heads, head_dim)
+    v = v_cache[table].reshape(num_seqs, -1, num_kv_heads, head_dim)
+
+    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k.float()) * scale
+    # masked_fill (not an additive mask) so garbage, even NaN, in unread slots cannot leak.
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    v = v.float().masked_fill(~valid[:, :, None, None], 0.0)
+    o = torch.einsum("bhgk,bkhd->bhgd", probs, v)
+    out.copy_(o.reshape(num_seqs, num_heads, head_dim))
+    return out
+
+
+def _gather_kv(k_cache, v_cache, block_table, seq_len, block_size):
+    """The first seq_len keys and values of one sequence, [seq_len, num_kv_heads, head_dim]."""
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    k = k_cache[blocks].flatten(0, 1)[:seq_len]
+    v = v_cache[blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def _causal_attention(q, k, v, scale):
+    """q [q_len, H, D] are the last q_len of the k/v [seq_len, H_kv, D] positions."""
+    q_len, num_heads, head_dim = q.shape
+    seq_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    # Group query heads by the kv head they share instead of copying K/V per query head.
+    qg = q.reshape(q_len, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("qhgd,khd->hgqk", qg, k.float()) * scale
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+    k_pos = torch.arange(seq_len, device=q.device)
+    future = k_pos[None, :] > q_pos[:, None]  # [q_len, seq_len]
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    o = torch.einsum("hgqk,khd->qhgd", probs, v.float())
+    return o.reshape(q_len, num_heads, head_dim).to(q.dtype)
