@@ -44,7 +44,8 @@ class NewRequest(msgspec.Struct, frozen=True):
     preemption or a migration from another worker, with its generated tokens appended).
 
     `token_ids` are the prompt followed by tokens generated so far; the first
-    `num_prompt_tokens` are the prompt (penalties count only generated tokens).
+    `num_prompt_tokens` are the prompt (presence and frequency penalties count only the
+    generated ones; the repetition penalty counts both).
     `num_computed_tokens` of them already sit in the cache (a prefix-cache hit).
     """
 
@@ -102,7 +103,9 @@ class StepResult(msgspec.Struct, frozen=True, tag="step_result"):
     """What one step produced: one sampled token per request that reached the end of
     its tokens (requests in the middle of a chunked prefill are absent), or an error.
 
-    On error nothing of the step was applied, and the worker keeps serving.
+    On an invalid plan nothing of it was applied. If the forward pass itself failed, the
+    rows of the requests named in the plan were dropped and must be sent again as new
+    requests. Either way the worker keeps serving.
     """
 
     step_id: int
