@@ -6,6 +6,7 @@ slot = block_id * block_size + offset. Query head h reads kv head h // (num_head
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def store_kv(
@@ -78,27 +79,30 @@ def decode_attention(
     if num_seqs == 0:
         return out
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    max_len = int(seq_lens.max())
-    num_blocks = -(-max_len // block_size)
+    num_blocks = -(-int(seq_lens.max()) // block_size)
+    padded_len = num_blocks * block_size
 
-    # Batch every sequence by padding to the longest. Table entries past a sequence's
-    # end are arbitrary, so they are replaced by block 0 and everything read from them
-    # (or from the unwritten tail of the last block) is masked out below.
-    pos = torch.arange(num_blocks * block_size, device=q.device)
-    valid = pos[None, :] < seq_lens[:, None].long()  # [num_seqs, padded_len]
-    block_valid = valid[:, ::block_size]
-    table = torch.where(block_valid, block_tables[:, :num_blocks].long(), 0)
-    k = k_cache[table].reshape(num_seqs, -1, num_kv_heads, head_dim)
-    v = v_cache[table].reshape(num_seqs, -1, num_kv_heads, head_dim)
+    # Batch every sequence by padding to the longest. Table entries past a sequence's end
+    # are arbitrary, so they are replaced by block 0; whatever is read from them or from
+    # the unwritten tail of the last block is zeroed (so even NaN there cannot leak
+    # through 0 * NaN) and masked out of the softmax.
+    invalid = torch.arange(padded_len, device=q.device)[None, :] >= seq_lens[:, None].long()
+    table = block_tables[:, :num_blocks].long().masked_fill(invalid[:, ::block_size], 0).flatten()
+    # index_select of whole blocks: one contiguous copy per block, the cheapest gather on CPU.
+    k = k_cache.view(k_cache.shape[0], -1).index_select(0, table).view(num_seqs, padded_len, num_kv_heads, head_dim)
+    v = v_cache.view(v_cache.shape[0], -1).index_select(0, table).view(num_seqs, padded_len, num_kv_heads, head_dim)
+    stale = invalid.nonzero(as_tuple=True)  # few: at most a block's worth per sequence
+    k[stale] = 0.0  # k and v are fresh copies: zeroing them leaves the cache untouched
+    v[stale] = 0.0
+    mask = torch.zeros(num_seqs, 1, 1, padded_len, device=q.device)
+    mask.masked_fill_(invalid[:, None, None, :], float("-inf"))
 
-    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim).float()
-    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k.float()) * scale
-    # masked_fill (not an additive mask) so garbage, even NaN, in unread slots cannot leak.
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    v = v.float().masked_fill(~valid[:, :, None, None], 0.0)
-    o = torch.einsum("bhgk,bkhd->bhgd", probs, v)
+    # Query heads grouped by the kv head they share: [seqs, kv_heads, group, head_dim]
+    # against [seqs, kv_heads, len, head_dim], so K/V are never copied per query head.
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    # In fp32 whatever the cache dtype (a no-op for fp32): this is the ground truth.
+    o = F.scaled_dot_product_attention(qg.float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
+                                       attn_mask=mask, scale=scale)
     out.copy_(o.reshape(num_seqs, num_heads, head_dim))
     return out
 

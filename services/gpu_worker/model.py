@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from services.gpu_worker.batch import AttentionMetadata
-from services.gpu_worker.rope import RotaryEmbedding
+from services.gpu_worker.rope import RotaryEmbedding, apply_rotary
 
 
 @dataclass
@@ -86,9 +86,10 @@ class DecoderModel:
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
         h = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rotary.for_positions(positions, self.dtype)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h = h + self._attention(layer, rms_norm(h, layer.input_norm, self.shape.rms_norm_eps),
-                                    positions, meta, k_cache, v_cache)
+                                    rope, meta, k_cache, v_cache)
             h = h + self._mlp(layer, rms_norm(h, layer.post_attention_norm, self.shape.rms_norm_eps))
         return rms_norm(h, self.final_norm, self.shape.rms_norm_eps)
 
@@ -96,7 +97,7 @@ class DecoderModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
 
-    def _attention(self, layer: LayerWeights, x, positions, meta: AttentionMetadata, k_cache, v_cache):
+    def _attention(self, layer: LayerWeights, x, rope, meta: AttentionMetadata, k_cache, v_cache):
         s = self.shape
         num_tokens = x.shape[0]
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -107,7 +108,7 @@ class DecoderModel:
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, s.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, s.rms_norm_eps)
-        q, k = self.rotary(q, k, positions)
+        q, k = apply_rotary(q, k, *rope)
 
         self.attn.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)

@@ -1,0 +1,112 @@
+"""Decode throughput of one in-process worker step against Hugging Face's own forward
+with its KV cache, at the same batch, model, dtype and threads, in the same run.
+
+    python -m bench.worker_step [--models tiny small] [--batches 1 16 64 256] [--out FILE]
+
+Each request has a CONTEXT-token prompt; both sides prefill, then time STEPS decode steps.
+Figures are medians over REPEATS alternating rounds; the ratio is Conveyor / HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from services.gpu_worker.factory import create_engine
+from services.gpu_worker.tiny_model import ensure_model
+from shared.config import WorkerSettings
+from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan
+
+GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1 << 20)
+
+
+def conveyor_decode_rate(engine, batch: int, context: int, steps: int, block_size: int) -> float:
+    vocab = engine.model.shape.vocab_size
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(3, vocab, (batch, context), generator=g).tolist()
+    blocks_per_req = -(-(context + steps + 1) // block_size)
+    ids = [f"b{i}" for i in range(batch)]
+    next_block = 0
+    new = []
+    for rid, prompt in zip(ids, prompts):
+        new.append(NewRequest(rid, prompt, context, GREEDY, list(range(next_block, next_block + blocks_per_req))))
+        next_block += blocks_per_req
+    result = engine.execute(StepPlan(0, new_requests=new, num_scheduled_tokens={r: context for r in ids}))
+    assert result.error is None, result.error
+    start = time.perf_counter()
+    for s in range(steps):
+        cached = [CachedRequest(r, [], context + s) for r in ids]
+        result = engine.execute(StepPlan(1 + s, cached_requests=cached, num_scheduled_tokens={r: 1 for r in ids}))
+        assert result.error is None, result.error
+    elapsed = time.perf_counter() - start
+    engine.execute(StepPlan(steps + 1, finished_ids=ids))
+    return batch * steps / elapsed
+
+
+@torch.inference_mode()
+def hf_decode_rate(model, batch: int, context: int, steps: int) -> float:
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=g)
+    out = model(input_ids=ids, use_cache=True)
+    cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+        cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/worker_step.json")
+    args = ap.parse_args()
+
+    rows = []
+    for preset in args.models:
+        model_dir = ensure_model(preset)
+        tokens_needed = max(args.batches) * (args.context + args.steps + 16)
+        engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
+                                                    kv_cache_memory=_cache_bytes(model_dir, tokens_needed)))
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+        for batch in args.batches:
+            ours, theirs = [], []
+            for _ in range(args.repeats):  # alternate so drift in machine load hits both
+                ours.append(conveyor_decode_rate(engine, batch, args.context, args.steps, info.block_size))
+                theirs.append(hf_decode_rate(hf, batch, args.context, args.steps))
+            row = dict(model=preset, batch=batch, conveyor_tok_s=statistics.median(ours),
+                       hf_tok_s=statistics.median(theirs))
+            row["ratio"] = row["conveyor_tok_s"] / row["hf_tok_s"]
+            rows.append(row)
+            print(f"{preset:6s} batch {batch:4d}: conveyor {row['conveyor_tok_s']:9.1f} tok/s   "
+                  f"hf {row['hf_tok_s']:9.1f} tok/s   ratio {row['ratio']:.2f}", flush=True)
+    meta = dict(date=str(date.today()), machine=platform.processor() or platform.machine(),
+                torch=torch.__version__, threads=torch.get_num_threads(), context=args.context,
+                steps=args.steps, repeats=args.repeats)
+    from pathlib import Path
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"wrote {args.out}")
+
+
+def _cache_bytes(model_dir, tokens: int) -> int:
+    from services.gpu_worker.loader import load_config, model_shape
+
+    s = model_shape(load_config(model_dir))
+    return 2 * s.num_layers * s.num_kv_heads * s.head_dim * 4 * (tokens + 1024)
+
+
+if __name__ == "__main__":
+    main()
