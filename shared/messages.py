@@ -148,7 +148,69 @@ class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     reason: str = ""
 
 
-Message = Union[StepPlan, StepResult, RegisterWorker, Heartbeat, WorkerLeaving, Shutdown]
+class Reregister(msgspec.Struct, frozen=True, tag="reregister"):
+    """Scheduler -> worker it does not know (e.g. after a scheduler restart): drop every
+    row and register again."""
+
+    reason: str = ""
+
+
+# ---- gateway -> scheduler, through the Redis request stream --------------------------------
+
+
+class SubmitRequest(msgspec.Struct, frozen=True, tag="submit"):
+    """A validated, tokenized request. `reply_to` is the ZMQ address where the gateway
+    that accepted it listens for its outputs. Lower `priority` runs first (as in vLLM)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    reply_to: str
+    arrival_time: float
+    priority: int = 0
+    cache_salt: Union[str, None] = None
+
+
+class AbortRequest(msgspec.Struct, frozen=True, tag="abort"):
+    """Stop a request at the next step and free its blocks (client gone, stop string hit)."""
+
+    request_id: str
+    reason: str = "abort"
+
+
+# ---- scheduler -> gateway ----------------------------------------------------------------
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+class RequestOutput(msgspec.Struct, frozen=True):
+    """New tokens of one request since its last output. A final output carries
+    `finish_reason` (stop, length, abort, error) and `usage`; `error` explains an error."""
+
+    request_id: str
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprobs] = []
+    finish_reason: Union[str, None] = None
+    stop_token_id: Union[int, None] = None
+    usage: Union[Usage, None] = None
+    error: Union[str, None] = None
+    queue_time_s: Union[float, None] = None  # on the first output: arrival -> first scheduled
+
+
+class GatewayOutputs(msgspec.Struct, frozen=True, tag="outputs"):
+    """All outputs for one gateway from one step, batched into one message."""
+
+    outputs: list[RequestOutput]
+
+
+Message = Union[
+    StepPlan, StepResult, RegisterWorker, Heartbeat, WorkerLeaving, Shutdown, Reregister,
+    SubmitRequest, AbortRequest, GatewayOutputs,
+]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

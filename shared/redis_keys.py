@@ -1,0 +1,48 @@
+"""Every Redis key Conveyor uses, in one place (the README lists them for operators).
+
+All keys share a prefix (CONVEYOR_REDIS_PREFIX, default "conveyor") so several
+deployments, or tests, can share one Redis server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "conveyor"
+
+    @property
+    def requests(self) -> str:
+        """Stream of SubmitRequest / AbortRequest entries (field "msg", msgpack)."""
+        return f"{self.prefix}:requests"
+
+    @property
+    def group(self) -> str:
+        """Consumer group of the request stream; an entry is XACKed when its request ends."""
+        return "schedulers"
+
+    def request(self, request_id: str) -> str:
+        """Hash: status (queued, running, finished, error), worker, token counts, finish_reason."""
+        return f"{self.prefix}:request:{request_id}"
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker_id -> JSON with capacity, KV usage, running/waiting, throughput."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def stats(self) -> str:
+        """Hash of the scheduler's figures, refreshed about every second."""
+        return f"{self.prefix}:stats"
+
+    @property
+    def errors(self) -> str:
+        """List of recent errors (JSON), newest first, capped."""
+        return f"{self.prefix}:errors"
+
+    @property
+    def scheduler_lease(self) -> str:
+        """Who is the active scheduler (SET NX with expiry)."""
+        return f"{self.prefix}:scheduler:lease"
