@@ -1,0 +1,288 @@
+"""The scheduler's state machine: requests and workers in, step plans and client outputs
+out. No sockets, no Redis, no clock: the service feeds it events with the time, and
+drains what it produced. That keeps it testable by hand-made step results.
+
+A request finishes exactly once (stop, length, abort or error); its blocks are freed and
+its queue entry acknowledged then. A worker that leaves or dies hands its requests back
+to the queue with their generated tokens, and they continue on another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+from services.scheduler.block_pool import BlockPool
+from services.scheduler.policy import Decision, Limits, cache_computed_blocks, schedule
+from services.scheduler.request import FinishReason, Request, Status, check_stop
+from services.scheduler.router import choose_worker
+from services.scheduler.worker_state import InFlightStep, WorkerState
+from shared.messages import (
+    CachedRequest, NewRequest, RegisterWorker, RequestOutput, StepPlan, StepResult, SubmitRequest, Usage,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_STEP_ERRORS = 3  # a request in this many failed steps ends with an error
+
+
+@dataclass
+class Counters:
+    preemptions: int = 0
+    migrations: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    step_errors: int = 0
+
+
+class SchedulerCore:
+    def __init__(self, limits: Limits = Limits(), enable_prefix_caching: bool = True):
+        self.limits = limits
+        self.enable_prefix_caching = enable_prefix_caching
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.workers: dict[str, WorkerState] = {}
+        self.unplaced: list[Request] = []  # waiting for any worker to exist
+        self.counters = Counters()
+        self._step_id = 0
+        self._aborts: dict[str, str] = {}  # request_id -> reason, applied between steps
+        self._errors_by_request: dict[str, int] = {}
+        # What the service drains after each event:
+        self.outputs: list[tuple[str, RequestOutput]] = []  # (reply_to, output)
+        self.finished: list[Request] = []
+        self.status_updates: dict[str, dict] = {}
+        self.errors: list[dict] = []
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, msg: SubmitRequest, entry_id: str = "") -> Optional[str]:
+        """Queue a request; returns an error message (and queues nothing) if it is refused."""
+        if msg.request_id in self.requests:
+            return f"duplicate request_id {msg.request_id!r}: a request with this id is already running"
+        if not msg.prompt_token_ids:
+            return "empty prompt"
+        req = Request.from_submit(msg, entry_id)
+        self.requests[req.request_id] = req
+        self.counters.prompt_tokens += len(req.prompt_token_ids)
+        self._place(req)
+        return None
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Takes effect now, or — if the request is in a step in flight — right after that
+        step's result (its token from that step is dropped). Unknown ids are ignored: the
+        request may have finished already."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        w = self.workers.get(req.worker_id) if req.worker_id else None
+        if w is not None and w.in_flight is not None and request_id in w.in_flight.scheduled:
+            self._aborts[request_id] = reason
+        else:
+            self._finish(req, FinishReason.ABORT, w, error=self._abort_error(reason))
+
+    @staticmethod
+    def _abort_error(reason: str) -> Optional[str]:
+        return None if reason == "abort" else reason
+
+    # ---- workers --------------------------------------------------------------------------
+
+    def add_worker(self, reg: RegisterWorker, now: float) -> None:
+        if reg.worker_id in self.workers:  # registered again: it restarted and holds nothing
+            self.remove_worker(reg.worker_id, "re-registered")
+        pool = BlockPool(reg.num_blocks, reg.block_size, self.enable_prefix_caching)
+        self.workers[reg.worker_id] = WorkerState(info=reg, pool=pool, last_seen=now)
+        log.info("worker %s joined: %d blocks of %d tokens, max_model_len %d",
+                 reg.worker_id, reg.num_blocks, reg.block_size, reg.max_model_len)
+        unplaced, self.unplaced = self.unplaced, []
+        for req in unplaced:
+            self._place(req)
+
+    def remove_worker(self, worker_id: str, reason: str) -> None:
+        """The worker is gone (left, died, re-registered): requeue all it had. Their tokens
+        so far were already streamed; the next worker recomputes and continues."""
+        w = self.workers.pop(worker_id, None)
+        if w is None:
+            return
+        moved = w.running + w.waiting
+        log.warning("worker %s removed (%s): %d requests requeued", worker_id, reason, len(moved))
+        for req in moved:
+            if req.request_id in self._aborts:  # it was waiting for this worker's step to end
+                req.reset_placement()
+                self._finish(req, FinishReason.ABORT, None, error=self._abort_error(self._aborts[req.request_id]))
+                continue
+            if req.status is Status.RUNNING or req.num_computed_tokens:
+                self.counters.migrations += 1
+            req.reset_placement()
+            req.worker_id = None
+            self._place(req)
+
+    def mark_leaving(self, worker_id: str) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.leaving = True
+
+    # ---- stepping -------------------------------------------------------------------------
+
+    def next_plan(self, worker_id: str, now: float, monotonic: float) -> Optional[StepPlan]:
+        """The worker's next step, or None if it has nothing to do (or one in flight)."""
+        w = self.workers.get(worker_id)
+        if w is None or w.in_flight is not None:
+            return None
+        d = schedule(w, self.limits, now)
+        self.counters.preemptions += len(d.preempted)
+        for req in d.preempted:
+            log.info("preempted %s on %s (blocks exhausted; %d tokens to recompute)",
+                     req.request_id, worker_id, req.num_tokens)
+            self.status_updates[req.request_id] = {"status": "queued", "worker": worker_id, "preempted": 1}
+        for req in d.admitted:
+            self.status_updates[req.request_id] = {"status": "running", "worker": worker_id}
+        if not d.scheduled and not w.to_drop:
+            return None
+        plan = self._build_plan(w, d)
+        w.in_flight = InFlightStep(plan.step_id, dict(d.scheduled), monotonic)
+        return plan
+
+    def on_step_result(self, result: StepResult, now: float) -> None:
+        w = self.workers.get(result.worker_id)
+        if w is None or w.in_flight is None or w.in_flight.step_id != result.step_id:
+            log.warning("ignored step result %d from %s: no such step in flight", result.step_id, result.worker_id)
+            return
+        step, w.in_flight = w.in_flight, None
+        self.counters.steps += 1
+        w.steps += 1
+        if result.error:
+            self._step_failed(w, step, result.error)
+            for rid in [r for r in step.scheduled if r in self._aborts and r in self.requests]:
+                self._finish(self.requests[rid], FinishReason.ABORT, self.workers.get(result.worker_id))
+            return
+        w.consecutive_errors = 0
+        by_id = {r.request_id: r for r in w.running}
+        for rid, n in step.scheduled.items():
+            req = by_id.get(rid)
+            if req is None:  # finished or moved meanwhile
+                continue
+            req.num_computed_tokens += n
+            cache_computed_blocks(w, req)
+            if rid in self._aborts:
+                self._finish(req, FinishReason.ABORT, w, error=self._abort_error(self._aborts[rid]))
+                continue
+            token = result.sampled_token_ids.get(rid)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            w.tokens_generated += 1
+            self.counters.generation_tokens += 1
+            lp = result.logprobs.get(rid)
+            reason = check_stop(req, w.info.eos_token_ids, w.max_len)
+            first = len(req.output_token_ids) == 1 and req.num_preemptions == 0
+            out = RequestOutput(rid, [token], [lp] if lp else [],
+                                queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None)
+            if reason is None:
+                self.outputs.append((req.reply_to, out))
+            else:
+                self._finish(req, reason, w, tokens_out=out)
+
+    def check_workers(self, monotonic: float, heartbeat_timeout: float, step_timeout: float) -> list[str]:
+        """Drop workers that stopped answering; returns their ids."""
+        dead = []
+        for w in list(self.workers.values()):
+            silent = monotonic - w.last_seen > heartbeat_timeout
+            stuck = w.in_flight is not None and monotonic - w.in_flight.sent_at > step_timeout
+            if silent or stuck:
+                dead.append(w.worker_id)
+                self.remove_worker(w.worker_id, "no heartbeat" if silent else "step timed out")
+        return dead
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _place(self, req: Request) -> None:
+        w = choose_worker(req, self.workers.values(), self.limits.max_num_seqs)
+        if w is None:
+            if self.workers and all(req.num_tokens >= x.max_len for x in self.workers.values()):
+                self._finish(req, FinishReason.ERROR, None,
+                             error=f"{req.num_tokens} tokens exceed every worker's max_model_len")
+                return
+            self.unplaced.append(req)
+            return
+        req.worker_id = w.worker_id
+        w.waiting.append(req)
+        self.status_updates[req.request_id] = {"status": "queued", "worker": w.worker_id}
+
+    def _build_plan(self, w: WorkerState, d: Decision) -> StepPlan:
+        new, cached = [], []
+        by_id = {r.request_id: r for r in w.running}
+        for rid in d.scheduled:
+            req = by_id[rid]
+            if not req.on_worker:
+                new.append(NewRequest(rid, req.all_token_ids, len(req.prompt_token_ids), req.sampling,
+                                      list(req.block_ids), req.num_computed_tokens))
+                req.on_worker = True
+            else:
+                cached.append(CachedRequest(rid, req.new_block_ids, req.num_computed_tokens))
+            req.new_block_ids = []
+        self._step_id += 1
+        plan = StepPlan(self._step_id, new, cached, dict(d.scheduled), w.to_drop)
+        w.to_drop = []
+        return plan
+
+    def _step_failed(self, w: WorkerState, step: InFlightStep, error: str) -> None:
+        """Nothing of the step can be trusted: every request in it is recomputed from its
+        tokens (on this worker again), or ends with the error after MAX_STEP_ERRORS."""
+        self.counters.step_errors += 1
+        w.consecutive_errors += 1
+        log.error("step %d on %s failed: %s", step.step_id, w.worker_id, error)
+        self.errors.append({"worker": w.worker_id, "step_id": step.step_id, "error": error})
+        for req in [r for r in w.running if r.request_id in step.scheduled]:
+            n = self._errors_by_request[req.request_id] = self._errors_by_request.get(req.request_id, 0) + 1
+            if n >= MAX_STEP_ERRORS:
+                self._finish(req, FinishReason.ERROR, w, error=f"the worker failed this request {n} times: {error}")
+                continue
+            w.pool.free(req.block_ids)
+            w.to_drop.append(req.request_id)
+            w.running.remove(req)
+            req.reset_placement()
+            w.waiting.append(req)
+
+    def _finish(self, req: Request, reason: FinishReason, w: Optional[WorkerState],
+                error: Optional[str] = None, tokens_out: Optional[RequestOutput] = None) -> None:
+        assert req.status is not Status.FINISHED, f"{req.request_id} finished twice"
+        if w is not None:
+            if req in w.running:
+                w.running.remove(req)
+                w.pool.free(req.block_ids)
+            elif req in w.waiting:
+                w.waiting.remove(req)
+            if req.on_worker:
+                w.to_drop.append(req.request_id)
+        elif req in self.unplaced:
+            self.unplaced.remove(req)
+        req.block_ids, req.new_block_ids, req.on_worker = [], [], False
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.error = error
+        self.requests.pop(req.request_id, None)
+        self._aborts.pop(req.request_id, None)
+        self._errors_by_request.pop(req.request_id, None)
+        self.counters.finished[reason.value] = self.counters.finished.get(reason.value, 0) + 1
+        usage = Usage(len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_tokens)
+        base = tokens_out or RequestOutput(req.request_id)
+        self.outputs.append((req.reply_to, RequestOutput(
+            req.request_id, base.token_ids, base.logprobs, finish_reason=reason.value,
+            stop_token_id=req.stop_token_id, usage=usage, error=error, queue_time_s=base.queue_time_s,
+        )))
+        self.finished.append(req)
+        self.status_updates[req.request_id] = {
+            "status": "error" if reason is FinishReason.ERROR else "finished", "finish_reason": reason.value,
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens, **({"error": error} if error else {}),
+        }
+
+    # ---- figures --------------------------------------------------------------------------
+
+    def num_waiting(self) -> int:
+        return len(self.unplaced) + sum(len(w.waiting) for w in self.workers.values())
+
+    def num_running(self) -> int:
+        return sum(len(w.running) for w in self.workers.values())

@@ -1,0 +1,274 @@
+"""The scheduler's side of Redis: the durable request queue and the status it publishes.
+
+The queue is a stream read through a consumer group. An entry stays pending until its
+request ends (finished, aborted, failed), then `ack` removes it, so a scheduler that
+restarts reads its unfinished work again and the stream only ever holds unfinished work.
+Status and figures go out in one pipeline per scheduler iteration (`StatusWriter`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from shared.messages import AbortRequest, SubmitRequest, decode, encode
+from shared.redis_keys import RedisKeys
+
+MSG_FIELD = b"msg"
+FINISHED_STATUSES = frozenset({"finished", "error"})
+
+
+@dataclass
+class QueueEntry:
+    entry_id: str
+    message: SubmitRequest | AbortRequest | None  # None when the entry could not be decoded
+    error: str | None = None  # why it could not be decoded
+
+
+def submit(client: redis.Redis, message: SubmitRequest | AbortRequest, keys: RedisKeys = RedisKeys(),
+           maxlen: int | None = None) -> str:
+    """XADD {msg: encode(message)}; returns the entry id. `maxlen` trims the stream
+    approximately (XADD MAXLEN ~), dropping the oldest entries, pending or not."""
+    if not isinstance(message, (SubmitRequest, AbortRequest)):
+        raise TypeError(f"the request queue takes SubmitRequest or AbortRequest, not {type(message).__name__}")
+    entry_id = client.xadd(keys.requests, {MSG_FIELD: encode(message)}, maxlen=maxlen)
+    return _str(entry_id)
+
+
+class RequestQueue:
+    """One consumer of the request stream's consumer group.
+
+    `read` first returns this consumer's pending entries (read by a previous run of the
+    scheduler but never acknowledged), then new ones. The client must return bytes
+    (decode_responses=False): entries are msgpack.
+    """
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), consumer: str = "scheduler"):
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("RequestQueue needs a Redis client with decode_responses=False "
+                             "(entries are binary msgpack)")
+        self.client = client
+        self.keys = keys
+        self.consumer = consumer
+        self._group_ready = False
+        # Where the replay of our pending entries has got to; None once it is done.
+        # NOTE: XREADGROUP with an explicit id returns pending entries *after* that id, and
+        # they stay pending until acked, so the cursor must advance or we'd replay forever.
+        self._pending_cursor: str | None = "0"
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) if missing. The group starts at id 0
+        so entries submitted before it existed are read too."""
+        try:
+            self.client.xgroup_create(self.keys.requests, self.keys.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    def read(self, count: int = 1024, block_ms: int | None = None) -> list[QueueEntry]:
+        """Up to `count` entries: our pending ones until none are left, then new ones
+        (waiting up to `block_ms` for one when given). Undecodable entries come back with
+        message=None and `error` set; the caller acks them like any other."""
+        if not self._group_ready:
+            self.ensure_group()
+        if self._pending_cursor is not None:
+            entries = self._xreadgroup(self._pending_cursor, count, None)
+            if entries:
+                self._pending_cursor = entries[-1].entry_id
+                return entries
+            self._pending_cursor = None
+        return self._xreadgroup(">", count, block_ms)
+
+    def ack(self, entry_ids: Sequence[str]) -> None:
+        """Acknowledge and delete: a finished request leaves the stream."""
+        if not entry_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.keys.requests, self.keys.group, *entry_ids)
+        pipe.xdel(self.keys.requests, *entry_ids)
+        pipe.execute()
+
+    def pending_count(self) -> int:
+        """Entries read by any consumer of the group but not yet acknowledged."""
+        return _pending(self.client, self.keys)
+
+    def queue_length(self) -> int:
+        return self.client.xlen(self.keys.requests)
+
+    def _xreadgroup(self, from_id: str, count: int, block_ms: int | None) -> list[QueueEntry]:
+        try:
+            reply = self.client.xreadgroup(self.keys.group, self.consumer, {self.keys.requests: from_id},
+                                           count=count, block=block_ms)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            # The stream was deleted under us (FLUSHDB, a Redis without persistence restarted).
+            self.ensure_group()
+            return []
+        # RESP2 gives [[stream, entries]], RESP3 {stream: [entries]}.
+        streams = reply.items() if isinstance(reply, dict) else reply or []
+        return [_entry(entry_id, fields) for _, entries in streams for entry_id, fields in entries]
+
+
+def _entry(entry_id: bytes | str, fields: dict | None) -> QueueEntry:
+    entry_id = _str(entry_id)
+    if not fields:
+        # A pending entry whose stream entry was deleted (XDEL, MAXLEN) comes back empty.
+        return QueueEntry(entry_id, None, "entry has no fields (deleted from the stream?)")
+    data = fields.get(MSG_FIELD)
+    if data is None:
+        return QueueEntry(entry_id, None, f"entry has no field 'msg' (fields: {sorted(_str(k) for k in fields)})")
+    try:
+        message = decode(data)
+    except ValueError as e:  # msgspec.DecodeError names the offending field
+        return QueueEntry(entry_id, None, f"undecodable message: {e}")
+    if not isinstance(message, (SubmitRequest, AbortRequest)):
+        return QueueEntry(entry_id, None, f"unexpected message type {type(message).__name__} in the request queue")
+    return QueueEntry(entry_id, message)
+
+
+class StatusWriter:
+    """Collects request-status and figure updates during one scheduler loop iteration and
+    writes them in ONE pipeline (`flush`), so Redis sees one round trip per iteration,
+    never one per token.
+
+    Updates to the same request, worker or figure within an iteration are merged (the
+    latest value wins). If a flush fails to reach Redis the updates are kept and the
+    next flush sends them again.
+    """
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), finished_ttl_s: int = 3600):
+        self.client = client
+        self.keys = keys
+        self.finished_ttl_s = finished_ttl_s
+        self._requests: dict[str, dict[str, str | int | float]] = {}
+        self._expire: set[str] = set()
+        self._workers: dict[str, str | None] = {}  # None: remove
+        self._stats: dict[str, str] = {}
+        self._errors: list[tuple[str, int]] = []
+
+    def request_status(self, request_id: str, **fields: str | int | float) -> None:
+        """HSET the request's hash; a final status (finished, error) also starts its TTL."""
+        if not fields:
+            raise ValueError(f"request_status({request_id!r}) needs at least one field")
+        for name, value in fields.items():
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise TypeError(f"request status field {name!r} must be str, int or float, "
+                                f"not {type(value).__name__}")
+        self._requests.setdefault(request_id, {}).update(fields)
+        if fields.get("status") in FINISHED_STATUSES:
+            self._expire.add(request_id)
+
+    def worker(self, worker_id: str, info: dict) -> None:
+        self._workers[worker_id] = json.dumps(info)
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._workers[worker_id] = None
+
+    def stats(self, figures: dict) -> None:
+        self._stats.update({name: str(value) for name, value in figures.items()})
+
+    def error(self, info: dict, keep: int = 100) -> None:
+        """Record an error in the capped list of recent errors (newest first)."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self._errors.append((json.dumps(info), keep))
+        del self._errors[:-keep]  # bounded while Redis is unreachable
+
+    def pending_updates(self) -> bool:
+        return bool(self._requests or self._workers or self._stats or self._errors)
+
+    def flush(self) -> None:
+        """Send everything collected in one pipeline; nothing when nothing was collected.
+        On a connection error or timeout the updates are kept and the error re-raised
+        (the caller retries)."""
+        if not self.pending_updates():
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for request_id, fields in self._requests.items():
+            key = self.keys.request(request_id)
+            pipe.hset(key, mapping=fields)
+            if request_id in self._expire:
+                pipe.expire(key, self.finished_ttl_s)
+        for worker_id, info in self._workers.items():
+            if info is None:
+                pipe.hdel(self.keys.workers, worker_id)
+            else:
+                pipe.hset(self.keys.workers, worker_id, info)
+        if self._stats:
+            pipe.hset(self.keys.stats, mapping=self._stats)
+        for info, keep in self._errors:
+            pipe.lpush(self.keys.errors, info)
+            pipe.ltrim(self.keys.errors, 0, keep - 1)
+        try:
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # keep the updates for the retry
+        except redis.RedisError:
+            self._clear()  # every command ran; one was wrong, and resending won't fix it
+            raise
+        self._clear()
+
+    def _clear(self) -> None:
+        self._requests.clear()
+        self._expire.clear()
+        self._workers.clear()
+        self._stats.clear()
+        self._errors.clear()
+
+
+def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> dict[str, Any]:
+    """What the scheduler last published, in one round trip: {"stats": {name: number},
+    "workers": {worker_id: dict}, "errors": [dict, newest first], "queue_length": int,
+    "pending": int}."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.stats)
+    pipe.hgetall(keys.workers)
+    pipe.lrange(keys.errors, 0, -1)
+    pipe.xlen(keys.requests)
+    pipe.xpending(keys.requests, keys.group)
+    stats, workers, errors, queue_length, pending = pipe.execute(raise_on_error=False)
+    for reply in (stats, workers, errors, queue_length):
+        if isinstance(reply, Exception):
+            raise reply
+    return {
+        "stats": {_str(k): _number(_str(v)) for k, v in stats.items()},
+        "workers": {_str(k): json.loads(v) for k, v in workers.items()},
+        "errors": [json.loads(e) for e in errors],
+        "queue_length": queue_length,
+        "pending": _pending_from_reply(pending),
+    }
+
+
+def _pending(client: redis.Redis, keys: RedisKeys) -> int:
+    try:
+        reply = client.xpending(keys.requests, keys.group)
+    except redis.ResponseError as e:
+        reply = e
+    return _pending_from_reply(reply)
+
+
+def _pending_from_reply(reply: Any) -> int:
+    if isinstance(reply, redis.ResponseError) and "NOGROUP" in str(reply):
+        return 0  # no group yet: nothing was read
+    if isinstance(reply, Exception):
+        raise reply
+    return int(reply["pending"])
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,99 @@
+"""A request as the scheduler tracks it, from arrival to its one finish.
+
+The scheduler is the only owner of a request's logical state: its tokens, its blocks on
+the worker it runs on, how many of its tokens are in that worker's cache, and why it
+stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+from shared.messages import SamplingParams, SubmitRequest, TokenLogprobs
+
+
+class Status(str, enum.Enum):
+    WAITING = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS or a stop token id
+    LENGTH = "length"  # max_tokens or the model's max length
+    ABORT = "abort"  # client gone, stop string matched in the gateway, deadline
+    ERROR = "error"
+
+
+@dataclass(eq=False)  # identity semantics: requests live in lists and sets
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    reply_to: str
+    arrival_time: float
+    priority: int = 0
+    cache_salt: Optional[str] = None
+    entry_id: str = ""  # the Redis stream entry to acknowledge when it finishes
+
+    output_token_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    status: Status = Status.WAITING
+    worker_id: Optional[str] = None  # the worker it is queued on or runs on
+    block_ids: list[int] = field(default_factory=list)
+    new_block_ids: list[int] = field(default_factory=list)  # appended since the last plan
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
+    num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prefix-cache hit at first admission (reported in usage)
+    on_worker: bool = False  # the worker holds a row for it
+    num_preemptions: int = 0
+    first_scheduled_time: Optional[float] = None
+    finish_reason: Optional[FinishReason] = None
+    stop_token_id: Optional[int] = None
+    error: Optional[str] = None
+
+    @classmethod
+    def from_submit(cls, msg: SubmitRequest, entry_id: str = "") -> "Request":
+        return cls(
+            request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids), sampling=msg.sampling,
+            reply_to=msg.reply_to, arrival_time=msg.arrival_time, priority=msg.priority,
+            cache_salt=msg.cache_salt, entry_id=entry_id,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def reset_placement(self) -> None:
+        """Forget the worker-side state (preemption, worker loss): recompute from scratch,
+        keeping the generated tokens so the stream continues where it stopped."""
+        self.block_ids, self.new_block_ids = [], []
+        self.num_cached_blocks = 0
+        self.num_computed_tokens = 0
+        self.on_worker = False
+        self.status = Status.WAITING
+
+
+def check_stop(req: Request, eos_token_ids: list[int], max_model_len: int) -> Optional[FinishReason]:
+    """Why `req` must stop after its newest token, or None. The order matters: a stop
+    token wins over reaching max_tokens on the same token (OpenAI reports "stop")."""
+    token = req.output_token_ids[-1]
+    params = req.sampling
+    if len(req.output_token_ids) >= params.min_tokens:
+        if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            req.stop_token_id = token
+            return FinishReason.STOP
+    if len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None

