@@ -11,7 +11,7 @@ import os
 import socket
 from typing import Literal, Optional, TypeVar
 
-from pydantic import ByteSize, Field, field_validator
+from pydantic import AliasChoices, ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 
@@ -54,6 +54,28 @@ class WorkerSettings(_Settings):
         if v not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128 (got {v})")
         return v
+
+
+class _RedisSettings(_Settings):
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis server (redis://[:password@]host:port/db, rediss:// for TLS)",
+    )
+    redis_prefix: str = Field("conveyor", description="prefix of every Redis key (several deployments can share a server)")
+
+
+class SchedulerSettings(_RedisSettings):
+    scheduler_address: str = Field(
+        "tcp://127.0.0.1:5555", description="ZeroMQ address the scheduler binds for workers"
+    )
+    max_num_seqs: int = Field(256, gt=0, description="most requests in one worker step")
+    max_num_batched_tokens: int = Field(2048, gt=0, description="token budget of one worker step")
+    max_prefill_chunk: int = Field(512, gt=0, description="most prompt tokens of one request in one step")
+    aging_seconds: float = Field(10.0, gt=0, description="a waiting request gains one priority level per this many seconds")
+    enable_prefix_caching: bool = Field(True, description="reuse KV blocks of identical prompt prefixes")
+    heartbeat_timeout: float = Field(5.0, gt=0, description="a worker silent this long is dropped and its requests move")
+    step_timeout: float = Field(120.0, gt=0, description="a step running this long means a wedged worker")
+    stats_interval: float = Field(1.0, gt=0, description="seconds between figures written to Redis")
 
 
 S = TypeVar("S", bound=_Settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 import zmq
@@ -31,6 +32,7 @@ class Worker:
         self.sock.setsockopt(zmq.IDENTITY, engine.worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(scheduler_address)
+        self.scheduler_address = scheduler_address
 
     def register(self) -> None:
         i = self.info
@@ -48,17 +50,30 @@ class Worker:
     def serve(self) -> None:
         self.register()
         log.info("worker %s registered with the scheduler (%d KV blocks)", self.engine.worker_id, self.info.num_blocks)
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        done = threading.Event()
+        beats = threading.Thread(target=self._heartbeats, args=(done,), name="heartbeat", daemon=True)
+        beats.start()
         while not self.stopping:
-            if not poller.poll(timeout=self.heartbeat_interval * 1000):
-                self._send(m.Heartbeat(worker_id=self.engine.worker_id, sent_at=time.time()))
+            if not self.sock.poll(timeout=200):  # wakes up to notice SIGTERM
                 continue
             if not self.handle(self.sock.recv()):
                 break
+        done.set()
+        beats.join()
         self._send(m.WorkerLeaving(worker_id=self.engine.worker_id, reason="shutdown"))
         log.info("worker %s left", self.engine.worker_id)
         self.sock.close()
+
+    def _heartbeats(self, done: threading.Event) -> None:
+        """Beats on a socket of its own (ZeroMQ sockets are not shared between threads),
+        so a long step does not look like a dead worker."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"{self.engine.worker_id}/heartbeat".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.scheduler_address)
+        while not done.wait(self.heartbeat_interval):
+            sock.send(m.encode(m.Heartbeat(worker_id=self.engine.worker_id, sent_at=time.time())))
+        sock.close()
 
     def handle(self, data: bytes) -> bool:
         """Handle one incoming message; False means stop serving."""
@@ -73,6 +88,11 @@ class Worker:
             if result.error:
                 log.warning("step %d: %s", msg.step_id, result.error)
             self._send(result)
+            return True
+        if isinstance(msg, m.Reregister):
+            log.warning("scheduler asks to register again (%s): dropping %d rows", msg.reason, len(self.engine.rows))
+            self.engine.rows.clear()
+            self.register()
             return True
         if isinstance(msg, m.Shutdown):
             log.info("shutdown asked by the scheduler: %s", msg.reason)

@@ -34,6 +34,7 @@ class WorkerState:
     # figures
     steps: int = 0
     tokens_generated: int = 0
+    tokens_at_last_figures: int = 0
     consecutive_errors: int = 0
 
     @property

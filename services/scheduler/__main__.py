@@ -1,0 +1,57 @@
+"""`python -m services.scheduler [--flags]`: start the scheduler (flags: --help)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from shared.log import setup_logging
+
+
+def connect_redis(url: str, log: logging.Logger, attempts: int = 30):
+    """A client whose server answers PING, retrying with backoff: Redis may start after us."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    delay = 0.1
+    for attempt in range(attempts):
+        try:
+            client.ping()
+            return client
+        except redis.ConnectionError as e:
+            if attempt == attempts - 1:
+                raise
+            log.warning("Redis at %s not reachable (%s); retrying in %.1f s", url, e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging("scheduler")
+    log = logging.getLogger("services.scheduler")
+    import redis
+    import zmq
+    from pydantic import ValidationError
+
+    from services.scheduler.core import SchedulerCore
+    from services.scheduler.policy import Limits
+    from services.scheduler.service import SchedulerService
+    from shared.config import SchedulerSettings, parse_settings
+
+    try:
+        settings = parse_settings(SchedulerSettings, argv)
+        client = connect_redis(settings.redis_url, log)
+        limits = Limits(settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_prefill_chunk,
+                        settings.aging_seconds)
+        service = SchedulerService(settings, SchedulerCore(limits, settings.enable_prefix_caching), client)
+    except (ValidationError, redis.ConnectionError, zmq.ZMQError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+    service.install_signal_handlers()
+    service.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,236 @@
+"""The scheduler process's plumbing around SchedulerCore: ZeroMQ to the workers and the
+gateways, the Redis request stream in, figures and request status out.
+
+One thread, one loop. Each pass: take worker messages (results, registrations,
+heartbeats), read new queue entries, drop silent workers, hand every idle worker its next
+step, send the step's outputs to the gateways (batched, one message per gateway), then
+acknowledge finished requests and write status to Redis in one pipeline. Workers run
+their steps concurrently; the loop never waits for one to serve another.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import defaultdict
+
+import redis
+import zmq
+
+from services.scheduler.core import SchedulerCore
+from services.scheduler.redis_queue import RequestQueue, StatusWriter
+from shared import messages as m
+from shared.config import SchedulerSettings
+from shared.redis_keys import RedisKeys
+
+log = logging.getLogger(__name__)
+
+POLL_MS_IDLE = 5  # how long one pass may wait for worker messages: bounds queue latency
+MAX_MESSAGE_BYTES = 64 << 20  # a bigger message on the worker socket is refused by ZeroMQ
+
+
+class SchedulerService:
+    def __init__(self, settings: SchedulerSettings, core: SchedulerCore, client: redis.Redis):
+        self.settings = settings
+        self.core = core
+        self.keys = RedisKeys(settings.redis_prefix)
+        self.queue = RequestQueue(client, self.keys)
+        self.status = StatusWriter(client, self.keys)
+        self.ctx = zmq.Context.instance()
+        self.workers_sock = self.ctx.socket(zmq.ROUTER)
+        self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises
+        self.workers_sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.workers_sock.setsockopt(zmq.LINGER, 0)
+        self.workers_sock.bind(settings.scheduler_address)
+        self.gateways: dict[str, zmq.Socket] = {}
+        self.stopping = False
+        self._last_stats = 0.0
+        self._stats_base = (time.monotonic(), 0, 0)  # (time, steps, tokens) at the last figures
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
+
+    def serve(self) -> None:
+        self.queue.ensure_group()
+        log.info("scheduler listening for workers on %s", self.settings.scheduler_address)
+        while not self.stopping:
+            self.run_once()
+        # Workers stay up: a restarted scheduler asks them to register again.
+        self.workers_sock.close()
+        for sock in self.gateways.values():
+            sock.close()
+        log.info("scheduler stopped")
+
+    def run_once(self) -> None:
+        busy = any(w.in_flight for w in self.core.workers.values())
+        self._receive_worker_messages(POLL_MS_IDLE if not busy else 2)
+        self._read_queue()
+        now_mono = time.monotonic()
+        for wid in self.core.check_workers(now_mono, self.settings.heartbeat_timeout, self.settings.step_timeout):
+            self.status.remove_worker(wid)
+            self.status.error({"worker": wid, "error": "worker stopped answering; its requests were requeued",
+                               "time": time.time()})
+        self._dispatch_steps()
+        self._send_outputs()
+        self._bookkeeping()
+
+    # ---- workers ------------------------------------------------------------------------
+
+    def _receive_worker_messages(self, timeout_ms: int) -> None:
+        if not self.workers_sock.poll(timeout_ms):
+            return
+        while True:
+            try:
+                frames = self.workers_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle_worker_frames(frames)
+
+    def _handle_worker_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            log.warning("ignored a worker message of %d frames", len(frames))
+            return
+        identity, data = frames
+        try:
+            msg = m.decode(data)
+        except m.DecodeError as e:
+            self._record_error(f"undecodable message from {identity[:64]!r}: {e}")
+            return
+        now = time.monotonic()
+        if isinstance(msg, m.RegisterWorker):
+            self.core.add_worker(msg, now)
+            self.status.worker(msg.worker_id, self._worker_info(msg.worker_id))
+        elif isinstance(msg, (m.Heartbeat, m.StepResult)):
+            w = self.core.workers.get(msg.worker_id)
+            if w is None:
+                # A worker we don't know (we restarted, or it was dropped as silent): it
+                # must forget its rows and register again.
+                self._send_worker(msg.worker_id, m.Reregister("unknown to this scheduler"))
+                return
+            w.last_seen = now
+            if isinstance(msg, m.StepResult):
+                self.core.on_step_result(msg, time.time())
+        elif isinstance(msg, m.WorkerLeaving):
+            self.core.remove_worker(msg.worker_id, f"left: {msg.reason}")
+            self.status.remove_worker(msg.worker_id)
+        else:
+            self._record_error(f"unexpected {type(msg).__name__} on the worker socket from {identity[:64]!r}")
+
+    def _dispatch_steps(self) -> None:
+        now, mono = time.time(), time.monotonic()
+        for wid in list(self.core.workers):
+            plan = self.core.next_plan(wid, now, mono)
+            if plan is not None:
+                self._send_worker(wid, plan)
+
+    def _send_worker(self, worker_id: str, msg: m.Message) -> None:
+        try:
+            self.workers_sock.send_multipart([worker_id.encode(), m.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # EHOSTUNREACH: it disconnected
+            if worker_id in self.core.workers:
+                self.core.remove_worker(worker_id, f"unreachable ({e})")
+                self.status.remove_worker(worker_id)
+
+    # ---- queue and gateways ---------------------------------------------------------------
+
+    def _read_queue(self) -> None:
+        entries = self.queue.read(count=1024)
+        acks = []
+        for entry in entries:
+            msg = entry.message
+            if msg is None:
+                self._record_error(f"queue entry {entry.entry_id} rejected: {entry.error}")
+                acks.append(entry.entry_id)
+            elif isinstance(msg, m.AbortRequest):
+                self.core.abort(msg.request_id, msg.reason)
+                acks.append(entry.entry_id)
+            else:
+                error = self.core.add_request(msg, entry.entry_id)
+                if error is not None:
+                    self._record_error(f"request {msg.request_id!r} refused: {error}")
+                    self._to_gateway(msg.reply_to, m.RequestOutput(msg.request_id, finish_reason="error", error=error))
+                    acks.append(entry.entry_id)
+        if acks:
+            self.queue.ack(acks)
+
+    def _send_outputs(self) -> None:
+        if not self.core.outputs:
+            return
+        by_gateway: dict[str, list[m.RequestOutput]] = defaultdict(list)
+        for reply_to, out in self.core.outputs:
+            by_gateway[reply_to].append(out)
+        self.core.outputs.clear()
+        for reply_to, outs in by_gateway.items():
+            self._to_gateway(reply_to, *outs)
+
+    def _to_gateway(self, reply_to: str, *outputs: m.RequestOutput) -> None:
+        sock = self.gateways.get(reply_to)
+        if sock is None:
+            sock = self.gateways[reply_to] = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            try:
+                sock.connect(reply_to)
+            except zmq.ZMQError as e:
+                log.warning("cannot reach gateway %r: %s", reply_to, e)
+        try:
+            sock.send(m.encode(m.GatewayOutputs(list(outputs))), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("gateway %s is not reading; %d outputs dropped", reply_to, len(outputs))
+
+    # ---- Redis bookkeeping -------------------------------------------------------------------
+
+    def _bookkeeping(self) -> None:
+        finished, self.core.finished = self.core.finished, []
+        if finished:
+            self.queue.ack([r.entry_id for r in finished if r.entry_id])
+        for rid, fields in self.core.status_updates.items():
+            self.status.request_status(rid, **fields)
+        self.core.status_updates.clear()
+        for e in self.core.errors:
+            self.status.error({**e, "time": time.time()})
+        self.core.errors.clear()
+        if time.monotonic() - self._last_stats >= self.settings.stats_interval:
+            self._write_figures()
+        self.status.flush()
+
+    def _write_figures(self) -> None:
+        mono = time.monotonic()
+        t0, steps0, tokens0 = self._stats_base
+        c = self.core.counters
+        elapsed = max(mono - t0, 1e-9)
+        pools = [w.pool for w in self.core.workers.values()]
+        queries = sum(p.prefix_queries for p in pools)
+        self.status.stats({
+            "waiting": self.core.num_waiting(), "running": self.core.num_running(),
+            "workers": len(self.core.workers), "preemptions": c.preemptions, "migrations": c.migrations,
+            "prompt_tokens": c.prompt_tokens, "generation_tokens": c.generation_tokens,
+            "prefix_queries": queries, "prefix_hits": sum(p.prefix_hits for p in pools),
+            "steps_per_s": round((c.steps - steps0) / elapsed, 2),
+            "tokens_per_s": round((c.generation_tokens - tokens0) / elapsed, 2),
+            "step_errors": c.step_errors, "updated_at": round(time.time(), 3),
+            **{f"finished_{reason}": n for reason, n in c.finished.items()},
+        })
+        for wid in self.core.workers:
+            self.status.worker(wid, self._worker_info(wid, elapsed))
+        self._stats_base = (mono, c.steps, c.generation_tokens)
+        for w in self.core.workers.values():
+            w.tokens_at_last_figures = w.tokens_generated
+        self._last_stats = mono
+
+    def _worker_info(self, wid: str, elapsed: float = 1.0) -> dict:
+        w = self.core.workers[wid]
+        return {
+            "model": w.info.model, "device": w.info.device, "num_blocks": w.info.num_blocks,
+            "block_size": w.info.block_size, "kv_usage": round(w.pool.usage, 4),
+            "running": len(w.running), "waiting": len(w.waiting), "steps": w.steps,
+            "tokens_generated": w.tokens_generated,
+            "tokens_per_s": round((w.tokens_generated - w.tokens_at_last_figures) / elapsed, 2),
+            "leaving": w.leaving, "updated_at": round(time.time(), 3),
+        }
+
+    def _record_error(self, text: str) -> None:
+        log.warning("%s", text)
+        self.status.error({"error": text, "time": time.time()})

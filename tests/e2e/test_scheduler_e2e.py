@@ -1,0 +1,136 @@
+"""The scheduler with real Redis and two real worker processes on a tiny model: greedy
+outputs equal Hugging Face's for 50 mixed requests, also when one worker is killed with
+SIGKILL mid-run; bad input on every channel is survived."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import zmq
+
+from services.gpu_worker.tiny_model import make_model
+from services.scheduler.redis_queue import read_status
+from tests.gpu_worker.hf_reference import hf_greedy
+from tests.stack import Stack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("model"), preset="tiny", num_hidden_layers=2, seed=4)
+
+
+@pytest.fixture(scope="module")
+def workload(model_dir):
+    rng = random.Random(0)
+    requests = {}
+    for i in range(50):
+        n = rng.choice([1, 3, 17, 40, 90, 200]) + rng.randrange(5)
+        requests[f"req-{i}"] = ([rng.randrange(3, 4096) for _ in range(n)], rng.randrange(1, 20))
+    # generate stops at EOS, as the scheduler does.
+    outs = hf_greedy(model_dir, [p for p, _ in requests.values()], [n for _, n in requests.values()])
+    expected = dict(zip(requests, outs))
+    eos = {0, 2}
+    for rid, toks in expected.items():
+        cut = next((j + 1 for j, t in enumerate(toks) if t in eos), len(toks))
+        expected[rid] = toks[:cut]
+    return requests, expected
+
+
+@pytest.fixture
+def stack(redis_server, model_dir, tmp_path):
+    s = Stack(redis_server.url, model_dir, tmp_path)
+    s.start_scheduler("--max-num-batched-tokens", "256", "--max-prefill-chunk", "64")
+    s.start_worker("w1")
+    s.start_worker("w2")
+    s.wait_workers({"w1", "w2"})
+    yield s
+    s.stop()
+
+
+def _status_after(stack: Stack, ready, timeout_s: float = 10.0) -> dict:
+    """Figures are written about every second: wait until they show what `ready` expects."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = read_status(stack.client, stack.keys)
+        if ready(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def _check(stack: Stack, requests, expected):
+    for rid in requests:
+        assert stack.tokens[rid] == expected[rid], rid
+        final = stack.final[rid]
+        assert final.usage.completion_tokens == len(expected[rid])
+        assert final.finish_reason in ("stop", "length")
+
+
+def test_fifty_requests_on_two_workers_match_hf(stack, workload):
+    requests, expected = workload
+    for rid, (prompt, max_tokens) in requests.items():
+        stack.submit(rid, prompt, max_tokens=max_tokens)
+    stack.wait_finished(requests)
+    _check(stack, requests, expected)
+    status = _status_after(stack, lambda s: s["stats"].get("finished_stop", 0) + s["stats"].get("finished_length", 0) == 50)
+    assert status["queue_length"] == 0 and status["pending"] == 0, "every finished request was acknowledged"
+    assert all(w["steps"] > 0 for w in status["workers"].values()), "both workers served"
+    assert stack.client.hget(stack.keys.request("req-0"), "status") == b"finished"
+
+
+def test_kill_9_of_a_worker_mid_run_loses_nothing(stack, workload):
+    requests, expected = workload
+    for rid, (prompt, max_tokens) in requests.items():
+        stack.submit(rid, prompt, max_tokens=max_tokens)
+    deadline = time.monotonic() + 60
+    while sum(len(t) for t in stack.tokens.values()) < 40 and time.monotonic() < deadline:
+        stack.collect(0.05)
+    assert len(stack.final) < len(requests), "killed while requests were still running"
+    stack.kill("w1")
+    stack.wait_finished(requests)
+    _check(stack, requests, expected)
+    status = _status_after(stack, lambda s: s["stats"].get("migrations", 0) >= 1)
+    assert set(status["workers"]) == {"w2"}
+
+
+def test_bad_input_is_survived(stack, workload):
+    requests, expected = workload
+    # Garbage on the workers' socket, a plan result from a worker nobody knows, a garbage
+    # queue entry, and a duplicate request id.
+    from shared import messages as m
+    from services.scheduler.redis_queue import submit
+
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.IDENTITY, b"ghost")
+    dealer.connect(stack.scheduler_address)
+    dealer.send(b"\xc1\x00 junk")
+    dealer.send(m.encode(m.StepResult(step_id=5, worker_id="ghost")))
+    assert dealer.poll(5000), "an unknown worker is asked to register"
+    assert isinstance(m.decode(dealer.recv()), m.Reregister)
+    dealer.close()
+    stack.client.xadd(stack.keys.requests, {b"msg": b"not msgpack at all"})
+
+    prompt, max_tokens = requests["req-3"]
+    stack.submit("dup", prompt, max_tokens=50, ignore_eos=True)
+    # The same id again, from another gateway: refused with an error sent to that gateway.
+    other = zmq.Context.instance().socket(zmq.PULL)
+    other.setsockopt(zmq.LINGER, 0)
+    other_addr = f"tcp://127.0.0.1:{other.bind_to_random_port('tcp://127.0.0.1')}"
+    submit(stack.client, m.SubmitRequest("dup", prompt, m.SamplingParams(), other_addr, time.time()), stack.keys)
+    stack.submit("req-3", prompt, max_tokens=max_tokens)
+    assert other.poll(30000)
+    refused = m.decode(other.recv()).outputs[0]
+    assert refused.finish_reason == "error" and "duplicate" in refused.error
+    other.close()
+    stack.wait_finished(["req-3", "dup"])
+    assert stack.tokens["req-3"] == expected["req-3"]
+    assert len(stack.tokens["dup"]) == 50, "the original request was not disturbed"
+    errors = [e["error"] for e in read_status(stack.client, stack.keys)["errors"]]
+    assert any("undecodable" in e for e in errors)
+    assert any("rejected" in e for e in errors)
+    assert any("duplicate" in e for e in errors)
+    stack.check_alive()

@@ -1,0 +1,142 @@
+"""The real system for end-to-end tests: scheduler and worker processes on real sockets,
+a real Redis, and a test-side gateway that submits through the Redis stream and collects
+the outputs the scheduler pushes back over ZeroMQ."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import redis
+import zmq
+
+from services.scheduler.redis_queue import read_status, submit
+from shared import messages as m
+from shared.embedded_redis import free_port
+from shared.redis_keys import RedisKeys
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    # One thread each: several processes share two cores in CI.
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+class Stack:
+    def __init__(self, redis_url: str, model_dir: Path, log_dir: Path, prefix: str | None = None):
+        self.redis_url = redis_url
+        self.model_dir = model_dir
+        self.log_dir = log_dir
+        self.keys = RedisKeys(prefix or f"e2e-{uuid.uuid4().hex[:8]}")
+        self.client = redis.Redis.from_url(redis_url)
+        self.scheduler_address = f"tcp://127.0.0.1:{free_port()}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._expected_dead: set[str] = set()  # killed on purpose by the test
+        self.ctx = zmq.Context.instance()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.reply_to = f"tcp://127.0.0.1:{self.pull.bind_to_random_port('tcp://127.0.0.1')}"
+        self.tokens: dict[str, list[int]] = defaultdict(list)
+        self.final: dict[str, m.RequestOutput] = {}
+
+    # ---- processes ----------------------------------------------------------------------
+
+    def _start(self, name: str, module: str, *args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=service_env(),
+                                stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def start_scheduler(self, *args: str) -> subprocess.Popen:
+        return self._start("scheduler", "services.scheduler", "--redis-url", self.redis_url,
+                           "--redis-prefix", self.keys.prefix, "--scheduler-address", self.scheduler_address,
+                           "--heartbeat-timeout", "3", *args)
+
+    def start_worker(self, name: str, *args: str) -> subprocess.Popen:
+        return self._start(name, "services.gpu_worker", "--model", str(self.model_dir), "--device", "cpu",
+                           "--scheduler-address", self.scheduler_address, "--worker-id", name,
+                           "--kv-cache-memory", "64MiB", *args)
+
+    def wait_workers(self, names: set[str], timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if names <= set(read_status(self.client, self.keys)["workers"]):
+                return
+            self.check_alive()
+            time.sleep(0.1)
+        raise TimeoutError(f"workers {names} did not register; logs: {self.log_tail()}")
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None and name not in self._expected_dead:
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.log_tail(name)}")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self._expected_dead.add(name)
+        self.procs[name].send_signal(sig)
+
+    def log_tail(self, name: str | None = None, lines: int = 30) -> str:
+        names = [name] if name else list(self.procs)
+        out = []
+        for n in names:
+            path = self.log_dir / f"{n}.log"
+            if path.exists():
+                out.append(f"--- {n} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.pull.close()
+        self.client.close()
+
+    # ---- a test-side gateway -----------------------------------------------------------------
+
+    def submit(self, request_id: str, prompt: list[int], **sampling) -> None:
+        params = m.SamplingParams(**{"temperature": 0.0, **sampling})
+        submit(self.client, m.SubmitRequest(request_id, prompt, params, self.reply_to, time.time()), self.keys)
+
+    def abort(self, request_id: str) -> None:
+        submit(self.client, m.AbortRequest(request_id), self.keys)
+
+    def collect(self, timeout_s: float = 0.1) -> int:
+        """Read outputs for up to timeout_s; returns how many arrived."""
+        n = 0
+        if not self.pull.poll(timeout_s * 1000):
+            return 0
+        while True:
+            try:
+                batch = m.decode(self.pull.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return n
+            for out in batch.outputs:
+                assert out.request_id not in self.final, f"{out.request_id}: output after its finish"
+                self.tokens[out.request_id].extend(out.token_ids)
+                if out.finish_reason is not None:
+                    self.final[out.request_id] = out
+                n += 1
+
+    def wait_finished(self, request_ids, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        want = set(request_ids)
+        while not want <= set(self.final):
+            if time.monotonic() > deadline:
+                missing = sorted(want - set(self.final))[:5]
+                raise TimeoutError(f"not finished: {missing}...; logs:\n{self.log_tail()}")
+            self.collect(0.2)
+            self.check_alive()
