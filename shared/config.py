@@ -78,6 +78,29 @@ class SchedulerSettings(_RedisSettings):
     stats_interval: float = Field(1.0, gt=0, description="seconds between figures written to Redis")
 
 
+class GatewaySettings(_RedisSettings):
+    model: Optional[str] = Field(
+        None, description="Hugging Face model directory, for its tokenizer and chat template (default: the tiny model)"
+    )
+    served_model_name: Optional[str] = Field(
+        None, description="the model name clients send (default: the model directory's name)"
+    )
+    host: str = Field("127.0.0.1", description="HTTP address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    api_key: Optional[str] = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
+    max_model_len: Optional[int] = Field(
+        None, gt=0, description="longest prompt + output (default: the model's max_position_embeddings)"
+    )
+    max_queue_len: int = Field(1000, gt=0, description="requests queued or running beyond which new ones get 429")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted")
+    output_bind: str = Field(
+        "tcp://127.0.0.1:*", description="ZeroMQ address where this gateway receives outputs (* = a free port)"
+    )
+    output_advertise: Optional[str] = Field(
+        None, description="address the scheduler uses to reach output_bind, e.g. tcp://{hostname}:5556 in containers"
+    )
+
+
 S = TypeVar("S", bound=_Settings)
 
 
