@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test run tiny-model bench-worker clean
+.PHONY: test run status tiny-model bench-worker clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml
 # HF_HUB_OFFLINE: nothing is ever fetched from a hub; tests build their own tiny models.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole system in the foreground; Ctrl-C stops every process it started.
+run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m conveyor run $(RUN_ARGS)
+
+status: $(STAMP)
+	$(PY) -m conveyor status $(STATUS_ARGS)
 
 # Generates the default `tiny` model into the cache directory (idempotent).
 tiny-model: $(STAMP)

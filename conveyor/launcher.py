@@ -1,0 +1,187 @@
+"""Runs the whole system as local processes, in the foreground: an embedded Redis (unless
+REDIS_URL is set), the scheduler, CONVEYOR_WORKERS workers and the gateway.
+
+A service that exits unexpectedly is restarted (with backoff), as compose would. Ctrl-C
+or SIGTERM stops every process it started, gateway first and Redis last, and leaves
+nothing running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from conveyor.commands import service_command
+from shared.config import RunSettings
+from shared.embedded_redis import free_port, start_embedded_redis
+
+log = logging.getLogger("conveyor.launcher")
+
+STOP_TIMEOUT_S = 20.0
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class Child:
+    name: str
+    service: str
+    env: dict[str, str]
+    proc: Optional[subprocess.Popen] = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(service_command(self.service, sys.executable), env=self.env)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+
+class Launcher:
+    def __init__(self, settings: RunSettings):
+        self.settings = settings
+        self.children: list[Child] = []
+        self.redis = None
+        self.stopping = False
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._stop_signal)
+        signal.signal(signal.SIGTERM, self._stop_signal)
+        try:
+            env = self._environment()
+            self._spawn(env)
+            if self._wait_ready():
+                self._banner()
+            self._supervise()
+        finally:
+            self._shutdown()
+        return 0
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _environment(self) -> dict[str, str]:
+        s = self.settings
+        model = s.model
+        if not model:
+            from services.gpu_worker.tiny_model import ensure_tiny_model
+
+            log.info("no model named: using the generated tiny model (random weights, meaningless text)")
+            model = str(ensure_tiny_model())  # once here, rather than raced by every service
+        redis_url = s.redis_url
+        if not redis_url:
+            from services.gpu_worker.tiny_model import cache_root
+
+            data_dir = cache_root() / "redis"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.redis = start_embedded_redis(data_dir)
+            redis_url = self.redis.url
+            log.info("embedded Redis at %s (data in %s)", redis_url, data_dir)
+        scheduler_address = s.scheduler_address or f"tcp://127.0.0.1:{free_port()}"
+        env = dict(os.environ)
+        env.update({
+            "CONVEYOR_MODEL": model, "REDIS_URL": redis_url, "CONVEYOR_SCHEDULER_ADDRESS": scheduler_address,
+            "CONVEYOR_HOST": s.host, "CONVEYOR_PORT": str(s.port), "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        })
+        if s.workers > 1:  # several workers on one CPU: one thread each rather than all fighting
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // s.workers)))
+        return env
+
+    def _spawn(self, env: dict[str, str]) -> None:
+        self.children.append(Child("scheduler", "scheduler", env))
+        for i in range(self.settings.workers):
+            self.children.append(Child(f"worker-{i}", "gpu_worker", {**env, "CONVEYOR_WORKER_ID": f"worker-{i}"}))
+        self.children.append(Child("gateway", "gateway", env))
+        for child in self.children:
+            child.start()
+
+    def _wait_ready(self, timeout_s: float = 300.0) -> bool:
+        url = f"http://{self._client_host()}:{self.settings.port}/health"
+        deadline = time.monotonic() + timeout_s
+        while not self.stopping and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                pass
+            self._restart_exited()
+            time.sleep(0.5)
+        if not self.stopping:
+            log.warning("%s did not answer 200 within %.0f s; still waiting on the services", url, timeout_s)
+        return False
+
+    def _banner(self) -> None:
+        base = f"http://{self._client_host()}:{self.settings.port}"
+        model = self.children[0].env["CONVEYOR_MODEL"]
+        name = Path(model).name
+        print(f"""
+Conveyor is serving {model}
+  OpenAI-compatible API: {base}/v1      health: {base}/health      metrics: {base}/metrics
+  Redis: {self.children[0].env['REDIS_URL']}      status: python -m conveyor status --watch 1
+
+  curl {base}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}'
+
+Ctrl-C stops everything.
+""", flush=True)
+
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.settings.host in ("0.0.0.0", "") else self.settings.host
+
+    # ---- supervision -----------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self.stopping:
+            self._restart_exited()
+            time.sleep(0.2)
+
+    def _restart_exited(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None:
+                if now >= child.next_start and not self.stopping:
+                    child.start()
+                continue
+            code = child.proc.poll()
+            if code is None or self.stopping:
+                continue
+            # A service that ran a while before dying gets a fresh backoff.
+            if now - child.started_at > 60:
+                child.restarts = 0
+            delay = min(MAX_BACKOFF_S, 0.5 * 2 ** child.restarts)
+            child.restarts += 1
+            log.error("%s exited with code %s; restarting in %.1f s", child.name, code, delay)
+            child.proc, child.next_start = None, now + delay
+
+    def _stop_signal(self, *_) -> None:
+        if not self.stopping:
+            log.info("stopping every process...")
+        self.stopping = True
+
+    def _shutdown(self) -> None:
+        # Gateway first (no new requests), then workers (they hand requests back), then
+        # the scheduler, Redis last.
+        order = ["gateway", "gpu_worker", "scheduler"]
+        for service in order:
+            group = [c for c in self.children if c.service == service and c.proc and c.proc.poll() is None]
+            for c in group:
+                c.proc.send_signal(signal.SIGTERM)
+            for c in group:
+                try:
+                    c.proc.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0f s: killed", c.name, STOP_TIMEOUT_S)
+                    c.proc.kill()
+                    c.proc.wait()
+        if self.redis is not None:
+            self.redis.stop()
+        log.info("all processes stopped")

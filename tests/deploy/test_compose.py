@@ -1,0 +1,60 @@
+"""The compose files validate offline against the compose spec, and each service runs the
+very command the local launcher runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conveyor.commands import SERVICE_MODULES, service_command
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+GPU = REPO / "docker-compose.gpu.yml"
+
+
+def _compose(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_compose_files_validate_against_the_compose_spec():
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    proc = subprocess.run([str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE), str(GPU)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_each_service_runs_the_launchers_command():
+    services = _compose(COMPOSE)["services"]
+    assert set(SERVICE_MODULES) | {"redis"} == set(services)
+    for name in SERVICE_MODULES:
+        assert services[name]["command"] == service_command(name, "python"), name
+
+
+def test_workers_scale_and_redis_persists():
+    services = _compose(COMPOSE)["services"]
+    worker = services["gpu_worker"]
+    assert "container_name" not in worker and "ports" not in worker, "--scale gpu_worker=N needs neither"
+    assert worker["environment"]["CONVEYOR_SCHEDULER_ADDRESS"] == "tcp://scheduler:5555"
+    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+    assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
+    for name in ("redis", "scheduler", "gateway"):
+        assert "healthcheck" in services[name], name
+    assert services["gateway"]["environment"]["CONVEYOR_OUTPUT_ADVERTISE"] == "tcp://{hostname}:5556"
+
+
+def test_gpu_override_gives_workers_the_nvidia_device():
+    worker = _compose(GPU)["services"]["gpu_worker"]
+    device = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert worker["environment"]["CONVEYOR_DEVICE"] == "cuda"
+
+
+def test_dockerfile_installs_the_project_and_ships_every_package():
+    text = (REPO / "Dockerfile").read_text()
+    for package in ("shared", "services", "kernels", "conveyor"):
+        assert f"COPY {package} ./{package}" in text
+    assert "pip install" in text

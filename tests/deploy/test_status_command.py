@@ -1,0 +1,62 @@
+"""`python -m conveyor status` shows a queue that someone fills with requests, the workers
+and their KV use, and the recent errors — read from a real Redis that a real scheduler
+process writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.gpu_worker.tiny_model import make_model
+from tests.stack import REPO, Stack, service_env
+
+pytestmark = pytest.mark.slow
+
+
+def _status(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "conveyor", "status", "--redis-url", stack.redis_url,
+                           "--redis-prefix", stack.keys.prefix, *args],
+                          cwd=REPO, env=service_env(), capture_output=True, text=True, timeout=60)
+
+
+def _wait(predicate, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_status_shows_the_queue_workers_and_errors(redis_server, tmp_path):
+    model_dir = make_model(tmp_path / "m", preset="tiny", num_hidden_layers=1, seed=2)
+    stack = Stack(redis_server.url, model_dir, tmp_path)
+    try:
+        stack.start_scheduler()
+        for i in range(7):  # no worker yet: they wait in the queue
+            stack.submit(f"q{i}", [5, 6, 7, 8], max_tokens=4)
+        stack.client.xadd(stack.keys.requests, {b"msg": b"garbage"})
+        _wait(lambda: json.loads(_status(stack, "--json").stdout)["stats"].get("waiting") == 7)
+
+        out = _status(stack).stdout
+        assert "scheduler   alive" in out
+        assert "7 requests in the stream" in out and "waiting 7" in out
+        assert "(no worker registered)" in out
+        assert "rejected" in out, "the garbage entry is among the recent errors"
+        assert _status(stack, "--check").returncode == 1, "no worker: not serving"
+        assert _status(stack, "--check", "--scheduler-only").returncode == 0
+
+        stack.start_worker("w-status")
+        stack.wait_finished([f"q{i}" for i in range(7)])
+        _wait(lambda: "w-status" in _status(stack).stdout and _status(stack, "--check").returncode == 0)
+        out = _status(stack).stdout
+        assert "0 requests in the stream" in out and "finished    length 7" in out
+        assert "w-status" in out and "serving" in out
+    finally:
+        stack.stop()
+    # With the scheduler gone, the figures go stale and the check fails.
+    time.sleep(6)
+    assert _status(stack, "--check", "--scheduler-only").returncode == 1
+    assert "NOT RUNNING" in _status(stack).stdout
