@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-from shared.messages import SamplingParams, SubmitRequest, TokenLogprobs
+from shared.messages import SamplingParams, SubmitRequest
 
 
 class Status(str, enum.Enum):
@@ -39,7 +39,6 @@ class Request:
     entry_id: str = ""  # the Redis stream entry to acknowledge when it finishes
 
     output_token_ids: list[int] = field(default_factory=list)
-    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
     status: Status = Status.WAITING
     worker_id: Optional[str] = None  # the worker it is queued on or runs on
     block_ids: list[int] = field(default_factory=list)
