@@ -194,6 +194,9 @@ class RequestOutput(msgspec.Struct, frozen=True):
     request_id: str
     token_ids: list[int] = []
     logprobs: list[TokenLogprobs] = []
+    # Position of token_ids[0] among the request's generated tokens. A restarted scheduler
+    # replays a request from its prompt; the gateway drops what it already forwarded.
+    index: int = 0
     finish_reason: Union[str, None] = None
     stop_token_id: Union[int, None] = None
     usage: Union[Usage, None] = None

@@ -55,10 +55,10 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def start_scheduler(self, *args: str) -> subprocess.Popen:
-        return self._start("scheduler", "services.scheduler", "--redis-url", self.redis_url,
+    def start_scheduler(self, *args: str, name: str = "scheduler") -> subprocess.Popen:
+        return self._start(name, "services.scheduler", "--redis-url", self.redis_url,
                            "--redis-prefix", self.keys.prefix, "--scheduler-address", self.scheduler_address,
-                           "--heartbeat-timeout", "3", *args)
+                           "--heartbeat-timeout", "3", "--lease-ttl", "2", *args)
 
     def start_worker(self, name: str, *args: str) -> subprocess.Popen:
         return self._start(name, "services.gpu_worker", "--model", str(self.model_dir), "--device", "cpu",
@@ -126,7 +126,11 @@ class Stack:
                 return n
             for out in batch.outputs:
                 assert out.request_id not in self.final, f"{out.request_id}: output after its finish"
-                self.tokens[out.request_id].extend(out.token_ids)
+                have = self.tokens[out.request_id]
+                assert out.index <= len(have), f"{out.request_id}: tokens {len(have)}..{out.index} never came"
+                # After a scheduler restart a request is replayed from its prompt: keep
+                # only what is new, as a gateway does.
+                have.extend(out.token_ids[len(have) - out.index:])
                 if out.finish_reason is not None:
                     self.final[out.request_id] = out
                 n += 1

@@ -13,7 +13,8 @@ def connect_redis(url: str, log: logging.Logger, attempts: int = 30):
     """A client whose server answers PING, retrying with backoff: Redis may start after us."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    # Short timeouts: a Redis outage must not stall the scheduling loop.
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
     delay = 0.1
     for attempt in range(attempts):
         try:
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)
         return 2
     service.install_signal_handlers()
-    service.serve()
-    return 0
+    return service.serve()
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ class SchedulerCore:
             lp = result.logprobs.get(rid)
             reason = check_stop(req, w.info.eos_token_ids, w.max_len)
             first = len(req.output_token_ids) == 1 and req.num_preemptions == 0
-            out = RequestOutput(rid, [token], [lp] if lp else [],
+            out = RequestOutput(rid, [token], [lp] if lp else [], index=len(req.output_token_ids) - 1,
                                 queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None)
             if reason is None:
                 self.outputs.append((req.reply_to, out))
@@ -267,9 +267,9 @@ class SchedulerCore:
         self._errors_by_request.pop(req.request_id, None)
         self.counters.finished[reason.value] = self.counters.finished.get(reason.value, 0) + 1
         usage = Usage(len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_tokens)
-        base = tokens_out or RequestOutput(req.request_id)
+        base = tokens_out or RequestOutput(req.request_id, index=len(req.output_token_ids))
         self.outputs.append((req.reply_to, RequestOutput(
-            req.request_id, base.token_ids, base.logprobs, finish_reason=reason.value,
+            req.request_id, base.token_ids, base.logprobs, index=base.index, finish_reason=reason.value,
             stop_token_id=req.stop_token_id, usage=usage, error=error, queue_time_s=base.queue_time_s,
         )))
         self.finished.append(req)

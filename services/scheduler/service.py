@@ -11,7 +11,9 @@ their steps concurrently; the loop never waits for one to serve another.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import time
 from collections import defaultdict
 
@@ -19,6 +21,7 @@ import redis
 import zmq
 
 from services.scheduler.core import SchedulerCore
+from services.scheduler.lease import Lease
 from services.scheduler.redis_queue import RequestQueue, StatusWriter
 from shared import messages as m
 from shared.config import SchedulerSettings
@@ -28,6 +31,12 @@ log = logging.getLogger(__name__)
 
 POLL_MS_IDLE = 5  # how long one pass may wait for worker messages: bounds queue latency
 MAX_MESSAGE_BYTES = 64 << 20  # a bigger message on the worker socket is refused by ZeroMQ
+REDIS_RETRY_MAX_S = 5.0  # while Redis is down, try it again at most this often
+EXIT_LEASE_LOST = 3
+
+
+class LeaseLost(Exception):
+    """Another scheduler holds the lease: this one must stop serving at once."""
 
 
 class SchedulerService:
@@ -37,36 +46,68 @@ class SchedulerService:
         self.keys = RedisKeys(settings.redis_prefix)
         self.queue = RequestQueue(client, self.keys)
         self.status = StatusWriter(client, self.keys)
+        self.lease = Lease(client, self.keys.scheduler_lease, f"{socket.gethostname()}:{os.getpid()}",
+                           settings.lease_ttl)
         self.ctx = zmq.Context.instance()
-        self.workers_sock = self.ctx.socket(zmq.ROUTER)
-        self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises
-        self.workers_sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        self.workers_sock.setsockopt(zmq.LINGER, 0)
-        self.workers_sock.bind(settings.scheduler_address)
+        self.workers_sock: zmq.Socket | None = None  # bound once the lease is ours
         self.gateways: dict[str, zmq.Socket] = {}
         self.stopping = False
         self._last_stats = 0.0
         self._stats_base = (time.monotonic(), 0, 0)  # (time, steps, tokens) at the last figures
+        self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
+        self._redis_retry_at = 0.0  # while Redis is down: when to try it again
+        self._redis_backoff = 0.1
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
 
-    def serve(self) -> None:
+    def serve(self) -> int:
+        """Serve until SIGTERM; returns the process exit code."""
+        if not self._wait_for_lease():
+            return 0
+        self.workers_sock = self.ctx.socket(zmq.ROUTER)
+        self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises
+        self.workers_sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.workers_sock.setsockopt(zmq.LINGER, 0)
+        self.workers_sock.bind(self.settings.scheduler_address)
         self.queue.ensure_group()
-        log.info("scheduler listening for workers on %s", self.settings.scheduler_address)
-        while not self.stopping:
-            self.run_once()
+        log.info("scheduler %s listening for workers on %s", self.lease.holder, self.settings.scheduler_address)
+        code = 0
+        try:
+            while not self.stopping:
+                self.run_once()
+        except LeaseLost as e:
+            log.error("%s; stopping so that only one scheduler serves", e)
+            code = EXIT_LEASE_LOST
         # Workers stay up: a restarted scheduler asks them to register again.
         self.workers_sock.close()
         for sock in self.gateways.values():
             sock.close()
+        if code == 0:
+            self._redis(self.lease.release)
         log.info("scheduler stopped")
+        return code
+
+    def _wait_for_lease(self) -> bool:
+        announced = False
+        while not self.stopping:
+            try:
+                if self.lease.acquire():
+                    return True
+                holder = self.lease.current_holder()
+            except redis.RedisError as e:
+                holder = f"unknown (Redis: {e})"
+            if not announced:
+                log.warning("another scheduler (%s) holds the lease; standing by until it is free", holder)
+                announced = True
+            time.sleep(1.0)
+        return False
 
     def run_once(self) -> None:
         busy = any(w.in_flight for w in self.core.workers.values())
         self._receive_worker_messages(POLL_MS_IDLE if not busy else 2)
-        self._read_queue()
+        self._redis(self._read_queue)
         now_mono = time.monotonic()
         for wid in self.core.check_workers(now_mono, self.settings.heartbeat_timeout, self.settings.step_timeout):
             self.status.remove_worker(wid)
@@ -152,8 +193,7 @@ class SchedulerService:
                     self._record_error(f"request {msg.request_id!r} refused: {error}")
                     self._to_gateway(msg.reply_to, m.RequestOutput(msg.request_id, finish_reason="error", error=error))
                     acks.append(entry.entry_id)
-        if acks:
-            self.queue.ack(acks)
+        self._unacked.extend(acks)
 
     def _send_outputs(self) -> None:
         if not self.core.outputs:
@@ -184,8 +224,7 @@ class SchedulerService:
 
     def _bookkeeping(self) -> None:
         finished, self.core.finished = self.core.finished, []
-        if finished:
-            self.queue.ack([r.entry_id for r in finished if r.entry_id])
+        self._unacked.extend(r.entry_id for r in finished if r.entry_id)
         for rid, fields in self.core.status_updates.items():
             self.status.request_status(rid, **fields)
         self.core.status_updates.clear()
@@ -194,7 +233,37 @@ class SchedulerService:
         self.core.errors.clear()
         if time.monotonic() - self._last_stats >= self.settings.stats_interval:
             self._write_figures()
+            self._redis(self._renew_lease)
+        self._redis(self._flush)
+
+    def _flush(self) -> None:
+        if self._unacked:
+            self.queue.ack(self._unacked)
+            self._unacked = []
         self.status.flush()
+
+    def _renew_lease(self) -> None:
+        if not self.lease.renew():
+            raise LeaseLost(f"the lease is now held by {self.lease.current_holder()}")
+
+    def _redis(self, action) -> None:
+        """Run a Redis action unless Redis is known to be down. While it is down, serving
+        goes on for the requests already here (tokens flow over ZeroMQ); acknowledgements
+        and status wait, and Redis is retried with backoff, so the loop never stalls."""
+        now = time.monotonic()
+        if now < self._redis_retry_at:
+            return
+        try:
+            action()
+        except redis.RedisError as e:
+            if self._redis_backoff == 0.1:
+                log.error("Redis unreachable (%s): serving what is here, retrying with backoff", e)
+            self._redis_retry_at = now + self._redis_backoff
+            self._redis_backoff = min(self._redis_backoff * 2, REDIS_RETRY_MAX_S)
+            return
+        if self._redis_backoff != 0.1:
+            log.info("Redis reachable again")
+            self._redis_backoff = 0.1
 
     def _write_figures(self) -> None:
         mono = time.monotonic()

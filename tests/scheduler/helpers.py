@@ -40,6 +40,7 @@ class Outputs:
     def collect(self, core: SchedulerCore) -> "Outputs":
         for _, out in core.outputs:
             assert out.request_id not in self.finish, f"{out.request_id}: output after its finish"
+            assert out.index == len(self.tokens[out.request_id]), f"{out.request_id}: index off"
             self.tokens[out.request_id].extend(out.token_ids)
             if out.finish_reason is not None:
                 self.finish[out.request_id] = out

@@ -1,0 +1,39 @@
+"""Exactly one scheduler serves at a time: it holds a lease in Redis (SET NX with an
+expiry) and renews it every second. A second scheduler started by mistake, or a restarted
+one, stands by until the lease is free: two schedulers never drive the same workers.
+"""
+
+from __future__ import annotations
+
+import redis
+
+# Renew only if we still hold it: compare-and-expire in one atomic step.
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+class Lease:
+    def __init__(self, client: redis.Redis, key: str, holder: str, ttl_s: float):
+        self.client = client
+        self.key = key
+        self.holder = holder
+        self.ttl_ms = int(ttl_s * 1000)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def acquire(self) -> bool:
+        return bool(self.client.set(self.key, self.holder, nx=True, px=self.ttl_ms))
+
+    def renew(self) -> bool:
+        """True while we hold it. If it vanished (expired during a Redis outage, or a
+        Redis restart lost it) we take it again when nobody else has."""
+        if self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]) == 1:
+            return True
+        return self.acquire()
+
+    def current_holder(self) -> str | None:
+        value = self.client.get(self.key)
+        return value.decode() if value is not None else None
+
+    def release(self) -> None:
+        self._release(keys=[self.key], args=[self.holder])
