@@ -77,6 +77,9 @@ class SchedulerSettings(_RedisSettings):
     heartbeat_timeout: float = Field(5.0, gt=0, description="a worker silent this long is dropped and its requests move")
     step_timeout: float = Field(120.0, gt=0, description="a step running this long means a wedged worker")
     stats_interval: float = Field(1.0, gt=0, description="seconds between figures written to Redis")
+    gateway_timeout: float = Field(
+        10.0, gt=0, description="a gateway whose liveness key is missing this long: its requests are aborted"
+    )
     lease_ttl: float = Field(
         5.0, gt=0, description="the scheduler's lease in Redis expires this long after its last renewal"
     )

@@ -42,6 +42,11 @@ class RedisKeys:
         """List of recent errors (JSON), newest first, capped."""
         return f"{self.prefix}:errors"
 
+    def gateway(self, reply_to: str) -> str:
+        """A gateway's liveness: set with a short expiry and refreshed while it runs. The
+        scheduler aborts the requests of a gateway whose key stays missing."""
+        return f"{self.prefix}:gateway:{reply_to}"
+
     @property
     def scheduler_lease(self) -> str:
         """Who is the active scheduler (SET NX with expiry)."""

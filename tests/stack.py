@@ -43,6 +43,8 @@ class Stack:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.reply_to = f"tcp://127.0.0.1:{self.pull.bind_to_random_port('tcp://127.0.0.1')}"
+        # Alive for the scheduler, as a real gateway keeps itself (an hour is plenty here).
+        self.client.set(self.keys.gateway(self.reply_to), b"test", ex=3600)
         self.tokens: dict[str, list[int]] = defaultdict(list)
         self.final: dict[str, m.RequestOutput] = {}
 
@@ -64,6 +66,28 @@ class Stack:
         return self._start(name, "services.gpu_worker", "--model", str(self.model_dir), "--device", "cpu",
                            "--scheduler-address", self.scheduler_address, "--worker-id", name,
                            "--kv-cache-memory", "64MiB", *args)
+
+    def start_gateway(self, name: str = "gateway", *args: str) -> int:
+        """A gateway process on a free port, reading this stack's Redis keys; returns the port."""
+        port = free_port()
+        self._start(name, "services.gateway", "--model", str(self.model_dir), "--redis-url", self.redis_url,
+                    "--redis-prefix", self.keys.prefix, "--port", str(port), *args)
+        return port
+
+    def wait_gateway(self, name: str, port: int, timeout_s: float = 60.0) -> None:
+        """Until the gateway answers /health with 200 (scheduler alive, a worker registered)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"gateway {name} not healthy on port {port}; logs:\n{self.log_tail(name)}")
 
     def wait_workers(self, names: set[str], timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -57,6 +57,7 @@ class SchedulerService:
         self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
         self._redis_retry_at = 0.0  # while Redis is down: when to try it again
         self._redis_backoff = 0.1
+        self._gateway_seen: dict[str, float] = {}  # reply_to -> when its liveness key was last there
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
@@ -234,6 +235,7 @@ class SchedulerService:
         if time.monotonic() - self._last_stats >= self.settings.stats_interval:
             self._write_figures()
             self._redis(self._renew_lease)
+            self._redis(self._abort_orphans)
         self._redis(self._flush)
 
     def _flush(self) -> None:
@@ -241,6 +243,35 @@ class SchedulerService:
             self.queue.ack(self._unacked)
             self._unacked = []
         self.status.flush()
+
+    def _abort_orphans(self) -> None:
+        """Abort the requests of gateways that are gone: nobody would read their tokens.
+        A gateway's key must stay missing for gateway_timeout, so a Redis restart or a
+        slow refresh never aborts live clients."""
+        by_gateway: dict[str, list[str]] = defaultdict(list)
+        for rid, req in self.core.requests.items():
+            by_gateway[req.reply_to].append(rid)
+        if not by_gateway:
+            self._gateway_seen.clear()
+            return
+        pipe = self.queue.client.pipeline(transaction=False)
+        for reply_to in by_gateway:
+            pipe.exists(self.keys.gateway(reply_to))
+        now = time.monotonic()
+        for (reply_to, rids), alive in zip(by_gateway.items(), pipe.execute()):
+            seen = self._gateway_seen.setdefault(reply_to, now)
+            if alive:
+                self._gateway_seen[reply_to] = now
+            elif now - seen > self.settings.gateway_timeout:
+                self._record_error(f"gateway {reply_to} is gone: {len(rids)} requests aborted")
+                for rid in rids:
+                    self.core.abort(rid, "gateway gone")
+                sock = self.gateways.pop(reply_to, None)
+                if sock is not None:
+                    sock.close()
+                del self._gateway_seen[reply_to]
+        for reply_to in set(self._gateway_seen) - set(by_gateway):
+            del self._gateway_seen[reply_to]
 
     def _renew_lease(self) -> None:
         if not self.lease.renew():

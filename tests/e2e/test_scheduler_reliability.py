@@ -118,3 +118,42 @@ def test_redis_restart_loses_no_request(model_dir, workload, tmp_path):
     finally:
         stack.stop()
         server.stop()
+
+
+def test_requests_of_a_vanished_gateway_are_aborted(redis_server, model_dir, tmp_path):
+    import zmq
+
+    from services.scheduler.redis_queue import read_status, submit
+    from shared import messages as m
+
+    stack = Stack(redis_server.url, model_dir, tmp_path)
+    try:
+        stack.start_scheduler("--gateway-timeout", "2")
+        stack.start_worker("w1")
+        stack.wait_workers({"w1"})
+        # A second gateway: it submits long requests, then dies (its liveness key lapses).
+        ghost = zmq.Context.instance().socket(zmq.PULL)
+        ghost.setsockopt(zmq.LINGER, 0)
+        address = f"tcp://127.0.0.1:{ghost.bind_to_random_port('tcp://127.0.0.1')}"
+        stack.client.set(stack.keys.gateway(address), b"alive", px=1500)
+        params = m.SamplingParams(temperature=0.0, max_tokens=3000, ignore_eos=True)
+        for i in range(3):
+            submit(stack.client, m.SubmitRequest(f"orphan{i}", [5] * 40, params, address, time.time()), stack.keys)
+        assert ghost.poll(30_000), "the requests run"
+        ghost.close()
+        # Meanwhile the live gateway's request is untouched.
+        stack.submit("live", [7] * 10, max_tokens=8)
+        stack.wait_finished(["live"])
+        deadline = time.monotonic() + 30
+        while stack.client.hget(stack.keys.request("orphan0"), "finish_reason") != b"abort":
+            assert time.monotonic() < deadline, stack.log_tail()
+            time.sleep(0.2)
+        for i in range(3):
+            fields = stack.client.hgetall(stack.keys.request(f"orphan{i}"))
+            assert fields[b"finish_reason"] == b"abort" and b"gateway gone" in fields[b"error"]
+        while read_status(stack.client, stack.keys)["workers"]["w1"]["kv_usage"] != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert stack.client.xlen(stack.keys.requests) == 0
+    finally:
+        stack.stop()
