@@ -23,10 +23,11 @@ from tests.gpu_worker.test_engine_vs_hf import _prompts
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _start_worker(*args: str) -> subprocess.Popen:
+def _start_worker(*args: str, log=subprocess.PIPE) -> subprocess.Popen:
+    """`log`: where its output goes; a pipe only when the test reads it (a full pipe blocks)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "services.gpu_worker", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 class FakeScheduler:
