@@ -39,7 +39,9 @@ def render(status: dict, now: float, where: str) -> str:
     if not workers:
         lines.append("(no worker registered)")
     for wid, w in sorted(workers.items()):
-        state = "leaving" if w.get("leaving") else ("stale" if now - w.get("updated_at", 0) > STALE_AFTER_S else "serving")
+        state = ("leaving" if w.get("leaving") else
+                 "stale" if now - w.get("updated_at", 0) > STALE_AFTER_S else
+                 f"STALLED (step running {w.get('step_in_flight_s', 0):.0f} s)" if w.get("stalled") else "serving")
         lines.append(f"{wid:<24}{w.get('device', '?'):<8}{w.get('kv_usage', 0):>8.1%}{w.get('running', 0):>9}"
                      f"{w.get('waiting', 0):>9}{w.get('tokens_per_s', 0):>9}{w.get('steps', 0):>9}  {state}")
     lines += ["", "recent errors" if status["errors"] else "no recent errors"]
@@ -51,8 +53,10 @@ def render(status: dict, now: float, where: str) -> str:
 
 
 def healthy(status: dict, now: float, scheduler_only: bool = False) -> bool:
+    """A live scheduler and, unless scheduler_only, at least one worker that is not stalled."""
     age = now - float(status["stats"].get("updated_at", 0) or 0)
-    return age <= STALE_AFTER_S and (scheduler_only or bool(status["workers"]))
+    serving = [w for w in status["workers"].values() if not w.get("stalled")]
+    return age <= STALE_AFTER_S and (scheduler_only or bool(serving))
 
 
 def main(argv: list[str]) -> int:

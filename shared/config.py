@@ -76,6 +76,9 @@ class SchedulerSettings(_RedisSettings):
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of identical prompt prefixes")
     heartbeat_timeout: float = Field(5.0, gt=0, description="a worker silent this long is dropped and its requests move")
     step_timeout: float = Field(120.0, gt=0, description="a step running this long means a wedged worker")
+    stall_after: float = Field(
+        10.0, gt=0, description="a step running this long marks its worker stalled in status and /health"
+    )
     stats_interval: float = Field(1.0, gt=0, description="seconds between figures written to Redis")
     gateway_timeout: float = Field(
         10.0, gt=0, description="a gateway whose liveness key is missing this long: its requests are aborted"

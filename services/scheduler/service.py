@@ -311,6 +311,7 @@ class SchedulerService:
             "steps_per_s": round((c.steps - steps0) / elapsed, 2),
             "tokens_per_s": round((c.generation_tokens - tokens0) / elapsed, 2),
             "step_errors": c.step_errors, "updated_at": round(time.time(), 3),
+            "stalled_workers": sum(1 for wid in self.core.workers if self._worker_info(wid)["stalled"]),
             **{f"finished_{reason}": n for reason, n in c.finished.items()},
         })
         for wid in self.core.workers:
@@ -322,7 +323,9 @@ class SchedulerService:
 
     def _worker_info(self, wid: str, elapsed: float = 1.0) -> dict:
         w = self.core.workers[wid]
+        busy_s = time.monotonic() - w.in_flight.sent_at if w.in_flight else 0.0
         return {
+            "step_in_flight_s": round(busy_s, 2), "stalled": busy_s > self.settings.stall_after,
             "model": w.info.model, "device": w.info.device, "num_blocks": w.info.num_blocks,
             "block_size": w.info.block_size, "kv_usage": round(w.pool.usage, 4),
             "running": len(w.running), "waiting": len(w.waiting), "steps": w.steps,

@@ -162,3 +162,63 @@ def test_requests_of_a_vanished_gateway_are_aborted(redis_server, model_dir, tmp
         assert stack.client.xlen(stack.keys.requests) == 0
     finally:
         stack.stop()
+
+
+def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, model_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+    import threading
+
+    import zmq
+
+    from services.scheduler.redis_queue import read_status
+    from shared import messages as m
+    from tests.stack import REPO, service_env
+
+    stack = Stack(redis_server.url, model_dir, tmp_path)
+    stop = threading.Event()
+    try:
+        stack.start_scheduler("--stall-after", "1", "--step-timeout", "8")
+        # A worker whose heartbeat thread lives on while its main loop is stuck: it takes
+        # a step and never answers.
+        wedged = zmq.Context.instance().socket(zmq.DEALER)
+        wedged.setsockopt(zmq.LINGER, 0)
+        wedged.setsockopt(zmq.IDENTITY, b"wedged")
+        wedged.connect(stack.scheduler_address)
+        wedged.send(m.encode(m.RegisterWorker("wedged", "tiny", 4096, 16, 4096, 4096, [0, 2], "cpu", 1)))
+
+        def beat():
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(stack.scheduler_address)
+            while not stop.wait(0.5):
+                sock.send(m.encode(m.Heartbeat("wedged", time.time())))
+            sock.close()
+
+        threading.Thread(target=beat, daemon=True).start()
+        stack.wait_workers({"wedged"})
+        stack.submit("stuck", [5, 6, 7, 8], max_tokens=5)
+        assert wedged.poll(10_000) and isinstance(m.decode(wedged.recv()), m.StepPlan), "it got the step"
+
+        def status(*args):
+            return subprocess.run([sys.executable, "-m", "conveyor", "status", "--redis-url", stack.redis_url,
+                                   "--redis-prefix", stack.keys.prefix, *args], cwd=REPO, env=service_env(),
+                                  capture_output=True, text=True, timeout=60)
+
+        deadline = time.monotonic() + 10
+        while not read_status(stack.client, stack.keys)["workers"]["wedged"].get("stalled"):
+            assert time.monotonic() < deadline, "stalled within seconds"
+            time.sleep(0.2)
+        assert "STALLED" in status().stdout
+        assert status("--check").returncode == 1, "no worker serving: not healthy"
+        assert json.loads(status("--json").stdout)["stats"]["stalled_workers"] == 1
+
+        stack.start_worker("w1")  # at the step timeout the request moves here
+        stack.wait_finished(["stuck"], timeout_s=120)
+        assert len(stack.tokens["stuck"]) == 5
+        assert "wedged" not in read_status(stack.client, stack.keys)["workers"]
+        wedged.close()
+    finally:
+        stop.set()
+        stack.stop()
