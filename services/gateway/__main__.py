@@ -1,0 +1,71 @@
+"""`python -m services.gateway [--flags]`: serve the HTTP API (flags: --help).
+
+Every mistake in the settings (a bad value, a missing model directory, a busy port, a bad
+ZeroMQ address) stops it at start-up with a message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+from shared.log import setup_logging
+
+GRACEFUL_SHUTDOWN_S = 5  # streams still open after SIGTERM are cut (and aborted) after this
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging("gateway")
+    log = logging.getLogger("services.gateway")
+    import redis
+    import uvicorn
+    import zmq
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from services.gateway.app import create_app
+    from services.gateway.served_model import ModelLoadError, load_served_model
+    from shared.config import GatewaySettings, parse_settings
+
+    try:
+        settings = parse_settings(GatewaySettings, argv)
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        model = load_served_model(settings)  # seconds: transformers is imported here
+        app = create_app(settings, model, client)
+        sock = _listen(settings.host, settings.port)
+    except (ValidationError, SettingsError, ModelLoadError, ValueError, OSError, zmq.ZMQError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+    try:
+        client.ping()
+    except redis.RedisError as e:  # not fatal: Redis may come up after us; /health says 503 meanwhile
+        log.warning("Redis at %s does not answer yet: %s", settings.redis_url, e)
+    log.info("serving %s (max_model_len %d) on http://%s:%d", model.name, model.max_model_len,
+             *sock.getsockname()[:2])
+    config = uvicorn.Config(app, log_level=os.environ.get("CONVEYOR_LOG_LEVEL", "info").lower(),
+                            access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_config=None)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn, so a busy port is a start-up error (exit 2)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # NOTE: proto=IPPROTO_TCP, or asyncio skips TCP_NODELAY on accepted connections and
+    # every response waits 40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,131 @@
+"""The gateway's FastAPI app: OpenAI-compatible routes, /health and /metrics.
+
+Routes stay thin: validation.py turns a body into a plan, generation.py runs it against
+the scheduler, serving.py and responses.py answer in OpenAI's shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager, contextmanager
+from typing import Iterator, Optional
+
+import redis
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from services.gateway.cluster import ClusterStatus, unavailable_reason
+from services.gateway.engine_client import EngineClient
+from services.gateway.errors import ApiError, install_error_handlers
+from services.gateway.generation import Generation
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.middleware import ApiKeyAuth, BodySizeLimit
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from services.gateway.served_model import ServedModel
+from services.gateway.serving import formatter, respond
+from services.gateway.validation import GenerationPlan, chat_plan, completion_plan
+from services.scheduler.redis_queue import read_status
+from shared.config import GatewaySettings
+from shared.redis_keys import RedisKeys
+
+
+class Gateway:
+    """What the routes share: the model, the link to the scheduler, status and metrics."""
+
+    def __init__(self, settings: GatewaySettings, model: ServedModel, client: Optional[redis.Redis] = None):
+        self.settings = settings
+        self.model = model
+        self.keys = RedisKeys(settings.redis_prefix)
+        self.client = client or redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        self.cluster = ClusterStatus(self.client, self.keys)
+        self.engine = EngineClient(self.client, self.keys, settings.output_bind, settings.output_advertise,
+                                   settings.max_queue_len)
+        self.metrics = GatewayMetrics(lambda: read_status(self.client, self.keys))
+
+    async def generate(self, kind: str, plan: GenerationPlan, request: Request) -> Response:
+        await self.cluster.require_ready()
+        gen = Generation(plan, self.model, self.engine, self.metrics)
+        await gen.start()
+        try:
+            return await respond(gen, request, formatter(kind, self.model, gen))
+        except BaseException:
+            gen.close()  # whatever went wrong, nothing keeps running for nobody
+            raise
+
+    def model_card(self) -> dict:
+        m = self.model
+        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "conveyor",
+                "root": str(m.path), "max_model_len": m.max_model_len}
+
+
+def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[redis.Redis] = None) -> FastAPI:
+    gw = Gateway(settings, model, client)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await gw.engine.start()
+        yield
+        await gw.engine.stop()
+
+    app = FastAPI(title="Conveyor", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat completions (see docs/http_api.md)")
+    app.state.gateway = gw
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        with _count_refusals(gw):
+            return await gw.generate("completion", completion_plan(body, model), request)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        with _count_refusals(gw):
+            return await gw.generate("chat", chat_plan(body, model), request)
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [gw.model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model_info(model_id: str) -> dict:
+        if model_id != model.name:
+            raise ApiError(404, f"The model `{model_id}` does not exist; this server serves `{model.name}`.",
+                           "model", code="model_not_found")
+        return gw.model_card()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 when the scheduler is alive and a worker is registered; else 503 and why."""
+        try:
+            status = await gw.cluster.read(max_age_s=0)
+        except ApiError as e:
+            return JSONResponse({"status": "unavailable", "reason": e.message}, status_code=503)
+        reason = unavailable_reason(status, time.time())
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        stats = status["stats"]
+        return JSONResponse({"status": "ok", "workers": len(status["workers"]),
+                             "running": stats.get("running", 0), "waiting": stats.get("waiting", 0)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(await asyncio.to_thread(gw.metrics.render), media_type=CONTENT_TYPE_LATEST)
+
+    # Outermost first: the key is checked before the body is read.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    return app
+
+
+@contextmanager
+def _count_refusals(gw: Gateway) -> Iterator[None]:
+    try:
+        yield
+    except ApiError as e:
+        gw.metrics.requests_rejected.labels(str(e.status)).inc()
+        raise

@@ -1,0 +1,97 @@
+"""Token ids to text, one token at a time, and stop strings matched in that text.
+
+`IncrementalDetokenizer` never emits half a character: a token may carry only the first
+bytes of a UTF-8 character, so text is held back while the decoded tail ends in U+FFFD
+and released when the character completes (or, at the end, as U+FFFD if it never does).
+It decodes a short window of recent tokens rather than all of them, so each token costs
+the same however long the output grows (vLLM's prefix/read offsets).
+
+`StopStringMatcher` finds stop strings across token boundaries: it holds back the
+longest tail of the text that could still begin a stop string, and cuts the text where
+the first stop string to be completed starts (the stop string itself is never emitted).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+REPLACEMENT = "\ufffd"
+# Prompt tokens decoded before the output, so a tokenizer that drops a word's leading
+# space at the start of a decode (SentencePiece) decodes the first output token right.
+PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """`add(token_id)` returns the text that token completes (often "", for a partial
+    character); `flush()` returns what is still held back at the end."""
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt_token_ids: Sequence[int] = ()):
+        self._decode = decode
+        self._ids: list[int] = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        # A prompt ending mid-character must not lend its bytes to the output's first one.
+        while self._ids and decode(self._ids).endswith(REPLACEMENT):
+            self._ids.pop()
+        # _ids[prefix:read] was decoded already and its text emitted; _ids[read:] is pending.
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(prefix_text) or text.endswith(REPLACEMENT):
+            return ""  # an incomplete character (or a token that decodes to nothing yet)
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """The held-back tail, decoded as it is (an unfinished character becomes U+FFFD)."""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return text[len(prefix_text):] if len(text) > len(prefix_text) else ""
+
+
+class StopStringMatcher:
+    """`push(text)` returns (text safe to emit, matched); after a match nothing more is
+    taken. `flush()` releases the held-back tail once the output ends without a match."""
+
+    def __init__(self, stop: Sequence[str]):
+        assert all(stop), "stop strings are non-empty (validated at the edge)"
+        self.stop = list(stop)
+        self._held = ""
+        self.matched = False
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if self.matched:
+            return "", True
+        if not self.stop:
+            return text, False
+        buf = self._held + text
+        # NOTE: emitted text never ends with a prefix of a stop string (that tail is held),
+        # so any occurrence lies entirely within `buf`. The one completed first wins (the
+        # longest on a tie), as if the text came one character at a time: the result does
+        # not depend on how it was split into tokens.
+        found = [(i + len(s), i) for s in self.stop if (i := buf.find(s)) >= 0]
+        if found:
+            cut = min(found)[1]
+            self._held = ""
+            self.matched = True
+            return buf[:cut], True
+        keep = self._partial_tail(buf)
+        self._held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.matched else held
+
+    def _partial_tail(self, buf: str) -> int:
+        """Length of the longest tail of `buf` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(buf)), best, -1):
+                if buf.endswith(s[:n]):
+                    best = n
+                    break
+        return best

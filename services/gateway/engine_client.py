@@ -1,0 +1,180 @@
+"""The gateway's link to the scheduler: requests go into the Redis stream, outputs come
+back over ZeroMQ.
+
+This gateway binds one PULL socket and names it in every request's `reply_to`; the
+scheduler pushes each step's outputs for this gateway as one `GatewayOutputs` message.
+One background task reads them and routes each `RequestOutput` to the queue of the HTTP
+request waiting for it. Several gateways can run at once, each with its own address;
+request ids are uuid4-based, so they never collide.
+
+While it runs, the gateway keeps a liveness key in Redis (`RedisKeys.gateway(reply_to)`,
+refreshed every second, expiring after a few): the scheduler aborts the requests of a
+gateway whose key stays missing, since nobody would read their tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Optional
+
+import redis
+import zmq
+import zmq.asyncio
+
+from services.gateway.errors import ApiError
+from services.scheduler.redis_queue import submit
+from shared import messages as m
+from shared.redis_keys import RedisKeys
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+LIVENESS_REFRESH_S = 1.0
+LIVENESS_TTL_S = 5  # missed refreshes this long and the key is gone
+
+
+class EngineClient:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, output_bind: str,
+                 output_advertise: Optional[str], max_queue_len: int):
+        self.client = client
+        self.keys = keys
+        self.max_queue_len = max_queue_len
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)  # the scheduler drops what we cannot take: take all
+        self._sock.bind(output_bind)  # zmq.ZMQError on a bad or busy address: a start-up error
+        self.bound = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.reply_to = advertised_address(self.bound, output_advertise)
+        self._routes: dict[str, asyncio.Queue] = {}
+        self._admission = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        self._liveness_key = keys.gateway(self.reply_to)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._receive_loop(), name="gateway-outputs"),
+                       asyncio.create_task(self._liveness_loop(), name="gateway-liveness")]
+        log.info("receiving outputs on %s (advertised as %s)", self.bound, self.reply_to)
+
+    async def stop(self) -> None:
+        """Abort what is still running (the server is going away), then close."""
+        if self._routes:
+            await self._abort(list(self._routes), "gateway shutting down")
+        if self._background:
+            await asyncio.wait(self._background, timeout=2)
+        for task in self._tasks:
+            task.cancel()
+        try:
+            await asyncio.to_thread(self.client.delete, self._liveness_key)
+        except redis.RedisError:
+            pass  # it expires by itself
+        self._sock.close()
+        self._ctx.term()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def register(self, request_ids: list[str], queue: asyncio.Queue) -> None:
+        for rid in request_ids:
+            self._routes[rid] = queue
+
+    def unregister(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._routes.pop(rid, None)
+
+    @property
+    def num_routes(self) -> int:
+        return len(self._routes)
+
+    async def submit(self, requests: list[m.SubmitRequest]) -> None:
+        """Admit and enqueue one HTTP request's scheduler requests, or raise 429 when the
+        queue (XLEN: queued + running, across every gateway) is full.
+
+        NOTE: the check and the XADDs happen under one lock, so a burst at one gateway
+        cannot all read the same length and overshoot; replicas may overshoot by a few.
+        """
+        async with self._admission:
+            await self._redis(self._admit, requests)
+
+    def _admit(self, requests: list[m.SubmitRequest]) -> None:
+        queued = self.client.xlen(self.keys.requests)
+        if queued >= self.max_queue_len:
+            raise ApiError(429, f"the server is at capacity: {queued} requests are queued or running "
+                                f"(max_queue_len {self.max_queue_len}); retry after {RETRY_AFTER_S} s",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+        for req in requests:
+            submit(self.client, req, self.keys)
+
+    def abort_soon(self, request_ids: list[str], reason: str) -> None:
+        """Abort without waiting: called where the caller may be cancelled (a client gone).
+        Outputs still arrive until the caller unregisters the ids."""
+        task = asyncio.get_running_loop().create_task(self._abort(request_ids, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, request_ids: list[str], reason: str) -> None:
+        try:
+            await self._redis(lambda: [submit(self.client, m.AbortRequest(rid, reason), self.keys)
+                                       for rid in request_ids])
+        except ApiError as e:
+            log.error("could not abort %s: %s", request_ids, e.message)
+
+    async def _redis(self, fn, *args):
+        """Runs blocking Redis calls off the event loop; Redis down -> 503."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except redis.RedisError as e:
+            raise ApiError(503, f"the request queue (Redis) is unreachable: {e}", code="redis_unavailable") from e
+
+    # ---- liveness -------------------------------------------------------------------------
+
+    async def _liveness_loop(self) -> None:
+        value = f"{socket.gethostname()}:{os.getpid()}"
+        failing = False
+        while True:
+            try:
+                await asyncio.to_thread(self.client.set, self._liveness_key, value, ex=LIVENESS_TTL_S)
+                if failing:
+                    log.info("Redis reachable again: liveness key refreshed")
+                failing = False
+            except redis.RedisError as e:
+                if not failing:
+                    log.error("cannot refresh the liveness key %s (Redis: %s); retrying", self._liveness_key, e)
+                failing = True
+            await asyncio.sleep(LIVENESS_REFRESH_S)
+
+    # ---- outputs --------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            data = await self._sock.recv()
+            try:
+                msg = m.decode(data)
+            except m.DecodeError as e:
+                log.warning("ignored an undecodable message on the output socket: %s", e)
+                continue
+            if not isinstance(msg, m.GatewayOutputs):
+                log.warning("ignored a %s on the output socket", type(msg).__name__)
+                continue
+            for out in msg.outputs:
+                queue = self._routes.get(out.request_id)
+                if queue is not None:  # else: aborted, or finished here already (stop string)
+                    queue.put_nowait(out)
+
+
+def advertised_address(bound: str, advertise: Optional[str]) -> str:
+    """What the scheduler connects to: `advertise` with {hostname} and {port} filled in
+    (the port this socket got, useful with a "*" port), or the bound endpoint itself."""
+    if not advertise:
+        return bound
+    port = bound.rsplit(":", 1)[-1]
+    try:
+        return advertise.format(hostname=socket.gethostname(), port=port)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"output_advertise {advertise!r}: only {{hostname}} and {{port}} can be "
+                         f"filled in ({type(e).__name__}: {e})") from None

@@ -1,0 +1,107 @@
+"""Errors in the OpenAI API's JSON shape: `{"error": {"message", "type", "param", "code"}}`.
+
+Everything a client can get wrong is raised as an `ApiError` naming the field (`param`)
+and the limit; the handlers here also turn FastAPI's own errors (422 validation errors,
+malformed JSON, unknown routes) into that shape, so a client never sees another one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+# HTTP status -> OpenAI's error `type`.
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
+          503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    """A request the gateway refuses; `param` names the offending field (dotted path)."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def bad_request(message: str, param: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def field_path(loc: tuple) -> Optional[str]:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or None
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """The first few problems, each prefixed with its field; `param` is the first field."""
+    errors = list(exc.errors())
+    if not errors:
+        return bad_request("invalid request body")
+    if errors[0].get("type") == "json_invalid":
+        ctx = errors[0].get("ctx") or {}
+        return bad_request(f"malformed JSON body: {ctx.get('error', errors[0].get('msg'))}", None)
+    messages = []
+    for e in errors[:3]:
+        path = field_path(tuple(e.get("loc", ())))
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        if e.get("type") == "missing":
+            msg = "this field is required" if path else "missing: send a JSON object"
+        elif path is None:
+            msg = "must be a JSON object (Content-Type: application/json)"
+        messages.append(f"{path}: {msg}" if path else f"request body: {msg}")
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return bad_request("; ".join(messages) + more, field_path(tuple(errors[0].get("loc", ()))))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = "no such route; the API is under /v1 (completions, chat/completions, models)"
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, never the client's fault: log it with its traceback, answer in the same shape.
+        log.exception("internal error")
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)

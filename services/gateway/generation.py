@@ -1,0 +1,188 @@
+"""One HTTP request in flight: its scheduler requests (one per choice), from submission to
+the last output, as a stream of per-choice deltas.
+
+A choice ends when the scheduler says so (EOS or a stop token id: "stop"; max_tokens or the
+model's length: "length") or when the gateway finds a stop string in its text ("stop"),
+in which case the gateway aborts it in the scheduler. A client that goes away aborts every
+choice still running (`close`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from services.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from services.gateway.engine_client import EngineClient
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.served_model import ServedModel
+from services.gateway.validation import ChoicePlan, GenerationPlan
+from shared.messages import RequestOutput, SubmitRequest, TokenLogprobs
+
+SETTLE_TIMEOUT_S = 2.0  # how long to wait for a stop-string-aborted choice's final figures
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    text_offsets: list[int] = field(default_factory=list)  # where each logprobs token starts
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+    def __bool__(self) -> bool:
+        return bool(self.text or self.logprobs or self.finish_reason)
+
+
+class ChoiceState:
+    """One choice's text so far: detokenized, checked for stop strings, trimmed."""
+
+    def __init__(self, plan: ChoicePlan, model: ServedModel, prompt: list[int], stop: list[str]):
+        self.index = plan.index
+        self.request_id = plan.request_id
+        self.want_logprobs = plan.sampling.logprobs is not None
+        self._detok = IncrementalDetokenizer(model.decode, prompt)
+        self._stop = StopStringMatcher(stop)
+        self.num_tokens = 0  # generated, as counted in usage (a stop token included)
+        self._decoded_chars = 0
+        self.finish_reason: Optional[str] = None  # as the client sees it
+        self.stopped_by_string = False
+        self.final: Optional[RequestOutput] = None  # the scheduler's last word on it
+
+    def on_output(self, out: RequestOutput) -> ChoiceDelta:
+        delta = ChoiceDelta(self.index)
+        if out.finish_reason is not None:
+            self.final = out
+        if self.finish_reason is not None:
+            return delta  # ended here already (a stop string); the rest is dropped
+        logprobs = out.logprobs if self.want_logprobs and len(out.logprobs) == len(out.token_ids) else []
+        for k, token in enumerate(out.token_ids):
+            if out.index + k < self.num_tokens:
+                continue  # a restarted scheduler replays the request: this token was forwarded
+            self.num_tokens += 1
+            if token == out.stop_token_id and k == len(out.token_ids) - 1:
+                continue  # EOS / a stop token id: counted, its text is not output
+            if logprobs:
+                delta.logprobs.append(logprobs[k])
+                delta.text_offsets.append(self._decoded_chars)
+            text = self._detok.add(token)
+            self._decoded_chars += len(text)
+            if self._push(delta, text):
+                return delta
+        if out.finish_reason is not None and not self._push(delta, self._detok.flush()):
+            delta.text += self._stop.flush()
+            self.finish_reason = delta.finish_reason = out.finish_reason
+            delta.error = out.error
+        return delta
+
+    def _push(self, delta: ChoiceDelta, text: str) -> bool:
+        """Adds text that is safe to show; True once a stop string matched."""
+        safe, matched = self._stop.push(text)
+        delta.text += safe
+        if matched:
+            self.stopped_by_string = True
+            self.finish_reason = delta.finish_reason = "stop"
+        return matched
+
+
+class Generation:
+    def __init__(self, plan: GenerationPlan, model: ServedModel, engine: EngineClient, metrics: GatewayMetrics):
+        self.plan = plan
+        self.engine = engine
+        self.metrics = metrics
+        self.created = int(time.time())
+        self.choices = [ChoiceState(c, model, plan.prompt_token_ids, plan.stop) for c in plan.choices]
+        self._by_id = {c.request_id: c for c in self.choices}
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._arrival = time.monotonic()
+        self._last_token_at: dict[str, float] = {}
+        self._closed = False
+
+    async def start(self) -> None:
+        """Enqueue every choice (raises 429 when the queue is full, 503 when Redis is down)."""
+        ids = list(self._by_id)
+        self.engine.register(ids, self._queue)
+        now = time.time()
+        p = self.plan
+        try:
+            await self.engine.submit([
+                SubmitRequest(c.request_id, p.prompt_token_ids, c.sampling, self.engine.reply_to, now,
+                              p.priority, p.cache_salt) for c in p.choices])
+        except BaseException:
+            self.engine.unregister(ids)
+            self._closed = True
+            raise
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Every choice's new text until all have finished (as the client sees them)."""
+        while not all(c.finish_reason for c in self.choices):
+            out = await self._queue.get()
+            choice = self._by_id[out.request_id]
+            if choice.finish_reason is None:
+                self._observe(choice, out)
+            delta = choice.on_output(out)
+            if delta.finish_reason is not None:
+                self._finished(choice)
+            if delta:
+                yield delta
+
+    async def settle(self) -> None:
+        """Before usage is reported: wait (briefly) for the scheduler's final output of the
+        first choice, which carries the prompt's cached-token count. It is late only when a
+        stop string ended that choice here first."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while self.choices[0].final is None:
+            try:
+                out = await asyncio.wait_for(self._queue.get(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                return
+            self._by_id[out.request_id].on_output(out)
+
+    def close(self) -> None:
+        """Idempotent. Aborts every choice still running: the client is gone."""
+        if self._closed:
+            return
+        self._closed = True
+        running = [c for c in self.choices if c.finish_reason is None]
+        if running:
+            self.engine.abort_soon([c.request_id for c in running], "client disconnected")
+            for c in running:
+                c.finish_reason = "abort"
+                self.metrics.request_success.labels("abort").inc()
+        self.engine.unregister(list(self._by_id))
+
+    def usage(self) -> dict:
+        prompt = len(self.plan.prompt_token_ids)
+        completion = sum(c.num_tokens for c in self.choices)
+        # The prompt is billed once, so its cached part is the first choice's prefix-cache hit.
+        first = self.choices[0].final
+        cached = first.usage.cached_tokens if first is not None and first.usage is not None else 0
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _finished(self, choice: ChoiceState) -> None:
+        self.metrics.request_success.labels(choice.finish_reason).inc()
+        self.metrics.e2e_request_latency.observe(time.monotonic() - self._arrival)
+        if choice.stopped_by_string and choice.final is None:
+            # The scheduler would keep generating: stop it, and free its KV blocks.
+            self.engine.abort_soon([choice.request_id], "stop string")
+
+    def _observe(self, choice: ChoiceState, out: RequestOutput) -> None:
+        if not out.token_ids:
+            return
+        now = time.monotonic()
+        last = self._last_token_at.get(choice.request_id)
+        if last is None:
+            self.metrics.time_to_first_token.observe(now - self._arrival)
+            if out.queue_time_s is not None:
+                self.metrics.request_queue_time.observe(max(out.queue_time_s, 0.0))
+        else:
+            per_token = (now - last) / len(out.token_ids)
+            for _ in out.token_ids:
+                self.metrics.inter_token_latency.observe(per_token)
+        self._last_token_at[choice.request_id] = now

@@ -1,0 +1,107 @@
+"""Prometheus metrics, named `conveyor:*` as vLLM names its own `vllm:*`.
+
+Two sources:
+- this gateway's own view, per scheduler request (one per choice): latency histograms and
+  `request_success_total{finished_reason}` with the reason the client saw (a stop string
+  is "stop", a client that went away is "abort");
+- the scheduler's figures in Redis, read at scrape time: gauges of the running system and
+  its cumulative counters. Those are system-wide: every gateway replica reports the same
+  values, so aggregate them with max(), not sum().
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+log = logging.getLogger(__name__)
+
+PREFIX = "conveyor:"
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
+                         0.75, 1.0, 2.5, 5.0)
+
+
+class GatewayMetrics:
+    def __init__(self, read_status: Callable[[], dict[str, Any]]):
+        disable_created_metrics()  # no `*_created` series beside every counter and histogram
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Arrival at the gateway to the first generated token.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            PREFIX + "inter_token_latency_seconds", "Time between successive generated tokens.",
+            buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Arrival at the gateway to the request's finish.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.request_queue_time = Histogram(
+            PREFIX + "request_queue_time_seconds", "Time a request waited in the scheduler's queue.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.request_success = Counter(
+            PREFIX + "request_success", "Finished requests by the finish reason the client saw "
+            "(abort: the client went away).", ["finished_reason"], registry=r)
+        self.requests_rejected = Counter(
+            PREFIX + "requests_rejected", "Requests refused before enqueueing, by HTTP status.",
+            ["status"], registry=r)
+        r.register(SchedulerFigures(read_status))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SchedulerFigures:
+    """A custom collector: the scheduler's figures, read from Redis on every scrape."""
+
+    def __init__(self, read_status: Callable[[], dict[str, Any]]):
+        self.read_status = read_status
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # nothing to check at registration; keeps Redis out of start-up
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            status = self.read_status()
+        except (redis.RedisError, ValueError) as e:  # unreachable, or a figure that is not JSON
+            log.warning("metrics: scheduler figures left out: %s", e)
+            return
+        stats, workers = status["stats"], status["workers"]
+        usage = [float(w.get("kv_usage", 0.0)) for w in workers.values()]
+        yield _gauge("num_requests_running", "Requests running on the workers.", stats.get("running", 0))
+        yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats.get("waiting", 0))
+        yield _gauge("num_workers", "Workers registered with the scheduler.", len(workers))
+        yield _gauge("kv_cache_usage_perc", "KV cache blocks in use, mean over workers (1 = 100%).",
+                     sum(usage) / len(usage) if usage else 0.0)
+        yield _counter("prompt_tokens", "Prompt tokens of the requests the scheduler accepted.",
+                       stats.get("prompt_tokens", 0))
+        yield _counter("generation_tokens", "Tokens generated.", stats.get("generation_tokens", 0))
+        yield _counter("num_preemptions", "Requests preempted when KV blocks ran out.", stats.get("preemptions", 0))
+        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                       stats.get("prefix_queries", 0))
+        yield _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.get("prefix_hits", 0))
+        finished = CounterMetricFamily(PREFIX + "scheduler_request_finished",
+                                       "Requests the scheduler finished, by its finish reason "
+                                       "(a stop string matched at a gateway shows as abort).",
+                                       labels=["finished_reason"])
+        for name, value in stats.items():
+            if name.startswith("finished_") and isinstance(value, (int, float)):
+                finished.add_metric([name.removeprefix("finished_")], value)
+        yield finished
+
+
+def _gauge(name: str, doc: str, value: Any) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, value=_number(value))
+
+
+def _counter(name: str, doc: str, value: Any) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, doc, value=_number(value))
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0

@@ -1,0 +1,129 @@
+"""The OpenAI API's request bodies as pydantic models: types and ranges only.
+
+Names and defaults are OpenAI's; extensions are named as vLLM names them (top_k, min_p,
+repetition_penalty, stop_token_ids, ignore_eos, min_tokens, priority, cache_salt).
+Strict types: "0.5" is not a number and 1.0 is not an integer. Unknown fields are ignored,
+as vLLM does. Rules that need the model (lengths, vocabulary, the chat template) live in
+validation.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128
+MAX_LOGPROBS = 20
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: Optional[str] = Field(None, description="the served model's name (default: the only one)")
+    n: int = Field(1, ge=1, le=MAX_N, description="completions to generate for the prompt")
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2, description="0: greedy (default 1)")
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stop: Optional[Any] = Field(None, description="a string or a list of strings; not included in the output")
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # OpenAI fields Conveyor does not implement: refused when set (validation.py).
+    logit_bias: Optional[dict[str, Any]] = None
+    # vLLM's extensions.
+    top_k: Optional[int] = Field(None, ge=-1, le=INT64_MAX, description="-1 or 0: off")
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=100)
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="lower runs first")
+    cache_salt: Optional[str] = Field(None, min_length=1, description="isolates this request's prefix cache")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(s, str) for s in v):
+            return v
+        raise ValueError("must be a string or a list of strings")
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Any = Field(..., description="a string or a list of token ids (or a list holding one of those)")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if v == [] or v == "":
+            raise ValueError("must not be empty")
+        if isinstance(v, str) or _is_token_ids(v):
+            return v
+        if isinstance(v, list) and v and all(isinstance(p, str) or _is_token_ids(p) for p in v):
+            return v
+        raise ValueError("must be a string, a list of token ids, or a list of those")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Any] = None
+    name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ValueError(f"part {i} must be {{'type': 'text', 'text': <string>}} "
+                                     "(only text content is supported)")
+            return v
+        raise ValueError("must be a string, a list of text parts, or null")
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part["text"] for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn opening")
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[list[Any]] = None
+    response_format: Optional[dict[str, Any]] = None
+
+
+def _is_token_ids(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)

@@ -1,0 +1,130 @@
+"""Response bodies and SSE chunks shaped exactly as OpenAI's, so its client works unmodified.
+
+Plain dicts, built here and nowhere else: `text_completion` for /v1/completions,
+`chat.completion` / `chat.completion.chunk` for /v1/chat/completions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from services.gateway.generation import ChoiceDelta, Generation
+from services.gateway.served_model import ServedModel
+from shared.messages import TokenLogprobs
+
+DONE = b"data: [DONE]\n\n"
+MIN_LOGPROB = -9999.0  # what a -inf logprob is reported as (JSON has no infinity), as vLLM
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass
+class ChoiceResult:
+    """A choice's deltas put together, for a non-streaming response."""
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    text_offsets: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text += delta.text
+        self.logprobs += delta.logprobs
+        self.text_offsets += delta.text_offsets
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.error = delta.error or self.error
+
+
+class CompletionFormat:
+    object_name = "text_completion"
+
+    def __init__(self, model: ServedModel, gen: Generation):
+        self.model = model
+        self.gen = gen
+
+    def _envelope(self, obj: str, choices: list[dict]) -> dict[str, Any]:
+        return {"id": self.gen.plan.request_id, "object": obj, "created": self.gen.created,
+                "model": self.model.name, "choices": choices, "system_fingerprint": None}
+
+    def opening_chunks(self) -> list[dict]:
+        return []
+
+    def chunk(self, delta: ChoiceDelta) -> dict:
+        out = self._envelope(self.object_name, [self._choice(delta.index, delta.text, delta, delta.finish_reason)])
+        if self.gen.plan.include_usage:
+            out["usage"] = None
+        return out
+
+    def response(self, results: list[ChoiceResult]) -> dict:
+        out = self._envelope(self.object_name,
+                             [self._choice(r.index, r.text, r, r.finish_reason) for r in results])
+        out["usage"] = self.gen.usage()
+        return out
+
+    def usage_chunk(self) -> dict:
+        out = self._envelope(self.object_name, [])
+        out["usage"] = self.gen.usage()
+        return out
+
+    def _choice(self, index: int, text: str, lp, finish_reason: Optional[str]) -> dict:
+        return {"index": index, "text": text, "logprobs": self._logprobs(lp), "finish_reason": finish_reason}
+
+    def _logprobs(self, lp) -> Optional[dict]:
+        if self.gen.plan.logprobs is None:
+            return None
+        tt = self.model.token_text
+        return {
+            "tokens": [tt(e.token_id) for e in lp.logprobs],
+            "token_logprobs": [_finite(e.logprob) for e in lp.logprobs],
+            "top_logprobs": [{tt(t): _finite(v) for t, v in e.top} for e in lp.logprobs],
+            "text_offset": list(lp.text_offsets),
+        }
+
+
+class ChatFormat(CompletionFormat):
+    object_name = "chat.completion.chunk"
+
+    def opening_chunks(self) -> list[dict]:
+        """OpenAI's first chunk of each choice announces the role."""
+        chunks = []
+        for c in self.gen.choices:
+            out = self._envelope(self.object_name, [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                                     "logprobs": None, "finish_reason": None}])
+            if self.gen.plan.include_usage:
+                out["usage"] = None
+            chunks.append(out)
+        return chunks
+
+    def response(self, results: list[ChoiceResult]) -> dict:
+        out = self._envelope("chat.completion", [
+            {"index": r.index, "message": {"role": "assistant", "content": r.text, "refusal": None,
+                                           "tool_calls": []},
+             "logprobs": self._logprobs(r), "finish_reason": r.finish_reason} for r in results])
+        out["usage"] = self.gen.usage()
+        return out
+
+    def _choice(self, index: int, text: str, lp, finish_reason: Optional[str]) -> dict:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": self._logprobs(lp),
+                "finish_reason": finish_reason}
+
+    def _logprobs(self, lp) -> Optional[dict]:
+        if self.gen.plan.logprobs is None:
+            return None
+        return {"content": [{**self._token(e.token_id, e.logprob),
+                             "top_logprobs": [self._token(t, v) for t, v in e.top]} for e in lp.logprobs],
+                "refusal": None}
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        return {"token": self.model.token_text(token_id), "logprob": _finite(logprob),
+                "bytes": self.model.token_bytes(token_id)}
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else MIN_LOGPROB

@@ -1,0 +1,189 @@
+"""From a validated request body to what the scheduler runs: the prompt's token ids and,
+per choice, one scheduler request with its SamplingParams.
+
+Here live the rules that need the model: its name, its length limit, its vocabulary, its
+chat template. Each refusal is a 400 (404 for an unknown model) naming the field.
+
+max_tokens defaults as vLLM's: 16 for /v1/completions (OpenAI's default), and the rest of
+the context (max_model_len - prompt tokens) for /v1/chat/completions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from services.gateway.errors import ApiError, bad_request
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from services.gateway.served_model import ServedModel
+from shared.messages import SamplingParams
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ChoicePlan:
+    index: int
+    request_id: str  # the scheduler request: "<id>-<index>"
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    request_id: str  # cmpl-... / chatcmpl-...
+    prompt_token_ids: list[int]
+    choices: list[ChoicePlan]
+    stop: list[str]
+    logprobs: Optional[int]  # alternatives per token; None: no logprobs
+    priority: int
+    cache_salt: Optional[str]
+    stream: bool
+    include_usage: bool
+
+
+def completion_plan(body: CompletionRequest, model: ServedModel) -> GenerationPlan:
+    _check_common(body, model)
+    if body.echo:
+        raise bad_request("echo is not supported", "echo")
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request(f"best_of is not supported (only best_of == n, here {body.n})", "best_of")
+    prompt = _completion_prompt(body.prompt, model)
+    max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
+    _check_length(len(prompt), max_tokens, body.max_tokens is None, "max_tokens", "prompt", model)
+    return _plan("cmpl", body, prompt, max_tokens, body.logprobs, model)
+
+
+def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> GenerationPlan:
+    _check_common(body, model)
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise bad_request(f"{name} is not supported", name)
+    if body.tool_choice not in (None, "none"):
+        raise bad_request("tool_choice is not supported", "tool_choice")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    prompt = _chat_prompt(body, model)
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if requested is None:
+        if len(prompt) >= model.max_model_len:
+            raise bad_request(f"This model's maximum context length is {model.max_model_len} tokens, and the "
+                              f"messages take {len(prompt)} tokens, leaving none for the completion. "
+                              "Please reduce the length of the messages.", "messages")
+        max_tokens = model.max_model_len - len(prompt)
+    else:
+        max_tokens = requested
+        _check_length(len(prompt), max_tokens, False, field, "messages", model)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _plan("chatcmpl", body, prompt, max_tokens, logprobs, model)
+
+
+# ---- shared rules -----------------------------------------------------------------------
+
+
+def _check_common(body: Union[CompletionRequest, ChatCompletionRequest], model: ServedModel) -> None:
+    if body.model is not None and body.model != model.name:
+        raise ApiError(404, f"The model `{body.model}` does not exist; this server serves `{model.name}`.",
+                       "model", code="model_not_found")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    if body.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    for i, s in enumerate(_stop_list(body.stop)):
+        if not s:
+            raise bad_request(f"stop[{i}]: stop strings must not be empty", "stop")
+    for i, t in enumerate(body.stop_token_ids or []):
+        _check_token(t, f"stop_token_ids[{i}]", model)
+
+
+def _check_token(token_id: int, where: str, model: ServedModel) -> None:
+    if not 0 <= token_id < model.vocab_size:
+        raise bad_request(f"{where}: token id {token_id} is out of range: the model's vocabulary has "
+                          f"{model.vocab_size} tokens (ids 0 to {model.vocab_size - 1})", where.split("[")[0])
+
+
+def _check_length(prompt_len: int, max_tokens: int, defaulted: bool, field: str, prompt_field: str,
+                  model: ServedModel) -> None:
+    limit = model.max_model_len
+    if prompt_len + max_tokens > limit:
+        default = ", its default" if defaulted else ""
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_field}, {max_tokens} for "
+            f"{field}{default}). Please reduce the length of the {prompt_field} or {field}.",
+            field if prompt_len < limit else prompt_field)
+
+
+def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _completion_prompt(prompt: Union[str, list], model: ServedModel) -> list[int]:
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise bad_request(f"prompt: a batch of {len(prompt)} prompts is not supported; send one prompt "
+                              "per request (a list holding one prompt is fine)", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = model.encode(prompt)
+        if not ids:
+            raise bad_request("prompt: must not be empty", "prompt")
+        return ids
+    for i, t in enumerate(prompt):
+        _check_token(t, f"prompt[{i}]", model)
+    return list(prompt)
+
+
+def _chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
+    messages = [{"role": msg.role, "content": msg.text(), **({"name": msg.name} if msg.name else {})}
+                for msg in body.messages]
+    try:
+        ids = model.apply_chat_template(messages, body.add_generation_prompt)
+    except Exception as e:  # jinja2's TemplateError, or a template's raise_exception()
+        raise bad_request(f"messages: the chat template refused them: {e}", "messages") from e
+    if not ids:
+        raise bad_request("messages: the chat template made an empty prompt", "messages")
+    return ids
+
+
+def _plan(kind: str, body: Union[CompletionRequest, ChatCompletionRequest], prompt: list[int], max_tokens: int,
+          logprobs: Optional[int], model: ServedModel) -> GenerationPlan:
+    if body.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
+    request_id = f"{kind}-{uuid.uuid4().hex}"
+    choices = [ChoicePlan(i, f"{request_id}-{i}", _sampling(body, max_tokens, logprobs, i)) for i in range(body.n)]
+    return GenerationPlan(
+        request_id=request_id, prompt_token_ids=prompt, choices=choices, stop=_stop_list(body.stop),
+        logprobs=logprobs, priority=body.priority, cache_salt=body.cache_salt, stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+
+
+def _sampling(body: Union[CompletionRequest, ChatCompletionRequest], max_tokens: int, logprobs: Optional[int],
+              index: int) -> SamplingParams:
+    """Choice `index` of n: a seeded request draws with seed + index, so its choices differ."""
+    def given(value, default):
+        return default if value is None else value
+
+    return SamplingParams(
+        temperature=given(body.temperature, 1.0),
+        top_p=given(body.top_p, 1.0),
+        top_k=max(given(body.top_k, 0), 0),
+        min_p=given(body.min_p, 0.0),
+        presence_penalty=given(body.presence_penalty, 0.0),
+        frequency_penalty=given(body.frequency_penalty, 0.0),
+        repetition_penalty=given(body.repetition_penalty, 1.0),
+        seed=None if body.seed is None else body.seed + index,
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+    )
