@@ -1,7 +1,8 @@
 """Runs the whole system as local processes, in the foreground: an embedded Redis (unless
 REDIS_URL is set), the scheduler, CONVEYOR_WORKERS workers and the gateway.
 
-A service that exits unexpectedly is restarted (with backoff), as compose would. Ctrl-C
+A service that crashes (non-zero exit) is restarted with backoff, as compose would; one
+that exits cleanly after SIGTERM was stopped on purpose and stays stopped. Ctrl-C
 or SIGTERM stops every process it started, gateway first and Redis last, and leaves
 nothing running.
 """
@@ -146,13 +147,17 @@ Ctrl-C stops everything.
 
     def _restart_exited(self) -> None:
         now = time.monotonic()
-        for child in self.children:
+        for child in list(self.children):
             if child.proc is None:
                 if now >= child.next_start and not self.stopping:
                     child.start()
                 continue
             code = child.proc.poll()
             if code is None or self.stopping:
+                continue
+            if code == 0:  # it was stopped on purpose (SIGTERM): scaling down, not a crash
+                log.info("%s stopped (exit 0); not restarting it", child.name)
+                self.children.remove(child)
                 continue
             # A service that ran a while before dying gets a fresh backoff.
             if now - child.started_at > 60:

@@ -326,7 +326,7 @@ class SchedulerService:
         busy_s = time.monotonic() - w.in_flight.sent_at if w.in_flight else 0.0
         return {
             "step_in_flight_s": round(busy_s, 2), "stalled": busy_s > self.settings.stall_after,
-            "model": w.info.model, "device": w.info.device, "num_blocks": w.info.num_blocks,
+            "model": w.info.model, "device": w.info.device, "pid": w.info.pid, "num_blocks": w.info.num_blocks,
             "block_size": w.info.block_size, "kv_usage": round(w.pool.usage, 4),
             "running": len(w.running), "waiting": len(w.waiting), "steps": w.steps,
             "tokens_generated": w.tokens_generated,

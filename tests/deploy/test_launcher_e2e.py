@@ -1,0 +1,126 @@
+"""`python -m conveyor run` (what `make run` runs) on a fresh cache: it generates the tiny
+model, starts an embedded Redis, the scheduler, a worker and the gateway, and serves the
+official openai client. A second worker joins while requests run, the first leaves with
+SIGTERM — no request is lost — and Ctrl-C leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+import redis
+
+from services.scheduler.redis_queue import read_status
+from shared.embedded_redis import free_port
+from tests.stack import REPO, service_env
+
+pytestmark = pytest.mark.slow
+TOKENS = 600  # long enough to still be streaming while workers come and go
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): look at its state.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_run_serves_scales_and_stops_cleanly(tmp_path):
+    port, sched_port = free_port(), free_port()
+    env = service_env(CONVEYOR_CACHE_DIR=str(tmp_path / "cache"), CONVEYOR_PORT=str(port), CONVEYOR_WORKERS="1",
+                      CONVEYOR_SCHEDULER_ADDRESS=f"tcp://127.0.0.1:{sched_port}")
+    env.pop("REDIS_URL", None)
+    env.pop("CONVEYOR_MODEL", None)
+    log_path = tmp_path / "run.log"
+    log = open(log_path, "w")
+    launcher = subprocess.Popen([sys.executable, "-m", "conveyor", "run"], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    extra = None
+    try:
+        deadline = time.monotonic() + 240
+        while "Conveyor is serving" not in log_path.read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        text = log_path.read_text()
+        redis_url = re.search(r"Redis: (redis://\S+)", text).group(1)
+        model_dir = re.search(r"Conveyor is serving (\S+)", text).group(1)
+        assert model_dir.startswith(str(tmp_path / "cache")), "the tiny model was generated into the cache"
+        pids = {name: int(pid) for name, pid in re.findall(r"started (\S+) \(pid (\d+)\)", text)}
+        assert set(pids) == {"scheduler", "worker-0", "gateway"}
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        first = client.completions.create(model="tiny", prompt="Hello", max_tokens=8)
+        assert first.usage.completion_tokens >= 1 and first.choices[0].finish_reason in ("stop", "length")
+
+        # Requests in flight while the system changes shape.
+        results, errors = {}, []
+
+        def stream(i: int) -> None:
+            try:
+                chunks = client.completions.create(model="tiny", prompt=f"request {i}", max_tokens=TOKENS, stream=True,
+                                                   extra_body={"ignore_eos": True},
+                                                   stream_options={"include_usage": True})
+                text, usage = "", None
+                for chunk in chunks:
+                    if chunk.choices:
+                        text += chunk.choices[0].text
+                    usage = chunk.usage or usage
+                results[i] = usage.completion_tokens
+            except Exception as e:  # noqa: BLE001 — reported by the assertion below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        r = redis.Redis.from_url(redis_url)
+        extra = subprocess.Popen([sys.executable, "-m", "services.gpu_worker"], cwd=REPO, stdout=log,
+                                 stderr=subprocess.STDOUT,
+                                 env={**env, "CONVEYOR_MODEL": model_dir, "CONVEYOR_WORKER_ID": "extra"})
+        deadline = time.monotonic() + 120
+        while "extra" not in read_status(r)["workers"]:
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        assert len(results) < 12, "requests are still running when worker-0 leaves"
+        os.kill(pids["worker-0"], signal.SIGTERM)  # leaves: finishes its step, hands requests back
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors, errors
+        assert results == {i: TOKENS for i in range(12)}, "every stream got all its tokens"
+        deadline = time.monotonic() + 10
+        while (status := read_status(r))["stats"].get("migrations", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert set(status["workers"]) == {"extra"} and status["stats"]["migrations"] >= 1
+        assert "worker-0 stopped (exit 0); not restarting it" in log_path.read_text()
+        r.close()
+    finally:
+        if extra is not None:
+            extra.send_signal(signal.SIGTERM)
+            extra.wait(timeout=30)
+        os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        code = launcher.wait(timeout=90)
+        log.close()
+    assert code == 0
+    time.sleep(1)
+    assert not [n for n, pid in pids.items() if _alive(pid)], "every process it started is gone"
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    assert not _port_open(port) and not _port_open(redis_port) and not _port_open(sched_port)
+    assert "all processes stopped" in log_path.read_text()
