@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test run status tiny-model bench-worker clean
+.PHONY: test run status tiny-model bench-worker bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ tiny-model: $(STAMP)
 
 bench-worker: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bench.worker_step $(BENCH_ARGS)
+
+# End-to-end benchmark: Conveyor over HTTP against HF static batching and no batching
+# (default: BENCH.md's `mixed` on tiny), e.g. BENCH_ARGS="--workload shared-prefix".
+$(VENV)/.installed-bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	HF_HUB_OFFLINE=1 $(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

