@@ -75,23 +75,47 @@ def decode_attention(
     del num_splits
     if out is None:
         out = torch.empty_like(q)
-    num_seqs, num_heads, head_dim = q.shape
-    if num_seqs == 0:
+    if q.shape[0] == 0:
         return out
+    # A continuous batch is ragged (contexts of 20 and of 1,300 tokens side by side), and
+    # padding everyone to the longest would copy several times the K/V needed. Sequences
+    # are grouped by the power of two of their block count: padding within a group at
+    # most doubles what is gathered.
+    block_size = k_cache.shape[1]
+    num_blocks = (-(-seq_lens.long() // block_size)).clamp(min=1)
+    buckets = torch.log2(num_blocks.float()).floor().long()
+    groups = torch.unique(buckets)
+    if len(groups) == 1:
+        out.copy_(_decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale))
+        return out
+    for g in groups.tolist():
+        idx = (buckets == g).nonzero(as_tuple=True)[0]
+        out[idx] = _decode_padded(q[idx], k_cache, v_cache, block_tables[idx], seq_lens[idx], scale)
+    return out
+
+
+def _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
+    """Decode attention for sequences padded to the longest among them."""
+    num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_blocks = -(-int(seq_lens.max()) // block_size)
     padded_len = num_blocks * block_size
 
-    # Batch every sequence by padding to the longest. Table entries past a sequence's end
-    # are arbitrary, so they are replaced by block 0; whatever is read from them or from
-    # the unwritten tail of the last block is zeroed (so even NaN there cannot leak
-    # through 0 * NaN) and masked out of the softmax.
-    invalid = torch.arange(padded_len, device=q.device)[None, :] >= seq_lens[:, None].long()
-    table = block_tables[:, :num_blocks].long().masked_fill(invalid[:, ::block_size], 0).flatten()
+    # Batch the sequences by padding to the longest; everything past a sequence's end is
+    # masked out of the softmax. Masking alone is not enough: 0 * NaN is NaN, and a slot
+    # may hold anything (a freed block's old contents). So table entries past the end,
+    # which are arbitrary, read the sequence's own first block (its real, finite K/V),
+    # and the few unwritten slots at the tail of its last block are zeroed.
+    lens = seq_lens[:, None].long()
+    pos = torch.arange(padded_len, device=q.device)[None, :]
+    invalid = pos >= lens
+    table = block_tables[:, :num_blocks].long()
+    table = torch.where(invalid[:, ::block_size], table[:, :1], table).flatten()
     # index_select of whole blocks: one contiguous copy per block, the cheapest gather on CPU.
     k = k_cache.view(k_cache.shape[0], -1).index_select(0, table).view(num_seqs, padded_len, num_kv_heads, head_dim)
     v = v_cache.view(v_cache.shape[0], -1).index_select(0, table).view(num_seqs, padded_len, num_kv_heads, head_dim)
-    stale = invalid.nonzero(as_tuple=True)  # few: at most a block's worth per sequence
+    last_block_end = -(-lens // block_size) * block_size
+    stale = (invalid & (pos < last_block_end)).nonzero(as_tuple=True)  # < block_size per sequence
     k[stale] = 0.0  # k and v are fresh copies: zeroing them leaves the cache untouched
     v[stale] = 0.0
     mask = torch.zeros(num_seqs, 1, 1, padded_len, device=q.device)
@@ -103,8 +127,7 @@ def decode_attention(
     # In fp32 whatever the cache dtype (a no-op for fp32): this is the ground truth.
     o = F.scaled_dot_product_attention(qg.float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
                                        attn_mask=mask, scale=scale)
-    out.copy_(o.reshape(num_seqs, num_heads, head_dim))
-    return out
+    return o.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 def _gather_kv(k_cache, v_cache, block_table, seq_len, block_size):

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 POLL_MS_IDLE = 5  # how long one pass may wait for worker messages: bounds queue latency
 MAX_MESSAGE_BYTES = 64 << 20  # a bigger message on the worker socket is refused by ZeroMQ
 REDIS_RETRY_MAX_S = 5.0  # while Redis is down, try it again at most this often
+QUEUE_READ_INTERVAL_S = 0.005  # new requests are picked up at most this much later: Redis stays off the step path
 EXIT_LEASE_LOST = 3
 
 
@@ -57,7 +58,8 @@ class SchedulerService:
         self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
         self._redis_retry_at = 0.0  # while Redis is down: when to try it again
         self._redis_backoff = 0.1
-        self._gateway_seen: dict[str, float] = {}  # reply_to -> when its liveness key was last there
+        self._gateway_seen: dict[str, float] = {}
+        self._last_queue_read = 0.0  # reply_to -> when its liveness key was last there
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
@@ -108,7 +110,9 @@ class SchedulerService:
     def run_once(self) -> None:
         busy = any(w.in_flight for w in self.core.workers.values())
         self._receive_worker_messages(POLL_MS_IDLE if not busy else 2)
-        self._redis(self._read_queue)
+        if time.monotonic() - self._last_queue_read >= QUEUE_READ_INTERVAL_S:
+            self._last_queue_read = time.monotonic()
+            self._redis(self._read_queue)
         now_mono = time.monotonic()
         for wid in self.core.check_workers(now_mono, self.settings.heartbeat_timeout, self.settings.step_timeout):
             self.status.remove_worker(wid)
