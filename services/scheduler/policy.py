@@ -8,7 +8,9 @@ One step = one token budget (max_num_batched_tokens) and at most max_num_seqs re
      least important running request is preempted (blocks freed, recomputed later with
      the tokens it generated) — never an error.
   2. Then waiting requests, in priority order with aging, while budget, sequence slots
-     and blocks last. A new request reuses the longest chain of cached prefix blocks.
+     and blocks last. A new request reuses the longest chain of cached prefix blocks; one
+     whose next prefix block another request is computing right now waits for it (a
+     step or two) rather than computing the same blocks again.
 
 Priority: lower `priority` first, then earlier arrival. Aging lowers a waiting request's
 effective priority by one level every `aging_seconds`, so nobody waits forever behind a
@@ -81,12 +83,20 @@ def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
     if d.preempted or w.leaving:
         return d
     w.waiting.sort(key=waiting_key(now, limits.aging_seconds))
-    while w.waiting and budget > 0 and len(w.running) < limits.max_num_seqs:
-        req = w.waiting[0]
+    caching = w.pool.enable_prefix_caching
+    computing = _prefix_blocks_being_computed(w) if caching else set()
+    i = 0
+    while i < len(w.waiting) and budget > 0 and len(w.running) < limits.max_num_seqs:
+        req = w.waiting[i]
+        if caching and computing and _waits_for_prefix(w, req, computing):
+            i += 1  # its prefix is being computed right now: it will hit the cache in a step or two
+            continue
         n = _admit(w, req, budget, limits)
         if n == 0:
             break  # the most important waiting request does not fit: don't let others pass it
-        w.waiting.pop(0)
+        w.waiting.pop(i)
+        if caching:
+            computing.update(req.block_hashes[req.num_cached_blocks:])
         w.running.append(req)
         req.status = Status.RUNNING
         req.worker_id = w.worker_id
@@ -96,6 +106,25 @@ def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
         d.scheduled[req.request_id] = n
         budget -= n
     return d
+
+
+def _prefix_blocks_being_computed(w: WorkerState) -> set[bytes]:
+    """Hashes of full prompt blocks that running requests are still prefilling."""
+    pending: set[bytes] = set()
+    for r in w.running:
+        if r.num_computed_tokens < len(r.prompt_token_ids):
+            pending.update(r.block_hashes[r.num_computed_tokens // w.pool.block_size:])
+    return pending
+
+
+def _waits_for_prefix(w: WorkerState, req: Request, computing: set[bytes]) -> bool:
+    """True if the first block `req` would have to compute is one another request is
+    computing now: admitting it this step would compute the same prefix twice."""
+    bs = w.pool.block_size
+    req.block_hashes = hash_blocks(req.all_token_ids, bs, req.cache_salt, prior=req.block_hashes)
+    usable = req.block_hashes[: (req.num_tokens - 1) // bs]
+    hit = len(w.pool.match_prefix(usable))
+    return hit < len(usable) and usable[hit] in computing
 
 
 def preempt(w: WorkerState, req: Request) -> None:

@@ -215,3 +215,28 @@ def test_requests_wait_for_a_worker_and_bad_input_is_refused():
 def _empty_plan():
     from shared.messages import StepPlan
     return StepPlan(999)
+
+
+def test_requests_sharing_a_prefix_that_is_being_computed_wait_for_it():
+    """Arriving together, only the first computes the shared prefix; the others are
+    admitted once it is cached and reuse all of it (the ideal hit rate)."""
+    w = FakeWorker("w0", num_blocks=256)
+    core = _core(Limits(max_num_batched_tokens=2048, max_prefill_chunk=32), [w])
+    shared = list(range(300, 364))  # 4 blocks, computed in 2 chunks of 32
+    for i in range(8):
+        submit(core, f"r{i}", 0, prompt=shared + [i, i + 1], max_tokens=2)
+    first = step(core, w)
+    assert [n.request_id for n in first.new_requests] == ["r0"], "the others wait for r0's prefix"
+    run(core, [w])
+    out = Outputs().collect(core)
+    assert all(out.finish[f"r{i}"].usage.cached_tokens == 64 for i in range(1, 8))
+    assert core.workers["w0"].pool.prefix_hits == 7 * 64
+
+
+def test_unrelated_requests_are_not_held_back_by_a_prefix_being_computed():
+    w = FakeWorker("w0", num_blocks=256)
+    core = _core(Limits(max_prefill_chunk=32), [w])
+    submit(core, "long", 0, prompt=list(range(300, 428)), max_tokens=1)
+    submit(core, "other", 0, prompt=list(range(900, 940)), max_tokens=1)
+    first = step(core, w)
+    assert {n.request_id for n in first.new_requests} == {"long", "other"}
