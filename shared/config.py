@@ -103,6 +103,15 @@ class GatewaySettings(_RedisSettings):
     )
     max_queue_len: int = Field(1000, gt=0, description="requests queued or running beyond which new ones get 429")
     max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted")
+    max_queue_tokens: int = Field(
+        1 << 20, gt=0, description="prompt tokens waiting to be scheduled beyond which new requests get 429"
+    )
+    queue_timeout: Optional[float] = Field(
+        None, gt=0, description="a request not scheduled within this many seconds ends with 503"
+    )
+    request_timeout: Optional[float] = Field(
+        None, gt=0, description="a request not finished within this many seconds is aborted with 504"
+    )
     output_bind: str = Field(
         "tcp://127.0.0.1:*", description="ZeroMQ address where this gateway receives outputs (* = a free port)"
     )

@@ -169,6 +169,7 @@ class SubmitRequest(msgspec.Struct, frozen=True, tag="submit"):
     arrival_time: float
     priority: int = 0
     cache_salt: Union[str, None] = None
+    queue_timeout_s: Union[float, None] = None  # not scheduled by then: it ends with an error
 
 
 class AbortRequest(msgspec.Struct, frozen=True, tag="abort"):

@@ -41,12 +41,13 @@ class Gateway:
         self.client = client or redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
         self.cluster = ClusterStatus(self.client, self.keys)
         self.engine = EngineClient(self.client, self.keys, settings.output_bind, settings.output_advertise,
-                                   settings.max_queue_len)
+                                   settings.max_queue_len, settings.max_queue_tokens)
         self.metrics = GatewayMetrics(lambda: read_status(self.client, self.keys))
 
     async def generate(self, kind: str, plan: GenerationPlan, request: Request) -> Response:
         await self.cluster.require_ready()
-        gen = Generation(plan, self.model, self.engine, self.metrics)
+        gen = Generation(plan, self.model, self.engine, self.metrics,
+                         self.settings.queue_timeout, self.settings.request_timeout)
         await gen.start()
         try:
             return await respond(gen, request, formatter(kind, self.model, gen))

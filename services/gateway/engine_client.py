@@ -38,10 +38,11 @@ LIVENESS_TTL_S = 5  # missed refreshes this long and the key is gone
 
 class EngineClient:
     def __init__(self, client: redis.Redis, keys: RedisKeys, output_bind: str,
-                 output_advertise: Optional[str], max_queue_len: int):
+                 output_advertise: Optional[str], max_queue_len: int, max_queue_tokens: int = 1 << 20):
         self.client = client
         self.keys = keys
         self.max_queue_len = max_queue_len
+        self.max_queue_tokens = max_queue_tokens
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -102,10 +103,20 @@ class EngineClient:
             await self._redis(self._admit, requests)
 
     def _admit(self, requests: list[m.SubmitRequest]) -> None:
-        queued = self.client.xlen(self.keys.requests)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(self.keys.requests)
+        pipe.hget(self.keys.stats, "queued_tokens")  # the scheduler's figure, about a second old
+        queued, queued_tokens = pipe.execute()
         if queued >= self.max_queue_len:
             raise ApiError(429, f"the server is at capacity: {queued} requests are queued or running "
                                 f"(max_queue_len {self.max_queue_len}); retry after {RETRY_AFTER_S} s",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+        waiting = int(queued_tokens or 0)
+        adding = sum(len(r.prompt_token_ids) for r in requests)
+        if waiting + adding > self.max_queue_tokens:
+            raise ApiError(429, f"the server is at capacity: {waiting} prompt tokens wait to be scheduled and this "
+                                f"request adds {adding} (max_queue_tokens {self.max_queue_tokens}); "
+                                f"retry after {RETRY_AFTER_S} s",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         for req in requests:
             submit(self.client, req, self.keys)

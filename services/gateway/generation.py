@@ -89,8 +89,11 @@ class ChoiceState:
 
 
 class Generation:
-    def __init__(self, plan: GenerationPlan, model: ServedModel, engine: EngineClient, metrics: GatewayMetrics):
+    def __init__(self, plan: GenerationPlan, model: ServedModel, engine: EngineClient, metrics: GatewayMetrics,
+                 queue_timeout: Optional[float] = None, request_timeout: Optional[float] = None):
         self.plan = plan
+        self.queue_timeout = queue_timeout
+        self.request_timeout = request_timeout
         self.engine = engine
         self.metrics = metrics
         self.created = int(time.time())
@@ -110,16 +113,34 @@ class Generation:
         try:
             await self.engine.submit([
                 SubmitRequest(c.request_id, p.prompt_token_ids, c.sampling, self.engine.reply_to, now,
-                              p.priority, p.cache_salt) for c in p.choices])
+                              p.priority, p.cache_salt, self.queue_timeout) for c in p.choices])
         except BaseException:
             self.engine.unregister(ids)
             self._closed = True
             raise
 
+    def _time_out(self) -> list[ChoiceDelta]:
+        """The request ran past request_timeout: abort what still runs, end it with an error."""
+        running = [c for c in self.choices if c.finish_reason is None]
+        self.engine.abort_soon([c.request_id for c in running], "request timeout")
+        deltas = []
+        for c in running:
+            c.finish_reason = "error"
+            deltas.append(ChoiceDelta(c.index, finish_reason="error",
+                                      error=f"request timeout: not finished within {self.request_timeout:g} s"))
+        return deltas
+
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Every choice's new text until all have finished (as the client sees them)."""
+        deadline = None if self.request_timeout is None else self._arrival + self.request_timeout
         while not all(c.finish_reason for c in self.choices):
-            out = await self._queue.get()
+            try:
+                out = await asyncio.wait_for(self._queue.get(), None if deadline is None
+                                             else max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                for delta in self._time_out():
+                    yield delta
+                return
             choice = self._by_id[out.request_id]
             if choice.finish_reason is None:
                 self._observe(choice, out)

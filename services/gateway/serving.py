@@ -31,6 +31,10 @@ def scheduler_error(delta: ChoiceDelta) -> ApiError:
     message = delta.error or "the request failed in the scheduler"
     if "max_model_len" in message:
         return ApiError(400, f"the request was refused: {message}", "max_tokens")
+    if message.startswith("queue timeout"):  # overloaded: the client may retry later
+        return ApiError(503, f"{message}; retry later", code="queue_timeout", headers={"Retry-After": "5"})
+    if message.startswith("request timeout"):
+        return ApiError(504, message, code="request_timeout")
     return ApiError(500, f"generation failed: {message}", code="generation_failed")
 
 

@@ -10,6 +10,7 @@ the context (max_model_len - prompt tokens) for /v1/chat/completions.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -158,7 +159,13 @@ def _plan(kind: str, body: Union[CompletionRequest, ChatCompletionRequest], prom
     if body.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
     request_id = f"{kind}-{uuid.uuid4().hex}"
-    choices = [ChoicePlan(i, f"{request_id}-{i}", _sampling(body, max_tokens, logprobs, i)) for i in range(body.n)]
+    # A sampled request without a seed gets one here: each token's draw is seeded by (seed,
+    # position), so a request replayed after a scheduler restart continues with the very
+    # tokens its client already has. Unseeded requests stay random from one call to the next.
+    greedy = body.temperature == 0
+    seed = body.seed if body.seed is not None or greedy else secrets.randbits(62)
+    choices = [ChoicePlan(i, f"{request_id}-{i}", _sampling(body, max_tokens, logprobs, i, seed))
+               for i in range(body.n)]
     return GenerationPlan(
         request_id=request_id, prompt_token_ids=prompt, choices=choices, stop=_stop_list(body.stop),
         logprobs=logprobs, priority=body.priority, cache_salt=body.cache_salt, stream=body.stream,
@@ -167,7 +174,7 @@ def _plan(kind: str, body: Union[CompletionRequest, ChatCompletionRequest], prom
 
 
 def _sampling(body: Union[CompletionRequest, ChatCompletionRequest], max_tokens: int, logprobs: Optional[int],
-              index: int) -> SamplingParams:
+              index: int, seed: Optional[int]) -> SamplingParams:
     """Choice `index` of n: a seeded request draws with seed + index, so its choices differ."""
     def given(value, default):
         return default if value is None else value
@@ -180,7 +187,7 @@ def _sampling(body: Union[CompletionRequest, ChatCompletionRequest], max_tokens:
         presence_penalty=given(body.presence_penalty, 0.0),
         frequency_penalty=given(body.frequency_penalty, 0.0),
         repetition_penalty=given(body.repetition_penalty, 1.0),
-        seed=None if body.seed is None else body.seed + index,
+        seed=None if seed is None else seed + index,
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,
         stop_token_ids=list(body.stop_token_ids or []),

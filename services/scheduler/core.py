@@ -279,7 +279,22 @@ class SchedulerCore:
             "cached_tokens": usage.cached_tokens, **({"error": error} if error else {}),
         }
 
+    def expire_queued(self, now: float) -> None:
+        """End requests that waited past their queue timeout without ever being scheduled."""
+        waiting = list(self.unplaced) + [r for w in self.workers.values() for r in w.waiting]
+        for req in waiting:
+            limit = req.queue_timeout_s
+            if limit is not None and req.first_scheduled_time is None and now - req.arrival_time > limit:
+                w = self.workers.get(req.worker_id) if req.worker_id else None
+                self._finish(req, FinishReason.ERROR, w,
+                             error=f"queue timeout: waited {now - req.arrival_time:.1f} s for a slot (limit {limit:g} s)")
+
     # ---- figures --------------------------------------------------------------------------
+
+    def queued_tokens(self) -> int:
+        """Tokens of waiting requests: the prefill work not started yet (for overload 429s)."""
+        return sum(r.num_tokens for r in self.unplaced) + sum(
+            r.num_tokens for w in self.workers.values() for r in w.waiting)
 
     def num_waiting(self) -> int:
         return len(self.unplaced) + sum(len(w.waiting) for w in self.workers.values())

@@ -36,6 +36,7 @@ class Request:
     arrival_time: float
     priority: int = 0
     cache_salt: Optional[str] = None
+    queue_timeout_s: Optional[float] = None
     entry_id: str = ""  # the Redis stream entry to acknowledge when it finishes
 
     output_token_ids: list[int] = field(default_factory=list)
@@ -59,7 +60,7 @@ class Request:
         return cls(
             request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids), sampling=msg.sampling,
             reply_to=msg.reply_to, arrival_time=msg.arrival_time, priority=msg.priority,
-            cache_salt=msg.cache_salt, entry_id=entry_id,
+            cache_salt=msg.cache_salt, queue_timeout_s=msg.queue_timeout_s, entry_id=entry_id,
         )
 
     @property

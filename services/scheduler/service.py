@@ -237,6 +237,7 @@ class SchedulerService:
             self.status.error({**e, "time": time.time()})
         self.core.errors.clear()
         if time.monotonic() - self._last_stats >= self.settings.stats_interval:
+            self.core.expire_queued(time.time())
             self._write_figures()
             self._redis(self._renew_lease)
             self._redis(self._abort_orphans)
@@ -309,6 +310,7 @@ class SchedulerService:
         queries = sum(p.prefix_queries for p in pools)
         self.status.stats({
             "waiting": self.core.num_waiting(), "running": self.core.num_running(),
+            "queued_tokens": self.core.queued_tokens(),
             "workers": len(self.core.workers), "preemptions": c.preemptions, "migrations": c.migrations,
             "prompt_tokens": c.prompt_tokens, "generation_tokens": c.generation_tokens,
             "prefix_queries": queries, "prefix_hits": sum(p.prefix_hits for p in pools),

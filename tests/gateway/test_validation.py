@@ -52,8 +52,18 @@ def test_defaults_follow_vllm(served_model):
     assert _completion(served_model).choices[0].sampling.max_tokens == 16
     chat = _chat(served_model)
     assert chat.choices[0].sampling.max_tokens == 64 - len(chat.prompt_token_ids), "the rest of the context"
-    assert chat.choices[0].sampling.seed is None and chat.choices[0].sampling.temperature == 1.0
+    assert chat.choices[0].sampling.temperature == 1.0
     assert chat.request_id.startswith("chatcmpl-") and chat.logprobs is None
+
+
+def test_sampled_requests_get_a_seed_so_a_replay_repeats_them(served_model):
+    """Without a seed a sampled request still gets one (random per call): after a scheduler
+    restart its replay yields the tokens its client already has. Greedy needs none."""
+    a, b = _completion(served_model, n=2), _completion(served_model)
+    seeds = [c.sampling.seed for c in a.choices]
+    assert all(isinstance(x, int) for x in seeds) and seeds[1] == seeds[0] + 1
+    assert b.choices[0].sampling.seed != seeds[0], "still random from one call to the next"
+    assert _completion(served_model, temperature=0).choices[0].sampling.seed is None
 
 
 def test_chat_uses_the_template_and_its_logprob_fields(served_model):
