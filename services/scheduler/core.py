@@ -36,6 +36,9 @@ class Counters:
     generation_tokens: int = 0
     steps: int = 0
     step_errors: int = 0
+    # Prefix-cache figures of workers that are gone, so the published totals never shrink.
+    retired_prefix_queries: int = 0
+    retired_prefix_hits: int = 0
 
 
 class SchedulerCore:
@@ -105,6 +108,8 @@ class SchedulerCore:
         w = self.workers.pop(worker_id, None)
         if w is None:
             return
+        self.counters.retired_prefix_queries += w.pool.prefix_queries
+        self.counters.retired_prefix_hits += w.pool.prefix_hits
         moved = w.running + w.waiting
         log.warning("worker %s removed (%s): %d requests requeued", worker_id, reason, len(moved))
         for req in moved:
@@ -298,6 +303,12 @@ class SchedulerCore:
 
     def num_waiting(self) -> int:
         return len(self.unplaced) + sum(len(w.waiting) for w in self.workers.values())
+
+    def prefix_cache_totals(self) -> tuple[int, int]:
+        """(queried, hit) prompt tokens since start, over every worker there ever was."""
+        pools = [w.pool for w in self.workers.values()]
+        return (self.counters.retired_prefix_queries + sum(p.prefix_queries for p in pools),
+                self.counters.retired_prefix_hits + sum(p.prefix_hits for p in pools))
 
     def num_running(self) -> int:
         return sum(len(w.running) for w in self.workers.values())

@@ -25,6 +25,7 @@ from services.scheduler.lease import Lease
 from services.scheduler.redis_queue import RequestQueue, StatusWriter
 from shared import messages as m
 from shared.config import SchedulerSettings
+from shared.curve import secure_server
 from shared.redis_keys import RedisKeys
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class SchedulerService:
         self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises
         self.workers_sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.workers_sock.setsockopt(zmq.LINGER, 0)
+        self._auth = None
+        if self.settings.zmq_server_secret_key:
+            self._auth = secure_server(self.workers_sock, self.settings.zmq_server_secret_key,
+                                       self.settings.zmq_client_public_key)
         self.workers_sock.bind(self.settings.scheduler_address)
         self.queue.ensure_group()
         log.info("scheduler %s listening for workers on %s", self.lease.holder, self.settings.scheduler_address)
@@ -85,6 +90,8 @@ class SchedulerService:
             code = EXIT_LEASE_LOST
         # Workers stay up: a restarted scheduler asks them to register again.
         self.workers_sock.close()
+        if self._auth is not None:
+            self._auth.stop()
         for sock in self.gateways.values():
             sock.close()
         if code == 0:
@@ -306,14 +313,13 @@ class SchedulerService:
         t0, steps0, tokens0 = self._stats_base
         c = self.core.counters
         elapsed = max(mono - t0, 1e-9)
-        pools = [w.pool for w in self.core.workers.values()]
-        queries = sum(p.prefix_queries for p in pools)
+        queries, hits = self.core.prefix_cache_totals()
         self.status.stats({
             "waiting": self.core.num_waiting(), "running": self.core.num_running(),
             "queued_tokens": self.core.queued_tokens(),
             "workers": len(self.core.workers), "preemptions": c.preemptions, "migrations": c.migrations,
             "prompt_tokens": c.prompt_tokens, "generation_tokens": c.generation_tokens,
-            "prefix_queries": queries, "prefix_hits": sum(p.prefix_hits for p in pools),
+            "prefix_queries": queries, "prefix_hits": hits,
             "steps_per_s": round((c.steps - steps0) / elapsed, 2),
             "tokens_per_s": round((c.generation_tokens - tokens0) / elapsed, 2),
             "step_errors": c.step_errors, "updated_at": round(time.time(), 3),
