@@ -9,6 +9,7 @@ USAGE = """usage: python -m conveyor <command> [flags]
 commands:
   run      start the whole system locally (embedded Redis unless REDIS_URL is set)
   status   show the queue, the workers and recent errors from Redis (--watch N to refresh)
+  keys     print a CurveZMQ key set for a scheduler and workers on other hosts
 """
 
 
@@ -36,6 +37,13 @@ def main(argv: list[str]) -> int:
         from conveyor.status import main as status_main
 
         return status_main(rest)
+    if command == "keys":
+        from shared.curve import make_keys
+
+        print("# scheduler: the first two; workers: the last two")
+        for name, value in make_keys().items():
+            print(f"{name}='{value}'")
+        return 0
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -47,7 +47,11 @@ class WorkerSettings(_Settings):
     max_model_len: Optional[int] = Field(
         None, gt=0, description="longest prompt + output in tokens (default: the model's max_position_embeddings)"
     )
-    heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats while idle")
+    heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
+    zmq_server_public_key: Optional[str] = Field(
+        None, description="CurveZMQ: the scheduler's public key (Z85); set it when the scheduler encrypts"
+    )
+    zmq_client_secret_key: Optional[str] = Field(None, description="CurveZMQ: this worker's secret key (Z85)")
 
     @field_validator("block_size")
     @classmethod
@@ -82,6 +86,12 @@ class SchedulerSettings(_RedisSettings):
     stats_interval: float = Field(1.0, gt=0, description="seconds between figures written to Redis")
     gateway_timeout: float = Field(
         10.0, gt=0, description="a gateway whose liveness key is missing this long: its requests are aborted"
+    )
+    zmq_server_secret_key: Optional[str] = Field(
+        None, description="CurveZMQ: the scheduler's secret key (Z85); set it to encrypt the worker link"
+    )
+    zmq_client_public_key: Optional[str] = Field(
+        None, description="CurveZMQ: the workers' public key; set it to accept only workers holding its pair"
     )
     lease_ttl: float = Field(
         5.0, gt=0, description="the scheduler's lease in Redis expires this long after its last renewal"

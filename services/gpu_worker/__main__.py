@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, ValidationError) as e:
         log.error("cannot start: %s", e)
         return 2
-    worker = Worker(engine, info, settings.scheduler_address, settings.heartbeat_interval)
+    curve = None
+    if settings.zmq_server_public_key:
+        if not settings.zmq_client_secret_key:
+            log.error("cannot start: zmq_server_public_key is set but zmq_client_secret_key is not")
+            return 2
+        curve = (settings.zmq_server_public_key, settings.zmq_client_secret_key)
+    worker = Worker(engine, info, settings.scheduler_address, settings.heartbeat_interval, curve)
     worker.install_signal_handlers()
     worker.serve()
     return 0

@@ -11,28 +11,39 @@ import os
 import signal
 import threading
 import time
+from typing import Optional
 
 import zmq
 
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.factory import EngineInfo
 from shared import messages as m
+from shared.curve import secure_client
 
 log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, engine: Engine, info: EngineInfo, scheduler_address: str, heartbeat_interval: float = 1.0):
+    def __init__(self, engine: Engine, info: EngineInfo, scheduler_address: str, heartbeat_interval: float = 1.0,
+                 curve: Optional[tuple[str, str]] = None):
+        """`curve`: (the scheduler's public key, this worker's secret key) to use CurveZMQ."""
         self.engine = engine
         self.info = info
         self.heartbeat_interval = heartbeat_interval
         self.stopping = False
+        self.curve = curve
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, engine.worker_id.encode())
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.connect(scheduler_address)
         self.scheduler_address = scheduler_address
+        self.sock = self._connect(engine.worker_id, linger_ms=1000)
+
+    def _connect(self, identity: str, linger_ms: int) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        if self.curve is not None:
+            secure_client(sock, *self.curve)
+        sock.connect(self.scheduler_address)
+        return sock
 
     def register(self) -> None:
         i = self.info
@@ -67,10 +78,7 @@ class Worker:
     def _heartbeats(self, done: threading.Event) -> None:
         """Beats on a socket of its own (ZeroMQ sockets are not shared between threads),
         so a long step does not look like a dead worker."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"{self.engine.worker_id}/heartbeat".encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.scheduler_address)
+        sock = self._connect(f"{self.engine.worker_id}/heartbeat", linger_ms=0)
         while not done.wait(self.heartbeat_interval):
             sock.send(m.encode(m.Heartbeat(worker_id=self.engine.worker_id, sent_at=time.time())))
         sock.close()

@@ -1,0 +1,57 @@
+"""Optional CurveZMQ on the link between the scheduler and its workers, for workers on
+other hosts: encryption, and (with a client key) authentication of the workers.
+
+Keys are Z85 strings (`python -m conveyor keys` makes a set). The scheduler holds the
+server secret key; workers hold the server public key and the client key pair. When the
+scheduler is also given the client public key, only workers holding that pair connect.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import zmq
+
+
+def make_keys() -> dict[str, str]:
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    return {
+        "CONVEYOR_ZMQ_SERVER_SECRET_KEY": server_secret.decode(),  # scheduler
+        "CONVEYOR_ZMQ_CLIENT_PUBLIC_KEY": client_public.decode(),  # scheduler: who may connect
+        "CONVEYOR_ZMQ_SERVER_PUBLIC_KEY": server_public.decode(),  # workers
+        "CONVEYOR_ZMQ_CLIENT_SECRET_KEY": client_secret.decode(),  # workers
+    }
+
+
+def secure_server(sock: zmq.Socket, server_secret: str, client_public: Optional[str]):
+    """Make `sock` (before bind) a CURVE server. Returns the authenticator thread to stop
+    at exit, or None when any client that knows the server's public key may connect."""
+    sock.curve_secretkey = server_secret.encode()
+    sock.curve_publickey = zmq.curve_public(server_secret.encode())
+    sock.curve_server = True
+    if client_public is None:
+        return None
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(zmq.Context.instance())
+    auth.start()
+    auth.configure_curve_callback(domain="*", credentials_provider=_AllowOnly(client_public.encode()))
+    return auth
+
+
+def secure_client(sock: zmq.Socket, server_public: str, client_secret: str) -> None:
+    """Make `sock` (before connect) a CURVE client of the scheduler."""
+    sock.curve_serverkey = server_public.encode()
+    sock.curve_secretkey = client_secret.encode()
+    sock.curve_publickey = zmq.curve_public(client_secret.encode())
+
+
+class _AllowOnly:
+    """The authenticator's credentials provider: one allowed client public key."""
+
+    def __init__(self, public_key: bytes):
+        self.allowed = public_key  # Z85, as pyzmq hands the client's key to the callback
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.allowed

@@ -1,0 +1,50 @@
+"""CurveZMQ between the scheduler and its workers: a worker holding the key pair serves;
+a worker with another key pair, or none, never gets in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.gpu_worker.tiny_model import make_model
+from services.scheduler.redis_queue import read_status
+from shared.curve import make_keys
+from tests.stack import REPO, Stack, service_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_only_workers_holding_the_key_pair_get_in(redis_server, tmp_path):
+    model_dir = make_model(tmp_path / "m", preset="tiny", num_hidden_layers=1, seed=14)
+    keys, other = make_keys(), make_keys()
+    stack = Stack(redis_server.url, model_dir, tmp_path)
+    intruders = []
+    try:
+        # --flag=value: a Z85 key may start with "-".
+        stack.start_scheduler(f"--zmq-server-secret-key={keys['CONVEYOR_ZMQ_SERVER_SECRET_KEY']}",
+                              f"--zmq-client-public-key={keys['CONVEYOR_ZMQ_CLIENT_PUBLIC_KEY']}")
+        stack.start_worker("trusted", f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
+                           f"--zmq-client-secret-key={keys['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}")
+        for name, extra in (("wrong-key", [f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
+                                           f"--zmq-client-secret-key={other['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}"]),
+                            ("plain", [])):
+            log = open(tmp_path / f"{name}.log", "w")
+            intruders.append(subprocess.Popen(
+                [sys.executable, "-m", "services.gpu_worker", "--model", str(model_dir), "--device", "cpu",
+                 "--scheduler-address", stack.scheduler_address, "--worker-id", name, "--kv-cache-memory", "16MiB",
+                 *extra], cwd=REPO, env=service_env(), stdout=log, stderr=subprocess.STDOUT))
+        stack.wait_workers({"trusted"})
+        stack.submit("secret", [5, 6, 7, 8], max_tokens=6)
+        stack.wait_finished(["secret"])
+        assert len(stack.tokens["secret"]) == 6
+        time.sleep(5)  # the intruders have long finished loading and tried to register
+        assert set(read_status(stack.client, stack.keys)["workers"]) == {"trusted"}
+        assert all(p.poll() is None for p in intruders), "they are up, just never let in"
+    finally:
+        for p in intruders:
+            p.kill()
+            p.wait()
+        stack.stop()
