@@ -6,7 +6,6 @@ a Redis restart (everyone reconnects; queued requests survive)."""
 from __future__ import annotations
 
 import random
-import signal
 import time
 
 import pytest
