@@ -50,10 +50,10 @@ def test_status_shows_the_queue_workers_and_errors(redis_server, tmp_path):
 
         stack.start_worker("w-status")
         stack.wait_finished([f"q{i}" for i in range(7)])
-        _wait(lambda: "w-status" in _status(stack).stdout and _status(stack, "--check").returncode == 0)
-        out = _status(stack).stdout
-        assert "0 requests in the stream" in out and "finished    length 7" in out
-        assert "w-status" in out and "serving" in out
+        # Figures are refreshed about every second, acknowledgements follow the last output.
+        _wait(lambda: all(text in _status(stack).stdout for text in
+                          ("w-status", "serving", "0 requests in the stream", "finished    length 7")))
+        assert _status(stack, "--check").returncode == 0
     finally:
         stack.stop()
     # With the scheduler gone, the figures go stale and the check fails.
