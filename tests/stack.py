@@ -67,6 +67,16 @@ class Stack:
                            "--scheduler-address", self.scheduler_address, "--worker-id", name,
                            "--kv-cache-memory", "64MiB", *args)
 
+    def start_serving(self, *scheduler_args: str) -> int:
+        """The usual system: a scheduler, worker "w1" and gateway "gw", all ready; returns
+        the gateway's port."""
+        self.start_scheduler(*scheduler_args)
+        self.start_worker("w1")
+        self.wait_workers({"w1"})
+        port = self.start_gateway("gw")
+        self.wait_gateway("gw", port)
+        return port
+
     def start_gateway(self, name: str = "gateway", *args: str) -> int:
         """A gateway process on a free port, reading this stack's Redis keys; returns the port."""
         port = free_port()

@@ -314,6 +314,7 @@ class SchedulerService:
         c = self.core.counters
         elapsed = max(mono - t0, 1e-9)
         queries, hits = self.core.prefix_cache_totals()
+        workers = {wid: self._worker_info(wid, elapsed) for wid in self.core.workers}
         self.status.stats({
             "waiting": self.core.num_waiting(), "running": self.core.num_running(),
             "queued_tokens": self.core.queued_tokens(),
@@ -323,11 +324,11 @@ class SchedulerService:
             "steps_per_s": round((c.steps - steps0) / elapsed, 2),
             "tokens_per_s": round((c.generation_tokens - tokens0) / elapsed, 2),
             "step_errors": c.step_errors, "updated_at": round(time.time(), 3),
-            "stalled_workers": sum(1 for wid in self.core.workers if self._worker_info(wid)["stalled"]),
+            "stalled_workers": sum(1 for info in workers.values() if info["stalled"]),
             **{f"finished_{reason}": n for reason, n in c.finished.items()},
         })
-        for wid in self.core.workers:
-            self.status.worker(wid, self._worker_info(wid, elapsed))
+        for wid, info in workers.items():
+            self.status.worker(wid, info)
         self._stats_base = (mono, c.steps, c.generation_tokens)
         for w in self.core.workers.values():
             w.tokens_at_last_figures = w.tokens_generated

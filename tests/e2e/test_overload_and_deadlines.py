@@ -51,7 +51,6 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         assert queued.status_code == 503 and "queue timeout" in queued.json()["error"]["message"]
         assert queued.headers["Retry-After"]
         hog.join()  # the hog itself hits the 4 s total timeout
-        status = read_status(stack.client, stack.keys)
 
         # Total timeout: 504, and the scheduler was told to stop it (its blocks are freed).
         late = _post(port, {"prompt": "c", "max_tokens": 3000, "ignore_eos": True})
@@ -102,11 +101,7 @@ def test_scheduler_kill_9_under_sampled_streams(redis_server, model_dir, tmp_pat
     the gateway for the same reason: tests/gateway/test_validation.py.)"""
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
-        stack.start_scheduler()
-        stack.start_worker("w1")
-        stack.wait_workers({"w1"})
-        port = stack.start_gateway("gw")
-        stack.wait_gateway("gw", port)
+        port = stack.start_serving()
         disturbed: dict[int, list[str]] = {}
         threads = [threading.Thread(target=lambda i=i: disturbed.__setitem__(i, _stream_tokens(port, i)))
                    for i in range(4)]

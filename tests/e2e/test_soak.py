@@ -56,11 +56,7 @@ def test_soak_with_disconnects_leaves_nothing_behind(redis_server, tmp_path):
     model_dir = make_model(tmp_path / "soak", preset="tiny", num_hidden_layers=1, seed=13)
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
-        stack.start_scheduler()
-        stack.start_worker("w1")
-        stack.wait_workers({"w1"})
-        port = stack.start_gateway("gw")
-        stack.wait_gateway("gw", port)
+        port = stack.start_serving()
         start = time.monotonic()
         stop_at = start + SECONDS
         counts = {"requests": 0, "hung_up": 0}
