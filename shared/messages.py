@@ -8,9 +8,45 @@ No pickle crosses a socket. One name means one thing everywhere: `request_id`,
 
 from __future__ import annotations
 
+import enum
 from typing import Union
 
 import msgspec
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request ended, as OpenAI's `finish_reason` spells it."""
+
+    STOP = "stop"  # EOS or a stop token id (a stop string is the gateway's)
+    LENGTH = "length"  # max_tokens or the longest sequence the worker can hold
+    ABORT = "abort"  # client gone, stop string matched in the gateway, deadline
+    ERROR = "error"  # see RequestOutput.error_code
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a request ended with an error. The gateway maps each to an HTTP status in one
+    table (services/gateway/errors.py); the free-text `error` is for people only."""
+
+    TOO_LONG = "too_long"  # more tokens than any worker can hold: the client's fault (400)
+    INVALID_REQUEST = "invalid_request"  # refused by the scheduler (empty prompt, duplicate id): 400
+    QUEUE_TIMEOUT = "queue_timeout"  # not scheduled within its queue timeout: overloaded (503)
+    REQUEST_TIMEOUT = "request_timeout"  # not finished within the request timeout (504)
+    GATEWAY_GONE = "gateway_gone"  # the gateway that accepted it went away
+    WORKER_FAILED = "worker_failed"  # the worker failed it repeatedly (500)
+    INTERNAL = "internal"  # anything else (500)
+
+
+class RequestStatus(str, enum.Enum):
+    """A request's state as the scheduler publishes it in Redis (`status` field)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ERROR = "error"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.ERROR)
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -190,7 +226,8 @@ class Usage(msgspec.Struct, frozen=True):
 
 class RequestOutput(msgspec.Struct, frozen=True):
     """New tokens of one request since its last output. A final output carries
-    `finish_reason` (stop, length, abort, error) and `usage`; `error` explains an error."""
+    `finish_reason` and `usage`; an error carries `error_code` (what the gateway acts on)
+    and `error` (what a person reads)."""
 
     request_id: str
     token_ids: list[int] = []
@@ -198,9 +235,10 @@ class RequestOutput(msgspec.Struct, frozen=True):
     # Position of token_ids[0] among the request's generated tokens. A restarted scheduler
     # replays a request from its prompt; the gateway drops what it already forwarded.
     index: int = 0
-    finish_reason: Union[str, None] = None
+    finish_reason: Union[FinishReason, None] = None
     stop_token_id: Union[int, None] = None
     usage: Union[Usage, None] = None
+    error_code: Union[ErrorCode, None] = None
     error: Union[str, None] = None
     queue_time_s: Union[float, None] = None  # on the first output: arrival -> first scheduled
 
