@@ -34,7 +34,7 @@ def scheduler_us_per_step(batch: int, steps: int, context: int = 128) -> float:
         m.decode(wire)
         sampled = {rid: 4242 for rid in plan.num_scheduled_tokens}  # ...and gets back
         result = m.decode(m.encode(m.StepResult(plan.step_id, "w", sampled_token_ids=sampled)))
-        core.on_step_result(result, 0.0)
+        core.on_step_result(result)
         core.outputs.clear()
 
     while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in core.requests.values()):

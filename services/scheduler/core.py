@@ -2,9 +2,10 @@
 out. No sockets, no Redis, no clock: the service feeds it events with the time, and
 drains what it produced. That keeps it testable by hand-made step results.
 
-A request finishes exactly once (stop, length, abort or error); its blocks are freed and
-its queue entry acknowledged then. A worker that leaves or dies hands its requests back
-to the queue with their generated tokens, and they continue on another worker.
+A request finishes exactly once (stop, length, abort or error, each error with its
+ErrorCode); its blocks are freed and its queue entry acknowledged then. A worker that
+leaves or dies hands its requests back with their generated tokens, and they continue on
+another worker. Every move of a request goes through transitions.py.
 """
 
 from __future__ import annotations
@@ -13,18 +14,23 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+from services.scheduler import transitions
 from services.scheduler.block_pool import BlockPool
-from services.scheduler.policy import Decision, Limits, cache_computed_blocks, schedule
-from services.scheduler.request import FinishReason, Request, Status, check_stop
+from services.scheduler.policy import Decision, Limits, schedule
+from services.scheduler.request import Request, check_stop
 from services.scheduler.router import choose_worker
 from services.scheduler.worker_state import InFlightStep, WorkerState
 from shared.messages import (
-    CachedRequest, NewRequest, RegisterWorker, RequestOutput, StepPlan, StepResult, SubmitRequest, Usage,
+    CachedRequest, ErrorCode, FinishReason, NewRequest, RegisterWorker, RequestOutput, RequestStatus, StepPlan,
+    StepResult, SubmitRequest, Usage,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_STEP_ERRORS = 3  # a request in this many failed steps ends with an error
+# Abort reasons (AbortRequest.reason, or the scheduler's own) that are errors for the client.
+# Any other reason ("abort", "client disconnected", "stop string") is a plain abort.
+ABORT_ERRORS = {"gateway gone": ErrorCode.GATEWAY_GONE, "request timeout": ErrorCode.REQUEST_TIMEOUT}
 
 
 @dataclass
@@ -60,17 +66,22 @@ class SchedulerCore:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def add_request(self, msg: SubmitRequest, entry_id: str = "") -> Optional[str]:
-        """Queue a request; returns an error message (and queues nothing) if it is refused."""
-        if msg.request_id in self.requests:
-            return f"duplicate request_id {msg.request_id!r}: a request with this id is already running"
-        if not msg.prompt_token_ids:
-            return "empty prompt"
+    def add_request(self, msg: SubmitRequest, entry_id: str = "") -> bool:
+        """Queue a request. A refused one (False) gets its INVALID_REQUEST output here, to
+        its own reply_to; its entry is the caller's to acknowledge."""
+        refused = (f"duplicate request_id {msg.request_id!r}: a request with this id is already running"
+                   if msg.request_id in self.requests else "empty prompt" if not msg.prompt_token_ids else None)
+        if refused is not None:
+            log.warning("request %r refused: %s", msg.request_id, refused)
+            self.errors.append({"error": f"request {msg.request_id!r} refused: {refused}"})
+            self.outputs.append((msg.reply_to, RequestOutput(
+                msg.request_id, finish_reason=FinishReason.ERROR, error_code=ErrorCode.INVALID_REQUEST, error=refused)))
+            return False
         req = Request.from_submit(msg, entry_id)
         self.requests[req.request_id] = req
         self.counters.prompt_tokens += len(req.prompt_token_ids)
         self._place(req)
-        return None
+        return True
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Takes effect now, or — if the request is in a step in flight — right after that
@@ -80,14 +91,13 @@ class SchedulerCore:
         if req is None:
             return
         w = self.workers.get(req.worker_id) if req.worker_id else None
-        if w is not None and w.in_flight is not None and request_id in w.in_flight.scheduled:
-            self._aborts[request_id] = reason
-        else:
-            self._finish(req, FinishReason.ABORT, w, error=self._abort_error(reason))
+        self._aborts[request_id] = reason
+        if w is None or w.in_flight is None or request_id not in w.in_flight.scheduled:
+            self._finish_aborted(req, w)
 
-    @staticmethod
-    def _abort_error(reason: str) -> Optional[str]:
-        return None if reason == "abort" else reason
+    def _finish_aborted(self, req: Request, w: Optional[WorkerState]) -> None:
+        reason = self._aborts[req.request_id]
+        self._finish(req, FinishReason.ABORT, w, ABORT_ERRORS.get(reason), None if reason == "abort" else reason)
 
     # ---- workers --------------------------------------------------------------------------
 
@@ -113,20 +123,12 @@ class SchedulerCore:
         moved = w.running + w.waiting
         log.warning("worker %s removed (%s): %d requests requeued", worker_id, reason, len(moved))
         for req in moved:
+            self.counters.migrations += req.status is RequestStatus.RUNNING or req.num_computed_tokens > 0
+            transitions.migrate(req)
             if req.request_id in self._aborts:  # it was waiting for this worker's step to end
-                req.reset_placement()
-                self._finish(req, FinishReason.ABORT, None, error=self._abort_error(self._aborts[req.request_id]))
-                continue
-            if req.status is Status.RUNNING or req.num_computed_tokens:
-                self.counters.migrations += 1
-            req.reset_placement()
-            req.worker_id = None
-            self._place(req)
-
-    def mark_leaving(self, worker_id: str) -> None:
-        w = self.workers.get(worker_id)
-        if w is not None:
-            w.leaving = True
+                self._finish_aborted(req, None)
+            else:
+                self._place(req)
 
     # ---- stepping -------------------------------------------------------------------------
 
@@ -140,16 +142,17 @@ class SchedulerCore:
         for req in d.preempted:
             log.info("preempted %s on %s (blocks exhausted; %d tokens to recompute)",
                      req.request_id, worker_id, req.num_tokens)
-            self.status_updates[req.request_id] = {"status": "queued", "worker": worker_id, "preempted": 1}
+            self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED, "worker": worker_id,
+                                                   "preempted": 1}
         for req in d.admitted:
-            self.status_updates[req.request_id] = {"status": "running", "worker": worker_id}
+            self.status_updates[req.request_id] = {"status": RequestStatus.RUNNING, "worker": worker_id}
         if not d.scheduled and not w.to_drop:
             return None
         plan = self._build_plan(w, d)
         w.in_flight = InFlightStep(plan.step_id, dict(d.scheduled), monotonic)
         return plan
 
-    def on_step_result(self, result: StepResult, now: float) -> None:
+    def on_step_result(self, result: StepResult) -> None:
         w = self.workers.get(result.worker_id)
         if w is None or w.in_flight is None or w.in_flight.step_id != result.step_id:
             log.warning("ignored step result %d from %s: no such step in flight", result.step_id, result.worker_id)
@@ -160,7 +163,7 @@ class SchedulerCore:
         if result.error:
             self._step_failed(w, step, result.error)
             for rid in [r for r in step.scheduled if r in self._aborts and r in self.requests]:
-                self._finish(self.requests[rid], FinishReason.ABORT, self.workers.get(result.worker_id))
+                self._finish_aborted(self.requests[rid], w)
             return
         w.consecutive_errors = 0
         by_id = {r.request_id: r for r in w.running}
@@ -168,10 +171,9 @@ class SchedulerCore:
             req = by_id.get(rid)
             if req is None:  # finished or moved meanwhile
                 continue
-            req.num_computed_tokens += n
-            cache_computed_blocks(w, req)
+            transitions.computed(w, req, n)
             if rid in self._aborts:
-                self._finish(req, FinishReason.ABORT, w, error=self._abort_error(self._aborts[rid]))
+                self._finish_aborted(req, w)
                 continue
             token = result.sampled_token_ids.get(rid)
             if token is None:
@@ -206,14 +208,13 @@ class SchedulerCore:
         w = choose_worker(req, self.workers.values(), self.limits.max_num_seqs)
         if w is None:
             if self.workers and all(req.num_tokens >= x.max_len for x in self.workers.values()):
-                self._finish(req, FinishReason.ERROR, None,
-                             error=f"{req.num_tokens} tokens exceed every worker's max_model_len")
+                self._finish(req, FinishReason.ERROR, None, ErrorCode.TOO_LONG,
+                             f"{req.num_tokens} tokens exceed every worker's max_model_len")
                 return
             self.unplaced.append(req)
             return
-        req.worker_id = w.worker_id
-        w.waiting.append(req)
-        self.status_updates[req.request_id] = {"status": "queued", "worker": w.worker_id}
+        transitions.place(w, req)
+        self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED, "worker": w.worker_id}
 
     def _build_plan(self, w: WorkerState, d: Decision) -> StepPlan:
         new, cached = [], []
@@ -242,46 +243,34 @@ class SchedulerCore:
         for req in [r for r in w.running if r.request_id in step.scheduled]:
             n = self._errors_by_request[req.request_id] = self._errors_by_request.get(req.request_id, 0) + 1
             if n >= MAX_STEP_ERRORS:
-                self._finish(req, FinishReason.ERROR, w, error=f"the worker failed this request {n} times: {error}")
-                continue
-            w.pool.free(req.block_ids)
-            w.to_drop.append(req.request_id)
-            w.running.remove(req)
-            req.reset_placement()
-            w.waiting.append(req)
+                self._finish(req, FinishReason.ERROR, w, ErrorCode.WORKER_FAILED,
+                             f"the worker failed this request {n} times: {error}")
+            else:
+                transitions.requeue(w, req, preempted=False)
 
     def _finish(self, req: Request, reason: FinishReason, w: Optional[WorkerState],
-                error: Optional[str] = None, tokens_out: Optional[RequestOutput] = None) -> None:
-        assert req.status is not Status.FINISHED, f"{req.request_id} finished twice"
-        if w is not None:
-            if req in w.running:
-                w.running.remove(req)
-                w.pool.free(req.block_ids)
-            elif req in w.waiting:
-                w.waiting.remove(req)
-            if req.on_worker:
-                w.to_drop.append(req.request_id)
-        elif req in self.unplaced:
+                error_code: Optional[ErrorCode] = None, error: Optional[str] = None,
+                tokens_out: Optional[RequestOutput] = None) -> None:
+        if w is None and req in self.unplaced:
             self.unplaced.remove(req)
-        req.block_ids, req.new_block_ids, req.on_worker = [], [], False
-        req.status = Status.FINISHED
-        req.finish_reason = reason
-        req.error = error
+        transitions.finish(w, req, reason, error_code, error)
         self.requests.pop(req.request_id, None)
         self._aborts.pop(req.request_id, None)
         self._errors_by_request.pop(req.request_id, None)
         self.counters.finished[reason.value] = self.counters.finished.get(reason.value, 0) + 1
         usage = Usage(len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_tokens)
         base = tokens_out or RequestOutput(req.request_id, index=len(req.output_token_ids))
+        stop_token_id = req.output_token_ids[-1] if reason is FinishReason.STOP else None
         self.outputs.append((req.reply_to, RequestOutput(
-            req.request_id, base.token_ids, base.logprobs, index=base.index, finish_reason=reason.value,
-            stop_token_id=req.stop_token_id, usage=usage, error=error, queue_time_s=base.queue_time_s,
+            req.request_id, base.token_ids, base.logprobs, index=base.index, finish_reason=reason,
+            stop_token_id=stop_token_id, usage=usage, error_code=error_code, error=error,
+            queue_time_s=base.queue_time_s,
         )))
         self.finished.append(req)
         self.status_updates[req.request_id] = {
-            "status": "error" if reason is FinishReason.ERROR else "finished", "finish_reason": reason.value,
-            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "cached_tokens": usage.cached_tokens, **({"error": error} if error else {}),
+            "status": req.status, "finish_reason": reason, "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens, "cached_tokens": usage.cached_tokens,
+            **({"error": error} if error else {}), **({"error_code": error_code} if error_code else {}),
         }
 
     def expire_queued(self, now: float) -> None:
@@ -291,8 +280,8 @@ class SchedulerCore:
             limit = req.queue_timeout_s
             if limit is not None and req.first_scheduled_time is None and now - req.arrival_time > limit:
                 w = self.workers.get(req.worker_id) if req.worker_id else None
-                self._finish(req, FinishReason.ERROR, w,
-                             error=f"queue timeout: waited {now - req.arrival_time:.1f} s for a slot (limit {limit:g} s)")
+                self._finish(req, FinishReason.ERROR, w, ErrorCode.QUEUE_TIMEOUT,
+                             f"queue timeout: waited {now - req.arrival_time:.1f} s for a slot (limit {limit:g} s)")
 
     # ---- figures --------------------------------------------------------------------------
 

@@ -2,29 +2,16 @@
 
 The scheduler is the only owner of a request's logical state: its tokens, its blocks on
 the worker it runs on, how many of its tokens are in that worker's cache, and why it
-stopped.
+stopped. Its state changes only through services/scheduler/transitions.py.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-from shared.messages import SamplingParams, SubmitRequest
-
-
-class Status(str, enum.Enum):
-    WAITING = "queued"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS or a stop token id
-    LENGTH = "length"  # max_tokens or the model's max length
-    ABORT = "abort"  # client gone, stop string matched in the gateway, deadline
-    ERROR = "error"
+from services.scheduler.block_pool import hash_blocks
+from shared.messages import ErrorCode, FinishReason, RequestStatus, SamplingParams, SubmitRequest
 
 
 @dataclass(eq=False)  # identity semantics: requests live in lists and sets
@@ -40,11 +27,10 @@ class Request:
     entry_id: str = ""  # the Redis stream entry to acknowledge when it finishes
 
     output_token_ids: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
+    status: RequestStatus = RequestStatus.QUEUED
     worker_id: Optional[str] = None  # the worker it is queued on or runs on
     block_ids: list[int] = field(default_factory=list)
     new_block_ids: list[int] = field(default_factory=list)  # appended since the last plan
-    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
     num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hit at first admission (reported in usage)
@@ -52,8 +38,11 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: Optional[float] = None
     finish_reason: Optional[FinishReason] = None
-    stop_token_id: Optional[int] = None
+    error_code: Optional[ErrorCode] = None
     error: Optional[str] = None
+    # block size -> hashes of its full blocks. Tokens are only ever appended, so a list
+    # stays valid for the request's whole life, whichever workers it moves between.
+    _hashes: dict[int, list[bytes]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_submit(cls, msg: SubmitRequest, entry_id: str = "") -> "Request":
@@ -71,18 +60,15 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is Status.FINISHED
-
-    def reset_placement(self) -> None:
-        """Forget the worker-side state (preemption, worker loss): recompute from scratch,
-        keeping the generated tokens so the stream continues where it stopped."""
-        self.block_ids, self.new_block_ids = [], []
-        self.num_cached_blocks = 0
-        self.num_computed_tokens = 0
-        self.on_worker = False
-        self.status = Status.WAITING
+    def block_hashes_for(self, block_size: int) -> list[bytes]:
+        """Chained hashes of its full blocks of `block_size` tokens (as vLLM's block_hasher).
+        A function of its tokens and salt only: the cache behind it changes no state anyone
+        reads, so predicates and choosers may call it. Do not modify the list returned."""
+        hashes = self._hashes.get(block_size, [])
+        if len(hashes) < self.num_tokens // block_size:
+            hashes = self._hashes[block_size] = hash_blocks(self.all_token_ids, block_size, self.cache_salt,
+                                                            prior=hashes)
+        return hashes
 
 
 def check_stop(req: Request, eos_token_ids: list[int], max_model_len: int) -> Optional[FinishReason]:
@@ -92,7 +78,6 @@ def check_stop(req: Request, eos_token_ids: list[int], max_model_len: int) -> Op
     params = req.sampling
     if len(req.output_token_ids) >= params.min_tokens:
         if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            req.stop_token_id = token
             return FinishReason.STOP
     if len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= max_model_len:
         return FinishReason.LENGTH

@@ -1,11 +1,10 @@
 """Which worker a waiting request goes to: the one holding most of its prefix in cache,
-weighed against how busy each worker is."""
+weighed against how busy each worker is. It only reads; the core places the request."""
 
 from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from services.scheduler.block_pool import hash_blocks
 from services.scheduler.request import Request
 from services.scheduler.worker_state import WorkerState
 
@@ -13,15 +12,15 @@ from services.scheduler.worker_state import WorkerState
 def choose_worker(req: Request, workers: Iterable[WorkerState], max_num_seqs: int) -> Optional[WorkerState]:
     """Score = share of the request's tokens already cached there − share of its sequence
     slots in use (both in [0, 1]). A full prefix hit beats an idle worker; among workers
-    with no hit, the least loaded wins."""
-    candidates = [w for w in workers if not w.leaving and req.num_tokens < w.max_len]
+    with no hit, the least loaded wins. Each worker's cache is matched with hashes for
+    its own block size."""
+    candidates = [w for w in workers if req.num_tokens < w.max_len]
     if not candidates:
         return None
-    bs = candidates[0].pool.block_size
-    req.block_hashes = hash_blocks(req.all_token_ids, bs, req.cache_salt, prior=req.block_hashes)
 
     def score(w: WorkerState):
-        hit_tokens = len(w.pool.match_prefix(req.block_hashes)) * w.pool.block_size
+        bs = w.pool.block_size
+        hit_tokens = len(w.pool.match_prefix(req.block_hashes_for(bs))) * bs
         return (hit_tokens / req.num_tokens - w.load / max_num_seqs, -w.load, w.worker_id)
 
     return max(candidates, key=score)

@@ -59,8 +59,8 @@ class SchedulerService:
         self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
         self._redis_retry_at = 0.0  # while Redis is down: when to try it again
         self._redis_backoff = 0.1
-        self._gateway_seen: dict[str, float] = {}
-        self._last_queue_read = 0.0  # reply_to -> when its liveness key was last there
+        self._gateway_seen: dict[str, float] = {}  # reply_to -> when its liveness key was last there
+        self._last_queue_read = 0.0  # monotonic
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
@@ -164,7 +164,7 @@ class SchedulerService:
                 return
             w.last_seen = now
             if isinstance(msg, m.StepResult):
-                self.core.on_step_result(msg, time.time())
+                self.core.on_step_result(msg)
         elif isinstance(msg, m.WorkerLeaving):
             self.core.remove_worker(msg.worker_id, f"left: {msg.reason}")
             self.status.remove_worker(msg.worker_id)
@@ -199,12 +199,8 @@ class SchedulerService:
             elif isinstance(msg, m.AbortRequest):
                 self.core.abort(msg.request_id, msg.reason)
                 acks.append(entry.entry_id)
-            else:
-                error = self.core.add_request(msg, entry.entry_id)
-                if error is not None:
-                    self._record_error(f"request {msg.request_id!r} refused: {error}")
-                    self._to_gateway(msg.reply_to, m.RequestOutput(msg.request_id, finish_reason="error", error=error))
-                    acks.append(entry.entry_id)
+            elif not self.core.add_request(msg, entry.entry_id):  # refused: its error output is in core.outputs
+                acks.append(entry.entry_id)
         self._unacked.extend(acks)
 
     def _send_outputs(self) -> None:
@@ -344,7 +340,7 @@ class SchedulerService:
             "running": len(w.running), "waiting": len(w.waiting), "steps": w.steps,
             "tokens_generated": w.tokens_generated,
             "tokens_per_s": round((w.tokens_generated - w.tokens_at_last_figures) / elapsed, 2),
-            "leaving": w.leaving, "updated_at": round(time.time(), 3),
+            "updated_at": round(time.time(), 3),
         }
 
     def _record_error(self, text: str) -> None:

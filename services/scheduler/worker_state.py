@@ -30,7 +30,6 @@ class WorkerState:
     to_drop: list[str] = field(default_factory=list)  # rows the next plan tells it to drop
     in_flight: Optional[InFlightStep] = None
     last_seen: float = 0.0  # monotonic time of its last message or heartbeat
-    leaving: bool = False
     # figures
     steps: int = 0
     tokens_generated: int = 0
@@ -51,6 +50,3 @@ class WorkerState:
     @property
     def load(self) -> int:
         return len(self.waiting) + len(self.running)
-
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self.to_drop)

@@ -4,14 +4,16 @@ checks every plan against them (a scheduler bug shows up as an assertion here), 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from shared.messages import RegisterWorker, StepPlan, StepResult
 
 
 def token_for(request_id: str, position: int, vocab: int = 1000) -> int:
-    """Deterministic, and never below 10 so it never hits the test EOS ids."""
-    return 10 + (hash((request_id, position)) % (vocab - 10))
+    """Deterministic across runs (seeded, not hash(): PYTHONHASHSEED changes that), and never
+    below 10 so it never hits the test EOS ids."""
+    return random.Random(f"token/{request_id}/{position}").randrange(10, vocab)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 
 from services.scheduler.core import SchedulerCore
@@ -10,8 +11,12 @@ from tests.scheduler.fake_worker import FakeWorker, token_for
 
 
 def submit(core: SchedulerCore, rid: str, prompt_len: int, max_tokens: int = 4, *, priority: int = 0,
-           arrival: float = 0.0, prompt: list[int] | None = None, salt: str | None = None, **sampling) -> str | None:
-    prompt = prompt if prompt is not None else [1000 + (hash((rid, i)) % 5000) for i in range(prompt_len)]
+           arrival: float = 0.0, prompt: list[int] | None = None, salt: str | None = None, **sampling) -> bool:
+    """Returns whether the core accepted it. The prompt is seeded by `rid`, so a failing
+    example replays whatever PYTHONHASHSEED is."""
+    if prompt is None:
+        rng = random.Random(f"prompt/{rid}")
+        prompt = [rng.randrange(1000, 6000) for _ in range(prompt_len)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, **sampling)
     return core.add_request(SubmitRequest(rid, prompt, params, "tcp://gateway", arrival, priority, salt))
 
@@ -19,7 +24,7 @@ def submit(core: SchedulerCore, rid: str, prompt_len: int, max_tokens: int = 4, 
 def step(core: SchedulerCore, worker: FakeWorker, now: float = 0.0) -> StepPlan | None:
     plan = core.next_plan(worker.worker_id, now, now)
     if plan is not None:
-        core.on_step_result(worker.execute(plan), now)
+        core.on_step_result(worker.execute(plan))
     return plan
 
 

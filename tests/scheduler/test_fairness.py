@@ -51,7 +51,7 @@ def _run_long(flood_per_step: int, long_priority: int = 0) -> dict:
             overtaken_by += [rid for rid in ahead if rid not in shorts_before]
             if "long" in new:
                 admitted_at = now
-        core.on_step_result(w.execute(plan), now)
+        core.on_step_result(w.execute(plan))
         now += _cost(plan)
         steps += admitted_at is not None
         if "long" in out.collect(core).finish:
@@ -86,10 +86,10 @@ def test_short_request_waits_at_most_one_chunk_behind_a_long_prefill():
     submit(core, "long-prompt", 4000, max_tokens=1)
     for _ in range(3):
         plan = core.next_plan("w0", 0.0, 0.0)
-        core.on_step_result(w.execute(plan), 0.0)
+        core.on_step_result(w.execute(plan))
     submit(core, "short", 10, max_tokens=1)
     plan = core.next_plan("w0", 0.0, 0.0)
     assert plan.num_scheduled_tokens["short"] == 10, "admitted at the very next step"
     assert plan.num_scheduled_tokens["long-prompt"] <= LIMITS.max_prefill_chunk
-    core.on_step_result(w.execute(plan), 0.0)
+    core.on_step_result(w.execute(plan))
     assert "short" in Outputs().collect(core).finish, "its first (and only) token came from that step"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from services.scheduler.core import SchedulerCore
 from services.scheduler.policy import Limits
+from shared.messages import ErrorCode, FinishReason
 from tests.scheduler.fake_worker import FakeWorker
 from tests.scheduler.helpers import Outputs, expected_tokens, run, step, submit
 
@@ -156,7 +157,7 @@ def test_aborts_waiting_running_and_in_flight():
     submit(core, "inflight", 8, max_tokens=100)
     plan = core.next_plan("w0", 0.0, 0.0)
     core.abort("inflight")  # arrives while its step runs
-    core.on_step_result(w.execute(plan), 0.0)
+    core.on_step_result(w.execute(plan))
     out.collect(core)
     assert out.finish["inflight"].finish_reason == "abort" and out.tokens["inflight"] == []
     assert core.next_plan("w0", 0.0, 0.0).finished_ids == ["inflight"]
@@ -202,14 +203,21 @@ def test_worker_loss_migrates_requests_without_losing_tokens():
 
 def test_requests_wait_for_a_worker_and_bad_input_is_refused():
     core = SchedulerCore()
-    assert submit(core, "early", 8) is None  # no worker yet: it waits
-    assert "duplicate" in submit(core, "early", 8)
-    assert "empty" in submit(core, "empty", 0)
+    assert submit(core, "early", 8)  # no worker yet: it waits
+    assert not submit(core, "early", 8) and not submit(core, "empty", 0)
+    (to_dup, dup), (_, empty) = core.outputs
+    core.outputs.clear()
+    assert to_dup == "tcp://gateway" and dup.request_id == "early" and "duplicate" in dup.error
+    assert empty.request_id == "empty" and "empty" in empty.error
+    for refused in (dup, empty):
+        assert refused.finish_reason == FinishReason.ERROR and refused.error_code == ErrorCode.INVALID_REQUEST
+    assert [e["error"] for e in core.errors] == [f"request 'early' refused: {dup.error}", "request 'empty' refused: empty prompt"]
+    assert list(core.requests) == ["early"], "the original is undisturbed"
     w = FakeWorker("late")
     core.add_worker(w.register(), 0.0)
     run(core, [w])
     assert Outputs().collect(core).finish["early"].finish_reason == "length"
-    core.on_step_result(w.execute(core.next_plan("late", 0, 0) or _empty_plan()), 0.0)  # stale: ignored
+    core.on_step_result(w.execute(core.next_plan("late", 0, 0) or _empty_plan()))  # stale: ignored
 
 
 def _empty_plan():

@@ -1,0 +1,126 @@
+"""A request's moves between the scheduler's places, in one place: policy and core call
+these to admit, preempt, requeue, migrate and finish a request, and to give it blocks.
+Until it finishes a request is in exactly one place (core.unplaced, or a worker's
+waiting or running list):
+
+    place ──▶ QUEUED on w ──admit──▶ RUNNING on w ──finish──▶ FINISHED / ERROR
+                ▲    ▲                    │
+                │    └──── requeue ───────┘  (preempted, or its step failed)
+                └── migrate: w is gone; the core places it again, on any worker
+
+Leaving a worker frees the request's blocks and tells the worker to drop its row; its
+tokens (generated ones included) are kept, so it is recomputed and continues.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from services.scheduler.block_pool import NoFreeBlocks
+from services.scheduler.request import Request
+from services.scheduler.worker_state import WorkerState
+from shared.messages import ErrorCode, FinishReason, RequestStatus
+
+
+def place(w: WorkerState, req: Request) -> None:
+    """Queue `req` on `w` (its router's choice)."""
+    req.worker_id = w.worker_id
+    w.waiting.append(req)
+
+
+def admit(w: WorkerState, req: Request, hit: list[int], num_tokens: int, now: float) -> bool:
+    """Queued → running on `w`, reusing the cached blocks `hit` and allocating blocks up to
+    `num_tokens`. Returns False, changing nothing, if those blocks are not free."""
+    bs = w.pool.block_size
+    w.pool.touch(hit)  # before allocating, so eviction cannot take the blocks we reuse
+    try:
+        new = w.pool.allocate(_blocks_for(num_tokens, bs) - len(hit))
+    except NoFreeBlocks:
+        w.pool.free(hit)
+        return False
+    hit_tokens = len(hit) * bs
+    w.pool.record_prefix_query(req.num_tokens, hit_tokens)
+    if req.num_preemptions == 0 and not req.output_token_ids:
+        req.num_cached_tokens = hit_tokens
+    req.block_ids, req.new_block_ids = hit + new, list(new)
+    req.num_cached_blocks, req.num_computed_tokens = len(hit), hit_tokens
+    w.waiting.remove(req)
+    w.running.append(req)
+    req.status = RequestStatus.RUNNING
+    if req.first_scheduled_time is None:
+        req.first_scheduled_time = now
+    return True
+
+
+def grow(w: WorkerState, req: Request, num_tokens: int) -> bool:
+    """Blocks for `num_tokens` of running `req`; False (nothing allocated) if not free."""
+    need = _blocks_for(num_tokens, w.pool.block_size) - len(req.block_ids)
+    if need <= 0:
+        return True
+    try:
+        new = w.pool.allocate(need)
+    except NoFreeBlocks:
+        return False
+    req.block_ids.extend(new)
+    req.new_block_ids.extend(new)
+    return True
+
+
+def computed(w: WorkerState, req: Request, num_tokens: int) -> None:
+    """A step computed `num_tokens` more of `req`: its blocks now full join the prefix cache."""
+    req.num_computed_tokens += num_tokens
+    bs = w.pool.block_size
+    full = req.num_computed_tokens // bs
+    if full <= req.num_cached_blocks:
+        return
+    hashes = req.block_hashes_for(bs)
+    for i in range(req.num_cached_blocks, full):
+        w.pool.cache_block(req.block_ids[i], hashes[i])
+    req.num_cached_blocks = full
+
+
+def requeue(w: WorkerState, req: Request, *, preempted: bool) -> None:
+    """Running → queued on the same worker, to be recomputed from its tokens."""
+    _leave(w, req)
+    req.num_preemptions += preempted
+    w.waiting.append(req)
+
+
+def migrate(req: Request) -> None:
+    """Its worker is gone, and with it its blocks and row: only its tokens remain."""
+    _forget_placement(req)
+    req.worker_id = None
+
+
+def finish(w: Optional[WorkerState], req: Request, reason: FinishReason,
+           error_code: Optional[ErrorCode] = None, error: Optional[str] = None) -> None:
+    """Final, exactly once: off its worker `w` (None: it is on none) with its blocks freed."""
+    assert not req.status.is_final, f"{req.request_id} finished twice"
+    assert (reason is FinishReason.ERROR) == (error_code is not None) or reason is FinishReason.ABORT, reason
+    if w is not None:
+        _leave(w, req)
+    _forget_placement(req)
+    req.status = RequestStatus.ERROR if reason is FinishReason.ERROR else RequestStatus.FINISHED
+    req.finish_reason, req.error_code, req.error = reason, error_code, error
+
+
+def _leave(w: WorkerState, req: Request) -> None:
+    if req in w.running:
+        w.running.remove(req)
+        w.pool.free(req.block_ids)
+    elif req in w.waiting:
+        w.waiting.remove(req)
+    if req.on_worker:
+        w.to_drop.append(req.request_id)
+    _forget_placement(req)
+
+
+def _forget_placement(req: Request) -> None:
+    req.block_ids, req.new_block_ids = [], []
+    req.num_cached_blocks = req.num_computed_tokens = 0
+    req.on_worker = False
+    req.status = RequestStatus.QUEUED
+
+
+def _blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
