@@ -71,10 +71,6 @@ class BlockPool:
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_queries = 0
         self.prefix_hits = 0
-        self.reset()
-
-    def reset(self) -> None:
-        """Everything free, cache empty (the worker re-registered). Hit counters are kept."""
         self._refcount = [0] * self.num_blocks
         # NOTE: an OrderedDict used as an O(1) LRU queue: head = least recently freed.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.num_blocks))

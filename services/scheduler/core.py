@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+import msgspec
+
 from services.scheduler import transitions
 from services.scheduler.block_pool import BlockPool
 from services.scheduler.policy import Decision, Limits, schedule
@@ -28,8 +30,7 @@ from shared.messages import (
 log = logging.getLogger(__name__)
 
 MAX_STEP_ERRORS = 3  # a request in this many failed steps ends with an error
-# Abort reasons (AbortRequest.reason, or the scheduler's own) that are errors for the client.
-# Any other reason ("abort", "client disconnected", "stop string") is a plain abort.
+# Abort reasons that are errors; any other ("abort", "client disconnected", "stop string") is plain.
 ABORT_ERRORS = {"gateway gone": ErrorCode.GATEWAY_GONE, "request timeout": ErrorCode.REQUEST_TIMEOUT}
 
 
@@ -123,12 +124,12 @@ class SchedulerCore:
         moved = w.running + w.waiting
         log.warning("worker %s removed (%s): %d requests requeued", worker_id, reason, len(moved))
         for req in moved:
-            self.counters.migrations += req.status is RequestStatus.RUNNING or req.num_computed_tokens > 0
-            transitions.migrate(req)
             if req.request_id in self._aborts:  # it was waiting for this worker's step to end
                 self._finish_aborted(req, None)
-            else:
-                self._place(req)
+                continue
+            self.counters.migrations += req.status is RequestStatus.RUNNING or req.num_computed_tokens > 0
+            transitions.migrate(req)
+            self._place(req)
 
     # ---- stepping -------------------------------------------------------------------------
 
@@ -142,8 +143,7 @@ class SchedulerCore:
         for req in d.preempted:
             log.info("preempted %s on %s (blocks exhausted; %d tokens to recompute)",
                      req.request_id, worker_id, req.num_tokens)
-            self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED, "worker": worker_id,
-                                                   "preempted": 1}
+            self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED, "worker": worker_id, "preempted": 1}
         for req in d.admitted:
             self.status_updates[req.request_id] = {"status": RequestStatus.RUNNING, "worker": worker_id}
         if not d.scheduled and not w.to_drop:
@@ -165,7 +165,6 @@ class SchedulerCore:
             for rid in [r for r in step.scheduled if r in self._aborts and r in self.requests]:
                 self._finish_aborted(self.requests[rid], w)
             return
-        w.consecutive_errors = 0
         by_id = {r.request_id: r for r in w.running}
         for rid, n in step.scheduled.items():
             req = by_id.get(rid)
@@ -206,15 +205,14 @@ class SchedulerCore:
 
     def _place(self, req: Request) -> None:
         w = choose_worker(req, self.workers.values(), self.limits.max_num_seqs)
-        if w is None:
-            if self.workers and all(req.num_tokens >= x.max_len for x in self.workers.values()):
-                self._finish(req, FinishReason.ERROR, None, ErrorCode.TOO_LONG,
-                             f"{req.num_tokens} tokens exceed every worker's max_model_len")
-                return
+        if w is not None:
+            transitions.place(w, req)
+            self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED, "worker": w.worker_id}
+        elif self.workers:  # every worker is too short for it: no point waiting for one
+            self._finish(req, FinishReason.ERROR, None, ErrorCode.TOO_LONG,
+                         f"{req.num_tokens} tokens exceed every worker's max_model_len")
+        else:
             self.unplaced.append(req)
-            return
-        transitions.place(w, req)
-        self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED, "worker": w.worker_id}
 
     def _build_plan(self, w: WorkerState, d: Decision) -> StepPlan:
         new, cached = [], []
@@ -237,7 +235,6 @@ class SchedulerCore:
         """Nothing of the step can be trusted: every request in it is recomputed from its
         tokens (on this worker again), or ends with the error after MAX_STEP_ERRORS."""
         self.counters.step_errors += 1
-        w.consecutive_errors += 1
         log.error("step %d on %s failed: %s", step.step_id, w.worker_id, error)
         self.errors.append({"worker": w.worker_id, "step_id": step.step_id, "error": error})
         for req in [r for r in w.running if r.request_id in step.scheduled]:
@@ -259,13 +256,10 @@ class SchedulerCore:
         self._errors_by_request.pop(req.request_id, None)
         self.counters.finished[reason.value] = self.counters.finished.get(reason.value, 0) + 1
         usage = Usage(len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_tokens)
-        base = tokens_out or RequestOutput(req.request_id, index=len(req.output_token_ids))
+        out = tokens_out or RequestOutput(req.request_id, index=len(req.output_token_ids))
         stop_token_id = req.output_token_ids[-1] if reason is FinishReason.STOP else None
-        self.outputs.append((req.reply_to, RequestOutput(
-            req.request_id, base.token_ids, base.logprobs, index=base.index, finish_reason=reason,
-            stop_token_id=stop_token_id, usage=usage, error_code=error_code, error=error,
-            queue_time_s=base.queue_time_s,
-        )))
+        self.outputs.append((req.reply_to, msgspec.structs.replace(
+            out, finish_reason=reason, stop_token_id=stop_token_id, usage=usage, error_code=error_code, error=error)))
         self.finished.append(req)
         self.status_updates[req.request_id] = {
             "status": req.status, "finish_reason": reason, "prompt_tokens": usage.prompt_tokens,

@@ -1,7 +1,6 @@
 """The scheduling policy: which requests run in a worker's next step, and how many tokens
-each. `schedule` applies its decision to the WorkerState (blocks allocated, requests
-admitted and preempted) through transitions.py; everything else here only reads. No
-sockets, no Redis, no clock of its own.
+each. `schedule` applies its decision (blocks, admissions, preemptions) to the worker's
+state through transitions.py; the rest only reads. No sockets, no Redis, no clock.
 
 One step = one token budget (max_num_batched_tokens) and at most max_num_seqs requests:
 

@@ -40,9 +40,7 @@ class Request:
     finish_reason: Optional[FinishReason] = None
     error_code: Optional[ErrorCode] = None
     error: Optional[str] = None
-    # block size -> hashes of its full blocks. Tokens are only ever appended, so a list
-    # stays valid for the request's whole life, whichever workers it moves between.
-    _hashes: dict[int, list[bytes]] = field(default_factory=dict, repr=False)
+    _hashes: dict[int, list[bytes]] = field(default_factory=dict, repr=False)  # see block_hashes_for
 
     @classmethod
     def from_submit(cls, msg: SubmitRequest, entry_id: str = "") -> "Request":
@@ -61,9 +59,9 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     def block_hashes_for(self, block_size: int) -> list[bytes]:
-        """Chained hashes of its full blocks of `block_size` tokens (as vLLM's block_hasher).
-        A function of its tokens and salt only: the cache behind it changes no state anyone
-        reads, so predicates and choosers may call it. Do not modify the list returned."""
+        """Chained hashes of its full blocks of `block_size` tokens (as vLLM's block_hasher),
+        cached per block size: tokens are only appended, so they hold wherever it moves. A
+        function of its tokens and salt, so predicates and choosers may call it. Read-only."""
         hashes = self._hashes.get(block_size, [])
         if len(hashes) < self.num_tokens // block_size:
             hashes = self._hashes[block_size] = hash_blocks(self.all_token_ids, block_size, self.cache_salt,

@@ -1,15 +1,13 @@
-"""A request's moves between the scheduler's places, in one place: policy and core call
-these to admit, preempt, requeue, migrate and finish a request, and to give it blocks.
-Until it finishes a request is in exactly one place (core.unplaced, or a worker's
-waiting or running list):
+"""Every move of a request, in one place (policy and core call these). Until it finishes
+a request is in one of core.unplaced, a worker's waiting list or its running list:
 
     place ──▶ QUEUED on w ──admit──▶ RUNNING on w ──finish──▶ FINISHED / ERROR
-                ▲    ▲                    │
-                │    └──── requeue ───────┘  (preempted, or its step failed)
+                ▲  ▲                      │
+                │  └─────── requeue ──────┘  (preempted, or its step failed)
                 └── migrate: w is gone; the core places it again, on any worker
 
-Leaving a worker frees the request's blocks and tells the worker to drop its row; its
-tokens (generated ones included) are kept, so it is recomputed and continues.
+Leaving a worker frees its blocks and drops its row there; its tokens, generated ones
+included, are kept: it is recomputed and continues.
 """
 
 from __future__ import annotations
@@ -23,26 +21,23 @@ from shared.messages import ErrorCode, FinishReason, RequestStatus
 
 
 def place(w: WorkerState, req: Request) -> None:
-    """Queue `req` on `w` (its router's choice)."""
     req.worker_id = w.worker_id
     w.waiting.append(req)
 
 
 def admit(w: WorkerState, req: Request, hit: list[int], num_tokens: int, now: float) -> bool:
-    """Queued → running on `w`, reusing the cached blocks `hit` and allocating blocks up to
+    """Queued → running on `w`, reusing the cached blocks `hit` and given blocks up to
     `num_tokens`. Returns False, changing nothing, if those blocks are not free."""
-    bs = w.pool.block_size
     w.pool.touch(hit)  # before allocating, so eviction cannot take the blocks we reuse
-    try:
-        new = w.pool.allocate(_blocks_for(num_tokens, bs) - len(hit))
-    except NoFreeBlocks:
+    req.block_ids = list(hit)
+    if not grow(w, req, num_tokens):
         w.pool.free(hit)
+        req.block_ids = []
         return False
-    hit_tokens = len(hit) * bs
+    hit_tokens = len(hit) * w.pool.block_size
     w.pool.record_prefix_query(req.num_tokens, hit_tokens)
     if req.num_preemptions == 0 and not req.output_token_ids:
         req.num_cached_tokens = hit_tokens
-    req.block_ids, req.new_block_ids = hit + new, list(new)
     req.num_cached_blocks, req.num_computed_tokens = len(hit), hit_tokens
     w.waiting.remove(req)
     w.running.append(req)
@@ -53,12 +48,10 @@ def admit(w: WorkerState, req: Request, hit: list[int], num_tokens: int, now: fl
 
 
 def grow(w: WorkerState, req: Request, num_tokens: int) -> bool:
-    """Blocks for `num_tokens` of running `req`; False (nothing allocated) if not free."""
-    need = _blocks_for(num_tokens, w.pool.block_size) - len(req.block_ids)
-    if need <= 0:
-        return True
+    """Blocks for `num_tokens` of `req`; False (nothing allocated) if they are not free."""
+    need = -(-num_tokens // w.pool.block_size) - len(req.block_ids)
     try:
-        new = w.pool.allocate(need)
+        new = w.pool.allocate(max(need, 0))
     except NoFreeBlocks:
         return False
     req.block_ids.extend(new)
@@ -69,11 +62,10 @@ def grow(w: WorkerState, req: Request, num_tokens: int) -> bool:
 def computed(w: WorkerState, req: Request, num_tokens: int) -> None:
     """A step computed `num_tokens` more of `req`: its blocks now full join the prefix cache."""
     req.num_computed_tokens += num_tokens
-    bs = w.pool.block_size
-    full = req.num_computed_tokens // bs
+    full = req.num_computed_tokens // w.pool.block_size
     if full <= req.num_cached_blocks:
         return
-    hashes = req.block_hashes_for(bs)
+    hashes = req.block_hashes_for(w.pool.block_size)
     for i in range(req.num_cached_blocks, full):
         w.pool.cache_block(req.block_ids[i], hashes[i])
     req.num_cached_blocks = full
@@ -87,14 +79,14 @@ def requeue(w: WorkerState, req: Request, *, preempted: bool) -> None:
 
 
 def migrate(req: Request) -> None:
-    """Its worker is gone, and with it its blocks and row: only its tokens remain."""
+    """Its worker is gone, with its blocks and row: only its tokens remain."""
     _forget_placement(req)
     req.worker_id = None
 
 
 def finish(w: Optional[WorkerState], req: Request, reason: FinishReason,
            error_code: Optional[ErrorCode] = None, error: Optional[str] = None) -> None:
-    """Final, exactly once: off its worker `w` (None: it is on none) with its blocks freed."""
+    """Final, exactly once: off its worker `w` (None: it is on none), blocks freed."""
     assert not req.status.is_final, f"{req.request_id} finished twice"
     assert (reason is FinishReason.ERROR) == (error_code is not None) or reason is FinishReason.ABORT, reason
     if w is not None:
@@ -120,7 +112,3 @@ def _forget_placement(req: Request) -> None:
     req.num_cached_blocks = req.num_computed_tokens = 0
     req.on_worker = False
     req.status = RequestStatus.QUEUED
-
-
-def _blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)

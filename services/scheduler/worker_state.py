@@ -34,7 +34,6 @@ class WorkerState:
     steps: int = 0
     tokens_generated: int = 0
     tokens_at_last_figures: int = 0
-    consecutive_errors: int = 0
 
     @property
     def worker_id(self) -> str:
