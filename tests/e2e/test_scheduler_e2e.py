@@ -1,6 +1,7 @@
 """The scheduler with real Redis and two real worker processes on a tiny model: greedy
 outputs equal Hugging Face's for 50 mixed requests, also when one worker is killed with
-SIGKILL mid-run; bad input on every channel is survived."""
+SIGKILL mid-run, and when the two have different block sizes (16 and 32); bad input on
+every channel is survived."""
 
 from __future__ import annotations
 
@@ -51,6 +52,17 @@ def stack(redis_server, model_dir, tmp_path):
     s.stop()
 
 
+@pytest.fixture
+def mixed_stack(redis_server, model_dir, tmp_path):
+    s = Stack(redis_server.url, model_dir, tmp_path)
+    s.start_scheduler("--max-num-batched-tokens", "256", "--max-prefill-chunk", "64")
+    s.start_worker("bs16", "--block-size", "16")
+    s.start_worker("bs32", "--block-size", "32")
+    s.wait_workers({"bs16", "bs32"})
+    yield s
+    s.stop()
+
+
 def _status_after(stack: Stack, ready, timeout_s: float = 10.0) -> dict:
     """Figures are written about every second: wait until they show what `ready` expects."""
     deadline = time.monotonic() + timeout_s
@@ -96,6 +108,27 @@ def test_kill_9_of_a_worker_mid_run_loses_nothing(stack, workload):
     assert set(status["workers"]) == {"w2"}
 
 
+def test_migration_from_block_size_16_to_32_matches_hf(mixed_stack, workload):
+    """The worker of block size 16 is killed mid-decode: its requests continue on the one
+    of block size 32 (their prefix hashes recomputed for it) and the scheduler lives on."""
+    stack, (requests, expected) = mixed_stack, workload
+    status = read_status(stack.client, stack.keys)
+    assert {w: info["block_size"] for w, info in status["workers"].items()} == {"bs16": 16, "bs32": 32}
+    for rid, (prompt, max_tokens) in requests.items():
+        stack.submit(rid, prompt, max_tokens=max_tokens)
+    deadline = time.monotonic() + 60
+    while sum(len(t) for t in stack.tokens.values()) < 40 and time.monotonic() < deadline:
+        stack.collect(0.05)
+    assert len(stack.final) < len(requests), "killed while requests were still running"
+    stack.kill("bs16")
+    stack.wait_finished(requests)  # checks the scheduler is alive throughout
+    _check(stack, requests, expected)
+    status = _status_after(stack, lambda s: s["stats"].get("migrations", 0) >= 1 and set(s["workers"]) == {"bs32"})
+    assert status["stats"].get("migrations", 0) >= 1, "requests moved from bs16 to bs32"
+    assert set(status["workers"]) == {"bs32"}
+    stack.check_alive()
+
+
 def test_bad_input_is_survived(stack, workload):
     requests, expected = workload
     # Garbage on the workers' socket, a plan result from a worker nobody knows, a garbage
@@ -125,6 +158,7 @@ def test_bad_input_is_survived(stack, workload):
     assert other.poll(30000)
     refused = m.decode(other.recv()).outputs[0]
     assert refused.finish_reason == "error" and "duplicate" in refused.error
+    assert refused.error_code == m.ErrorCode.INVALID_REQUEST
     other.close()
     stack.wait_finished(["req-3", "dup"])
     assert stack.tokens["req-3"] == expected["req-3"]
