@@ -262,10 +262,8 @@ class SchedulerCore:
             out, finish_reason=reason, stop_token_id=stop_token_id, usage=usage, error_code=error_code, error=error)))
         self.finished.append(req)
         self.status_updates[req.request_id] = {
-            "status": req.status, "finish_reason": reason, "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens, "cached_tokens": usage.cached_tokens,
-            **({"error": error} if error else {}), **({"error_code": error_code} if error_code else {}),
-        }
+            "status": req.status, "finish_reason": reason, **msgspec.structs.asdict(usage),
+            **({"error": error} if error else {}), **({"error_code": error_code} if error_code else {})}
 
     def expire_queued(self, now: float) -> None:
         """End requests that waited past their queue timeout without ever being scheduled."""

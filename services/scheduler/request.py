@@ -2,7 +2,7 @@
 
 The scheduler is the only owner of a request's logical state: its tokens, its blocks on
 the worker it runs on, how many of its tokens are in that worker's cache, and why it
-stopped. Its state changes only through services/scheduler/transitions.py.
+stopped. It moves between queues and states only through transitions.py.
 """
 
 from __future__ import annotations
