@@ -50,7 +50,7 @@ def scheduler_us_per_step(batch: int, steps: int, context: int = 128) -> float:
 def model_ms_per_step(batch: int, steps: int = 8, context: int = 128) -> float:
     from bench.worker_step import _cache_bytes, conveyor_decode_rate
     from services.gpu_worker.factory import create_engine
-    from services.gpu_worker.tiny_model import ensure_model
+    from shared.tiny_model import ensure_model
     from shared.config import WorkerSettings
 
     model_dir = ensure_model("small")

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.gpu_worker.factory import create_engine
-from services.gpu_worker.tiny_model import ensure_model
+from shared.tiny_model import ensure_model
 from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan
 

@@ -10,8 +10,9 @@ import time
 import pytest
 import zmq
 
-from services.gpu_worker.tiny_model import make_model
-from services.scheduler.redis_queue import read_status
+from shared.tiny_model import make_model
+from shared.figures import SystemStatus
+from shared.redis_protocol import read_status
 from tests.gpu_worker.hf_reference import hf_greedy
 from tests.stack import Stack
 
@@ -51,7 +52,7 @@ def stack(redis_server, model_dir, tmp_path):
     s.stop()
 
 
-def _status_after(stack: Stack, ready, timeout_s: float = 10.0) -> dict:
+def _status_after(stack: Stack, ready, timeout_s: float = 10.0) -> SystemStatus:
     """Figures are written about every second: wait until they show what `ready` expects."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -75,9 +76,9 @@ def test_fifty_requests_on_two_workers_match_hf(stack, workload):
         stack.submit(rid, prompt, max_tokens=max_tokens)
     stack.wait_finished(requests)
     _check(stack, requests, expected)
-    status = _status_after(stack, lambda s: s["stats"].get("finished_stop", 0) + s["stats"].get("finished_length", 0) == 50)
-    assert status["queue_length"] == 0 and status["pending"] == 0, "every finished request was acknowledged"
-    assert all(w["steps"] > 0 for w in status["workers"].values()), "both workers served"
+    status = _status_after(stack, lambda s: s.scheduler.finished.get("stop", 0) + s.scheduler.finished.get("length", 0) == 50)
+    assert status.queue_length == 0 and status.pending == 0, "every finished request was acknowledged"
+    assert all(w.steps > 0 for w in status.workers.values()), "both workers served"
     assert stack.client.hget(stack.keys.request("req-0"), "status") == b"finished"
 
 
@@ -92,8 +93,8 @@ def test_kill_9_of_a_worker_mid_run_loses_nothing(stack, workload):
     stack.kill("w1")
     stack.wait_finished(requests)
     _check(stack, requests, expected)
-    status = _status_after(stack, lambda s: s["stats"].get("migrations", 0) >= 1)
-    assert set(status["workers"]) == {"w2"}
+    status = _status_after(stack, lambda s: s.scheduler.migrations >= 1)
+    assert set(status.workers) == {"w2"}
 
 
 def test_bad_input_is_survived(stack, workload):
@@ -101,7 +102,7 @@ def test_bad_input_is_survived(stack, workload):
     # Garbage on the workers' socket, a plan result from a worker nobody knows, a garbage
     # queue entry, and a duplicate request id.
     from shared import messages as m
-    from services.scheduler.redis_queue import submit
+    from shared.redis_protocol import submit
 
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -129,7 +130,7 @@ def test_bad_input_is_survived(stack, workload):
     stack.wait_finished(["req-3", "dup"])
     assert stack.tokens["req-3"] == expected["req-3"]
     assert len(stack.tokens["dup"]) == 50, "the original request was not disturbed"
-    errors = [e["error"] for e in read_status(stack.client, stack.keys)["errors"]]
+    errors = [e.error for e in read_status(stack.client, stack.keys).errors]
     assert any("undecodable" in e for e in errors)
     assert any("rejected" in e for e in errors)
     assert any("duplicate" in e for e in errors)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.gpu_worker.factory import create_engine
-from services.gpu_worker.tiny_model import make_model
+from shared.tiny_model import make_model
 from shared.config import WorkerSettings
 
 # Each variant exercises a different loading path: untied + llama3 rope scaling, qkv bias
