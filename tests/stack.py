@@ -16,10 +16,10 @@ from pathlib import Path
 import redis
 import zmq
 
-from shared.redis_protocol import read_status, submit
 from shared import messages as m
 from shared.embedded_redis import free_port
 from shared.redis_keys import RedisKeys
+from shared.redis_protocol import read_status, submit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,8 @@ from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.served_model import ServedModel
 from services.gateway.serving import formatter, respond
 from services.gateway.validation import GenerationPlan, chat_plan, completion_plan
-from shared.config import GatewaySettings
 from shared import figures
+from shared.config import GatewaySettings
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import connect, read_status
 

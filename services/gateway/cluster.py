@@ -15,7 +15,7 @@ from typing import Optional
 
 import redis
 
-from services.gateway.errors import RETRY_AFTER_S, ApiError
+from services.gateway.errors import ApiError, retry_after
 from services.gateway.served_model import ContextLimits
 from shared.figures import SystemStatus, health, serving_workers
 from shared.redis_keys import RedisKeys
@@ -70,4 +70,4 @@ class ClusterStatus:
         reason = health(await self.read(), time.time())
         if reason is not None:
             raise ApiError(503, f"no worker is available: {reason}", code="no_worker",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+                           headers=retry_after())

@@ -24,7 +24,7 @@ import redis
 import zmq
 import zmq.asyncio
 
-from services.gateway.errors import RETRY_AFTER_S, ApiError
+from services.gateway.errors import RETRY_AFTER_S, ApiError, retry_after
 from shared import messages as m
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import queue_load, submit
@@ -102,13 +102,13 @@ class EngineClient:
         if queued >= self.max_queue_len:
             raise ApiError(429, f"the server is at capacity: {queued} requests are queued or running "
                                 f"(max_queue_len {self.max_queue_len}); retry after {RETRY_AFTER_S} s",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+                           code="queue_full", headers=retry_after())
         adding = sum(len(r.prompt_token_ids) for r in requests)
         if waiting + adding > self.max_queue_tokens:
             raise ApiError(429, f"the server is at capacity: {waiting} prompt tokens wait to be scheduled and this "
                                 f"request adds {adding} (max_queue_tokens {self.max_queue_tokens}); "
                                 f"retry after {RETRY_AFTER_S} s",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+                           code="queue_full", headers=retry_after())
         for req in requests:
             submit(self.client, req, self.keys)
 

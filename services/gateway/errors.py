@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # queue full, or nothing to serve yet: worth asking again soon
 RETRY_AFTER_QUEUE_TIMEOUT_S = 5  # it waited its whole queue timeout already: back off longer
 
+
+def retry_after(seconds: int = RETRY_AFTER_S) -> dict[str, str]:
+    """The headers of an answer the client should retry."""
+    return {"Retry-After": str(seconds)}
+
 # HTTP status -> OpenAI's error `type`.
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
@@ -59,15 +64,16 @@ _SCHEDULER_ERRORS: dict[ErrorCode, tuple[int, Optional[str], Optional[int]]] = {
 
 
 def scheduler_error(code: Optional[ErrorCode], message: Optional[str]) -> ApiError:
-    """The answer to a request that ended with `code`; `message` is shown as it is."""
-    status, param, retry_after = _SCHEDULER_ERRORS[code or ErrorCode.INTERNAL]
+    """The answer to a request that ended with `code` (None: an older scheduler's, taken
+    as INTERNAL); `message` is for the person reading it, never parsed."""
+    status, param, seconds = _SCHEDULER_ERRORS[code or ErrorCode.INTERNAL]
     text = message or "the request failed in the scheduler"
     if status == 400:
         text = f"the request was refused: {text}"
     elif status == 500:
         text = f"generation failed: {text}"
     return ApiError(status, text, param, code=(code or ErrorCode.INTERNAL).value,
-                    headers={"Retry-After": str(retry_after)} if retry_after else None)
+                    headers=retry_after(seconds) if seconds else None)
 
 
 def bad_request(message: str, param: Optional[str] = None) -> ApiError:

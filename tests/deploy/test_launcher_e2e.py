@@ -18,8 +18,8 @@ import openai
 import pytest
 import redis
 
-from shared.redis_protocol import read_status
 from shared.embedded_redis import free_port
+from shared.redis_protocol import read_status
 from tests.stack import REPO, service_env
 
 pytestmark = pytest.mark.slow

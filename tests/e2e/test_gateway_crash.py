@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from shared.tiny_model import make_model
 from shared.redis_protocol import read_status
+from shared.tiny_model import make_model
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import msgpack
 import pytest
 import zmq
 
-from shared.tiny_model import make_model
-from shared.redis_protocol import read_status
 from shared import messages as m
+from shared.redis_protocol import read_status
+from shared.tiny_model import make_model
 from tests.gpu_worker.test_worker_process import FakeScheduler, _start_worker
 from tests.stack import Stack
 

@@ -10,9 +10,9 @@ import time
 import pytest
 import zmq
 
-from shared.tiny_model import make_model
 from shared.figures import SystemStatus
 from shared.redis_protocol import read_status
+from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import hf_greedy
 from tests.stack import Stack
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from shared.tiny_model import make_model
 from shared.embedded_redis import free_port, start_embedded_redis
+from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import hf_greedy
 from tests.stack import Stack
 
@@ -127,8 +127,8 @@ def test_redis_restart_loses_no_request(model_dir, workload, tmp_path):
 def test_requests_of_a_vanished_gateway_are_aborted(redis_server, model_dir, tmp_path):
     import zmq
 
-    from shared.redis_protocol import read_status, submit
     from shared import messages as m
+    from shared.redis_protocol import read_status, submit
 
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
@@ -171,8 +171,8 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
 
     import zmq
 
-    from shared.redis_protocol import read_status
     from shared import messages as m
+    from shared.redis_protocol import read_status
     from tests.stack import REPO, service_env
 
     stack = Stack(redis_server.url, model_dir, tmp_path)
