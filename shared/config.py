@@ -128,7 +128,8 @@ class GatewaySettings(RedisSettings):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     api_key: Optional[str] = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
     max_model_len: Optional[int] = Field(
-        None, gt=0, description="longest prompt + output (default: the model's max_position_embeddings)"
+        None, gt=0, description="caps the longest prompt + output (default: the longest request a registered "
+        "worker can hold; before any has registered, the model's max_position_embeddings)"
     )
     max_queue_len: int = Field(1000, gt=0, description="requests queued or running beyond which new ones get 429")
     max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted")
