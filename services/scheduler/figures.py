@@ -41,6 +41,8 @@ class FigureBuilder:
         busy_s = time.monotonic() - w.in_flight.sent_at if w.in_flight else 0.0
         t = self._times.get(worker_id) or _StepTimes()
         tokens_at = self._worker_tokens_at.get(worker_id, 0)
+        if tokens_at > w.tokens_generated:
+            tokens_at = 0  # it registered again since: its counts started over
         return WorkerFigures(
             registered=w.info, max_len=w.max_len, updated_at=round(time.time(), 3),
             kv_usage=round(w.pool.usage, 4), running=len(w.running), waiting=len(w.waiting),
