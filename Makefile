@@ -27,7 +27,7 @@ status: $(STAMP)
 
 # Generates the default `tiny` model into the cache directory (idempotent).
 tiny-model: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m services.gpu_worker.tiny_model
+	HF_HUB_OFFLINE=1 $(PY) -m shared.tiny_model
 
 bench-worker: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bench.worker_step $(BENCH_ARGS)

@@ -37,6 +37,7 @@ from bench.client import run_workload
 from bench.metrics import TABLE_HEADER, RequestRecord, latency_values, short_table_row, stats_ms, summarize
 from bench.workloads import (NAMES, ONLINE_RATE_SHARE, LengthDist, Workload, build, custom, default_requests,
                              ideal_prefix_hit_rate, long_short, mixed)
+from shared.config import WorkerSettings
 
 CONVEYOR, STATIC, SINGLE = "Conveyor", "static batching (HF)", "no batching (HF)"
 POISSON = ("mixed-online", "long-short")
@@ -88,7 +89,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # ---- set-up ----------------------------------------------------------------------------------
 
 def resolve_model(spec: str) -> tuple[Path, str]:
-    from services.gpu_worker.tiny_model import PRESETS, ensure_model
+    from shared.tiny_model import PRESETS, ensure_model
 
     if spec in PRESETS:
         return ensure_model(spec), spec
@@ -99,7 +100,9 @@ def resolve_model(spec: str) -> tuple[Path, str]:
 
 
 def model_vocab_size(model_dir: Path) -> int:
-    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    from shared.models import config_int, read_config
+
+    return config_int(read_config(model_dir), "vocab_size", model_dir)
 
 
 def machine_info(threads: int, device: str) -> dict:
@@ -200,7 +203,7 @@ def conveyor_phase(args, conveyor: Conveyor, vocab: int, n: int, results: dict, 
             workloads.append(short)
     if name == "shared-prefix":
         results["shared_prefix"] = {"hit_rate": _hit_rate(delta), "ideal_hit_rate": ideal_prefix_hit_rate(
-            wl, int(os.environ.get("CONVEYOR_BLOCK_SIZE", 16))), "prefix_caching_on": not args.no_prefix_caching}
+            wl, WorkerSettings().block_size), "prefix_caching_on": not args.no_prefix_caching}
         if not (args.no_prefix_caching or args.url):
             with conveyor.serving(False, "conveyor-no-prefix-caching.log"):
                 recs_off, _ = conveyor.run(wl, "prefix caching off")

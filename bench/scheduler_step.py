@@ -50,8 +50,8 @@ def scheduler_us_per_step(batch: int, steps: int, context: int = 128) -> float:
 def model_ms_per_step(batch: int, steps: int = 8, context: int = 128) -> float:
     from bench.worker_step import _cache_bytes, conveyor_decode_rate
     from services.gpu_worker.factory import create_engine
-    from services.gpu_worker.tiny_model import ensure_model
     from shared.config import WorkerSettings
+    from shared.tiny_model import ensure_model
 
     model_dir = ensure_model("small")
     engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
-import redis
 
 from shared.embedded_redis import EmbeddedRedis, free_port, start_embedded_redis
 
@@ -124,16 +123,19 @@ class LocalConveyor:
 # ---- the scheduler's figures in Redis ---------------------------------------------------------
 
 def read_stats(redis_url: str, prefix: str = "conveyor") -> dict:
-    from services.scheduler.redis_queue import read_status
+    """The scheduler's figures, flat as in Redis, plus `steps`: of all workers, so that with
+    the run's duration they give the mean time of a step."""
+    from shared.figures import SchedulerFigures
     from shared.redis_keys import RedisKeys
+    from shared.redis_protocol import connect, figure_fields, read_status
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = connect(redis_url)
     try:
         status = read_status(client, RedisKeys(prefix))
     finally:
         client.close()
-    # Steps of all workers: with the run's duration, the mean time of a step.
-    return {**status["stats"], "steps": sum(w.get("steps", 0) for w in status["workers"].values())}
+    figures = figure_fields(status.scheduler or SchedulerFigures(updated_at=0.0))
+    return {**figures, "steps": sum(w.steps for w in status.workers.values())}
 
 
 def fresh_stats(redis_url: str, prefix: str = "conveyor", timeout_s: float = 10.0) -> dict:
@@ -142,7 +144,7 @@ def fresh_stats(redis_url: str, prefix: str = "conveyor", timeout_s: float = 10.
     deadline = time.monotonic() + timeout_s
     while True:
         stats = read_stats(redis_url, prefix)
-        if float(stats.get("updated_at", 0) or 0) > after or time.monotonic() > deadline:
+        if stats["updated_at"] > after or time.monotonic() > deadline:
             return stats
         time.sleep(0.2)
 

@@ -20,9 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.gpu_worker.factory import create_engine
-from services.gpu_worker.tiny_model import ensure_model
 from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan
+from shared.tiny_model import ensure_model
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1 << 20)
 

@@ -23,6 +23,7 @@ from typing import Optional
 from conveyor.commands import service_command
 from shared.config import RunSettings
 from shared.embedded_redis import free_port, start_embedded_redis
+from shared.models import cache_root, model_dir
 
 log = logging.getLogger("conveyor.launcher")
 
@@ -70,16 +71,11 @@ class Launcher:
 
     def _environment(self) -> dict[str, str]:
         s = self.settings
-        model = s.model
-        if not model:
-            from services.gpu_worker.tiny_model import ensure_tiny_model
-
+        if not s.model:
             log.info("no model named: using the generated tiny model (random weights, meaningless text)")
-            model = str(ensure_tiny_model())  # once here, rather than raced by every service
+        model = str(model_dir(s.model))  # built once here, rather than raced by every service
         redis_url = s.redis_url
         if not redis_url:
-            from services.gpu_worker.tiny_model import cache_root
-
             data_dir = cache_root() / "redis"
             data_dir.mkdir(parents=True, exist_ok=True)
             self.redis = start_embedded_redis(data_dir)

@@ -1,80 +1,76 @@
 """`python -m conveyor status`: what is queued, what runs where, and what went wrong, read
 from Redis (the scheduler refreshes it about every second). `--watch N` refreshes the
-screen every N seconds; `--json` prints the raw figures; `--check` only sets the exit
-code (0: a live scheduler and at least one worker), for health checks.
+screen every N seconds; `--json` prints the figures as JSON; `--check` only sets the exit
+code by the same rule as the gateway's /health (shared.figures.health), for health checks.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from datetime import datetime
 
-STALE_AFTER_S = 5.0  # figures older than this mean the scheduler is not running
+from shared.config import RedisSettings
+from shared.figures import STALE_AFTER_S, SchedulerFigures, SystemStatus, WorkerFigures, health
 
 
-def render(status: dict, now: float, where: str) -> str:
-    stats, workers = status["stats"], status["workers"]
-    age = now - float(stats.get("updated_at", 0) or 0)
+def render(status: SystemStatus, now: float, where: str) -> str:
+    s = status.scheduler or SchedulerFigures(updated_at=0.0)
+    age = now - s.updated_at
     alive = age <= STALE_AFTER_S
-    queries, hits = stats.get("prefix_queries", 0), stats.get("prefix_hits", 0)
+    queries, hits = s.prefix_queries, s.prefix_hits
     lines = [
         f"Conveyor — {where} — {datetime.fromtimestamp(now):%H:%M:%S}",
         f"scheduler   {'alive' if alive else 'NOT RUNNING'}"
-        + (f" (figures {age:.1f} s old)" if stats else " (no figures in Redis yet)")
-        + f"   steps/s {stats.get('steps_per_s', 0)}   tokens/s {stats.get('tokens_per_s', 0)}",
-        f"queue       {status['queue_length']} requests in the stream, {status['pending']} taken by the scheduler"
-        f"   waiting {stats.get('waiting', 0)}   running {stats.get('running', 0)}",
-        f"totals      prompt tokens {stats.get('prompt_tokens', 0)}   generated {stats.get('generation_tokens', 0)}"
-        f"   preemptions {stats.get('preemptions', 0)}   migrations {stats.get('migrations', 0)}"
+        + (f" (figures {age:.1f} s old)" if status.scheduler else " (no figures in Redis yet)")
+        + f"   steps/s {s.steps_per_s}   tokens/s {s.tokens_per_s}",
+        f"queue       {status.queue_length} requests in the stream, {status.pending} taken by the scheduler"
+        f"   waiting {s.waiting}   running {s.running}",
+        f"totals      prompt tokens {s.prompt_tokens}   generated {s.generation_tokens}"
+        f"   preemptions {s.preemptions}   migrations {s.migrations}"
         f"   prefix hits {hits}/{queries} tokens" + (f" ({hits / queries:.0%})" if queries else ""),
-        "finished    " + ("   ".join(f"{k.removeprefix('finished_')} {v}" for k, v in sorted(stats.items())
-                                    if k.startswith("finished_")) or "none yet"),
+        "finished    " + ("   ".join(f"{reason} {n}" for reason, n in sorted(s.finished.items())) or "none yet"),
         "",
-        f"{'WORKER':<24}{'DEVICE':<8}{'KV USE':>8}{'RUNNING':>9}{'WAITING':>9}{'TOK/S':>9}{'STEPS':>9}  STATE",
+        f"{'WORKER':<24}{'DEVICE':<8}{'KV USE':>8}{'RUNNING':>9}{'WAITING':>9}{'TOK/S':>9}{'STEPS':>9}"
+        f"{'STEP MS':>9}  STATE",
     ]
-    if not workers:
+    if not status.workers:
         lines.append("(no worker registered)")
-    for wid, w in sorted(workers.items()):
-        state = ("leaving" if w.get("leaving") else
-                 "stale" if now - w.get("updated_at", 0) > STALE_AFTER_S else
-                 f"STALLED (step running {w.get('step_in_flight_s', 0):.0f} s)" if w.get("stalled") else "serving")
-        lines.append(f"{wid:<24}{w.get('device', '?'):<8}{w.get('kv_usage', 0):>8.1%}{w.get('running', 0):>9}"
-                     f"{w.get('waiting', 0):>9}{w.get('tokens_per_s', 0):>9}{w.get('steps', 0):>9}  {state}")
-    lines += ["", "recent errors" if status["errors"] else "no recent errors"]
-    for e in status["errors"][:10]:
-        when = datetime.fromtimestamp(e.get("time", 0)).strftime("%H:%M:%S")
-        detail = e.get("error", "")
-        lines.append(f"  {when}  {e.get('worker', '') + ': ' if e.get('worker') else ''}{detail[:160]}")
+    for wid, w in sorted(status.workers.items()):
+        lines.append(f"{wid:<24}{w.registered.device:<8}{w.kv_usage:>8.1%}{w.running:>9}{w.waiting:>9}"
+                     f"{w.tokens_per_s:>9}{w.steps:>9}{w.step_ms:>9.1f}  {_state(w, now)}")
+    lines += ["", "recent errors" if status.errors else "no recent errors"]
+    for e in status.errors[:10]:
+        when = datetime.fromtimestamp(e.time).strftime("%H:%M:%S")
+        lines.append(f"  {when}  {e.worker + ': ' if e.worker else ''}{e.error[:160]}")
     return "\n".join(lines)
 
 
-def healthy(status: dict, now: float, scheduler_only: bool = False) -> bool:
-    """A live scheduler and, unless scheduler_only, at least one worker that is not stalled."""
-    age = now - float(status["stats"].get("updated_at", 0) or 0)
-    serving = [w for w in status["workers"].values() if not w.get("stalled")]
-    return age <= STALE_AFTER_S and (scheduler_only or bool(serving))
+def _state(w: WorkerFigures, now: float) -> str:
+    if now - w.updated_at > STALE_AFTER_S:
+        return "stale"
+    return f"STALLED (step running {w.step_in_flight_s:.0f} s)" if w.stalled else "serving"
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m conveyor status", description=__doc__)
-    ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--redis-prefix", default=os.environ.get("CONVEYOR_REDIS_PREFIX", "conveyor"))
+    defaults = RedisSettings()  # REDIS_URL, CONVEYOR_REDIS_PREFIX
+    ap.add_argument("--redis-url", default=defaults.redis_url)
+    ap.add_argument("--redis-prefix", default=defaults.redis_prefix)
     ap.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     ap.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     ap.add_argument("--check", action="store_true", help="print nothing; exit 0 if serving, 1 if not")
     ap.add_argument("--scheduler-only", action="store_true", help="with --check: only the scheduler must be alive")
     args = ap.parse_args(argv)
 
+    import msgspec
     import redis
 
-    from services.scheduler.redis_queue import read_status
     from shared.redis_keys import RedisKeys
+    from shared.redis_protocol import connect, read_status
 
-    client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = connect(args.redis_url)
     keys = RedisKeys(args.redis_prefix)
     while True:
         try:
@@ -86,9 +82,9 @@ def main(argv: list[str]) -> int:
             return 1
         now = time.time()
         if args.check:
-            return 0 if healthy(status, now, args.scheduler_only) else 1
+            return 0 if health(status, now, args.scheduler_only) is None else 1
         if args.json:
-            print(json.dumps(status, indent=2))
+            print(msgspec.json.format(msgspec.json.encode(status), indent=2).decode())
         else:
             if args.watch:
                 print("\033[2J\033[H", end="")  # clear the screen: a live view

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Literal, Optional, TypeVar
 
 from pydantic import AliasChoices, ByteSize, Field, field_validator
@@ -20,6 +21,24 @@ class _Settings(BaseSettings):
         env_prefix="CONVEYOR_", cli_kebab_case=True, cli_implicit_flags=True, extra="ignore",
         env_ignore_empty=True,  # docker compose passes unset variables as "": treat them as unset
     )
+
+
+class CacheSettings(_Settings):
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "conveyor",
+        description="where generated models and the embedded Redis's data are kept",
+    )
+
+
+class LogSettings(_Settings):
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="log level of every service"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.upper() if isinstance(v, str) else v
 
 
 class WorkerSettings(_Settings):
@@ -61,7 +80,7 @@ class WorkerSettings(_Settings):
         return v
 
 
-class _RedisSettings(_Settings):
+class RedisSettings(_Settings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url"),
         description="Redis server (redis://[:password@]host:port/db, rediss:// for TLS)",
@@ -69,7 +88,7 @@ class _RedisSettings(_Settings):
     redis_prefix: str = Field("conveyor", description="prefix of every Redis key (several deployments can share a server)")
 
 
-class SchedulerSettings(_RedisSettings):
+class SchedulerSettings(RedisSettings):
     scheduler_address: str = Field(
         "tcp://127.0.0.1:5555", description="ZeroMQ address the scheduler binds for workers"
     )
@@ -98,7 +117,7 @@ class SchedulerSettings(_RedisSettings):
     )
 
 
-class GatewaySettings(_RedisSettings):
+class GatewaySettings(RedisSettings):
     model: Optional[str] = Field(
         None, description="Hugging Face model directory, for its tokenizer and chat template (default: the tiny model)"
     )
@@ -109,7 +128,8 @@ class GatewaySettings(_RedisSettings):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     api_key: Optional[str] = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
     max_model_len: Optional[int] = Field(
-        None, gt=0, description="longest prompt + output (default: the model's max_position_embeddings)"
+        None, gt=0, description="caps the longest prompt + output (default: the longest request a registered "
+        "worker can hold; before any has registered, the model's max_position_embeddings)"
     )
     max_queue_len: int = Field(1000, gt=0, description="requests queued or running beyond which new ones get 429")
     max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted")

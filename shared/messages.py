@@ -129,6 +129,8 @@ class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
 
 
 class StepTimings(msgspec.Struct, frozen=True):
+    """Where a step's time went, worker-side; the scheduler publishes the means per worker."""
+
     prepare_ms: float = 0.0
     forward_ms: float = 0.0
     sample_ms: float = 0.0
@@ -176,12 +178,6 @@ class WorkerLeaving(msgspec.Struct, frozen=True, tag="worker_leaving"):
 
     worker_id: str
     reason: str = "shutdown"
-
-
-class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
-    """Scheduler -> worker: stop after the current step."""
-
-    reason: str = ""
 
 
 class Reregister(msgspec.Struct, frozen=True, tag="reregister"):
@@ -250,7 +246,7 @@ class GatewayOutputs(msgspec.Struct, frozen=True, tag="outputs"):
 
 
 Message = Union[
-    StepPlan, StepResult, RegisterWorker, Heartbeat, WorkerLeaving, Shutdown, Reregister,
+    StepPlan, StepResult, RegisterWorker, Heartbeat, WorkerLeaving, Reregister,
     SubmitRequest, AbortRequest, GatewayOutputs,
 ]
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import redis
 import zmq
 
-from services.scheduler.redis_queue import read_status, submit
 from shared import messages as m
 from shared.embedded_redis import free_port
 from shared.redis_keys import RedisKeys
+from shared.redis_protocol import read_status, submit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ class Stack:
     def wait_workers(self, names: set[str], timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if names <= set(read_status(self.client, self.keys)["workers"]):
+            if names <= set(read_status(self.client, self.keys).workers):
                 return
             self.check_alive()
             time.sleep(0.1)

@@ -7,7 +7,6 @@ ZeroMQ address) stops it at start-up with a message and exit code 2.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
 
@@ -17,7 +16,7 @@ GRACEFUL_SHUTDOWN_S = 5  # streams still open after SIGTERM are cut (and aborted
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging("gateway")
+    log_level = setup_logging("gateway")
     log = logging.getLogger("services.gateway")
     import redis
     import uvicorn
@@ -26,12 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic_settings import SettingsError
 
     from services.gateway.app import create_app
-    from services.gateway.served_model import ModelLoadError, load_served_model
+    from services.gateway.served_model import load_served_model
     from shared.config import GatewaySettings, parse_settings
+    from shared.models import ModelLoadError
+    from shared.redis_protocol import connect
 
     try:
         settings = parse_settings(GatewaySettings, argv)
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        client = connect(settings.redis_url)
         model = load_served_model(settings)  # seconds: transformers is imported here
         app = create_app(settings, model, client)
         sock = _listen(settings.host, settings.port)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("Redis at %s does not answer yet: %s", settings.redis_url, e)
     log.info("serving %s (max_model_len %d) on http://%s:%d", model.name, model.max_model_len,
              *sock.getsockname()[:2])
-    config = uvicorn.Config(app, log_level=os.environ.get("CONVEYOR_LOG_LEVEL", "info").lower(),
+    config = uvicorn.Config(app, log_level=log_level.lower(),
                             access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_config=None)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from services.gateway.cluster import ClusterStatus, unavailable_reason
+from services.gateway.cluster import ClusterStatus
 from services.gateway.engine_client import EngineClient
 from services.gateway.errors import ApiError, install_error_handlers
 from services.gateway.generation import Generation
@@ -26,9 +26,10 @@ from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.served_model import ServedModel
 from services.gateway.serving import formatter, respond
 from services.gateway.validation import GenerationPlan, chat_plan, completion_plan
-from services.scheduler.redis_queue import read_status
+from shared import figures
 from shared.config import GatewaySettings
 from shared.redis_keys import RedisKeys
+from shared.redis_protocol import connect, read_status
 
 
 class Gateway:
@@ -38,8 +39,8 @@ class Gateway:
         self.settings = settings
         self.model = model
         self.keys = RedisKeys(settings.redis_prefix)
-        self.client = client or redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
-        self.cluster = ClusterStatus(self.client, self.keys)
+        self.client = client or connect(settings.redis_url)
+        self.cluster = ClusterStatus(self.client, self.keys, model.limits)
         self.engine = EngineClient(self.client, self.keys, settings.output_bind, settings.output_advertise,
                                    settings.max_queue_len, settings.max_queue_tokens)
         self.metrics = GatewayMetrics(lambda: read_status(self.client, self.keys))
@@ -55,10 +56,11 @@ class Gateway:
             gen.close()  # whatever went wrong, nothing keeps running for nobody
             raise
 
-    def model_card(self) -> dict:
+    async def model_card(self) -> dict:
         m = self.model
+        limits = await self.cluster.limits()
         return {"id": m.name, "object": "model", "created": m.created, "owned_by": "conveyor",
-                "root": str(m.path), "max_model_len": m.max_model_len}
+                "root": str(m.path), "max_model_len": limits.max_model_len}
 
 
 def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[redis.Redis] = None) -> FastAPI:
@@ -79,39 +81,41 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         with _count_refusals(gw):
-            return await gw.generate("completion", completion_plan(body, model), request)
+            plan = completion_plan(body, model, await gw.cluster.limits())
+            return await gw.generate("completion", plan, request)
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         with _count_refusals(gw):
-            return await gw.generate("chat", chat_plan(body, model), request)
+            return await gw.generate("chat", chat_plan(body, model, await gw.cluster.limits()), request)
 
     @v1.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [gw.model_card()]}
+        return {"object": "list", "data": [await gw.model_card()]}
 
     @v1.get("/models/{model_id:path}")
     async def model_info(model_id: str) -> dict:
         if model_id != model.name:
             raise ApiError(404, f"The model `{model_id}` does not exist; this server serves `{model.name}`.",
                            "model", code="model_not_found")
-        return gw.model_card()
+        return await gw.model_card()
 
     app.include_router(v1)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 when the scheduler is alive and a worker is registered; else 503 and why."""
+        """200 when the scheduler is alive and a worker serves (shared.figures.health);
+        else 503 and why."""
         try:
             status = await gw.cluster.read(max_age_s=0)
         except ApiError as e:
             return JSONResponse({"status": "unavailable", "reason": e.message}, status_code=503)
-        reason = unavailable_reason(status, time.time())
+        reason = figures.health(status, time.time())
         if reason is not None:
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-        stats = status["stats"]
-        return JSONResponse({"status": "ok", "workers": len(status["workers"]),
-                             "running": stats.get("running", 0), "waiting": stats.get("waiting", 0)})
+        s = status.scheduler
+        return JSONResponse({"status": "ok", "workers": len(status.workers), "stalled_workers": s.stalled_workers,
+                             "running": s.running, "waiting": s.waiting})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,51 +1,51 @@
-"""Whether the system behind this gateway can serve: the scheduler's figures in Redis.
+"""What the system behind this gateway can serve, from the scheduler's figures in Redis.
 
-The scheduler rewrites its figures about every second (`updated_at`); figures older than
-STALE_AFTER_S mean it is gone. Requests are refused with 503 while no scheduler is alive
-or no worker is registered, since they would only wait. /health says the same.
+Requests are refused with 503 while `shared.figures.health` says nothing can serve them
+(no live scheduler, no worker, every worker stalled), since they would only wait; /health
+says the same. Requests are validated against what the workers registered: the longest
+request one of them can hold, and its vocabulary. Before any worker is known the model
+directory's config.json is all there is to go by.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import redis
 
-from services.gateway.errors import ApiError
-from services.scheduler.redis_queue import read_status
+from services.gateway.errors import ApiError, retry_after
+from services.gateway.served_model import ContextLimits
+from shared.figures import SystemStatus, health, serving_workers
 from shared.redis_keys import RedisKeys
+from shared.redis_protocol import read_status
 
-STALE_AFTER_S = 5.0
 
-
-def unavailable_reason(status: dict[str, Any], now: float) -> Optional[str]:
-    """Why nothing can be served right now, or None when it can."""
-    updated_at = status["stats"].get("updated_at")
-    if not isinstance(updated_at, (int, float)):
-        return "no scheduler has published its figures yet (is the scheduler running?)"
-    age = now - updated_at
-    if age > STALE_AFTER_S:
-        return f"the scheduler's figures are {age:.1f} s old (more than {STALE_AFTER_S:g} s): is it running?"
-    live = [w for w, info in status["workers"].items() if not info.get("leaving")]
-    if not live:
-        return "no worker is registered with the scheduler"
-    return None
+def worker_limits(status: SystemStatus, now: float, fallback: ContextLimits) -> ContextLimits:
+    """The limits of the workers that serve (of any registered one, if none serves right
+    now), never beyond `fallback` (the model's own, or the gateway's --max-model-len)."""
+    workers = serving_workers(status, now) or status.workers
+    if not workers:
+        return fallback
+    longest = max(w.max_len for w in workers.values())
+    vocab = min(w.registered.vocab_size for w in workers.values())
+    return ContextLimits(min(longest, fallback.max_model_len), min(vocab, fallback.vocab_size))
 
 
 class ClusterStatus:
     """`read_status`, cached for `max_age_s` so a burst of requests reads Redis once."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, max_age_s: float = 0.5):
+    def __init__(self, client: redis.Redis, keys: RedisKeys, fallback: ContextLimits, max_age_s: float = 0.5):
         self.client = client
         self.keys = keys
+        self.fallback = fallback
         self.max_age_s = max_age_s
-        self._status: Optional[dict] = None
+        self._status: Optional[SystemStatus] = None
         self._read_at = 0.0
         self._lock = asyncio.Lock()
 
-    async def read(self, max_age_s: Optional[float] = None) -> dict[str, Any]:
+    async def read(self, max_age_s: Optional[float] = None) -> SystemStatus:
         max_age = self.max_age_s if max_age_s is None else max_age_s
         async with self._lock:
             if self._status is None or time.monotonic() - self._read_at > max_age:
@@ -56,9 +56,18 @@ class ClusterStatus:
                 self._read_at = time.monotonic()
             return self._status
 
+    async def limits(self) -> ContextLimits:
+        """What requests are validated against. With Redis unreachable, the fallback: the
+        request is then refused by `require_ready`, not by a guess about its length."""
+        try:
+            status = await self.read()
+        except ApiError:
+            return self.fallback
+        return worker_limits(status, time.time(), self.fallback)
+
     async def require_ready(self) -> None:
         """Raise 503 naming the reason when requests cannot be served."""
-        reason = unavailable_reason(await self.read(), time.time())
+        reason = health(await self.read(), time.time())
         if reason is not None:
             raise ApiError(503, f"no worker is available: {reason}", code="no_worker",
-                           headers={"Retry-After": "1"})
+                           headers=retry_after())

@@ -24,14 +24,13 @@ import redis
 import zmq
 import zmq.asyncio
 
-from services.gateway.errors import ApiError
-from services.scheduler.redis_queue import submit
+from services.gateway.errors import RETRY_AFTER_S, ApiError, retry_after
 from shared import messages as m
 from shared.redis_keys import RedisKeys
+from shared.redis_protocol import queue_load, submit
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 1
 LIVENESS_REFRESH_S = 1.0
 LIVENESS_TTL_S = 5  # missed refreshes this long and the key is gone
 
@@ -88,10 +87,6 @@ class EngineClient:
         for rid in request_ids:
             self._routes.pop(rid, None)
 
-    @property
-    def num_routes(self) -> int:
-        return len(self._routes)
-
     async def submit(self, requests: list[m.SubmitRequest]) -> None:
         """Admit and enqueue one HTTP request's scheduler requests, or raise 429 when the
         queue (XLEN: queued + running, across every gateway) is full.
@@ -103,21 +98,17 @@ class EngineClient:
             await self._redis(self._admit, requests)
 
     def _admit(self, requests: list[m.SubmitRequest]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xlen(self.keys.requests)
-        pipe.hget(self.keys.stats, "queued_tokens")  # the scheduler's figure, about a second old
-        queued, queued_tokens = pipe.execute()
+        queued, waiting = queue_load(self.client, self.keys)
         if queued >= self.max_queue_len:
             raise ApiError(429, f"the server is at capacity: {queued} requests are queued or running "
                                 f"(max_queue_len {self.max_queue_len}); retry after {RETRY_AFTER_S} s",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
-        waiting = int(queued_tokens or 0)
+                           code="queue_full", headers=retry_after())
         adding = sum(len(r.prompt_token_ids) for r in requests)
         if waiting + adding > self.max_queue_tokens:
             raise ApiError(429, f"the server is at capacity: {waiting} prompt tokens wait to be scheduled and this "
                                 f"request adds {adding} (max_queue_tokens {self.max_queue_tokens}); "
                                 f"retry after {RETRY_AFTER_S} s",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+                           code="queue_full", headers=retry_after())
         for req in requests:
             submit(self.client, req, self.keys)
 

@@ -16,7 +16,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.messages import ErrorCode
+
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # queue full, or nothing to serve yet: worth asking again soon
+RETRY_AFTER_QUEUE_TIMEOUT_S = 5  # it waited its whole queue timeout already: back off longer
+
+
+def retry_after(seconds: int = RETRY_AFTER_S) -> dict[str, str]:
+    """The headers of an answer the client should retry."""
+    return {"Retry-After": str(seconds)}
 
 # HTTP status -> OpenAI's error `type`.
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -38,6 +48,32 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.param, self.code)
+
+
+# How a request the scheduler ended with an error is answered:
+# error code -> (HTTP status, the field at fault, Retry-After seconds).
+_SCHEDULER_ERRORS: dict[ErrorCode, tuple[int, Optional[str], Optional[int]]] = {
+    ErrorCode.TOO_LONG: (400, "max_tokens", None),  # longer than any worker can hold
+    ErrorCode.INVALID_REQUEST: (400, None, None),
+    ErrorCode.QUEUE_TIMEOUT: (503, None, RETRY_AFTER_QUEUE_TIMEOUT_S),  # overloaded
+    ErrorCode.GATEWAY_GONE: (503, None, RETRY_AFTER_S),  # this gateway's liveness key lapsed
+    ErrorCode.REQUEST_TIMEOUT: (504, None, None),
+    ErrorCode.WORKER_FAILED: (500, None, None),
+    ErrorCode.INTERNAL: (500, None, None),
+}
+
+
+def scheduler_error(code: Optional[ErrorCode], message: Optional[str]) -> ApiError:
+    """The answer to a request that ended with `code` (None: an older scheduler's, taken
+    as INTERNAL); `message` is for the person reading it, never parsed."""
+    status, param, seconds = _SCHEDULER_ERRORS[code or ErrorCode.INTERNAL]
+    text = message or "the request failed in the scheduler"
+    if status == 400:
+        text = f"the request was refused: {text}"
+    elif status == 500:
+        text = f"generation failed: {text}"
+    return ApiError(status, text, param, code=(code or ErrorCode.INTERNAL).value,
+                    headers=retry_after(seconds) if seconds else None)
 
 
 def bad_request(message: str, param: Optional[str] = None) -> ApiError:

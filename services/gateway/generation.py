@@ -19,22 +19,33 @@ from services.gateway.engine_client import EngineClient
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.served_model import ServedModel
 from services.gateway.validation import ChoicePlan, GenerationPlan
-from shared.messages import RequestOutput, SubmitRequest, TokenLogprobs
+from shared.messages import ErrorCode, FinishReason, RequestOutput, SubmitRequest, TokenLogprobs
 
 SETTLE_TIMEOUT_S = 2.0  # how long to wait for a stop-string-aborted choice's final figures
 
 
 @dataclass
-class ChoiceDelta:
+class ChoiceText:
+    """A choice's new text (a delta, as streamed), or all of it put together (`add`)."""
+
     index: int
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)  # where each logprobs token starts
-    finish_reason: Optional[str] = None
+    finish_reason: Optional[FinishReason] = None
+    error_code: Optional[ErrorCode] = None  # with finish_reason ERROR
     error: Optional[str] = None
 
     def __bool__(self) -> bool:
         return bool(self.text or self.logprobs or self.finish_reason)
+
+    def add(self, delta: ChoiceText) -> None:
+        self.text += delta.text
+        self.logprobs += delta.logprobs
+        self.text_offsets += delta.text_offsets
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.error_code = delta.error_code or self.error_code
+        self.error = delta.error or self.error
 
 
 class ChoiceState:
@@ -48,12 +59,12 @@ class ChoiceState:
         self._stop = StopStringMatcher(stop)
         self.num_tokens = 0  # generated, as counted in usage (a stop token included)
         self._decoded_chars = 0
-        self.finish_reason: Optional[str] = None  # as the client sees it
+        self.finish_reason: Optional[FinishReason] = None  # as the client sees it
         self.stopped_by_string = False
         self.final: Optional[RequestOutput] = None  # the scheduler's last word on it
 
-    def on_output(self, out: RequestOutput) -> ChoiceDelta:
-        delta = ChoiceDelta(self.index)
+    def on_output(self, out: RequestOutput) -> ChoiceText:
+        delta = ChoiceText(self.index)
         if out.finish_reason is not None:
             self.final = out
         if self.finish_reason is not None:
@@ -75,16 +86,16 @@ class ChoiceState:
         if out.finish_reason is not None and not self._push(delta, self._detok.flush()):
             delta.text += self._stop.flush()
             self.finish_reason = delta.finish_reason = out.finish_reason
-            delta.error = out.error
+            delta.error_code, delta.error = out.error_code, out.error
         return delta
 
-    def _push(self, delta: ChoiceDelta, text: str) -> bool:
+    def _push(self, delta: ChoiceText, text: str) -> bool:
         """Adds text that is safe to show; True once a stop string matched."""
         safe, matched = self._stop.push(text)
         delta.text += safe
         if matched:
             self.stopped_by_string = True
-            self.finish_reason = delta.finish_reason = "stop"
+            self.finish_reason = delta.finish_reason = FinishReason.STOP
         return matched
 
 
@@ -119,18 +130,18 @@ class Generation:
             self._closed = True
             raise
 
-    def _time_out(self) -> list[ChoiceDelta]:
+    def _time_out(self) -> list[ChoiceText]:
         """The request ran past request_timeout: abort what still runs, end it with an error."""
         running = [c for c in self.choices if c.finish_reason is None]
         self.engine.abort_soon([c.request_id for c in running], "request timeout")
         deltas = []
         for c in running:
-            c.finish_reason = "error"
-            deltas.append(ChoiceDelta(c.index, finish_reason="error",
-                                      error=f"request timeout: not finished within {self.request_timeout:g} s"))
+            c.finish_reason = FinishReason.ERROR
+            deltas.append(ChoiceText(c.index, finish_reason=FinishReason.ERROR, error_code=ErrorCode.REQUEST_TIMEOUT,
+                                     error=f"request timeout: not finished within {self.request_timeout:g} s"))
         return deltas
 
-    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+    async def deltas(self) -> AsyncIterator[ChoiceText]:
         """Every choice's new text until all have finished (as the client sees them)."""
         deadline = None if self.request_timeout is None else self._arrival + self.request_timeout
         while not all(c.finish_reason for c in self.choices):
@@ -171,8 +182,8 @@ class Generation:
         if running:
             self.engine.abort_soon([c.request_id for c in running], "client disconnected")
             for c in running:
-                c.finish_reason = "abort"
-                self.metrics.request_success.labels("abort").inc()
+                c.finish_reason = FinishReason.ABORT
+                self.metrics.request_success.labels(FinishReason.ABORT.value).inc()
         self.engine.unregister(list(self._by_id))
 
     def usage(self) -> dict:
@@ -187,7 +198,7 @@ class Generation:
     # ---- internals ------------------------------------------------------------------------
 
     def _finished(self, choice: ChoiceState) -> None:
-        self.metrics.request_success.labels(choice.finish_reason).inc()
+        self.metrics.request_success.labels(choice.finish_reason.value).inc()
         self.metrics.e2e_request_latency.observe(time.monotonic() - self._arrival)
         if choice.stopped_by_string and choice.final is None:
             # The scheduler would keep generating: stop it, and free its KV blocks.

@@ -12,11 +12,13 @@ Two sources:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from shared.figures import SchedulerFigures, SystemStatus
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1
 
 
 class GatewayMetrics:
-    def __init__(self, read_status: Callable[[], dict[str, Any]]):
+    def __init__(self, read_status: Callable[[], SystemStatus]):
         disable_created_metrics()  # no `*_created` series beside every counter and histogram
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
@@ -50,16 +52,16 @@ class GatewayMetrics:
         self.requests_rejected = Counter(
             PREFIX + "requests_rejected", "Requests refused before enqueueing, by HTTP status.",
             ["status"], registry=r)
-        r.register(SchedulerFigures(read_status))
+        r.register(SchedulerCollector(read_status))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class SchedulerFigures:
+class SchedulerCollector:
     """A custom collector: the scheduler's figures, read from Redis on every scrape."""
 
-    def __init__(self, read_status: Callable[[], dict[str, Any]]):
+    def __init__(self, read_status: Callable[[], SystemStatus]):
         self.read_status = read_status
 
     def describe(self) -> Iterable[Metric]:
@@ -68,40 +70,33 @@ class SchedulerFigures:
     def collect(self) -> Iterable[Metric]:
         try:
             status = self.read_status()
-        except (redis.RedisError, ValueError) as e:  # unreachable, or a figure that is not JSON
+        except (redis.RedisError, ValueError) as e:  # unreachable, or a record that does not decode
             log.warning("metrics: scheduler figures left out: %s", e)
             return
-        stats, workers = status["stats"], status["workers"]
-        usage = [float(w.get("kv_usage", 0.0)) for w in workers.values()]
-        yield _gauge("num_requests_running", "Requests running on the workers.", stats.get("running", 0))
-        yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats.get("waiting", 0))
+        s, workers = status.scheduler or SchedulerFigures(updated_at=0.0), status.workers
+        usage = [w.kv_usage for w in workers.values()]
+        yield _gauge("num_requests_running", "Requests running on the workers.", s.running)
+        yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.waiting)
         yield _gauge("num_workers", "Workers registered with the scheduler.", len(workers))
         yield _gauge("kv_cache_usage_perc", "KV cache blocks in use, mean over workers (1 = 100%).",
                      sum(usage) / len(usage) if usage else 0.0)
-        yield _counter("prompt_tokens", "Prompt tokens of the requests the scheduler accepted.",
-                       stats.get("prompt_tokens", 0))
-        yield _counter("generation_tokens", "Tokens generated.", stats.get("generation_tokens", 0))
-        yield _counter("num_preemptions", "Requests preempted when KV blocks ran out.", stats.get("preemptions", 0))
-        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                       stats.get("prefix_queries", 0))
-        yield _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.get("prefix_hits", 0))
+        yield _counter("prompt_tokens", "Prompt tokens of the requests the scheduler accepted.", s.prompt_tokens)
+        yield _counter("generation_tokens", "Tokens generated.", s.generation_tokens)
+        yield _counter("num_preemptions", "Requests preempted when KV blocks ran out.", s.preemptions)
+        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_queries)
+        yield _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_hits)
         finished = CounterMetricFamily(PREFIX + "scheduler_request_finished",
                                        "Requests the scheduler finished, by its finish reason "
                                        "(a stop string matched at a gateway shows as abort).",
                                        labels=["finished_reason"])
-        for name, value in stats.items():
-            if name.startswith("finished_") and isinstance(value, (int, float)):
-                finished.add_metric([name.removeprefix("finished_")], value)
+        for reason, n in s.finished.items():
+            finished.add_metric([reason], n)
         yield finished
 
 
-def _gauge(name: str, doc: str, value: Any) -> GaugeMetricFamily:
-    return GaugeMetricFamily(PREFIX + name, doc, value=_number(value))
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, value=value)
 
 
-def _counter(name: str, doc: str, value: Any) -> CounterMetricFamily:
-    return CounterMetricFamily(PREFIX + name, doc, value=_number(value))
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) else 0.0
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, doc, value=value)

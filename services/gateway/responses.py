@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from services.gateway.generation import ChoiceDelta, Generation
+from services.gateway.generation import ChoiceText, Generation
 from services.gateway.served_model import ServedModel
-from shared.messages import TokenLogprobs
 
 DONE = b"data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # what a -inf logprob is reported as (JSON has no infinity), as vLLM
@@ -21,25 +19,6 @@ MIN_LOGPROB = -9999.0  # what a -inf logprob is reported as (JSON has no infinit
 
 def sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-@dataclass
-class ChoiceResult:
-    """A choice's deltas put together, for a non-streaming response."""
-
-    index: int
-    text: str = ""
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    text_offsets: list[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
-
-    def add(self, delta: ChoiceDelta) -> None:
-        self.text += delta.text
-        self.logprobs += delta.logprobs
-        self.text_offsets += delta.text_offsets
-        self.finish_reason = delta.finish_reason or self.finish_reason
-        self.error = delta.error or self.error
 
 
 class CompletionFormat:
@@ -56,13 +35,13 @@ class CompletionFormat:
     def opening_chunks(self) -> list[dict]:
         return []
 
-    def chunk(self, delta: ChoiceDelta) -> dict:
+    def chunk(self, delta: ChoiceText) -> dict:
         out = self._envelope(self.object_name, [self._choice(delta.index, delta.text, delta, delta.finish_reason)])
         if self.gen.plan.include_usage:
             out["usage"] = None
         return out
 
-    def response(self, results: list[ChoiceResult]) -> dict:
+    def response(self, results: list[ChoiceText]) -> dict:
         out = self._envelope(self.object_name,
                              [self._choice(r.index, r.text, r, r.finish_reason) for r in results])
         out["usage"] = self.gen.usage()
@@ -102,7 +81,7 @@ class ChatFormat(CompletionFormat):
             chunks.append(out)
         return chunks
 
-    def response(self, results: list[ChoiceResult]) -> dict:
+    def response(self, results: list[ChoiceText]) -> dict:
         out = self._envelope("chat.completion", [
             {"index": r.index, "message": {"role": "assistant", "content": r.text, "refusal": None,
                                            "tool_calls": []},

@@ -4,7 +4,6 @@ tokenizer files (offline: nothing is ever downloaded)."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -12,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import GatewaySettings
+from shared.models import ModelLoadError, config_int, max_model_len, model_dir, read_config
 
 
-class ModelLoadError(Exception):
-    """The model directory cannot be served; the message says what to fix."""
+@dataclass(frozen=True)
+class ContextLimits:
+    """What a request is validated against: its prompt + max_tokens, its token ids."""
+
+    max_model_len: int
+    vocab_size: int
 
 
 @dataclass
@@ -23,7 +27,7 @@ class ServedModel:
     name: str
     path: Path
     tokenizer: Any  # a transformers tokenizer
-    max_model_len: int
+    max_model_len: int  # from config.json (or --max-model-len): see `limits`
     vocab_size: int
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -36,6 +40,12 @@ class ServedModel:
         self.token_bytes = lru_cache(maxsize=1 << 16)(self._token_bytes)
         is_byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
         self._byte_decoder = _byte_level_decoder() if is_byte_level else None
+
+    @property
+    def limits(self) -> ContextLimits:
+        """The model directory's own limits; the workers' (cluster.worker_limits) are
+        used once one has registered, since its KV pool may hold less."""
+        return ContextLimits(self.max_model_len, self.vocab_size)
 
     def encode(self, text: str) -> list[int]:
         """A completion prompt's ids; special tokens (a BOS) as the tokenizer adds them."""
@@ -80,37 +90,13 @@ def _byte_level_decoder() -> dict[str, int]:
 
 def load_served_model(settings: GatewaySettings) -> ServedModel:
     """Reads the model directory named by the settings (default: the tiny model)."""
-    if settings.model:
-        path = Path(settings.model).expanduser()
-    else:
-        from services.gpu_worker.tiny_model import ensure_tiny_model
-
-        path = ensure_tiny_model()
-    config = _read_config(path)
-    model_len = config.get("max_position_embeddings")
-    if not isinstance(model_len, int) or model_len <= 0:
-        raise ModelLoadError(f"{str(path / 'config.json')!r} has no valid max_position_embeddings")
-    max_len = settings.max_model_len or model_len
-    if max_len > model_len:
-        raise ModelLoadError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {model_len}")
-    vocab = config.get("vocab_size")
-    if not isinstance(vocab, int) or vocab <= 0:
-        raise ModelLoadError(f"{str(path / 'config.json')!r} has no valid vocab_size")
+    path = model_dir(settings.model)
+    config = read_config(path)
+    max_len = max_model_len(config, path, settings.max_model_len)
+    vocab = config_int(config, "vocab_size", path)
     tokenizer = _load_tokenizer(path)
     name = settings.served_model_name or path.name
     return ServedModel(name=name, path=path, tokenizer=tokenizer, max_model_len=max_len, vocab_size=vocab)
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {str(path)!r} does not exist (CONVEYOR_MODEL / --model)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"{str(path)!r} has no config.json: expected a Hugging Face model directory")
-    try:
-        return json.loads(config_file.read_text())
-    except ValueError as e:
-        raise ModelLoadError(f"{str(config_file)!r} is not valid JSON: {e}") from None
 
 
 def _load_tokenizer(path: Path) -> Any:

@@ -15,27 +15,15 @@ from typing import AsyncIterator, Union
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from services.gateway.errors import ApiError, error_body
-from services.gateway.generation import ChoiceDelta, Generation
-from services.gateway.responses import DONE, ChatFormat, ChoiceResult, CompletionFormat, sse
+from services.gateway.errors import error_body, scheduler_error
+from services.gateway.generation import ChoiceText, Generation
+from services.gateway.responses import DONE, ChatFormat, CompletionFormat, sse
 from services.gateway.served_model import ServedModel
+from shared.messages import FinishReason
 
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's code: the client went away before the answer
-
-
-def scheduler_error(delta: ChoiceDelta) -> ApiError:
-    """A request the scheduler ended with an error. Refusals of the request itself (longer
-    than every worker's max_model_len) are the client's; anything else is ours."""
-    message = delta.error or "the request failed in the scheduler"
-    if "max_model_len" in message:
-        return ApiError(400, f"the request was refused: {message}", "max_tokens")
-    if message.startswith("queue timeout"):  # overloaded: the client may retry later
-        return ApiError(503, f"{message}; retry later", code="queue_timeout", headers={"Retry-After": "5"})
-    if message.startswith("request timeout"):
-        return ApiError(504, message, code="request_timeout")
-    return ApiError(500, f"generation failed: {message}", code="generation_failed")
 
 
 class GenerationStream(StreamingResponse):
@@ -58,8 +46,8 @@ async def _sse_events(gen: Generation, fmt: CompletionFormat) -> AsyncIterator[b
         for chunk in fmt.opening_chunks():
             yield sse(chunk)
         async for delta in gen.deltas():
-            if delta.finish_reason == "error":
-                err = scheduler_error(delta)
+            if delta.finish_reason is FinishReason.ERROR:
+                err = scheduler_error(delta.error_code, delta.error)
                 yield sse(error_body(err.status, err.message, err.param, err.code))
                 return
             yield sse(fmt.chunk(delta))
@@ -81,20 +69,20 @@ async def respond(gen: Generation, request: Request, fmt: CompletionFormat) -> U
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
     for r in results:
-        if r.finish_reason == "error":
-            raise scheduler_error(ChoiceDelta(r.index, finish_reason="error", error=r.error))
+        if r.finish_reason is FinishReason.ERROR:
+            raise scheduler_error(r.error_code, r.error)
     return JSONResponse(fmt.response(results))
 
 
-async def _collect(gen: Generation) -> list[ChoiceResult]:
-    results = [ChoiceResult(c.index) for c in gen.choices]
+async def _collect(gen: Generation) -> list[ChoiceText]:
+    results = [ChoiceText(c.index) for c in gen.choices]
     async for delta in gen.deltas():
         results[delta.index].add(delta)
     await gen.settle()
     return results
 
 
-async def _collect_unless_disconnected(gen: Generation, request: Request) -> Union[list[ChoiceResult], None]:
+async def _collect_unless_disconnected(gen: Generation, request: Request) -> Union[list[ChoiceText], None]:
     """The results, or None when the client disconnected first."""
     collect = asyncio.ensure_future(_collect(gen))
     gone = asyncio.ensure_future(_disconnected(request))

@@ -1,8 +1,9 @@
 """From a validated request body to what the scheduler runs: the prompt's token ids and,
 per choice, one scheduler request with its SamplingParams.
 
-Here live the rules that need the model: its name, its length limit, its vocabulary, its
-chat template. Each refusal is a 400 (404 for an unknown model) naming the field.
+Here live the rules that need the model: its name, its chat template, and the limits the
+workers registered (`ContextLimits`: the longest request, the vocabulary). Each refusal is
+a 400 (404 for an unknown model) naming the field.
 
 max_tokens defaults as vLLM's: 16 for /v1/completions (OpenAI's default), and the rest of
 the context (max_model_len - prompt tokens) for /v1/chat/completions.
@@ -17,7 +18,7 @@ from typing import Optional, Union
 
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from services.gateway.served_model import ServedModel
+from services.gateway.served_model import ContextLimits, ServedModel
 from shared.messages import SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -43,22 +44,26 @@ class GenerationPlan:
     include_usage: bool
 
 
-def completion_plan(body: CompletionRequest, model: ServedModel) -> GenerationPlan:
-    _check_common(body, model)
+def completion_plan(body: CompletionRequest, model: ServedModel,
+                    limits: Optional[ContextLimits] = None) -> GenerationPlan:
+    limits = limits or model.limits
+    _check_common(body, model, limits)
     if body.echo:
         raise bad_request("echo is not supported", "echo")
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request(f"best_of is not supported (only best_of == n, here {body.n})", "best_of")
-    prompt = _completion_prompt(body.prompt, model)
+    prompt = _completion_prompt(body.prompt, model, limits)
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
-    _check_length(len(prompt), max_tokens, body.max_tokens is None, "max_tokens", "prompt", model)
+    _check_length(len(prompt), max_tokens, body.max_tokens is None, "max_tokens", "prompt", limits)
     return _plan("cmpl", body, prompt, max_tokens, body.logprobs, model)
 
 
-def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> GenerationPlan:
-    _check_common(body, model)
+def chat_plan(body: ChatCompletionRequest, model: ServedModel,
+              limits: Optional[ContextLimits] = None) -> GenerationPlan:
+    limits = limits or model.limits
+    _check_common(body, model, limits)
     for name in ("tools", "functions"):
         if getattr(body, name):
             raise bad_request(f"{name} is not supported", name)
@@ -72,14 +77,14 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> GenerationPlan
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested is None:
-        if len(prompt) >= model.max_model_len:
-            raise bad_request(f"This model's maximum context length is {model.max_model_len} tokens, and the "
+        if len(prompt) >= limits.max_model_len:
+            raise bad_request(f"This model's maximum context length is {limits.max_model_len} tokens, and the "
                               f"messages take {len(prompt)} tokens, leaving none for the completion. "
                               "Please reduce the length of the messages.", "messages")
-        max_tokens = model.max_model_len - len(prompt)
+        max_tokens = limits.max_model_len - len(prompt)
     else:
         max_tokens = requested
-        _check_length(len(prompt), max_tokens, False, field, "messages", model)
+        _check_length(len(prompt), max_tokens, False, field, "messages", limits)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _plan("chatcmpl", body, prompt, max_tokens, logprobs, model)
 
@@ -87,7 +92,8 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel) -> GenerationPlan
 # ---- shared rules -----------------------------------------------------------------------
 
 
-def _check_common(body: Union[CompletionRequest, ChatCompletionRequest], model: ServedModel) -> None:
+def _check_common(body: Union[CompletionRequest, ChatCompletionRequest], model: ServedModel,
+                  limits: ContextLimits) -> None:
     if body.model is not None and body.model != model.name:
         raise ApiError(404, f"The model `{body.model}` does not exist; this server serves `{model.name}`.",
                        "model", code="model_not_found")
@@ -99,18 +105,19 @@ def _check_common(body: Union[CompletionRequest, ChatCompletionRequest], model: 
         if not s:
             raise bad_request(f"stop[{i}]: stop strings must not be empty", "stop")
     for i, t in enumerate(body.stop_token_ids or []):
-        _check_token(t, f"stop_token_ids[{i}]", model)
+        _check_token(t, f"stop_token_ids[{i}]", limits)
 
 
-def _check_token(token_id: int, where: str, model: ServedModel) -> None:
-    if not 0 <= token_id < model.vocab_size:
+def _check_token(token_id: int, where: str, limits: ContextLimits) -> None:
+    vocab = limits.vocab_size
+    if not 0 <= token_id < vocab:
         raise bad_request(f"{where}: token id {token_id} is out of range: the model's vocabulary has "
-                          f"{model.vocab_size} tokens (ids 0 to {model.vocab_size - 1})", where.split("[")[0])
+                          f"{vocab} tokens (ids 0 to {vocab - 1})", where.split("[")[0])
 
 
 def _check_length(prompt_len: int, max_tokens: int, defaulted: bool, field: str, prompt_field: str,
-                  model: ServedModel) -> None:
-    limit = model.max_model_len
+                  limits: ContextLimits) -> None:
+    limit = limits.max_model_len
     if prompt_len + max_tokens > limit:
         default = ", its default" if defaulted else ""
         raise bad_request(
@@ -126,7 +133,7 @@ def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-def _completion_prompt(prompt: Union[str, list], model: ServedModel) -> list[int]:
+def _completion_prompt(prompt: Union[str, list], model: ServedModel, limits: ContextLimits) -> list[int]:
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
             raise bad_request(f"prompt: a batch of {len(prompt)} prompts is not supported; send one prompt "
@@ -138,7 +145,7 @@ def _completion_prompt(prompt: Union[str, list], model: ServedModel) -> list[int
             raise bad_request("prompt: must not be empty", "prompt")
         return ids
     for i, t in enumerate(prompt):
-        _check_token(t, f"prompt[{i}]", model)
+        _check_token(t, f"prompt[{i}]", limits)
     return list(prompt)
 
 

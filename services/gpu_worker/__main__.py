@@ -13,8 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("services.gpu_worker")
     from pydantic import ValidationError
 
-    from services.gpu_worker.model_dir import ModelLoadError, check_model_dir
     from shared.config import WorkerSettings, parse_settings
+    from shared.models import ModelLoadError, check_model_dir
 
     try:
         settings = parse_settings(WorkerSettings, argv)

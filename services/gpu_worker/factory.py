@@ -14,8 +14,8 @@ from kernels import get_attention_backend
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, cache_budget_bytes
 from services.gpu_worker.loader import load_config, load_model
-from services.gpu_worker.model_dir import ModelLoadError
 from shared.config import WorkerSettings
+from shared.models import ModelLoadError, max_model_len, model_dir, read_config
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,6 @@ class EngineInfo:
     device: str
 
 
-def resolve_model_dir(model: str | None) -> Path:
-    if model:
-        return Path(model)
-    from services.gpu_worker.tiny_model import ensure_tiny_model
-
-    return ensure_tiny_model()
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -56,11 +48,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def eos_token_ids(model_dir: Path, config) -> list[int]:
+def eos_token_ids(path: Path, config) -> list[int]:
     """EOS ids from generation_config.json when present (it may list several, e.g. a chat
     end token), else from config.json."""
     eos = None
-    gen = model_dir / "generation_config.json"
+    gen = path / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
     if eos is None:
@@ -71,18 +63,12 @@ def eos_token_ids(model_dir: Path, config) -> list[int]:
 
 
 def create_engine(settings: WorkerSettings) -> tuple[Engine, EngineInfo]:
-    model_dir = resolve_model_dir(settings.model)
-    config = load_config(model_dir)  # fails early with a clear message
+    path = model_dir(settings.model)
+    config = load_config(path)  # fails early with a clear message
+    max_len = max_model_len(read_config(path), path, settings.max_model_len)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    model = load_model(model_dir, device, dtype, get_attention_backend(device))
-
-    max_len = model.shape.max_position_embeddings
-    if settings.max_model_len is not None:
-        if settings.max_model_len > max_len:
-            raise ModelLoadError(f"max_model_len {settings.max_model_len} exceeds the model's "
-                                 f"max_position_embeddings {max_len}")
-        max_len = settings.max_model_len
+    model = load_model(path, device, dtype, get_attention_backend(device))
 
     per_block = bytes_per_block(model.shape, settings.block_size, dtype)
     budget = cache_budget_bytes(device, int(settings.kv_cache_memory), settings.gpu_memory_fraction)
@@ -93,11 +79,11 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, EngineInfo]:
                              f"{min_blocks} one request of max_model_len {max_len} needs: raise "
                              f"--kv-cache-memory / --gpu-memory-fraction or lower --max-model-len")
     kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, device)
-    eos = eos_token_ids(model_dir, config)
-    log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", model_dir, device, dtype,
+    eos = eos_token_ids(path, config)
+    log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", path, device, dtype,
              num_blocks, settings.block_size, num_blocks * per_block / 2**20)
     engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id)
-    info = EngineInfo(model=str(model_dir), max_model_len=max_len, block_size=settings.block_size,
+    info = EngineInfo(model=str(path), max_model_len=max_len, block_size=settings.block_size,
                       num_blocks=num_blocks, vocab_size=model.shape.vocab_size, eos_token_ids=eos,
                       device=str(device))
     return engine, info

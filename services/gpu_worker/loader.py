@@ -14,9 +14,9 @@ from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.activations import ACT2FN
 
-from services.gpu_worker.model_dir import ModelLoadError, check_model_dir
 from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
 from services.gpu_worker.rope import RotaryEmbedding
+from shared.models import ModelLoadError, check_model_dir
 
 
 def load_config(model_dir: str | Path):

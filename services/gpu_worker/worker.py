@@ -1,5 +1,5 @@
 """The worker process's loop: register with the scheduler over ZeroMQ, then execute each
-StepPlan it receives and answer with a StepResult, until SIGTERM or a Shutdown.
+StepPlan it receives and answer with a StepResult, until SIGTERM.
 
 Bad messages are logged and answered with an error result; they never end the process.
 """
@@ -67,8 +67,7 @@ class Worker:
         while not self.stopping:
             if not self.sock.poll(timeout=200):  # wakes up to notice SIGTERM
                 continue
-            if not self.handle(self.sock.recv()):
-                break
+            self.handle(self.sock.recv())
         done.set()
         beats.join()
         self._send(m.WorkerLeaving(worker_id=self.engine.worker_id, reason="shutdown"))
@@ -83,30 +82,26 @@ class Worker:
             sock.send(m.encode(m.Heartbeat(worker_id=self.engine.worker_id, sent_at=time.time())))
         sock.close()
 
-    def handle(self, data: bytes) -> bool:
-        """Handle one incoming message; False means stop serving."""
+    def handle(self, data: bytes) -> None:
+        """Handle one incoming message; none of them ends the process."""
         try:
             msg = m.decode(data)
         except m.DecodeError as e:
             log.warning("undecodable message (%d bytes) ignored: %s", len(data), e)
             self._send(m.StepResult(step_id=-1, worker_id=self.engine.worker_id, error=f"undecodable message: {e}"))
-            return True
+            return
         if isinstance(msg, m.StepPlan):
             result = self.engine.execute(msg)
             if result.error:
                 log.warning("step %d: %s", msg.step_id, result.error)
             self._send(result)
-            return True
+            return
         if isinstance(msg, m.Reregister):
             log.warning("scheduler asks to register again (%s): dropping %d rows", msg.reason, len(self.engine.rows))
             self.engine.rows.clear()
             self.register()
-            return True
-        if isinstance(msg, m.Shutdown):
-            log.info("shutdown asked by the scheduler: %s", msg.reason)
-            return False
+            return
         log.warning("unexpected %s message ignored", type(msg).__name__)
-        return True
 
     def _send(self, msg: m.Message) -> None:
         self.sock.send(m.encode(msg))

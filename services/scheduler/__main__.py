@@ -13,8 +13,9 @@ def connect_redis(url: str, log: logging.Logger, attempts: int = 30):
     """A client whose server answers PING, retrying with backoff: Redis may start after us."""
     import redis
 
-    # Short timeouts: a Redis outage must not stall the scheduling loop.
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
+    from shared.redis_protocol import connect
+
+    client = connect(url, scheduler=True)  # short timeouts: an outage must not stall the loop
     delay = 0.1
     for attempt in range(attempts):
         try:

@@ -21,12 +21,14 @@ import redis
 import zmq
 
 from services.scheduler.core import SchedulerCore
+from services.scheduler.figures import FigureBuilder
 from services.scheduler.lease import Lease
-from services.scheduler.redis_queue import RequestQueue, StatusWriter
 from shared import messages as m
 from shared.config import SchedulerSettings
 from shared.curve import secure_server
+from shared.figures import ErrorRecord
 from shared.redis_keys import RedisKeys
+from shared.redis_protocol import RequestQueue, StatusWriter
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,12 @@ class SchedulerService:
         self.gateways: dict[str, zmq.Socket] = {}
         self.stopping = False
         self._last_stats = 0.0
-        self._stats_base = (time.monotonic(), 0, 0)  # (time, steps, tokens) at the last figures
+        self.figures = FigureBuilder(core, settings.stall_after)
         self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
         self._redis_retry_at = 0.0  # while Redis is down: when to try it again
         self._redis_backoff = 0.1
         self._gateway_seen: dict[str, float] = {}  # reply_to -> when its liveness key was last there
-        self._last_queue_read = 0.0  # monotonic
+        self._last_queue_read = 0.0  # monotonic time of the last read of the request stream
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
@@ -123,8 +125,8 @@ class SchedulerService:
         now_mono = time.monotonic()
         for wid in self.core.check_workers(now_mono, self.settings.heartbeat_timeout, self.settings.step_timeout):
             self.status.remove_worker(wid)
-            self.status.error({"worker": wid, "error": "worker stopped answering; its requests were requeued",
-                               "time": time.time()})
+            self.status.error(ErrorRecord(worker=wid, error="worker stopped answering; its requests were requeued",
+                                          time=time.time()))
         self._dispatch_steps()
         self._send_outputs()
         self._bookkeeping()
@@ -154,7 +156,7 @@ class SchedulerService:
         now = time.monotonic()
         if isinstance(msg, m.RegisterWorker):
             self.core.add_worker(msg, now)
-            self.status.worker(msg.worker_id, self._worker_info(msg.worker_id))
+            self.status.worker(msg.worker_id, self.figures.worker(msg.worker_id))
         elif isinstance(msg, (m.Heartbeat, m.StepResult)):
             w = self.core.workers.get(msg.worker_id)
             if w is None:
@@ -164,6 +166,7 @@ class SchedulerService:
                 return
             w.last_seen = now
             if isinstance(msg, m.StepResult):
+                self.figures.on_timings(msg.worker_id, msg.timings)
                 self.core.on_step_result(msg)
         elif isinstance(msg, m.WorkerLeaving):
             self.core.remove_worker(msg.worker_id, f"left: {msg.reason}")
@@ -237,7 +240,7 @@ class SchedulerService:
             self.status.request_status(rid, **fields)
         self.core.status_updates.clear()
         for e in self.core.errors:
-            self.status.error({**e, "time": time.time()})
+            self.status.error(ErrorRecord(**e, time=time.time()))
         self.core.errors.clear()
         if time.monotonic() - self._last_stats >= self.settings.stats_interval:
             self.core.expire_queued(time.time())
@@ -305,44 +308,12 @@ class SchedulerService:
             self._redis_backoff = 0.1
 
     def _write_figures(self) -> None:
-        mono = time.monotonic()
-        t0, steps0, tokens0 = self._stats_base
-        c = self.core.counters
-        elapsed = max(mono - t0, 1e-9)
-        queries, hits = self.core.prefix_cache_totals()
-        workers = {wid: self._worker_info(wid, elapsed) for wid in self.core.workers}
-        self.status.stats({
-            "waiting": self.core.num_waiting(), "running": self.core.num_running(),
-            "queued_tokens": self.core.queued_tokens(),
-            "workers": len(self.core.workers), "preemptions": c.preemptions, "migrations": c.migrations,
-            "prompt_tokens": c.prompt_tokens, "generation_tokens": c.generation_tokens,
-            "prefix_queries": queries, "prefix_hits": hits,
-            "steps_per_s": round((c.steps - steps0) / elapsed, 2),
-            "tokens_per_s": round((c.generation_tokens - tokens0) / elapsed, 2),
-            "step_errors": c.step_errors, "updated_at": round(time.time(), 3),
-            "stalled_workers": sum(1 for info in workers.values() if info["stalled"]),
-            **{f"finished_{reason}": n for reason, n in c.finished.items()},
-        })
-        for wid, info in workers.items():
-            self.status.worker(wid, info)
-        self._stats_base = (mono, c.steps, c.generation_tokens)
-        for w in self.core.workers.values():
-            w.tokens_at_last_figures = w.tokens_generated
-        self._last_stats = mono
-
-    def _worker_info(self, wid: str, elapsed: float = 1.0) -> dict:
-        w = self.core.workers[wid]
-        busy_s = time.monotonic() - w.in_flight.sent_at if w.in_flight else 0.0
-        return {
-            "step_in_flight_s": round(busy_s, 2), "stalled": busy_s > self.settings.stall_after,
-            "model": w.info.model, "device": w.info.device, "pid": w.info.pid, "num_blocks": w.info.num_blocks,
-            "block_size": w.info.block_size, "kv_usage": round(w.pool.usage, 4),
-            "running": len(w.running), "waiting": len(w.waiting), "steps": w.steps,
-            "tokens_generated": w.tokens_generated,
-            "tokens_per_s": round((w.tokens_generated - w.tokens_at_last_figures) / elapsed, 2),
-            "updated_at": round(time.time(), 3),
-        }
+        scheduler, workers = self.figures.interval()
+        self.status.figures(scheduler)
+        for wid, figures in workers.items():
+            self.status.worker(wid, figures)
+        self._last_stats = time.monotonic()
 
     def _record_error(self, text: str) -> None:
         log.warning("%s", text)
-        self.status.error({"error": text, "time": time.time()})
+        self.status.error(ErrorRecord(error=text, time=time.time()))

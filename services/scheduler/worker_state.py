@@ -33,7 +33,6 @@ class WorkerState:
     # figures
     steps: int = 0
     tokens_generated: int = 0
-    tokens_at_last_figures: int = 0
 
     @property
     def worker_id(self) -> str:

@@ -18,8 +18,8 @@ import openai
 import pytest
 import redis
 
-from services.scheduler.redis_queue import read_status
 from shared.embedded_redis import free_port
+from shared.redis_protocol import read_status
 from tests.stack import REPO, service_env
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
                                  stderr=subprocess.STDOUT,
                                  env={**env, "CONVEYOR_MODEL": model_dir, "CONVEYOR_WORKER_ID": "extra"})
         deadline = time.monotonic() + 120
-        while "extra" not in read_status(r)["workers"]:
+        while "extra" not in read_status(r).workers:
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.2)
         assert len(results) < 12, "requests are still running when worker-0 leaves"
@@ -106,9 +106,9 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
         assert not errors, errors
         assert results == {i: TOKENS for i in range(12)}, "every stream got all its tokens"
         deadline = time.monotonic() + 10
-        while (status := read_status(r))["stats"].get("migrations", 0) < 1 and time.monotonic() < deadline:
+        while (status := read_status(r)).scheduler.migrations < 1 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert set(status["workers"]) == {"extra"} and status["stats"]["migrations"] >= 1
+        assert set(status.workers) == {"extra"} and status.scheduler.migrations >= 1
         assert "worker-0 stopped (exit 0); not restarting it" in log_path.read_text()
         r.close()
     finally:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from services.gpu_worker.tiny_model import make_model
+from shared.tiny_model import make_model
 from tests.stack import REPO, Stack, service_env
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_status_shows_the_queue_workers_and_errors(redis_server, tmp_path):
         for i in range(7):  # no worker yet: they wait in the queue
             stack.submit(f"q{i}", [5, 6, 7, 8], max_tokens=4)
         stack.client.xadd(stack.keys.requests, {b"msg": b"garbage"})
-        _wait(lambda: json.loads(_status(stack, "--json").stdout)["stats"].get("waiting") == 7)
+        _wait(lambda: (json.loads(_status(stack, "--json").stdout)["scheduler"] or {}).get("waiting") == 7)
 
         out = _status(stack).stdout
         assert "scheduler   alive" in out

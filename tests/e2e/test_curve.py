@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from services.gpu_worker.tiny_model import make_model
-from services.scheduler.redis_queue import read_status
 from shared.curve import make_keys
+from shared.redis_protocol import read_status
+from shared.tiny_model import make_model
 from tests.stack import REPO, Stack, service_env
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def test_only_workers_holding_the_key_pair_get_in(redis_server, tmp_path):
         stack.wait_finished(["secret"])
         assert len(stack.tokens["secret"]) == 6
         time.sleep(5)  # the intruders have long finished loading and tried to register
-        assert set(read_status(stack.client, stack.keys)["workers"]) == {"trusted"}
+        assert set(read_status(stack.client, stack.keys).workers) == {"trusted"}
         assert all(p.poll() is None for p in intruders), "they are up, just never let in"
     finally:
         for p in intruders:

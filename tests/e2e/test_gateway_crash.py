@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from services.gpu_worker.tiny_model import make_model
-from services.scheduler.redis_queue import read_status
+from shared.redis_protocol import read_status
+from shared.tiny_model import make_model
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ def test_gateway_kill_9_aborts_its_requests_and_frees_their_blocks(redis_server,
         while len(doomed_chunks) < 20:
             assert time.monotonic() < deadline, stack.log_tail()
             time.sleep(0.1)
-        assert read_status(stack.client, stack.keys)["stats"].get("running", 0) >= 1 or True
+        assert read_status(stack.client, stack.keys).scheduler.running >= 1 or True
         stack.kill("doomed")
 
         # The other gateway still serves while the orphans are cleaned up.
@@ -57,13 +57,13 @@ def test_gateway_kill_9_aborts_its_requests_and_frees_their_blocks(redis_server,
         deadline = time.monotonic() + 30
         while True:
             status = read_status(stack.client, stack.keys)
-            if (status["workers"]["w1"]["kv_usage"] == 0 and status["stats"].get("running", 1) == 0
-                    and status["queue_length"] == 0):
+            if (status.workers["w1"].kv_usage == 0 and status.scheduler.running == 0
+                    and status.queue_length == 0):
                 break
             assert time.monotonic() < deadline, (status, stack.log_tail("scheduler"))
             time.sleep(0.2)
-        assert status["stats"].get("finished_abort", 0) >= 4
-        assert any("gateway" in e["error"] and "gone" in e["error"] for e in status["errors"])
+        assert status.scheduler.finished.get("abort", 0) >= 4
+        assert any("gateway" in e.error and "gone" in e.error for e in status.errors)
         stack.check_alive()
     finally:
         stack.stop()

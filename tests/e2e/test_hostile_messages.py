@@ -11,9 +11,9 @@ import msgpack
 import pytest
 import zmq
 
-from services.gpu_worker.tiny_model import make_model
-from services.scheduler.redis_queue import read_status
 from shared import messages as m
+from shared.redis_protocol import read_status
+from shared.tiny_model import make_model
 from tests.gpu_worker.test_worker_process import FakeScheduler, _start_worker
 from tests.stack import Stack
 
@@ -105,7 +105,7 @@ def test_scheduler_survives_a_thousand_malformed_messages_on_each_channel(redis_
         while stack.client.xlen(stack.keys.requests) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert stack.client.xlen(stack.keys.requests) == 0, "malformed entries were acknowledged, not left to rot"
-        assert read_status(stack.client, stack.keys)["errors"], "rejections were recorded"
+        assert read_status(stack.client, stack.keys).errors, "rejections were recorded"
     finally:
         stack.stop()
 

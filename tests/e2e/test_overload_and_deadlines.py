@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from services.gpu_worker.tiny_model import make_model
-from services.scheduler.redis_queue import read_status
+from shared.redis_protocol import read_status
+from shared.tiny_model import make_model
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -56,10 +56,10 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         late = _post(port, {"prompt": "c", "max_tokens": 3000, "ignore_eos": True})
         assert late.status_code == 504 and "request timeout" in late.json()["error"]["message"]
         deadline = time.monotonic() + 20
-        while (status := read_status(stack.client, stack.keys))["workers"]["w1"]["kv_usage"] != 0:
+        while (status := read_status(stack.client, stack.keys)).workers["w1"].kv_usage != 0:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        assert status["stats"]["finished_abort"] >= 2
+        assert status.scheduler.finished["abort"] >= 2
 
         # Token-bounded queue: with the slot held, 300 waiting prompt tokens is the limit.
         hog = threading.Thread(target=_post, args=(port, {"prompt": "a", "max_tokens": 3000, "ignore_eos": True}))
@@ -69,7 +69,7 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         first = threading.Thread(target=_post, args=(port, {"prompt": big, "max_tokens": 2}))
         first.start()
         deadline = time.monotonic() + 10
-        while read_status(stack.client, stack.keys)["stats"].get("queued_tokens", 0) < 250:
+        while read_status(stack.client, stack.keys).scheduler.queued_tokens < 250:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         refused = _post(port, {"prompt": big, "max_tokens": 2})
@@ -108,7 +108,7 @@ def test_scheduler_kill_9_under_sampled_streams(redis_server, model_dir, tmp_pat
         for t in threads:
             t.start()
         deadline = time.monotonic() + 60
-        while read_status(stack.client, stack.keys)["stats"].get("generation_tokens", 0) < 60:
+        while read_status(stack.client, stack.keys).scheduler.generation_tokens < 60:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         stack.kill("scheduler")

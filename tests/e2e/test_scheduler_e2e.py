@@ -11,8 +11,9 @@ import time
 import pytest
 import zmq
 
-from services.gpu_worker.tiny_model import make_model
-from services.scheduler.redis_queue import read_status
+from shared.figures import SystemStatus
+from shared.redis_protocol import read_status
+from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import hf_greedy
 from tests.stack import Stack
 
@@ -63,7 +64,7 @@ def mixed_stack(redis_server, model_dir, tmp_path):
     s.stop()
 
 
-def _status_after(stack: Stack, ready, timeout_s: float = 10.0) -> dict:
+def _status_after(stack: Stack, ready, timeout_s: float = 10.0) -> SystemStatus:
     """Figures are written about every second: wait until they show what `ready` expects."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -87,9 +88,9 @@ def test_fifty_requests_on_two_workers_match_hf(stack, workload):
         stack.submit(rid, prompt, max_tokens=max_tokens)
     stack.wait_finished(requests)
     _check(stack, requests, expected)
-    status = _status_after(stack, lambda s: s["stats"].get("finished_stop", 0) + s["stats"].get("finished_length", 0) == 50)
-    assert status["queue_length"] == 0 and status["pending"] == 0, "every finished request was acknowledged"
-    assert all(w["steps"] > 0 for w in status["workers"].values()), "both workers served"
+    status = _status_after(stack, lambda s: s.scheduler.finished.get("stop", 0) + s.scheduler.finished.get("length", 0) == 50)
+    assert status.queue_length == 0 and status.pending == 0, "every finished request was acknowledged"
+    assert all(w.steps > 0 for w in status.workers.values()), "both workers served"
     assert stack.client.hget(stack.keys.request("req-0"), "status") == b"finished"
 
 
@@ -106,8 +107,8 @@ def _kill_mid_run_loses_nothing(stack: Stack, workload, victim: str, survivor: s
     stack.kill(victim)
     stack.wait_finished(requests)  # raises if the scheduler dies meanwhile
     _check(stack, requests, expected)
-    status = _status_after(stack, lambda s: s["stats"].get("migrations", 0) >= 1 and set(s["workers"]) == {survivor})
-    assert status["stats"].get("migrations", 0) >= 1 and set(status["workers"]) == {survivor}
+    status = _status_after(stack, lambda s: s.scheduler.migrations >= 1 and set(s.workers) == {survivor})
+    assert status.scheduler.migrations >= 1 and set(status.workers) == {survivor}
 
 
 def test_kill_9_of_a_worker_mid_run_loses_nothing(stack, workload):
@@ -118,7 +119,7 @@ def test_migration_from_block_size_16_to_32_matches_hf(mixed_stack, workload):
     """Requests moved from the worker of block size 16 continue on the one of block size
     32, their prefix hashes computed for it."""
     status = read_status(mixed_stack.client, mixed_stack.keys)
-    assert {w: info["block_size"] for w, info in status["workers"].items()} == {"bs16": 16, "bs32": 32}
+    assert {w: f.registered.block_size for w, f in status.workers.items()} == {"bs16": 16, "bs32": 32}
     _kill_mid_run_loses_nothing(mixed_stack, workload, "bs16", "bs32")
 
 
@@ -127,7 +128,7 @@ def test_bad_input_is_survived(stack, workload):
     # Garbage on the workers' socket, a plan result from a worker nobody knows, a garbage
     # queue entry, and a duplicate request id.
     from shared import messages as m
-    from services.scheduler.redis_queue import submit
+    from shared.redis_protocol import submit
 
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -156,7 +157,7 @@ def test_bad_input_is_survived(stack, workload):
     stack.wait_finished(["req-3", "dup"])
     assert stack.tokens["req-3"] == expected["req-3"]
     assert len(stack.tokens["dup"]) == 50, "the original request was not disturbed"
-    errors = [e["error"] for e in read_status(stack.client, stack.keys)["errors"]]
+    errors = [e.error for e in read_status(stack.client, stack.keys).errors]
     assert any("undecodable" in e for e in errors)
     assert any("rejected" in e for e in errors)
     assert any("duplicate" in e for e in errors)

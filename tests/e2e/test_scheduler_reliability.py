@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from services.gpu_worker.tiny_model import make_model
 from shared.embedded_redis import free_port, start_embedded_redis
+from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import hf_greedy
 from tests.stack import Stack
 
@@ -127,8 +127,8 @@ def test_redis_restart_loses_no_request(model_dir, workload, tmp_path):
 def test_requests_of_a_vanished_gateway_are_aborted(redis_server, model_dir, tmp_path):
     import zmq
 
-    from services.scheduler.redis_queue import read_status, submit
     from shared import messages as m
+    from shared.redis_protocol import read_status, submit
 
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
@@ -155,7 +155,7 @@ def test_requests_of_a_vanished_gateway_are_aborted(redis_server, model_dir, tmp
         for i in range(3):
             fields = stack.client.hgetall(stack.keys.request(f"orphan{i}"))
             assert fields[b"finish_reason"] == b"abort" and b"gateway gone" in fields[b"error"]
-        while read_status(stack.client, stack.keys)["workers"]["w1"]["kv_usage"] != 0:
+        while read_status(stack.client, stack.keys).workers["w1"].kv_usage != 0:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert stack.client.xlen(stack.keys.requests) == 0
@@ -171,8 +171,8 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
 
     import zmq
 
-    from services.scheduler.redis_queue import read_status
     from shared import messages as m
+    from shared.redis_protocol import read_status
     from tests.stack import REPO, service_env
 
     stack = Stack(redis_server.url, model_dir, tmp_path)
@@ -206,17 +206,17 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
                                   capture_output=True, text=True, timeout=60)
 
         deadline = time.monotonic() + 10
-        while not read_status(stack.client, stack.keys)["workers"]["wedged"].get("stalled"):
+        while not read_status(stack.client, stack.keys).workers["wedged"].stalled:
             assert time.monotonic() < deadline, "stalled within seconds"
             time.sleep(0.2)
         assert "STALLED" in status().stdout
         assert status("--check").returncode == 1, "no worker serving: not healthy"
-        assert json.loads(status("--json").stdout)["stats"]["stalled_workers"] == 1
+        assert json.loads(status("--json").stdout)["scheduler"]["stalled_workers"] == 1
 
         stack.start_worker("w1")  # at the step timeout the request moves here
         stack.wait_finished(["stuck"], timeout_s=120)
         assert len(stack.tokens["stuck"]) == 5
-        assert "wedged" not in read_status(stack.client, stack.keys)["workers"]
+        assert "wedged" not in read_status(stack.client, stack.keys).workers
         wedged.close()
     finally:
         stop.set()

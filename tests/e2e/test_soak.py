@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 
-from services.gpu_worker.tiny_model import make_model
-from services.scheduler.redis_queue import read_status
+from shared.redis_protocol import read_status
+from shared.tiny_model import make_model
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -73,14 +73,14 @@ def test_soak_with_disconnects_leaves_nothing_behind(redis_server, tmp_path):
         deadline = time.monotonic() + 30
         while True:
             status = read_status(stack.client, stack.keys)
-            settled = (status["stats"].get("running") == 0 and status["stats"].get("waiting") == 0
-                       and status["workers"]["w1"]["kv_usage"] == 0 and status["queue_length"] == 0
-                       and status["pending"] == 0)
+            settled = (status.scheduler.running == 0 and status.scheduler.waiting == 0
+                       and status.workers["w1"].kv_usage == 0 and status.queue_length == 0
+                       and status.pending == 0)
             if settled:
                 break
             assert time.monotonic() < deadline, status
             time.sleep(0.2)
-        assert status["stats"].get("finished_abort", 0) >= counts["hung_up"] * 0.5, "hang-ups were aborted"
+        assert status.scheduler.finished.get("abort", 0) >= counts["hung_up"] * 0.5, "hang-ups were aborted"
         end = {name: _rss_mb(pid) for name, pid in pids.items()}
         for name in pids:
             assert end[name] <= warm[name] * 1.25 + 30, f"{name}: {warm[name]:.0f} MB -> {end[name]:.0f} MB"

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from services.gateway.served_model import ServedModel
-from services.gpu_worker.tiny_model import build_tokenizer, make_model
 from shared.embedded_redis import start_embedded_redis
+from shared.tiny_model import build_tokenizer, make_model
 from tests.stack import Stack
 
 API_KEY = "test-key"

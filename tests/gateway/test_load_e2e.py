@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from services.scheduler.redis_queue import read_status
+from shared.redis_protocol import read_status
 from tests.gateway.conftest import metric_value, start_gateway
 
 pytestmark = pytest.mark.slow
@@ -52,8 +52,8 @@ def _wait_idle(stack, timeout_s: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         status = read_status(stack.client, stack.keys)
-        idle = (status["stats"].get("running") == 0 and status["stats"].get("waiting") == 0
-                and all(w["kv_usage"] == 0 for w in status["workers"].values()))
+        idle = (status.scheduler is not None and status.scheduler.running == 0 and status.scheduler.waiting == 0
+                and all(w.kv_usage == 0 for w in status.workers.values()))
         if idle or time.monotonic() > deadline:
             return status
         time.sleep(0.2)
@@ -88,8 +88,8 @@ def test_disconnected_clients_free_every_kv_block(gateway, gateway_model_dir):
     asyncio.run(run())
     # Left running, these would take far longer than this (8 x 3000 tokens).
     status = _wait_idle(stack, timeout_s=15)
-    assert status["workers"] and all(w["kv_usage"] == 0 for w in status["workers"].values()), status["workers"]
-    assert status["stats"]["running"] == 0
+    assert status.workers and all(w.kv_usage == 0 for w in status.workers.values()), status.workers
+    assert status.scheduler.running == 0
     after = gateway.metrics()
     aborted = 'finished_reason="abort"'
     assert metric_value(after, "conveyor:request_success_total", aborted) - \

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.gpu_worker.factory import create_engine
-from services.gpu_worker.tiny_model import make_model
 from shared.config import WorkerSettings
+from shared.tiny_model import make_model
 
 # Each variant exercises a different loading path: untied + llama3 rope scaling, qkv bias
 # + tied embeddings, q/k norm + explicit head_dim + a non-default rope_theta.

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.gpu_worker.tiny_model import (
+from shared.tiny_model import (
     IM_END,
     PRESETS,
     build_tokenizer,
@@ -166,7 +166,7 @@ def test_cli_prints_dir_while_racing_another_builder(tmp_path):
     # their publishes overlap: both must succeed, leaving one complete model that is
     # identical to ours (so the seed also holds across processes).
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "services.gpu_worker.tiny_model", "--out", str(out),
+    cmd = [sys.executable, "-m", "shared.tiny_model", "--out", str(out),
            "--preset", "tiny"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -11,7 +11,7 @@ from services.gpu_worker.engine import Engine
 from services.gpu_worker.factory import eos_token_ids
 from services.gpu_worker.kv_cache import allocate_kv_cache
 from services.gpu_worker.loader import load_config, load_model
-from services.gpu_worker.tiny_model import make_model
+from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
 

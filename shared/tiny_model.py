@@ -2,7 +2,9 @@
 
 Each is an ordinary Hugging Face directory (config, safetensors weights, a byte-level BPE
 tokenizer with a ChatML template) built offline from a fixed seed, so every machine and
-every test sees the same model. `python -m services.gpu_worker.tiny_model` prints its path.
+every test sees the same model. `python -m shared.tiny_model` prints its path. It lives in
+shared/ because every process falls back on it: the gateway for its tokenizer, the worker
+for its weights, the launcher to build it once for both.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from shared.models import cache_root
 
 # transformers takes seconds to import; it is imported where a model is built, so that
 # finding an already built model (ensure_tiny_model) stays cheap.
@@ -179,13 +183,9 @@ def is_model_dir(path: Path) -> bool:
     return all((path / name).is_file() for name in MODEL_FILES)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("CONVEYOR_CACHE_DIR") or Path.home() / ".cache" / "conveyor")
-
-
 def default_model_dir() -> Path:
     """Where the default model lives: $CONVEYOR_CACHE_DIR/models/tiny."""
-    return cache_root().expanduser() / "models" / "tiny"
+    return cache_root() / "models" / "tiny"
 
 
 def ensure_model(preset: str = "tiny", arch: str | None = None, seed: int = 0,

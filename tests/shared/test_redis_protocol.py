@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.scheduler.redis_queue import QueueEntry, RequestQueue, StatusWriter, read_status, submit
+from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus
 from shared.messages import AbortRequest, Heartbeat, SamplingParams, SubmitRequest, encode
+from shared.redis_protocol import QueueEntry, RequestQueue, StatusWriter, queue_load, read_status, submit
+from tests.shared.helpers import worker_figures
 
 
 def request(n: int) -> SubmitRequest:
@@ -123,9 +123,9 @@ def test_status_is_written_only_on_flush_in_one_round_trip(redis_client, redis_k
     writer = StatusWriter(redis_client, redis_keys)
     writer.request_status("r1", status="running", worker="w0", num_generated_tokens=1)
     writer.request_status("r1", num_generated_tokens=2)
-    writer.worker("w0", {"num_blocks": 100, "running": 1})
-    writer.stats({"requests_running": 1, "tokens_per_s": 12.5})
-    writer.error({"worker": "w0", "error": "boom"})
+    writer.worker("w0", worker_figures("w0", running=1))
+    writer.figures(SchedulerFigures(updated_at=1.0, running=1, tokens_per_s=12.5))
+    writer.error(ErrorRecord(worker="w0", error="boom", time=1.0))
     assert redis_client.keys(f"{redis_keys.prefix}:*") == []
 
     def commands_processed() -> int:
@@ -163,20 +163,25 @@ def test_request_status_rejects_unstorable_values(redis_client, redis_keys):
         writer.request_status("r1", usage={"prompt_tokens": 3})
 
 
+def test_request_status_rejects_a_status_nobody_reads(redis_client, redis_keys):
+    with pytest.raises(ValueError, match="'leaving'"):
+        StatusWriter(redis_client, redis_keys).request_status("r1", status="leaving")
+
+
 def test_errors_list_is_capped_newest_first(redis_client, redis_keys):
     writer = StatusWriter(redis_client, redis_keys)
     for n in range(7):
-        writer.error({"n": n}, keep=3)
+        writer.error(ErrorRecord(error=f"e{n}", time=float(n)), keep=3)
         if n % 2:
             writer.flush()
     writer.flush()
-    assert [json.loads(e)["n"] for e in redis_client.lrange(redis_keys.errors, 0, -1)] == [6, 5, 4]
+    assert [e.error for e in read_status(redis_client, redis_keys).errors] == ["e6", "e5", "e4"]
 
 
 def test_remove_worker(redis_client, redis_keys):
     writer = StatusWriter(redis_client, redis_keys)
-    writer.worker("w0", {"running": 1})
-    writer.worker("w1", {"running": 2})
+    writer.worker("w0", worker_figures("w0", running=1))
+    writer.worker("w1", worker_figures("w1", running=2))
     writer.flush()
     writer.remove_worker("w0")
     writer.flush()
@@ -187,37 +192,52 @@ def test_updates_survive_a_failed_flush(redis_server, redis_client, redis_keys):
     unreachable = redis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
     writer = StatusWriter(unreachable, redis_keys)
     writer.request_status("r1", status="running")
-    writer.stats({"requests_running": 1})
+    writer.figures(SchedulerFigures(updated_at=1.0, running=1))
     with pytest.raises(redis.ConnectionError):
         writer.flush()
     writer.client = redis_client  # Redis is back
     writer.flush()
     assert redis_client.hget(redis_keys.request("r1"), "status") == b"running"
-    assert redis_client.hget(redis_keys.stats, "requests_running") == b"1"
+    assert redis_client.hget(redis_keys.stats, "running") == b"1"
 
 
 def test_read_status_returns_what_was_published(redis_client, redis_keys, queue):
-    assert read_status(redis_client, redis_keys) == {
-        "stats": {}, "workers": {}, "errors": [], "queue_length": 0, "pending": 0}
+    assert read_status(redis_client, redis_keys) == SystemStatus(
+        scheduler=None, workers={}, errors=[], queue_length=0, pending=0)
     for n in range(3):
         submit(redis_client, request(n), redis_keys)
     queue.read(count=2)
     writer = StatusWriter(redis_client, redis_keys)
-    writer.stats({"requests_running": 2, "tokens_per_s": 12.5, "backend": "cpu"})
-    writer.worker("w0", {"num_blocks": 100, "free_blocks": 40})
-    writer.error({"error": "first"})
-    writer.error({"error": "second"})
+    figures = SchedulerFigures(updated_at=1234.5, running=2, tokens_per_s=12.5, finished={"stop": 4, "abort": 1})
+    writer.figures(figures)
+    writer.worker("w0", worker_figures("w0", kv_usage=0.6, step_ms=3.5))
+    writer.error(ErrorRecord(error="first", time=1.0))
+    writer.error(ErrorRecord(error="second", time=2.0, worker="w0", step_id=7))
     writer.flush()
-    assert read_status(redis_client, redis_keys) == {
-        "stats": {"requests_running": 2, "tokens_per_s": 12.5, "backend": "cpu"},
-        "workers": {"w0": {"num_blocks": 100, "free_blocks": 40}},
-        "errors": [{"error": "second"}, {"error": "first"}],
-        "queue_length": 3,
-        "pending": 2,
-    }
+    # Operators read the hash with redis-cli: one field per figure, one per finish reason.
+    assert redis_client.hget(redis_keys.stats, "finished_stop") == b"4"
+    assert read_status(redis_client, redis_keys) == SystemStatus(
+        scheduler=figures, workers={"w0": worker_figures("w0", kv_usage=0.6, step_ms=3.5)},
+        errors=[ErrorRecord(error="second", time=2.0, worker="w0", step_id=7), ErrorRecord(error="first", time=1.0)],
+        queue_length=3, pending=2)
+
+
+def test_a_record_that_does_not_decode_names_its_field(redis_client, redis_keys):
+    redis_client.hset(redis_keys.stats, mapping={"updated_at": 1.0, "running": "many"})
+    with pytest.raises(ValueError, match="running"):
+        read_status(redis_client, redis_keys)
+
+
+def test_queue_load_counts_requests_and_waiting_tokens(redis_client, redis_keys):
+    assert queue_load(redis_client, redis_keys) == (0, 0)
+    submit(redis_client, request(1), redis_keys)
+    writer = StatusWriter(redis_client, redis_keys)
+    writer.figures(SchedulerFigures(updated_at=1.0, queued_tokens=300))
+    writer.flush()
+    assert queue_load(redis_client, redis_keys) == (1, 300)
 
 
 def test_read_status_without_a_group(redis_client, redis_keys):
     submit(redis_client, request(1), redis_keys)
-    assert read_status(redis_client, redis_keys)["pending"] == 0
+    assert read_status(redis_client, redis_keys).pending == 0
     assert RequestQueue(redis_client, redis_keys).pending_count() == 0

@@ -1,25 +1,40 @@
-"""The scheduler's side of Redis: the durable request queue and the status it publishes.
+"""Conveyor's protocol over Redis, for every process: gateways `submit` requests, the
+scheduler reads them (`RequestQueue`) and publishes status and figures (`StatusWriter`),
+anyone reads those back typed (`read_status`). Key names are in redis_keys.py.
 
 The queue is a stream read through a consumer group. An entry stays pending until its
 request ends (finished, aborted, failed), then `ack` removes it, so a scheduler that
 restarts reads its unfinished work again and the stream only ever holds unfinished work.
-Status and figures go out in one pipeline per scheduler iteration (`StatusWriter`).
+Status and figures go out in one pipeline per scheduler iteration.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis
 
-from shared.messages import AbortRequest, SubmitRequest, decode, encode
+from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus, WorkerFigures
+from shared.messages import AbortRequest, RequestStatus, SubmitRequest, decode, encode
 from shared.redis_keys import RedisKeys
 
 MSG_FIELD = b"msg"
-FINISHED_STATUSES = frozenset({"finished", "error"})
+FINISHED_PREFIX = "finished_"  # SchedulerFigures.finished, one hash field per reason
+# Reading processes (gateways, `conveyor status`, bench) wait on Redis this long; the
+# scheduler much less, so that an outage never stalls its loop.
+TIMEOUT_S, CONNECT_TIMEOUT_S = 5.0, 3.0
+SCHEDULER_TIMEOUT_S, SCHEDULER_CONNECT_TIMEOUT_S = 2.0, 1.0
+
+
+def connect(url: str, scheduler: bool = False) -> redis.Redis:
+    """A client for Conveyor's Redis (binary replies: entries are msgpack)."""
+    if scheduler:
+        return redis.Redis.from_url(url, socket_timeout=SCHEDULER_TIMEOUT_S,
+                                    socket_connect_timeout=SCHEDULER_CONNECT_TIMEOUT_S)
+    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S)
 
 
 @dataclass
@@ -148,9 +163,9 @@ class StatusWriter:
         self.finished_ttl_s = finished_ttl_s
         self._requests: dict[str, dict[str, str | int | float]] = {}
         self._expire: set[str] = set()
-        self._workers: dict[str, str | None] = {}  # None: remove
+        self._workers: dict[str, bytes | None] = {}  # None: remove
         self._stats: dict[str, str] = {}
-        self._errors: list[tuple[str, int]] = []
+        self._errors: list[tuple[bytes, int]] = []
 
     def request_status(self, request_id: str, **fields: str | int | float) -> None:
         """HSET the request's hash; a final status (finished, error) also starts its TTL."""
@@ -160,24 +175,27 @@ class StatusWriter:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise TypeError(f"request status field {name!r} must be str, int or float, "
                                 f"not {type(value).__name__}")
+        status = fields.get("status")
+        if status is not None:
+            fields["status"] = RequestStatus(status).value  # ValueError on a status nobody reads
         self._requests.setdefault(request_id, {}).update(fields)
-        if fields.get("status") in FINISHED_STATUSES:
+        if status is not None and RequestStatus(status).is_final:
             self._expire.add(request_id)
 
-    def worker(self, worker_id: str, info: dict) -> None:
-        self._workers[worker_id] = json.dumps(info)
+    def worker(self, worker_id: str, figures: WorkerFigures) -> None:
+        self._workers[worker_id] = msgspec.json.encode(figures)
 
     def remove_worker(self, worker_id: str) -> None:
         self._workers[worker_id] = None
 
-    def stats(self, figures: dict) -> None:
-        self._stats.update({name: str(value) for name, value in figures.items()})
+    def figures(self, figures: SchedulerFigures) -> None:
+        self._stats.update({name: str(value) for name, value in figure_fields(figures).items()})
 
-    def error(self, info: dict, keep: int = 100) -> None:
+    def error(self, record: ErrorRecord, keep: int = 100) -> None:
         """Record an error in the capped list of recent errors (newest first)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self._errors.append((json.dumps(info), keep))
+        self._errors.append((msgspec.json.encode(record), keep))
         del self._errors[:-keep]  # bounded while Redis is unreachable
 
     def pending_updates(self) -> bool:
@@ -222,10 +240,9 @@ class StatusWriter:
         self._errors.clear()
 
 
-def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> dict[str, Any]:
-    """What the scheduler last published, in one round trip: {"stats": {name: number},
-    "workers": {worker_id: dict}, "errors": [dict, newest first], "queue_length": int,
-    "pending": int}."""
+def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemStatus:
+    """What the scheduler last published, in one round trip. A record that does not
+    decode raises `msgspec.ValidationError` (a ValueError) naming the field."""
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.stats)
     pipe.hgetall(keys.workers)
@@ -236,13 +253,44 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> dict[str,
     for reply in (stats, workers, errors, queue_length):
         if isinstance(reply, Exception):
             raise reply
-    return {
-        "stats": {_str(k): _number(_str(v)) for k, v in stats.items()},
-        "workers": {_str(k): json.loads(v) for k, v in workers.items()},
-        "errors": [json.loads(e) for e in errors],
-        "queue_length": queue_length,
-        "pending": _pending_from_reply(pending),
-    }
+    return SystemStatus(
+        scheduler=_scheduler_figures(stats),
+        workers={_str(k): msgspec.json.decode(v, type=WorkerFigures) for k, v in workers.items()},
+        errors=[msgspec.json.decode(e, type=ErrorRecord) for e in errors],
+        queue_length=queue_length,
+        pending=_pending_from_reply(pending),
+    )
+
+
+def figure_fields(figures: SchedulerFigures) -> dict[str, int | float]:
+    """The scheduler's figures as the fields of their Redis hash (`finished_<reason>`)."""
+    fields = msgspec.to_builtins(figures)
+    finished = fields.pop("finished")
+    return {**fields, **{FINISHED_PREFIX + reason: n for reason, n in finished.items()}}
+
+
+def queue_load(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> tuple[int, int]:
+    """(requests queued or running, prompt tokens waiting to be scheduled), in one round
+    trip: what a gateway admits a request against. The second is the scheduler's figure,
+    about a second old; 0 before it has written any."""
+    pipe = client.pipeline(transaction=False)
+    pipe.xlen(keys.requests)
+    pipe.hget(keys.stats, "queued_tokens")
+    queued, queued_tokens = pipe.execute()
+    return queued, int(queued_tokens or 0)
+
+
+def _scheduler_figures(stats: dict) -> SchedulerFigures | None:
+    if not stats:
+        return None
+    fields: dict[str, Any] = {"finished": {}}
+    for name, value in ((_str(k), _str(v)) for k, v in stats.items()):
+        if name.startswith(FINISHED_PREFIX):
+            fields["finished"][name.removeprefix(FINISHED_PREFIX)] = value
+        else:
+            fields[name] = value
+    # strict=False: the hash holds text, and "3" converts to the int field it is.
+    return msgspec.convert(fields, SchedulerFigures, strict=False)
 
 
 def _pending(client: redis.Redis, keys: RedisKeys) -> int:
@@ -259,15 +307,6 @@ def _pending_from_reply(reply: Any) -> int:
     if isinstance(reply, Exception):
         raise reply
     return int(reply["pending"])
-
-
-def _number(text: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _str(value: bytes | str) -> str:

@@ -1,0 +1,76 @@
+"""The scheduler's figures, built from SchedulerCore for shared/redis_protocol.py to write:
+rates over the interval since the last write, and each worker's step times as its
+StepResults reported them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from services.scheduler.core import SchedulerCore
+from shared.figures import SchedulerFigures, WorkerFigures
+from shared.messages import StepTimings
+
+
+@dataclass
+class _StepTimes:
+    steps: int = 0
+    total_ms: float = 0.0
+    forward_ms: float = 0.0
+
+
+@dataclass
+class FigureBuilder:
+    core: SchedulerCore
+    stall_after_s: float
+    _since: float = field(default_factory=time.monotonic)  # start of the current interval
+    _steps_at: int = 0
+    _tokens_at: int = 0
+    _worker_tokens_at: dict[str, int] = field(default_factory=dict)
+    _times: dict[str, _StepTimes] = field(default_factory=dict)
+
+    def on_timings(self, worker_id: str, timings: StepTimings) -> None:
+        t = self._times.setdefault(worker_id, _StepTimes())
+        t.steps += 1
+        t.total_ms += timings.total_ms
+        t.forward_ms += timings.forward_ms
+
+    def worker(self, worker_id: str, elapsed_s: float = 1.0) -> WorkerFigures:
+        w = self.core.workers[worker_id]
+        busy_s = time.monotonic() - w.in_flight.sent_at if w.in_flight else 0.0
+        t = self._times.get(worker_id) or _StepTimes()
+        tokens_at = self._worker_tokens_at.get(worker_id, 0)
+        if tokens_at > w.tokens_generated:
+            tokens_at = 0  # it registered again since: its counts started over
+        return WorkerFigures(
+            registered=w.info, max_len=w.max_len, updated_at=round(time.time(), 3),
+            kv_usage=round(w.pool.usage, 4), running=len(w.running), waiting=len(w.waiting),
+            steps=w.steps, tokens_generated=w.tokens_generated,
+            tokens_per_s=round((w.tokens_generated - tokens_at) / elapsed_s, 2),
+            step_ms=round(t.total_ms / t.steps, 2) if t.steps else 0.0,
+            forward_ms=round(t.forward_ms / t.steps, 2) if t.steps else 0.0,
+            step_in_flight_s=round(busy_s, 2), stalled=busy_s > self.stall_after_s,
+        )
+
+    def interval(self) -> tuple[SchedulerFigures, dict[str, WorkerFigures]]:
+        """The figures of the interval that ends now; the next one starts."""
+        mono = time.monotonic()
+        elapsed = max(mono - self._since, 1e-9)
+        core, c = self.core, self.core.counters
+        queries, hits = core.prefix_cache_totals()
+        workers = {wid: self.worker(wid, elapsed) for wid in core.workers}
+        scheduler = SchedulerFigures(
+            updated_at=round(time.time(), 3), waiting=core.num_waiting(), running=core.num_running(),
+            queued_tokens=core.queued_tokens(), workers=len(workers),
+            stalled_workers=sum(1 for w in workers.values() if w.stalled),
+            preemptions=c.preemptions, migrations=c.migrations, prompt_tokens=c.prompt_tokens,
+            generation_tokens=c.generation_tokens, prefix_queries=queries, prefix_hits=hits,
+            steps_per_s=round((c.steps - self._steps_at) / elapsed, 2),
+            tokens_per_s=round((c.generation_tokens - self._tokens_at) / elapsed, 2),
+            step_errors=c.step_errors, finished=dict(c.finished),
+        )
+        self._since, self._steps_at, self._tokens_at = mono, c.steps, c.generation_tokens
+        self._worker_tokens_at = {wid: w.tokens_generated for wid, w in core.workers.items()}
+        self._times.clear()
+        return scheduler, workers

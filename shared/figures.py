@@ -1,0 +1,109 @@
+"""What the scheduler publishes about the system, as typed records, and the one rule that
+says whether the system can serve (`health`): used by the gateway's /health and 503s and
+by `python -m conveyor status --check`.
+
+The scheduler rewrites its figures about every second (`updated_at`); figures older than
+STALE_AFTER_S mean it is gone. shared/redis_protocol.py writes and reads these records.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import msgspec
+
+from shared.messages import RegisterWorker
+
+STALE_AFTER_S = 5.0  # figures older than this: their writer (the scheduler) is not running
+
+
+class SchedulerFigures(msgspec.Struct, kw_only=True):
+    """The scheduler's gauges and counters (counters since it started).
+
+    In Redis a hash of one field per figure, so `redis-cli hget conveyor:stats running`
+    works; `finished` is stored as one `finished_<reason>` field per reason.
+    """
+
+    updated_at: float  # wall-clock time of this write
+    waiting: int = 0
+    running: int = 0
+    queued_tokens: int = 0  # tokens of requests not yet scheduled (the gateway's 429 bound)
+    workers: int = 0
+    stalled_workers: int = 0
+    preemptions: int = 0
+    migrations: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    steps_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    step_errors: int = 0
+    finished: dict[str, int] = {}  # finish reason -> requests
+
+
+class WorkerFigures(msgspec.Struct, kw_only=True):
+    """One worker: what it registered, what the scheduler holds for it, how it performs.
+
+    `max_len` is the longest request it can hold: its max_model_len, or its whole KV pool
+    if that is smaller; the gateway validates requests against it.
+    """
+
+    registered: RegisterWorker
+    max_len: int
+    updated_at: float
+    kv_usage: float = 0.0  # share of its KV blocks in use
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    tokens_generated: int = 0
+    tokens_per_s: float = 0.0
+    step_ms: float = 0.0  # mean worker-side time of its steps since the last write
+    forward_ms: float = 0.0  # of which the forward pass
+    step_in_flight_s: float = 0.0  # how long its current step has been running
+    stalled: bool = False  # that step runs longer than the scheduler's stall_after
+
+
+class ErrorRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One of the scheduler's recent errors (a capped list in Redis, newest first)."""
+
+    error: str
+    time: float
+    worker: Optional[str] = None
+    step_id: Optional[int] = None
+
+
+class SystemStatus(msgspec.Struct, kw_only=True):
+    """Everything `read_status` returns, in one round trip."""
+
+    scheduler: Optional[SchedulerFigures]  # None: no scheduler has written figures yet
+    workers: dict[str, WorkerFigures]
+    errors: list[ErrorRecord]
+    queue_length: int  # entries in the request stream: queued or running
+    pending: int  # of which read by the scheduler and not yet acknowledged
+
+
+def serving_workers(status: SystemStatus, now: float) -> dict[str, WorkerFigures]:
+    """Workers whose figures are fresh and whose step is not stalled."""
+    return {wid: w for wid, w in status.workers.items()
+            if not w.stalled and now - w.updated_at <= STALE_AFTER_S}
+
+
+def health(status: SystemStatus, now: float, scheduler_only: bool = False) -> Optional[str]:
+    """Why nothing can be served right now, or None when it can: a live scheduler and
+    (unless `scheduler_only`) at least one worker that is fresh and not stalled."""
+    s = status.scheduler
+    if s is None:
+        return "no scheduler has published its figures yet (is the scheduler running?)"
+    age = now - s.updated_at
+    if age > STALE_AFTER_S:
+        return f"the scheduler's figures are {age:.1f} s old (more than {STALE_AFTER_S:g} s): is it running?"
+    if scheduler_only:
+        return None
+    if not status.workers:
+        return "no worker is registered with the scheduler"
+    if not serving_workers(status, now):
+        stalled = ", ".join(f"{wid} (step running {w.step_in_flight_s:.0f} s)"
+                            for wid, w in sorted(status.workers.items()) if w.stalled)
+        return f"every worker is stalled: {stalled}" if stalled else "no worker has fresh figures"
+    return None

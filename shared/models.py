@@ -1,0 +1,85 @@
+"""Which model directory a process serves, and the cheap checks of it that every process
+makes the same way: the cache where generated models (and the embedded Redis) live, the
+default model rule (none named: the generated tiny model), config.json's validation.
+
+The checks run before torch and transformers are imported, so a wrong path or an
+unsupported model fails in a fraction of a second with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from shared.config import CacheSettings
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class ModelLoadError(Exception):
+    """The model directory cannot be served; the message tells the user what to fix."""
+
+
+def cache_root() -> Path:
+    """CONVEYOR_CACHE_DIR, default ~/.cache/conveyor."""
+    return CacheSettings().cache_dir.expanduser()
+
+
+def model_dir(model: Optional[str]) -> Path:
+    """The directory a process serves: `model` (CONVEYOR_MODEL / --model) when given, else
+    the generated tiny model, built into the cache on first use."""
+    if model:
+        return Path(model).expanduser()
+    from shared.tiny_model import ensure_tiny_model  # imports torch: only when needed
+
+    return ensure_tiny_model()
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a model directory, or ModelLoadError saying what is wrong."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist (CONVEYOR_MODEL / --model)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{str(path)!r} has no config.json: expected a Hugging Face model directory")
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{str(config_file)!r} is not valid JSON: {e}") from None
+
+
+def check_model_dir(model_dir: str | Path) -> dict:
+    """config.json's contents once the worker can run the model, else ModelLoadError."""
+    path = Path(model_dir)
+    config = read_config(path)
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ModelLoadError(
+            f"unsupported architecture {archs or 'unknown'} in {str(path)!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if config.get("use_sliding_window"):
+        raise ModelLoadError("sliding-window attention is not supported (use_sliding_window=true)")
+    if config.get("mlp_bias"):
+        raise ModelLoadError("MLP biases are not supported (mlp_bias=true)")
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"no *.safetensors files in {str(path)!r}")
+    return config
+
+
+def config_int(config: dict, name: str, path: Path) -> int:
+    """A positive integer field of config.json (vocab_size, max_position_embeddings)."""
+    value = config.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelLoadError(f"{str(path / 'config.json')!r} has no valid {name} (got {value!r})")
+    return value
+
+
+def max_model_len(config: dict, path: Path, asked: Optional[int]) -> int:
+    """The longest prompt + output: `asked` (--max-model-len), at most the model's
+    max_position_embeddings, which is the default."""
+    limit = config_int(config, "max_position_embeddings", path)
+    if asked is not None and asked > limit:
+        raise ModelLoadError(f"max_model_len {asked} exceeds the model's max_position_embeddings {limit}")
+    return asked or limit

@@ -1,0 +1,33 @@
+"""The figures the scheduler publishes: what each worker registered, its pool-limited
+length, and the step times its StepResults reported."""
+
+from __future__ import annotations
+
+from services.scheduler.core import SchedulerCore
+from services.scheduler.figures import FigureBuilder
+from shared.messages import StepTimings
+from tests.scheduler.fake_worker import FakeWorker
+from tests.scheduler.helpers import step, submit
+
+
+def test_worker_figures_carry_its_registration_and_step_times():
+    core = SchedulerCore()
+    worker = FakeWorker("w0", num_blocks=8, block_size=16, max_model_len=4096)
+    core.add_worker(worker.register(), 0.0)
+    figures = FigureBuilder(core, stall_after_s=10.0)
+    assert submit(core, "r1", prompt_len=20, max_tokens=3) is None
+    for _ in range(3):
+        step(core, worker)
+    figures.on_timings("w0", StepTimings(forward_ms=3.0, total_ms=4.0))
+    figures.on_timings("w0", StepTimings(forward_ms=5.0, total_ms=6.0))
+
+    scheduler, workers = figures.interval()
+    w0 = workers["w0"]
+    assert w0.registered == worker.register()
+    assert w0.max_len == 8 * 16, "its pool holds fewer tokens than its model's 4096"
+    assert (w0.step_ms, w0.forward_ms) == (5.0, 4.0), "means of the interval's steps"
+    assert w0.steps == 3 and w0.tokens_generated == 3 and not w0.stalled
+    assert scheduler.workers == 1 and scheduler.finished == {"length": 1} and scheduler.generation_tokens == 3
+
+    _, workers = figures.interval()
+    assert workers["w0"].step_ms == 0.0 and workers["w0"].tokens_per_s == 0.0, "no step since the last write"
