@@ -15,7 +15,7 @@ def test_worker_figures_carry_its_registration_and_step_times():
     worker = FakeWorker("w0", num_blocks=8, block_size=16, max_model_len=4096)
     core.add_worker(worker.register(), 0.0)
     figures = FigureBuilder(core, stall_after_s=10.0)
-    assert submit(core, "r1", prompt_len=20, max_tokens=3) is None
+    assert submit(core, "r1", prompt_len=20, max_tokens=3)
     for _ in range(3):
         step(core, worker)
     figures.on_timings("w0", StepTimings(forward_ms=3.0, total_ms=4.0))
