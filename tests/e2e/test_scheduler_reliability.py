@@ -64,7 +64,7 @@ def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, mod
         _wait_tokens(stack, 30)
         assert len(stack.final) < len(requests)
         stack.kill("scheduler")
-        stack.procs["scheduler"].wait()
+        stack.procs["scheduler"].wait(timeout=30)
         stack.start_scheduler(name="scheduler-2")  # as compose or the launcher would restart it
         _check(stack, requests, expected)
         # Acknowledged right after the final output is sent (a crash in between replays
