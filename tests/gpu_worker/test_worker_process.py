@@ -26,6 +26,7 @@ def scheduler():
     s.close()
 
 
+@pytest.mark.slow
 def test_worker_process_matches_in_process_engine(model_dirs, scheduler):
     model_dir = model_dirs["llama"]
     proc = start_worker("--model", str(model_dir), "--scheduler-address", scheduler.address,
@@ -66,6 +67,7 @@ def test_worker_process_matches_in_process_engine(model_dirs, scheduler):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_a_lost_plan_fails_the_wait_within_its_deadline(model_dirs, scheduler):
     """The helper's own guarantee, tested because it once hung a run: a plan the worker
     never receives (here sent to its heartbeat socket, which reads nothing) makes the wait
