@@ -27,9 +27,7 @@ EOS = 5
 
 def make_row(prompt=(), output=(), seed=None, **params) -> SamplingRow:
     generator = make_generator(seed, CPU) if seed is not None else None
-    return SamplingRow(
-        SamplingParams(seed=seed, **params), list(prompt), list(output), generator
-    )
+    return SamplingRow(SamplingParams(seed=seed, **params), [*prompt, *output], len(prompt), generator)
 
 
 def sampler(vocab: int = 8) -> Sampler:
@@ -283,7 +281,7 @@ def run_seeded_stream(steps: int, vocab: int, with_batch: bool) -> list[int]:
         logits[rows.index(target)] = target_logits[0]
         tokens = sampler(vocab)(logits, rows).token_ids
         for row, token in zip(rows, tokens):
-            row.output_token_ids.append(token)
+            row.append(token)
     return target.output_token_ids
 
 
