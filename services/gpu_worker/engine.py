@@ -187,7 +187,7 @@ class Engine:
 
 def _seed_for_next_token(row: SamplingRow) -> None:
     """Seeded requests draw each token from a generator seeded by (seed, token index),
-    so the stream is the same alone or in any batch, and after a preemption or a
+    so the draws are the same alone or in any batch, and after a preemption or a
     migration to another worker, without carrying generator state around."""
     if row.generator is not None:
         seed = row.params.seed or 0
