@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test run status tiny-model bench-worker bench clean
+.PHONY: test test-fast run status tiny-model bench-worker bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 # HF_HUB_OFFLINE: nothing is ever fetched from a hub; tests build their own tiny models.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# For development: everything but the end-to-end tests that run the system's processes.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The whole system in the foreground; Ctrl-C stops every process it started.
 run: $(STAMP)

@@ -100,7 +100,7 @@ class SchedulerSettings(RedisSettings):
     heartbeat_timeout: float = Field(5.0, gt=0, description="a worker silent this long is dropped and its requests move")
     step_timeout: float = Field(120.0, gt=0, description="a step running this long means a wedged worker")
     stall_after: float = Field(
-        10.0, gt=0, description="a step running this long marks its worker stalled in status and /health"
+        10.0, gt=0, description="a step running this long shows its worker as STALLED in `conveyor status`"
     )
     stats_interval: float = Field(1.0, gt=0, description="seconds between figures written to Redis")
     gateway_timeout: float = Field(

@@ -14,7 +14,15 @@ from typing import Union
 import msgspec
 
 
-class FinishReason(str, enum.Enum):
+class _StrEnum(str, enum.Enum):
+    """A str enum whose str() is its value (Python 3.11's str() of a mixed-in enum is
+    'Class.MEMBER'), so labels, f-strings and JSON all see the wire spelling."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FinishReason(_StrEnum):
     """Why a request ended, as OpenAI's `finish_reason` spells it."""
 
     STOP = "stop"  # EOS or a stop token id (a stop string is the gateway's)
@@ -23,7 +31,7 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # see RequestOutput.error_code
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(_StrEnum):
     """Why a request ended with an error. The gateway maps each to an HTTP status in one
     table (services/gateway/errors.py); the free-text `error` is for people only."""
 
@@ -36,7 +44,7 @@ class ErrorCode(str, enum.Enum):
     INTERNAL = "internal"  # anything else (500)
 
 
-class RequestStatus(str, enum.Enum):
+class RequestStatus(_StrEnum):
     """A request's state as the scheduler publishes it in Redis (`status` field)."""
 
     QUEUED = "queued"

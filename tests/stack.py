@@ -149,11 +149,12 @@ class Stack:
         submit(self.client, m.AbortRequest(request_id), self.keys)
 
     def collect(self, timeout_s: float = 0.1) -> int:
-        """Read outputs for up to timeout_s; returns how many arrived."""
-        n = 0
+        """Wait up to timeout_s for outputs, then read what comes for up to timeout_s more
+        (stopping once none is waiting); returns how many arrived."""
         if not self.pull.poll(timeout_s * 1000):
             return 0
-        while True:
+        n, deadline = 0, time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
             try:
                 batch = m.decode(self.pull.recv(zmq.NOBLOCK))
             except zmq.Again:
@@ -168,6 +169,7 @@ class Stack:
                 if out.finish_reason is not None:
                     self.final[out.request_id] = out
                 n += 1
+        return n
 
     def wait_finished(self, request_ids, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -26,10 +26,13 @@ class PlanError(ValueError):
 @dataclass
 class RequestRow:
     request_id: str
-    token_ids: list[int]  # prompt + generated; the sampler's row shares the generated part
     block_ids: list[int]
     num_computed_tokens: int
-    sampling: SamplingRow
+    sampling: SamplingRow  # holds the tokens too
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.sampling.token_ids
 
 
 class Engine:
@@ -128,16 +131,12 @@ class Engine:
             self.rows.pop(rid, None)
         for new in plan.new_requests:
             params = new.sampling
-            prompt = list(new.token_ids[: new.num_prompt_tokens])
-            output = list(new.token_ids[new.num_prompt_tokens:])
             generator = make_generator(params.seed, self.device) if params.seed is not None else None
             self.rows[new.request_id] = RequestRow(
                 request_id=new.request_id,
-                token_ids=prompt + output,
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
-                sampling=SamplingRow(params=params, prompt_token_ids=prompt,
-                                     output_token_ids=output, generator=generator),
+                sampling=SamplingRow(params, list(new.token_ids), new.num_prompt_tokens, generator),
             )
         for cached in plan.cached_requests:
             self.rows[cached.request_id].block_ids.extend(cached.new_block_ids)
@@ -177,8 +176,7 @@ class Engine:
         for r, (_, n) in zip(rows, scheduled):
             r.num_computed_tokens += n
             if r.request_id in sampled:
-                r.token_ids.append(sampled[r.request_id])
-                r.sampling.output_token_ids.append(sampled[r.request_id])
+                r.sampling.append(sampled[r.request_id])
         t3 = time.perf_counter()
         ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
         return StepResult(
@@ -189,9 +187,9 @@ class Engine:
 
 def _seed_for_next_token(row: SamplingRow) -> None:
     """Seeded requests draw each token from a generator seeded by (seed, token index),
-    so the stream is the same alone or in any batch, and after a preemption or a
+    so the draws are the same alone or in any batch, and after a preemption or a
     migration to another worker, without carrying generator state around."""
     if row.generator is not None:
         seed = row.params.seed or 0
-        row.generator.manual_seed((seed * 1_000_003 + len(row.output_token_ids)) & 0x7FFF_FFFF_FFFF_FFFF)
+        row.generator.manual_seed((seed * 1_000_003 + row.num_output_tokens) & 0x7FFF_FFFF_FFFF_FFFF)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import torch
@@ -16,21 +16,13 @@ from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, cac
 from services.gpu_worker.loader import load_config, load_model
 from shared.config import WorkerSettings
 from shared.models import ModelLoadError, max_model_len, model_dir, read_config
+from shared.messages import RegisterWorker
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class EngineInfo:
-    model: str  # the name clients use: the model directory's path
-    max_model_len: int
-    block_size: int
-    num_blocks: int
-    vocab_size: int
-    eos_token_ids: list[int]
-    device: str
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,7 +54,8 @@ def eos_token_ids(path: Path, config) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def create_engine(settings: WorkerSettings) -> tuple[Engine, EngineInfo]:
+def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
+    """The engine, and what the worker tells the scheduler about it (as it will send it)."""
     path = model_dir(settings.model)
     config = load_config(path)  # fails early with a clear message
     max_len = max_model_len(read_config(path), path, settings.max_model_len)
@@ -83,7 +76,7 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, EngineInfo]:
     log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", path, device, dtype,
              num_blocks, settings.block_size, num_blocks * per_block / 2**20)
     engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id)
-    info = EngineInfo(model=str(path), max_model_len=max_len, block_size=settings.block_size,
-                      num_blocks=num_blocks, vocab_size=model.shape.vocab_size, eos_token_ids=eos,
-                      device=str(device))
-    return engine, info
+    facts = RegisterWorker(worker_id=settings.worker_id, model=str(path), max_model_len=max_len,
+                           block_size=settings.block_size, num_blocks=num_blocks, vocab_size=model.shape.vocab_size,
+                           eos_token_ids=eos, device=str(device), pid=os.getpid())
+    return engine, facts

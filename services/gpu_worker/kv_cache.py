@@ -1,8 +1,8 @@
 """The physical paged KV cache: one K and one V tensor per layer, sized from a budget.
 
 Shape per tensor: [num_blocks, block_size, num_kv_heads, head_dim]. The scheduler owns
-which block belongs to whom; the worker only stores and reads. Block 0 is a real block
-(the scheduler decides whether to reserve it).
+which block belongs to whom (every block, 0 included, may hold a request's tokens); the
+worker only stores and reads.
 """
 
 from __future__ import annotations

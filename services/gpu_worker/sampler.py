@@ -20,12 +20,29 @@ _NUCLEUS_CANDIDATES = 1024
 
 @dataclass
 class SamplingRow:
-    """One request's state the sampler needs; the engine keeps one per request."""
+    """One request's state the sampler needs; the engine keeps one per request, and this
+    is the one place its tokens live (the engine's forward pass reads them from here)."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # generated so far (the engine appends after each step)
+    token_ids: list[int]  # prompt, then what was generated so far
+    num_prompt_tokens: int
     generator: torch.Generator | None  # set for seeded requests (see make_generator)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """A copy: add a generated token with `append`."""
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def append(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
 
 
 @dataclass
@@ -35,9 +52,9 @@ class SamplerOutput:
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A request's own RNG. The sampler draws from it once per token it samples at
-    temperature > 0 (`uniform_` over the logits' width), so replaying that many draws
-    restores the stream after a restart."""
+    """A request's own RNG. The engine re-seeds it before each token from (seed, token
+    index), so a stream needs no generator state carried across a preemption or a move
+    to another worker."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
@@ -56,7 +73,7 @@ def has_penalties(params: SamplingParams) -> bool:
 
 
 def below_min_tokens(row: SamplingRow) -> bool:
-    return len(row.output_token_ids) < row.params.min_tokens
+    return row.num_output_tokens < row.params.min_tokens
 
 
 class Sampler:

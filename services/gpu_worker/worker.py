@@ -7,7 +7,6 @@ Bad messages are logged and answered with an error result; they never end the pr
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -16,7 +15,6 @@ from typing import Optional
 import zmq
 
 from services.gpu_worker.engine import Engine
-from services.gpu_worker.factory import EngineInfo
 from shared import messages as m
 from shared.curve import secure_client
 
@@ -24,9 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, engine: Engine, info: EngineInfo, scheduler_address: str, heartbeat_interval: float = 1.0,
-                 curve: Optional[tuple[str, str]] = None):
-        """`curve`: (the scheduler's public key, this worker's secret key) to use CurveZMQ."""
+    def __init__(self, engine: Engine, info: m.RegisterWorker, scheduler_address: str,
+                 heartbeat_interval: float = 1.0, curve: Optional[tuple[str, str]] = None):
+        """`info`: the engine's facts, sent as they are on (re)registering. `curve`: (the
+        scheduler's public key, this worker's secret key) to use CurveZMQ."""
+        assert info.worker_id == engine.worker_id, (info.worker_id, engine.worker_id)
         self.engine = engine
         self.info = info
         self.heartbeat_interval = heartbeat_interval
@@ -46,12 +46,7 @@ class Worker:
         return sock
 
     def register(self) -> None:
-        i = self.info
-        self._send(m.RegisterWorker(
-            worker_id=self.engine.worker_id, model=i.model, max_model_len=i.max_model_len,
-            block_size=i.block_size, num_blocks=i.num_blocks, vocab_size=i.vocab_size,
-            eos_token_ids=i.eos_token_ids, device=i.device, pid=os.getpid(),
-        ))
+        self._send(self.info)
 
     def install_signal_handlers(self) -> None:
         # SIGTERM lets the current step finish; the loop then says goodbye and returns.

@@ -33,6 +33,12 @@ def _post(port: int, body: dict, timeout: float = 120.0) -> httpx.Response:
                       timeout=timeout)
 
 
+def _join(thread: threading.Thread, timeout_s: float = 150.0) -> None:
+    """Past its HTTP timeout (120 s), a client thread still running is a hang."""
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"{thread.name} still running after {timeout_s} s"
+
+
 def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
@@ -50,7 +56,7 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         queued = _post(port, {"prompt": "b", "max_tokens": 4})
         assert queued.status_code == 503 and "queue timeout" in queued.json()["error"]["message"]
         assert queued.headers["Retry-After"]
-        hog.join()  # the hog itself hits the 4 s total timeout
+        _join(hog)  # the hog itself hits the 4 s total timeout
 
         # Total timeout: 504, and the scheduler was told to stop it (its blocks are freed).
         late = _post(port, {"prompt": "c", "max_tokens": 3000, "ignore_eos": True})
@@ -75,8 +81,8 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         refused = _post(port, {"prompt": big, "max_tokens": 2})
         assert refused.status_code == 429 and "max_queue_tokens" in refused.json()["error"]["message"]
         assert refused.headers["Retry-After"]
-        hog.join()
-        first.join()
+        _join(hog)
+        _join(first)
     finally:
         stack.stop()
 
@@ -112,10 +118,10 @@ def test_scheduler_kill_9_under_sampled_streams(redis_server, model_dir, tmp_pat
             assert time.monotonic() < deadline
             time.sleep(0.1)
         stack.kill("scheduler")
-        stack.procs["scheduler"].wait()
+        stack.procs["scheduler"].wait(timeout=30)
         stack.start_scheduler(name="scheduler-2")
         for t in threads:
-            t.join(timeout=240)
+            _join(t, 240)
         undisturbed = {i: _stream_tokens(port, i) for i in range(4)}
         assert all(len(disturbed[i]) == 120 for i in range(4))
         assert disturbed == undisturbed

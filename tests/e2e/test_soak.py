@@ -52,6 +52,7 @@ def _client(port: int, model: str, stop_at: float, seed: int, counts: dict) -> N
             counts["requests"] += 1
 
 
+@pytest.mark.timeout(SECONDS + 300)  # its load alone runs SECONDS; the default would cut it short
 def test_soak_with_disconnects_leaves_nothing_behind(redis_server, tmp_path):
     model_dir = make_model(tmp_path / "soak", preset="tiny", num_hidden_layers=1, seed=13)
     stack = Stack(redis_server.url, model_dir, tmp_path)

@@ -170,8 +170,9 @@ def test_cli_prints_dir_while_racing_another_builder(tmp_path):
            "--preset", "tiny"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    builds = 0
+    builds, deadline = 0, time.monotonic() + 120
     while proc.poll() is None:
+        assert time.monotonic() < deadline, "the CLI did not finish within 120 s"
         make_model(out)
         builds += 1
         time.sleep(0.1)  # leave the CLI most of the CPU; it spends its time importing

@@ -5,71 +5,32 @@ clear start-up failures."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
-from pathlib import Path
+import time
 
 import pytest
-import zmq
 
 from shared import messages as m
 from tests.gpu_worker.conftest import make_engine
+from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker
 from tests.gpu_worker.plan_driver import PlanDriver
 from tests.gpu_worker.test_engine_vs_hf import _prompts
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _start_worker(*args: str, log=subprocess.PIPE) -> subprocess.Popen:
-    """`log`: where its output goes; a pipe only when the test reads it (a full pipe blocks)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "services.gpu_worker", *args], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
-class FakeScheduler:
-    """Binds a ROUTER socket like the real scheduler and talks to one worker."""
-
-    def __init__(self):
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.address = f"tcp://127.0.0.1:{port}"
-        self.identity = b""
-
-    def recv(self, timeout_s: float = 60.0, skip_heartbeats: bool = True) -> m.Message:
-        while True:
-            if not self.sock.poll(timeout_s * 1000):
-                raise TimeoutError("no message from the worker")
-            self.identity, data = self.sock.recv_multipart()
-            msg = m.decode(data)
-            if not (skip_heartbeats and isinstance(msg, m.Heartbeat)):
-                return msg
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.send_multipart([self.identity, data])
-
-    def execute(self, plan: m.StepPlan) -> m.StepResult:
-        self.send_raw(m.encode(plan))
-        result = self.recv()
-        assert isinstance(result, m.StepResult)
-        return result
 
 
 @pytest.fixture
 def scheduler():
     s = FakeScheduler()
     yield s
-    s.sock.close()
+    s.close()
 
 
+@pytest.mark.slow
 def test_worker_process_matches_in_process_engine(model_dirs, scheduler):
     model_dir = model_dirs["llama"]
-    proc = _start_worker("--model", str(model_dir), "--scheduler-address", scheduler.address,
-                         "--device", "cpu", "--kv-cache-memory", "64MiB", "--worker-id", "w1")
+    proc = start_worker("--model", str(model_dir), "--scheduler-address", scheduler.address,
+                        "--device", "cpu", "--kv-cache-memory", "64MiB", "--worker-id", "w1")
     try:
         reg = scheduler.recv()
         assert isinstance(reg, m.RegisterWorker)
@@ -106,8 +67,33 @@ def test_worker_process_matches_in_process_engine(model_dirs, scheduler):
         proc.wait()
 
 
+@pytest.mark.slow
+def test_a_lost_plan_fails_the_wait_within_its_deadline(model_dirs, scheduler):
+    """The helper's own guarantee, tested because it once hung a run: a plan the worker
+    never receives (here sent to its heartbeat socket, which reads nothing) makes the wait
+    raise TimeoutError at its deadline, although heartbeats keep arriving all along."""
+    proc = start_worker("--model", str(model_dirs["llama"]), "--scheduler-address", scheduler.address,
+                        "--device", "cpu", "--kv-cache-memory", "16MiB", "--worker-id", "w1",
+                        log=subprocess.DEVNULL)
+    try:
+        assert isinstance(scheduler.recv(), m.RegisterWorker)
+        assert isinstance(scheduler.recv(skip_heartbeats=False), m.Heartbeat)  # its socket is known now
+        plan = m.StepPlan(1, [m.NewRequest("a", [5, 6, 7], 3, m.SamplingParams(temperature=0), [0])],
+                          num_scheduled_tokens={"a": 3})
+        scheduler.send_raw(m.encode(plan), identity=b"w1/heartbeat")
+        beats, start = scheduler.heartbeats, time.monotonic()
+        with pytest.raises(TimeoutError):
+            scheduler.recv_until(lambda msg: isinstance(msg, m.StepResult), timeout_s=4)
+        assert 4 <= time.monotonic() - start < 6
+        assert scheduler.heartbeats > beats, "heartbeats were skipped, and the deadline still held"
+        assert scheduler.execute(plan).error is None, "sent to the worker's own socket, the plan runs"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_missing_model_directory_fails_clearly(tmp_path):
-    proc = _start_worker("--model", str(tmp_path / "nope"), "--device", "cpu")
+    proc = start_worker("--model", str(tmp_path / "nope"), "--device", "cpu")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in out and "nope" in out
@@ -119,13 +105,13 @@ def test_unsupported_architecture_fails_clearly(model_dirs, tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (model_dir / "config.json").write_text(json.dumps(config))
-    proc = _start_worker("--model", str(model_dir), "--device", "cpu")
+    proc = start_worker("--model", str(model_dir), "--device", "cpu")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "unsupported architecture" in out and "GPT2LMHeadModel" in out and "LlamaForCausalLM" in out
 
 
 def test_bad_flag_value_fails_clearly(model_dirs):
-    proc = _start_worker("--model", str(model_dirs["llama"]), "--block-size", "12")
+    proc = start_worker("--model", str(model_dirs["llama"]), "--block-size", "12")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "block_size" in out
