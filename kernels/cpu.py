@@ -36,7 +36,8 @@ def load() -> torch._ops.OpOverload:
     cpp_extension.verify_ninja_availability()  # raises "Ninja is required ..." (pip install ninja)
     # Built where it runs, so -march=native is safe and gives the inner loops AVX2/AVX-512.
     cpp_extension.load(name="conveyor_cpu_attention", sources=[str(SOURCE)], is_python_module=False,
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"])
+                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno",
+                                    "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"], extra_ldflags=["-fopenmp"])
     return torch.ops.conveyor_cpu.decode_attention.default
 
 

@@ -7,8 +7,9 @@
 //   block_tables      int32 [num_seqs, max_blocks_per_seq]  token t of a sequence lives in
 //                     block block_tables[s][t / block_size] at offset t % block_size
 //   seq_lens          int32 [num_seqs]                      keys 0 .. seq_lens[s]-1 are read, nothing else
-// Query head h reads kv head h / group, group = num_heads / num_kv_heads. One task is one
-// (sequence, kv head): it reads that head's K/V once for all `group` query heads.
+// Query head h reads kv head h / G, G = num_heads / num_kv_heads. One task is one sequence;
+// it walks its blocks once, and within a block (all heads' K/V, a few KB, in L1) each kv
+// head's keys and values are read once for all G query heads that share it.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -24,96 +26,128 @@ namespace {
 
 constexpr int64_t kMaxBlockSize = 128;
 
-// Blocks are scattered, so the hardware prefetcher stops at every block boundary: ask for
-// the next block's K/V rows (this head's only) while the current block is computed on.
-template <typename scalar_t>
-inline void prefetch_block(const scalar_t* k, const scalar_t* v, int64_t offset, int64_t block_size,
-                           int64_t token_stride, int64_t head_dim) {
-  constexpr int64_t kLine = 64 / sizeof(scalar_t);
-  for (int64_t t = 0; t < block_size; ++t)
-    for (int64_t d = 0; d < head_dim; d += kLine) {
-      __builtin_prefetch(k + offset + t * token_stride + d);
-      __builtin_prefetch(v + offset + t * token_stride + d);
-    }
+// exp(x) for x <= 0, branch-free so that a loop of it vectorizes (std::exp is a scalar libm
+// call): 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2, p of degree 6 (relative error ~2e-7).
+// Below -87 it returns ~1e-38 instead of 0, harmless beside the block's max, which is exp(0).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504f);
+  const float r = x - n * 0.693145752f - n * 1.42860677e-6f;  // ln2 in two parts, exact n*hi
+  float p = 1.f / 720 * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) << 23;  // times 2^n
+  std::memcpy(&p, &bits, sizeof bits);
+  return p;
 }
 
-// One (sequence, kv head): a block at a time, scores for every key of the block and every
-// query head of the group, then a rescale of the running sums (online softmax). G and D are
-// compile-time so that q and the accumulators stay in vector registers.
+// Blocks are scattered, so the hardware prefetcher stops at every block boundary: while
+// one block's key or value row is used, the same row of the next block is requested.
+template <typename scalar_t, int64_t D>
+inline void prefetch_row(const scalar_t* row) {
+  for (int64_t d = 0; d < D; d += 64 / sizeof(scalar_t)) __builtin_prefetch(row + d);
+}
+
+// The running softmax of the G query heads that share one kv head. G and D are
+// compile-time so that the inner loops unroll into whole vector registers.
 template <typename scalar_t, int64_t G, int64_t D>
-void attend_one(const scalar_t* q, int64_t q_head_stride, const scalar_t* k_cache, const scalar_t* v_cache,
-                const int32_t* table, int64_t seq_len, int64_t block_size, int64_t token_stride,
-                int64_t block_stride, float scale, scalar_t* out, int64_t out_head_stride) {
-  alignas(64) float qf[G][D], acc[G][D], scores[G][kMaxBlockSize];
-  float m[G], l[G];
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t d = 0; d < D; ++d) {
-      qf[g][d] = static_cast<float>(q[g * q_head_stride + d]) * scale;
-      acc[g][d] = 0.f;
+struct HeadGroup {
+  alignas(64) float q[G][D];    // pre-scaled by the softmax scale
+  alignas(64) float acc[G][D];  // sum of exp(score - m) * v
+  float m[G], l[G];             // running max, running sum of exp(score - m)
+
+  void start(const scalar_t* q_rows, int64_t q_head_stride, float scale) {
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t d = 0; d < D; ++d) {
+        q[g][d] = static_cast<float>(q_rows[g * q_head_stride + d]) * scale;
+        acc[g][d] = 0.f;
+      }
+      m[g] = -std::numeric_limits<float>::infinity();
+      l[g] = 0.f;
     }
-    m[g] = -std::numeric_limits<float>::infinity();
-    l[g] = 0.f;
   }
-  const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t n = std::min(block_size, seq_len - b * block_size);
-    const scalar_t* kb = k_cache + table[b] * block_stride;
-    const scalar_t* vb = v_cache + table[b] * block_stride;
-    if (b + 1 < num_blocks) prefetch_block(k_cache, v_cache, table[b + 1] * block_stride, block_size, token_stride, D);
+
+  // n keys and values of one block, token t at k[t * token_stride]: scores, then one
+  // rescale of the running sums per block (not per key), then the weighted values.
+  // k_next/v_next: this head in the next block (to prefetch), or null after the last.
+  void update(const scalar_t* k, const scalar_t* v, int64_t n, int64_t token_stride, const scalar_t* k_next,
+              const scalar_t* v_next) {
+    alignas(64) float p[G][kMaxBlockSize];
     for (int64_t t = 0; t < n; ++t) {
-      const scalar_t* kt = kb + t * token_stride;
+      if (k_next) {
+        prefetch_row<scalar_t, D>(k_next + t * token_stride);
+        prefetch_row<scalar_t, D>(v_next + t * token_stride);
+      }
       for (int64_t g = 0; g < G; ++g) {
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += qf[g][d] * static_cast<float>(kt[d]);
-        scores[g][t] = s;
+        for (int64_t d = 0; d < D; ++d) s += q[g][d] * static_cast<float>(k[t * token_stride + d]);
+        p[g][t] = s;
       }
     }
     for (int64_t g = 0; g < G; ++g) {
-      const float new_m = std::max(m[g], *std::max_element(scores[g], scores[g] + n));
+      const float new_m = std::max(m[g], *std::max_element(p[g], p[g] + n));
       const float alpha = std::exp(m[g] - new_m);  // 0 on the first block: m is -inf
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < n; ++t) {
-        scores[g][t] = std::exp(scores[g][t] - new_m);
-        sum += scores[g][t];
+        p[g][t] = exp_nonpositive(p[g][t] - new_m);
+        sum += p[g][t];
       }
       l[g] = l[g] * alpha + sum;
       m[g] = new_m;
-      for (int64_t d = 0; d < D; ++d) acc[g][d] *= alpha;
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      const scalar_t* vt = vb + t * token_stride;
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = scores[g][t];
-        for (int64_t d = 0; d < D; ++d) acc[g][d] += p * static_cast<float>(vt[d]);
-      }
+      // A local copy the compiler can keep in registers (acc might alias v, as far as it knows).
+      alignas(64) float a[D];
+      for (int64_t d = 0; d < D; ++d) a[d] = acc[g][d] * alpha;
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t d = 0; d < D; ++d) a[d] += p[g][t] * static_cast<float>(v[t * token_stride + d]);
+      for (int64_t d = 0; d < D; ++d) acc[g][d] = a[d];
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const float inv = 1.f / l[g];
-    for (int64_t d = 0; d < D; ++d) out[g * out_head_stride + d] = static_cast<scalar_t>(acc[g][d] * inv);
+
+  void finish(scalar_t* out_rows, int64_t out_head_stride) const {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d)
+        out_rows[g * out_head_stride + d] = static_cast<scalar_t>(acc[g][d] / l[g]);
   }
-}
+};
 
 template <typename scalar_t, int64_t G, int64_t D>
 void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, const at::Tensor& out) {
   const int64_t num_seqs = q.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const scalar_t* k_base = k_cache.data_ptr<scalar_t>();
+  const scalar_t* v_base = v_cache.data_ptr<scalar_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t token_stride = num_kv_heads * D, block_stride = block_size * token_stride;
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
-      TORCH_CHECK(lens[s] > 0, "decode_attention: sequence ", s, " has seq_len ", lens[s], ", expected >= 1");
-      attend_one<scalar_t, G, D>(qp + s * q.stride(0) + h * G * q.stride(1), q.stride(1), kp + h * D, vp + h * D,
-                                 tables + s * block_tables.stride(0), lens[s], block_size, token_stride,
-                                 block_stride, static_cast<float>(scale),
-                                 op + s * out.stride(0) + h * G * out.stride(1), out.stride(1));
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<HeadGroup<scalar_t, G, D>> heads(num_kv_heads);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t seq_len = lens[s];
+      TORCH_CHECK(seq_len > 0, "decode_attention: sequence ", s, " has seq_len ", seq_len, ", expected >= 1");
+      const int32_t* table = block_tables.data_ptr<int32_t>() + s * block_tables.stride(0);
+      const scalar_t* q_rows = q.data_ptr<scalar_t>() + s * q.stride(0);
+      for (int64_t h = 0; h < num_kv_heads; ++h)
+        heads[h].start(q_rows + h * G * q.stride(1), q.stride(1), static_cast<float>(scale));
+      const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const scalar_t* k = k_base + table[b] * block_stride;
+        const scalar_t* v = v_base + table[b] * block_stride;
+        const bool last = b + 1 == num_blocks;
+        const scalar_t* k_next = last ? nullptr : k_base + table[b + 1] * block_stride;
+        const scalar_t* v_next = last ? nullptr : v_base + table[b + 1] * block_stride;
+        const int64_t n = std::min(block_size, seq_len - b * block_size);
+        for (int64_t h = 0; h < num_kv_heads; ++h)
+          heads[h].update(k + h * D, v + h * D, n, token_stride, last ? nullptr : k_next + h * D,
+                          last ? nullptr : v_next + h * D);
+      }
+      scalar_t* out_rows = out.data_ptr<scalar_t>() + s * out.stride(0);
+      for (int64_t h = 0; h < num_kv_heads; ++h) heads[h].finish(out_rows + h * G * out.stride(1), out.stride(1));
     }
   });
 }
