@@ -60,3 +60,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
         q = q.contiguous()
     load()(q, k_cache, v_cache, block_tables.int(), seq_lens.int(), scale, out)
     return out
+
+
+if __name__ == "__main__":  # `python -m kernels.cpu`: build now (make does, after install), not at first start
+    load()
+    print(f"cpu attention kernel built: {torch.ops.conveyor_cpu.decode_attention}")
