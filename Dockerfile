@@ -9,6 +9,11 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     CONVEYOR_CACHE_DIR=/cache
 
+# g++ builds the CPU attention kernel (kernels/csrc) the first time a CPU worker starts;
+# without it the worker falls back to the much slower plain-torch reference.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared

@@ -1,10 +1,12 @@
 """Paged-KV attention kernels and the switch that picks a backend for a device.
 
-Two interchangeable backends with identical signatures: "reference" (plain torch, used on
-CPU) and "triton" (used on CUDA, or anywhere under TRITON_INTERPRET=1 for testing).
+Interchangeable backends with identical signatures: "cpu" (a C++ decode kernel, the default
+on CPU), "reference" (plain torch, the ground truth the others are tested against) and
+"triton" (used on CUDA, or anywhere under TRITON_INTERPRET=1 for testing).
 """
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -14,7 +16,8 @@ import torch
 from kernels import reference
 
 BACKEND_ENV_VAR = "CONVEYOR_ATTENTION_BACKEND"
-BACKENDS = ("reference", "triton")
+BACKENDS = ("cpu", "reference", "triton")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,12 @@ class AttentionBackend:
 def get_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
     """The backend called `name`, else $CONVEYOR_ATTENTION_BACKEND, else the device's default."""
     device = torch.device(device)
-    if name is None:
-        name = os.environ.get(BACKEND_ENV_VAR) or ("triton" if device.type == "cuda" else "reference")
+    name = name or os.environ.get(BACKEND_ENV_VAR)
+    if name is None and device.type == "cpu":
+        return _cpu_backend_or_reference()
+    name = name or "triton"
+    if name == "cpu":
+        return _cpu_backend(device)
     if name == "reference":
         return AttentionBackend(name, reference.store_kv, reference.prefill_attention, reference.decode_attention)
     if name == "triton":
@@ -37,6 +44,25 @@ def get_attention_backend(device: torch.device, name: str | None = None) -> Atte
     raise ValueError(
         f"unknown attention backend {name!r} (from argument or ${BACKEND_ENV_VAR}); expected one of {BACKENDS}"
     )
+
+
+def _cpu_backend(device: torch.device) -> AttentionBackend:
+    from kernels import cpu
+
+    if device.type != "cpu":
+        raise ValueError(f"the cpu attention backend runs on the CPU only, not on {device.type}")
+
+    cpu.load()  # builds the extension on first use, so a missing compiler shows here, not mid-step
+    return AttentionBackend("cpu", reference.store_kv, reference.prefill_attention, cpu.decode_attention)
+
+
+def _cpu_backend_or_reference() -> AttentionBackend:
+    """The default on CPU: the C++ kernel, or, where it cannot be built, the reference, saying why."""
+    try:
+        return _cpu_backend(torch.device("cpu"))
+    except RuntimeError as e:  # no compiler or ninja, or a failed build: the message says which
+        log.warning("cpu attention backend unavailable, falling back to the (slower) reference: %s", e)
+        return get_attention_backend(torch.device("cpu"), "reference")
 
 
 def _triton_backend(device: torch.device) -> AttentionBackend:

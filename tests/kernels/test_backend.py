@@ -1,16 +1,19 @@
 """The backend switch: device defaults, the environment override, and a clear error for a typo."""
 
+import logging
+
 import pytest
 import torch
 
-from kernels import BACKEND_ENV_VAR, get_attention_backend, reference
+from kernels import BACKEND_ENV_VAR, cpu, get_attention_backend, reference
 
 
-def test_cpu_defaults_to_the_reference(monkeypatch):
+def test_cpu_defaults_to_the_cpu_kernel(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     backend = get_attention_backend(torch.device("cpu"))
-    assert backend.name == "reference"
-    assert backend.decode_attention is reference.decode_attention
+    assert backend.name == "cpu"
+    assert backend.decode_attention is cpu.decode_attention
+    assert backend.store_kv is reference.store_kv
 
 
 def test_environment_overrides_the_default(monkeypatch):
@@ -19,6 +22,8 @@ def test_environment_overrides_the_default(monkeypatch):
     backend = get_attention_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     assert backend.name == "triton"
     assert backend.store_kv.__module__ == "kernels.triton_store_kv"
+    monkeypatch.setenv(BACKEND_ENV_VAR, "reference")
+    assert get_attention_backend(torch.device("cpu")).decode_attention is reference.decode_attention
 
 
 def test_explicit_name_beats_the_environment(monkeypatch):
@@ -29,3 +34,29 @@ def test_explicit_name_beats_the_environment(monkeypatch):
 def test_unknown_backend_is_named_in_the_error():
     with pytest.raises(ValueError, match="'cuda-graphs'"):
         get_attention_backend(torch.device("cpu"), "cuda-graphs")
+
+
+def test_cpu_backend_refuses_a_gpu_device():
+    with pytest.raises(ValueError, match="CPU only, not on cuda"):
+        get_attention_backend(torch.device("cuda"), "cpu")
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    cpu.load.cache_clear()  # forget the build this process already loaded
+    yield
+    cpu.load.cache_clear()
+
+
+def test_without_a_compiler_the_default_falls_back_to_the_reference_and_says_why(no_compiler, caplog):
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        backend = get_attention_backend(torch.device("cpu"))
+    assert backend.name == "reference"
+    assert "'/nonexistent/c++' not found" in caplog.text
+
+
+def test_without_a_compiler_asking_for_the_cpu_backend_is_an_error(no_compiler):
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        get_attention_backend(torch.device("cpu"), "cpu")

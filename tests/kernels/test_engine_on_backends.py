@@ -1,9 +1,11 @@
-"""The whole engine on the Triton backend (compiled on CUDA, interpreted on CPU) gives the
-same greedy tokens as transformers: kernels and the engine agree on every layout detail
-(slot mapping, decode-first ordering, block tables, cu_seqlens)."""
+"""The whole engine on each attention backend (Triton compiled on CUDA or interpreted on
+CPU, the CPU C++ kernel, the reference) gives the same greedy tokens as transformers:
+kernels and the engine agree on every layout detail (slot mapping, decode-first ordering,
+block tables, cu_seqlens)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kernels import get_attention_backend
@@ -16,12 +18,15 @@ from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
 
 
-def test_engine_on_triton_kernels_matches_hf(tmp_path):
-    # Small enough for the interpreter: 1 layer, 64-wide, GQA 2.
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_engine_on_backend_matches_hf(tmp_path, backend):
+    # Small enough for the interpreter: 1 layer, 64-wide, GQA 2. The C++ kernel is compiled
+    # for head_dim 64 and 128 only (16 would go to the reference), so it gets heads of 64.
     model_dir = make_model(tmp_path / "m", arch="qwen3", preset="tiny", seed=3, num_hidden_layers=1,
-                           hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_dir, device, torch.float32, get_attention_backend(device, "triton"))
+                           hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16 if backend == "triton" else 64)
+    device = torch.device("cuda" if torch.cuda.is_available() and backend == "triton" else "cpu")
+    model = load_model(model_dir, device, torch.float32, get_attention_backend(device, backend))
     block_size, num_blocks = 16, 64
     engine = Engine(model, allocate_kv_cache(model.shape, num_blocks, block_size, torch.float32, device),
                     block_size, num_blocks, 4096, eos_token_ids(model_dir, load_config(model_dir)))
