@@ -35,7 +35,7 @@ tiny-model: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m shared.tiny_model
 
 bench-worker: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m bench.worker_step $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m services.gpu_worker.bench_step $(BENCH_ARGS)
 
 # End-to-end benchmark: Conveyor over HTTP against HF static batching and no batching
 # (default: BENCH.md's `mixed` on tiny), e.g. BENCH_ARGS="--workload shared-prefix".

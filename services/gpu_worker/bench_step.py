@@ -1,7 +1,8 @@
 """Decode throughput of one in-process worker step against Hugging Face's own forward
 with its KV cache, at the same batch, model, dtype and threads, in the same run.
 
-    python -m bench.worker_step [--models tiny small] [--batches 1 16 64 256] [--out FILE]
+    python -m services.gpu_worker.bench_step [--models tiny small] [--batches 1 16 64 256] [--out FILE]
+    python -m services.gpu_worker.bench_step --step-ms-only --models small --batches 64
 
 Each request has a CONTEXT-token prompt; both sides prefill, then time STEPS decode steps.
 Figures are medians over REPEATS alternating rounds; the ratio is Conveyor / HF.
@@ -71,7 +72,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/worker_step.json")
+    ap.add_argument("--step-ms-only", action="store_true",
+                    help="print only Conveyor's decode step time in ms (first model and batch), as JSON")
     args = ap.parse_args()
+    if args.step_ms_only:
+        print(json.dumps(decode_step_ms(args.models[0], args.batches[0], args.context, args.steps)))
+        return
 
     rows = []
     for preset in args.models:
@@ -99,6 +105,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {args.out}")
+
+
+def decode_step_ms(preset: str, batch: int, context: int, steps: int) -> float:
+    """One decode step of `batch` requests on the `preset` model, in ms."""
+    model_dir = ensure_model(preset)
+    engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
+                                                kv_cache_memory=_cache_bytes(model_dir, max(batch * (context + steps + 16), 4096))))
+    return batch / conveyor_decode_rate(engine, batch, context, steps, info.block_size) * 1000
 
 
 def _cache_bytes(model_dir, tokens: int) -> int:

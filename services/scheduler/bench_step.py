@@ -1,17 +1,21 @@
 """The scheduler's own cost per step, against the model step it schedules.
 
-    python -m bench.scheduler_step [--batches 64 256] [--steps 200]
+    python -m services.scheduler.bench_step [--batches 64 256] [--steps 200]
 
 With N requests decoding on one worker, one scheduler step is: schedule (policy + block
 pool), build the StepPlan delta, encode it, decode the worker's StepResult, apply it
 (append tokens, stop checks, prefix-cache registration, outputs). The model step is a
-real `small` engine decode step at the same batch, measured in the same run.
+real `small` engine decode step at the same batch, measured in the same run by the
+worker's own benchmark in a child process (a service never imports another's internals).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 from services.scheduler.core import SchedulerCore
@@ -48,16 +52,10 @@ def scheduler_us_per_step(batch: int, steps: int, context: int = 128) -> float:
 
 
 def model_ms_per_step(batch: int, steps: int = 8, context: int = 128) -> float:
-    from bench.worker_step import _cache_bytes, conveyor_decode_rate
-    from services.gpu_worker.factory import create_engine
-    from shared.config import WorkerSettings
-    from shared.tiny_model import ensure_model
-
-    model_dir = ensure_model("small")
-    engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
-                                                kv_cache_memory=_cache_bytes(model_dir, batch * (context + steps + 16))))
-    rate = conveyor_decode_rate(engine, batch, context, steps, info.block_size)
-    return batch / rate * 1000
+    out = subprocess.run([sys.executable, "-m", "services.gpu_worker.bench_step", "--step-ms-only", "--models",
+                          "small", "--batches", str(batch), "--steps", str(steps), "--context", str(context)],
+                         check=True, capture_output=True, text=True, timeout=600)
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:
