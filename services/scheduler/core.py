@@ -78,7 +78,7 @@ class SchedulerCore:
             self.outputs.append((msg.reply_to, RequestOutput(
                 msg.request_id, finish_reason=FinishReason.ERROR, error_code=ErrorCode.INVALID_REQUEST, error=refused)))
             return False
-        req = Request.from_submit(msg, entry_id)
+        req = Request(msg, entry_id)
         self.requests[req.request_id] = req
         self.counters.prompt_tokens += len(req.prompt_token_ids)
         self._place(req)

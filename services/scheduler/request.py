@@ -11,19 +11,16 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from services.scheduler.block_pool import hash_blocks
-from shared.messages import ErrorCode, FinishReason, RequestStatus, SamplingParams, SubmitRequest
+from shared.messages import ErrorCode, FinishReason, RequestStatus, SubmitRequest
+
+
+def _from_submit(name: str) -> property:
+    return property(lambda self: getattr(self.submit, name), doc=f"SubmitRequest.{name}, as the gateway sent it")
 
 
 @dataclass(eq=False)  # identity semantics: requests live in lists and sets
 class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    reply_to: str
-    arrival_time: float
-    priority: int = 0
-    cache_salt: Optional[str] = None
-    queue_timeout_s: Optional[float] = None
+    submit: SubmitRequest  # what the gateway sent: id, prompt, sampling, reply_to, priority …
     entry_id: str = ""  # the Redis stream entry to acknowledge when it finishes
 
     output_token_ids: list[int] = field(default_factory=list)
@@ -42,13 +39,14 @@ class Request:
     error: Optional[str] = None
     _hashes: dict[int, list[bytes]] = field(default_factory=dict, repr=False)  # see block_hashes_for
 
-    @classmethod
-    def from_submit(cls, msg: SubmitRequest, entry_id: str = "") -> "Request":
-        return cls(
-            request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids), sampling=msg.sampling,
-            reply_to=msg.reply_to, arrival_time=msg.arrival_time, priority=msg.priority,
-            cache_salt=msg.cache_salt, queue_timeout_s=msg.queue_timeout_s, entry_id=entry_id,
-        )
+    request_id = _from_submit("request_id")
+    prompt_token_ids = _from_submit("prompt_token_ids")
+    sampling = _from_submit("sampling")
+    reply_to = _from_submit("reply_to")
+    arrival_time = _from_submit("arrival_time")
+    priority = _from_submit("priority")
+    cache_salt = _from_submit("cache_salt")
+    queue_timeout_s = _from_submit("queue_timeout_s")
 
     @property
     def num_tokens(self) -> int:
