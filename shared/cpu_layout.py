@@ -51,8 +51,8 @@ def parse_cores(spec: str) -> list[int]:
     cores: set[int] = set()
     try:
         for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi or lo)
+            lo, dash, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi if dash else lo)
             if first < 0 or last < first:
                 raise ValueError
             cores.update(range(first, last + 1))
