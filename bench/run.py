@@ -78,7 +78,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.requests is not None and args.requests < 1:
         ap.error(f"--requests must be >= 1 (got {args.requests})")
-    args.rounds = args.rounds or (3 if args.peer else 1)
+    if args.rounds is None:
+        args.rounds = 3 if args.peer else 1
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1 (got {args.rounds})")
     if args.rate is not None and not args.rate > 0:

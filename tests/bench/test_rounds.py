@@ -87,3 +87,14 @@ def test_medians_of_even_rounds_and_the_median_round():
     assert rounds.median_round(s) in (2, 3)
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         rounds.interleave({"a": lambda i: i}, 0)
+
+
+def test_a_peer_gets_three_rounds_unless_told(capsys):
+    from bench.run import parse_args
+
+    assert parse_args(["--peer", "vllm"]).rounds == 3
+    assert parse_args([]).rounds == 1 and parse_args([]).peer is None
+    assert parse_args(["--peer", "vllm", "--rounds", "2"]).rounds == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", "0"])
+    assert "--rounds must be >= 1 (got 0)" in capsys.readouterr().err
