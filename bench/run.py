@@ -296,6 +296,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.peer:
         results["peer_server"] = args.peer_server
     if not args.no_baselines:
+        # The servers' figures survive a baseline that is interrupted (they take long on a busy machine).
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
         baseline_phase(args, model_dir, workloads, device, dtype, results, records)
     add_ratios(results)
     if args.workload == "long-short":
