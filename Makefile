@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast run status tiny-model bench-worker bench clean
+.PHONY: test test-fast run status tiny-model bench-worker bench bench-peer vllm-peer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ $(VENV)/.installed-bench: $(STAMP)
 
 bench: $(VENV)/.installed-bench
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run $(BENCH_ARGS)
+
+# The same, against the peer: vLLM's CPU build on the same model and workload, rounds
+# interleaved. vLLM lives in its own venv (VLLM_VENV, default .venv-vllm), installed on first use.
+VLLM_VENV ?= .venv-vllm
+bench-peer: $(VENV)/.installed-bench
+	CONVEYOR_VLLM_VENV=$(abspath $(VLLM_VENV)) HF_HUB_OFFLINE=1 $(PY) -m bench.run --peer vllm $(BENCH_ARGS)
+
+vllm-peer: $(STAMP)
+	$(PY) -m bench.vllm_install --venv $(VLLM_VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

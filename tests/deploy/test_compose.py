@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from conveyor.commands import SERVICE_MODULES, service_command
+from shared.config import WorkerSettings, parse_settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -44,6 +45,17 @@ def test_workers_scale_and_redis_persists():
     for name in ("redis", "scheduler", "gateway"):
         assert "healthcheck" in services[name], name
     assert services["gateway"]["environment"]["CONVEYOR_OUTPUT_ADVERTISE"] == "tcp://{hostname}:5556"
+
+
+def test_workers_take_the_thread_layout_from_the_environment(monkeypatch):
+    env = _compose(COMPOSE)["services"]["gpu_worker"]["environment"]
+    assert env["CONVEYOR_CPU_AFFINITY"] == "${CONVEYOR_CPU_AFFINITY:-auto}"
+    assert env["CONVEYOR_NUM_THREADS"] == "${CONVEYOR_NUM_THREADS:-}"  # empty: unset (env_ignore_empty)
+    # Compose passes an unset variable as "": the worker must take its own default then.
+    monkeypatch.setenv("CONVEYOR_NUM_THREADS", "")
+    monkeypatch.setenv("CONVEYOR_CPU_AFFINITY", "auto")
+    settings = parse_settings(WorkerSettings, [])
+    assert settings.cpu_affinity == "auto" and settings.num_threads is None
 
 
 def test_gpu_override_gives_workers_the_nvidia_device():

@@ -18,6 +18,7 @@ import openai
 import pytest
 import redis
 
+from shared import cpu_layout
 from shared.embedded_redis import free_port
 from shared.redis_protocol import read_status
 from tests.stack import REPO, service_env
@@ -39,6 +40,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _allowed_cpus(pid: int) -> list[int]:
+    return sorted(os.sched_getaffinity(pid))
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -50,6 +55,7 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
                       CONVEYOR_SCHEDULER_ADDRESS=f"tcp://127.0.0.1:{sched_port}")
     env.pop("REDIS_URL", None)
     env.pop("CONVEYOR_MODEL", None)
+    env.pop("OMP_NUM_THREADS", None)  # the launcher's own thread layout, as `make run` has it
     log_path = tmp_path / "run.log"
     log = open(log_path, "w")
     launcher = subprocess.Popen([sys.executable, "-m", "conveyor", "run"], cwd=REPO, env=env, stdout=log,
@@ -66,6 +72,12 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
         assert model_dir.startswith(str(tmp_path / "cache")), "the tiny model was generated into the cache"
         pids = {name: int(pid) for name, pid in re.findall(r"started (\S+) \(pid (\d+)\)", text)}
         assert set(pids) == {"scheduler", "worker-0", "gateway"}
+        # The worker computes on the cores after the first, one thread each; the rest of the
+        # system is not bound.
+        cores = cpu_layout.compute_cores(cpu_layout.allowed_cores())
+        assert f"{len(cores)} compute threads, bound to cores {cpu_layout.format_cores(cores)}" in text
+        assert _allowed_cpus(pids["worker-0"]) == cores
+        assert _allowed_cpus(pids["scheduler"]) == cpu_layout.allowed_cores()
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         first = client.completions.create(model="tiny", prompt="Hello", max_tokens=8)

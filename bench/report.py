@@ -1,0 +1,122 @@
+"""What a run reports: the ratios between systems, the plots, and summary.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from bench import plots, rounds
+from bench.metrics import TABLE_HEADER, latency_values, short_table_row, stats_ms
+
+CONVEYOR, STATIC, SINGLE, VLLM = "Conveyor", "static batching (HF)", "no batching (HF)", "vLLM-CPU"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def add_ratios(results: dict) -> None:
+    sys_ = results["systems"]
+    c, s, o = sys_.get(CONVEYOR), sys_.get(STATIC), sys_.get(SINGLE)
+    get = lambda d, k: d[k] if d else None  # noqa: E731
+    p99 = lambda d: d["ttft_ms"]["p99"] if d else None  # noqa: E731
+    results["ratios"] = {
+        key: {"conveyor_over_static": ratio(get(c, key), get(s, key)),
+              "conveyor_over_no_batching": ratio(get(c, key), get(o, key))}
+        for key in ("output_throughput", "request_throughput")
+    }
+    results["ratios"]["ttft_p99_ms"] = {
+        "conveyor": p99(c), "static": p99(s), "no_batching_unqueued": p99(o),
+        "static_over_conveyor": ratio(p99(s), p99(c)),
+    }
+
+
+def long_short_figures(records: dict, results: dict) -> dict[str, dict]:
+    """p50/p99 TTFT of the short requests, with the long ones and alone, per system."""
+    rows = {}
+    for system in (CONVEYOR, STATIC):
+        if system not in records:
+            continue
+        with_long = [r for r in records[system] if r.tag == "short"]
+        for label, recs in ((f"{system} — with long", with_long), (f"{system} — short only",
+                                                                   records[f"{system} short only"])):
+            rows[label] = stats_ms(latency_values(recs)["ttft"])
+    results["long_short"] = {"short_ttft_ms": rows, "p99_with_over_without": {
+        system: ratio(rows[f"{system} — with long"]["p99"], rows[f"{system} — short only"]["p99"])
+        for system in (CONVEYOR, STATIC) if f"{system} — with long" in rows}}
+    return rows
+
+
+def write_plots(out: Path, results: dict, records: dict, title: str) -> list[str]:
+    systems = results["systems"]
+    names = {k: (f"{SINGLE} — subset, unqueued" if k == SINGLE else k) for k in systems}
+    names = {k: v + (f" ({systems[k]['failed']} failed)" if systems[k]["failed"] else "") for k, v in names.items()}
+    plots.throughput({names[k]: v for k, v in systems.items()}, title, out / "throughput.png")
+    plots.latency_cdfs({names[k]: latency_values(records[k]) for k in systems}, title, out / "latency_cdf.png")
+    files = ["throughput.png", "latency_cdf.png"]
+    if "long_short" in results:
+        rows = {k: v for k, v in results["long_short"]["short_ttft_ms"].items() if v["p99"] is not None}
+        plots.short_ttft(rows, f"{title}\nTTFT of the short requests, with the long ones and without",
+                         out / "short_ttft.png")
+        files.append("short_ttft.png")
+    sp = results.get("shared_prefix")
+    if sp and sp.get("hit_rate") is not None:
+        tput = {"prefix caching on": systems[CONVEYOR]["output_throughput"]}
+        if "prefix_caching_off" in sp:
+            tput["prefix caching off"] = sp["prefix_caching_off"]["output_throughput"]
+        plots.prefix_cache(sp["hit_rate"], sp["ideal_hit_rate"], tput, title, out / "prefix_cache.png")
+        files.append("prefix_cache.png")
+    return files
+
+
+def summary_markdown(results: dict) -> str:
+    m, w = results["machine"], results["workload"]
+    lines = [f"## {w['name']} on {results['model']['name']} — {w['requests']} requests, "
+             f"{w['prompt_tokens']} prompt / {w['output_tokens']} output tokens",
+             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, {results['model']['dtype']} "
+             f"on {m['device']}; {m['date']}; 1-min load average "
+             + ", ".join(f"{k.replace('_', ' ')} {v[0]:.1f}" for k, v in results["load_average"].items()),
+             f"`{results['command']}`", "", TABLE_HEADER]
+    lines += [short_table_row(name, s) for name, s in results["systems"].items()]
+    for name, s in results["systems"].items():
+        if s["failed"]:
+            lines.append(f"\n**{name}: {s['failed']} requests failed** (figures are of the completed ones only): "
+                         + "; ".join(s["errors"][:3]))
+    fmt = lambda x, d=2: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+    if SINGLE in results["systems"]:
+        sub = results["systems"][SINGLE]["subset"]
+        lines.append(f"\n{SINGLE}: {sub['requests']} of {sub['of']} requests, one at a time; its latencies "
+                     "include no queueing, its throughput is what a one-at-a-time server sustains (extrapolated: "
+                     f"the whole workload would take about {fmt(sub['extrapolated_workload_duration_s'], 0)} s).")
+    r = results.get("ratios", {})
+    if r:
+        out, req = r["output_throughput"], r["request_throughput"]
+        lines.append(f"\nConveyor / static batching: output tok/s {fmt(out['conveyor_over_static'])}×, "
+                     f"req/s {fmt(req['conveyor_over_static'])}×; "
+                     f"Conveyor / no batching: output tok/s {fmt(out['conveyor_over_no_batching'])}×, "
+                     f"req/s {fmt(req['conveyor_over_no_batching'])}×. "
+                     f"p99 TTFT: Conveyor {fmt(r['ttft_p99_ms']['conveyor'], 0)} ms, static "
+                     f"{fmt(r['ttft_p99_ms']['static'], 0)} ms.")
+    if "peer" in results:
+        lines += rounds.markdown(results["peer"])
+    if "rounds" in results:
+        lines.append("CPU seconds of each server's processes per round: " + "; ".join(
+            f"{name} " + ", ".join(f"{sum(f['cpu_s'].values()):.1f}" for f in figs) for name, figs in results["rounds"].items()))
+    if "rate_from_offline" in results:
+        ro = results["rate_from_offline"]
+        lines.append(f"Arrival rate {ro['rate']:.2f} req/s = {ro['share']:.0%} of Conveyor's offline "
+                     f"{ro['offline']['request_throughput']:.2f} req/s on the same requests.")
+    if "long_short" in results:
+        lines += ["", "| short requests' TTFT | p50 ms | p99 ms |", "|---|---:|---:|"]
+        lines += [f"| {k} | {fmt(v['median'], 0)} | {fmt(v['p99'], 0)} |"
+                  for k, v in results["long_short"]["short_ttft_ms"].items()]
+    sp = results.get("shared_prefix")
+    if sp:
+        lines.append(f"\nPrefix cache: hit rate {fmt(sp['hit_rate'] and 100 * sp['hit_rate'], 1)}% of prompt tokens "
+                     f"(ideal {100 * sp['ideal_hit_rate']:.1f}%).")
+        if "prefix_caching_off" in sp:
+            on, off = results["systems"][CONVEYOR]["output_throughput"], sp["prefix_caching_off"]["output_throughput"]
+            lines.append(f"Output tok/s with prefix caching on {on:.0f}, off {off:.0f} ({fmt(ratio(on, off))}×).")
+    return "\n".join(lines) + "\n"
+
+
