@@ -69,6 +69,10 @@ class WorkerSettings(_Settings):
         None, gt=0, description="longest prompt + output in tokens (default: the model's max_position_embeddings)"
     )
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
+    linear_backend: Literal["auto", "onednn", "torch"] = Field(
+        "auto", description="matrix multiplications: onednn (prepacked weights; auto's choice for float32 on CPU) "
+        "or torch (F.linear, for debugging)"
+    )
     num_threads: Optional[int] = Field(
         None, gt=0, description="torch compute threads (default: one per core of cpu_affinity; with cpu_affinity "
         "none, OMP_NUM_THREADS or torch's default)"

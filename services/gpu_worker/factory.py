@@ -61,7 +61,7 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     max_len = max_model_len(read_config(path), path, settings.max_model_len)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    model = load_model(path, device, dtype, get_attention_backend(device))
+    model = load_model(path, device, dtype, get_attention_backend(device), settings.linear_backend)
 
     per_block = bytes_per_block(model.shape, settings.block_size, dtype)
     budget = cache_budget_bytes(device, int(settings.kv_cache_memory), settings.gpu_memory_fraction)

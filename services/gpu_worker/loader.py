@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.activations import ACT2FN
 
+from services.gpu_worker.linear import Linear, use_onednn
 from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
 from services.gpu_worker.rope import RotaryEmbedding
 from shared.models import ModelLoadError, check_model_dir
@@ -41,8 +42,10 @@ def model_shape(config) -> ModelShape:
     )
 
 
-def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, attention_backend) -> DecoderModel:
+def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, attention_backend,
+               linear_backend: str = "auto") -> DecoderModel:
     config = load_config(model_dir)
+    onednn = use_onednn(linear_backend, device, dtype)
     shape = model_shape(config)
     weights = _read_safetensors(Path(model_dir), device, dtype)
 
@@ -60,15 +63,13 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
         biases = [take(p + f"self_attn.{n}_proj.bias", required=False) for n in "qkv"]
         layers.append(LayerWeights(
             input_norm=take(p + "input_layernorm.weight"),
-            qkv_weight=torch.cat(qkv),
-            qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-            o_weight=take(p + "self_attn.o_proj.weight"),
-            o_bias=take(p + "self_attn.o_proj.bias", required=False),
+            qkv=Linear(torch.cat(qkv), torch.cat(biases) if all(b is not None for b in biases) else None, onednn),
+            o=Linear(take(p + "self_attn.o_proj.weight"), take(p + "self_attn.o_proj.bias", required=False), onednn),
             q_norm=take(p + "self_attn.q_norm.weight", required=False),
             k_norm=take(p + "self_attn.k_norm.weight", required=False),
             post_attention_norm=take(p + "post_attention_layernorm.weight"),
-            gate_up_weight=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-            down_weight=take(p + "mlp.down_proj.weight"),
+            gate_up=Linear(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]), None, onednn),
+            down=Linear(take(p + "mlp.down_proj.weight"), None, onednn),
         ))
     embed = take("model.embed_tokens.weight")
     tied = getattr(config, "tie_word_embeddings", False)
@@ -78,7 +79,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
         embed_tokens=embed,
         layers=layers,
         final_norm=take("model.norm.weight"),
-        lm_head=embed if lm_head is None else lm_head,
+        lm_head=Linear(embed if lm_head is None else lm_head, None, onednn),
         rotary=RotaryEmbedding(config, shape.head_dim, shape.max_position_embeddings, device),
         act=ACT2FN[config.hidden_act],
         attention_backend=attention_backend,

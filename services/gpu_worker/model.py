@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from services.gpu_worker.batch import AttentionMetadata
+from services.gpu_worker.linear import Linear
 from services.gpu_worker.rope import RotaryEmbedding, apply_rotary
 
 
@@ -32,16 +33,13 @@ class ModelShape:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    # q, k and v projections fused into one matrix: one matmul instead of three.
-    qkv_weight: torch.Tensor
-    qkv_bias: Optional[torch.Tensor]
-    o_weight: torch.Tensor
-    o_bias: Optional[torch.Tensor]
+    qkv: Linear  # q, k and v projections fused into one matrix: one matmul instead of three
+    o: Linear
     q_norm: Optional[torch.Tensor]  # Qwen3: RMSNorm over head_dim of each head
     k_norm: Optional[torch.Tensor]
     post_attention_norm: torch.Tensor
-    gate_up_weight: torch.Tensor  # gate and up fused, gate first
-    down_weight: torch.Tensor
+    gate_up: Linear  # gate and up fused, gate first
+    down: Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,7 +57,7 @@ class DecoderModel:
         embed_tokens: torch.Tensor,
         layers: list[LayerWeights],
         final_norm: torch.Tensor,
-        lm_head: torch.Tensor,
+        lm_head: Linear,
         rotary: RotaryEmbedding,
         act: Callable[[torch.Tensor], torch.Tensor],
         attention_backend,
@@ -95,13 +93,13 @@ class DecoderModel:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
     def _attention(self, layer: LayerWeights, x, rope, meta: AttentionMetadata, k_cache, v_cache):
         s = self.shape
         num_tokens = x.shape[0]
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        q, k, v = F.linear(x, layer.qkv_weight, layer.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = layer.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, s.num_heads, s.head_dim)
         k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
         v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
@@ -120,8 +118,8 @@ class DecoderModel:
             self.attn.prefill_attention(q[d:], k_cache, v_cache, meta.prefill_block_tables,
                                         meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
                                         self.scale, out=out[d:])
-        return F.linear(out.view(num_tokens, q_size), layer.o_weight, layer.o_bias)
+        return layer.o(out.view(num_tokens, q_size))
 
     def _mlp(self, layer: LayerWeights, x):
-        gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, layer.down_weight)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        return layer.down(self.act(gate) * up)
