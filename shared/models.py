@@ -1,9 +1,6 @@
-"""Which model directory a process serves, and the cheap checks of it that every process
-makes the same way: the cache where generated models (and the embedded Redis) live, the
-default model rule (none named: the generated tiny model), config.json's validation.
-
-The checks run before torch and transformers are imported, so a wrong path or an
-unsupported model fails in a fraction of a second with a message that says what to fix.
+"""Which model directory a process serves (none named: the generated tiny model, in the
+cache), and the cheap checks of its config.json that every process makes the same way:
+before torch is imported, so a wrong path fails at once with a message saying what to fix.
 """
 
 from __future__ import annotations
@@ -55,10 +52,8 @@ def check_model_dir(model_dir: str | Path) -> dict:
     config = read_config(path)
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ModelLoadError(
-            f"unsupported architecture {archs or 'unknown'} in {str(path)!r}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+        raise ModelLoadError(f"unsupported architecture {archs or 'unknown'} in {str(path)!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if config.get("use_sliding_window"):
         raise ModelLoadError("sliding-window attention is not supported (use_sliding_window=true)")
     if config.get("mlp_bias"):

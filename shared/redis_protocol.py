@@ -5,7 +5,6 @@ anyone reads those back typed (`read_status`). Key names are in redis_keys.py.
 The queue is a stream read through a consumer group. An entry stays pending until its
 request ends (finished, aborted, failed), then `ack` removes it, so a scheduler that
 restarts reads its unfinished work again and the stream only ever holds unfinished work.
-Status and figures go out in one pipeline per scheduler iteration.
 """
 
 from __future__ import annotations
@@ -25,16 +24,13 @@ MSG_FIELD = b"msg"
 FINISHED_PREFIX = "finished_"  # SchedulerFigures.finished, one hash field per reason
 # Reading processes (gateways, `conveyor status`, bench) wait on Redis this long; the
 # scheduler much less, so that an outage never stalls its loop.
-TIMEOUT_S, CONNECT_TIMEOUT_S = 5.0, 3.0
-SCHEDULER_TIMEOUT_S, SCHEDULER_CONNECT_TIMEOUT_S = 2.0, 1.0
+TIMEOUTS_S, SCHEDULER_TIMEOUTS_S = (5.0, 3.0), (2.0, 1.0)  # (socket, connect)
 
 
 def connect(url: str, scheduler: bool = False) -> redis.Redis:
     """A client for Conveyor's Redis (binary replies: entries are msgpack)."""
-    if scheduler:
-        return redis.Redis.from_url(url, socket_timeout=SCHEDULER_TIMEOUT_S,
-                                    socket_connect_timeout=SCHEDULER_CONNECT_TIMEOUT_S)
-    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S)
+    timeout, connect_timeout = SCHEDULER_TIMEOUTS_S if scheduler else TIMEOUTS_S
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=connect_timeout)
 
 
 @dataclass
@@ -55,12 +51,8 @@ def submit(client: redis.Redis, message: SubmitRequest | AbortRequest, keys: Red
 
 
 class RequestQueue:
-    """One consumer of the request stream's consumer group.
-
-    `read` first returns this consumer's pending entries (read by a previous run of the
-    scheduler but never acknowledged), then new ones. The client must return bytes
-    (decode_responses=False): entries are msgpack.
-    """
+    """One consumer of the request stream's consumer group: `read` returns its pending
+    entries (read by a previous run of the scheduler, never acknowledged), then new ones."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), consumer: str = "scheduler"):
         if client.get_connection_kwargs().get("decode_responses"):
@@ -76,8 +68,7 @@ class RequestQueue:
         self._pending_cursor: str | None = "0"
 
     def ensure_group(self) -> None:
-        """Create the consumer group (and the stream) if missing. The group starts at id 0
-        so entries submitted before it existed are read too."""
+        """Create the group (and the stream) if missing, at id 0: earlier entries are read too."""
         try:
             self.client.xgroup_create(self.keys.requests, self.keys.group, id="0", mkstream=True)
         except redis.ResponseError as e:
@@ -110,7 +101,10 @@ class RequestQueue:
 
     def pending_count(self) -> int:
         """Entries read by any consumer of the group but not yet acknowledged."""
-        return _pending(self.client, self.keys)
+        try:
+            return _pending_from_reply(self.client.xpending(self.keys.requests, self.keys.group))
+        except redis.ResponseError as e:
+            return _pending_from_reply(e)
 
     def queue_length(self) -> int:
         return self.client.xlen(self.keys.requests)
@@ -148,14 +142,9 @@ def _entry(entry_id: bytes | str, fields: dict | None) -> QueueEntry:
 
 
 class StatusWriter:
-    """Collects request-status and figure updates during one scheduler loop iteration and
-    writes them in ONE pipeline (`flush`), so Redis sees one round trip per iteration,
-    never one per token.
-
-    Updates to the same request, worker or figure within an iteration are merged (the
-    latest value wins). If a flush fails to reach Redis the updates are kept and the
-    next flush sends them again.
-    """
+    """Collects one scheduler iteration's status and figure updates and writes them in ONE
+    pipeline (`flush`): one round trip per iteration, never one per token. Updates of the
+    same thing merge (the latest wins); those a flush could not deliver go with the next."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), finished_ttl_s: int = 3600):
         self.client = client
@@ -192,9 +181,8 @@ class StatusWriter:
         self._stats.update({name: str(value) for name, value in figure_fields(figures).items()})
 
     def error(self, record: ErrorRecord, keep: int = 100) -> None:
-        """Record an error in the capped list of recent errors (newest first)."""
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+        """Record an error in the list of recent errors (newest first), capped at `keep`."""
+        assert keep >= 1, keep
         self._errors.append((msgspec.json.encode(record), keep))
         del self._errors[:-keep]  # bounded while Redis is unreachable
 
@@ -270,9 +258,8 @@ def figure_fields(figures: SchedulerFigures) -> dict[str, int | float]:
 
 
 def queue_load(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> tuple[int, int]:
-    """(requests queued or running, prompt tokens waiting to be scheduled), in one round
-    trip: what a gateway admits a request against. The second is the scheduler's figure,
-    about a second old; 0 before it has written any."""
+    """(requests queued or running, prompt tokens waiting to be scheduled: the scheduler's
+    figure, about a second old, 0 before it wrote any): what a gateway admits against."""
     pipe = client.pipeline(transaction=False)
     pipe.xlen(keys.requests)
     pipe.hget(keys.stats, "queued_tokens")
@@ -291,14 +278,6 @@ def _scheduler_figures(stats: dict) -> SchedulerFigures | None:
             fields[name] = value
     # strict=False: the hash holds text, and "3" converts to the int field it is.
     return msgspec.convert(fields, SchedulerFigures, strict=False)
-
-
-def _pending(client: redis.Redis, keys: RedisKeys) -> int:
-    try:
-        reply = client.xpending(keys.requests, keys.group)
-    except redis.ResponseError as e:
-        reply = e
-    return _pending_from_reply(reply)
 
 
 def _pending_from_reply(reply: Any) -> int:
