@@ -1,10 +1,6 @@
-"""What the system behind this gateway can serve, from the scheduler's figures in Redis.
-
-Requests are refused with 503 while `shared.figures.health` says nothing can serve them
-(no live scheduler, no worker, every worker stalled), since they would only wait; /health
-says the same. Requests are validated against what the workers registered: the longest
-request one of them can hold, and its vocabulary. Before any worker is known the model
-directory's config.json is all there is to go by.
+"""What the system behind this gateway can serve, from the scheduler's figures in Redis:
+a 503 while `shared.figures.health` says nothing can (requests would only wait), and the
+limits requests are validated against, the workers' (the model directory's before any).
 """
 
 from __future__ import annotations
@@ -69,5 +65,4 @@ class ClusterStatus:
         """Raise 503 naming the reason when requests cannot be served."""
         reason = health(await self.read(), time.time())
         if reason is not None:
-            raise ApiError(503, f"no worker is available: {reason}", code="no_worker",
-                           headers=retry_after())
+            raise ApiError(503, f"no worker is available: {reason}", code="no_worker", headers=retry_after())

@@ -1,15 +1,10 @@
 """The gateway's link to the scheduler: requests go into the Redis stream, outputs come
-back over ZeroMQ.
+back over ZeroMQ, to the PULL socket named in each request's `reply_to` (one per gateway,
+so several can run), as one `GatewayOutputs` per step; a task routes each `RequestOutput`
+to the queue of the HTTP request waiting for it.
 
-This gateway binds one PULL socket and names it in every request's `reply_to`; the
-scheduler pushes each step's outputs for this gateway as one `GatewayOutputs` message.
-One background task reads them and routes each `RequestOutput` to the queue of the HTTP
-request waiting for it. Several gateways can run at once, each with its own address;
-request ids are uuid4-based, so they never collide.
-
-While it runs, the gateway keeps a liveness key in Redis (`RedisKeys.gateway(reply_to)`,
-refreshed every second, expiring after a few): the scheduler aborts the requests of a
-gateway whose key stays missing, since nobody would read their tokens.
+While it runs, the gateway refreshes a liveness key in Redis (`RedisKeys.gateway`): the
+scheduler aborts the requests of a gateway whose key stays missing.
 """
 
 from __future__ import annotations

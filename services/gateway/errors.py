@@ -28,10 +28,9 @@ def retry_after(seconds: int = RETRY_AFTER_S) -> dict[str, str]:
     """The headers of an answer the client should retry."""
     return {"Retry-After": str(seconds)}
 
-# HTTP status -> OpenAI's error `type`.
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
-          503: "service_unavailable"}
+
+# OpenAI's error `type` of an HTTP status, where it is neither invalid_request_error (4xx) nor server_error.
+_TYPES = {429: "rate_limit_exceeded", 503: "service_unavailable"}
 
 
 class ApiError(Exception):
@@ -40,10 +39,7 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
                  headers: Optional[dict[str, str]] = None):
         super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
+        self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -91,10 +87,10 @@ def error_response(err: ApiError) -> JSONResponse:
 
 def field_path(loc: tuple) -> Optional[str]:
     """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
-    parts = [p for p in loc if p != "body"]
     out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    for p in loc:
+        if p != "body":
+            out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or None
 
 
@@ -105,7 +101,7 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         return bad_request("invalid request body")
     if errors[0].get("type") == "json_invalid":
         ctx = errors[0].get("ctx") or {}
-        return bad_request(f"malformed JSON body: {ctx.get('error', errors[0].get('msg'))}", None)
+        return bad_request(f"malformed JSON body: {ctx.get('error', errors[0].get('msg'))}")
     messages = []
     for e in errors[:3]:
         path = field_path(tuple(e.get("loc", ())))
@@ -133,11 +129,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = "no such route; the API is under /v1 (completions, chat/completions, models)"
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_response(ApiError(exc.status_code, message, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         # A bug, never the client's fault: log it with its traceback, answer in the same shape.
         log.exception("internal error")
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}"))

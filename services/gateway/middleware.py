@@ -40,15 +40,10 @@ class BodySizeLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        replayed = False
+        whole = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        async def replay():  # the whole body once, then the server's own messages
+            return whole.pop() if whole else await receive()
 
         await self.app(scope, replay, send)
 
@@ -63,13 +58,11 @@ class BodySizeLimit:
 
 
 def _content_length(scope) -> "int | None":
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+    value = dict(scope.get("headers", [])).get(b"content-length")
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
 
 
 class ApiKeyAuth:

@@ -82,11 +82,6 @@ class CompletionRequest(_SamplingFields):
         raise ValueError("must be a string, a list of token ids, or a list of those")
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Any] = None

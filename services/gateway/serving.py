@@ -15,7 +15,7 @@ from typing import AsyncIterator, Union
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from services.gateway.errors import error_body, scheduler_error
+from services.gateway.errors import scheduler_error
 from services.gateway.generation import ChoiceText, Generation
 from services.gateway.responses import DONE, ChatFormat, CompletionFormat, sse
 from services.gateway.served_model import ServedModel
@@ -47,8 +47,7 @@ async def _sse_events(gen: Generation, fmt: CompletionFormat) -> AsyncIterator[b
             yield sse(chunk)
         async for delta in gen.deltas():
             if delta.finish_reason is FinishReason.ERROR:
-                err = scheduler_error(delta.error_code, delta.error)
-                yield sse(error_body(err.status, err.message, err.param, err.code))
+                yield sse(scheduler_error(delta.error_code, delta.error).body())
                 return
             yield sse(fmt.chunk(delta))
         if gen.plan.include_usage:
