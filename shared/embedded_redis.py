@@ -115,23 +115,14 @@ def start_embedded_redis(data_dir: str | Path, port: int | None = None,
 
 
 def _spawn(data_dir: Path, port: int) -> EmbeddedRedis:
-    args = [
-        redis_server_executable(),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--protected-mode", "yes",
-        "--daemonize", "no",
-        "--dir", str(data_dir),
-        "--logfile", LOG_NAME,  # relative to --dir
-        "--appendonly", "yes",
-        "--appendfsync", "everysec",
-        "--save", "",  # the append-only file is the persistence; no RDB snapshots besides
-    ]
+    # The log is relative to --dir; the append-only file is the persistence, no RDB snapshots besides (--save "").
+    args = [redis_server_executable(), "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
+            "--daemonize", "no", "--dir", str(data_dir), "--logfile", LOG_NAME, "--appendonly", "yes",
+            "--appendfsync", "everysec", "--save", ""]
     # Own session: a Ctrl-C in the terminal reaches the launcher, which stops Redis last,
     # after the services have written their final status.
-    process = subprocess.Popen(args, cwd=data_dir, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(args, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     return EmbeddedRedis(process, port, data_dir)
 
 

@@ -70,22 +70,13 @@ def build_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,  # pairs seen once still merge, so `tiny` fills all 4096 ids
-        special_tokens=[EOS, IM_START, IM_END],  # ids 0, 1, 2
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    # min_frequency=1: pairs seen once still merge, so `tiny` fills all 4096 ids. Specials are ids 0, 1, 2.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=[EOS, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS,
-        pad_token=EOS,
-        additional_special_tokens=[IM_START, IM_END],
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,  # decode(encode(s)) == s, spaces included
-    )
+    return PreTrainedTokenizerFast(  # clean_up_tokenization_spaces=False: decode(encode(s)) == s, spaces included
+        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
 
 
 def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", seed: int = 0,
@@ -112,8 +103,7 @@ def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", s
     tokenizer.model_max_length = fields["max_position_embeddings"]
     eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)
     # No BOS token is prepended (as in Qwen); config.bos_token_id names EOS, as Qwen's does.
-    config = AutoConfig.for_model(
-        arch, **fields, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    config = AutoConfig.for_model(arch, **fields, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
 
     torch.manual_seed(seed)
     # Initialised in fp32 and then cast, so a bf16 model is the rounded fp32 one.
@@ -122,8 +112,7 @@ def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", s
     model.to(dtype)
     model.config.dtype = dtype
     # <|im_end|> also stops generation, so a chat turn ends where the template closes it.
-    model.generation_config = GenerationConfig(
-        bos_token_id=eos, eos_token_id=[eos, im_end], pad_token_id=eos)
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=[eos, im_end], pad_token_id=eos)
 
     out_dir = Path(out_dir).expanduser()
     out_dir.parent.mkdir(parents=True, exist_ok=True)

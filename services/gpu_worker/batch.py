@@ -14,6 +14,7 @@ or finishing a prefill one token at a time: the attention math is the same.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -73,9 +74,7 @@ def build_batch(rows: list[ScheduledRow], block_size: int, device: torch.device)
         return torch.tensor(padded, dtype=torch.int32).reshape(len(indices), width).to(device)
 
     q_lens = [rows[i].count for i in order[num_decodes:]]
-    cu = [0]
-    for n in q_lens:
-        cu.append(cu[-1] + n)
+    cu = [0, *accumulate(q_lens)]
     as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
@@ -86,10 +85,5 @@ def build_batch(rows: list[ScheduledRow], block_size: int, device: torch.device)
         prefill_seq_lens=as_i32(seq_lens[num_decodes:]),
         prefill_cu_seqlens_q=as_i32(cu),
     )
-    return ForwardBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        meta=meta,
-        order=order,
-        last_token_index=last_token_index,
-    )
+    return ForwardBatch(torch.tensor(input_ids, dtype=torch.int64, device=device),
+                        torch.tensor(positions, dtype=torch.int64, device=device), meta, order, last_token_index)

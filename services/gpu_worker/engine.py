@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
 import torch
 
 from services.gpu_worker.batch import ScheduledRow, build_batch
@@ -36,16 +37,8 @@ class RequestRow:
 
 
 class Engine:
-    def __init__(
-        self,
-        model: DecoderModel,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        block_size: int,
-        num_blocks: int,
-        max_model_len: int,
-        eos_token_ids: list[int],
-        worker_id: str = "in-process",
-    ):
+    def __init__(self, model: DecoderModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 num_blocks: int, max_model_len: int, eos_token_ids: list[int], worker_id: str = "in-process"):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -132,12 +125,8 @@ class Engine:
         for new in plan.new_requests:
             params = new.sampling
             generator = make_generator(params.seed, self.device) if params.seed is not None else None
-            self.rows[new.request_id] = RequestRow(
-                request_id=new.request_id,
-                block_ids=list(new.block_ids),
-                num_computed_tokens=new.num_computed_tokens,
-                sampling=SamplingRow(params, list(new.token_ids), new.num_prompt_tokens, generator),
-            )
+            row = SamplingRow(params, list(new.token_ids), new.num_prompt_tokens, generator)
+            self.rows[new.request_id] = RequestRow(new.request_id, list(new.block_ids), new.num_computed_tokens, row)
         for cached in plan.cached_requests:
             self.rows[cached.request_id].block_ids.extend(cached.new_block_ids)
 
@@ -148,10 +137,8 @@ class Engine:
         if not scheduled:
             return StepResult(step_id=plan.step_id, worker_id=self.worker_id)
         rows = [self.rows[rid] for rid, _ in scheduled]
-        batch = build_batch(
-            [ScheduledRow(r.token_ids, r.block_ids, r.num_computed_tokens, n) for r, (_, n) in zip(rows, scheduled)],
-            self.block_size, self.device,
-        )
+        batch = build_batch([ScheduledRow(r.token_ids, r.block_ids, r.num_computed_tokens, n)
+                             for r, (_, n) in zip(rows, scheduled)], self.block_size, self.device)
         t1 = time.perf_counter()
         hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
 

@@ -26,11 +26,8 @@ def cache_budget_bytes(device: torch.device, cpu_budget: int, gpu_fraction: floa
     return int(cpu_budget)
 
 
-def allocate_kv_cache(
-    shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def allocate_kv_cache(shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     dims = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
-    return [
-        (torch.zeros(dims, dtype=dtype, device=device), torch.zeros(dims, dtype=dtype, device=device))
-        for _ in range(shape.num_layers)
-    ]
+    return [(torch.zeros(dims, dtype=dtype, device=device), torch.zeros(dims, dtype=dtype, device=device))
+            for _ in range(shape.num_layers)]

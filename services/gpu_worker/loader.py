@@ -31,15 +31,10 @@ def load_config(model_dir: str | Path):
 def model_shape(config) -> ModelShape:
     heads = config.num_attention_heads
     return ModelShape(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+        num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        rms_norm_eps=config.rms_norm_eps,
-        max_position_embeddings=config.max_position_embeddings,
-    )
+        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings)
 
 
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, attention_backend,
@@ -75,15 +70,10 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     tied = getattr(config, "tie_word_embeddings", False)
     lm_head = take("lm_head.weight", required=not tied)
     return DecoderModel(
-        shape=shape,
-        embed_tokens=embed,
-        layers=layers,
-        final_norm=take("model.norm.weight"),
+        shape=shape, embed_tokens=embed, layers=layers, final_norm=take("model.norm.weight"),
         lm_head=Linear(embed if lm_head is None else lm_head, None, onednn),
         rotary=RotaryEmbedding(config, shape.head_dim, shape.max_position_embeddings, device),
-        act=ACT2FN[config.hidden_act],
-        attention_backend=attention_backend,
-    )
+        act=ACT2FN[config.hidden_act], attention_backend=attention_backend)
 
 
 def _read_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

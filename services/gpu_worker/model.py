@@ -51,17 +51,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class DecoderModel:
-    def __init__(
-        self,
-        shape: ModelShape,
-        embed_tokens: torch.Tensor,
-        layers: list[LayerWeights],
-        final_norm: torch.Tensor,
-        lm_head: Linear,
-        rotary: RotaryEmbedding,
-        act: Callable[[torch.Tensor], torch.Tensor],
-        attention_backend,
-    ):
+    def __init__(self, shape: ModelShape, embed_tokens: torch.Tensor, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: Linear, rotary: RotaryEmbedding,
+                 act: Callable[[torch.Tensor], torch.Tensor], attention_backend):
         self.shape = shape
         self.embed_tokens = embed_tokens
         self.layers = layers
@@ -75,13 +67,8 @@ class DecoderModel:
         self.device = embed_tokens.device
 
     @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
         h = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.for_positions(positions, self.dtype)

@@ -19,9 +19,7 @@ class RotaryEmbedding:
         params = dict(getattr(config, "rope_parameters", None) or {})
         rope_type = params.get("rope_type", "default")
         if rope_type in _UNSUPPORTED:
-            raise ValueError(
-                f"rope type {rope_type!r} is not supported (supported: default, linear, llama3, yarn)"
-            )
+            raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3, yarn)")
         if rope_type == "default":
             base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))

@@ -55,9 +55,7 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     """A request's own RNG. The engine re-seeds it before each token from (seed, token
     index), so a stream needs no generator state carried across a preemption or a move
     to another worker."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -65,11 +63,7 @@ def is_greedy(params: SamplingParams) -> bool:
 
 
 def has_penalties(params: SamplingParams) -> bool:
-    return (
-        params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-        or params.repetition_penalty != 1.0
-    )
+    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0 or params.repetition_penalty != 1.0
 
 
 def below_min_tokens(row: SamplingRow) -> bool:
@@ -140,9 +134,7 @@ class Sampler:
         work.div_(_column([p.temperature for p in params], torch.float32, device))
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
-        apply_top_k_top_p(
-            work, _column(top_k, torch.long, device), _column(top_p, torch.float32, device)
-        )
+        apply_top_k_top_p(work, _column(top_k, torch.long, device), _column(top_p, torch.float32, device))
         if any(p.min_p > 0.0 for p in params):
             apply_min_p(work, _column([p.min_p for p in params], torch.float32, device))
         # The Gumbel-max trick: argmax(logits + G), G = -log(-log U), draws from
@@ -165,9 +157,8 @@ class Sampler:
         # U = 0 would make -log U infinite; clamping keeps every score finite.
         return uniform.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
 
-    def _logprobs(
-        self, raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]
-    ) -> list[TokenLogprobs | None]:
+    def _logprobs(self, raw: torch.Tensor, token_ids: torch.Tensor,
+                  rows: list[SamplingRow]) -> list[TokenLogprobs | None]:
         """Raw logprobs (before penalties, temperature and filters), as vLLM's default."""
         out: list[TokenLogprobs | None] = [None] * len(rows)
         idx = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
@@ -178,8 +169,7 @@ class Sampler:
         top_values, top_ids = logprobs.topk(max(wanted), dim=-1)
         chosen_ids = token_ids[idx]
         chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1)
-        rows_out = zip(idx, wanted, chosen_ids.tolist(), chosen.tolist(),
-                       top_ids.tolist(), top_values.tolist())
+        rows_out = zip(idx, wanted, chosen_ids.tolist(), chosen.tolist(), top_ids.tolist(), top_values.tolist())
         for i, n, token_id, logprob, ids, values in rows_out:
             out[i] = TokenLogprobs(token_id, logprob, list(zip(ids[:n], values[:n])))
         return out
@@ -191,12 +181,8 @@ def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 
 def _plain_greedy(row: SamplingRow) -> bool:
-    return (
-        is_greedy(row.params)
-        and row.params.logprobs is None
-        and not has_penalties(row.params)
-        and not below_min_tokens(row)
-    )
+    p = row.params
+    return is_greedy(p) and p.logprobs is None and not has_penalties(p) and not below_min_tokens(row)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -248,9 +234,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     logits.masked_fill_((logits < cutoff) & filtered, float("-inf"))
 
 
-def _cutoff_logit(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _cutoff_logit(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's smallest kept logit ([B, 1]) judged from its `width` largest, and
     whether the cut fell among them (if not, the row needs a wider look)."""
     vocab = logits.shape[1]
@@ -259,11 +244,8 @@ def _cutoff_logit(
     in_top_k = rank < top_k
     # top_p's mass is over what top-k kept (all within `width`), else over the row.
     largest_k = largest.masked_fill(~in_top_k, float("-inf"))
-    total = torch.where(
-        top_k < vocab,
-        largest_k.logsumexp(dim=-1, keepdim=True),
-        logits.logsumexp(dim=-1, keepdim=True),
-    )
+    total = torch.where(top_k < vocab, largest_k.logsumexp(dim=-1, keepdim=True),
+                        logits.logsumexp(dim=-1, keepdim=True))
     probs = (largest_k - total).exp()
     mass_before = probs.cumsum(dim=-1) - probs
     kept = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))  # a prefix of each row
