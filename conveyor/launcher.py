@@ -69,7 +69,6 @@ class Launcher:
         return 0
 
     # ---- set-up -------------------------------------------------------------------------
-
     def _environment(self) -> dict[str, str]:
         s = self.settings
         if not s.model:
@@ -150,7 +149,6 @@ Ctrl-C stops everything.
         return "127.0.0.1" if self.settings.host in ("0.0.0.0", "") else self.settings.host
 
     # ---- supervision -----------------------------------------------------------------------
-
     def _supervise(self) -> None:
         while not self.stopping:
             self._restart_exited()

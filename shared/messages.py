@@ -81,17 +81,11 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 # ---- scheduler -> worker: one step ------------------------------------------------------
-
-
 class NewRequest(msgspec.Struct, frozen=True):
     """A request the worker has no row for yet (first schedule, or resumed after a
-    preemption or a migration from another worker, with its generated tokens appended).
-
-    `token_ids` are the prompt followed by tokens generated so far; the first
-    `num_prompt_tokens` are the prompt (presence and frequency penalties count only the
-    generated ones; the repetition penalty counts both).
-    `num_computed_tokens` of them already sit in the cache (a prefix-cache hit).
-    """
+    preemption or a migration). `token_ids`: the prompt (the first `num_prompt_tokens`),
+    then the tokens generated so far; `num_computed_tokens` of them sit in the cache already
+    (a prefix-cache hit). Presence and frequency penalties count only generated tokens."""
 
     request_id: str
     token_ids: list[int]
@@ -126,8 +120,6 @@ class StepPlan(msgspec.Struct, frozen=True, tag="step_plan"):
 
 
 # ---- worker -> scheduler ----------------------------------------------------------------
-
-
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
     """The sampled token's log-probability and the top alternatives (id, logprob)."""
 
@@ -146,13 +138,10 @@ class StepTimings(msgspec.Struct, frozen=True):
 
 
 class StepResult(msgspec.Struct, frozen=True, tag="step_result"):
-    """What one step produced: one sampled token per request that reached the end of
-    its tokens (requests in the middle of a chunked prefill are absent), or an error.
-
-    On an invalid plan nothing of it was applied. If the forward pass itself failed, the
-    rows of the requests named in the plan were dropped and must be sent again as new
-    requests. Either way the worker keeps serving.
-    """
+    """What one step produced: a sampled token per request that reached the end of its
+    tokens (those mid-way through a chunked prefill are absent), or an error: nothing of an
+    invalid plan was applied; after a failed forward pass the plan's rows were dropped and
+    must come again as new requests. Either way the worker keeps serving."""
 
     step_id: int
     worker_id: str
@@ -196,8 +185,6 @@ class Reregister(msgspec.Struct, frozen=True, tag="reregister"):
 
 
 # ---- gateway -> scheduler, through the Redis request stream --------------------------------
-
-
 class SubmitRequest(msgspec.Struct, frozen=True, tag="submit"):
     """A validated, tokenized request. `reply_to` is the ZMQ address where the gateway
     that accepted it listens for its outputs. Lower `priority` runs first (as in vLLM)."""
@@ -220,8 +207,6 @@ class AbortRequest(msgspec.Struct, frozen=True, tag="abort"):
 
 
 # ---- scheduler -> gateway ----------------------------------------------------------------
-
-
 class Usage(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int

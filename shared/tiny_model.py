@@ -1,10 +1,7 @@
-"""Generates the random-weight models Conveyor serves by default and tests against.
-
-Each is an ordinary Hugging Face directory (config, safetensors weights, a byte-level BPE
-tokenizer with a ChatML template) built offline from a fixed seed, so every machine and
-every test sees the same model. `python -m shared.tiny_model` prints its path. It lives in
-shared/ because every process falls back on it: the gateway for its tokenizer, the worker
-for its weights, the launcher to build it once for both.
+"""Generates the random-weight models Conveyor serves by default and tests against: plain
+Hugging Face directories (safetensors, a byte-level BPE tokenizer with a ChatML template)
+built offline from a fixed seed, the same on every machine. In shared/ because every
+process falls back on it. `python -m shared.tiny_model` prints its path.
 """
 
 from __future__ import annotations
@@ -81,11 +78,8 @@ def build_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
 
 def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", seed: int = 0,
                dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Writes a random model to `out_dir` (replacing what is there) and returns its path.
-
-    `overrides` are config fields (num_hidden_layers=2, rope_scaling={...}, ...). The
-    `gpu-0.5b` preset is always qwen2. The same arguments always give the same files.
-    """
+    """Writes a random model to `out_dir` (replacing what is there) and returns its path; the
+    same arguments give the same files. `overrides` are config fields (num_hidden_layers=2)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if arch not in ARCHS:
@@ -127,11 +121,8 @@ def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", s
 
 
 def _randomize_biases_and_norms(model: torch.nn.Module, std: float) -> None:
-    """Draws biases around 0 and norm weights around 1 instead of exactly 0 and 1.
-
-    transformers' default init leaves them constant, so a runner that forgot the qkv bias
-    or a norm weight would still match Hugging Face token for token and pass every test.
-    """
+    """Biases around 0 and norm weights around 1, not exactly 0 and 1 (transformers' init):
+    else a runner that forgot the qkv bias or a norm weight would still match Hugging Face."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
@@ -142,10 +133,7 @@ def _randomize_biases_and_norms(model: torch.nn.Module, std: float) -> None:
 
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Moves a finished model directory into place, so no reader ever sees half of one.
-
-    NOTE: two processes racing to build the same directory both write complete, identical
-    models; whichever lands last stays and the other is discarded.
-    """
+    NOTE: two processes racing to build it write identical models; the last to land stays."""
     try:
         os.rename(tmp, out_dir)  # atomic; succeeds when out_dir is absent or empty
         return
@@ -179,11 +167,8 @@ def default_model_dir() -> Path:
 
 def ensure_model(preset: str = "tiny", arch: str | None = None, seed: int = 0,
                  dtype: torch.dtype | None = None) -> Path:
-    """Builds a preset into the cache unless it is there already; returns its directory.
-
-    The directory is named after the preset, plus whatever differs from the preset's own
-    arch and dtype and seed 0 (e.g. `models/tiny`, `models/small-qwen3-seed1`).
-    """
+    """Builds a preset into the cache unless it is there already; returns its directory, named
+    after the preset and what differs from its own arch, dtype and seed 0 (`models/small-qwen3-seed1`)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     arch, dtype = arch or PRESET_ARCH[preset], dtype or PRESET_DTYPE[preset]

@@ -51,7 +51,6 @@ class EngineClient:
         self._liveness_key = keys.gateway(self.reply_to)
 
     # ---- lifecycle ------------------------------------------------------------------------
-
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._receive_loop(), name="gateway-outputs"),
                        asyncio.create_task(self._liveness_loop(), name="gateway-liveness")]
@@ -73,7 +72,6 @@ class EngineClient:
         self._ctx.term()
 
     # ---- requests -------------------------------------------------------------------------
-
     def register(self, request_ids: list[str], queue: asyncio.Queue) -> None:
         for rid in request_ids:
             self._routes[rid] = queue
@@ -129,7 +127,6 @@ class EngineClient:
             raise ApiError(503, f"the request queue (Redis) is unreachable: {e}", code="redis_unavailable") from e
 
     # ---- liveness -------------------------------------------------------------------------
-
     async def _liveness_loop(self) -> None:
         value = f"{socket.gethostname()}:{os.getpid()}"
         failing = False
@@ -146,7 +143,6 @@ class EngineClient:
             await asyncio.sleep(LIVENESS_REFRESH_S)
 
     # ---- outputs --------------------------------------------------------------------------
-
     async def _receive_loop(self) -> None:
         while True:
             data = await self._sock.recv()

@@ -196,7 +196,6 @@ class Generation:
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
     # ---- internals ------------------------------------------------------------------------
-
     def _finished(self, choice: ChoiceState) -> None:
         self.metrics.request_success.labels(choice.finish_reason.value).inc()
         self.metrics.e2e_request_latency.observe(time.monotonic() - self._arrival)

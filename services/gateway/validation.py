@@ -90,8 +90,6 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel,
 
 
 # ---- shared rules -----------------------------------------------------------------------
-
-
 def _check_common(body: Union[CompletionRequest, ChatCompletionRequest], model: ServedModel,
                   limits: ContextLimits) -> None:
     if body.model is not None and body.model != model.name:

@@ -50,7 +50,6 @@ class Engine:
         self.rows: dict[str, RequestRow] = {}
 
     # ---- the one entry point ----------------------------------------------------------
-
     def execute(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
         try:
@@ -68,7 +67,6 @@ class Engine:
                               error=f"step failed: {type(e).__name__}: {e}; dropped rows {sorted(named)}")
 
     # ---- validation: nothing mutates here ------------------------------------------------
-
     def _validate(self, plan: StepPlan) -> None:
         finished = set(plan.finished_ids)
         live = {rid for rid in self.rows if rid not in finished}
@@ -118,7 +116,6 @@ class Engine:
             raise PlanError(f"request {rid!r}: block ids {bad[:5]} out of range [0, {self.num_blocks})")
 
     # ---- applying deltas -----------------------------------------------------------------
-
     def _apply(self, plan: StepPlan) -> None:
         for rid in plan.finished_ids:
             self.rows.pop(rid, None)
@@ -131,7 +128,6 @@ class Engine:
             self.rows[cached.request_id].block_ids.extend(cached.new_block_ids)
 
     # ---- forward + sample ------------------------------------------------------------------
-
     def _run(self, plan: StepPlan, t0: float) -> StepResult:
         scheduled = list(plan.num_scheduled_tokens.items())
         if not scheduled:

@@ -24,13 +24,9 @@ def _seed(salt: str | None) -> bytes:
 
 def hash_blocks(token_ids: Sequence[int], block_size: int, salt: str | None = None,
                 prior: Sequence[bytes] = ()) -> list[bytes]:
-    """Chained hashes of every FULL block of token_ids.
-
-    `prior` are hashes already computed for the first len(prior) blocks (the result starts
-    with them, unchanged), so callers extend incrementally as a request grows.
-    hash_i = blake2b(hash_{i-1} or the salt's seed, tokens of block i). The salt (a tenant's
-    cache_salt) changes every hash, so different salts never share blocks.
-    """
+    """Chained hashes of every FULL block of token_ids: hash_i = blake2b(hash_{i-1} or the
+    salt's seed, tokens of block i), so different salts (cache_salt) never share blocks.
+    The result starts with `prior`, the hashes of the first blocks computed before."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     num_full = len(token_ids) // block_size
@@ -106,11 +102,8 @@ class BlockPool:
         return block_ids
 
     def free(self, block_ids: Sequence[int]) -> None:
-        """Drop one reference to each of a request's blocks, given in request order.
-
-        Blocks reaching refcount 0 join the free queue tail in REVERSE order, so a request's
-        tail blocks (the least likely to be shared) are evicted before its prefix.
-        """
+        """Drop one reference to each of a request's blocks, given in request order. Those
+        reaching 0 join the free queue in REVERSE order: its tail is evicted before its prefix."""
         refcount = self._refcount
         for block_id in reversed(block_ids):
             assert refcount[block_id] > 0, f"block {block_id} freed with refcount 0"
@@ -142,11 +135,8 @@ class BlockPool:
             refcount[block_id] += 1
 
     def cache_block(self, block_id: int, block_hash: bytes) -> None:
-        """Register a now-full, computed block under its hash.
-
-        If the hash already maps to a block (e.g. two requests computed the same prefix at
-        once), the existing mapping wins and this block stays uncached.
-        """
+        """Register a now-full, computed block under its hash, unless another block has it
+        already (two requests computed the same prefix at once): that one stays."""
         if not self.enable_prefix_caching or block_hash in self._hash_to_block:
             return
         assert self._refcount[block_id] > 0, f"caching free block {block_id}"

@@ -66,7 +66,6 @@ class SchedulerCore:
         self.errors: list[dict] = []
 
     # ---- requests -------------------------------------------------------------------------
-
     def add_request(self, msg: SubmitRequest, entry_id: str = "") -> bool:
         """Queue a request. A refused one (False) gets its INVALID_REQUEST output here, to
         its own reply_to; its entry is the caller's to acknowledge."""
@@ -101,7 +100,6 @@ class SchedulerCore:
         self._finish(req, FinishReason.ABORT, w, ABORT_ERRORS.get(reason), None if reason == "abort" else reason)
 
     # ---- workers --------------------------------------------------------------------------
-
     def add_worker(self, reg: RegisterWorker, now: float) -> None:
         if reg.worker_id in self.workers:  # registered again: it restarted and holds nothing
             self.remove_worker(reg.worker_id, "re-registered")
@@ -132,7 +130,6 @@ class SchedulerCore:
             self._place(req)
 
     # ---- stepping -------------------------------------------------------------------------
-
     def next_plan(self, worker_id: str, now: float, monotonic: float) -> Optional[StepPlan]:
         """The worker's next step, or None if it has nothing to do (or one in flight)."""
         w = self.workers.get(worker_id)
@@ -202,7 +199,6 @@ class SchedulerCore:
         return dead
 
     # ---- internals ------------------------------------------------------------------------
-
     def _place(self, req: Request) -> None:
         w = choose_worker(req, self.workers.values(), self.limits.max_num_seqs)
         if w is not None:
@@ -276,7 +272,6 @@ class SchedulerCore:
                              f"queue timeout: waited {now - req.arrival_time:.1f} s for a slot (limit {limit:g} s)")
 
     # ---- figures --------------------------------------------------------------------------
-
     def queued_tokens(self) -> int:
         """Tokens of waiting requests: the prefill work not started yet (for overload 429s)."""
         return sum(r.num_tokens for r in self.unplaced) + sum(

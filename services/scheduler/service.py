@@ -139,7 +139,6 @@ class SchedulerService:
         self._bookkeeping()
 
     # ---- workers ------------------------------------------------------------------------
-
     def _wait_ms(self) -> int:
         """Until the next figures are due (or MAX_WAIT_S): nothing else needs a pass unless
         a socket has something to read."""
@@ -201,7 +200,6 @@ class SchedulerService:
                 self.status.remove_worker(worker_id)
 
     # ---- queue and gateways ---------------------------------------------------------------
-
     def _read_queue(self, entries: list[QueueEntry]) -> None:
         acks = []
         for entry in entries:
@@ -242,7 +240,6 @@ class SchedulerService:
             log.warning("gateway %s is not reading; %d outputs dropped", reply_to, len(outputs))
 
     # ---- Redis bookkeeping -------------------------------------------------------------------
-
     def _bookkeeping(self) -> None:
         finished, self.core.finished = self.core.finished, []
         self._unacked.extend(r.entry_id for r in finished if r.entry_id)
