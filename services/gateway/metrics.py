@@ -34,18 +34,15 @@ class GatewayMetrics:
         disable_created_metrics()  # no `*_created` series beside every counter and histogram
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.time_to_first_token = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Arrival at the gateway to the first generated token.",
-            buckets=LATENCY_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram(
-            PREFIX + "inter_token_latency_seconds", "Time between successive generated tokens.",
-            buckets=TOKEN_LATENCY_BUCKETS, registry=r)
-        self.e2e_request_latency = Histogram(
-            PREFIX + "e2e_request_latency_seconds", "Arrival at the gateway to the request's finish.",
-            buckets=LATENCY_BUCKETS, registry=r)
-        self.request_queue_time = Histogram(
-            PREFIX + "request_queue_time_seconds", "Time a request waited in the scheduler's queue.",
-            buckets=LATENCY_BUCKETS, registry=r)
+
+        def seconds(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(PREFIX + name + "_seconds", doc, buckets=buckets, registry=r)
+
+        self.time_to_first_token = seconds("time_to_first_token", "Arrival at the gateway to the first generated token.")
+        self.inter_token_latency = seconds("inter_token_latency", "Time between successive generated tokens.",
+                                           TOKEN_LATENCY_BUCKETS)
+        self.e2e_request_latency = seconds("e2e_request_latency", "Arrival at the gateway to the request's finish.")
+        self.request_queue_time = seconds("request_queue_time", "Time a request waited in the scheduler's queue.")
         self.request_success = Counter(
             PREFIX + "request_success", "Finished requests by the finish reason the client saw "
             "(abort: the client went away).", ["finished_reason"], registry=r)

@@ -101,11 +101,7 @@ class ChatMessage(_Strict):
         raise ValueError("must be a string, a list of text parts, or null")
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part["text"] for part in self.content)
+        return self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content or [])
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -28,29 +28,27 @@ class CompletionFormat:
         self.model = model
         self.gen = gen
 
-    def _envelope(self, obj: str, choices: list[dict]) -> dict[str, Any]:
+    def _envelope(self, obj: str, choices: list[dict], **usage: Any) -> dict[str, Any]:
         return {"id": self.gen.plan.request_id, "object": obj, "created": self.gen.created,
-                "model": self.model.name, "choices": choices, "system_fingerprint": None}
+                "model": self.model.name, "choices": choices, "system_fingerprint": None, **usage}
+
+    def _stream_usage(self) -> dict[str, None]:
+        """A streamed chunk carries `usage: null` when the client asked for usage at the end."""
+        return {"usage": None} if self.gen.plan.include_usage else {}
 
     def opening_chunks(self) -> list[dict]:
         return []
 
     def chunk(self, delta: ChoiceText) -> dict:
-        out = self._envelope(self.object_name, [self._choice(delta.index, delta.text, delta, delta.finish_reason)])
-        if self.gen.plan.include_usage:
-            out["usage"] = None
-        return out
+        return self._envelope(self.object_name, [self._choice(delta.index, delta.text, delta, delta.finish_reason)],
+                              **self._stream_usage())
 
     def response(self, results: list[ChoiceText]) -> dict:
-        out = self._envelope(self.object_name,
-                             [self._choice(r.index, r.text, r, r.finish_reason) for r in results])
-        out["usage"] = self.gen.usage()
-        return out
+        return self._envelope(self.object_name, [self._choice(r.index, r.text, r, r.finish_reason) for r in results],
+                              usage=self.gen.usage())
 
     def usage_chunk(self) -> dict:
-        out = self._envelope(self.object_name, [])
-        out["usage"] = self.gen.usage()
-        return out
+        return self._envelope(self.object_name, [], usage=self.gen.usage())
 
     def _choice(self, index: int, text: str, lp, finish_reason: Optional[str]) -> dict:
         return {"index": index, "text": text, "logprobs": self._logprobs(lp), "finish_reason": finish_reason}
@@ -72,22 +70,14 @@ class ChatFormat(CompletionFormat):
 
     def opening_chunks(self) -> list[dict]:
         """OpenAI's first chunk of each choice announces the role."""
-        chunks = []
-        for c in self.gen.choices:
-            out = self._envelope(self.object_name, [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                                     "logprobs": None, "finish_reason": None}])
-            if self.gen.plan.include_usage:
-                out["usage"] = None
-            chunks.append(out)
-        return chunks
+        return [self._envelope(self.object_name, [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                                   "logprobs": None, "finish_reason": None}], **self._stream_usage())
+                for c in self.gen.choices]
 
     def response(self, results: list[ChoiceText]) -> dict:
-        out = self._envelope("chat.completion", [
-            {"index": r.index, "message": {"role": "assistant", "content": r.text, "refusal": None,
-                                           "tool_calls": []},
-             "logprobs": self._logprobs(r), "finish_reason": r.finish_reason} for r in results])
-        out["usage"] = self.gen.usage()
-        return out
+        return self._envelope("chat.completion", [
+            {"index": r.index, "message": {"role": "assistant", "content": r.text, "refusal": None, "tool_calls": []},
+             "logprobs": self._logprobs(r), "finish_reason": r.finish_reason} for r in results], usage=self.gen.usage())
 
     def _choice(self, index: int, text: str, lp, finish_reason: Optional[str]) -> dict:
         return {"index": index, "delta": {"content": text} if text else {}, "logprobs": self._logprobs(lp),

@@ -22,6 +22,8 @@ from services.gateway.served_model import ContextLimits, ServedModel
 from shared.messages import SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+# Body fields passed on as they are; left out (None), SamplingParams' defaults (OpenAI's) apply.
+_PASSED_ON = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 @dataclass(frozen=True)
@@ -181,21 +183,8 @@ def _plan(kind: str, body: Union[CompletionRequest, ChatCompletionRequest], prom
 def _sampling(body: Union[CompletionRequest, ChatCompletionRequest], max_tokens: int, logprobs: Optional[int],
               index: int, seed: Optional[int]) -> SamplingParams:
     """Choice `index` of n: a seeded request draws with seed + index, so its choices differ."""
-    def given(value, default):
-        return default if value is None else value
-
+    given = {name: getattr(body, name) for name in _PASSED_ON if getattr(body, name) is not None}
     return SamplingParams(
-        temperature=given(body.temperature, 1.0),
-        top_p=given(body.top_p, 1.0),
-        top_k=max(given(body.top_k, 0), 0),
-        min_p=given(body.min_p, 0.0),
-        presence_penalty=given(body.presence_penalty, 0.0),
-        frequency_penalty=given(body.frequency_penalty, 0.0),
-        repetition_penalty=given(body.repetition_penalty, 1.0),
-        seed=None if seed is None else seed + index,
-        max_tokens=max_tokens,
-        min_tokens=body.min_tokens,
-        stop_token_ids=list(body.stop_token_ids or []),
-        ignore_eos=body.ignore_eos,
-        logprobs=logprobs,
-    )
+        **given, top_k=max(body.top_k or 0, 0), seed=None if seed is None else seed + index, max_tokens=max_tokens,
+        min_tokens=body.min_tokens, stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
+        logprobs=logprobs)
