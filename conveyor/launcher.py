@@ -1,10 +1,8 @@
 """Runs the whole system as local processes, in the foreground: an embedded Redis (unless
 REDIS_URL is set), the scheduler, CONVEYOR_WORKERS workers and the gateway.
-
 A service that crashes (non-zero exit) is restarted with backoff, as compose would; one
-that exits cleanly after SIGTERM was stopped on purpose and stays stopped. Ctrl-C
-or SIGTERM stops every process it started, gateway first and Redis last, and leaves
-nothing running.
+that exits 0 was stopped on purpose and stays stopped. Ctrl-C or SIGTERM stops every
+process it started, gateway first and Redis last.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +38,7 @@ class Child:
     proc: Optional[subprocess.Popen] = None
     restarts: int = 0
     next_start: float = 0.0
-    started_at: float = field(default=0.0)
+    started_at: float = 0.0
 
     def start(self) -> None:
         self.proc = subprocess.Popen(service_command(self.service, sys.executable), env=self.env)

@@ -76,9 +76,8 @@ def main(argv: list[str]) -> int:
         try:
             status = read_status(client, keys)
         except redis.ConnectionError as e:
-            if args.check:
-                return 1
-            print(f"cannot reach Redis at {args.redis_url}: {e}", file=sys.stderr)
+            if not args.check:
+                print(f"cannot reach Redis at {args.redis_url}: {e}", file=sys.stderr)
             return 1
         now = time.time()
         if args.check:

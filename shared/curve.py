@@ -1,9 +1,7 @@
-"""Optional CurveZMQ on the link between the scheduler and its workers, for workers on
-other hosts: encryption, and (with a client key) authentication of the workers.
-
-Keys are Z85 strings (`python -m conveyor keys` makes a set). The scheduler holds the
-server secret key; workers hold the server public key and the client key pair. When the
-scheduler is also given the client public key, only workers holding that pair connect.
+"""Optional CurveZMQ between the scheduler and workers on other hosts: encryption, and with
+a client key authentication. Keys are Z85 (`python -m conveyor keys` makes a set): the
+scheduler holds the server secret key, and with the client public key admits only workers
+holding that pair; workers hold the server public key and the client key pair.
 """
 
 from __future__ import annotations

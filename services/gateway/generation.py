@@ -1,10 +1,7 @@
 """One HTTP request in flight: its scheduler requests (one per choice), from submission to
-the last output, as a stream of per-choice deltas.
-
-A choice ends when the scheduler says so (EOS or a stop token id: "stop"; max_tokens or the
-model's length: "length") or when the gateway finds a stop string in its text ("stop"),
-in which case the gateway aborts it in the scheduler. A client that goes away aborts every
-choice still running (`close`).
+the last output, as a stream of per-choice deltas. A choice ends when the scheduler says so,
+or when the gateway finds a stop string in its text and aborts it in the scheduler; a
+client that goes away aborts every choice still running (`close`).
 """
 
 from __future__ import annotations

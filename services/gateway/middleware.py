@@ -1,9 +1,7 @@
-"""ASGI middleware: the API key check, and 413 for bodies larger than max_body_bytes,
-both before any parsing.
-
-Plain ASGI (not BaseHTTPMiddleware), so streaming responses and `http.disconnect` pass
-through untouched: the body is read here, then handed on as one message, and every later
-`receive()` goes straight to the server.
+"""ASGI middleware: the API key check, and 413 for bodies larger than max_body_bytes, both
+before any parsing. Plain ASGI (not BaseHTTPMiddleware), so streams and `http.disconnect`
+pass through untouched: the body is handed on as one message, later `receive()`s go
+straight to the server.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""The OpenAI API's request bodies as pydantic models: types and ranges only.
-
-Names and defaults are OpenAI's; extensions are named as vLLM names them (top_k, min_p,
-repetition_penalty, stop_token_ids, ignore_eos, min_tokens, priority, cache_salt).
-Strict types: "0.5" is not a number and 1.0 is not an integer. Unknown fields are ignored,
-as vLLM does. Rules that need the model (lengths, vocabulary, the chat template) live in
-validation.py.
+"""The OpenAI API's request bodies as pydantic models: types and ranges only (the rules
+that need the model are validation.py's). Names and defaults are OpenAI's, extensions
+vLLM's. Strict: "0.5" is not a number, 1.0 not an integer; unknown fields are ignored.
 """
 
 from __future__ import annotations

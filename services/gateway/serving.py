@@ -1,9 +1,7 @@
-"""Serving one generation over HTTP: as SSE chunks, or as one JSON body.
-
-Either way a client that goes away aborts its choices in the scheduler: a stream's
-response is cancelled by Starlette on disconnect (and `GenerationStream` closes the
-generation whatever happened), a plain request races its generation against the
-connection's `http.disconnect`.
+"""Serving one generation over HTTP: as SSE chunks, or as one JSON body. Either way a client
+that goes away aborts its choices: Starlette cancels a stream on disconnect (and
+`GenerationStream` closes the generation whatever happened), a plain request races its
+generation against the connection's `http.disconnect`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """From a validated request body to what the scheduler runs: the prompt's token ids and,
-per choice, one scheduler request with its SamplingParams.
-
-Here live the rules that need the model: its name, its chat template, and the limits the
-workers registered (`ContextLimits`: the longest request, the vocabulary). Each refusal is
-a 400 (404 for an unknown model) naming the field.
-
-max_tokens defaults as vLLM's: 16 for /v1/completions (OpenAI's default), and the rest of
-the context (max_model_len - prompt tokens) for /v1/chat/completions.
+per choice, one scheduler request with its SamplingParams. Here live the rules that need
+the model (its name, chat template, `ContextLimits`); each refusal is a 400 (404 for an
+unknown model) naming the field. max_tokens defaults as vLLM's: 16 for /v1/completions,
+the rest of the context for /v1/chat/completions.
 """
 
 from __future__ import annotations

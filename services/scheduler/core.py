@@ -1,11 +1,8 @@
 """The scheduler's state machine: requests and workers in, step plans and client outputs
-out. No sockets, no Redis, no clock: the service feeds it events with the time, and
-drains what it produced. That keeps it testable by hand-made step results.
-
-A request finishes exactly once (stop, length, abort or error, each error with its
-ErrorCode); its blocks are freed and its queue entry acknowledged then. A worker that
-leaves or dies hands its requests back with their generated tokens, and they continue on
-another worker. Every move of a request goes through transitions.py.
+out. No sockets, no Redis, no clock: the service feeds it events with the time and drains
+what it produced, so hand-made step results test it. A request finishes exactly once
+(each error with its ErrorCode); a worker that leaves or dies hands its requests back,
+tokens kept, to continue on another. Every move of a request goes through transitions.py.
 """
 
 from __future__ import annotations

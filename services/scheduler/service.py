@@ -1,12 +1,10 @@
 """The scheduler process's plumbing around SchedulerCore: ZeroMQ to the workers and the
-gateways, the Redis request stream in, figures and request status out.
+gateways, the Redis request stream in (read by queue_reader's thread), status out.
 
-One loop, which sleeps until a worker message or a batch of new queue entries arrives
-(read by a thread blocked on Redis, see queue_reader) and never polls. Each pass: take worker
-messages (results, registrations, heartbeats), take new queue entries, drop silent workers,
-hand every idle worker its next step, send the step's outputs to the gateways (batched, one
-message per gateway), then acknowledge finished requests and write status to Redis in one
-pipeline. Workers run their steps concurrently; the loop never waits for one to serve another.
+One loop, asleep until a worker message or new queue entries arrive. Each pass: take them,
+drop silent workers, hand every idle worker its next step, send the outputs (one message
+per gateway), then acknowledge finished requests and write status in one pipeline. Workers
+step concurrently; the loop never waits for one to serve another.
 """
 
 from __future__ import annotations
@@ -78,10 +76,9 @@ class SchedulerService:
         self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises
         self.workers_sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.workers_sock.setsockopt(zmq.LINGER, 0)
-        self._auth = None
-        if self.settings.zmq_server_secret_key:
-            self._auth = secure_server(self.workers_sock, self.settings.zmq_server_secret_key,
-                                       self.settings.zmq_client_public_key)
+        s = self.settings
+        self._auth = secure_server(self.workers_sock, s.zmq_server_secret_key,
+                                   s.zmq_client_public_key) if s.zmq_server_secret_key else None
         self.workers_sock.bind(self.settings.scheduler_address)
         self.queue.ensure_group()
         self.reader = QueueReader(self.queue.client, self.keys, self.ctx)
