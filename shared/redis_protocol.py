@@ -218,11 +218,8 @@ class StatusWriter:
         self._clear()
 
     def _clear(self) -> None:
-        self._requests.clear()
-        self._expire.clear()
-        self._workers.clear()
-        self._stats.clear()
-        self._errors.clear()
+        for updates in (self._requests, self._expire, self._workers, self._stats, self._errors):
+            updates.clear()
 
 
 def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemStatus:

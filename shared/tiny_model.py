@@ -156,10 +156,6 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def is_model_dir(path: Path) -> bool:
-    return all((path / name).is_file() for name in MODEL_FILES)
-
-
 def default_model_dir() -> Path:
     """Where the default model lives: $CONVEYOR_CACHE_DIR/models/tiny."""
     return cache_root() / "models" / "tiny"
@@ -180,7 +176,7 @@ def ensure_model(preset: str = "tiny", arch: str | None = None, seed: int = 0,
     if seed:
         name += f"-seed{seed}"
     path = default_model_dir().parent / name
-    if not is_model_dir(path):
+    if not all((path / f).is_file() for f in MODEL_FILES):
         make_model(path, arch=arch, preset=preset, seed=seed, dtype=dtype)
     return path
 

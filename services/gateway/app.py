@@ -104,13 +104,12 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 when the scheduler is alive and a worker serves (shared.figures.health);
-        else 503 and why."""
+        """200 when the scheduler is alive and a worker serves (shared.figures.health); else 503 and why."""
         try:
             status = await gw.cluster.read(max_age_s=0)
-        except ApiError as e:
-            return JSONResponse({"status": "unavailable", "reason": e.message}, status_code=503)
-        reason = figures.health(status, time.time())
+            reason = figures.health(status, time.time())
+        except ApiError as e:  # Redis unreachable
+            reason = e.message
         if reason is not None:
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         s = status.scheduler

@@ -52,9 +52,7 @@ class _SamplingFields(_Strict):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, v: Any) -> Any:
-        if v is None or isinstance(v, str):
-            return v
-        if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        if v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)):
             return v
         raise ValueError("must be a string or a list of strings")
 

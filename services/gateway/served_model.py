@@ -92,18 +92,12 @@ def load_served_model(settings: GatewaySettings) -> ServedModel:
     """Reads the model directory named by the settings (default: the tiny model)."""
     path = model_dir(settings.model)
     config = read_config(path)
-    max_len = max_model_len(config, path, settings.max_model_len)
-    vocab = config_int(config, "vocab_size", path)
-    tokenizer = _load_tokenizer(path)
-    name = settings.served_model_name or path.name
-    return ServedModel(name=name, path=path, tokenizer=tokenizer, max_model_len=max_len, vocab_size=vocab)
-
-
-def _load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    max_len, vocab = max_model_len(config, path, settings.max_model_len), config_int(config, "vocab_size", path)
+    from transformers import AutoTokenizer  # seconds to import: only once config.json checks out
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r}: {e}") from None
+    return ServedModel(settings.served_model_name or path.name, path, tokenizer, max_len, vocab)
 

@@ -21,8 +21,7 @@ def cache_budget_bytes(device: torch.device, cpu_budget: int, gpu_fraction: floa
     """CPU: the configured byte budget. CUDA: a share of what is free once weights are
     loaded, leaving the rest for activations and the allocator's fragmentation."""
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * gpu_fraction)
+        return int(torch.cuda.mem_get_info(device)[0] * gpu_fraction)  # (free, total)
     return int(cpu_budget)
 
 

@@ -45,16 +45,13 @@ class Worker:
         sock.connect(self.scheduler_address)
         return sock
 
-    def register(self) -> None:
-        self._send(self.info)
-
     def install_signal_handlers(self) -> None:
         # SIGTERM lets the current step finish; the loop then says goodbye and returns.
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
 
     def serve(self) -> None:
-        self.register()
+        self._send(self.info)  # register
         log.info("worker %s registered with the scheduler (%d KV blocks)", self.engine.worker_id, self.info.num_blocks)
         done = threading.Event()
         beats = threading.Thread(target=self._heartbeats, args=(done,), name="heartbeat", daemon=True)
@@ -94,7 +91,7 @@ class Worker:
         if isinstance(msg, m.Reregister):
             log.warning("scheduler asks to register again (%s): dropping %d rows", msg.reason, len(self.engine.rows))
             self.engine.rows.clear()
-            self.register()
+            self._send(self.info)  # register
             return
         log.warning("unexpected %s message ignored", type(msg).__name__)
 

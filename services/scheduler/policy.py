@@ -44,10 +44,6 @@ class Decision:
     preempted: list[Request] = field(default_factory=list)
 
 
-def running_key(req: Request):
-    return (req.priority, req.arrival_time)
-
-
 def waiting_key(now: float, aging_seconds: float):
     def key(req: Request):
         waited = max(0.0, now - req.arrival_time)
@@ -59,7 +55,7 @@ def waiting_key(now: float, aging_seconds: float):
 def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
     d = Decision()
     budget = limits.max_num_batched_tokens
-    w.running.sort(key=running_key)
+    w.running.sort(key=lambda r: (r.priority, r.arrival_time))  # most important first
 
     i = 0
     while i < len(w.running) and budget > 0:

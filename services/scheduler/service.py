@@ -212,8 +212,6 @@ class SchedulerService:
         self._unacked.extend(acks)
 
     def _send_outputs(self) -> None:
-        if not self.core.outputs:
-            return
         by_gateway: dict[str, list[m.RequestOutput]] = defaultdict(list)
         for reply_to, out in self.core.outputs:
             by_gateway[reply_to].append(out)
