@@ -58,12 +58,9 @@ class RequestStatus(_StrEnum):
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
-    """How one request picks its next token. Defaults match the OpenAI API's.
-
-    `temperature == 0` means greedy. `top_k <= 0` and `top_p == 1` disable those filters.
-    `logprobs`: None returns none; N >= 0 returns the sampled token's logprob and the N
-    most likely alternatives.
-    """
+    """How one request picks its next token; defaults are the OpenAI API's. `temperature == 0`
+    is greedy; `top_k <= 0` and `top_p == 1` disable those filters. `logprobs` N: the sampled
+    token's logprob and the N most likely alternatives (None: no logprobs)."""
 
     temperature: float = 1.0
     top_p: float = 1.0

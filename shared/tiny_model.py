@@ -55,12 +55,9 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
 
 
 def build_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
-    """Trains a byte-level BPE on CORPUS (deterministic, ~50 ms).
-
-    Starting from all 256 bytes makes any text round-trip exactly. The corpus holds about
-    4300 merges' worth of pairs, so larger vocabularies stop short; the model's extra
-    embedding rows are then never produced by the tokenizer.
-    """
+    """Trains a byte-level BPE on CORPUS (deterministic, ~50 ms). All 256 bytes to start
+    with make any text round-trip. The corpus holds ~4300 merges, so larger vocabularies
+    stop short: the model's extra embedding rows are never produced by the tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

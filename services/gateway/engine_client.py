@@ -81,12 +81,9 @@ class EngineClient:
             self._routes.pop(rid, None)
 
     async def submit(self, requests: list[m.SubmitRequest]) -> None:
-        """Admit and enqueue one HTTP request's scheduler requests, or raise 429 when the
-        queue (XLEN: queued + running, across every gateway) is full.
-
-        NOTE: the check and the XADDs happen under one lock, so a burst at one gateway
-        cannot all read the same length and overshoot; replicas may overshoot by a few.
-        """
+        """Admit and enqueue one HTTP request's scheduler requests, or raise 429 when the queue
+        (XLEN: queued + running, across every gateway) is full. NOTE: the check and the XADDs
+        happen under one lock, so a burst here cannot overshoot; replicas may by a few."""
         async with self._admission:
             await self._redis(self._admit, requests)
 

@@ -43,8 +43,7 @@ class ServedModel:
 
     @property
     def limits(self) -> ContextLimits:
-        """The model directory's own limits; the workers' (cluster.worker_limits) are
-        used once one has registered, since its KV pool may hold less."""
+        """The model directory's own; once a worker registered, cluster.worker_limits' (its pool may hold less)."""
         return ContextLimits(self.max_model_len, self.vocab_size)
 
     def encode(self, text: str) -> list[int]:

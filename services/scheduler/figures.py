@@ -14,13 +14,6 @@ from shared.messages import StepTimings
 
 
 @dataclass
-class _StepTimes:
-    steps: int = 0
-    total_ms: float = 0.0
-    forward_ms: float = 0.0
-
-
-@dataclass
 class FigureBuilder:
     core: SchedulerCore
     stall_after_s: float
@@ -28,18 +21,15 @@ class FigureBuilder:
     _steps_at: int = 0
     _tokens_at: int = 0
     _worker_tokens_at: dict[str, int] = field(default_factory=dict)
-    _times: dict[str, _StepTimes] = field(default_factory=dict)
+    _times: dict[str, list[StepTimings]] = field(default_factory=dict)  # each worker's steps in the interval
 
     def on_timings(self, worker_id: str, timings: StepTimings) -> None:
-        t = self._times.setdefault(worker_id, _StepTimes())
-        t.steps += 1
-        t.total_ms += timings.total_ms
-        t.forward_ms += timings.forward_ms
+        self._times.setdefault(worker_id, []).append(timings)
 
     def worker(self, worker_id: str, elapsed_s: float = 1.0) -> WorkerFigures:
         w = self.core.workers[worker_id]
         busy_s = time.monotonic() - w.in_flight.sent_at if w.in_flight else 0.0
-        t = self._times.get(worker_id) or _StepTimes()
+        times = self._times.get(worker_id, [])
         tokens_at = self._worker_tokens_at.get(worker_id, 0)
         if tokens_at > w.tokens_generated:
             tokens_at = 0  # it registered again since: its counts started over
@@ -48,8 +38,8 @@ class FigureBuilder:
             kv_usage=round(w.pool.usage, 4), running=len(w.running), waiting=len(w.waiting),
             steps=w.steps, tokens_generated=w.tokens_generated,
             tokens_per_s=round((w.tokens_generated - tokens_at) / elapsed_s, 2),
-            step_ms=round(t.total_ms / t.steps, 2) if t.steps else 0.0,
-            forward_ms=round(t.forward_ms / t.steps, 2) if t.steps else 0.0,
+            step_ms=round(sum(t.total_ms for t in times) / len(times), 2) if times else 0.0,
+            forward_ms=round(sum(t.forward_ms for t in times) / len(times), 2) if times else 0.0,
             step_in_flight_s=round(busy_s, 2), stalled=busy_s > self.stall_after_s,
         )
 
