@@ -1,9 +1,7 @@
-"""Every message that crosses a process boundary, as typed msgpack structs.
-
-msgspec checks each field's type while decoding, so a malformed or foreign message fails
-at the socket with a `DecodeError` that names the field, instead of deep in a service.
-No pickle crosses a socket. One name means one thing everywhere: `request_id`,
-`block_ids`, `num_computed_tokens`, `token_ids`.
+"""Every message that crosses a process boundary, as typed msgpack structs (no pickle):
+msgspec checks each field while decoding, so a malformed message fails at the socket with
+a `DecodeError` naming the field. One name means one thing everywhere (`request_id`,
+`block_ids`, `num_computed_tokens`, `token_ids`).
 """
 
 from __future__ import annotations
@@ -102,12 +100,9 @@ class CachedRequest(msgspec.Struct, frozen=True):
 
 
 class StepPlan(msgspec.Struct, frozen=True, tag="step_plan"):
-    """One iteration for one worker, as deltas against the rows the worker keeps.
-
-    `finished_ids` rows (finished, aborted, preempted, migrated) are dropped before the
-    step runs. `num_scheduled_tokens[request_id]` is a prefill chunk or 1 for a decode;
-    a request samples a token when the step brings it to the end of its `token_ids`.
-    """
+    """One iteration for one worker, as deltas against the rows it keeps. `finished_ids` rows
+    (finished, aborted, preempted, migrated) are dropped first. `num_scheduled_tokens` is a
+    prefill chunk or 1 for a decode; a request that reaches the end of its tokens samples."""
 
     step_id: int
     new_requests: list[NewRequest] = []

@@ -1,14 +1,11 @@
 """Token ids to text, one token at a time, and stop strings matched in that text.
 
-`IncrementalDetokenizer` never emits half a character: a token may carry only the first
-bytes of a UTF-8 character, so text is held back while the decoded tail ends in U+FFFD
-and released when the character completes (or, at the end, as U+FFFD if it never does).
-It decodes a short window of recent tokens rather than all of them, so each token costs
-the same however long the output grows (vLLM's prefix/read offsets).
+`IncrementalDetokenizer` never emits half a UTF-8 character: text is held back while the
+decoded tail ends in U+FFFD (at the end it goes out as is). It decodes a short window of
+recent tokens, so each token costs the same however long the output (vLLM's offsets).
 
-`StopStringMatcher` finds stop strings across token boundaries: it holds back the
-longest tail of the text that could still begin a stop string, and cuts the text where
-the first stop string to be completed starts (the stop string itself is never emitted).
+`StopStringMatcher` holds back the longest tail that could still begin a stop string, and
+cuts the text where the first stop string to complete starts (never emitting it).
 """
 
 from __future__ import annotations

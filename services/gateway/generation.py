@@ -159,9 +159,8 @@ class Generation:
                 yield delta
 
     async def settle(self) -> None:
-        """Before usage is reported: wait (briefly) for the scheduler's final output of the
-        first choice, which carries the prompt's cached-token count. It is late only when a
-        stop string ended that choice here first."""
+        """Before usage is reported, wait briefly for the first choice's final output (it has
+        the prompt's cached-token count): late only when a stop string ended it here first."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while self.choices[0].final is None:
             try:

@@ -81,9 +81,8 @@ class SchedulerCore:
         return True
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
-        """Takes effect now, or — if the request is in a step in flight — right after that
-        step's result (its token from that step is dropped). Unknown ids are ignored: the
-        request may have finished already."""
+        """Now, or if the request is in a step in flight right after its result (dropping its
+        token). Unknown ids are ignored: the request may have finished already."""
         req = self.requests.get(request_id)
         if req is None:
             return

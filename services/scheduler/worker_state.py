@@ -40,9 +40,8 @@ class WorkerState:
 
     @property
     def max_len(self) -> int:
-        """Longest request this worker can hold: its model's limit, or its whole KV pool
-        if that is smaller (a request must never outgrow the pool: it would preempt itself
-        forever)."""
+        """Longest request it can hold: its model's limit, or its whole KV pool if smaller (a
+        request that outgrew the pool would preempt itself forever)."""
         return min(self.info.max_model_len, self.info.num_blocks * self.info.block_size)
 
     @property
