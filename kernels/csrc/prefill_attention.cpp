@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -60,33 +61,46 @@ struct QueryTile {
     }
   }
 
-  // kt: keys first_key .. first_key+kKeys-1 transposed ([d] = the kKeys keys' element d),
-  // v: their values; both are zero past the n real ones. The first step holds key 0, which
-  // every row sees, so m is finite after it and a step whose keys a row all masks adds 0.
-  void update(const Keys (&kt)[D], const Keys (&v)[kKeys][D / kKeys], int64_t first_key, int64_t n) {
+  // kt: keys first_key .. first_key+kKeys-1 transposed (kt[d] = the keys' element d), v: their
+  // values, v[j * D / kKeys ...] key j's. A row's position is never past its sequence's end, so
+  // the keys it sees are real ones. The first step holds key 0, which every row sees, so m is
+  // finite after it and a later step whose keys a row all masks adds exactly 0.
+  void update(const Keys* kt, const Keys* v, int64_t first_key) {
     Keys s[kRows] = {};  // kRows vector registers, one row's scores each
     for (int64_t d = 0; d < D; ++d) {
 #pragma GCC unroll 16
       for (int64_t r = 0; r < kRows; ++r) s[r] += q[r][d] * kt[d];
     }
+    alignas(64) float p[kRows][kKeys], alpha[kRows];
     for (int64_t r = 0; r < kRows; ++r) {
-      const int64_t visible = std::min(n, pos[r] - first_key + 1);  // keys j < visible are <= pos[r]
+      const int64_t visible = pos[r] - first_key + 1;  // keys j < visible are <= pos[r]
+      std::memcpy(p[r], &s[r], sizeof p[r]);
       float new_m = m[r];
-      for (int64_t j = 0; j < visible; ++j) new_m = std::max(new_m, s[r][j]);
-      const float alpha = std::exp(m[r] - new_m);  // 0 on the first step: m is -inf
-      alignas(64) float p[kKeys];
+#pragma omp simd reduction(max : new_m)
+      for (int64_t j = 0; j < kKeys; ++j) new_m = std::max(new_m, j < visible ? p[r][j] : new_m);
+      alpha[r] = std::exp(m[r] - new_m);  // 0 on the first step: m is -inf
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < kKeys; ++j) {
-        p[j] = j < visible ? exp_nonpositive(s[r][j] - new_m) : 0.f;
-        sum += p[j];
+        p[r][j] = j < visible ? exp_nonpositive(p[r][j] - new_m) : 0.f;
+        sum += p[r][j];
       }
-      l[r] = l[r] * alpha + sum;
+      l[r] = l[r] * alpha[r] + sum;
       m[r] = new_m;
-      Keys a[D / kKeys];  // the row's accumulator in registers (D / 16 of them)
-      for (int64_t c = 0; c < D / kKeys; ++c) a[c] = acc[r][c] * alpha;
+    }
+    // kPass rows at a time, their accumulators in 16 registers: enough independent fma chains
+    // to hide the fma latency, and each value vector loaded once for them all.
+    constexpr int64_t kPass = 256 / D, C = D / kKeys;
+    for (int64_t r0 = 0; r0 < kRows; r0 += kPass) {
+      Keys a[kPass][C];
+      for (int64_t r = 0; r < kPass; ++r)
+        for (int64_t c = 0; c < C; ++c) a[r][c] = acc[r0 + r][c] * alpha[r0 + r];
       for (int64_t j = 0; j < kKeys; ++j)
-        for (int64_t c = 0; c < D / kKeys; ++c) a[c] += p[j] * v[j][c];
-      for (int64_t c = 0; c < D / kKeys; ++c) acc[r][c] = a[c];
+        for (int64_t c = 0; c < C; ++c)
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < kPass; ++r) a[r][c] += p[r0 + r][j] * v[j * C + c];
+      for (int64_t r = 0; r < kPass; ++r)
+        for (int64_t c = 0; c < C; ++c) acc[r0 + r][c] = a[r][c];
     }
   }
 
@@ -97,38 +111,58 @@ struct QueryTile {
   }
 };
 
-// n <= kKeys keys and values of one kv head, token j at k[j * token_stride], into fp32 tiles
-// (keys transposed), zero past n: zeros, not the cache's stale slots, which may hold NaN.
+// The first num_keys keys and values of one kv head of one sequence, gathered from its
+// blocks into fp32, zero up to a multiple of kKeys: keys transposed in steps of kKeys
+// (kt[step * D + d] holds element d of the step's keys), values as rows of D / kKeys vectors.
+// Done once per (sequence, kv head) rather than by each of its query tiles.
 template <typename scalar_t, int64_t D>
-void load_keys(const scalar_t* k, const scalar_t* v, int64_t n, int64_t token_stride, Keys (&kt)[D],
-               Keys (&vt)[kKeys][D / kKeys]) {
-  for (int64_t j = 0; j < kKeys; ++j)
+void stage_keys(const scalar_t* k_cache, const scalar_t* v_cache, const int32_t* table, int64_t num_keys,
+                int64_t block_size, int64_t token_stride, Keys* kt, Keys* v) {
+  constexpr int64_t C = D / kKeys;
+  const int64_t padded = (num_keys + kKeys - 1) / kKeys * kKeys;
+  for (int64_t key = 0; key < padded; ++key) {
+    const int64_t at = key < num_keys ? (table[key / block_size] * block_size + key % block_size) * token_stride : 0;
+    Keys* kt_step = kt + key / kKeys * D;
     for (int64_t d = 0; d < D; ++d) {
-      kt[d][j] = j < n ? static_cast<float>(k[j * token_stride + d]) : 0.f;
-      vt[j][d / kKeys][d % kKeys] = j < n ? static_cast<float>(v[j * token_stride + d]) : 0.f;
+      kt_step[d][key % kKeys] = key < num_keys ? static_cast<float>(k_cache[at + d]) : 0.f;
+      v[key * C + d / kKeys][d % kKeys] = key < num_keys ? static_cast<float>(v_cache[at + d]) : 0.f;
     }
+  }
 }
 
 template <typename scalar_t, int64_t G, int64_t D>
 void prefill_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                  double scale, const at::Tensor& out) {
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const int64_t token_stride = num_kv_heads * D, block_stride = block_size * token_stride;
+  const int64_t num_seqs = seq_lens.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t token_stride = num_kv_heads * D;
   const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   constexpr int64_t kTokens = kRows / G;  // query tokens per tile
+  auto steps = [&](int64_t s) { return cu[s + 1] > cu[s] ? (lens[s] + kKeys - 1) / kKeys : 0; };
   // Every (sequence, first token of a tile); a task is one of these for one kv head.
   std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t s = 0; s < seq_lens.size(0); ++s) {
+  for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = cu[s + 1] - cu[s];
     TORCH_CHECK(q_len >= 0 && q_len <= lens[s], "prefill_attention: sequence ", s, " has ", q_len,
                 " query tokens but seq_len ", lens[s]);
     for (int64_t t = 0; t < q_len; t += kTokens) tiles.emplace_back(s, t);
   }
+  // Staged keys of (sequence s, kv head h) start at step first_step[s] + h * steps(s).
+  std::vector<int64_t> first_step(num_seqs + 1, 0);
+  for (int64_t s = 0; s < num_seqs; ++s) first_step[s + 1] = first_step[s] + steps(s) * num_kv_heads;
+  std::unique_ptr<Keys[]> kt(new Keys[first_step[num_seqs] * D]), vt(new Keys[first_step[num_seqs] * D]);
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / num_kv_heads, h = task % num_kv_heads, step = first_step[s] + h * steps(s);
+      if (steps(s) == 0) continue;  // no queries: nothing reads this sequence's keys
+      const int32_t* table = block_tables.data_ptr<int32_t>() + s * block_tables.stride(0);
+      stage_keys<scalar_t, D>(k_cache.data_ptr<scalar_t>() + h * D, v_cache.data_ptr<scalar_t>() + h * D, table,
+                              lens[s], block_size, token_stride, kt.get() + step * D, vt.get() + step * D);
+    }
+  });
   at::parallel_for(0, static_cast<int64_t>(tiles.size()) * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     QueryTile<scalar_t, G, D> tile;
-    Keys kt[D], vt[kKeys][D / kKeys];
     for (int64_t task = begin; task < end; ++task) {
       const auto [s, t0] = tiles[task / num_kv_heads];
       const int64_t h = task % num_kv_heads, q_len = cu[s + 1] - cu[s], prefix = lens[s] - q_len;
@@ -136,17 +170,10 @@ void prefill_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
       const int64_t row = cu[s] + t0, head = h * G;
       tile.start(q.data_ptr<scalar_t>() + row * q.stride(0) + head * q.stride(1), q.stride(0), q.stride(1), n_tokens,
                  prefix + t0, static_cast<float>(scale));
-      const int32_t* table = block_tables.data_ptr<int32_t>() + s * block_tables.stride(0);
       const int64_t num_keys = prefix + t0 + n_tokens;  // what the tile's last token sees
-      for (int64_t key = 0; key < num_keys;) {
-        const int64_t offset = key % block_size;
-        const int64_t n = std::min({kKeys, block_size - offset, num_keys - key});
-        const int64_t at = table[key / block_size] * block_stride + offset * token_stride + h * D;
-        load_keys<scalar_t, D>(k_cache.data_ptr<scalar_t>() + at, v_cache.data_ptr<scalar_t>() + at, n, token_stride,
-                               kt, vt);
-        tile.update(kt, vt, key, n);
-        key += n;
-      }
+      const int64_t step = first_step[s] + h * steps(s);
+      for (int64_t key = 0; key < num_keys; key += kKeys)
+        tile.update(kt.get() + (step + key / kKeys) * D, vt.get() + step * D + key * (D / kKeys), key);
       tile.finish(out.data_ptr<scalar_t>() + row * out.stride(0) + head * out.stride(1), out.stride(0), out.stride(1));
     }
   });
