@@ -30,6 +30,7 @@
 namespace {
 
 constexpr int64_t kRows = 16;  // query rows per task; their scores stay in registers
+constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kKeys = 16;  // keys per step: one AVX-512 register of fp32 scores per row
 // kKeys floats as one vector (GCC/clang vector extension): arithmetic on it is elementwise and
 // a scalar operand is broadcast, so the tile loops below are written in whole registers.
@@ -55,7 +56,7 @@ struct QueryTile {
         q[r][d] = t < n_tokens ? static_cast<float>(row[d]) * scale : 0.f;
       }
       for (int64_t c = 0; c < D / kKeys; ++c) acc[r][c] = Keys{};
-      m[r] = -std::numeric_limits<float>::infinity();
+      m[r] = -kInf;
       l[r] = 0.f;
       pos[r] = first_pos + std::min(t, n_tokens - 1);
     }
@@ -77,8 +78,8 @@ struct QueryTile {
       std::memcpy(p[r], &s[r], sizeof p[r]);
       float new_m = m[r];
 #pragma omp simd reduction(max : new_m)
-      for (int64_t j = 0; j < kKeys; ++j) new_m = std::max(new_m, j < visible ? p[r][j] : new_m);
-      alpha[r] = std::exp(m[r] - new_m);  // 0 on the first step: m is -inf
+      for (int64_t j = 0; j < kKeys; ++j) new_m = std::max(new_m, j < visible ? p[r][j] : -kInf);
+      alpha[r] = exp_nonpositive(m[r] - new_m);  // ~1e-38 on the first step (m is -inf), times acc = l = 0
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < kKeys; ++j) {
