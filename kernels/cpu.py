@@ -1,6 +1,6 @@
 """The CPU attention backend: C++ paged decode and prefill kernels (kernels/csrc/*_attention.cpp)
-that read K/V in place from the cache blocks, built on first use with torch's JIT
-extension loader and cached in the torch extensions dir (~/.cache/torch_extensions).
+that read K/V in place from the cache blocks, and the cache writer (store_kv.cpp), built on first
+use with torch's JIT extension loader and cached in the torch extensions dir (~/.cache/torch_extensions).
 """
 
 import functools
@@ -16,7 +16,7 @@ from torch.utils import cpp_extension
 from kernels import reference
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "decode_attention.cpp", CSRC / "prefill_attention.cpp"]
+SOURCES = [CSRC / "decode_attention.cpp", CSRC / "prefill_attention.cpp", CSRC / "store_kv.cpp"]
 # The shapes the kernel is compiled for (see its dispatch); others go to the reference.
 GROUPS, HEAD_DIMS, MAX_BLOCK_SIZE = (1, 2, 4, 8), (64, 128), 128
 # Built where it runs, so -march=native is safe and gives the loops AVX2/AVX-512. Reassociation
@@ -65,6 +65,14 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
         q = q.contiguous()
     load()(q, k_cache, v_cache, block_tables.int(), seq_lens.int(), scale, out)
     return out
+
+
+def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Same contract as kernels.reference.store_kv."""
+    load()
+    # The kernel copies each token's row whole; the engine's k and v already are such rows.
+    key, value = (x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous() for x in (key, value))
+    torch.ops.conveyor_cpu.store_kv(key, value, k_cache, v_cache, slot_mapping.long())
 
 
 def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seqlens_q: Tensor,
