@@ -80,8 +80,10 @@ def main() -> None:
         print(f"round {i + 1}/{args.rounds} done", flush=True)
 
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, {NUM_HEADS} heads / "
-          f"{NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, block {args.block_size}, medians of {args.rounds} rounds")
-    print("| batch (q_len/seq_len) | kernel ms | reference ms | reference / kernel | kernel GFLOP/s | reference GFLOP/s |")
+          f"{NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, block {args.block_size}, "
+          f"medians of {args.rounds} rounds")
+    print("| batch (q_len/seq_len) | kernel ms | reference ms | reference / kernel | kernel GFLOP/s "
+          "| reference GFLOP/s |")
     print("|---|---:|---:|---:|---:|---:|")
     ratios = []
     for name, chunks in CASES.items():

@@ -9,11 +9,13 @@
 //   cu_seqlens_q      int32 [num_seqs + 1]  sequence s owns q rows cu_seqlens_q[s] .. cu_seqlens_q[s+1]-1,
 //                     its last q_len positions of seq_lens[s]: position p sees keys 0 .. p only
 //   seq_lens          int32 [num_seqs]
-// One task is one tile of kRows query rows (kRows / G tokens x the G query heads of one kv
-// head) of one sequence. It walks the keys up to its last row's position kKeys at a time:
-// the keys are transposed into a small fp32 tile, so that scoring is kRows x kKeys fmas per
-// head_dim element (one vector register per row), and each key and value is read once for
-// all kRows rows. Keys past a row's position (the diagonal tiles only) are masked to -inf.
+// Two passes, each an at::parallel_for. First, per (sequence, kv head), its keys are gathered
+// from the blocks into fp32, transposed kKeys at a time, and its values likewise (not
+// transposed): once, however many query tiles read them. Then one task is one tile of kRows
+// query rows (kRows / G tokens x the G query heads of one kv head) of one sequence: it walks
+// the keys up to its last row's position kKeys at a time, scoring with kRows x kKeys fmas per
+// head_dim element (one vector register per row), so each key and value is loaded once for
+// all kRows rows. Keys past a row's position (the diagonal steps only) are masked out.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -51,10 +53,9 @@ struct QueryTile {
     num_tokens = n_tokens;
     for (int64_t r = 0; r < kRows; ++r) {
       const int64_t t = r / G;
-      const scalar_t* row = q_rows + t * token_stride + (r % G) * head_stride;
-      for (int64_t d = 0; d < D; ++d) {
-        q[r][d] = t < n_tokens ? static_cast<float>(row[d]) * scale : 0.f;
-      }
+      const bool real = t < n_tokens;
+      const scalar_t* row = q_rows + (real ? t : 0) * token_stride + (r % G) * head_stride;
+      for (int64_t d = 0; d < D; ++d) q[r][d] = real ? static_cast<float>(row[d]) * scale : 0.f;
       for (int64_t c = 0; c < D / kKeys; ++c) acc[r][c] = Keys{};
       m[r] = -kInf;
       l[r] = 0.f;
@@ -63,7 +64,7 @@ struct QueryTile {
   }
 
   // kt: keys first_key .. first_key+kKeys-1 transposed (kt[d] = the keys' element d), v: their
-  // values, v[j * D / kKeys ...] key j's. A row's position is never past its sequence's end, so
+  // values, key j's from v[j * D / kKeys]. A row's position is never past its sequence's end, so
   // the keys it sees are real ones. The first step holds key 0, which every row sees, so m is
   // finite after it and a later step whose keys a row all masks adds exactly 0.
   void update(const Keys* kt, const Keys* v, int64_t first_key) {
@@ -106,9 +107,10 @@ struct QueryTile {
   }
 
   void finish(scalar_t* out_rows, int64_t token_stride, int64_t head_stride) const {
-    for (int64_t r = 0; r < num_tokens * G; ++r)
-      for (int64_t d = 0; d < D; ++d)
-        out_rows[(r / G) * token_stride + (r % G) * head_stride + d] = static_cast<scalar_t>(acc[r][d / kKeys][d % kKeys] / l[r]);
+    for (int64_t r = 0; r < num_tokens * G; ++r) {
+      scalar_t* row = out_rows + (r / G) * token_stride + (r % G) * head_stride;
+      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<scalar_t>(acc[r][d / kKeys][d % kKeys] / l[r]);
+    }
   }
 };
 
@@ -149,6 +151,8 @@ void prefill_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
                 " query tokens but seq_len ", lens[s]);
     for (int64_t t = 0; t < q_len; t += kTokens) tiles.emplace_back(s, t);
   }
+  TORCH_CHECK(cu[0] >= 0 && cu[num_seqs] <= q.size(0), "prefill_attention: cu_seqlens_q runs ", cu[0], " .. ",
+              cu[num_seqs], " but q has ", q.size(0), " rows");
   // Staged keys of (sequence s, kv head h) start at step first_step[s] + h * steps(s).
   std::vector<int64_t> first_step(num_seqs + 1, 0);
   for (int64_t s = 0; s < num_seqs; ++s) first_step[s + 1] = first_step[s] + steps(s) * num_kv_heads;

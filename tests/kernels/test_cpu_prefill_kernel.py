@@ -74,10 +74,12 @@ def test_shapes_without_a_compiled_kernel_go_to_the_reference(paged_batch, num_h
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_empty_batch_and_a_chunk_longer_than_its_sequence(paged_batch):
+def test_empty_batch_and_metadata_that_does_not_fit(paged_batch):
     b = batch(paged_batch, [(4, 4), (9, 9)], 4, 2, 64, 16)
     empty = cpu.prefill_attention(b.q[:0], b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale)
     assert empty.shape[0] == 0
     with pytest.raises(RuntimeError, match="sequence 1 has 9 query tokens but seq_len 8"):
         cpu.prefill_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q,
                               torch.tensor([4, 8], dtype=torch.int32), b.scale)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q runs 0 .. 13 but q has 12 rows"):
+        cpu.prefill_attention(b.q[:12], b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale)
