@@ -1,5 +1,6 @@
 """Per-call CPU paged prefill attention: Conveyor's C++ kernel (kernels/cpu.py) against the
-plain-torch reference on the prefill batches of the `mixed` workload, one thread.
+plain-torch reference on the prefill batches of the `mixed` workload, one thread; and the
+C++ store_kv against the reference's at a step's token counts.
 
     python -m bench.prefill_attention_cpu [--rounds 5] [--block-size 16]
 
@@ -46,6 +47,19 @@ CASES = {
 }
 
 
+STORE_TOKENS = (1, 32, 96, 512)  # a decode step of 1 and of 32 sequences, mixed steps
+
+
+def store_inputs(num_tokens: int) -> tuple:
+    """The engine's k (its own tensor) and v (a view of the fused projection), slots scattered, one padding."""
+    k_cache = torch.zeros(2048, 16, NUM_KV_HEADS, HEAD_DIM)
+    qkv = torch.randn(num_tokens, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM)
+    k, v = qkv[:, NUM_HEADS * HEAD_DIM:].view(num_tokens, 2 * NUM_KV_HEADS, HEAD_DIM).split(NUM_KV_HEADS, dim=1)
+    slots = torch.randperm(k_cache.shape[0] * 16)[:num_tokens]
+    slots[0] = -1
+    return k.contiguous(), v, k_cache, torch.zeros_like(k_cache), slots
+
+
 def inputs(chunks: list[tuple[int, int]], block_size: int) -> tuple:
     x = logical_inputs([n for _, n in chunks], block_size)
     q_lens = [q for q, _ in chunks]
@@ -70,7 +84,12 @@ def main() -> None:
     cpu.load()
     sides = {"kernel": cpu.prefill_attention, "reference": reference.prefill_attention}
     times = {(name, side): [] for name in CASES for side in sides}
+    store = {(n, side): [] for n in STORE_TOKENS for side in sides}
     for i in range(args.rounds):
+        for n in STORE_TOKENS:
+            x = store_inputs(n)
+            for side, fn in {"kernel": cpu.store_kv, "reference": reference.store_kv}.items():
+                store[n, side].append(time_per_call(lambda: fn(*x)))
         for name, chunks in CASES.items():
             x = inputs(chunks, args.block_size)
             out = {side: torch.empty_like(x[0]) for side in sides}
@@ -94,6 +113,10 @@ def main() -> None:
         print(f"| {name}: {' '.join(f'{q}/{n}' for q, n in chunks)} | {1e3 * k:.3f} | {1e3 * r:.3f} | "
               f"{ratio:.2f} | {gf / k:.1f} | {gf / r:.1f} |")
     print(f"geometric mean of reference / kernel: {statistics.geometric_mean(ratios):.2f}")
+    print("\n| store_kv tokens | C++ us | reference us | reference / C++ |\n|---:|---:|---:|---:|")
+    for n in STORE_TOKENS:
+        k, r = (statistics.median(store[n, side]) for side in sides)
+        print(f"| {n} | {1e6 * k:.1f} | {1e6 * r:.1f} | {r / k:.1f} |")
 
 
 if __name__ == "__main__":
