@@ -1,6 +1,6 @@
 """Paged-KV attention kernels and the switch that picks a backend for a device.
 
-Interchangeable backends with identical signatures: "cpu" (a C++ decode kernel, the default
+Interchangeable backends with identical signatures: "cpu" (C++ kernels, the default
 on CPU), "reference" (plain torch, the ground truth the others are tested against) and
 "triton" (used on CUDA, or anywhere under TRITON_INTERPRET=1 for testing).
 """
@@ -53,7 +53,7 @@ def _cpu_backend(device: torch.device) -> AttentionBackend:
         raise ValueError(f"the cpu attention backend runs on the CPU only, not on {device.type}")
 
     cpu.load()  # builds the extension on first use, so a missing compiler shows here, not mid-step
-    return AttentionBackend("cpu", reference.store_kv, reference.prefill_attention, cpu.decode_attention)
+    return AttentionBackend("cpu", cpu.store_kv, cpu.prefill_attention, cpu.decode_attention)
 
 
 def _cpu_backend_or_reference() -> AttentionBackend:

@@ -1,6 +1,6 @@
-"""The CPU attention backend: a C++ paged decode kernel (kernels/csrc/decode_attention.cpp)
-that reads K/V in place from the cache blocks, built on first use with torch's JIT
-extension loader and cached in the torch extensions dir (~/.cache/torch_extensions).
+"""The CPU attention backend: C++ paged decode and prefill kernels (kernels/csrc/*_attention.cpp)
+that read K/V in place from the cache blocks, and the cache writer (store_kv.cpp), built on first
+use with torch's JIT extension loader and cached in the torch extensions dir (~/.cache/torch_extensions).
 """
 
 import functools
@@ -15,7 +15,8 @@ from torch.utils import cpp_extension
 
 from kernels import reference
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "decode_attention.cpp", CSRC / "prefill_attention.cpp", CSRC / "store_kv.cpp"]
 # The shapes the kernel is compiled for (see its dispatch); others go to the reference.
 GROUPS, HEAD_DIMS, MAX_BLOCK_SIZE = (1, 2, 4, 8), (64, 128), 128
 # Built where it runs, so -march=native is safe and gives the loops AVX2/AVX-512. Reassociation
@@ -27,7 +28,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-
 
 @functools.cache
 def load() -> torch._ops.OpOverload:
-    """Build (first time, ~20 s) or load the extension, and return its decode op.
+    """Build (first time, ~30 s) or load the extension, and return its decode op.
 
     Raises RuntimeError naming what is missing when the machine cannot build it.
     """
@@ -40,9 +41,14 @@ def load() -> torch._ops.OpOverload:
     if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     cpp_extension.verify_ninja_availability()  # raises "Ninja is required ..." (pip install ninja)
-    cpp_extension.load(name="conveyor_cpu_attention", sources=[str(SOURCE)], is_python_module=False,
+    cpp_extension.load(name="conveyor_cpu_attention", sources=[str(p) for p in SOURCES], is_python_module=False,
                        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
     return torch.ops.conveyor_cpu.decode_attention.default
+
+
+def _compiled_for(q: Tensor, k_cache: Tensor) -> bool:
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    return q.shape[1] // num_kv_heads in GROUPS and head_dim in HEAD_DIMS and block_size <= MAX_BLOCK_SIZE
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -51,14 +57,37 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if q.shape[0] == 0:
         return out
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
-    if q.shape[1] // num_kv_heads not in GROUPS or head_dim not in HEAD_DIMS or block_size > MAX_BLOCK_SIZE:
+    if not _compiled_for(q, k_cache):
         return reference.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out)
     # The kernel walks rows by stride but needs head_dim contiguous and int32 metadata;
     # the engine already passes exactly that, so these are no-ops on the serving path.
     if q.stride(-1) != 1:
         q = q.contiguous()
     load()(q, k_cache, v_cache, block_tables.int(), seq_lens.int(), scale, out)
+    return out
+
+
+def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Same contract as kernels.reference.store_kv."""
+    load()
+    # The kernel copies each token's row whole; the engine's k and v already are such rows.
+    key, value = (x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous() for x in (key, value))
+    torch.ops.conveyor_cpu.store_kv(key, value, k_cache, v_cache, slot_mapping.long())
+
+
+def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seqlens_q: Tensor,
+                      seq_lens: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """Same contract as kernels.reference.prefill_attention."""
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    if q.shape[0] == 0:
+        return out
+    if not _compiled_for(q, k_cache):
+        return reference.prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    load()
+    torch.ops.conveyor_cpu.prefill_attention(q, k_cache, v_cache, block_tables.int(), cu_seqlens_q.int(),
+                                             seq_lens.int(), scale, out)
     return out
 
 

@@ -22,29 +22,11 @@
 #include <limits>
 #include <vector>
 
+#include "softmax_math.h"
+
 namespace {
 
 constexpr int64_t kMaxBlockSize = 128;
-
-// exp(x) for x <= 0, branch-free so that a loop of it vectorizes (std::exp is a scalar libm
-// call): 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2, p of degree 6 (relative error ~2e-7).
-// Below -87 it returns ~1e-38 instead of 0, harmless beside the block's max, which is exp(0).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504f);
-  const float r = x - n * 0.693145752f - n * 1.42860677e-6f;  // ln2 in two parts, exact n*hi
-  float p = 1.f / 720 * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;  // times 2^n
-  std::memcpy(&p, &bits, sizeof bits);
-  return p;
-}
 
 // Blocks are scattered, so the hardware prefetcher stops at every block boundary: while
 // one block's key or value row is used, the same row of the next block is requested.
@@ -152,38 +134,16 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   });
 }
 
-template <typename scalar_t, int64_t D>
-void dispatch_group(int64_t group, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& tables, const at::Tensor& lens, double scale, const at::Tensor& out) {
-  switch (group) {
-    case 1: return decode_all<scalar_t, 1, D>(q, k, v, tables, lens, scale, out);
-    case 2: return decode_all<scalar_t, 2, D>(q, k, v, tables, lens, scale, out);
-    case 4: return decode_all<scalar_t, 4, D>(q, k, v, tables, lens, scale, out);
-    case 8: return decode_all<scalar_t, 8, D>(q, k, v, tables, lens, scale, out);
-    default: TORCH_CHECK(false, "decode_attention: num_heads / num_kv_heads must be 1, 2, 4 or 8, got ", group);
-  }
-}
-
 void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, const at::Tensor& out) {
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && out.sizes() == q.sizes() && out.stride(2) == 1,
-              "q and out must be [num_seqs, num_heads, head_dim] with head_dim contiguous");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0,
-              "k_cache and v_cache must be contiguous [num_blocks, block_size, num_kv_heads, head_dim]");
+  check_paged_inputs("decode_attention", q, k_cache, v_cache, block_tables, seq_lens, out);
   TORCH_CHECK(k_cache.size(1) <= kMaxBlockSize, "block_size must be at most ", kMaxBlockSize);
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == out.scalar_type(),
-              "q, the caches and out must share a dtype");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
-                  block_tables.stride(1) == 1 && seq_lens.is_contiguous(),
-              "block_tables and seq_lens must be int32, rows contiguous");
   const int64_t group = q.size(1) / k_cache.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    switch (q.size(2)) {
-      case 64: return dispatch_group<scalar_t, 64>(group, q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-      case 128: return dispatch_group<scalar_t, 128>(group, q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-      default: TORCH_CHECK(false, "decode_attention: head_dim must be 64 or 128, got ", q.size(2));
-    }
+    dispatch_group_and_head_dim("decode_attention", group, q.size(2), [&](auto g, auto d) {
+      decode_all<scalar_t, decltype(g)::value, decltype(d)::value>(q, k_cache, v_cache, block_tables, seq_lens,
+                                                                   scale, out);
+    });
   });
 }
 

@@ -78,6 +78,24 @@ def paged_batch():
     return make_paged_batch
 
 
+def at_thread_counts(fn, counts=(1, 2)) -> list:
+    """fn() run once with torch at each of `counts` threads; the caller's count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def at_threads():
+    return at_thread_counts
+
+
 @pytest.fixture(autouse=True)
 def seed_per_case(request):
     """Fresh, reproducible random inputs for every parametrisation."""

@@ -13,7 +13,8 @@ def test_cpu_defaults_to_the_cpu_kernel(monkeypatch):
     backend = get_attention_backend(torch.device("cpu"))
     assert backend.name == "cpu"
     assert backend.decode_attention is cpu.decode_attention
-    assert backend.store_kv is reference.store_kv
+    assert backend.prefill_attention is cpu.prefill_attention
+    assert backend.store_kv is cpu.store_kv
 
 
 def test_environment_overrides_the_default(monkeypatch):

@@ -47,16 +47,9 @@ def test_strided_rows_as_the_engine_passes_them(paged_batch):
     assert out[5:].isnan().all(), "rows past the batch are not written"
 
 
-def test_threads_split_the_batch_without_changing_it(paged_batch):
+def test_threads_split_the_batch_without_changing_it(paged_batch, at_threads):
     b = paged_batch([1] * 40, [(i * 37) % 300 + 1 for i in range(40)], 4, 2, 64, 16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one, _ = both(b)
-        torch.set_num_threads(2)
-        two, _ = both(b)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = at_threads(lambda: both(b)[0])
     assert torch.equal(one, two)
 
 

@@ -1,0 +1,210 @@
+// Paged prefill attention for CPU: causal attention of a ragged batch of query chunks against
+// their K/V read in place from the cache blocks, with an online softmax (no gather, no mask).
+//
+// Layout (the same as kernels/reference.py):
+//   q, out            [num_tokens, num_heads, head_dim]     rows may be strided, head_dim contiguous
+//   k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim]   contiguous
+//   block_tables      int32 [num_seqs, max_blocks_per_seq]  token t of a sequence lives in
+//                     block block_tables[s][t / block_size] at offset t % block_size
+//   cu_seqlens_q      int32 [num_seqs + 1]  sequence s owns q rows cu_seqlens_q[s] .. cu_seqlens_q[s+1]-1,
+//                     its last q_len positions of seq_lens[s]: position p sees keys 0 .. p only
+//   seq_lens          int32 [num_seqs]
+// Two passes, each an at::parallel_for. First, per (sequence, kv head), its keys are gathered
+// from the blocks into fp32, transposed kKeys at a time, and its values likewise (not
+// transposed): once, however many query tiles read them. Then one task is one tile of kRows
+// query rows (kRows / G tokens x the G query heads of one kv head) of one sequence: it walks
+// the keys up to its last row's position kKeys at a time, scoring with kRows x kKeys fmas per
+// head_dim element (one vector register per row), so each key and value is loaded once for
+// all kRows rows. Keys past a row's position (the diagonal steps only) are masked out.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "softmax_math.h"
+
+namespace {
+
+constexpr int64_t kRows = 16;  // query rows per task; their scores stay in registers
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kKeys = 16;  // keys per step: one AVX-512 register of fp32 scores per row
+// kKeys floats as one vector (GCC/clang vector extension): arithmetic on it is elementwise and
+// a scalar operand is broadcast, so the tile loops below are written in whole registers.
+typedef float Keys __attribute__((vector_size(kKeys * sizeof(float))));
+
+template <typename scalar_t, int64_t G, int64_t D>
+struct QueryTile {
+  alignas(64) float q[kRows][D];    // pre-scaled by the softmax scale
+  Keys acc[kRows][D / kKeys];       // sum of exp(score - m) * v
+  float m[kRows], l[kRows];         // running max, running sum of exp(score - m)
+  int64_t pos[kRows];               // the row's position in its sequence: keys past it are masked
+  int64_t num_tokens;               // tokens in this tile (the last tile of a chunk may be short)
+
+  // Row r is token r / G of the tile and query head r % G of its kv head; the rows of tokens
+  // past the chunk's end get q = 0 and are never written back.
+  void start(const scalar_t* q_rows, int64_t token_stride, int64_t head_stride, int64_t n_tokens, int64_t first_pos,
+             float scale) {
+    num_tokens = n_tokens;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t t = r / G;
+      const bool real = t < n_tokens;
+      const scalar_t* row = q_rows + (real ? t : 0) * token_stride + (r % G) * head_stride;
+      for (int64_t d = 0; d < D; ++d) q[r][d] = real ? static_cast<float>(row[d]) * scale : 0.f;
+      for (int64_t c = 0; c < D / kKeys; ++c) acc[r][c] = Keys{};
+      m[r] = -kInf;
+      l[r] = 0.f;
+      pos[r] = first_pos + std::min(t, n_tokens - 1);
+    }
+  }
+
+  // kt: keys first_key .. first_key+kKeys-1 transposed (kt[d] = the keys' element d), v: their
+  // values, key j's from v[j * D / kKeys]. A row's position is never past its sequence's end, so
+  // the keys it sees are real ones. The first step holds key 0, which every row sees, so m is
+  // finite after it and a later step whose keys a row all masks adds exactly 0.
+  void update(const Keys* kt, const Keys* v, int64_t first_key) {
+    Keys s[kRows] = {};  // kRows vector registers, one row's scores each
+    for (int64_t d = 0; d < D; ++d) {
+#pragma GCC unroll 16
+      for (int64_t r = 0; r < kRows; ++r) s[r] += q[r][d] * kt[d];
+    }
+    alignas(64) float p[kRows][kKeys], alpha[kRows];
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t visible = pos[r] - first_key + 1;  // keys j < visible are <= pos[r]
+      std::memcpy(p[r], &s[r], sizeof p[r]);
+      float new_m = m[r];
+#pragma omp simd reduction(max : new_m)
+      for (int64_t j = 0; j < kKeys; ++j) new_m = std::max(new_m, j < visible ? p[r][j] : -kInf);
+      alpha[r] = exp_nonpositive(m[r] - new_m);  // ~1e-38 on the first step (m is -inf), times acc = l = 0
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < kKeys; ++j) {
+        p[r][j] = j < visible ? exp_nonpositive(p[r][j] - new_m) : 0.f;
+        sum += p[r][j];
+      }
+      l[r] = l[r] * alpha[r] + sum;
+      m[r] = new_m;
+    }
+    // kPass rows at a time, their accumulators in 16 registers: enough independent fma chains
+    // to hide the fma latency, and each value vector loaded once for them all.
+    constexpr int64_t kPass = 256 / D, C = D / kKeys;
+    for (int64_t r0 = 0; r0 < kRows; r0 += kPass) {
+      Keys a[kPass][C];
+      for (int64_t r = 0; r < kPass; ++r)
+        for (int64_t c = 0; c < C; ++c) a[r][c] = acc[r0 + r][c] * alpha[r0 + r];
+      for (int64_t j = 0; j < kKeys; ++j)
+        for (int64_t c = 0; c < C; ++c)
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < kPass; ++r) a[r][c] += p[r0 + r][j] * v[j * C + c];
+      for (int64_t r = 0; r < kPass; ++r)
+        for (int64_t c = 0; c < C; ++c) acc[r0 + r][c] = a[r][c];
+    }
+  }
+
+  void finish(scalar_t* out_rows, int64_t token_stride, int64_t head_stride) const {
+    for (int64_t r = 0; r < num_tokens * G; ++r) {
+      scalar_t* row = out_rows + (r / G) * token_stride + (r % G) * head_stride;
+      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<scalar_t>(acc[r][d / kKeys][d % kKeys] / l[r]);
+    }
+  }
+};
+
+// The first num_keys keys and values of one kv head of one sequence, gathered from its
+// blocks into fp32, zero up to a multiple of kKeys: keys transposed in steps of kKeys
+// (kt[step * D + d] holds element d of the step's keys), values as rows of D / kKeys vectors.
+// Done once per (sequence, kv head) rather than by each of its query tiles.
+template <typename scalar_t, int64_t D>
+void stage_keys(const scalar_t* k_cache, const scalar_t* v_cache, const int32_t* table, int64_t num_keys,
+                int64_t block_size, int64_t token_stride, Keys* kt, Keys* v) {
+  constexpr int64_t C = D / kKeys;
+  const int64_t padded = (num_keys + kKeys - 1) / kKeys * kKeys;
+  for (int64_t key = 0; key < padded; ++key) {
+    const int64_t at = key < num_keys ? (table[key / block_size] * block_size + key % block_size) * token_stride : 0;
+    Keys* kt_step = kt + key / kKeys * D;
+    for (int64_t d = 0; d < D; ++d) {
+      kt_step[d][key % kKeys] = key < num_keys ? static_cast<float>(k_cache[at + d]) : 0.f;
+      v[key * C + d / kKeys][d % kKeys] = key < num_keys ? static_cast<float>(v_cache[at + d]) : 0.f;
+    }
+  }
+}
+
+template <typename scalar_t, int64_t G, int64_t D>
+void prefill_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                 double scale, const at::Tensor& out) {
+  const int64_t num_seqs = seq_lens.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t token_stride = num_kv_heads * D;
+  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  constexpr int64_t kTokens = kRows / G;  // query tokens per tile
+  auto steps = [&](int64_t s) { return cu[s + 1] > cu[s] ? (lens[s] + kKeys - 1) / kKeys : 0; };
+  // Every (sequence, first token of a tile); a task is one of these for one kv head.
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_len = cu[s + 1] - cu[s];
+    TORCH_CHECK(q_len >= 0 && q_len <= lens[s], "prefill_attention: sequence ", s, " has ", q_len,
+                " query tokens but seq_len ", lens[s]);
+    for (int64_t t = 0; t < q_len; t += kTokens) tiles.emplace_back(s, t);
+  }
+  TORCH_CHECK(cu[0] >= 0 && cu[num_seqs] <= q.size(0), "prefill_attention: cu_seqlens_q runs ", cu[0], " .. ",
+              cu[num_seqs], " but q has ", q.size(0), " rows");
+  // Staged keys of (sequence s, kv head h) start at step first_step[s] + h * steps(s).
+  std::vector<int64_t> first_step(num_seqs + 1, 0);
+  for (int64_t s = 0; s < num_seqs; ++s) first_step[s + 1] = first_step[s] + steps(s) * num_kv_heads;
+  std::unique_ptr<Keys[]> kt(new Keys[first_step[num_seqs] * D]), vt(new Keys[first_step[num_seqs] * D]);
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / num_kv_heads, h = task % num_kv_heads, step = first_step[s] + h * steps(s);
+      if (steps(s) == 0) continue;  // no queries: nothing reads this sequence's keys
+      const int32_t* table = block_tables.data_ptr<int32_t>() + s * block_tables.stride(0);
+      stage_keys<scalar_t, D>(k_cache.data_ptr<scalar_t>() + h * D, v_cache.data_ptr<scalar_t>() + h * D, table,
+                              lens[s], block_size, token_stride, kt.get() + step * D, vt.get() + step * D);
+    }
+  });
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()) * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    QueryTile<scalar_t, G, D> tile;
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [s, t0] = tiles[task / num_kv_heads];
+      const int64_t h = task % num_kv_heads, q_len = cu[s + 1] - cu[s], prefix = lens[s] - q_len;
+      const int64_t n_tokens = std::min(kTokens, q_len - t0);
+      const int64_t row = cu[s] + t0, head = h * G;
+      tile.start(q.data_ptr<scalar_t>() + row * q.stride(0) + head * q.stride(1), q.stride(0), q.stride(1), n_tokens,
+                 prefix + t0, static_cast<float>(scale));
+      const int64_t num_keys = prefix + t0 + n_tokens;  // what the tile's last token sees
+      const int64_t step = first_step[s] + h * steps(s);
+      for (int64_t key = 0; key < num_keys; key += kKeys)
+        tile.update(kt.get() + (step + key / kKeys) * D, vt.get() + step * D + key * (D / kKeys), key);
+      tile.finish(out.data_ptr<scalar_t>() + row * out.stride(0) + head * out.stride(1), out.stride(0), out.stride(1));
+    }
+  });
+}
+
+void prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                       double scale, const at::Tensor& out) {
+  check_paged_inputs("prefill_attention", q, k_cache, v_cache, block_tables, seq_lens, out);
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_q.is_contiguous() &&
+                  cu_seqlens_q.numel() == seq_lens.numel() + 1 && block_tables.size(0) == seq_lens.numel(),
+              "prefill_attention: cu_seqlens_q must be int32 [num_seqs + 1], block_tables [num_seqs, ...]");
+  const int64_t group = q.size(1) / k_cache.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "prefill_attention", [&] {
+    dispatch_group_and_head_dim("prefill_attention", group, q.size(2), [&](auto g, auto d) {
+      prefill_all<scalar_t, decltype(g)::value, decltype(d)::value>(q, k_cache, v_cache, block_tables, cu_seqlens_q,
+                                                                    seq_lens, scale, out);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
+  m.def("prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
+        "Tensor seq_lens, float scale, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) { m.impl("prefill_attention", &prefill_attention); }
