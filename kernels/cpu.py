@@ -32,7 +32,7 @@ def build(name: str, source: Path, extra_cflags: tuple[str, ...] = ()) -> None:
     """
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        raise RuntimeError(f"the cpu kernels need a C++ compiler ({compiler!r} not found; set $CXX)")
+        raise RuntimeError(f"building the cpu kernels needs a C++ compiler ({compiler!r} not found; set $CXX)")
     # torch runs `ninja` from $PATH; the pinned pip package puts it beside this python, which
     # is not on $PATH when the venv's python is run without activating the venv.
     venv_bin = os.path.dirname(sys.executable)

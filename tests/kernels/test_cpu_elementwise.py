@@ -102,3 +102,17 @@ def test_switch_defaults_to_cpu_on_cpu_and_keeps_other_activations_eager(monkeyp
         layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"], "fused")
     with pytest.raises(ValueError, match="CPU only, not on cuda"):
         layer_ops.get_layer_ops(torch.device("cuda"), ACT2FN["silu"], "cpu")
+
+
+def test_without_a_compiler_the_default_falls_back_to_eager_and_says_why(monkeypatch, caplog):
+    monkeypatch.delenv(layer_ops.LAYER_OPS_ENV_VAR, raising=False)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    k.load.cache_clear()  # forget the build this process already loaded
+    try:
+        with caplog.at_level("WARNING", logger=layer_ops.__name__):
+            assert layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"]).name == "eager"
+        assert "'/nonexistent/c++' not found" in caplog.text
+        with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+            layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"], "cpu")
+    finally:
+        k.load.cache_clear()
