@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m kernels.cpu || echo "no C++ toolchain: CPU attention will use the slower reference"
+	$(PY) -m kernels.cpu || echo "no C++ toolchain: the CPU kernels fall back to the slower torch references"
 	touch $(STAMP)
 
 # HF_HUB_OFFLINE: nothing is ever fetched from a hub; tests build their own tiny models.

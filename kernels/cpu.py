@@ -26,23 +26,28 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-
           "-fno-trapping-math"]
 
 
-@functools.cache
-def load() -> torch._ops.OpOverload:
-    """Build (first time, ~30 s) or load the extension, and return its decode op.
+def build(name: str, sources: list[Path], extra_cflags: tuple[str, ...] = ()) -> None:
+    """Build (first time, ~30 s) or load the extension `name` from `sources`; it registers its ops.
 
     Raises RuntimeError naming what is missing when the machine cannot build it.
     """
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        raise RuntimeError(f"the cpu attention backend needs a C++ compiler ({compiler!r} not found; set $CXX)")
+        raise RuntimeError(f"building the cpu kernels needs a C++ compiler ({compiler!r} not found; set $CXX)")
     # torch runs `ninja` from $PATH; the pinned pip package puts it beside this python, which
     # is not on $PATH when the venv's python is run without activating the venv.
     venv_bin = os.path.dirname(sys.executable)
     if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     cpp_extension.verify_ninja_availability()  # raises "Ninja is required ..." (pip install ninja)
-    cpp_extension.load(name="conveyor_cpu_attention", sources=[str(p) for p in SOURCES], is_python_module=False,
-                       extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
+    cpp_extension.load(name=name, sources=[str(p) for p in sources], is_python_module=False,
+                       extra_cflags=CFLAGS + list(extra_cflags), extra_ldflags=["-fopenmp"])
+
+
+@functools.cache
+def load() -> torch._ops.OpOverload:
+    """Build or load the attention extension (decode, prefill, store_kv) and return its decode op."""
+    build("conveyor_cpu_attention", SOURCES)
     return torch.ops.conveyor_cpu.decode_attention.default
 
 
@@ -92,5 +97,8 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables:
 
 
 if __name__ == "__main__":  # `python -m kernels.cpu`: build now (make does, after install), not at first start
+    from kernels import cpu_elementwise
+
     load()
-    print(f"cpu attention kernel built: {torch.ops.conveyor_cpu.decode_attention}")
+    cpu_elementwise.load()
+    print(f"cpu kernels built: {torch.ops.conveyor_cpu.decode_attention}, {cpu_elementwise.OPS}")

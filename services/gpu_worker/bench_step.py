@@ -28,7 +28,8 @@ from shared.tiny_model import ensure_model
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1 << 20)
 
 
-def conveyor_decode_rate(engine, batch: int, context: int, steps: int, block_size: int) -> float:
+def conveyor_decode_rate(engine, batch: int, context: int, steps: int, block_size: int,
+                         clock=time.perf_counter) -> float:
     vocab = engine.model.shape.vocab_size
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(3, vocab, (batch, context), generator=g).tolist()
@@ -41,12 +42,12 @@ def conveyor_decode_rate(engine, batch: int, context: int, steps: int, block_siz
         next_block += blocks_per_req
     result = engine.execute(StepPlan(0, new_requests=new, num_scheduled_tokens={r: context for r in ids}))
     assert result.error is None, result.error
-    start = time.perf_counter()
+    start = clock()
     for s in range(steps):
         cached = [CachedRequest(r, [], context + s) for r in ids]
         result = engine.execute(StepPlan(1 + s, cached_requests=cached, num_scheduled_tokens={r: 1 for r in ids}))
         assert result.error is None, result.error
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     engine.execute(StepPlan(steps + 1, finished_ids=ids))
     return batch * steps / elapsed
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from services.gpu_worker.batch import AttentionMetadata
+from services.gpu_worker.layer_ops import get_layer_ops
 from services.gpu_worker.linear import Linear
-from services.gpu_worker.rope import RotaryEmbedding, apply_rotary
+from services.gpu_worker.rope import RotaryEmbedding
 
 
 @dataclass
@@ -42,14 +43,6 @@ class LayerWeights:
     down: Linear
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # In fp32 then back, as transformers does, so low-precision runs round the same way.
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
 class DecoderModel:
     def __init__(self, shape: ModelShape, embed_tokens: torch.Tensor, layers: list[LayerWeights],
                  final_norm: torch.Tensor, lm_head: Linear, rotary: RotaryEmbedding,
@@ -65,6 +58,7 @@ class DecoderModel:
         self.scale = shape.head_dim**-0.5
         self.dtype = embed_tokens.dtype
         self.device = embed_tokens.device
+        self.ops = get_layer_ops(self.device, act)  # norms, residual adds, rope, activation
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -72,11 +66,16 @@ class DecoderModel:
         """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
         h = F.embedding(input_ids, self.embed_tokens)
         rope = self.rotary.for_positions(positions, self.dtype)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h = h + self._attention(layer, rms_norm(h, layer.input_norm, self.shape.rms_norm_eps),
-                                    rope, meta, k_cache, v_cache)
-            h = h + self._mlp(layer, rms_norm(h, layer.post_attention_norm, self.shape.rms_norm_eps))
-        return rms_norm(h, self.final_norm, self.shape.rms_norm_eps)
+        ops, eps = self.ops, self.shape.rms_norm_eps
+        # A sublayer's output joins the residual stream h in the op that norms h for the next
+        # sublayer: the next layer's input norm, or the final norm after the last layer.
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        x = ops.rms_norm(h, self.layers[0].input_norm, eps)
+        for layer, next_norm, (k_cache, v_cache) in zip(self.layers, next_norms, kv_caches):
+            attn = self._attention(layer, x, rope, meta, k_cache, v_cache)
+            h, x = ops.add_rms_norm(h, attn, layer.post_attention_norm, eps)
+            h, x = ops.add_rms_norm(h, self._mlp(layer, x), next_norm, eps)
+        return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -91,9 +90,9 @@ class DecoderModel:
         k = k.view(num_tokens, s.num_kv_heads, s.head_dim)
         v = v.view(num_tokens, s.num_kv_heads, s.head_dim)
         if layer.q_norm is not None:
-            q = rms_norm(q, layer.q_norm, s.rms_norm_eps)
-            k = rms_norm(k, layer.k_norm, s.rms_norm_eps)
-        q, k = apply_rotary(q, k, *rope)
+            q = self.ops.rms_norm(q, layer.q_norm, s.rms_norm_eps)
+            k = self.ops.rms_norm(k, layer.k_norm, s.rms_norm_eps)
+        q, k = self.ops.rotary(q, k, *rope)
 
         self.attn.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
@@ -108,5 +107,4 @@ class DecoderModel:
         return layer.o(out.view(num_tokens, q_size))
 
     def _mlp(self, layer: LayerWeights, x):
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        return layer.down(self.act(gate) * up)
+        return layer.down(self.ops.act_and_mul(layer.gate_up(x)))
