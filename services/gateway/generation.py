@@ -32,9 +32,12 @@ class ChoiceText:
     finish_reason: Optional[FinishReason] = None
     error_code: Optional[ErrorCode] = None  # with finish_reason ERROR
     error: Optional[str] = None
+    # New tokens it carries: as vLLM, a chunk goes out for every output that generated
+    # tokens, even while they decode to no text yet (a special token, half a character).
+    num_tokens: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.text or self.logprobs or self.finish_reason)
+        return bool(self.text or self.logprobs or self.finish_reason or self.num_tokens)
 
     def add(self, delta: ChoiceText) -> None:
         self.text += delta.text
@@ -71,6 +74,7 @@ class ChoiceState:
             if out.index + k < self.num_tokens:
                 continue  # a restarted scheduler replays the request: this token was forwarded
             self.num_tokens += 1
+            delta.num_tokens += 1
             if token == out.stop_token_id and k == len(out.token_ids) - 1:
                 continue  # EOS / a stop token id: counted, its text is not output
             if logprobs:

@@ -178,6 +178,17 @@ def test_choice_drops_tokens_replayed_by_a_restarted_scheduler():
     assert "".join(texts) == "abcd" and c.num_tokens == 4
 
 
+def test_a_token_with_no_text_yet_still_makes_a_chunk():
+    """As vLLM streams: an output that generated tokens is a chunk, even with empty text
+    (here the first byte of a three-byte character), so TTFT is the first token's time."""
+    c = _choice()
+    first = c.on_output(RequestOutput("r-0", _bytes("€")[:1]))
+    assert first and first.text == "" and first.num_tokens == 1
+    rest = c.on_output(RequestOutput("r-0", _bytes("€")[1:], index=1, finish_reason="length"))
+    assert rest.text == "€" and c.num_tokens == 3
+    assert not c.on_output(RequestOutput("r-0", _bytes("€"), index=0)), "nothing after it finished"
+
+
 def test_choice_keeps_logprobs_aligned_with_tokens():
     c = _choice(logprobs=1)
     lps = [TokenLogprobs(t, -0.5, [(t, -0.5)]) for t in _bytes("a€")]
