@@ -24,7 +24,7 @@ from shared.redis_protocol import read_status
 from tests.stack import REPO, service_env
 
 pytestmark = pytest.mark.slow
-TOKENS = 600  # long enough to still be streaming while workers come and go
+TOKENS = 1200  # long enough to still be streaming while a second worker starts and the first leaves
 
 
 def _alive(pid: int) -> bool:
@@ -106,7 +106,10 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
         r = redis.Redis.from_url(redis_url)
         extra = subprocess.Popen([sys.executable, "-m", "services.gpu_worker"], cwd=REPO, stdout=log,
                                  stderr=subprocess.STDOUT,
-                                 env={**env, "CONVEYOR_MODEL": model_dir, "CONVEYOR_WORKER_ID": "extra"})
+                                 env={**env, "CONVEYOR_MODEL": model_dir, "CONVEYOR_WORKER_ID": "extra",
+                                      # its own core, as an operator gives a second worker on one
+                                      # host: on worker-0's busy core it would load too slowly
+                                      "CONVEYOR_CPU_AFFINITY": "0"})
         deadline = time.monotonic() + 120
         while "extra" not in read_status(r).workers:
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
