@@ -55,10 +55,28 @@ class RequestStatus(_StrEnum):
         return self in (RequestStatus.FINISHED, RequestStatus.ERROR)
 
 
+class StructuredOutput(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A constraint on a request's output, enforced in the worker's sampler by a per-request
+    token mask (xgrammar). `kind` and what `spec` holds:
+      json_schema: the schema as JSON text       json_object: any JSON object ("")
+      regex: the pattern (the whole output matches it)
+      choice: a JSON list of strings (the output is one of them)
+      grammar: an EBNF grammar, as xgrammar and vLLM read it (root rule `root`)
+    The gateway checks it compiles (a 400 otherwise); the worker compiles it again, cached."""
+
+    kind: str
+    spec: str = ""
+    any_whitespace: bool = False  # JSON kinds: allow any whitespace between tokens, else compact JSON
+
+
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     """How one request picks its next token; defaults are the OpenAI API's. `temperature == 0`
     is greedy; `top_k <= 0` and `top_p == 1` disable those filters. `logprobs` N: the sampled
-    token's logprob and the N most likely alternatives (None: no logprobs)."""
+    token's logprob and the N most likely alternatives (None: no logprobs). The masks apply
+    before any of that, in this order: logit_bias (added to the raw logits), allowed_token_ids
+    (every other id -inf), bad_words (a sequence's last id -inf wherever the output ends
+    with the rest of it), structured (the grammar's mask). `prompt_logprobs` N: each prompt
+    token's logprob (from the first token on; the first has none) and N alternatives."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -73,6 +91,11 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: Union[int, None] = None
+    logit_bias: dict[int, float] = {}
+    allowed_token_ids: Union[list[int], None] = None
+    bad_words: list[list[int]] = []  # token id sequences, as vLLM's bad_words tokenized
+    structured: Union[StructuredOutput, None] = None
+    prompt_logprobs: Union[int, None] = None
 
 
 # ---- scheduler -> worker: one step ------------------------------------------------------
@@ -120,6 +143,14 @@ class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
     top: list[tuple[int, float]] = []
 
 
+class PromptLogprobs(msgspec.Struct, frozen=True, array_like=True):
+    """Prompt tokens' logprobs computed in one step (a prefill chunk): `entries[k]` is for
+    the prompt token at position `start + k` (start >= 1: the first prompt token has none)."""
+
+    start: int
+    entries: list[TokenLogprobs]
+
+
 class StepTimings(msgspec.Struct, frozen=True):
     """Where a step's time went, worker-side; the scheduler publishes the means per worker."""
 
@@ -139,6 +170,7 @@ class StepResult(msgspec.Struct, frozen=True, tag="step_result"):
     worker_id: str
     sampled_token_ids: dict[str, int] = {}
     logprobs: dict[str, TokenLogprobs] = {}
+    prompt_logprobs: dict[str, PromptLogprobs] = {}  # rows whose sampling asks for them
     timings: StepTimings = StepTimings()
     error: Union[str, None] = None
 
@@ -222,6 +254,9 @@ class RequestOutput(msgspec.Struct, frozen=True):
     error_code: Union[ErrorCode, None] = None
     error: Union[str, None] = None
     queue_time_s: Union[float, None] = None  # on the first output: arrival -> first scheduled
+    # With sampling.prompt_logprobs, on the first output: one entry per prompt token from
+    # the second on (positions 1 .. P-1), computed over the whole prompt (no prefix-cache hit).
+    prompt_logprobs: list[TokenLogprobs] = []
 
 
 class GatewayOutputs(msgspec.Struct, frozen=True, tag="outputs"):
