@@ -14,7 +14,7 @@ import torch
 from services.gpu_worker.sampler import SamplingRow
 from shared.messages import PromptLogprobs, TokenLogprobs
 
-# fp32 logits held at once: 32 Mi floats (128 MiB) bound one slice, e.g. 221 positions of a
+# fp32 logits held at once: 32 Mi floats (128 MiB) bound one slice, e.g. 220 positions of a
 # 152k vocab (Qwen) or all 2048 positions of a 16k one. The log_softmax doubles it briefly.
 SLICE_ELEMENTS = 1 << 25
 
@@ -66,6 +66,7 @@ def compute_prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tenso
 
 
 def _slice_entries(logits: torch.Tensor, targets: torch.Tensor, num_top: list[int]) -> list[TokenLogprobs]:
+    """One entry per row: the target token's logprob and the row's own top num_top."""
     logprobs = logits.float().log_softmax(dim=-1)
     chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
     width = min(max(num_top), logprobs.shape[1])

@@ -20,8 +20,8 @@ from services.scheduler.request import Request, check_stop
 from services.scheduler.router import choose_worker
 from services.scheduler.worker_state import InFlightStep, WorkerState
 from shared.messages import (
-    CachedRequest, ErrorCode, FinishReason, NewRequest, RegisterWorker, RequestOutput, RequestStatus, StepPlan,
-    StepResult, SubmitRequest, Usage,
+    CachedRequest, ErrorCode, FinishReason, NewRequest, RegisterWorker, RequestOutput, RequestStatus, SamplingParams,
+    StepPlan, StepResult, SubmitRequest, Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class SchedulerCore:
         return sum(len(w.running) for w in self.workers.values())
 
 
-def _worker_sampling(req: Request):
+def _worker_sampling(req: Request) -> SamplingParams:
     """The sampling a worker gets: without prompt_logprobs once they were delivered, so a
     request resumed after its first token (preempted, migrated) does not compute them again."""
     if req.sampling.prompt_logprobs is not None and not req.needs_prompt_logprobs:

@@ -107,7 +107,8 @@ def test_chunks_are_assembled_on_the_first_output():
     assert [t for o in outs["asks"] for t in o.token_ids] == expected_tokens("asks", 100, 3)
     assert _delivered(outs["one-token"]) == [], "a 1-token prompt has no prompt logprobs"
     (only,) = outs["finishes-at-once"]
-    assert only.finish_reason == "length" and only.prompt_logprobs == expected_prompt_logprobs(prompts["finishes-at-once"], 0)
+    assert only.finish_reason == "length"
+    assert only.prompt_logprobs == expected_prompt_logprobs(prompts["finishes-at-once"], 0), "on its one output"
     assert all(not o.prompt_logprobs for o in outs["plain"])
     assert not core.requests
 
