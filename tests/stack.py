@@ -47,6 +47,7 @@ class Stack:
         self.client.set(self.keys.gateway(self.reply_to), b"test", ex=3600)
         self.tokens: dict[str, list[int]] = defaultdict(list)
         self.final: dict[str, m.RequestOutput] = {}
+        self.outputs: dict[str, list[m.RequestOutput]] = defaultdict(list)  # every one, as it came
 
     # ---- processes ----------------------------------------------------------------------
 
@@ -161,6 +162,7 @@ class Stack:
                 return n
             for out in batch.outputs:
                 assert out.request_id not in self.final, f"{out.request_id}: output after its finish"
+                self.outputs[out.request_id].append(out)
                 have = self.tokens[out.request_id]
                 assert out.index <= len(have), f"{out.request_id}: tokens {len(have)}..{out.index} never came"
                 # After a scheduler restart a request is replayed from its prompt: keep

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from services.gpu_worker.batch import ScheduledRow, build_batch
+from services.gpu_worker.batch import ForwardBatch, ScheduledRow, build_batch
 from services.gpu_worker.model import DecoderModel
+from services.gpu_worker.prompt_logprobs import compute_prompt_logprobs, prompt_span
 from services.gpu_worker.sampler import Sampler, SamplingRow, make_generator
-from shared.messages import StepPlan, StepResult, StepTimings
+from shared.messages import PromptLogprobs, StepPlan, StepResult, StepTimings
 
 
 class PlanError(ValueError):
@@ -156,6 +157,7 @@ class Engine:
                 sampled[r.request_id] = token
                 if lp is not None:
                     logprobs[r.request_id] = lp
+        prompt_logprobs = self._prompt_logprobs(rows, scheduled, batch, hidden)
         for r, (_, n) in zip(rows, scheduled):
             r.num_computed_tokens += n
             if r.request_id in sampled:
@@ -164,8 +166,22 @@ class Engine:
         ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
         return StepResult(
             step_id=plan.step_id, worker_id=self.worker_id, sampled_token_ids=sampled, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             timings=StepTimings(prepare_ms=ms(t0, t1), forward_ms=ms(t1, t2), sample_ms=ms(t2, t3), total_ms=ms(t0, t3)),
         )
+
+    def _prompt_logprobs(self, rows: list[RequestRow], scheduled: list[tuple[str, int]], batch: ForwardBatch,
+                         hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
+        """For the rows whose sampling asks: every prompt token this step's chunk predicts.
+        A row resumed after its first token gets no prompt_logprobs from the scheduler (it
+        has them already); one recomputed mid-prompt reports again and the scheduler keeps
+        one entry per position."""
+        spans = [span for k, i in enumerate(batch.order)
+                 if (span := prompt_span(rows[i].request_id, rows[i].sampling, rows[i].num_computed_tokens,
+                                         scheduled[i][1], batch.last_token_index[k])) is not None]
+        if not spans:
+            return {}
+        return compute_prompt_logprobs(self.model.compute_logits, hidden, self.model.shape.vocab_size, spans)
 
 
 def _seed_for_next_token(row: SamplingRow) -> None:

@@ -20,8 +20,8 @@ from services.scheduler.request import Request, check_stop
 from services.scheduler.router import choose_worker
 from services.scheduler.worker_state import InFlightStep, WorkerState
 from shared.messages import (
-    CachedRequest, ErrorCode, FinishReason, NewRequest, RegisterWorker, RequestOutput, RequestStatus, StepPlan,
-    StepResult, SubmitRequest, Usage,
+    CachedRequest, ErrorCode, FinishReason, NewRequest, RegisterWorker, RequestOutput, RequestStatus, SamplingParams,
+    StepPlan, StepResult, SubmitRequest, Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,9 @@ class SchedulerCore:
             if rid in self._aborts:
                 self._finish_aborted(req, w)
                 continue
+            chunk = result.prompt_logprobs.get(rid)
+            if chunk is not None and req.needs_prompt_logprobs:
+                req.add_prompt_logprobs(chunk)
             token = result.sampled_token_ids.get(rid)
             if token is None:
                 continue
@@ -176,8 +179,10 @@ class SchedulerCore:
             lp = result.logprobs.get(rid)
             reason = check_stop(req, w.info.eos_token_ids, w.max_len)
             first = len(req.output_token_ids) == 1 and req.num_preemptions == 0
+            with_prompt = len(req.output_token_ids) == 1 and req.sampling.prompt_logprobs is not None
             out = RequestOutput(rid, [token], [lp] if lp else [], index=len(req.output_token_ids) - 1,
-                                queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None)
+                                queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None,
+                                prompt_logprobs=req.take_prompt_logprobs() if with_prompt else [])
             if reason is None:
                 self.outputs.append((req.reply_to, out))
             else:
@@ -212,7 +217,7 @@ class SchedulerCore:
         for rid in d.scheduled:
             req = by_id[rid]
             if not req.on_worker:
-                new.append(NewRequest(rid, req.all_token_ids, len(req.prompt_token_ids), req.sampling,
+                new.append(NewRequest(rid, req.all_token_ids, len(req.prompt_token_ids), _worker_sampling(req),
                                       list(req.block_ids), req.num_computed_tokens))
                 req.on_worker = True
             else:
@@ -284,3 +289,11 @@ class SchedulerCore:
 
     def num_running(self) -> int:
         return sum(len(w.running) for w in self.workers.values())
+
+
+def _worker_sampling(req: Request) -> SamplingParams:
+    """The sampling a worker gets: without prompt_logprobs once they were delivered, so a
+    request resumed after its first token (preempted, migrated) does not compute them again."""
+    if req.sampling.prompt_logprobs is not None and not req.needs_prompt_logprobs:
+        return msgspec.structs.replace(req.sampling, prompt_logprobs=None)
+    return req.sampling

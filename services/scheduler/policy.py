@@ -11,7 +11,8 @@ One step = one token budget (max_num_batched_tokens) and at most max_num_seqs re
   2. Then waiting requests, in priority order with aging, while budget, sequence slots
      and blocks last. A new request reuses the longest chain of cached prefix blocks; one
      whose next prefix block another request is computing right now waits for it (a
-     step or two) rather than computing the same blocks again.
+     step or two) rather than computing the same blocks again. One that asks for prompt
+     logprobs reuses nothing (as in vLLM): they are computed over its whole prompt.
 
 Priority: lower `priority` first, then earlier arrival. Aging lowers a waiting request's
 effective priority by one level every `aging_seconds`, so nobody waits forever behind a
@@ -86,11 +87,14 @@ def _admit_waiting(w: WorkerState, d: Decision, budget: int, limits: Limits, now
     i = 0
     while i < len(w.waiting) and budget > 0 and len(w.running) < limits.max_num_seqs:
         req = w.waiting[i]
-        if caching and computing and _waits_for_prefix(w, req, computing):
+        # A request that needs prompt logprobs computes its whole prompt (see
+        # Request.needs_prompt_logprobs): it neither waits for a prefix nor takes one.
+        whole = req.needs_prompt_logprobs
+        if caching and computing and not whole and _waits_for_prefix(w, req, computing):
             i += 1  # its prefix is being computed right now: it will hit the cache in a step or two
             continue
         # At least the last token is always computed: its logits are what we sample from.
-        hit = w.pool.match_prefix(_usable_hashes(req, bs))
+        hit = [] if whole else w.pool.match_prefix(_usable_hashes(req, bs))
         n = min(req.num_tokens - len(hit) * bs, budget, limits.max_prefill_chunk)
         if not transitions.admit(w, req, hit, len(hit) * bs + n, now):
             break  # the most important waiting request does not fit: don't let others pass it

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from services.scheduler.block_pool import hash_blocks
-from shared.messages import ErrorCode, FinishReason, RequestStatus, SubmitRequest
+from shared.messages import ErrorCode, FinishReason, PromptLogprobs, RequestStatus, SubmitRequest, TokenLogprobs
 
 
 def _from_submit(name: str) -> property:
@@ -38,6 +38,9 @@ class Request:
     error_code: Optional[ErrorCode] = None
     error: Optional[str] = None
     _hashes: dict[int, list[bytes]] = field(default_factory=dict, repr=False)  # see block_hashes_for
+    # Prompt logprobs received so far, by the position of the token they are for: a chunk
+    # computed again (after a preemption or a failed step) overwrites, never duplicates.
+    prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict, repr=False)
 
     request_id = _from_submit("request_id")
     prompt_token_ids = _from_submit("prompt_token_ids")
@@ -55,6 +58,30 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and has not delivered them yet (they go out with its
+        first token). Such a request computes its whole prompt: no prefix-cache hit, which
+        would skip exactly those positions. Once delivered, a resumed request is plain."""
+        return self.sampling.prompt_logprobs is not None and not self.output_token_ids
+
+    def add_prompt_logprobs(self, chunk: PromptLogprobs) -> None:
+        assert 1 <= chunk.start and chunk.start + len(chunk.entries) <= len(self.prompt_token_ids), (
+            f"{self.request_id}: prompt logprobs for positions {chunk.start}..+{len(chunk.entries)} "
+            f"of a {len(self.prompt_token_ids)}-token prompt")
+        for k, entry in enumerate(chunk.entries):
+            self.prompt_logprobs[chunk.start + k] = entry
+
+    def take_prompt_logprobs(self) -> list[TokenLogprobs]:
+        """The whole prompt's logprobs (positions 1 .. P-1), for its first output; the
+        worker computed every position, so a gap is a bug."""
+        num_prompt = len(self.prompt_token_ids)
+        missing = [p for p in range(1, num_prompt) if p not in self.prompt_logprobs]
+        assert not missing, f"{self.request_id}: no prompt logprobs for positions {missing[:10]}"
+        entries = [self.prompt_logprobs[p] for p in range(1, num_prompt)]
+        self.prompt_logprobs = {}  # delivered: nothing will ask for them again
+        return entries
 
     def block_hashes_for(self, block_size: int) -> list[bytes]:
         """Chained hashes of its full blocks of `block_size` tokens (as vLLM's block_hasher),

@@ -20,7 +20,9 @@ def choose_worker(req: Request, workers: Iterable[WorkerState], max_num_seqs: in
 
     def score(w: WorkerState):
         bs = w.pool.block_size
-        hit_tokens = len(w.pool.match_prefix(req.block_hashes_for(bs))) * bs
+        # A request computing its whole prompt (for prompt logprobs) gains nothing from a hit.
+        hit_blocks = [] if req.needs_prompt_logprobs else w.pool.match_prefix(req.block_hashes_for(bs))
+        hit_tokens = len(hit_blocks) * bs
         return (hit_tokens / req.num_tokens - w.load / max_num_seqs, -w.load, w.worker_id)
 
     return max(candidates, key=score)

@@ -35,7 +35,8 @@ def admit(w: WorkerState, req: Request, hit: list[int], num_tokens: int, now: fl
         req.block_ids = []
         return False
     hit_tokens = len(hit) * w.pool.block_size
-    w.pool.record_prefix_query(req.num_tokens, hit_tokens)
+    if not req.needs_prompt_logprobs:  # it never looked the cache up (as vLLM counts it)
+        w.pool.record_prefix_query(req.num_tokens, hit_tokens)
     if req.num_preemptions == 0 and not req.output_token_ids:
         req.num_cached_tokens = hit_tokens
     req.num_cached_blocks, req.num_computed_tokens = len(hit), hit_tokens
