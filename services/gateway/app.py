@@ -87,7 +87,8 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         with _count_refusals(gw):
-            return await gw.generate("chat", chat_plan(body, model, await gw.cluster.limits()), request)
+            plan = chat_plan(body, model, await gw.cluster.limits(), settings.tool_call_parser)
+            return await gw.generate("chat", plan, request)
 
     @v1.get("/models")
     async def models() -> dict:
