@@ -76,9 +76,10 @@ def render_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
         if name in kwargs:
             raise bad_request(f"chat_template_kwargs: {name!r} is set by the request's own fields, not here",
                               "chat_template_kwargs")
+    messages = template_messages(body.messages)
     try:
         return model.apply_chat_template(
-            template_messages(body.messages), body.add_generation_prompt, tools=template_tools(body.tools),
+            messages, body.add_generation_prompt, tools=template_tools(body.tools),
             continue_final_message=body.continue_final_message, chat_template=body.chat_template,
             add_special_tokens=body.add_special_tokens, template_kwargs=kwargs)
     except Exception as e:  # jinja2's TemplateError, or a template's raise_exception()

@@ -145,8 +145,8 @@ READERS = {"hermes": HermesReader, "llama3_json": Llama3JsonReader}
 
 class ToolCallStream:
     """One choice's text turned into OpenAI's message fields, delta by delta (`feed`) or at
-    once (`message`). Whitespace between calls is not content; with parallel_tool_calls
-    false only the first call is kept (as vLLM)."""
+    once (`message`), the same either way. Whitespace after the last call is not content; with
+    parallel_tool_calls false only the first call is kept (as vLLM)."""
 
     def __init__(self, chat: ChatPlan):
         self.chat = chat
@@ -157,7 +157,8 @@ class ToolCallStream:
                         else READERS[chat.parser]() if chat.tool_choice == "auto" else None)
         self._text = ""
         self._pos = 0
-        self._space = ""  # whitespace-only text held until it is known not to sit beside a call
+        # Trailing whitespace is held until more text follows: after the last call it is dropped.
+        self._space = ""
         self._content = ""
 
     def named_header(self) -> dict[str, Any]:
@@ -201,14 +202,13 @@ class ToolCallStream:
         out, new = "", []
         for piece in pieces:
             if isinstance(piece, ToolCall):
-                self._space = ""
                 if self.chat.parallel_tool_calls or not self.calls:
                     self.calls.append(piece)
                     new.append(piece)
-            elif (self._space + piece).strip():
-                out, self._space = out + self._space + piece, ""
             else:
-                self._space += piece
+                text = self._space + piece
+                body = text.rstrip()
+                out, self._space = out + body, text[len(body):]
         if final and not self.calls:
             out, self._space = out + self._space, ""
         self._content += out
