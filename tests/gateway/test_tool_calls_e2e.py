@@ -105,6 +105,13 @@ def test_auto_reads_the_text_and_returns_a_message(client, model):
     assert not choice.message.tool_calls
 
 
+def test_auto_streams_text_that_is_no_call_as_content(client, model):
+    kw = dict(model=model, messages=MESSAGES, tools=TOOLS, temperature=0, max_tokens=16)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+
+
 def test_refusals_through_http(client, model):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from pydantic import ValidationError
 
 from services.gateway.errors import ApiError
 from services.gateway.generation import ChoiceText, Generation
@@ -17,6 +18,7 @@ from services.gateway.protocol import ChatCompletionRequest
 from services.gateway.responses import ChatFormat
 from services.gateway.served_model import ServedModel
 from services.gateway.validation import chat_plan
+from shared.config import GatewaySettings, parse_settings
 from shared.messages import FinishReason, RequestOutput
 from shared.tiny_model import CHAT_TEMPLATE, _update_chat_template
 
@@ -244,3 +246,12 @@ def test_echo_prepends_the_last_message(model):
     body, chunks = _run(model, plan, " two")
     assert body["choices"][0]["message"]["content"] == "One, two"
     assert _assembled(chunks)[0] == "One, two"
+
+
+def test_the_parser_flag_and_its_variable(monkeypatch):
+    assert parse_settings(GatewaySettings, []).tool_call_parser == "hermes"
+    assert parse_settings(GatewaySettings, ["--tool-call-parser", "llama3_json"]).tool_call_parser == "llama3_json"
+    monkeypatch.setenv("CONVEYOR_TOOL_CALL_PARSER", "none")
+    assert parse_settings(GatewaySettings, []).tool_call_parser == "none"
+    with pytest.raises(ValidationError, match="tool_call_parser"):
+        parse_settings(GatewaySettings, ["--tool-call-parser", "mistral"])
