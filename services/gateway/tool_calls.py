@@ -6,6 +6,8 @@ Every combination that cannot work is a 400 naming its field, as vLLM's refusals
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -20,10 +22,15 @@ from shared.messages import StructuredOutput
 
 log = logging.getLogger(__name__)
 
-# Variables the gateway sets itself: chat_template_kwargs may not override them.
-_RESERVED_TEMPLATE_VARS = ("messages", "tools", "add_generation_prompt", "continue_final_message", "tokenize",
-                           "chat_template", "return_dict", "documents")
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}  # a function without a schema still takes an object
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """The gateway's settings that chat requests depend on (GatewaySettings' fields)."""
+
+    tool_call_parser: str = "hermes"
+    trust_request_chat_template: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,18 +52,22 @@ class ChatPlan:
         return self.tool_choice != "none"
 
 
-def chat_options(body: ChatCompletionRequest, tool_call_parser: str) -> ChatPlan:
+def chat_options(body: ChatCompletionRequest, config: ChatConfig) -> ChatPlan:
     """The request's tool plan and echo, after refusing what does not fit together."""
+    if body.chat_template is not None and not config.trust_request_chat_template:
+        # As vLLM: a template runs code-like Jinja in the gateway, so the operator opts in.
+        raise bad_request("chat_template: this gateway does not accept chat templates from requests (start it "
+                          "with --trust-request-chat-template to allow them)", "chat_template")
     for legacy in ("functions", "function_call"):
         if getattr(body, legacy) is not None:
             raise bad_request(f"{legacy} is OpenAI's deprecated spelling and is not supported: "
                               f"use {'tools' if legacy == 'functions' else 'tool_choice'}", legacy)
     _check_continue_final_message(body)
-    choice = _tool_choice(body, tool_call_parser)
+    choice = _tool_choice(body, config.tool_call_parser)
     echo = body.messages[-1].text() if body.echo and body.messages[-1].role == "assistant" else ""
     parallel = body.parallel_tool_calls is not False
     if choice == "auto":
-        return ChatPlan("auto", parser=tool_call_parser, parallel_tool_calls=parallel, echo=echo)
+        return ChatPlan("auto", parser=config.tool_call_parser, parallel_tool_calls=parallel, echo=echo)
     if choice == "required":
         return ChatPlan("required", parallel_tool_calls=parallel, echo=echo,
                         structured=_json_schema(_required_schema(body.tools, parallel)))
@@ -72,10 +83,9 @@ def render_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
     """The prompt's token ids: the conversation, the tools and the template's own variables
     rendered by the request's chat template, or the model's."""
     kwargs = dict(body.chat_template_kwargs or {})
-    for name in _RESERVED_TEMPLATE_VARS:
-        if name in kwargs:
-            raise bad_request(f"chat_template_kwargs: {name!r} is set by the request's own fields, not here",
-                              "chat_template_kwargs")
+    for name in _apply_parameters(type(model.tokenizer)) & kwargs.keys():
+        raise bad_request(f"chat_template_kwargs: {name!r} is not a template variable but an argument the "
+                          "gateway sets from the request's own fields", "chat_template_kwargs")
     messages = template_messages(body.messages)
     try:
         return model.apply_chat_template(
@@ -113,6 +123,14 @@ def template_tools(tools: Optional[list[Tool]]) -> Optional[list[dict[str, Any]]
 
 
 # ---- internals ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _apply_parameters(tokenizer_type: type) -> frozenset[str]:
+    """apply_chat_template's own arguments (tokenize, tools, ...): a template kwarg of that
+    name would reach the function, not the template."""
+    params = inspect.signature(tokenizer_type.apply_chat_template).parameters.values()
+    return frozenset(p.name for p in params if p.kind is not p.VAR_KEYWORD) | {"messages"}
+
+
 def _tool_choice(body: ChatCompletionRequest, tool_call_parser: str) -> str:
     """none | auto | required | named, with vLLM's defaults and refusals."""
     if body.tools is not None and not body.tools:

@@ -17,7 +17,7 @@ import msgspec
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.served_model import ContextLimits, ServedModel
-from services.gateway.tool_calls import ChatPlan, chat_options, render_prompt
+from services.gateway.tool_calls import ChatConfig, ChatPlan, chat_options, render_prompt
 from shared.messages import SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -63,10 +63,10 @@ def completion_plan(body: CompletionRequest, model: ServedModel,
 
 
 def chat_plan(body: ChatCompletionRequest, model: ServedModel, limits: Optional[ContextLimits] = None,
-              tool_call_parser: str = "hermes") -> GenerationPlan:
+              config: ChatConfig = ChatConfig()) -> GenerationPlan:
     limits = limits or model.limits
     _check_common(body, model, limits)
-    chat = chat_options(body, tool_call_parser)
+    chat = chat_options(body, config)
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:

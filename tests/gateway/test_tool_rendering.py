@@ -17,6 +17,7 @@ from services.gateway.generation import ChoiceText, Generation
 from services.gateway.protocol import ChatCompletionRequest
 from services.gateway.responses import ChatFormat
 from services.gateway.served_model import ServedModel
+from services.gateway.tool_calls import ChatConfig
 from services.gateway.validation import chat_plan
 from shared.config import GatewaySettings, parse_settings
 from shared.messages import FinishReason, RequestOutput
@@ -41,18 +42,18 @@ def model(tokenizer):
                        vocab_size=4096)
 
 
-def _plan(model, parser="hermes", **body):
+def _plan(model, parser="hermes", trust_template=True, **body):
     body.setdefault("messages", [{"role": "user", "content": "hi"}])
-    return chat_plan(ChatCompletionRequest.model_validate(body), model, tool_call_parser=parser)
+    return chat_plan(ChatCompletionRequest.model_validate(body), model, config=ChatConfig(parser, trust_template))
 
 
 def _prompt(model, plan) -> str:
     return model.tokenizer.decode(plan.prompt_token_ids)
 
 
-def _refused(model, parser="hermes", **body) -> ApiError:
+def _refused(model, parser="hermes", trust_template=True, **body) -> ApiError:
     with pytest.raises(ApiError) as info:
-        _plan(model, parser, **body)
+        _plan(model, parser, trust_template, **body)
     assert info.value.status == 400
     return info.value
 
@@ -153,6 +154,11 @@ def test_refusals_name_the_field(model, body, param, words):
     assert err.param == param, err.message
     for w in words:
         assert w in err.message
+
+
+def test_request_templates_need_the_operators_consent(model):
+    err = _refused(model, trust_template=False, chat_template="{{ messages }}")
+    assert err.param == "chat_template" and "--trust-request-chat-template" in err.message
 
 
 def test_auto_needs_a_parser(model):
