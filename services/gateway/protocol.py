@@ -79,7 +79,7 @@ class CompletionRequest(_SamplingFields):
 class ToolFunction(_Strict):
     """A function the model may call: its name and the JSON schema of its arguments."""
 
-    name: str = Field(..., min_length=1, max_length=64)
+    name: str = Field(..., min_length=1)
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     strict: Optional[bool] = None
