@@ -139,6 +139,11 @@ class GatewaySettings(RedisSettings):
         "tcp://127.0.0.1:*", description="ZeroMQ address where this gateway receives outputs (* = a free port)")
     output_advertise: Optional[str] = Field(
         None, description="address the scheduler uses to reach output_bind, e.g. tcp://{hostname}:5556 in containers")
+    tool_call_parser: Literal["hermes", "llama3_json", "none"] = Field(
+        "hermes", description="how tool calls are read from the text of tool_choice auto: hermes (<tool_call> JSON, "
+        "the tiny model's, Qwen2.5's and Qwen3's), llama3_json (Llama 3's bare JSON) or none (auto is refused)")
+    trust_request_chat_template: bool = Field(
+        False, description="accept a request's own chat_template (Jinja run in the gateway: off by default, as vLLM)")
 
 
 class RunSettings(_Settings):

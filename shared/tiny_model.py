@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -42,11 +43,43 @@ PRESET_DTYPE = {"tiny": torch.float32, "small": torch.float32, "gpu-0.5b": torch
 ARCHS = ("llama", "qwen2", "qwen3")  # transformers model_type names
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-CHAT_TEMPLATE = (
+# ChatML, plus tools as Hermes / Qwen2.5 write them: the function signatures as JSON lines
+# in a system block, calls as <tool_call> JSON, results as <tool_response> in a user turn.
+# Without tools it renders exactly as plain ChatML. `enable_thinking=false` (a
+# chat_template_kwargs) opens the answer with an empty think block, as Qwen3's does.
+CHAT_TEMPLATE = (  # NOTE: a newline right after a {% tag %} is trimmed (trim_blocks): those are {{ nl }}
+    "{% set nl = '\\n' %}{% set ns = namespace(skip_first=false) %}"
+    "{% if tools %}"
+    "<|im_start|>system\n"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] }}{{ nl }}{{ nl }}{% set ns.skip_first = true %}"
+    "{% endif %}"
+    "# Tools\n\nYou may call one or more functions. Their signatures, within <tools></tools>:\n<tools>"
+    "{% for tool in tools %}{{ nl }}{{ tool | tojson }}{% endfor %}"
+    "{{ nl }}</tools>\n\nTo call a function, answer with its name and arguments as JSON within "
+    "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\n</tool_call><|im_end|>\n"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if loop.first and ns.skip_first %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ nl }}<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>{{ nl }}{% endif %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "<|im_start|>assistant"
+    "{% if message['content'] %}{{ nl }}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ nl }}<tool_call>\n{\"name\": \"{{ fn['name'] }}\", \"arguments\": {{ fn['arguments'] | tojson }}}\n</tool_call>"
+    "{% endfor %}<|im_end|>{{ nl }}"
+    "{% else %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ nl }}"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
 )
 CORPUS = Path(__file__).with_name("corpus.txt")
 _DIR_NOT_EMPTY = (errno.ENOTEMPTY, errno.EEXIST)  # what rename() onto a full directory raises
@@ -175,7 +208,23 @@ def ensure_model(preset: str = "tiny", arch: str | None = None, seed: int = 0,
     path = default_model_dir().parent / name
     if not all((path / f).is_file() for f in MODEL_FILES):
         make_model(path, arch=arch, preset=preset, seed=seed, dtype=dtype)
+    else:
+        _update_chat_template(path)
     return path
+
+
+def _update_chat_template(path: Path) -> None:
+    """A model cached before CHAT_TEMPLATE last changed keeps its weights (they depend on the
+    seed alone) and gets the current template written into its tokenizer_config.json."""
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("chat_template") == CHAT_TEMPLATE:
+        return
+    config["chat_template"] = CHAT_TEMPLATE
+    fd, tmp = tempfile.mkstemp(prefix=".tokenizer_config.", dir=path)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, config_file)  # atomic: a reader sees the old file or the new one
 
 
 def ensure_tiny_model() -> Path:

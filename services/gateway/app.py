@@ -25,6 +25,7 @@ from services.gateway.middleware import ApiKeyAuth, BodySizeLimit
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.served_model import ServedModel
 from services.gateway.serving import formatter, respond
+from services.gateway.tool_calls import ChatConfig
 from services.gateway.validation import GenerationPlan, chat_plan, completion_plan
 from shared import figures
 from shared.config import GatewaySettings
@@ -65,6 +66,7 @@ class Gateway:
 
 def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[redis.Redis] = None) -> FastAPI:
     gw = Gateway(settings, model, client)
+    chat_config = ChatConfig(settings.tool_call_parser, settings.trust_request_chat_template)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -87,7 +89,8 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         with _count_refusals(gw):
-            return await gw.generate("chat", chat_plan(body, model, await gw.cluster.limits()), request)
+            plan = chat_plan(body, model, await gw.cluster.limits(), chat_config)
+            return await gw.generate("chat", plan, request)
 
     @v1.get("/models")
     async def models() -> dict:

@@ -5,7 +5,7 @@ vLLM's. Strict: "0.5" is not a number, 1.0 not an integer; unknown fields are ig
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -76,10 +76,50 @@ class CompletionRequest(_SamplingFields):
         raise ValueError("must be a string, a list of token ids, or a list of those")
 
 
+class ToolFunction(_Strict):
+    """A function the model may call: its name and the JSON schema of its arguments."""
+
+    name: str = Field(..., min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedFunction(_Strict):
+    name: str = Field(..., min_length=1)
+
+
+class NamedToolChoice(_Strict):
+    """tool_choice {"type": "function", "function": {"name": ...}}: call exactly that one."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(_Strict):
+    name: str
+    arguments: Optional[Any] = None  # a JSON string as OpenAI sends it (a dict is read too, as vLLM)
+
+
+class AssistantToolCall(_Strict):
+    """A call a past assistant turn made, as the history sends it back."""
+
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Any] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[AssistantToolCall]] = None  # assistant turns only
+    tool_call_id: Optional[str] = None  # tool turns: the call this answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -104,9 +144,18 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn opening")
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
-    functions: Optional[list[Any]] = None
+    # Tool calling and the template's inputs (services/gateway/tool_calls.py reads them).
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(
+        None, description="default: auto when tools are given, else none")
+    parallel_tool_calls: Optional[bool] = Field(None, description="false: at most one call")
+    functions: Optional[Any] = None  # OpenAI's legacy spellings of tools / tool_choice: refused
+    function_call: Optional[Any] = None
+    continue_final_message: bool = Field(False, description="the prompt ends inside the last (assistant) message")
+    echo: bool = Field(False, description="prepend the last message's content when it is the assistant's")
+    add_special_tokens: bool = Field(False, description="the tokenizer's special tokens (a BOS) on top of the template's")
+    chat_template: Optional[str] = Field(None, description="a Jinja template used instead of the model's")
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="extra variables for the template")
     response_format: Optional[dict[str, Any]] = None
 
 

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from services.gateway.generation import ChoiceText, Generation
 from services.gateway.served_model import ServedModel
+from services.gateway.tool_calls import ChatPlan
+from services.gateway.tool_parsers import ToolCallStream
 
 DONE = b"data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # what a -inf logprob is reported as (JSON has no infinity), as vLLM
@@ -66,22 +68,47 @@ class CompletionFormat:
 
 
 class ChatFormat(CompletionFormat):
+    """Chat shapes; each choice's text goes through its ToolCallStream (tool_parsers.py), which
+    turns calls into `tool_calls` and passes the rest on as content."""
+
     object_name = "chat.completion.chunk"
 
+    def __init__(self, model: ServedModel, gen: Generation):
+        super().__init__(model, gen)
+        self.chat = gen.plan.chat or ChatPlan()
+        self._tools = [ToolCallStream(self.chat) for _ in gen.choices]
+
     def opening_chunks(self) -> list[dict]:
-        """OpenAI's first chunk of each choice announces the role."""
-        return [self._envelope(self.object_name, [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                                   "logprobs": None, "finish_reason": None}], **self._stream_usage())
-                for c in self.gen.choices]
+        return [self._envelope(self.object_name, [{"index": c.index, "delta": delta, "logprobs": None,
+                                                   "finish_reason": None}], **self._stream_usage())
+                for c in self.gen.choices for delta in self._openings(c.index)]
+
+    def _openings(self, index: int) -> list[dict]:
+        """OpenAI's first chunk of a choice announces the role; then come the echoed last
+        message (chat echo) and a named call's id and name, as vLLM sends them."""
+        deltas = [{"role": "assistant", "content": ""}]
+        if self.chat.echo:
+            deltas.append({"content": self.chat.echo})
+        if self.chat.tool_choice == "named":
+            deltas.append(self._tools[index].named_header())
+        return deltas
 
     def response(self, results: list[ChoiceText]) -> dict:
-        return self._envelope("chat.completion", [
-            {"index": r.index, "message": {"role": "assistant", "content": r.text, "refusal": None, "tool_calls": []},
-             "logprobs": self._logprobs(r), "finish_reason": r.finish_reason} for r in results], usage=self.gen.usage())
+        return self._envelope("chat.completion", [self._message_choice(r) for r in results], usage=self.gen.usage())
+
+    def _message_choice(self, r: ChoiceText) -> dict:
+        tools = self._tools[r.index]
+        content, calls = tools.message(r.text)
+        if self.chat.echo:
+            content = self.chat.echo + (content or "")
+        return {"index": r.index, "message": {"role": "assistant", "content": content, "refusal": None,
+                                              "tool_calls": [c.as_dict() for c in calls]},
+                "logprobs": self._logprobs(r), "finish_reason": tools.finish_reason(r.finish_reason)}
 
     def _choice(self, index: int, text: str, lp, finish_reason: Optional[str]) -> dict:
-        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": self._logprobs(lp),
-                "finish_reason": finish_reason}
+        tools = self._tools[index]
+        return {"index": index, "delta": tools.feed(text, finish_reason is not None), "logprobs": self._logprobs(lp),
+                "finish_reason": tools.finish_reason(finish_reason)}
 
     def _logprobs(self, lp) -> Optional[dict]:
         if self.gen.plan.logprobs is None:

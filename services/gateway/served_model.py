@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from shared.config import GatewaySettings
 from shared.models import ModelLoadError, config_int, max_model_len, model_dir, read_config
@@ -50,13 +50,20 @@ class ServedModel:
         """A completion prompt's ids; special tokens (a BOS) as the tokenizer adds them."""
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        """The prompt ids of a conversation (the template writes any BOS itself)."""
-        if not getattr(self.tokenizer, "chat_template", None):
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool, *,
+                            tools: Optional[list[dict]] = None, continue_final_message: bool = False,
+                            chat_template: Optional[str] = None, add_special_tokens: bool = False,
+                            template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
+        """The prompt ids of a conversation (the template writes any BOS itself; add_special_tokens
+        adds the tokenizer's too). `chat_template` replaces the model's; `template_kwargs` are
+        extra variables the template reads (enable_thinking)."""
+        if not chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.name!r} has no chat template; use /v1/completions")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, chat_template=chat_template, tokenize=False,
+            **(template_kwargs or {}))
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, token_ids: list[int]) -> str:
         return self._decode(token_ids, skip_special_tokens=True)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
+
+import msgspec
 
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.served_model import ContextLimits, ServedModel
+from services.gateway.tool_calls import ChatConfig, ChatPlan, chat_options, render_prompt
 from shared.messages import SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -40,6 +43,7 @@ class GenerationPlan:
     cache_salt: Optional[str]
     stream: bool
     include_usage: bool
+    chat: Optional[ChatPlan] = None  # chat requests: tool calling and echo (tool_calls.py)
 
 
 def completion_plan(body: CompletionRequest, model: ServedModel,
@@ -58,15 +62,11 @@ def completion_plan(body: CompletionRequest, model: ServedModel,
     return _plan("cmpl", body, prompt, max_tokens, body.logprobs, model)
 
 
-def chat_plan(body: ChatCompletionRequest, model: ServedModel,
-              limits: Optional[ContextLimits] = None) -> GenerationPlan:
+def chat_plan(body: ChatCompletionRequest, model: ServedModel, limits: Optional[ContextLimits] = None,
+              config: ChatConfig = ChatConfig()) -> GenerationPlan:
     limits = limits or model.limits
     _check_common(body, model, limits)
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise bad_request(f"{name} is not supported", name)
-    if body.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice is not supported", "tool_choice")
+    chat = chat_options(body, config)
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
@@ -84,7 +84,7 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel,
         max_tokens = requested
         _check_length(len(prompt), max_tokens, False, field, "messages", limits)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _plan("chatcmpl", body, prompt, max_tokens, logprobs, model)
+    return _plan("chatcmpl", body, prompt, max_tokens, logprobs, model, chat)
 
 
 # ---- shared rules -----------------------------------------------------------------------
@@ -146,19 +146,14 @@ def _completion_prompt(prompt: Union[str, list], model: ServedModel, limits: Con
 
 
 def _chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
-    messages = [{"role": msg.role, "content": msg.text(), **({"name": msg.name} if msg.name else {})}
-                for msg in body.messages]
-    try:
-        ids = model.apply_chat_template(messages, body.add_generation_prompt)
-    except Exception as e:  # jinja2's TemplateError, or a template's raise_exception()
-        raise bad_request(f"messages: the chat template refused them: {e}", "messages") from e
+    ids = render_prompt(body, model)
     if not ids:
         raise bad_request("messages: the chat template made an empty prompt", "messages")
     return ids
 
 
 def _plan(kind: str, body: Union[CompletionRequest, ChatCompletionRequest], prompt: list[int], max_tokens: int,
-          logprobs: Optional[int], model: ServedModel) -> GenerationPlan:
+          logprobs: Optional[int], model: ServedModel, chat: Optional[ChatPlan] = None) -> GenerationPlan:
     if body.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
     request_id = f"{kind}-{uuid.uuid4().hex}"
@@ -169,10 +164,13 @@ def _plan(kind: str, body: Union[CompletionRequest, ChatCompletionRequest], prom
     seed = body.seed if body.seed is not None or greedy else secrets.randbits(62)
     choices = [ChoicePlan(i, f"{request_id}-{i}", _sampling(body, max_tokens, logprobs, i, seed))
                for i in range(body.n)]
+    if chat is not None and chat.structured is not None:  # tool_choice required / named
+        choices = [replace(c, sampling=msgspec.structs.replace(c.sampling, structured=chat.structured))
+                   for c in choices]
     return GenerationPlan(
         request_id=request_id, prompt_token_ids=prompt, choices=choices, stop=_stop_list(body.stop),
         logprobs=logprobs, priority=body.priority, cache_salt=body.cache_salt, stream=body.stream,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage), chat=chat,
     )
 
 

@@ -34,7 +34,9 @@ SAMPLING_FIELDS = ["model", "n", "max_tokens", "temperature", "top_p", "stop", "
                    "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens", "priority", "cache_salt"]
 COMPLETION_FIELDS = SAMPLING_FIELDS + ["prompt", "logprobs", "echo", "suffix", "best_of"]
 CHAT_FIELDS = SAMPLING_FIELDS + ["messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-                                 "tool_choice", "response_format", "add_generation_prompt"]
+                                 "tool_choice", "response_format", "add_generation_prompt", "parallel_tool_calls",
+                                 "function_call", "continue_final_message", "echo", "add_special_tokens",
+                                 "chat_template", "chat_template_kwargs"]
 
 # Values that are often valid, so that the requests which pass validation vary too.
 plausible = {
