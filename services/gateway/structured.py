@@ -27,6 +27,8 @@ _SO_UNSUPPORTED = ("whitespace_pattern", "structural_tag")
 _GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}
 # xgrammar ignores these keywords (with a warning): the output would not be held to them.
+# What xgrammar raises for input it cannot read (its C++ errors arrive as RuntimeError).
+_XGRAMMAR_ERRORS = (RuntimeError, ValueError, TypeError)
 _IGNORED_BY_XGRAMMAR = {"integer": ("multipleOf",), "number": ("multipleOf",),
                         "array": ("uniqueItems", "contains", "minContains", "maxContains")}
 
@@ -172,13 +174,17 @@ def check_syntax(c: Constraint) -> None:
             xgr.Grammar.from_ebnf(so.spec)
         elif so.kind == "choice":
             xgr.Grammar.from_ebnf(choice_grammar(json.loads(so.spec)))
-    except RuntimeError as e:
+    except _XGRAMMAR_ERRORS as e:
         raise bad_request(f"{c.field}: {_xgrammar_message(e)}", c.field) from None
 
 
 def _check_schema(schema: Any, field: str) -> None:
+    # A "$schema" that is not a string names no draft: the default's rules apply (and flag it).
+    named = isinstance(schema, dict) and isinstance(schema.get("$schema"), str)
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator) if named \
+        else jsonschema.Draft202012Validator
     try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+        validator.check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path)
         raise bad_request(f"{field}: not a valid JSON schema{f' at {where}' if where else ''}: {e.message}",
@@ -237,7 +243,7 @@ class GrammarChecker:
             else:
                 assert so.kind == "choice", so.kind
                 compiler.compile_grammar(choice_grammar(json.loads(so.spec)))
-        except RuntimeError as e:
+        except _XGRAMMAR_ERRORS as e:
             raise bad_request(f"{c.field}: {_xgrammar_message(e)}", c.field) from None
 
     def _get_compiler(self):

@@ -8,6 +8,8 @@ import json
 
 import pytest
 import xgrammar as xgr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from xgrammar.testing import _is_grammar_accept_string as accepts
 from fastapi.testclient import TestClient
 
@@ -20,6 +22,8 @@ from shared.config import GatewaySettings
 from shared.embedded_redis import free_port
 from shared.messages import StructuredOutput
 
+_KEYS = ["type", "properties", "items", "enum", "required", "json", "regex", "choice", "grammar", "json_object",
+         "$schema", "$ref", "anyOf", "minimum", "pattern", "additionalProperties", "const", "maxItems"]
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
           "required": ["name", "age"], "additionalProperties": False}
 
@@ -153,3 +157,29 @@ def test_http_refuses_an_invalid_schema_before_the_queue(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"
     good = {"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"choice": ["a", "b"]}}
     assert client.post("/v1/chat/completions", json=good).status_code == 503
+
+
+_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=6)),
+                     lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                             st.dictionaries(st.sampled_from(_KEYS), inner, max_size=3)),
+                     max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["response_format", "structured_outputs", "guided_json", "guided_choice"]),
+       value=_json)
+def test_any_constraint_value_is_a_plan_or_a_400(served_model, field, value):
+    """Whatever a client sends there, it is refused with a 400 naming the field, or compiles."""
+    if field == "response_format" and isinstance(value, dict) and value:
+        value = {"type": "json_schema", "json_schema": {"name": "x", "schema": value}}
+    try:
+        body = CompletionRequest.model_validate({"prompt": "hello", field: value})
+    except ValueError:
+        return  # a wrong type: pydantic's 400, named by its path
+    try:
+        plan = completion_plan(body, served_model)
+    except ApiError as e:
+        assert e.status == 400 and e.param and e.param.split(".")[0] == field, e.message
+        return
+    if plan.constraint is not None:
+        GrammarChecker(served_model.tokenizer, 4096).compile(plan.constraint)
