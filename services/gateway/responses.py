@@ -65,7 +65,7 @@ class CompletionFormat:
         echo = self.options.echo and first
         prompt_text = self.options.prompt_texts[plan.prompt_index] if echo else ""
         out = {"index": index, "text": prompt_text + text,
-               "logprobs": self._logprobs(lp, plan.prompt_token_ids if echo else None, len(prompt_text)),
+               "logprobs": self._logprobs(lp, plan.prompt_token_ids if self.options.echo else None, first),
                "finish_reason": finish_reason}
         if plan.sampling.prompt_logprobs is not None and first:
             out["prompt_logprobs"] = self.prompt_logprobs(plan.prompt_token_ids, lp.prompt_logprobs)
@@ -79,11 +79,14 @@ class CompletionFormat:
             choice["token_ids"] = list(delta.token_ids)
         return choice
 
-    def _logprobs(self, lp: ChoiceText, echoed: Optional[list[int]], echo_chars: int) -> Optional[dict]:
+    def _logprobs(self, lp: ChoiceText, echoed: Optional[list[int]] = None, first: bool = True) -> Optional[dict]:
         if self.gen.plan.logprobs is None:
             return None
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        if echoed is not None:
+        # As vLLM, echoed offsets add up the prompt tokens' strings (on the first chunk, with
+        # their entries); the output's offsets continue from there in every chunk.
+        echo_chars = sum(len(self.token_str(t)) for t in echoed) if echoed is not None else 0
+        if echoed is not None and first:
             self._prompt_entries(out, echoed, lp.prompt_logprobs)
         ts = self.token_str
         out["tokens"] += [ts(e.token_id) for e in lp.logprobs]

@@ -88,7 +88,9 @@ def completion_plan(body: CompletionRequest, model: ServedModel,
     for i, prompt in enumerate(prompts):
         where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         _check_length(len(prompt), max_tokens, body.max_tokens is None, "max_tokens", where, limits)
-    prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None or not body.echo else body.logprobs
+    prompt_logprobs = body.prompt_logprobs
+    if prompt_logprobs is None and body.echo:
+        prompt_logprobs = body.logprobs  # vLLM: echoed logprobs need the prompt's, as many alternatives
     output = replace(_output_options(body), echo=body.echo, echo_only=echo_only,
                      prompt_texts=tuple(texts) if body.echo else ())
     return _plan("cmpl", body, prompts, max_tokens, body.logprobs, model, limits, output, prompt_logprobs)

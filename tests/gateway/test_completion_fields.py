@@ -164,8 +164,8 @@ def test_echo_with_logprobs_puts_the_prompt_first(served_model):
     assert lp["token_logprobs"] == [None] + [-1.0 - k for k in range(len(prompt) - 1)] + [-0.25]
     assert lp["top_logprobs"][0] is None
     assert lp["top_logprobs"][1] == {tt(prompt[1]): -1.0, tt(3): -0.5}, "the prompt token and its top alternatives"
-    offsets = [sum(len(tt(t)) for t in prompt[:i]) for i in range(len(prompt))]
-    assert lp["text_offset"] == offsets + [len("hi there")]
+    offsets = [sum(len(tt(t)) for t in prompt[:i]) for i in range(len(prompt) + 1)]
+    assert lp["text_offset"] == offsets, "as vLLM: the tokens' strings added up, through the prompt"
     assert choice["prompt_logprobs"][0] is None and str(prompt[1]) in choice["prompt_logprobs"][1]
 
 
@@ -253,3 +253,21 @@ def test_skip_special_tokens_false_shows_them(served_model):
     assert texts[True, True] == "ok"
     assert texts[False, False] == "<|im_start|><|im_end|>ok"
     assert texts[False, True].replace(" ", "") == "<|im_start|><|im_end|>ok"
+
+
+def test_a_streamed_echo_starts_with_the_prompt_and_offsets_continue_through_it(served_model):
+    prompt = [40, 41, 42]
+    plan = _completion(served_model, prompt=prompt, echo=True, logprobs=0, max_tokens=2, stream=True)
+    gen = _generation(plan, served_model)
+    fmt, rid = CompletionFormat(served_model, gen), plan.choices[0].request_id
+    pl = [_lp(t, -1.0, (t, -1.0)) for t in prompt[1:]]
+    first = fmt.chunk(gen.choices[0].on_output(RequestOutput(rid, [65], logprobs=[_lp(65, -1.0)], prompt_logprobs=pl)))
+    second = fmt.chunk(gen.choices[0].on_output(RequestOutput(rid, [66], index=1, logprobs=[_lp(66, -1.0)])))
+    one, two = first["choices"][0], second["choices"][0]
+    assert one["text"] == served_model.decode(prompt) + served_model.decode([65])
+    assert two["text"] == served_model.decode([66]), "the prompt once, on the first chunk"
+    base = sum(len(served_model.token_text(t)) for t in prompt)
+    lengths = [len(served_model.token_text(t)) for t in prompt]
+    assert one["logprobs"]["text_offset"] == [0, lengths[0], lengths[0] + lengths[1], base]
+    assert one["logprobs"]["token_logprobs"] == [None, -1.0, -1.0, -1.0]
+    assert two["logprobs"]["text_offset"] == [base + len(served_model.decode([65]))]
