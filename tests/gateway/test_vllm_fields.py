@@ -141,7 +141,7 @@ def _implemented(route_filter=None):
             for field, test in implemented.items() if route_filter is None or route_filter(route, field)]
 
 
-@pytest.mark.parametrize("route, field, test", _implemented())
+@pytest.mark.parametrize("route, field, test", _implemented(), ids=[f"{r}-{f}" for r, f, _ in _implemented()])
 def test_an_implemented_field_is_declared_and_its_test_exists(route, field, test):
     """Declared, it is parsed and used; undeclared, it would only be logged as unknown."""
     model = ROUTES[route][0]
