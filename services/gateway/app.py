@@ -1,7 +1,8 @@
 """The gateway's FastAPI app: OpenAI-compatible routes, /health and /metrics.
 
 Routes stay thin: validation.py turns a body into a plan, generation.py runs it against
-the scheduler, serving.py and responses.py answer in OpenAI's shapes.
+the scheduler, serving.py and responses.py answer in OpenAI's shapes; tokenize.py adds
+vLLM's /tokenize, /detokenize and /version.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from services.gateway.middleware import ApiKeyAuth, BodySizeLimit
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.served_model import ServedModel
 from services.gateway.serving import formatter, respond
+from services.gateway.structured import GrammarChecker
+from services.gateway.tokenize import tokenize_routes
 from services.gateway.tool_calls import ChatConfig
-from services.gateway.validation import GenerationPlan, chat_plan, completion_plan
+from services.gateway.validation import GenerationPlan, chat_plan, check_model_name, completion_plan
 from shared import figures
 from shared.config import GatewaySettings
 from shared.redis_keys import RedisKeys
@@ -45,8 +48,10 @@ class Gateway:
         self.engine = EngineClient(self.client, self.keys, settings.output_bind, settings.output_advertise,
                                    settings.max_queue_len, settings.max_queue_tokens)
         self.metrics = GatewayMetrics(lambda: read_status(self.client, self.keys))
+        self.grammars = GrammarChecker(model.tokenizer, model.vocab_size)
 
     async def generate(self, kind: str, plan: GenerationPlan, request: Request) -> Response:
+        await self.grammars.check(plan.constraint)  # an invalid one is the client's 400 before any wait
         await self.cluster.require_ready()
         gen = Generation(plan, self.model, self.engine, self.metrics,
                          self.settings.queue_timeout, self.settings.request_timeout)
@@ -98,12 +103,11 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
 
     @v1.get("/models/{model_id:path}")
     async def model_info(model_id: str) -> dict:
-        if model_id != model.name:
-            raise ApiError(404, f"The model `{model_id}` does not exist; this server serves `{model.name}`.",
-                           "model", code="model_not_found")
+        check_model_name(model_id, model)
         return await gw.model_card()
 
     app.include_router(v1)
+    app.include_router(tokenize_routes(model, gw.cluster.limits))
 
     @app.get("/health")
     async def health() -> JSONResponse:

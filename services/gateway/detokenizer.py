@@ -5,12 +5,12 @@ decoded tail ends in U+FFFD (at the end it goes out as is). It decodes a short w
 recent tokens, so each token costs the same however long the output (vLLM's offsets).
 
 `StopStringMatcher` holds back the longest tail that could still begin a stop string, and
-cuts the text where the first stop string to complete starts (never emitting it).
+cuts the text where the first stop string to complete starts (or, asked to include it, ends).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 REPLACEMENT = "\ufffd"
 # Prompt tokens decoded before the output, so a tokenizer that drops a word's leading
@@ -53,9 +53,10 @@ class StopStringMatcher:
     """`push(text)` returns (text safe to emit, matched); after a match nothing more is
     taken. `flush()` releases the held-back tail once the output ends without a match."""
 
-    def __init__(self, stop: Sequence[str]):
+    def __init__(self, stop: Sequence[str], include: bool = False):
         assert all(stop), "stop strings are non-empty (validated at the edge)"
         self.stop = list(stop)
+        self.include = include  # vLLM's include_stop_str_in_output: the text ends after the stop string
         self._held = ""
         self.matched = False
 
@@ -71,10 +72,10 @@ class StopStringMatcher:
         # not depend on how it was split into tokens.
         found = [(i + len(s), i) for s in self.stop if (i := buf.find(s)) >= 0]
         if found:
-            cut = min(found)[1]
+            end, start = min(found)
             self._held = ""
             self.matched = True
-            return buf[:cut], True
+            return buf[:end if self.include else start], True
         keep = self._partial_tail(buf)
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep], False
@@ -92,3 +93,27 @@ class StopStringMatcher:
                     best = n
                     break
         return best
+
+
+def special_tokens_decoder(model: Any, skip_special_tokens: bool,
+                           spaces_between_special_tokens: bool) -> Callable[[list[int]], str]:
+    """The decode function of vLLM's two options. Without spaces between special tokens,
+    each run of ordinary tokens is decoded apart and the special (added) tokens joined to it
+    as their bare text, so the tokenizer puts no space around them."""
+    if skip_special_tokens or spaces_between_special_tokens:
+        return lambda ids: model.decode(ids, skip_special_tokens)
+    added = {i: t.content for i, t in model.tokenizer.added_tokens_decoder.items()}
+    if not added:
+        return lambda ids: model.decode(ids, False)
+
+    def decode(ids: list[int]) -> str:
+        parts, run = [], []
+        for t in ids:
+            if t in added:
+                parts += [model.decode(run, False) if run else "", added[t]]
+                run = []
+            else:
+                run.append(t)
+        return "".join(parts) + (model.decode(run, False) if run else "")
+
+    return decode

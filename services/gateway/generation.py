@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
-from services.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from services.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher, special_tokens_decoder
 from services.gateway.engine_client import EngineClient
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.served_model import ServedModel
-from services.gateway.validation import ChoicePlan, GenerationPlan
+from services.gateway.validation import ChoicePlan, GenerationPlan, OutputOptions
 from shared.messages import ErrorCode, FinishReason, RequestOutput, SubmitRequest, TokenLogprobs
 
 SETTLE_TIMEOUT_S = 2.0  # how long to wait for a stop-string-aborted choice's final figures
@@ -29,6 +29,9 @@ class ChoiceText:
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)  # where each logprobs token starts
+    token_ids: list[int] = field(default_factory=list)  # generated (return_token_ids)
+    # On a choice's first delta, when its sampling asked for them: positions 1 .. P-1.
+    prompt_logprobs: Optional[list[TokenLogprobs]] = None
     finish_reason: Optional[FinishReason] = None
     error_code: Optional[ErrorCode] = None  # with finish_reason ERROR
     error: Optional[str] = None
@@ -43,6 +46,9 @@ class ChoiceText:
         self.text += delta.text
         self.logprobs += delta.logprobs
         self.text_offsets += delta.text_offsets
+        self.token_ids += delta.token_ids
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.finish_reason = delta.finish_reason or self.finish_reason
         self.error_code = delta.error_code or self.error_code
         self.error = delta.error or self.error
@@ -51,12 +57,17 @@ class ChoiceText:
 class ChoiceState:
     """One choice's text so far: detokenized, checked for stop strings, trimmed."""
 
-    def __init__(self, plan: ChoicePlan, model: ServedModel, prompt: list[int], stop: list[str]):
+    def __init__(self, plan: ChoicePlan, model: ServedModel, stop: list[str], options: OutputOptions):
         self.index = plan.index
+        self.prompt_index = plan.prompt_index
         self.request_id = plan.request_id
         self.want_logprobs = plan.sampling.logprobs is not None
-        self._detok = IncrementalDetokenizer(model.decode, prompt)
-        self._stop = StopStringMatcher(stop)
+        self.want_prompt_logprobs = plan.sampling.prompt_logprobs is not None
+        self._options = options
+        self._detok = IncrementalDetokenizer(
+            special_tokens_decoder(model, options.skip_special_tokens, options.spaces_between_special_tokens),
+            plan.prompt_token_ids)
+        self._stop = StopStringMatcher(stop, include=options.include_stop_str_in_output)
         self.num_tokens = 0  # generated, as counted in usage (a stop token included)
         self._decoded_chars = 0
         self.finish_reason: Optional[FinishReason] = None  # as the client sees it
@@ -69,14 +80,20 @@ class ChoiceState:
             self.final = out
         if self.finish_reason is not None:
             return delta  # ended here already (a stop string); the rest is dropped
+        if self.want_prompt_logprobs and out.index == 0 and out.prompt_logprobs and self.num_tokens == 0:
+            delta.prompt_logprobs = list(out.prompt_logprobs)
+        if self._options.echo_only:
+            return self._prompt_only(out, delta)
         logprobs = out.logprobs if self.want_logprobs and len(out.logprobs) == len(out.token_ids) else []
         for k, token in enumerate(out.token_ids):
             if out.index + k < self.num_tokens:
                 continue  # a restarted scheduler replays the request: this token was forwarded
             self.num_tokens += 1
             delta.num_tokens += 1
-            if token == out.stop_token_id and k == len(out.token_ids) - 1:
-                continue  # EOS / a stop token id: counted, its text is not output
+            delta.token_ids.append(token)
+            if token == out.stop_token_id and k == len(out.token_ids) - 1 and \
+                    not self._options.include_stop_str_in_output:
+                continue  # EOS / a stop token id: counted, its text is not output (unless asked, as vLLM)
             if logprobs:
                 delta.logprobs.append(logprobs[k])
                 delta.text_offsets.append(self._decoded_chars)
@@ -86,6 +103,16 @@ class ChoiceState:
                 return delta
         if out.finish_reason is not None and not self._push(delta, self._detok.flush()):
             delta.text += self._stop.flush()
+            self.finish_reason = delta.finish_reason = out.finish_reason
+            delta.error_code, delta.error = out.error_code, out.error
+        return delta
+
+    def _prompt_only(self, out: RequestOutput, delta: ChoiceText) -> ChoiceText:
+        """echo with max_tokens 0: the one token generated is counted (as vLLM) and dropped."""
+        new = max(0, out.index + len(out.token_ids) - self.num_tokens)
+        self.num_tokens += new
+        delta.num_tokens += new
+        if out.finish_reason is not None:
             self.finish_reason = delta.finish_reason = out.finish_reason
             delta.error_code, delta.error = out.error_code, out.error
         return delta
@@ -109,7 +136,9 @@ class Generation:
         self.engine = engine
         self.metrics = metrics
         self.created = int(time.time())
-        self.choices = [ChoiceState(c, model, plan.prompt_token_ids, plan.stop) for c in plan.choices]
+        self.choices = [ChoiceState(c, model, plan.stop, plan.output) for c in plan.choices]
+        # The first choice of each prompt: its final output has the prompt's cached-token count.
+        self._billed = list({c.prompt_index: c for c in reversed(self.choices)}.values())
         self._by_id = {c.request_id: c for c in self.choices}
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._arrival = time.monotonic()
@@ -124,7 +153,7 @@ class Generation:
         p = self.plan
         try:
             await self.engine.submit([
-                SubmitRequest(c.request_id, p.prompt_token_ids, c.sampling, self.engine.reply_to, now,
+                SubmitRequest(c.request_id, c.prompt_token_ids, c.sampling, self.engine.reply_to, now,
                               p.priority, p.cache_salt, self.queue_timeout) for c in p.choices])
         except BaseException:
             self.engine.unregister(ids)
@@ -163,10 +192,10 @@ class Generation:
                 yield delta
 
     async def settle(self) -> None:
-        """Before usage is reported, wait briefly for the first choice's final output (it has
-        the prompt's cached-token count): late only when a stop string ended it here first."""
+        """Before usage is reported, wait briefly for each prompt's first choice's final output
+        (it has the prompt's cached-token count): late only when a stop string ended it here first."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        while self.choices[0].final is None:
+        while any(c.final is None for c in self._billed):
             try:
                 out = await asyncio.wait_for(self._queue.get(), max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
@@ -187,11 +216,11 @@ class Generation:
         self.engine.unregister(list(self._by_id))
 
     def usage(self) -> dict:
-        prompt = len(self.plan.prompt_token_ids)
+        """So far (a streamed chunk's continuous usage) or in all. Each prompt is billed once,
+        so its cached part is its first choice's prefix-cache hit."""
+        prompt = sum(len(p) for p in self.plan.prompts)
         completion = sum(c.num_tokens for c in self.choices)
-        # The prompt is billed once, so its cached part is the first choice's prefix-cache hit.
-        first = self.choices[0].final
-        cached = first.usage.cached_tokens if first is not None and first.usage is not None else 0
+        cached = sum(c.final.usage.cached_tokens for c in self._billed if c.final is not None and c.final.usage)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 

@@ -1,6 +1,7 @@
 """The OpenAI API's request bodies as pydantic models: types and ranges only (the rules
 that need the model are validation.py's). Names and defaults are OpenAI's, extensions
-vLLM's. Strict: "0.5" is not a number, 1.0 not an integer; unknown fields are ignored.
+vLLM's. Strict: "0.5" is not a number, 1.0 not an integer; unknown fields are kept in
+`model_extra`, where fields.py refuses vLLM's unimplemented ones and logs the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="with include_usage: usage on every chunk")
 
 
 class _SamplingFields(_Strict):
@@ -37,8 +39,8 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    # OpenAI fields Conveyor does not implement: refused when set (validation.py).
-    logit_bias: Optional[dict[str, Any]] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> -100..100")
+    response_format: Optional[dict[str, Any]] = None  # structured.py reads it
     # vLLM's extensions.
     top_k: Optional[int] = Field(None, ge=-1, le=INT64_MAX, description="-1 or 0: off")
     min_p: Optional[float] = Field(None, ge=0, le=1)
@@ -48,6 +50,26 @@ class _SamplingFields(_Strict):
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="lower runs first")
     cache_salt: Optional[str] = Field(None, min_length=1, description="isolates this request's prefix cache")
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1, description="keep the last k prompt tokens; -1: max_model_len")
+    truncation_side: Optional[Literal["left", "right"]] = None
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: Optional[bool] = None
+    return_token_ids: Optional[bool] = None
+    request_id: Optional[str] = Field(None, min_length=1, max_length=256, description="the response's id")
+    structured_outputs: Optional[dict[str, Any]] = None  # structured.py reads these
+    guided_json: Optional[Any] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
+    # vLLM's fields Conveyor does not implement are refused by fields.py when set (never
+    # declared here, so each is checked against its default in one table).
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -58,9 +80,11 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Any = Field(..., description="a string or a list of token ids (or a list holding one of those)")
+    prompt: Any = Field(..., description="a string, a list of token ids, or a batch: a list of those")
+    max_tokens: Optional[int] = Field(None, ge=0, description="0 only with echo: the prompt alone")
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    add_special_tokens: bool = Field(True, description="a string prompt's BOS, as the tokenizer adds it")
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
@@ -156,7 +180,6 @@ class ChatCompletionRequest(_SamplingFields):
     add_special_tokens: bool = Field(False, description="the tokenizer's special tokens (a BOS) on top of the template's")
     chat_template: Optional[str] = Field(None, description="a Jinja template used instead of the model's")
     chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="extra variables for the template")
-    response_format: Optional[dict[str, Any]] = None
 
 
 def _is_token_ids(v: Any) -> bool:

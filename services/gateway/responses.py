@@ -14,6 +14,7 @@ from services.gateway.generation import ChoiceText, Generation
 from services.gateway.served_model import ServedModel
 from services.gateway.tool_calls import ChatPlan
 from services.gateway.tool_parsers import ToolCallStream
+from shared.messages import TokenLogprobs
 
 DONE = b"data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # what a -inf logprob is reported as (JSON has no infinity), as vLLM
@@ -29,42 +30,128 @@ class CompletionFormat:
     def __init__(self, model: ServedModel, gen: Generation):
         self.model = model
         self.gen = gen
+        self.options = gen.plan.output
+        self._started: set[int] = set()  # choices whose first chunk went out (echo, prompt details)
 
     def _envelope(self, obj: str, choices: list[dict], **usage: Any) -> dict[str, Any]:
         return {"id": self.gen.plan.request_id, "object": obj, "created": self.gen.created,
                 "model": self.model.name, "choices": choices, "system_fingerprint": None, **usage}
 
-    def _stream_usage(self) -> dict[str, None]:
-        """A streamed chunk carries `usage: null` when the client asked for usage at the end."""
+    def _stream_usage(self) -> dict[str, Any]:
+        """A streamed chunk carries `usage: null` when the client asked for usage at the end,
+        or the usage so far with continuous_usage_stats."""
+        if self.options.continuous_usage:
+            return {"usage": self.gen.usage()}
         return {"usage": None} if self.gen.plan.include_usage else {}
 
     def opening_chunks(self) -> list[dict]:
         return []
 
     def chunk(self, delta: ChoiceText) -> dict:
-        return self._envelope(self.object_name, [self._choice(delta.index, delta.text, delta, delta.finish_reason)],
-                              **self._stream_usage())
+        first = delta.index not in self._started
+        self._started.add(delta.index)
+        choice = self._choice(delta.index, delta.text, delta, delta.finish_reason, first)
+        return self._envelope(self.object_name, [self._token_ids(choice, delta, first)], **self._stream_usage())
 
     def response(self, results: list[ChoiceText]) -> dict:
-        return self._envelope(self.object_name, [self._choice(r.index, r.text, r, r.finish_reason) for r in results],
-                              usage=self.gen.usage())
+        return self._envelope(self.object_name, [
+            self._token_ids(self._choice(r.index, r.text, r, r.finish_reason, True), r, True) for r in results],
+            usage=self.gen.usage())
 
     def usage_chunk(self) -> dict:
         return self._envelope(self.object_name, [], usage=self.gen.usage())
 
-    def _choice(self, index: int, text: str, lp, finish_reason: Optional[str]) -> dict:
-        return {"index": index, "text": text, "logprobs": self._logprobs(lp), "finish_reason": finish_reason}
+    def _choice(self, index: int, text: str, lp: ChoiceText, finish_reason: Optional[str], first: bool) -> dict:
+        """With echo, a choice's first text and logprobs start with its prompt's (as vLLM)."""
+        plan = self.gen.plan.choices[index]
+        echo = self.options.echo and first
+        prompt_text = self.options.prompt_texts[plan.prompt_index] if echo else ""
+        out = {"index": index, "text": prompt_text + text,
+               "logprobs": self._logprobs(lp, plan.prompt_token_ids if self.options.echo else None, first),
+               "finish_reason": finish_reason}
+        if plan.sampling.prompt_logprobs is not None and first:
+            out["prompt_logprobs"] = self.prompt_logprobs(plan.prompt_token_ids, lp.prompt_logprobs)
+        return out
 
-    def _logprobs(self, lp) -> Optional[dict]:
+    def _token_ids(self, choice: dict, delta: ChoiceText, first: bool) -> dict:
+        """vLLM's return_token_ids: the prompt's ids (first chunk) and the generated ones."""
+        if self.options.return_token_ids:
+            plan = self.gen.plan.choices[delta.index]
+            choice["prompt_token_ids"] = plan.prompt_token_ids if first else None
+            choice["token_ids"] = list(delta.token_ids)
+        return choice
+
+    def _logprobs(self, lp: ChoiceText, echoed: Optional[list[int]] = None, first: bool = True) -> Optional[dict]:
         if self.gen.plan.logprobs is None:
             return None
-        tt = self.model.token_text
-        return {
-            "tokens": [tt(e.token_id) for e in lp.logprobs],
-            "token_logprobs": [_finite(e.logprob) for e in lp.logprobs],
-            "top_logprobs": [{tt(t): _finite(v) for t, v in e.top} for e in lp.logprobs],
-            "text_offset": list(lp.text_offsets),
-        }
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        # As vLLM, echoed offsets add up the prompt tokens' strings (on the first chunk, with
+        # their entries); the output's offsets continue from there in every chunk.
+        echo_chars = sum(len(self.token_str(t)) for t in echoed) if echoed is not None else 0
+        if echoed is not None and first:
+            self._prompt_entries(out, echoed, lp.prompt_logprobs)
+        ts = self.token_str
+        out["tokens"] += [ts(e.token_id) for e in lp.logprobs]
+        out["token_logprobs"] += [_finite(e.logprob) for e in lp.logprobs]
+        out["top_logprobs"] += [{ts(t): _finite(v) for t, v in e.top} for e in lp.logprobs]
+        out["text_offset"] += [echo_chars + o for o in lp.text_offsets]
+        return out
+
+    def _prompt_entries(self, out: dict[str, list], prompt: list[int],
+                        prompt_logprobs: Optional[list[TokenLogprobs]]) -> None:
+        """The prompt's tokens: the first has no logprob (null), each other its own and the
+        top alternatives (its own included, as vLLM); offsets add up the tokens' texts."""
+        entries = _prompt_entries_by_position(prompt, prompt_logprobs)
+        offset = 0
+        for token, e in zip(prompt, entries):
+            text = self.token_str(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None if e is None else _finite(e.logprob))
+            out["top_logprobs"].append(None if e is None else {
+                self.token_str(e.token_id): _finite(e.logprob), **{self.token_str(t): _finite(v) for t, v in e.top}})
+            out["text_offset"].append(offset)
+            offset += len(text)
+
+    def prompt_logprobs(self, prompt: list[int], prompt_logprobs: Optional[list[TokenLogprobs]]) -> list:
+        """vLLM's `prompt_logprobs`: None for the first token, then per position
+        {token id: {logprob, rank, decoded_token}} for the prompt's token and its top
+        alternatives. The prompt token's rank is exact within the top N; beyond it, N + 1
+        is a lower bound (the worker reports no more)."""
+        entries = _prompt_entries_by_position(prompt, prompt_logprobs)
+        out: list = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            ranked = {str(t): {"logprob": _finite(v), "rank": r, "decoded_token": self.token_str(t)}
+                      for r, (t, v) in enumerate(e.top, 1)}
+            rank = 1 + sum(1 for _, v in e.top if v > e.logprob)
+            own = {str(e.token_id): {"logprob": _finite(e.logprob), "rank": rank,
+                                     "decoded_token": self.token_str(e.token_id)}}
+            out.append({**own, **ranked})
+        return out
+
+    def token_str(self, token_id: int) -> str:
+        """A token as logprobs name it: its text, or vLLM's "token_id:<id>" when asked."""
+        return f"token_id:{token_id}" if self.options.return_tokens_as_token_ids else self.model.token_text(token_id)
+
+    def vllm_extras(self, body: dict, results: list[ChoiceText]) -> dict:
+        """Chat's response-level prompt_logprobs / prompt_token_ids and per-choice token_ids (vLLM's)."""
+        plan = self.gen.plan
+        if plan.choices[0].sampling.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self.prompt_logprobs(plan.prompt_token_ids, results[0].prompt_logprobs)
+        if self.options.return_token_ids:
+            body["prompt_token_ids"] = plan.prompt_token_ids
+            for choice, r in zip(body["choices"], results):
+                choice["token_ids"] = list(r.token_ids)
+        return body
+
+
+def _prompt_entries_by_position(prompt: list[int], prompt_logprobs: Optional[list[TokenLogprobs]]) -> list:
+    """One entry per prompt position: None for the first, then the scheduler's (positions 1 .. P-1)."""
+    entries = list(prompt_logprobs or [])
+    assert not entries or len(entries) == len(prompt) - 1, (len(entries), len(prompt))
+    return [None] + entries if entries else [None] * len(prompt)
 
 
 class ChatFormat(CompletionFormat):
@@ -94,7 +181,8 @@ class ChatFormat(CompletionFormat):
         return deltas
 
     def response(self, results: list[ChoiceText]) -> dict:
-        return self._envelope("chat.completion", [self._message_choice(r) for r in results], usage=self.gen.usage())
+        return self.vllm_extras(self._envelope("chat.completion", [self._message_choice(r) for r in results],
+                                               usage=self.gen.usage()), results)
 
     def _message_choice(self, r: ChoiceText) -> dict:
         tools = self._tools[r.index]
@@ -105,7 +193,7 @@ class ChatFormat(CompletionFormat):
                                               "tool_calls": [c.as_dict() for c in calls]},
                 "logprobs": self._logprobs(r), "finish_reason": tools.finish_reason(r.finish_reason)}
 
-    def _choice(self, index: int, text: str, lp, finish_reason: Optional[str]) -> dict:
+    def _choice(self, index: int, text: str, lp, finish_reason: Optional[str], first: bool = False) -> dict:
         tools = self._tools[index]
         return {"index": index, "delta": tools.feed(text, finish_reason is not None), "logprobs": self._logprobs(lp),
                 "finish_reason": tools.finish_reason(finish_reason)}
@@ -118,7 +206,7 @@ class ChatFormat(CompletionFormat):
                 "refusal": None}
 
     def _token(self, token_id: int, logprob: float) -> dict:
-        return {"token": self.model.token_text(token_id), "logprob": _finite(logprob),
+        return {"token": self.token_str(token_id), "logprob": _finite(logprob),
                 "bytes": self.model.token_bytes(token_id)}
 
 

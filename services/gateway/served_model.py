@@ -46,9 +46,9 @@ class ServedModel:
         """The model directory's own; once a worker registered, cluster.worker_limits' (its pool may hold less)."""
         return ContextLimits(self.max_model_len, self.vocab_size)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A completion prompt's ids; special tokens (a BOS) as the tokenizer adds them."""
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool, *,
                             tools: Optional[list[dict]] = None, continue_final_message: bool = False,
@@ -65,8 +65,8 @@ class ServedModel:
             **(template_kwargs or {}))
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def _token_text(self, token_id: int) -> str:
         """One token's text as logprobs show it (special tokens included)."""

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from services.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from services.gateway.generation import ChoiceState
-from services.gateway.validation import ChoicePlan
+from services.gateway.validation import ChoicePlan, OutputOptions
 from shared.messages import RequestOutput, SamplingParams, TokenLogprobs
 
 
@@ -134,12 +134,14 @@ def _cut_at_first_completed_stop(text: str, stops: list[str]) -> tuple[str, bool
 class _Model:
     """Just what ChoiceState needs of a ServedModel: a byte-per-token decode."""
 
-    decode = staticmethod(byte_decode)
+    @staticmethod
+    def decode(ids, skip_special_tokens=True):
+        return byte_decode(ids)
 
 
-def _choice(stop=(), logprobs=None) -> ChoiceState:
-    plan = ChoicePlan(0, "r-0", SamplingParams(logprobs=logprobs))
-    return ChoiceState(plan, _Model(), [], list(stop))
+def _choice(stop=(), logprobs=None, **options) -> ChoiceState:
+    plan = ChoicePlan(0, "r-0", SamplingParams(logprobs=logprobs), [])
+    return ChoiceState(plan, _Model(), list(stop), OutputOptions(**options))
 
 
 def _bytes(s: str) -> list[int]:

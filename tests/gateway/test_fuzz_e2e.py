@@ -31,8 +31,14 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(
 
 SAMPLING_FIELDS = ["model", "n", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",
                    "frequency_penalty", "stream", "stream_options", "user", "logit_bias", "top_k", "min_p",
-                   "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens", "priority", "cache_salt"]
-COMPLETION_FIELDS = SAMPLING_FIELDS + ["prompt", "logprobs", "echo", "suffix", "best_of"]
+                   "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens", "priority", "cache_salt",
+                   # vLLM's fields of issue 12
+                   "allowed_token_ids", "bad_words", "include_stop_str_in_output", "skip_special_tokens",
+                   "spaces_between_special_tokens", "truncate_prompt_tokens", "truncation_side", "prompt_logprobs",
+                   "return_tokens_as_token_ids", "return_token_ids", "structured_outputs", "guided_regex",
+                   "guided_choice", "guided_json", "request_id", "use_beam_search", "length_penalty"]
+COMPLETION_FIELDS = SAMPLING_FIELDS + ["prompt", "logprobs", "echo", "suffix", "best_of", "add_special_tokens",
+                                       "response_format"]
 CHAT_FIELDS = SAMPLING_FIELDS + ["messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
                                  "tool_choice", "response_format", "add_generation_prompt", "parallel_tool_calls",
                                  "function_call", "continue_final_message", "echo", "add_special_tokens",
@@ -49,7 +55,18 @@ plausible = {
                                       max_size=2))}), max_size=3),
     "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3)),
     "stop_token_ids": st.lists(st.integers(-1, 4100), max_size=3),
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans(),
+                                             "continuous_usage_stats": st.booleans()}),
+    "allowed_token_ids": st.lists(st.integers(-1, 4100), max_size=3),
+    "bad_words": st.lists(st.text(max_size=6), max_size=3),
+    "structured_outputs": st.one_of(st.fixed_dictionaries({"regex": st.text(max_size=8)}),
+                                    st.fixed_dictionaries({"choice": st.lists(st.text(max_size=5), max_size=3)}),
+                                    st.fixed_dictionaries({"json": json_values})),
+    "guided_regex": st.text(max_size=10),
+    "response_format": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}),
+                                 st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema":
+                                                        st.fixed_dictionaries({"name": st.just("n"),
+                                                                               "schema": json_values})})),
 }
 
 

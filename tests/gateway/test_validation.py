@@ -77,8 +77,6 @@ def test_prompt_forms(served_model):
     assert _completion(served_model, prompt=[5, 6]).prompt_token_ids == [5, 6]
     assert _completion(served_model, prompt=[[5, 6]]).prompt_token_ids == [5, 6]
     assert _completion(served_model, prompt=["hello"]).prompt_token_ids == served_model.encode("hello")
-    err = _refused(_completion, served_model, prompt=["a", "b"])
-    assert err.status == 400 and err.param == "prompt" and "2 prompts" in err.message
 
 
 @pytest.mark.parametrize("body, param, words", [
@@ -88,9 +86,9 @@ def test_prompt_forms(served_model):
     (dict(stop_token_ids=[-1]), "stop_token_ids", ["stop_token_ids[0]", "-1"]),
     (dict(stop=["a", ""]), "stop", ["stop[1]", "empty"]),
     (dict(min_tokens=20, max_tokens=5), "min_tokens", ["min_tokens (20)", "max_tokens (5)"]),
-    (dict(echo=True), "echo", ["echo"]),
+    (dict(max_tokens=0), "max_tokens", ["max_tokens", "echo"]),
     (dict(best_of=3), "best_of", ["best_of"]),
-    (dict(logit_bias={"5": 1}), "logit_bias", ["logit_bias"]),
+    (dict(logit_bias={"5": 101}), "logit_bias", ["logit_bias[5]", "-100 to 100"]),
     (dict(stream_options={"include_usage": True}), "stream_options", ["stream_options", "stream"]),
 ])
 def test_completion_refusals_name_the_field(served_model, body, param, words):
