@@ -23,6 +23,12 @@ _CACHE_LIMIT_BYTES = 512 * 2**20
 # An object with any keys, as vLLM compiles json_object: the builtin JSON grammar would
 # also let a top-level array through, and clients of json_object parse an object.
 _ANY_OBJECT = '{"type": "object"}'
+_JSON_KINDS = ("json_schema", "json_object")
+# Bytes JSON never holds raw: xgrammar 0.2.9 lets a string with maxLength/minLength contain
+# control characters (its bounded-string class is [^"\\\r\n]), which JSON parsers refuse. Line
+# breaks are kept (whitespace between values; that class already excludes them); a tab
+# is lost only as whitespace between values.
+_NOT_IN_JSON = frozenset(range(0x20)) - {0x0A, 0x0D}
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -53,12 +59,12 @@ class RowGrammar:
     the constraint did not compile here, and the row is held to its stop tokens from the
     start (it ends at once, empty) rather than sampled freely against its constraint."""
 
-    def __init__(self, matcher, stop_token_ids: list[int], vocab_size: int):
+    def __init__(self, matcher, stop_token_ids: list[int], vocab_size: int, keep: torch.Tensor | None = None):
         self.matcher = matcher
         self.stop_token_ids = stop_token_ids
-        self._stop_only = torch.zeros(-(-vocab_size // 32), dtype=torch.int32)
-        for t in stop_token_ids:
-            self._stop_only[t // 32] |= _bit(t % 32)
+        self._stop_only = _bitmask_of(stop_token_ids, vocab_size)
+        # Tokens the grammar may allow but this row must not take (its stop tokens always may).
+        self._keep = None if keep is None else keep | self._stop_only
 
     @property
     def free(self) -> bool:
@@ -76,11 +82,16 @@ class RowGrammar:
             bitmask[index].copy_(self._stop_only)
         else:
             self.matcher.fill_next_token_bitmask(bitmask, index)
+            if self._keep is not None:
+                bitmask[index] &= self._keep
 
 
-def _bit(position: int) -> int:
-    """Bit `position` of an int32 word, as a Python int that fits int32 (bit 31 is negative)."""
-    return -(1 << 31) if position == 31 else 1 << position
+def _bitmask_of(token_ids, vocab_size: int) -> torch.Tensor:
+    """An xgrammar bitmask row ([ceil(vocab / 32)] int32) with the bits of `token_ids` set."""
+    bits = torch.zeros(-(-vocab_size // 32) * 32, dtype=torch.bool)
+    bits[list(token_ids)] = True
+    weights = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int64)
+    return (bits.view(-1, 32).long() * weights).sum(dim=1).to(torch.int32)
 
 
 class Grammars:
@@ -93,6 +104,7 @@ class Grammars:
         self.vocab_size = vocab_size  # the logits' width: the mask covers every column
         self.eos_token_ids = list(eos_token_ids)
         self._compiler = None
+        self._json_keep: torch.Tensor | None = None  # tokens without a byte in _NOT_IN_JSON
 
     def row_grammar(self, params: SamplingParams, output_token_ids: list[int]) -> RowGrammar:
         """A matcher at the end of `output_token_ids` (the tokens generated before a
@@ -110,7 +122,8 @@ class Grammars:
             log.error("structured output %s did not compile in the worker (%s); the request ends "
                       "without output", params.structured, e)
             return RowGrammar(None, stop, self.vocab_size)
-        row = RowGrammar(xgr.GrammarMatcher(compiled, override_stop_tokens=stop), stop, self.vocab_size)
+        keep = self._json_keep if params.structured.kind in _JSON_KINDS else None
+        row = RowGrammar(xgr.GrammarMatcher(compiled, override_stop_tokens=stop), stop, self.vocab_size, keep)
         for i, token_id in enumerate(output_token_ids):
             if not row.free and not row.matcher.accept_token(token_id):
                 log.error("resuming a structured output: its grammar rejects generated token %d at %d; "
@@ -130,6 +143,9 @@ class Grammars:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
             self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=True,
                                                  cache_limit_bytes=_CACHE_LIMIT_BYTES)
+            json_tokens = [i for i, text in enumerate(info.decoded_vocab[: self.vocab_size])
+                           if not _NOT_IN_JSON.intersection(text)]
+            self._json_keep = _bitmask_of(json_tokens, self.vocab_size)
         return self._compiler
 
 
