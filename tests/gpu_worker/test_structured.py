@@ -14,6 +14,7 @@ import pytest
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
+from services.gpu_worker.structured import GrammarMask, compile_output
 from shared.messages import SamplingParams, StructuredOutput
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.plan_driver import PlanDriver
@@ -130,8 +131,6 @@ def test_a_request_cut_by_max_tokens_is_a_valid_prefix(setup):
 
 def fresh_matcher(setup, so: StructuredOutput):
     engine, info, _ = setup
-    from services.gpu_worker.structured import compile_output
-
     return xgr.GrammarMatcher(compile_output(engine.grammars.compiler, so), override_stop_tokens=info.eos_token_ids)
 
 
@@ -229,12 +228,11 @@ def test_bounded_json_strings_hold_no_raw_control_characters(setup):
     engine, _, tok = setup
     schema = StructuredOutput("json_schema", json.dumps({"type": "string", "maxLength": 5}))
     row = engine.grammars.row_grammar(SamplingParams(structured=schema), tok.encode('"'))
-    bitmask = xgr.allocate_token_bitmask(1, engine.grammars.vocab_size)
-    row.fill(bitmask, 0)
+    mask = GrammarMask(engine.grammars.vocab_size, engine.device).additive([row], engine.grammars.vocab_size)
 
     def allowed(text):
         (token,) = tok.encode(text)
-        return bool((bitmask[0, token // 32] >> (token % 32)) & 1)
+        return mask[0, token].item() == 0.0
 
     assert allowed("a") and allowed('"')
     assert not allowed("\x06") and not allowed("\t")
