@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
 
-from services.gpu_worker.bench_step import _cache_bytes
+from services.gpu_worker.bench_step import _cache_bytes, write_results
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan, StructuredOutput
@@ -118,12 +115,7 @@ def main() -> None:
                   f"(sample {row['plain_sample_ms']:.2f})   constrained {row['constrained_step_ms']:7.2f} ms/step "
                   f"(sample {row['constrained_sample_ms']:.2f}, grammar open {row['constrained_open_share']:.0%})   "
                   f"ratio {row['ratio']:.3f}", flush=True)
-    meta = dict(date=str(date.today()), machine=platform.processor() or platform.machine(),
-                torch=torch.__version__, threads=torch.get_num_threads(), context=args.context,
-                steps=args.steps, repeats=args.repeats)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    print(f"wrote {args.out}")
+    write_results(args, rows)
 
 
 if __name__ == "__main__":
