@@ -1,19 +1,21 @@
 """What structured outputs cost the worker: decode step time with BATCH requests held to a
-JSON schema against BATCH plain ones, same model and sampling, rounds interleaved in one run.
+JSON schema against BATCH plain ones, same model, prompts and sampling, in one run.
 
     python -m services.gpu_worker.bench_structured [--models tiny small] [--batch 64] [--out FILE]
 
-Each round prefills BATCH fresh requests (CONTEXT-token prompts), then times STEPS decode
-steps (`Engine.execute`, everything a worker does per step). The schema's array has a
+Each round prefills BATCH fresh requests per side (CONTEXT-token prompts, the same for
+both), then runs STEPS decode steps of each side in turn (`Engine.execute` of a plan with
+only that side's rows: everything a worker does per step). The schema's array has a
 minItems that no request reaches within the steps, so every timed token is mask work.
-Figures are medians over every timed step of REPEATS rounds per side; the ratio is
-constrained / plain, for greedy and for temperature-1 sampling. The first round of each
-side is a warm-up (it compiles the grammar and reads the tokenizer) and is not timed.
+Figures are medians over every timed step of REPEATS rounds; the ratio is constrained /
+plain, for greedy and for temperature-1 sampling. The first round is a warm-up (it reads
+the tokenizer and compiles the grammar) and is not timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -34,34 +36,44 @@ ITEM = {"type": "object", "additionalProperties": False, "required": ["id", "nam
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["items"],
           "properties": {"items": {"type": "array", "items": ITEM, "minItems": 64, "maxItems": 64}}}
 CONSTRAINT = StructuredOutput("json_schema", json.dumps(SCHEMA))
+_step_ids = itertools.count()
 
 
-def round_step_ms(engine, sampling: SamplingParams, batch: int, context: int, steps: int,
-                  block_size: int, round_id: int) -> tuple[list[float], list[float], float]:
-    """One round: decode step times (ms), their sample_ms, and the share of timed rows whose
-    grammar was still open (1.0 for plain rows: nothing to close)."""
-    vocab = engine.model.shape.vocab_size
-    g = torch.Generator().manual_seed(round_id)
-    prompts = torch.randint(3, vocab, (batch, context), generator=g).tolist()
-    per_request = -(-(context + steps + 1) // block_size)
-    ids = [f"r{round_id}-{i}" for i in range(batch)]
-    new = [NewRequest(rid, prompt, context, sampling, list(range(i * per_request, (i + 1) * per_request)))
-           for i, (rid, prompt) in enumerate(zip(ids, prompts))]
-    step_id = round_id * (steps + 2)
-    result = engine.execute(StepPlan(step_id, new_requests=new, num_scheduled_tokens={r: context for r in ids}))
+class Side:
+    """One side's BATCH requests on the engine, and what its timed steps took."""
+
+    def __init__(self, name: str, sampling: SamplingParams):
+        self.name, self.sampling = name, sampling
+        self.ids: list[str] = []
+        self.step_ms: list[float] = []
+        self.sample_ms: list[float] = []
+        self.open_rows = self.rows_timed = 0
+
+    def start(self, engine, prompts: list[list[int]], first_block: int, per_request: int, tag: str) -> None:
+        self.ids = [f"{self.name}-{tag}-{i}" for i in range(len(prompts))]
+        new = [NewRequest(rid, prompt, len(prompt), self.sampling,
+                          list(range(first_block + i * per_request, first_block + (i + 1) * per_request)))
+               for i, (rid, prompt) in enumerate(zip(self.ids, prompts))]
+        _execute(engine, StepPlan(next(_step_ids), new_requests=new, num_scheduled_tokens={r: len(p) for r, p in zip(self.ids, prompts)}))
+
+    def step(self, engine, computed: int, timed: bool) -> None:
+        cached = [CachedRequest(r, [], computed) for r in self.ids]
+        begin = time.perf_counter()
+        result = _execute(engine, StepPlan(next(_step_ids), cached_requests=cached, num_scheduled_tokens={r: 1 for r in self.ids}))
+        if timed:
+            self.step_ms.append((time.perf_counter() - begin) * 1000)
+            self.sample_ms.append(result.timings.sample_ms)
+            self.rows_timed += len(self.ids)
+            self.open_rows += sum(1 for r in self.ids if _grammar_open(engine, r))
+
+    def finish(self, engine) -> None:
+        _execute(engine, StepPlan(next(_step_ids), finished_ids=self.ids))
+
+
+def _execute(engine, plan: StepPlan):
+    result = engine.execute(plan)
     assert result.error is None, result.error
-    step_ms, sample_ms, open_rows = [], [], 0
-    for s in range(steps):
-        cached = [CachedRequest(r, [], context + s) for r in ids]
-        start = time.perf_counter()
-        result = engine.execute(StepPlan(step_id + 1 + s, cached_requests=cached,
-                                         num_scheduled_tokens={r: 1 for r in ids}))
-        step_ms.append((time.perf_counter() - start) * 1000)
-        assert result.error is None, result.error
-        sample_ms.append(result.timings.sample_ms)
-        open_rows += sum(1 for r in ids if _grammar_open(engine, r))
-    engine.execute(StepPlan(step_id + steps + 1, finished_ids=ids))
-    return step_ms, sample_ms, open_rows / (batch * steps)
+    return result
 
 
 def _grammar_open(engine, request_id: str) -> bool:
@@ -72,26 +84,29 @@ def _grammar_open(engine, request_id: str) -> bool:
 def measure(preset: str, batch: int, context: int, steps: int, repeats: int, temperature: float) -> dict:
     model_dir = ensure_model(preset)
     engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
-                                                kv_cache_memory=_cache_bytes(model_dir, batch * (context + steps + 16))))
+                                                kv_cache_memory=_cache_bytes(model_dir, 2 * batch * (context + steps + 16))))
     seed = None if temperature == 0 else 0
-    sides = {"plain": SamplingParams(temperature=temperature, seed=seed, max_tokens=1 << 20),
-             "constrained": SamplingParams(temperature=temperature, seed=seed, max_tokens=1 << 20,
-                                           structured=CONSTRAINT)}
-    timed = {name: ([], [], []) for name in sides}
+    plain = Side("plain", SamplingParams(temperature=temperature, seed=seed, max_tokens=1 << 20))
+    constrained = Side("constrained", SamplingParams(temperature=temperature, seed=seed, max_tokens=1 << 20,
+                                                     structured=CONSTRAINT))
+    per_request = -(-(context + steps + 1) // info.block_size)
+    vocab = engine.model.shape.vocab_size
     for r in range(repeats + 1):
-        # Alternate which side goes first, so drift in machine load hits both.
-        for name in (sorted(sides) if r % 2 else sorted(sides, reverse=True)):
-            step_ms, sample_ms, open_share = round_step_ms(engine, sides[name], batch, context, steps,
-                                                           info.block_size, 2 * r + (name == "constrained"))
-            if r > 0:
-                timed[name][0].extend(step_ms)
-                timed[name][1].extend(sample_ms)
-                timed[name][2].append(open_share)
+        g = torch.Generator().manual_seed(r)
+        prompts = torch.randint(3, vocab, (batch, context), generator=g).tolist()  # the same for both sides
+        plain.start(engine, prompts, 0, per_request, str(r))
+        constrained.start(engine, prompts, batch * per_request, per_request, str(r))
+        for s in range(steps):
+            # Step by step, alternating which side goes first: drift in load hits both alike.
+            for side in ((plain, constrained) if s % 2 else (constrained, plain)):
+                side.step(engine, context + s, timed=r > 0)
+        plain.finish(engine)
+        constrained.finish(engine)
     row = dict(model=preset, batch=batch, temperature=temperature)
-    for name, (step_ms, sample_ms, open_share) in timed.items():
-        row[f"{name}_step_ms"] = statistics.median(step_ms)
-        row[f"{name}_sample_ms"] = statistics.median(sample_ms)
-        row[f"{name}_open_share"] = min(open_share)
+    for side in (plain, constrained):
+        row[f"{side.name}_step_ms"] = statistics.median(side.step_ms)
+        row[f"{side.name}_sample_ms"] = statistics.median(side.sample_ms)
+        row[f"{side.name}_open_share"] = side.open_rows / side.rows_timed
     row["ratio"] = row["constrained_step_ms"] / row["plain_step_ms"]
     return row
 
