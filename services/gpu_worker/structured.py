@@ -61,7 +61,6 @@ class RowGrammar:
 
     def __init__(self, matcher, stop_token_ids: list[int], vocab_size: int, keep: torch.Tensor | None = None):
         self.matcher = matcher
-        self.stop_token_ids = stop_token_ids
         self.stop_only = _bitmask_of(stop_token_ids, vocab_size)
         # A bitmask of the tokens this row may take at all, whatever the grammar allows
         # (its stop tokens always may); None: all of them.
@@ -112,10 +111,11 @@ class Grammars:
         stop = sorted({*self.eos_token_ids, *(t for t in params.stop_token_ids if 0 <= t < self.vocab_size)})
         try:
             compiled = compile_output(self.compiler, params.structured)
-        except (RuntimeError, ValueError) as e:
-            # The gateway compiled the same constraint with the same library, so this is a
-            # deployment mismatch; failing the step instead would fail every request batched
-            # with this one (the scheduler retries a failed step's requests, then ends them).
+        except (RuntimeError, ValueError, OSError) as e:
+            # The gateway compiled the same constraint with the same library from the same
+            # tokenizer, so this is a deployment mismatch (or no tokenizer beside the weights).
+            # Failing the step instead would fail every request batched with this one: the
+            # scheduler retries a failed step's requests, then ends them all with an error.
             log.error("structured output %s did not compile in the worker (%s); the request ends "
                       "without output", params.structured, e)
             return RowGrammar(None, stop, self.vocab_size)
