@@ -66,16 +66,21 @@ class RowGrammar:
         # (its stop tokens always may); None: all of them.
         self.keep = None if keep is None else keep | self.stop_only
 
-    @property
-    def free(self) -> bool:
-        """Past the grammar (or without one): only stop tokens remain."""
-        return self.matcher is None or self.matcher.is_terminated()
+        # Past the grammar (or without one): only stop tokens remain. Kept here, not asked
+        # of the matcher, as it is read for every row every step and changes only on accept.
+        self.free = matcher is None or matcher.is_terminated()
 
     def accept(self, token_id: int) -> None:
-        if self.free:
-            return
-        accepted = self.matcher.accept_token(token_id)
+        accepted = self.try_accept(token_id)
         assert accepted, f"the grammar rejected token {token_id}, which its own mask allowed"
+
+    def try_accept(self, token_id: int) -> bool:
+        if self.free:
+            return True
+        if not self.matcher.accept_token(token_id):
+            return False
+        self.free = self.matcher.is_terminated()
+        return True
 
 
 def _usable_cpus() -> int:
@@ -122,7 +127,7 @@ class Grammars:
         keep = self._json_keep if params.structured.kind in _JSON_KINDS else None
         row = RowGrammar(xgr.GrammarMatcher(compiled, override_stop_tokens=stop), stop, self.vocab_size, keep)
         for i, token_id in enumerate(output_token_ids):
-            if not row.free and not row.matcher.accept_token(token_id):
+            if not row.try_accept(token_id):
                 log.error("resuming a structured output: its grammar rejects generated token %d at %d; "
                           "the request ends here", token_id, i)
                 return RowGrammar(None, stop, self.vocab_size)

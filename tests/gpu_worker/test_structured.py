@@ -15,7 +15,7 @@ import xgrammar as xgr
 from transformers import AutoTokenizer
 
 from services.gpu_worker.structured import GrammarMask, compile_output
-from shared.messages import SamplingParams, StructuredOutput
+from shared.messages import NewRequest, SamplingParams, StepPlan, StructuredOutput
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.plan_driver import PlanDriver
 
@@ -236,3 +236,22 @@ def test_bounded_json_strings_hold_no_raw_control_characters(setup):
 
     assert allowed("a") and allowed('"')
     assert not allowed("\x06") and not allowed("\t")
+
+
+def test_a_resumed_row_whose_tokens_break_its_grammar_is_held_to_stop_tokens(setup):
+    engine, info, tok = setup
+    choice = StructuredOutput("choice", json.dumps(["red", "blue"]))
+    row = engine.grammars.row_grammar(SamplingParams(structured=choice), tok.encode("green"))
+    assert row.free
+    mask = GrammarMask(engine.grammars.vocab_size, engine.device).additive([row], engine.grammars.vocab_size)
+    assert (mask[0] == 0).nonzero().flatten().tolist() == sorted(info.eos_token_ids)
+
+
+def test_mask_token_ids_outside_the_vocab_are_an_invalid_plan(setup):
+    engine, info, _ = setup
+    for bad in (SamplingParams(logit_bias={info.vocab_size: 1.0}), SamplingParams(allowed_token_ids=[-1]),
+                SamplingParams(bad_words=[[3, info.vocab_size + 5]]), SamplingParams(bad_words=[[]])):
+        plan = StepPlan(0, [NewRequest("x", [5, 6], 2, bad, [1])], num_scheduled_tokens={"x": 2})
+        result = engine.execute(plan)
+        assert result.error is not None and "invalid step plan" in result.error
+        assert "x" not in engine.rows
