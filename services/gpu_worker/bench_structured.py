@@ -9,7 +9,8 @@ only that side's rows: everything a worker does per step). The schema's array ha
 minItems that no request reaches within the steps, so every timed token is mask work.
 Figures are medians over every timed step of REPEATS rounds; the ratio is constrained /
 plain, for greedy and for temperature-1 sampling. The first round is a warm-up (it reads
-the tokenizer and compiles the grammar) and is not timed.
+the tokenizer and compiles the grammar) and is not timed. Last, the mask's apply step alone:
+GrammarMask's table lookup against xgrammar's own CPU kernel.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 
 from services.gpu_worker.bench_step import _cache_bytes, write_results
 from services.gpu_worker.factory import create_engine
+from services.gpu_worker.loader import load_config
+from services.gpu_worker.structured import GrammarMask
 from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan, StructuredOutput
 from shared.tiny_model import ensure_model
@@ -111,6 +114,34 @@ def measure(preset: str, batch: int, context: int, steps: int, repeats: int, tem
     return row
 
 
+def apply_ms(vocab: int, batch: int, repeats: int = 200) -> dict:
+    """Applying one step's filled bitmask to the logits: xgrammar's CPU kernel against the
+    table lookup GrammarMask uses (both from the same random bitmask, results equal)."""
+    import xgrammar as xgr
+
+    logits = torch.randn(batch, vocab)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (batch, -(-vocab // 32)), dtype=torch.int32)
+    table = GrammarMask(vocab, torch.device("cpu"))._table
+
+    def ours():
+        add = torch.nn.functional.embedding(bitmask.view(torch.uint8).long(), table).view(batch, -1)
+        return logits.clone().add_(add[:, :vocab])
+
+    def xgrammar_kernel():
+        out = logits.clone()
+        xgr.apply_token_bitmask_inplace(out, bitmask)
+        return out
+
+    assert torch.equal(ours(), xgrammar_kernel())
+    timings = {}
+    for name, fn in (("lookup_ms", ours), ("xgrammar_ms", xgrammar_kernel)):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        timings[name] = (time.perf_counter() - start) / repeats * 1000
+    return dict(vocab=vocab, batch=batch, **timings)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "small"])
@@ -130,7 +161,16 @@ def main() -> None:
                   f"(sample {row['plain_sample_ms']:.2f})   constrained {row['constrained_step_ms']:7.2f} ms/step "
                   f"(sample {row['constrained_sample_ms']:.2f}, grammar open {row['constrained_open_share']:.0%})   "
                   f"ratio {row['ratio']:.3f}", flush=True)
+    for vocab in sorted({ensure_model_vocab(preset) for preset in args.models}):
+        row = apply_ms(vocab, args.batch)
+        rows.append(row)
+        print(f"apply a {args.batch} x {vocab} bitmask: table lookup {row['lookup_ms']:.3f} ms, "
+              f"xgrammar's CPU kernel {row['xgrammar_ms']:.3f} ms", flush=True)
     write_results(args, rows)
+
+
+def ensure_model_vocab(preset: str) -> int:
+    return load_config(ensure_model(preset)).vocab_size
 
 
 if __name__ == "__main__":
