@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from services.gpu_worker.structured import GrammarMask, compile_output
 from shared.messages import NewRequest, SamplingParams, StepPlan, StructuredOutput
 from tests.gpu_worker.conftest import make_engine
+from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker
 from tests.gpu_worker.plan_driver import PlanDriver
 
 PERSON = {
@@ -255,3 +256,33 @@ def test_mask_token_ids_outside_the_vocab_are_an_invalid_plan(setup):
         result = engine.execute(plan)
         assert result.error is not None and "invalid step plan" in result.error
         assert "x" not in engine.rows
+
+
+@pytest.mark.slow
+def test_the_worker_process_applies_masks_and_grammars_sent_over_the_wire(setup, model_dirs):
+    """msgpack carries the constraint and the masks; the worker process reads its tokenizer
+    itself and gives the in-process engine's tokens."""
+    engine, info, tok = setup
+    samplings = {"schema": SamplingParams(temperature=0.0, structured=StructuredOutput("json_schema", json.dumps(PERSON))),
+                 "choice": SamplingParams(temperature=1.0, seed=5, structured=StructuredOutput("choice", json.dumps(CHOICES))),
+                 "masks": SamplingParams(temperature=1.0, seed=6, logit_bias={40: 5.0}, allowed_token_ids=list(range(30, 60)),
+                                         bad_words=[[41], [42, 43]], ignore_eos=True)}
+    scheduler = FakeScheduler()
+    proc = start_worker("--model", str(model_dirs["qwen2"]), "--scheduler-address", scheduler.address,
+                        "--device", "cpu", "--kv-cache-memory", "64MiB", "--worker-id", "w-struct")
+    try:
+        reg = scheduler.recv()
+        remote = PlanDriver(scheduler.execute, reg.block_size, reg.num_blocks, reg.eos_token_ids)
+        local = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids)
+        for driver in (remote, local):
+            for name, sampling in samplings.items():
+                driver.add(name, tok.encode("A request:"), 120, sampling)
+        got = remote.run()
+        assert got == local.run()
+        jsonschema.validate(json.loads(tok.decode(got["schema"][:-1])), PERSON)
+        assert tok.decode(got["choice"][:-1]) in CHOICES
+        assert set(got["masks"]) <= set(range(30, 60)) - {41}
+    finally:
+        proc.kill()
+        proc.wait()
+        scheduler.close()
