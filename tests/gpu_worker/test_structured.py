@@ -90,6 +90,9 @@ def test_json_object_is_an_object(setup):
     assert finished
     for tokens in finished.values():
         assert isinstance(json.loads(tok.decode(tokens[:-1])), dict)
+    for rid in set(outputs) - set(finished):
+        matcher = fresh_matcher(setup, StructuredOutput("json_object"))
+        assert all(matcher.accept_token(t) for t in outputs[rid]) and tok.decode(outputs[rid]).startswith("{")
 
 
 def test_choice_is_one_of_the_choices(setup):
