@@ -41,7 +41,7 @@ POINTS = {"type": "array", "maxItems": 4,
 CHOICES = ["red", "green", "blue", "light blue", "ünïcode \"quoted\""]
 PATTERN = r"[a-z]{2,6}-\d{2,4}(\.[A-Z])?"
 EBNF = 'root ::= "(" item ("," item){0,4} ")"\nitem ::= [0-9] | "ab"'
-SEEDS = [0, 1, 2]
+SEEDS = [0, 1, 2, 3, 4]
 SAMPLINGS = [("greedy", 0.0, None)] + [(f"seed{s}", 1.0, s) for s in SEEDS]
 
 
