@@ -98,11 +98,16 @@ def main() -> None:
             rows.append(row)
             print(f"{preset:6s} batch {batch:4d}: conveyor {row['conveyor_tok_s']:9.1f} tok/s   "
                   f"hf {row['hf_tok_s']:9.1f} tok/s   ratio {row['ratio']:.2f}", flush=True)
+    write_results(args, rows)
+
+
+def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The rows and the run's conditions (machine, threads, the arguments that size it), as JSON at args.out."""
+    from pathlib import Path
+
     meta = dict(date=str(date.today()), machine=platform.processor() or platform.machine(),
                 torch=torch.__version__, threads=torch.get_num_threads(), context=args.context,
                 steps=args.steps, repeats=args.repeats)
-    from pathlib import Path
-
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {args.out}")

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from services.gpu_worker.batch import ForwardBatch, ScheduledRow, build_batch
+from services.gpu_worker.logit_masks import mask_problem
 from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.prompt_logprobs import compute_prompt_logprobs, prompt_span
 from services.gpu_worker.sampler import Sampler, SamplingRow, make_generator
-from shared.messages import PromptLogprobs, StepPlan, StepResult, StepTimings
+from services.gpu_worker.structured import Grammars
+from shared.messages import PromptLogprobs, SamplingParams, StepPlan, StepResult, StepTimings
 
 
 class PlanError(ValueError):
@@ -39,7 +41,8 @@ class RequestRow:
 
 class Engine:
     def __init__(self, model: DecoderModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 num_blocks: int, max_model_len: int, eos_token_ids: list[int], worker_id: str = "in-process"):
+                 num_blocks: int, max_model_len: int, eos_token_ids: list[int], worker_id: str = "in-process",
+                 grammars: Grammars | None = None):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -48,6 +51,7 @@ class Engine:
         self.worker_id = worker_id
         self.device = model.device
         self.sampler = Sampler(model.shape.vocab_size, eos_token_ids, model.device)
+        self.grammars = grammars  # None: this engine refuses structured outputs
         self.rows: dict[str, RequestRow] = {}
 
     # ---- the one entry point ----------------------------------------------------------
@@ -88,6 +92,7 @@ class Engine:
                 raise PlanError(f"request {rid!r}: num_computed_tokens {new.num_computed_tokens} not in [0, {n})")
             if any(not 0 <= t < self.model.shape.vocab_size for t in new.token_ids):
                 raise PlanError(f"request {rid!r}: token id out of range [0, {self.model.shape.vocab_size})")
+            self._check_sampling(rid, new.sampling)
             self._check_blocks(rid, new.block_ids)
             tokens[rid], computed[rid], blocks[rid] = n, new.num_computed_tokens, len(new.block_ids)
 
@@ -111,6 +116,13 @@ class Engine:
             if end > blocks[rid] * self.block_size:
                 raise PlanError(f"request {rid!r}: {end} tokens need more than its {blocks[rid]} blocks")
 
+    def _check_sampling(self, rid: str, params: SamplingParams) -> None:
+        problem = mask_problem(params, self.model.shape.vocab_size)
+        if problem:
+            raise PlanError(f"request {rid!r}: {problem}")
+        if params.structured is not None and self.grammars is None:
+            raise PlanError(f"request {rid!r}: structured output on an engine built without a tokenizer")
+
     def _check_blocks(self, rid: str, block_ids: list[int]) -> None:
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
         if bad:
@@ -124,6 +136,8 @@ class Engine:
             params = new.sampling
             generator = make_generator(params.seed, self.device) if params.seed is not None else None
             row = SamplingRow(params, list(new.token_ids), new.num_prompt_tokens, generator)
+            if params.structured is not None:  # resumed rows catch up on what they generated
+                row.grammar = self.grammars.row_grammar(params, row.output_token_ids)
             self.rows[new.request_id] = RequestRow(new.request_id, list(new.block_ids), new.num_computed_tokens, row)
         for cached in plan.cached_requests:
             self.rows[cached.request_id].block_ids.extend(cached.new_block_ids)

@@ -14,6 +14,7 @@ from kernels import get_attention_backend
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, cache_budget_bytes
 from services.gpu_worker.loader import load_config, load_model
+from services.gpu_worker.structured import Grammars
 from shared.config import WorkerSettings
 from shared.models import ModelLoadError, max_model_len, model_dir, read_config
 from shared.messages import RegisterWorker
@@ -73,7 +74,8 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     eos = eos_token_ids(path, config)
     log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", path, device, dtype,
              num_blocks, settings.block_size, num_blocks * per_block / 2**20)
-    engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id)
+    engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id,
+                    Grammars(path, model.shape.vocab_size, eos))
     facts = RegisterWorker(worker_id=settings.worker_id, model=str(path), max_model_len=max_len,
                            block_size=settings.block_size, num_blocks=num_blocks, vocab_size=model.shape.vocab_size,
                            eos_token_ids=eos, device=str(device), pid=os.getpid())

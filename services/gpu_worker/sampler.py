@@ -1,6 +1,7 @@
 """Turns one step's logits into one token per request, following each request's
-`SamplingParams`: penalties, min_tokens masking, temperature, top-k/top-p/min-p, then a
-draw. Batch-wide tensors throughout; only a seeded row's own random draw loops per row.
+`SamplingParams`: its token masks (logit_bias, allowed_token_ids, bad_words, the grammar),
+penalties, min_tokens masking, temperature, top-k/top-p/min-p, then a draw. Batch-wide
+tensors throughout; only a seeded row's own random draw loops per row.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from itertools import chain
 
 import torch
 
+from services.gpu_worker.logit_masks import apply_token_masks, has_token_masks
+from services.gpu_worker.structured import GrammarMask, RowGrammar
 from shared.messages import SamplingParams, TokenLogprobs
 
 # Temperatures below this are greedy: dividing logits by them would overflow float32.
@@ -27,6 +30,7 @@ class SamplingRow:
     token_ids: list[int]  # prompt, then what was generated so far
     num_prompt_tokens: int
     generator: torch.Generator | None  # set for seeded requests (see make_generator)
+    grammar: RowGrammar | None = None  # set for structured outputs; follows every appended token
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -43,6 +47,8 @@ class SamplingRow:
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
 
 @dataclass
@@ -78,6 +84,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.device = device  # where the logits and the requests' generators live
+        self._grammar_mask: GrammarMask | None = None  # made for the first constrained row
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), logits.shape
@@ -87,10 +94,14 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
 
         work = logits.to(torch.float32, copy=True)  # `logits` stays raw for logprobs
+        apply_token_masks(work, rows)
+        grammar = self._grammar_step(work, rows)
         penalized = [i for i, row in enumerate(rows) if has_penalties(row.params)]
         if penalized:
             self._penalize(work, rows, penalized)
         self._mask_stop_tokens(work, rows)
+        if grammar is not None:
+            grammar.rescue(work, logits, rows)
 
         random = [i for i, row in enumerate(rows) if not is_greedy(row.params)]
         if len(random) == len(rows):
@@ -100,7 +111,20 @@ class Sampler:
             token_ids = work.argmax(dim=-1)
             if random:
                 token_ids[random] = self._sample(work[random], [rows[i] for i in random])
-        return SamplerOutput(token_ids.tolist(), self._logprobs(logits, token_ids, rows))
+        return SamplerOutput(token_ids.tolist(), self._logprobs(logits, token_ids, rows, grammar))
+
+    def _grammar_step(self, work: torch.Tensor, rows: list[SamplingRow]) -> _GrammarStep | None:
+        idx = [i for i, row in enumerate(rows) if row.grammar is not None]
+        if not idx:
+            return None
+        if self._grammar_mask is None:
+            self._grammar_mask = GrammarMask(self.vocab_size, self.device)
+        step = _GrammarStep(idx, self._grammar_mask.additive([rows[i].grammar for i in idx], work.shape[1]))
+        if len(idx) == len(rows):
+            work.add_(step.additive)
+        else:
+            work[idx] += step.additive
+        return step
 
     def _penalize(self, work: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -> None:
         if len(idx) == len(rows):
@@ -157,14 +181,19 @@ class Sampler:
         # U = 0 would make -log U infinite; clamping keeps every score finite.
         return uniform.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
 
-    def _logprobs(self, raw: torch.Tensor, token_ids: torch.Tensor,
-                  rows: list[SamplingRow]) -> list[TokenLogprobs | None]:
-        """Raw logprobs (before penalties, temperature and filters), as vLLM's default."""
+    def _logprobs(self, raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow],
+                  grammar: _GrammarStep | None) -> list[TokenLogprobs | None]:
+        """Raw logprobs (before the token masks, penalties, temperature and filters), as
+        vLLM's default; but, as in vLLM, after the grammar's mask, which it applies to the
+        model's logits before its sampler: alternatives are tokens the grammar allows."""
         out: list[TokenLogprobs | None] = [None] * len(rows)
         idx = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         if not idx:
             return out
-        logprobs = raw[idx].to(torch.float32).log_softmax(dim=-1)
+        logprobs = raw[idx].to(torch.float32)
+        if grammar is not None:
+            grammar.mask_rows(logprobs, idx)
+        logprobs = logprobs.log_softmax(dim=-1)
         wanted = [min(max(rows[i].params.logprobs, 0), raw.shape[1]) for i in idx]
         top_values, top_ids = logprobs.topk(max(wanted), dim=-1)
         chosen_ids = token_ids[idx]
@@ -175,6 +204,36 @@ class Sampler:
         return out
 
 
+class _GrammarStep:
+    """The grammar masks of one step: `additive[k]` is for row `idx[k]`."""
+
+    def __init__(self, idx: list[int], additive: torch.Tensor):
+        self.idx, self.additive = idx, additive
+
+    def mask_rows(self, logits: torch.Tensor, row_ids: list[int]) -> None:
+        """Adds the masks to `logits`, whose row j is the step's row `row_ids[j]`."""
+        where = {i: k for k, i in enumerate(self.idx)}
+        pairs = [(j, where[i]) for j, i in enumerate(row_ids) if i in where]
+        if pairs:
+            targets, sources = zip(*pairs)
+            logits[list(targets)] += self.additive[list(sources)]
+
+    def rescue(self, work: torch.Tensor, raw: torch.Tensor, rows: list[SamplingRow]) -> None:
+        """A constrained row that its other masks left without any token gets the grammar's
+        mask alone on its raw logits: the grammar wins where they clash. vLLM does so for
+        min_tokens, which would ban the stop tokens that a complete grammar allows alone;
+        here also for allowed_token_ids and bad_words, which otherwise force a token
+        outside the grammar."""
+        suspects = [k for k, i in enumerate(self.idx) if has_token_masks(rows[i].params) or below_min_tokens(rows[i])]
+        if not suspects:
+            return
+        at = [self.idx[k] for k in suspects]
+        dead = torch.isneginf(work[at]).all(dim=1).tolist()
+        for k, i, is_dead in zip(suspects, at, dead):
+            if is_dead:
+                work[i] = raw[i].to(torch.float32) + self.additive[k]
+
+
 def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A [B, 1] tensor, ready to broadcast against [B, vocab]."""
     return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
@@ -182,7 +241,8 @@ def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 def _plain_greedy(row: SamplingRow) -> bool:
     p = row.params
-    return is_greedy(p) and p.logprobs is None and not has_penalties(p) and not below_min_tokens(row)
+    return (is_greedy(p) and p.logprobs is None and not has_penalties(p) and not below_min_tokens(row)
+            and row.grammar is None and not p.logit_bias and not has_token_masks(p))
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
