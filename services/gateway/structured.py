@@ -18,6 +18,7 @@ import jsonschema
 
 from services.gateway.errors import bad_request
 from shared.messages import StructuredOutput
+from shared.structured import COMPILE_ERRORS, choice_grammar, compile_output
 
 # vLLM's structured_outputs keys; the two it has and Conveyor does not are refused.
 _SO_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
@@ -27,8 +28,6 @@ _SO_UNSUPPORTED = ("whitespace_pattern", "structural_tag")
 _GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}
 # xgrammar ignores these keywords (with a warning): the output would not be held to them.
-# What xgrammar raises for input it cannot read (its C++ errors arrive as RuntimeError).
-_XGRAMMAR_ERRORS = (RuntimeError, ValueError, TypeError)
 _IGNORED_BY_XGRAMMAR = {"integer": ("multipleOf",), "number": ("multipleOf",),
                         "array": ("uniqueItems", "contains", "minContains", "maxContains")}
 
@@ -174,7 +173,7 @@ def check_syntax(c: Constraint) -> None:
             xgr.Grammar.from_ebnf(so.spec)
         elif so.kind == "choice":
             xgr.Grammar.from_ebnf(choice_grammar(json.loads(so.spec)))
-    except _XGRAMMAR_ERRORS as e:
+    except COMPILE_ERRORS as e:
         raise bad_request(f"{c.field}: {_xgrammar_message(e)}", c.field) from None
 
 
@@ -205,11 +204,6 @@ def _ignored_keywords(schema: Any) -> set[str]:
     return found.union(*(_ignored_keywords(v) for v in schema.values() if isinstance(v, (dict, list))))
 
 
-def choice_grammar(choices: list[str]) -> str:
-    """An EBNF grammar whose language is exactly `choices` (JSON string escapes are EBNF's)."""
-    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
-
-
 def _xgrammar_message(e: Exception) -> str:
     """xgrammar's message without its '[time] /project/cpp/file.cc:123: ' prefix."""
     return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e)).strip()
@@ -230,20 +224,9 @@ class GrammarChecker:
 
     def compile(self, c: Constraint) -> None:
         compiler = self._get_compiler()
-        so = c.output
         try:
-            if so.kind == "json_schema":
-                compiler.compile_json_schema(so.spec, any_whitespace=so.any_whitespace)
-            elif so.kind == "json_object":
-                compiler.compile_builtin_json_grammar()
-            elif so.kind == "regex":
-                compiler.compile_regex(so.spec)
-            elif so.kind == "grammar":
-                compiler.compile_grammar(so.spec)
-            else:
-                assert so.kind == "choice", so.kind
-                compiler.compile_grammar(choice_grammar(json.loads(so.spec)))
-        except _XGRAMMAR_ERRORS as e:
+            compile_output(compiler, c.output)
+        except COMPILE_ERRORS as e:
             raise bad_request(f"{c.field}: {_xgrammar_message(e)}", c.field) from None
 
     def _get_compiler(self):

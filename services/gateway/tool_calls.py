@@ -13,11 +13,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import xgrammar
-
 from services.gateway.errors import bad_request
 from services.gateway.protocol import AssistantToolCall, ChatCompletionRequest, ChatMessage, Tool
 from services.gateway.served_model import ServedModel
+from services.gateway.structured import json_schema_constraint
 from shared.messages import StructuredOutput
 
 log = logging.getLogger(__name__)
@@ -227,12 +226,5 @@ def _required_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
 
 
 def _json_schema(schema: dict[str, Any]) -> StructuredOutput:
-    """The constraint, once xgrammar has compiled it (a schema it cannot read is the client's 400)."""
-    spec = json.dumps(schema, ensure_ascii=False)
-    try:
-        xgrammar.Grammar.from_json_schema(spec, any_whitespace=False)
-    except RuntimeError as e:
-        reason = str(e).split(": ", 1)[-1].strip()
-        raise bad_request(f"tools: a function's parameters are not a JSON schema the grammar engine reads: "
-                          f"{reason}", "tools") from e
-    return StructuredOutput(kind="json_schema", spec=spec)
+    """The constraint, checked as any request's (a schema the grammar engine cannot read is a 400)."""
+    return json_schema_constraint(schema, "tools").output

@@ -209,7 +209,7 @@ def _plan(kind: str, body: Union[CompletionRequest, ChatCompletionRequest], prom
         raise bad_request(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
     constraint = request_constraint(body)
     if chat is not None and chat.structured is not None:  # tool_choice required / named (no other constraint)
-        constraint = Constraint("tool_choice", chat.structured)
+        constraint = Constraint("tools", chat.structured)
     uid = uuid.uuid4().hex
     # A sampled request without a seed gets one here: each token's draw is seeded by (seed,
     # position), so a request replayed after a scheduler restart continues with the very

@@ -14,42 +14,19 @@ from pathlib import Path
 
 import torch
 
-from shared.messages import SamplingParams, StructuredOutput
+from shared.messages import SamplingParams
+from shared.structured import compile_output
 
 log = logging.getLogger(__name__)
 
 # vLLM's default cache budget for compiled grammars (VLLM_XGRAMMAR_CACHE_MB).
 _CACHE_LIMIT_BYTES = 512 * 2**20
-# An object with any keys, as vLLM compiles json_object: the builtin JSON grammar would
-# also let a top-level array through, and clients of json_object parse an object.
-_ANY_OBJECT = '{"type": "object"}'
 _JSON_KINDS = ("json_schema", "json_object")
 # Bytes JSON never holds raw: xgrammar 0.2.9 lets a string with maxLength/minLength contain
 # control characters (its bounded-string class is [^"\\\r\n]), which JSON parsers refuse. Line
 # breaks are kept (whitespace between values; that class already excludes them); a tab
 # is lost only as whitespace between values.
 _NOT_IN_JSON = frozenset(range(0x20)) - {0x0A, 0x0D}
-
-
-def choice_grammar(choices: list[str]) -> str:
-    """EBNF whose language is exactly `choices`: JSON's string escapes are EBNF's."""
-    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
-
-
-def compile_output(compiler, so: StructuredOutput):
-    """`so` compiled by an xgrammar GrammarCompiler; xgrammar raises RuntimeError (naming the
-    problem) for a schema, regex or grammar it cannot compile."""
-    if so.kind == "json_schema":
-        return compiler.compile_json_schema(so.spec, any_whitespace=so.any_whitespace)
-    if so.kind == "json_object":
-        return compiler.compile_json_schema(_ANY_OBJECT, any_whitespace=so.any_whitespace)
-    if so.kind == "regex":
-        return compiler.compile_regex(so.spec)
-    if so.kind == "grammar":
-        return compiler.compile_grammar(so.spec)
-    if so.kind == "choice":
-        return compiler.compile_grammar(choice_grammar(json.loads(so.spec)))
-    raise RuntimeError(f"unknown structured output kind {so.kind!r}")
 
 
 class RowGrammar:

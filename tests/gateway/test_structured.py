@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from services.gateway.app import create_app
 from services.gateway.errors import ApiError
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from services.gateway.structured import Constraint, GrammarChecker, choice_grammar, json_schema_constraint
+from services.gateway.structured import Constraint, GrammarChecker, json_schema_constraint
+from shared.structured import choice_grammar
 from services.gateway.validation import chat_plan, completion_plan
 from shared.config import GatewaySettings
 from shared.embedded_redis import free_port

@@ -11,7 +11,8 @@ import torch
 import xgrammar as xgr
 
 from services.gpu_worker.sampler import Sampler
-from services.gpu_worker.structured import RowGrammar, choice_grammar
+from services.gpu_worker.structured import RowGrammar
+from shared.structured import choice_grammar
 from tests.gpu_worker.test_sampler import CPU, EOS, make_row
 
 # Ids 0..7; EOS (5) is the stop token. "yes" and "no" are single tokens.

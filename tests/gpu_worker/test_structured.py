@@ -14,7 +14,8 @@ import pytest
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
-from services.gpu_worker.structured import GrammarMask, compile_output
+from services.gpu_worker.structured import GrammarMask
+from shared.structured import compile_output
 from shared.messages import NewRequest, SamplingParams, StepPlan, StructuredOutput
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker
