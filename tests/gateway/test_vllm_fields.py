@@ -43,7 +43,7 @@ repetition_detection stream_interval""".split()
 OURS = {"best_of", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern",
         "guided_decoding_backend", "functions", "function_call"}
 
-_V, _F, _S = "tests/gateway/test_validation.py", "tests/gateway/test_completion_fields.py", "tests/gateway/test_structured.py"
+_V, _F, _S = "tests/gateway/test_validation.py", "tests/gateway/test_completion_fields.py", "tests/gateway/test_structured_requests.py"
 _E, _T, _R = "tests/gateway/test_api_e2e.py", "tests/gateway/test_eval_e2e.py", "tests/gateway/test_tool_rendering.py"
 _MAPS = f"{_V}::test_completion_plan_maps_every_parameter"
 
