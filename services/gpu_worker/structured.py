@@ -6,9 +6,9 @@ preallocated bitmask and turned into an additive 0 / -inf mask with one lookup.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +27,12 @@ _JSON_KINDS = ("json_schema", "json_object")
 # breaks are kept (whitespace between values; that class already excludes them); a tab
 # is lost only as whitespace between values.
 _NOT_IN_JSON = frozenset(range(0x20)) - {0x0A, 0x0D}
+# xgrammar 0.2.9's negated character classes ([^"\\], JSON strings and most regexes) take the
+# UTF-16 surrogates U+D800..U+DFFF, whose UTF-8 form (ED A0..BF xx) is not valid UTF-8: a
+# decoder shows each as three U+FFFD, which also breaks maxLength. A surrogate is banned
+# inside a token here, and across two (a token ending in byte ED) by RowGrammar.
+_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
+_SURROGATE_SECOND = range(0xA0, 0xC0)
 
 
 class RowGrammar:
@@ -36,12 +42,15 @@ class RowGrammar:
     the constraint did not compile here, and the row is held to its stop tokens from the
     start (it ends at once, empty) rather than sampled freely against its constraint."""
 
-    def __init__(self, matcher, stop_token_ids: list[int], vocab_size: int, keep: torch.Tensor | None = None):
+    def __init__(self, matcher, stop_token_ids: list[int], vocab_size: int, keep: torch.Tensor | None = None,
+                 utf8: _Utf8Guard | None = None):
         self.matcher = matcher
         self.stop_only = _bitmask_of(stop_token_ids, vocab_size)
         # A bitmask of the tokens this row may take at all, whatever the grammar allows
         # (its stop tokens always may); None: all of them.
         self.keep = None if keep is None else keep | self.stop_only
+        self.utf8 = utf8
+        self.after_lead_ed = False  # the last token ended in byte ED: the next may not start A0..BF
 
         # Past the grammar (or without one): only stop tokens remain. Kept here, not asked
         # of the matcher, as it is read for every row every step and changes only on accept.
@@ -57,7 +66,26 @@ class RowGrammar:
         if not self.matcher.accept_token(token_id):
             return False
         self.free = self.matcher.is_terminated()
+        self.after_lead_ed = self.utf8 is not None and token_id in self.utf8.ends_with_ed
         return True
+
+    def allowed_now(self) -> torch.Tensor | None:
+        """The tokens this row may take this step beyond what its grammar says (None: any)."""
+        if self.after_lead_ed:
+            base = self.utf8.after_ed if self.keep is None else self.keep & self.utf8.after_ed
+            return base | self.stop_only
+        return self.keep
+
+
+class _Utf8Guard:
+    """What keeps surrogates out of a row's bytes: the tokens without one (for `keep`), the
+    tokens ending in byte ED, and the tokens that may follow one (not starting A0..BF)."""
+
+    def __init__(self, token_bytes: list[bytes], vocab_size: int):
+        self.keep = [i for i, b in enumerate(token_bytes) if not _SURROGATE.search(b)]
+        self.ends_with_ed = frozenset(i for i, b in enumerate(token_bytes) if b.endswith(b"\xed"))
+        self.after_ed = _bitmask_of([i for i, b in enumerate(token_bytes)
+                                     if not (b and b[0] in _SURROGATE_SECOND)], vocab_size)
 
 
 def _usable_cpus() -> int:
@@ -82,7 +110,10 @@ class Grammars:
         self.vocab_size = vocab_size  # the logits' width: the mask covers every column
         self.eos_token_ids = list(eos_token_ids)
         self._compiler = None
-        self._json_keep: torch.Tensor | None = None  # tokens without a byte in _NOT_IN_JSON
+        self._json_keep: torch.Tensor | None = None  # tokens without a byte in _NOT_IN_JSON, nor a surrogate
+        self._utf8_keep: torch.Tensor | None = None  # tokens without a surrogate
+        self._utf8: _Utf8Guard | None = None
+        self.token_bytes: list[bytes] = []  # each token's bytes, read with the tokenizer
 
     def row_grammar(self, params: SamplingParams, output_token_ids: list[int]) -> RowGrammar:
         """A matcher at the end of `output_token_ids` (the tokens generated before a
@@ -101,8 +132,9 @@ class Grammars:
             log.error("structured output %s did not compile in the worker (%s); the request ends "
                       "without output", params.structured, e)
             return RowGrammar(None, stop, self.vocab_size)
-        keep = self._json_keep if params.structured.kind in _JSON_KINDS else None
-        row = RowGrammar(xgr.GrammarMatcher(compiled, override_stop_tokens=stop), stop, self.vocab_size, keep)
+        keep = self._json_keep if params.structured.kind in _JSON_KINDS else self._utf8_keep
+        row = RowGrammar(xgr.GrammarMatcher(compiled, override_stop_tokens=stop), stop, self.vocab_size, keep,
+                         self._utf8)
         for i, token_id in enumerate(output_token_ids):
             if not row.try_accept(token_id):
                 log.error("resuming a structured output: its grammar rejects generated token %d at %d; "
@@ -121,8 +153,11 @@ class Grammars:
                                                       stop_token_ids=self.eos_token_ids or None)
             self._compiler = xgr.GrammarCompiler(info, max_threads=_usable_cpus(), cache_enabled=True,
                                                  cache_limit_bytes=_CACHE_LIMIT_BYTES)
-            json_tokens = [i for i, text in enumerate(info.decoded_vocab[: self.vocab_size])
-                           if not _NOT_IN_JSON.intersection(text)]
+            self.token_bytes = token_bytes = list(info.decoded_vocab[: self.vocab_size])
+            self._utf8 = _Utf8Guard(token_bytes, self.vocab_size)
+            no_surrogate = set(self._utf8.keep)
+            self._utf8_keep = _bitmask_of(no_surrogate, self.vocab_size)
+            json_tokens = [i for i in no_surrogate if not _NOT_IN_JSON.intersection(token_bytes[i])]
             self._json_keep = _bitmask_of(json_tokens, self.vocab_size)
         return self._compiler
 
@@ -175,6 +210,7 @@ class GrammarMask:
                 inside.append(i)
         if inside:
             self._filler.batch_fill_next_token_bitmask([grammars[i].matcher for i in inside], bitmask, inside)
-        kept = [i for i in inside if grammars[i].keep is not None]
-        if kept:
-            bitmask[kept] &= torch.stack([grammars[i].keep for i in kept])
+        allowed = [(i, a) for i in inside if (a := grammars[i].allowed_now()) is not None]
+        if allowed:
+            rows, masks = zip(*allowed)
+            bitmask[list(rows)] &= torch.stack(masks)

@@ -290,3 +290,25 @@ def test_the_worker_process_applies_masks_and_grammars_sent_over_the_wire(setup,
         proc.kill()
         proc.wait()
         scheduler.close()
+
+
+@pytest.mark.parametrize("kind, spec", [("json_schema", json.dumps({"type": "string", "maxLength": 5})),
+                                        ("regex", "[^a]{1,4}")])
+def test_no_utf16_surrogate_ever_gets_through(setup, kind, spec):
+    """xgrammar's negated classes take U+D800..U+DFFF, whose UTF-8 form (ED A0..BF xx) is
+    not valid UTF-8 (a decoder shows three U+FFFD, and maxLength breaks): never inside a
+    token, and never after a token that ends in byte ED."""
+    engine, _, _ = setup
+    grammars = engine.grammars
+    row = grammars.row_grammar(SamplingParams(structured=StructuredOutput(kind, spec)), [])
+    token_bytes = grammars.token_bytes
+    if kind == "json_schema":
+        row.accept(token_bytes.index(b'"'))
+    mask = GrammarMask(grammars.vocab_size, engine.device)
+    allowed = lambda: {i for i, v in enumerate(mask.additive([row], grammars.vocab_size)[0].tolist()) if v == 0}  # noqa: E731
+    first = allowed()
+    assert not any(re.search(rb"\xed[\xa0-\xbf]", token_bytes[i]) for i in first)
+    row.accept(token_bytes.index(b"\xed"))
+    after_ed = allowed()
+    assert after_ed, "a valid continuation (80..9F) stays allowed"
+    assert all(token_bytes[i][:1] and token_bytes[i][0] < 0xA0 for i in after_ed if token_bytes[i])
