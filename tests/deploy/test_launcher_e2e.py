@@ -24,7 +24,7 @@ from shared.redis_protocol import read_status
 from tests.stack import REPO, service_env
 
 pytestmark = pytest.mark.slow
-TOKENS = 1200  # long enough to still be streaming while a second worker starts and the first leaves
+TOKENS = 2400  # long enough to still be streaming while a second worker starts and the first leaves
 
 
 def _alive(pid: int) -> bool:
