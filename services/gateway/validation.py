@@ -118,8 +118,12 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel, limits: Optional[
         max_tokens = requested
         _check_length(len(prompt), max_tokens, False, field, "messages", limits)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _plan("chatcmpl", body, [prompt], max_tokens, logprobs, model, limits, _output_options(body),
-                 body.prompt_logprobs, chat)
+    output = _output_options(body)
+    if chat.reads_tool_calls and config.tool_call_parser == "hermes":
+        # As vLLM's hermes parser: some models mark <tool_call> special, and skipping special
+        # tokens would hide the calls from the parser.
+        output = replace(output, skip_special_tokens=False)
+    return _plan("chatcmpl", body, [prompt], max_tokens, logprobs, model, limits, output, body.prompt_logprobs, chat)
 
 
 # ---- shared rules -----------------------------------------------------------------------

@@ -261,3 +261,12 @@ def test_the_parser_flag_and_its_variable(monkeypatch):
     assert parse_settings(GatewaySettings, []).tool_call_parser == "none"
     with pytest.raises(ValidationError, match="tool_call_parser"):
         parse_settings(GatewaySettings, ["--tool-call-parser", "mistral"])
+
+
+@pytest.mark.parametrize("tool_choice, parser, skipped", [
+    ("auto", "hermes", False), ("required", "hermes", False), ("none", "hermes", True), ("auto", "llama3_json", True)])
+def test_hermes_keeps_special_tokens_so_a_special_tool_call_tag_reaches_the_parser(model, tool_choice, parser,
+                                                                                  skipped):
+    """As vLLM's hermes parser: some models mark <tool_call> special; skipped, the calls vanish."""
+    plan = _plan(model, parser, tools=[WEATHER], tool_choice=tool_choice)
+    assert plan.output.skip_special_tokens is skipped
