@@ -90,6 +90,12 @@ class RequestQueue:
             self._pending_cursor = None
         return self._xreadgroup(">", count, block_ms)
 
+    def replay_pending(self) -> None:
+        """Read our pending entries again from the start, then new ones. After a lost
+        connection: Redis may have delivered (and persisted as pending) entries whose reply
+        never reached us, and ">" never returns those again. The caller skips the ones it holds."""
+        self._pending_cursor = "0"
+
     def ack(self, entry_ids: Sequence[str]) -> None:
         """Acknowledge and delete: a finished request leaves the stream."""
         if not entry_ids:
