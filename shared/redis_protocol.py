@@ -267,6 +267,23 @@ def queue_load(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> tuple[int,
     return queued, int(queued_tokens or 0)
 
 
+def durability_problem(client: redis.Redis) -> str | None:
+    """Why an accepted request could be lost in a Redis crash, read from the server's own
+    settings (docs/durability.md); None when it is durable (appendonly yes, appendfsync
+    always). A server that refuses CONFIG GET (many managed ones) is reported as unverified."""
+    try:
+        config = client.config_get("append*")
+    except redis.ResponseError as e:
+        return f"cannot verify the request queue's durability (CONFIG GET refused: {e})"
+    config = {_str(k): _str(v) for k, v in config.items()}
+    if config.get("appendonly") != "yes":
+        return "appendonly is off: a Redis crash or restart loses the request queue"
+    if config.get("appendfsync") != "always":
+        return (f"appendfsync is {config.get('appendfsync')!r}, not 'always': a Redis crash can lose "
+                "the requests accepted in its last second")
+    return None
+
+
 def _scheduler_figures(stats: dict) -> SchedulerFigures | None:
     if not stats:
         return None

@@ -9,7 +9,8 @@ from redis.retry import Retry
 
 from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus
 from shared.messages import AbortRequest, Heartbeat, SamplingParams, SubmitRequest, encode
-from shared.redis_protocol import QueueEntry, RequestQueue, StatusWriter, queue_load, read_status, submit
+from shared.redis_protocol import (QueueEntry, RequestQueue, StatusWriter, durability_problem, queue_load,
+                                   read_status, submit)
 from tests.shared.helpers import worker_figures
 
 
@@ -253,3 +254,16 @@ def test_read_status_without_a_group(redis_client, redis_keys):
     submit(redis_client, request(1), redis_keys)
     assert read_status(redis_client, redis_keys).pending == 0
     assert RequestQueue(redis_client, redis_keys).pending_count() == 0
+
+
+def test_durability_problem_reads_the_servers_settings(redis_client):
+    assert durability_problem(redis_client) is None  # the embedded server's default
+    try:
+        redis_client.config_set("appendfsync", "everysec")
+        assert "appendfsync is 'everysec', not 'always'" in durability_problem(redis_client)
+        redis_client.config_set("appendonly", "no")
+        assert "appendonly is off" in durability_problem(redis_client)
+    finally:
+        redis_client.config_set("appendonly", "yes")
+        redis_client.config_set("appendfsync", "always")
+    assert durability_problem(redis_client) is None
