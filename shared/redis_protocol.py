@@ -90,6 +90,12 @@ class RequestQueue:
             self._pending_cursor = None
         return self._xreadgroup(">", count, block_ms)
 
+    def replay_pending(self) -> None:
+        """Read our pending entries again from the start, then new ones. After a lost
+        connection: Redis may have delivered (and persisted as pending) entries whose reply
+        never reached us, and ">" never returns those again. The caller skips the ones it holds."""
+        self._pending_cursor = "0"
+
     def ack(self, entry_ids: Sequence[str]) -> None:
         """Acknowledge and delete: a finished request leaves the stream."""
         if not entry_ids:
@@ -259,6 +265,23 @@ def queue_load(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> tuple[int,
     pipe.hget(keys.stats, "queued_tokens")
     queued, queued_tokens = pipe.execute()
     return queued, int(queued_tokens or 0)
+
+
+def durability_problem(client: redis.Redis) -> str | None:
+    """Why an accepted request could be lost in a Redis crash, read from the server's own
+    settings (docs/durability.md); None when it is durable (appendonly yes, appendfsync
+    always). A server that refuses CONFIG GET (many managed ones) is reported as unverified."""
+    try:
+        config = client.config_get("append*")
+    except redis.ResponseError as e:
+        return f"cannot verify the request queue's durability (CONFIG GET refused: {e})"
+    config = {_str(k): _str(v) for k, v in config.items()}
+    if config.get("appendonly") != "yes":
+        return "appendonly is off: a Redis crash or restart loses the request queue"
+    if config.get("appendfsync") != "always":
+        return (f"appendfsync is {config.get('appendfsync')!r}, not 'always': a Redis crash can lose "
+                "the requests accepted in its last second")
+    return None
 
 
 def _scheduler_figures(stats: dict) -> SchedulerFigures | None:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.gateway.served_model import load_served_model
     from shared.config import GatewaySettings, parse_settings
     from shared.models import ModelLoadError
-    from shared.redis_protocol import connect
+    from shared.redis_protocol import connect, durability_problem
 
     try:
         settings = parse_settings(GatewaySettings, argv)
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)
         return 2
     try:
-        client.ping()
+        if problem := durability_problem(client):  # not fatal: the operator's choice, but say it
+            log.warning("Redis at %s: %s (see docs/durability.md)", settings.redis_url, problem)
     except redis.RedisError as e:  # not fatal: Redis may come up after us; /health says 503 meanwhile
         log.warning("Redis at %s does not answer yet: %s", settings.redis_url, e)
     log.info("serving %s (max_model_len %d) on http://%s:%d", model.name, model.max_model_len,

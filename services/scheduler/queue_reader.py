@@ -89,6 +89,7 @@ class QueueReader:
             except redis.RedisError as e:
                 if not backoff:
                     log.error("reading the request queue failed (%s): retrying with backoff", e)
+                self._queue.replay_pending()  # a batch may have been lost in flight
                 backoff = min(max(2 * backoff, 0.1), RETRY_MAX_S)
                 self._stop.wait(backoff)
                 continue

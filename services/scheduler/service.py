@@ -201,6 +201,8 @@ class SchedulerService:
         acks = []
         for entry in entries:
             msg = entry.message
+            if self._holds(entry):
+                continue  # replayed after a lost connection: running here, or finished and being acked
             if msg is None:
                 self._record_error(f"queue entry {entry.entry_id} rejected: {entry.error}")
                 acks.append(entry.entry_id)
@@ -210,6 +212,13 @@ class SchedulerService:
             elif not self.core.add_request(msg, entry.entry_id):  # refused: its error output is in core.outputs
                 acks.append(entry.entry_id)
         self._unacked.extend(acks)
+
+    def _holds(self, entry: QueueEntry) -> bool:
+        """Whether this entry was read before: its request runs here, or it awaits its XACK."""
+        if entry.entry_id in self._unacked:
+            return True
+        req = self.core.requests.get(entry.message.request_id) if isinstance(entry.message, m.SubmitRequest) else None
+        return req is not None and req.entry_id == entry.entry_id
 
     def _send_outputs(self) -> None:
         by_gateway: dict[str, list[m.RequestOutput]] = defaultdict(list)

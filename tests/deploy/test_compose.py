@@ -40,7 +40,10 @@ def test_workers_scale_and_redis_persists():
     worker = services["gpu_worker"]
     assert "container_name" not in worker and "ports" not in worker, "--scale gpu_worker=N needs neither"
     assert worker["environment"]["CONVEYOR_SCHEDULER_ADDRESS"] == "tcp://scheduler:5555"
-    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+    command = services["redis"]["command"]
+    # Every accepted request on disk before the gateway answers (docs/durability.md).
+    for flag, value in (("--appendonly", "yes"), ("--appendfsync", "always"), ("--maxmemory-policy", "noeviction")):
+        assert command[command.index(flag) + 1] == value, command
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     for name in ("redis", "scheduler", "gateway"):
         assert "healthcheck" in services[name], name

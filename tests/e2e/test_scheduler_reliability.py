@@ -1,11 +1,15 @@
 """Faults around the scheduler, with real processes: kill -9 of the scheduler (restarted,
 it resumes every unfinished request from the Redis queue; streams continue with no token
-lost or repeated), a second scheduler started by mistake (it stands by on the lease), and
-a Redis restart (everyone reconnects; queued requests survive)."""
+lost or repeated), a second scheduler started by mistake (it stands by on the lease), a
+Redis restart (everyone reconnects; queued requests survive), and kill -9 of Redis with 50
+requests accepted and streaming (`appendfsync always`: every accepted one completes, once,
+equal to an undisturbed greedy run)."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 
 import pytest
@@ -23,12 +27,18 @@ def model_dir(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("model"), preset="tiny", num_hidden_layers=2, seed=6)
 
 
-@pytest.fixture(scope="module")
-def workload(model_dir):
-    rng = random.Random(1)
-    requests = {f"r{i}": ([rng.randrange(3, 4096) for _ in range(rng.choice([5, 30, 80]))], 24) for i in range(16)}
+def greedy_workload(model_dir, n: int, seed: int, max_tokens: int):
+    """`n` random prompts of 5, 30 or 80 tokens, and HF's greedy output for each."""
+    rng = random.Random(seed)
+    requests = {f"r{i}": ([rng.randrange(3, 4096) for _ in range(rng.choice([5, 30, 80]))], max_tokens)
+                for i in range(n)}
     outs = hf_greedy(model_dir, [p for p, _ in requests.values()], [n for _, n in requests.values()])
     return requests, dict(zip(requests, outs))
+
+
+@pytest.fixture(scope="module")
+def workload(model_dir):
+    return greedy_workload(model_dir, 16, seed=1, max_tokens=24)
 
 
 def _wait_tokens(stack: Stack, n: int, timeout_s: float = 60.0) -> None:
@@ -41,6 +51,15 @@ def _wait_tokens(stack: Stack, n: int, timeout_s: float = 60.0) -> None:
 def _submit_all(stack: Stack, requests) -> None:
     for rid, (prompt, max_tokens) in requests.items():
         stack.submit(rid, prompt, max_tokens=max_tokens)
+
+
+def _wait_all_acked(stack: Stack, timeout_s: float = 15.0) -> None:
+    # Acknowledged right after the final output is sent (a crash in between replays the
+    # request rather than losing it), so allow the scheduler a moment.
+    deadline = time.monotonic() + timeout_s
+    while stack.client.xlen(stack.keys.requests) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stack.client.xlen(stack.keys.requests) == 0, "finished requests left in the queue"
 
 
 def _check(stack: Stack, requests, expected) -> None:
@@ -63,12 +82,7 @@ def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, mod
         stack.procs["scheduler"].wait(timeout=30)
         stack.start_scheduler(name="scheduler-2")  # as compose or the launcher would restart it
         _check(stack, requests, expected)
-        # Acknowledged right after the final output is sent (a crash in between replays
-        # the request rather than losing it), so allow the scheduler a moment.
-        deadline = time.monotonic() + 10
-        while stack.client.xlen(stack.keys.requests) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert stack.client.xlen(stack.keys.requests) == 0, "every resumed request was acknowledged"
+        _wait_all_acked(stack)
     finally:
         stack.stop()
 
@@ -107,7 +121,7 @@ def test_redis_restart_loses_no_request(model_dir, workload, tmp_path):
         stack.start_scheduler()
         # Queued while no worker exists yet, so some are still in the stream at the restart.
         _submit_all(stack, requests)
-        time.sleep(1.5)  # appendfsync everysec: the queue reaches the disk
+        time.sleep(1.5)  # the scheduler has read the queue
         server.stop()
         time.sleep(1.0)
         server = start_embedded_redis(redis_dir, port=port)
@@ -115,6 +129,51 @@ def test_redis_restart_loses_no_request(model_dir, workload, tmp_path):
         _check(stack, requests, expected)
         for name in ("scheduler", "w1"):
             assert stack.procs[name].poll() is None, f"{name} survived the Redis restart"
+    finally:
+        stack.stop()
+        server.stop()
+
+
+STREAMING, LAST = 40, 10  # streaming at the crash / accepted just before it
+
+
+@pytest.fixture(scope="module")
+def workload_50(model_dir):
+    return greedy_workload(model_dir, STREAMING + LAST, seed=13, max_tokens=32)
+
+
+def _wait_streaming(stack: Stack, rids: list[str], timeout_s: float = 120.0) -> None:
+    """Until every one of `rids` has streamed a token, so that all are running."""
+    deadline = time.monotonic() + timeout_s
+    while not all(stack.tokens[r] for r in rids):
+        assert time.monotonic() < deadline, stack.log_tail()
+        stack.collect(0.05)
+
+
+def test_kill_9_of_redis_loses_no_accepted_request(model_dir, workload_50, tmp_path):
+    requests, expected = workload_50
+    port, redis_dir = free_port(), tmp_path / "redis"
+    server = start_embedded_redis(redis_dir, port=port)
+    stack = Stack(server.url, model_dir, tmp_path)
+    try:
+        stack.start_scheduler()
+        stack.start_worker("w1")
+        stack.wait_workers({"w1"})
+        rids = list(requests)
+        _submit_all(stack, {rid: requests[rid] for rid in rids[:STREAMING]})
+        _wait_streaming(stack, rids[:STREAMING])
+        # The last ten are accepted (XADD answered) microseconds before the crash; with
+        # appendfsync always they are fsynced before their reply, none is left in memory.
+        _submit_all(stack, {rid: requests[rid] for rid in rids[STREAMING:]})
+        os.kill(server.pid, signal.SIGKILL)
+        server.process.wait(10)
+        assert len(stack.final) < len(requests), "the crash must come while requests are running"
+        time.sleep(1.0)  # an outage: the scheduler serves what it holds and retries Redis
+        server = start_embedded_redis(redis_dir, port=port)
+        _check(stack, requests, expected)  # each finished once (Stack.collect asserts it)
+        for name in ("scheduler", "w1"):
+            assert stack.procs[name].poll() is None, f"{name} exited across the Redis crash"
+        _wait_all_acked(stack)  # none stays in the queue to be replayed
     finally:
         stack.stop()
         server.stop()

@@ -43,7 +43,7 @@ def test_starts_on_loopback_and_answers(tmp_path):
         config = client.config_get("*")
         assert config["bind"] == "127.0.0.1"
         assert config["appendonly"] == "yes"
-        assert config["appendfsync"] == "everysec"
+        assert config["appendfsync"] == "always"  # durable by default: docs/durability.md
         assert Path(config["dir"]) == tmp_path.resolve()
         client.close()
 
@@ -109,3 +109,25 @@ def test_command_line_runs_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_every_answered_write_survives_kill_9(tmp_path):
+    # appendfsync always: a write is in the append-only file, fsynced, before its reply, so
+    # SIGKILL right after the last reply loses none (everysec may hold writes in memory up
+    # to 2 s while a slow background fsync runs, and leaves the last second to the page cache).
+    with start_embedded_redis(tmp_path) as server:
+        port = server.port
+        client = redis.Redis.from_url(server.url)
+        ids = [client.xadd("queue", {"msg": str(i).encode()}) for i in range(200)]
+        os.kill(server.pid, signal.SIGKILL)
+        server.process.wait(10)
+        client.close()
+    with start_embedded_redis(tmp_path, port=port) as server:
+        client = redis.Redis.from_url(server.url)
+        assert [entry_id for entry_id, _ in client.xrange("queue")] == ids
+        client.close()
+
+
+def test_a_bad_appendfsync_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="appendfsync must be one of always, everysec, no"):
+        start_embedded_redis(tmp_path, appendfsync="sometimes")

@@ -9,7 +9,8 @@ from redis.retry import Retry
 
 from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus
 from shared.messages import AbortRequest, Heartbeat, SamplingParams, SubmitRequest, encode
-from shared.redis_protocol import QueueEntry, RequestQueue, StatusWriter, queue_load, read_status, submit
+from shared.redis_protocol import (QueueEntry, RequestQueue, StatusWriter, durability_problem, queue_load,
+                                   read_status, submit)
 from tests.shared.helpers import worker_figures
 
 
@@ -60,6 +61,18 @@ def test_unacked_entries_come_back_after_a_restart_then_new_ones(redis_client, r
     assert replay[0].message == request(0)
     assert restarted.read(block_ms=10) == []
     assert restarted.pending_count() == 5
+
+
+def test_replay_pending_returns_entries_delivered_but_never_received(redis_client, redis_keys, queue):
+    # As a blocking XREADGROUP whose reply a Redis crash cut off: delivered (pending), not seen.
+    assert queue.read() == []  # the start-up replay is done: only new entries from here
+    ids = [submit(redis_client, request(n), redis_keys) for n in range(3)]
+    redis_client.xreadgroup(redis_keys.group, queue.consumer, {redis_keys.requests: ">"})
+    assert queue.read(block_ms=10) == []  # lost to us without a replay
+    queue.replay_pending()
+    new_id = submit(redis_client, request(7), redis_keys)
+    assert [e.entry_id for e in queue.read()] == ids
+    assert [e.entry_id for e in queue.read()] == [new_id]
 
 
 def test_other_consumer_does_not_replay_our_pending(redis_client, redis_keys, queue):
@@ -241,3 +254,16 @@ def test_read_status_without_a_group(redis_client, redis_keys):
     submit(redis_client, request(1), redis_keys)
     assert read_status(redis_client, redis_keys).pending == 0
     assert RequestQueue(redis_client, redis_keys).pending_count() == 0
+
+
+def test_durability_problem_reads_the_servers_settings(redis_client):
+    assert durability_problem(redis_client) is None  # the embedded server's default
+    try:
+        redis_client.config_set("appendfsync", "everysec")
+        assert "appendfsync is 'everysec', not 'always'" in durability_problem(redis_client)
+        redis_client.config_set("appendonly", "no")
+        assert "appendonly is off" in durability_problem(redis_client)
+    finally:
+        redis_client.config_set("appendonly", "yes")
+        redis_client.config_set("appendfsync", "always")
+    assert durability_problem(redis_client) is None
