@@ -162,9 +162,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_scheduler(redis_url: str, address: str, prefix: str, running: int, log) -> subprocess.Popen:
+def start_scheduler(redis_url: str, address: str, prefix: str, running: int, log,
+                    heartbeat_timeout_s: float | None = None) -> subprocess.Popen:
     env = dict(os.environ, REDIS_URL=redis_url, CONVEYOR_SCHEDULER_ADDRESS=address, CONVEYOR_REDIS_PREFIX=prefix,
                CONVEYOR_MAX_NUM_SEQS=str(max(running, 1)), CONVEYOR_LOG_LEVEL="WARNING")
+    if heartbeat_timeout_s is not None:  # a burst of arrivals can stall the loop past the default (5 s)
+        env["CONVEYOR_HEARTBEAT_TIMEOUT"] = str(heartbeat_timeout_s)
     return subprocess.Popen([sys.executable, "-m", "services.scheduler"], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
@@ -179,7 +182,7 @@ def submit_requests(client: redis.Redis, keys: RedisKeys, n: int, max_tokens: in
 
 
 def measure(n_workers: int, running: int, seconds: float, max_tokens: int = 2048,
-            admit_timeout_s: float = 300.0) -> dict:
+            admit_timeout_s: float = 300.0, heartbeat_timeout_s: float | None = None) -> dict:
     """One point of the table: `n_workers` simulated workers with `running` requests each.
     `max_tokens`: long enough that few finish while we measure (the mean batch shows it),
     short enough that the block pools (as big as a real GPU's) fit in memory."""
@@ -191,7 +194,7 @@ def measure(n_workers: int, running: int, seconds: float, max_tokens: int = 2048
         sink.setsockopt(zmq.LINGER, 0)
         reply_to = f"tcp://127.0.0.1:{sink.bind_to_random_port('tcp://127.0.0.1')}"
         with open(Path(tmp) / "scheduler.log", "w") as log:
-            scheduler = start_scheduler(server.url, address, keys.prefix, running, log)
+            scheduler = start_scheduler(server.url, address, keys.prefix, running, log, heartbeat_timeout_s)
             sim = Simulator(address, n_workers, num_blocks)
             try:
                 return _drive(sim, scheduler, server.url, keys, sink, reply_to, n_workers * running, max_tokens,
@@ -280,11 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--running", type=int, default=256, help="running requests per worker")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per point, after admission")
     ap.add_argument("--max-tokens", type=int, default=2048, help="per request; sizes the block pools")
+    ap.add_argument("--heartbeat-timeout", type=float, help="the scheduler's, in s (default: its own, 5)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     rows = []
     for n in args.workers:
-        rows.append(measure(n, args.running, args.seconds, args.max_tokens))
+        rows.append(measure(n, args.running, args.seconds, args.max_tokens, heartbeat_timeout_s=args.heartbeat_timeout))
         print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if args.json:
