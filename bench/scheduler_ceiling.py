@@ -177,7 +177,10 @@ def submit_requests(client: redis.Redis, keys: RedisKeys, n: int, max_tokens: in
     client.set(keys.gateway(reply_to), b"1", ex=3600)
     params = m.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(n):
-        prompt = [10 + (i * 7919 + j) % 4000 for j in range(PROMPT_LEN)]  # unique: no prefix sharing
+        # Unique prompts: a shared one would be a prefix-cache hit, and the router would pile
+        # its copies onto one worker.
+        rng = random.Random(i)
+        prompt = [rng.randrange(10, 4000) for _ in range(PROMPT_LEN)]
         submit(client, m.SubmitRequest(f"r{i}", prompt, params, reply_to, time.time()), keys)
 
 
