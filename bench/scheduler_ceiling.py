@@ -1,0 +1,302 @@
+"""How many workers one scheduler can drive: one real scheduler process, real Redis, and
+many model-free workers simulated in this process, speaking the real worker protocol.
+
+    python -m bench.scheduler_ceiling [--workers 1 8 32 128 256] [--running 256] [--seconds 10]
+
+Each simulated worker registers, heartbeats, and answers every StepPlan with a StepResult
+after a step time drawn uniformly from 15-40 ms (the range of a 0.5B-8B model's decode step
+on one GPU; no model runs). Requests go in through the Redis stream (shared.redis_protocol.submit),
+`--running` per worker, with max_tokens long enough that none finishes while we measure.
+A worker's idle time is the gap between sending a StepResult and reading its next StepPlan
+while it still holds unfinished rows: with an ideal scheduler that gap is zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import zmq
+
+from shared import messages as m
+from shared.embedded_redis import free_port, start_embedded_redis
+from shared.redis_keys import RedisKeys
+from shared.redis_protocol import submit
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_MS = (15.0, 40.0)
+PROMPT_LEN = 16
+BLOCK_SIZE = 16
+HEARTBEAT_S = 1.0
+
+
+@dataclass
+class SimWorker:
+    """One worker's rows (request_id -> [tokens, computed, last token index]) and timings."""
+
+    worker_id: str
+    sock: zmq.Socket
+    rng: random.Random
+    rows: dict[str, list[int]] = field(default_factory=dict)
+    result_sent_at: float | None = None  # when the last result left, if rows were left unfinished
+    steps: int = 0
+    busy_s: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def apply(self, plan: m.StepPlan) -> m.StepResult:
+        """Track rows as the engine does (so the plan must be consistent) and sample a token
+        wherever the real engine would."""
+        for rid in plan.finished_ids:
+            self.rows.pop(rid, None)
+        for new in plan.new_requests:
+            total = new.num_prompt_tokens + new.sampling.max_tokens
+            self.rows[new.request_id] = [len(new.token_ids), new.num_computed_tokens, total]
+        sampled = {}
+        for rid, n in plan.num_scheduled_tokens.items():
+            row = self.rows[rid]
+            assert row[1] + n <= row[0], f"{rid}: scheduled beyond its tokens"
+            row[1] += n
+            if row[1] == row[0]:
+                sampled[rid] = 10 + (row[0] % 1000)  # never an EOS id (0)
+                row[0] += 1
+        return m.StepResult(plan.step_id, self.worker_id, sampled_token_ids=sampled)
+
+    def unfinished(self) -> bool:
+        return any(row[0] < row[2] for row in self.rows.values())
+
+
+class Simulator:
+    """All simulated workers in one thread: a poller over their sockets and a heap of
+    results due. `lag` records how late this process sent results (its own share of the
+    delay, on a shared machine)."""
+
+    def __init__(self, address: str, n: int, num_blocks: int, seed: int = 0):
+        ctx = zmq.Context.instance()
+        self.workers = []
+        self.poller = zmq.Poller()
+        for i in range(n):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, f"sim-{i}".encode())
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            w = SimWorker(f"sim-{i}", sock, random.Random(seed * 100_003 + i))
+            self.workers.append(w)
+            self.poller.register(sock, zmq.POLLIN)
+            sock.send(m.encode(m.RegisterWorker(w.worker_id, "sim", 1 << 20, BLOCK_SIZE, num_blocks,
+                                                1000, [0], "sim", os.getpid())))
+        self.by_sock = {w.sock: w for w in self.workers}
+        self.due: list[tuple[float, int, bytes]] = []  # (when, worker index, encoded result)
+        self.lag: list[float] = []
+        self._heartbeat_at = time.monotonic() + HEARTBEAT_S
+
+    def reset_figures(self) -> None:
+        for w in self.workers:
+            w.steps, w.busy_s, w.gaps, w.batch_sizes = 0, 0.0, [], []
+        self.lag = []
+
+    def run_until(self, deadline: float, done=lambda: False) -> None:
+        while (now := time.monotonic()) < deadline and not done():
+            wait = min(deadline, self._heartbeat_at, self.due[0][0] if self.due else deadline) - now
+            for sock, _ in self.poller.poll(max(0.0, wait) * 1000):
+                self._receive(self.by_sock[sock])
+            self._send_due()
+            if time.monotonic() >= self._heartbeat_at:
+                for w in self.workers:
+                    w.sock.send(m.encode(m.Heartbeat(w.worker_id, time.time())))
+                self._heartbeat_at += HEARTBEAT_S
+
+    def _receive(self, w: SimWorker) -> None:
+        while True:
+            try:
+                msg = m.decode(w.sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if not isinstance(msg, m.StepPlan):
+                raise RuntimeError(f"{w.worker_id}: unexpected {type(msg).__name__} from the scheduler")
+            now = time.monotonic()
+            if w.result_sent_at is not None:
+                w.gaps.append(now - w.result_sent_at)
+            result = w.apply(msg)
+            step_s = w.rng.uniform(*STEP_MS) / 1000
+            w.steps += 1
+            w.busy_s += step_s
+            w.batch_sizes.append(len(msg.num_scheduled_tokens))
+            heapq.heappush(self.due, (now + step_s, int(w.worker_id[4:]), m.encode(result)))
+
+    def _send_due(self) -> None:
+        now = time.monotonic()
+        while self.due and self.due[0][0] <= now:
+            when, index, data = heapq.heappop(self.due)
+            w = self.workers[index]
+            w.sock.send(data)
+            sent = time.monotonic()
+            self.lag.append(sent - when)
+            w.result_sent_at = sent if w.unfinished() else None
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.sock.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_scheduler(redis_url: str, address: str, prefix: str, running: int, log,
+                    heartbeat_timeout_s: float | None = None) -> subprocess.Popen:
+    env = dict(os.environ, REDIS_URL=redis_url, CONVEYOR_SCHEDULER_ADDRESS=address, CONVEYOR_REDIS_PREFIX=prefix,
+               CONVEYOR_MAX_NUM_SEQS=str(max(running, 1)), CONVEYOR_LOG_LEVEL="WARNING")
+    if heartbeat_timeout_s is not None:  # a burst of arrivals can stall the loop past the default (5 s)
+        env["CONVEYOR_HEARTBEAT_TIMEOUT"] = str(heartbeat_timeout_s)
+    return subprocess.Popen([sys.executable, "-m", "services.scheduler"], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def submit_requests(client: redis.Redis, keys: RedisKeys, n: int, max_tokens: int, reply_to: str) -> None:
+    # The gateway's liveness key: without it the scheduler aborts these requests as orphans.
+    client.set(keys.gateway(reply_to), b"1", ex=3600)
+    params = m.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(n):
+        # Unique prompts: a shared one would be a prefix-cache hit, and the router would pile
+        # its copies onto one worker.
+        rng = random.Random(i)
+        prompt = [rng.randrange(10, 4000) for _ in range(PROMPT_LEN)]
+        submit(client, m.SubmitRequest(f"r{i}", prompt, params, reply_to, time.time()), keys)
+
+
+def measure(n_workers: int, running: int, seconds: float, max_tokens: int = 2048,
+            admit_timeout_s: float = 300.0, heartbeat_timeout_s: float | None = None) -> dict:
+    """One point of the table: `n_workers` simulated workers with `running` requests each.
+    `max_tokens`: long enough that few finish while we measure (the mean batch shows it),
+    short enough that the block pools (as big as a real GPU's) fit in memory."""
+    num_blocks = running * (PROMPT_LEN + max_tokens) // BLOCK_SIZE + 64
+    keys = RedisKeys("ceiling")
+    with tempfile.TemporaryDirectory() as tmp, start_embedded_redis(tmp) as server:
+        address = f"tcp://127.0.0.1:{free_port()}"
+        sink = zmq.Context.instance().socket(zmq.PULL)  # the gateway: outputs are drained, not read
+        sink.setsockopt(zmq.LINGER, 0)
+        reply_to = f"tcp://127.0.0.1:{sink.bind_to_random_port('tcp://127.0.0.1')}"
+        with open(Path(tmp) / "scheduler.log", "w") as log:
+            scheduler = start_scheduler(server.url, address, keys.prefix, running, log, heartbeat_timeout_s)
+            sim = Simulator(address, n_workers, num_blocks)
+            try:
+                return _drive(sim, scheduler, server.url, keys, sink, reply_to, n_workers * running, max_tokens,
+                              seconds, admit_timeout_s)
+            finally:
+                scheduler.terminate()
+                scheduler.wait(30)
+                sim.close()
+                sink.close()
+
+
+def _drive(sim: Simulator, scheduler: subprocess.Popen, redis_url: str, keys: RedisKeys, sink: zmq.Socket,
+           reply_to: str, total: int, max_tokens: int, seconds: float, admit_timeout_s: float) -> dict:
+    client = redis.Redis.from_url(redis_url)
+    # The scheduler places a request on arrival: every worker must be registered before the
+    # first one, or the early workers get them all.
+    deadline = time.monotonic() + 60
+    while client.hlen(keys.workers) < len(sim.workers):
+        if time.monotonic() > deadline or scheduler.poll() is not None:
+            raise RuntimeError(f"only {client.hlen(keys.workers)} of {len(sim.workers)} workers registered")
+        sim.run_until(time.monotonic() + 0.1)
+    started = time.monotonic()
+    submit_requests(client, keys, total, max_tokens, reply_to)
+    client.close()
+
+    def all_running() -> bool:
+        _drain(sink)
+        if scheduler.poll() is not None:
+            raise RuntimeError(f"the scheduler exited with {scheduler.returncode}")
+        return sum(sum(1 for r in w.rows.values() if r[0] > PROMPT_LEN) for w in sim.workers) >= total
+
+    sim.run_until(started + admit_timeout_s, all_running)
+    if not all_running():
+        raise RuntimeError(f"{total} requests not all running after {admit_timeout_s} s")
+    admitted_s = time.monotonic() - started
+    sim.run_until(time.monotonic() + 1.0)  # settle: the last prefills leave the batches
+    sim.reset_figures()
+    cpu0, t0 = cpu_seconds(scheduler.pid), time.monotonic()
+    end = t0 + seconds
+    while time.monotonic() < end:
+        sim.run_until(min(end, time.monotonic() + 0.1))
+        _drain(sink)
+    elapsed, cpu = time.monotonic() - t0, cpu_seconds(scheduler.pid) - cpu0
+    return figures(sim, len(sim.workers), total, elapsed, cpu, admitted_s)
+
+
+def _drain(sink: zmq.Socket) -> None:
+    while True:
+        try:
+            sink.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+def figures(sim: Simulator, n_workers: int, total: int, elapsed: float, cpu: float, admitted_s: float) -> dict:
+    gaps = [g for w in sim.workers for g in w.gaps]
+    steps = sum(w.steps for w in sim.workers)
+    ideal = sum(w.steps / w.busy_s for w in sim.workers if w.busy_s > 0)  # steps/s with zero idle time
+    batches = [b for w in sim.workers for b in w.batch_sizes]
+    return dict(workers=n_workers, running=total, seconds=round(elapsed, 2), admit_s=round(admitted_s, 1),
+                steps_per_s=round(steps / elapsed, 1), ideal_steps_per_s=round(ideal, 1),
+                efficiency=round(steps / elapsed / ideal, 3) if ideal else 0.0,
+                mean_batch=round(statistics.fmean(batches), 1) if batches else 0.0,
+                tokens_per_s=round(sum(batches) / elapsed),
+                gap_p50_ms=round(percentile(gaps, 0.5) * 1000, 2), gap_p99_ms=round(percentile(gaps, 0.99) * 1000, 2),
+                sim_lag_p50_ms=round(percentile(sim.lag, 0.5) * 1000, 2),
+                sim_lag_p99_ms=round(percentile(sim.lag, 0.99) * 1000, 2),
+                scheduler_cpu=round(cpu / elapsed, 2))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| workers | running requests | mean batch | steps/s (ideal) | efficiency | idle gap p50 / p99 ms "
+             "| sim lag p50 / p99 ms | scheduler CPU | tokens/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['running']:,} | {r['mean_batch']} | {r['steps_per_s']:,} "
+                     f"({r['ideal_steps_per_s']:,}) | {r['efficiency']:.0%} | {r['gap_p50_ms']} / {r['gap_p99_ms']} "
+                     f"| {r['sim_lag_p50_ms']} / {r['sim_lag_p99_ms']} | {r['scheduler_cpu']:.0%} "
+                     f"| {r['tokens_per_s']:,} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 8, 32, 128, 256])
+    ap.add_argument("--running", type=int, default=256, help="running requests per worker")
+    ap.add_argument("--seconds", type=float, default=10.0, help="measured time per point, after admission")
+    ap.add_argument("--max-tokens", type=int, default=2048, help="per request; sizes the block pools")
+    ap.add_argument("--heartbeat-timeout", type=float, help="the scheduler's, in s (default: its own, 5)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+    rows = []
+    for n in args.workers:
+        rows.append(measure(n, args.running, args.seconds, args.max_tokens, heartbeat_timeout_s=args.heartbeat_timeout))
+        print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
