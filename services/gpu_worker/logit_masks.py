@@ -74,10 +74,10 @@ def _ban_bad_words(work: torch.Tensor, rows: list[SamplingRow]) -> None:
     for i, row in enumerate(rows):
         if not row.params.bad_words:
             continue
-        output = row.output_token_ids
+        tokens, generated = row.token_ids, row.num_output_tokens  # no copy of the output per step
         for word in row.params.bad_words:
             prefix = word[:-1]
-            if len(prefix) <= len(output) and output[len(output) - len(prefix):] == prefix:
+            if len(prefix) <= generated and tokens[len(tokens) - len(prefix):] == prefix:
                 row_idx.append(i)
                 token_idx.append(word[-1])
     if row_idx:
