@@ -89,12 +89,17 @@ class Launcher:
         return env
 
     def _spawn(self, env: dict[str, str]) -> None:
-        self.children.append(Child("scheduler", "scheduler", env))
-        for i, layout in enumerate(self._worker_layouts(env)):
-            self.children.append(Child(f"worker-{i}", "gpu_worker", {**env, **layout, "CONVEYOR_WORKER_ID": f"worker-{i}"}))
-        self.children.append(Child("gateway", "gateway", env))
+        self.children = self._children(env)
         for child in self.children:
             child.start()
+
+    def _children(self, env: dict[str, str]) -> list[Child]:
+        """The services to start, in order, each with its environment."""
+        tp = self.settings.tensor_parallel_size
+        worker_env = env if tp is None else {**env, "CONVEYOR_TENSOR_PARALLEL_SIZE": str(tp)}
+        workers = [Child(f"worker-{i}", "gpu_worker", {**worker_env, **layout, "CONVEYOR_WORKER_ID": f"worker-{i}"})
+                   for i, layout in enumerate(self._worker_layouts(env))]
+        return [Child("scheduler", "scheduler", env), *workers, Child("gateway", "gateway", env)]
 
     def _worker_layouts(self, env: dict[str, str]) -> list[dict[str, str]]:
         """Each worker's threads and cores. Given ones (flags, CONVEYOR_*, or OMP_NUM_THREADS,

