@@ -26,7 +26,7 @@ from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.tp_channel import send_step, send_stop
 from services.gpu_worker.tp_group import Group, RankFailure, close_group, init_group
 from shared.config import WorkerSettings
-from shared.cpu_layout import format_cores
+from shared.cpu_layout import allowed_cores, format_cores, resolve as resolve_cpu_layout
 from shared.embedded_redis import free_port
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,10 @@ class RankLayout:
     cores: Optional[list[int]]  # None: unbound (fewer cores than ranks: they share)
 
 
-def rank_layouts(threads: int, cores: list[int], world: int) -> list[RankLayout]:
-    """Each rank's share of the worker's threads and cores, in contiguous slices."""
+def rank_layouts(threads: int, cores: Optional[list[int]], world: int) -> list[RankLayout]:
+    """Each rank's share of the worker's threads and cores (None: unbound), in contiguous slices."""
     per_rank = max(1, threads // world)
-    if len(cores) < world:
+    if cores is None or len(cores) < world:
         return [RankLayout(per_rank, None)] * world
     share, extra = divmod(len(cores), world)
     bounds = [r * share + min(r, extra) for r in range(world + 1)]
@@ -134,7 +134,10 @@ def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.de
     world = settings.tensor_parallel_size
     config = load_config(path)
     shard_model(config, model_shape(config), 0, world)  # the ModelLoadError, before any process starts
-    layouts = rank_layouts(torch.get_num_threads(), sorted(os.sched_getaffinity(0)), world)
+    # The worker's threads and cores, as the worker process bound itself (cpu_layout), shared out.
+    threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed_cores(),
+                                        os.environ.get("OMP_NUM_THREADS"))
+    layouts = rank_layouts(threads or torch.get_num_threads(), cores, world)
     init_method = f"tcp://127.0.0.1:{free_port()}"
     followers = Followers([_spawn(settings, path, rank, world, init_method, layouts[rank]) for rank in range(1, world)])
     _use_layout(layouts[0])
