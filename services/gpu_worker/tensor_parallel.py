@@ -62,8 +62,9 @@ class LeaderModel(DecoderModel):
 
     def close(self) -> None:
         """Stops the followers: by a stop command while all are well, else by SIGKILL."""
-        if self.followers.stopping:
+        if self.followers.stopping:  # closed already
             return
+        self.followers.stopping = True  # from here on a follower's exit is expected, not a death
         if not self.group.failed and self.followers.all_alive():
             try:
                 send_stop(self.group)
