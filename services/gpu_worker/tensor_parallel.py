@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,10 +53,19 @@ class LeaderModel(DecoderModel):
 
     group: Group
     followers: "Followers"
+    layout_before: "RankLayout"  # this process's threads and cores before it became rank 0
 
     def forward(self, input_ids, positions, meta, kv_caches):
         send_step(self.group, input_ids, positions, meta)
-        return super().forward(input_ids, positions, meta, kv_caches)
+        try:
+            return super().forward(input_ids, positions, meta, kv_caches)
+        except RankFailure:
+            raise
+        except Exception as e:
+            # NOTE: the followers may now wait in a collective rank 0 never joins, and would
+            # take the next step's broadcast for it: no later step can be trusted.
+            self.group.failed = True
+            raise RankFailure(f"rank 0's forward failed mid-step, the ranks are out of step: {e!r}") from e
 
     def watch_ranks(self, on_failure: Callable[[str], None]) -> None:
         self.followers.on_death = on_failure
@@ -72,6 +82,7 @@ class LeaderModel(DecoderModel):
                 log.error("tensor-parallel stop: %s; killing the followers", e)
         self.followers.stop()
         close_group(self.group)
+        _use_layout(self.layout_before)  # an in-process caller (tests, benchmarks) gets its threads back
 
 
 class Followers:
@@ -97,7 +108,13 @@ class Followers:
                 if p.poll() is not None and not self.stopping:
                     self.on_death(f"tensor-parallel rank {rank} (pid {p.pid}) exited with {p.returncode}")
                     return
-            threading.Event().wait(0.1)
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        self.stopping = True
+        for p in self.procs:
+            p.kill()
+        self.stop()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Waits for the followers to exit (they were told to), killing any still there."""
@@ -139,19 +156,21 @@ def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.de
     threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed_cores(),
                                         os.environ.get("OMP_NUM_THREADS"))
     layouts = rank_layouts(threads or torch.get_num_threads(), cores, world)
+    before = RankLayout(torch.get_num_threads(), sorted(os.sched_getaffinity(0)))
     init_method = f"tcp://127.0.0.1:{free_port()}"
     followers = Followers([_spawn(settings, path, rank, world, init_method, layouts[rank]) for rank in range(1, world)])
     _use_layout(layouts[0])
+    group = None
     try:
         group = init_group(0, world, init_method, device)
         model, num_blocks = load_rank(settings, path, group, dtype, LeaderModel)
-    except BaseException:
-        followers.stopping = True
-        for p in followers.procs:
-            p.kill()
-        followers.stop()
+    except BaseException:  # undo everything, so that the caller may try again in this process
+        followers.kill()
+        if group is not None:
+            close_group(group)
+        _use_layout(before)
         raise
-    model.group, model.followers = group, followers
+    model.group, model.followers, model.layout_before = group, followers, before
     log.info("tensor parallel over %d ranks (followers: pids %s)", world, followers.pids)
     return model, num_blocks
 
@@ -167,7 +186,9 @@ def _use_layout(layout: RankLayout) -> None:
 def _spawn(settings: WorkerSettings, path: Path, rank: int, world: int, init_method: str,
            layout: RankLayout) -> subprocess.Popen:
     cores = format_cores(layout.cores) if layout.cores is not None else "none"
-    rank_settings = settings.model_copy(update=dict(model=str(path), num_threads=layout.threads, cpu_affinity=cores))
+    # The command line is public (ps): the followers never talk to the scheduler, so no keys.
+    rank_settings = settings.model_copy(update=dict(model=str(path), num_threads=layout.threads, cpu_affinity=cores,
+                                                    zmq_server_public_key=None, zmq_client_secret_key=None))
     cmd = [sys.executable, "-m", "services.gpu_worker.tp_follower", "--rank", str(rank), "--world", str(world),
            "--init-method", init_method, "--parent-pid", str(os.getpid()), "--settings", rank_settings.model_dump_json()]
     return subprocess.Popen(cmd, cwd=REPO)  # its log lines go where the worker's go

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 
 from services.gpu_worker.factory import create_engine
+from services.gpu_worker.parallel_layers import plan_sharding
+from services.gpu_worker.tensor_parallel import RankLayout, rank_layouts
 from shared.config import WorkerSettings
 from shared.messages import SamplingParams
 from shared.models import ModelLoadError
@@ -98,3 +100,25 @@ def test_a_model_that_cannot_be_split_fails_at_start_up(tmp_path, heads, kv_head
     message = str(e.value)
     assert "tensor_parallel_size 2" in message and f"num_key_value_heads {kv_heads}" in message
     assert (f"num_attention_heads {heads}" in message) == (heads % 2 == 1)
+
+
+@pytest.mark.parametrize("heads, kv_heads, world", [(8, 2, 4), (8, 1, 8), (8, 4, 2), (4, 1, 2)])
+def test_each_rank_holds_the_kv_heads_its_query_heads_read(heads, kv_heads, world):
+    """q head i reads KV head i // (heads // kv_heads), on one device; so must it on its rank."""
+    group = heads // kv_heads
+    for rank in range(world):
+        s = plan_sharding(heads, kv_heads, 64, 1000, rank, world)
+        assert s.num_kv_heads == max(1, kv_heads // world)
+        for local_q, q in enumerate(range(*s.heads)):
+            local_kv = local_q // (s.num_heads // s.num_kv_heads)  # what the attention kernels do per rank
+            assert s.kv_head_start + local_kv == q // group, (rank, q)
+    rows = [plan_sharding(heads, kv_heads, 64, 1000, r, world) for r in range(world)]
+    assert [(r.vocab_start, r.vocab_end) for r in rows][-1][1] == 1000
+    assert all(a.vocab_end == b.vocab_start for a, b in zip(rows, rows[1:])), "the vocabulary is covered once"
+
+
+def test_ranks_share_the_workers_threads_and_cores():
+    assert rank_layouts(4, [0, 1, 2, 3], 2) == [RankLayout(2, [0, 1]), RankLayout(2, [2, 3])]
+    assert rank_layouts(5, [0, 1, 2, 3, 4], 2) == [RankLayout(2, [0, 1, 2]), RankLayout(2, [3, 4])]
+    assert rank_layouts(1, [3], 2) == [RankLayout(1, None)] * 2, "fewer cores than ranks: they share"
+    assert rank_layouts(3, None, 2) == [RankLayout(1, None)] * 2, "an unbound worker: unbound ranks"
