@@ -25,7 +25,7 @@ from services.gpu_worker.kv_cache import num_blocks_in_budget
 from services.gpu_worker.loader import load_config, load_model, model_shape, shard_model
 from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.tp_channel import send_step, send_stop
-from services.gpu_worker.tp_group import Group, RankFailure, close_group, init_group
+from services.gpu_worker.tp_group import Group, RankFailure, close_group, init_group, rank_device
 from shared.config import WorkerSettings
 from shared.cpu_layout import allowed_cores, format_cores, resolve as resolve_cpu_layout
 from shared.embedded_redis import free_port
@@ -75,12 +75,18 @@ class LeaderModel(DecoderModel):
         if self.followers.stopping:  # closed already
             return
         self.followers.stopping = True  # from here on a follower's exit is expected, not a death
-        if not self.group.failed and self.followers.all_alive():
+        clean = not self.group.failed and self.followers.all_alive()
+        if clean:
             try:
                 send_stop(self.group)
             except RankFailure as e:
                 log.error("tensor-parallel stop: %s; killing the followers", e)
-        self.followers.stop()
+                clean = False
+        # After a failure the live followers wait on rank 0 for nothing: kill them at once.
+        if clean:
+            self.followers.stop()
+        else:
+            self.followers.kill()
         close_group(self.group)
         _use_layout(self.layout_before)  # an in-process caller (tests, benchmarks) gets its threads back
 
@@ -162,7 +168,7 @@ def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.de
     _use_layout(layouts[0])
     group = None
     try:
-        group = init_group(0, world, init_method, device)
+        group = init_group(0, world, init_method, rank_device(device, 0))
         model, num_blocks = load_rank(settings, path, group, dtype, LeaderModel)
     except BaseException:  # undo everything, so that the caller may try again in this process
         followers.kill()
