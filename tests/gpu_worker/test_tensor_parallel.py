@@ -78,17 +78,25 @@ def test_greedy_batch_matches_hf(tp_engine):
 
 
 def test_seeded_sampling_equals_the_single_rank_engine(tp_engine):
+    """Tokens equal; logprobs and prompt logprobs (rank 0 alone computes logits) equal
+    within the all-reduce's rounding."""
     arch, model_dir, engine, info = tp_engine
-    params = SamplingParams(temperature=1.0, seed=77, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=1.0, seed=77, ignore_eos=True, logprobs=1, prompt_logprobs=1)
     prompts = _prompts(seed=5, vocab=info.vocab_size, lengths=[9, 37])
     single, single_info = make_engine(model_dir)
-    outputs = []
+    outputs, logprobs = [], []
     for e, i in ((engine, info), (single, single_info)):
         driver = PlanDriver(e.execute, i.block_size, i.num_blocks, i.eos_token_ids, chunk_size=16)
         for n, p in enumerate(prompts):
             driver.add(f"s{n}", p, 16, params)
         outputs.append(driver.run())
+        logprobs.append([(rid, lp.token_id, lp.logprob) for r in driver.results for rid, lp in r.logprobs.items()]
+                        + [(rid, e.token_id, e.logprob) for r in driver.results
+                           for rid, chunk in r.prompt_logprobs.items() for e in chunk.entries])
     assert outputs[0] == outputs[1], arch
+    assert len(logprobs[0]) == len(logprobs[1]) == 2 * 16 + 8 + 36
+    for (rid, token, lp), (rid1, token1, lp1) in zip(*logprobs):
+        assert (rid, token) == (rid1, token1) and abs(lp - lp1) < 1e-4, (arch, rid, lp, lp1)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(6, 3), (3, 3)])
