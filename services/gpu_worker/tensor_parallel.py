@@ -164,6 +164,7 @@ def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.de
     layouts = rank_layouts(threads or torch.get_num_threads(), cores, world)
     before = RankLayout(torch.get_num_threads(), sorted(os.sched_getaffinity(0)))
     init_method = f"tcp://127.0.0.1:{free_port()}"
+    # Spawned before rank 0 narrows itself to its share: a child inherits the cores it may bind to.
     followers = Followers([_spawn(settings, path, rank, world, init_method, layouts[rank]) for rank in range(1, world)])
     _use_layout(layouts[0])
     group = None
