@@ -79,6 +79,9 @@ class WorkerSettings(_Settings):
     zmq_server_public_key: Optional[str] = Field(
         None, description="CurveZMQ: the scheduler's public key (Z85); set it when the scheduler encrypts")
     zmq_client_secret_key: Optional[str] = Field(None, description="CurveZMQ: this worker's secret key (Z85)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="ranks (processes, one device each: cuda:N.. or CPU cores) that shard the model "
+        "and together are one worker; on CPU kv_cache_memory and the cores are split between them")
 
     @field_validator("block_size")
     @classmethod

@@ -41,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot start: zmq_server_public_key is set but zmq_client_secret_key is not")
             return 2
         curve = (settings.zmq_server_public_key, settings.zmq_client_secret_key)
-    worker = Worker(engine, info, settings.scheduler_address, settings.heartbeat_interval, curve)
-    worker.install_signal_handlers()
-    worker.serve()
-    return 0
+    try:
+        worker = Worker(engine, info, settings.scheduler_address, settings.heartbeat_interval, curve)
+        worker.install_signal_handlers()
+        worker.serve()
+    finally:
+        engine.close()  # stops the tensor-parallel followers
+    return 0 if worker.failure is None else 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ with its KV cache, at the same batch, model, dtype and threads, in the same run.
 
     python -m services.gpu_worker.bench_step [--models tiny small] [--batches 1 16 64 256] [--out FILE]
     python -m services.gpu_worker.bench_step --step-ms-only --models small --batches 64
+    python -m services.gpu_worker.bench_step --tensor-parallel-size 1 2   # each in the same run
 
 Each request has a CONTEXT-token prompt; both sides prefill, then time STEPS decode steps.
 Figures are medians over REPEATS alternating rounds; the ratio is Conveyor / HF.
@@ -72,33 +73,49 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tensor-parallel-size", nargs="+", type=int, default=[1],
+                    help="ranks of Conveyor's engine; several: one row each (on CPU the all-reduce costs more than it gives)")
     ap.add_argument("--out", default="bench/results/worker_step.json")
     ap.add_argument("--step-ms-only", action="store_true",
                     help="print only Conveyor's decode step time in ms (first model and batch), as JSON")
     args = ap.parse_args()
     if args.step_ms_only:
-        print(json.dumps(decode_step_ms(args.models[0], args.batches[0], args.context, args.steps)))
+        print(json.dumps(decode_step_ms(args.models[0], args.batches[0], args.context, args.steps,
+                                        args.tensor_parallel_size[0])))
         return
 
     rows = []
     for preset in args.models:
         model_dir = ensure_model(preset)
-        tokens_needed = max(args.batches) * (args.context + args.steps + 16)
-        engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
-                                                    kv_cache_memory=_cache_bytes(model_dir, tokens_needed)))
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
-        for batch in args.batches:
-            ours, theirs = [], []
-            for _ in range(args.repeats):  # alternate so drift in machine load hits both
-                ours.append(conveyor_decode_rate(engine, batch, args.context, args.steps, info.block_size))
-                theirs.append(hf_decode_rate(hf, batch, args.context, args.steps))
-            row = dict(model=preset, batch=batch, conveyor_tok_s=statistics.median(ours),
-                       hf_tok_s=statistics.median(theirs))
-            row["ratio"] = row["conveyor_tok_s"] / row["hf_tok_s"]
-            rows.append(row)
-            print(f"{preset:6s} batch {batch:4d}: conveyor {row['conveyor_tok_s']:9.1f} tok/s   "
-                  f"hf {row['hf_tok_s']:9.1f} tok/s   ratio {row['ratio']:.2f}", flush=True)
+        tokens_needed = max(args.batches) * (args.context + args.steps + 16)
+        for tp in args.tensor_parallel_size:  # one engine at a time: a process joins one tensor-parallel group
+            engine, info = _engine(model_dir, tokens_needed, tp)
+            try:
+                rows += [_row(args, preset, tp, batch, engine, info, hf) for batch in args.batches]
+            finally:
+                engine.close()
     write_results(args, rows)
+
+
+def _row(args: argparse.Namespace, preset: str, tp: int, batch: int, engine, info, hf) -> dict:
+    ours, theirs = [], []
+    for _ in range(args.repeats):  # alternate so drift in machine load hits both
+        ours.append(conveyor_decode_rate(engine, batch, args.context, args.steps, info.block_size))
+        theirs.append(hf_decode_rate(hf, batch, args.context, args.steps))
+    row = dict(model=preset, tensor_parallel_size=tp, batch=batch, conveyor_tok_s=statistics.median(ours),
+               hf_tok_s=statistics.median(theirs))
+    row["ratio"] = row["conveyor_tok_s"] / row["hf_tok_s"]
+    print(f"{preset:6s} tp {tp} batch {batch:4d}: conveyor {row['conveyor_tok_s']:9.1f} tok/s   "
+          f"hf {row['hf_tok_s']:9.1f} tok/s   ratio {row['ratio']:.2f}", flush=True)
+    return row
+
+
+def _engine(model_dir, tokens: int, tensor_parallel_size: int):
+    # On CPU each rank gets 1/N of kv_cache_memory, for 1/N of the KV heads (or a replica).
+    return create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
+                                        kv_cache_memory=_cache_bytes(model_dir, tokens),
+                                        tensor_parallel_size=tensor_parallel_size))
 
 
 def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -113,12 +130,13 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
     print(f"wrote {args.out}")
 
 
-def decode_step_ms(preset: str, batch: int, context: int, steps: int) -> float:
+def decode_step_ms(preset: str, batch: int, context: int, steps: int, tensor_parallel_size: int = 1) -> float:
     """One decode step of `batch` requests on the `preset` model, in ms."""
-    model_dir = ensure_model(preset)
-    engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
-                                                kv_cache_memory=_cache_bytes(model_dir, max(batch * (context + steps + 16), 4096))))
-    return batch / conveyor_decode_rate(engine, batch, context, steps, info.block_size) * 1000
+    engine, info = _engine(ensure_model(preset), max(batch * (context + steps + 16), 4096), tensor_parallel_size)
+    try:
+        return batch / conveyor_decode_rate(engine, batch, context, steps, info.block_size) * 1000
+    finally:
+        engine.close()
 
 
 def _cache_bytes(model_dir, tokens: int) -> int:

@@ -20,6 +20,7 @@ from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.prompt_logprobs import compute_prompt_logprobs, prompt_span
 from services.gpu_worker.sampler import Sampler, SamplingRow, make_generator
 from services.gpu_worker.structured import Grammars
+from services.gpu_worker.tp_group import RankFailure
 from shared.messages import PromptLogprobs, SamplingParams, StepPlan, StepResult, StepTimings
 
 
@@ -54,6 +55,10 @@ class Engine:
         self.grammars = grammars  # None: this engine refuses structured outputs
         self.rows: dict[str, RequestRow] = {}
 
+    def close(self) -> None:
+        """Stops what the engine started (a tensor-parallel model's follower ranks)."""
+        self.model.close()
+
     # ---- the one entry point ----------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
@@ -64,6 +69,8 @@ class Engine:
         self._apply(plan)
         try:
             return self._run(plan, t0)
+        except RankFailure:  # not this plan's fault: the worker cannot run any step, it must leave
+            raise
         except Exception as e:  # noqa: BLE001 — reported to the scheduler, never fatal here
             named = set(plan.num_scheduled_tokens) | {r.request_id for r in plan.new_requests}
             for request_id in named:

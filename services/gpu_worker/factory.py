@@ -12,9 +12,10 @@ import torch
 
 from kernels import get_attention_backend
 from services.gpu_worker.engine import Engine
-from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, cache_budget_bytes
+from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_in_budget
 from services.gpu_worker.loader import load_config, load_model
 from services.gpu_worker.structured import Grammars
+from services.gpu_worker.tensor_parallel import start_tensor_parallel
 from shared.config import WorkerSettings
 from shared.models import ModelLoadError, max_model_len, model_dir, read_config
 from shared.messages import RegisterWorker
@@ -54,26 +55,30 @@ def eos_token_ids(path: Path, config) -> list[int]:
 
 
 def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
-    """The engine, and what the worker tells the scheduler about it (as it will send it)."""
+    """The engine, and what the worker tells the scheduler about it (as it will send it).
+    With tensor_parallel_size N > 1 this process is rank 0 and the other ranks are started
+    here: engine.close() stops them."""
     path = model_dir(settings.model)
     config = load_config(path)  # fails early with a clear message
     max_len = max_model_len(read_config(path), path, settings.max_model_len)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    model = load_model(path, device, dtype, get_attention_backend(device), settings.linear_backend)
-
-    per_block = bytes_per_block(model.shape, settings.block_size, dtype)
-    budget = cache_budget_bytes(device, int(settings.kv_cache_memory), settings.gpu_memory_fraction)
-    num_blocks = budget // per_block
+    if settings.tensor_parallel_size > 1:
+        model, num_blocks = start_tensor_parallel(settings, path, device, dtype)
+    else:
+        model = load_model(path, device, dtype, get_attention_backend(device), settings.linear_backend)
+        num_blocks = num_blocks_in_budget(model.shape, settings.block_size, dtype, device,
+                                          int(settings.kv_cache_memory), settings.gpu_memory_fraction)
     min_blocks = -(-max_len // settings.block_size)
     if num_blocks < min_blocks:
-        raise ModelLoadError(f"KV cache budget of {budget} bytes holds {num_blocks} blocks, fewer than the "
-                             f"{min_blocks} one request of max_model_len {max_len} needs: raise "
-                             f"--kv-cache-memory / --gpu-memory-fraction or lower --max-model-len")
+        model.close()
+        raise ModelLoadError(f"the KV cache budget holds {num_blocks} blocks, fewer than the {min_blocks} one "
+                             f"request of max_model_len {max_len} needs: raise --kv-cache-memory / "
+                             f"--gpu-memory-fraction or lower --max-model-len")
     kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, device)
     eos = eos_token_ids(path, config)
-    log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", path, device, dtype,
-             num_blocks, settings.block_size, num_blocks * per_block / 2**20)
+    log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", path, device, dtype, num_blocks,
+             settings.block_size, num_blocks * bytes_per_block(model.shape, settings.block_size, dtype) / 2**20)
     engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id,
                     Grammars(path, model.shape.vocab_size, eos))
     facts = RegisterWorker(worker_id=settings.worker_id, model=str(path), max_model_len=max_len,

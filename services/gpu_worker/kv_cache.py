@@ -25,6 +25,11 @@ def cache_budget_bytes(device: torch.device, cpu_budget: int, gpu_fraction: floa
     return int(cpu_budget)
 
 
+def num_blocks_in_budget(shape: ModelShape, block_size: int, dtype: torch.dtype, device: torch.device,
+                         cpu_budget: int, gpu_fraction: float) -> int:
+    return cache_budget_bytes(device, cpu_budget, gpu_fraction) // bytes_per_block(shape, block_size, dtype)
+
+
 def allocate_kv_cache(shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     dims = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim)

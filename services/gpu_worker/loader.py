@@ -1,13 +1,17 @@
 """Loads a Llama-family model from a Hugging Face directory into a `DecoderModel`.
 
 transformers reads the config (and is the reference we test against); the weights are
-read straight from the safetensors files and fused where one matmul can do two's work.
+read straight from the safetensors files (a tensor-parallel rank: only its slices) and
+fused where one matmul can do two's work.
 Anything we cannot serve correctly fails here, at start-up, with a message saying why.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -16,6 +20,8 @@ from transformers.activations import ACT2FN
 
 from services.gpu_worker.linear import Linear, use_onednn
 from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
+from services.gpu_worker.parallel_layers import (AllReduce, RowParallelLinear, Sharding, VocabParallelEmbedding,
+                                                 plan_sharding)
 from services.gpu_worker.rope import RotaryEmbedding
 from shared.models import ModelLoadError, check_model_dir
 
@@ -38,48 +44,111 @@ def model_shape(config) -> ModelShape:
 
 
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, attention_backend,
-               linear_backend: str = "auto") -> DecoderModel:
+               linear_backend: str = "auto", sharding: Optional[Sharding] = None,
+               all_reduce: Optional[AllReduce] = None, cls: type[DecoderModel] = DecoderModel) -> DecoderModel:
+    """The whole model, or with `sharding` and `all_reduce` one tensor-parallel rank's part
+    of it, read from only that rank's slices of the safetensors files."""
     config = load_config(model_dir)
     onednn = use_onednn(linear_backend, device, dtype)
     shape = model_shape(config)
-    weights = _read_safetensors(Path(model_dir), device, dtype)
-
-    def take(name: str, required: bool = True):
-        if name in weights:
-            return weights.pop(name)
-        if required:
-            raise ModelLoadError(f"weight {name!r} is missing from the safetensors files in {str(model_dir)!r}")
-        return None
-
-    layers = []
-    for i in range(shape.num_layers):
-        p = f"model.layers.{i}."
-        qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
-        biases = [take(p + f"self_attn.{n}_proj.bias", required=False) for n in "qkv"]
-        layers.append(LayerWeights(
-            input_norm=take(p + "input_layernorm.weight"),
-            qkv=Linear(torch.cat(qkv), torch.cat(biases) if all(b is not None for b in biases) else None, onednn),
-            o=Linear(take(p + "self_attn.o_proj.weight"), take(p + "self_attn.o_proj.bias", required=False), onednn),
-            q_norm=take(p + "self_attn.q_norm.weight", required=False),
-            k_norm=take(p + "self_attn.k_norm.weight", required=False),
-            post_attention_norm=take(p + "post_attention_layernorm.weight"),
-            gate_up=Linear(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]), None, onednn),
-            down=Linear(take(p + "mlp.down_proj.weight"), None, onednn),
-        ))
-    embed = take("model.embed_tokens.weight")
-    tied = getattr(config, "tie_word_embeddings", False)
-    lm_head = take("lm_head.weight", required=not tied)
-    return DecoderModel(
-        shape=shape, embed_tokens=embed, layers=layers, final_norm=take("model.norm.weight"),
-        lm_head=Linear(embed if lm_head is None else lm_head, None, onednn),
+    if sharding is None:
+        sharding = shard_model(config, shape, rank=0, world=1)
+    assert (sharding.world > 1) == (all_reduce is not None), "a sharded model needs its collective, a whole one none"
+    with _Checkpoint(Path(model_dir), device, dtype) as ckpt:
+        layers = [_layer(ckpt, f"model.layers.{i}.", shape, sharding, onednn, all_reduce)
+                  for i in range(shape.num_layers)]
+        embed, lm_head = _embedding_and_head(ckpt, getattr(config, "tie_word_embeddings", False), sharding, onednn,
+                                             all_reduce)
+        final_norm = ckpt.take("model.norm.weight")
+    return cls(
+        shape=dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
+        embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head,
         rotary=RotaryEmbedding(config, shape.head_dim, shape.max_position_embeddings, device),
         act=ACT2FN[config.hidden_act], attention_backend=attention_backend)
 
 
-def _read_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    weights = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, framework="pt", device="cpu") as st:
-            for name in st.keys():
-                weights[name] = st.get_tensor(name).to(device=device, dtype=dtype)
-    return weights
+def shard_model(config, shape: ModelShape, rank: int, world: int) -> Sharding:
+    """Rank `rank`'s slices, or the ModelLoadError saying why the model cannot be split."""
+    return plan_sharding(shape.num_heads, shape.num_kv_heads, config.intermediate_size, shape.vocab_size, rank, world)
+
+
+def _layer(ckpt: "_Checkpoint", p: str, shape: ModelShape, s: Sharding, onednn: bool,
+           all_reduce: Optional[AllReduce]) -> LayerWeights:
+    # Column-parallel q/k/v and gate/up (this rank's heads and MLP columns), row-parallel o
+    # and down (the matching input columns, summed over the ranks); norms whole everywhere.
+    hd = shape.head_dim
+    q_rows, kv_rows = (s.heads[0] * hd, s.heads[1] * hd), (s.kv_heads[0] * hd, s.kv_heads[1] * hd)
+    qkv_rows = (q_rows, kv_rows, kv_rows)
+    qkv = [ckpt.take(p + f"self_attn.{n}_proj.weight", rows=r) for n, r in zip("qkv", qkv_rows)]
+    biases = [ckpt.take(p + f"self_attn.{n}_proj.bias", rows=r, required=False) for n, r in zip("qkv", qkv_rows)]
+    gate_up = [ckpt.take(p + f"mlp.{n}_proj.weight", rows=s.columns) for n in ("gate", "up")]
+    return LayerWeights(
+        input_norm=ckpt.take(p + "input_layernorm.weight"),
+        qkv=Linear(torch.cat(qkv), torch.cat(biases) if all(b is not None for b in biases) else None, onednn),
+        o=_row_parallel(ckpt.take(p + "self_attn.o_proj.weight", cols=q_rows),
+                        ckpt.take(p + "self_attn.o_proj.bias", required=False), onednn, all_reduce),
+        q_norm=ckpt.take(p + "self_attn.q_norm.weight", required=False),
+        k_norm=ckpt.take(p + "self_attn.k_norm.weight", required=False),
+        post_attention_norm=ckpt.take(p + "post_attention_layernorm.weight"),
+        gate_up=Linear(torch.cat(gate_up), None, onednn),
+        down=_row_parallel(ckpt.take(p + "mlp.down_proj.weight", cols=s.columns), None, onednn, all_reduce),
+    )
+
+
+def _row_parallel(weight: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool,
+                  all_reduce: Optional[AllReduce]) -> Linear | RowParallelLinear:
+    if all_reduce is None:
+        return Linear(weight, bias, onednn)
+    return RowParallelLinear(Linear(weight, None, onednn), bias, all_reduce)
+
+
+def _embedding_and_head(ckpt: "_Checkpoint", tied: bool, s: Sharding, onednn: bool,
+                        all_reduce: Optional[AllReduce]) -> tuple[VocabParallelEmbedding, Optional[Linear]]:
+    """Every rank: its vocabulary rows of the embedding. Rank 0 alone: the whole LM head.
+
+    NOTE: rank 0 alone samples, so sampling, grammars and logprobs stay in one process and
+    no collective runs per logits call. The cost is memory on rank 0: a whole vocab x hidden
+    matrix (Llama-3-70B in bf16: 128256 x 8192 x 2 B = 2.1 GB), which the all-reduce MIN of
+    KV blocks then takes from every rank's cache. A vocab-sharded head with a gather of the
+    logits to rank 0 is the next step when that matters."""
+    rows = (s.vocab_start, s.vocab_end)
+    head = ckpt.take("lm_head.weight", required=not tied) if s.rank == 0 else None
+    if s.rank == 0 and head is None:  # tied: one whole matrix serves as the head, a view of it as the embedding
+        head = ckpt.take("model.embed_tokens.weight")
+        embed = head[rows[0]:rows[1]]
+    else:
+        embed = ckpt.take("model.embed_tokens.weight", rows=rows)
+    return VocabParallelEmbedding(embed, s.vocab_start, all_reduce), None if head is None else Linear(head, None, onednn)
+
+
+class _Checkpoint:
+    """The safetensors files of a model directory, read a tensor (or a slice of one) at a
+    time, so a rank never holds more than its own slices."""
+
+    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype):
+        self.model_dir, self.device, self.dtype = model_dir, device, dtype
+        self.files = ExitStack()
+        self.where = {name: st for f in sorted(model_dir.glob("*.safetensors"))
+                      for st in [self.files.enter_context(safe_open(f, framework="pt", device="cpu"))]
+                      for name in st.keys()}
+
+    def __enter__(self) -> "_Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.files.close()
+
+    def take(self, name: str, rows: Optional[tuple[int, int]] = None, cols: Optional[tuple[int, int]] = None,
+             required: bool = True) -> Optional[torch.Tensor]:
+        st = self.where.get(name)
+        if st is None:
+            if required:
+                raise ModelLoadError(f"weight {name!r} is missing from the safetensors files in {str(self.model_dir)!r}")
+            return None
+        if rows is not None:
+            tensor = st.get_slice(name)[rows[0]:rows[1]]
+        elif cols is not None:
+            tensor = st.get_slice(name)[:, cols[0]:cols[1]]
+        else:
+            tensor = st.get_tensor(name)
+        return tensor.to(device=self.device, dtype=self.dtype)

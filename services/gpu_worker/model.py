@@ -11,16 +11,18 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from services.gpu_worker.batch import AttentionMetadata
 from services.gpu_worker.layer_ops import get_layer_ops
 from services.gpu_worker.linear import Linear
+from services.gpu_worker.parallel_layers import RowParallelLinear, VocabParallelEmbedding
 from services.gpu_worker.rope import RotaryEmbedding
 
 
 @dataclass
 class ModelShape:
+    """On a tensor-parallel rank num_heads and num_kv_heads are that rank's; the rest is global."""
+
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -35,20 +37,21 @@ class ModelShape:
 class LayerWeights:
     input_norm: torch.Tensor
     qkv: Linear  # q, k and v projections fused into one matrix: one matmul instead of three
-    o: Linear
+    o: Linear | RowParallelLinear
     q_norm: Optional[torch.Tensor]  # Qwen3: RMSNorm over head_dim of each head
     k_norm: Optional[torch.Tensor]
     post_attention_norm: torch.Tensor
     gate_up: Linear  # gate and up fused, gate first
-    down: Linear
+    down: Linear | RowParallelLinear
 
 
 class DecoderModel:
-    def __init__(self, shape: ModelShape, embed_tokens: torch.Tensor, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: Linear, rotary: RotaryEmbedding,
+    def __init__(self, shape: ModelShape, embed: VocabParallelEmbedding, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: Optional[Linear], rotary: RotaryEmbedding,
                  act: Callable[[torch.Tensor], torch.Tensor], attention_backend):
+        """`lm_head`: None on a tensor-parallel rank other than 0, which never samples."""
         self.shape = shape
-        self.embed_tokens = embed_tokens
+        self.embed = embed
         self.layers = layers
         self.final_norm = final_norm
         self.lm_head = lm_head
@@ -56,15 +59,15 @@ class DecoderModel:
         self.act = act
         self.attn = attention_backend
         self.scale = shape.head_dim**-0.5
-        self.dtype = embed_tokens.dtype
-        self.device = embed_tokens.device
+        self.dtype = embed.weight.dtype
+        self.device = embed.weight.device
         self.ops = get_layer_ops(self.device, act)  # norms, residual adds, rope, activation
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
-        h = F.embedding(input_ids, self.embed_tokens)
+        h = self.embed(input_ids)
         rope = self.rotary.for_positions(positions, self.dtype)
         ops, eps = self.ops, self.shape.rms_norm_eps
         # A sublayer's output joins the residual stream h in the op that norms h for the next
@@ -79,7 +82,14 @@ class DecoderModel:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None, "only rank 0 of a tensor-parallel model holds the LM head"
         return self.lm_head(hidden).float()
+
+    def watch_ranks(self, on_failure: Callable[[str], None]) -> None:
+        """Calls on_failure(reason) if a rank of a tensor-parallel model dies: none here."""
+
+    def close(self) -> None:
+        """Releases what the model holds beyond its tensors: nothing, unless it is tensor-parallel."""
 
     def _attention(self, layer: LayerWeights, x, rope, meta: AttentionMetadata, k_cache, v_cache):
         s = self.shape

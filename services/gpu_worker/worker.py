@@ -1,12 +1,15 @@
 """The worker process's loop: register with the scheduler over ZeroMQ, then execute each
 StepPlan it receives and answer with a StepResult, until SIGTERM.
 
-Bad messages are logged and answered with an error result; they never end the process.
+Bad messages are logged and answered with an error result; they never end the process. A
+tensor-parallel rank that dies does: the worker tells the scheduler it is leaving (which
+moves its requests elsewhere) and stops, with `failure` saying why.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -15,10 +18,14 @@ from typing import Optional
 import zmq
 
 from services.gpu_worker.engine import Engine
+from services.gpu_worker.tp_group import RankFailure
 from shared import messages as m
 from shared.curve import secure_client
 
 log = logging.getLogger(__name__)
+# After a rank died, the main loop gets this long to leave; a collective that never returns
+# (NCCL does not notice a dead peer as gloo does) must not keep a dead worker registered.
+LEAVE_DEADLINE_S = 30.0
 
 
 class Worker:
@@ -31,10 +38,13 @@ class Worker:
         self.info = info
         self.heartbeat_interval = heartbeat_interval
         self.stopping = False
+        self.failure: Optional[str] = None  # set when a tensor-parallel rank died: the worker leaves
+        self._left = threading.Event()
         self.curve = curve
         self.ctx = zmq.Context.instance()
         self.scheduler_address = scheduler_address
         self.sock = self._connect(engine.worker_id, linger_ms=1000)
+        engine.model.watch_ranks(self._rank_died)
 
     def _connect(self, identity: str, linger_ms: int) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -56,15 +66,33 @@ class Worker:
         done = threading.Event()
         beats = threading.Thread(target=self._heartbeats, args=(done,), name="heartbeat", daemon=True)
         beats.start()
-        while not self.stopping:
-            if not self.sock.poll(timeout=200):  # wakes up to notice SIGTERM
+        while not self.stopping and self.failure is None:
+            if not self.sock.poll(timeout=200):  # wakes up to notice SIGTERM or a dead rank
                 continue
-            self.handle(self.sock.recv())
+            try:
+                self.handle(self.sock.recv())
+            except RankFailure as e:  # the step in flight is lost with the worker: the scheduler moves it
+                self._rank_died(str(e))
         done.set()
         beats.join()
-        self._send(m.WorkerLeaving(worker_id=self.engine.worker_id, reason="shutdown"))
-        log.info("worker %s left", self.engine.worker_id)
+        reason = "shutdown" if self.failure is None else f"tensor-parallel rank failed: {self.failure}"
+        self._send(m.WorkerLeaving(worker_id=self.engine.worker_id, reason=reason))
+        log.info("worker %s left (%s)", self.engine.worker_id, reason)
         self.sock.close()
+        self._left.set()
+
+    def _rank_died(self, reason: str) -> None:
+        """From the follower watcher's thread or the main loop: leave, within LEAVE_DEADLINE_S."""
+        if self.failure is not None:
+            return
+        log.error("worker %s cannot go on: %s", self.engine.worker_id, reason)
+        self.failure = reason
+        threading.Thread(target=self._exit_unless_left, name="leave-deadline", daemon=True).start()
+
+    def _exit_unless_left(self) -> None:
+        if not self._left.wait(LEAVE_DEADLINE_S):
+            log.error("worker %s: the main loop is stuck after a rank died; exiting", self.engine.worker_id)
+            os._exit(1)
 
     def _heartbeats(self, done: threading.Event) -> None:
         """Beats on a socket of its own (ZeroMQ sockets are not shared between threads),

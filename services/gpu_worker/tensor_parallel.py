@@ -1,0 +1,201 @@
+"""Tensor parallelism, rank 0's side: the worker's own process is rank 0 and keeps the
+whole Engine (rows, sampling, grammars, logprobs); ranks 1..N-1 are follower processes
+(tp_follower.py) that only execute forward passes on their shards of the model.
+
+    rank 0:  engine.execute -> LeaderModel.forward: broadcast inputs ─┬─> layers (all-reduce) -> LM head, sample
+    rank r:  recv_step <──────────────────────────────────────────────┘   layers (all-reduce) -> discarded
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from kernels import get_attention_backend
+from services.gpu_worker.kv_cache import num_blocks_in_budget
+from services.gpu_worker.loader import load_config, load_model, model_shape, shard_model
+from services.gpu_worker.model import DecoderModel
+from services.gpu_worker.tp_channel import send_step, send_stop
+from services.gpu_worker.tp_group import Group, RankFailure, close_group, init_group, rank_device
+from shared.config import WorkerSettings
+from shared.cpu_layout import allowed_cores, format_cores, resolve as resolve_cpu_layout
+from shared.embedded_redis import free_port
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_rank(settings: WorkerSettings, path: Path, group: Group, dtype: torch.dtype,
+              cls: type[DecoderModel]) -> tuple[DecoderModel, int]:
+    """This rank's shard of the model, and the KV blocks every rank can hold: the fewest
+    over the ranks, so that a block id means the same slots everywhere."""
+    config = load_config(path)
+    sharding = shard_model(config, model_shape(config), group.rank, group.world)
+    model = load_model(path, group.device, dtype, get_attention_backend(group.device), settings.linear_backend,
+                       sharding, group.all_reduce, cls)
+    # On CPU kv_cache_memory is the worker's: each rank takes its share.
+    mine = num_blocks_in_budget(model.shape, settings.block_size, dtype, group.device,
+                                int(settings.kv_cache_memory) // group.world, settings.gpu_memory_fraction)
+    return model, group.min_int(mine)
+
+
+class LeaderModel(DecoderModel):
+    """Rank 0's shard: each forward pass first hands its inputs to the followers."""
+
+    group: Group
+    followers: "Followers"
+    layout_before: "RankLayout"  # this process's threads and cores before it became rank 0
+
+    def forward(self, input_ids, positions, meta, kv_caches):
+        send_step(self.group, input_ids, positions, meta)
+        try:
+            return super().forward(input_ids, positions, meta, kv_caches)
+        except RankFailure:
+            raise
+        except Exception as e:
+            # NOTE: the followers may now wait in a collective rank 0 never joins, and would
+            # take the next step's broadcast for it: no later step can be trusted.
+            self.group.failed = True
+            raise RankFailure(f"rank 0's forward failed mid-step, the ranks are out of step: {e!r}") from e
+
+    def watch_ranks(self, on_failure: Callable[[str], None]) -> None:
+        self.followers.on_death = on_failure
+
+    def close(self) -> None:
+        """Stops the followers: by a stop command while all are well, else by SIGKILL."""
+        if self.followers.stopping:  # closed already
+            return
+        self.followers.stopping = True  # from here on a follower's exit is expected, not a death
+        clean = not self.group.failed and self.followers.all_alive()
+        if clean:
+            try:
+                send_stop(self.group)
+            except RankFailure as e:
+                log.error("tensor-parallel stop: %s; killing the followers", e)
+                clean = False
+        # After a failure the live followers wait on rank 0 for nothing: kill them at once.
+        if clean:
+            self.followers.stop()
+        else:
+            self.followers.kill()
+        close_group(self.group)
+        _use_layout(self.layout_before)  # an in-process caller (tests, benchmarks) gets its threads back
+
+
+class Followers:
+    """The follower processes, watched: one that exits unasked is reported to on_death
+    (by default logged; the worker makes it take the whole worker down)."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs = procs
+        self.stopping = False
+        self.on_death: Callable[[str], None] = lambda reason: log.error("%s", reason)
+        threading.Thread(target=self._watch, name="tp-followers", daemon=True).start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def all_alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def _watch(self) -> None:
+        while not self.stopping:
+            for rank, p in enumerate(self.procs, start=1):
+                if p.poll() is not None and not self.stopping:
+                    self.on_death(f"tensor-parallel rank {rank} (pid {p.pid}) exited with {p.returncode}")
+                    return
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        self.stopping = True
+        for p in self.procs:
+            p.kill()
+        self.stop()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Waits for the followers to exit (they were told to), killing any still there."""
+        self.stopping = True
+        for p in self.procs:
+            try:
+                p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error("tensor-parallel follower pid %d did not stop in %.0f s: killed", p.pid, timeout_s)
+                p.kill()
+                p.wait()
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    threads: int
+    cores: Optional[list[int]]  # None: unbound (fewer cores than ranks: they share)
+
+
+def rank_layouts(threads: int, cores: Optional[list[int]], world: int) -> list[RankLayout]:
+    """Each rank's share of the worker's threads and cores (None: unbound), in contiguous slices."""
+    per_rank = max(1, threads // world)
+    if cores is None or len(cores) < world:
+        return [RankLayout(per_rank, None)] * world
+    share, extra = divmod(len(cores), world)
+    bounds = [r * share + min(r, extra) for r in range(world + 1)]
+    return [RankLayout(per_rank, cores[bounds[r]:bounds[r + 1]]) for r in range(world)]
+
+
+def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.device,
+                          dtype: torch.dtype) -> tuple[LeaderModel, int]:
+    """Starts ranks 1..N-1, joins them as rank 0 and loads rank 0's shard; returns it with
+    the number of KV blocks all ranks hold. Fails before starting anything when the model
+    cannot be split N ways."""
+    world = settings.tensor_parallel_size
+    config = load_config(path)
+    shard_model(config, model_shape(config), 0, world)  # the ModelLoadError, before any process starts
+    # The worker's threads and cores, as the worker process bound itself (cpu_layout), shared out.
+    threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed_cores(),
+                                        os.environ.get("OMP_NUM_THREADS"))
+    layouts = rank_layouts(threads or torch.get_num_threads(), cores, world)
+    before = RankLayout(torch.get_num_threads(), sorted(os.sched_getaffinity(0)))
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    # Spawned before rank 0 narrows itself to its share: a child inherits the cores it may bind to.
+    followers = Followers([_spawn(settings, path, rank, world, init_method, layouts[rank]) for rank in range(1, world)])
+    _use_layout(layouts[0])
+    group = None
+    try:
+        group = init_group(0, world, init_method, rank_device(device, 0))
+        model, num_blocks = load_rank(settings, path, group, dtype, LeaderModel)
+    except BaseException:  # undo everything, so that the caller may try again in this process
+        followers.kill()
+        if group is not None:
+            close_group(group)
+        _use_layout(before)
+        raise
+    model.group, model.followers, model.layout_before = group, followers, before
+    log.info("tensor parallel over %d ranks (followers: pids %s)", world, followers.pids)
+    return model, num_blocks
+
+
+def _use_layout(layout: RankLayout) -> None:
+    # NOTE: OpenMP threads inherit the main thread's binding when they start, so this binds
+    # rank 0's pool only if no parallel op has run yet (the worker process: none has).
+    if layout.cores is not None:
+        os.sched_setaffinity(0, layout.cores)
+    torch.set_num_threads(layout.threads)
+
+
+def _spawn(settings: WorkerSettings, path: Path, rank: int, world: int, init_method: str,
+           layout: RankLayout) -> subprocess.Popen:
+    cores = format_cores(layout.cores) if layout.cores is not None else "none"
+    # The command line is public (ps): the followers never talk to the scheduler, so no keys.
+    rank_settings = settings.model_copy(update=dict(model=str(path), num_threads=layout.threads, cpu_affinity=cores,
+                                                    zmq_server_public_key=None, zmq_client_secret_key=None))
+    cmd = [sys.executable, "-m", "services.gpu_worker.tp_follower", "--rank", str(rank), "--world", str(world),
+           "--init-method", init_method, "--parent-pid", str(os.getpid()), "--settings", rank_settings.model_dump_json()]
+    return subprocess.Popen(cmd, cwd=REPO)  # its log lines go where the worker's go
