@@ -10,7 +10,7 @@ restarts reads its unfinished work again and the stream only ever holds unfinish
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -38,6 +38,7 @@ class QueueEntry:
     entry_id: str
     message: SubmitRequest | AbortRequest | None  # None when the entry could not be decoded
     error: str | None = None  # why it could not be decoded
+    stream: str = field(default="", compare=False)  # the stream it was read from: where to ack it
 
 
 def submit(client: redis.Redis, message: SubmitRequest | AbortRequest, keys: RedisKeys = RedisKeys(),
@@ -52,15 +53,19 @@ def submit(client: redis.Redis, message: SubmitRequest | AbortRequest, keys: Red
 
 class RequestQueue:
     """One consumer of the request stream's consumer group: `read` returns its pending
-    entries (read by a previous run of the scheduler, never acknowledged), then new ones."""
+    entries (read by a previous run of the scheduler, never acknowledged), then new ones.
+    With `aborts` (a scheduler's own abort stream, read through the same group) new reads
+    take both streams in one blocking call."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), consumer: str = "scheduler"):
+    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), consumer: str = "scheduler",
+                 aborts: str | None = None):
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RequestQueue needs a Redis client with decode_responses=False "
                              "(entries are binary msgpack)")
         self.client = client
         self.keys = keys
         self.consumer = consumer
+        self.aborts = aborts
         self._group_ready = False
         # Where the replay of our pending entries has got to; None once it is done.
         # NOTE: XREADGROUP with an explicit id returns pending entries *after* that id, and
@@ -69,26 +74,35 @@ class RequestQueue:
 
     def ensure_group(self) -> None:
         """Create the group (and the stream) if missing, at id 0: earlier entries are read too."""
-        try:
-            self.client.xgroup_create(self.keys.requests, self.keys.group, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        for stream in (self.keys.requests, self.aborts):
+            if stream is None:
+                continue
+            try:
+                self.client.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
         self._group_ready = True
 
-    def read(self, count: int = 1024, block_ms: int | None = None) -> list[QueueEntry]:
+    def read(self, count: int = 1024, block_ms: int | None = None, new_requests: bool = True) -> list[QueueEntry]:
         """Up to `count` entries: our pending ones until none are left, then new ones
-        (waiting up to `block_ms` for one when given). Undecodable entries come back with
-        message=None and `error` set; the caller acks them like any other."""
+        (waiting up to `block_ms` for one when given); with `new_requests` False, new ones
+        of the abort stream only. Undecodable entries come back with message=None and
+        `error` set; the caller acks them like any other."""
         if not self._group_ready:
             self.ensure_group()
         if self._pending_cursor is not None:
-            entries = self._xreadgroup(self._pending_cursor, count, None)
+            # Our pending aborts are not replayed: the request's abort flag, seen when a
+            # replayed request is taken again, stands for them (shared/ownership.py).
+            entries = self._xreadgroup({self.keys.requests: self._pending_cursor}, count, None)
             if entries:
                 self._pending_cursor = entries[-1].entry_id
                 return entries
             self._pending_cursor = None
-        return self._xreadgroup(">", count, block_ms)
+        streams = {self.keys.requests: ">"} if new_requests else {}
+        if self.aborts is not None:
+            streams[self.aborts] = ">"
+        return self._xreadgroup(streams, count, block_ms) if streams else []
 
     def replay_pending(self) -> None:
         """Read our pending entries again from the start, then new ones. After a lost
@@ -96,13 +110,15 @@ class RequestQueue:
         never reached us, and ">" never returns those again. The caller skips the ones it holds."""
         self._pending_cursor = "0"
 
-    def ack(self, entry_ids: Sequence[str]) -> None:
-        """Acknowledge and delete: a finished request leaves the stream."""
+    def ack(self, entry_ids: Sequence[str], stream: str | None = None) -> None:
+        """Acknowledge and delete: a finished request leaves the stream (`stream`: default
+        the request stream)."""
         if not entry_ids:
             return
+        stream = stream or self.keys.requests
         pipe = self.client.pipeline(transaction=True)
-        pipe.xack(self.keys.requests, self.keys.group, *entry_ids)
-        pipe.xdel(self.keys.requests, *entry_ids)
+        pipe.xack(stream, self.keys.group, *entry_ids)
+        pipe.xdel(stream, *entry_ids)
         pipe.execute()
 
     def pending_count(self) -> int:
@@ -115,10 +131,9 @@ class RequestQueue:
     def queue_length(self) -> int:
         return self.client.xlen(self.keys.requests)
 
-    def _xreadgroup(self, from_id: str, count: int, block_ms: int | None) -> list[QueueEntry]:
+    def _xreadgroup(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[QueueEntry]:
         try:
-            reply = self.client.xreadgroup(self.keys.group, self.consumer, {self.keys.requests: from_id},
-                                           count=count, block=block_ms)
+            reply = self.client.xreadgroup(self.keys.group, self.consumer, streams, count=count, block=block_ms)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
@@ -127,11 +142,16 @@ class RequestQueue:
             return []
         # RESP2 gives [[stream, entries]], RESP3 {stream: [entries]}.
         streams = reply.items() if isinstance(reply, dict) else reply or []
-        return [_entry(entry_id, fields) for _, entries in streams for entry_id, fields in entries]
+        return [_entry(entry_id, fields, _str(stream)) for stream, entries in streams for entry_id, fields in entries]
 
 
-def _entry(entry_id: bytes | str, fields: dict | None) -> QueueEntry:
-    entry_id = _str(entry_id)
+def _entry(entry_id: bytes | str, fields: dict | None, stream: str = "") -> QueueEntry:
+    entry = _decoded(_str(entry_id), fields)
+    entry.stream = stream
+    return entry
+
+
+def _decoded(entry_id: str, fields: dict | None) -> QueueEntry:
     if not fields:
         # A pending entry whose stream entry was deleted (XDEL, MAXLEN) comes back empty.
         return QueueEntry(entry_id, None, "entry has no fields (deleted from the stream?)")

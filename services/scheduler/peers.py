@@ -1,0 +1,59 @@
+"""This scheduler among its peers, when several of distinct names share the request stream:
+how many new requests its pool has room for, taking requests (owner recorded unless an
+abort came first), forwarding aborts to their owners, and taking over a dead peer's.
+The atomic steps are shared/ownership.py's scripts; this module decides when to use them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import redis
+
+from services.scheduler.core import SchedulerCore
+from shared.messages import AbortRequest
+from shared.ownership import Ownership
+from shared.redis_keys import RedisKeys
+
+log = logging.getLogger(__name__)
+
+# Requests held per sequence slot of the pool: the pool's own slots and as many waiting,
+# so a finishing request's slot is refilled without a Redis round trip, while a full pool
+# leaves the rest of the stream to its peers.
+READ_AHEAD = 2
+
+
+class Peers:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, name: str):
+        self.name = name
+        self.ownership = Ownership(client, keys)
+
+    def room(self, core: SchedulerCore, max_num_seqs: int) -> int:
+        """New requests to read now. With no worker, as for one: a lone scheduler still
+        holds what arrives before its first worker registers."""
+        return max(0, READ_AHEAD * max_num_seqs * max(1, len(core.workers)) - len(core.requests))
+
+    def take(self, request_ids: Sequence[str]) -> dict[str, str]:
+        """Record us as their owner; returns {request_id: reason} of those aborted first."""
+        return self.ownership.take(self.name, request_ids)
+
+    def forward_abort(self, message: AbortRequest) -> None:
+        """An abort read from the shared stream: to the owner's abort stream (ours too)."""
+        self.ownership.abort(message)
+
+    def take_over(self, liveness_key: Callable[[str], str]) -> int:
+        """Claim the pending entries of every peer whose liveness key expired; returns how
+        many (the caller reads them as its own pending entries)."""
+        claimed = self.ownership.take_over(self.name, liveness_key)
+        for peer, n in claimed.items():
+            log.warning("scheduler %s is gone (its liveness key expired): took over its %d requests", peer, n)
+        return sum(claimed.values())
+
+    def taken_from_us(self, held: set[str]) -> int:
+        """How many of the entries we hold are no longer pending as ours (a peer took them
+        over while our lease had lapsed)."""
+        if not held:
+            return 0
+        mine = self.ownership.pending_of(self.name, len(held) + 1024)
+        return len(held - mine)
