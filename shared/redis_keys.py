@@ -34,9 +34,10 @@ class RedisKeys:
         return f"{self.prefix}:workers"
 
     @property
-    def stats(self) -> str:
-        """Hash of the scheduler's figures, refreshed about every second."""
-        return f"{self.prefix}:stats"
+    def schedulers(self) -> str:
+        """Hash: scheduler name -> JSON of its figures (SchedulerFigures), each refreshed
+        about every second by its scheduler."""
+        return f"{self.prefix}:schedulers"
 
     @property
     def errors(self) -> str:

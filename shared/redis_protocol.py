@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import redis
 
-from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus, WorkerFigures
+from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus, WorkerFigures, combined
 from shared.messages import AbortRequest, RequestStatus, SubmitRequest, decode, encode
 from shared.redis_keys import RedisKeys
 
@@ -172,14 +172,16 @@ class StatusWriter:
     pipeline (`flush`): one round trip per iteration, never one per token. Updates of the
     same thing merge (the latest wins); those a flush could not deliver go with the next."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), finished_ttl_s: int = 3600):
+    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), finished_ttl_s: int = 3600,
+                 scheduler_name: str = "scheduler"):
         self.client = client
         self.keys = keys
         self.finished_ttl_s = finished_ttl_s
+        self.scheduler_name = scheduler_name  # whose figures these are
         self._requests: dict[str, dict[str, str | int | float]] = {}
         self._expire: set[str] = set()
         self._workers: dict[str, bytes | None] = {}  # None: remove
-        self._stats: dict[str, str] = {}
+        self._stats: dict[str, bytes] = {}  # {scheduler_name: its figures} or nothing
         self._errors: list[tuple[bytes, int]] = []
 
     def request_status(self, request_id: str, **fields: str | int | float) -> None:
@@ -204,7 +206,7 @@ class StatusWriter:
         self._workers[worker_id] = None
 
     def figures(self, figures: SchedulerFigures) -> None:
-        self._stats.update({name: str(value) for name, value in figure_fields(figures).items()})
+        self._stats[self.scheduler_name] = msgspec.json.encode(figures)
 
     def error(self, record: ErrorRecord, keep: int = 100) -> None:
         """Record an error in the list of recent errors (newest first), capped at `keep`."""
@@ -230,7 +232,7 @@ class StatusWriter:
             else:
                 pipe.hset(self.keys.workers, worker_id, info)
         if self._stats:
-            pipe.hset(self.keys.stats, mapping=self._stats)
+            pipe.hset(self.keys.schedulers, mapping=self._stats)
         for info, keep in self._errors:
             pipe.lpush(self.keys.errors, info)
             pipe.ltrim(self.keys.errors, 0, keep - 1)
@@ -252,17 +254,18 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemSta
     """What the scheduler last published, in one round trip. A record that does not
     decode raises `msgspec.ValidationError` (a ValueError) naming the field."""
     pipe = client.pipeline(transaction=False)
-    pipe.hgetall(keys.stats)
+    pipe.hgetall(keys.schedulers)
     pipe.hgetall(keys.workers)
     pipe.lrange(keys.errors, 0, -1)
     pipe.xlen(keys.requests)
     pipe.xpending(keys.requests, keys.group)
-    stats, workers, errors, queue_length, pending = pipe.execute(raise_on_error=False)
-    for reply in (stats, workers, errors, queue_length):
+    schedulers, workers, errors, queue_length, pending = pipe.execute(raise_on_error=False)
+    for reply in (schedulers, workers, errors, queue_length):
         if isinstance(reply, Exception):
             raise reply
+    schedulers = _scheduler_figures(schedulers)
     return SystemStatus(
-        scheduler=_scheduler_figures(stats),
+        scheduler=combined(list(schedulers.values())), schedulers=schedulers,
         workers={_str(k): msgspec.json.decode(v, type=WorkerFigures) for k, v in workers.items()},
         errors=[msgspec.json.decode(e, type=ErrorRecord) for e in errors],
         queue_length=queue_length,
@@ -271,20 +274,22 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemSta
 
 
 def figure_fields(figures: SchedulerFigures) -> dict[str, int | float]:
-    """The scheduler's figures as the fields of their Redis hash (`finished_<reason>`)."""
+    """The scheduler's figures as flat fields (`finished_<reason>`), as the benchmarks tabulate them."""
     fields = msgspec.to_builtins(figures)
     finished = fields.pop("finished")
     return {**fields, **{FINISHED_PREFIX + reason: n for reason, n in finished.items()}}
 
 
 def queue_load(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> tuple[int, int]:
-    """(requests queued or running, prompt tokens waiting to be scheduled: the scheduler's
-    figure, about a second old, 0 before it wrote any): what a gateway admits against."""
+    """(requests queued or running, prompt tokens waiting to be scheduled: the live
+    schedulers' figures, about a second old, 0 before any wrote them): what a gateway
+    admits against."""
     pipe = client.pipeline(transaction=False)
     pipe.xlen(keys.requests)
-    pipe.hget(keys.stats, "queued_tokens")
-    queued, queued_tokens = pipe.execute()
-    return queued, int(queued_tokens or 0)
+    pipe.hgetall(keys.schedulers)
+    queued, schedulers = pipe.execute()
+    figures = combined(list(_scheduler_figures(schedulers).values()))
+    return queued, figures.queued_tokens if figures else 0
 
 
 def durability_problem(client: redis.Redis) -> str | None:
@@ -304,17 +309,8 @@ def durability_problem(client: redis.Redis) -> str | None:
     return None
 
 
-def _scheduler_figures(stats: dict) -> SchedulerFigures | None:
-    if not stats:
-        return None
-    fields: dict[str, Any] = {"finished": {}}
-    for name, value in ((_str(k), _str(v)) for k, v in stats.items()):
-        if name.startswith(FINISHED_PREFIX):
-            fields["finished"][name.removeprefix(FINISHED_PREFIX)] = value
-        else:
-            fields[name] = value
-    # strict=False: the hash holds text, and "3" converts to the int field it is.
-    return msgspec.convert(fields, SchedulerFigures, strict=False)
+def _scheduler_figures(reply: dict) -> dict[str, SchedulerFigures]:
+    return {_str(name): msgspec.json.decode(v, type=SchedulerFigures) for name, v in reply.items()}
 
 
 def _pending_from_reply(reply: Any) -> int:

@@ -51,7 +51,7 @@ class SchedulerService:
         self.keys = RedisKeys(settings.redis_prefix)
         self.name = settings.scheduler_name
         self.queue = RequestQueue(client, self.keys, consumer=self.name, aborts=self.keys.aborts(self.name))
-        self.status = StatusWriter(client, self.keys)
+        self.status = StatusWriter(client, self.keys, scheduler_name=self.name)
         self.lease = Lease(client, self.keys.scheduler(self.name), f"{socket.gethostname()}:{os.getpid()}",
                            settings.lease_ttl)
         self.peers = Peers(client, self.keys, self.name)

@@ -9,15 +9,17 @@ import time
 
 import zmq
 
+from conveyor.status import render
 from services.scheduler.core import SchedulerCore
 from services.scheduler.lease import Lease
 from services.scheduler.peers import Peers
 from services.scheduler.queue_reader import QueueReader
 from services.scheduler.service import SchedulerService
 from shared.config import SchedulerSettings
+from shared.figures import SchedulerFigures
 from shared.messages import AbortRequest, FinishReason, SamplingParams, SubmitRequest
 from shared.ownership import Ownership
-from shared.redis_protocol import RequestQueue, submit
+from shared.redis_protocol import RequestQueue, StatusWriter, queue_load, read_status, submit
 
 
 def request(n: int) -> SubmitRequest:
@@ -154,3 +156,22 @@ def test_a_request_aborted_before_it_was_taken_ends_at_once_and_is_acked(redis_c
     assert redis_client.hget(redis_keys.request("r2"), "owner") == b"a"
     service._bookkeeping()
     assert redis_client.xlen(redis_keys.requests) == 1, "r1's entry is acked and deleted, r2's stays"
+
+
+def test_status_shows_each_scheduler_and_sums_the_live_ones(redis_client, redis_keys):
+    now = time.time()
+    for name, running, queued_tokens, age in (("a", 3, 100, 0.0), ("b", 4, 20, 1.0), ("gone", 50, 999, 60.0)):
+        writer = StatusWriter(redis_client, redis_keys, scheduler_name=name)
+        writer.figures(SchedulerFigures(updated_at=now - age, running=running, queued_tokens=queued_tokens,
+                                        finished={"stop": running}))
+        writer.flush()
+    status = read_status(redis_client, redis_keys)
+    assert set(status.schedulers) == {"a", "b", "gone"} and status.schedulers["b"].running == 4
+    assert status.scheduler.running == 7 and status.scheduler.finished == {"stop": 7}
+    assert status.scheduler.updated_at == now
+    assert queue_load(redis_client, redis_keys) == (0, 120), "the gateway admits against the live ones"
+    text = render(status, now, "here")
+    assert "scheduler   alive" in text and "running 7" in text
+    [line_b] = [line for line in text.splitlines() if line.startswith("b ")]
+    assert line_b.split()[1:4] == ["0", "4", "0"] and line_b.endswith("alive")
+    assert "NOT RUNNING (figures 60 s old)" in text
