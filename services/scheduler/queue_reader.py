@@ -41,7 +41,8 @@ class QueueReader:
                  consumer: str = "scheduler", aborts: str | None = None):
         self._client = blocking_client(client, block_ms)
         self._queue = RequestQueue(self._client, keys, consumer, aborts)
-        self.room: int | None = None  # set by the loop: new requests it can take (None: no bound)
+        self.room: int | None = None  # new requests the loop can take (None: no bound); see set_room
+        self._took = False  # the loop took a batch and has not said its room since
         self._block_ms = block_ms
         self._ctx = ctx
         self._address = f"inproc://conveyor-queue-reader-{id(self)}"
@@ -67,8 +68,18 @@ class QueueReader:
                 break
         with self._lock:
             batch, self._batch = self._batch, []
-        self._taken.set()
+        if self.room is None:
+            self._taken.set()
+        else:
+            self._took = True  # NOTE: the next read waits for set_room: a room from before this batch would overshoot
         return batch
+
+    def set_room(self, room: int) -> None:
+        """The loop's room once it has placed what it took: the next read may go ahead."""
+        self.room = room
+        if self._took:
+            self._took = False
+            self._taken.set()
 
     def replay_pending(self) -> None:
         """Read our pending entries again (entries were claimed from a dead peer); the

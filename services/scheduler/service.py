@@ -90,6 +90,7 @@ class SchedulerService:
                                   aborts=self.queue.aborts)
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.reader.wake, zmq.POLLIN)
+        self.reader.set_room(self.peers.room(self.core, self.settings.max_num_seqs))
         self.reader.start()
         log.info("scheduler %s (%s) listening for workers on %s", self.name, self.lease.holder,
                  self.settings.scheduler_address)
@@ -145,7 +146,7 @@ class SchedulerService:
         self._dispatch_steps()
         self._send_outputs()
         self._bookkeeping()
-        self.reader.room = self.peers.room(self.core, self.settings.max_num_seqs)
+        self.reader.set_room(self.peers.room(self.core, self.settings.max_num_seqs))
 
     # ---- workers ------------------------------------------------------------------------
     def _wait_ms(self) -> int:

@@ -116,7 +116,7 @@ def test_a_full_pool_reads_aborts_but_no_new_requests(redis_client, redis_keys):
     queue(redis_client, redis_keys, "a")
     reader = QueueReader(redis_client, redis_keys, zmq.Context.instance(), consumer="a",
                          aborts=redis_keys.aborts("a"))
-    reader.room = 0
+    reader.set_room(0)
     reader.start()
     try:
         submit(redis_client, request(1), redis_keys)
@@ -126,7 +126,7 @@ def test_a_full_pool_reads_aborts_but_no_new_requests(redis_client, redis_keys):
         assert [e.message for e in reader.take()] == [AbortRequest("r9", "client disconnected")]
         time.sleep(0.3)
         assert not reader.wake.poll(0), "no room: the request stays in Redis for a peer"
-        reader.room = 1
+        reader.set_room(1)
         assert reader.wake.poll(2000)
         assert ids(reader.take()) == {"r1"}
     finally:
@@ -175,3 +175,21 @@ def test_status_shows_each_scheduler_and_sums_the_live_ones(redis_client, redis_
     [line_b] = [line for line in text.splitlines() if line.startswith("b ")]
     assert line_b.split()[1:4] == ["0", "4", "0"] and line_b.endswith("alive")
     assert "NOT RUNNING (figures 60 s old)" in text
+
+
+def test_the_next_read_waits_until_the_loop_has_placed_what_it_took(redis_client, redis_keys):
+    queue(redis_client, redis_keys, "a")
+    for n in range(3):
+        submit(redis_client, request(n), redis_keys)
+    reader = QueueReader(redis_client, redis_keys, zmq.Context.instance(), consumer="a",
+                         aborts=redis_keys.aborts("a"))
+    reader.set_room(1)
+    reader.start()
+    try:
+        assert reader.wake.poll(2000) and len(reader.take()) == 1
+        time.sleep(0.3)
+        assert not reader.wake.poll(0), "its room from before that batch would overshoot"
+        reader.set_room(2)
+        assert reader.wake.poll(2000) and len(reader.take()) == 2
+    finally:
+        reader.stop()
