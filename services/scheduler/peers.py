@@ -18,10 +18,10 @@ from shared.redis_keys import RedisKeys
 
 log = logging.getLogger(__name__)
 
-# Requests held per sequence slot of the pool: the pool's own slots and as many waiting,
-# so a finishing request's slot is refilled without a Redis round trip, while a full pool
-# leaves the rest of the stream to its peers.
-READ_AHEAD = 2
+# Requests held per sequence slot of the pool. NOTE: more would refill a finishing request's
+# slot without a Redis round trip, but would unbalance the pools: one that reads first could
+# take twice its share of a burst, and its peer's workers would idle.
+READ_AHEAD = 1
 
 
 class Peers:
@@ -30,8 +30,8 @@ class Peers:
         self.ownership = Ownership(client, keys)
 
     def room(self, core: SchedulerCore, max_num_seqs: int) -> int:
-        """New requests to read now. With no worker, as for one: a lone scheduler still
-        holds what arrives before its first worker registers."""
+        """New requests to read now: the pool's free sequence slots. With no worker, as for
+        one: a lone scheduler still holds what arrives before its first worker registers."""
         return max(0, READ_AHEAD * max_num_seqs * max(1, len(core.workers)) - len(core.requests))
 
     def take(self, request_ids: Sequence[str]) -> dict[str, str]:

@@ -86,21 +86,19 @@ def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at
     stack = Stack(redis_server.url, model_dir, tmp_path)
     long = {"max_tokens": 3000, "ignore_eos": True}
     try:
-        start_pools(stack, max_num_seqs=1)  # each reads ahead 2: four requests fill both pools
-        running = [f"long{i}" for i in range(4)]
+        start_pools(stack, max_num_seqs=1)  # a pool of one slot each: two requests fill both
+        running = [f"long{i}" for i in range(2)]
         for rid in running:
             stack.submit(rid, [5, 6, 7, 8, 9], **long)
-        wait_until(stack, lambda: len(owners(stack, running)) == 4, "four requests taken")
-        assert sorted(owners(stack, running).values()) == ["s1", "s1", "s2", "s2"]
+        wait_until(stack, lambda: len(owners(stack, running)) == 2, "both requests taken")
+        assert sorted(owners(stack, running).values()) == ["s1", "s2"]
         stack.submit("queued", [5, 6, 7, 8, 9], **long)
         time.sleep(1.0)
         assert owners(stack, ["queued"]) == {}, "both pools are full: it waits in Redis for room"
         assert Ownership(stack.client, stack.keys).abort(m.AbortRequest("queued", "client disconnected")) is None
-        # Two the way the gateway aborts (straight to the owner), two through the shared stream.
-        for rid in running[:2]:
-            Ownership(stack.client, stack.keys).abort(m.AbortRequest(rid, "client disconnected"))
-        for rid in running[2:]:
-            stack.abort(rid)
+        # One the way the gateway aborts (straight to the owner), one through the shared stream.
+        Ownership(stack.client, stack.keys).abort(m.AbortRequest(running[0], "client disconnected"))
+        stack.abort(running[1])
         wait_until(stack, lambda: set(running) | {"queued"} <= set(stack.final), "every request to end", 30.0)
         for rid in running + ["queued"]:
             assert stack.final[rid].finish_reason is m.FinishReason.ABORT, rid

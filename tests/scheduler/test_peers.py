@@ -133,13 +133,16 @@ def test_a_full_pool_reads_aborts_but_no_new_requests(redis_client, redis_keys):
         reader.stop()
 
 
-def test_room_is_the_pools_slots_twice_over_less_what_it_holds():
+def test_room_is_the_pools_free_slots():
     core = SchedulerCore()
     peers = Peers.__new__(Peers)  # room() needs no Redis
-    assert peers.room(core, max_num_seqs=4) == 8  # no worker yet: as for one
+    assert peers.room(core, max_num_seqs=4) == 4  # no worker yet: as for one
     for n in range(3):
         core.add_request(request(n))
-    assert peers.room(core, max_num_seqs=4) == 5
+    assert peers.room(core, max_num_seqs=4) == 1
+    for n in range(3, 6):
+        core.add_request(request(n))
+    assert peers.room(core, max_num_seqs=4) == 0
 
 
 def test_a_request_aborted_before_it_was_taken_ends_at_once_and_is_acked(redis_client, redis_keys):
