@@ -233,6 +233,13 @@ def _drive(sim: Simulator, procs: list[subprocess.Popen], redis_url: str, keys: 
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             raise RuntimeError(f"only {client.hlen(keys.workers)} of {len(sim.workers)} workers registered")
         sim.run_until(time.monotonic() + 0.1)
+    # Several schedulers bound their reads only once they see each other's figures (written
+    # every second): until then each would take the burst as if alone.
+    while len(procs) > 1 and client.hlen(keys.schedulers) < len(procs):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {client.hlen(keys.schedulers)} of {len(procs)} schedulers wrote figures")
+        sim.run_until(time.monotonic() + 0.1)
+    sim.run_until(time.monotonic() + (1.5 if len(procs) > 1 else 0.0))
     started = time.monotonic()
     submit_requests(client, keys, total, max_tokens, reply_to, lambda: sim.run_until(time.monotonic() + 0.001))
     client.close()

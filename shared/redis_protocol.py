@@ -273,6 +273,11 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemSta
     )
 
 
+def read_scheduler_figures(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> dict[str, SchedulerFigures]:
+    """Each scheduler's last figures, by name (those of stopped ones included)."""
+    return _scheduler_figures(client.hgetall(keys.schedulers))
+
+
 def figure_fields(figures: SchedulerFigures) -> dict[str, int | float]:
     """The scheduler's figures as flat fields (`finished_<reason>`), as the benchmarks tabulate them."""
     fields = msgspec.to_builtins(figures)

@@ -74,7 +74,7 @@ class QueueReader:
             self._took = True  # NOTE: the next read waits for set_room: a room from before this batch would overshoot
         return batch
 
-    def set_room(self, room: int) -> None:
+    def set_room(self, room: int | None) -> None:
         """The loop's room once it has placed what it took: the next read may go ahead."""
         self.room = room
         if self._took:

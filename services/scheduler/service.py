@@ -90,6 +90,7 @@ class SchedulerService:
                                   aborts=self.queue.aborts)
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.reader.wake, zmq.POLLIN)
+        self._redis(self.peers.refresh_peers)  # before the first read: a backlog is not for us alone
         self.reader.set_room(self.peers.room(self.core, self.settings.max_num_seqs))
         self.reader.start()
         log.info("scheduler %s (%s) listening for workers on %s", self.name, self.lease.holder,
@@ -339,6 +340,7 @@ class SchedulerService:
                 raise LeaseLost(f"our lease lapsed and peers took over {taken} of our requests")
 
     def _take_over(self) -> None:
+        self.peers.refresh_peers()
         if self.peers.take_over(self.keys.scheduler):
             self.reader.replay_pending()  # read as our own pending entries, as after a restart
 

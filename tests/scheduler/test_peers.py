@@ -133,9 +133,17 @@ def test_a_full_pool_reads_aborts_but_no_new_requests(redis_client, redis_keys):
         reader.stop()
 
 
-def test_room_is_the_pools_free_slots():
+def test_room_is_unbounded_alone_and_the_pools_free_slots_with_peers(redis_client, redis_keys):
     core = SchedulerCore()
-    peers = Peers.__new__(Peers)  # room() needs no Redis
+    peers = Peers(redis_client, redis_keys, "a")
+    peers.refresh_peers()
+    assert peers.room(core, max_num_seqs=4) is None, "alone it reads as a single scheduler always did"
+    for name, age in (("a", 0.0), ("b", 1.0), ("gone", 60.0)):
+        writer = StatusWriter(redis_client, redis_keys, scheduler_name=name)
+        writer.figures(SchedulerFigures(updated_at=time.time() - age))
+        writer.flush()
+    peers.refresh_peers()
+    assert peers.live_peers == {"b"}
     assert peers.room(core, max_num_seqs=4) == 4  # no worker yet: as for one
     for n in range(3):
         core.add_request(request(n))
