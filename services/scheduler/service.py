@@ -212,14 +212,20 @@ class SchedulerService:
 
     # ---- queue and gateways ---------------------------------------------------------------
     def _read_queue(self, entries: list[QueueEntry]) -> None:
+        for entry in [e for e in entries if e.stream == self.queue.aborts]:
+            if isinstance(entry.message, m.AbortRequest):
+                self.core.abort(entry.message.request_id, entry.message.reason)  # one of ours (or finished)
+            else:
+                self._record_error(f"abort entry {entry.entry_id} rejected: {entry.error or 'not an abort'}")
+            self._unacked_aborts.append(entry.entry_id)
         # Replayed after a lost connection or a takeover: running here, or finished and being acked.
-        entries = [e for e in entries if not self._holds(e)]
+        entries = [e for e in entries if e.stream != self.queue.aborts and not self._holds(e)]
         submits = [e.message.request_id for e in entries if isinstance(e.message, m.SubmitRequest)]
         try:
             aborted = self.peers.take(submits)
             for e in entries:
-                if isinstance(e.message, m.AbortRequest) and e.stream != self.queue.aborts:
-                    self.peers.forward_abort(e.message)  # to its owner, whoever that is
+                if isinstance(e.message, m.AbortRequest):
+                    self.peers.forward_abort(e.message)  # to its owner, whoever that is (us too)
         except redis.RedisError as e:
             # Not taken, so not served: they stay pending here and are read again.
             log.error("could not take %d requests (Redis: %s); reading them again", len(submits), e)
@@ -232,17 +238,13 @@ class SchedulerService:
         msg = entry.message
         if msg is None:
             self._record_error(f"queue entry {entry.entry_id} rejected: {entry.error}")
-        elif isinstance(msg, m.AbortRequest) and entry.stream == self.queue.aborts:
-            self.core.abort(msg.request_id, msg.reason)  # one of ours
-            self._unacked_aborts.append(entry.entry_id)
-            return
-        elif isinstance(msg, m.AbortRequest):
-            pass  # forwarded to its owner in _read_queue
-        elif self.core.add_request(msg, entry.entry_id):
+        elif isinstance(msg, m.SubmitRequest) and self.core.add_request(msg, entry.entry_id):
             if msg.request_id in aborted:  # aborted before it was taken: it ends at once, acked as it ends
                 self.core.abort(msg.request_id, aborted[msg.request_id])
             return
-        self._unacked.append(entry.entry_id)  # refused: its error output is in core.outputs
+        # Acked now: undecodable, an abort forwarded to its owner, or refused (its error output
+        # is in core.outputs).
+        self._unacked.append(entry.entry_id)
 
     def _holds(self, entry: QueueEntry) -> bool:
         """Whether this entry was read before: its request runs here, or it awaits its XACK."""
