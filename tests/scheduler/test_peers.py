@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import zmq
 
 from conveyor.status import render
@@ -14,7 +15,7 @@ from services.scheduler.core import SchedulerCore
 from services.scheduler.lease import Lease
 from services.scheduler.peers import Peers
 from services.scheduler.queue_reader import QueueReader
-from services.scheduler.service import SchedulerService
+from services.scheduler.service import LeaseLost, SchedulerService
 from shared.config import SchedulerSettings
 from shared.figures import SchedulerFigures
 from shared.messages import AbortRequest, FinishReason, SamplingParams, SubmitRequest
@@ -204,3 +205,19 @@ def test_the_next_read_waits_until_the_loop_has_placed_what_it_took(redis_client
         assert reader.wake.poll(2000) and len(reader.take()) == 2
     finally:
         reader.stop()
+
+
+def test_a_scheduler_whose_requests_were_taken_while_its_lease_lapsed_stops(redis_client, redis_keys):
+    settings = SchedulerSettings(redis_prefix=redis_keys.prefix, scheduler_name="a")
+    service = SchedulerService(settings, SchedulerCore(), redis_client)
+    service.queue.ensure_group()
+    assert service.lease.acquire()
+    submit(redis_client, request(1), redis_keys)
+    service._read_queue(service.queue.read())
+    service._renew_lease()  # renewed in time: nothing happens
+    redis_client.delete(redis_keys.scheduler("a"))  # it expired during an outage...
+    service._renew_lease()  # ...and was taken again before any peer looked: still all ours
+    redis_client.delete(redis_keys.scheduler("a"))
+    assert Peers(redis_client, redis_keys, "b").take_over(redis_keys.scheduler) == 1  # this time a peer did
+    with pytest.raises(LeaseLost, match="peers took over 1 of our requests"):
+        service._renew_lease()
