@@ -294,7 +294,8 @@ def table(rows: list[dict]) -> str:
              "| idle gap p50 / p99 ms | sim lag p50 / p99 ms | scheduler CPU (all) | tokens/s |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['schedulers']} | {r['workers']} | {r['running']:,} | {r['mean_batch']} | {r['steps_per_s']:,} "
+        lines.append(f"| {r['schedulers']} | {r['workers']} | {r['running']:,} | {r['mean_batch']} "
+                     f"| {r['steps_per_s']:,} "
                      f"({r['ideal_steps_per_s']:,}) | {r['efficiency']:.0%} | {r['gap_p50_ms']} / {r['gap_p99_ms']} "
                      f"| {r['sim_lag_p50_ms']} / {r['sim_lag_p99_ms']} | {r['scheduler_cpu']:.0%} "
                      f"| {r['tokens_per_s']:,} |")

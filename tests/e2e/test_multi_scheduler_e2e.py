@@ -13,6 +13,7 @@ import pytest
 from shared import messages as m
 from shared.embedded_redis import free_port
 from shared.ownership import Ownership
+from shared.tiny_model import make_model
 from tests.e2e.test_scheduler_reliability import _check, _submit_all, _wait_all_acked, greedy_workload
 from tests.stack import Stack
 
@@ -23,8 +24,6 @@ NAMES = ("s1", "s2")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from shared.tiny_model import make_model
-
     return make_model(tmp_path_factory.mktemp("model"), preset="tiny", num_hidden_layers=2, seed=6)
 
 

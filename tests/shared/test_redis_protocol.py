@@ -230,7 +230,8 @@ def test_read_status_returns_what_was_published(redis_client, redis_keys, queue)
     # Operators read the hash with redis-cli: one JSON per scheduler name.
     assert b'"finished":{"stop":4,"abort":1}' in redis_client.hget(redis_keys.schedulers, "scheduler")
     assert read_status(redis_client, redis_keys) == SystemStatus(
-        scheduler=figures, schedulers={"scheduler": figures}, workers={"w0": worker_figures("w0", kv_usage=0.6, step_ms=3.5)},
+        scheduler=figures, schedulers={"scheduler": figures},
+        workers={"w0": worker_figures("w0", kv_usage=0.6, step_ms=3.5)},
         errors=[ErrorRecord(error="second", time=2.0, worker="w0", step_id=7), ErrorRecord(error="first", time=1.0)],
         queue_length=3, pending=2)
 
