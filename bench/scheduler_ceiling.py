@@ -1,7 +1,10 @@
-"""How many workers one scheduler can drive: one real scheduler process, real Redis, and
+"""How many workers one scheduler can drive: real scheduler processes, real Redis, and
 many model-free workers simulated in this process, speaking the real worker protocol.
 
-    python -m bench.scheduler_ceiling [--workers 1 8 32 128 256] [--running 256] [--seconds 10]
+    python -m bench.scheduler_ceiling [--workers 1 8 32 128 256] [--running 256] [--seconds 10] [--schedulers 1 2]
+
+With `--schedulers K` there are K schedulers of distinct names on one request stream,
+the workers split evenly between them (worker i connects to scheduler i mod K).
 
 Each simulated worker registers, heartbeats, and answers every StepPlan with a StepResult
 after a step time drawn uniformly from 15-40 ms (the range of a 0.5B-8B model's decode step
@@ -82,7 +85,7 @@ class Simulator:
     results due. `lag` records how late this process sent results (its own share of the
     delay, on a shared machine)."""
 
-    def __init__(self, address: str, n: int, num_blocks: int, seed: int = 0):
+    def __init__(self, addresses: list[str], n: int, num_blocks: int, seed: int = 0):
         ctx = zmq.Context.instance()
         self.workers = []
         self.poller = zmq.Poller()
@@ -90,7 +93,7 @@ class Simulator:
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, f"sim-{i}".encode())
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address)
+            sock.connect(addresses[i % len(addresses)])
             w = SimWorker(f"sim-{i}", sock, random.Random(seed * 100_003 + i))
             self.workers.append(w)
             self.poller.register(sock, zmq.POLLIN)
@@ -163,20 +166,27 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_scheduler(redis_url: str, address: str, prefix: str, running: int, log,
-                    heartbeat_timeout_s: float | None = None) -> subprocess.Popen:
+                    heartbeat_timeout_s: float | None = None, name: str = "scheduler") -> subprocess.Popen:
     env = dict(os.environ, REDIS_URL=redis_url, CONVEYOR_SCHEDULER_ADDRESS=address, CONVEYOR_REDIS_PREFIX=prefix,
-               CONVEYOR_MAX_NUM_SEQS=str(max(running, 1)), CONVEYOR_LOG_LEVEL="WARNING")
-    if heartbeat_timeout_s is not None:  # a burst of arrivals can stall the loop past the default (5 s)
+               CONVEYOR_MAX_NUM_SEQS=str(max(running, 1)), CONVEYOR_LOG_LEVEL="WARNING",
+               CONVEYOR_SCHEDULER_NAME=name)
+    if heartbeat_timeout_s is not None:
         env["CONVEYOR_HEARTBEAT_TIMEOUT"] = str(heartbeat_timeout_s)
     return subprocess.Popen([sys.executable, "-m", "services.scheduler"], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
 
-def submit_requests(client: redis.Redis, keys: RedisKeys, n: int, max_tokens: int, reply_to: str) -> None:
+def submit_requests(client: redis.Redis, keys: RedisKeys, n: int, max_tokens: int, reply_to: str,
+                    keep_alive=lambda: None) -> None:
+    """`keep_alive` runs every 256 submissions. NOTE: the simulator runs in this thread, and
+    with `appendfsync always` a submission costs about 0.5 ms here, so 65,536 of them took
+    35 s: without it, the workers sent no heartbeat all that time and were dropped as silent."""
     # The gateway's liveness key: without it the scheduler aborts these requests as orphans.
     client.set(keys.gateway(reply_to), b"1", ex=3600)
     params = m.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(n):
+        if i % 256 == 0:
+            keep_alive()
         # Unique prompts: a shared one would be a prefix-cache hit, and the router would pile
         # its copies onto one worker.
         rng = random.Random(i)
@@ -185,48 +195,59 @@ def submit_requests(client: redis.Redis, keys: RedisKeys, n: int, max_tokens: in
 
 
 def measure(n_workers: int, running: int, seconds: float, max_tokens: int = 2048,
-            admit_timeout_s: float = 300.0, heartbeat_timeout_s: float | None = None) -> dict:
-    """One point of the table: `n_workers` simulated workers with `running` requests each.
+            admit_timeout_s: float = 300.0, heartbeat_timeout_s: float | None = None, schedulers: int = 1) -> dict:
+    """One point of the table: `n_workers` simulated workers with `running` requests each,
+    split between `schedulers` schedulers.
     `max_tokens`: long enough that few finish while we measure (the mean batch shows it),
     short enough that the block pools (as big as a real GPU's) fit in memory."""
     num_blocks = running * (PROMPT_LEN + max_tokens) // BLOCK_SIZE + 64
     keys = RedisKeys("ceiling")
     with tempfile.TemporaryDirectory() as tmp, start_embedded_redis(tmp) as server:
-        address = f"tcp://127.0.0.1:{free_port()}"
+        addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(schedulers)]
         sink = zmq.Context.instance().socket(zmq.PULL)  # the gateway: outputs are drained, not read
         sink.setsockopt(zmq.LINGER, 0)
         reply_to = f"tcp://127.0.0.1:{sink.bind_to_random_port('tcp://127.0.0.1')}"
         with open(Path(tmp) / "scheduler.log", "w") as log:
-            scheduler = start_scheduler(server.url, address, keys.prefix, running, log, heartbeat_timeout_s)
-            sim = Simulator(address, n_workers, num_blocks)
+            procs = [start_scheduler(server.url, address, keys.prefix, running, log, heartbeat_timeout_s, f"s{k}")
+                     for k, address in enumerate(addresses)]
+            sim = Simulator(addresses, n_workers, num_blocks)
             try:
-                return _drive(sim, scheduler, server.url, keys, sink, reply_to, n_workers * running, max_tokens,
-                              seconds, admit_timeout_s)
+                row = _drive(sim, procs, server.url, keys, sink, reply_to, n_workers * running, max_tokens,
+                             seconds, admit_timeout_s)
+                return {"schedulers": schedulers, **row}
             finally:
-                scheduler.terminate()
-                scheduler.wait(30)
+                for proc in procs:
+                    proc.terminate()
+                    proc.wait(30)
                 sim.close()
                 sink.close()
 
 
-def _drive(sim: Simulator, scheduler: subprocess.Popen, redis_url: str, keys: RedisKeys, sink: zmq.Socket,
+def _drive(sim: Simulator, procs: list[subprocess.Popen], redis_url: str, keys: RedisKeys, sink: zmq.Socket,
            reply_to: str, total: int, max_tokens: int, seconds: float, admit_timeout_s: float) -> dict:
     client = redis.Redis.from_url(redis_url)
     # The scheduler places a request on arrival: every worker must be registered before the
     # first one, or the early workers get them all.
     deadline = time.monotonic() + 60
     while client.hlen(keys.workers) < len(sim.workers):
-        if time.monotonic() > deadline or scheduler.poll() is not None:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             raise RuntimeError(f"only {client.hlen(keys.workers)} of {len(sim.workers)} workers registered")
         sim.run_until(time.monotonic() + 0.1)
+    # Several schedulers bound their reads only once they see each other's figures (written
+    # every second): until then each would take the burst as if alone.
+    while len(procs) > 1 and client.hlen(keys.schedulers) < len(procs):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {client.hlen(keys.schedulers)} of {len(procs)} schedulers wrote figures")
+        sim.run_until(time.monotonic() + 0.1)
+    sim.run_until(time.monotonic() + (1.5 if len(procs) > 1 else 0.0))
     started = time.monotonic()
-    submit_requests(client, keys, total, max_tokens, reply_to)
+    submit_requests(client, keys, total, max_tokens, reply_to, lambda: sim.run_until(time.monotonic() + 0.001))
     client.close()
 
     def all_running() -> bool:
         _drain(sink)
-        if scheduler.poll() is not None:
-            raise RuntimeError(f"the scheduler exited with {scheduler.returncode}")
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a scheduler exited: {[p.returncode for p in procs]}")
         return sum(sum(1 for r in w.rows.values() if r[0] > PROMPT_LEN) for w in sim.workers) >= total
 
     sim.run_until(started + admit_timeout_s, all_running)
@@ -235,12 +256,12 @@ def _drive(sim: Simulator, scheduler: subprocess.Popen, redis_url: str, keys: Re
     admitted_s = time.monotonic() - started
     sim.run_until(time.monotonic() + 1.0)  # settle: the last prefills leave the batches
     sim.reset_figures()
-    cpu0, t0 = cpu_seconds(scheduler.pid), time.monotonic()
+    cpu0, t0 = sum(cpu_seconds(p.pid) for p in procs), time.monotonic()
     end = t0 + seconds
     while time.monotonic() < end:
         sim.run_until(min(end, time.monotonic() + 0.1))
         _drain(sink)
-    elapsed, cpu = time.monotonic() - t0, cpu_seconds(scheduler.pid) - cpu0
+    elapsed, cpu = time.monotonic() - t0, sum(cpu_seconds(p.pid) for p in procs) - cpu0
     return figures(sim, len(sim.workers), total, elapsed, cpu, admitted_s)
 
 
@@ -269,11 +290,12 @@ def figures(sim: Simulator, n_workers: int, total: int, elapsed: float, cpu: flo
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workers | running requests | mean batch | steps/s (ideal) | efficiency | idle gap p50 / p99 ms "
-             "| sim lag p50 / p99 ms | scheduler CPU | tokens/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| schedulers | workers | running requests | mean batch | steps/s (ideal) | efficiency "
+             "| idle gap p50 / p99 ms | sim lag p50 / p99 ms | scheduler CPU (all) | tokens/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['workers']} | {r['running']:,} | {r['mean_batch']} | {r['steps_per_s']:,} "
+        lines.append(f"| {r['schedulers']} | {r['workers']} | {r['running']:,} | {r['mean_batch']} "
+                     f"| {r['steps_per_s']:,} "
                      f"({r['ideal_steps_per_s']:,}) | {r['efficiency']:.0%} | {r['gap_p50_ms']} / {r['gap_p99_ms']} "
                      f"| {r['sim_lag_p50_ms']} / {r['sim_lag_p99_ms']} | {r['scheduler_cpu']:.0%} "
                      f"| {r['tokens_per_s']:,} |")
@@ -287,12 +309,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per point, after admission")
     ap.add_argument("--max-tokens", type=int, default=2048, help="per request; sizes the block pools")
     ap.add_argument("--heartbeat-timeout", type=float, help="the scheduler's, in s (default: its own, 5)")
+    ap.add_argument("--schedulers", nargs="+", type=int, default=[1],
+                    help="schedulers sharing the stream, the workers split between them: each count is one row")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     rows = []
     for n in args.workers:
-        rows.append(measure(n, args.running, args.seconds, args.max_tokens, heartbeat_timeout_s=args.heartbeat_timeout))
-        print(json.dumps(rows[-1]), flush=True)
+        for k in args.schedulers:
+            rows.append(measure(n, args.running, args.seconds, args.max_tokens,
+                                heartbeat_timeout_s=args.heartbeat_timeout, schedulers=k))
+            print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

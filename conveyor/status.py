@@ -31,6 +31,7 @@ def render(status: SystemStatus, now: float, where: str) -> str:
         f"   preemptions {s.preemptions}   migrations {s.migrations}"
         f"   prefix hits {hits}/{queries} tokens" + (f" ({hits / queries:.0%})" if queries else ""),
         "finished    " + ("   ".join(f"{reason} {n}" for reason, n in sorted(s.finished.items())) or "none yet"),
+        *_schedulers(status, now),
         "",
         f"{'WORKER':<24}{'DEVICE':<8}{'KV USE':>8}{'RUNNING':>9}{'WAITING':>9}{'TOK/S':>9}{'STEPS':>9}"
         f"{'STEP MS':>9}  STATE",
@@ -45,6 +46,19 @@ def render(status: SystemStatus, now: float, where: str) -> str:
         when = datetime.fromtimestamp(e.time).strftime("%H:%M:%S")
         lines.append(f"  {when}  {e.worker + ': ' if e.worker else ''}{e.error[:160]}")
     return "\n".join(lines)
+
+
+def _schedulers(status: SystemStatus, now: float) -> list[str]:
+    """One line per scheduler when several share the queue (the lines above sum the live ones)."""
+    if len(status.schedulers) < 2:
+        return []
+    lines = ["", f"{'SCHEDULER':<24}{'WORKERS':>8}{'RUNNING':>9}{'WAITING':>9}{'STEPS/S':>9}{'TOK/S':>9}  STATE"]
+    for name, f in sorted(status.schedulers.items()):
+        age = now - f.updated_at
+        state = "alive" if age <= STALE_AFTER_S else f"NOT RUNNING (figures {age:.0f} s old)"
+        lines.append(f"{name:<24}{f.workers:>8}{f.running:>9}{f.waiting:>9}{f.steps_per_s:>9}{f.tokens_per_s:>9}"
+                     f"  {state}")
+    return lines
 
 
 def _state(w: WorkerFigures, now: float) -> str:

@@ -98,6 +98,10 @@ class RedisSettings(_Settings):
 
 
 class SchedulerSettings(RedisSettings):
+    scheduler_name: str = Field(
+        "scheduler", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="this scheduler's name (letters, digits, _ . -): several with distinct names share the request "
+        "queue, each with its own workers; two of the same name never serve at once")
     scheduler_address: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ address the scheduler binds for workers")
     max_num_seqs: int = Field(256, gt=0, description="most requests in one worker step")
     max_num_batched_tokens: int = Field(2048, gt=0, description="token budget of one worker step")
@@ -116,7 +120,8 @@ class SchedulerSettings(RedisSettings):
     zmq_client_public_key: Optional[str] = Field(
         None, description="CurveZMQ: the workers' public key; set it to accept only workers holding its pair")
     lease_ttl: float = Field(
-        5.0, gt=0, description="the scheduler's lease in Redis expires this long after its last renewal")
+        5.0, gt=0, description="the scheduler's lease in Redis expires this long after its last renewal; "
+        "then its peers take over its requests")
 
 
 class GatewaySettings(RedisSettings):

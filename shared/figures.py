@@ -15,8 +15,8 @@ STALE_AFTER_S = 5.0  # rewritten about every second: figures older than this mea
 
 
 class SchedulerFigures(msgspec.Struct, kw_only=True):
-    """The scheduler's gauges and counters (since it started). In Redis a hash of one field
-    per figure (`redis-cli hget conveyor:stats running`), `finished` one per reason."""
+    """A scheduler's gauges and counters (since it started), or their sum over several
+    (`combined`). In Redis one JSON per scheduler name (`redis-cli hget conveyor:schedulers NAME`)."""
 
     updated_at: float  # wall-clock time of this write
     waiting: int = 0
@@ -66,11 +66,31 @@ class ErrorRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
 class SystemStatus(msgspec.Struct, kw_only=True):
     """Everything `read_status` returns, in one round trip."""
 
-    scheduler: Optional[SchedulerFigures]  # None: no scheduler has written figures yet
+    scheduler: Optional[SchedulerFigures]  # every live scheduler's figures `combined`; None: none written yet
     workers: dict[str, WorkerFigures]
     errors: list[ErrorRecord]
     queue_length: int  # entries in the request stream: queued or running
     pending: int  # of which read by the scheduler and not yet acknowledged
+    schedulers: dict[str, SchedulerFigures] = {}  # each scheduler's own, by name (those gone included)
+
+
+def combined(schedulers: list[SchedulerFigures]) -> Optional[SchedulerFigures]:
+    """The sum of the figures of the schedulers that are live, judged against the newest
+    write (a stopped scheduler's figures stay in Redis until a peer removes them);
+    `updated_at` is the newest. One scheduler's figures are returned as they are."""
+    if not schedulers:
+        return None
+    newest = max(s.updated_at for s in schedulers)
+    live = [s for s in schedulers if newest - s.updated_at <= STALE_AFTER_S]
+    if len(live) == 1:
+        return live[0]
+    total = {name: sum(getattr(s, name) for s in live) for name in SchedulerFigures.__struct_fields__
+             if name not in ("updated_at", "finished")}
+    finished: dict[str, int] = {}
+    for s in live:
+        for reason, n in s.finished.items():
+            finished[reason] = finished.get(reason, 0) + n
+    return SchedulerFigures(updated_at=newest, finished=finished, **total)
 
 
 def serving_workers(status: SystemStatus, now: float) -> dict[str, WorkerFigures]:

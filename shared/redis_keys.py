@@ -24,7 +24,8 @@ class RedisKeys:
         return "schedulers"
 
     def request(self, request_id: str) -> str:
-        """Hash: status (queued, running, finished, error), worker, token counts, finish_reason."""
+        """Hash: status (queued, running, finished, error), worker, token counts, finish_reason;
+        `owner` (the scheduler that took it) and `abort` (the reason, once aborted)."""
         return f"{self.prefix}:request:{request_id}"
 
     @property
@@ -33,9 +34,10 @@ class RedisKeys:
         return f"{self.prefix}:workers"
 
     @property
-    def stats(self) -> str:
-        """Hash of the scheduler's figures, refreshed about every second."""
-        return f"{self.prefix}:stats"
+    def schedulers(self) -> str:
+        """Hash: scheduler name -> JSON of its figures (SchedulerFigures), each refreshed
+        about every second by its scheduler."""
+        return f"{self.prefix}:schedulers"
 
     @property
     def errors(self) -> str:
@@ -47,7 +49,13 @@ class RedisKeys:
         scheduler aborts the requests of a gateway whose key stays missing."""
         return f"{self.prefix}:gateway:{reply_to}"
 
-    @property
-    def scheduler_lease(self) -> str:
-        """Who is the active scheduler (SET NX with expiry)."""
-        return f"{self.prefix}:scheduler:lease"
+    def scheduler(self, name: str) -> str:
+        """The named scheduler's lease and liveness (SET NX with expiry, renewed while it
+        serves): a second scheduler of that name stands by, and peers take over the
+        pending requests of a name whose key expired."""
+        return f"{self.prefix}:scheduler:{name}"
+
+    def aborts(self, name: str) -> str:
+        """Stream of AbortRequest entries for the requests the named scheduler owns (read
+        through the group, like the request stream); the owner is `request(id)`'s `owner`."""
+        return f"{self.prefix}:scheduler:{name}:aborts"

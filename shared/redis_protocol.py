@@ -10,13 +10,13 @@ restarts reads its unfinished work again and the stream only ever holds unfinish
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import redis
 
-from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus, WorkerFigures
+from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus, WorkerFigures, combined
 from shared.messages import AbortRequest, RequestStatus, SubmitRequest, decode, encode
 from shared.redis_keys import RedisKeys
 
@@ -38,6 +38,7 @@ class QueueEntry:
     entry_id: str
     message: SubmitRequest | AbortRequest | None  # None when the entry could not be decoded
     error: str | None = None  # why it could not be decoded
+    stream: str = field(default="", compare=False)  # the stream it was read from: where to ack it
 
 
 def submit(client: redis.Redis, message: SubmitRequest | AbortRequest, keys: RedisKeys = RedisKeys(),
@@ -52,15 +53,19 @@ def submit(client: redis.Redis, message: SubmitRequest | AbortRequest, keys: Red
 
 class RequestQueue:
     """One consumer of the request stream's consumer group: `read` returns its pending
-    entries (read by a previous run of the scheduler, never acknowledged), then new ones."""
+    entries (read by a previous run of the scheduler, never acknowledged), then new ones.
+    With `aborts` (a scheduler's own abort stream, read through the same group) new reads
+    take both streams in one blocking call."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), consumer: str = "scheduler"):
+    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), consumer: str = "scheduler",
+                 aborts: str | None = None):
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RequestQueue needs a Redis client with decode_responses=False "
                              "(entries are binary msgpack)")
         self.client = client
         self.keys = keys
         self.consumer = consumer
+        self.aborts = aborts
         self._group_ready = False
         # Where the replay of our pending entries has got to; None once it is done.
         # NOTE: XREADGROUP with an explicit id returns pending entries *after* that id, and
@@ -69,26 +74,35 @@ class RequestQueue:
 
     def ensure_group(self) -> None:
         """Create the group (and the stream) if missing, at id 0: earlier entries are read too."""
-        try:
-            self.client.xgroup_create(self.keys.requests, self.keys.group, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        for stream in (self.keys.requests, self.aborts):
+            if stream is None:
+                continue
+            try:
+                self.client.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
         self._group_ready = True
 
-    def read(self, count: int = 1024, block_ms: int | None = None) -> list[QueueEntry]:
+    def read(self, count: int = 1024, block_ms: int | None = None, new_requests: bool = True) -> list[QueueEntry]:
         """Up to `count` entries: our pending ones until none are left, then new ones
-        (waiting up to `block_ms` for one when given). Undecodable entries come back with
-        message=None and `error` set; the caller acks them like any other."""
+        (waiting up to `block_ms` for one when given); with `new_requests` False, new ones
+        of the abort stream only. Undecodable entries come back with message=None and
+        `error` set; the caller acks them like any other."""
         if not self._group_ready:
             self.ensure_group()
         if self._pending_cursor is not None:
-            entries = self._xreadgroup(self._pending_cursor, count, None)
+            # Our pending aborts are not replayed: the request's abort flag, seen when a
+            # replayed request is taken again, stands for them (shared/ownership.py).
+            entries = self._xreadgroup({self.keys.requests: self._pending_cursor}, count, None)
             if entries:
                 self._pending_cursor = entries[-1].entry_id
                 return entries
             self._pending_cursor = None
-        return self._xreadgroup(">", count, block_ms)
+        streams = {self.keys.requests: ">"} if new_requests else {}
+        if self.aborts is not None:
+            streams[self.aborts] = ">"
+        return self._xreadgroup(streams, count, block_ms) if streams else []
 
     def replay_pending(self) -> None:
         """Read our pending entries again from the start, then new ones. After a lost
@@ -96,13 +110,15 @@ class RequestQueue:
         never reached us, and ">" never returns those again. The caller skips the ones it holds."""
         self._pending_cursor = "0"
 
-    def ack(self, entry_ids: Sequence[str]) -> None:
-        """Acknowledge and delete: a finished request leaves the stream."""
+    def ack(self, entry_ids: Sequence[str], stream: str | None = None) -> None:
+        """Acknowledge and delete: a finished request leaves the stream (`stream`: default
+        the request stream)."""
         if not entry_ids:
             return
+        stream = stream or self.keys.requests
         pipe = self.client.pipeline(transaction=True)
-        pipe.xack(self.keys.requests, self.keys.group, *entry_ids)
-        pipe.xdel(self.keys.requests, *entry_ids)
+        pipe.xack(stream, self.keys.group, *entry_ids)
+        pipe.xdel(stream, *entry_ids)
         pipe.execute()
 
     def pending_count(self) -> int:
@@ -115,10 +131,9 @@ class RequestQueue:
     def queue_length(self) -> int:
         return self.client.xlen(self.keys.requests)
 
-    def _xreadgroup(self, from_id: str, count: int, block_ms: int | None) -> list[QueueEntry]:
+    def _xreadgroup(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[QueueEntry]:
         try:
-            reply = self.client.xreadgroup(self.keys.group, self.consumer, {self.keys.requests: from_id},
-                                           count=count, block=block_ms)
+            reply = self.client.xreadgroup(self.keys.group, self.consumer, streams, count=count, block=block_ms)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
@@ -127,11 +142,16 @@ class RequestQueue:
             return []
         # RESP2 gives [[stream, entries]], RESP3 {stream: [entries]}.
         streams = reply.items() if isinstance(reply, dict) else reply or []
-        return [_entry(entry_id, fields) for _, entries in streams for entry_id, fields in entries]
+        return [_entry(entry_id, fields, _str(stream)) for stream, entries in streams for entry_id, fields in entries]
 
 
-def _entry(entry_id: bytes | str, fields: dict | None) -> QueueEntry:
-    entry_id = _str(entry_id)
+def _entry(entry_id: bytes | str, fields: dict | None, stream: str = "") -> QueueEntry:
+    entry = _decoded(_str(entry_id), fields)
+    entry.stream = stream
+    return entry
+
+
+def _decoded(entry_id: str, fields: dict | None) -> QueueEntry:
     if not fields:
         # A pending entry whose stream entry was deleted (XDEL, MAXLEN) comes back empty.
         return QueueEntry(entry_id, None, "entry has no fields (deleted from the stream?)")
@@ -152,14 +172,16 @@ class StatusWriter:
     pipeline (`flush`): one round trip per iteration, never one per token. Updates of the
     same thing merge (the latest wins); those a flush could not deliver go with the next."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), finished_ttl_s: int = 3600):
+    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), finished_ttl_s: int = 3600,
+                 scheduler_name: str = "scheduler"):
         self.client = client
         self.keys = keys
         self.finished_ttl_s = finished_ttl_s
+        self.scheduler_name = scheduler_name  # whose figures these are
         self._requests: dict[str, dict[str, str | int | float]] = {}
         self._expire: set[str] = set()
         self._workers: dict[str, bytes | None] = {}  # None: remove
-        self._stats: dict[str, str] = {}
+        self._stats: dict[str, bytes] = {}  # {scheduler_name: its figures} or nothing
         self._errors: list[tuple[bytes, int]] = []
 
     def request_status(self, request_id: str, **fields: str | int | float) -> None:
@@ -184,7 +206,7 @@ class StatusWriter:
         self._workers[worker_id] = None
 
     def figures(self, figures: SchedulerFigures) -> None:
-        self._stats.update({name: str(value) for name, value in figure_fields(figures).items()})
+        self._stats[self.scheduler_name] = msgspec.json.encode(figures)
 
     def error(self, record: ErrorRecord, keep: int = 100) -> None:
         """Record an error in the list of recent errors (newest first), capped at `keep`."""
@@ -210,7 +232,7 @@ class StatusWriter:
             else:
                 pipe.hset(self.keys.workers, worker_id, info)
         if self._stats:
-            pipe.hset(self.keys.stats, mapping=self._stats)
+            pipe.hset(self.keys.schedulers, mapping=self._stats)
         for info, keep in self._errors:
             pipe.lpush(self.keys.errors, info)
             pipe.ltrim(self.keys.errors, 0, keep - 1)
@@ -232,17 +254,18 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemSta
     """What the scheduler last published, in one round trip. A record that does not
     decode raises `msgspec.ValidationError` (a ValueError) naming the field."""
     pipe = client.pipeline(transaction=False)
-    pipe.hgetall(keys.stats)
+    pipe.hgetall(keys.schedulers)
     pipe.hgetall(keys.workers)
     pipe.lrange(keys.errors, 0, -1)
     pipe.xlen(keys.requests)
     pipe.xpending(keys.requests, keys.group)
-    stats, workers, errors, queue_length, pending = pipe.execute(raise_on_error=False)
-    for reply in (stats, workers, errors, queue_length):
+    schedulers, workers, errors, queue_length, pending = pipe.execute(raise_on_error=False)
+    for reply in (schedulers, workers, errors, queue_length):
         if isinstance(reply, Exception):
             raise reply
+    schedulers = _scheduler_figures(schedulers)
     return SystemStatus(
-        scheduler=_scheduler_figures(stats),
+        scheduler=combined(list(schedulers.values())), schedulers=schedulers,
         workers={_str(k): msgspec.json.decode(v, type=WorkerFigures) for k, v in workers.items()},
         errors=[msgspec.json.decode(e, type=ErrorRecord) for e in errors],
         queue_length=queue_length,
@@ -250,21 +273,28 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemSta
     )
 
 
+def read_scheduler_figures(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> dict[str, SchedulerFigures]:
+    """Each scheduler's last figures, by name (those of stopped ones included)."""
+    return _scheduler_figures(client.hgetall(keys.schedulers))
+
+
 def figure_fields(figures: SchedulerFigures) -> dict[str, int | float]:
-    """The scheduler's figures as the fields of their Redis hash (`finished_<reason>`)."""
+    """The scheduler's figures as flat fields (`finished_<reason>`), as the benchmarks tabulate them."""
     fields = msgspec.to_builtins(figures)
     finished = fields.pop("finished")
     return {**fields, **{FINISHED_PREFIX + reason: n for reason, n in finished.items()}}
 
 
 def queue_load(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> tuple[int, int]:
-    """(requests queued or running, prompt tokens waiting to be scheduled: the scheduler's
-    figure, about a second old, 0 before it wrote any): what a gateway admits against."""
+    """(requests queued or running, prompt tokens waiting to be scheduled: the live
+    schedulers' figures, about a second old, 0 before any wrote them): what a gateway
+    admits against."""
     pipe = client.pipeline(transaction=False)
     pipe.xlen(keys.requests)
-    pipe.hget(keys.stats, "queued_tokens")
-    queued, queued_tokens = pipe.execute()
-    return queued, int(queued_tokens or 0)
+    pipe.hgetall(keys.schedulers)
+    queued, schedulers = pipe.execute()
+    figures = combined(list(_scheduler_figures(schedulers).values()))
+    return queued, figures.queued_tokens if figures else 0
 
 
 def durability_problem(client: redis.Redis) -> str | None:
@@ -284,17 +314,8 @@ def durability_problem(client: redis.Redis) -> str | None:
     return None
 
 
-def _scheduler_figures(stats: dict) -> SchedulerFigures | None:
-    if not stats:
-        return None
-    fields: dict[str, Any] = {"finished": {}}
-    for name, value in ((_str(k), _str(v)) for k, v in stats.items()):
-        if name.startswith(FINISHED_PREFIX):
-            fields["finished"][name.removeprefix(FINISHED_PREFIX)] = value
-        else:
-            fields[name] = value
-    # strict=False: the hash holds text, and "3" converts to the int field it is.
-    return msgspec.convert(fields, SchedulerFigures, strict=False)
+def _scheduler_figures(reply: dict) -> dict[str, SchedulerFigures]:
+    return {_str(name): msgspec.json.decode(v, type=SchedulerFigures) for name, v in reply.items()}
 
 
 def _pending_from_reply(reply: Any) -> int:

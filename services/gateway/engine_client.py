@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from services.gateway.errors import RETRY_AFTER_S, ApiError, retry_after
 from shared import messages as m
+from shared.ownership import Ownership
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import queue_load, submit
 
@@ -37,6 +38,7 @@ class EngineClient:
         self.keys = keys
         self.max_queue_len = max_queue_len
         self.max_queue_tokens = max_queue_tokens
+        self._ownership = Ownership(client, keys)  # aborts go to the scheduler that owns the request
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -111,8 +113,7 @@ class EngineClient:
 
     async def _abort(self, request_ids: list[str], reason: str) -> None:
         try:
-            await self._redis(lambda: [submit(self.client, m.AbortRequest(rid, reason), self.keys)
-                                       for rid in request_ids])
+            await self._redis(lambda: [self._ownership.abort(m.AbortRequest(rid, reason)) for rid in request_ids])
         except ApiError as e:
             log.error("could not abort %s: %s", request_ids, e.message)
 

@@ -1,6 +1,8 @@
-"""Exactly one scheduler serves at a time: it holds a lease in Redis (SET NX with an
-expiry) and renews it every second. A second scheduler started by mistake, or a restarted
-one, stands by until the lease is free: two schedulers never drive the same workers.
+"""Exactly one scheduler of each name serves at a time: it holds its name's lease in Redis
+(SET NX with an expiry) and renews it every second. A second scheduler of that name,
+started by mistake, or a restarted one, stands by until the lease is free: two schedulers
+never drive the same workers. The key is also the name's liveness: peers take over the
+requests of a name whose key expired (shared/ownership.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class Lease:
         self.ttl_ms = int(ttl_s * 1000)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self.lapsed = False  # renew() had to take it again: peers may have taken our requests meanwhile
 
     def acquire(self) -> bool:
         return bool(self.client.set(self.key, self.holder, nx=True, px=self.ttl_ms))
@@ -29,7 +32,8 @@ class Lease:
         Redis restart lost it) we take it again when nobody else has."""
         if self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]) == 1:
             return True
-        return self.acquire()
+        self.lapsed = self.acquire()
+        return self.lapsed
 
     def current_holder(self) -> str | None:
         value = self.client.get(self.key)

@@ -1,6 +1,8 @@
 """The request stream read without polling: a thread waits in a blocking XREADGROUP and
 hands each batch to the scheduler's loop, waking it through an inproc ZeroMQ socket. The
 loop then sleeps on its sockets alone: no Redis round trip while idle, no 5 ms reads.
+It reads new requests only while the loop says it has `room`, so that a full pool leaves
+them to an idle peer; its own abort stream it reads always.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_MS = 500  # one XREADGROUP waits this long: bounds how long stop() takes
 BATCH = 1024
+NO_ROOM_BLOCK_MS = 50  # while there is no room, read aborts only, this long: room is seen again soon
 RETRY_MAX_S = 5.0
 
 
@@ -34,9 +37,12 @@ class QueueReader:
     time: the thread reads the next only once the loop took the last, so a flood of
     requests waits in Redis, not in this process."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, ctx: zmq.Context, block_ms: int = BLOCK_MS):
+    def __init__(self, client: redis.Redis, keys: RedisKeys, ctx: zmq.Context, block_ms: int = BLOCK_MS,
+                 consumer: str = "scheduler", aborts: str | None = None):
         self._client = blocking_client(client, block_ms)
-        self._queue = RequestQueue(self._client, keys)
+        self._queue = RequestQueue(self._client, keys, consumer, aborts)
+        self.room: int | None = None  # new requests the loop can take (None: no bound); see set_room
+        self._took = False  # the loop took a batch and has not said its room since
         self._block_ms = block_ms
         self._ctx = ctx
         self._address = f"inproc://conveyor-queue-reader-{id(self)}"
@@ -47,6 +53,7 @@ class QueueReader:
         self._taken = threading.Event()
         self._taken.set()
         self._stop = threading.Event()
+        self._replay = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-reader", daemon=True)
 
     def start(self) -> None:
@@ -61,8 +68,23 @@ class QueueReader:
                 break
         with self._lock:
             batch, self._batch = self._batch, []
-        self._taken.set()
+        if self.room is None:
+            self._taken.set()
+        else:
+            self._took = True  # NOTE: the next read waits for set_room: a room from before this batch would overshoot
         return batch
+
+    def set_room(self, room: int | None) -> None:
+        """The loop's room once it has placed what it took: the next read may go ahead."""
+        self.room = room
+        if self._took:
+            self._took = False
+            self._taken.set()
+
+    def replay_pending(self) -> None:
+        """Read our pending entries again (entries were claimed from a dead peer); the
+        thread does it before its next read, so a read in progress cannot undo it."""
+        self._replay.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -80,12 +102,24 @@ class QueueReader:
         finally:
             signal.close()
 
+    def _read_batch(self) -> list[QueueEntry]:
+        if self._replay.is_set():
+            self._replay.clear()
+            self._queue.replay_pending()
+        room = self.room
+        if room is None or room > 0:
+            return self._queue.read(count=min(BATCH, room or BATCH), block_ms=self._block_ms)
+        entries = self._queue.read(count=BATCH, block_ms=NO_ROOM_BLOCK_MS, new_requests=False)
+        if self._queue.aborts is None and not entries:
+            self._stop.wait(NO_ROOM_BLOCK_MS / 1000)  # nothing to block on
+        return entries
+
     def _read_until_stopped(self, signal: zmq.Socket) -> None:
         backoff = 0.0
         while not self._stop.is_set():
             self._taken.wait()
             try:
-                entries = self._queue.read(count=BATCH, block_ms=self._block_ms)
+                entries = self._read_batch()
             except redis.RedisError as e:
                 if not backoff:
                     log.error("reading the request queue failed (%s): retrying with backoff", e)

@@ -1,5 +1,6 @@
 """The scheduler process's plumbing around SchedulerCore: ZeroMQ to the workers and the
-gateways, the Redis request stream in (read by queue_reader's thread), status out.
+gateways, the Redis request stream in (read by queue_reader's thread), status out. Several
+schedulers of distinct names may share the stream, each with its own workers (peers.py).
 
 One loop, asleep until a worker message or new queue entries arrive. Each pass: take them,
 drop silent workers, hand every idle worker its next step, send the outputs (one message
@@ -22,6 +23,7 @@ import zmq
 from services.scheduler.core import SchedulerCore
 from services.scheduler.figures import FigureBuilder
 from services.scheduler.lease import Lease
+from services.scheduler.peers import Peers
 from services.scheduler.queue_reader import QueueReader
 from shared import messages as m
 from shared.config import SchedulerSettings
@@ -47,10 +49,12 @@ class SchedulerService:
         self.settings = settings
         self.core = core
         self.keys = RedisKeys(settings.redis_prefix)
-        self.queue = RequestQueue(client, self.keys)
-        self.status = StatusWriter(client, self.keys)
-        self.lease = Lease(client, self.keys.scheduler_lease, f"{socket.gethostname()}:{os.getpid()}",
+        self.name = settings.scheduler_name
+        self.queue = RequestQueue(client, self.keys, consumer=self.name, aborts=self.keys.aborts(self.name))
+        self.status = StatusWriter(client, self.keys, scheduler_name=self.name)
+        self.lease = Lease(client, self.keys.scheduler(self.name), f"{socket.gethostname()}:{os.getpid()}",
                            settings.lease_ttl)
+        self.peers = Peers(client, self.keys, self.name)
         self.ctx = zmq.Context.instance()
         self.workers_sock: zmq.Socket | None = None  # bound once the lease is ours
         self.gateways: dict[str, zmq.Socket] = {}
@@ -58,6 +62,7 @@ class SchedulerService:
         self._last_stats = 0.0
         self.figures = FigureBuilder(core, settings.stall_after)
         self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
+        self._unacked_aborts: list[str] = []  # the same, of our abort stream
         self._redis_retry_at = 0.0  # while Redis is down: when to try it again
         self._redis_backoff = 0.1
         self._gateway_seen: dict[str, float] = {}  # reply_to -> when its liveness key was last there
@@ -81,17 +86,21 @@ class SchedulerService:
                                    s.zmq_client_public_key) if s.zmq_server_secret_key else None
         self.workers_sock.bind(self.settings.scheduler_address)
         self.queue.ensure_group()
-        self.reader = QueueReader(self.queue.client, self.keys, self.ctx)
+        self.reader = QueueReader(self.queue.client, self.keys, self.ctx, consumer=self.name,
+                                  aborts=self.queue.aborts)
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.reader.wake, zmq.POLLIN)
+        self._redis(self.peers.refresh_peers)  # before the first read: a backlog is not for us alone
+        self.reader.set_room(self.peers.room(self.core, self.settings.max_num_seqs))
         self.reader.start()
-        log.info("scheduler %s listening for workers on %s", self.lease.holder, self.settings.scheduler_address)
+        log.info("scheduler %s (%s) listening for workers on %s", self.name, self.lease.holder,
+                 self.settings.scheduler_address)
         code = 0
         try:
             while not self.stopping:
                 self.run_once()
         except LeaseLost as e:
-            log.error("%s; stopping so that only one scheduler serves", e)
+            log.error("%s; stopping so that no request is served by two schedulers", e)
             code = EXIT_LEASE_LOST
         self.reader.stop()
         # Workers stay up: a restarted scheduler asks them to register again.
@@ -115,7 +124,8 @@ class SchedulerService:
             except redis.RedisError as e:
                 holder = f"unknown (Redis: {e})"
             if not announced:
-                log.warning("another scheduler (%s) holds the lease; standing by until it is free", holder)
+                log.warning("another scheduler named %s (%s) holds the lease; standing by until it is free",
+                            self.name, holder)
                 announced = True
             time.sleep(1.0)
         return False
@@ -126,6 +136,9 @@ class SchedulerService:
             self._receive_worker_messages()
         if self.reader.wake in ready:
             self._read_queue(self.reader.take())
+        # NOTE: what came during this pass first: a long pass (a burst of arrivals) must not
+        # make workers that did send heartbeats look silent.
+        self._receive_worker_messages()
         now_mono = time.monotonic()
         for wid in self.core.check_workers(now_mono, self.settings.heartbeat_timeout, self.settings.step_timeout):
             self.status.remove_worker(wid)
@@ -134,6 +147,7 @@ class SchedulerService:
         self._dispatch_steps()
         self._send_outputs()
         self._bookkeeping()
+        self.reader.set_room(self.peers.room(self.core, self.settings.max_num_seqs))
 
     # ---- workers ------------------------------------------------------------------------
     def _wait_ms(self) -> int:
@@ -198,20 +212,39 @@ class SchedulerService:
 
     # ---- queue and gateways ---------------------------------------------------------------
     def _read_queue(self, entries: list[QueueEntry]) -> None:
-        acks = []
+        for entry in [e for e in entries if e.stream == self.queue.aborts]:
+            if isinstance(entry.message, m.AbortRequest):
+                self.core.abort(entry.message.request_id, entry.message.reason)  # one of ours (or finished)
+            else:
+                self._record_error(f"abort entry {entry.entry_id} rejected: {entry.error or 'not an abort'}")
+            self._unacked_aborts.append(entry.entry_id)
+        # Replayed after a lost connection or a takeover: running here, or finished and being acked.
+        entries = [e for e in entries if e.stream != self.queue.aborts and not self._holds(e)]
+        submits = [e.message.request_id for e in entries if isinstance(e.message, m.SubmitRequest)]
+        try:
+            aborted = self.peers.take(submits)
+            for e in entries:
+                if isinstance(e.message, m.AbortRequest):
+                    self.peers.forward_abort(e.message)  # to its owner, whoever that is (us too)
+        except redis.RedisError as e:
+            # Not taken, so not served: they stay pending here and are read again.
+            log.error("could not take %d requests (Redis: %s); reading them again", len(submits), e)
+            self.reader.replay_pending()
+            return
         for entry in entries:
-            msg = entry.message
-            if self._holds(entry):
-                continue  # replayed after a lost connection: running here, or finished and being acked
-            if msg is None:
-                self._record_error(f"queue entry {entry.entry_id} rejected: {entry.error}")
-                acks.append(entry.entry_id)
-            elif isinstance(msg, m.AbortRequest):
-                self.core.abort(msg.request_id, msg.reason)
-                acks.append(entry.entry_id)
-            elif not self.core.add_request(msg, entry.entry_id):  # refused: its error output is in core.outputs
-                acks.append(entry.entry_id)
-        self._unacked.extend(acks)
+            self._read_entry(entry, aborted)
+
+    def _read_entry(self, entry: QueueEntry, aborted: dict[str, str]) -> None:
+        msg = entry.message
+        if msg is None:
+            self._record_error(f"queue entry {entry.entry_id} rejected: {entry.error}")
+        elif isinstance(msg, m.SubmitRequest) and self.core.add_request(msg, entry.entry_id):
+            if msg.request_id in aborted:  # aborted before it was taken: it ends at once, acked as it ends
+                self.core.abort(msg.request_id, aborted[msg.request_id])
+            return
+        # Acked now: undecodable, an abort forwarded to its owner, or refused (its error output
+        # is in core.outputs).
+        self._unacked.append(entry.entry_id)
 
     def _holds(self, entry: QueueEntry) -> bool:
         """Whether this entry was read before: its request runs here, or it awaits its XACK."""
@@ -258,12 +291,16 @@ class SchedulerService:
             self._write_figures()
             self._redis(self._renew_lease)
             self._redis(self._abort_orphans)
+            self._redis(self._take_over)
         self._redis(self._flush)
 
     def _flush(self) -> None:
         if self._unacked:
             self.queue.ack(self._unacked)
             self._unacked = []
+        if self._unacked_aborts:
+            self.queue.ack(self._unacked_aborts, self.queue.aborts)
+            self._unacked_aborts = []
         self.status.flush()
 
     def _abort_orphans(self) -> None:
@@ -298,6 +335,19 @@ class SchedulerService:
     def _renew_lease(self) -> None:
         if not self.lease.renew():
             raise LeaseLost(f"the lease is now held by {self.lease.current_holder()}")
+        if self.lease.lapsed:  # it expired: a peer may have taken over our requests meanwhile
+            self.lease.lapsed = False
+            taken = self.peers.taken_from_us(self._held_entries())
+            if taken:
+                raise LeaseLost(f"our lease lapsed and peers took over {taken} of our requests")
+
+    def _take_over(self) -> None:
+        self.peers.refresh_peers()
+        if self.peers.take_over(self.keys.scheduler):
+            self.reader.replay_pending()  # read as our own pending entries, as after a restart
+
+    def _held_entries(self) -> set[str]:
+        return {r.entry_id for r in self.core.requests.values() if r.entry_id} | set(self._unacked)
 
     def _redis(self, action) -> None:
         """Run a Redis action unless Redis is known to be down. While it is down, serving

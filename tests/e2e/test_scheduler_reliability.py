@@ -98,13 +98,13 @@ def test_a_second_scheduler_stands_by_until_the_first_is_gone(redis_server, mode
         time.sleep(3)
         assert "standing by" in stack.log_tail("standby")
         assert stack.procs["standby"].poll() is None
-        holder = stack.client.get(stack.keys.scheduler_lease).decode()
+        holder = stack.client.get(stack.keys.scheduler("scheduler")).decode()
         assert holder.endswith(f":{stack.procs['scheduler'].pid}")
         _submit_all(stack, requests)
         _wait_tokens(stack, 20)
         stack.kill("scheduler")
         _check(stack, requests, expected)  # the standby took the lease and finished everything
-        holder = stack.client.get(stack.keys.scheduler_lease).decode()
+        holder = stack.client.get(stack.keys.scheduler("scheduler")).decode()
         assert holder.endswith(f":{stack.procs['standby'].pid}")
     finally:
         stack.stop()

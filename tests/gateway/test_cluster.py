@@ -101,5 +101,6 @@ def test_health_and_metrics_follow_the_scheduler_figures(app_client):
     assert stalled.status_code == 503 and "every worker is stalled: w1 (step running 12 s)" in stalled.json()["reason"]
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
     assert r.status_code == 503 and "stalled" in r.json()["error"]["message"], "the 503 follows the same rule"
-    redis.hset(keys.stats, "updated_at", time.time() - 30)
+    writer.figures(SchedulerFigures(updated_at=time.time() - 30))
+    writer.flush()
     assert "30" in client.get("/health").json()["reason"]

@@ -211,7 +211,7 @@ def test_updates_survive_a_failed_flush(redis_server, redis_client, redis_keys):
     writer.client = redis_client  # Redis is back
     writer.flush()
     assert redis_client.hget(redis_keys.request("r1"), "status") == b"running"
-    assert redis_client.hget(redis_keys.stats, "running") == b"1"
+    assert b'"running":1' in redis_client.hget(redis_keys.schedulers, "scheduler")
 
 
 def test_read_status_returns_what_was_published(redis_client, redis_keys, queue):
@@ -227,16 +227,17 @@ def test_read_status_returns_what_was_published(redis_client, redis_keys, queue)
     writer.error(ErrorRecord(error="first", time=1.0))
     writer.error(ErrorRecord(error="second", time=2.0, worker="w0", step_id=7))
     writer.flush()
-    # Operators read the hash with redis-cli: one field per figure, one per finish reason.
-    assert redis_client.hget(redis_keys.stats, "finished_stop") == b"4"
+    # Operators read the hash with redis-cli: one JSON per scheduler name.
+    assert b'"finished":{"stop":4,"abort":1}' in redis_client.hget(redis_keys.schedulers, "scheduler")
     assert read_status(redis_client, redis_keys) == SystemStatus(
-        scheduler=figures, workers={"w0": worker_figures("w0", kv_usage=0.6, step_ms=3.5)},
+        scheduler=figures, schedulers={"scheduler": figures},
+        workers={"w0": worker_figures("w0", kv_usage=0.6, step_ms=3.5)},
         errors=[ErrorRecord(error="second", time=2.0, worker="w0", step_id=7), ErrorRecord(error="first", time=1.0)],
         queue_length=3, pending=2)
 
 
 def test_a_record_that_does_not_decode_names_its_field(redis_client, redis_keys):
-    redis_client.hset(redis_keys.stats, mapping={"updated_at": 1.0, "running": "many"})
+    redis_client.hset(redis_keys.schedulers, "s1", b'{"updated_at": 1.0, "running": "many"}')
     with pytest.raises(ValueError, match="running"):
         read_status(redis_client, redis_keys)
 

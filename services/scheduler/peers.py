@@ -1,0 +1,77 @@
+"""This scheduler among its peers, when several of distinct names share the request stream:
+how many new requests its pool has room for (with live peers only), taking requests (owner
+recorded unless an abort came first), forwarding aborts to their owners, and taking over a
+dead peer's.
+The atomic steps are shared/ownership.py's scripts; this module decides when to use them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import redis
+
+from services.scheduler.core import SchedulerCore
+from shared.figures import STALE_AFTER_S
+from shared.messages import AbortRequest
+from shared.ownership import Ownership
+from shared.redis_keys import RedisKeys
+from shared.redis_protocol import read_scheduler_figures
+
+log = logging.getLogger(__name__)
+
+# Requests held per sequence slot of the pool. NOTE: more would refill a finishing request's
+# slot without a Redis round trip, but would unbalance the pools: one that reads first could
+# take twice its share of a burst, and its peer's workers would idle.
+READ_AHEAD = 1
+
+
+class Peers:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, name: str):
+        self.name = name
+        self.client = client
+        self.keys = keys
+        self.ownership = Ownership(client, keys)
+        self.live_peers: set[str] = set()  # as of the last refresh_peers()
+
+    def refresh_peers(self) -> None:
+        """Who else serves: the schedulers whose figures are fresh."""
+        now = time.time()
+        self.live_peers = {name for name, f in read_scheduler_figures(self.client, self.keys).items()
+                           if name != self.name and now - f.updated_at <= STALE_AFTER_S}
+
+    def room(self, core: SchedulerCore, max_num_seqs: int) -> int | None:
+        """New requests to read now (None: no bound). Alone, everything, as a single
+        scheduler always did: requests wait here, where their queue timeout runs and their
+        tokens count towards the gateway's max_queue_tokens. With live peers, only the pool's
+        free sequence slots (as for one worker while it has none), so that the rest of the
+        stream waits in Redis for whichever pool has room."""
+        if not self.live_peers:
+            return None
+        return max(0, READ_AHEAD * max_num_seqs * max(1, len(core.workers)) - len(core.requests))
+
+    def take(self, request_ids: Sequence[str]) -> dict[str, str]:
+        """Record us as their owner; returns {request_id: reason} of those aborted first."""
+        return self.ownership.take(self.name, request_ids)
+
+    def forward_abort(self, message: AbortRequest) -> None:
+        """An abort read from the shared stream: to the owner's abort stream (ours too)."""
+        self.ownership.abort(message)
+
+    def take_over(self, liveness_key: Callable[[str], str]) -> int:
+        """Claim the pending entries of every peer whose liveness key expired; returns how
+        many (the caller reads them as its own pending entries)."""
+        claimed = self.ownership.take_over(self.name, liveness_key)
+        for peer, n in claimed.items():
+            log.warning("scheduler %s is gone (its liveness key expired): took over its %d requests", peer, n)
+        return sum(claimed.values())
+
+    def taken_from_us(self, held: set[str]) -> int:
+        """How many of the entries we hold are no longer pending as ours (a peer took them
+        over while our lease had lapsed)."""
+        if not held:
+            return 0
+        mine = self.ownership.pending_of(self.name, len(held) + 1024)
+        return len(held - mine)
