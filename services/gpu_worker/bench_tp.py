@@ -22,9 +22,9 @@ from shared.config import WorkerSettings
 from shared.tiny_model import ensure_model
 
 
-def _engine(model_dir, tp: int, threads: int, tokens: int, max_len: int):
-    settings = WorkerSettings(model=str(model_dir), device="cpu", dtype="float32", tensor_parallel_size=tp,
-                              num_threads=threads, cpu_affinity="none", worker_id=f"bench-tp{tp}",
+def _engine(args: argparse.Namespace, model_dir, tp: int, tokens: int, max_len: int):
+    settings = WorkerSettings(model=str(model_dir), device=args.device, dtype=args.dtype, tensor_parallel_size=tp,
+                              num_threads=args.threads, cpu_affinity="none", worker_id=f"bench-tp{tp}",
                               kv_cache_memory=_cache_bytes(model_dir, tokens), max_model_len=max_len)
     return create_engine(settings)
 
@@ -34,19 +34,23 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny", "small"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 2], help="tensor-parallel sizes; the first is the base")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: rank r on cuda:r")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2, help="compute threads of the worker, shared by its ranks")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/tensor_parallel.json")
     args = ap.parse_args()
+    if sum(tp > 1 for tp in args.sizes) > 1:  # both engines stay up, and a process joins one group
+        ap.error("--sizes: at most one size above 1 per run")
 
     rows = []
     for preset in args.models:
         model_dir = ensure_model(preset)
         tokens = max(args.batches) * (args.context + args.steps + 16)
         max_len = args.context + args.steps + 16
-        engines = {tp: _engine(model_dir, tp, args.threads, tokens, max_len) for tp in args.sizes}
+        engines = {tp: _engine(args, model_dir, tp, tokens, max_len) for tp in args.sizes}
         try:
             for batch in args.batches:
                 rates: dict[int, list[float]] = {tp: [] for tp in args.sizes}
