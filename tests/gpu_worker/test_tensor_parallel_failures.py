@@ -55,6 +55,7 @@ def tp_worker(model_dirs):
     proc = start_worker("--model", str(model_dirs["llama"]), "--scheduler-address", scheduler.address,
                         "--device", "cpu", "--kv-cache-memory", "16MiB", "--worker-id", "tp",
                         "--tensor-parallel-size", "2", log=subprocess.DEVNULL)
+    followers: list[psutil.Process] = []
     try:
         reg = scheduler.recv(timeout_s=120)
         assert isinstance(reg, m.RegisterWorker) and reg.pid == proc.pid
@@ -62,9 +63,16 @@ def tp_worker(model_dirs):
         assert len(followers) == 1 and "tp_follower" in " ".join(followers[0].cmdline())
         yield scheduler, proc, followers[0], reg
     finally:
-        for p in psutil.Process().children(recursive=True):  # nothing may outlive the test
-            p.kill()
+        # Nothing of this worker may outlive the test, and nothing else may be touched: the
+        # session's Redis is a child of this process too.
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
+        for p in followers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         scheduler.close()
 
 
