@@ -29,8 +29,10 @@ READ_AHEAD = 1
 
 
 class Peers:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, name: str):
+    def __init__(self, client: redis.Redis, keys: RedisKeys, name: str, max_num_seqs: int, stall_after_s: float):
         self.name = name
+        self.max_num_seqs = max_num_seqs
+        self.stall_after_s = stall_after_s
         self.client = client
         self.keys = keys
         self.ownership = Ownership(client, keys)
@@ -42,15 +44,21 @@ class Peers:
         self.live_peers = {name for name, f in read_scheduler_figures(self.client, self.keys).items()
                            if name != self.name and now - f.updated_at <= STALE_AFTER_S}
 
-    def room(self, core: SchedulerCore, max_num_seqs: int) -> int | None:
+    def room(self, core: SchedulerCore) -> int | None:
         """New requests to read now (None: no bound). Alone, everything, as a single
         scheduler always did: requests wait here, where their queue timeout runs and their
-        tokens count towards the gateway's max_queue_tokens. With live peers, only the pool's
-        free sequence slots (as for one worker while it has none), so that the rest of the
-        stream waits in Redis for whichever pool has room."""
+        tokens count towards the gateway's max_queue_tokens. With live peers, only the free
+        sequence slots of the workers that serve, so that the rest of the stream waits in
+        Redis for whichever pool has room; none without such a worker (none yet, or the last
+        one died), or it would hold requests that a peer's workers could run."""
         if not self.live_peers:
             return None
-        return max(0, READ_AHEAD * max_num_seqs * max(1, len(core.workers)) - len(core.requests))
+        return max(0, READ_AHEAD * self.max_num_seqs * self._serving(core) - len(core.requests))
+
+    def _serving(self, core: SchedulerCore) -> int:
+        """Workers that serve: registered, and no step of theirs stalled."""
+        now = time.monotonic()
+        return sum(1 for w in core.workers.values() if not w.stalled(now, self.stall_after_s))
 
     def take(self, request_ids: Sequence[str]) -> dict[str, str]:
         """Record us as their owner; returns {request_id: reason} of those aborted first."""

@@ -54,7 +54,7 @@ class SchedulerService:
         self.status = StatusWriter(client, self.keys, scheduler_name=self.name)
         self.lease = Lease(client, self.keys.scheduler(self.name), f"{socket.gethostname()}:{os.getpid()}",
                            settings.lease_ttl)
-        self.peers = Peers(client, self.keys, self.name)
+        self.peers = Peers(client, self.keys, self.name, settings.max_num_seqs, settings.stall_after)
         self.ctx = zmq.Context.instance()
         self.workers_sock: zmq.Socket | None = None  # bound once the lease is ours
         self.gateways: dict[str, zmq.Socket] = {}
@@ -91,7 +91,7 @@ class SchedulerService:
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.reader.wake, zmq.POLLIN)
         self._redis(self.peers.refresh_peers)  # before the first read: a backlog is not for us alone
-        self.reader.set_room(self.peers.room(self.core, self.settings.max_num_seqs))
+        self.reader.set_room(self.peers.room(self.core))
         self.reader.start()
         log.info("scheduler %s (%s) listening for workers on %s", self.name, self.lease.holder,
                  self.settings.scheduler_address)
@@ -147,7 +147,7 @@ class SchedulerService:
         self._dispatch_steps()
         self._send_outputs()
         self._bookkeeping()
-        self.reader.set_room(self.peers.room(self.core, self.settings.max_num_seqs))
+        self.reader.set_room(self.peers.room(self.core))
 
     # ---- workers ------------------------------------------------------------------------
     def _wait_ms(self) -> int:
