@@ -19,7 +19,7 @@ from services.scheduler.service import LeaseLost, SchedulerService
 from shared.config import SchedulerSettings
 from shared.figures import SchedulerFigures
 from shared.messages import AbortRequest, FinishReason, RegisterWorker, SamplingParams, SubmitRequest
-from shared.ownership import Ownership
+from shared.ownership import Ownership, Taken
 from shared.redis_protocol import RequestQueue, StatusWriter, queue_load, read_status, submit
 
 
@@ -60,8 +60,8 @@ def test_an_abort_after_the_take_reaches_the_owner_only(redis_client, redis_keys
     a, b = queue(redis_client, redis_keys, "a"), queue(redis_client, redis_keys, "b")
     own = Ownership(redis_client, redis_keys)
     submit(redis_client, request(1), redis_keys)
-    assert ids(a.read()) == {"r1"}
-    assert own.take("a", ["r1"]) == {}
+    [entry] = a.read()
+    assert own.take("a", [("r1", entry.entry_id)]) == Taken()
     assert own.abort(AbortRequest("r1", "client disconnected")) == "a"
     [entry] = a.read(block_ms=10)
     assert entry.message == AbortRequest("r1", "client disconnected") and entry.stream == redis_keys.aborts("a")
@@ -74,7 +74,8 @@ def test_an_abort_before_the_take_is_seen_by_the_taker(redis_client, redis_keys)
     own = Ownership(redis_client, redis_keys)
     assert own.abort(AbortRequest("r1", "client disconnected")) is None  # nobody owns it yet
     assert 0 < redis_client.ttl(redis_keys.request("r1"))  # a flag nobody takes does not stay forever
-    assert own.take("b", ["r0", "r1"]) == {"r1": "client disconnected"}
+    taken = own.take("b", [("r0", "1-0"), ("r1", "2-0")])  # no stream: nobody else holds them
+    assert taken == Taken(aborted={"r1": "client disconnected"})
     assert redis_client.hget(redis_keys.request("r0"), "owner") == b"b"
     assert redis_client.hget(redis_keys.request("r1"), "owner") is None
 
@@ -87,15 +88,16 @@ def test_a_dead_peers_entries_are_taken_over_a_live_ones_never(redis_client, red
     for name in "abc":
         redis_client.set(redis_keys.scheduler(name), b"host:1", px=60_000)
     peers_b, peers_c = peers_of(redis_client, redis_keys, "b"), peers_of(redis_client, redis_keys, "c")
-    assert peers_b.take_over(redis_keys.scheduler) == 0, "a is alive: nothing is taken"
+    core = SchedulerCore()
+    assert peers_b.take_over(redis_keys.scheduler, core) == 0, "a is alive: nothing is taken"
     redis_client.delete(redis_keys.scheduler("a"))  # its lease expired
-    assert peers_b.take_over(redis_keys.scheduler) == 5
-    assert peers_c.take_over(redis_keys.scheduler) == 0, "already taken, by one claimer only"
+    assert peers_b.take_over(redis_keys.scheduler, core) == 5, "alone (no live peers): all of them"
+    assert peers_c.take_over(redis_keys.scheduler, core) == 0, "already taken, by one claimer only"
     b.replay_pending()  # as the scheduler does after a takeover
     assert ids(b.read()) == {f"r{n}" for n in range(5)}
     c.replay_pending()
     assert c.read(block_ms=10) == []
-    assert peers_b.taken_from_us({e.entry_id for e in a.read()}) == 0
+    assert peers_b.taken_from_us([e.entry_id for e in a.read()]) == 0
     a.replay_pending()
     assert a.read(block_ms=10) == [], "a's pending entries are b's now"
 
@@ -104,10 +106,10 @@ def test_a_scheduler_whose_lease_lapsed_learns_that_its_requests_were_taken(redi
     a, b = queue(redis_client, redis_keys, "a"), queue(redis_client, redis_keys, "b")
     for n in range(3):
         submit(redis_client, request(n), redis_keys)
-    held = {e.entry_id for e in a.read()}
+    held = [e.entry_id for e in a.read()]
     peers_a = peers_of(redis_client, redis_keys, "a")
     assert peers_a.taken_from_us(held) == 0
-    peers_of(redis_client, redis_keys, "b").take_over(redis_keys.scheduler)
+    peers_of(redis_client, redis_keys, "b").take_over(redis_keys.scheduler, SchedulerCore())
     assert peers_a.taken_from_us(held) == 3
     assert len(b.read()) == 3
 
@@ -129,7 +131,7 @@ def test_a_full_pool_reads_aborts_but_no_new_requests(redis_client, redis_keys):
     reader.start()
     try:
         submit(redis_client, request(1), redis_keys)
-        Ownership(redis_client, redis_keys).take("a", ["r9"])
+        Ownership(redis_client, redis_keys).take("a", [("r9", "1-0")])
         Ownership(redis_client, redis_keys).abort(AbortRequest("r9", "client disconnected"))
         assert reader.wake.poll(2000)
         assert [e.message for e in reader.take()] == [AbortRequest("r9", "client disconnected")]
@@ -230,6 +232,6 @@ def test_a_scheduler_whose_requests_were_taken_while_its_lease_lapsed_stops(redi
     redis_client.delete(redis_keys.scheduler("a"))  # it expired during an outage...
     service._renew_lease()  # ...and was taken again before any peer looked: still all ours
     redis_client.delete(redis_keys.scheduler("a"))
-    assert peers_of(redis_client, redis_keys, "b").take_over(redis_keys.scheduler) == 1  # this time a peer did
+    assert peers_of(redis_client, redis_keys, "b").take_over(redis_keys.scheduler, SchedulerCore()) == 1  # a peer did
     with pytest.raises(LeaseLost, match="peers took over 1 of our requests"):
         service._renew_lease()
