@@ -76,8 +76,8 @@ class SystemStatus(msgspec.Struct, kw_only=True):
 
 def combined(schedulers: list[SchedulerFigures]) -> Optional[SchedulerFigures]:
     """The sum of the figures of the schedulers that are live, judged against the newest
-    write (a stopped scheduler's figures stay in Redis until a peer removes them);
-    `updated_at` is the newest. One scheduler's figures are returned as they are."""
+    write (a stopped scheduler's figures stay in Redis, as nothing removes them, and only
+    grow stale); `updated_at` is the newest. One scheduler's figures are returned as they are."""
     if not schedulers:
         return None
     newest = max(s.updated_at for s in schedulers)

@@ -27,8 +27,8 @@ class FigureBuilder:
         self._times.setdefault(worker_id, []).append(timings)
 
     def worker(self, worker_id: str, elapsed_s: float = 1.0) -> WorkerFigures:
-        w = self.core.workers[worker_id]
-        busy_s = time.monotonic() - w.in_flight.sent_at if w.in_flight else 0.0
+        w, now = self.core.workers[worker_id], time.monotonic()
+        busy_s = now - w.in_flight.sent_at if w.in_flight else 0.0
         times = self._times.get(worker_id, [])
         tokens_at = self._worker_tokens_at.get(worker_id, 0)
         if tokens_at > w.tokens_generated:
@@ -40,7 +40,7 @@ class FigureBuilder:
             tokens_per_s=round((w.tokens_generated - tokens_at) / elapsed_s, 2),
             step_ms=round(sum(t.total_ms for t in times) / len(times), 2) if times else 0.0,
             forward_ms=round(sum(t.forward_ms for t in times) / len(times), 2) if times else 0.0,
-            step_in_flight_s=round(busy_s, 2), stalled=busy_s > self.stall_after_s,
+            step_in_flight_s=round(busy_s, 2), stalled=w.stalled(now, self.stall_after_s),
         )
 
     def interval(self) -> tuple[SchedulerFigures, dict[str, WorkerFigures]]:

@@ -54,7 +54,7 @@ class SchedulerService:
         self.status = StatusWriter(client, self.keys, scheduler_name=self.name)
         self.lease = Lease(client, self.keys.scheduler(self.name), f"{socket.gethostname()}:{os.getpid()}",
                            settings.lease_ttl)
-        self.peers = Peers(client, self.keys, self.name)
+        self.peers = Peers(client, self.keys, self.name, settings.max_num_seqs, settings.stall_after)
         self.ctx = zmq.Context.instance()
         self.workers_sock: zmq.Socket | None = None  # bound once the lease is ours
         self.gateways: dict[str, zmq.Socket] = {}
@@ -91,7 +91,7 @@ class SchedulerService:
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.reader.wake, zmq.POLLIN)
         self._redis(self.peers.refresh_peers)  # before the first read: a backlog is not for us alone
-        self.reader.set_room(self.peers.room(self.core, self.settings.max_num_seqs))
+        self.reader.set_room(self.peers.room(self.core))
         self.reader.start()
         log.info("scheduler %s (%s) listening for workers on %s", self.name, self.lease.holder,
                  self.settings.scheduler_address)
@@ -147,7 +147,7 @@ class SchedulerService:
         self._dispatch_steps()
         self._send_outputs()
         self._bookkeeping()
-        self.reader.set_room(self.peers.room(self.core, self.settings.max_num_seqs))
+        self.reader.set_room(self.peers.room(self.core))
 
     # ---- workers ------------------------------------------------------------------------
     def _wait_ms(self) -> int:
@@ -220,9 +220,9 @@ class SchedulerService:
             self._unacked_aborts.append(entry.entry_id)
         # Replayed after a lost connection or a takeover: running here, or finished and being acked.
         entries = [e for e in entries if e.stream != self.queue.aborts and not self._holds(e)]
-        submits = [e.message.request_id for e in entries if isinstance(e.message, m.SubmitRequest)]
+        submits = [(e.message.request_id, e.entry_id) for e in entries if isinstance(e.message, m.SubmitRequest)]
         try:
-            aborted = self.peers.take(submits)
+            taken = self.peers.take(submits)
             for e in entries:
                 if isinstance(e.message, m.AbortRequest):
                     self.peers.forward_abort(e.message)  # to its owner, whoever that is (us too)
@@ -232,7 +232,8 @@ class SchedulerService:
             self.reader.replay_pending()
             return
         for entry in entries:
-            self._read_entry(entry, aborted)
+            if entry.entry_id not in taken.elsewhere:  # a peer's now: neither run nor acked here
+                self._read_entry(entry, taken.aborted)
 
     def _read_entry(self, entry: QueueEntry, aborted: dict[str, str]) -> None:
         msg = entry.message
@@ -336,18 +337,17 @@ class SchedulerService:
         if not self.lease.renew():
             raise LeaseLost(f"the lease is now held by {self.lease.current_holder()}")
         if self.lease.lapsed:  # it expired: a peer may have taken over our requests meanwhile
-            self.lease.lapsed = False
-            taken = self.peers.taken_from_us(self._held_entries())
+            # NOTE: cleared only once checked: if Redis fails the check, the next renewal runs it.
+            # Entries read but not yet taken need no check: the take leaves a peer's to it.
+            taken = self.peers.taken_from_us([r.entry_id for r in self.core.requests.values() if r.entry_id])
             if taken:
                 raise LeaseLost(f"our lease lapsed and peers took over {taken} of our requests")
+            self.lease.lapsed = False
 
     def _take_over(self) -> None:
         self.peers.refresh_peers()
-        if self.peers.take_over(self.keys.scheduler):
+        if self.peers.take_over(self.keys.scheduler, self.core):
             self.reader.replay_pending()  # read as our own pending entries, as after a restart
-
-    def _held_entries(self) -> set[str]:
-        return {r.entry_id for r in self.core.requests.values() if r.entry_id} | set(self._unacked)
 
     def _redis(self, action) -> None:
         """Run a Redis action unless Redis is known to be down. While it is down, serving

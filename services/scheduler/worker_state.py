@@ -44,6 +44,10 @@ class WorkerState:
         request that outgrew the pool would preempt itself forever)."""
         return min(self.info.max_model_len, self.info.num_blocks * self.info.block_size)
 
+    def stalled(self, monotonic: float, stall_after_s: float) -> bool:
+        """Its step has run longer than stall_after_s: it serves nobody meanwhile."""
+        return self.in_flight is not None and monotonic - self.in_flight.sent_at > stall_after_s
+
     @property
     def load(self) -> int:
         return len(self.waiting) + len(self.running)

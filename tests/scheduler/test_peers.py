@@ -18,8 +18,8 @@ from services.scheduler.queue_reader import QueueReader
 from services.scheduler.service import LeaseLost, SchedulerService
 from shared.config import SchedulerSettings
 from shared.figures import SchedulerFigures
-from shared.messages import AbortRequest, FinishReason, SamplingParams, SubmitRequest
-from shared.ownership import Ownership
+from shared.messages import AbortRequest, FinishReason, RegisterWorker, SamplingParams, SubmitRequest
+from shared.ownership import Ownership, Taken
 from shared.redis_protocol import RequestQueue, StatusWriter, queue_load, read_status, submit
 
 
@@ -38,6 +38,14 @@ def ids(entries) -> set[str]:
     return {e.message.request_id for e in entries}
 
 
+def peers_of(client, keys, name: str, max_num_seqs: int = 4) -> Peers:
+    return Peers(client, keys, name, max_num_seqs=max_num_seqs, stall_after_s=10.0)
+
+
+def worker(core: SchedulerCore, worker_id: str, now: float) -> None:
+    core.add_worker(RegisterWorker(worker_id, "m", 64, 16, 64, 100, [0], "cpu", 1), now)
+
+
 def test_each_entry_goes_to_exactly_one_of_two_consumers(redis_client, redis_keys):
     a, b = queue(redis_client, redis_keys, "a"), queue(redis_client, redis_keys, "b")
     for n in range(10):
@@ -52,8 +60,8 @@ def test_an_abort_after_the_take_reaches_the_owner_only(redis_client, redis_keys
     a, b = queue(redis_client, redis_keys, "a"), queue(redis_client, redis_keys, "b")
     own = Ownership(redis_client, redis_keys)
     submit(redis_client, request(1), redis_keys)
-    assert ids(a.read()) == {"r1"}
-    assert own.take("a", ["r1"]) == {}
+    [entry] = a.read()
+    assert own.take("a", [("r1", entry.entry_id)]) == Taken()
     assert own.abort(AbortRequest("r1", "client disconnected")) == "a"
     [entry] = a.read(block_ms=10)
     assert entry.message == AbortRequest("r1", "client disconnected") and entry.stream == redis_keys.aborts("a")
@@ -66,7 +74,8 @@ def test_an_abort_before_the_take_is_seen_by_the_taker(redis_client, redis_keys)
     own = Ownership(redis_client, redis_keys)
     assert own.abort(AbortRequest("r1", "client disconnected")) is None  # nobody owns it yet
     assert 0 < redis_client.ttl(redis_keys.request("r1"))  # a flag nobody takes does not stay forever
-    assert own.take("b", ["r0", "r1"]) == {"r1": "client disconnected"}
+    taken = own.take("b", [("r0", "1-0"), ("r1", "2-0")])  # no stream: nobody else holds them
+    assert taken == Taken(aborted={"r1": "client disconnected"})
     assert redis_client.hget(redis_keys.request("r0"), "owner") == b"b"
     assert redis_client.hget(redis_keys.request("r1"), "owner") is None
 
@@ -78,16 +87,17 @@ def test_a_dead_peers_entries_are_taken_over_a_live_ones_never(redis_client, red
     assert len(a.read()) == 5
     for name in "abc":
         redis_client.set(redis_keys.scheduler(name), b"host:1", px=60_000)
-    peers_b, peers_c = Peers(redis_client, redis_keys, "b"), Peers(redis_client, redis_keys, "c")
-    assert peers_b.take_over(redis_keys.scheduler) == 0, "a is alive: nothing is taken"
+    peers_b, peers_c = peers_of(redis_client, redis_keys, "b"), peers_of(redis_client, redis_keys, "c")
+    core = SchedulerCore()
+    assert peers_b.take_over(redis_keys.scheduler, core) == 0, "a is alive: nothing is taken"
     redis_client.delete(redis_keys.scheduler("a"))  # its lease expired
-    assert peers_b.take_over(redis_keys.scheduler) == 5
-    assert peers_c.take_over(redis_keys.scheduler) == 0, "already taken, by one claimer only"
+    assert peers_b.take_over(redis_keys.scheduler, core) == 5, "alone (no live peers): all of them"
+    assert peers_c.take_over(redis_keys.scheduler, core) == 0, "already taken, by one claimer only"
     b.replay_pending()  # as the scheduler does after a takeover
     assert ids(b.read()) == {f"r{n}" for n in range(5)}
     c.replay_pending()
     assert c.read(block_ms=10) == []
-    assert peers_b.taken_from_us({e.entry_id for e in a.read()}) == 0
+    assert peers_b.taken_from_us([e.entry_id for e in a.read()]) == 0
     a.replay_pending()
     assert a.read(block_ms=10) == [], "a's pending entries are b's now"
 
@@ -96,10 +106,10 @@ def test_a_scheduler_whose_lease_lapsed_learns_that_its_requests_were_taken(redi
     a, b = queue(redis_client, redis_keys, "a"), queue(redis_client, redis_keys, "b")
     for n in range(3):
         submit(redis_client, request(n), redis_keys)
-    held = {e.entry_id for e in a.read()}
-    peers_a = Peers(redis_client, redis_keys, "a")
+    held = [e.entry_id for e in a.read()]
+    peers_a = peers_of(redis_client, redis_keys, "a")
     assert peers_a.taken_from_us(held) == 0
-    Peers(redis_client, redis_keys, "b").take_over(redis_keys.scheduler)
+    peers_of(redis_client, redis_keys, "b").take_over(redis_keys.scheduler, SchedulerCore())
     assert peers_a.taken_from_us(held) == 3
     assert len(b.read()) == 3
 
@@ -121,7 +131,7 @@ def test_a_full_pool_reads_aborts_but_no_new_requests(redis_client, redis_keys):
     reader.start()
     try:
         submit(redis_client, request(1), redis_keys)
-        Ownership(redis_client, redis_keys).take("a", ["r9"])
+        Ownership(redis_client, redis_keys).take("a", [("r9", "1-0")])
         Ownership(redis_client, redis_keys).abort(AbortRequest("r9", "client disconnected"))
         assert reader.wake.poll(2000)
         assert [e.message for e in reader.take()] == [AbortRequest("r9", "client disconnected")]
@@ -134,24 +144,28 @@ def test_a_full_pool_reads_aborts_but_no_new_requests(redis_client, redis_keys):
         reader.stop()
 
 
-def test_room_is_unbounded_alone_and_the_pools_free_slots_with_peers(redis_client, redis_keys):
+def test_room_is_unbounded_alone_and_the_serving_workers_free_slots_with_peers(redis_client, redis_keys):
     core = SchedulerCore()
-    peers = Peers(redis_client, redis_keys, "a")
+    peers = peers_of(redis_client, redis_keys, "a")
     peers.refresh_peers()
-    assert peers.room(core, max_num_seqs=4) is None, "alone it reads as a single scheduler always did"
+    assert peers.room(core) is None, "alone it reads as a single scheduler always did"
     for name, age in (("a", 0.0), ("b", 1.0), ("gone", 60.0)):
         writer = StatusWriter(redis_client, redis_keys, scheduler_name=name)
         writer.figures(SchedulerFigures(updated_at=time.time() - age))
         writer.flush()
     peers.refresh_peers()
     assert peers.live_peers == {"b"}
-    assert peers.room(core, max_num_seqs=4) == 4  # no worker yet: as for one
+    assert peers.room(core) == 0, "no worker yet (or the last one died): b's workers can run them"
+    worker(core, "w1", time.monotonic())
+    assert peers.room(core) == 4
+    worker(core, "w2", time.monotonic())
     for n in range(3):
-        core.add_request(request(n))
-    assert peers.room(core, max_num_seqs=4) == 1
-    for n in range(3, 6):
-        core.add_request(request(n))
-    assert peers.room(core, max_num_seqs=4) == 0
+        core.add_request(request(n))  # placed on both: the least loaded first
+    assert peers.room(core) == 5
+    core.next_plan("w1", time.time(), time.monotonic() - 11.0)  # its step has run 11 s: stalled
+    assert core.workers["w1"].in_flight is not None and peers.room(core) == 1, "only w2 serves"
+    core.next_plan("w2", time.time(), time.monotonic() - 11.0)
+    assert peers.room(core) == 0, "none of its workers serves"
 
 
 def test_a_request_aborted_before_it_was_taken_ends_at_once_and_is_acked(redis_client, redis_keys):
@@ -218,6 +232,6 @@ def test_a_scheduler_whose_requests_were_taken_while_its_lease_lapsed_stops(redi
     redis_client.delete(redis_keys.scheduler("a"))  # it expired during an outage...
     service._renew_lease()  # ...and was taken again before any peer looked: still all ours
     redis_client.delete(redis_keys.scheduler("a"))
-    assert Peers(redis_client, redis_keys, "b").take_over(redis_keys.scheduler) == 1  # this time a peer did
+    assert peers_of(redis_client, redis_keys, "b").take_over(redis_keys.scheduler, SchedulerCore()) == 1  # a peer did
     with pytest.raises(LeaseLost, match="peers took over 1 of our requests"):
         service._renew_lease()
