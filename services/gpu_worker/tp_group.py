@@ -72,9 +72,9 @@ def check_devices(device: torch.device, world: int, device_count: int) -> None:
     """ModelLoadError unless the `world` devices from `device` on exist (rank_device's)."""
     if device.type != "cuda":
         return
-    first = device.index or 0
-    if first + world > device_count:
-        raise ModelLoadError(f"tensor_parallel_size {world} on cuda:{first} needs cuda:{first}..cuda:{first + world - 1}, "
+    first, last = device.index or 0, (device.index or 0) + world - 1
+    if last >= device_count:
+        raise ModelLoadError(f"tensor_parallel_size {world} on cuda:{first} needs cuda:{first}..cuda:{last}, "
                              f"but this host has {device_count} CUDA device(s): lower --tensor-parallel-size "
                              f"or choose an earlier --device")
 
