@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Optional
 
 from shared.log import setup_logging
 
@@ -28,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot start: %s", e)
             return 2
         log.info("%d compute threads, %s", threads, f"bound to cores {format_cores(cores)}" if cores else "unbound")
+        settings = in_force(settings, threads, cores)
         from services.gpu_worker.factory import create_engine
-        from services.gpu_worker.worker import Worker
+        from services.gpu_worker.worker import Worker, close_engine
 
         engine, info = create_engine(settings)
     except (ModelLoadError, ValidationError) as e:
@@ -46,8 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         worker.install_signal_handlers()
         worker.serve()
     finally:
-        engine.close()  # stops the tensor-parallel followers
+        close_engine(engine)  # stops the tensor-parallel followers
     return 0 if worker.failure is None else 1
+
+
+def in_force(settings, threads: int, cores: Optional[list[int]]):
+    """The settings with the layout now in force, so that a tensor-parallel worker shares out
+    exactly these cores and threads ("auto" again would reserve cores twice)."""
+    from shared.cpu_layout import NONE, format_cores
+
+    return settings.model_copy(update=dict(num_threads=threads,
+                                           cpu_affinity=NONE if cores is None else format_cores(cores)))
 
 
 if __name__ == "__main__":

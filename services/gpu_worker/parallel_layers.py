@@ -56,6 +56,10 @@ def plan_sharding(num_heads: int, num_kv_heads: int, intermediate_size: int, voc
     if num_kv_heads % world and world % num_kv_heads:
         problems.append(f"num_key_value_heads {num_kv_heads} (nor does {world} divide by it, "
                         f"which would let ranks share replicated KV heads)")
+    rows = -(-vocab_size // world)  # the last rank's share may be shorter, but never empty
+    if (world - 1) * rows >= vocab_size:
+        problems.append(f"vocab_size {vocab_size} into shares of {rows} rows for every rank "
+                        f"(rank {world - 1} would hold none)")
     if problems:
         raise ModelLoadError(f"tensor_parallel_size {world} cannot split this model: it does not divide "
                              + ", ".join(problems))
@@ -65,7 +69,6 @@ def plan_sharding(num_heads: int, num_kv_heads: int, intermediate_size: int, voc
         # NOTE: fewer KV heads than ranks: each rank holds a copy of the one KV head its
         # query heads read (q head i reads KV head i // (num_heads // num_kv_heads)), as vLLM does.
         local_kv, kv_start = 1, rank // (world // num_kv_heads)
-    rows = -(-vocab_size // world)  # the last rank's share may be shorter
     return Sharding(rank, world, num_heads // world, local_kv, kv_start, intermediate_size // world,
                     min(rank * rows, vocab_size), min((rank + 1) * rows, vocab_size))
 

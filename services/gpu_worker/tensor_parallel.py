@@ -25,10 +25,12 @@ from services.gpu_worker.kv_cache import num_blocks_in_budget
 from services.gpu_worker.loader import load_config, load_model, model_shape, shard_model
 from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.tp_channel import send_step, send_stop
-from services.gpu_worker.tp_group import Group, RankFailure, close_group, init_group, rank_device
+from services.gpu_worker.tp_group import (Group, RankFailure, abort_group, check_devices, close_group, init_group,
+                                          rank_device)
 from shared.config import WorkerSettings
 from shared.cpu_layout import allowed_cores, format_cores, resolve as resolve_cpu_layout
 from shared.embedded_redis import free_port
+from shared.models import ModelLoadError
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -68,14 +70,14 @@ class LeaderModel(DecoderModel):
             raise RankFailure(f"rank 0's forward failed mid-step, the ranks are out of step: {e!r}") from e
 
     def watch_ranks(self, on_failure: Callable[[str], None]) -> None:
-        self.followers.on_death = on_failure
+        self.followers.watch(on_failure)
 
     def close(self) -> None:
         """Stops the followers: by a stop command while all are well, else by SIGKILL."""
         if self.followers.stopping:  # closed already
             return
         self.followers.stopping = True  # from here on a follower's exit is expected, not a death
-        clean = not self.group.failed and self.followers.all_alive()
+        clean = not self.group.failed and self.followers.first_death() is None
         if clean:
             try:
                 send_stop(self.group)
@@ -92,29 +94,54 @@ class LeaderModel(DecoderModel):
 
 
 class Followers:
-    """The follower processes, watched: one that exits unasked is reported to on_death
-    (by default logged; the worker makes it take the whole worker down)."""
+    """The follower processes, watched until they are stopped: the first that exits unasked
+    is `death`, reported once to the callback of `watch` (one that came too late for the
+    death still gets it, at once). Until then a death is only logged."""
 
     def __init__(self, procs: list[subprocess.Popen]):
         self.procs = procs
         self.stopping = False
-        self.on_death: Callable[[str], None] = lambda reason: log.error("%s", reason)
+        self.death: Optional[str] = None
+        self._on_death: Callable[[str], None] = lambda reason: log.error("%s", reason)
+        self._lock = threading.Lock()  # a death is handed to exactly one callback, the newest
         threading.Thread(target=self._watch, name="tp-followers", daemon=True).start()
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def all_alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
+    def first_death(self, wait_s: float = 0.0) -> Optional[str]:
+        """Which follower has exited (waiting up to wait_s for one), or None."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, p in enumerate(self.procs, start=1):
+                if p.poll() is not None:
+                    return f"tensor-parallel rank {rank} (pid {p.pid}) exited with {p.returncode}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        with self._lock:
+            self._on_death, death = on_death, self.death
+        if death is not None:
+            on_death(death)
+        else:  # it may have exited since the watcher last looked
+            self._report_if_dead()
 
     def _watch(self) -> None:
-        while not self.stopping:
-            for rank, p in enumerate(self.procs, start=1):
-                if p.poll() is not None and not self.stopping:
-                    self.on_death(f"tensor-parallel rank {rank} (pid {p.pid}) exited with {p.returncode}")
-                    return
+        # One death is enough to end the worker: the watcher is done once it has one.
+        while not self.stopping and not self._report_if_dead():
             time.sleep(0.1)
+
+    def _report_if_dead(self) -> bool:
+        with self._lock:
+            if self.death is not None or self.stopping:
+                return self.death is not None
+            self.death, on_death = self.first_death(), self._on_death
+        if self.death is not None:
+            on_death(self.death)
+        return self.death is not None
 
     def kill(self) -> None:
         self.stopping = True
@@ -150,35 +177,72 @@ def rank_layouts(threads: int, cores: Optional[list[int]], world: int) -> list[R
     return [RankLayout(per_rank, cores[bounds[r]:bounds[r + 1]]) for r in range(world)]
 
 
+def share_out(settings: WorkerSettings, allowed: list[int], omp_num_threads: Optional[str],
+              default_threads: int) -> list[RankLayout]:
+    """Each rank's threads and cores: the worker's (`settings` as cpu_layout resolves them
+    against the cores this process may use), shared out."""
+    threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed, omp_num_threads)
+    return rank_layouts(threads or default_threads, cores, settings.tensor_parallel_size)
+
+
 def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.device,
                           dtype: torch.dtype) -> tuple[LeaderModel, int]:
     """Starts ranks 1..N-1, joins them as rank 0 and loads rank 0's shard; returns it with
     the number of KV blocks all ranks hold. Fails before starting anything when the model
-    cannot be split N ways."""
+    cannot be split N ways or the devices are not there."""
     world = settings.tensor_parallel_size
     config = load_config(path)
     shard_model(config, model_shape(config), 0, world)  # the ModelLoadError, before any process starts
-    # The worker's threads and cores, as the worker process bound itself (cpu_layout), shared out.
-    threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed_cores(),
-                                        os.environ.get("OMP_NUM_THREADS"))
-    layouts = rank_layouts(threads or torch.get_num_threads(), cores, world)
+    if device.type == "cuda":
+        check_devices(device, world, torch.cuda.device_count())
+    layouts = share_out(settings, allowed_cores(), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
     before = RankLayout(torch.get_num_threads(), sorted(os.sched_getaffinity(0)))
     init_method = f"tcp://127.0.0.1:{free_port()}"
     # Spawned before rank 0 narrows itself to its share: a child inherits the cores it may bind to.
     followers = Followers([_spawn(settings, path, rank, world, init_method, layouts[rank]) for rank in range(1, world)])
     _use_layout(layouts[0])
-    group = None
     try:
-        group = init_group(0, world, init_method, rank_device(device, 0))
-        model, num_blocks = load_rank(settings, path, group, dtype, LeaderModel)
+        model, num_blocks = _join(settings, path, init_method, rank_device(device, 0), dtype, followers)
     except BaseException:  # undo everything, so that the caller may try again in this process
+        _use_layout(before)
+        raise
+    model.followers, model.layout_before = followers, before
+    log.info("tensor parallel over %d ranks (followers: pids %s)", world, followers.pids)
+    return model, num_blocks
+
+
+def _join(settings: WorkerSettings, path: Path, init_method: str, device: torch.device, dtype: torch.dtype,
+          followers: Followers) -> tuple[LeaderModel, int]:
+    """Rank 0's start-up: the rendezvous, its shard, then a barrier once every follower holds
+    its KV cache. A follower that dies on the way fails it at once with ModelLoadError (it
+    would otherwise hold rank 0 in a collective: on NCCL for ever), the followers killed."""
+    group: Optional[Group] = None
+
+    def abort_start(reason: str) -> None:  # from the watcher's thread
+        log.error("%s while the ranks were starting", reason)
+        if group is not None:
+            abort_group(group)
+
+    def check() -> None:
+        if (death := followers.first_death()) is not None:
+            raise ModelLoadError(f"{death} before joining the tensor-parallel group (its log says why)")
+
+    followers.watch(abort_start)
+    try:
+        group = init_group(0, settings.tensor_parallel_size, init_method, device, check)
+        model, num_blocks = load_rank(settings, path, group, dtype, LeaderModel)
+        group.barrier()  # the followers' KV caches are allocated: an OOM there fails the start-up here
+    except BaseException as e:
+        # gloo's collective raises as the peer's connection closes, maybe before it is reaped
+        death = followers.death or followers.first_death(wait_s=2.0 if isinstance(e, RankFailure) else 0.0)
         followers.kill()
         if group is not None:
             close_group(group)
-        _use_layout(before)
+        if death is not None and not isinstance(e, ModelLoadError):
+            raise ModelLoadError(f"tensor-parallel start-up failed: {death} (its log says why)") from e
         raise
-    model.group, model.followers, model.layout_before = group, followers, before
-    log.info("tensor parallel over %d ranks (followers: pids %s)", world, followers.pids)
+    followers.watch(lambda reason: log.error("%s", reason))  # until the worker watches the ranks
+    model.group = group
     return model, num_blocks
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 from shared.log import setup_logging
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Fault injection for the start-up tests: the follower exits at this point of serve()
+# ("before-rendezvous" or "before-ready"), as one that crashes or runs out of memory there.
+EXIT_AT_ENV = "CONVEYOR_TEST_TP_FOLLOWER_EXIT_AT"
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -64,9 +67,12 @@ def serve(settings, rank: int, world: int, init_method: str) -> None:
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    _exit_if_asked("before-rendezvous")
     group = init_group(rank, world, init_method, rank_device(device, rank))
     model, num_blocks = load_rank(settings, Path(settings.model), group, dtype, DecoderModel)
+    _exit_if_asked("before-ready")
     kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, group.device)
+    group.barrier()  # rank 0's start-up ends here: this rank is ready
     logging.getLogger("services.gpu_worker.tp_follower").info(
         "rank %d of %d on %s: %d KV heads, %d KV blocks", rank, world, group.device, model.shape.num_kv_heads,
         num_blocks)
@@ -74,6 +80,11 @@ def serve(settings, rank: int, world: int, init_method: str) -> None:
         while (step := recv_step(group)) is not None:
             model.forward(*step, kv_caches)
     close_group(group)
+
+
+def _exit_if_asked(point: str) -> None:
+    if os.environ.get(EXIT_AT_ENV) == point:
+        os._exit(3)
 
 
 if __name__ == "__main__":

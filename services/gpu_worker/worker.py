@@ -26,6 +26,28 @@ log = logging.getLogger(__name__)
 # After a rank died, the main loop gets this long to leave; a collective that never returns
 # (NCCL does not notice a dead peer as gloo does) must not keep a dead worker registered.
 LEAVE_DEADLINE_S = 30.0
+# engine.close() after serve(): stopping the followers takes at most ~10 s (Followers.stop);
+# past this, a collective stuck on a dead or frozen peer holds it, and the process exits.
+CLOSE_DEADLINE_S = 20.0
+
+
+def exit_unless(done: threading.Event, deadline_s: float, what: str) -> None:
+    """Exits the process with status 1 unless `done` is set within deadline_s: a thread
+    stuck in a collective cannot be interrupted, only left (followers die by PDEATHSIG)."""
+    def watch() -> None:
+        if not done.wait(deadline_s):
+            log.error("%s took over %.0f s; exiting", what, deadline_s)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="deadline", daemon=True).start()
+
+
+def close_engine(engine: Engine) -> None:
+    """engine.close(), within CLOSE_DEADLINE_S."""
+    closed = threading.Event()
+    exit_unless(closed, CLOSE_DEADLINE_S, "closing the engine")
+    engine.close()
+    closed.set()
 
 
 class Worker:
@@ -87,18 +109,14 @@ class Worker:
             return
         log.error("worker %s cannot go on: %s", self.engine.worker_id, reason)
         self.failure = reason
-        threading.Thread(target=self._exit_unless_left, name="leave-deadline", daemon=True).start()
-
-    def _exit_unless_left(self) -> None:
-        if not self._left.wait(LEAVE_DEADLINE_S):
-            log.error("worker %s: the main loop is stuck after a rank died; exiting", self.engine.worker_id)
-            os._exit(1)
+        exit_unless(self._left, LEAVE_DEADLINE_S, f"worker {self.engine.worker_id}: leaving after a rank died")
 
     def _heartbeats(self, done: threading.Event) -> None:
         """Beats on a socket of its own (ZeroMQ sockets are not shared between threads),
-        so a long step does not look like a dead worker."""
+        so a long step does not look like a dead worker. They stop once a rank has died: a
+        step stuck on it must not look like a live worker."""
         sock = self._connect(f"{self.engine.worker_id}/heartbeat", linger_ms=0)
-        while not done.wait(self.heartbeat_interval):
+        while not done.wait(self.heartbeat_interval) and self.failure is None:
             sock.send(m.encode(m.Heartbeat(worker_id=self.engine.worker_id, sent_at=time.time())))
         sock.close()
 

@@ -7,11 +7,18 @@ sampling equals the single-rank engine's; a model that cannot be split fails at 
 from __future__ import annotations
 
 import pytest
+import torch
+from safetensors import safe_open
 
+from kernels import get_attention_backend
 from services.gpu_worker.factory import create_engine
+from services.gpu_worker.loader import load_config, load_model, model_shape, shard_model
 from services.gpu_worker.parallel_layers import plan_sharding
-from services.gpu_worker.tensor_parallel import RankLayout, rank_layouts
+from services.gpu_worker.__main__ import in_force
+from services.gpu_worker.tensor_parallel import RankLayout, rank_layouts, share_out
+from services.gpu_worker.tp_group import check_devices
 from shared.config import WorkerSettings
+from shared.cpu_layout import resolve
 from shared.messages import SamplingParams
 from shared.models import ModelLoadError
 from shared.tiny_model import make_model
@@ -130,3 +137,51 @@ def test_ranks_share_the_workers_threads_and_cores():
     assert rank_layouts(5, [0, 1, 2, 3, 4], 2) == [RankLayout(2, [0, 1, 2]), RankLayout(2, [3, 4])]
     assert rank_layouts(1, [3], 2) == [RankLayout(1, None)] * 2, "fewer cores than ranks: they share"
     assert rank_layouts(3, None, 2) == [RankLayout(1, None)] * 2, "an unbound worker: unbound ranks"
+
+
+@pytest.mark.parametrize("n, compute", [(8, list(range(1, 8))), (16, list(range(2, 16)))])
+def test_a_worker_process_shares_out_the_cores_it_bound_itself_to(n, compute):
+    """__main__ binds the worker to "auto"'s compute cores; its ranks share exactly those,
+    not "auto" resolved again against them (which would reserve cores a second time)."""
+    settings = WorkerSettings(tensor_parallel_size=2)
+    threads, cores = resolve(settings.num_threads, settings.cpu_affinity, list(range(n)), None)
+    assert cores == compute and threads == len(compute)
+    layouts = share_out(in_force(settings, threads, cores), cores, None, default_threads=1)
+    assert [c for layout in layouts for c in layout.cores] == compute
+    assert sum(layout.threads for layout in layouts) == 2 * (len(compute) // 2)
+    unbound = share_out(in_force(settings, 4, None), cores, None, default_threads=1)
+    assert unbound == [RankLayout(2, None)] * 2, "an unbound worker (OMP_NUM_THREADS) keeps its ranks unbound"
+
+
+def test_a_vocabulary_that_leaves_a_rank_no_rows_fails_at_start_up():
+    with pytest.raises(ModelLoadError, match="vocab_size 9 into shares of 3 rows.*rank 3 would hold none"):
+        plan_sharding(4, 4, 64, 9, 0, 4)
+    assert plan_sharding(4, 4, 64, 10, 3, 4).vocab_end - plan_sharding(4, 4, 64, 10, 3, 4).vocab_start == 1
+
+
+def test_more_ranks_than_the_host_has_gpus_fails_before_starting():
+    check_devices(torch.device("cuda", 0), 2, device_count=2)
+    check_devices(torch.device("cpu"), 4, device_count=0)
+    with pytest.raises(ModelLoadError, match="tensor_parallel_size 2 on cuda:1 needs cuda:1..cuda:2.* 2 CUDA"):
+        check_devices(torch.device("cuda", 1), 2, device_count=2)
+    with pytest.raises(ModelLoadError, match="on cuda:0 needs cuda:0..cuda:3"):
+        check_devices(torch.device("cuda"), 4, device_count=2)
+
+
+def test_ranks_load_the_replicated_kv_head_their_query_heads_read(model_dirs):
+    """2 KV heads over 4 ranks: ranks 0-1 load a copy of KV head 0, ranks 2-3 of KV head 1.
+    The loader's slices against the checkpoint, in process: a greedy run at TP 4 (four
+    processes) takes about a minute on this 2-core machine."""
+    path, cpu = model_dirs["llama"], torch.device("cpu")
+    config = load_config(path)
+    with safe_open(next(path.glob("*.safetensors")), framework="pt") as st:
+        k, v = (st.get_tensor(f"model.layers.1.self_attn.{n}_proj.weight") for n in "kv")
+    hd = model_shape(config).head_dim
+    assert k.shape[0] == 2 * hd, "the tiny preset has 2 KV heads"
+    for rank in range(4):
+        sharding = shard_model(config, model_shape(config), rank, 4)
+        model = load_model(path, cpu, torch.float32, get_attention_backend(cpu), "torch", sharding,
+                           all_reduce=lambda t: None)  # loading runs no collective
+        qkv = model.layers[1].qkv.weight  # this rank's one query head, then its K and V rows
+        kv = slice((rank // 2) * hd, (rank // 2 + 1) * hd)
+        assert torch.equal(qkv[hd:2 * hd], k[kv]) and torch.equal(qkv[2 * hd:], v[kv]), rank

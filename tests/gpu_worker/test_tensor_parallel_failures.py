@@ -1,20 +1,26 @@
 """A tensor-parallel rank that dies takes its worker down cleanly and promptly: in process,
 the next step raises RankFailure (never a step error the scheduler would retry here); as a
 worker process, a killed follower makes the worker say WorkerLeaving and exit non-zero, and
-a killed rank 0 leaves no follower behind."""
+a killed rank 0 leaves no follower behind. A follower that dies while the worker starts
+fails the start-up at once."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
+import threading
 import time
 
 import psutil
 import pytest
 
 from services.gpu_worker.factory import create_engine
+from services.gpu_worker.tp_follower import EXIT_AT_ENV
 from services.gpu_worker.tp_group import RankFailure
+from services.gpu_worker.worker import Worker
 from shared import messages as m
+from shared.models import ModelLoadError
 from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker
 from tests.gpu_worker.plan_driver import PlanDriver
 from tests.gpu_worker.test_tensor_parallel import tp_settings
@@ -46,6 +52,65 @@ def test_a_dead_follower_is_a_rank_failure_not_a_bad_step(model_dirs):
         assert "rank 1" in deaths[0] and str(follower.pid) in deaths[0]
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("point", ["before-rendezvous", "before-ready"])
+def test_a_follower_dying_at_start_up_fails_the_start_up_at_once(model_dirs, monkeypatch, point):
+    """Before the rendezvous rank 0 would wait 5 minutes for it; after loading (an OOM in its
+    KV cache) rank 0 would start and, on NCCL, block for ever in its first step."""
+    monkeypatch.setenv(EXIT_AT_ENV, point)  # inherited by the follower only: rank 0 reads it nowhere
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"tensor-parallel rank 1 \(pid \d+\) exited with 3"):
+        create_engine(tp_settings(model_dirs["llama"]))
+    assert time.monotonic() - start < 60, "start-up waited for the dead follower"
+    assert not psutil.Process().children(), "the start-up left a follower behind"
+
+
+def test_a_follower_dead_before_the_worker_watches_is_reported_at_once(model_dirs):
+    engine, _ = create_engine(tp_settings(model_dirs["llama"]))
+    try:
+        follower = engine.model.followers.procs[0]
+        follower.kill()
+        follower.wait(timeout=10)
+        time.sleep(0.3)  # the follower watcher has seen it, with no one to tell yet
+        deaths = []
+        engine.model.watch_ranks(deaths.append)
+        assert len(deaths) == 1 and "rank 1" in deaths[0]
+        time.sleep(0.3)
+        assert len(deaths) == 1, "one death is reported once"
+    finally:
+        engine.close()
+
+
+def test_a_worker_stops_heartbeating_once_a_rank_died_while_its_step_hangs(model_dirs):
+    """NCCL's case, which gloo cannot produce (its collectives raise on a dead peer): the
+    watcher reports a death while the step waits for ever. Here the step waits on a frozen
+    follower and the test reports the death as the watcher would."""
+    engine, info = create_engine(tp_settings(model_dirs["llama"]))
+    scheduler = FakeScheduler()
+    worker = Worker(engine, info, scheduler.address, heartbeat_interval=0.05)
+    serving = threading.Thread(target=worker.serve, daemon=True)
+    follower = psutil.Process(engine.model.followers.pids[0])
+    try:
+        serving.start()
+        assert isinstance(scheduler.recv(timeout_s=30), m.RegisterWorker)
+        follower.suspend()
+        plan = m.StepPlan(1, [m.NewRequest("a", [5, 6, 7, 8], 4, GREEDY, [1])], num_scheduled_tokens={"a": 4})
+        scheduler.send_raw(m.encode(plan))  # rank 0 now waits in an all-reduce for the frozen follower
+        time.sleep(0.5)
+        worker._rank_died("tensor-parallel rank 1 (pid 0) exited with -9")
+        with contextlib.suppress(TimeoutError):  # beats sent before it may still be queued
+            for _ in range(20):
+                scheduler.recv(timeout_s=0.3, skip_heartbeats=False)
+        with pytest.raises(TimeoutError):
+            scheduler.recv(timeout_s=1.0, skip_heartbeats=False)
+    finally:
+        follower.resume()
+    leaving = scheduler.recv_until(lambda msg: isinstance(msg, m.WorkerLeaving), timeout_s=20)[-1]
+    assert "tensor-parallel rank failed" in leaving.reason
+    serving.join(timeout=10)
+    engine.close()
+    scheduler.close()
 
 
 @pytest.fixture
