@@ -182,9 +182,10 @@ def write_results(results: Path, work: Path, record: dict, dry: bool) -> None:
     table = render_table(record)
     (results / "gpu_table.md").write_text(table)
     (results / "summary.md").write_text(summary_screen(record) + "\n")
-    if not work.is_relative_to(results):
+    if not work.is_relative_to(results):  # a scratch folder: its files travel as one tarball
         with tarfile.open(results / "gpu-check-files.tar.gz", "w:gz") as tar:
             tar.add(work, arcname="gpu-check-files")
+        shutil.rmtree(work)
     if not dry:  # a dry run must not rewrite the committed doc
         update_docs(REPO / "docs" / "gpu.md", table)
 
