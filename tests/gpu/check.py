@@ -122,8 +122,9 @@ class Runner:
         try:
             return part.figures(self.work)
         except (OSError, ValueError, KeyError, TypeError, ET.ParseError) as e:
-            # No result file, or half of one: the log says why; the summary says so.
-            return {"headline": f"no figures ({type(e).__name__}: {e}); see the log"}
+            # No result file, or half of one: the log's last line usually says why.
+            return {"headline": f"no figures ({type(e).__name__}); log: {last_line(self.work / f'{part.name}.log')}",
+                    "error": str(e)}
 
     def _line(self, outcome: Outcome | None, part: Part) -> str:
         if outcome is None:

@@ -25,8 +25,9 @@ def render_table(record: dict) -> str:
            f"{record['wall_s']:.0f} s in all, budget {record['budget_s']:.0f} s.", "",
            "| part | what | status | wall (s) | estimate (s) | result |", "|---|---|---|---:|---:|---|"]
     for p in record["parts"]:
+        headline = p["figures"].get("headline", "").replace("|", "\\|")  # a log line may hold one
         out.append(f"| {p['name']} | {p['what']} | {p['status']} | {p['wall_s']:.0f} | {p['estimate_s']:.0f} "
-                   f"| {p['figures'].get('headline', '')} |")
+                   f"| {headline} |")
     by_name = {p["name"]: p["figures"] for p in record["parts"]}
     for name, (key, render) in DETAILS.items():
         if by_name.get(name, {}).get(key):  # absent when the part wrote no results
