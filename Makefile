@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast run status tiny-model bench-worker bench bench-peer vllm-peer clean
+.PHONY: test test-fast run status tiny-model bench-worker bench bench-peer vllm-peer gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,18 @@ bench-peer: $(VENV)/.installed-bench
 
 vllm-peer: $(STAMP)
 	$(PY) -m bench.vllm_install --venv $(VLLM_VENV)
+
+# The GPU check (docs/gpu.md). On a CUDA machine it runs under that machine's python3 (no
+# venv: the image has torch; the wheels of `make gpu-wheels`, carried in .whl/, add the rest).
+# DRY_RUN=1 runs the same orchestration here, the CUDA parts replaced by CPU versions.
+GPU_PYTHON ?= python3
+DRY := $(filter 1 yes true,$(DRY_RUN))
+gpu-check: $(if $(DRY),$(STAMP))
+	HF_HUB_OFFLINE=1 $(if $(DRY),$(PY),$(GPU_PYTHON)) -m tests.gpu.check $(if $(DRY),--dry-run) $(GPU_CHECK_ARGS)
+
+# Downloads (PyPI) the cp312 wheels the GPU image lacks into .whl/ and checks the set is complete.
+gpu-wheels: $(STAMP)
+	$(PY) -m tests.gpu.wheels download
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -4,6 +4,7 @@ with its KV cache, at the same batch, model, dtype and threads, in the same run.
     python -m services.gpu_worker.bench_step [--models tiny small] [--batches 1 16 64 256] [--out FILE]
     python -m services.gpu_worker.bench_step --step-ms-only --models small --batches 64
     python -m services.gpu_worker.bench_step --tensor-parallel-size 1 2   # each in the same run
+    python -m services.gpu_worker.bench_step --models gpu-0.5b --device cuda --dtype bfloat16
 
 Each request has a CONTEXT-token prompt; both sides prefill, then time STEPS decode steps.
 Figures are medians over REPEATS alternating rounds; the ratio is Conveyor / HF.
@@ -56,14 +57,21 @@ def conveyor_decode_rate(engine, batch: int, context: int, steps: int, block_siz
 @torch.inference_mode()
 def hf_decode_rate(model, batch: int, context: int, steps: int) -> float:
     g = torch.Generator().manual_seed(batch)
-    ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=g)
+    ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=g).to(model.device)
     out = model(input_ids=ids, use_cache=True)
     cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(model.device)
     start = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
         cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(model.device)  # on CUDA the loop only queued the work
     return batch * steps / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -75,6 +83,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tensor-parallel-size", nargs="+", type=int, default=[1],
                     help="ranks of Conveyor's engine; several: one row each (on CPU the all-reduce costs more than it gives)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: the engine's and HF's")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--out", default="bench/results/worker_step.json")
     ap.add_argument("--step-ms-only", action="store_true",
                     help="print only Conveyor's decode step time in ms (first model and batch), as JSON")
@@ -87,10 +97,11 @@ def main() -> None:
     rows = []
     for preset in args.models:
         model_dir = ensure_model(preset)
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype),
+                                                  local_files_only=True).to(args.device).eval()
         tokens_needed = max(args.batches) * (args.context + args.steps + 16)
         for tp in args.tensor_parallel_size:  # one engine at a time: a process joins one tensor-parallel group
-            engine, info = _engine(model_dir, tokens_needed, tp)
+            engine, info = _engine(model_dir, tokens_needed, tp, args.device, args.dtype)
             try:
                 rows += [_row(args, preset, tp, batch, engine, info, hf) for batch in args.batches]
             finally:
@@ -111,9 +122,9 @@ def _row(args: argparse.Namespace, preset: str, tp: int, batch: int, engine, inf
     return row
 
 
-def _engine(model_dir, tokens: int, tensor_parallel_size: int):
+def _engine(model_dir, tokens: int, tensor_parallel_size: int, device: str = "cpu", dtype: str = "float32"):
     # On CPU each rank gets 1/N of kv_cache_memory, for 1/N of the KV heads (or a replica).
-    return create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
+    return create_engine(WorkerSettings(model=str(model_dir), device=device, dtype=dtype,
                                         kv_cache_memory=_cache_bytes(model_dir, tokens),
                                         tensor_parallel_size=tensor_parallel_size))
 
@@ -123,6 +134,7 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
     from pathlib import Path
 
     meta = dict(date=str(date.today()), machine=platform.processor() or platform.machine(),
+                device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),
                 torch=torch.__version__, threads=torch.get_num_threads(), context=args.context,
                 steps=args.steps, repeats=args.repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@ and in-process engines on them."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from services.gpu_worker.factory import create_engine
@@ -25,7 +27,11 @@ def model_dirs(tmp_path_factory):
             for name, kw in VARIANTS.items()}
 
 
+# The GPU check (tests/gpu) runs these engines on CUDA, still in fp32 (CUDA's default is bf16).
+TEST_DEVICE = os.environ.get("CONVEYOR_TEST_DEVICE", "cpu")
+
+
 def make_engine(model_dir, block_size: int = 16, kv_cache_memory: str = "64MiB"):
-    settings = WorkerSettings(model=str(model_dir), device="cpu", block_size=block_size,
+    settings = WorkerSettings(model=str(model_dir), device=TEST_DEVICE, dtype="float32", block_size=block_size,
                               kv_cache_memory=kv_cache_memory, worker_id="test-worker")
     return create_engine(settings)
