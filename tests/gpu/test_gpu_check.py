@@ -24,7 +24,9 @@ PARTS = ["install", "model", "kernels", "greedy", "bf16", "bandwidth", "worker-s
 def test_dry_run_passes_every_part_and_writes_the_results(tmp_path):
     doc = REPO / "docs" / "gpu.md"
     doc_before = doc.read_text()
-    proc = subprocess.run([sys.executable, "-m", "tests.gpu.check", "--dry-run", "--results", str(tmp_path)],
+    # Exactly the README's command, so the Makefile's own plumbing is tested too.
+    proc = subprocess.run(["make", "gpu-check", "DRY_RUN=1", f"PY={sys.executable}",
+                           f"GPU_CHECK_ARGS=--results {tmp_path}"],
                           cwd=REPO, capture_output=True, text=True, timeout=280)
     record = json.loads((tmp_path / "results.json").read_text())
     logs = {p["name"]: Path(p["log"]).read_text()[-2000:] for p in record["parts"] if p["status"] != "passed"}
