@@ -27,6 +27,17 @@ def redis_client(redis_server):
     client.close()
 
 
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory):
+    """A 1-layer tiny model with a long context, for requests that must outlast the test
+    (tests/stack.py: LONG_MAX_TOKENS)."""
+    from shared.tiny_model import make_model
+    from tests.stack import LONG_CONTEXT
+
+    return make_model(tmp_path_factory.mktemp("long-model"), preset="tiny", num_hidden_layers=1, seed=7,
+                      max_position_embeddings=LONG_CONTEXT)
+
+
 @pytest.fixture
 def redis_keys():
     return RedisKeys(prefix=f"test-{uuid.uuid4().hex[:12]}")

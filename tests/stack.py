@@ -23,6 +23,13 @@ from shared.redis_protocol import read_status, submit
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A request that must outlast what a test waits on (hold a slot, still run when its gateway
+# vanishes), however fast the machine: a tiny model with this context (make_model's
+# max_position_embeddings) and this many tokens runs for tens of seconds. 3,000 tokens of a
+# 4,096-token model took under 2 s on a quiet machine, and the tests that relied on it raced.
+LONG_CONTEXT = 32768
+LONG_MAX_TOKENS = 30000
+
 
 def service_env(**extra: str) -> dict[str, str]:
     # One thread each: several processes share two cores in CI.

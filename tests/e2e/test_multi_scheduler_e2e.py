@@ -15,7 +15,7 @@ from shared.embedded_redis import free_port
 from shared.ownership import Ownership
 from shared.tiny_model import make_model
 from tests.e2e.test_scheduler_reliability import _check, _submit_all, _wait_all_acked, greedy_workload
-from tests.stack import Stack
+from tests.stack import LONG_MAX_TOKENS, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -80,10 +80,10 @@ def test_kill_9_of_one_of_two_schedulers_leaves_every_request_to_the_other(redis
         stack.stop()
 
 
-def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at_once(redis_server, model_dir,
+def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at_once(redis_server, long_model_dir,
                                                                                       tmp_path):
-    stack = Stack(redis_server.url, model_dir, tmp_path)
-    long = {"max_tokens": 3000, "ignore_eos": True}
+    stack = Stack(redis_server.url, long_model_dir, tmp_path)
+    long = {"max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}
     try:
         start_pools(stack, max_num_seqs=1)  # a pool of one slot each: two requests fill both
         running = [f"long{i}" for i in range(2)]

@@ -14,14 +14,18 @@ import pytest
 
 from shared.redis_protocol import read_status
 from shared.tiny_model import make_model
-from tests.stack import Stack
+from tests.stack import LONG_CONTEXT, LONG_MAX_TOKENS, Stack
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"), preset="tiny", num_hidden_layers=1, seed=12)
+    return make_model(tmp_path_factory.mktemp("model"), preset="tiny", num_hidden_layers=1, seed=12,
+                      max_position_embeddings=LONG_CONTEXT)
+
+
+HOG = {"prompt": "a", "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}  # holds the one slot throughout
 
 
 def _model(port: int) -> str:
@@ -50,7 +54,7 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         stack.wait_gateway("gw", port)
 
         # One slot: a long request holds it; the next one waits past its queue timeout.
-        hog = threading.Thread(target=_post, args=(port, {"prompt": "a", "max_tokens": 3000, "ignore_eos": True}))
+        hog = threading.Thread(target=_post, args=(port, HOG))
         hog.start()
         time.sleep(1.0)
         queued = _post(port, {"prompt": "b", "max_tokens": 4})
@@ -59,7 +63,7 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         _join(hog)  # the hog itself hits the 4 s total timeout
 
         # Total timeout: 504, and the scheduler was told to stop it (its blocks are freed).
-        late = _post(port, {"prompt": "c", "max_tokens": 3000, "ignore_eos": True})
+        late = _post(port, {"prompt": "c", "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True})
         assert late.status_code == 504 and "request timeout" in late.json()["error"]["message"]
         deadline = time.monotonic() + 20
         while (status := read_status(stack.client, stack.keys)).workers["w1"].kv_usage != 0:
@@ -68,7 +72,7 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         assert status.scheduler.finished["abort"] >= 2
 
         # Token-bounded queue: with the slot held, 300 waiting prompt tokens is the limit.
-        hog = threading.Thread(target=_post, args=(port, {"prompt": "a", "max_tokens": 3000, "ignore_eos": True}))
+        hog = threading.Thread(target=_post, args=(port, HOG))
         hog.start()
         time.sleep(0.5)
         big = [7] * 250

@@ -17,7 +17,7 @@ import pytest
 from shared.embedded_redis import free_port, start_embedded_redis
 from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
-from tests.stack import Stack
+from tests.stack import LONG_MAX_TOKENS, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -179,13 +179,13 @@ def test_kill_9_of_redis_loses_no_accepted_request(model_dir, workload_50, tmp_p
         server.stop()
 
 
-def test_requests_of_a_vanished_gateway_are_aborted(redis_server, model_dir, tmp_path):
+def test_requests_of_a_vanished_gateway_are_aborted(redis_server, long_model_dir, tmp_path):
     import zmq
 
     from shared import messages as m
     from shared.redis_protocol import read_status, submit
 
-    stack = Stack(redis_server.url, model_dir, tmp_path)
+    stack = Stack(redis_server.url, long_model_dir, tmp_path)
     try:
         stack.start_scheduler("--gateway-timeout", "2")
         stack.start_worker("w1")
@@ -195,7 +195,7 @@ def test_requests_of_a_vanished_gateway_are_aborted(redis_server, model_dir, tmp
         ghost.setsockopt(zmq.LINGER, 0)
         address = f"tcp://127.0.0.1:{ghost.bind_to_random_port('tcp://127.0.0.1')}"
         stack.client.set(stack.keys.gateway(address), b"alive", px=1500)
-        params = m.SamplingParams(temperature=0.0, max_tokens=3000, ignore_eos=True)
+        params = m.SamplingParams(temperature=0.0, max_tokens=LONG_MAX_TOKENS, ignore_eos=True)
         for i in range(3):
             submit(stack.client, m.SubmitRequest(f"orphan{i}", [5] * 40, params, address, time.time()), stack.keys)
         assert ghost.poll(30_000), "the requests run"
