@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 # 4,096-token model took under 2 s on a quiet machine, and the tests that relied on it raced.
 LONG_CONTEXT = 32768
 LONG_MAX_TOKENS = 30000
+KEEPER_TOKENS = 2000  # a request still running through a fault a test injects (Stack.submit_keepers)
 
 
 def service_env(**extra: str) -> dict[str, str]:
@@ -152,6 +153,23 @@ class Stack:
     def submit(self, request_id: str, prompt: list[int], **sampling) -> None:
         params = m.SamplingParams(**{"temperature": 0.0, **sampling})
         submit(self.client, m.SubmitRequest(request_id, prompt, params, self.reply_to, time.time()), self.keys)
+
+    def submit_keepers(self, n: int) -> list[str]:
+        """`n` long requests (KEEPER_TOKENS, ignore_eos), spread over the workers by the
+        router's load balance, that keep running through a fault the test injects: a
+        workload of short requests can all end between the trigger and the fault."""
+        keepers = [f"keeper-{i}" for i in range(n)]
+        for rid in keepers:
+            self.submit(rid, [7, 8, 9], max_tokens=KEEPER_TOKENS, ignore_eos=True)
+        return keepers
+
+    def mid_stream(self, request_ids, max_tokens: int, worker: str | None = None) -> bool:
+        """Whether one of the requests has streamed tokens and has at least half of its
+        `max_tokens` to go, and runs on `worker` when one is named (its Redis hash says where:
+        fresher than the figures)."""
+        return any(0 < len(self.tokens[rid]) < max_tokens // 2 and rid not in self.final
+                   and (worker is None or self.client.hget(self.keys.request(rid), "worker") == worker.encode())
+                   for rid in request_ids)
 
     def abort(self, request_id: str) -> None:
         submit(self.client, m.AbortRequest(request_id), self.keys)

@@ -37,6 +37,14 @@ def _post(port: int, body: dict, timeout: float = 120.0) -> httpx.Response:
                       timeout=timeout)
 
 
+def _wait_running(stack: Stack, n: int, timeout_s: float = 30.0) -> None:
+    """Until `n` requests run, as their Redis hashes say (rewritten every scheduler pass)."""
+    deadline = time.monotonic() + timeout_s
+    while sum(stack.client.hget(k, "status") == b"running" for k in stack.client.keys(stack.keys.request("*"))) < n:
+        assert time.monotonic() < deadline, stack.log_tail()
+        time.sleep(0.05)
+
+
 def _join(thread: threading.Thread, timeout_s: float = 150.0) -> None:
     """Past its HTTP timeout (120 s), a client thread still running is a hang."""
     thread.join(timeout_s)
@@ -56,7 +64,7 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         # One slot: a long request holds it; the next one waits past its queue timeout.
         hog = threading.Thread(target=_post, args=(port, HOG))
         hog.start()
-        time.sleep(1.0)
+        _wait_running(stack, 1)
         queued = _post(port, {"prompt": "b", "max_tokens": 4})
         assert queued.status_code == 503 and "queue timeout" in queued.json()["error"]["message"]
         assert queued.headers["Retry-After"]
@@ -74,7 +82,7 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         # Token-bounded queue: with the slot held, 300 waiting prompt tokens is the limit.
         hog = threading.Thread(target=_post, args=(port, HOG))
         hog.start()
-        time.sleep(0.5)
+        _wait_running(stack, 1)
         big = [7] * 250
         first = threading.Thread(target=_post, args=(port, {"prompt": big, "max_tokens": 2}))
         first.start()
@@ -91,10 +99,15 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         stack.stop()
 
 
-def _stream_tokens(port: int, i: int) -> list[str]:
-    body = {"model": _model(port), "prompt": f"story {i}", "max_tokens": 120, "ignore_eos": True, "temperature": 0.9,
-            "seed": 100 + i, "logprobs": 0, "stream": True}
-    tokens = []
+SAMPLED_TOKENS = 300
+
+
+def _stream_tokens(port: int, i: int, tokens: list[str] | None = None) -> list[str]:
+    """Stream request `i` (sampled, with a seed of its own); its tokens are appended to
+    `tokens` as they come."""
+    body = {"model": _model(port), "prompt": f"story {i}", "max_tokens": SAMPLED_TOKENS, "ignore_eos": True,
+            "temperature": 0.9, "seed": 100 + i, "logprobs": 0, "stream": True}
+    tokens = [] if tokens is None else tokens
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=180) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
@@ -112,22 +125,23 @@ def test_scheduler_kill_9_under_sampled_streams(redis_server, model_dir, tmp_pat
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
         port = stack.start_serving()
-        disturbed: dict[int, list[str]] = {}
-        threads = [threading.Thread(target=lambda i=i: disturbed.__setitem__(i, _stream_tokens(port, i)))
-                   for i in range(4)]
+        disturbed: dict[int, list[str]] = {i: [] for i in range(4)}
+        threads = [threading.Thread(target=_stream_tokens, args=(port, i, disturbed[i])) for i in range(4)]
         for t in threads:
             t.start()
+        # Killed while every stream is under way and far from its end, as its client sees it.
         deadline = time.monotonic() + 60
-        while read_status(stack.client, stack.keys).scheduler.generation_tokens < 60:
+        while min(len(t) for t in disturbed.values()) < 10:
             assert time.monotonic() < deadline
-            time.sleep(0.1)
+            time.sleep(0.01)
+        assert max(len(t) for t in disturbed.values()) < SAMPLED_TOKENS // 2
         stack.kill("scheduler")
         stack.procs["scheduler"].wait(timeout=30)
         stack.start_scheduler(name="scheduler-2")
         for t in threads:
             _join(t, 240)
         undisturbed = {i: _stream_tokens(port, i) for i in range(4)}
-        assert all(len(disturbed[i]) == 120 for i in range(4))
+        assert all(len(disturbed[i]) == SAMPLED_TOKENS for i in range(4))
         assert disturbed == undisturbed
     finally:
         stack.stop()

@@ -15,7 +15,7 @@ from shared.figures import SystemStatus
 from shared.redis_protocol import read_status
 from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
-from tests.stack import Stack
+from tests.stack import KEEPER_TOKENS, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -93,15 +93,17 @@ def _kill_mid_run_loses_nothing(stack: Stack, workload, victim: str, survivor: s
     """Submit the workload, SIGKILL `victim` once tokens flow, and check every output
     against HF: the survivor finished the moved requests and the scheduler lived on."""
     requests, expected = workload
+    keepers = stack.submit_keepers(4)  # the victim surely holds one when it dies
     for rid, (prompt, max_tokens) in requests.items():
         stack.submit(rid, prompt, max_tokens=max_tokens)
     deadline = time.monotonic() + 60
-    while sum(len(t) for t in stack.tokens.values()) < 40 and time.monotonic() < deadline:
+    while sum(len(t) for t in stack.tokens.values()) < 40 or not stack.mid_stream(keepers, KEEPER_TOKENS, victim):
+        assert time.monotonic() < deadline, stack.log_tail()
         stack.collect(0.05)
-    assert len(stack.final) < len(requests), "killed while requests were still running"
     stack.kill(victim)
-    stack.wait_finished(requests)  # raises if the scheduler dies meanwhile
+    stack.wait_finished([*keepers, *requests])  # raises if the scheduler dies meanwhile
     _check(stack, requests, expected)
+    assert all(len(stack.tokens[rid]) == KEEPER_TOKENS for rid in keepers)
     status = _status_after(stack, lambda s: s.scheduler.migrations >= 1 and set(s.workers) == {survivor})
     assert status.scheduler.migrations >= 1 and set(status.workers) == {survivor}
 
@@ -137,7 +139,7 @@ def test_bad_input_is_survived(stack, workload):
     stack.client.xadd(stack.keys.requests, {b"msg": b"not msgpack at all"})
 
     prompt, max_tokens = requests["req-3"]
-    stack.submit("dup", prompt, max_tokens=50, ignore_eos=True)
+    stack.submit("dup", prompt, max_tokens=KEEPER_TOKENS, ignore_eos=True)  # still running when its twin comes
     # The same id again, from another gateway: refused with an error sent to that gateway.
     other = zmq.Context.instance().socket(zmq.PULL)
     other.setsockopt(zmq.LINGER, 0)
@@ -151,7 +153,7 @@ def test_bad_input_is_survived(stack, workload):
     other.close()
     stack.wait_finished(["req-3", "dup"])
     assert_greedy_matches(stack.tokens["req-3"], expected["req-3"], "req-3")
-    assert len(stack.tokens["dup"]) == 50, "the original request was not disturbed"
+    assert len(stack.tokens["dup"]) == KEEPER_TOKENS, "the original request was not disturbed"
     errors = [e.error for e in read_status(stack.client, stack.keys).errors]
     assert any("undecodable" in e for e in errors)
     assert any("rejected" in e for e in errors)

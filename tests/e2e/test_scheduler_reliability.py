@@ -17,7 +17,7 @@ import pytest
 from shared.embedded_redis import free_port, start_embedded_redis
 from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
-from tests.stack import LONG_MAX_TOKENS, Stack
+from tests.stack import KEEPER_TOKENS, LONG_MAX_TOKENS, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,19 @@ def _wait_all_acked(stack: Stack, timeout_s: float = 15.0) -> None:
     assert stack.client.xlen(stack.keys.requests) == 0, "finished requests left in the queue"
 
 
+def _until_mid_stream(stack: Stack, keepers: list[str], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not stack.mid_stream(keepers, KEEPER_TOKENS):
+        assert time.monotonic() < deadline, stack.log_tail()
+        stack.collect(0.05)
+
+
+def _check_keepers(stack: Stack, keepers: list[str]) -> None:
+    """Every token once, in order (Stack.collect checks the indexes), across the fault."""
+    stack.wait_finished(keepers)
+    assert all(len(stack.tokens[rid]) == KEEPER_TOKENS for rid in keepers)
+
+
 def _check(stack: Stack, requests, expected) -> None:
     stack.wait_finished(requests)
     for rid in requests:
@@ -75,13 +88,15 @@ def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, mod
         stack.start_scheduler()
         stack.start_worker("w1")
         stack.wait_workers({"w1"})
+        keepers = stack.submit_keepers(1)  # running, surely, at the kill
         _submit_all(stack, requests)
         _wait_tokens(stack, 30)
-        assert len(stack.final) < len(requests)
+        _until_mid_stream(stack, keepers)
         stack.kill("scheduler")
         stack.procs["scheduler"].wait(timeout=30)
         stack.start_scheduler(name="scheduler-2")  # as compose or the launcher would restart it
         _check(stack, requests, expected)
+        _check_keepers(stack, keepers)
         _wait_all_acked(stack)
     finally:
         stack.stop()
@@ -95,15 +110,20 @@ def test_a_second_scheduler_stands_by_until_the_first_is_gone(redis_server, mode
         stack.start_worker("w1")
         stack.wait_workers({"w1"})
         stack.start_scheduler(name="standby")
-        time.sleep(3)
-        assert "standing by" in stack.log_tail("standby")
+        deadline = time.monotonic() + 30
+        while "standing by" not in stack.log_tail("standby"):
+            assert time.monotonic() < deadline, stack.log_tail("standby")
+            time.sleep(0.1)
         assert stack.procs["standby"].poll() is None
         holder = stack.client.get(stack.keys.scheduler("scheduler")).decode()
         assert holder.endswith(f":{stack.procs['scheduler'].pid}")
+        keepers = stack.submit_keepers(1)
         _submit_all(stack, requests)
         _wait_tokens(stack, 20)
+        _until_mid_stream(stack, keepers)
         stack.kill("scheduler")
         _check(stack, requests, expected)  # the standby took the lease and finished everything
+        _check_keepers(stack, keepers)
         holder = stack.client.get(stack.keys.scheduler("scheduler")).decode()
         assert holder.endswith(f":{stack.procs['standby'].pid}")
     finally:
@@ -233,7 +253,9 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
     stack = Stack(redis_server.url, model_dir, tmp_path)
     stop = threading.Event()
     try:
-        stack.start_scheduler("--stall-after", "1", "--step-timeout", "8")
+        # The step timeout leaves room for three `conveyor status` runs while the worker shows
+        # as stalled (each starts a Python process: seconds on a busy machine).
+        stack.start_scheduler("--stall-after", "1", "--step-timeout", "20")
         # A worker whose heartbeat thread lives on while its main loop is stuck: it takes
         # a step and never answers.
         wedged = zmq.Context.instance().socket(zmq.DEALER)

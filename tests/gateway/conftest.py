@@ -18,7 +18,7 @@ import pytest
 from services.gateway.served_model import ServedModel
 from shared.embedded_redis import start_embedded_redis
 from shared.tiny_model import build_tokenizer, make_model
-from tests.stack import Stack
+from tests.stack import LONG_CONTEXT, Stack
 
 API_KEY = "test-key"
 
@@ -37,7 +37,9 @@ def served_model(tokenizer):
 
 @pytest.fixture(scope="session")
 def gateway_model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("gateway-model"), preset="tiny", num_hidden_layers=2, seed=4)
+    # A long context, so that a request can outlast what a test waits on (tests/stack.py).
+    return make_model(tmp_path_factory.mktemp("gateway-model"), preset="tiny", num_hidden_layers=2, seed=4,
+                      max_position_embeddings=LONG_CONTEXT)
 
 
 @pytest.fixture(scope="session")

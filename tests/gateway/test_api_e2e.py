@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from shared.redis_protocol import read_status
 from tests.gateway.conftest import metric_value
+from tests.stack import LONG_CONTEXT
 
 pytestmark = pytest.mark.slow
 
@@ -153,8 +154,10 @@ def test_stop_string_is_trimmed_and_the_request_aborted(gateway, client, gateway
     # The token that completes the first occurrence is the last one generated.
     completing = next(j for j, off in enumerate(lp.text_offset) if off + len(lp.tokens[j]) >= cut + len(stop))
 
+    # Far more tokens than the reference: the gateway's abort must reach the scheduler while
+    # the request still runs (with 30, a fast machine could finish it first, as "length").
     for stream in (False, True):
-        res = client.completions.create(model=model, prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop],
+        res = client.completions.create(model=model, prompt=PROMPT, max_tokens=3000, temperature=0, stop=[stop],
                                         extra_body=IGNORE_EOS, stream=stream, stream_options={"include_usage": True}
                                         if stream else None)
         if stream:
@@ -221,8 +224,9 @@ def test_errors_in_openai_shape(gateway, client, gateway_model_dir):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model, prompt=PROMPT, max_tokens=5000)
-    assert "4096" in e.value.message and "5000" in e.value.message and e.value.body["param"] == "max_tokens"
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=LONG_CONTEXT + 1000)
+    assert str(LONG_CONTEXT) in e.value.message and str(LONG_CONTEXT + 1000) in e.value.message
+    assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model, messages=MESSAGES, temperature=3)
     assert e.value.body["param"] == "temperature"

@@ -12,6 +12,7 @@ import pytest
 
 from shared.redis_protocol import read_status
 from tests.gateway.conftest import metric_value, start_gateway
+from tests.stack import LONG_MAX_TOKENS
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def _wait_idle(stack, timeout_s: float = 30.0) -> dict:
 def test_disconnected_clients_free_every_kv_block(gateway, gateway_model_dir):
     stack = gateway.stack
     before = gateway.metrics()
-    body = {"model": _model(gateway_model_dir), "prompt": "a long story " * 20, "max_tokens": 3000,
+    body = {"model": _model(gateway_model_dir), "prompt": "a long story " * 20, "max_tokens": LONG_MAX_TOKENS,
             "ignore_eos": True, "temperature": 0}
 
     async def stream_then_vanish(client: httpx.AsyncClient):
@@ -77,7 +78,7 @@ def test_disconnected_clients_free_every_kv_block(gateway, gateway_model_dir):
     async def wait_then_vanish(client: httpx.AsyncClient):
         with pytest.raises(httpx.ReadTimeout):
             await client.post("/v1/chat/completions", timeout=1.5, json={
-                "model": body["model"], "max_tokens": 3000, "ignore_eos": True,
+                "model": body["model"], "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True,
                 "messages": [{"role": "user", "content": "tell me everything"}]})
 
     async def run():
@@ -86,7 +87,7 @@ def test_disconnected_clients_free_every_kv_block(gateway, gateway_model_dir):
                                  *(wait_then_vanish(client) for _ in range(2)))
 
     asyncio.run(run())
-    # Left running, these would take far longer than this (8 x 3000 tokens).
+    # Left running, these would take far longer than this (8 x LONG_MAX_TOKENS tokens).
     status = _wait_idle(stack, timeout_s=15)
     assert status.workers and all(w.kv_usage == 0 for w in status.workers.values()), status.workers
     assert status.scheduler.running == 0
@@ -102,7 +103,9 @@ def test_disconnected_clients_free_every_kv_block(gateway, gateway_model_dir):
 
 def test_burst_beyond_the_queue_limit_gets_429_and_accepted_requests_complete(stack, gateway_model_dir):
     gw = start_gateway(stack, "gateway-small-queue", "--max-queue-len", "5")
-    body = {"model": _model(gateway_model_dir), "prompt": "overload", "max_tokens": 8, "ignore_eos": True}
+    # Each accepted request runs long enough (~0.2 s or more) to keep its queue place through the
+    # burst: with 8 tokens, a fast machine turned over 20 places during one burst of 60.
+    body = {"model": _model(gateway_model_dir), "prompt": "overload", "max_tokens": 200, "ignore_eos": True}
 
     async def run():
         async with httpx.AsyncClient(base_url=gw.url, timeout=120,
@@ -120,5 +123,5 @@ def test_burst_beyond_the_queue_limit_gets_429_and_accepted_requests_complete(st
         assert "max_queue_len 5" in r.json()["error"]["message"]
     for r in accepted:
         out = r.json()
-        assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 8
+        assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 200
     assert metric_value(gw.metrics(), "conveyor:requests_rejected_total", 'status="429"') == len(refused)
