@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 LONG_CONTEXT = 32768
 LONG_MAX_TOKENS = 30000
 KEEPER_TOKENS = 2000  # a request still running through a fault a test injects (Stack.submit_keepers)
+KEEPER_PROMPT = [7, 8, 9]
 
 
 def service_env(**extra: str) -> dict[str, str]:
@@ -160,7 +161,7 @@ class Stack:
         workload of short requests can all end between the trigger and the fault."""
         keepers = [f"keeper-{i}" for i in range(n)]
         for rid in keepers:
-            self.submit(rid, [7, 8, 9], max_tokens=KEEPER_TOKENS, ignore_eos=True)
+            self.submit(rid, KEEPER_PROMPT, max_tokens=KEEPER_TOKENS, ignore_eos=True)
         return keepers
 
     def mid_stream(self, request_ids, max_tokens: int, worker: str | None = None) -> bool:
@@ -197,6 +198,15 @@ class Stack:
                     self.final[out.request_id] = out
                 n += 1
         return n
+
+    def wait_until(self, predicate, what: str, timeout_s: float = 60.0) -> None:
+        """Collect outputs until `predicate()` holds; fails naming `what` past the deadline,
+        or at once when a process died that the test did not kill."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; logs:\n{self.log_tail()}"
+            self.collect(0.05)
+            self.check_alive()
 
     def wait_finished(self, request_ids, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -1,7 +1,8 @@
 """`python -m conveyor run` (what `make run` runs) on a fresh cache: it generates the tiny
 model, starts an embedded Redis, the scheduler, a worker and the gateway, and serves the
-official openai client. A second worker joins, the first leaves with SIGTERM while requests
-run on both — no request is lost — and Ctrl-C leaves nothing running."""
+official openai client. A second worker joins while requests are served, the first leaves
+with SIGTERM while streams run on both — no request is lost — and Ctrl-C leaves nothing
+running."""
 
 from __future__ import annotations
 
@@ -83,7 +84,22 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
         first = client.completions.create(model="tiny", prompt="Hello", max_tokens=8)
         assert first.usage.completion_tokens >= 1 and first.choices[0].finish_reason in ("stop", "length")
 
+        # Requests go on being served, one after another, while a second worker joins.
+        errors, served, joined = [], [], threading.Event()
+
+        def traffic() -> None:
+            while not joined.is_set():
+                try:
+                    served.append(client.completions.create(model="tiny", prompt="meanwhile", max_tokens=16,
+                                                            extra_body={"ignore_eos": True}).usage.completion_tokens)
+                except Exception as e:  # noqa: BLE001 — reported by the assertion below
+                    errors.append(repr(e))
+                    return
+
+        meanwhile = threading.Thread(target=traffic, daemon=True)
+        meanwhile.start()
         r = redis.Redis.from_url(redis_url)
+        served_before = len(served)
         extra = subprocess.Popen([sys.executable, "-m", "services.gpu_worker"], cwd=REPO, stdout=log,
                                  stderr=subprocess.STDOUT,
                                  env={**env, "CONVEYOR_MODEL": model_dir, "CONVEYOR_WORKER_ID": "extra",
@@ -92,12 +108,16 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
                                       "CONVEYOR_CPU_AFFINITY": "0"})
         deadline = time.monotonic() + 120
         while "extra" not in read_status(r).workers:
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline and not errors, (errors, log_path.read_text()[-3000:])
             time.sleep(0.2)
+        joined.set()
+        meanwhile.join(timeout=60)
+        assert not meanwhile.is_alive() and not errors, errors
+        assert len(served) > served_before and set(served) == {16}, "served while the worker joined"
 
-        # Requests in flight on both workers while the first leaves. (Streams started before
-        # the second worker's start-up could end first on a fast machine.)
-        results, errors, chunks_seen = {}, [], [0] * 12
+        # Long streams on both workers while the first leaves (started only now: on a fast
+        # machine, streams started before the second worker's start-up could all end first).
+        results, chunks_seen = {}, [0] * 12
 
         def stream(i: int) -> None:
             try:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 # The orphans must outlive their detection, 6-8 s after the kill (the liveness key's 5 s
 # TTL, then --gateway-timeout 2): 3,000 or 4,000 tokens of a 4,096-token model did not on a
 # quiet machine. A long-context model's LONG_MAX_TOKENS run for tens of seconds.
-DOOMED_STREAMS, DOOMED_TOKENS = 4, LONG_MAX_TOKENS
+DOOMED_STREAMS, DOOMED_TOKENS = 16, LONG_MAX_TOKENS
 
 
 def test_gateway_kill_9_aborts_its_requests_and_frees_their_blocks(redis_server, long_model_dir, tmp_path):

@@ -53,14 +53,6 @@ def pending_of(stack: Stack, consumer: str) -> list[str]:
     return [m.decode(fields[b"msg"]).request_id for found in entries for _, fields in found]
 
 
-def wait_until(stack: Stack, predicate, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}; logs:\n{stack.log_tail()}"
-        stack.collect(0.05)
-        stack.check_alive()
-
-
 @pytest.fixture(scope="module")
 def workload(model_dir):
     return greedy_workload(model_dir, 30, seed=3, max_tokens=24)
@@ -73,8 +65,8 @@ def test_kill_9_of_one_of_two_schedulers_leaves_every_request_to_the_other(redis
     try:
         start_pools(stack, max_num_seqs=4)
         _submit_all(stack, requests)
-        wait_until(stack, lambda: set(owners(stack, requests).values()) == set(NAMES), "both schedulers to take some")
-        wait_until(stack, lambda: sum(map(len, stack.tokens.values())) >= 40, "tokens to stream")
+        stack.wait_until(lambda: set(owners(stack, requests).values()) == set(NAMES), "both schedulers to take some")
+        stack.wait_until(lambda: sum(map(len, stack.tokens.values())) >= 40, "tokens to stream")
         stack.kill("s1")
         stack.procs["s1"].wait(timeout=30)
         # What s1 held unfinished is what it had read and not acknowledged when it died (read
@@ -99,7 +91,7 @@ def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at
         running = [f"long{i}" for i in range(2)]
         for rid in running:
             stack.submit(rid, [5, 6, 7, 8, 9], **long)
-        wait_until(stack, lambda: len(owners(stack, running)) == 2, "both requests taken")
+        stack.wait_until(lambda: len(owners(stack, running)) == 2, "both requests taken")
         assert sorted(owners(stack, running).values()) == ["s1", "s2"]
         stack.submit("queued", [5, 6, 7, 8, 9], **long)
         time.sleep(1.0)
@@ -108,7 +100,7 @@ def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at
         # One the way the gateway aborts (straight to the owner), one through the shared stream.
         Ownership(stack.client, stack.keys).abort(m.AbortRequest(running[0], "client disconnected"))
         stack.abort(running[1])
-        wait_until(stack, lambda: set(running) | {"queued"} <= set(stack.final), "every request to end", 30.0)
+        stack.wait_until(lambda: set(running) | {"queued"} <= set(stack.final), "every request to end", 30.0)
         for rid in running + ["queued"]:
             assert stack.final[rid].finish_reason is m.FinishReason.ABORT, rid
             assert len(stack.tokens[rid]) < long["max_tokens"], rid

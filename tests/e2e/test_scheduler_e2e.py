@@ -14,7 +14,7 @@ import zmq
 from shared.figures import SystemStatus
 from shared.redis_protocol import read_status
 from shared.tiny_model import make_model
-from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
+from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy, keeper_reference
 from tests.stack import KEEPER_TOKENS, Stack
 
 pytestmark = pytest.mark.slow
@@ -23,6 +23,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("model"), preset="tiny", num_hidden_layers=2, seed=4)
+
+
+@pytest.fixture(scope="module")
+def keeper_expected(model_dir):
+    return keeper_reference(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -89,35 +94,35 @@ def test_fifty_requests_on_two_workers_match_hf(stack, workload):
     assert stack.client.hget(stack.keys.request("req-0"), "status") == b"finished"
 
 
-def _kill_mid_run_loses_nothing(stack: Stack, workload, victim: str, survivor: str) -> None:
-    """Submit the workload, SIGKILL `victim` once tokens flow, and check every output
-    against HF: the survivor finished the moved requests and the scheduler lived on."""
+def _kill_mid_run_loses_nothing(stack: Stack, workload, keeper_expected, victim: str, survivor: str) -> None:
+    """Submit the workload and long keepers, SIGKILL `victim` once tokens flow and a keeper
+    is mid-stream there, and check every output against HF: the survivor finished the
+    moved requests and the scheduler lived on."""
     requests, expected = workload
     keepers = stack.submit_keepers(4)  # the victim surely holds one when it dies
     for rid, (prompt, max_tokens) in requests.items():
         stack.submit(rid, prompt, max_tokens=max_tokens)
-    deadline = time.monotonic() + 60
-    while sum(len(t) for t in stack.tokens.values()) < 40 or not stack.mid_stream(keepers, KEEPER_TOKENS, victim):
-        assert time.monotonic() < deadline, stack.log_tail()
-        stack.collect(0.05)
+    stack.wait_until(lambda: sum(len(t) for t in stack.tokens.values()) >= 40
+                     and stack.mid_stream(keepers, KEEPER_TOKENS, victim), f"a keeper mid-stream on {victim}")
     stack.kill(victim)
     stack.wait_finished([*keepers, *requests])  # raises if the scheduler dies meanwhile
     _check(stack, requests, expected)
-    assert all(len(stack.tokens[rid]) == KEEPER_TOKENS for rid in keepers)
+    for rid in keepers:
+        assert_greedy_matches(stack.tokens[rid], keeper_expected, rid)
     status = _status_after(stack, lambda s: s.scheduler.migrations >= 1 and set(s.workers) == {survivor})
     assert status.scheduler.migrations >= 1 and set(status.workers) == {survivor}
 
 
-def test_kill_9_of_a_worker_mid_run_loses_nothing(stack, workload):
-    _kill_mid_run_loses_nothing(stack, workload, "w1", "w2")
+def test_kill_9_of_a_worker_mid_run_loses_nothing(stack, workload, keeper_expected):
+    _kill_mid_run_loses_nothing(stack, workload, keeper_expected, "w1", "w2")
 
 
-def test_migration_from_block_size_16_to_32_matches_hf(mixed_stack, workload):
+def test_migration_from_block_size_16_to_32_matches_hf(mixed_stack, workload, keeper_expected):
     """Requests moved from the worker of block size 16 continue on the one of block size
     32, their prefix hashes computed for it."""
     status = read_status(mixed_stack.client, mixed_stack.keys)
     assert {w: f.registered.block_size for w, f in status.workers.items()} == {"bs16": 16, "bs32": 32}
-    _kill_mid_run_loses_nothing(mixed_stack, workload, "bs16", "bs32")
+    _kill_mid_run_loses_nothing(mixed_stack, workload, keeper_expected, "bs16", "bs32")
 
 
 def test_bad_input_is_survived(stack, workload):

@@ -16,7 +16,7 @@ import pytest
 
 from shared.embedded_redis import free_port, start_embedded_redis
 from shared.tiny_model import make_model
-from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
+from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy, keeper_reference
 from tests.stack import KEEPER_TOKENS, LONG_MAX_TOKENS, Stack
 
 pytestmark = pytest.mark.slow
@@ -34,6 +34,11 @@ def greedy_workload(model_dir, n: int, seed: int, max_tokens: int):
                 for i in range(n)}
     outs = hf_greedy(model_dir, [p for p, _ in requests.values()], [n for _, n in requests.values()])
     return requests, dict(zip(requests, outs))
+
+
+@pytest.fixture(scope="module")
+def keeper_expected(model_dir):
+    return keeper_reference(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -62,26 +67,14 @@ def _wait_all_acked(stack: Stack, timeout_s: float = 15.0) -> None:
     assert stack.client.xlen(stack.keys.requests) == 0, "finished requests left in the queue"
 
 
-def _until_mid_stream(stack: Stack, keepers: list[str], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not stack.mid_stream(keepers, KEEPER_TOKENS):
-        assert time.monotonic() < deadline, stack.log_tail()
-        stack.collect(0.05)
-
-
-def _check_keepers(stack: Stack, keepers: list[str]) -> None:
-    """Every token once, in order (Stack.collect checks the indexes), across the fault."""
-    stack.wait_finished(keepers)
-    assert all(len(stack.tokens[rid]) == KEEPER_TOKENS for rid in keepers)
-
-
 def _check(stack: Stack, requests, expected) -> None:
     stack.wait_finished(requests)
     for rid in requests:
         assert_greedy_matches(stack.tokens[rid], expected[rid], rid)
 
 
-def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, model_dir, workload, tmp_path):
+def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, model_dir, workload, keeper_expected,
+                                                               tmp_path):
     requests, expected = workload
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
@@ -91,18 +84,19 @@ def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, mod
         keepers = stack.submit_keepers(1)  # running, surely, at the kill
         _submit_all(stack, requests)
         _wait_tokens(stack, 30)
-        _until_mid_stream(stack, keepers)
+        stack.wait_until(lambda: stack.mid_stream(keepers, KEEPER_TOKENS), "a keeper mid-stream")
         stack.kill("scheduler")
         stack.procs["scheduler"].wait(timeout=30)
         stack.start_scheduler(name="scheduler-2")  # as compose or the launcher would restart it
         _check(stack, requests, expected)
-        _check_keepers(stack, keepers)
+        _check(stack, keepers, dict.fromkeys(keepers, keeper_expected))
         _wait_all_acked(stack)
     finally:
         stack.stop()
 
 
-def test_a_second_scheduler_stands_by_until_the_first_is_gone(redis_server, model_dir, workload, tmp_path):
+def test_a_second_scheduler_stands_by_until_the_first_is_gone(redis_server, model_dir, workload, keeper_expected,
+                                                               tmp_path):
     requests, expected = workload
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
@@ -120,10 +114,10 @@ def test_a_second_scheduler_stands_by_until_the_first_is_gone(redis_server, mode
         keepers = stack.submit_keepers(1)
         _submit_all(stack, requests)
         _wait_tokens(stack, 20)
-        _until_mid_stream(stack, keepers)
+        stack.wait_until(lambda: stack.mid_stream(keepers, KEEPER_TOKENS), "a keeper mid-stream")
         stack.kill("scheduler")
         _check(stack, requests, expected)  # the standby took the lease and finished everything
-        _check_keepers(stack, keepers)
+        _check(stack, keepers, dict.fromkeys(keepers, keeper_expected))
         holder = stack.client.get(stack.keys.scheduler("scheduler")).decode()
         assert holder.endswith(f":{stack.procs['standby'].pid}")
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import signal
-import time
 
 import psutil
 import pytest
@@ -27,13 +26,6 @@ def model_dir(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("model"), preset="tiny", num_hidden_layers=2, seed=6)
 
 
-def _until(condition, timeout_s: float, stack: Stack, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}; logs:\n{stack.log_tail()}"
-        stack.collect(0.05)
-
-
 def test_kill_9_of_a_follower_rank_moves_its_requests(redis_server, model_dir, tmp_path):
     rng = random.Random(3)
     prompts = {f"r{i}": [rng.randrange(3, 4096) for _ in range(rng.choice([5, 30, 80]))] for i in range(8)}
@@ -49,7 +41,7 @@ def test_kill_9_of_a_follower_rank_moves_its_requests(redis_server, model_dir, t
         for rid, prompt in prompts.items():
             stack.submit(rid, prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
 
-        _until(lambda: stack.mid_stream(prompts, MAX_TOKENS, "tp2"), 120, stack, "the TP worker never ran a request")
+        stack.wait_until(lambda: stack.mid_stream(prompts, MAX_TOKENS, "tp2"), "the TP worker to run a request", 120)
         stack._expected_dead.add("tp2")  # it exits by design once its rank is gone
         follower.send_signal(signal.SIGKILL)
 
@@ -58,8 +50,8 @@ def test_kill_9_of_a_follower_rank_moves_its_requests(redis_server, model_dir, t
         stack.wait_finished(prompts, timeout_s=300)
         for rid in prompts:
             assert_greedy_matches(stack.tokens[rid], expected[rid], rid)
-        _until(lambda: read_status(stack.client, stack.keys).scheduler.migrations > 0, 10, stack,
-               "the TP worker's requests were not migrated")
+        stack.wait_until(lambda: read_status(stack.client, stack.keys).scheduler.migrations > 0,
+                         "the TP worker's requests to be migrated", 10)
         assert "tp2" not in read_status(stack.client, stack.keys).workers
     finally:
         stack.stop()

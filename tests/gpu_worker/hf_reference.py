@@ -31,11 +31,15 @@ class Reference:
     gaps: list[float]  # top-1 minus top-2 logit at each position
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int | list[int]) -> list[Reference]:
-    """`max_new_tokens`: one for all prompts, or one per prompt."""
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int | list[int],
+              ignore_eos: bool = False) -> list[Reference]:
+    """`max_new_tokens`: one for all prompts, or one per prompt. `ignore_eos`: generate past
+    EOS, as a request with vLLM's ignore_eos does."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     eos = model.generation_config.eos_token_id
     pad = eos[0] if isinstance(eos, list) else eos
+    if ignore_eos:
+        model.generation_config.eos_token_id = None
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     references = []
     for prompt, limit in zip(prompts, limits):
@@ -60,3 +64,10 @@ def assert_greedy_matches(got: list[int], ref: Reference, what: str = "") -> boo
         f"{what}: token {same} is {got[same]}, HF's is {ref.tokens[same]} (its second choice {ref.runner_up[same]}, "
         f"top-2 gap {ref.gaps[same]:.3g}, a near-tie below {NEAR_TIE}): {got} vs {ref.tokens}")
     return False
+
+
+def keeper_reference(model_dir: Path) -> Reference:
+    """HF's output for the requests of `Stack.submit_keepers` (greedy, ignore_eos)."""
+    from tests.stack import KEEPER_PROMPT, KEEPER_TOKENS
+
+    return hf_greedy(model_dir, [KEEPER_PROMPT], KEEPER_TOKENS, ignore_eos=True)[0]
