@@ -41,6 +41,7 @@ def render(status: SystemStatus, now: float, where: str) -> str:
     for wid, w in sorted(status.workers.items()):
         lines.append(f"{wid:<24}{w.registered.device:<8}{w.kv_usage:>8.1%}{w.running:>9}{w.waiting:>9}"
                      f"{w.tokens_per_s:>9}{w.steps:>9}{w.step_ms:>9.1f}  {_state(w, now)}")
+        lines += _kernels(w)
     lines += ["", "recent errors" if status.errors else "no recent errors"]
     for e in status.errors[:10]:
         when = datetime.fromtimestamp(e.time).strftime("%H:%M:%S")
@@ -59,6 +60,13 @@ def _schedulers(status: SystemStatus, now: float) -> list[str]:
         lines.append(f"{name:<24}{f.workers:>8}{f.running:>9}{f.waiting:>9}{f.steps_per_s:>9}{f.tokens_per_s:>9}"
                      f"  {state}")
     return lines
+
+
+def _kernels(w: WorkerFigures) -> list[str]:
+    """What the worker's steps run on, and every part that runs a slower path, under its line."""
+    reg = w.registered
+    lines = ["  kernels: " + ", ".join(f"{part} {name}" for part, name in reg.backends.items())] if reg.backends else []
+    return lines + [f"  SLOW PATH: {slow}" for slow in reg.slow_paths]
 
 
 def _state(w: WorkerFigures, now: float) -> str:

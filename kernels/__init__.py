@@ -20,12 +20,31 @@ BACKENDS = ("cpu", "reference", "triton")
 log = logging.getLogger(__name__)
 
 
+def _serves_all(head_dim: int, block_size: int) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
     name: str
     store_kv: Callable[..., None]
     prefill_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor]
+    # (head_dim, block_size) -> why decode and prefill of that shape take the reference
+    # instead of this backend's kernels, or None when the kernels serve it.
+    unserved: Callable[[int, int], str | None] = _serves_all
+    fallback_reason: str | None = None  # set when this is the reference standing in for another
+
+    def slow_paths(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> list[str]:
+        """What of attention runs slower than this device's fast kernels, for the start-up
+        log and the worker's figures: [] when the kernels serve the shape."""
+        if self.fallback_reason:
+            return [f"attention: the torch reference instead of the {self.fallback_reason}"]
+        why = self.unserved(head_dim, block_size)
+        if why is None:
+            return []
+        return [f"attention: decode and prefill of {num_heads} query heads over {num_kv_heads} kv heads, head_dim "
+                f"{head_dim}, block_size {block_size} run on the torch reference, not the {self.name} kernels: {why}"]
 
 
 def get_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
@@ -53,7 +72,7 @@ def _cpu_backend(device: torch.device) -> AttentionBackend:
         raise ValueError(f"the cpu attention backend runs on the CPU only, not on {device.type}")
 
     cpu.load()  # builds the extension on first use, so a missing compiler shows here, not mid-step
-    return AttentionBackend("cpu", cpu.store_kv, cpu.prefill_attention, cpu.decode_attention)
+    return AttentionBackend("cpu", cpu.store_kv, cpu.prefill_attention, cpu.decode_attention, cpu.unserved)
 
 
 def _cpu_backend_or_reference() -> AttentionBackend:
@@ -62,7 +81,8 @@ def _cpu_backend_or_reference() -> AttentionBackend:
         return _cpu_backend(torch.device("cpu"))
     except RuntimeError as e:  # no compiler or ninja, or a failed build: the message says which
         log.warning("cpu attention backend unavailable, falling back to the (slower) reference: %s", e)
-        return get_attention_backend(torch.device("cpu"), "reference")
+        return AttentionBackend("reference", reference.store_kv, reference.prefill_attention,
+                                reference.decode_attention, fallback_reason=f"cpu kernels, which cannot be built: {e}")
 
 
 def _triton_backend(device: torch.device) -> AttentionBackend:

@@ -17,8 +17,9 @@ from kernels import reference
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "decode_attention.cpp", CSRC / "prefill_attention.cpp", CSRC / "store_kv.cpp"]
-# The shapes the kernel is compiled for (see its dispatch); others go to the reference.
-GROUPS, HEAD_DIMS, MAX_BLOCK_SIZE = (1, 2, 4, 8), (64, 128), 128
+# The head dims the kernels are compiled for (CONVEYOR_HEAD_DIMS in csrc/softmax_math.h); any
+# GQA group is served. Other shapes go to the reference, and unserved() says so at start-up.
+HEAD_DIMS, MAX_BLOCK_SIZE = (32, 64, 80, 96, 112, 128, 160, 192, 256), 128
 # Built where it runs, so -march=native is safe and gives the loops AVX2/AVX-512. Reassociation
 # turns each dot product's horizontal sum into a tree instead of a chain of 16 scalar adds;
 # infinities and NaN keep their meaning (no -ffast-math: the online softmax starts at -inf).
@@ -51,9 +52,18 @@ def load() -> torch._ops.OpOverload:
     return torch.ops.conveyor_cpu.decode_attention.default
 
 
+def unserved(head_dim: int, block_size: int) -> str | None:
+    """Why the kernels cannot serve this shape (the reference then does), or None."""
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} has no compiled kernel (compiled: {', '.join(map(str, HEAD_DIMS))})"
+    if block_size > MAX_BLOCK_SIZE:
+        return f"block_size {block_size} exceeds the kernels' {MAX_BLOCK_SIZE}"
+    return None
+
+
 def _compiled_for(q: Tensor, k_cache: Tensor) -> bool:
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
-    return q.shape[1] // num_kv_heads in GROUPS and head_dim in HEAD_DIMS and block_size <= MAX_BLOCK_SIZE
+    _, block_size, _, head_dim = k_cache.shape
+    return head_dim in HEAD_DIMS and block_size <= MAX_BLOCK_SIZE
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,

@@ -187,6 +187,11 @@ class RegisterWorker(msgspec.Struct, frozen=True, tag="register_worker"):
     eos_token_ids: list[int]
     device: str
     pid: int
+    # The kernels its steps run on, by part ({"attention": "cpu", "layer_ops": "cpu", "linear":
+    # "onednn", "dtype": "float32"}), and each part of a step that runs a slower path than its
+    # backend's fast one, saying which op, which shape and why: never a silent fallback.
+    backends: dict[str, str] = {}
+    slow_paths: list[str] = []
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "softmax_math.h"
@@ -27,6 +28,8 @@
 namespace {
 
 constexpr int64_t kMaxBlockSize = 128;
+constexpr int64_t kLanes = 16;  // fp32 lanes of one AVX-512 register
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 
 // Blocks are scattered, so the hardware prefetcher stops at every block boundary: while
 // one block's key or value row is used, the same row of the next block is requested.
@@ -35,22 +38,39 @@ inline void prefetch_row(const scalar_t* row) {
   for (int64_t d = 0; d < D; d += 64 / sizeof(scalar_t)) __builtin_prefetch(row + d);
 }
 
-// The running softmax of the G query heads that share one kv head. G and D are
-// compile-time so that the inner loops unroll into whole vector registers.
-template <typename scalar_t, int64_t G, int64_t D>
+// The running softmax of the G query heads that share one kv head. D is compile-time so
+// that each dot product and value update is whole vector registers; G (any GQA group) is
+// runtime: per key, the G dot products reuse the key row from L1.
+template <typename scalar_t, int64_t D>
 struct HeadGroup {
-  alignas(64) float q[G][D];    // pre-scaled by the softmax scale
-  alignas(64) float acc[G][D];  // sum of exp(score - m) * v
-  float m[G], l[G];             // running max, running sum of exp(score - m)
+  int64_t G = 0;
+  std::vector<float> q, acc;  // [G][D]: q pre-scaled by the softmax scale; acc sum of exp(score - m) * v
+  std::vector<float> m, l;    // [G]: running max, running sum of exp(score - m)
+  std::vector<float> p;       // [G][kMaxBlockSize]: one block's scores, then weights
+
+  explicit HeadGroup(int64_t group) : G(group), q(G * D), acc(G * D), m(G), l(G), p(G * kMaxBlockSize) {}
 
   void start(const scalar_t* q_rows, int64_t q_head_stride, float scale) {
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t d = 0; d < D; ++d) {
-        q[g][d] = static_cast<float>(q_rows[g * q_head_stride + d]) * scale;
-        acc[g][d] = 0.f;
+        q[g * D + d] = static_cast<float>(q_rows[g * q_head_stride + d]) * scale;
+        acc[g * D + d] = 0.f;
       }
       m[g] = -std::numeric_limits<float>::infinity();
       l[g] = 0.f;
+    }
+  }
+
+  // The scores of key kt (position t in the block) for heads g0 .. g0 + N - 1: N is
+  // compile-time, so the N dot products run side by side on one load of each key vector.
+  template <int64_t N>
+  inline void scores(const float* __restrict kt, int64_t g0, int64_t t) {
+    const float* __restrict qg = q.data() + g0 * D;
+    for (int64_t j = 0; j < N; ++j) {
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += qg[j * D + d] * kt[d];
+      p[(g0 + j) * kMaxBlockSize + t] = s;
     }
   }
 
@@ -59,56 +79,64 @@ struct HeadGroup {
   // k_next/v_next: this head in the next block (to prefetch), or null after the last.
   void update(const scalar_t* k, const scalar_t* v, int64_t n, int64_t token_stride, const scalar_t* k_next,
               const scalar_t* v_next) {
-    alignas(64) float p[G][kMaxBlockSize];
     for (int64_t t = 0; t < n; ++t) {
       if (k_next) {
         prefetch_row<scalar_t, D>(k_next + t * token_stride);
         prefetch_row<scalar_t, D>(v_next + t * token_stride);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += q[g][d] * static_cast<float>(k[t * token_stride + d]);
-        p[g][t] = s;
+      // The key row is read for all G heads; groups of up to 4 heads share one load of it.
+      alignas(64) float key[D];
+      const float* kt;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        kt = k + t * token_stride;
+      } else {
+        for (int64_t d = 0; d < D; ++d) key[d] = static_cast<float>(k[t * token_stride + d]);
+        kt = key;
       }
+      int64_t g = 0;
+      for (; g + 4 <= G; g += 4) scores<4>(kt, g, t);
+      for (; g + 2 <= G; g += 2) scores<2>(kt, g, t);
+      if (g < G) scores<1>(kt, g, t);
     }
     for (int64_t g = 0; g < G; ++g) {
-      const float new_m = std::max(m[g], *std::max_element(p[g], p[g] + n));
+      float* pg = p.data() + g * kMaxBlockSize;
+      const float new_m = std::max(m[g], *std::max_element(pg, pg + n));
       const float alpha = std::exp(m[g] - new_m);  // 0 on the first block: m is -inf
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < n; ++t) {
-        p[g][t] = exp_nonpositive(p[g][t] - new_m);
-        sum += p[g][t];
+        pg[t] = exp_nonpositive(pg[t] - new_m);
+        sum += pg[t];
       }
       l[g] = l[g] * alpha + sum;
       m[g] = new_m;
       // A local copy the compiler can keep in registers (acc might alias v, as far as it knows).
       alignas(64) float a[D];
-      for (int64_t d = 0; d < D; ++d) a[d] = acc[g][d] * alpha;
+      for (int64_t d = 0; d < D; ++d) a[d] = acc[g * D + d] * alpha;
       for (int64_t t = 0; t < n; ++t)
-        for (int64_t d = 0; d < D; ++d) a[d] += p[g][t] * static_cast<float>(v[t * token_stride + d]);
-      for (int64_t d = 0; d < D; ++d) acc[g][d] = a[d];
+        for (int64_t d = 0; d < D; ++d) a[d] += pg[t] * static_cast<float>(v[t * token_stride + d]);
+      for (int64_t d = 0; d < D; ++d) acc[g * D + d] = a[d];
     }
   }
 
   void finish(scalar_t* out_rows, int64_t out_head_stride) const {
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; ++d)
-        out_rows[g * out_head_stride + d] = static_cast<scalar_t>(acc[g][d] / l[g]);
+        out_rows[g * out_head_stride + d] = static_cast<scalar_t>(acc[g * D + d] / l[g]);
   }
 };
 
-template <typename scalar_t, int64_t G, int64_t D>
+template <typename scalar_t, int64_t D>
 void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, const at::Tensor& out) {
   const int64_t num_seqs = q.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t G = q.size(1) / num_kv_heads;
   const scalar_t* k_base = k_cache.data_ptr<scalar_t>();
   const scalar_t* v_base = v_cache.data_ptr<scalar_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t token_stride = num_kv_heads * D, block_stride = block_size * token_stride;
   at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<HeadGroup<scalar_t, G, D>> heads(num_kv_heads);
+    std::vector<HeadGroup<scalar_t, D>> heads(num_kv_heads, HeadGroup<scalar_t, D>(G));
     for (int64_t s = begin; s < end; ++s) {
       const int64_t seq_len = lens[s];
       TORCH_CHECK(seq_len > 0, "decode_attention: sequence ", s, " has seq_len ", seq_len, ", expected >= 1");
@@ -138,11 +166,9 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
                       const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, const at::Tensor& out) {
   check_paged_inputs("decode_attention", q, k_cache, v_cache, block_tables, seq_lens, out);
   TORCH_CHECK(k_cache.size(1) <= kMaxBlockSize, "block_size must be at most ", kMaxBlockSize);
-  const int64_t group = q.size(1) / k_cache.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    dispatch_group_and_head_dim("decode_attention", group, q.size(2), [&](auto g, auto d) {
-      decode_all<scalar_t, decltype(g)::value, decltype(d)::value>(q, k_cache, v_cache, block_tables, seq_lens,
-                                                                   scale, out);
+    dispatch_head_dim("decode_attention", q.size(2), [&](auto d) {
+      decode_all<scalar_t, decltype(d)::value>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
     });
   });
 }

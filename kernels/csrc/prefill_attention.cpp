@@ -12,7 +12,9 @@
 // Two passes, each an at::parallel_for. First, per (sequence, kv head), its keys are gathered
 // from the blocks into fp32, transposed kKeys at a time, and its values likewise (not
 // transposed): once, however many query tiles read them. Then one task is one tile of kRows
-// query rows (kRows / G tokens x the G query heads of one kv head) of one sequence: it walks
+// query rows of one kv head of one sequence: the rows of a (sequence, kv head) are its tokens'
+// G query heads in order (row t * G + g), so a tile holds any group G, whole or split, and
+// rows of several tokens (16 / G of them, plus a part, for G = 3). The task walks
 // the keys up to its last row's position kKeys at a time, scoring with kRows x kKeys fmas per
 // head_dim element (one vector register per row), so each key and value is loaded once for
 // all kRows rows. Keys past a row's position (the diagonal steps only) are masked out.
@@ -38,28 +40,31 @@ constexpr int64_t kKeys = 16;  // keys per step: one AVX-512 register of fp32 sc
 // a scalar operand is broadcast, so the tile loops below are written in whole registers.
 typedef float Keys __attribute__((vector_size(kKeys * sizeof(float))));
 
-template <typename scalar_t, int64_t G, int64_t D>
+constexpr int64_t floor_pow2(int64_t n) { return n < 2 ? 1 : 2 * floor_pow2(n / 2); }
+
+template <typename scalar_t, int64_t D>
 struct QueryTile {
   alignas(64) float q[kRows][D];    // pre-scaled by the softmax scale
   Keys acc[kRows][D / kKeys];       // sum of exp(score - m) * v
   float m[kRows], l[kRows];         // running max, running sum of exp(score - m)
   int64_t pos[kRows];               // the row's position in its sequence: keys past it are masked
-  int64_t num_tokens;               // tokens in this tile (the last tile of a chunk may be short)
+  int64_t num_rows;                 // real rows in this tile (the last tile of a chunk may be short)
 
-  // Row r is token r / G of the tile and query head r % G of its kv head; the rows of tokens
-  // past the chunk's end get q = 0 and are never written back.
-  void start(const scalar_t* q_rows, int64_t token_stride, int64_t head_stride, int64_t n_tokens, int64_t first_pos,
-             float scale) {
-    num_tokens = n_tokens;
+  // Rows first_row .. first_row + kRows - 1 of a chunk of n_tokens tokens whose first sits at
+  // position first_pos; row i is token i / G, query head i % G of the kv head at q_head0. Rows
+  // past the chunk's end get q = 0 and the last token's position, and are never written back.
+  void start(const scalar_t* q_head0, int64_t token_stride, int64_t head_stride, int64_t G, int64_t first_row,
+             int64_t n_tokens, int64_t first_pos, float scale) {
+    num_rows = std::min(kRows, n_tokens * G - first_row);
     for (int64_t r = 0; r < kRows; ++r) {
-      const int64_t t = r / G;
-      const bool real = t < n_tokens;
-      const scalar_t* row = q_rows + (real ? t : 0) * token_stride + (r % G) * head_stride;
+      const bool real = r < num_rows;
+      const int64_t i = real ? first_row + r : n_tokens * G - 1;
+      const scalar_t* row = q_head0 + (i / G) * token_stride + (i % G) * head_stride;
       for (int64_t d = 0; d < D; ++d) q[r][d] = real ? static_cast<float>(row[d]) * scale : 0.f;
       for (int64_t c = 0; c < D / kKeys; ++c) acc[r][c] = Keys{};
       m[r] = -kInf;
       l[r] = 0.f;
-      pos[r] = first_pos + std::min(t, n_tokens - 1);
+      pos[r] = first_pos + i / G;
     }
   }
 
@@ -90,9 +95,10 @@ struct QueryTile {
       l[r] = l[r] * alpha[r] + sum;
       m[r] = new_m;
     }
-    // kPass rows at a time, their accumulators in 16 registers: enough independent fma chains
-    // to hide the fma latency, and each value vector loaded once for them all.
-    constexpr int64_t kPass = 256 / D, C = D / kKeys;
+    // kPass rows at a time, their accumulators in at most 16 registers: enough independent fma
+    // chains to hide the fma latency, and each value vector loaded once for them all. A power
+    // of two, so that passes tile the kRows rows exactly (D = 80 or 96 gives 2).
+    constexpr int64_t C = D / kKeys, kPass = floor_pow2(16 / C);
     for (int64_t r0 = 0; r0 < kRows; r0 += kPass) {
       Keys a[kPass][C];
       for (int64_t r = 0; r < kPass; ++r)
@@ -106,9 +112,10 @@ struct QueryTile {
     }
   }
 
-  void finish(scalar_t* out_rows, int64_t token_stride, int64_t head_stride) const {
-    for (int64_t r = 0; r < num_tokens * G; ++r) {
-      scalar_t* row = out_rows + (r / G) * token_stride + (r % G) * head_stride;
+  void finish(scalar_t* out_head0, int64_t token_stride, int64_t head_stride, int64_t G, int64_t first_row) const {
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const int64_t i = first_row + r;
+      scalar_t* row = out_head0 + (i / G) * token_stride + (i % G) * head_stride;
       for (int64_t d = 0; d < D; ++d) row[d] = static_cast<scalar_t>(acc[r][d / kKeys][d % kKeys] / l[r]);
     }
   }
@@ -133,23 +140,22 @@ void stage_keys(const scalar_t* k_cache, const scalar_t* v_cache, const int32_t*
   }
 }
 
-template <typename scalar_t, int64_t G, int64_t D>
+template <typename scalar_t, int64_t D>
 void prefill_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                  double scale, const at::Tensor& out) {
   const int64_t num_seqs = seq_lens.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const int64_t token_stride = num_kv_heads * D;
+  const int64_t token_stride = num_kv_heads * D, G = q.size(1) / num_kv_heads;
   const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  constexpr int64_t kTokens = kRows / G;  // query tokens per tile
   auto steps = [&](int64_t s) { return cu[s + 1] > cu[s] ? (lens[s] + kKeys - 1) / kKeys : 0; };
-  // Every (sequence, first token of a tile); a task is one of these for one kv head.
+  // Every (sequence, first row of a tile); a task is one of these for one kv head.
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = cu[s + 1] - cu[s];
     TORCH_CHECK(q_len >= 0 && q_len <= lens[s], "prefill_attention: sequence ", s, " has ", q_len,
                 " query tokens but seq_len ", lens[s]);
-    for (int64_t t = 0; t < q_len; t += kTokens) tiles.emplace_back(s, t);
+    for (int64_t r = 0; r < q_len * G; r += kRows) tiles.emplace_back(s, r);
   }
   TORCH_CHECK(cu[0] >= 0 && cu[num_seqs] <= q.size(0), "prefill_attention: cu_seqlens_q runs ", cu[0], " .. ",
               cu[num_seqs], " but q has ", q.size(0), " rows");
@@ -167,19 +173,20 @@ void prefill_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
     }
   });
   at::parallel_for(0, static_cast<int64_t>(tiles.size()) * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    QueryTile<scalar_t, G, D> tile;
+    QueryTile<scalar_t, D> tile;
     for (int64_t task = begin; task < end; ++task) {
-      const auto [s, t0] = tiles[task / num_kv_heads];
+      const auto [s, r0] = tiles[task / num_kv_heads];
       const int64_t h = task % num_kv_heads, q_len = cu[s + 1] - cu[s], prefix = lens[s] - q_len;
-      const int64_t n_tokens = std::min(kTokens, q_len - t0);
-      const int64_t row = cu[s] + t0, head = h * G;
-      tile.start(q.data_ptr<scalar_t>() + row * q.stride(0) + head * q.stride(1), q.stride(0), q.stride(1), n_tokens,
-                 prefix + t0, static_cast<float>(scale));
-      const int64_t num_keys = prefix + t0 + n_tokens;  // what the tile's last token sees
+      const int64_t head = h * G;
+      tile.start(q.data_ptr<scalar_t>() + cu[s] * q.stride(0) + head * q.stride(1), q.stride(0), q.stride(1), G, r0,
+                 q_len, prefix, static_cast<float>(scale));
+      const int64_t last_token = (r0 + tile.num_rows - 1) / G;
+      const int64_t num_keys = prefix + last_token + 1;  // what the tile's last token sees
       const int64_t step = first_step[s] + h * steps(s);
       for (int64_t key = 0; key < num_keys; key += kKeys)
         tile.update(kt.get() + (step + key / kKeys) * D, vt.get() + step * D + key * (D / kKeys), key);
-      tile.finish(out.data_ptr<scalar_t>() + row * out.stride(0) + head * out.stride(1), out.stride(0), out.stride(1));
+      tile.finish(out.data_ptr<scalar_t>() + cu[s] * out.stride(0) + head * out.stride(1), out.stride(0),
+                  out.stride(1), G, r0);
     }
   });
 }
@@ -191,11 +198,10 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at:
   TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_q.is_contiguous() &&
                   cu_seqlens_q.numel() == seq_lens.numel() + 1 && block_tables.size(0) == seq_lens.numel(),
               "prefill_attention: cu_seqlens_q must be int32 [num_seqs + 1], block_tables [num_seqs, ...]");
-  const int64_t group = q.size(1) / k_cache.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "prefill_attention", [&] {
-    dispatch_group_and_head_dim("prefill_attention", group, q.size(2), [&](auto g, auto d) {
-      prefill_all<scalar_t, decltype(g)::value, decltype(d)::value>(q, k_cache, v_cache, block_tables, cu_seqlens_q,
-                                                                    seq_lens, scale, out);
+    dispatch_head_dim("prefill_attention", q.size(2), [&](auto d) {
+      prefill_all<scalar_t, decltype(d)::value>(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                                                out);
     });
   });
 }

@@ -1,5 +1,5 @@
 // Pieces shared by the CPU attention kernels (decode_attention.cpp, prefill_attention.cpp):
-// the checks of their common inputs and the dispatch onto the compiled head shapes (the
+// the checks of their common inputs and the dispatch onto the compiled head dims (the
 // vectorizable exp of the online softmax is fast_exp.h's).
 #pragma once
 
@@ -14,23 +14,23 @@
 
 #include "fast_exp.h"
 
-// Calls f(G, D) with the GQA group and head_dim as std::integral_constant, so that a kernel's
-// loops are compiled for each shape; `op` names the kernel in the error for any other shape.
+// The head dims the kernels are compiled for: those of real models (Llama, Qwen, Mistral 128;
+// SmolLM, Llama-3.2-1B 64; Phi-2 80; Gemma 2/3 256 ...), each a multiple of 16 so that a head
+// is whole AVX-512 registers of fp32. kernels/cpu.py's HEAD_DIMS lists the same.
+#define CONVEYOR_HEAD_DIMS(X) X(32) X(64) X(80) X(96) X(112) X(128) X(160) X(192) X(256)
+
+// Calls f(D) with head_dim as a std::integral_constant, so that a kernel's inner loops are
+// compiled for each head size; `op` names the kernel in the error for any other size. The
+// GQA group (query heads per kv head) is a runtime value: any group is served.
 template <typename F>
-void dispatch_group_and_head_dim(const char* op, int64_t group, int64_t head_dim, F&& f) {
-  auto with_group = [&](auto d) {
-    switch (group) {
-      case 1: return f(std::integral_constant<int64_t, 1>{}, d);
-      case 2: return f(std::integral_constant<int64_t, 2>{}, d);
-      case 4: return f(std::integral_constant<int64_t, 4>{}, d);
-      case 8: return f(std::integral_constant<int64_t, 8>{}, d);
-      default: TORCH_CHECK(false, op, ": num_heads / num_kv_heads must be 1, 2, 4 or 8, got ", group);
-    }
-  };
+void dispatch_head_dim(const char* op, int64_t head_dim, F&& f) {
   switch (head_dim) {
-    case 64: return with_group(std::integral_constant<int64_t, 64>{});
-    case 128: return with_group(std::integral_constant<int64_t, 128>{});
-    default: TORCH_CHECK(false, op, ": head_dim must be 64 or 128, got ", head_dim);
+#define CONVEYOR_CASE(d) \
+  case d:                \
+    return f(std::integral_constant<int64_t, d>{});
+    CONVEYOR_HEAD_DIMS(CONVEYOR_CASE)
+#undef CONVEYOR_CASE
+    default: TORCH_CHECK(false, op, ": head_dim ", head_dim, " has no compiled kernel (see CONVEYOR_HEAD_DIMS)");
   }
 }
 

@@ -12,6 +12,7 @@ import torch
 
 from kernels import get_attention_backend
 from services.gpu_worker.engine import Engine
+from services.gpu_worker.linear import onednn_slow_path
 from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_in_budget
 from services.gpu_worker.loader import load_config, load_model
 from services.gpu_worker.structured import Grammars
@@ -77,11 +78,17 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
                              f"--gpu-memory-fraction or lower --max-model-len")
     kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, device)
     eos = eos_token_ids(path, config)
+    backends, slow_paths = model.backends(settings.block_size)
+    slow_paths += onednn_slow_path(settings.linear_backend, device, dtype)
+    log.info("kernels: %s", ", ".join(f"{part} {name}" for part, name in backends.items()))
+    for slow in slow_paths:  # NOTE: never a silent fallback: each slower path is said once, here
+        log.warning("slow path: %s", slow)
     log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", path, device, dtype, num_blocks,
              settings.block_size, num_blocks * bytes_per_block(model.shape, settings.block_size, dtype) / 2**20)
     engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id,
                     Grammars(path, model.shape.vocab_size, eos))
     facts = RegisterWorker(worker_id=settings.worker_id, model=str(path), max_model_len=max_len,
                            block_size=settings.block_size, num_blocks=num_blocks, vocab_size=model.shape.vocab_size,
-                           eos_token_ids=eos, device=str(device), pid=os.getpid())
+                           eos_token_ids=eos, device=str(device), pid=os.getpid(), backends=backends,
+                           slow_paths=slow_paths)
     return engine, facts

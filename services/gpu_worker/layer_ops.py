@@ -5,6 +5,7 @@ on other devices, or "cpu", fused C++ kernels (kernels/cpu_elementwise.py), the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -49,6 +50,7 @@ class LayerOps:
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     act_and_mul: Callable[[torch.Tensor], torch.Tensor]
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, cos, sin) -> (q, k)
+    slow_paths: tuple[str, ...] = ()  # ops that run eager although this backend has kernels, and why
 
 
 def get_layer_ops(device: torch.device, act: Callable, name: str | None = None) -> LayerOps:
@@ -77,7 +79,9 @@ def _cpu(act: Callable) -> LayerOps:
     # The kernel is SiLU's (Llama, Qwen); any other activation keeps the eager path.
     silu = isinstance(act, (SiLUActivation, nn.SiLU))
     mlp_act = k.silu_and_mul if silu else functools.partial(act_and_mul, act)
-    return LayerOps("cpu", k.rms_norm, k.add_rms_norm, mlp_act, k.rotary)
+    slow = () if silu else (f"layer ops: act(gate) * up runs as eager torch ops: the fused cpu kernel is SiLU's, "
+                            f"the model's activation is {type(act).__name__}",)
+    return LayerOps("cpu", k.rms_norm, k.add_rms_norm, mlp_act, k.rotary, slow)
 
 
 def _cpu_or_eager(act: Callable) -> LayerOps:
@@ -85,4 +89,5 @@ def _cpu_or_eager(act: Callable) -> LayerOps:
         return _cpu(act)
     except RuntimeError as e:  # no compiler or ninja, or a failed build: the message says which
         log.warning("cpu layer ops unavailable, falling back to eager torch ops: %s", e)
-        return _eager(act)
+        return dataclasses.replace(_eager(act), slow_paths=(f"layer ops: eager torch ops instead of the cpu "
+                                                            f"kernels, which cannot be built: {e}",))

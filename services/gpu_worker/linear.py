@@ -18,6 +18,14 @@ from shared.models import ModelLoadError
 LINEAR_BACKENDS = ("auto", "onednn", "torch")
 
 
+def onednn_slow_path(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """["why the linear layers run F.linear"] where "auto" wanted prepacked oneDNN and this
+    torch cannot do it; [] where oneDNN runs or was never this device's fast path."""
+    if backend == "auto" and device.type == "cpu" and dtype == torch.float32 and not torch.backends.mkldnn.is_available():
+        return ["linear: F.linear instead of prepacked oneDNN, which this torch build lacks (mkldnn)"]
+    return []
+
+
 def use_onednn(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether linear_backend `backend` means prepacked oneDNN here; "onednn" where it
     cannot run is a user's mistake, said at start-up."""
@@ -35,6 +43,10 @@ class Linear:
         self.bias = bias
         # NOTE: packed without a batch-size hint: one layout serves every step's row count.
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight) if onednn else None
+
+    @property
+    def backend(self) -> str:
+        return "torch" if self._packed is None else "onednn"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None or x.shape[0] == 0:

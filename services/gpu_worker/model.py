@@ -85,6 +85,16 @@ class DecoderModel:
         assert self.lm_head is not None, "only rank 0 of a tensor-parallel model holds the LM head"
         return self.lm_head(hidden).float()
 
+    def backends(self, block_size: int) -> tuple[dict[str, str], list[str]]:
+        """The kernels each part of a step runs on, and the parts that run a slower path than
+        their backend's fast one (which op, which shape, why): for the start-up log and figures."""
+        s = self.shape
+        linear = self.layers[0].qkv.backend if self.layers else "torch"
+        names = {"attention": self.attn.name, "layer_ops": self.ops.name, "linear": linear,
+                 "dtype": str(self.dtype).removeprefix("torch.")}
+        slow = self.attn.slow_paths(s.num_heads, s.num_kv_heads, s.head_dim, block_size) + list(self.ops.slow_paths)
+        return names, slow
+
     def watch_ranks(self, on_failure: Callable[[str], None]) -> None:
         """Calls on_failure(reason) if a rank of a tensor-parallel model dies: none here."""
 

@@ -15,11 +15,23 @@ def both(b, **kw):
     return cpu.decode_attention(*args, **kw), reference.decode_attention(*args)
 
 
-@pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 2), (8, 1)])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_matches_reference_fp32(paged_batch, block_size, num_heads, num_kv_heads, head_dim):
-    assert num_heads // num_kv_heads in cpu.GROUPS and head_dim in cpu.HEAD_DIMS, "the C++ kernel, not the fallback"
+# Every GQA group real models use (SmolLM2 and Llama-3.2-3B 3, Qwen2.5-1.5B 6, -0.5B and -7B 7)
+# and then some, at the head dims of real models (Phi-2 80, Gemma 3 256); over two kv heads so
+# that a group's heads must be found at the right kv head.
+GROUPS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
+SERVED_HEAD_DIMS = [64, 80, 96, 128, 256]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("head_dim", SERVED_HEAD_DIMS)
+def test_matches_reference_fp32(paged_batch, group, head_dim):
+    test_matches_reference_fp32_at_block_size(paged_batch, 16, 2 * group, 2, head_dim)
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 1)])
+def test_matches_reference_fp32_at_block_size(paged_batch, block_size, num_heads, num_kv_heads, head_dim=64):
+    assert cpu.unserved(head_dim, block_size) is None, "the C++ kernel, not the fallback"
     b = paged_batch([1] * len(LENGTHS), LENGTHS, num_heads, num_kv_heads, head_dim, block_size)
     got, want = both(b)
     assert not got.isnan().any()
@@ -53,8 +65,9 @@ def test_threads_split_the_batch_without_changing_it(paged_batch, at_threads):
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(6, 2, 64), (4, 2, 32)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(6, 2, 40), (4, 2, 72)])
 def test_shapes_without_a_compiled_kernel_go_to_the_reference(paged_batch, num_heads, num_kv_heads, head_dim):
+    assert f"head_dim {head_dim} has no compiled kernel" in cpu.unserved(head_dim, 16)
     b = paged_batch([1] * 3, [5, 40, 17], num_heads, num_kv_heads, head_dim, 16)
     got, want = both(b)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
