@@ -1,8 +1,8 @@
 """Where a worker step's time goes, by part, on a mixed-workload-like stream of steps.
 
-    python -m services.gpu_worker.profile_step [--model tiny] [--steps 60]
+    python -m services.gpu_worker.profile_step [--model tiny|small|smollm2] [--steps 60] [--decodes 32]
 
-About 32 requests decode every step while a new prompt of 16-256 tokens is prefilled every
+About 32 requests (--decodes) decode every step while a new prompt of 16-256 tokens is prefilled every
 other step (as BENCH.md's `mixed` looks once it is running). The same steps run on two
 configurations, one thread each: "before" (plain-torch attention, F.linear) and "after"
 (the CPU kernels and prepacked linears the worker uses by default). Each part is timed by
@@ -23,6 +23,7 @@ from kernels import get_attention_backend
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan
+from shared.real_models import ensure_smollm2
 from shared.tiny_model import ensure_model
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1 << 20)
@@ -57,21 +58,22 @@ def instrument(engine, totals: dict[str, float]) -> None:
     engine.sampler = Timed(engine.sampler, "sampling", totals)
 
 
-def steps(vocab: int, block_size: int, num_steps: int, seed: int = 0):
+def steps(vocab: int, block_size: int, num_steps: int, num_decodes: int = 32, seed: int = 0):
     """The plans of a mixed-like stream: ~32 decodes a step, a new prompt every other step."""
     rng = random.Random(seed)
     next_block, running, step_id = 0, {}, 0
+    ids = iter(range(1 << 30))
 
     def new(prompt_len: int):
         nonlocal next_block
-        rid = f"r{step_id}-{prompt_len}"
+        rid = f"r{next(ids)}"
         blocks = -(-(prompt_len + num_steps + 1) // block_size)
         req = NewRequest(rid, [rng.randrange(3, vocab) for _ in range(prompt_len)], prompt_len, GREEDY,
                          list(range(next_block, next_block + blocks)))
         next_block += blocks
         return req
 
-    first = [new(rng.randint(50, 400)) for _ in range(32)]
+    first = [new(rng.randint(50, 400)) for _ in range(num_decodes)]
     running = {r.request_id: len(r.token_ids) for r in first}
     yield StepPlan(0, new_requests=first, num_scheduled_tokens=dict(running)), False
     for step_id in range(1, num_steps + 1):
@@ -88,15 +90,16 @@ def steps(vocab: int, block_size: int, num_steps: int, seed: int = 0):
         running.update({r.request_id: len(r.token_ids) for r in plan_new})
 
 
-def profile(preset: str, config: str, num_steps: int) -> dict[str, float]:
+def profile(preset: str, config: str, num_steps: int, num_decodes: int = 32) -> dict[str, float]:
     attention, linear = CONFIGS[config]
-    model_dir = ensure_model(preset)
+    model_dir = ensure_smollm2() if preset == "smollm2" else ensure_model(preset)
     engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
-                                                linear_backend=linear, num_threads=1, cpu_affinity="none"))
+                                                linear_backend=linear, num_threads=1, cpu_affinity="none",
+                                                kv_cache_memory="4GiB"))
     engine.model.attn = get_attention_backend(torch.device("cpu"), attention)
     totals: dict[str, float] = defaultdict(float)
     instrument(engine, totals)
-    for plan, timed in steps(engine.model.shape.vocab_size, info.block_size, num_steps):
+    for plan, timed in steps(engine.model.shape.vocab_size, info.block_size, num_steps, num_decodes):
         t = time.perf_counter()
         result = engine.execute(plan)
         assert result.error is None, result.error
@@ -111,15 +114,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--decodes", type=int, default=32, help="requests decoding every step")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    ms = {config: profile(args.model, config, args.steps) for config in CONFIGS}
+    ms = {config: profile(args.model, config, args.steps, args.decodes) for config in CONFIGS}
     parts = ["linear layers", "LM head", "decode attention", "prefill attention", "store K/V"]
     for m in ms.values():
         m["norms, rope, activations (rest of forward)"] = m["forward"] - sum(m.get(p, 0.0) for p in parts[:1] + parts[2:])
         m["step bookkeeping (batch, plan)"] = m["step"] - m["forward"] - m.get("LM head", 0.0) - m.get("sampling", 0.0)
     rows = parts + ["norms, rope, activations (rest of forward)", "sampling", "step bookkeeping (batch, plan)", "step"]
-    print(f"{args.model}: ms per step (share), {args.steps} steps of ~32 decodes + a prompt every other step")
+    print(f"{args.model}: ms per step (share), {args.steps} steps of ~{args.decodes} decodes + a prompt every other step")
     print("| part | before | after |\n|---|---:|---:|")
     for p in rows:
         cells = [f"{m.get(p, 0.0):.2f} ({m.get(p, 0.0) / m['step']:.0%})" for m in ms.values()]
