@@ -12,9 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_prefill_attention import check_attention_args, dot_precision
+from kernels.triton_prefill_attention import (
+    check_attention_args, dot_precision, kv_tile_tokens, padded_head_dim, tile_mask,
+)
 
-_BLOCK_N = 32
 # A split shorter than this costs more to merge than it saves.
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 64
@@ -33,6 +34,7 @@ def _decode_partial_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -49,14 +51,14 @@ def _decode_partial_kernel(
     rows = tl.arange(0, BLOCK_H)
     head = kv_head * GROUP + rows
     row_ok = rows < GROUP
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM_P2)
     q_off = seq.to(tl.int64) * stride_qs + head[:, None] * stride_qh + dims[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + q_off, mask=tile_mask(row_ok, dims, HEAD_DIM, HEAD_DIM_P2), other=0.0)
 
     # Finite start so an empty split never computes (-inf) - (-inf).
     m = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM_P2], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
@@ -64,8 +66,9 @@ def _decode_partial_kernel(
         block = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         kv_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_co + kv_head * stride_ch
         kv_off = kv_off[:, None] + dims[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=pos_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=pos_ok[:, None], other=0.0)
+        kv_mask = tile_mask(pos_ok, dims, HEAD_DIM, HEAD_DIM_P2)
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(pos_ok[None, :], s, float("-inf"))
@@ -81,10 +84,11 @@ def _decode_partial_kernel(
     safe_l = tl.where(nonempty, l, 1.0)
     lse = tl.where(nonempty, m + tl.log2(safe_l), float("-inf"))
     out = acc / safe_l[:, None]
-    # Partials are [num_seqs, num_heads, num_splits(, HEAD_DIM)], contiguous fp32.
+    # Partials are [num_seqs, num_heads, num_splits(, HEAD_DIM_P2)], contiguous fp32: padded,
+    # so they are written and read whole (the padding columns hold zeros).
     part = (seq.to(tl.int64) * num_heads + head) * num_splits + split
     tl.store(part_lse_ptr + part, lse, mask=row_ok)
-    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM_P2 + dims[None, :], out, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -94,21 +98,25 @@ def _decode_merge_kernel(
     num_heads, num_splits,
     SPLITS_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P2)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM_P2)
     split_ok = splits < num_splits
     part = (seq.to(tl.int64) * num_heads + head) * num_splits + splits
     lse = tl.load(part_lse_ptr + part, mask=split_ok, other=float("-inf"))
-    part_off = part[:, None] * HEAD_DIM + dims[None, :]
+    part_off = part[:, None] * HEAD_DIM_P2 + dims[None, :]
     part_out = tl.load(part_out_ptr + part_off, mask=split_ok[:, None], other=0.0)
     # Each split's softmax was normalised by its own sum; reweight by its share of the total.
     weight = tl.exp2(lse - tl.max(lse, axis=0))
     out = tl.sum(weight[:, None] * part_out, axis=0) / tl.sum(weight, axis=0)
     o_off = seq.to(tl.int64) * stride_os + head * stride_oh + dims
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty))
+    if HEAD_DIM == HEAD_DIM_P2:
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 def decode_attention(
@@ -132,14 +140,15 @@ def decode_attention(
     num_kv_heads = k_cache.shape[2]
     if num_seqs == 0:
         return out
-    check_attention_args(q, out, k_cache, v_cache)
+    check_attention_args("decode", q, out, k_cache, v_cache)
     if num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, int(seq_lens.max()), q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
+    head_dim_p2 = padded_head_dim(head_dim)
 
-    part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_p2, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
@@ -153,7 +162,8 @@ def decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=head_dim,
-        BLOCK_N=_BLOCK_N,
+        HEAD_DIM_P2=head_dim_p2,
+        BLOCK_N=kv_tile_tokens(head_dim_p2, q.dtype),
         DOT_PRECISION=dot_precision(q.dtype),
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
@@ -162,6 +172,7 @@ def decode_attention(
         num_heads, num_splits,
         SPLITS_P2=triton.next_power_of_2(num_splits),
         HEAD_DIM=head_dim,
+        HEAD_DIM_P2=head_dim_p2,
     )
     return out
 

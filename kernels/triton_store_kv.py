@@ -1,6 +1,7 @@
 """Triton kernel that scatters this step's keys and values into the paged KV cache.
 
 One program per token copies all of its kv heads; a negative slot (padding) writes nothing.
+A head dim that is not a power of two (80, 96) is copied through a tile padded to one.
 """
 
 import torch
@@ -17,14 +18,17 @@ def _store_kv_kernel(
     num_kv_heads,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
     HEADS_P2: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     heads = tl.arange(0, HEADS_P2)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM_P2)
     # A padding token (slot < 0) has no heads to copy: masked, not returned from early.
     mask = heads[:, None] < tl.where(slot >= 0, num_kv_heads, 0)
+    if HEAD_DIM != HEAD_DIM_P2:
+        mask = mask & (dims < HEAD_DIM)[None, :]
 
     src = heads[:, None] * stride_kh + dims[None, :]
     k = tl.load(key_ptr + token * stride_kt + src, mask=mask)
@@ -61,5 +65,6 @@ def store_kv(
         num_kv_heads,
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=head_dim,
+        HEAD_DIM_P2=triton.next_power_of_2(head_dim),
         HEADS_P2=triton.next_power_of_2(num_kv_heads),
     )
