@@ -20,7 +20,7 @@ BACKENDS = ("cpu", "reference", "triton")
 log = logging.getLogger(__name__)
 
 
-def _serves_all(head_dim: int, block_size: int) -> str | None:
+def _serves_all(head_dim: int) -> str | None:
     return None
 
 
@@ -30,21 +30,27 @@ class AttentionBackend:
     store_kv: Callable[..., None]
     prefill_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor]
-    # (head_dim, block_size) -> why decode and prefill of that shape take the reference
-    # instead of this backend's kernels, or None when the kernels serve it.
-    unserved: Callable[[int, int], str | None] = _serves_all
+    # head_dim -> why this backend's kernels cannot serve it, or None when they can.
+    unserved: Callable[[int], str | None] = _serves_all
     fallback_reason: str | None = None  # set when this is the reference standing in for another
 
-    def slow_paths(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> list[str]:
-        """What of attention runs slower than this device's fast kernels, for the start-up
-        log and the worker's figures: [] when the kernels serve the shape."""
-        if self.fallback_reason:
-            return [f"attention: the torch reference instead of the {self.fallback_reason}"]
-        why = self.unserved(head_dim, block_size)
+    def for_shape(self, num_heads: int, num_kv_heads: int, head_dim: int) -> "AttentionBackend":
+        """This backend, or the reference where its kernels cannot serve the model's shape:
+        slower, and said so (slow_paths), but served rather than refused."""
+        why = self.unserved(head_dim)
         if why is None:
-            return []
-        return [f"attention: decode and prefill of {num_heads} query heads over {num_kv_heads} kv heads, head_dim "
-                f"{head_dim}, block_size {block_size} run on the torch reference, not the {self.name} kernels: {why}"]
+            return self
+        return AttentionBackend("reference", reference.store_kv, reference.prefill_attention,
+                                reference.decode_attention,
+                                fallback_reason=f"{self.name} kernels for {num_heads} query heads over {num_kv_heads} "
+                                                f"kv heads, head_dim {head_dim}: {why}")
+
+    def slow_paths(self) -> list[str]:
+        """What of attention runs slower than this device's fast kernels, for the start-up
+        log and the worker's figures: [] when the kernels serve the model."""
+        if self.fallback_reason:
+            return [f"attention: decode and prefill run on the torch reference instead of the {self.fallback_reason}"]
+        return []
 
 
 def get_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
@@ -72,7 +78,8 @@ def _cpu_backend(device: torch.device) -> AttentionBackend:
         raise ValueError(f"the cpu attention backend runs on the CPU only, not on {device.type}")
 
     cpu.load()  # builds the extension on first use, so a missing compiler shows here, not mid-step
-    return AttentionBackend("cpu", cpu.store_kv, cpu.prefill_attention, cpu.decode_attention, cpu.unserved)
+    return AttentionBackend("cpu", cpu.store_kv, cpu.prefill_attention, cpu.decode_attention,
+                            lambda head_dim: cpu.unserved(head_dim))
 
 
 def _cpu_backend_or_reference() -> AttentionBackend:
@@ -98,4 +105,13 @@ def _triton_backend(device: torch.device) -> AttentionBackend:
     store = importlib.import_module("kernels.triton_store_kv")
     prefill = importlib.import_module("kernels.triton_prefill_attention")
     decode = importlib.import_module("kernels.triton_decode_attention")
-    return AttentionBackend("triton", store.store_kv, prefill.prefill_attention, decode.decode_attention)
+    return AttentionBackend("triton", store.store_kv, prefill.prefill_attention, decode.decode_attention,
+                            _triton_unserved)
+
+
+def _triton_unserved(head_dim: int) -> str | None:
+    from kernels.triton_prefill_attention import MAX_HEAD_DIM
+
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is above {MAX_HEAD_DIM}, the largest the kernels' tiles are sized for"
+    return None

@@ -52,7 +52,7 @@ def load() -> torch._ops.OpOverload:
     return torch.ops.conveyor_cpu.decode_attention.default
 
 
-def unserved(head_dim: int, block_size: int) -> str | None:
+def unserved(head_dim: int, block_size: int = MAX_BLOCK_SIZE) -> str | None:
     """Why the kernels cannot serve this shape (the reference then does), or None."""
     if head_dim not in HEAD_DIMS:
         return f"head_dim {head_dim} has no compiled kernel (compiled: {', '.join(map(str, HEAD_DIMS))})"

@@ -78,7 +78,7 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
                              f"--gpu-memory-fraction or lower --max-model-len")
     kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, device)
     eos = eos_token_ids(path, config)
-    backends, slow_paths = model.backends(settings.block_size)
+    backends, slow_paths = model.backends()
     slow_paths += onednn_slow_path(settings.linear_backend, device, dtype)
     log.info("kernels: %s", ", ".join(f"{part} {name}" for part, name in backends.items()))
     for slow in slow_paths:  # NOTE: never a silent fallback: each slower path is said once, here

@@ -57,7 +57,9 @@ class DecoderModel:
         self.lm_head = lm_head
         self.rotary = rotary
         self.act = act
-        self.attn = attention_backend
+        # NOTE: a shape the backend's kernels cannot serve runs on the reference, and
+        # backends() names it as a slow path: served, never silently.
+        self.attn = attention_backend.for_shape(shape.num_heads, shape.num_kv_heads, shape.head_dim)
         self.scale = shape.head_dim**-0.5
         self.dtype = embed.weight.dtype
         self.device = embed.weight.device
@@ -85,14 +87,13 @@ class DecoderModel:
         assert self.lm_head is not None, "only rank 0 of a tensor-parallel model holds the LM head"
         return self.lm_head(hidden).float()
 
-    def backends(self, block_size: int) -> tuple[dict[str, str], list[str]]:
+    def backends(self) -> tuple[dict[str, str], list[str]]:
         """The kernels each part of a step runs on, and the parts that run a slower path than
         their backend's fast one (which op, which shape, why): for the start-up log and figures."""
-        s = self.shape
         linear = self.layers[0].qkv.backend if self.layers else "torch"
         names = {"attention": self.attn.name, "layer_ops": self.ops.name, "linear": linear,
                  "dtype": str(self.dtype).removeprefix("torch.")}
-        slow = self.attn.slow_paths(s.num_heads, s.num_kv_heads, s.head_dim, block_size) + list(self.ops.slow_paths)
+        slow = self.attn.slow_paths() + list(self.ops.slow_paths)
         return names, slow
 
     def watch_ranks(self, on_failure: Callable[[str], None]) -> None:

@@ -56,11 +56,12 @@ def test_a_shape_without_kernels_is_named_at_start_up_and_in_status(tmp_path_fac
     model_dir = _model(tmp_path_factory, 4, 2, 72)  # no real model has head_dim 72; none compiled
     with caplog.at_level(logging.INFO, logger="services.gpu_worker.factory"):
         engine, info = make_engine(model_dir)
-    assert info.backends["attention"] == "cpu"
+    assert info.backends["attention"] == "reference"
     [slow] = info.slow_paths
-    assert "4 query heads over 2 kv heads, head_dim 72" in slow and "torch reference" in slow
+    assert "torch reference instead of the cpu kernels for 4 query heads over 2 kv heads, head_dim 72" in slow
+    assert "head_dim 72 has no compiled kernel" in slow
     assert f"slow path: {slow}" in caplog.text
-    assert "kernels: attention cpu, layer_ops cpu, linear onednn, dtype float32" in caplog.text
+    assert "kernels: attention reference, layer_ops cpu, linear onednn, dtype float32" in caplog.text
 
     # It still serves, correctly, on the reference.
     prompt = list(range(3, 40))
@@ -72,5 +73,5 @@ def test_a_shape_without_kernels_is_named_at_start_up_and_in_status(tmp_path_fac
     status = SystemStatus(scheduler=None, workers={info.worker_id: WorkerFigures(registered=info, max_len=4096, updated_at=now)},
                           errors=[], queue_length=0, pending=0)
     screen = render(status, now, "test")
-    assert "kernels: attention cpu, layer_ops cpu, linear onednn, dtype float32" in screen
+    assert "kernels: attention reference, layer_ops cpu, linear onednn, dtype float32" in screen
     assert f"SLOW PATH: {slow}" in screen
