@@ -2,8 +2,10 @@
 
 Each request is sent at its arrival offset (no concurrency limit: offline workloads send
 everything at t=0) to `POST /v1/completions` with the prompt as token ids, `max_tokens`,
-`ignore_eos`, greedy, and `stream_options.include_usage`; the time of every chunk that
-carries output is recorded, and the output token count is taken from the final usage.
+`ignore_eos`, greedy, and `stream_options.include_usage`; a chat request (a user message,
+stopping at EOS) to `POST /v1/chat/completions`, with its sampling settings. The time of
+every chunk that carries output is recorded, and the token counts are taken from the final
+usage: a request that stops at EOS produces as many tokens as it happens to.
 """
 
 from __future__ import annotations
@@ -23,9 +25,21 @@ POOL = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
 READ_TIMEOUT_S = 3600.0
 
 
+def endpoint(req: Request) -> str:
+    return "/v1/chat/completions" if req.message else "/v1/completions"
+
+
 def request_body(req: Request, model: Optional[str] = None) -> dict:
-    body = {"prompt": req.prompt, "max_tokens": req.max_tokens, "ignore_eos": True, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body: dict = ({"messages": [{"role": "user", "content": req.message}]} if req.message
+                  else {"prompt": req.prompt})
+    body.update(max_tokens=req.max_tokens, temperature=req.temperature, stream=True,
+                stream_options={"include_usage": True})
+    if req.ignore_eos:
+        body["ignore_eos"] = True
+    if req.top_p != 1.0:
+        body["top_p"] = req.top_p
+    if req.seed is not None:
+        body["seed"] = req.seed
     if model:
         body["model"] = model
     return body
@@ -58,15 +72,30 @@ async def send_one(client: httpx.AsyncClient, url: str, req: Request, index: int
         rec.error = f"{type(e).__name__}: {e}"[:300]
         return rec
     rec.end = time.perf_counter() - t0
+    if done and rec.first_token is None and not req.ignore_eos and rec.finish_reason == "stop":
+        # NOTE: the first token was EOS: no text, the closing chunk is its only sign.
+        rec.first_token = rec.end
+        rec.chunk_times.append(rec.end)
     if not done:
         rec.error = "stream ended without data: [DONE]"
     elif rec.first_token is None:
         rec.error = "no output chunk before [DONE]"
-    elif rec.output_tokens != req.max_tokens:
-        # ignore_eos: anything but exactly max_tokens means the server cut the request short.
-        rec.error = (f"finished early (finish_reason={rec.finish_reason}): "
-                     f"{rec.output_tokens} of {req.max_tokens} tokens (usage)")
+    else:
+        rec.error = _short_error(req, rec)
     return rec
+
+
+def _short_error(req: Request, rec: RequestRecord) -> Optional[str]:
+    """Why a finished stream does not count: with ignore_eos anything but exactly max_tokens
+    means the server cut it short; without, it must end by EOS (stop) or at max_tokens (length)."""
+    n, finish = rec.output_tokens, rec.finish_reason
+    if req.ignore_eos:
+        ok = n == req.max_tokens
+    else:
+        ok = (finish == "stop" and 1 <= n <= req.max_tokens) or (finish == "length" and n == req.max_tokens)
+    if ok:
+        return None
+    return f"finished early (finish_reason={finish}): {n} of {req.max_tokens} tokens (usage)"
 
 
 def _take_chunk(rec: RequestRecord, chunk: dict, now: float) -> None:
@@ -74,24 +103,32 @@ def _take_chunk(rec: RequestRecord, chunk: dict, now: float) -> None:
         rec.error = f"error chunk: {json.dumps(chunk['error'])[:300]}"
         return
     choices = chunk.get("choices") or []
-    # NOTE: a chunk counts as output when it has text, or when it is not only the closing
-    # finish_reason: the gateway may send "" for a token that ends mid-character.
-    if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None):
-        if rec.first_token is None:
-            rec.first_token = now
-        rec.chunk_times.append(now)
-    if choices and choices[0].get("finish_reason"):
-        rec.finish_reason = choices[0]["finish_reason"]
+    if choices:
+        choice = choices[0]
+        delta = choice.get("delta")  # chat; completions carry `text`
+        text = (delta.get("content") if delta is not None else choice.get("text")) or ""
+        # NOTE: a chunk counts as output when it has text, or when it is not only the closing
+        # finish_reason: the gateway may send "" for a token that ends mid-character. Chat's
+        # opening chunk (the role, empty content) carries no token.
+        opening = delta is not None and "role" in delta and not text
+        if not opening and (text or choice.get("finish_reason") is None):
+            if rec.first_token is None:
+                rec.first_token = now
+            rec.chunk_times.append(now)
+        rec.text += text
+        if choice.get("finish_reason"):
+            rec.finish_reason = choice["finish_reason"]
     usage = chunk.get("usage")
     if usage:
         rec.output_tokens = int(usage.get("completion_tokens", 0))
+        rec.prompt_tokens = int(usage.get("prompt_tokens", rec.prompt_tokens))
 
 
 async def replay(base_url: str, workload: Workload, model: Optional[str] = None, progress: bool = True,
                  desc: str = "", transport: Optional[httpx.AsyncBaseTransport] = None) -> list[RequestRecord]:
     """Sends every request at its arrival offset; returns one record per request, in order.
     `transport` replaces the network (tests)."""
-    url = base_url.rstrip("/") + "/v1/completions"
+    base = base_url.rstrip("/")
     timeout = httpx.Timeout(30.0, read=READ_TIMEOUT_S)
     bar = progress_bar(len(workload), desc or workload.name) if progress else None
     errors = 0
@@ -103,7 +140,7 @@ async def replay(base_url: str, workload: Workload, model: Optional[str] = None,
             if delay > 0:
                 await asyncio.sleep(delay)
             nonlocal errors
-            rec = await send_one(client, url, req, i, t0, model)
+            rec = await send_one(client, base + endpoint(req), req, i, t0, model)
             errors += rec.error is not None
             if bar is not None:
                 bar.update(1)

@@ -32,6 +32,7 @@ class RequestRecord:
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     tag: str = ""
+    text: str = ""  # the streamed output (HTTP), to compare what two systems generated
 
     @property
     def ok(self) -> bool:
@@ -111,12 +112,13 @@ def short_table_row(name: str, s: dict) -> str:
         return "—" if v is None else f"{v:.0f}"
 
     return (f"| {name} | {s['completed']}/{s['completed'] + s['failed']} | {s['request_throughput']:.2f} | "
-            f"{s['output_throughput']:.0f} | {ms('ttft', 'median')} | {ms('ttft', 'p99')} | "
-            f"{ms('tpot', 'median')} | {ms('tpot', 'p99')} | {ms('e2e', 'median')} | {ms('e2e', 'p99')} |")
+            f"{s['total_output_tokens']:,} | {s['output_throughput']:.0f} | {ms('ttft', 'median')} | "
+            f"{ms('ttft', 'p99')} | {ms('tpot', 'median')} | {ms('tpot', 'p99')} | {ms('e2e', 'median')} | "
+            f"{ms('e2e', 'p99')} |")
 
 
-TABLE_HEADER = ("| system | ok | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
-                "| E2E p50 ms | E2E p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+TABLE_HEADER = ("| system | ok | req/s | out tokens | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+                "| TPOT p99 ms | E2E p50 ms | E2E p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def progress_bar(total: int, desc: str):

@@ -31,6 +31,15 @@ def add_ratios(results: dict) -> None:
     }
 
 
+def output_agreement(ours: list, peer: list) -> dict:
+    """Whether two systems did comparable work on a workload that stops at EOS: of the
+    requests both completed, how many have the same text (greedy: the same model should
+    mostly agree), and the tokens each produced for them."""
+    pairs = [(a, b) for a, b in zip(ours, peer) if a.ok and b.ok]
+    return {"both_completed": len(pairs), "identical_text": sum(a.text == b.text for a, b in pairs),
+            "output_tokens": [sum(a.output_tokens for a, _ in pairs), sum(b.output_tokens for _, b in pairs)]}
+
+
 def long_short_figures(records: dict, results: dict) -> dict[str, dict]:
     """p50/p99 TTFT of the short requests, with the long ones and alone, per system."""
     rows = {}
@@ -71,8 +80,10 @@ def write_plots(out: Path, results: dict, records: dict, title: str) -> list[str
 
 def summary_markdown(results: dict) -> str:
     m, w = results["machine"], results["workload"]
+    out = (f"at most {w['max_output_tokens']} output tokens (stopping at EOS)" if w.get("stops_at_eos")
+           else f"{w['output_tokens']} output tokens")
     lines = [f"## {w['name']} on {results['model']['name']} — {w['requests']} requests, "
-             f"{w['prompt_tokens']} prompt / {w['output_tokens']} output tokens",
+             f"{w['prompt_tokens']} prompt tokens, {out}",
              f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, {results['model']['dtype']} "
              f"on {m['device']}; {m['date']}; 1-min load average "
              + ", ".join(f"{k.replace('_', ' ')} {v[0]:.1f}" for k, v in results["load_average"].items()),
@@ -99,6 +110,13 @@ def summary_markdown(results: dict) -> str:
                      f"{fmt(r['ttft_p99_ms']['static'], 0)} ms.")
     if "peer" in results:
         lines += rounds.markdown(results["peer"])
+        agree = results["peer"].get("outputs")
+        if agree:
+            lines.append(f"Outputs of the median rounds: {agree['identical_text']} of {agree['both_completed']} "
+                         f"requests identical; their output tokens {agree['output_tokens'][0]:,} "
+                         f"({results['peer']['ours']}) and {agree['output_tokens'][1]:,} ({results['peer']['peer']}).")
+    if "peer_server" in results:
+        lines.append(f"Peer preloads: {', '.join(results['peer_server']['preloaded']) or 'none'}.")
     if "rounds" in results:
         lines.append("CPU seconds of each server's processes per round: " + "; ".join(
             f"{name} " + ", ".join(f"{sum(f['cpu_s'].values()):.1f}" for f in figs) for name, figs in results["rounds"].items()))

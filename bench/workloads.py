@@ -1,7 +1,9 @@
 """The reference workloads of shared/BENCH.md, as lists of requests to replay.
 
 Every request is a prompt of token ids (drawn from the model's vocabulary, special ids
-0-2 excluded), an exact output length (`ignore_eos`) and an arrival offset in seconds.
+0-2 excluded), an exact output length (`ignore_eos`) and an arrival offset in seconds;
+except `chat`'s: a user message of real text (bench/chat_prompts.py) sent through the chat
+API, stopping at EOS (its max_tokens is a ceiling), greedy or sampled with a seed each.
 The same name, size, rate and seed always give the same requests: `mixed` and
 `mixed-online` share their prompts and lengths and differ only in arrivals.
 """
@@ -10,24 +12,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
+from bench import chat_prompts
+
 FIRST_ORDINARY_ID = 3  # 0-2 are <|endoftext|>, <|im_start|>, <|im_end|> in the tiny models
-NAMES = ("mixed", "mixed-online", "shared-prefix", "long-short")
+NAMES = ("mixed", "mixed-online", "shared-prefix", "long-short", "chat")
 # BENCH.md's sizes; `mixed` has 100 requests on the `small` model.
-DEFAULT_REQUESTS = {"mixed": 400, "mixed-online": 400, "shared-prefix": 200, "long-short": 320}
+DEFAULT_REQUESTS = {"mixed": 400, "mixed-online": 400, "shared-prefix": 200, "long-short": 320, "chat": 200}
 SMALL_MODEL_REQUESTS = {"mixed": 100, "mixed-online": 100}
 ONLINE_RATE_SHARE = 0.7  # mixed-online arrives at 70% of the measured offline request throughput
 
 
 @dataclass(frozen=True)
 class Request:
-    prompt: list[int]
+    prompt: list[int]  # chat: the message's ids under the model's template ([] when not rendered)
     max_tokens: int
     arrival: float  # seconds after the start of the run
     tag: str = ""  # "long" / "short" in long-short; empty elsewhere
+    message: str = ""  # set: one user message, sent through /v1/chat/completions
+    ignore_eos: bool = True  # False: stops at EOS, max_tokens is a ceiling
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: Optional[int] = None  # the request's sampling seed
 
 
 @dataclass
@@ -45,7 +54,16 @@ class Workload:
 
     @property
     def output_tokens(self) -> int:
+        """Exact with ignore_eos; a ceiling for requests that stop at EOS."""
         return sum(r.max_tokens for r in self.requests)
+
+    @property
+    def stops_at_eos(self) -> bool:
+        return any(not r.ignore_eos for r in self.requests)
+
+    @property
+    def uses_chat_api(self) -> bool:
+        return any(r.message for r in self.requests)
 
     def only(self, tag: str) -> "Workload":
         """The requests tagged `tag`, at their original arrival times."""
@@ -95,6 +113,7 @@ class LengthDist:
 
 MIXED_PROMPT = LengthDist("uniform", (16, 256))
 MIXED_OUTPUT = LengthDist("lognormal", (64, 1.0, 8, 1024))
+CHAT_OUTPUT = LengthDist("lognormal", (160, 0.5, 16, 512))  # max_tokens: BENCH.md's median and clip; sigma ours
 
 
 # ---- building blocks ---------------------------------------------------------------------
@@ -184,14 +203,41 @@ def long_short(vocab_size: int, rate: Optional[float], n: int = 320, seed: int =
                                              vocab_size=vocab_size))
 
 
+# A chat message rendered as the server renders it: the model's template, add_generation_prompt.
+ChatRenderer = Callable[[str], list[int]]
+
+
+def chat(n: int = 200, seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+         render: Optional[ChatRenderer] = None) -> Workload:
+    """`n` user messages of real text, all at t=0, each stopping at EOS within a max_tokens
+    drawn from CHAT_OUTPUT; greedy, or sampled (temperature > 0) with a seed per request.
+    `render` gives each its prompt ids (for the token counts and the HF baselines)."""
+    if n < 1:
+        raise ValueError(f"requests must be >= 1 (got {n})")
+    if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be in [0, 2] and top_p in (0, 1] (got {temperature}, {top_p})")
+    texts = chat_prompts.messages(n, _rng(seed, "messages"))
+    olens = CHAT_OUTPUT.sample(_rng(seed, "output-len"), n)
+    sampled = temperature > 0
+    seeds = _rng(seed, "sampling-seeds").integers(0, 2**31, n).tolist() if sampled else [None] * n
+    reqs = [Request(render(t) if render else [], o, 0.0, message=t, ignore_eos=False, temperature=temperature,
+                    top_p=top_p, seed=s) for t, o, s in zip(texts, olens, seeds)]
+    return Workload("chat", reqs, dict(requests=n, output_len=str(CHAT_OUTPUT), stop="eos", temperature=temperature,
+                                       top_p=top_p, per_request_seed=sampled, seed=seed))
+
+
 def build(name: str, vocab_size: int, n: Optional[int] = None, rate: Optional[float] = None,
-          seed: int = 0, preset: str = "") -> Workload:
-    """A BENCH.md workload by name; `n` scales it down (or up) for quick runs."""
+          seed: int = 0, preset: str = "", render: Optional[ChatRenderer] = None,
+          temperature: float = 0.0, top_p: float = 1.0) -> Workload:
+    """A BENCH.md workload by name; `n` scales it down (or up) for quick runs. `render`,
+    `temperature` and `top_p` are chat's (the others are greedy, over token ids)."""
     if name not in NAMES:
         raise ValueError(f"workload must be one of {', '.join(NAMES)} (got {name!r})")
     n = n or default_requests(name, preset)
     if n < 1:
         raise ValueError(f"requests must be >= 1 (got {n})")
+    if name == "chat":
+        return chat(n, seed, temperature, top_p, render)
     if name == "mixed":
         return mixed(vocab_size, n, seed)
     if name == "mixed-online":
@@ -207,3 +253,20 @@ def default_requests(name: str, preset: str = "") -> int:
     if preset == "small" and name in SMALL_MODEL_REQUESTS:
         return SMALL_MODEL_REQUESTS[name]
     return DEFAULT_REQUESTS[name]
+
+
+def chat_renderer(model_dir) -> ChatRenderer:
+    """The model's chat template over one user message, tokenized as the servers do it
+    (the template writes any BOS itself)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{model_dir} has no chat template: the chat workload needs a chat model")
+
+    def render(message: str) -> list[int]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                             tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return render

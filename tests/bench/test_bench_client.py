@@ -4,6 +4,7 @@ what it makes of streams that finish, stop early, or fail."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import httpx
@@ -75,3 +76,61 @@ def test_requests_are_sent_at_their_arrival_offsets():
 
     recs = run(Workload("t", [Request([5], 1, 0.0), Request([5], 1, 0.2)]), handler)
     assert recs[0].start < 0.1 <= 0.2 <= recs[1].start
+
+
+def delta(content: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    d = {"role": "assistant", "content": ""} if role else ({"content": content} if content is not None else {})
+    return {"choices": [{"index": 0, "delta": d, "finish_reason": finish}], "usage": None}
+
+
+def chat_usage(prompt: int, n: int) -> dict:
+    return {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}}
+
+
+CHAT = Request([], 8, 0.0, message="Write a short poem about wolves.", ignore_eos=False)
+
+
+def test_chat_goes_through_chat_completions_and_stops_at_eos():
+    seen = []
+
+    def handler(request):
+        seen.append((request.url.path, json.loads(request.content)))
+        return httpx.Response(200, content=sse(delta(role=True), delta("Grey"), delta(" wolves"),
+                                               delta("", "stop"), chat_usage(31, 3)))
+
+    [rec] = run(Workload("chat", [CHAT]), handler)
+    path, body = seen[0]
+    assert path == "/v1/chat/completions"
+    assert body["messages"] == [{"role": "user", "content": "Write a short poem about wolves."}]
+    assert "ignore_eos" not in body and "prompt" not in body and "seed" not in body and "top_p" not in body
+    assert body["temperature"] == 0 and body["max_tokens"] == 8 and body["stream_options"] == {"include_usage": True}
+    assert rec.ok, rec.error
+    assert (rec.output_tokens, rec.prompt_tokens, rec.finish_reason) == (3, 31, "stop"), "counts from usage"
+    assert len(rec.chunk_times) == 2 and rec.text == "Grey wolves", "the role chunk is no token"
+
+
+def test_chat_sampling_settings_are_sent():
+    seen = []
+
+    def handler(request):
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, content=sse(delta(role=True), delta("a", "length"), chat_usage(5, 8)))
+
+    req = Request([], 8, 0.0, message="hi there", ignore_eos=False, temperature=0.7, top_p=0.9, seed=42)
+    [rec] = run(Workload("chat", [req]), handler)
+    assert (seen[0]["temperature"], seen[0]["top_p"], seen[0]["seed"]) == (0.7, 0.9, 42)
+    assert rec.ok and rec.output_tokens == 8
+
+
+def test_chat_that_ends_short_without_eos_is_an_error_and_eos_first_is_not():
+    answers = {  # by max_tokens
+        8: sse(delta(role=True), delta("a", "length"), chat_usage(5, 3)),
+        9: sse(delta(role=True), delta("a", "abort"), chat_usage(5, 1)),
+        10: sse(delta(role=True), delta("", "stop"), chat_usage(5, 1)),
+    }
+    reqs = [dataclasses.replace(CHAT, max_tokens=n) for n in answers]
+    short, aborted, eos_first = run(Workload("chat", reqs), lambda request: httpx.Response(
+        200, content=answers[json.loads(request.content)["max_tokens"]]))
+    assert not short.ok and "finish_reason=length): 3 of 8" in short.error
+    assert not aborted.ok and "finish_reason=abort" in aborted.error
+    assert eos_first.ok and eos_first.output_tokens == 1 and eos_first.first_token == eos_first.end

@@ -56,3 +56,19 @@ def test_shared_prefix_report_and_failures(tmp_path):
     text = run.summary_markdown(res)
     assert "**Conveyor: 1 requests failed**" in text and "finish_reason=abort" in text
     assert "hit rate 80.0% of prompt tokens (ideal 90.0%)" in text
+
+
+def test_chat_report_shows_the_tokens_each_system_produced():
+    conveyor, vllm = records(3, 0.5), records(3, 0.6)
+    vllm[2].output_tokens, vllm[2].text = 3, "other"
+    for a, b in zip(conveyor[:2], vllm[:2]):
+        a.text = b.text = "same"
+    agree = run.output_agreement(conveyor, vllm)
+    assert agree == {"both_completed": 3, "identical_text": 2, "output_tokens": [12, 11]}
+    recs = {run.CONVEYOR: conveyor, run.STATIC: records(3, 2.0), run.SINGLE: records(2, 0.1)}
+    res = results_for(recs)
+    res["workload"] = {"name": "chat", "requests": 3, "prompt_tokens": 90, "output_tokens": None,
+                       "max_output_tokens": 480, "stops_at_eos": True}
+    text = run.summary_markdown(res)
+    assert "at most 480 output tokens (stopping at EOS)" in text
+    assert "| out tokens |" in text and "| Conveyor | 3/3 | " in text and " | 12 | " in text

