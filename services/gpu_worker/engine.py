@@ -18,7 +18,7 @@ from services.gpu_worker.batch import ForwardBatch, ScheduledRow, build_batch
 from services.gpu_worker.logit_masks import mask_problem
 from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.prompt_logprobs import compute_prompt_logprobs, prompt_span
-from services.gpu_worker.sampler import Sampler, SamplingRow, make_generator
+from services.gpu_worker.sampler import Sampler, SamplingRow
 from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tp_group import RankFailure
 from shared.messages import PromptLogprobs, SamplingParams, StepPlan, StepResult, StepTimings
@@ -141,8 +141,7 @@ class Engine:
             self.rows.pop(rid, None)
         for new in plan.new_requests:
             params = new.sampling
-            generator = make_generator(params.seed, self.device) if params.seed is not None else None
-            row = SamplingRow(params, list(new.token_ids), new.num_prompt_tokens, generator)
+            row = SamplingRow(params, list(new.token_ids), new.num_prompt_tokens)
             if params.structured is not None:  # resumed rows catch up on what they generated
                 row.grammar = self.grammars.row_grammar(params, row.output_token_ids)
             self.rows[new.request_id] = RequestRow(new.request_id, list(new.block_ids), new.num_computed_tokens, row)
@@ -171,8 +170,6 @@ class Engine:
             logits = self.model.compute_logits(hidden[[batch.last_token_index[k] for k, _ in due]])
             t2 = time.perf_counter()
             due_rows = [rows[i] for _, i in due]
-            for r in due_rows:
-                _seed_for_next_token(r.sampling)
             out = self.sampler(logits, [r.sampling for r in due_rows])
             for r, token, lp in zip(due_rows, out.token_ids, out.logprobs):
                 sampled[r.request_id] = token
@@ -203,13 +200,3 @@ class Engine:
         if not spans:
             return {}
         return compute_prompt_logprobs(self.model.compute_logits, hidden, self.model.shape.vocab_size, spans)
-
-
-def _seed_for_next_token(row: SamplingRow) -> None:
-    """Seeded requests draw each token from a generator seeded by (seed, token index),
-    so the draws are the same alone or in any batch, and after a preemption or a
-    migration to another worker, without carrying generator state around."""
-    if row.generator is not None:
-        seed = row.params.seed or 0
-        row.generator.manual_seed((seed * 1_000_003 + row.num_output_tokens) & 0x7FFF_FFFF_FFFF_FFFF)
-

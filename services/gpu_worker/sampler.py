@@ -1,11 +1,13 @@
 """Turns one step's logits into one token per request, following each request's
 `SamplingParams`: its token masks (logit_bias, allowed_token_ids, bad_words, the grammar),
 penalties, min_tokens masking, temperature, top-k/top-p/min-p, then a draw. Batch-wide
-tensors throughout; only a seeded row's own random draw loops per row.
+tensors throughout. A sampled row draws one uniform per token and takes the inverse CDF of
+its filtered distribution; a seeded row's uniform comes from (seed, output position) alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 
@@ -17,8 +19,24 @@ from shared.messages import SamplingParams, TokenLogprobs
 
 # Temperatures below this are greedy: dividing logits by them would overflow float32.
 _GREEDY_TEMPERATURE = 1e-5
-# How many of a row's most likely tokens top-p searches before sorting the whole vocab.
+# How many of a row's most likely tokens a draw looks at first: nearly every nucleus of a
+# trained model fits (SmolLM2 at T=0.7, top_p=0.9: median 2 tokens, p99 38), and a topk
+# this narrow costs less than the argmax of greedy decoding. A row whose kept tokens do not
+# fit looks wider, up to _NUCLEUS_CANDIDATES, then over its whole vocab.
+_FIRST_CANDIDATES = 32
 _NUCLEUS_CANDIDATES = 1024
+# A narrow topk looks only at the blocks of this many tokens with the largest maxima (see
+# _topk): at 32 of 49,152 it reads a 24th of the row after one amax, 2x faster.
+_BLOCK = 64
+# On CPU a temporary as large as the batch's logits falls out of the caches and, past
+# glibc's mmap threshold (32 MiB), is page-faulted afresh every step: with one torch thread
+# (the serving default on 2 cores) passes over whole rows go a few rows (this many
+# elements) at a time, 3x faster at 256 x 49,152. With more threads, each of those small
+# ops would cost a barrier between the threads: they go all at once, as on a GPU.
+_CPU_CHUNK_ELEMENTS = 1 << 18
+# SplitMix64 (Steele, Lea and Flood 2014): a seeded request's stream of uniforms.
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 
 
 @dataclass
@@ -29,7 +47,6 @@ class SamplingRow:
     params: SamplingParams
     token_ids: list[int]  # prompt, then what was generated so far
     num_prompt_tokens: int
-    generator: torch.Generator | None  # set for seeded requests (see make_generator)
     grammar: RowGrammar | None = None  # set for structured outputs; follows every appended token
 
     @property
@@ -57,13 +74,6 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # None where the request did not ask
 
 
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A request's own RNG. The engine re-seeds it before each token from (seed, token
-    index), so a stream needs no generator state carried across a preemption or a move
-    to another worker."""
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def is_greedy(params: SamplingParams) -> bool:
     return params.temperature < _GREEDY_TEMPERATURE
 
@@ -83,7 +93,7 @@ class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], device: torch.device):
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
-        self.device = device  # where the logits and the requests' generators live
+        self.device = device  # where the logits live
         self._grammar_mask: GrammarMask | None = None  # made for the first constrained row
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
@@ -93,7 +103,8 @@ class Sampler:
             # The hot path: nothing but argmax, one kernel for the whole batch.
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
 
-        work = logits.to(torch.float32, copy=True)  # `logits` stays raw for logprobs
+        # `logits` stays raw for logprobs; only masks and penalties write to `work`.
+        work = logits.to(torch.float32, copy=any(_edits_logits(row) for row in rows))
         apply_token_masks(work, rows)
         grammar = self._grammar_step(work, rows)
         penalized = [i for i, row in enumerate(rows) if has_penalties(row.params)]
@@ -151,35 +162,19 @@ class Sampler:
             work[row_idx, token_idx] = float("-inf")
 
     def _sample(self, work: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Draw one token per (non-greedy) row of `work`, which it modifies."""
-        params = [row.params for row in rows]
-        vocab = work.shape[1]
-        device = work.device
-        work.div_(_column([p.temperature for p in params], torch.float32, device))
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        top_p = [p.top_p for p in params]
-        apply_top_k_top_p(work, _column(top_k, torch.long, device), _column(top_p, torch.float32, device))
-        if any(p.min_p > 0.0 for p in params):
-            apply_min_p(work, _column([p.min_p for p in params], torch.float32, device))
-        # The Gumbel-max trick: argmax(logits + G), G = -log(-log U), draws from
-        # softmax(logits); it is the exponential race argmax(probs / E), E = -log U, in
-        # log space. Only elementwise ops follow the filters, so a seeded row's token
-        # depends on its own logits and generator, never on its batch-mates.
-        return work.add_(self._gumbel_noise(rows, vocab)).argmax(dim=-1)
-
-    def _gumbel_noise(self, rows: list[SamplingRow], vocab: int) -> torch.Tensor:
-        # Built from uniform_ rather than exponential_, which is several times slower on CPU.
-        uniform = torch.empty(len(rows), vocab, dtype=torch.float32, device=self.device)
-        unseeded = [i for i, row in enumerate(rows) if row.generator is None]
-        if len(unseeded) == len(rows):
-            uniform.uniform_()
-        elif unseeded:
-            uniform[unseeded] = torch.rand(len(unseeded), vocab, device=self.device)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                uniform[i].uniform_(generator=row.generator)  # its one draw this step
-        # U = 0 would make -log U infinite; clamping keeps every score finite.
-        return uniform.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
+        """One token per (non-greedy) row of `work`, which it leaves unchanged: the inverse
+        CDF, at the row's uniform, of softmax(logits / T) after top-k, top-p and min-p, its
+        kept tokens taken in id order. A row is drawn among its top candidates when its kept
+        tokens fit among _NUCLEUS_CANDIDATES, else over its whole vocab; which, and the
+        token, depend on the row alone, never on its batch-mates."""
+        draw = _Draw.of(work, rows)
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=work.device)
+        too_wide = _sample_among_candidates(work, draw, token_ids)
+        unfiltered = [i for i, p in enumerate(draw.params) if not _filters(p, work.shape[1])]
+        for idx in (unfiltered, too_wide):  # apart, so that rows without filters are never sorted
+            if idx:
+                token_ids[idx] = _sample_whole(work, idx, draw.take(idx))
+        return token_ids
 
     def _logprobs(self, raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow],
                   grammar: _GrammarStep | None) -> list[TokenLogprobs | None]:
@@ -239,10 +234,201 @@ def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
 
 
-def _plain_greedy(row: SamplingRow) -> bool:
+def _edits_logits(row: SamplingRow) -> bool:
+    """Whether a mask, penalty or min_tokens writes to the row's logits before the draw."""
     p = row.params
-    return (is_greedy(p) and p.logprobs is None and not has_penalties(p) and not below_min_tokens(row)
-            and row.grammar is None and not p.logit_bias and not has_token_masks(p))
+    return (has_penalties(p) or below_min_tokens(row) or row.grammar is not None or bool(p.logit_bias)
+            or has_token_masks(p))
+
+
+def _plain_greedy(row: SamplingRow) -> bool:
+    return is_greedy(row.params) and row.params.logprobs is None and not _edits_logits(row)
+
+
+def _take(tensor: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Rows `idx` (ascending, at least one) of `tensor`: a view where they are consecutive."""
+    return tensor[idx[0]:idx[-1] + 1] if idx[-1] - idx[0] == len(idx) - 1 else tensor[idx]
+
+
+# ---- the draw ------------------------------------------------------------------------------
+
+
+def _filters(params: SamplingParams, vocab: int) -> bool:
+    return 0 < params.top_k < vocab or params.top_p < 1.0
+
+
+def _sample_among_candidates(logits: torch.Tensor, draw: _Draw, token_ids: torch.Tensor) -> list[int]:
+    """Draws into `token_ids` the rows with top-k or top-p whose kept tokens fit among their
+    candidates, looking at their first width, then 8 times as many, up to _NUCLEUS_CANDIDATES.
+    Returns the rows that fit none (ascending)."""
+    vocab = logits.shape[1]
+    widest = min(vocab, _NUCLEUS_CANDIDATES)
+    by_width: dict[int, list[int]] = {}
+    for i, p in enumerate(draw.params):
+        if _filters(p, vocab):
+            by_width.setdefault(_first_width(p, vocab), []).append(i)
+    too_wide: list[int] = []
+    while by_width:
+        width = min(by_width)
+        idx = sorted(by_width.pop(width))
+        picked, fits = _sample_candidates(_take(logits, idx), draw.take(idx), width)
+        fits_list = fits.tolist()
+        token_ids[[i for i, f in zip(idx, fits_list) if f]] = picked[fits]
+        rest = [i for i, f in zip(idx, fits_list) if not f]
+        if rest:
+            (too_wide if width == widest else by_width.setdefault(min(widest, 8 * width), [])).extend(rest)
+    return sorted(too_wide)
+
+
+def _first_width(params: SamplingParams, vocab: int) -> int:
+    """How many top candidates to look among first: _FIRST_CANDIDATES, or past top_k (in
+    powers of two, so that a batch has few widths), at most _NUCLEUS_CANDIDATES. A row fits
+    a narrow width only if it fits _NUCLEUS_CANDIDATES, where it is drawn the same."""
+    k = params.top_k if 0 < params.top_k < vocab else 0
+    return min(vocab, _NUCLEUS_CANDIDATES, max(_FIRST_CANDIDATES, 1 << k.bit_length()))
+
+
+@dataclass
+class _Draw:
+    """The sampled rows' parameters as [B, 1] columns, to broadcast against [B, width]."""
+
+    params: list[SamplingParams]
+    temperature: torch.Tensor
+    top_k: torch.Tensor  # vocab where off
+    top_p: torch.Tensor  # 1 where off
+    min_p: torch.Tensor  # 0 where off
+    log_mass: torch.Tensor  # log sum exp(logits / T) over the row, where top-p is on and top-k off
+    uniform: torch.Tensor  # [B, 1], in (0, 1]: this token's draw (see _uniforms)
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, rows: list[SamplingRow]) -> _Draw:
+        params = [row.params for row in rows]
+        vocab, device = logits.shape[1], logits.device
+        temperature = _column([p.temperature for p in params], torch.float32, device)
+        log_mass = torch.zeros_like(temperature)
+        # The nucleus of a row without top-k is a share of its whole vocab's mass.
+        over_vocab = [i for i, p in enumerate(params) if p.top_p < 1.0 and not 0 < p.top_k < vocab]
+        if over_vocab:
+            log_mass[over_vocab] = _log_mass(logits, over_vocab, temperature[over_vocab])
+        return cls(params, temperature,
+                   _column([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device),
+                   _column([p.top_p for p in params], torch.float32, device),
+                   _column([p.min_p for p in params], torch.float32, device),
+                   log_mass, _uniforms(rows, device))
+
+    def take(self, idx: list[int]) -> _Draw:
+        if len(idx) == len(self.params):
+            return self
+        return _Draw([self.params[i] for i in idx], *(t[idx] for t in (
+            self.temperature, self.top_k, self.top_p, self.min_p, self.log_mass, self.uniform)))
+
+
+def _log_mass(logits: torch.Tensor, idx: list[int], temperature: torch.Tensor) -> torch.Tensor:
+    """log sum exp(logits / T) of rows `idx` ([len(idx), 1]; `temperature` is theirs)."""
+    out = []
+    for part, rows in _chunks(logits, idx):
+        t = temperature[part]
+        top = rows.amax(dim=-1, keepdim=True) / t  # the same float as topk's first, scaled
+        out.append((rows / t).sub_(top).exp_().sum(dim=-1, keepdim=True).log_().add_(top))
+    return torch.cat(out)
+
+
+def _chunks(logits: torch.Tensor, idx: list[int]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Rows `idx` (ascending) of `logits`, a few at a time on one CPU thread (see
+    _CPU_CHUNK_ELEMENTS), else all at once: (their positions in idx, the rows)."""
+    one_thread = logits.device.type == "cpu" and torch.get_num_threads() == 1
+    step = max(1, _CPU_CHUNK_ELEMENTS // logits.shape[1]) if one_thread else len(idx)
+    for start in range(0, len(idx), step):
+        part = slice(start, start + step)
+        yield part, _take(logits, idx[part])
+
+
+def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    """Each row's one uniform for this token, [B, 1] in (0, 1]. A seeded request's is
+    output n of its own SplitMix64 stream, n its output position, so its token is the same
+    alone or in any batch, after a preemption and on another worker, with no RNG state
+    kept anywhere. Others' come from torch's global RNG."""
+    seeded = [_stream_uniform(row.params.seed, row.num_output_tokens) if row.params.seed is not None else 0.0
+              for row in rows]
+    uniform = torch.tensor(seeded, dtype=torch.float32, device=device)
+    unseeded = [i for i, row in enumerate(rows) if row.params.seed is None]
+    if unseeded:
+        uniform[unseeded] = 1.0 - torch.rand(len(unseeded), device=device)  # [0, 1) -> (0, 1]
+    return uniform.unsqueeze(1)
+
+
+def _stream_uniform(seed: int, position: int) -> float:
+    """Output `position` of the SplitMix64 stream that starts at mix(seed) (mixed first, so
+    that seeds a multiple of the gamma apart do not give shifted copies of one stream),
+    as a float32-exact multiple of 2^-24 in (0, 1]. Python ints: any seed, no overflow."""
+    z = _mix64((_mix64(seed & _MASK64) + (position + 1) * _GOLDEN_GAMMA) & _MASK64)
+    return ((z >> 40) + 1) * 2.0 ** -24
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finalizer: a bijection of 64-bit ints in which every input bit flips
+    about half of the output bits."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+    return z ^ (z >> 31)
+
+
+def _sample_candidates(logits: torch.Tensor, draw: _Draw, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws among each row's `width` most likely tokens ([B] token ids), and says whether
+    each row's kept tokens all lie among them ([B] bool); where not, its token means nothing."""
+    vocab = logits.shape[1]
+    values, ids = _topk(logits, width)  # sorted, descending; dividing by T keeps the order
+    scaled = values / draw.temperature
+    in_top_k = torch.arange(width, device=logits.device) < draw.top_k
+    log_mass = torch.where(draw.top_k < vocab, _top_k_log_mass(scaled, in_top_k), draw.log_mass)
+    num_kept = _nucleus_size(scaled, in_top_k, draw.top_p, log_mass)
+    # Any token tied with the last one stays; tokens masked to -inf go (a top-k larger than
+    # the tokens left would keep them, and they have no mass to draw).
+    kept = (scaled >= scaled.gather(1, num_kept - 1)) & (scaled > float("-inf"))
+    # A tie may lie past the candidates, and top-p's share needs all of the top k.
+    fits = ((kept.sum(dim=-1, keepdim=True) < width) & ((draw.top_k < width) | (draw.top_k == vocab))).squeeze(1)
+    kept &= scaled >= scaled[:, :1] + draw.min_p.log()  # min-p, relative to the top token
+    n = int(torch.where(fits, kept.sum(dim=-1), 1).max())  # kept tokens are a prefix of the candidates
+    kept, scaled = kept[:, :n], scaled[:, :n]
+    # In id order: the draw must not depend on how topk orders tied logits.
+    ids, order = ids[:, :n].masked_fill(~kept, vocab).sort(dim=-1)
+    weights = (scaled - scaled[:, :1]).exp_().masked_fill_(~kept, 0.0).gather(1, order)
+    return ids.gather(1, _inverse_cdf(weights, draw.uniform)).squeeze(1), fits
+
+
+def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits.topk(k): the same values; among tied ones, any ids. Where k is small beside
+    the vocab, only among the k blocks with the largest maxima: if at least k blocks reach
+    a value v, those k do, holding k tokens >= v; if fewer, all of them are among the k."""
+    rows, vocab = logits.shape
+    if vocab % _BLOCK or 8 * k * _BLOCK > vocab:
+        return logits.topk(k, dim=-1)
+    blocks = logits.reshape(rows, vocab // _BLOCK, _BLOCK).amax(dim=-1).topk(k, dim=-1).indices
+    ids = (blocks.unsqueeze(-1) * _BLOCK + torch.arange(_BLOCK, device=logits.device)).flatten(1)
+    values, at = logits.gather(1, ids).topk(k, dim=-1)
+    return values, ids.gather(1, at)
+
+
+def _sample_whole(logits: torch.Tensor, idx: list[int], draw: _Draw) -> torch.Tensor:
+    """Draws rows `idx` of `logits` over the whole vocab (`draw` is theirs): rows without
+    top-k or top-p, and those whose kept tokens do not fit among the candidates."""
+    out = []
+    for part, rows in _chunks(logits, idx):
+        scaled = rows / draw.temperature[part]
+        apply_top_k_top_p(scaled, draw.top_k[part], draw.top_p[part])
+        if any(p.min_p > 0.0 for p in draw.params[part]):
+            apply_min_p(scaled, draw.min_p[part])
+        weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()
+        out.append(_inverse_cdf(weights, draw.uniform[part]))
+    return torch.cat(out).squeeze(1)
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row ([B, 1]), the first column whose cumulative weight reaches `uniform` times the
+    row's total. With the uniform in (0, 1] and the largest weight 1, it is never a column of
+    zero weight, and never past the last column. Overwrites `weights` with their sums."""
+    cdf = weights.cumsum_(dim=-1)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:])
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -277,42 +463,33 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     """Set to -inf every token outside the row's top_k ([B, 1], vocab where off) and
     outside its nucleus: the smallest set of most likely tokens (after top-k) whose mass
     reaches top_p ([B, 1], 1 where off). The most likely token always survives, and so
-    does any token tied with the last one kept. In place."""
+    does any token tied with the last one kept. In place. It sorts whole rows: the sampler
+    calls it only for rows whose kept tokens are too many for its candidates."""
     vocab = logits.shape[1]
-    use_k, use_p = top_k < vocab, top_p < 1.0
-    filtered = use_k | use_p
+    filtered = (top_k < vocab) | (top_p < 1.0)
     if not bool(filtered.any()):
         return
-    # A full sort of the vocab is slow on CPU, so look among the largest few first:
-    # every top-k cut lies within max(k), and a nucleus nearly always within a thousand.
-    k_max = int(top_k[use_k].max()) if bool(use_k.any()) else 1
-    width = min(vocab, max(k_max, _NUCLEUS_CANDIDATES if bool(use_p.any()) else 1))
-    cutoff, decided = _cutoff_logit(logits, top_k, top_p, width)
-    wider = (~decided & filtered).squeeze(1).nonzero().squeeze(1)
-    if len(wider):
-        cutoff[wider] = _cutoff_logit(logits[wider], top_k[wider], top_p[wider], vocab)[0]
+    largest = logits.sort(dim=-1, descending=True).values
+    in_top_k = torch.arange(vocab, device=logits.device) < top_k
+    log_mass = torch.where(top_k < vocab, _top_k_log_mass(largest, in_top_k), logits.logsumexp(dim=-1, keepdim=True))
+    cutoff = largest.gather(1, _nucleus_size(largest, in_top_k, top_p, log_mass) - 1)
     logits.masked_fill_((logits < cutoff) & filtered, float("-inf"))
 
 
-def _cutoff_logit(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's smallest kept logit ([B, 1]) judged from its `width` largest, and
-    whether the cut fell among them (if not, the row needs a wider look)."""
-    vocab = logits.shape[1]
-    largest = logits.topk(width, dim=-1).values  # sorted, descending
-    rank = torch.arange(width, device=logits.device)
-    in_top_k = rank < top_k
-    # top_p's mass is over what top-k kept (all within `width`), else over the row.
-    largest_k = largest.masked_fill(~in_top_k, float("-inf"))
-    total = torch.where(top_k < vocab, largest_k.logsumexp(dim=-1, keepdim=True),
-                        logits.logsumexp(dim=-1, keepdim=True))
-    probs = (largest_k - total).exp()
+def _top_k_log_mass(largest: torch.Tensor, in_top_k: torch.Tensor) -> torch.Tensor:
+    """top-p's mass where top-k is on: over what top-k kept (all among `largest`)."""
+    return largest.masked_fill(~in_top_k, float("-inf")).logsumexp(dim=-1, keepdim=True)
+
+
+def _nucleus_size(largest: torch.Tensor, in_top_k: torch.Tensor, top_p: torch.Tensor,
+                  log_mass: torch.Tensor) -> torch.Tensor:
+    """How many of each row's sorted `largest` logits top-k and top-p keep ([B, 1], at least
+    one): those in its top k while the mass before them (a share of `log_mass`) is below top_p."""
+    probs = (largest - log_mass).exp_().masked_fill_(~in_top_k, 0.0)
     mass_before = probs.cumsum(dim=-1) - probs
     kept = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))  # a prefix of each row
     kept[:, 0] = True
-    num_kept = kept.sum(dim=-1, keepdim=True)
-    decided = (num_kept < width) | (width == vocab) | (top_k <= width)
-    return largest.gather(1, num_kept - 1), decided
+    return kept.sum(dim=-1, keepdim=True)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.gpu_worker.sampler import Sampler, SamplingRow, apply_penalties, apply_top_k_top_p, make_generator
+from services.gpu_worker.sampler import Sampler, SamplingRow, _topk, apply_penalties, apply_top_k_top_p
 from shared.messages import SamplingParams
 
 CPU = torch.device("cpu")
@@ -20,8 +20,7 @@ EOS = 5
 
 
 def make_row(prompt=(), output=(), seed=None, **params) -> SamplingRow:
-    generator = make_generator(seed, CPU) if seed is not None else None
-    return SamplingRow(SamplingParams(seed=seed, **params), [*prompt, *output], len(prompt), generator)
+    return SamplingRow(SamplingParams(seed=seed, **params), [*prompt, *output], len(prompt))
 
 
 def sampler(vocab: int = 8) -> Sampler:
@@ -112,7 +111,8 @@ def test_filters_apply_per_row_in_a_mixed_batch():
 
 
 def reference_kept(row: list[float], top_k: int, top_p: float) -> set[int]:
-    """The top-k then top-p survivors, one token at a time in float64."""
+    """The top-k then top-p survivors, one token at a time in float64, and any token tied
+    with the last one kept."""
     order = sorted(range(len(row)), key=lambda i: -row[i])
     if 0 < top_k < len(row):
         order = order[:top_k]
@@ -123,10 +123,11 @@ def reference_kept(row: list[float], top_k: int, top_p: float) -> set[int]:
             break
         kept.add(i)
         mass_before += w
-    return kept
+    last = min(row[i] for i in kept)
+    return kept | {i for i, x in enumerate(row) if x == last}
 
 
-# Vocab 3000 with flat rows puts some nuclei past the first 1024 candidates.
+# Flat rows at vocab 3000 give nuclei of thousands of tokens.
 @pytest.mark.parametrize("vocab", [50, 3000])
 def test_top_k_top_p_keep_exactly_the_reference_set(vocab):
     scales = torch.tensor([[0.1], [0.5], [1.0], [2.0], [4.0], [0.1], [1.0], [3.0]])
@@ -139,6 +140,27 @@ def test_top_k_top_p_keep_exactly_the_reference_set(vocab):
     for i in range(8):
         kept = set((filtered[i] > -math.inf).nonzero().flatten().tolist())
         assert kept == reference_kept(logits[i].tolist(), ks[i], ps[i]), i
+
+
+def test_the_candidates_topk_finds_the_same_values_as_torchs():
+    """The sampler's narrow topk looks only at the blocks with the largest maxima; with
+    many ties (bf16-like logits) too."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 32768, generator=g) * 3
+    logits[8:] = (logits[8:] * 2).round() / 2  # steps of 0.5: thousands of ties
+    logits[12, :] = 1.0
+    for k in (1, 32, 64):
+        values, ids = _topk(logits, k)
+        assert torch.equal(values, logits.topk(k).values)
+        assert torch.equal(logits.gather(1, ids), values)
+        assert all(len(set(row)) == k for row in ids.tolist())
+
+
+def test_tokens_tied_with_the_last_kept_one_stay_even_past_the_first_candidates():
+    logits = torch.zeros(1, 100)
+    logits[0, 20:60] = 1.0  # 40 tied tokens; top_k 31 cuts among them
+    rows = [make_row(seed=s, top_k=31) for s in range(2000)]
+    assert set(sampler(100)(logits.expand(2000, -1), rows).token_ids) == set(range(20, 60))
 
 
 # ---- penalties -------------------------------------------------------------------------
@@ -261,7 +283,7 @@ def run_seeded_stream(steps: int, vocab: int, with_batch: bool) -> list[int]:
         make_row(temperature=0.0, logprobs=2),
         make_row(seed=7, temperature=1.3, min_p=0.05),
         make_row(temperature=0.6, top_p=0.5, frequency_penalty=0.2),
-        make_row(seed=1234, temperature=0.8),  # same seed, its own generator
+        make_row(seed=1234, temperature=0.8),  # same seed, other logits and position
     ]
     torch.manual_seed(0)
     for step in range(steps):
@@ -286,15 +308,112 @@ def test_seeded_request_gives_the_same_tokens_alone_and_in_a_batch():
     assert len(set(alone)) > 5  # a real random stream, not a constant
 
 
-def test_same_seed_reproduces_and_different_seeds_differ():
-    logits = torch.zeros(1, 64)
+def peaked_logits(vocab: int, head: int, seed: int, top: float = 6.0, low: float = 2.0,
+                  step: float = 0.0) -> torch.Tensor:
+    """A trained model's shape: `head` likely tokens (logits from top down to low, at
+    random ids) over a long tail of unlikely ones; rounded to multiples of `step` if set
+    (many ties, as in bf16 logits)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(vocab, generator=g) - 4.0
+    ids = torch.randperm(vocab, generator=g)[:head]
+    logits[ids] = torch.linspace(top, low, head) + 0.1 * torch.randn(head, generator=g)
+    return (logits / step).round() * step if step else logits
 
-    def stream(seed: int) -> list[int]:
+
+# One row of each way a draw can go at vocab 16384: a nucleus among the first candidates
+# (with and without ties), one past them, top-k alone, no top-k or top-p at all, and a
+# nucleus too wide for any candidates.
+LARGE_VOCAB_ROWS = [
+    (dict(temperature=0.7, top_p=0.9), dict(head=12)),
+    (dict(temperature=0.7, top_p=0.9), dict(head=12, step=0.5)),
+    (dict(temperature=0.9, top_p=0.9), dict(head=150, top=3.0, low=2.5)),
+    (dict(temperature=1.0, top_k=5), dict(head=12)),
+    (dict(temperature=1.0, min_p=0.01), dict(head=12)),
+    (dict(temperature=1.5, top_p=0.995, top_k=2500), dict(head=0)),
+]
+
+
+def test_seeded_tokens_do_not_depend_on_the_batch_at_a_large_vocab():
+    """The same tokens alone and together over 12 positions, each target drawn alongside
+    others of its width (first candidates, wider, whole vocab) and beside rows of another
+    width (a top_k of 500), greedy and unseeded ones."""
+    vocab, steps = 16384, 12
+    targets = [make_row(seed=100 + i, **params) for i, (params, _) in enumerate(LARGE_VOCAB_ROWS)]
+    logits = [[peaked_logits(vocab, seed=1000 * step + i, **shape) for i, (_, shape) in enumerate(LARGE_VOCAB_ROWS)]
+              for step in range(steps)]
+    alone = [make_row(seed=100 + i, **params) for i, (params, _) in enumerate(LARGE_VOCAB_ROWS)]
+    for step in range(steps):
+        for i, row in enumerate(alone):
+            row.append(sampler(vocab)(logits[step][i].unsqueeze(0), [row]).token_ids[0])
+    mates = [make_row(seed=5, temperature=1.0, top_k=500), make_row(temperature=0.0),
+             make_row(temperature=0.8, top_p=0.8)]
+    torch.manual_seed(0)
+    for step in range(steps):
+        mate_logits = [peaked_logits(vocab, head=30, seed=7 + 10 * step + j) for j in range(3)]
+        rows = [mates[0], *targets[:3], *mates[1:], *targets[3:]]
+        batch = torch.stack([mate_logits[0], *logits[step][:3], *mate_logits[1:], *logits[step][3:]])
+        for row, token in zip(rows, sampler(vocab)(batch, rows).token_ids):
+            row.append(token)
+    assert [t.output_token_ids for t in targets] == [a.output_token_ids for a in alone]
+
+
+def test_a_seeded_token_depends_only_on_its_seed_and_position():
+    """After a preemption (or on another worker) the row is rebuilt from its tokens; the
+    token at position n is the one the undisturbed stream drew there."""
+    g = torch.Generator().manual_seed(8)
+    steps = [torch.randn(1, 200, generator=g) * 2 for _ in range(12)]
+    row = make_row(prompt=[1, 2], seed=9, temperature=1.0, top_p=0.95)
+    for logits in steps:
+        row.append(sampler(200)(logits, [row]).token_ids[0])
+    undisturbed = row.output_token_ids
+    for n in (0, 5, 11):
+        resumed = make_row(prompt=[1, 2], output=undisturbed[:n], seed=9, temperature=1.0, top_p=0.95)
+        batch = torch.cat([torch.randn(2, 200), steps[n]])
+        rows = [make_row(seed=9, temperature=1.0), make_row(temperature=0.5), resumed]
+        assert sampler(200)(batch, rows).token_ids[2] == undisturbed[n]
+
+
+def test_seeds_and_positions_give_different_draws():
+    flat = torch.zeros(1, 1000)
+
+    def stream(seed: int, n: int = 100) -> list[int]:
         row = make_row(seed=seed)
-        return [sampler(64)(logits, [row]).token_ids[0] for _ in range(20)]
+        for _ in range(n):
+            row.append(sampler(1000)(flat, [row]).token_ids[0])
+        return row.output_token_ids
 
-    assert stream(1) == stream(1)
-    assert stream(1) != stream(2)
+    one = stream(1)
+    assert one == stream(1)
+    assert len(set(one)) > 80  # 100 uniform draws from 1000 ids: about 95 distinct
+    others = [stream(seed, 1)[0] for seed in range(100)]  # position 0 of 100 seeds
+    assert len(set(others)) > 80
+    # Any int seed works (the gateway's are int64, plus the choice index), and streams
+    # from seeds a multiple of SplitMix64's gamma apart are not shifted copies of another.
+    assert stream(-5, 3) == stream(2**64 - 5, 3)  # taken modulo 2^64
+    shifted = stream(1 + 0x9E3779B97F4A7C15)
+    assert sum(a == b for a, b in zip(one[1:], shifted)) < 5
+
+
+def test_unseeded_rows_draw_from_torchs_rng():
+    logits = torch.zeros(50, 100)
+
+    def draw(seed: int) -> list[int]:
+        torch.manual_seed(seed)
+        return sampler(100)(logits, [make_row(temperature=1.0, top_p=0.99)] * 50).token_ids
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+    assert len(set(draw(3))) > 30
+
+
+def test_sampling_leaves_the_logits_as_they_were():
+    """Rows without masks or penalties are drawn from the caller's logits, not a copy."""
+    logits = torch.stack([peaked_logits(16384, seed=i, **shape) for i, (_, shape) in enumerate(LARGE_VOCAB_ROWS)])
+    before = logits.clone()
+    rows = [make_row(seed=i, **params) for i, (params, _) in enumerate(LARGE_VOCAB_ROWS)]
+    sampler(16384)(logits, rows)
+    sampler(16384)(logits, rows[:1] + [make_row(temperature=0.0)] + rows[1:-1])
+    assert torch.equal(logits, before)
 
 
 # ---- distribution ----------------------------------------------------------------------
@@ -302,41 +421,83 @@ def test_same_seed_reproduces_and_different_seeds_differ():
 DIST_LOGITS = [0.0, 0.5, 1.0, -0.5, 0.2, 0.8]
 
 
-def chi_square(tokens: list[int], expected_probs: list[float]) -> float:
+def assert_distribution(tokens: list[int], expected_probs: list[float]) -> None:
+    """Chi-square goodness of fit at p = 0.001: ids expected fewer than 5 times pooled;
+    the critical value by Wilson and Hilferty's approximation. And no token outside the support."""
     n = len(tokens)
-    counts = [tokens.count(i) for i in range(len(expected_probs))]
-    assert all(c == 0 for c, p in zip(counts, expected_probs) if p == 0)
-    return sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, expected_probs) if p > 0)
+    counts = [0] * len(expected_probs)
+    for t in tokens:
+        counts[t] += 1
+    assert all(c == 0 for c, p in zip(counts, expected_probs) if p == 0), "a token outside the support"
+    cells = [(c, n * p) for c, p in zip(counts, expected_probs) if n * p >= 5]
+    rare = [(c, n * p) for c, p in zip(counts, expected_probs) if 0 < n * p < 5]
+    if rare:
+        cells.append((sum(c for c, _ in rare), sum(e for _, e in rare)))
+    stat = sum((c - e) ** 2 / e for c, e in cells)
+    df = len(cells) - 1
+    critical = df * (1 - 2 / (9 * df) + 3.0902 * math.sqrt(2 / (9 * df))) ** 3 if df else 0.0
+    assert stat <= critical, (stat, critical, df)
 
 
-def softmax_over(logits: list[float], temperature: float, keep: set[int]) -> list[float]:
-    weights = [math.exp(l / temperature) if i in keep else 0.0 for i, l in enumerate(logits)]
+def reference_probs(logits: list[float], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float = 0.0) -> list[float]:
+    """softmax(logits / T) after top-k, top-p and min-p, one token at a time in float64."""
+    scaled = [x / temperature for x in logits]
+    kept = reference_kept(scaled, top_k, top_p)
+    top = max(scaled)
+    kept = {i for i in kept if min_p == 0.0 or scaled[i] >= top + math.log(min_p)}
+    weights = [math.exp(x - top) if i in kept else 0.0 for i, x in enumerate(scaled)]
     return [w / sum(weights) for w in weights]
 
 
-# chi-square critical values at p = 0.001 for 5, 3 and 2 degrees of freedom.
 @pytest.mark.parametrize(
-    "params, keep, critical",
-    [
-        (dict(temperature=0.7), {0, 1, 2, 3, 4, 5}, 20.5),
-        (dict(temperature=1.5, top_k=4), {1, 2, 4, 5}, 16.3),
-        (dict(temperature=1.0, min_p=0.5), {1, 2, 5}, 13.8),
-    ],
+    "params",
+    [dict(temperature=0.7), dict(temperature=1.5, top_k=4), dict(temperature=1.0, min_p=0.5),
+     dict(temperature=0.8, top_p=0.7, top_k=5)],
 )
-def test_unseeded_sampling_matches_the_softmax_distribution(params, keep, critical):
+def test_unseeded_sampling_matches_the_softmax_distribution(params):
     n = 20000
     torch.manual_seed(0)
     rows = [make_row(**params)] * n
     tokens = sampler(6)(torch.tensor(DIST_LOGITS).expand(n, -1), rows).token_ids
-    expected = softmax_over(DIST_LOGITS, params["temperature"], keep)
-    assert chi_square(tokens, expected) < critical
+    assert_distribution(tokens, reference_probs(DIST_LOGITS, **params))
 
 
 def test_one_seeded_stream_matches_the_softmax_distribution():
     row = make_row(seed=3, temperature=0.7)
     logits = torch.tensor([DIST_LOGITS])
-    tokens = [sampler(6)(logits, [row]).token_ids[0] for _ in range(3000)]
-    assert chi_square(tokens, softmax_over(DIST_LOGITS, 0.7, set(range(6)))) < 20.5
+    for _ in range(3000):
+        row.append(sampler(6)(logits, [row]).token_ids[0])
+    assert_distribution(row.output_token_ids, reference_probs(DIST_LOGITS, temperature=0.7))
+
+
+# Each way a draw can go (how many tokens top-k/top-p keep says which), at vocab 1500, and
+# at 16384 where the first candidates come from the blocks with the largest maxima.
+@pytest.mark.parametrize(
+    "params, shape, kept",
+    [
+        (dict(temperature=0.7, top_p=0.9), dict(head=20), (2, 32)),  # among the first candidates
+        (dict(temperature=0.7, top_p=0.9), dict(head=20, vocab=16384), (2, 32)),
+        (dict(temperature=0.7, top_p=0.9), dict(head=20, vocab=16384, step=0.5), (2, 32)),  # ties
+        (dict(temperature=1.0, top_k=20, top_p=0.95, min_p=0.05), dict(head=40), (2, 21)),
+        (dict(temperature=0.9, top_p=0.9), dict(head=150, top=3.0, low=2.5), (32, 256)),  # wider
+        (dict(temperature=0.9, top_p=0.9), dict(head=600, top=3.0, low=2.5), (256, 1024)),  # wider still
+        (dict(temperature=1.0), dict(head=20), (1500, 1501)),  # no filter: the whole vocab
+        (dict(temperature=1.5, top_p=0.99), dict(head=0), (1024, 1500)),  # a nucleus past the candidates
+    ],
+)
+def test_seeded_draws_at_a_large_vocab_match_the_filtered_softmax(params, shape, kept):
+    shape = dict(shape)
+    vocab, rows_per_step, steps = shape.pop("vocab", 1500), 300, 20
+    logits = peaked_logits(vocab, seed=21, **shape)
+    expected = reference_probs(logits.tolist(), **params)
+    assert kept[0] <= sum(p > 0 for p in expected) < kept[1]
+    rows = [make_row(seed=s, **params) for s in range(rows_per_step)]
+    batch = logits.expand(rows_per_step, -1).contiguous()
+    for _ in range(steps):
+        for row, token in zip(rows, sampler(vocab)(batch, rows).token_ids):
+            row.append(token)
+    assert_distribution([t for row in rows for t in row.output_token_ids], expected)
 
 
 # ---- property --------------------------------------------------------------------------
