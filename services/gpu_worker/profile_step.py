@@ -115,20 +115,22 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--decodes", type=int, default=32, help="requests decoding every step")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    ms = {config: profile(args.model, config, args.steps, args.decodes) for config in CONFIGS}
+    ms = {config: profile(args.model, config, args.steps, args.decodes) for config in args.configs}
     parts = ["linear layers", "LM head", "decode attention", "prefill attention", "store K/V"]
     for m in ms.values():
         m["norms, rope, activations (rest of forward)"] = m["forward"] - sum(m.get(p, 0.0) for p in parts[:1] + parts[2:])
         m["step bookkeeping (batch, plan)"] = m["step"] - m["forward"] - m.get("LM head", 0.0) - m.get("sampling", 0.0)
     rows = parts + ["norms, rope, activations (rest of forward)", "sampling", "step bookkeeping (batch, plan)", "step"]
     print(f"{args.model}: ms per step (share), {args.steps} steps of ~{args.decodes} decodes + a prompt every other step")
-    print("| part | before | after |\n|---|---:|---:|")
+    print(f"| part | {' | '.join(ms)} |\n|---|{'---:|' * len(ms)}")
     for p in rows:
         cells = [f"{m.get(p, 0.0):.2f} ({m.get(p, 0.0) / m['step']:.0%})" for m in ms.values()]
         print(f"| {p} | {' | '.join(cells)} |")
-    print(f"step time after / before: {ms['after']['step'] / ms['before']['step']:.2f}")
+    if len(ms) == 2:
+        print(f"step time after / before: {ms['after']['step'] / ms['before']['step']:.2f}")
 
 
 if __name__ == "__main__":
