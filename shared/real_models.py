@@ -12,8 +12,6 @@ fp32 safetensors. `python -m shared.real_models` prints the directory.
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 
 from shared.models import cache_root
@@ -53,7 +51,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from shared.tiny_model import _publish  # the same atomic move into the cache
+    from shared.tiny_model import save_model_dir  # the same atomic move into the cache
 
     kw = dict(gguf_file=gguf.name, local_files_only=True)
     config = AutoConfig.from_pretrained(gguf.parent, **kw)
@@ -70,16 +68,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     eos = config.eos_token_id
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos,
                                                pad_token_id=getattr(config, "pad_token_id", None) or eos)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp, save_jinja_files=False)  # template in tokenizer_config.json
-        _publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
+    return save_model_dir(model, tokenizer, out_dir)
 
 if __name__ == "__main__":
     print(ensure_smollm2())

@@ -138,6 +138,12 @@ def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", s
     # <|im_end|> also stops generation, so a chat turn ends where the template closes it.
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=[eos, im_end], pad_token_id=eos)
 
+    return save_model_dir(model, tokenizer, out_dir)
+
+
+def save_model_dir(model, tokenizer, out_dir: str | Path) -> Path:
+    """Writes a model and its tokenizer as a Hugging Face directory at `out_dir`, published
+    whole (see _publish): a reader sees the old directory or the new one, never half of one."""
     out_dir = Path(out_dir).expanduser()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

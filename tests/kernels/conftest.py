@@ -100,3 +100,10 @@ def at_threads():
 def seed_per_case(request):
     """Fresh, reproducible random inputs for every parametrisation."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# Every GQA group real models use (SmolLM2 and Llama-3.2-3B 3, Qwen2.5-1.5B 6, -0.5B and -7B 7)
+# and then some, at the head dims of real models (Phi-2 80, Gemma 3 256): the CPU kernels'
+# tests run each, over two kv heads so that a group's heads must be found at the right one.
+GROUPS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
+SERVED_HEAD_DIMS = [64, 80, 96, 128, 256]

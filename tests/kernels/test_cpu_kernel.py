@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels import cpu, reference
+from tests.kernels.conftest import GROUPS, SERVED_HEAD_DIMS
 
 LENGTHS = [1, 15, 17, 1000, 16, 33, 250]
 
@@ -13,13 +14,6 @@ LENGTHS = [1, 15, 17, 1000, 16, 33, 250]
 def both(b, **kw):
     args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale)
     return cpu.decode_attention(*args, **kw), reference.decode_attention(*args)
-
-
-# Every GQA group real models use (SmolLM2 and Llama-3.2-3B 3, Qwen2.5-1.5B 6, -0.5B and -7B 7)
-# and then some, at the head dims of real models (Phi-2 80, Gemma 3 256); over two kv heads so
-# that a group's heads must be found at the right kv head.
-GROUPS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
-SERVED_HEAD_DIMS = [64, 80, 96, 128, 256]
 
 
 @pytest.mark.parametrize("group", GROUPS)

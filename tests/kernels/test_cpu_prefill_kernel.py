@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels import cpu, reference
+from tests.kernels.conftest import GROUPS, SERVED_HEAD_DIMS
 
 # (q_len, seq_len) per sequence: whole prompts, chunks after a cached prefix, single tokens,
 # lengths off every tile and block boundary, a sequence with no queries this step.
@@ -19,13 +20,6 @@ def both(b, **kw):
 
 def batch(paged_batch, chunks, *shape, **kw):
     return paged_batch([q for q, _ in chunks], [n for _, n in chunks], *shape, **kw)
-
-
-# Every GQA group real models use (SmolLM2 and Llama-3.2-3B 3, Qwen2.5-1.5B 6, -0.5B and -7B 7)
-# and then some, at the head dims of real models (Phi-2 80, Gemma 3 256); over two kv heads so
-# that a group's heads must be found at the right kv head.
-GROUPS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
-SERVED_HEAD_DIMS = [64, 80, 96, 128, 256]
 
 
 @pytest.mark.parametrize("group", GROUPS)
