@@ -1,6 +1,8 @@
 """The backend switch: device defaults, the environment override, and a clear error for a typo."""
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -61,3 +63,15 @@ def test_without_a_compiler_the_default_falls_back_to_the_reference_and_says_why
 def test_without_a_compiler_asking_for_the_cpu_backend_is_an_error(no_compiler):
     with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
         get_attention_backend(torch.device("cpu"), "cpu")
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
+    # torch's extension loader waits while `lock` exists: one left by a worker killed mid-build
+    # would hang every later start of the worker.
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not cpu.clear_stale_lock(tmp_path) and lock.exists(), "a build in progress keeps its lock"
+    old = time.time() - cpu.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert cpu.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not cpu.clear_stale_lock(tmp_path), "no lock, nothing to do"
