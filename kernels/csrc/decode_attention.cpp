@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dtype_cast.h"
 #include "softmax_math.h"
 
 namespace {
@@ -53,7 +54,7 @@ struct HeadGroup {
   void start(const scalar_t* q_rows, int64_t q_head_stride, float scale) {
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t d = 0; d < D; ++d) {
-        q[g * D + d] = static_cast<float>(q_rows[g * q_head_stride + d]) * scale;
+        q[g * D + d] = to_f(q_rows[g * q_head_stride + d]) * scale;
         acc[g * D + d] = 0.f;
       }
       m[g] = -std::numeric_limits<float>::infinity();
@@ -90,7 +91,7 @@ struct HeadGroup {
       if constexpr (std::is_same_v<scalar_t, float>) {
         kt = k + t * token_stride;
       } else {
-        for (int64_t d = 0; d < D; ++d) key[d] = static_cast<float>(k[t * token_stride + d]);
+        for (int64_t d = 0; d < D; ++d) key[d] = to_f(k[t * token_stride + d]);
         kt = key;
       }
       int64_t g = 0;
@@ -114,7 +115,7 @@ struct HeadGroup {
       alignas(64) float a[D];
       for (int64_t d = 0; d < D; ++d) a[d] = acc[g * D + d] * alpha;
       for (int64_t t = 0; t < n; ++t)
-        for (int64_t d = 0; d < D; ++d) a[d] += pg[t] * static_cast<float>(v[t * token_stride + d]);
+        for (int64_t d = 0; d < D; ++d) a[d] += pg[t] * to_f(v[t * token_stride + d]);
       for (int64_t d = 0; d < D; ++d) acc[g * D + d] = a[d];
     }
   }
@@ -122,7 +123,7 @@ struct HeadGroup {
   void finish(scalar_t* out_rows, int64_t out_head_stride) const {
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; ++d)
-        out_rows[g * out_head_stride + d] = static_cast<scalar_t>(acc[g * D + d] / l[g]);
+        out_rows[g * out_head_stride + d] = from_f<scalar_t>(acc[g * D + d] / l[g]);
   }
 };
 

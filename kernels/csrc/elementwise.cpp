@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "dtype_cast.h"
 #include "fast_exp.h"
 
 namespace {
@@ -21,18 +22,18 @@ namespace {
 inline int64_t grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
 
 template <typename scalar_t>
-inline float round_to(float v) { return static_cast<float>(static_cast<scalar_t>(v)); }
+inline float round_to(float v) { return to_f(from_f<scalar_t>(v)); }
 
 // out = weight * round(x * rsqrt(mean(x^2) + eps)), as transformers' LlamaRMSNorm.
 template <typename scalar_t>
 inline void rms_row(const scalar_t* x, const scalar_t* w, int64_t n, float eps, scalar_t* out) {
   float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
-  for (int64_t i = 0; i < n; ++i) sq += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  for (int64_t i = 0; i < n; ++i) sq += to_f(x[i]) * to_f(x[i]);
   const float r = 1.f / std::sqrt(sq / n + eps);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
-    out[i] = static_cast<scalar_t>(static_cast<float>(w[i]) * round_to<scalar_t>(static_cast<float>(x[i]) * r));
+    out[i] = from_f<scalar_t>(to_f(w[i]) * round_to<scalar_t>(to_f(x[i]) * r));
 }
 
 // x [A, B, H] (row (a, b) at a * stride(0) + b * stride(1)), out contiguous [A, B, H].
@@ -56,7 +57,7 @@ void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, const a
 template <typename scalar_t>
 inline void add_row(scalar_t* row, const scalar_t* delta, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) row[i] = static_cast<scalar_t>(static_cast<float>(row[i]) + static_cast<float>(delta[i]));
+  for (int64_t i = 0; i < n; ++i) row[i] = from_f<scalar_t>(to_f(row[i]) + to_f(delta[i]));
 }
 
 // h += delta (rounded, as the eager `h + delta`), then out = rms_norm(h): one read of each.
@@ -84,10 +85,10 @@ inline void silu_mul_row(const scalar_t* gate, int64_t n, scalar_t* out) {
   const scalar_t* up = gate + n;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float x = static_cast<float>(gate[i]);
+    const float x = to_f(gate[i]);
     const float e = exp_nonpositive(-std::abs(x));
     const float act = round_to<scalar_t>(x * ((x >= 0.f ? 1.f : e) / (1.f + e)));
-    out[i] = static_cast<scalar_t>(act * static_cast<float>(up[i]));
+    out[i] = from_f<scalar_t>(act * to_f(up[i]));
   }
 }
 
@@ -116,9 +117,9 @@ inline void rotate_heads(scalar_t* x, int64_t heads, int64_t head_stride, const 
     scalar_t* x2 = x1 + half;
 #pragma omp simd
     for (int64_t i = 0; i < half; ++i) {
-      const float a = x1[i], b = x2[i];
-      x1[i] = static_cast<scalar_t>(round_to<scalar_t>(a * c[i]) - round_to<scalar_t>(b * s[i]));
-      x2[i] = static_cast<scalar_t>(round_to<scalar_t>(b * c[i + half]) + round_to<scalar_t>(a * s[i + half]));
+      const float a = to_f(x1[i]), b = to_f(x2[i]);
+      x1[i] = from_f<scalar_t>(round_to<scalar_t>(a * to_f(c[i])) - round_to<scalar_t>(b * to_f(s[i])));
+      x2[i] = from_f<scalar_t>(round_to<scalar_t>(b * to_f(c[i + half])) + round_to<scalar_t>(a * to_f(s[i + half])));
     }
   }
 }

@@ -90,10 +90,11 @@ def steps(vocab: int, block_size: int, num_steps: int, num_decodes: int = 32, se
         running.update({r.request_id: len(r.token_ids) for r in plan_new})
 
 
-def profile(preset: str, config: str, num_steps: int, num_decodes: int = 32) -> dict[str, float]:
+def profile(preset: str, config: str, num_steps: int, num_decodes: int = 32,
+            dtype: str = "float32") -> dict[str, float]:
     attention, linear = CONFIGS[config]
     model_dir = ensure_smollm2() if preset == "smollm2" else ensure_model(preset)
-    engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
+    engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype=dtype,
                                                 linear_backend=linear, num_threads=1, cpu_affinity="none",
                                                 kv_cache_memory="4GiB"))
     engine.model.attn = get_attention_backend(torch.device("cpu"), attention)
@@ -116,15 +117,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--decodes", type=int, default=32, help="requests decoding every step")
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    ms = {config: profile(args.model, config, args.steps, args.decodes) for config in args.configs}
+    ms = {config: profile(args.model, config, args.steps, args.decodes, args.dtype) for config in args.configs}
     parts = ["linear layers", "LM head", "decode attention", "prefill attention", "store K/V"]
     for m in ms.values():
         m["norms, rope, activations (rest of forward)"] = m["forward"] - sum(m.get(p, 0.0) for p in parts[:1] + parts[2:])
         m["step bookkeeping (batch, plan)"] = m["step"] - m["forward"] - m.get("LM head", 0.0) - m.get("sampling", 0.0)
     rows = parts + ["norms, rope, activations (rest of forward)", "sampling", "step bookkeeping (batch, plan)", "step"]
-    print(f"{args.model}: ms per step (share), {args.steps} steps of ~{args.decodes} decodes + a prompt every other step")
+    print(f"{args.model} ({args.dtype}): ms per step (share), {args.steps} steps of ~{args.decodes} decodes + a prompt every other step")
     print(f"| part | {' | '.join(ms)} |\n|---|{'---:|' * len(ms)}")
     for p in rows:
         cells = [f"{m.get(p, 0.0):.2f} ({m.get(p, 0.0) / m['step']:.0%})" for m in ms.values()]

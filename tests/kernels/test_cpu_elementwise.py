@@ -116,3 +116,22 @@ def test_without_a_compiler_the_default_falls_back_to_eager_and_says_why(monkeyp
             layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"], "cpu")
     finally:
         k.load.cache_clear()
+
+
+def test_bf16_conversion_rounds_exactly_as_torch_on_edge_values():
+    """The kernels convert bf16 by its bits (vectorizable) rather than through c10's type:
+    the same results on ties, overflow to inf, infinities and NaN."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # every bf16
+    h = bits.float().reshape(256, 256)
+    tiny = torch.finfo(torch.bfloat16).eps * h.abs() / 2  # exactly half a unit: ties to even
+    deltas = [tiny, -tiny, torch.full_like(h, 3e38), torch.full_like(h, float("nan")), torch.randn(256, 256)]
+    for delta in deltas:
+        hb, db = h.to(torch.bfloat16), delta.to(torch.bfloat16)
+        w = torch.ones(256, dtype=torch.bfloat16)
+        got_h, _ = k.add_rms_norm(hb.clone(), db, w, 1e-6)
+        torch.testing.assert_close(got_h, hb + db, atol=0, rtol=0, equal_nan=True)
+    # fp32 values that round to a bf16 tie, overflow, or are NaN: through silu(x) * 1 for x >> 0.
+    x = torch.tensor([1.00390625, 1.01171875, 3.3961e38, 3.4e38, float("inf"), float("nan"), 65504.0, 1e-40])
+    gate_up = torch.cat([x, torch.ones_like(x)]).reshape(1, -1)
+    want = layer_ops.act_and_mul(ACT2FN["silu"], gate_up.to(torch.bfloat16))
+    torch.testing.assert_close(k.silu_and_mul(gate_up.to(torch.bfloat16)), want, atol=0, rtol=0, equal_nan=True)
