@@ -116,7 +116,12 @@ def summary_markdown(results: dict) -> str:
                          f"requests identical; their output tokens {agree['output_tokens'][0]:,} "
                          f"({results['peer']['ours']}) and {agree['output_tokens'][1]:,} ({results['peer']['peer']}).")
     if "peer_server" in results:
-        lines.append(f"Peer preloads: {', '.join(results['peer_server']['preloaded']) or 'none'}.")
+        peer = results["peer_server"]
+        lines.append(f"Peer preloads: {', '.join(peer['preloaded']) or 'none'}.")
+        # Thread binding, data parallelism: what was tried beyond its defaults (bench.vllm_peer).
+        extra = [f"{k}={v}" for k, v in peer.get("extra_env", {}).items()] + peer.get("extra_args", [])
+        if extra:
+            lines.append(f"Peer configuration beyond its defaults: {' '.join(extra)}.")
     if "rounds" in results:
         lines.append("CPU seconds of each server's processes per round: " + "; ".join(
             f"{name} " + ", ".join(f"{sum(f['cpu_s'].values()):.1f}" for f in figs) for name, figs in results["rounds"].items()))

@@ -73,6 +73,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--peer-iomp", choices=IOMP_CHOICES, default=DEFAULT_IOMP,
                     help="preload Intel's OpenMP into vLLM besides tcmalloc (default: off, the faster here; "
                     "auto: when its venv has it)")
+    ap.add_argument("--peer-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for vLLM (repeatable), e.g. VLLM_CPU_OMP_THREADS_BIND=0-1")
+    ap.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
+                    help="an extra argument for vLLM's server (repeatable), e.g. --peer-arg=--data-parallel-size=2")
     ap.add_argument("--temperature", type=float, default=0.0, help="chat: 0 is greedy; above, sampled with a "
                     "seed per request (BENCH.md's sampled row: 0.7 with --top-p 0.9)")
     ap.add_argument("--top-p", type=float, default=1.0, help="chat: nucleus sampling")
@@ -97,10 +101,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ap.error(f"--rounds must be >= 1 (got {args.rounds})")
     if args.rate is not None and not args.rate > 0:
         ap.error(f"--rate must be > 0 (got {args.rate})")
-    try:
-        args.extra_env = dict(kv.split("=", 1) for kv in args.conveyor_env)
-    except ValueError:
-        ap.error(f"--conveyor-env takes NAME=VALUE (got {args.conveyor_env})")
+    for flag in ("conveyor_env", "peer_env"):
+        try:
+            setattr(args, f"{flag}_dict", dict(kv.split("=", 1) for kv in getattr(args, flag)))
+        except ValueError:
+            ap.error(f"--{flag.replace('_', '-')} takes NAME=VALUE (got {getattr(args, flag)})")
+    args.extra_env = args.conveyor_env_dict
     if (args.temperature, args.top_p) != (0.0, 1.0) and args.workload != "chat":
         ap.error("--temperature and --top-p are for --workload chat (the others are greedy over token ids)")
     if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
@@ -263,7 +269,8 @@ def peer_serving(args, model_dir: Path, dtype: str) -> Iterator[Optional[object]
     from bench.vllm_peer import LocalVLLM, VLLMPeer
 
     print(f"starting vLLM-CPU (log vllm.log; the first start compiles the model)...", file=sys.stderr, flush=True)
-    with LocalVLLM(model_dir, args.out / "vllm.log", args.vllm_venv, dtype, iomp=args.peer_iomp) as server:
+    with LocalVLLM(model_dir, args.out / "vllm.log", args.vllm_venv, dtype, iomp=args.peer_iomp,
+                   extra_env=args.peer_env_dict, extra_args=args.peer_arg) as server:
         args.peer_server = server.settings()
         yield VLLMPeer(server, progress=not args.quiet)
 

@@ -39,7 +39,8 @@ class LocalVLLM(LocalServer):
     name = "vLLM"
 
     def __init__(self, model_dir: Path, log_path: Path, venv: Optional[Path] = None,
-                 dtype: str = "float32", max_model_len: Optional[int] = None, iomp: str = DEFAULT_IOMP):
+                 dtype: str = "float32", max_model_len: Optional[int] = None, iomp: str = DEFAULT_IOMP,
+                 extra_env: Optional[dict[str, str]] = None, extra_args: Optional[list[str]] = None):
         if iomp not in IOMP_CHOICES:
             raise ValueError(f"iomp must be one of {', '.join(IOMP_CHOICES)} (got {iomp!r})")
         super().__init__(log_path, VLLM_START_TIMEOUT_S)
@@ -48,11 +49,13 @@ class LocalVLLM(LocalServer):
         self.model_dir, self.dtype = model_dir, dtype
         self.max_model_len = max_model_len or model_max_len(model_dir)
         self.served_name = model_dir.name
+        # Other configurations to try (thread binding, data parallelism): recorded in settings().
+        self.extra_env, self.extra_args = dict(extra_env or {}), list(extra_args or [])
 
     def command(self) -> list[str]:
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                 "--port", str(self.port), "--model", str(self.model_dir), "--served-model-name", self.served_name,
-                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len)]
+                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), *self.extra_args]
 
     def env(self) -> dict[str, str]:
         env = {**super().env(), "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
@@ -61,7 +64,7 @@ class LocalVLLM(LocalServer):
         for name in ("OMP_NUM_THREADS", "CONVEYOR_NUM_THREADS", "CONVEYOR_CPU_AFFINITY"):
             env.pop(name, None)
         env["LD_PRELOAD"] = ":".join(filter(None, [*map(str, self.preload()), env.get("LD_PRELOAD", "")]))
-        return env
+        return {**env, **self.extra_env}
 
     def preload(self) -> list[Path]:
         """What vLLM's CPU install guide preloads ("for best performance", it warns without):
@@ -72,7 +75,8 @@ class LocalVLLM(LocalServer):
     def settings(self) -> dict:
         """What results.json records of the peer's set-up."""
         return {"command": self.command(), "LD_PRELOAD": self.env()["LD_PRELOAD"], "iomp": self.iomp,
-                "preloaded": [p.name for p in self.preload()]}
+                "preloaded": [p.name for p in self.preload()], "extra_env": self.extra_env,
+                "extra_args": self.extra_args}
 
 
 def preloads(venv: Path, iomp: str = DEFAULT_IOMP) -> list[Path]:

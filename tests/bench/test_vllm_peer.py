@@ -74,3 +74,23 @@ def test_smollm2_resolves_to_the_converted_real_model(monkeypatch, tmp_path):
 
     monkeypatch.setattr(real_models, "ensure_smollm2", lambda: tmp_path)
     assert resolve_model("smollm2") == (tmp_path, "smollm2")
+
+
+def test_other_peer_configurations_reach_the_server_and_the_record(venv, tmp_path, monkeypatch):
+    """--peer-env/--peer-arg: how the peer's other configurations (all cores bound, data
+    parallel) are tried; results.json records them beside the command."""
+    monkeypatch.setenv("LD_PRELOAD", "")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    args = parse_args(["--peer", "vllm", "--peer-env", "VLLM_CPU_OMP_THREADS_BIND=0|1",
+                       "--peer-arg=--data-parallel-size=2"])
+    assert args.peer_env_dict == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    server = LocalVLLM(model, tmp_path / "vllm.log", venv, extra_env=args.peer_env_dict, extra_args=args.peer_arg)
+    assert server.env()["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert server.command()[-1] == "--data-parallel-size=2"
+    settings = server.settings()
+    assert settings["extra_env"] == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    assert settings["command"][-1] == "--data-parallel-size=2"
+    with pytest.raises(SystemExit):
+        parse_args(["--peer-env", "NO_EQUALS_SIGN"])
