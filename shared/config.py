@@ -152,6 +152,9 @@ class GatewaySettings(RedisSettings):
         "the tiny model's, Qwen2.5's and Qwen3's), llama3_json (Llama 3's bare JSON) or none (auto is refused)")
     trust_request_chat_template: bool = Field(
         False, description="accept a request's own chat_template (Jinja run in the gateway: off by default, as vLLM)")
+    reasoning_parser: Optional[Literal["qwen3", "deepseek_r1"]] = Field(
+        None, description="chat answers give the model's <think>...</think> as reasoning (and reasoning_content), "
+        "the rest as content, as vLLM's parsers: qwen3 or deepseek_r1 (default: none, the text is all content)")
 
 
 class RunSettings(_Settings):

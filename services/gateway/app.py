@@ -71,7 +71,8 @@ class Gateway:
 
 def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[redis.Redis] = None) -> FastAPI:
     gw = Gateway(settings, model, client)
-    chat_config = ChatConfig(settings.tool_call_parser, settings.trust_request_chat_template)
+    chat_config = ChatConfig(settings.tool_call_parser, settings.trust_request_chat_template,
+                             settings.reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -36,12 +36,15 @@ REFUSED_CHAT: dict[str, tuple] = {
 _logged_unknown: set[str] = set()
 
 
-def check_extra_fields(body: Union[CompletionRequest, ChatCompletionRequest]) -> None:
+def check_extra_fields(body: Union[CompletionRequest, ChatCompletionRequest], accepted: tuple[str, ...] = ()) -> None:
     """A 400 for a refused field set to a non-default value; unknown fields are logged
-    once per name (the request goes on without them)."""
+    once per name (the request goes on without them). `accepted`: refused fields this
+    gateway's settings implement (include_reasoning with a reasoning parser)."""
     refused = REFUSED_CHAT if isinstance(body, ChatCompletionRequest) else REFUSED_COMPLETION
     unknown = []
     for name, value in (body.model_extra or {}).items():
+        if name in accepted:
+            continue
         if name not in refused:
             unknown.append(name)
         elif value not in refused[name]:

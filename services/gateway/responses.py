@@ -11,6 +11,7 @@ import math
 from typing import Any, Optional
 
 from services.gateway.generation import ChoiceText, Generation
+from services.gateway.reasoning import ReasoningSplit
 from services.gateway.served_model import ServedModel
 from services.gateway.tool_calls import ChatPlan
 from services.gateway.tool_parsers import ToolCallStream
@@ -155,8 +156,9 @@ def _prompt_entries_by_position(prompt: list[int], prompt_logprobs: Optional[lis
 
 
 class ChatFormat(CompletionFormat):
-    """Chat shapes; each choice's text goes through its ToolCallStream (tool_parsers.py), which
-    turns calls into `tool_calls` and passes the rest on as content."""
+    """Chat shapes; each choice's text goes through its ReasoningSplit (reasoning.py, with a
+    reasoning parser), which takes the thinking out as `reasoning`, then its ToolCallStream
+    (tool_parsers.py), which turns calls into `tool_calls` and passes the rest on as content."""
 
     object_name = "chat.completion.chunk"
 
@@ -164,6 +166,9 @@ class ChatFormat(CompletionFormat):
         super().__init__(model, gen)
         self.chat = gen.plan.chat or ChatPlan()
         self._tools = [ToolCallStream(self.chat) for _ in gen.choices]
+        plan = self.chat.reasoning
+        self._reasoning = None if plan is None else [ReasoningSplit(plan) for _ in gen.choices]
+        self._show_reasoning = plan is not None and plan.include_reasoning
 
     def opening_chunks(self) -> list[dict]:
         return [self._envelope(self.object_name, [{"index": c.index, "delta": delta, "logprobs": None,
@@ -186,16 +191,31 @@ class ChatFormat(CompletionFormat):
 
     def _message_choice(self, r: ChoiceText) -> dict:
         tools = self._tools[r.index]
-        content, calls = tools.message(r.text)
+        reasoning, text = self._reasoning[r.index].whole(r.text) if self._reasoning else (None, r.text)
+        content, calls = tools.message(text)
         if self.chat.echo:
             content = self.chat.echo + (content or "")
-        return {"index": r.index, "message": {"role": "assistant", "content": content, "refusal": None,
-                                              "tool_calls": [c.as_dict() for c in calls]},
-                "logprobs": self._logprobs(r), "finish_reason": tools.finish_reason(r.finish_reason)}
+        message = {"role": "assistant", "content": content, "refusal": None, "tool_calls": [c.as_dict() for c in calls]}
+        if self._reasoning:
+            if reasoning is not None and content == "":
+                message["content"] = None  # as vLLM: an output that ended with its thinking has no content
+            shown = reasoning if self._show_reasoning else None
+            message.update(reasoning=shown, reasoning_content=shown)
+        return {"index": r.index, "message": message, "logprobs": self._logprobs(r),
+                "finish_reason": tools.finish_reason(r.finish_reason)}
 
     def _choice(self, index: int, text: str, lp, finish_reason: Optional[str], first: bool = False) -> dict:
         tools = self._tools[index]
-        return {"index": index, "delta": tools.feed(text, finish_reason is not None), "logprobs": self._logprobs(lp),
+        final = finish_reason is not None
+        if not self._reasoning:
+            delta = tools.feed(text, final)
+        else:
+            reasoning, text = self._reasoning[index].feed(text, final)
+            delta = tools.feed(text, final)
+            if reasoning and self._show_reasoning:
+                # vLLM's name (`reasoning`) and its earlier one, DeepSeek's (`reasoning_content`).
+                delta = {"reasoning": reasoning, "reasoning_content": reasoning, **delta}
+        return {"index": index, "delta": delta, "logprobs": self._logprobs(lp),
                 "finish_reason": tools.finish_reason(finish_reason)}
 
     def _logprobs(self, lp) -> Optional[dict]:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from services.gateway.errors import bad_request
 from services.gateway.protocol import AssistantToolCall, ChatCompletionRequest, ChatMessage, Tool
+from services.gateway.reasoning import ReasoningPlan
 from services.gateway.served_model import ServedModel
 from services.gateway.structured import json_schema_constraint
 from shared.messages import StructuredOutput
@@ -30,6 +31,7 @@ class ChatConfig:
 
     tool_call_parser: str = "hermes"
     trust_request_chat_template: bool = False
+    reasoning_parser: Optional[str] = None  # qwen3 | deepseek_r1 (reasoning.py)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class ChatPlan:
     parallel_tool_calls: bool = True
     structured: Optional[StructuredOutput] = None  # required / named: enforced in the worker's sampler
     echo: str = ""  # chat echo: the output starts with the last (assistant) message's content
+    reasoning: Optional[ReasoningPlan] = None  # with a reasoning parser: where the thinking starts
 
     @property
     def reads_tool_calls(self) -> bool:

@@ -17,6 +17,7 @@ import msgspec
 from services.gateway import fields
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from services.gateway.reasoning import reasoning_plan, refuse_constraint, tags_are_special
 from services.gateway.served_model import ContextLimits, ServedModel
 from services.gateway.structured import Constraint, request_constraint
 from services.gateway.tool_calls import ChatConfig, ChatPlan, chat_options, render_prompt
@@ -101,7 +102,8 @@ def completion_plan(body: CompletionRequest, model: ServedModel,
 def chat_plan(body: ChatCompletionRequest, model: ServedModel, limits: Optional[ContextLimits] = None,
               config: ChatConfig = ChatConfig()) -> GenerationPlan:
     limits = limits or model.limits
-    _check_common(body, model, limits)
+    # include_reasoning (false: no reasoning in the answer) means something only with a parser.
+    _check_common(body, model, limits, accepted=("include_reasoning",) if config.reasoning_parser else ())
     chat = chat_options(body, config)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
@@ -123,7 +125,14 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel, limits: Optional[
         # As vLLM's hermes parser: some models mark <tool_call> special, and skipping special
         # tokens would hide the calls from the parser.
         output = replace(output, skip_special_tokens=False)
-    return _plan("chatcmpl", body, [prompt], max_tokens, logprobs, model, limits, output, body.prompt_logprobs, chat)
+    if config.reasoning_parser:
+        chat = replace(chat, reasoning=reasoning_plan(config.reasoning_parser, body, prompt, model))
+        if tags_are_special(model.tokenizer):  # skipped, the tags would vanish from the text split
+            output = replace(output, skip_special_tokens=False)
+    plan = _plan("chatcmpl", body, [prompt], max_tokens, logprobs, model, limits, output, body.prompt_logprobs, chat)
+    if chat.reasoning is not None and plan.constraint is not None:
+        refuse_constraint(chat.reasoning, "tool_choice" if chat.structured is not None else plan.constraint.field)
+    return plan
 
 
 # ---- shared rules -----------------------------------------------------------------------
@@ -135,11 +144,11 @@ def check_model_name(name: Optional[str], model: ServedModel) -> None:
 
 
 def _check_common(body: Union[CompletionRequest, ChatCompletionRequest], model: ServedModel,
-                  limits: ContextLimits) -> None:
+                  limits: ContextLimits, accepted: tuple[str, ...] = ()) -> None:
     check_model_name(body.model, model)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-    fields.check_extra_fields(body)
+    fields.check_extra_fields(body, accepted)
     if body.truncation_side is not None and body.truncate_prompt_tokens is None:
         raise bad_request("truncation_side needs truncate_prompt_tokens", "truncation_side")
     for i, s in enumerate(_stop_list(body.stop)):
