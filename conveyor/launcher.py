@@ -86,6 +86,8 @@ class Launcher:
             "CONVEYOR_HOST": s.host, "CONVEYOR_PORT": str(s.port), "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         })
+        if s.tokenizer:
+            env["CONVEYOR_TOKENIZER"] = s.tokenizer
         return env
 
     def _spawn(self, env: dict[str, str]) -> None:

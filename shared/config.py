@@ -51,7 +51,10 @@ class LogSettings(_Settings):
 
 
 class WorkerSettings(_Settings):
-    model: Optional[str] = Field(None, description="Hugging Face model directory (default: the generated tiny model)")
+    model: Optional[str] = Field(
+        None, description="Hugging Face model directory or .gguf file (default: the generated tiny model)")
+    tokenizer: Optional[str] = Field(
+        None, description="Hugging Face tokenizer directory to use instead of the model's (structured outputs)")
     scheduler_address: str = Field("tcp://127.0.0.1:5555",
                                    description="ZeroMQ address where the scheduler listens for workers")
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
@@ -126,7 +129,10 @@ class SchedulerSettings(RedisSettings):
 
 class GatewaySettings(RedisSettings):
     model: Optional[str] = Field(
-        None, description="Hugging Face model directory, for its tokenizer and chat template (default: the tiny model)")
+        None, description="Hugging Face model directory or .gguf file, for its tokenizer and chat template "
+        "(default: the tiny model)")
+    tokenizer: Optional[str] = Field(
+        None, description="Hugging Face tokenizer directory to use instead of the model's (and its chat template)")
     served_model_name: Optional[str] = Field(
         None, description="the model name clients send (default: the model directory's name)")
     host: str = Field("127.0.0.1", description="HTTP address to listen on")
@@ -160,7 +166,10 @@ class GatewaySettings(RedisSettings):
 class RunSettings(_Settings):
     """`python -m conveyor run`: the whole system as local processes."""
 
-    model: Optional[str] = Field(None, description="Hugging Face model directory (default: the generated tiny model)")
+    model: Optional[str] = Field(
+        None, description="Hugging Face model directory or .gguf file (default: the generated tiny model)")
+    tokenizer: Optional[str] = Field(
+        None, description="Hugging Face tokenizer directory to use instead of the model's (every service)")
     host: str = Field("127.0.0.1", description="gateway HTTP address")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=0, description="number of local GPU workers")

@@ -11,7 +11,8 @@ from typing import Optional
 
 from shared.config import CacheSettings
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
 
 
 class ModelLoadError(Exception):
@@ -24,10 +25,16 @@ def cache_root() -> Path:
 
 
 def model_dir(model: Optional[str]) -> Path:
-    """The directory a process serves: `model` (CONVEYOR_MODEL / --model) when given, else
-    the generated tiny model, built into the cache on first use."""
+    """The directory a process serves: `model` (CONVEYOR_MODEL / --model) when given (a
+    .gguf file: its converted directory), else the generated tiny model, built into the
+    cache on first use."""
     if model:
-        return Path(model).expanduser()
+        path = Path(model).expanduser()
+        if path.suffix.lower() == ".gguf":
+            from shared.gguf_model import ensure_converted  # converted once, into the cache
+
+            return ensure_converted(path)
+        return path
     from shared.tiny_model import ensure_tiny_model  # imports torch: only when needed
 
     return ensure_tiny_model()
@@ -47,15 +54,19 @@ def read_config(path: Path) -> dict:
 
 
 def check_model_dir(model_dir: str | Path) -> dict:
-    """config.json's contents once the worker can run the model, else ModelLoadError."""
+    """config.json's contents once the worker can run the model, else ModelLoadError. A
+    .gguf file (before its conversion): its architecture only, and an empty dict."""
     path = Path(model_dir)
+    if path.suffix.lower() == ".gguf":
+        from shared.gguf_model import check_gguf
+
+        check_gguf(path.expanduser())
+        return {}
     config = read_config(path)
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ModelLoadError(f"unsupported architecture {archs or 'unknown'} in {str(path)!r}; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    if config.get("use_sliding_window"):
-        raise ModelLoadError("sliding-window attention is not supported (use_sliding_window=true)")
     if config.get("mlp_bias"):
         raise ModelLoadError("MLP biases are not supported (mlp_bias=true)")
     if not any(path.glob("*.safetensors")):
@@ -71,10 +82,31 @@ def config_int(config: dict, name: str, path: Path) -> int:
     return value
 
 
+def sliding_window(config: dict) -> Optional[int]:
+    """The attention window of a model that has one (Mistral, Phi-3), else None. Qwen2's and
+    Qwen3's configs carry a sliding_window that applies only with use_sliding_window."""
+    if "use_sliding_window" in config and not config["use_sliding_window"]:
+        return None
+    window = config.get("sliding_window")
+    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+
+
 def max_model_len(config: dict, path: Path, asked: Optional[int]) -> int:
     """The longest prompt + output: `asked` (--max-model-len), at most the model's
-    max_position_embeddings, which is the default."""
+    max_position_embeddings, which is the default.
+
+    NOTE: the attention kernels have no sliding window yet, so a windowed model is served
+    up to its window, where the window never cuts anything and the output is exact: the
+    default is capped to it, as vLLM's --disable-sliding-window does, and a longer
+    max_model_len is refused. Windows as long as the context cost nothing."""
     limit = config_int(config, "max_position_embeddings", path)
     if asked is not None and asked > limit:
         raise ModelLoadError(f"max_model_len {asked} exceeds the model's max_position_embeddings {limit}")
+    window = sliding_window(config)
+    if window is not None and window < limit:
+        if asked is not None and asked > window:
+            raise ModelLoadError(f"max_model_len {asked} exceeds the model's sliding window {window}: sliding-window "
+                                 f"attention is not in the kernels yet, so a windowed model is served up to its "
+                                 f"window (as vLLM's --disable-sliding-window)")
+        return asked or window
     return asked or limit

@@ -101,9 +101,13 @@ def load_served_model(settings: GatewaySettings) -> ServedModel:
     max_len, vocab = max_model_len(config, path, settings.max_model_len), config_int(config, "vocab_size", path)
     from transformers import AutoTokenizer  # seconds to import: only once config.json checks out
 
+    source = Path(settings.tokenizer).expanduser() if settings.tokenizer else path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r}: {e}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {str(source)!r}: {e}") from None
+    if len(tokenizer) > vocab:  # its ids past the model's embedding would crash the worker
+        raise ModelLoadError(f"the tokenizer of {str(source)!r} has {len(tokenizer)} tokens, more than the "
+                             f"model's vocab_size {vocab}")
     return ServedModel(settings.served_model_name or path.name, path, tokenizer, max_len, vocab)
 

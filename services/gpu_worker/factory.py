@@ -18,7 +18,7 @@ from services.gpu_worker.loader import load_config, load_model
 from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tensor_parallel import start_tensor_parallel
 from shared.config import WorkerSettings
-from shared.models import ModelLoadError, max_model_len, model_dir, read_config
+from shared.models import ModelLoadError, max_model_len, model_dir, read_config, sliding_window
 from shared.messages import RegisterWorker
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,23 @@ def eos_token_ids(path: Path, config) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+def tokenizer_dir(settings: WorkerSettings, path: Path) -> Path:
+    """Whose tokenizer structured outputs compile against: --tokenizer's, else the model's."""
+    return Path(settings.tokenizer).expanduser() if settings.tokenizer else path
+
+
 def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     """The engine, and what the worker tells the scheduler about it (as it will send it).
     With tensor_parallel_size N > 1 this process is rank 0 and the other ranks are started
     here: engine.close() stops them."""
     path = model_dir(settings.model)
     config = load_config(path)  # fails early with a clear message
-    max_len = max_model_len(read_config(path), path, settings.max_model_len)
+    raw_config = read_config(path)
+    max_len = max_model_len(raw_config, path, settings.max_model_len)
+    window = sliding_window(raw_config)
+    if window is not None and window < raw_config["max_position_embeddings"]:
+        log.warning("sliding window of %d tokens: not in the attention kernels yet, so requests are capped to "
+                    "%d tokens, where the window never applies (as vLLM's --disable-sliding-window)", window, max_len)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if settings.tensor_parallel_size > 1:
@@ -86,7 +96,7 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", path, device, dtype, num_blocks,
              settings.block_size, num_blocks * bytes_per_block(model.shape, settings.block_size, dtype) / 2**20)
     engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id,
-                    Grammars(path, model.shape.vocab_size, eos))
+                    Grammars(tokenizer_dir(settings, path), model.shape.vocab_size, eos))
     facts = RegisterWorker(worker_id=settings.worker_id, model=str(path), max_model_len=max_len,
                            block_size=settings.block_size, num_blocks=num_blocks, vocab_size=model.shape.vocab_size,
                            eos_token_ids=eos, device=str(device), pid=os.getpid(), backends=backends,

@@ -22,7 +22,7 @@ from services.gpu_worker.linear import Linear, use_onednn
 from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
 from services.gpu_worker.parallel_layers import (AllReduce, RowParallelLinear, Sharding, VocabParallelEmbedding,
                                                  plan_sharding)
-from services.gpu_worker.rope import RotaryEmbedding
+from services.gpu_worker.rope import UNSUPPORTED_ROPE, RotaryEmbedding
 from shared.models import ModelLoadError, check_model_dir
 
 
@@ -31,6 +31,12 @@ def load_config(model_dir: str | Path):
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if config.hidden_act not in ACT2FN:
         raise ModelLoadError(f"unsupported activation {config.hidden_act!r}")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        raise ModelLoadError("partial rotary embeddings are not supported (partial_rotary_factor != 1)")
+    if rope.get("rope_type") in UNSUPPORTED_ROPE:
+        raise ModelLoadError(f"rope type {rope['rope_type']!r} is not supported: its frequencies change with the "
+                             f"sequence length at run time (supported: default, linear, llama3, yarn)")
     return config
 
 
@@ -79,9 +85,18 @@ def _layer(ckpt: "_Checkpoint", p: str, shape: ModelShape, s: Sharding, onednn: 
     hd = shape.head_dim
     q_rows, kv_rows = (s.heads[0] * hd, s.heads[1] * hd), (s.kv_heads[0] * hd, s.kv_heads[1] * hd)
     qkv_rows = (q_rows, kv_rows, kv_rows)
-    qkv = [ckpt.take(p + f"self_attn.{n}_proj.weight", rows=r) for n, r in zip("qkv", qkv_rows)]
-    biases = [ckpt.take(p + f"self_attn.{n}_proj.bias", rows=r, required=False) for n, r in zip("qkv", qkv_rows)]
-    gate_up = [ckpt.take(p + f"mlp.{n}_proj.weight", rows=s.columns) for n in ("gate", "up")]
+    if ckpt.has(p + "self_attn.qkv_proj.weight"):  # Phi-3: q, k and v in one tensor, gate and up in another
+        q_total, kv_total = shape.num_heads * hd, shape.num_kv_heads * hd
+        offsets = (0, q_total, q_total + kv_total)
+        qkv = [ckpt.take(p + "self_attn.qkv_proj.weight", rows=(o + r[0], o + r[1])) for o, r in zip(offsets, qkv_rows)]
+        biases = [None]
+        intermediate = ckpt.rows(p + "mlp.gate_up_proj.weight") // 2
+        gate_up = [ckpt.take(p + "mlp.gate_up_proj.weight", rows=(o + s.columns[0], o + s.columns[1]))
+                   for o in (0, intermediate)]
+    else:
+        qkv = [ckpt.take(p + f"self_attn.{n}_proj.weight", rows=r) for n, r in zip("qkv", qkv_rows)]
+        biases = [ckpt.take(p + f"self_attn.{n}_proj.bias", rows=r, required=False) for n, r in zip("qkv", qkv_rows)]
+        gate_up = [ckpt.take(p + f"mlp.{n}_proj.weight", rows=s.columns) for n in ("gate", "up")]
     return LayerWeights(
         input_norm=ckpt.take(p + "input_layernorm.weight"),
         qkv=Linear(torch.cat(qkv), torch.cat(biases) if all(b is not None for b in biases) else None, onednn),
@@ -137,6 +152,15 @@ class _Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.files.close()
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def rows(self, name: str) -> int:
+        """The first dimension of tensor `name`, read from the file's header."""
+        if name not in self.where:
+            raise ModelLoadError(f"weight {name!r} is missing from the safetensors files in {str(self.model_dir)!r}")
+        return self.where[name].get_slice(name).get_shape()[0]
 
     def take(self, name: str, rows: Optional[tuple[int, int]] = None, cols: Optional[tuple[int, int]] = None,
              required: bool = True) -> Optional[torch.Tensor]:

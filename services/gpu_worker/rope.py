@@ -11,14 +11,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 # Types whose frequencies change with the sequence length at run time; a fixed table
 # cannot represent them.
-_UNSUPPORTED = {"dynamic", "longrope"}
+UNSUPPORTED_ROPE = {"dynamic", "longrope"}
 
 
 class RotaryEmbedding:
     def __init__(self, config, head_dim: int, max_positions: int, device: torch.device):
         params = dict(getattr(config, "rope_parameters", None) or {})
         rope_type = params.get("rope_type", "default")
-        if rope_type in _UNSUPPORTED:
+        if rope_type in UNSUPPORTED_ROPE:
             raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3, yarn)")
         if rope_type == "default":
             base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))

@@ -12,12 +12,17 @@ from shared.config import WorkerSettings
 from shared.tiny_model import make_model
 
 # Each variant exercises a different loading path: untied + llama3 rope scaling, qkv bias
-# + tied embeddings, q/k norm + explicit head_dim + a non-default rope_theta.
+# + tied embeddings, q/k norm + explicit head_dim + a non-default rope_theta, a sliding
+# window, fused weights.
 VARIANTS = {
     "llama": dict(arch="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
     "qwen2": dict(arch="qwen2", tie_word_embeddings=True),
     "qwen3": dict(arch="qwen3", rope_theta=500000.0),
+    # Llama's layout with a window (served up to it: see shared.models.max_model_len), and
+    # Phi-3's fused qkv and gate_up weights.
+    "mistral": dict(arch="mistral", sliding_window=2048),
+    "phi3": dict(arch="phi3", sliding_window=1024),
 }
 
 
