@@ -88,18 +88,19 @@ def _compiled_for(q: Tensor, k_cache: Tensor) -> bool:
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                     scale: float, out: Tensor | None = None, num_splits: int | None = None) -> Tensor:
+                     scale: float, out: Tensor | None = None, num_splits: int | None = None,
+                     window: int | None = None) -> Tensor:
     """Same contract as kernels.reference.decode_attention; num_splits (a Triton knob) is ignored."""
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if q.shape[0] == 0:
         return out
     if not _compiled_for(q, k_cache):
-        return reference.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out)
+        return reference.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out, window=window)
     # The kernel walks rows by stride but needs head_dim contiguous and int32 metadata;
     # the engine already passes exactly that, so these are no-ops on the serving path.
     if q.stride(-1) != 1:
         q = q.contiguous()
-    load()(q, k_cache, v_cache, block_tables.int(), seq_lens.int(), scale, out)
+    load()(q, k_cache, v_cache, block_tables.int(), seq_lens.int(), scale, window or 0, out)
     return out
 
 
@@ -112,18 +113,19 @@ def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
 
 
 def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seqlens_q: Tensor,
-                      seq_lens: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+                      seq_lens: Tensor, scale: float, out: Tensor | None = None, window: int | None = None) -> Tensor:
     """Same contract as kernels.reference.prefill_attention."""
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if q.shape[0] == 0:
         return out
     if not _compiled_for(q, k_cache):
-        return reference.prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out)
+        return reference.prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out,
+                                           window=window)
     if q.stride(-1) != 1:
         q = q.contiguous()
     load()
     torch.ops.conveyor_cpu.prefill_attention(q, k_cache, v_cache, block_tables.int(), cu_seqlens_q.int(),
-                                             seq_lens.int(), scale, out)
+                                             seq_lens.int(), scale, window or 0, out)
     return out
 
 

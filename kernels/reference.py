@@ -3,6 +3,11 @@ and the production backend wherever Triton is not available (CPU).
 
 Cache layout: k_cache/v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; token
 slot = block_id * block_size + offset. Query head h reads kv head h // (num_heads // num_kv_heads).
+
+Sliding window (Mistral, Phi-3, Gemma 3's local layers): with window W, the query at
+position p attends to keys at positions p - W + 1 .. p, the last W including itself; as
+transformers' masking_utils.sliding_window_overlay (kv_idx > q_idx - W, and causal).
+window None or 0: no window.
 """
 
 import torch
@@ -36,11 +41,13 @@ def prefill_attention(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention for a ragged batch of query chunks over the paged cache.
 
     Sequence i owns q rows cu_seqlens_q[i]:cu_seqlens_q[i+1]; they are its last q_len
-    positions out of seq_lens[i], so a chunk sees the cached prefix plus itself.
+    positions out of seq_lens[i], so a chunk sees the cached prefix plus itself (the
+    last `window` positions of it, with a window).
     """
     if out is None:
         out = torch.empty_like(q)
@@ -53,7 +60,7 @@ def prefill_attention(
         if q_end == q_start:
             continue
         k, v = _gather_kv(k_cache, v_cache, block_tables[i], seq_len, block_size)
-        out[q_start:q_end] = _causal_attention(q[q_start:q_end], k, v, scale)
+        out[q_start:q_end] = _causal_attention(q[q_start:q_end], k, v, scale, window)
     return out
 
 
@@ -66,8 +73,10 @@ def decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """One query per sequence (q [num_seqs, num_heads, head_dim]) over all its seq_lens[i] keys.
+    """One query per sequence (q [num_seqs, num_heads, head_dim]) over all its seq_lens[i] keys
+    (its last `window` ones, with a window).
 
     num_splits only tunes the Triton kernel; it is accepted here so the backends are
     interchangeable, and ignored.
@@ -86,15 +95,15 @@ def decode_attention(
     buckets = torch.log2(num_blocks.float()).floor().long()
     groups = torch.unique(buckets)
     if len(groups) == 1:
-        out.copy_(_decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale))
+        out.copy_(_decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale, window))
         return out
     for g in groups.tolist():
         idx = (buckets == g).nonzero(as_tuple=True)[0]
-        out[idx] = _decode_padded(q[idx], k_cache, v_cache, block_tables[idx], seq_lens[idx], scale)
+        out[idx] = _decode_padded(q[idx], k_cache, v_cache, block_tables[idx], seq_lens[idx], scale, window)
     return out
 
 
-def _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
+def _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale, window=None) -> torch.Tensor:
     """Decode attention for sequences padded to the longest among them."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -119,7 +128,8 @@ def _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.
     k[stale] = 0.0  # k and v are fresh copies: zeroing them leaves the cache untouched
     v[stale] = 0.0
     mask = torch.zeros(num_seqs, 1, 1, padded_len, device=q.device)
-    mask.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    masked = invalid | (pos <= lens - 1 - window) if window else invalid  # the query sits at lens - 1
+    mask.masked_fill_(masked[:, None, None, :], float("-inf"))
 
     # Query heads grouped by the kv head they share: [seqs, kv_heads, group, head_dim]
     # against [seqs, kv_heads, len, head_dim], so K/V are never copied per query head.
@@ -139,7 +149,7 @@ def _gather_kv(k_cache, v_cache, block_table, seq_len, block_size):
     return k, v
 
 
-def _causal_attention(q, k, v, scale):
+def _causal_attention(q, k, v, scale, window=None):
     """q [q_len, H, D] are the last q_len of the k/v [seq_len, H_kv, D] positions."""
     q_len, num_heads, head_dim = q.shape
     seq_len, num_kv_heads, _ = k.shape
@@ -149,7 +159,9 @@ def _causal_attention(q, k, v, scale):
     scores = torch.einsum("qhgd,khd->hgqk", qg, k.float()) * scale
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
     k_pos = torch.arange(seq_len, device=q.device)
-    future = k_pos[None, :] > q_pos[:, None]  # [q_len, seq_len]
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    hidden = k_pos[None, :] > q_pos[:, None]  # the future: [q_len, seq_len]
+    if window:
+        hidden |= k_pos[None, :] <= q_pos[:, None] - window  # before the window
+    probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
     o = torch.einsum("hgqk,khd->qhgd", probs, v.float())
     return o.reshape(q_len, num_heads, head_dim).to(q.dtype)

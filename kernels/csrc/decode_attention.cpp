@@ -7,6 +7,9 @@
 //   block_tables      int32 [num_seqs, max_blocks_per_seq]  token t of a sequence lives in
 //                     block block_tables[s][t / block_size] at offset t % block_size
 //   seq_lens          int32 [num_seqs]                      keys 0 .. seq_lens[s]-1 are read, nothing else
+//   window            keys seq_lens[s] - window .. seq_lens[s]-1 only (the query's position is
+//                     seq_lens[s]-1, and it sees the last `window` positions including itself,
+//                     as transformers' sliding_window_overlay); 0: all of them
 // Query head h reads kv head h / G, G = num_heads / num_kv_heads. One task is one sequence;
 // it walks its blocks once, and within a block (all heads' K/V, a few KB, in L1) each kv
 // head's keys and values are read once for all G query heads that share it.
@@ -129,7 +132,8 @@ struct HeadGroup {
 
 template <typename scalar_t, int64_t D>
 void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, const at::Tensor& out) {
+                const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+                const at::Tensor& out) {
   const int64_t num_seqs = q.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t G = q.size(1) / num_kv_heads;
   const scalar_t* k_base = k_cache.data_ptr<scalar_t>();
@@ -146,13 +150,17 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
       for (int64_t h = 0; h < num_kv_heads; ++h)
         heads[h].start(q_rows + h * G * q.stride(1), q.stride(1), static_cast<float>(scale));
       const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
-      for (int64_t b = 0; b < num_blocks; ++b) {
-        const scalar_t* k = k_base + table[b] * block_stride;
-        const scalar_t* v = v_base + table[b] * block_stride;
+      // The first key in the window: blocks before its block are never read, and its block is
+      // read from its offset on (the keys before it skipped, not masked).
+      const int64_t first_key = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+      for (int64_t b = first_key / block_size; b < num_blocks; ++b) {
+        const int64_t skip = b == first_key / block_size ? first_key % block_size : 0;
+        const scalar_t* k = k_base + table[b] * block_stride + skip * token_stride;
+        const scalar_t* v = v_base + table[b] * block_stride + skip * token_stride;
         const bool last = b + 1 == num_blocks;
         const scalar_t* k_next = last ? nullptr : k_base + table[b + 1] * block_stride;
         const scalar_t* v_next = last ? nullptr : v_base + table[b + 1] * block_stride;
-        const int64_t n = std::min(block_size, seq_len - b * block_size);
+        const int64_t n = std::min(block_size, seq_len - b * block_size) - skip;
         for (int64_t h = 0; h < num_kv_heads; ++h)
           heads[h].update(k + h * D, v + h * D, n, token_stride, last ? nullptr : k_next + h * D,
                           last ? nullptr : v_next + h * D);
@@ -164,12 +172,14 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 }
 
 void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, const at::Tensor& out) {
+                      const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+                      const at::Tensor& out) {
   check_paged_inputs("decode_attention", q, k_cache, v_cache, block_tables, seq_lens, out);
   TORCH_CHECK(k_cache.size(1) <= kMaxBlockSize, "block_size must be at most ", kMaxBlockSize);
+  TORCH_CHECK(window >= 0, "decode_attention: window ", window, " must be >= 0 (0: no window)");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     dispatch_head_dim("decode_attention", q.size(2), [&](auto d) {
-      decode_all<scalar_t, decltype(d)::value>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      decode_all<scalar_t, decltype(d)::value>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out);
     });
   });
 }
@@ -178,7 +188,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
 
 TORCH_LIBRARY(conveyor_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "float scale, Tensor(a!) out) -> ()");
+        "float scale, int window, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -72,3 +72,38 @@ def test_empty_batch_and_empty_sequence(paged_batch):
     assert cpu.decode_attention(b.q[:0], b.k_cache, b.v_cache, b.block_tables[:0], b.seq_lens[:0], b.scale).shape[0] == 0
     with pytest.raises(RuntimeError, match="sequence 1 has seq_len 0"):
         cpu.decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, torch.tensor([4, 0], dtype=torch.int32), b.scale)
+
+
+def poison_before(b, first_keys):
+    """NaN in every block that lies wholly before sequence i's first_keys[i]: a kernel that
+    reads any of them (instead of skipping them) returns NaN."""
+    block_size = b.k_cache.shape[1]
+    for i, first in enumerate(first_keys):
+        for blk in b.block_tables[i, : first // block_size].tolist():
+            b.k_cache[blk] = float("nan")
+            b.v_cache[blk] = float("nan")
+
+
+# Windows of one token, below, at and off the block size, equal to a context (70), longer than all.
+WINDOWS = [1, 5, 16, 37, 70, 4096]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_matches_reference_and_skips_blocks_before_it(paged_batch, window, num_heads, num_kv_heads, dtype):
+    lens = [1, 15, 17, 70, 250, 1000]
+    b = paged_batch([1] * len(lens), lens, num_heads, num_kv_heads, 64, 16, dtype=dtype)
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale)
+    want = reference.decode_attention(*args, window=window)
+    assert not torch.allclose(want.float(), reference.decode_attention(*args).float()) or window >= 1000
+    poison_before(b, [max(0, n - window) for n in lens])
+    got = cpu.decode_attention(*args, window=window)
+    tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_window_zero_is_no_window(paged_batch):
+    b = paged_batch([1] * 3, [5, 300, 17], 4, 2, 64, 16)
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale)
+    assert torch.equal(cpu.decode_attention(*args, window=0), cpu.decode_attention(*args))
