@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 
 from shared.config import RedisSettings
-from shared.figures import STALE_AFTER_S, SchedulerFigures, SystemStatus, WorkerFigures, health
+from shared.figures import STALE_AFTER_S, SchedulerFigures, SystemStatus, WorkerFigures, health, startup_failures
 
 
 def render(status: SystemStatus, now: float, where: str) -> str:
@@ -42,6 +42,7 @@ def render(status: SystemStatus, now: float, where: str) -> str:
         lines.append(f"{wid:<24}{w.registered.device:<8}{w.kv_usage:>8.1%}{w.running:>9}{w.waiting:>9}"
                      f"{w.tokens_per_s:>9}{w.steps:>9}{w.step_ms:>9.1f}  {_state(w, now)}")
         lines += _kernels(w)
+    lines += [f"  {failure}" for failure in startup_failures(status, now)]
     lines += ["", "recent errors" if status.errors else "no recent errors"]
     for e in status.errors[:10]:
         when = datetime.fromtimestamp(e.time).strftime("%H:%M:%S")

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal, Optional, TypeVar
 
-from pydantic import AfterValidator, AliasChoices, ByteSize, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, ByteSize, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from shared.cpu_layout import AUTO, NONE, parse_cores
@@ -27,6 +27,15 @@ def check_cpu_affinity(v: str) -> str:
 
 
 CpuAffinity = Annotated[str, AfterValidator(check_cpu_affinity)]
+
+# A process that exits with this code cannot start as configured (a bad setting, a missing
+# or unsupported model): `make run` stops everything rather than restart it into the same error.
+CONFIG_ERROR_EXIT = 2
+
+
+class ConfigError(Exception):
+    """A setting, or the model it names, cannot be served; the message names what to fix.
+    The process stops at start-up with CONFIG_ERROR_EXIT."""
 
 
 class _Settings(BaseSettings):
@@ -85,6 +94,11 @@ class WorkerSettings(_Settings):
     tensor_parallel_size: int = Field(
         1, ge=1, description="ranks (processes, one device each: cuda:N.. or CPU cores) that shard the model "
         "and together are one worker; on CPU kv_cache_memory and the cores are split between them")
+    redis_url: Optional[str] = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis where a failure to start is recorded, for the gateway's 503 and `conveyor status` "
+        "(unset: not recorded; the worker itself never needs Redis)")
+    redis_prefix: str = Field("conveyor", description="prefix of the Redis keys (as the scheduler's)")
 
     @field_validator("block_size")
     @classmethod
@@ -92,6 +106,15 @@ class WorkerSettings(_Settings):
         if v not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128 (got {v})")
         return v
+
+
+class StartupReportSettings(_Settings):
+    """A worker's name and where it records why it could not start, from the environment
+    alone: for when the rest of its settings is what does not validate."""
+
+    worker_id: str = WorkerSettings.model_fields["worker_id"]
+    redis_url: Optional[str] = WorkerSettings.model_fields["redis_url"]
+    redis_prefix: str = WorkerSettings.model_fields["redis_prefix"]
 
 
 class RedisSettings(_Settings):
@@ -191,6 +214,17 @@ class RunSettings(_Settings):
 
 
 S = TypeVar("S", bound=_Settings)
+
+
+def settings_error(e: ValidationError) -> ConfigError:
+    """pydantic's report, one line per bad field: the field, what is wrong, the value given."""
+    problems = []
+    for err in e.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "settings"
+        value = err.get("input")
+        given = "" if isinstance(value, dict) or str(value) in err["msg"] else f" (got {value!r})"
+        problems.append(f"{field}: {err['msg']}{given}")
+    return ConfigError("; ".join(problems))
 
 
 def parse_settings(cls: type[S], args: Optional[list[str]] = None) -> S:

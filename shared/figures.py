@@ -12,6 +12,7 @@ import msgspec
 from shared.messages import RegisterWorker
 
 STALE_AFTER_S = 5.0  # rewritten about every second: figures older than this mean their writer is gone
+STARTUP_FAILURE_TTL_S = 600  # how long a worker's failure to start is shown (it may be fixed since)
 
 
 class SchedulerFigures(msgspec.Struct, kw_only=True):
@@ -63,6 +64,13 @@ class ErrorRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     step_id: Optional[int] = None
 
 
+class StartupFailure(msgspec.Struct, kw_only=True):
+    """Why a worker could not start (a configuration error, its exit code 2), as it logged it."""
+
+    error: str
+    time: float
+
+
 class SystemStatus(msgspec.Struct, kw_only=True):
     """Everything `read_status` returns, in one round trip."""
 
@@ -72,6 +80,7 @@ class SystemStatus(msgspec.Struct, kw_only=True):
     queue_length: int  # entries in the request stream: queued or running
     pending: int  # of which read by the scheduler and not yet acknowledged
     schedulers: dict[str, SchedulerFigures] = {}  # each scheduler's own, by name (those gone included)
+    startup_failures: dict[str, StartupFailure] = {}  # by worker_id, old ones too (startup_failures: the recent)
 
 
 def combined(schedulers: list[SchedulerFigures]) -> Optional[SchedulerFigures]:
@@ -101,7 +110,8 @@ def serving_workers(status: SystemStatus, now: float) -> dict[str, WorkerFigures
 
 def health(status: SystemStatus, now: float, scheduler_only: bool = False) -> Optional[str]:
     """Why nothing can be served right now, or None when it can: a live scheduler and
-    (unless `scheduler_only`) at least one worker that is fresh and not stalled."""
+    (unless `scheduler_only`) at least one worker that is fresh and not stalled. With no
+    such worker, the reason ends with why workers could not start lately, if any could not."""
     s = status.scheduler
     if s is None:
         return "no scheduler has published its figures yet (is the scheduler running?)"
@@ -111,9 +121,21 @@ def health(status: SystemStatus, now: float, scheduler_only: bool = False) -> Op
     if scheduler_only:
         return None
     if not status.workers:
-        return "no worker is registered with the scheduler"
+        return "; ".join(["no worker is registered with the scheduler", *startup_failures(status, now)])
     if not serving_workers(status, now):
         stalled = ", ".join(f"{wid} (step running {w.step_in_flight_s:.0f} s)"
                             for wid, w in sorted(status.workers.items()) if w.stalled)
-        return f"every worker is stalled: {stalled}" if stalled else "no worker has fresh figures"
+        return "; ".join([f"every worker is stalled: {stalled}" if stalled else "no worker has fresh figures",
+                          *startup_failures(status, now)])
     return None
+
+
+def startup_failures(status: SystemStatus, now: float) -> list[str]:
+    """Why workers could not start lately, one line per distinct error ("worker w-1 failed to
+    start: ..."); a worker registered since is left out."""
+    workers_by_error: dict[str, list[str]] = {}
+    for wid, failure in sorted(status.startup_failures.items()):
+        if wid not in status.workers and now - failure.time <= STARTUP_FAILURE_TTL_S:
+            workers_by_error.setdefault(failure.error, []).append(wid)
+    return [f"worker{'s' if len(wids) > 1 else ''} {', '.join(wids)} failed to start: {error}"
+            for error, wids in workers_by_error.items()]

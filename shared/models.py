@@ -9,13 +9,13 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from shared.config import CacheSettings
+from shared.config import CacheSettings, ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM")
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(ConfigError):
     """The model directory cannot be served; the message tells the user what to fix."""
 
 
@@ -49,6 +49,8 @@ def read_config(path: Path) -> dict:
         raise ModelLoadError(f"{str(path)!r} has no config.json: expected a Hugging Face model directory")
     try:
         return json.loads(config_file.read_text())
+    except OSError as e:  # unreadable: permissions
+        raise ModelLoadError(f"cannot read {str(config_file)!r}: {e.strerror or e}") from None
     except ValueError as e:
         raise ModelLoadError(f"{str(config_file)!r} is not valid JSON: {e}") from None
 

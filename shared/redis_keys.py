@@ -44,6 +44,13 @@ class RedisKeys:
         """List of recent errors (JSON), newest first, capped."""
         return f"{self.prefix}:errors"
 
+    @property
+    def startup_failures(self) -> str:
+        """Hash: worker_id -> JSON (StartupFailure) of why it could not start, which the
+        gateway's 503 and `conveyor status` show; the hash expires when no worker has
+        failed for STARTUP_FAILURE_TTL_S."""
+        return f"{self.prefix}:startup_failures"
+
     def gateway(self, reply_to: str) -> str:
         """A gateway's liveness: set with a short expiry and refreshed while it runs. The
         scheduler aborts the requests of a gateway whose key stays missing."""

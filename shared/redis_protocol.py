@@ -9,6 +9,7 @@ restarts reads its unfinished work again and the stream only ever holds unfinish
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import msgspec
 import redis
 
-from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus, WorkerFigures, combined
+from shared.figures import (STARTUP_FAILURE_TTL_S, ErrorRecord, SchedulerFigures, StartupFailure, SystemStatus,
+                            WorkerFigures, combined)
 from shared.messages import AbortRequest, RequestStatus, SubmitRequest, decode, encode
 from shared.redis_keys import RedisKeys
 
@@ -259,8 +261,9 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemSta
     pipe.lrange(keys.errors, 0, -1)
     pipe.xlen(keys.requests)
     pipe.xpending(keys.requests, keys.group)
-    schedulers, workers, errors, queue_length, pending = pipe.execute(raise_on_error=False)
-    for reply in (schedulers, workers, errors, queue_length):
+    pipe.hgetall(keys.startup_failures)
+    schedulers, workers, errors, queue_length, pending, failures = pipe.execute(raise_on_error=False)
+    for reply in (schedulers, workers, errors, queue_length, failures):
         if isinstance(reply, Exception):
             raise reply
     schedulers = _scheduler_figures(schedulers)
@@ -270,7 +273,18 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemSta
         errors=[msgspec.json.decode(e, type=ErrorRecord) for e in errors],
         queue_length=queue_length,
         pending=_pending_from_reply(pending),
+        startup_failures={_str(k): msgspec.json.decode(v, type=StartupFailure) for k, v in failures.items()},
     )
+
+
+def record_startup_failure(client: redis.Redis, keys: RedisKeys, worker_id: str, error: str,
+                           ttl_s: int = STARTUP_FAILURE_TTL_S) -> None:
+    """A worker that cannot start says why, for the gateway's 503 and `conveyor status`
+    (compose restarts it, so the error would otherwise be only in its log)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.startup_failures, worker_id, msgspec.json.encode(StartupFailure(error=error, time=time.time())))
+    pipe.expire(keys.startup_failures, ttl_s)
+    pipe.execute()
 
 
 def read_scheduler_figures(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> dict[str, SchedulerFigures]:

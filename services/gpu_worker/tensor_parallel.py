@@ -257,9 +257,11 @@ def _use_layout(layout: RankLayout) -> None:
 def _spawn(settings: WorkerSettings, path: Path, rank: int, world: int, init_method: str,
            layout: RankLayout) -> subprocess.Popen:
     cores = format_cores(layout.cores) if layout.cores is not None else "none"
-    # The command line is public (ps): the followers never talk to the scheduler, so no keys.
+    # The command line is public (ps): the followers never talk to the scheduler or Redis, so no
+    # keys and no Redis URL (it may hold a password).
     rank_settings = settings.model_copy(update=dict(model=str(path), num_threads=layout.threads, cpu_affinity=cores,
-                                                    zmq_server_public_key=None, zmq_client_secret_key=None))
+                                                    zmq_server_public_key=None, zmq_client_secret_key=None,
+                                                    redis_url=None))
     cmd = [sys.executable, "-m", "services.gpu_worker.tp_follower", "--rank", str(rank), "--world", str(world),
            "--init-method", init_method, "--parent-pid", str(os.getpid()), "--settings", rank_settings.model_dump_json()]
     return subprocess.Popen(cmd, cwd=REPO)  # its log lines go where the worker's go

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from shared.redis_protocol import record_startup_failure
 from shared.tiny_model import make_model
 from tests.stack import REPO, Stack, service_env
 
@@ -40,10 +41,13 @@ def test_status_shows_the_queue_workers_and_errors(redis_server, tmp_path):
         stack.client.xadd(stack.keys.requests, {b"msg": b"garbage"})
         _wait(lambda: (json.loads(_status(stack, "--json").stdout)["scheduler"] or {}).get("waiting") == 7)
 
+        # As a worker that cannot start records it (tests/gpu_worker/test_worker_process.py).
+        record_startup_failure(stack.client, stack.keys, "w-bad", "unsupported architecture ['Gemma3ForCausalLM']")
         out = _status(stack).stdout
         assert "scheduler   alive" in out
         assert "7 requests in the stream" in out and "waiting 7" in out
         assert "(no worker registered)" in out
+        assert "worker w-bad failed to start: unsupported architecture ['Gemma3ForCausalLM']" in out
         assert "rejected" in out, "the garbage entry is among the recent errors"
         assert _status(stack, "--check").returncode == 1, "no worker: not serving"
         assert _status(stack, "--check", "--scheduler-only").returncode == 0

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,17 +15,22 @@ from services.gateway.app import create_app
 from services.gateway.cluster import worker_limits
 from services.gateway.served_model import ContextLimits
 from shared.config import GatewaySettings
-from shared.figures import SchedulerFigures, SystemStatus, health
+from shared.figures import STARTUP_FAILURE_TTL_S, SchedulerFigures, StartupFailure, SystemStatus, health
 from shared.redis_protocol import StatusWriter
 from tests.shared.helpers import worker_figures
+from tests.stack import REPO, service_env
 
 NOW = 1_000_000.0
 
 
-def _status(updated_at=NOW - 1, workers=None) -> SystemStatus:
+def _status(updated_at=NOW - 1, workers=None, failures=None) -> SystemStatus:
     scheduler = None if updated_at is None else SchedulerFigures(updated_at=updated_at)
     return SystemStatus(scheduler=scheduler, workers={"w1": worker_figures("w1", NOW - 1)} if workers is None
-                        else workers, errors=[], queue_length=0, pending=0)
+                        else workers, errors=[], queue_length=0, pending=0, startup_failures=failures or {})
+
+
+def _failure(error: str, age_s: float = 5.0) -> StartupFailure:
+    return StartupFailure(error=error, time=NOW - age_s)
 
 
 @pytest.mark.parametrize("status, words", [
@@ -35,6 +43,18 @@ def _status(updated_at=NOW - 1, workers=None) -> SystemStatus:
 ])
 def test_unavailable_reasons(status, words):
     assert words in health(status, NOW)
+
+
+def test_unavailable_says_why_workers_could_not_start():
+    failures = {"w2": _failure("unsupported architecture ['X']"), "w3": _failure("unsupported architecture ['X']"),
+                "w4": _failure("no config.json"), "w5": _failure("too old", age_s=STARTUP_FAILURE_TTL_S + 1)}
+    assert health(_status(workers={}, failures=failures), NOW) == (
+        "no worker is registered with the scheduler; workers w2, w3 failed to start: unsupported architecture "
+        "['X']; worker w4 failed to start: no config.json"), "one line per error; a failure of long ago is left out"
+    stale = {"w1": worker_figures("w1", NOW - 9)}
+    assert health(_status(workers=stale, failures={"w1": _failure("bad"), "w4": _failure("worse")}), NOW) == (
+        "no worker has fresh figures; worker w4 failed to start: worse"), "a worker registered since is left out"
+    assert health(_status(failures=failures), NOW) is None, "a worker serves: failures of others do not matter"
 
 
 def test_available_while_one_worker_serves():
@@ -104,3 +124,25 @@ def test_health_and_metrics_follow_the_scheduler_figures(app_client):
     writer.figures(SchedulerFigures(updated_at=time.time() - 30))
     writer.flush()
     assert "30" in client.get("/health").json()["reason"]
+
+
+def test_the_503_names_why_a_worker_could_not_start(app_client, redis_server, tmp_path):
+    """As under compose, which restarts a worker that exits 2: the real worker process,
+    started on a model it cannot serve, records why in Redis, and the gateway's 503 says it."""
+    client, redis, keys = app_client
+    model = tmp_path / "gemma"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"]}))
+    worker = subprocess.run([sys.executable, "-m", "services.gpu_worker", "--model", str(model)], cwd=REPO,
+                            env=service_env(REDIS_URL=redis_server.url, CONVEYOR_REDIS_PREFIX=keys.prefix,
+                                            CONVEYOR_WORKER_ID="worker-0"),
+                            capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 2, worker.stderr
+    writer = StatusWriter(redis, keys)  # a live scheduler, after the worker: its figures must be fresh
+    writer.figures(SchedulerFigures(updated_at=time.time()))
+    writer.flush()
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert r.status_code == 503 and r.json()["error"]["message"].startswith(
+        "no worker is available: no worker is registered with the scheduler; worker worker-0 failed to start: "
+        f"unsupported architecture ['Gemma3ForCausalLM'] in {str(model)!r}; supported: "), r.json()
+    assert "worker worker-0 failed to start: unsupported architecture" in client.get("/health").json()["reason"]

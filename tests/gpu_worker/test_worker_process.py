@@ -5,18 +5,23 @@ clear start-up failures."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 from shared import messages as m
+from shared.figures import STARTUP_FAILURE_TTL_S
+from shared.redis_protocol import read_status
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker
 from tests.gpu_worker.plan_driver import PlanDriver
 from tests.gpu_worker.test_engine_vs_hf import _prompts
+from tests.stack import REPO
 
 
 @pytest.fixture
@@ -115,3 +120,31 @@ def test_bad_flag_value_fails_clearly(model_dirs):
     proc = start_worker("--model", str(model_dirs["llama"]), "--block-size", "12")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "block_size" in out
+
+
+def test_a_failure_to_start_is_one_line_and_recorded_in_redis(redis_server, redis_client, redis_keys, tmp_path):
+    """Compose restarts a worker that exits 2, so it also says why where the gateway and
+    `conveyor status` read: for a model it cannot serve, and for settings that do not
+    validate (then the environment alone says who it is and where Redis is)."""
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"]}))
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(gemma, unreadable)
+    (unreadable / "config.json").chmod(0)
+    cases = {"w-model": (["--model", str(gemma)], {}, "unsupported architecture ['Gemma3ForCausalLM']"),
+             "w-setting": ([], {"CONVEYOR_BLOCK_SIZE": "12"}, "block_size: "),
+             "w-affinity": ([], {"CONVEYOR_CPU_AFFINITY": "4096"}, "cpu_affinity '4096' names cores")}
+    if os.geteuid() != 0:  # root reads any file
+        cases["w-unreadable"] = (["--model", str(unreadable)], {}, "cannot read")
+    for worker_id, (flags, env, words) in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "services.gpu_worker", *flags], cwd=REPO, capture_output=True,
+                              text=True, timeout=120,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", REDIS_URL=redis_server.url,
+                                       CONVEYOR_REDIS_PREFIX=redis_keys.prefix, CONVEYOR_WORKER_ID=worker_id, **env))
+        errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+        assert proc.returncode == 2 and len(errors) == 1 and words in errors[0], proc.stderr
+    failures = read_status(redis_client, redis_keys).startup_failures
+    assert set(failures) == set(cases)
+    assert failures["w-model"].error.startswith(f"unsupported architecture ['Gemma3ForCausalLM'] in {str(gemma)!r}")
+    assert 0 < redis_client.ttl(redis_keys.startup_failures) <= STARTUP_FAILURE_TTL_S
