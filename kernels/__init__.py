@@ -2,7 +2,8 @@
 
 Interchangeable backends with identical signatures: "cpu" (C++ kernels, the default
 on CPU), "reference" (plain torch, the ground truth the others are tested against) and
-"triton" (used on CUDA, or anywhere under TRITON_INTERPRET=1 for testing).
+"triton" (used on CUDA, or anywhere under TRITON_INTERPRET=1 for testing). Every backend's
+prefill and decode take an optional sliding `window` (kernels/reference.py's convention).
 """
 
 import importlib

@@ -2,7 +2,8 @@
 
 Pass 1 splits each context into num_splits partitions, one program per (sequence, kv head,
 partition), each leaving a normalised partial output and its log-sum-exp; pass 2 merges them.
-Splitting keeps the GPU busy when the batch is small but the contexts are long.
+Splitting keeps the GPU busy when the batch is small but the contexts are long. With a
+sliding window the partitions split only the window's keys (see kernels/reference.py).
 """
 
 import functools
@@ -29,7 +30,7 @@ def _decode_partial_kernel(
     stride_qs, stride_qh,
     stride_cb, stride_co, stride_ch,
     stride_bt,
-    num_heads, num_splits,
+    num_heads, num_splits, window,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -42,9 +43,11 @@ def _decode_partial_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    # The window's first key (the query sits at seq_len - 1); keys before it are never read.
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
     # Partitions are whole tiles; with more splits than tiles the last ones are empty.
-    part_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * part_len
+    part_len = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * part_len
     end = tl.minimum(start + part_len, seq_len)
 
     # Row r is query head r of this kv head's group, padded to BLOCK_H (>= 16 for tl.dot).
@@ -128,8 +131,10 @@ def decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of q [num_seqs, num_heads, head_dim] (position seq_lens[i]-1) over all its keys.
+    """Attention of q [num_seqs, num_heads, head_dim] (position seq_lens[i]-1) over all its keys,
+    or its last `window` ones.
 
     num_splits: partitions per context; None picks one from the batch and context length
     (at the cost of one host sync to read the longest context).
@@ -157,7 +162,7 @@ def decode_attention(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
-        num_heads, num_splits,
+        num_heads, num_splits, window or 0,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=k_cache.shape[1],

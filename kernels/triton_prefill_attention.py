@@ -3,6 +3,8 @@
 A program owns BLOCK_M query tokens of one sequence and all the query heads of one kv head
 (the GQA group), so each K/V tile is loaded once per group and any head count works. A head
 dim that is not a power of two (80, 96) is padded to one in registers, masked in memory.
+With a sliding window a program starts at its first query's window and masks keys before
+each row's window (see kernels/reference.py for the convention).
 """
 
 import math
@@ -40,6 +42,7 @@ def _prefill_kernel(
     stride_ot, stride_oh,
     stride_cb, stride_co, stride_ch,
     stride_bt,
+    window,
     GROUP: tl.constexpr,
     GROUP_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -78,10 +81,14 @@ def _prefill_kernel(
     l = tl.zeros([BLOCK_M * GROUP_P2], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M * GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
 
-    # Keys past this tile's last query are in every row's future: stop there.
+    # Keys past this tile's last query are in every row's future: stop there. With a window,
+    # keys before its first query's window are before every row's: start there, and mask
+    # keys at or below each row's q_pos - window.
     kv_end = tl.minimum(seq_len, prefix_len + (tile + 1) * BLOCK_M)
+    kv_start = tl.where(window > 0, tl.maximum(prefix_len + tile * BLOCK_M - window + 1, 0), 0)
+    below = tl.where(window > 0, q_pos - window, -1)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(kv_start, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         pos_ok = pos < kv_end
         block = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
@@ -92,7 +99,7 @@ def _prefill_kernel(
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & (pos[None, :] > below[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
@@ -114,8 +121,10 @@ def prefill_attention(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's last q_len positions over its paged context."""
+    """Causal attention of each sequence's last q_len positions over its paged context (the
+    last `window` positions of it, with a window)."""
     if out is None:
         out = torch.empty_like(q)
     total_q, num_heads, head_dim = q.shape
@@ -143,6 +152,7 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
+        window or 0,
         GROUP=group,
         GROUP_P2=group_p2,
         BLOCK_SIZE=k_cache.shape[1],

@@ -176,3 +176,28 @@ def test_default_num_splits_grows_with_context_and_shrinks_with_batch(monkeypatc
     assert pick(1, 2, 100, gpu) == 1  # a short context is never split
     assert pick(1, 2, 8192, gpu) == 32  # long context, tiny batch: many programs
     assert pick(256, 2, 8192, gpu) == 1  # the batch alone fills the GPU
+
+
+# Sliding windows, in fp32 (the interpreter is slow): one token, below and off the block
+# and tile sizes (a chunk after a prefix crosses its edge), and longer than every context.
+@pytest.mark.parametrize("window", [1, 20, 37, 1000])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (6, 2)])
+def test_prefill_attention_with_a_window(paged_batch, window, num_heads, num_kv_heads):
+    q_lens, seq_lens = PREFILL
+    b = paged_batch(q_lens, seq_lens, num_heads, num_kv_heads, 64, 16, torch.float32, DEVICE)
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale)
+    got = triton_prefill_attention.prefill_attention(*args, out=torch.full_like(b.q, float("nan")), window=window)
+    assert_close(got, reference.prefill_attention(*args, window=window))
+
+
+@pytest.mark.parametrize("window", [1, 20, 37, 1000])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (6, 2)])
+def test_decode_attention_with_a_window(paged_batch, window, num_heads, num_kv_heads):
+    b = paged_batch([1] * len(DECODE_SEQ_LENS), DECODE_SEQ_LENS, num_heads, num_kv_heads, 64, 16, torch.float32,
+                    DEVICE)
+    args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale)
+    expected = reference.decode_attention(*args, window=window)
+    for num_splits in [1, 3, None]:  # the splits share out the window's keys only
+        got = triton_decode_attention.decode_attention(*args, out=torch.full_like(b.q, float("nan")),
+                                                       num_splits=num_splits, window=window)
+        assert_close(got, expected)
