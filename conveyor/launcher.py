@@ -1,26 +1,31 @@
 """Runs the whole system as local processes, in the foreground: an embedded Redis (unless
 REDIS_URL is set), the scheduler, CONVEYOR_WORKERS workers and the gateway.
 A service that crashes (non-zero exit) is restarted with backoff, as compose would; one
-that exits 0 was stopped on purpose and stays stopped. Ctrl-C or SIGTERM stops every
-process it started, gateway first and Redis last.
+that exits 0 was stopped on purpose and stays stopped; one that exits 2 cannot start as
+configured, so everything stops with its message and exit code 2 (a restart would only
+repeat the error). Ctrl-C or SIGTERM stops every process it started, gateway first and
+Redis last.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from conveyor.commands import service_command
 from shared import cpu_layout
-from shared.config import RunSettings
+from shared.config import CONFIG_ERROR_EXIT, RunSettings
 from shared.embedded_redis import free_port, start_embedded_redis
 from shared.models import cache_root, model_dir
 
@@ -28,6 +33,8 @@ log = logging.getLogger("conveyor.launcher")
 
 STOP_TIMEOUT_S = 20.0
 MAX_BACKOFF_S = 30.0
+TAIL_LINES = 50  # of each child's stderr, kept for the message of a configuration error
+ERROR_LINE = re.compile(r"\bERROR\b|\berror:|^[\w.]*(Error|Exception)\b")  # a log line, argparse, a traceback
 
 
 @dataclass
@@ -39,11 +46,43 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = 0.0
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))  # its last stderr lines
+    _reader: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(service_command(self.service, sys.executable), env=self.env)
+        # stderr (its log) goes through us, to the terminal as it comes, so that its last
+        # lines can be quoted if it cannot start.
+        self.proc = subprocess.Popen(service_command(self.service, sys.executable), env=self.env,
+                                     stderr=subprocess.PIPE)
         self.started_at = time.monotonic()
+        self.tail = deque(maxlen=TAIL_LINES)  # the last run's reader may still be appending to the old one
+        self._reader = threading.Thread(target=_forward, args=(self.proc.stderr, self.tail),
+                                        name=f"{self.name}-stderr", daemon=True)
+        self._reader.start()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def last_error(self, wait_s: float = 2.0) -> str:
+        """What it said before exiting: its last error line and the lines after it (a
+        message over several lines), else its last lines."""
+        self.output_done(wait_s)  # the lines written just before it exited
+        lines = list(self.tail)
+        starts = [i for i, line in enumerate(lines) if ERROR_LINE.search(line)]
+        return "\n".join(lines[starts[-1]:][:10] if starts else lines[-5:]) or "(it wrote nothing to stderr)"
+
+    def output_done(self, wait_s: float = 2.0) -> None:
+        """Waits until its stderr is all forwarded (until it closes: it and any child of it exited)."""
+        if self._reader is not None:
+            self._reader.join(wait_s)
+
+
+def _forward(stream, tail: deque[str]) -> None:
+    """Copies a child's stderr to ours line by line, keeping the last lines in `tail`."""
+    with stream:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace")
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line.rstrip())
 
 
 class Launcher:
@@ -52,6 +91,7 @@ class Launcher:
         self.children: list[Child] = []
         self.redis = None
         self.stopping = False
+        self.config_error: Optional[str] = None  # which service could not start as configured, and why
 
     def run(self) -> int:
         signal.signal(signal.SIGINT, self._stop_signal)
@@ -64,7 +104,10 @@ class Launcher:
             self._supervise()
         finally:
             self._shutdown()
-        return 0
+        if self.config_error is None:
+            return 0
+        log.error("%s\nfix the configuration and run again", self.config_error)  # last: the screen ends with it
+        return CONFIG_ERROR_EXIT
 
     # ---- set-up -------------------------------------------------------------------------
     def _environment(self) -> dict[str, str]:
@@ -173,6 +216,12 @@ Ctrl-C stops everything.
                 log.info("%s stopped (exit 0); not restarting it", child.name)
                 self.children.remove(child)
                 continue
+            if code == CONFIG_ERROR_EXIT:
+                log.error("%s exited with code %d: it cannot start as configured; stopping everything",
+                          child.name, code)
+                self.config_error = f"{child.name} cannot start as configured (exit code {code}):\n{child.last_error()}"
+                self.stopping = True
+                return
             # A service that ran a while before dying gets a fresh backoff.
             if now - child.started_at > 60:
                 child.restarts = 0
@@ -201,6 +250,8 @@ Ctrl-C stops everything.
                     log.warning("%s did not stop in %.0f s: killed", c.name, STOP_TIMEOUT_S)
                     c.proc.kill()
                     c.proc.wait()
+        for c in self.children:  # their last lines out before we exit (daemon threads die mid-write)
+            c.output_done()
         if self.redis is not None:
             self.redis.stop()
         log.info("all processes stopped")
