@@ -12,7 +12,7 @@ from typing import Optional
 from shared.config import CacheSettings, ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
+                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
 class ModelLoadError(ConfigError):

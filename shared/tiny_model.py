@@ -40,7 +40,7 @@ PRESETS: dict[str, dict] = {
 PRESET_ARCH = {"tiny": "llama", "small": "llama", "gpu-0.5b": "qwen2"}
 # The dtype each preset is benchmarked in; the CLI and ensure_model default to it.
 PRESET_DTYPE = {"tiny": torch.float32, "small": torch.float32, "gpu-0.5b": torch.bfloat16}
-ARCHS = ("llama", "mistral", "phi3", "qwen2", "qwen3")  # transformers model_type names
+ARCHS = ("llama", "mistral", "phi3", "qwen2", "qwen3", "qwen3_moe")  # transformers model_type names
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML, plus tools as Hermes / Qwen2.5 write them: the function signatures as JSON lines
@@ -120,7 +120,7 @@ def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", s
 
     arch = "qwen2" if preset == "gpu-0.5b" else arch
     fields = {**PRESETS[preset], "initializer_range": 0.02, **overrides}
-    if arch == "qwen3":  # Qwen3Config's head_dim defaults to 128 whatever the hidden size
+    if arch in ("qwen3", "qwen3_moe"):  # Qwen3Config's head_dim defaults to 128 whatever the hidden size
         fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
 
     tokenizer = build_tokenizer(fields["vocab_size"])

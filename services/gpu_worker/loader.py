@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 
 from services.gpu_worker.linear import Linear, use_onednn
 from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
+from services.gpu_worker.moe import SparseMoE, is_sparse_layer
 from services.gpu_worker.parallel_layers import (AllReduce, RowParallelLinear, Sharding, VocabParallelEmbedding,
                                                  plan_sharding)
 from services.gpu_worker.rope import UNSUPPORTED_ROPE, RotaryEmbedding
@@ -61,7 +62,8 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
         sharding = shard_model(config, shape, rank=0, world=1)
     assert (sharding.world > 1) == (all_reduce is not None), "a sharded model needs its collective, a whole one none"
     with _Checkpoint(Path(model_dir), device, dtype) as ckpt:
-        layers = [_layer(ckpt, f"model.layers.{i}.", shape, sharding, onednn, all_reduce)
+        layers = [_layer(ckpt, f"model.layers.{i}.", shape, sharding, onednn, all_reduce,
+                         config if is_sparse_layer(config, i) else None)
                   for i in range(shape.num_layers)]
         embed, lm_head = _embedding_and_head(ckpt, getattr(config, "tie_word_embeddings", False), sharding, onednn,
                                              all_reduce)
@@ -79,7 +81,8 @@ def shard_model(config, shape: ModelShape, rank: int, world: int) -> Sharding:
 
 
 def _layer(ckpt: "_Checkpoint", p: str, shape: ModelShape, s: Sharding, onednn: bool,
-           all_reduce: Optional[AllReduce]) -> LayerWeights:
+           all_reduce: Optional[AllReduce], moe_config=None) -> LayerWeights:
+    """One decoder layer's weights; `moe_config` (Qwen3-MoE's config) for a sparse layer."""
     # Column-parallel q/k/v and gate/up (this rank's heads and MLP columns), row-parallel o
     # and down (the matching input columns, summed over the ranks); norms whole everywhere.
     hd = shape.head_dim
@@ -96,7 +99,8 @@ def _layer(ckpt: "_Checkpoint", p: str, shape: ModelShape, s: Sharding, onednn: 
     else:
         qkv = [ckpt.take(p + f"self_attn.{n}_proj.weight", rows=r) for n, r in zip("qkv", qkv_rows)]
         biases = [ckpt.take(p + f"self_attn.{n}_proj.bias", rows=r, required=False) for n, r in zip("qkv", qkv_rows)]
-        gate_up = [ckpt.take(p + f"mlp.{n}_proj.weight", rows=s.columns) for n in ("gate", "up")]
+        gate_up = None if moe_config else [ckpt.take(p + f"mlp.{n}_proj.weight", rows=s.columns)
+                                           for n in ("gate", "up")]
     return LayerWeights(
         input_norm=ckpt.take(p + "input_layernorm.weight"),
         qkv=Linear(torch.cat(qkv), torch.cat(biases) if all(b is not None for b in biases) else None, onednn),
@@ -105,9 +109,27 @@ def _layer(ckpt: "_Checkpoint", p: str, shape: ModelShape, s: Sharding, onednn: 
         q_norm=ckpt.take(p + "self_attn.q_norm.weight", required=False),
         k_norm=ckpt.take(p + "self_attn.k_norm.weight", required=False),
         post_attention_norm=ckpt.take(p + "post_attention_layernorm.weight"),
-        gate_up=Linear(torch.cat(gate_up), None, onednn),
-        down=_row_parallel(ckpt.take(p + "mlp.down_proj.weight", cols=s.columns), None, onednn, all_reduce),
+        gate_up=None if moe_config else Linear(torch.cat(gate_up), None, onednn),
+        down=None if moe_config else _row_parallel(ckpt.take(p + "mlp.down_proj.weight", cols=s.columns), None,
+                                                   onednn, all_reduce),
+        moe=_experts(ckpt, p, s, moe_config, all_reduce) if moe_config else None,
     )
+
+
+def _experts(ckpt: "_Checkpoint", p: str, s: Sharding, config, all_reduce: Optional[AllReduce]) -> SparseMoE:
+    """A sparse layer's router and experts (checkpoints keep one gate, up and down matrix per
+    expert); with tensor parallelism, this rank's slice of every expert's intermediate dim."""
+    inter, world = config.moe_intermediate_size, s.world
+    if inter % world:
+        raise ModelLoadError(f"moe_intermediate_size {inter} does not split over {world} tensor-parallel ranks")
+    cols = (s.rank * inter // world, (s.rank + 1) * inter // world)
+    e = f"{p}mlp.experts."
+    gate_up = torch.stack([torch.cat([ckpt.take(f"{e}{i}.gate_proj.weight", rows=cols),
+                                      ckpt.take(f"{e}{i}.up_proj.weight", rows=cols)])
+                           for i in range(config.num_experts)])
+    down = torch.stack([ckpt.take(f"{e}{i}.down_proj.weight", cols=cols) for i in range(config.num_experts)])
+    return SparseMoE(ckpt.take(f"{p}mlp.gate.weight"), gate_up, down, config.num_experts_per_tok,
+                     bool(getattr(config, "norm_topk_prob", False)), ACT2FN[config.hidden_act], all_reduce)
 
 
 def _row_parallel(weight: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool,

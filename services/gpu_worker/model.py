@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from services.gpu_worker.moe import SparseMoE
 from services.gpu_worker.batch import AttentionMetadata
 from services.gpu_worker.layer_ops import get_layer_ops
 from services.gpu_worker.linear import Linear
@@ -41,8 +42,9 @@ class LayerWeights:
     q_norm: Optional[torch.Tensor]  # Qwen3: RMSNorm over head_dim of each head
     k_norm: Optional[torch.Tensor]
     post_attention_norm: torch.Tensor
-    gate_up: Linear  # gate and up fused, gate first
-    down: Linear | RowParallelLinear
+    gate_up: Optional[Linear]  # gate and up fused, gate first (None in a mixture-of-experts layer)
+    down: Optional[Linear | RowParallelLinear]
+    moe: Optional[SparseMoE] = None  # Qwen3-MoE's sparse layers: experts instead of the dense MLP
 
 
 class DecoderModel:
@@ -94,6 +96,10 @@ class DecoderModel:
         names = {"attention": self.attn.name, "layer_ops": self.ops.name, "linear": linear,
                  "dtype": str(self.dtype).removeprefix("torch.")}
         slow = self.attn.slow_paths() + list(self.ops.slow_paths)
+        moe = next((layer.moe for layer in self.layers if layer.moe is not None), None)
+        if moe is not None and linear != "torch":
+            slow.append(f"moe experts: torch F.linear per expert ({moe.num_experts} experts, top {moe.top_k}), "
+                        f"not {linear}: the expert weights are not prepacked")
         return names, slow
 
     def watch_ranks(self, on_failure: Callable[[str], None]) -> None:
@@ -128,4 +134,6 @@ class DecoderModel:
         return layer.o(out.view(num_tokens, q_size))
 
     def _mlp(self, layer: LayerWeights, x):
+        if layer.moe is not None:
+            return layer.moe(x)
         return layer.down(self.ops.act_and_mul(layer.gate_up(x)))
