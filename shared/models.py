@@ -84,31 +84,11 @@ def config_int(config: dict, name: str, path: Path) -> int:
     return value
 
 
-def sliding_window(config: dict) -> Optional[int]:
-    """The attention window of a model that has one (Mistral, Phi-3), else None. Qwen2's and
-    Qwen3's configs carry a sliding_window that applies only with use_sliding_window."""
-    if "use_sliding_window" in config and not config["use_sliding_window"]:
-        return None
-    window = config.get("sliding_window")
-    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
-
-
 def max_model_len(config: dict, path: Path, asked: Optional[int]) -> int:
     """The longest prompt + output: `asked` (--max-model-len), at most the model's
-    max_position_embeddings, which is the default.
-
-    NOTE: the attention kernels have no sliding window yet, so a windowed model is served
-    up to its window, where the window never cuts anything and the output is exact: the
-    default is capped to it, as vLLM's --disable-sliding-window does, and a longer
-    max_model_len is refused. Windows as long as the context cost nothing."""
+    max_position_embeddings, which is the default. A model with a sliding window (Mistral,
+    Phi-3) gets the same: the attention kernels apply the window (the loader's layer_windows)."""
     limit = config_int(config, "max_position_embeddings", path)
     if asked is not None and asked > limit:
         raise ModelLoadError(f"max_model_len {asked} exceeds the model's max_position_embeddings {limit}")
-    window = sliding_window(config)
-    if window is not None and window < limit:
-        if asked is not None and asked > window:
-            raise ModelLoadError(f"max_model_len {asked} exceeds the model's sliding window {window}: sliding-window "
-                                 f"attention is not in the kernels yet, so a windowed model is served up to its "
-                                 f"window (as vLLM's --disable-sliding-window)")
-        return asked or window
     return asked or limit

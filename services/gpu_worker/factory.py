@@ -18,7 +18,7 @@ from services.gpu_worker.loader import load_config, load_model
 from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tensor_parallel import start_tensor_parallel
 from shared.config import WorkerSettings
-from shared.models import ModelLoadError, max_model_len, model_dir, read_config, sliding_window
+from shared.models import ModelLoadError, max_model_len, model_dir, read_config
 from shared.messages import RegisterWorker
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,7 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     here: engine.close() stops them."""
     path = model_dir(settings.model)
     config = load_config(path)  # fails early with a clear message
-    raw_config = read_config(path)
-    max_len = max_model_len(raw_config, path, settings.max_model_len)
-    window = sliding_window(raw_config)
-    if window is not None and window < raw_config["max_position_embeddings"]:
-        log.warning("sliding window of %d tokens: not in the attention kernels yet, so requests are capped to "
-                    "%d tokens, where the window never applies (as vLLM's --disable-sliding-window)", window, max_len)
+    max_len = max_model_len(read_config(path), path, settings.max_model_len)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if settings.tensor_parallel_size > 1:

@@ -50,6 +50,21 @@ def model_shape(config) -> ModelShape:
         rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings)
 
 
+def layer_windows(config) -> list[Optional[int]]:
+    """Each layer's sliding attention window, None where it attends to the whole context: per
+    layer_types where the config has them (Qwen2 and Qwen3 with use_sliding_window, from layer
+    max_window_layers on; Gemma 3's 'sliding_attention' layers), else sliding_window on every
+    layer (Mistral, Phi-3, Qwen3-MoE). transformers' configs already drop Qwen's window when
+    use_sliding_window is off. A window as long as the context cuts nothing: None."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or not 0 < window < config.max_position_embeddings:
+        return [None] * config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [window] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, attention_backend,
                linear_backend: str = "auto", sharding: Optional[Sharding] = None,
                all_reduce: Optional[AllReduce] = None, cls: type[DecoderModel] = DecoderModel) -> DecoderModel:
@@ -68,6 +83,8 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
         embed, lm_head = _embedding_and_head(ckpt, getattr(config, "tie_word_embeddings", False), sharding, onednn,
                                              all_reduce)
         final_norm = ckpt.take("model.norm.weight")
+    for layer, window in zip(layers, layer_windows(config)):
+        layer.window = window
     return cls(
         shape=dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
         embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head,

@@ -45,6 +45,9 @@ class LayerWeights:
     gate_up: Optional[Linear]  # gate and up fused, gate first (None in a mixture-of-experts layer)
     down: Optional[Linear | RowParallelLinear]
     moe: Optional[SparseMoE] = None  # Qwen3-MoE's sparse layers: experts instead of the dense MLP
+    # Sliding-window attention: the layer's queries see only the last `window` positions
+    # (kernels/reference.py); None: all of them. Set by the loader from the config.
+    window: Optional[int] = None
 
 
 class DecoderModel:
@@ -126,11 +129,11 @@ class DecoderModel:
         d = meta.num_decode_tokens
         if d:
             self.attn.decode_attention(q[:d], k_cache, v_cache, meta.decode_block_tables,
-                                       meta.decode_seq_lens, self.scale, out=out[:d])
+                                       meta.decode_seq_lens, self.scale, out=out[:d], window=layer.window)
         if num_tokens > d:
             self.attn.prefill_attention(q[d:], k_cache, v_cache, meta.prefill_block_tables,
                                         meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
-                                        self.scale, out=out[d:])
+                                        self.scale, out=out[d:], window=layer.window)
         return layer.o(out.view(num_tokens, q_size))
 
     def _mlp(self, layer: LayerWeights, x):

@@ -3,9 +3,8 @@ Mistral (Llama's layout, a sliding window) and Phi-3 (q, k and v fused in one we
 and up in another). Greedy output equals transformers' token for token in a batch with
 chunked prefill; tensor-parallel slices of the fused weights are the unfused model's.
 
-The attention kernels have no sliding window yet: a windowed model is served up to its
-window, where the window never applies (vLLM's --disable-sliding-window), and a longer
-max_model_len is refused, saying so."""
+The sliding window is applied by the kernels: contexts run well past it, prefill chunks
+cross its edge, and the whole context the model was trained for is served."""
 
 from __future__ import annotations
 
@@ -15,18 +14,21 @@ import random
 import pytest
 import torch
 
-from services.gpu_worker.loader import _Checkpoint, _layer, load_config, load_model, model_shape, shard_model
-from shared.models import ModelLoadError, max_model_len, read_config, sliding_window
+from services.gpu_worker.loader import (_Checkpoint, _layer, layer_windows, load_config, load_model, model_shape,
+                                        shard_model)
+from shared.messages import SamplingParams
+from shared.models import ModelLoadError, max_model_len, read_config
 from shared.tiny_model import make_model
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
 
-MAX_TOKENS = 10
+MAX_TOKENS = 30
 # Small, with a GQA group of 3 and the window far below the context, as the real ones have
-# (Mistral-7B-v0.1: 4,096 of 32,768; Phi-3-mini-4k: 2,047 of 4,096).
+# (Mistral-7B-v0.1: 4,096 of 32,768; Phi-3-mini-4k: 2,047 of 4,096): 37 tokens, off the
+# block size, so that prompts and outputs of up to ~130 tokens run far past it.
 SHAPE = dict(num_hidden_layers=2, hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
-             intermediate_size=384, max_position_embeddings=4096, sliding_window=512)
+             intermediate_size=384, max_position_embeddings=4096, sliding_window=37)
 
 
 @pytest.fixture(scope="module", params=["mistral", "phi3"])
@@ -49,17 +51,21 @@ def test_the_checkpoint_has_the_family_s_own_layout(family):
 def test_greedy_matches_hf_in_a_batch_with_chunked_prefill(family):
     arch, model_dir = family
     engine, info = make_engine(model_dir)
-    assert info.max_model_len == SHAPE["sliding_window"], "capped to the window, where it never applies"
+    assert info.max_model_len == SHAPE["max_position_embeddings"], "the whole context, not capped to the window"
     assert info.backends["attention"] == "cpu" and info.slow_paths == []
     rng = random.Random(7)
-    prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in (1, 23, 60, 140)]
-    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
+    prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in (1, 23, 60, 100)]
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS, ignore_eos=True)
     driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=17)
     for i, prompt in enumerate(prompts):
-        driver.add(f"r{i}", prompt, MAX_TOKENS)
+        driver.add(f"r{i}", prompt, MAX_TOKENS, SamplingParams(temperature=0.0, ignore_eos=True))
     outputs = driver.run()
     for i, want in enumerate(expected):
         assert_greedy_matches(outputs[f"r{i}"], want, f"{arch} r{i}")
+    # The window matters here: without it transformers itself generates otherwise.
+    unwindowed = make_model(model_dir.parent / "unwindowed", arch=arch, preset="tiny", seed=5,
+                            **{**SHAPE, "sliding_window": None})
+    assert [r.tokens for r in hf_greedy(unwindowed, prompts, MAX_TOKENS, ignore_eos=True)] != [r.tokens for r in expected]
 
 
 def test_fused_weights_shard_like_the_separate_ones(tmp_path):
@@ -88,16 +94,27 @@ def test_fused_weights_shard_like_the_separate_ones(tmp_path):
         assert torch.equal(layer.gate_up.weight, want_gate_up), f"rank {rank}: gate/up rows"
 
 
-def test_a_context_past_the_window_is_refused_and_other_configs_keep_theirs(tmp_path):
+def test_a_windowed_model_serves_its_whole_context(tmp_path):
     config = {"max_position_embeddings": 4096, "sliding_window": 512}
-    assert max_model_len(config, tmp_path, None) == 512 and max_model_len(config, tmp_path, 300) == 300
-    with pytest.raises(ModelLoadError, match="max_model_len 1024 exceeds the model's sliding window 512"):
-        max_model_len(config, tmp_path, 1024)
-    # Qwen2 and Qwen3 carry a window that applies only with use_sliding_window; Mistral v0.2+ has none.
-    for off in ({"sliding_window": 4096, "use_sliding_window": False}, {"sliding_window": None}, {}):
-        assert sliding_window(off) is None
-        assert max_model_len({"max_position_embeddings": 8192, **off}, tmp_path, None) == 8192
-    assert sliding_window({"sliding_window": 4096, "use_sliding_window": True}) == 4096
+    assert max_model_len(config, tmp_path, None) == 4096 and max_model_len(config, tmp_path, 1024) == 1024
+    with pytest.raises(ModelLoadError, match="max_model_len 8192 exceeds the model's max_position_embeddings 4096"):
+        max_model_len(config, tmp_path, 8192)
+
+
+def test_each_layer_gets_the_window_transformers_gives_it():
+    from transformers import MistralConfig, Phi3Config, Qwen2Config, Qwen3MoeConfig
+
+    layers = dict(num_hidden_layers=4, max_position_embeddings=4096)
+    assert layer_windows(MistralConfig(sliding_window=512, **layers)) == [512] * 4
+    assert layer_windows(Phi3Config(sliding_window=2047, **layers)) == [2047] * 4
+    assert layer_windows(MistralConfig(sliding_window=None, **layers)) == [None] * 4  # Mistral v0.2+
+    assert layer_windows(MistralConfig(sliding_window=4096, **layers)) == [None] * 4, "as long as the context"
+    # Qwen2 and Qwen3 carry a window that applies only with use_sliding_window, and then only
+    # from layer max_window_layers on; Qwen3-MoE's applies to every layer.
+    assert layer_windows(Qwen2Config(sliding_window=512, **layers)) == [None] * 4
+    assert layer_windows(Qwen2Config(use_sliding_window=True, sliding_window=512, max_window_layers=1,
+                                     **layers)) == [None, 512, 512, 512]
+    assert layer_windows(Qwen3MoeConfig(use_sliding_window=True, sliding_window=512, **layers)) == [512] * 4
 
 
 def test_longrope_is_refused_at_load_saying_why(tmp_path):
