@@ -40,7 +40,7 @@ PRESETS: dict[str, dict] = {
 PRESET_ARCH = {"tiny": "llama", "small": "llama", "gpu-0.5b": "qwen2"}
 # The dtype each preset is benchmarked in; the CLI and ensure_model default to it.
 PRESET_DTYPE = {"tiny": torch.float32, "small": torch.float32, "gpu-0.5b": torch.bfloat16}
-ARCHS = ("llama", "mistral", "phi3", "qwen2", "qwen3", "qwen3_moe")  # transformers model_type names
+ARCHS = ("gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3", "qwen3_moe")  # transformers model_type names
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML, plus tools as Hermes / Qwen2.5 write them: the function signatures as JSON lines

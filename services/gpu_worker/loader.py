@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 
 from services.gpu_worker.linear import Linear, use_onednn
 from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
+from services.gpu_worker import gemma3
 from services.gpu_worker.moe import SparseMoE, is_sparse_layer
 from services.gpu_worker.parallel_layers import (AllReduce, RowParallelLinear, Sharding, VocabParallelEmbedding,
                                                  plan_sharding)
@@ -30,7 +31,9 @@ from shared.models import ModelLoadError, check_model_dir
 def load_config(model_dir: str | Path):
     check_model_dir(model_dir)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if config.hidden_act not in ACT2FN:
+    if gemma3.is_gemma3(config):
+        gemma3.check_config(config)
+    elif config.hidden_act not in ACT2FN:
         raise ModelLoadError(f"unsupported activation {config.hidden_act!r}")
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
@@ -83,8 +86,13 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
         embed, lm_head = _embedding_and_head(ckpt, getattr(config, "tie_word_embeddings", False), sharding, onednn,
                                              all_reduce)
         final_norm = ckpt.take("model.norm.weight")
+        if gemma3.is_gemma3(config):
+            layers = gemma3.gemma3_layers(layers, ckpt, config)
     for layer, window in zip(layers, layer_windows(config)):
         layer.window = window
+    if gemma3.is_gemma3(config):
+        return gemma3.build(dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
+                            embed, layers, final_norm, lm_head, config, device, attention_backend, cls)
     return cls(
         shape=dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
         embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head,

@@ -54,10 +54,10 @@ def _gone(pid: int) -> bool:
 
 def test_a_worker_that_cannot_start_stops_run_with_its_message(tmp_path, tiny_model, redis_server, redis_client,
                                                               redis_keys):
-    model = tmp_path / "gemma"
+    model = tmp_path / "mamba"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "config.json").read_text())
-    config["architectures"] = ["Gemma3ForCausalLM"]
+    config["architectures"] = ["MambaForCausalLM"]
     (model / "config.json").write_text(json.dumps(config))
     start = time.monotonic()
     proc, log_path = _run(tmp_path, model, redis_server.url, redis_keys.prefix)
@@ -72,7 +72,7 @@ def test_a_worker_that_cannot_start_stops_run_with_its_message(tmp_path, tiny_mo
     assert code == 2 and took < 30, (code, took, text[-3000:])
     # The launcher quotes the worker's message last, after its own log has scrolled past.
     said = text.split("worker-0 cannot start as configured (exit code 2):\n", 1)[1]
-    assert "unsupported architecture ['Gemma3ForCausalLM']" in said.splitlines()[0], text[-3000:]
+    assert "unsupported architecture ['MambaForCausalLM']" in said.splitlines()[0], text[-3000:]
     assert "restarting" not in text and "all processes stopped" in text
     assert all(_gone(pid) for name in ("scheduler", "worker-0", "gateway") for pid in _pids(text, name))
     # Also recorded where the gateway and `conveyor status` read (what compose relies on).

@@ -42,12 +42,12 @@ def test_status_shows_the_queue_workers_and_errors(redis_server, tmp_path):
         _wait(lambda: (json.loads(_status(stack, "--json").stdout)["scheduler"] or {}).get("waiting") == 7)
 
         # As a worker that cannot start records it (tests/gpu_worker/test_worker_process.py).
-        record_startup_failure(stack.client, stack.keys, "w-bad", "unsupported architecture ['Gemma3ForCausalLM']")
+        record_startup_failure(stack.client, stack.keys, "w-bad", "unsupported architecture ['MambaForCausalLM']")
         out = _status(stack).stdout
         assert "scheduler   alive" in out
         assert "7 requests in the stream" in out and "waiting 7" in out
         assert "(no worker registered)" in out
-        assert "worker w-bad failed to start: unsupported architecture ['Gemma3ForCausalLM']" in out
+        assert "worker w-bad failed to start: unsupported architecture ['MambaForCausalLM']" in out
         assert "rejected" in out, "the garbage entry is among the recent errors"
         assert _status(stack, "--check").returncode == 1, "no worker: not serving"
         assert _status(stack, "--check", "--scheduler-only").returncode == 0

@@ -19,7 +19,10 @@ from tests.stack import Stack
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS, WINDOW = 12, 32
-FAMILIES = ["mistral", "phi3"]
+FAMILIES = {"mistral": {}, "phi3": {},
+            # Gemma 3: a sliding layer, a global one, head_dim apart from hidden / heads.
+            "gemma3_text": dict(head_dim=64, query_pre_attn_scalar=48,
+                                layer_types=["sliding_attention", "full_attention"])}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,10 +33,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", list(FAMILIES))
 def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_path_factory):
     model_dir = make_model(tmp_path_factory.mktemp(arch), arch=arch, preset="tiny", seed=2, num_hidden_layers=2,
-                           num_attention_heads=6, num_key_value_heads=2, hidden_size=192, sliding_window=WINDOW)
+                           num_attention_heads=6, num_key_value_heads=2, hidden_size=192, sliding_window=WINDOW, **FAMILIES[arch])
     rng = random.Random(11)
     prompts = [[rng.randrange(3, 4096) for _ in range(n)] for n in (5, 33, 70, 120)]
     stack = Stack(redis_server.url, model_dir, tmp_path_factory.mktemp(f"{arch}-logs"))

@@ -130,9 +130,9 @@ def test_the_503_names_why_a_worker_could_not_start(app_client, redis_server, tm
     """As under compose, which restarts a worker that exits 2: the real worker process,
     started on a model it cannot serve, records why in Redis, and the gateway's 503 says it."""
     client, redis, keys = app_client
-    model = tmp_path / "gemma"
+    model = tmp_path / "mamba"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"]}))
+    (model / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
     worker = subprocess.run([sys.executable, "-m", "services.gpu_worker", "--model", str(model)], cwd=REPO,
                             env=service_env(REDIS_URL=redis_server.url, CONVEYOR_REDIS_PREFIX=keys.prefix,
                                             CONVEYOR_WORKER_ID="worker-0"),
@@ -144,5 +144,5 @@ def test_the_503_names_why_a_worker_could_not_start(app_client, redis_server, tm
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
     assert r.status_code == 503 and r.json()["error"]["message"].startswith(
         "no worker is available: no worker is registered with the scheduler; worker worker-0 failed to start: "
-        f"unsupported architecture ['Gemma3ForCausalLM'] in {str(model)!r}; supported: "), r.json()
+        f"unsupported architecture ['MambaForCausalLM'] in {str(model)!r}; supported: "), r.json()
     assert "worker worker-0 failed to start: unsupported architecture" in client.get("/health").json()["reason"]

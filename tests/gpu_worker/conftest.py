@@ -13,7 +13,7 @@ from shared.tiny_model import make_model
 
 # Each variant exercises a different loading path: untied + llama3 rope scaling, qkv bias
 # + tied embeddings, q/k norm + explicit head_dim + a non-default rope_theta, a sliding
-# window, fused weights, a mixture of experts.
+# window, fused weights, Gemma 3's layers, a mixture of experts.
 VARIANTS = {
     "llama": dict(arch="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
@@ -25,6 +25,9 @@ VARIANTS = {
     "mistral": dict(arch="mistral", sliding_window=48),
     "phi3": dict(arch="phi3", sliding_window=37),
     # Experts: top-2 of 8, renormalised, the second layer dense (mlp_only_layers).
+    # Sliding and global layers with their own rope, (1 + w) norms, four a layer, gelu-tanh.
+    "gemma3": dict(arch="gemma3_text", head_dim=64, query_pre_attn_scalar=48, sliding_window=40,
+                   layer_types=["sliding_attention", "full_attention"]),
     "qwen3_moe": dict(arch="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
                       norm_topk_prob=True, mlp_only_layers=[1]),
 }

@@ -126,13 +126,13 @@ def test_a_failure_to_start_is_one_line_and_recorded_in_redis(redis_server, redi
     """Compose restarts a worker that exits 2, so it also says why where the gateway and
     `conveyor status` read: for a model it cannot serve, and for settings that do not
     validate (then the environment alone says who it is and where Redis is)."""
-    gemma = tmp_path / "gemma"
-    gemma.mkdir()
-    (gemma / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"]}))
+    mamba = tmp_path / "mamba"
+    mamba.mkdir()
+    (mamba / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
     unreadable = tmp_path / "unreadable"
-    shutil.copytree(gemma, unreadable)
+    shutil.copytree(mamba, unreadable)
     (unreadable / "config.json").chmod(0)
-    cases = {"w-model": (["--model", str(gemma)], {}, "unsupported architecture ['Gemma3ForCausalLM']"),
+    cases = {"w-model": (["--model", str(mamba)], {}, "unsupported architecture ['MambaForCausalLM']"),
              "w-setting": ([], {"CONVEYOR_BLOCK_SIZE": "12"}, "block_size: "),
              "w-affinity": ([], {"CONVEYOR_CPU_AFFINITY": "4096"}, "cpu_affinity '4096' names cores")}
     if os.geteuid() != 0:  # root reads any file
@@ -146,5 +146,5 @@ def test_a_failure_to_start_is_one_line_and_recorded_in_redis(redis_server, redi
         assert proc.returncode == 2 and len(errors) == 1 and words in errors[0], proc.stderr
     failures = read_status(redis_client, redis_keys).startup_failures
     assert set(failures) == set(cases)
-    assert failures["w-model"].error.startswith(f"unsupported architecture ['Gemma3ForCausalLM'] in {str(gemma)!r}")
+    assert failures["w-model"].error.startswith(f"unsupported architecture ['MambaForCausalLM'] in {str(mamba)!r}")
     assert 0 < redis_client.ttl(redis_keys.startup_failures) <= STARTUP_FAILURE_TTL_S
