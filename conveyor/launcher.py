@@ -129,9 +129,14 @@ class Launcher:
             "CONVEYOR_HOST": s.host, "CONVEYOR_PORT": str(s.port), "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         })
-        if s.tokenizer:
-            env["CONVEYOR_TOKENIZER"] = s.tokenizer
+        env.update(self._passed_on())
         return env
+
+    def _passed_on(self) -> dict[str, str]:
+        """`make run`'s settings that belong to other services, for their environment."""
+        s = self.settings
+        given = {"CONVEYOR_TOKENIZER": s.tokenizer, "CONVEYOR_REASONING_PARSER": s.reasoning_parser}
+        return {name: value for name, value in given.items() if value}
 
     def _spawn(self, env: dict[str, str]) -> None:
         self.children = self._children(env)

@@ -193,6 +193,8 @@ class RunSettings(_Settings):
         None, description="Hugging Face model directory or .gguf file (default: the generated tiny model)")
     tokenizer: Optional[str] = Field(
         None, description="Hugging Face tokenizer directory to use instead of the model's (every service)")
+    reasoning_parser: Optional[Literal["qwen3", "deepseek_r1"]] = Field(
+        None, description="the gateway's reasoning parser (qwen3 or deepseek_r1; default: none)")
     host: str = Field("127.0.0.1", description="gateway HTTP address")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=0, description="number of local GPU workers")

@@ -31,3 +31,17 @@ def test_unset_the_workers_keep_their_default_and_split_the_cores(monkeypatch):
     assert all("CONVEYOR_TENSOR_PARALLEL_SIZE" not in env for env in plan.values())
     expected = [cpu_layout.format_cores(c) for c in cpu_layout.split_cores(cpu_layout.allowed_cores(), 2)]
     assert [plan[f"worker-{i}"]["CONVEYOR_CPU_AFFINITY"] for i in range(2)] == expected
+
+
+def test_the_tokenizer_and_reasoning_parser_reach_the_services(monkeypatch):
+    """`make run RUN_ARGS="--tokenizer DIR --reasoning-parser qwen3"`: the services read them
+    as their own settings."""
+    from shared.config import GatewaySettings
+
+    passed = Launcher(RunSettings(tokenizer="/models/tok", reasoning_parser="qwen3"))._passed_on()
+    assert passed == {"CONVEYOR_TOKENIZER": "/models/tok", "CONVEYOR_REASONING_PARSER": "qwen3"}
+    assert Launcher(RunSettings())._passed_on() == {}
+    for name, value in passed.items():
+        monkeypatch.setenv(name, value)
+    gateway, worker = GatewaySettings(), WorkerSettings()
+    assert (gateway.tokenizer, gateway.reasoning_parser, worker.tokenizer) == ("/models/tok", "qwen3", "/models/tok")

@@ -1,4 +1,4 @@
-"""Mistral and Phi-3 through the whole system (gateway, scheduler and a worker process on a
+"""Mistral, Phi-3, Gemma 3 and Qwen3-MoE through the whole system (gateway, scheduler and a worker process on a
 real Redis), random weights from transformers' own classes: requests sent at once batch,
 and greedy output equals transformers' token for token with contexts far past the model's
 sliding window, which the kernels apply; the served context is the model's whole one."""
@@ -22,7 +22,10 @@ MAX_TOKENS, WINDOW = 12, 32
 FAMILIES = {"mistral": {}, "phi3": {},
             # Gemma 3: a sliding layer, a global one, head_dim apart from hidden / heads.
             "gemma3_text": dict(head_dim=64, query_pre_attn_scalar=48,
-                                layer_types=["sliding_attention", "full_attention"])}
+                                layer_types=["sliding_attention", "full_attention"]),
+            # Qwen3-MoE: top-2 of 4 experts, renormalised (its window is off: use_sliding_window).
+            "qwen3_moe": dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                              norm_topk_prob=True)}
 
 
 @pytest.fixture(scope="module", autouse=True)
