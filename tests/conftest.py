@@ -4,13 +4,21 @@ under a prefix of their own."""
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 import redis
+import torch
 
 from shared.embedded_redis import start_embedded_redis
 from shared.redis_keys import RedisKeys
+
+# Triton reads TRITON_INTERPRET when triton.language is first imported, and more than the
+# kernel tests import it (transformers' Qwen3-MoE model does): without a GPU, set it before
+# any test module can, so the Triton kernels' tests run in the interpreter whatever ran first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
