@@ -49,3 +49,14 @@ def long_model_dir(tmp_path_factory):
 @pytest.fixture
 def redis_keys():
     return RedisKeys(prefix=f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """transformers' reference on one compute thread, as each serving process has
+    (tests/stack.py): on two cores that other work shares, two OpenMP threads ran its
+    generate several times slower. Use with pytest.mark.usefixtures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,13 +10,12 @@ import random
 
 import httpx
 import pytest
-import torch
 
 from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.stack import Stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 MAX_TOKENS, WINDOW = 12, 32
 FAMILIES = {"mistral": {}, "phi3": {},
@@ -26,14 +25,6 @@ FAMILIES = {"mistral": {}, "phi3": {},
             # Qwen3-MoE: top-2 of 4 experts, renormalised (its window is off: use_sliding_window).
             "qwen3_moe": dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                               norm_topk_prob=True)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from shared.gguf_model import ensure_converted
@@ -16,18 +15,10 @@ from shared.real_models import smollm2_gguf
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.stack import Stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 MAX_TOKENS, MAX_MODEL_LEN = 16, "1024"
 QUESTIONS = {"What is the capital of France?": "Paris", "What is the capital of Japan?": "Tokyo"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_a_gguf_file_is_served_by_its_path(redis_server, tmp_path_factory):

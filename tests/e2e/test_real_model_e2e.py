@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from shared.real_models import ensure_smollm2
 from tests.gpu_worker.hf_reference import Reference, assert_greedy_matches, hf_greedy
 from tests.stack import Stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 MAX_TOKENS = 32
 # The KV cache the worker's 64 MiB holds (~1,450 tokens of this model) is far below the
@@ -52,17 +51,6 @@ class Answer:
     prompt_token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     deltas: list[str] = field(default_factory=list)  # streamed: the text of each chunk
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """transformers' reference on one compute thread, as each serving process has
-    (tests/stack.py): on two cores that other work shares, two OpenMP threads ran its
-    generate several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

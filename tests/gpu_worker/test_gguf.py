@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors import safe_open
@@ -26,6 +25,8 @@ from tests.gpu_worker.conftest import TEST_DEVICE
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_TOKENS = 12
 
 
@@ -42,14 +43,6 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kquant(cache, tmp_path_factory):
     return write_kquant_model(smollm2_gguf(), tmp_path_factory.mktemp("gguf") / "smol-kq.gguf")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_a_kquant_file_is_converted_once_to_exactly_its_dequantized_weights(kquant, cache):

@@ -6,7 +6,6 @@ mid-decode) equals transformers' token for token, by hf_reference.py's rule."""
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from services.gpu_worker.factory import create_engine
@@ -16,19 +15,11 @@ from tests.gpu_worker.conftest import TEST_DEVICE
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_TOKENS = 16
 CHAT = ["What is the capital of France?", "Write a haiku about the sea.", "How do you say hello in Japanese?"]
 PLAIN = ["The capital of France is", "def fibonacci(n):", "Emoji for rocket: 🚀. Emoji for fire:"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One compute thread, as each serving process has (tests/stack.py): on two cores that
-    other work shares, two OpenMP threads ran transformers' generate several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_a_batch_of_real_prompts_matches_hf():
