@@ -67,6 +67,12 @@ class StructuredOutput(msgspec.Struct, frozen=True, omit_defaults=True):
     kind: str
     spec: str = ""
     any_whitespace: bool = False  # JSON kinds: allow any whitespace between tokens, else compact JSON
+    # A model that thinks first (the gateway's reasoning parser): the grammar applies from the
+    # token after `think_end` (</think>'s id) on; before it the output is free. `think_open`
+    # (<think>'s id), where the output may or may not open with the thinking: the first token
+    # may be it (and the grammar then waits for think_end) or the grammar's. -1: neither.
+    think_end: int = -1
+    think_open: int = -1
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):

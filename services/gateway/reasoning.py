@@ -13,9 +13,12 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import msgspec
+
 from services.gateway.errors import bad_request
 from services.gateway.protocol import ChatCompletionRequest
 from services.gateway.served_model import ServedModel
+from shared.messages import StructuredOutput
 
 PARSERS = ("qwen3", "deepseek_r1")
 OPEN, CLOSE = "<think>", "</think>"
@@ -62,15 +65,31 @@ def reasoning_plan(parser: str, body: ChatCompletionRequest, prompt: list[int], 
     return ReasoningPlan(THINKING if parser == "deepseek_r1" else MAYBE, include)
 
 
-def refuse_constraint(plan: ReasoningPlan, field: str) -> None:
-    """A grammar constrains the output from its first token, not from after </think>: while the
-    model may think first, a constrained request would force the answer's shape onto the
-    thinking. Refused rather than half-done (vLLM enables the grammar after the thinking)."""
-    if plan.may_think:
+def after_thinking(plan: ReasoningPlan, output: StructuredOutput, tokenizer: Any, field: str) -> StructuredOutput:
+    """`output` applied to the answer after the thinking, as vLLM's structured outputs with a
+    reasoning parser: the worker lets the output run free up to </think> and starts the
+    grammar after it (and, where the output may not think at all, lets the first token be
+    the grammar's or <think>). The worker follows token ids, so each tag must be one token
+    in this tokenizer (it is in Qwen3's and DeepSeek-R1's); otherwise the request is refused
+    rather than constrained from its first token, the thinking included."""
+    if not plan.may_think:
+        return output
+    ids = _tag_ids(tokenizer)
+    if ids is None:
         raise bad_request(
             f"{field} cannot be combined with this server's reasoning parser while the model may think first: "
-            "the constraint would apply from the first token, not after </think>. Turn thinking off for the "
-            'request (chat_template_kwargs {"enable_thinking": false}) or leave the constraint out', field)
+            f"this tokenizer does not have {OPEN} and {CLOSE} as single tokens, so the constraint cannot start "
+            'after the thinking. Turn thinking off for the request (chat_template_kwargs {"enable_thinking": '
+            "false}) or leave the constraint out", field)
+    open_id, close_id = ids
+    return msgspec.structs.replace(output, think_end=close_id, think_open=open_id if plan.start == MAYBE else -1)
+
+
+@functools.lru_cache(maxsize=8)
+def _tag_ids(tokenizer: Any) -> Optional[tuple[int, int]]:
+    """(<think>'s id, </think>'s id) where each is one token, else None."""
+    ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (OPEN, CLOSE)]
+    return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,7 +17,7 @@ import msgspec
 from services.gateway import fields
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from services.gateway.reasoning import reasoning_plan, refuse_constraint, tags_are_special
+from services.gateway.reasoning import after_thinking, reasoning_plan, tags_are_special
 from services.gateway.served_model import ContextLimits, ServedModel
 from services.gateway.structured import Constraint, request_constraint
 from services.gateway.tool_calls import ChatConfig, ChatPlan, chat_options, render_prompt
@@ -129,10 +129,7 @@ def chat_plan(body: ChatCompletionRequest, model: ServedModel, limits: Optional[
         chat = replace(chat, reasoning=reasoning_plan(config.reasoning_parser, body, prompt, model))
         if tags_are_special(model.tokenizer):  # skipped, the tags would vanish from the text split
             output = replace(output, skip_special_tokens=False)
-    plan = _plan("chatcmpl", body, [prompt], max_tokens, logprobs, model, limits, output, body.prompt_logprobs, chat)
-    if chat.reasoning is not None and plan.constraint is not None:
-        refuse_constraint(chat.reasoning, "tool_choice" if chat.structured is not None else plan.constraint.field)
-    return plan
+    return _plan("chatcmpl", body, [prompt], max_tokens, logprobs, model, limits, output, body.prompt_logprobs, chat)
 
 
 # ---- shared rules -----------------------------------------------------------------------
@@ -223,6 +220,9 @@ def _plan(kind: str, body: Union[CompletionRequest, ChatCompletionRequest], prom
     constraint = request_constraint(body)
     if chat is not None and chat.structured is not None:  # tool_choice required / named (no other constraint)
         constraint = Constraint("tools", chat.structured)
+    if constraint is not None and chat is not None and chat.reasoning is not None:
+        field = "tool_choice" if chat.structured is not None else constraint.field
+        constraint = replace(constraint, output=after_thinking(chat.reasoning, constraint.output, model.tokenizer, field))
     uid = uuid.uuid4().hex
     # A sampled request without a seed gets one here: each token's draw is seeded by (seed,
     # position), so a request replayed after a scheduler restart continues with the very

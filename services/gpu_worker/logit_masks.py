@@ -26,6 +26,8 @@ def mask_problem(params: SamplingParams, vocab_size: int) -> str | None:
     """What makes these masks unusable on this vocab (the gateway checks the user's values;
     this guards the worker's invariants), or None."""
     ids = [*params.logit_bias, *(params.allowed_token_ids or ()), *(t for word in params.bad_words for t in word)]
+    so = params.structured
+    ids += [t for t in (so.think_end, so.think_open) if t != -1] if so is not None else []
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         return f"mask token ids {bad[:5]} out of range [0, {vocab_size})"

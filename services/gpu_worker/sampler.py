@@ -127,7 +127,7 @@ class Sampler:
         return SamplerOutput(token_ids.tolist(), self._logprobs(logits, token_ids, rows, grammar))
 
     def _grammar_step(self, work: torch.Tensor, rows: list[SamplingRow]) -> _GrammarStep | None:
-        idx = [i for i, row in enumerate(rows) if row.grammar is not None]
+        idx = [i for i, row in enumerate(rows) if row.grammar is not None and not row.grammar.thinking]
         if not idx:
             return None
         if self._grammar_mask is None:

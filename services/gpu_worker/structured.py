@@ -40,11 +40,21 @@ class RowGrammar:
     row's stop tokens; once one is accepted (the row goes on only under ignore_eos) the row
     keeps allowing only those, so its text stays the finished structure. `matcher` None:
     the constraint did not compile here, and the row is held to its stop tokens from the
-    start (it ends at once, empty) rather than sampled freely against its constraint."""
+    start (it ends at once, empty) rather than sampled freely against its constraint.
+
+    A model that thinks first (`think_end` set) samples freely while `thinking`, and its
+    grammar starts with the token after </think>, as vLLM's structured outputs with a
+    reasoning parser. With `think_open` too, the row starts in `lead`: its first token is
+    the grammar's or <think>, which puts it to thinking."""
 
     def __init__(self, matcher, stop_token_ids: list[int], vocab_size: int, keep: torch.Tensor | None = None,
-                 utf8: _Utf8Guard | None = None):
+                 utf8: _Utf8Guard | None = None, think_end: int = -1, think_open: int = -1):
         self.matcher = matcher
+        self.think_end = think_end
+        self.think_open = think_open
+        self.lead = matcher is not None and think_end >= 0 and think_open >= 0
+        self.thinking = matcher is not None and think_end >= 0 and not self.lead
+        self.lead_extra = _bitmask_of([think_open], vocab_size) if self.lead else None
         self.stop_only = _bitmask_of(stop_token_ids, vocab_size)
         # A bitmask of the tokens this row may take at all, whatever the grammar allows
         # (its stop tokens always may); None: all of them.
@@ -61,6 +71,14 @@ class RowGrammar:
         assert accepted, f"the grammar rejected token {token_id}, which its own mask allowed"
 
     def try_accept(self, token_id: int) -> bool:
+        if self.thinking:
+            self.thinking = token_id != self.think_end
+            return True
+        if self.lead:
+            self.lead = False
+            if token_id == self.think_open:
+                self.thinking = True
+                return True
         if self.free:
             return True
         if not self.matcher.accept_token(token_id):
@@ -133,8 +151,9 @@ class Grammars:
                       "without output", params.structured, e)
             return RowGrammar(None, stop, self.vocab_size)
         keep = self._json_keep if params.structured.kind in _JSON_KINDS else self._utf8_keep
+        so = params.structured
         row = RowGrammar(xgr.GrammarMatcher(compiled, override_stop_tokens=stop), stop, self.vocab_size, keep,
-                         self._utf8)
+                         self._utf8, so.think_end, so.think_open)
         for i, token_id in enumerate(output_token_ids):
             if not row.try_accept(token_id):
                 log.error("resuming a structured output: its grammar rejects generated token %d at %d; "
@@ -204,6 +223,7 @@ class GrammarMask:
             self._filler = xgr.BatchGrammarMatcher(max(1, _usable_cpus() // 2))
         inside = []
         for i, grammar in enumerate(grammars):
+            assert not grammar.thinking, "a thinking row has no mask: the sampler leaves it out"
             if grammar.free:
                 bitmask[i].copy_(grammar.stop_only)
             else:
@@ -214,3 +234,6 @@ class GrammarMask:
         if allowed:
             rows, masks = zip(*allowed)
             bitmask[list(rows)] &= torch.stack(masks)
+        for i in range(len(grammars)):
+            if grammars[i].lead:  # the first token may open the thinking instead
+                bitmask[i] |= grammars[i].lead_extra

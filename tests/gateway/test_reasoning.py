@@ -266,14 +266,37 @@ def test_special_think_tokens_are_kept_in_the_text():
     ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
 ])
-def test_a_constraint_is_refused_while_the_model_may_think(roomy_model, body, param):
+def test_a_constraint_is_refused_where_the_think_tags_are_not_single_tokens(roomy_model, body, param):
     for parser in ("qwen3", "deepseek_r1"):
         with pytest.raises(ApiError) as info:
             _chat(roomy_model, parser, **body)
         assert info.value.status == 400 and info.value.param == param
         assert param.split(".")[0] in info.value.message and "enable_thinking" in info.value.message
+        assert "single tokens" in info.value.message
         plan = _chat(roomy_model, parser, chat_template_kwargs={"enable_thinking": False}, **body)
         assert plan.constraint is not None, "thinking off: the whole output is the answer, constrained"
+        assert plan.choices[0].sampling.structured.think_end == -1
+
+
+@pytest.mark.parametrize("body", [
+    {"response_format": {"type": "json_object"}},
+    {"structured_outputs": {"regex": "[a-z]+"}},
+    {"tools": TOOLS, "tool_choice": "required"},
+])
+def test_a_constraint_starts_after_the_thinking(body):
+    """With <think> and </think> single tokens (as in Qwen3's and DeepSeek-R1's tokenizers) the
+    worker is told where the thinking ends, and for qwen3 (the output may not think at all)
+    where it would open."""
+    tok = build_tokenizer(4094)
+    tok.add_tokens(["<think>", "</think>"])
+    m = ServedModel(name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tok, max_model_len=2048,
+                    vocab_size=len(tok))
+    open_id, close_id = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    for parser, think_open in (("qwen3", open_id), ("deepseek_r1", -1)):
+        structured = _chat(m, parser, **body).choices[0].sampling.structured
+        assert (structured.think_end, structured.think_open) == (close_id, think_open), parser
+        off = _chat(m, parser, chat_template_kwargs={"enable_thinking": False}, **body).choices[0].sampling
+        assert (off.structured.think_end, off.structured.think_open) == (-1, -1), "no thinking: from the start"
 
 
 @pytest.fixture(scope="module")
