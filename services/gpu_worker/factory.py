@@ -72,7 +72,8 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     if settings.tensor_parallel_size > 1:
         model, num_blocks = start_tensor_parallel(settings, path, device, dtype)
     else:
-        model = load_model(path, device, dtype, get_attention_backend(device), settings.linear_backend)
+        model = load_model(path, device, dtype, get_attention_backend(device), settings.linear_backend,
+                           max_model_len=max_len)
         num_blocks = num_blocks_in_budget(model.shape, settings.block_size, dtype, device,
                                           int(settings.kv_cache_memory), settings.gpu_memory_fraction)
     min_blocks = -(-max_len // settings.block_size)

@@ -24,7 +24,7 @@ from services.gpu_worker import gemma3
 from services.gpu_worker.moe import SparseMoE, is_sparse_layer
 from services.gpu_worker.parallel_layers import (AllReduce, RowParallelLinear, Sharding, VocabParallelEmbedding,
                                                  plan_sharding)
-from services.gpu_worker.rope import UNSUPPORTED_ROPE, RotaryEmbedding
+from services.gpu_worker.rope import SUPPORTED_ROPE, UNSUPPORTED_ROPE, RotaryEmbedding
 from shared.models import ModelLoadError, check_model_dir
 
 
@@ -40,7 +40,7 @@ def load_config(model_dir: str | Path):
         raise ModelLoadError("partial rotary embeddings are not supported (partial_rotary_factor != 1)")
     if rope.get("rope_type") in UNSUPPORTED_ROPE:
         raise ModelLoadError(f"rope type {rope['rope_type']!r} is not supported: its frequencies change with the "
-                             f"sequence length at run time (supported: default, linear, llama3, yarn)")
+                             f"sequence length at run time (supported: {SUPPORTED_ROPE})")
     return config
 
 
@@ -70,9 +70,11 @@ def layer_windows(config) -> list[Optional[int]]:
 
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, attention_backend,
                linear_backend: str = "auto", sharding: Optional[Sharding] = None,
-               all_reduce: Optional[AllReduce] = None, cls: type[DecoderModel] = DecoderModel) -> DecoderModel:
+               all_reduce: Optional[AllReduce] = None, cls: type[DecoderModel] = DecoderModel,
+               max_model_len: Optional[int] = None) -> DecoderModel:
     """The whole model, or with `sharding` and `all_reduce` one tensor-parallel rank's part
-    of it, read from only that rank's slices of the safetensors files."""
+    of it, read from only that rank's slices of the safetensors files. `max_model_len`: the
+    context served (None: the model's whole), which picks LongRoPE's frequencies (rope.py)."""
     config = load_config(model_dir)
     onednn = use_onednn(linear_backend, device, dtype)
     shape = model_shape(config)
@@ -96,7 +98,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     return cls(
         shape=dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
         embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head,
-        rotary=RotaryEmbedding(config, shape.head_dim, shape.max_position_embeddings, device),
+        rotary=RotaryEmbedding(config, shape.head_dim, shape.max_position_embeddings, device, max_model_len),
         act=ACT2FN[config.hidden_act], attention_backend=attention_backend)
 
 

@@ -30,7 +30,7 @@ from services.gpu_worker.tp_group import (Group, RankFailure, abort_group, check
 from shared.config import WorkerSettings
 from shared.cpu_layout import allowed_cores, format_cores, resolve as resolve_cpu_layout
 from shared.embedded_redis import free_port
-from shared.models import ModelLoadError
+from shared.models import ModelLoadError, max_model_len, read_config
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def load_rank(settings: WorkerSettings, path: Path, group: Group, dtype: torch.d
     config = load_config(path)
     sharding = shard_model(config, model_shape(config), group.rank, group.world)
     model = load_model(path, group.device, dtype, get_attention_backend(group.device), settings.linear_backend,
-                       sharding, group.all_reduce, cls)
+                       sharding, group.all_reduce, cls, max_model_len(read_config(path), path, settings.max_model_len))
     # On CPU kv_cache_memory is the worker's: each rank takes its share.
     mine = num_blocks_in_budget(model.shape, settings.block_size, dtype, group.device,
                                 int(settings.kv_cache_memory) // group.world, settings.gpu_memory_fraction)

@@ -16,6 +16,8 @@ import torch
 
 from services.gpu_worker.loader import (_Checkpoint, _layer, layer_windows, load_config, load_model, model_shape,
                                         shard_model)
+from services.gpu_worker.factory import create_engine
+from shared.config import WorkerSettings
 from shared.messages import SamplingParams
 from shared.models import ModelLoadError, max_model_len, read_config
 from shared.tiny_model import make_model
@@ -117,12 +119,47 @@ def test_each_layer_gets_the_window_transformers_gives_it():
     assert layer_windows(Qwen3MoeConfig(use_sliding_window=True, sliding_window=512, **layers)) == [512] * 4
 
 
-def test_longrope_is_refused_at_load_saying_why(tmp_path):
-    model_dir = make_model(tmp_path / "phi3-long", arch="phi3", preset="tiny", seed=1, num_hidden_layers=1,
-                           hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
-                           max_position_embeddings=4096, original_max_position_embeddings=1024,
-                           rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 16,
-                                         "long_factor": [2.0] * 16})
-    with pytest.raises(ModelLoadError, match="rope type 'longrope' is not supported"):
+@pytest.mark.parametrize("served, lengths", [(24, (5, 11, 16)), (None, (25, 31, 40))],
+                         ids=["within-the-original-context", "served-longer"])
+def test_longrope_matches_hf(tmp_path, served, lengths):
+    """Phi-3's LongRoPE, as vLLM picks it: the short frequencies where the served context fits
+    the original one (24 here), the long ones where it is longer, with the attention factor on
+    both. transformers agrees on sequences within the original context, and on prompts past it
+    (which it rotates whole with the long set): greedy equal token for token, in a batch with
+    chunked prefill."""
+    half = SHAPE["hidden_size"] // SHAPE["num_attention_heads"] // 2
+    rng = random.Random(3)
+    scaling = {"rope_type": "longrope", "short_factor": [round(rng.uniform(1.0, 1.5), 3) for _ in range(half)],
+               "long_factor": [round(rng.uniform(2.0, 6.0), 3) for _ in range(half)]}
+    model_dir = make_model(tmp_path / "phi3-long", arch="phi3", preset="tiny", seed=5,
+                           **{**SHAPE, "sliding_window": None, "max_position_embeddings": 256},
+                           original_max_position_embeddings=24, rope_scaling=scaling)
+    assert read_config(model_dir)["rope_parameters"]["rope_type"] == "longrope"
+    settings = WorkerSettings(model=str(model_dir), device="cpu", dtype="float32", kv_cache_memory="64MiB",
+                              worker_id="test-worker", max_model_len=served)
+    engine, info = create_engine(settings)
+    prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in lengths]
+    new_tokens = [24 - n for n in lengths] if served else [MAX_TOKENS] * len(lengths)
+    expected = hf_greedy(model_dir, prompts, new_tokens, ignore_eos=True)
+    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=7)
+    for i, (prompt, n) in enumerate(zip(prompts, new_tokens)):
+        driver.add(f"r{i}", prompt, n, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n))
+    outputs = driver.run()
+    for i, want in enumerate(expected):
+        assert_greedy_matches(outputs[f"r{i}"], want, f"longrope r{i}")
+    # The table is transformers' own for a whole sequence of the served context's length:
+    # short within the original context, long past it (the random model's greedy output is
+    # too little moved by the rotation to show which set it ran on).
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    n = served or 40
+    cos, sin = hf.model.rotary_emb(torch.zeros(1, n, 1), torch.arange(n)[None])
+    assert torch.equal(engine.model.rotary.cos[:n], cos[0]) and torch.equal(engine.model.rotary.sin[:n], sin[0])
+
+
+def test_dynamic_rope_is_refused_at_load_saying_why(tmp_path):
+    model_dir = make_model(tmp_path / "dyn", arch="llama", preset="tiny", seed=1, num_hidden_layers=1,
+                           rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ModelLoadError, match="rope type 'dynamic' is not supported"):
         load_model(model_dir, torch.device("cpu"), torch.float32, None)
-    assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]
