@@ -1,7 +1,8 @@
-"""Mistral, Phi-3, Gemma 3 and Qwen3-MoE through the whole system (gateway, scheduler and a worker process on a
-real Redis), random weights from transformers' own classes: requests sent at once batch,
-and greedy output equals transformers' token for token with contexts far past the model's
-sliding window, which the kernels apply; the served context is the model's whole one."""
+"""Mistral, Phi-3, Gemma 3 and Qwen3-MoE through the whole system (gateway, scheduler and a
+worker process on a real Redis), random weights from transformers' own classes: greedy output
+equals transformers' token for token in a continuous batch with chunked prefill (a step budget
+of 20 tokens), a prefix-cache hit and a preemption (a cache of 6 blocks, which two requests of
+4 blocks outgrow), with contexts past the model's sliding window, which the kernels apply."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import random
 
 import httpx
 import pytest
+import torch
 
 from shared.tiny_model import make_model
+from tests.gateway.conftest import metric_value
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.stack import Stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-MAX_TOKENS, WINDOW = 12, 32
+MAX_TOKENS, WINDOW, BLOCKS = 20, 32, 6
 FAMILIES = {"mistral": {}, "phi3": {},
             # Gemma 3: a sliding layer, a global one, head_dim apart from hidden / heads.
             "gemma3_text": dict(head_dim=64, query_pre_attn_scalar=48,
@@ -29,21 +32,29 @@ FAMILIES = {"mistral": {}, "phi3": {},
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_path_factory):
+    from services.gpu_worker.kv_cache import bytes_per_block
+    from services.gpu_worker.loader import load_config, model_shape
+
     model_dir = make_model(tmp_path_factory.mktemp(arch), arch=arch, preset="tiny", seed=2, num_hidden_layers=2,
-                           num_attention_heads=6, num_key_value_heads=2, hidden_size=192, sliding_window=WINDOW, **FAMILIES[arch])
+                           num_attention_heads=6, num_key_value_heads=2, hidden_size=192, sliding_window=WINDOW,
+                           **FAMILIES[arch])
+    cache_bytes = BLOCKS * bytes_per_block(model_shape(load_config(model_dir)), 16, torch.float32)
     rng = random.Random(11)
-    prompts = [[rng.randrange(3, 4096) for _ in range(n)] for n in (5, 33, 70, 120)]
+    first = [rng.randrange(3, 4096) for _ in range(40)]
+    # Then two at once: one starting with the first's 32 tokens (two cached blocks), one fresh.
+    # Each holds 3 blocks with its prompt, and needs a 4th at its 49th token: one is preempted.
+    batch = [first[:32] + [rng.randrange(3, 4096) for _ in range(8)], [rng.randrange(3, 4096) for _ in range(40)]]
     stack = Stack(redis_server.url, model_dir, tmp_path_factory.mktemp(f"{arch}-logs"))
     try:
-        stack.start_scheduler()
-        stack.start_worker("w1")
+        stack.start_scheduler("--max-num-batched-tokens", "20")
+        stack.start_worker("w1", "--kv-cache-memory", str(cache_bytes), "--max-model-len", str(BLOCKS * 16))
         port = stack.start_gateway("gw")
-        references = hf_greedy(model_dir, prompts, MAX_TOKENS, ignore_eos=True)
+        references = hf_greedy(model_dir, [first, *batch], MAX_TOKENS, ignore_eos=True)
         stack.wait_workers({"w1"})
         stack.wait_gateway("gw", port)
         url = f"http://127.0.0.1:{port}/v1"
 
-        async def send_all():
+        async def send(prompts):
             async with httpx.AsyncClient(timeout=120.0) as client:
                 async def one(prompt):
                     r = await client.post(f"{url}/completions", json=dict(
@@ -53,11 +64,17 @@ def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_p
                     return r.json()["choices"][0]["token_ids"]
                 return await asyncio.gather(*(one(p) for p in prompts))
 
-        outputs = asyncio.run(send_all())
+        outputs = asyncio.run(send([first])) + asyncio.run(send(batch))
         for i, (got, want) in enumerate(zip(outputs, references)):
-            assert_greedy_matches(got, want, f"{arch}: prompt of {len(prompts[i])} tokens")
-        with httpx.Client(timeout=30.0) as client:
-            served = client.get(f"{url}/models").json()["data"][0]["max_model_len"]
-        assert served == 4096, "the model's whole context, not capped to its window"
+            assert_greedy_matches(got, want, f"{arch}: request {i}")
+        figures = {}
+
+        def counted() -> bool:  # the scheduler publishes its counters every few hundred ms
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30.0).text
+            for name in ("prefix_cache_hits", "num_preemptions"):
+                figures[name] = metric_value(text, f"conveyor:{name}_total")
+            return figures["prefix_cache_hits"] >= 32 and figures["num_preemptions"] >= 1
+
+        stack.wait_until(counted, "a prefix-cache hit of the shared 32 tokens and a preemption", timeout_s=20.0)
     finally:
         stack.stop()
