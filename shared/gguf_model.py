@@ -17,7 +17,8 @@ from shared.models import SUPPORTED_ARCHITECTURES, ModelLoadError, cache_root
 
 # The GGUF `general.architecture` of each served family. llama.cpp writes Mistral (without
 # a sliding window) and SmolLM as "llama".
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                      "gemma3": "Gemma3ForCausalLM"}
 assert set(GGUF_ARCHITECTURES.values()) <= set(SUPPORTED_ARCHITECTURES)
 
 # A converted directory is moved into place whole: one that has these files is complete.
