@@ -78,7 +78,7 @@ def write_kquant_model(source: Path, out: Path, layers: int = 2, seed: int = 0) 
     return out
 
 
-def write_foreign_arch(out: Path, arch: str = "gemma3") -> Path:
+def write_foreign_arch(out: Path, arch: str = "mamba") -> Path:
     """A GGUF file that says it holds `arch` (and nothing else worth reading)."""
     writer = GGUFWriter(out, arch)
     writer.add_block_count(1)

@@ -94,11 +94,11 @@ def test_files_we_cannot_serve_are_refused_saying_why(tmp_path, cache):
     garbage.write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
         check_model_dir(garbage)
-    gemma = write_foreign_arch(tmp_path / "gemma.gguf")
+    mamba = write_foreign_arch(tmp_path / "mamba.gguf")
     for check in (check_model_dir, model_dir):
-        with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'gemma3'.*supported: llama"):
-            check(str(gemma))
-    assert not (cache / "models" / "gguf").exists() or not any((cache / "models" / "gguf").rglob("gemma*")), \
+        with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'mamba'.*supported: llama"):
+            check(str(mamba))
+    assert not (cache / "models" / "gguf").exists() or not any((cache / "models" / "gguf").rglob("mamba*")), \
         "refused before any conversion"
 
 
