@@ -23,12 +23,17 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # HF_HUB_OFFLINE: nothing is ever fetched from a hub; tests build their own tiny models.
+# TEST_JOBS pytest processes (pytest-xdist), each taking whole files: most tests wait on the
+# processes they start, or compute on one thread, so two share two cores well (a quarter
+# less time than one here). TEST_JOBS=0 runs them in this one process.
+TEST_JOBS ?= 2
+XDIST = -n $(TEST_JOBS) --dist loadfile
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # For development: everything but the end-to-end tests that run the system's processes.
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # The whole system in the foreground; Ctrl-C stops every process it started.
 run: $(STAMP)
