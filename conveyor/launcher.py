@@ -135,7 +135,8 @@ class Launcher:
     def _passed_on(self) -> dict[str, str]:
         """`make run`'s settings that belong to other services, for their environment."""
         s = self.settings
-        given = {"CONVEYOR_TOKENIZER": s.tokenizer, "CONVEYOR_REASONING_PARSER": s.reasoning_parser}
+        given = {"CONVEYOR_TOKENIZER": s.tokenizer, "CONVEYOR_REASONING_PARSER": s.reasoning_parser,
+                 "CONVEYOR_SPECULATIVE_CONFIG": s.speculative_config}
         return {name: value for name, value in given.items() if value}
 
     def _spawn(self, env: dict[str, str]) -> None:

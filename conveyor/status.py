@@ -15,6 +15,14 @@ from shared.config import RedisSettings
 from shared.figures import STALE_AFTER_S, SchedulerFigures, SystemStatus, WorkerFigures, health, startup_failures
 
 
+def _speculation(f) -> str:
+    """vLLM's spec-decode figures: proposals made and accepted, and the mean accepted length
+    (tokens a verified decode emits: the accepted proposals and the model's own one)."""
+    rate = f.spec_accepted_tokens / f.spec_draft_tokens if f.spec_draft_tokens else 0.0
+    return (f"{f.spec_accepted_tokens}/{f.spec_draft_tokens} proposed tokens accepted ({rate:.0%}) in "
+            f"{f.spec_drafts} decodes, mean accepted length {1 + f.spec_accepted_tokens / f.spec_drafts:.2f}")
+
+
 def render(status: SystemStatus, now: float, where: str) -> str:
     s = status.scheduler or SchedulerFigures(updated_at=0.0)
     age = now - s.updated_at
@@ -31,6 +39,7 @@ def render(status: SystemStatus, now: float, where: str) -> str:
         f"   preemptions {s.preemptions}   migrations {s.migrations}"
         f"   prefix hits {hits}/{queries} tokens" + (f" ({hits / queries:.0%})" if queries else ""),
         "finished    " + ("   ".join(f"{reason} {n}" for reason, n in sorted(s.finished.items())) or "none yet"),
+        *([f"speculation {_speculation(s)}"] if s.spec_drafts else []),
         *_schedulers(status, now),
         "",
         f"{'WORKER':<24}{'DEVICE':<8}{'KV USE':>8}{'RUNNING':>9}{'WAITING':>9}{'TOK/S':>9}{'STEPS':>9}"
@@ -42,6 +51,8 @@ def render(status: SystemStatus, now: float, where: str) -> str:
         lines.append(f"{wid:<24}{w.registered.device:<8}{w.kv_usage:>8.1%}{w.running:>9}{w.waiting:>9}"
                      f"{w.tokens_per_s:>9}{w.steps:>9}{w.step_ms:>9.1f}  {_state(w, now)}")
         lines += _kernels(w)
+        if w.spec_drafts:
+            lines.append(f"  speculation {_speculation(w)}")
     lines += [f"  {failure}" for failure in startup_failures(status, now)]
     lines += ["", "recent errors" if status.errors else "no recent errors"]
     for e in status.errors[:10]:

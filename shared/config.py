@@ -148,6 +148,17 @@ class SchedulerSettings(RedisSettings):
     lease_ttl: float = Field(
         5.0, gt=0, description="the scheduler's lease in Redis expires this long after its last renewal; "
         "then its peers take over its requests")
+    speculative_config: Optional[str] = Field(
+        None, description='speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": k, '
+        '"prompt_lookup_max": n, "prompt_lookup_min": m} (default: off; shared/speculative.py)')
+
+    @field_validator("speculative_config")
+    @classmethod
+    def _speculative_config(cls, value: Optional[str]) -> Optional[str]:
+        from shared.speculative import parse_config
+
+        parse_config(value)  # ValueError: a start-up error naming the key
+        return value
 
 
 class GatewaySettings(RedisSettings):
@@ -195,6 +206,8 @@ class RunSettings(_Settings):
         None, description="Hugging Face tokenizer directory to use instead of the model's (every service)")
     reasoning_parser: Optional[Literal["qwen3", "deepseek_r1"]] = Field(
         None, description="the gateway's reasoning parser (qwen3 or deepseek_r1; default: none)")
+    speculative_config: Optional[str] = Field(
+        None, description="the scheduler's speculative decoding, vLLM's JSON (default: off)")
     host: str = Field("127.0.0.1", description="gateway HTTP address")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=0, description="number of local GPU workers")

@@ -35,6 +35,9 @@ class SchedulerFigures(msgspec.Struct, kw_only=True):
     tokens_per_s: float = 0.0
     step_errors: int = 0
     finished: dict[str, int] = {}  # finish reason -> requests
+    spec_drafts: int = 0  # speculative decoding: decodes checked with proposed tokens
+    spec_draft_tokens: int = 0  # tokens proposed
+    spec_accepted_tokens: int = 0  # of which accepted
 
 
 class WorkerFigures(msgspec.Struct, kw_only=True):
@@ -53,6 +56,9 @@ class WorkerFigures(msgspec.Struct, kw_only=True):
     forward_ms: float = 0.0  # of which the forward pass
     step_in_flight_s: float = 0.0  # how long its current step has been running
     stalled: bool = False  # that step runs longer than the scheduler's stall_after
+    spec_drafts: int = 0  # speculative decoding on this worker, as in SchedulerFigures
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class ErrorRecord(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -138,6 +138,10 @@ class StepPlan(msgspec.Struct, frozen=True, tag="step_plan"):
     cached_requests: list[CachedRequest] = []
     num_scheduled_tokens: dict[str, int] = {}
     finished_ids: list[str] = []
+    # Speculative decoding: tokens proposed to follow a decoding request's last one. Its
+    # num_scheduled_tokens counts them (1 + len): the worker verifies them all in this one
+    # forward pass and answers with those it accepts (StepResult.accepted_token_ids).
+    draft_token_ids: dict[str, list[int]] = {}
 
 
 # ---- worker -> scheduler ----------------------------------------------------------------
@@ -176,6 +180,11 @@ class StepResult(msgspec.Struct, frozen=True, tag="step_result"):
     worker_id: str
     sampled_token_ids: dict[str, int] = {}
     logprobs: dict[str, TokenLogprobs] = {}
+    # Rows verified with drafts: the accepted leading drafts, which come before the row's
+    # sampled token (the one the model chose where a draft was rejected, or after them all),
+    # and their logprobs where asked. Its cache then holds 1 + len(accepted) more tokens.
+    accepted_token_ids: dict[str, list[int]] = {}
+    accepted_logprobs: dict[str, list[TokenLogprobs]] = {}
     prompt_logprobs: dict[str, PromptLogprobs] = {}  # rows whose sampling asks for them
     timings: StepTimings = StepTimings()
     error: Union[str, None] = None

@@ -82,6 +82,10 @@ class SchedulerCollector:
         yield _counter("num_preemptions", "Requests preempted when KV blocks ran out.", s.preemptions)
         yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_queries)
         yield _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_hits)
+        # vLLM's spec-decode counters (mean accepted length = 1 + accepted / drafts).
+        yield _counter("spec_decode_num_drafts", "Decodes checked with speculative proposals.", s.spec_drafts)
+        yield _counter("spec_decode_num_draft_tokens", "Speculative tokens proposed.", s.spec_draft_tokens)
+        yield _counter("spec_decode_num_accepted_tokens", "Speculative tokens accepted.", s.spec_accepted_tokens)
         finished = CounterMetricFamily(PREFIX + "scheduler_request_finished",
                                        "Requests the scheduler finished, by its finish reason "
                                        "(a stop string matched at a gateway shows as abort).",

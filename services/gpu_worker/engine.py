@@ -22,6 +22,7 @@ from services.gpu_worker.sampler import Sampler, SamplingRow
 from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tp_group import RankFailure
 from shared.messages import PromptLogprobs, SamplingParams, StepPlan, StepResult, StepTimings
+from shared.speculative import speculable
 
 
 class PlanError(ValueError):
@@ -113,6 +114,24 @@ class Engine:
             self._check_blocks(rid, cached.new_block_ids)
             blocks[rid] += len(cached.new_block_ids)
 
+        for rid, drafts in plan.draft_token_ids.items():
+            if rid not in tokens or plan.num_scheduled_tokens.get(rid) != 1 + len(drafts) or not drafts:
+                raise PlanError(f"request {rid!r}: {len(drafts)} drafts, but scheduled for "
+                                f"{plan.num_scheduled_tokens.get(rid)} tokens (1 + drafts)")
+            if computed[rid] + 1 != tokens[rid]:
+                raise PlanError(f"request {rid!r}: drafts for a request that is not decoding")
+            if any(not 0 <= t < self.model.shape.vocab_size for t in drafts):
+                raise PlanError(f"request {rid!r}: draft token id out of range [0, {self.model.shape.vocab_size})")
+            row = self.rows.get(rid)
+            params, num_out = ((row.sampling.params, row.sampling.num_output_tokens) if row else
+                               next((n.sampling, len(n.token_ids) - n.num_prompt_tokens) for n in plan.new_requests
+                                    if n.request_id == rid))
+            if not speculable(params, num_out):
+                raise PlanError(f"request {rid!r}: drafts for a request that may not be speculated")
+            if tokens[rid] + len(drafts) > self.max_model_len:
+                raise PlanError(f"request {rid!r}: drafts run past max_model_len {self.max_model_len}")
+            tokens[rid] += len(drafts)  # verified as tokens of this step
+
         for rid, count in plan.num_scheduled_tokens.items():
             if rid not in tokens:
                 raise PlanError(f"scheduled request {rid!r} is unknown to this worker")
@@ -154,37 +173,61 @@ class Engine:
         if not scheduled:
             return StepResult(step_id=plan.step_id, worker_id=self.worker_id)
         rows = [self.rows[rid] for rid, _ in scheduled]
-        batch = build_batch([ScheduledRow(r.token_ids, r.block_ids, r.num_computed_tokens, n)
-                             for r, (_, n) in zip(rows, scheduled)], self.block_size, self.device)
+        # A row with drafts runs its last token and the drafts after it, as a short chunk.
+        drafts = [plan.draft_token_ids.get(rid, []) for rid, _ in scheduled]
+        batch = build_batch([ScheduledRow(r.token_ids + d if d else r.token_ids, r.block_ids, r.num_computed_tokens, n)
+                             for r, d, (_, n) in zip(rows, drafts, scheduled)], self.block_size, self.device)
         t1 = time.perf_counter()
         hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
 
         # Only requests that reach the end of their tokens sample; a prefill chunk in the
-        # middle of a prompt produces nothing.
+        # middle of a prompt produces nothing. A row with drafts samples at each of its
+        # 1 + len(drafts) positions: what the model chose after its last token and after
+        # each draft, so the drafts it agrees with are accepted in order.
         due = [(k, i) for k, i in enumerate(batch.order)
-               if rows[i].num_computed_tokens + scheduled[i][1] == len(rows[i].token_ids)]
+               if rows[i].num_computed_tokens + scheduled[i][1] == len(rows[i].token_ids) + len(drafts[i])]
         sampled: dict[str, int] = {}
         logprobs = {}
+        accepted: dict[str, list[int]] = {}
+        accepted_logprobs = {}
         t2 = time.perf_counter()
         if due:
-            logits = self.model.compute_logits(hidden[[batch.last_token_index[k] for k, _ in due]])
+            picks = [p for k, i in due for p in range(batch.last_token_index[k] - len(drafts[i]),
+                                                        batch.last_token_index[k] + 1)]
+            logits = self.model.compute_logits(hidden[picks])
             t2 = time.perf_counter()
-            due_rows = [rows[i] for _, i in due]
-            out = self.sampler(logits, [r.sampling for r in due_rows])
-            for r, token, lp in zip(due_rows, out.token_ids, out.logprobs):
-                sampled[r.request_id] = token
-                if lp is not None:
-                    logprobs[r.request_id] = lp
+            # A speculated row's masks do not depend on the tokens before (speculable), so
+            # sampling its copies at every position gives what one step per token would.
+            out = self.sampler(logits, [rows[i].sampling for _, i in due for _ in range(1 + len(drafts[i]))])
+            at = 0
+            for _, i in due:
+                r, d = rows[i], drafts[i]
+                chosen, lps = out.token_ids[at:at + len(d) + 1], out.logprobs[at:at + len(d) + 1]
+                at += len(d) + 1
+                n_ok = next((j for j, t in enumerate(d) if chosen[j] != t), len(d))
+                sampled[r.request_id] = chosen[n_ok]
+                if lps[n_ok] is not None:
+                    logprobs[r.request_id] = lps[n_ok]
+                if d:
+                    accepted[r.request_id] = d[:n_ok]
+                    if lps[0] is not None:
+                        accepted_logprobs[r.request_id] = lps[:n_ok]
         prompt_logprobs = self._prompt_logprobs(rows, scheduled, batch, hidden)
         for r, (_, n) in zip(rows, scheduled):
-            r.num_computed_tokens += n
+            kept = accepted.get(r.request_id)
+            if kept is None:
+                r.num_computed_tokens += n
+            else:  # its last token and the accepted drafts are in the cache; the rest is overwritten later
+                r.num_computed_tokens += 1 + len(kept)
+                for token in kept:
+                    r.sampling.append(token)
             if r.request_id in sampled:
                 r.sampling.append(sampled[r.request_id])
         t3 = time.perf_counter()
         ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
         return StepResult(
             step_id=plan.step_id, worker_id=self.worker_id, sampled_token_ids=sampled, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
+            accepted_token_ids=accepted, accepted_logprobs=accepted_logprobs, prompt_logprobs=prompt_logprobs,
             timings=StepTimings(prepare_ms=ms(t0, t1), forward_ms=ms(t1, t2), sample_ms=ms(t2, t3), total_ms=ms(t0, t3)),
         )
 

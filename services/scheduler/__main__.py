@@ -40,13 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     from services.scheduler.policy import Limits
     from services.scheduler.service import SchedulerService
     from shared.config import SchedulerSettings, parse_settings
+    from shared.speculative import parse_config
 
     try:
         settings = parse_settings(SchedulerSettings, argv)
         client = connect_redis(settings.redis_url, log)
         limits = Limits(settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_prefill_chunk,
-                        settings.aging_seconds)
+                        settings.aging_seconds, parse_config(settings.speculative_config))
         service = SchedulerService(settings, SchedulerCore(limits, settings.enable_prefix_caching), client)
+        if limits.speculative is not None:  # NOTE: say where it does not apply, never silently
+            spec = limits.speculative
+            log.info("speculative decoding: %s, up to %d proposed tokens a decode (lookup %d..%d tokens)%s; it "
+                     "applies to greedy requests without penalties, bad words or a grammar: sampled and "
+                     "constrained requests decode one token a step", spec.method, spec.num_speculative_tokens,
+                     spec.prompt_lookup_min, spec.prompt_lookup_max,
+                     f", off while a worker runs more than {spec.disable_by_batch_size} requests"
+                     if spec.disable_by_batch_size else "")
     except (ValidationError, redis.ConnectionError, zmq.ZMQError) as e:
         log.error("cannot start: %s", e)
         return 2

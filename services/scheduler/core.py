@@ -40,6 +40,11 @@ class Counters:
     generation_tokens: int = 0
     steps: int = 0
     step_errors: int = 0
+    # Speculative decoding, as vLLM's spec-decode counters: decodes checked with proposals,
+    # the tokens proposed, and those accepted.
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
     # Prefix-cache figures of workers that are gone, so the published totals never shrink.
     retired_prefix_queries: int = 0
     retired_prefix_hits: int = 0
@@ -142,7 +147,7 @@ class SchedulerCore:
         if not d.scheduled and not w.to_drop:
             return None
         plan = self._build_plan(w, d)
-        w.in_flight = InFlightStep(plan.step_id, dict(d.scheduled), monotonic)
+        w.in_flight = InFlightStep(plan.step_id, dict(d.scheduled), monotonic, d.drafts)
         return plan
 
     def on_step_result(self, result: StepResult) -> None:
@@ -163,6 +168,9 @@ class SchedulerCore:
             req = by_id.get(rid)
             if req is None:  # finished or moved meanwhile
                 continue
+            if rid in step.drafts:
+                self._verified(w, req, step.drafts[rid], result)
+                continue
             transitions.computed(w, req, n)
             if rid in self._aborts:
                 self._finish_aborted(req, w)
@@ -173,20 +181,58 @@ class SchedulerCore:
             token = result.sampled_token_ids.get(rid)
             if token is None:
                 continue
+            lp = result.logprobs.get(rid)
+            self._emit(w, req, [token], [lp] if lp else [])
+
+    def _verified(self, w: WorkerState, req: Request, drafts: list[int], result: StepResult) -> None:
+        """A decode checked with proposals: the accepted ones, then the model's own token,
+        are its output; the cache holds its last token and the accepted ones."""
+        rid = req.request_id
+        token = result.sampled_token_ids.get(rid)
+        accepted = result.accepted_token_ids.get(rid, [])
+        if token is None or accepted != drafts[:len(accepted)]:  # a worker bug: recompute the request
+            self._step_failed(w, InFlightStep(result.step_id, {rid: 1}, 0.0),
+                              f"request {rid!r}: the verified tokens {accepted} are not a prefix of the drafts")
+            return
+        self.counters.spec_drafts += 1
+        self.counters.spec_draft_tokens += len(drafts)
+        self.counters.spec_accepted_tokens += len(accepted)
+        w.spec_drafts += 1
+        w.spec_draft_tokens += len(drafts)
+        w.spec_accepted_tokens += len(accepted)
+        tokens = [*accepted, token]
+        req.output_token_ids.extend(tokens)  # first: computed() hashes the blocks they fill
+        transitions.computed(w, req, len(tokens))
+        del req.output_token_ids[-len(tokens):]
+        if rid in self._aborts:
+            self._finish_aborted(req, w)
+            return
+        lps = [*result.accepted_logprobs.get(rid, []), *([lp] if (lp := result.logprobs.get(rid)) else [])]
+        self._emit(w, req, tokens, lps)
+
+    def _emit(self, w: WorkerState, req: Request, tokens: list[int], logprobs: list) -> None:
+        """Appends a step's tokens to `req` one by one, as far as its stop rules let it,
+        and sends them in one output (its last, with the finish, when one stops it)."""
+        rid = req.request_id
+        start = len(req.output_token_ids)
+        reason = None
+        for token in tokens:
             req.output_token_ids.append(token)
             w.tokens_generated += 1
             self.counters.generation_tokens += 1
-            lp = result.logprobs.get(rid)
             reason = check_stop(req, w.info.eos_token_ids, w.max_len)
-            first = len(req.output_token_ids) == 1 and req.num_preemptions == 0
-            with_prompt = len(req.output_token_ids) == 1 and req.sampling.prompt_logprobs is not None
-            out = RequestOutput(rid, [token], [lp] if lp else [], index=len(req.output_token_ids) - 1,
-                                queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None,
-                                prompt_logprobs=req.take_prompt_logprobs() if with_prompt else [])
-            if reason is None:
-                self.outputs.append((req.reply_to, out))
-            else:
-                self._finish(req, reason, w, tokens_out=out)
+            if reason is not None:
+                break
+        kept = req.output_token_ids[start:]
+        first = start == 0 and req.num_preemptions == 0
+        with_prompt = start == 0 and req.sampling.prompt_logprobs is not None
+        out = RequestOutput(rid, kept, logprobs[:len(kept)], index=start,
+                            queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None,
+                            prompt_logprobs=req.take_prompt_logprobs() if with_prompt else [])
+        if reason is None:
+            self.outputs.append((req.reply_to, out))
+        else:
+            self._finish(req, reason, w, tokens_out=out)
 
     def check_workers(self, monotonic: float, heartbeat_timeout: float, step_timeout: float) -> list[str]:
         """Drop workers that stopped answering; returns their ids."""
@@ -224,7 +270,7 @@ class SchedulerCore:
                 cached.append(CachedRequest(rid, req.new_block_ids, req.num_computed_tokens))
             req.new_block_ids = []
         self._step_id += 1
-        plan = StepPlan(self._step_id, new, cached, dict(d.scheduled), w.to_drop)
+        plan = StepPlan(self._step_id, new, cached, dict(d.scheduled), w.to_drop, draft_token_ids=dict(d.drafts))
         w.to_drop = []
         return plan
 

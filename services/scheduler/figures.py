@@ -41,6 +41,8 @@ class FigureBuilder:
             step_ms=round(sum(t.total_ms for t in times) / len(times), 2) if times else 0.0,
             forward_ms=round(sum(t.forward_ms for t in times) / len(times), 2) if times else 0.0,
             step_in_flight_s=round(busy_s, 2), stalled=w.stalled(now, self.stall_after_s),
+            spec_drafts=w.spec_drafts, spec_draft_tokens=w.spec_draft_tokens,
+            spec_accepted_tokens=w.spec_accepted_tokens,
         )
 
     def interval(self) -> tuple[SchedulerFigures, dict[str, WorkerFigures]]:
@@ -58,7 +60,8 @@ class FigureBuilder:
             generation_tokens=c.generation_tokens, prefix_queries=queries, prefix_hits=hits,
             steps_per_s=round((c.steps - self._steps_at) / elapsed, 2),
             tokens_per_s=round((c.generation_tokens - self._tokens_at) / elapsed, 2),
-            step_errors=c.step_errors, finished=dict(c.finished),
+            step_errors=c.step_errors, finished=dict(c.finished), spec_drafts=c.spec_drafts,
+            spec_draft_tokens=c.spec_draft_tokens, spec_accepted_tokens=c.spec_accepted_tokens,
         )
         self._since, self._steps_at, self._tokens_at = mono, c.steps, c.generation_tokens
         self._worker_tokens_at = {wid: w.tokens_generated for wid, w in core.workers.items()}

@@ -14,6 +14,13 @@ One step = one token budget (max_num_batched_tokens) and at most max_num_seqs re
      step or two) rather than computing the same blocks again. One that asks for prompt
      logprobs reuses nothing (as in vLLM): they are computed over its whole prompt.
 
+Speculative decoding (Limits.speculative, n-gram prompt lookup): a decoding request that
+may be speculated (shared/speculative.py) takes up to k proposed tokens from its own text
+after its last one, counted in the step's budget; the worker checks them all in the step's
+pass. Proposals get blocks only while every running request could still get one: they
+never cause a preemption. None are made while the worker runs more requests than
+`disable_by_batch_size`.
+
 Priority: lower `priority` first, then earlier arrival. Aging lowers a waiting request's
 effective priority by one level every `aging_seconds`, so nobody waits forever behind a
 flood of more important work. Because a running request is decoded every step and only
@@ -23,11 +30,13 @@ the least important one is preempted, a long generation is not starved by short 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from services.scheduler import transitions
 from services.scheduler.request import Request
 from services.scheduler.worker_state import WorkerState
 from shared.messages import RequestStatus
+from shared.speculative import SpeculativeConfig, ngram_propose, speculable
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,7 @@ class Limits:
     max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 512  # caps one request's share, so a long prompt never takes a whole step
     aging_seconds: float = 10.0
+    speculative: Optional[SpeculativeConfig] = None  # None: no speculative decoding
 
 
 @dataclass
@@ -43,6 +53,7 @@ class Decision:
     scheduled: dict[str, int] = field(default_factory=dict)  # request_id -> tokens, in batch order
     admitted: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # request_id -> proposed tokens
 
 
 def waiting_key(now: float, aging_seconds: float):
@@ -58,10 +69,17 @@ def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
     budget = limits.max_num_batched_tokens
     w.running.sort(key=lambda r: (r.priority, r.arrival_time))  # most important first
 
+    spec = limits.speculative
+    speculating = spec is not None and (spec.disable_by_batch_size is None
+                                        or len(w.running) <= spec.disable_by_batch_size)
     i = 0
     while i < len(w.running) and budget > 0:
         req = w.running[i]
         n = _tokens_to_run(req, budget, limits)
+        drafts = _drafts(w, req, spec, budget) if speculating and n == 1 else []
+        if drafts:
+            d.drafts[req.request_id] = drafts
+            n += len(drafts)
         while not transitions.grow(w, req, req.num_computed_tokens + n):
             victim = w.running[-1]  # least important; never one already scheduled (index < i)
             transitions.requeue(w, victim, preempted=True)  # recomputed later, tokens kept
@@ -120,6 +138,28 @@ def _waits_for_prefix(w: WorkerState, req: Request, computing: set[bytes]) -> bo
     usable = _usable_hashes(req, w.pool.block_size)
     hit = len(w.pool.match_prefix(usable))
     return hit < len(usable) and usable[hit] in computing
+
+
+def _drafts(w: WorkerState, req: Request, spec: SpeculativeConfig, budget: int) -> list[int]:
+    """The tokens proposed after a decoding request's last one, with blocks for them; []
+    for a request that may not be speculated or has no room (tokens, budget or blocks)."""
+    out = len(req.output_token_ids)
+    if out == 0 or not speculable(req.sampling, out):
+        return []
+    room = min(spec.num_speculative_tokens, budget - 1, req.sampling.max_tokens - out - 1,
+               w.max_len - req.num_tokens - 1)
+    if room <= 0:
+        return []
+    drafts = ngram_propose(req.all_token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+    if not drafts:
+        return []
+    bs = w.pool.block_size
+    need = -(-(req.num_computed_tokens + 1 + len(drafts)) // bs) - len(req.block_ids)
+    # New blocks only while every running request could still take one: never a preemption.
+    if need > 0 and (w.pool.num_free - need < len(w.running) or not transitions.grow(
+            w, req, req.num_computed_tokens + 1 + len(drafts))):
+        return []
+    return drafts
 
 
 def _tokens_to_run(req: Request, budget: int, limits: Limits) -> int:

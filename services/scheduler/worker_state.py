@@ -17,8 +17,9 @@ from shared.messages import RegisterWorker
 @dataclass
 class InFlightStep:
     step_id: int
-    scheduled: dict[str, int]  # request_id -> tokens scheduled
+    scheduled: dict[str, int]  # request_id -> tokens scheduled (a decode's proposed tokens included)
     sent_at: float  # monotonic
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # request_id -> tokens proposed
 
 
 @dataclass(eq=False)
@@ -33,6 +34,9 @@ class WorkerState:
     # figures
     steps: int = 0
     tokens_generated: int = 0
+    spec_drafts: int = 0  # decodes it verified with proposals
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
     @property
     def worker_id(self) -> str:

@@ -38,8 +38,10 @@ def test_the_tokenizer_and_reasoning_parser_reach_the_services(monkeypatch):
     as their own settings."""
     from shared.config import GatewaySettings
 
-    passed = Launcher(RunSettings(tokenizer="/models/tok", reasoning_parser="qwen3"))._passed_on()
-    assert passed == {"CONVEYOR_TOKENIZER": "/models/tok", "CONVEYOR_REASONING_PARSER": "qwen3"}
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    passed = Launcher(RunSettings(tokenizer="/models/tok", reasoning_parser="qwen3", speculative_config=spec))._passed_on()
+    assert passed == {"CONVEYOR_TOKENIZER": "/models/tok", "CONVEYOR_REASONING_PARSER": "qwen3",
+                      "CONVEYOR_SPECULATIVE_CONFIG": spec}
     assert Launcher(RunSettings())._passed_on() == {}
     for name, value in passed.items():
         monkeypatch.setenv(name, value)

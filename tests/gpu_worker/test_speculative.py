@@ -1,0 +1,153 @@
+"""Speculative decoding with n-gram prompt lookup: the scheduler's core proposes, a real
+engine verifies, in process. Greedy output is the same token for token with and without
+speculation (and equal to transformers'), proposals are accepted where the model repeats
+its context, and stop rules, max_tokens and logprobs hold for tokens that come several
+to a step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conveyor.status import render
+from services.scheduler.core import SchedulerCore
+from services.scheduler.policy import Limits
+from shared.figures import SchedulerFigures, SystemStatus
+from shared.messages import SamplingParams, SubmitRequest
+from shared.speculative import SpeculativeConfig, ngram_propose, parse_config, speculable
+from tests.gpu_worker.conftest import make_engine
+from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
+from tests.scheduler.helpers import Outputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+NGRAM = SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1)
+
+
+def test_ngram_proposes_what_followed_the_latest_match_of_the_longest_tail():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert ngram_propose(tokens, 3, 1, 3) == [7, 8, 5], "the latest earlier [1, 2, 3]"
+    assert ngram_propose(tokens, 10, 1, 3) == [7, 8, 5, 1, 2, 3], "as far as the text goes"
+    assert ngram_propose([4, 5, 6, 5], 2, 1, 3) == [6, 5], "a one-token tail"
+    assert ngram_propose([4, 5, 6, 7], 2, 1, 3) == [], "nothing recurs"
+    assert ngram_propose([4, 5, 6, 5], 2, 2, 3) == [], "shorter than prompt_lookup_min"
+    assert ngram_propose([7], 2, 1, 3) == []
+
+
+def test_the_config_is_vllm_s_json_and_a_bad_one_says_what_is_wrong():
+    assert parse_config(None) is None and parse_config("") is None
+    config = parse_config('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}')
+    assert (config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) == (5, 4, 1)
+    for text, words in [("{", "not JSON"), ('{"method": "eagle", "num_speculative_tokens": 2}', "method"),
+                        ('{"method": "ngram"}', "num_speculative_tokens"),
+                        ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}', "exceeds"),
+                        ('{"method": "ngram", "num_speculative_tokens": 2, "typo": 1}', "typo"),
+                        ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}', "draft_model")]:
+        with pytest.raises(ValueError, match=words):
+            parse_config(text)
+
+
+def test_only_requests_whose_masks_are_fixed_are_speculated():
+    assert speculable(SamplingParams(temperature=0.0, logit_bias={5: 1.0}, logprobs=3), 0)
+    assert not speculable(SamplingParams(temperature=0.7), 5)
+    assert not speculable(SamplingParams(temperature=0.0, repetition_penalty=1.1), 5)
+    assert not speculable(SamplingParams(temperature=0.0, bad_words=[[3, 4]]), 5)
+    assert not speculable(SamplingParams(temperature=0.0, min_tokens=8), 5)
+    assert speculable(SamplingParams(temperature=0.0, min_tokens=8), 8)
+
+
+def _serve(model_dir, prompts, speculative, **sampling):
+    """Every prompt through a SchedulerCore and a real engine; {index: output tokens}, the
+    finishes, and the core's counters."""
+    engine, info = make_engine(model_dir)
+    core = SchedulerCore(Limits(max_num_batched_tokens=64, max_prefill_chunk=32, speculative=speculative))
+    core.add_worker(info, 0.0)
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=0.0, **{"max_tokens": 40, "ignore_eos": True, **sampling})
+        assert core.add_request(SubmitRequest(str(i), prompt, params, "tcp://gateway", float(i), 0, None))
+    outputs = Outputs()
+    for _ in range(2000):
+        plan = core.next_plan(info.worker_id, 0.0, 0.0)
+        if plan is None:
+            break
+        core.on_step_result(engine.execute(plan))
+        outputs.collect(core)
+    assert len(outputs.finish) == len(prompts), "every request finished"
+    return {int(k): v for k, v in outputs.tokens.items()}, outputs.finish, core.counters
+
+
+def _copy_prompts(vocab: int) -> list[list[int]]:
+    """Prompts that repeat themselves, as copy-heavy requests do, and one that does not."""
+    rng = random.Random(5)
+    phrase = [rng.randrange(3, vocab) for _ in range(12)]
+    return [phrase * 3, [rng.randrange(3, vocab) for _ in range(5)] + phrase * 2,
+            [rng.randrange(3, vocab) for _ in range(30)]]
+
+
+def test_greedy_output_is_the_same_with_speculation_and_equals_transformers(model_dirs):
+    model_dir = model_dirs["qwen2"]
+    prompts = _copy_prompts(4096)
+    plain, _, off = _serve(model_dir, prompts, None)
+    spec, finishes, on = _serve(model_dir, prompts, NGRAM)
+    assert spec == plain
+    assert off.spec_drafts == 0 and on.spec_drafts > 0 and on.spec_accepted_tokens > 0, on
+    assert on.spec_accepted_tokens <= on.spec_draft_tokens
+    assert all(len(t) == 40 and finishes[str(i)].finish_reason.value == "length" for i, t in spec.items())
+    for i, want in enumerate(hf_greedy(model_dir, prompts, 40, ignore_eos=True)):
+        assert_greedy_matches(spec[i], want, f"prompt {i}")
+    # What `conveyor status` shows of it, for the scheduler and per worker.
+    figures = SchedulerFigures(updated_at=0.0, spec_drafts=on.spec_drafts, spec_draft_tokens=on.spec_draft_tokens,
+                               spec_accepted_tokens=on.spec_accepted_tokens)
+    screen = render(SystemStatus(scheduler=figures, workers={}, errors=[], queue_length=0, pending=0), 0.0, "test")
+    mean = 1 + on.spec_accepted_tokens / on.spec_drafts
+    assert f"{on.spec_accepted_tokens}/{on.spec_draft_tokens} proposed tokens accepted" in screen
+    assert f"in {on.spec_drafts} decodes, mean accepted length {mean:.2f}" in screen
+
+
+def test_stops_and_logprobs_hold_when_tokens_come_several_to_a_step(model_dirs):
+    model_dir = model_dirs["qwen2"]
+    prompts = _copy_prompts(4096)
+    plain, _, _ = _serve(model_dir, prompts, None, max_tokens=40)
+    # A stop token that falls inside a run of accepted tokens ends the output right there.
+    stop = plain[0][17]
+    cut = plain[0].index(stop) + 1
+    for tokens, finishes, counters in (_serve(model_dir, prompts[:1], None, stop_token_ids=[stop]),
+                                       _serve(model_dir, prompts[:1], NGRAM, stop_token_ids=[stop])):
+        assert tokens[0] == plain[0][:cut] and finishes["0"].finish_reason.value == "stop"
+    # max_tokens is exact, however many tokens a step accepts.
+    for n in (1, 2, 7):
+        assert _serve(model_dir, prompts, NGRAM, max_tokens=n)[0] == {i: t[:n] for i, t in plain.items()}
+    # Logprobs of every emitted token, accepted drafts included, equal the plain run's.
+    with_lp, _, _ = _serve_logprobs(model_dir, prompts, None)
+    spec_lp, _, counters = _serve_logprobs(model_dir, prompts, NGRAM)
+    assert counters.spec_accepted_tokens > 0
+    for i in with_lp:
+        assert [lp.token_id for lp in spec_lp[i]] == [lp.token_id for lp in with_lp[i]] == plain[i]
+        for a, b in zip(spec_lp[i], with_lp[i]):
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def _serve_logprobs(model_dir, prompts, speculative):
+    engine, info = make_engine(model_dir)
+    core = SchedulerCore(Limits(max_num_batched_tokens=64, max_prefill_chunk=32, speculative=speculative))
+    core.add_worker(info, 0.0)
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
+        assert core.add_request(SubmitRequest(str(i), prompt, params, "tcp://gateway", float(i), 0, None))
+    logprobs: dict[int, list] = {i: [] for i in range(len(prompts))}
+    done = set()
+    for _ in range(2000):
+        plan = core.next_plan(info.worker_id, 0.0, 0.0)
+        if plan is None:
+            break
+        core.on_step_result(engine.execute(plan))
+        for _, out in core.outputs:
+            assert len(out.logprobs) == len(out.token_ids), "one logprob entry per emitted token"
+            logprobs[int(out.request_id)] += out.logprobs
+            if out.finish_reason is not None:
+                done.add(out.request_id)
+        core.outputs.clear()
+    assert len(done) == len(prompts)
+    return logprobs, done, core.counters
