@@ -25,7 +25,7 @@ from shared.redis_protocol import read_status
 from tests.stack import REPO, service_env
 
 pytestmark = pytest.mark.slow
-TOKENS = 2400  # long enough to still be streaming when the first worker leaves
+TOKENS = 1600  # long enough to still be streaming when the first worker leaves
 
 
 def _alive(pid: int) -> bool:

@@ -1,7 +1,7 @@
 """A soak: for a couple of minutes clients stream and fetch completions through the real
 gateway, a third of them hanging up mid-stream, some cut short by stop strings. After:
 every KV block is free, no entry is left in the Redis stream, and the processes' memory
-is flat. CONVEYOR_SOAK_SECONDS sets the length (default 120)."""
+is flat. CONVEYOR_SOAK_SECONDS sets the length (default 90)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from shared.tiny_model import make_model
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
-SECONDS = float(os.environ.get("CONVEYOR_SOAK_SECONDS", "120"))
+SECONDS = float(os.environ.get("CONVEYOR_SOAK_SECONDS", "90"))
 HANG_UP_TOKENS = 2000
 
 
