@@ -1,7 +1,7 @@
 """Replays a workload against an OpenAI-compatible server over HTTP, streaming.
 
-Each request is sent at its arrival offset (no concurrency limit: offline workloads send
-everything at t=0) to `POST /v1/completions` with the prompt as token ids, `max_tokens`,
+Each request is sent at its arrival offset (offline workloads send everything at t=0), or
+with a concurrency limit (the workload's max_concurrency) as soon as a slot is free, to `POST /v1/completions` with the prompt as token ids, `max_tokens`,
 `ignore_eos`, greedy, and `stream_options.include_usage`; a chat request (a user message,
 stopping at EOS) to `POST /v1/chat/completions`, with its sampling settings. The time of
 every chunk that carries output is recorded, and the token counts are taken from the final
@@ -11,6 +11,7 @@ usage: a request that stops at EOS produces as many tokens as it happens to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Optional
@@ -126,21 +127,24 @@ def _take_chunk(rec: RequestRecord, chunk: dict, now: float) -> None:
 
 async def replay(base_url: str, workload: Workload, model: Optional[str] = None, progress: bool = True,
                  desc: str = "", transport: Optional[httpx.AsyncBaseTransport] = None) -> list[RequestRecord]:
-    """Sends every request at its arrival offset; returns one record per request, in order.
-    `transport` replaces the network (tests)."""
+    """Sends every request at its arrival offset, or, with the workload's max_concurrency,
+    as soon as fewer than that many are in flight; returns one record per request, in
+    order. `transport` replaces the network (tests)."""
     base = base_url.rstrip("/")
     timeout = httpx.Timeout(30.0, read=READ_TIMEOUT_S)
     bar = progress_bar(len(workload), desc or workload.name) if progress else None
     errors = 0
     async with httpx.AsyncClient(limits=POOL, timeout=timeout, transport=transport) as client:
         t0 = time.perf_counter()
+        slots = asyncio.Semaphore(workload.max_concurrency) if workload.max_concurrency else contextlib.nullcontext()
 
         async def at_arrival(i: int, req: Request) -> RequestRecord:
             delay = req.arrival - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
             nonlocal errors
-            rec = await send_one(client, base + endpoint(req), req, i, t0, model)
+            async with slots:
+                rec = await send_one(client, base + endpoint(req), req, i, t0, model)
             errors += rec.error is not None
             if bar is not None:
                 bar.update(1)

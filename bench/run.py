@@ -92,6 +92,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     "lognormal:MEDIAN:SIGMA:LO:HI")
     ap.add_argument("--output-len", default="lognormal:64:1.0:8:1024", help="custom: as --prompt-len")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--concurrency", type=int, help="copy: requests in flight at a time (BENCH.md: 1, 2 or 8; "
+                    "default: all at once)")
     args = ap.parse_args(argv)
     if args.requests is not None and args.requests < 1:
         ap.error(f"--requests must be >= 1 (got {args.requests})")
@@ -111,6 +113,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ap.error("--temperature and --top-p are for --workload chat (the others are greedy over token ids)")
     if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
         ap.error(f"--temperature must be in [0, 2] and --top-p in (0, 1] (got {args.temperature}, {args.top_p})")
+    if args.concurrency is not None and (args.workload != "copy" or args.concurrency < 1):
+        ap.error(f"--concurrency is for --workload copy, and at least 1 (got {args.concurrency})")
     if args.workload == "custom":
         try:
             args.prompt_dist, args.output_dist = LengthDist.parse(args.prompt_len), LengthDist.parse(args.output_len)
@@ -230,6 +234,8 @@ def conveyor_phase(args, conveyor: Conveyor, vocab: int, n: int, results: dict, 
         elif name == "chat":
             wl = build(name, vocab, n, seed=args.seed, render=args.render, temperature=args.temperature,
                        top_p=args.top_p, seeded=not args.unseeded)
+        elif name == "copy":
+            wl = build(name, vocab, n, seed=args.seed, render=args.render, max_concurrency=args.concurrency)
         else:
             wl = build(name, vocab, n, rate, args.seed)
         results["load_average"]["conveyor_start"] = os.getloadavg()
@@ -317,7 +323,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_dir, preset = resolve_model(args.model)
     vocab = model_vocab_size(model_dir)
     try:
-        args.render = chat_renderer(model_dir) if args.workload == "chat" else None
+        args.render = chat_renderer(model_dir) if args.workload in ("chat", "copy") else None
     except ValueError as e:
         raise SystemExit(f"--workload chat: {e}") from None
     args.requests = args.requests or (default_requests(args.workload, preset) if args.workload != "custom" else 100)

@@ -2,8 +2,10 @@
 
 Every request is a prompt of token ids (drawn from the model's vocabulary, special ids
 0-2 excluded), an exact output length (`ignore_eos`) and an arrival offset in seconds;
-except `chat`'s: a user message of real text (bench/chat_prompts.py) sent through the chat
-API, stopping at EOS (its max_tokens is a ceiling), greedy or sampled with a seed each.
+except `chat`'s and `copy`'s: a user message of real text (bench/chat_prompts.py,
+bench/copy_prompts.py) sent through the chat API, stopping at EOS (its max_tokens is a
+ceiling); chat's greedy or sampled with a seed each, copy's greedy, sent a few at a time
+(`max_concurrency`).
 The same name, size, rate and seed always give the same requests: `mixed` and
 `mixed-online` share their prompts and lengths and differ only in arrivals.
 """
@@ -16,12 +18,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from bench import chat_prompts
+from bench import chat_prompts, copy_prompts
 
 FIRST_ORDINARY_ID = 3  # 0-2 are <|endoftext|>, <|im_start|>, <|im_end|> in the tiny models
-NAMES = ("mixed", "mixed-online", "shared-prefix", "long-short", "chat")
+NAMES = ("mixed", "mixed-online", "shared-prefix", "long-short", "chat", "copy")
 # BENCH.md's sizes; `mixed` has 100 requests on the `small` model.
-DEFAULT_REQUESTS = {"mixed": 400, "mixed-online": 400, "shared-prefix": 200, "long-short": 320, "chat": 200}
+DEFAULT_REQUESTS = {"mixed": 400, "mixed-online": 400, "shared-prefix": 200, "long-short": 320, "chat": 200,
+                    "copy": 48}
+COPY_MAX_TOKENS = 160
 SMALL_MODEL_REQUESTS = {"mixed": 100, "mixed-online": 100}
 ONLINE_RATE_SHARE = 0.7  # mixed-online arrives at 70% of the measured offline request throughput
 
@@ -44,6 +48,7 @@ class Workload:
     name: str
     requests: list[Request]
     params: dict = field(default_factory=dict)  # how it was drawn, for results.json
+    max_concurrency: Optional[int] = None  # at most this many requests in flight (None: each at its arrival)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -228,9 +233,24 @@ def chat(n: int = 200, seed: int = 0, temperature: float = 0.0, top_p: float = 1
                                        top_p=top_p, per_request_seed=sampled and seeded, seed=seed))
 
 
+def copy_workload(n: int = 48, seed: int = 0, render: Optional[ChatRenderer] = None,
+         max_concurrency: Optional[int] = None) -> Workload:
+    """`n` messages asking to copy or lightly edit a paragraph given in them, greedy, each
+    stopping at EOS within COPY_MAX_TOKENS; `max_concurrency` at a time (BENCH.md: 1, 2 or 8)."""
+    if n < 1:
+        raise ValueError(f"requests must be >= 1 (got {n})")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1 (got {max_concurrency})")
+    texts = copy_prompts.messages(n, _rng(seed, "copy-messages"))
+    reqs = [Request(render(t) if render else [], COPY_MAX_TOKENS, 0.0, message=t, ignore_eos=False) for t in texts]
+    return Workload("copy", reqs, dict(requests=n, max_tokens=COPY_MAX_TOKENS, stop="eos", temperature=0.0, seed=seed,
+                                       max_concurrency=max_concurrency), max_concurrency)
+
+
 def build(name: str, vocab_size: int, n: Optional[int] = None, rate: Optional[float] = None,
           seed: int = 0, preset: str = "", render: Optional[ChatRenderer] = None,
-          temperature: float = 0.0, top_p: float = 1.0, seeded: bool = True) -> Workload:
+          temperature: float = 0.0, top_p: float = 1.0, seeded: bool = True,
+          max_concurrency: Optional[int] = None) -> Workload:
     """A BENCH.md workload by name; `n` scales it down (or up) for quick runs. `render`,
     `temperature`, `top_p` and `seeded` are chat's (the others are greedy, over token ids)."""
     if name not in NAMES:
@@ -240,6 +260,8 @@ def build(name: str, vocab_size: int, n: Optional[int] = None, rate: Optional[fl
         raise ValueError(f"requests must be >= 1 (got {n})")
     if name == "chat":
         return chat(n, seed, temperature, top_p, render, seeded)
+    if name == "copy":
+        return copy_workload(n, seed, render, max_concurrency)
     if name == "mixed":
         return mixed(vocab_size, n, seed)
     if name == "mixed-online":

@@ -134,3 +134,20 @@ def test_chat_that_ends_short_without_eos_is_an_error_and_eos_first_is_not():
     assert not short.ok and "finish_reason=length): 3 of 8" in short.error
     assert not aborted.ok and "finish_reason=abort" in aborted.error
     assert eos_first.ok and eos_first.output_tokens == 1 and eos_first.first_token == eos_first.end
+
+
+def test_a_concurrency_limit_keeps_that_many_in_flight():
+    in_flight, most = [0], [0]
+
+    async def handler(request):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        await asyncio.sleep(0.05)
+        in_flight[0] -= 1
+        return httpx.Response(200, content=sse(delta(role=True), delta("a", "stop"), chat_usage(5, 1)))
+
+    reqs = [dataclasses.replace(CHAT, message=f"copy this {i}") for i in range(6)]
+    recs = run(Workload("copy", reqs, max_concurrency=2), handler)
+    assert all(r.ok for r in recs) and most[0] == 2
+    starts = sorted(r.start for r in recs)
+    assert starts[2] >= starts[0] + 0.04, "the third waits for a slot"

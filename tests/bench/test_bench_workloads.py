@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bench import chat_prompts
+from bench import chat_prompts, copy_prompts
 from bench import workloads as w
 
 VOCAB = 4096
@@ -162,3 +162,29 @@ def test_sampled_chat_can_go_unseeded_for_a_peer_that_refuses_seeds():
     assert all(r.seed is not None for r in seeded.requests)
     assert all(r.seed is None for r in unseeded.requests) and not unseeded.params["per_request_seed"]
     assert [r.message for r in unseeded.requests] == [r.message for r in seeded.requests]
+
+
+def test_copy_matches_bench_md():
+    wl = w.build("copy", VOCAB)
+    assert len(wl) == 48 and wl.stops_at_eos and wl.uses_chat_api and wl.max_concurrency is None
+    assert all(r.max_tokens == 160 and r.temperature == 0.0 and r.arrival == 0.0 for r in wl.requests)
+    texts = [r.message for r in wl.requests]
+    assert len(set(texts)) == 48, "every message differs"
+    kinds = Counter(next(k for k, i in copy_prompts.INSTRUCTIONS if t.startswith(i.split("{")[0][:20]))
+                    for t in texts)
+    assert set(kinds.values()) == {12}, "four instruction kinds, equal shares"
+    for t in texts:
+        paragraph = t.split("\n\n", 1)[1]
+        assert 4 <= paragraph.count(". ") + 1 <= 6, "a paragraph of four to six sentences"
+    assert w.build("copy", VOCAB).requests == wl.requests != w.build("copy", VOCAB, seed=1).requests
+    assert w.build("copy", VOCAB, 8, max_concurrency=2).max_concurrency == 2
+    with pytest.raises(ValueError, match="concurrency"):
+        w.copy_workload(4, max_concurrency=0)
+
+
+def test_copy_typos_are_swapped_letters_of_longer_words():
+    rng = np.random.default_rng(3)
+    text = "Learning about honeybees takes patience, but the basics are simple."
+    typo = copy_prompts.with_typos(text, rng, n=2)
+    changed = [(a, b) for a, b in zip(text.split(" "), typo.split(" ")) if a != b]
+    assert len(changed) == 2 and all(sorted(a) == sorted(b) and len(a) >= 6 for a, b in changed)
