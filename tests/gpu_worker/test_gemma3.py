@@ -15,8 +15,7 @@ from services.gpu_worker.loader import load_model
 from shared.models import ModelLoadError
 from shared.tiny_model import make_model
 from tests.gpu_worker.conftest import make_engine
-from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
-from tests.gpu_worker.plan_driver import PlanDriver
+from tests.gpu_worker.plan_driver import assert_batch_matches_hf
 
 MAX_TOKENS = 10
 # Shaped like Gemma 3 270M scaled down: head_dim independent of hidden/heads, one KV head,
@@ -40,13 +39,7 @@ def test_greedy_matches_hf_in_a_batch_with_chunked_prefill(gemma):
     assert any("gelu" in p.lower() or "GELU" in p for p in info.slow_paths), info.slow_paths
     rng = random.Random(3)
     prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in (1, 19, 64, 150)]
-    expected = hf_greedy(gemma, prompts, MAX_TOKENS)
-    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=23)
-    for i, prompt in enumerate(prompts):
-        driver.add(f"r{i}", prompt, MAX_TOKENS)
-    outputs = driver.run()
-    for i, want in enumerate(expected):
-        assert_greedy_matches(outputs[f"r{i}"], want, f"gemma3 r{i}")
+    assert_batch_matches_hf(engine, info, gemma, prompts, MAX_TOKENS, 23, "gemma3")
 
 
 def test_attention_soft_capping_is_refused(tmp_path):

@@ -8,7 +8,6 @@ cross its edge, and the whole context the model was trained for is served."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -18,12 +17,11 @@ from services.gpu_worker.loader import (_Checkpoint, _layer, layer_windows, load
                                         shard_model)
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
-from shared.messages import SamplingParams
 from shared.models import ModelLoadError, max_model_len, read_config
 from shared.tiny_model import make_model
 from tests.gpu_worker.conftest import make_engine
-from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
-from tests.gpu_worker.plan_driver import PlanDriver
+from tests.gpu_worker.hf_reference import hf_greedy
+from tests.gpu_worker.plan_driver import assert_batch_matches_hf
 
 MAX_TOKENS = 30
 # Small, with a GQA group of 3 and the window far below the context, as the real ones have
@@ -57,13 +55,7 @@ def test_greedy_matches_hf_in_a_batch_with_chunked_prefill(family):
     assert info.backends["attention"] == "cpu" and info.slow_paths == []
     rng = random.Random(7)
     prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in (1, 23, 60, 100)]
-    expected = hf_greedy(model_dir, prompts, MAX_TOKENS, ignore_eos=True)
-    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=17)
-    for i, prompt in enumerate(prompts):
-        driver.add(f"r{i}", prompt, MAX_TOKENS, SamplingParams(temperature=0.0, ignore_eos=True))
-    outputs = driver.run()
-    for i, want in enumerate(expected):
-        assert_greedy_matches(outputs[f"r{i}"], want, f"{arch} r{i}")
+    expected = assert_batch_matches_hf(engine, info, model_dir, prompts, MAX_TOKENS, 17, arch, ignore_eos=True)
     # The window matters here: without it transformers itself generates otherwise.
     unwindowed = make_model(model_dir.parent / "unwindowed", arch=arch, preset="tiny", seed=5,
                             **{**SHAPE, "sliding_window": None})
@@ -140,13 +132,7 @@ def test_longrope_matches_hf(tmp_path, served, lengths):
     engine, info = create_engine(settings)
     prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in lengths]
     new_tokens = [24 - n for n in lengths] if served else [MAX_TOKENS] * len(lengths)
-    expected = hf_greedy(model_dir, prompts, new_tokens, ignore_eos=True)
-    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=7)
-    for i, (prompt, n) in enumerate(zip(prompts, new_tokens)):
-        driver.add(f"r{i}", prompt, n, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n))
-    outputs = driver.run()
-    for i, want in enumerate(expected):
-        assert_greedy_matches(outputs[f"r{i}"], want, f"longrope r{i}")
+    assert_batch_matches_hf(engine, info, model_dir, prompts, new_tokens, 7, "longrope", ignore_eos=True)
     # The table is transformers' own for a whole sequence of the served context's length:
     # short within the original context, long past it (the random model's greedy output is
     # too little moved by the rotation to show which set it ran on).

@@ -17,7 +17,7 @@ from shared.figures import SystemStatus, WorkerFigures
 from shared.tiny_model import make_model
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
-from tests.gpu_worker.plan_driver import PlanDriver
+from tests.gpu_worker.plan_driver import PlanDriver, assert_batch_matches_hf
 
 # (query heads, kv heads, head_dim): the groups and head dims of real models. SmolLM2-135M
 # (9/3, 64), Llama-3.2-3B (24/8: group 3, 128), Qwen2.5-1.5B (12/2: 6), Qwen2.5-0.5B (14/2: 7),
@@ -42,14 +42,9 @@ def test_real_model_shapes_run_the_fast_kernels_and_match_hf(tmp_path_factory, n
 
     rng = random.Random(head_dim * 100 + num_heads)
     prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in (1, 17, 40, 90)]
-    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
     # Chunks of 13 tokens: prefill tiles that end mid-group and mid-block, beside decodes.
-    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=13)
-    for i, prompt in enumerate(prompts):
-        driver.add(f"r{i}", prompt, MAX_TOKENS)
-    outputs = driver.run()
-    for i, want in enumerate(expected):
-        assert_greedy_matches(outputs[f"r{i}"], want, f"{num_heads}/{num_kv_heads} heads, head_dim {head_dim}")
+    assert_batch_matches_hf(engine, info, model_dir, prompts, MAX_TOKENS, 13,
+                            f"{num_heads}/{num_kv_heads} heads, head_dim {head_dim}")
 
 
 def test_a_shape_without_kernels_is_named_at_start_up_and_in_status(tmp_path_factory, caplog):

@@ -62,10 +62,11 @@ def test_only_requests_whose_masks_are_fixed_are_speculated():
     assert speculable(SamplingParams(temperature=0.0, min_tokens=8), 8)
 
 
-def _serve(model_dir, prompts, speculative, blocks: int | None = None, **sampling):
+def _serve(model_dir, prompts, speculative, blocks: int | None = None, tamper=None, **sampling):
     """Every prompt through a SchedulerCore and a real engine (with `blocks` KV blocks of 16
-    tokens, else 64 MiB of them); {index: output tokens}, the finishes, and the core's
-    counters. Checks that every block is free again at the end: speculative slots included."""
+    tokens, else 64 MiB of them); {index: output tokens}, the Outputs (finishes, logprobs)
+    and the core's counters. Checks that every block is free again at the end: speculative
+    slots included. `tamper`: changes each StepResult before the core reads it."""
     if blocks is None:
         engine, info = make_engine(model_dir)
     else:
@@ -84,11 +85,12 @@ def _serve(model_dir, prompts, speculative, blocks: int | None = None, **samplin
         plan = core.next_plan(info.worker_id, 0.0, 0.0)
         if plan is None:
             break
-        core.on_step_result(engine.execute(plan))
+        result = engine.execute(plan)
+        core.on_step_result(tamper(result) if tamper else result)
         outputs.collect(core)
     assert len(outputs.finish) == len(prompts), "every request finished"
     assert core.workers[info.worker_id].pool.num_free == info.num_blocks, "no block leaked"
-    return {int(k): v for k, v in outputs.tokens.items()}, outputs.finish, core.counters
+    return {int(k): v for k, v in outputs.tokens.items()}, outputs, core.counters
 
 
 def _copy_prompts(vocab: int) -> list[list[int]]:
@@ -103,11 +105,11 @@ def test_greedy_output_is_the_same_with_speculation_and_equals_transformers(mode
     model_dir = model_dirs["qwen2"]
     prompts = _copy_prompts(4096)
     plain, _, off = _serve(model_dir, prompts, None)
-    spec, finishes, on = _serve(model_dir, prompts, NGRAM)
+    spec, outs, on = _serve(model_dir, prompts, NGRAM)
     assert spec == plain  # these prompts have no near-tie (checked against transformers below)
     assert off.spec_drafts == 0 and on.spec_drafts > 0 and on.spec_accepted_tokens > 0, on
     assert on.spec_accepted_tokens <= on.spec_draft_tokens
-    assert all(len(t) == 40 and finishes[str(i)].finish_reason.value == "length" for i, t in spec.items())
+    assert all(len(t) == 40 and outs.finish[str(i)].finish_reason.value == "length" for i, t in spec.items())
     for i, want in enumerate(hf_greedy(model_dir, prompts, 40, ignore_eos=True)):
         assert_greedy_matches(spec[i], want, f"prompt {i}")
     # What `conveyor status` shows of it, for the scheduler and per worker.
@@ -134,6 +136,29 @@ def test_speculation_under_preemption_gives_the_same_tokens_and_frees_every_bloc
         assert_greedy_matches(plain[i], want, f"plain, prompt {i}")
 
 
+def test_a_verification_that_contradicts_the_drafts_recomputes_the_request(model_dirs):
+    """A worker whose accepted tokens are not the drafts' prefix (a bug there) does not
+    corrupt the output: the request is recomputed from its tokens, as after a failed step."""
+    import msgspec
+
+    model_dir = model_dirs["qwen2"]
+    prompts = _copy_prompts(4096)
+    plain, _, _ = _serve(model_dir, prompts, None)
+    tampered = []
+
+    def tamper(result):
+        if result.accepted_token_ids and not tampered:
+            rid, accepted = next(iter(result.accepted_token_ids.items()))
+            tampered.append(rid)
+            return msgspec.structs.replace(result, accepted_token_ids={
+                **result.accepted_token_ids, rid: [t + 1 for t in accepted] or [1]})
+        return result
+
+    spec, _, counters = _serve(model_dir, prompts, NGRAM, tamper=tamper)
+    assert tampered and counters.step_errors == 1
+    assert spec == plain
+
+
 def test_stops_and_logprobs_hold_when_tokens_come_several_to_a_step(model_dirs):
     model_dir = model_dirs["qwen2"]
     prompts = _copy_prompts(4096)
@@ -141,42 +166,20 @@ def test_stops_and_logprobs_hold_when_tokens_come_several_to_a_step(model_dirs):
     # A stop token that falls inside a run of accepted tokens ends the output right there.
     stop = plain[0][17]
     cut = plain[0].index(stop) + 1
-    for tokens, finishes, counters in (_serve(model_dir, prompts[:1], None, stop_token_ids=[stop]),
-                                       _serve(model_dir, prompts[:1], NGRAM, stop_token_ids=[stop])):
-        assert tokens[0] == plain[0][:cut] and finishes["0"].finish_reason.value == "stop"
+    for tokens, outs, _ in (_serve(model_dir, prompts[:1], None, stop_token_ids=[stop]),
+                            _serve(model_dir, prompts[:1], NGRAM, stop_token_ids=[stop])):
+        assert tokens[0] == plain[0][:cut] and outs.finish["0"].finish_reason.value == "stop"
     # max_tokens is exact, however many tokens a step accepts.
     for n in (1, 2, 7):
         assert _serve(model_dir, prompts, NGRAM, max_tokens=n)[0] == {i: t[:n] for i, t in plain.items()}
     # Logprobs of every emitted token, accepted drafts included, equal the plain run's.
-    with_lp, _, _ = _serve_logprobs(model_dir, prompts, None)
-    spec_lp, _, counters = _serve_logprobs(model_dir, prompts, NGRAM)
-    assert counters.spec_accepted_tokens > 0
+    with_lp, spec_lp = (_serve(model_dir, prompts, spec, logprobs=2) for spec in (None, NGRAM))
+    assert spec_lp[2].spec_accepted_tokens > 0
+    with_lp, spec_lp = with_lp[1].logprobs, spec_lp[1].logprobs
+    assert len(with_lp) == len(prompts)
     for i in with_lp:
-        assert [lp.token_id for lp in spec_lp[i]] == [lp.token_id for lp in with_lp[i]] == plain[i]
+        assert [lp.token_id for lp in spec_lp[i]] == [lp.token_id for lp in with_lp[i]] == plain[int(i)]
         for a, b in zip(spec_lp[i], with_lp[i]):
             assert abs(a.logprob - b.logprob) < 1e-4
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
-
-def _serve_logprobs(model_dir, prompts, speculative):
-    engine, info = make_engine(model_dir)
-    core = SchedulerCore(Limits(max_num_batched_tokens=64, max_prefill_chunk=32, speculative=speculative))
-    core.add_worker(info, 0.0)
-    for i, prompt in enumerate(prompts):
-        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
-        assert core.add_request(SubmitRequest(str(i), prompt, params, "tcp://gateway", float(i), 0, None))
-    logprobs: dict[int, list] = {i: [] for i in range(len(prompts))}
-    done = set()
-    for _ in range(2000):
-        plan = core.next_plan(info.worker_id, 0.0, 0.0)
-        if plan is None:
-            break
-        core.on_step_result(engine.execute(plan))
-        for _, out in core.outputs:
-            assert len(out.logprobs) == len(out.token_ids), "one logprob entry per emitted token"
-            logprobs[int(out.request_id)] += out.logprobs
-            if out.finish_reason is not None:
-                done.add(out.request_id)
-        core.outputs.clear()
-    assert len(done) == len(prompts)
-    return logprobs, done, core.counters

@@ -40,6 +40,7 @@ class Outputs:
 
     def __init__(self):
         self.tokens: dict[str, list[int]] = defaultdict(list)
+        self.logprobs: dict[str, list] = defaultdict(list)  # of requests that ask for them
         self.finish: dict[str, object] = {}
 
     def collect(self, core: SchedulerCore) -> "Outputs":
@@ -47,6 +48,9 @@ class Outputs:
             assert out.request_id not in self.finish, f"{out.request_id}: output after its finish"
             assert out.index == len(self.tokens[out.request_id]), f"{out.request_id}: index off"
             self.tokens[out.request_id].extend(out.token_ids)
+            if out.logprobs:
+                assert len(out.logprobs) == len(out.token_ids), f"{out.request_id}: one logprob entry per token"
+                self.logprobs[out.request_id].extend(out.logprobs)
             if out.finish_reason is not None:
                 self.finish[out.request_id] = out
         core.outputs.clear()
