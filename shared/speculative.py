@@ -1,15 +1,19 @@
 """Speculative decoding's shared rules: the configuration (`--speculative-config`, vLLM's
-JSON), n-gram prompt lookup, and which requests may be speculated.
+JSON) and n-gram prompt lookup.
 
 Where proposals are made: n-gram proposals come from a request's own tokens, which the
 scheduler holds (the worker holds them too, but the scheduler must know a step's tokens to
 budget them and to give the request blocks for them before the step is sent). The worker
 verifies every row's proposals in the step's one forward pass (engine.py).
 
-Which requests: those whose next tokens depend on nothing but the model's logits, so that
-checking k proposals in one pass gives exactly the tokens k passes would: greedy, without
-penalties, bad words or a grammar, past min_tokens. Others decode as before in the same
-batch, and the scheduler's figures count the steps each kind took.
+Which requests: all of them. The worker samples each position of a speculated row as the
+row will be once the proposals before it are its tokens (its grammar, penalties, bad words,
+min_tokens and its seeded draw all at that position), and keeps the proposals that equal
+what it sampled. For a greedy row that is exactly what k + 1 steps would give. For a sampled
+row it is rejection sampling with a proposal that is one token for sure: a proposal is kept
+with the probability the row gives it, and a rejected one is replaced by a draw from the
+rest of that distribution; so the output distribution is unchanged, and a seeded request
+draws the same tokens as without speculation.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.messages import SamplingParams
-
 
 class SpeculativeConfig(BaseModel):
     """vLLM's `--speculative-config` keys for prompt lookup (method "ngram")."""
@@ -29,13 +31,24 @@ class SpeculativeConfig(BaseModel):
 
     method: Literal["ngram"]
     num_speculative_tokens: int = Field(gt=0, le=16)
-    prompt_lookup_max: int = Field(4, gt=0)
-    prompt_lookup_min: int = Field(1, gt=0)
+    # vLLM's defaults: both 5 when neither is given, else the one given for both.
+    prompt_lookup_max: Optional[int] = Field(None, gt=0)
+    prompt_lookup_min: Optional[int] = Field(None, gt=0)
     # vLLM's name: no proposals in a step of a worker running more requests than this.
     disable_by_batch_size: Optional[int] = Field(None, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lookup_defaults(cls, raw):
+        if isinstance(raw, dict):
+            low, high = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
+            raw = {**raw, "prompt_lookup_min": low if low is not None else high if high is not None else 5,
+                   "prompt_lookup_max": high if high is not None else low if low is not None else 5}
+        return raw
+
     @model_validator(mode="after")
     def _lookup_range(self) -> "SpeculativeConfig":
+        assert self.prompt_lookup_min is not None and self.prompt_lookup_max is not None
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max "
                              f"({self.prompt_lookup_max})")
@@ -59,15 +72,6 @@ def parse_config(text: Optional[str]) -> Optional[SpeculativeConfig]:
         raise ValueError(f"speculative config: {problems}") from None
 
 
-def speculable(params: SamplingParams, num_output_tokens: int) -> bool:
-    """Whether a request's next tokens are each the argmax of masks that do not depend on
-    the tokens before them (logit_bias and allowed_token_ids are fixed; a grammar, bad
-    words, penalties and min_tokens' stop-token ban are not)."""
-    return (params.temperature == 0.0 and params.structured is None and not params.bad_words
-            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
-            and params.repetition_penalty == 1.0 and num_output_tokens >= params.min_tokens)
-
-
 def ngram_propose(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Prompt lookup, as vLLM's: for n from max_n down to min_n, find the latest earlier
     place where the last n tokens occurred, and propose the (up to) k tokens that followed
@@ -82,3 +86,30 @@ def ngram_propose(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[
                 if follow:
                     return follow
     return []
+
+
+class NgramIndex:
+    """`ngram_propose` for a sequence that only grows, in O(max_n) a call: for every n-gram
+    length it keeps where each n-gram last started with a token after it, brought up to
+    date with the tokens added since the last call. The scheduler keeps one per request
+    (its copy in Python costs microseconds a token; a scan, milliseconds a step)."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.starts: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_n, max_n + 1)}
+        self.length = 0  # tokens indexed
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        total = len(token_ids)
+        if total < self.length:  # not the sequence it indexed: start over
+            self.__init__(self.min_n, self.max_n)
+        # An n-gram starting at s is indexed once token s + n exists: it has a follower.
+        for n, starts in self.starts.items():
+            for s in range(max(0, self.length - n), total - n):
+                starts[tuple(token_ids[s:s + n])] = s
+        self.length = total
+        for n in range(min(self.max_n, total - 1), self.min_n - 1, -1):
+            s = self.starts[n].get(tuple(token_ids[total - n:]))
+            if s is not None:
+                return token_ids[s + n:s + n + k]
+        return []

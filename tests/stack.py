@@ -4,6 +4,7 @@ the outputs the scheduler pushes back over ZeroMQ."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,10 @@ LONG_CONTEXT = 32768
 LONG_MAX_TOKENS = 30000
 KEEPER_TOKENS = 2000  # a request still running through a fault a test injects (Stack.submit_keepers)
 KEEPER_PROMPT = [7, 8, 9]
+# The end-to-end tests of batching, faults and structured outputs run their schedulers with
+# speculative decoding on (Stack(speculative=True)): their outputs must not change with it.
+SPECULATIVE_CONFIG = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+                                 "prompt_lookup_min": 1})
 
 
 def service_env(**extra: str) -> dict[str, str]:
@@ -39,8 +44,10 @@ def service_env(**extra: str) -> dict[str, str]:
 
 
 class Stack:
-    def __init__(self, redis_url: str, model_dir: Path, log_dir: Path, prefix: str | None = None):
+    def __init__(self, redis_url: str, model_dir: Path, log_dir: Path, prefix: str | None = None,
+                 speculative: bool = False):
         self.redis_url = redis_url
+        self.speculative = speculative  # every scheduler it starts speculates (SPECULATIVE_CONFIG)
         self.model_dir = model_dir
         self.log_dir = log_dir
         self.keys = RedisKeys(prefix or f"e2e-{uuid.uuid4().hex[:8]}")
@@ -70,7 +77,8 @@ class Stack:
     def start_scheduler(self, *args: str, name: str = "scheduler") -> subprocess.Popen:
         return self._start(name, "services.scheduler", "--redis-url", self.redis_url,
                            "--redis-prefix", self.keys.prefix, "--scheduler-address", self.scheduler_address,
-                           "--heartbeat-timeout", "3", "--lease-ttl", "2", *args)
+                           "--heartbeat-timeout", "3", "--lease-ttl", "2",
+                           *(["--speculative-config", SPECULATIVE_CONFIG] if self.speculative else []), *args)
 
     def start_worker(self, name: str, *args: str) -> subprocess.Popen:
         return self._start(name, "services.gpu_worker", "--model", str(self.model_dir), "--device", "cpu",

@@ -123,4 +123,7 @@ def truncate(prompt: list[int], keep: Optional[int], side: Optional[str], limits
                           f"({limits.max_model_len})", "truncate_prompt_tokens")
     if len(prompt) <= keep:
         return prompt
+    if keep == 0:
+        raise bad_request("truncate_prompt_tokens: 0 would leave an empty prompt; keep at least 1 token "
+                          "(-1: the model's maximum context length)", "truncate_prompt_tokens")
     return prompt[:keep] if side == "right" else prompt[len(prompt) - keep:]

@@ -22,7 +22,6 @@ from services.gpu_worker.sampler import Sampler, SamplingRow
 from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tp_group import RankFailure
 from shared.messages import PromptLogprobs, SamplingParams, StepPlan, StepResult, StepTimings
-from shared.speculative import speculable
 
 
 class PlanError(ValueError):
@@ -122,12 +121,6 @@ class Engine:
                 raise PlanError(f"request {rid!r}: drafts for a request that is not decoding")
             if any(not 0 <= t < self.model.shape.vocab_size for t in drafts):
                 raise PlanError(f"request {rid!r}: draft token id out of range [0, {self.model.shape.vocab_size})")
-            row = self.rows.get(rid)
-            params, num_out = ((row.sampling.params, row.sampling.num_output_tokens) if row else
-                               next((n.sampling, len(n.token_ids) - n.num_prompt_tokens) for n in plan.new_requests
-                                    if n.request_id == rid))
-            if not speculable(params, num_out):
-                raise PlanError(f"request {rid!r}: drafts for a request that may not be speculated")
             if tokens[rid] + len(drafts) > self.max_model_len:
                 raise PlanError(f"request {rid!r}: drafts run past max_model_len {self.max_model_len}")
             tokens[rid] += len(drafts)  # verified as tokens of this step
@@ -195,9 +188,9 @@ class Engine:
             if plan.draft_token_ids:
                 picks = [p for k, i in due for p in range(batch.last_token_index[k] - len(drafts[i]),
                                                             batch.last_token_index[k] + 1)]
-                # A speculated row's masks do not depend on the tokens before (speculable), so
-                # sampling its copies at every position gives what one step per token would.
-                sampling = [rows[i].sampling for _, i in due for _ in range(1 + len(drafts[i]))]
+                # Each position is sampled as the row will be with the drafts before it as its
+                # tokens: what one step per token would draw (see shared/speculative.py).
+                sampling = [s for _, i in due for s in rows[i].sampling.ahead(drafts[i])]
             else:  # the common step: one position per row
                 picks = [batch.last_token_index[k] for k, _ in due]
                 sampling = [rows[i].sampling for _, i in due]

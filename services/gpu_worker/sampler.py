@@ -67,6 +67,21 @@ class SamplingRow:
         if self.grammar is not None:
             self.grammar.accept(token_id)
 
+    def ahead(self, drafts: list[int]) -> list[SamplingRow]:
+        """This row, then copies of it as it would be after each of `drafts` in turn: the
+        rows that sample the positions of a speculated step. Everything that depends on the
+        tokens before (penalties, bad words, min_tokens, a seeded draw's position, the
+        grammar's state) is then as at that position. A grammar that refuses a draft keeps
+        the place before it: that draft is rejected, so what follows it is never used."""
+        rows = [self]
+        grammar = self.grammar
+        for j, token_id in enumerate(drafts):
+            if grammar is not None:
+                forked = grammar.fork()
+                grammar = forked if forked.try_accept(token_id) else grammar
+            rows.append(SamplingRow(self.params, self.token_ids + drafts[:j + 1], self.num_prompt_tokens, grammar))
+        return rows
+
 
 @dataclass
 class SamplerOutput:

@@ -6,6 +6,7 @@ preallocated bitmask and turned into an additive 0 / -inf mask with one lookup.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -69,6 +70,14 @@ class RowGrammar:
     def accept(self, token_id: int) -> None:
         accepted = self.try_accept(token_id)
         assert accepted, f"the grammar rejected token {token_id}, which its own mask allowed"
+
+    def fork(self) -> RowGrammar:
+        """An independent copy at the same place: a speculative step checks its proposals
+        on copies, so the row's own grammar only ever takes the tokens it keeps."""
+        twin = copy.copy(self)
+        if self.matcher is not None:
+            twin.matcher = self.matcher.fork()
+        return twin
 
     def try_accept(self, token_id: int) -> bool:
         if self.thinking:

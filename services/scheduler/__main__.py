@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         service = SchedulerService(settings, SchedulerCore(limits, settings.enable_prefix_caching), client)
         if limits.speculative is not None:  # NOTE: say where it does not apply, never silently
             spec = limits.speculative
-            log.info("speculative decoding: %s, up to %d proposed tokens a decode (lookup %d..%d tokens)%s; it "
-                     "applies to greedy requests without penalties, bad words or a grammar: sampled and "
-                     "constrained requests decode one token a step", spec.method, spec.num_speculative_tokens,
+            log.info("speculative decoding: %s, up to %d proposed tokens a decode (lookup %d..%d tokens)%s; "
+                     "every request may carry them (sampled ones by rejection sampling), as many as its recent "
+                     "acceptance and its worker's measured step cost say pay, so none in a compute-bound step",
+                     spec.method, spec.num_speculative_tokens,
                      spec.prompt_lookup_min, spec.prompt_lookup_max,
                      f", off while a worker runs more than {spec.disable_by_batch_size} requests"
                      if spec.disable_by_batch_size else "")

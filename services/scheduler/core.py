@@ -164,6 +164,8 @@ class SchedulerCore:
                 self._finish_aborted(self.requests[rid], w)
             return
         by_id = {r.request_id: r for r in w.running}
+        if self.limits.speculative is not None:
+            _observe_cost(w, step, by_id, result)
         for rid, n in step.scheduled.items():
             req = by_id.get(rid)
             if req is None:  # finished or moved meanwhile
@@ -194,6 +196,7 @@ class SchedulerCore:
             self._step_failed(w, InFlightStep(result.step_id, {rid: 1}, 0.0),
                               f"request {rid!r}: the verified tokens {accepted} are not a prefix of the drafts")
             return
+        req.acceptance.record(len(drafts), len(accepted))
         self.counters.spec_drafts += 1
         self.counters.spec_draft_tokens += len(drafts)
         self.counters.spec_accepted_tokens += len(accepted)
@@ -343,3 +346,16 @@ def _worker_sampling(req: Request) -> SamplingParams:
     if req.sampling.prompt_logprobs is not None and not req.needs_prompt_logprobs:
         return msgspec.structs.replace(req.sampling, prompt_logprobs=None)
     return req.sampling
+
+
+def _observe_cost(w: WorkerState, step: InFlightStep, by_id: dict[str, Request], result: StepResult) -> None:
+    """A step whose every row decoded (with or without proposals) tells the worker's step
+    cost (speculation.py); prefill chunks would tell the cost of attention over prompts."""
+    ms = result.timings.total_ms
+    if ms <= 0.0:
+        return
+    for rid, n in step.scheduled.items():
+        req = by_id.get(rid)
+        if req is None or req.num_tokens - req.num_computed_tokens != 1 or n != 1 + len(step.drafts.get(rid, ())):
+            return
+    w.step_cost.observe(sum(step.scheduled.values()), ms)

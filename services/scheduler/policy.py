@@ -14,12 +14,12 @@ One step = one token budget (max_num_batched_tokens) and at most max_num_seqs re
      step or two) rather than computing the same blocks again. One that asks for prompt
      logprobs reuses nothing (as in vLLM): they are computed over its whole prompt.
 
-Speculative decoding (Limits.speculative, n-gram prompt lookup): a decoding request that
-may be speculated (shared/speculative.py) takes up to k proposed tokens from its own text
-after its last one, counted in the step's budget; the worker checks them all in the step's
-pass. Proposals get blocks only while every running request could still get one: they
-never cause a preemption. None are made while the worker runs more requests than
-`disable_by_batch_size`.
+Speculative decoding (Limits.speculative, n-gram prompt lookup): a decoding request takes
+up to k proposed tokens from its own text after its last one, as many as pay by its
+recent acceptance and the worker's measured step cost (speculation.py), counted in the
+step's budget; the worker checks them all in the step's pass. Proposals get blocks only
+while every running request could still get one: they never cause a preemption. None are
+made while the worker runs more requests than `disable_by_batch_size`.
 
 Priority: lower `priority` first, then earlier arrival. Aging lowers a waiting request's
 effective priority by one level every `aging_seconds`, so nobody waits forever behind a
@@ -36,7 +36,7 @@ from services.scheduler import transitions
 from services.scheduler.request import Request
 from services.scheduler.worker_state import WorkerState
 from shared.messages import RequestStatus
-from shared.speculative import SpeculativeConfig, ngram_propose, speculable
+from shared.speculative import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,13 @@ def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
     spec = limits.speculative
     speculating = spec is not None and (spec.disable_by_batch_size is None
                                         or len(w.running) <= spec.disable_by_batch_size)
+    theta = w.step_cost.threshold(sum(r.num_tokens - r.num_computed_tokens == 1 for r in w.running)) \
+        if speculating else 1.0
     i = 0
     while i < len(w.running) and budget > 0:
         req = w.running[i]
         n = _tokens_to_run(req, budget, limits)
-        drafts = _drafts(w, req, spec, budget) if speculating and n == 1 else []
+        drafts = _drafts(w, req, spec, budget, theta) if speculating and n == 1 else []
         if drafts:
             d.drafts[req.request_id] = drafts
             n += len(drafts)
@@ -140,17 +142,18 @@ def _waits_for_prefix(w: WorkerState, req: Request, computing: set[bytes]) -> bo
     return hit < len(usable) and usable[hit] in computing
 
 
-def _drafts(w: WorkerState, req: Request, spec: SpeculativeConfig, budget: int) -> list[int]:
+def _drafts(w: WorkerState, req: Request, spec: SpeculativeConfig, budget: int, theta: float) -> list[int]:
     """The tokens proposed after a decoding request's last one, with blocks for them; []
-    for a request that may not be speculated or has no room (tokens, budget or blocks)."""
+    when none would pay (see speculation.py) or there is no room (tokens, budget or blocks)."""
     out = len(req.output_token_ids)
-    if out == 0 or not speculable(req.sampling, out):
+    if out == 0:
         return []
     room = min(spec.num_speculative_tokens, budget - 1, req.sampling.max_tokens - out - 1,
                w.max_len - req.num_tokens - 1)
+    room = req.acceptance.wanted(room, theta)
     if room <= 0:
         return []
-    drafts = ngram_propose(req.all_token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+    drafts = req.acceptance.propose(req.all_token_ids, room, spec)
     if not drafts:
         return []
     bs = w.pool.block_size

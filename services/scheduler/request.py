@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from services.scheduler.block_pool import hash_blocks
+from services.scheduler.speculation import Acceptance
 from shared.messages import ErrorCode, FinishReason, PromptLogprobs, RequestStatus, SubmitRequest, TokenLogprobs
 
 
@@ -41,6 +42,7 @@ class Request:
     # Prompt logprobs received so far, by the position of the token they are for: a chunk
     # computed again (after a preemption or a failed step) overwrites, never duplicates.
     prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict, repr=False)
+    acceptance: Acceptance = field(default_factory=Acceptance, repr=False)  # its speculation so far
 
     request_id = _from_submit("request_id")
     prompt_token_ids = _from_submit("prompt_token_ids")

@@ -11,6 +11,7 @@ from typing import Optional
 
 from services.scheduler.block_pool import BlockPool
 from services.scheduler.request import Request
+from services.scheduler.speculation import StepCost
 from shared.messages import RegisterWorker
 
 
@@ -37,6 +38,7 @@ class WorkerState:
     spec_drafts: int = 0  # decodes it verified with proposals
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    step_cost: StepCost = field(default_factory=StepCost)  # its decode steps' time, fitted (speculation.py)
 
     @property
     def worker_id(self) -> str:

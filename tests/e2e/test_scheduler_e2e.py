@@ -44,7 +44,7 @@ def workload(model_dir):
 
 @pytest.fixture
 def stack(redis_server, model_dir, tmp_path):
-    s = Stack(redis_server.url, model_dir, tmp_path)
+    s = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
     s.start_scheduler("--max-num-batched-tokens", "256", "--max-prefill-chunk", "64")
     s.start_worker("w1")
     s.start_worker("w2")
@@ -55,7 +55,7 @@ def stack(redis_server, model_dir, tmp_path):
 
 @pytest.fixture
 def mixed_stack(redis_server, model_dir, tmp_path):
-    s = Stack(redis_server.url, model_dir, tmp_path)
+    s = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
     s.start_scheduler("--max-num-batched-tokens", "256", "--max-prefill-chunk", "64")
     s.start_worker("bs16", "--block-size", "16")
     s.start_worker("bs32", "--block-size", "32")

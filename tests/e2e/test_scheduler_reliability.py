@@ -76,7 +76,7 @@ def _check(stack: Stack, requests, expected) -> None:
 def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, model_dir, workload, keeper_expected,
                                                                tmp_path):
     requests, expected = workload
-    stack = Stack(redis_server.url, model_dir, tmp_path)
+    stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
     try:
         stack.start_scheduler()
         stack.start_worker("w1")
@@ -98,7 +98,7 @@ def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, mod
 def test_a_second_scheduler_stands_by_until_the_first_is_gone(redis_server, model_dir, workload, keeper_expected,
                                                                tmp_path):
     requests, expected = workload
-    stack = Stack(redis_server.url, model_dir, tmp_path)
+    stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
     try:
         stack.start_scheduler()
         stack.start_worker("w1")
@@ -130,7 +130,7 @@ def test_redis_restart_loses_no_request(model_dir, workload, tmp_path):
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     server = start_embedded_redis(redis_dir, port=port)
-    stack = Stack(server.url, model_dir, tmp_path)
+    stack = Stack(server.url, model_dir, tmp_path, speculative=True)
     try:
         stack.start_scheduler()
         # Queued while no worker exists yet, so some are still in the stream at the restart.
@@ -168,7 +168,7 @@ def test_kill_9_of_redis_loses_no_accepted_request(model_dir, workload_50, tmp_p
     requests, expected = workload_50
     port, redis_dir = free_port(), tmp_path / "redis"
     server = start_embedded_redis(redis_dir, port=port)
-    stack = Stack(server.url, model_dir, tmp_path)
+    stack = Stack(server.url, model_dir, tmp_path, speculative=True)
     try:
         stack.start_scheduler()
         stack.start_worker("w1")
@@ -199,7 +199,7 @@ def test_requests_of_a_vanished_gateway_are_aborted(redis_server, long_model_dir
     from shared import messages as m
     from shared.redis_protocol import read_status, submit
 
-    stack = Stack(redis_server.url, long_model_dir, tmp_path)
+    stack = Stack(redis_server.url, long_model_dir, tmp_path, speculative=True)
     try:
         stack.start_scheduler("--gateway-timeout", "2")
         stack.start_worker("w1")
@@ -244,7 +244,7 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
     from shared.redis_protocol import read_status
     from tests.stack import REPO, service_env
 
-    stack = Stack(redis_server.url, model_dir, tmp_path)
+    stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
     stop = threading.Event()
     try:
         # The step timeout leaves room for three `conveyor status` runs while the worker shows

@@ -88,6 +88,7 @@ def test_bad_words_are_tokenized_as_vllm_does(served_model):
     ({"allowed_token_ids": [1, 5000]}, "allowed_token_ids", ["allowed_token_ids[1]", "5000"]),
     ({"bad_words": [""]}, "bad_words", ["bad_words[0]", "no token"]),
     ({"truncate_prompt_tokens": 65}, "truncate_prompt_tokens", ["64"]),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", ["empty prompt"]),
     ({"truncation_side": "left"}, "truncation_side", ["truncate_prompt_tokens"]),
     ({"max_tokens": 0}, "max_tokens", ["echo"]),
     ({"use_beam_search": True}, "use_beam_search", ["not supported", "false"]),

@@ -17,10 +17,11 @@ from services.gpu_worker.kv_cache import bytes_per_block
 from services.gpu_worker.loader import load_config, model_shape
 from services.scheduler.core import SchedulerCore
 from services.scheduler.policy import Limits
+from services.scheduler.speculation import StepCost
 from shared.config import WorkerSettings
 from shared.figures import SchedulerFigures, SystemStatus
-from shared.messages import SamplingParams, SubmitRequest
-from shared.speculative import SpeculativeConfig, ngram_propose, parse_config, speculable
+from shared.messages import SamplingParams, StructuredOutput, SubmitRequest
+from shared.speculative import NgramIndex, SpeculativeConfig, ngram_propose, parse_config
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.scheduler.helpers import Outputs
@@ -43,23 +44,41 @@ def test_ngram_proposes_what_followed_the_latest_match_of_the_longest_tail():
 def test_the_config_is_vllm_s_json_and_a_bad_one_says_what_is_wrong():
     assert parse_config(None) is None and parse_config("") is None
     config = parse_config('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}')
-    assert (config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) == (5, 4, 1)
+    assert (config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) == (5, 4, 4)
     for text, words in [("{", "not JSON"), ('{"method": "eagle", "num_speculative_tokens": 2}', "method"),
                         ('{"method": "ngram"}', "num_speculative_tokens"),
-                        ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}', "exceeds"),
+                        ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3}', "exceeds"),
                         ('{"method": "ngram", "num_speculative_tokens": 2, "typo": 1}', "typo"),
                         ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}', "draft_model")]:
         with pytest.raises(ValueError, match=words):
             parse_config(text)
 
 
-def test_only_requests_whose_masks_are_fixed_are_speculated():
-    assert speculable(SamplingParams(temperature=0.0, logit_bias={5: 1.0}, logprobs=3), 0)
-    assert not speculable(SamplingParams(temperature=0.7), 5)
-    assert not speculable(SamplingParams(temperature=0.0, repetition_penalty=1.1), 5)
-    assert not speculable(SamplingParams(temperature=0.0, bad_words=[[3, 4]]), 5)
-    assert not speculable(SamplingParams(temperature=0.0, min_tokens=8), 5)
-    assert speculable(SamplingParams(temperature=0.0, min_tokens=8), 8)
+def test_the_lookup_lengths_default_as_vllm_s():
+    config = parse_config('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}')
+    assert (config.prompt_lookup_min, config.prompt_lookup_max) == (4, 4), "min defaults to max"
+    config = parse_config('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2}')
+    assert (config.prompt_lookup_min, config.prompt_lookup_max) == (2, 2), "max defaults to min"
+    config = parse_config('{"method": "ngram", "num_speculative_tokens": 5}')
+    assert (config.prompt_lookup_min, config.prompt_lookup_max) == (5, 5)
+
+
+def test_the_scheduler_s_ngram_index_proposes_what_a_scan_does():
+    rng = random.Random(3)
+    for _ in range(200):
+        vocab, low = rng.choice([3, 5, 20]), rng.randint(1, 3)
+        high = rng.randint(low, 5)
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 10))]
+        index = NgramIndex(low, high)
+        for _ in range(40):  # a sequence that grows by one to four tokens a step
+            k = rng.randint(1, 5)
+            assert index.propose(tokens, k) == ngram_propose(tokens, k, low, high), (tokens, k, low, high)
+            tokens += [rng.randrange(vocab) for _ in range(rng.randint(1, 4))]
+
+
+class _AlwaysPays(StepCost):
+    def threshold(self, decoding_rows: int) -> float:
+        return 0.0
 
 
 def _serve(model_dir, prompts, speculative, blocks: int | None = None, tamper=None, **sampling):
@@ -77,8 +96,10 @@ def _serve(model_dir, prompts, speculative, blocks: int | None = None, tamper=No
         assert info.num_blocks == blocks
     core = SchedulerCore(Limits(max_num_batched_tokens=64, max_prefill_chunk=32, speculative=speculative))
     core.add_worker(info, 0.0)
+    # Every proposal made, whatever the steps' timings say: the same plans on every run.
+    core.workers[info.worker_id].step_cost = _AlwaysPays()
     for i, prompt in enumerate(prompts):
-        params = SamplingParams(temperature=0.0, **{"max_tokens": 40, "ignore_eos": True, **sampling})
+        params = SamplingParams(**{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True, **sampling})
         assert core.add_request(SubmitRequest(str(i), prompt, params, "tcp://gateway", float(i), 0, None))
     outputs = Outputs()
     for _ in range(2000):
@@ -183,3 +204,28 @@ def test_stops_and_logprobs_hold_when_tokens_come_several_to_a_step(model_dirs):
             assert abs(a.logprob - b.logprob) < 1e-4
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
+
+
+@pytest.mark.parametrize("sampling", [
+    pytest.param(dict(temperature=0.6, top_k=3, seed=11), id="seeded-sampled"),
+    pytest.param(dict(repetition_penalty=1.3, frequency_penalty=0.2, bad_words=[[7, 8]], min_tokens=12),
+                 id="greedy-penalties-bad-words-min-tokens"),
+    pytest.param(dict(structured=StructuredOutput("json_object"), ignore_eos=False, max_tokens=60), id="grammar"),
+    pytest.param(dict(temperature=0.8, seed=3, logprobs=1, structured=StructuredOutput(
+        "regex", r"(ab|cd|[0-9]{1,3}-)+"), ignore_eos=False, max_tokens=60), id="sampled-grammar"),
+])
+def test_every_kind_of_request_gets_the_same_tokens_with_speculation(model_dirs, sampling):
+    """Each position of a speculated row is sampled as it will be with the drafts before it:
+    seeded draws, penalties, bad words, min_tokens and grammars give the plain run's tokens."""
+    model_dir = model_dirs["qwen2"]
+    prompts = _copy_prompts(4096)
+    plain, plain_outs, _ = _serve(model_dir, prompts, None, **sampling)
+    spec, spec_outs, on = _serve(model_dir, prompts, NGRAM, **sampling)
+    assert on.spec_drafts > 0 and on.spec_accepted_tokens > 0, on
+    assert spec == plain
+    assert {k: f.finish_reason for k, f in spec_outs.finish.items()} == \
+        {k: f.finish_reason for k, f in plain_outs.finish.items()}
+    if sampling.get("logprobs") is not None:
+        for i in plain_outs.logprobs:
+            for a, b in zip(spec_outs.logprobs[i], plain_outs.logprobs[i], strict=True):
+                assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4

@@ -1,0 +1,108 @@
+"""When speculation pays: how many proposed tokens a decoding request carries in a step.
+
+Checking a proposed token costs the worker one more token of compute in the step; it
+gains a token when it is accepted. A step's time is nearly `a + b * tokens`: `a` the
+weights' read and the fixed costs (the whole step while decode is memory-bound), `b` the
+compute of one token. A plain step of B decoding rows yields B tokens in `a + b * B`, so a
+token is worth (a + b * B) / B of worker time, and a proposal pays while its chance of
+being accepted is above
+
+    theta = b * B / (a + b * B) = B / (a / b + B)
+
+which is small for a few rows (on this repo's CPU, SmolLM2 fp32 at one row: a / b is
+about 22, theta about 0.04) and nears 1 as the batch grows compute-bound. Each worker's
+`StepCost` fits a and b to its recent decode steps; each request's `Acceptance` estimates
+p, the chance that a proposed token is accepted when the ones before it were, from its
+recent proposals. A request carries the j-th proposal while p ** j >= theta: many while
+its text is being copied, none while it writes anew; then one proposal now and then, to
+notice when copying starts again: every PROBE_EVERY steps at a small theta, rarer as a
+probe's cost (theta of a token) grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from shared.speculative import NgramIndex, SpeculativeConfig
+
+# Before a worker's steps have shown their cost: a / b as for a model whose decode is
+# memory-bound up to 16 tokens a step.
+PRIOR_FIXED_PER_TOKEN = 16.0
+# Steps of differing sizes needed to fit a and b, and how fast old steps are forgotten.
+MIN_STEPS = 8
+STEP_DECAY = 0.98
+# A request's prior p (1 hit in 2 trials), and how fast its old proposals are forgotten
+# (per proposed token judged): its text turns from copying to writing within a sentence.
+PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0
+ACCEPT_DECAY = 0.7
+PROBE_EVERY = 8
+
+
+@dataclass
+class StepCost:
+    """One worker's step time as a + b * tokens, fitted by least squares to its decode
+    steps, each weighing STEP_DECAY times less than the one after it."""
+
+    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # weight, x, x^2, y, x*y
+
+    def observe(self, tokens: int, ms: float) -> None:
+        w, x, xx, y, xy = (STEP_DECAY * v for v in self.sums)
+        self.sums = [w + 1.0, x + tokens, xx + tokens * tokens, y + ms, xy + tokens * ms]
+
+    def fixed_per_token(self) -> float:
+        """a / b: how many tokens' compute the fixed part of a step is worth."""
+        w, x, xx, y, xy = self.sums
+        det = w * xx - x * x
+        # Too few steps, or all of one size (no slope to see): the prior.
+        if w < MIN_STEPS or det < 0.25 * w * w:
+            return PRIOR_FIXED_PER_TOKEN
+        b = (w * xy - x * y) / det
+        a = (y - b * x) / w
+        if b <= 0.0:  # noise: more tokens looked free
+            return 1e6
+        return max(a, 0.0) / b
+
+    def threshold(self, decoding_rows: int) -> float:
+        """theta for a step of `decoding_rows` decodes: the least chance of acceptance at
+        which one more proposed token pays."""
+        n = max(decoding_rows, 1)
+        return n / (self.fixed_per_token() + n)
+
+
+@dataclass
+class Acceptance:
+    """A request's recent proposals as trials: each accepted token a success, the rejected
+    one that ends a verification a failure (those after it were never judged); each trial
+    weighs ACCEPT_DECAY times less than the one after it."""
+
+    hits: float = PRIOR_HITS
+    trials: float = PRIOR_TRIALS
+    idle: int = 0  # decode steps since it last carried a proposal
+    ngrams: Optional[NgramIndex] = None
+
+    @property
+    def p(self) -> float:
+        return self.hits / self.trials
+
+    def record(self, proposed: int, accepted: int) -> None:
+        for success in [True] * accepted + [False] * (accepted < proposed):
+            self.hits = ACCEPT_DECAY * self.hits + success
+            self.trials = ACCEPT_DECAY * self.trials + 1.0
+
+    def wanted(self, room: int, theta: float) -> int:
+        """How many proposals (at most `room`) pay this step; counts idle steps."""
+        n, reach = 0, 1.0
+        while n < room and reach * self.p >= theta:
+            reach *= self.p
+            n += 1
+        if n == 0 and room > 0 and self.idle * max(1.0 - theta, 0.05) >= PROBE_EVERY:
+            n = 1
+        self.idle = 0 if n else self.idle + 1
+        return n
+
+    def propose(self, token_ids: list[int], k: int, spec: SpeculativeConfig) -> list[int]:
+        if self.ngrams is None:
+            assert spec.prompt_lookup_min is not None and spec.prompt_lookup_max is not None
+            self.ngrams = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        return self.ngrams.propose(token_ids, k)
