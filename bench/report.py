@@ -122,6 +122,15 @@ def summary_markdown(results: dict) -> str:
         extra = [f"{k}={v}" for k, v in peer.get("extra_env", {}).items()] + peer.get("extra_args", [])
         if extra:
             lines.append(f"Peer configuration beyond its defaults: {' '.join(extra)}.")
+    for name, figures in results.get("systems", {}).items():
+        c = figures.get("scheduler_counters", {})
+        if c.get("spec_drafts"):
+            lines.append(f"Speculation ({name}, median round): {c['spec_accepted_tokens']:,} of "
+                         f"{c['spec_draft_tokens']:,} proposed tokens accepted "
+                         f"({c['spec_accepted_tokens'] / c['spec_draft_tokens']:.0%}) in {c['spec_drafts']:,} "
+                         f"verified decodes, mean accepted length {1 + c['spec_accepted_tokens'] / c['spec_drafts']:.2f} "
+                         f"(tokens a verified decode emitted); {c.get('steps', 0):,} steps for "
+                         f"{c.get('generation_tokens', 0):,} output tokens.")
     if "rounds" in results:
         lines.append("CPU seconds of each server's processes per round: " + "; ".join(
             f"{name} " + ", ".join(f"{sum(f['cpu_s'].values()):.1f}" for f in figs) for name, figs in results["rounds"].items()))

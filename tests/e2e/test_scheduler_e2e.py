@@ -1,7 +1,8 @@
 """The scheduler with real Redis and two real worker processes on a tiny model: greedy
 outputs equal Hugging Face's for 50 mixed requests, also when one worker is killed with
 SIGKILL mid-run, and when the two have different block sizes (16 and 32); bad input on
-every channel is survived."""
+every channel is survived. The scheduler speculates (n-gram prompt lookup): proposals are
+verified in the same batches, and outputs stay equal to Hugging Face's."""
 
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def test_fifty_requests_on_two_workers_match_hf(stack, workload):
     status = _status_after(stack, lambda s: s.scheduler.finished.get("stop", 0) + s.scheduler.finished.get("length", 0) == 50)
     assert status.queue_length == 0 and status.pending == 0, "every finished request was acknowledged"
     assert all(w.steps > 0 for w in status.workers.values()), "both workers served"
+    assert status.scheduler.spec_drafts > 0, "proposals were verified in these batches"
     assert stack.client.hget(stack.keys.request("req-0"), "status") == b"finished"
 
 
@@ -111,6 +113,7 @@ def _kill_mid_run_loses_nothing(stack: Stack, workload, keeper_expected, victim:
         assert_greedy_matches(stack.tokens[rid], keeper_expected, rid)
     status = _status_after(stack, lambda s: s.scheduler.migrations >= 1 and set(s.workers) == {survivor})
     assert status.scheduler.migrations >= 1 and set(status.workers) == {survivor}
+    assert status.scheduler.spec_drafts > 0, "proposals were verified through the fault"
 
 
 def test_kill_9_of_a_worker_mid_run_loses_nothing(stack, workload, keeper_expected):

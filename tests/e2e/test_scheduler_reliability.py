@@ -3,7 +3,8 @@ it resumes every unfinished request from the Redis queue; streams continue with 
 lost or repeated), a second scheduler started by mistake (it stands by on the lease), a
 Redis restart (everyone reconnects; queued requests survive), and kill -9 of Redis with 50
 requests accepted and streaming (`appendfsync always`: every accepted one completes, once,
-equal to an undisturbed greedy run)."""
+equal to an undisturbed greedy run). Every scheduler here speculates (n-gram prompt lookup):
+the faults must not change a token with it either."""
 
 from __future__ import annotations
 

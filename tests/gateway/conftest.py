@@ -45,6 +45,7 @@ def gateway_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, gateway_model_dir):
     with start_embedded_redis(tmp_path_factory.mktemp("gateway-redis")) as redis_server:
+        # Speculating: the API's tests (structured outputs, tools, logprobs, seeds) hold with it.
         s = Stack(redis_server.url, gateway_model_dir, tmp_path_factory.mktemp("gateway-logs"), speculative=True)
         try:
             s.start_scheduler()
