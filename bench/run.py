@@ -119,6 +119,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ap.error("--temperature and --top-p are for --workload chat (the others are greedy over token ids)")
     if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
         ap.error(f"--temperature must be in [0, 2] and --top-p in (0, 1] (got {args.temperature}, {args.top_p})")
+    if args.peer == "conveyor" and (args.url or args.peer_arg or args.peer_iomp != DEFAULT_IOMP):
+        ap.error("--peer conveyor starts a second Conveyor here with --peer-env's settings: not with --url, "
+                 "--peer-arg or --peer-iomp (vLLM's)")
     if args.concurrency is not None and (args.workload != "copy" or args.concurrency < 1):
         ap.error(f"--concurrency is for --workload copy, and at least 1 (got {args.concurrency})")
     if args.workload == "custom":

@@ -72,13 +72,14 @@ class SamplingRow:
         rows that sample the positions of a speculated step. Everything that depends on the
         tokens before (penalties, bad words, min_tokens, a seeded draw's position, the
         grammar's state) is then as at that position. A grammar that refuses a draft keeps
-        the place before it: that draft is rejected, so what follows it is never used."""
+        the place before it: that draft is rejected, so what follows it is never used. Every
+        row gets a matcher of its own: the batch fill runs matchers on threads at once."""
         rows = [self]
         grammar = self.grammar
         for j, token_id in enumerate(drafts):
             if grammar is not None:
                 forked = grammar.fork()
-                grammar = forked if forked.try_accept(token_id) else grammar
+                grammar = forked if forked.try_accept(token_id) else grammar.fork()
             rows.append(SamplingRow(self.params, self.token_ids + drafts[:j + 1], self.num_prompt_tokens, grammar))
         return rows
 

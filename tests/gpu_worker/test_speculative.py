@@ -229,3 +229,29 @@ def test_every_kind_of_request_gets_the_same_tokens_with_speculation(model_dirs,
         for i in plain_outs.logprobs:
             for a, b in zip(spec_outs.logprobs[i], plain_outs.logprobs[i], strict=True):
                 assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_every_position_row_has_a_grammar_of_its_own():
+    """The batch mask fill runs matchers on threads at once: no two rows may share one, also
+    after a draft the grammar refuses (the rows after it keep the place before it)."""
+    from services.gpu_worker.sampler import SamplingRow
+
+    class Grammar:
+        def __init__(self, taken=()):
+            self.taken = list(taken)
+
+        def fork(self):
+            return Grammar(self.taken)
+
+        def try_accept(self, token_id):
+            if token_id == 99:  # refused
+                return False
+            self.taken.append(token_id)
+            return True
+
+    row = SamplingRow(SamplingParams(temperature=0.0), [1, 2, 3], 2, grammar=Grammar())
+    rows = row.ahead([5, 99, 6])
+    assert rows[0] is row and len({id(r.grammar) for r in rows}) == 4
+    # After the refused 99 the row keeps [5]; what follows is never used (99 is rejected).
+    assert [r.grammar.taken for r in rows] == [[], [5], [5], [5, 6]]
+    assert [r.num_output_tokens for r in rows] == [1, 2, 3, 4] and row.grammar.taken == []
