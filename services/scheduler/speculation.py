@@ -85,7 +85,7 @@ class Acceptance:
 
     hits: float = PRIOR_HITS
     trials: float = PRIOR_TRIALS
-    idle: int = 0  # decode steps since it last carried a proposal
+    idle: int = 0  # decode steps since the policy last wanted proposals of it (a lookup may find none)
     ngrams: Optional[NgramIndex] = None
 
     @property
