@@ -28,6 +28,20 @@ def check_cpu_affinity(v: str) -> str:
 
 CpuAffinity = Annotated[str, AfterValidator(check_cpu_affinity)]
 
+
+def check_speculative_config(v: Optional[str]) -> Optional[str]:
+    """vLLM's --speculative-config JSON, unchanged (ValueError naming the key otherwise)."""
+    from shared.speculative import parse_config
+
+    parse_config(v)
+    return v
+
+
+SpeculativeConfigText = Annotated[Optional[str], AfterValidator(check_speculative_config)]
+SPECULATIVE_CONFIG_HELP = ('speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": k, '
+                           '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"method": "draft_model", "model": DIR, '
+                           '"num_speculative_tokens": k} (default: off; shared/speculative.py)')
+
 # A process that exits with this code cannot start as configured (a bad setting, a missing
 # or unsupported model): `make run` stops everything rather than restart it into the same error.
 CONFIG_ERROR_EXIT = 2
@@ -99,6 +113,9 @@ class WorkerSettings(_Settings):
         description="Redis where a failure to start is recorded, for the gateway's 503 and `conveyor status` "
         "(unset: not recorded; the worker itself never needs Redis)")
     redis_prefix: str = Field("conveyor", description="prefix of the Redis keys (as the scheduler's)")
+    speculative_config: SpeculativeConfigText = Field(
+        None, description="as the scheduler's: with method draft_model, the worker loads the draft model and "
+        "drafts the tokens the scheduler asks for")
 
     @field_validator("block_size")
     @classmethod
@@ -148,17 +165,7 @@ class SchedulerSettings(RedisSettings):
     lease_ttl: float = Field(
         5.0, gt=0, description="the scheduler's lease in Redis expires this long after its last renewal; "
         "then its peers take over its requests")
-    speculative_config: Optional[str] = Field(
-        None, description='speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": k, '
-        '"prompt_lookup_max": n, "prompt_lookup_min": m} (default: off; shared/speculative.py)')
-
-    @field_validator("speculative_config")
-    @classmethod
-    def _speculative_config(cls, value: Optional[str]) -> Optional[str]:
-        from shared.speculative import parse_config
-
-        parse_config(value)  # ValueError: a start-up error naming the key
-        return value
+    speculative_config: SpeculativeConfigText = Field(None, description=SPECULATIVE_CONFIG_HELP)
 
 
 class GatewaySettings(RedisSettings):
@@ -206,8 +213,8 @@ class RunSettings(_Settings):
         None, description="Hugging Face tokenizer directory to use instead of the model's (every service)")
     reasoning_parser: Optional[Literal["qwen3", "deepseek_r1"]] = Field(
         None, description="the gateway's reasoning parser (qwen3 or deepseek_r1; default: none)")
-    speculative_config: Optional[str] = Field(
-        None, description="the scheduler's speculative decoding, vLLM's JSON (default: off)")
+    speculative_config: SpeculativeConfigText = Field(
+        None, description="speculative decoding, vLLM's JSON, for the scheduler and every worker (default: off)")
     host: str = Field("127.0.0.1", description="gateway HTTP address")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=0, description="number of local GPU workers")

@@ -142,6 +142,10 @@ class StepPlan(msgspec.Struct, frozen=True, tag="step_plan"):
     # num_scheduled_tokens counts them (1 + len): the worker verifies them all in this one
     # forward pass and answers with those it accepts (StepResult.accepted_token_ids).
     draft_token_ids: dict[str, list[int]] = {}
+    # With the worker's draft model (RegisterWorker.draft_model): how many tokens it drafts
+    # after a decoding request's last one, then verifies as above; num_scheduled_tokens
+    # counts them too, and StepResult.draft_token_ids says which they were.
+    num_draft_tokens: dict[str, int] = {}
 
 
 # ---- worker -> scheduler ----------------------------------------------------------------
@@ -168,6 +172,8 @@ class StepTimings(msgspec.Struct, frozen=True):
     forward_ms: float = 0.0
     sample_ms: float = 0.0
     total_ms: float = 0.0
+    draft_ms: float = 0.0  # of total_ms: the draft model's passes (speculative decoding)
+    draft_passes: int = 0
 
 
 class StepResult(msgspec.Struct, frozen=True, tag="step_result"):
@@ -185,6 +191,7 @@ class StepResult(msgspec.Struct, frozen=True, tag="step_result"):
     # and their logprobs where asked. Its cache then holds 1 + len(accepted) more tokens.
     accepted_token_ids: dict[str, list[int]] = {}
     accepted_logprobs: dict[str, list[TokenLogprobs]] = {}
+    draft_token_ids: dict[str, list[int]] = {}  # what its draft model proposed (StepPlan.num_draft_tokens)
     prompt_logprobs: dict[str, PromptLogprobs] = {}  # rows whose sampling asks for them
     timings: StepTimings = StepTimings()
     error: Union[str, None] = None
@@ -207,6 +214,7 @@ class RegisterWorker(msgspec.Struct, frozen=True, tag="register_worker"):
     # backend's fast one, saying which op, which shape and why: never a silent fallback.
     backends: dict[str, str] = {}
     slow_paths: list[str] = []
+    draft_model: str = ""  # the draft model it proposes tokens with (speculative decoding), "" for none
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):

@@ -3,8 +3,11 @@ JSON) and n-gram prompt lookup.
 
 Where proposals are made: n-gram proposals come from a request's own tokens, which the
 scheduler holds (the worker holds them too, but the scheduler must know a step's tokens to
-budget them and to give the request blocks for them before the step is sent). The worker
-verifies every row's proposals in the step's one forward pass (engine.py).
+budget them and to give the request blocks for them before the step is sent). A draft
+model's come from the worker, which holds the model: the scheduler decides how many a row
+carries (and gives it blocks for them), the worker drafts them at the start of the step
+(services/gpu_worker/drafter.py). Either way the worker verifies every row's proposals in
+the step's one forward pass (engine.py).
 
 Which requests: all of them. The worker samples each position of a speculated row as the
 row will be once the proposals before it are its tokens (its grammar, penalties, bad words,
@@ -25,12 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class SpeculativeConfig(BaseModel):
-    """vLLM's `--speculative-config` keys for prompt lookup (method "ngram")."""
+    """vLLM's `--speculative-config` keys for prompt lookup (method "ngram") and for a draft
+    model (method "draft_model", with `model`: a smaller model sharing the target's tokenizer)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["ngram"]
+    method: Literal["ngram", "draft_model"]
     num_speculative_tokens: int = Field(gt=0, le=16)
+    model: Optional[str] = None  # draft_model: its directory or .gguf file
     # vLLM's defaults: both 5 when neither is given, else the one given for both.
     prompt_lookup_max: Optional[int] = Field(None, gt=0)
     prompt_lookup_min: Optional[int] = Field(None, gt=0)
@@ -40,14 +45,23 @@ class SpeculativeConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _lookup_defaults(cls, raw):
-        if isinstance(raw, dict):
+        if isinstance(raw, dict) and raw.get("method") == "ngram":
             low, high = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
             raw = {**raw, "prompt_lookup_min": low if low is not None else high if high is not None else 5,
                    "prompt_lookup_max": high if high is not None else low if low is not None else 5}
         return raw
 
     @model_validator(mode="after")
-    def _lookup_range(self) -> "SpeculativeConfig":
+    def _method_keys(self) -> "SpeculativeConfig":
+        if self.method == "draft_model":
+            if not self.model:
+                raise ValueError('method "draft_model" needs "model": the draft model\'s directory or .gguf file')
+            given = [k for k in ("prompt_lookup_max", "prompt_lookup_min") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f'{", ".join(given)}: only for method "ngram"')
+            return self
+        if self.model is not None:
+            raise ValueError('model: only for method "draft_model"')
         assert self.prompt_lookup_min is not None and self.prompt_lookup_max is not None
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max "
@@ -63,13 +77,17 @@ def parse_config(text: Optional[str]) -> Optional[SpeculativeConfig]:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"speculative config is not JSON: {e}") from None
-    if isinstance(raw, dict) and raw.get("method") == "draft_model":
-        raise ValueError('speculative config: method "draft_model" is not built yet; "ngram" is')
     try:
         return SpeculativeConfig.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
         raise ValueError(f"speculative config: {problems}") from None
+
+
+def draft_model_of(text: Optional[str]) -> Optional[str]:
+    """The draft model a worker loads for this configuration (None: none)."""
+    spec = parse_config(text)
+    return spec.model if spec is not None and spec.method == "draft_model" else None
 
 
 def ngram_propose(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:

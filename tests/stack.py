@@ -32,8 +32,9 @@ LONG_CONTEXT = 32768
 LONG_MAX_TOKENS = 30000
 KEEPER_TOKENS = 2000  # a request still running through a fault a test injects (Stack.submit_keepers)
 KEEPER_PROMPT = [7, 8, 9]
-# The end-to-end tests of batching, faults and structured outputs run their schedulers with
-# speculative decoding on (Stack(speculative=True)): their outputs must not change with it.
+# The end-to-end tests of batching, faults and structured outputs run with speculative
+# decoding on (Stack(speculative=True): n-gram lookup; "draft_model": the model drafting for
+# itself, so that proposals are accepted): their outputs must not change with it.
 SPECULATIVE_CONFIG = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
                                  "prompt_lookup_min": 1})
 
@@ -45,9 +46,12 @@ def service_env(**extra: str) -> dict[str, str]:
 
 class Stack:
     def __init__(self, redis_url: str, model_dir: Path, log_dir: Path, prefix: str | None = None,
-                 speculative: bool = False):
+                 speculative: bool | str = False):
         self.redis_url = redis_url
-        self.speculative = speculative  # every scheduler it starts speculates (SPECULATIVE_CONFIG)
+        # Every scheduler and worker it starts speculates with this config (None: off).
+        self.speculative = SPECULATIVE_CONFIG if speculative is True else json.dumps(
+            {"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": 3}) \
+            if speculative == "draft_model" else None
         self.model_dir = model_dir
         self.log_dir = log_dir
         self.keys = RedisKeys(prefix or f"e2e-{uuid.uuid4().hex[:8]}")
@@ -78,12 +82,13 @@ class Stack:
         return self._start(name, "services.scheduler", "--redis-url", self.redis_url,
                            "--redis-prefix", self.keys.prefix, "--scheduler-address", self.scheduler_address,
                            "--heartbeat-timeout", "3", "--lease-ttl", "2",
-                           *(["--speculative-config", SPECULATIVE_CONFIG] if self.speculative else []), *args)
+                           *(["--speculative-config", self.speculative] if self.speculative else []), *args)
 
     def start_worker(self, name: str, *args: str) -> subprocess.Popen:
         return self._start(name, "services.gpu_worker", "--model", str(self.model_dir), "--device", "cpu",
                            "--scheduler-address", self.scheduler_address, "--worker-id", name,
-                           "--kv-cache-memory", "64MiB", *args)
+                           "--kv-cache-memory", "64MiB",
+                           *(["--speculative-config", self.speculative] if self.speculative else []), *args)
 
     def start_serving(self, *scheduler_args: str) -> int:
         """The usual system: a scheduler, worker "w1" and gateway "gw", all ready; returns

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from services.gpu_worker.batch import ForwardBatch, ScheduledRow, build_batch
+from services.gpu_worker.drafter import Drafter
 from services.gpu_worker.logit_masks import mask_problem
 from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.prompt_logprobs import compute_prompt_logprobs, prompt_span
@@ -34,6 +35,7 @@ class RequestRow:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingRow  # holds the tokens too
+    draft_computed: int = 0  # its tokens in the draft model's cache (drafter.py)
 
     @property
     def token_ids(self) -> list[int]:
@@ -43,7 +45,7 @@ class RequestRow:
 class Engine:
     def __init__(self, model: DecoderModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  num_blocks: int, max_model_len: int, eos_token_ids: list[int], worker_id: str = "in-process",
-                 grammars: Grammars | None = None):
+                 grammars: Grammars | None = None, drafter: Drafter | None = None):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -53,6 +55,8 @@ class Engine:
         self.device = model.device
         self.sampler = Sampler(model.shape.vocab_size, eos_token_ids, model.device)
         self.grammars = grammars  # None: this engine refuses structured outputs
+        self.drafter = drafter  # None: it verifies proposals, but drafts none
+        self._draft_ms, self._draft_passes = 0.0, 0  # the current step's
         self.rows: dict[str, RequestRow] = {}
 
     def close(self) -> None:
@@ -113,7 +117,12 @@ class Engine:
             self._check_blocks(rid, cached.new_block_ids)
             blocks[rid] += len(cached.new_block_ids)
 
-        for rid, drafts in plan.draft_token_ids.items():
+        if plan.num_draft_tokens and self.drafter is None:
+            raise PlanError("draft tokens asked of a worker without a draft model")
+        for rid in plan.num_draft_tokens.keys() & plan.draft_token_ids.keys():
+            raise PlanError(f"request {rid!r}: both proposed tokens and a number to draft")
+        asked = {rid: [0] * max(n, 0) for rid, n in plan.num_draft_tokens.items()}  # stand-ins, checked alike
+        for rid, drafts in [*plan.draft_token_ids.items(), *asked.items()]:
             if rid not in tokens or plan.num_scheduled_tokens.get(rid) != 1 + len(drafts) or not drafts:
                 raise PlanError(f"request {rid!r}: {len(drafts)} drafts, but scheduled for "
                                 f"{plan.num_scheduled_tokens.get(rid)} tokens (1 + drafts)")
@@ -166,8 +175,9 @@ class Engine:
         if not scheduled:
             return StepResult(step_id=plan.step_id, worker_id=self.worker_id)
         rows = [self.rows[rid] for rid, _ in scheduled]
+        drafted = self._draft(plan)
         # A row with drafts runs its last token and the drafts after it, as a short chunk.
-        drafts = [plan.draft_token_ids.get(rid, []) for rid, _ in scheduled]
+        drafts = [plan.draft_token_ids.get(rid) or drafted.get(rid, []) for rid, _ in scheduled]
         batch = build_batch([ScheduledRow(r.token_ids + d if d else r.token_ids, r.block_ids, r.num_computed_tokens, n)
                              for r, d, (_, n) in zip(rows, drafts, scheduled)], self.block_size, self.device)
         t1 = time.perf_counter()
@@ -185,7 +195,7 @@ class Engine:
         accepted_logprobs = {}
         t2 = time.perf_counter()
         if due:
-            if plan.draft_token_ids:
+            if plan.draft_token_ids or drafted:
                 picks = [p for k, i in due for p in range(batch.last_token_index[k] - len(drafts[i]),
                                                             batch.last_token_index[k] + 1)]
                 # Each position is sampled as the row will be with the drafts before it as its
@@ -216,6 +226,8 @@ class Engine:
                 r.num_computed_tokens += n
             else:  # its last token and the accepted drafts are in the cache; the rest is overwritten later
                 r.num_computed_tokens += 1 + len(kept)
+                if r.request_id in drafted:
+                    Drafter.verified(r, len(drafted[r.request_id]), len(kept))
                 for token in kept:
                     r.sampling.append(token)
             if r.request_id in sampled:
@@ -224,9 +236,22 @@ class Engine:
         ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
         return StepResult(
             step_id=plan.step_id, worker_id=self.worker_id, sampled_token_ids=sampled, logprobs=logprobs,
-            accepted_token_ids=accepted, accepted_logprobs=accepted_logprobs, prompt_logprobs=prompt_logprobs,
-            timings=StepTimings(prepare_ms=ms(t0, t1), forward_ms=ms(t1, t2), sample_ms=ms(t2, t3), total_ms=ms(t0, t3)),
+            accepted_token_ids=accepted, accepted_logprobs=accepted_logprobs, draft_token_ids=drafted,
+            prompt_logprobs=prompt_logprobs,
+            timings=StepTimings(prepare_ms=ms(t0, t1), forward_ms=ms(t1, t2), sample_ms=ms(t2, t3), total_ms=ms(t0, t3),
+                                draft_ms=self._draft_ms, draft_passes=self._draft_passes),
         )
+
+    def _draft(self, plan: StepPlan) -> dict[str, list[int]]:
+        """The draft model's proposals for the rows the plan asks them of (prepare time)."""
+        self._draft_ms, self._draft_passes = 0.0, 0
+        if not plan.num_draft_tokens:
+            return {}
+        assert self.drafter is not None  # _validate
+        ids = list(plan.num_draft_tokens)
+        out = self.drafter.propose([self.rows[rid] for rid in ids], [plan.num_draft_tokens[rid] for rid in ids])
+        self._draft_ms, self._draft_passes = out.ms, out.passes
+        return dict(zip(ids, out.tokens))
 
     def _prompt_logprobs(self, rows: list[RequestRow], scheduled: list[tuple[str, int]], batch: ForwardBatch,
                          hidden: torch.Tensor) -> dict[str, PromptLogprobs]:

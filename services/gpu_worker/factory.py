@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from kernels import get_attention_backend
+from services.gpu_worker.drafter import Drafter
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.linear import onednn_slow_path
 from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_in_budget
@@ -20,6 +21,7 @@ from services.gpu_worker.tensor_parallel import start_tensor_parallel
 from shared.config import WorkerSettings
 from shared.models import ModelLoadError, max_model_len, model_dir, read_config
 from shared.messages import RegisterWorker
+from shared.speculative import draft_model_of
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,16 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     max_len = max_model_len(read_config(path), path, settings.max_model_len)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    draft_path = _draft_path(settings, max_len)
     if settings.tensor_parallel_size > 1:
         model, num_blocks = start_tensor_parallel(settings, path, device, dtype)
+        draft = None
     else:
         model = load_model(path, device, dtype, get_attention_backend(device), settings.linear_backend,
                            max_model_len=max_len)
-        num_blocks = num_blocks_in_budget(model.shape, settings.block_size, dtype, device,
+        draft = None if draft_path is None else _load_draft(draft_path, model, settings, device, dtype, max_len)
+        shapes = [model.shape] if draft is None else [model.shape, draft.shape]
+        num_blocks = num_blocks_in_budget(shapes, settings.block_size, dtype, device,
                                           int(settings.kv_cache_memory), settings.gpu_memory_fraction)
     min_blocks = -(-max_len // settings.block_size)
     if num_blocks < min_blocks:
@@ -91,10 +97,48 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
         log.warning("slow path: %s", slow)
     log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", path, device, dtype, num_blocks,
              settings.block_size, num_blocks * bytes_per_block(model.shape, settings.block_size, dtype) / 2**20)
+    drafter = None
+    if draft is not None:
+        drafter = Drafter(draft, allocate_kv_cache(draft.shape, num_blocks, settings.block_size, dtype, device),
+                          settings.block_size, str(draft_path))
+        log.info("speculative decoding: draft model %s (%d layers, %.1f MiB of KV cache beside the model's), "
+                 "on the rows the scheduler asks proposals of", draft_path, draft.shape.num_layers,
+                 num_blocks * bytes_per_block(draft.shape, settings.block_size, dtype) / 2**20)
     engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id,
-                    Grammars(tokenizer_dir(settings, path), model.shape.vocab_size, eos))
+                    Grammars(tokenizer_dir(settings, path), model.shape.vocab_size, eos), drafter)
     facts = RegisterWorker(worker_id=settings.worker_id, model=str(path), max_model_len=max_len,
                            block_size=settings.block_size, num_blocks=num_blocks, vocab_size=model.shape.vocab_size,
                            eos_token_ids=eos, device=str(device), pid=os.getpid(), backends=backends,
-                           slow_paths=slow_paths)
+                           slow_paths=slow_paths, draft_model="" if draft_path is None else str(draft_path))
     return engine, facts
+
+
+def _draft_path(settings: WorkerSettings, max_len: int) -> Path | None:
+    """The draft model's directory when speculative_config names one, checked before anything
+    loads: a model of its own, with no tensor parallelism."""
+    name = draft_model_of(settings.speculative_config)
+    if name is None:
+        return None
+    if settings.tensor_parallel_size > 1:
+        raise ModelLoadError("speculative_config: a draft model with tensor_parallel_size > 1 is not supported")
+    try:
+        path = model_dir(name)
+        positions = read_config(path).get("max_position_embeddings")
+    except ModelLoadError as e:
+        raise ModelLoadError(f"speculative_config's draft model: {str(e).replace(' (CONVEYOR_MODEL / --model)', '')}") \
+            from None
+    if isinstance(positions, int) and positions < max_len:
+        raise ModelLoadError(f"speculative_config: the draft model {str(path)!r} holds {positions} positions, "
+                             f"fewer than max_model_len {max_len}: lower --max-model-len")
+    return path
+
+
+def _load_draft(path: Path, model, settings: WorkerSettings, device: torch.device, dtype: torch.dtype,
+                max_len: int):
+    draft = load_model(path, device, dtype, get_attention_backend(device), settings.linear_backend,
+                       max_model_len=max_len)
+    if draft.shape.vocab_size != model.shape.vocab_size:
+        draft.close()
+        raise ModelLoadError(f"speculative_config: the draft model's vocabulary ({draft.shape.vocab_size} tokens) "
+                             f"is not the model's ({model.shape.vocab_size}): it must share the tokenizer")
+    return draft

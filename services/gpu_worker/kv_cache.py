@@ -25,9 +25,12 @@ def cache_budget_bytes(device: torch.device, cpu_budget: int, gpu_fraction: floa
     return int(cpu_budget)
 
 
-def num_blocks_in_budget(shape: ModelShape, block_size: int, dtype: torch.dtype, device: torch.device,
-                         cpu_budget: int, gpu_fraction: float) -> int:
-    return cache_budget_bytes(device, cpu_budget, gpu_fraction) // bytes_per_block(shape, block_size, dtype)
+def num_blocks_in_budget(shapes: ModelShape | list[ModelShape], block_size: int, dtype: torch.dtype,
+                         device: torch.device, cpu_budget: int, gpu_fraction: float) -> int:
+    """Blocks that fit: of each model's cache when several share the block ids (a draft model's)."""
+    shapes = shapes if isinstance(shapes, list) else [shapes]
+    per_block = sum(bytes_per_block(shape, block_size, dtype) for shape in shapes)
+    return cache_budget_bytes(device, cpu_budget, gpu_fraction) // per_block
 
 
 def allocate_kv_cache(shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype,

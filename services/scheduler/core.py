@@ -108,6 +108,10 @@ class SchedulerCore:
         self.workers[reg.worker_id] = WorkerState(info=reg, pool=pool, last_seen=now)
         log.info("worker %s joined: %d blocks of %d tokens, max_model_len %d",
                  reg.worker_id, reg.num_blocks, reg.block_size, reg.max_model_len)
+        spec = self.limits.speculative
+        if spec is not None and spec.method == "draft_model" and not reg.draft_model:  # NOTE: never silently
+            log.warning("worker %s has no draft model (its speculative_config is not the scheduler's): "
+                        "no speculative decoding on it", reg.worker_id)
         unplaced, self.unplaced = self.unplaced, []
         for req in unplaced:
             self._place(req)
@@ -147,7 +151,7 @@ class SchedulerCore:
         if not d.scheduled and not w.to_drop:
             return None
         plan = self._build_plan(w, d)
-        w.in_flight = InFlightStep(plan.step_id, dict(d.scheduled), monotonic, d.drafts)
+        w.in_flight = InFlightStep(plan.step_id, dict(d.scheduled), monotonic, d.drafts, d.draft_counts)
         return plan
 
     def on_step_result(self, result: StepResult) -> None:
@@ -170,8 +174,8 @@ class SchedulerCore:
             req = by_id.get(rid)
             if req is None:  # finished or moved meanwhile
                 continue
-            if rid in step.drafts:
-                self._verified(w, req, step.drafts[rid], result)
+            if step.proposed(rid):
+                self._verified(w, req, step, result)
                 continue
             transitions.computed(w, req, n)
             if rid in self._aborts:
@@ -186,15 +190,19 @@ class SchedulerCore:
             lp = result.logprobs.get(rid)
             self._emit(w, req, [token], [lp] if lp else [])
 
-    def _verified(self, w: WorkerState, req: Request, drafts: list[int], result: StepResult) -> None:
-        """A decode checked with proposals: the accepted ones, then the model's own token,
-        are its output; the cache holds its last token and the accepted ones."""
+    def _verified(self, w: WorkerState, req: Request, step: InFlightStep, result: StepResult) -> None:
+        """A decode checked with proposals (ours, or the worker's draft model's): the accepted
+        ones, then the model's own token, are its output; the cache holds its last token and
+        the accepted ones."""
         rid = req.request_id
+        drafts = step.drafts.get(rid) or result.draft_token_ids.get(rid, [])
         token = result.sampled_token_ids.get(rid)
         accepted = result.accepted_token_ids.get(rid, [])
-        if token is None or accepted != drafts[:len(accepted)]:  # a worker bug: recompute the request
+        if token is None or len(drafts) != step.proposed(rid) or accepted != drafts[:len(accepted)]:
+            # a worker bug: recompute the request
             self._step_failed(w, InFlightStep(result.step_id, {rid: 1}, 0.0),
-                              f"request {rid!r}: the verified tokens {accepted} are not a prefix of the drafts")
+                              f"request {rid!r}: the verified tokens {accepted} are not a prefix of the "
+                              f"{step.proposed(rid)} proposed {drafts}")
             return
         req.acceptance.record(len(drafts), len(accepted))
         self.counters.spec_drafts += 1
@@ -273,7 +281,8 @@ class SchedulerCore:
                 cached.append(CachedRequest(rid, req.new_block_ids, req.num_computed_tokens))
             req.new_block_ids = []
         self._step_id += 1
-        plan = StepPlan(self._step_id, new, cached, dict(d.scheduled), w.to_drop, draft_token_ids=dict(d.drafts))
+        plan = StepPlan(self._step_id, new, cached, dict(d.scheduled), w.to_drop, draft_token_ids=dict(d.drafts),
+                        num_draft_tokens=dict(d.draft_counts))
         w.to_drop = []
         return plan
 
@@ -350,12 +359,16 @@ def _worker_sampling(req: Request) -> SamplingParams:
 
 def _observe_cost(w: WorkerState, step: InFlightStep, by_id: dict[str, Request], result: StepResult) -> None:
     """A step whose every row decoded (with or without proposals) tells the worker's step
-    cost (speculation.py); prefill chunks would tell the cost of attention over prompts."""
-    ms = result.timings.total_ms
+    cost (speculation.py); prefill chunks would tell the cost of attention over prompts. A
+    draft model's passes are timed apart: they cost per pass, not per token verified."""
+    timings = result.timings
+    if timings.draft_passes:
+        w.step_cost.observe_draft(timings.draft_ms / timings.draft_passes)
+    ms = timings.total_ms - timings.draft_ms
     if ms <= 0.0:
         return
     for rid, n in step.scheduled.items():
         req = by_id.get(rid)
-        if req is None or req.num_tokens - req.num_computed_tokens != 1 or n != 1 + len(step.drafts.get(rid, ())):
+        if req is None or req.num_tokens - req.num_computed_tokens != 1 or n != 1 + step.proposed(rid):
             return
     w.step_cost.observe(sum(step.scheduled.values()), ms)

@@ -14,10 +14,11 @@ One step = one token budget (max_num_batched_tokens) and at most max_num_seqs re
      step or two) rather than computing the same blocks again. One that asks for prompt
      logprobs reuses nothing (as in vLLM): they are computed over its whole prompt.
 
-Speculative decoding (Limits.speculative, n-gram prompt lookup): a decoding request takes
-up to k proposed tokens from its own text after its last one, as many as pay by its
-recent acceptance and the worker's measured step cost (speculation.py), counted in the
-step's budget; the worker checks them all in the step's pass. Proposals get blocks only
+Speculative decoding (Limits.speculative): a decoding request takes up to k proposed tokens
+after its last one, as many as pay by its recent acceptance and the worker's measured step
+cost (speculation.py), counted in the step's budget; the worker checks them all in the
+step's pass. N-gram prompt lookup finds them here in the request's own text; a draft model
+is the worker's, which drafts as many as the plan asks (none on a worker without one). Proposals get blocks only
 while every running request could still get one: they never cause a preemption. None are
 made while the worker runs more requests than `disable_by_batch_size`.
 
@@ -54,6 +55,7 @@ class Decision:
     admitted: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     drafts: dict[str, list[int]] = field(default_factory=dict)  # request_id -> proposed tokens
+    draft_counts: dict[str, int] = field(default_factory=dict)  # request_id -> tokens the worker drafts
 
 
 def waiting_key(now: float, aging_seconds: float):
@@ -70,18 +72,19 @@ def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
     w.running.sort(key=lambda r: (r.priority, r.arrival_time))  # most important first
 
     spec = limits.speculative
+    drafting = spec is not None and spec.method == "draft_model"
     speculating = spec is not None and (spec.disable_by_batch_size is None
-                                        or len(w.running) <= spec.disable_by_batch_size)
-    theta = w.step_cost.threshold(sum(r.num_tokens - r.num_computed_tokens == 1 for r in w.running)) \
+                                        or len(w.running) <= spec.disable_by_batch_size) \
+        and (w.drafts_itself or not drafting)
+    theta = w.step_cost.threshold(sum(r.num_tokens - r.num_computed_tokens == 1 for r in w.running), drafting) \
         if speculating else 1.0
     i = 0
     while i < len(w.running) and budget > 0:
         req = w.running[i]
         n = _tokens_to_run(req, budget, limits)
-        drafts = _drafts(w, req, spec, budget, theta) if speculating and n == 1 else []
-        if drafts:
-            d.drafts[req.request_id] = drafts
-            n += len(drafts)
+        if speculating and n == 1:
+            assert spec is not None
+            n += _propose(w, req, spec, budget, theta, d)
         while not transitions.grow(w, req, req.num_computed_tokens + n):
             victim = w.running[-1]  # least important; never one already scheduled (index < i)
             transitions.requeue(w, victim, preempted=True)  # recomputed later, tokens kept
@@ -142,27 +145,33 @@ def _waits_for_prefix(w: WorkerState, req: Request, computing: set[bytes]) -> bo
     return hit < len(usable) and usable[hit] in computing
 
 
-def _drafts(w: WorkerState, req: Request, spec: SpeculativeConfig, budget: int, theta: float) -> list[int]:
-    """The tokens proposed after a decoding request's last one, with blocks for them; []
+def _propose(w: WorkerState, req: Request, spec: SpeculativeConfig, budget: int, theta: float, d: Decision) -> int:
+    """How many tokens are proposed after a decoding request's last one, with blocks for
+    them, put in `d` (the tokens found by prompt lookup, or how many the worker drafts); 0
     when none would pay (see speculation.py) or there is no room (tokens, budget or blocks)."""
     out = len(req.output_token_ids)
     if out == 0:
-        return []
+        return 0
     room = min(spec.num_speculative_tokens, budget - 1, req.sampling.max_tokens - out - 1,
                w.max_len - req.num_tokens - 1)
     room = req.acceptance.wanted(room, theta)
     if room <= 0:
-        return []
-    drafts = req.acceptance.propose(req.all_token_ids, room, spec)
-    if not drafts:
-        return []
+        return 0
+    drafts = req.acceptance.propose(req.all_token_ids, room, spec) if spec.method == "ngram" else None
+    count = room if drafts is None else len(drafts)
+    if count == 0:
+        return 0
     bs = w.pool.block_size
-    need = -(-(req.num_computed_tokens + 1 + len(drafts)) // bs) - len(req.block_ids)
+    need = -(-(req.num_computed_tokens + 1 + count) // bs) - len(req.block_ids)
     # New blocks only while every running request could still take one: never a preemption.
     if need > 0 and (w.pool.num_free - need < len(w.running) or not transitions.grow(
-            w, req, req.num_computed_tokens + 1 + len(drafts))):
-        return []
-    return drafts
+            w, req, req.num_computed_tokens + 1 + count)):
+        return 0
+    if drafts is None:
+        d.draft_counts[req.request_id] = count
+    else:
+        d.drafts[req.request_id] = drafts
+    return count
 
 
 def _tokens_to_run(req: Request, budget: int, limits: Limits) -> int:

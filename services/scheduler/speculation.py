@@ -19,6 +19,10 @@ token, on the same cores as the workers here): many while its text is being copi
 while it writes anew, none where a step is near compute-bound; then one proposal now and then, to
 notice when copying starts again: every PROBE_EVERY steps at a small theta, rarer as a
 probe's cost (theta of a token) grows.
+
+With a draft model each proposal also costs one of its passes, d ms, shared by the rows
+drafting in the step; for B rows that adds d / (a + b * B) to theta (a pass, in tokens of
+the step's worth, spread over its B rows' tokens).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ STEP_DECAY = 0.98
 PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0
 ACCEPT_DECAY = 0.7
 PROBE_EVERY = 8
+# How fast a draft model's measured pass time forgets old passes.
+DRAFT_DECAY = 0.9
 # How much more a proposal must be likely to gain than it costs the worker. At 1.5, a step of
 # many rows of a tiny model (theta near 0.9: `mixed` on `tiny`) carries none, where proposals
 # accepted 93% of the time gained nothing measurable; one row of SmolLM2 (theta near 0.05)
@@ -52,29 +58,52 @@ class StepCost:
     steps, each weighing STEP_DECAY times less than the one after it."""
 
     sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # weight, x, x^2, y, x*y
+    draft_pass_ms: float = 0.0  # a draft model's pass, averaged over recent ones (0: none seen)
 
     def observe(self, tokens: int, ms: float) -> None:
         w, x, xx, y, xy = (STEP_DECAY * v for v in self.sums)
         self.sums = [w + 1.0, x + tokens, xx + tokens * tokens, y + ms, xy + tokens * ms]
 
-    def fixed_per_token(self) -> float:
-        """a / b: how many tokens' compute the fixed part of a step is worth."""
+    def observe_draft(self, ms_per_pass: float) -> None:
+        seen = self.draft_pass_ms > 0.0
+        self.draft_pass_ms = DRAFT_DECAY * self.draft_pass_ms + (1 - DRAFT_DECAY) * ms_per_pass if seen else ms_per_pass
+
+    def _fit(self) -> tuple[float, float] | None:
+        """(a, b) in ms, or None while too few steps, or all of one size (no slope to see)."""
         w, x, xx, y, xy = self.sums
         det = w * xx - x * x
-        # Too few steps, or all of one size (no slope to see): the prior.
         if w < MIN_STEPS or det < 0.25 * w * w:
-            return PRIOR_FIXED_PER_TOKEN
+            return None
         b = (w * xy - x * y) / det
-        a = (y - b * x) / w
+        return (y - b * x) / w, b
+
+    def fixed_per_token(self) -> float:
+        """a / b: how many tokens' compute the fixed part of a step is worth."""
+        fit = self._fit()
+        if fit is None:
+            return PRIOR_FIXED_PER_TOKEN
+        a, b = fit
         if b <= 0.0:  # noise: more tokens looked free
             return 1e6
         return max(a, 0.0) / b
 
-    def threshold(self, decoding_rows: int) -> float:
+    def step_ms(self, tokens: int) -> float:
+        """The time of a step of `tokens` decodes (the mean step's before a fit; 0: none seen)."""
+        fit = self._fit()
+        if fit is None or fit[1] <= 0.0:
+            w, y = self.sums[0], self.sums[3]
+            return y / w if w else 0.0
+        return max(fit[0] + fit[1] * tokens, 0.0)
+
+    def threshold(self, decoding_rows: int, drafting: bool = False) -> float:
         """theta for a step of `decoding_rows` decodes: the least chance of acceptance at
-        which one more proposed token pays."""
+        which one more proposed token pays (`drafting`: each costs a draft model's pass too)."""
         n = max(decoding_rows, 1)
-        return n / (self.fixed_per_token() + n)
+        theta = n / (self.fixed_per_token() + n)
+        step = self.step_ms(n)
+        if drafting and self.draft_pass_ms > 0.0 and step > 0.0:
+            theta += self.draft_pass_ms / step
+        return theta
 
 
 @dataclass

@@ -21,6 +21,10 @@ class InFlightStep:
     scheduled: dict[str, int]  # request_id -> tokens scheduled (a decode's proposed tokens included)
     sent_at: float  # monotonic
     drafts: dict[str, list[int]] = field(default_factory=dict)  # request_id -> tokens proposed
+    draft_counts: dict[str, int] = field(default_factory=dict)  # request_id -> tokens its draft model proposes
+
+    def proposed(self, request_id: str) -> int:
+        return len(self.drafts.get(request_id, ())) + self.draft_counts.get(request_id, 0)
 
 
 @dataclass(eq=False)
@@ -43,6 +47,11 @@ class WorkerState:
     @property
     def worker_id(self) -> str:
         return self.info.worker_id
+
+    @property
+    def drafts_itself(self) -> bool:
+        """It has a draft model (speculative decoding's method draft_model)."""
+        return bool(self.info.draft_model)
 
     @property
     def max_len(self) -> int:

@@ -56,7 +56,8 @@ def stack(redis_server, model_dir, tmp_path):
 
 @pytest.fixture
 def mixed_stack(redis_server, model_dir, tmp_path):
-    s = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
+    # A draft model's cache moves with its requests too: each worker drafts with its own.
+    s = Stack(redis_server.url, model_dir, tmp_path, speculative="draft_model")
     s.start_scheduler("--max-num-batched-tokens", "256", "--max-prefill-chunk", "64")
     s.start_worker("bs16", "--block-size", "16")
     s.start_worker("bs32", "--block-size", "32")

@@ -77,7 +77,7 @@ def _check(stack: Stack, requests, expected) -> None:
 def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, model_dir, workload, keeper_expected,
                                                                tmp_path):
     requests, expected = workload
-    stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
+    stack = Stack(redis_server.url, model_dir, tmp_path, speculative="draft_model")  # its draft cache is rebuilt too
     try:
         stack.start_scheduler()
         stack.start_worker("w1")

@@ -24,15 +24,23 @@ CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3
 MAX_TOKENS = 32
 
 
-def test_greedy_through_the_system_with_speculation_equals_transformers(redis_server, tmp_path_factory):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_greedy_through_the_system_with_speculation_equals_transformers(redis_server, tmp_path_factory, method):
     model_dir = make_model(tmp_path_factory.mktemp("spec"), preset="tiny", num_hidden_layers=2, seed=4)
+    # The worker runs the draft model: here the model itself, whose proposals are accepted.
+    config = CONFIG if method == "ngram" else {"method": "draft_model", "num_speculative_tokens": 3,
+                                               "model": str(model_dir)}
     rng = random.Random(8)
     phrase = [rng.randrange(3, 4096) for _ in range(10)]
     prompts = [phrase * 3, [rng.randrange(3, 4096) for _ in range(6)] + phrase * 2]
     references = hf_greedy(model_dir, prompts, MAX_TOKENS, ignore_eos=True)
     stack = Stack(redis_server.url, model_dir, tmp_path_factory.mktemp("spec-logs"))
     try:
-        port = stack.start_serving("--speculative-config", json.dumps(CONFIG))
+        stack.start_scheduler("--speculative-config", json.dumps(config))
+        stack.start_worker("w1", "--speculative-config", json.dumps(config))
+        stack.wait_workers({"w1"})
+        port = stack.start_gateway("gw")
+        stack.wait_gateway("gw", port)
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=120.0) as client:
             for i, prompt in enumerate(prompts):
@@ -60,7 +68,7 @@ def test_greedy_through_the_system_with_speculation_equals_transformers(redis_se
 
 @pytest.mark.parametrize("config, words", [
     ('{"method": "ngram"}', "num_speculative_tokens"),
-    ('{"method": "draft_model", "model": "/x", "num_speculative_tokens": 3}', "draft_model"),
+    ('{"method": "draft_model", "num_speculative_tokens": 3}', "needs \"model\""),
     ("ngram", "not JSON"),
 ])
 def test_a_bad_speculative_config_stops_the_scheduler_saying_why(config, words):

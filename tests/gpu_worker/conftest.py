@@ -43,7 +43,8 @@ def model_dirs(tmp_path_factory):
 TEST_DEVICE = os.environ.get("CONVEYOR_TEST_DEVICE", "cpu")
 
 
-def make_engine(model_dir, block_size: int = 16, kv_cache_memory: str = "64MiB"):
+def make_engine(model_dir, block_size: int = 16, kv_cache_memory: str = "64MiB", speculative_config=None):
     settings = WorkerSettings(model=str(model_dir), device=TEST_DEVICE, dtype="float32", block_size=block_size,
-                              kv_cache_memory=kv_cache_memory, worker_id="test-worker")
+                              kv_cache_memory=kv_cache_memory, worker_id="test-worker",
+                              speculative_config=speculative_config)
     return create_engine(settings)

@@ -48,8 +48,7 @@ def test_the_config_is_vllm_s_json_and_a_bad_one_says_what_is_wrong():
     for text, words in [("{", "not JSON"), ('{"method": "eagle", "num_speculative_tokens": 2}', "method"),
                         ('{"method": "ngram"}', "num_speculative_tokens"),
                         ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3}', "exceeds"),
-                        ('{"method": "ngram", "num_speculative_tokens": 2, "typo": 1}', "typo"),
-                        ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}', "draft_model")]:
+                        ('{"method": "ngram", "num_speculative_tokens": 2, "typo": 1}', "typo")]:
         with pytest.raises(ValueError, match=words):
             parse_config(text)
 
@@ -77,7 +76,7 @@ def test_the_scheduler_s_ngram_index_proposes_what_a_scan_does():
 
 
 class _AlwaysPays(StepCost):
-    def threshold(self, decoding_rows: int) -> float:
+    def threshold(self, decoding_rows: int, drafting: bool = False) -> float:
         return 0.0
 
 
@@ -86,13 +85,16 @@ def _serve(model_dir, prompts, speculative, blocks: int | None = None, tamper=No
     tokens, else 64 MiB of them); {index: output tokens}, the Outputs (finishes, logprobs)
     and the core's counters. Checks that every block is free again at the end: speculative
     slots included. `tamper`: changes each StepResult before the core reads it."""
+    config = None if speculative is None else speculative.model_dump_json(exclude_none=True)
     if blocks is None:
-        engine, info = make_engine(model_dir)
+        engine, info = make_engine(model_dir, speculative_config=config)
     else:
-        shape = model_shape(load_config(model_dir))
+        shapes = [model_shape(load_config(d)) for d in [model_dir, *([speculative.model] if config and
+                                                                     speculative.model else [])]]
         engine, info = create_engine(WorkerSettings(
             model=str(model_dir), device="cpu", dtype="float32", worker_id="test-worker", max_model_len=blocks * 16,
-            kv_cache_memory=str(blocks * bytes_per_block(shape, 16, torch.float32))))
+            kv_cache_memory=str(blocks * sum(bytes_per_block(s, 16, torch.float32) for s in shapes)),
+            speculative_config=config))
         assert info.num_blocks == blocks
     core = SchedulerCore(Limits(max_num_batched_tokens=64, max_prefill_chunk=32, speculative=speculative))
     core.add_worker(info, 0.0)
