@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, required=True, help="layers the draft keeps")
     args = ap.parse_args(argv)
     src, preset = resolve_model(args.model)
-    print(truncated_draft(src, args.layers, cache_root() / "drafts" / f"{preset or src.name}-{args.layers}-layers"))
+    print(truncated_draft(src, args.layers, cache_root() / "drafts" / f"{preset or src.name}-{args.layers}-layer"))
 
 
 if __name__ == "__main__":

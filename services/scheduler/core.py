@@ -205,6 +205,8 @@ class SchedulerCore:
                               f"{step.proposed(rid)} proposed {drafts}")
             return
         req.acceptance.record(len(drafts), len(accepted))
+        if rid in step.draft_counts:
+            w.draft_acceptance.record(len(drafts), len(accepted))
         self.counters.spec_drafts += 1
         self.counters.spec_draft_tokens += len(drafts)
         self.counters.spec_accepted_tokens += len(accepted)

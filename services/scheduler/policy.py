@@ -97,6 +97,8 @@ def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
         budget -= n
         i += 1
 
+    if speculating and drafting:
+        w.draft_acceptance.idle = 0 if d.draft_counts else w.draft_acceptance.idle + 1
     # A step that had to preempt admits nobody: the freed blocks go to running requests.
     if not d.preempted:
         _admit_waiting(w, d, budget, limits, now)
@@ -154,7 +156,11 @@ def _propose(w: WorkerState, req: Request, spec: SpeculativeConfig, budget: int,
         return 0
     room = min(spec.num_speculative_tokens, budget - 1, req.sampling.max_tokens - out - 1,
                w.max_len - req.num_tokens - 1)
-    room = req.acceptance.wanted(room, theta)
+    if spec.method == "draft_model":  # the worker's draft: its acceptance there says most
+        req.acceptance.start_from(w.draft_acceptance.p)
+        room = req.acceptance.wanted(room, theta, w.draft_acceptance.may_probe(theta))
+    else:
+        room = req.acceptance.wanted(room, theta)
     if room <= 0:
         return 0
     drafts = req.acceptance.propose(req.all_token_ids, room, spec) if spec.method == "ngram" else None

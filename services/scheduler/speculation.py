@@ -22,7 +22,11 @@ probe's cost (theta of a token) grows.
 
 With a draft model each proposal also costs one of its passes, d ms, shared by the rows
 drafting in the step; for B rows that adds d / (a + b * B) to theta (a pass, in tokens of
-the step's worth, spread over its B rows' tokens).
+the step's worth, spread over its B rows' tokens). How often a draft model is right is
+mostly the draft's own doing, so each worker also keeps its acceptance over all its
+requests (forgetting slower): a request starts from it, and probes only while it says
+proposals would pay, or once in WORKER_PROBE_EVERY steps without any (a probe there costs
+the draft's catching up on the request's text, not a lookup).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ STEP_DECAY = 0.98
 PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0
 ACCEPT_DECAY = 0.7
 PROBE_EVERY = 8
+WORKER_DECAY = 0.98
+WORKER_PROBE_EVERY = 16 * PROBE_EVERY
 # How fast a draft model's measured pass time forgets old passes.
 DRAFT_DECAY = 0.9
 # How much more a proposal must be likely to gain than it costs the worker. At 1.5, a step of
@@ -116,23 +122,35 @@ class Acceptance:
     trials: float = PRIOR_TRIALS
     idle: int = 0  # decode steps since the policy last wanted proposals of it (a lookup may find none)
     ngrams: Optional[NgramIndex] = None
+    decay: float = ACCEPT_DECAY
+    judged: bool = False  # any proposal of it verified yet
 
     @property
     def p(self) -> float:
         return self.hits / self.trials
 
-    def record(self, proposed: int, accepted: int) -> None:
-        for success in [True] * accepted + [False] * (accepted < proposed):
-            self.hits = ACCEPT_DECAY * self.hits + success
-            self.trials = ACCEPT_DECAY * self.trials + 1.0
+    def start_from(self, p: float) -> None:
+        """A prior of p in place of 1/2, until its own proposals are judged."""
+        if not self.judged:
+            self.hits = p * self.trials
 
-    def wanted(self, room: int, theta: float) -> int:
+    def record(self, proposed: int, accepted: int) -> None:
+        self.judged = True
+        for success in [True] * accepted + [False] * (accepted < proposed):
+            self.hits = self.decay * self.hits + success
+            self.trials = self.decay * self.trials + 1.0
+
+    def may_probe(self, theta: float) -> bool:
+        """For a worker's draft-model acceptance: whether its requests may probe."""
+        return self.p >= MARGIN * theta or self.idle * max(1.0 - theta, 0.05) >= WORKER_PROBE_EVERY
+
+    def wanted(self, room: int, theta: float, may_probe: bool = True) -> int:
         """How many proposals (at most `room`) pay this step; counts idle steps."""
         n, reach = 0, 1.0
         while n < room and reach * self.p >= MARGIN * theta:
             reach *= self.p
             n += 1
-        if n == 0 and room > 0 and self.idle * max(1.0 - theta, 0.05) >= PROBE_EVERY:
+        if n == 0 and room > 0 and may_probe and self.idle * max(1.0 - theta, 0.05) >= PROBE_EVERY:
             n = 1
         self.idle = 0 if n else self.idle + 1
         return n

@@ -11,7 +11,7 @@ from typing import Optional
 
 from services.scheduler.block_pool import BlockPool
 from services.scheduler.request import Request
-from services.scheduler.speculation import StepCost
+from services.scheduler.speculation import WORKER_DECAY, Acceptance, StepCost
 from shared.messages import RegisterWorker
 
 
@@ -43,6 +43,8 @@ class WorkerState:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     step_cost: StepCost = field(default_factory=StepCost)  # its decode steps' time, fitted (speculation.py)
+    # Its draft model's acceptance over all its requests; idle: steps without proposals.
+    draft_acceptance: Acceptance = field(default_factory=lambda: Acceptance(decay=WORKER_DECAY))
 
     @property
     def worker_id(self) -> str:

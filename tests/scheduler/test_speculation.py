@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.speculation import PRIOR_FIXED_PER_TOKEN, PROBE_EVERY, Acceptance, StepCost
+from services.scheduler.speculation import (
+    PRIOR_FIXED_PER_TOKEN, PROBE_EVERY, WORKER_DECAY, WORKER_PROBE_EVERY, Acceptance, StepCost,
+)
 
 
 def _fitted(a: float, b: float, sizes) -> StepCost:
@@ -61,3 +63,37 @@ def test_a_request_that_stopped_proposing_probes_now_and_then():
     for _ in range(4):
         acc.record(1, 1)
     assert acc.wanted(4, 0.1) >= 1
+
+
+def test_a_draft_model_s_pass_raises_the_threshold_by_its_share_of_the_step():
+    cost = _fitted(50.0, 2.0, [1, 5, 3, 1, 2, 5, 4, 1, 5, 2] * 3)
+    plain = cost.threshold(1)
+    assert cost.threshold(1, drafting=True) == plain, "no pass measured yet: nothing added"
+    cost.observe_draft(13.0)
+    assert cost.threshold(1, drafting=True) == pytest.approx(plain + 13.0 / 52.0, rel=1e-6)
+    cost.observe_draft(23.0)  # later passes weigh in
+    assert 13.0 < cost.draft_pass_ms < 23.0
+
+
+def test_a_worker_s_draft_acceptance_starts_its_requests_and_gates_their_probes():
+    """A draft that is rarely right stops proposing for every request, new ones included,
+    probing only once in WORKER_PROBE_EVERY steps; one that is often right starts them high."""
+    useless = Acceptance(decay=WORKER_DECAY)
+    for _ in range(40):
+        useless.record(3, 0)
+    theta = 0.05
+    assert not useless.may_probe(theta)
+    fresh = Acceptance()
+    fresh.start_from(useless.p)
+    assert [fresh.wanted(5, theta, useless.may_probe(theta)) for _ in range(5 * PROBE_EVERY)] == [0] * 5 * PROBE_EVERY
+    useless.idle = WORKER_PROBE_EVERY * 2
+    assert useless.may_probe(theta) and fresh.wanted(5, theta, True) == 1, "the worker's rare probe"
+    good = Acceptance(decay=WORKER_DECAY)
+    for _ in range(40):
+        good.record(3, 3)
+    started = Acceptance()
+    started.start_from(good.p)
+    assert good.may_probe(theta) and started.wanted(5, theta, good.may_probe(theta)) == 5
+    started.record(5, 0)
+    started.start_from(good.p)  # its own trials now count, not the worker's
+    assert started.p < good.p
