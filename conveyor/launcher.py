@@ -3,8 +3,9 @@ REDIS_URL is set), the scheduler, CONVEYOR_WORKERS workers and the gateway.
 A service that crashes (non-zero exit) is restarted with backoff, as compose would; one
 that exits 0 was stopped on purpose and stays stopped; one that exits 2 cannot start as
 configured, so everything stops with its message and exit code 2 (a restart would only
-repeat the error). Ctrl-C or SIGTERM stops every process it started, gateway first and
-Redis last.
+repeat the error). The embedded Redis is restarted with the same backoff whenever it exits,
+on its port and data directory, so the queue it acknowledged is back. Ctrl-C or SIGTERM
+stops every process it started, gateway first and Redis last.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from conveyor.commands import service_command
 from shared import cpu_layout
 from shared.config import CONFIG_ERROR_EXIT, RunSettings
-from shared.embedded_redis import free_port, start_embedded_redis
+from shared.embedded_redis import EmbeddedRedis, free_port, start_embedded_redis
 from shared.models import cache_root, model_dir
 
 log = logging.getLogger("conveyor.launcher")
@@ -35,6 +36,7 @@ STOP_TIMEOUT_S = 20.0
 MAX_BACKOFF_S = 30.0
 TAIL_LINES = 50  # of each child's stderr, kept for the message of a configuration error
 ERROR_LINE = re.compile(r"\bERROR\b|\berror:|^[\w.]*(Error|Exception)\b")  # a log line, argparse, a traceback
+REDIS_LOG_LINES = 3  # of the embedded Redis's log, quoted when it exits: why, if it could not start
 
 
 @dataclass
@@ -75,6 +77,40 @@ class Child:
             self._reader.join(wait_s)
 
 
+class RedisChild:
+    """The embedded redis-server, supervised as the services are (the same fields as Child):
+    without it every request gets 503. It is restarted whatever its exit code, on the same
+    port and data directory, so the services reconnect to the URL they were given and find
+    the queue in its append-only file."""
+
+    name = service = "redis"
+
+    def __init__(self, server: EmbeddedRedis):
+        self.server = server
+        self.proc: Optional[subprocess.Popen] = server.process
+        self.restarts = 0
+        self.next_start = 0.0
+        self.started_at = time.monotonic()
+        self._announce()
+
+    def start(self) -> None:
+        self.server.restart()
+        self.proc, self.started_at = self.server.process, time.monotonic()
+        self._announce()
+
+    def last_error(self) -> str:
+        tail = self.server.log_tail(REDIS_LOG_LINES)
+        return f"its log ({self.server.log_path}) ends:\n{tail}"
+
+    def _announce(self) -> None:
+        s = self.server
+        log.info("started redis (pid %d) at %s, data in %s (append-only, appendfsync %s)",
+                 s.pid, s.url, s.data_dir, s.appendfsync)
+
+
+Supervised = Union[Child, RedisChild]
+
+
 def _forward(stream, tail: deque[str]) -> None:
     """Copies a child's stderr to ours line by line, keeping the last lines in `tail`."""
     with stream:
@@ -89,7 +125,7 @@ class Launcher:
     def __init__(self, settings: RunSettings):
         self.settings = settings
         self.children: list[Child] = []
-        self.redis = None
+        self.redis: Optional[RedisChild] = None  # the embedded Redis, when REDIS_URL is not set
         self.stopping = False
         self.config_error: Optional[str] = None  # which service could not start as configured, and why
 
@@ -119,9 +155,8 @@ class Launcher:
         if not redis_url:
             data_dir = cache_root() / "redis"
             data_dir.mkdir(parents=True, exist_ok=True)
-            self.redis = start_embedded_redis(data_dir, appendfsync=s.redis_appendfsync)
-            redis_url = self.redis.url
-            log.info("embedded Redis at %s (data in %s)", redis_url, data_dir)
+            self.redis = RedisChild(start_embedded_redis(data_dir, appendfsync=s.redis_appendfsync))
+            redis_url = self.redis.server.url
         scheduler_address = s.scheduler_address or f"tcp://127.0.0.1:{free_port()}"
         env = dict(os.environ)
         env.update({
@@ -210,31 +245,37 @@ Ctrl-C stops everything.
 
     def _restart_exited(self) -> None:
         now = time.monotonic()
-        for child in list(self.children):
+        # Redis first: the services come back to a queue that is there.
+        for child in [*([self.redis] if self.redis else []), *self.children]:
+            if self.stopping:
+                return
             if child.proc is None:
-                if now >= child.next_start and not self.stopping:
+                if now >= child.next_start:
                     child.start()
                 continue
             code = child.proc.poll()
-            if code is None or self.stopping:
-                continue
+            if code is not None:
+                self._exited(child, code, now)
+
+    def _exited(self, child: Supervised, code: int, now: float) -> None:
+        if child is not self.redis:  # Redis has no planned exit, nor one that a restart cannot mend
             if code == 0:  # it was stopped on purpose (SIGTERM): scaling down, not a crash
                 log.info("%s stopped (exit 0); not restarting it", child.name)
                 self.children.remove(child)
-                continue
+                return
             if code == CONFIG_ERROR_EXIT:
                 log.error("%s exited with code %d: it cannot start as configured; stopping everything",
                           child.name, code)
                 self.config_error = f"{child.name} cannot start as configured (exit code {code}):\n{child.last_error()}"
                 self.stopping = True
                 return
-            # A service that ran a while before dying gets a fresh backoff.
-            if now - child.started_at > 60:
-                child.restarts = 0
-            delay = min(MAX_BACKOFF_S, 0.5 * 2 ** child.restarts)
-            child.restarts += 1
+        delay = _backoff(child, now)
+        if child is self.redis:
+            log.error("redis exited with code %s; restarting in %.1f s on the same port and data (%s, %s); %s",
+                      code, delay, self.redis.server.url, self.redis.server.data_dir, child.last_error())
+        else:
             log.error("%s exited with code %s; restarting in %.1f s", child.name, code, delay)
-            child.proc, child.next_start = None, now + delay
+        child.proc, child.next_start = None, now + delay
 
     def _stop_signal(self, *_) -> None:
         if not self.stopping:
@@ -259,5 +300,16 @@ Ctrl-C stops everything.
         for c in self.children:  # their last lines out before we exit (daemon threads die mid-write)
             c.output_done()
         if self.redis is not None:
-            self.redis.stop()
+            self.redis.server.stop()  # a no-op if it is waiting out a backoff
         log.info("all processes stopped")
+
+
+def _backoff(child: Supervised, now: float) -> float:
+    """How long a crashed process waits before it starts again: 0.5 s, doubling with each
+    crash up to MAX_BACKOFF_S; a process that ran a while before dying starts from 0.5 s."""
+    if now - child.started_at > 60:
+        child.restarts = 0
+    delay = min(MAX_BACKOFF_S, 0.5 * 2 ** child.restarts)
+    child.restarts += 1
+    return delay
+
