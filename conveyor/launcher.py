@@ -5,7 +5,7 @@ that exits 0 was stopped on purpose and stays stopped; one that exits 2 cannot s
 configured, so everything stops with its message and exit code 2 (a restart would only
 repeat the error). The embedded Redis is restarted with the same backoff whenever it exits,
 on its port and data directory, so the queue it acknowledged is back. Ctrl-C or SIGTERM
-stops every process it started, gateway first and Redis last.
+stops every process it started, gateway first and Redis last, and exits 0.
 """
 
 from __future__ import annotations
@@ -54,8 +54,18 @@ class Child:
     def start(self) -> None:
         # stderr (its log) goes through us, to the terminal as it comes, so that its last
         # lines can be quoted if it cannot start.
-        self.proc = subprocess.Popen(service_command(self.service, sys.executable), env=self.env,
-                                     stderr=subprocess.PIPE)
+        # NOTE: Ctrl-C in the terminal signals the whole process group, and a service must not
+        # act on it: the gateway's uvicorn re-raises it as a KeyboardInterrupt traceback once
+        # it has shut down, and each would stop in its own order. So a service starts with
+        # SIGINT blocked (the mask outlives exec; its handlers never run) and the launcher stops
+        # them in order with SIGTERM. It stays in our group, so `kill -- -PGID` (and
+        # bench/server.py's CPU accounting) still covers it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.proc = subprocess.Popen(service_command(self.service, sys.executable), env=self.env,
+                                         stderr=subprocess.PIPE)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C meanwhile was held, now delivered
         self.started_at = time.monotonic()
         self.tail = deque(maxlen=TAIL_LINES)  # the last run's reader may still be appending to the old one
         self._reader = threading.Thread(target=_forward, args=(self.proc.stderr, self.tail),
@@ -130,11 +140,15 @@ class Launcher:
         self.config_error: Optional[str] = None  # which service could not start as configured, and why
 
     def run(self) -> int:
+        """Starts everything and supervises it until Ctrl-C or SIGTERM; returns the exit code:
+        0 when stopped so (a Ctrl-C is how `make run` ends, not a failure), CONFIG_ERROR_EXIT
+        when something cannot start as configured."""
         signal.signal(signal.SIGINT, self._stop_signal)
         signal.signal(signal.SIGTERM, self._stop_signal)
         try:
             env = self._environment()
-            self._spawn(env)
+            if not self.stopping:  # Ctrl-C while the tiny model was generated: start nothing
+                self._spawn(env)
             if self._wait_ready():
                 self._banner()
             self._supervise()
