@@ -5,15 +5,19 @@ that exits 0 was stopped on purpose and stays stopped; one that exits 2 cannot s
 configured, so everything stops with its message and exit code 2 (a restart would only
 repeat the error). The embedded Redis is restarted with the same backoff whenever it exits,
 on its port and data directory, so the queue it acknowledged is back. Ctrl-C or SIGTERM
-stops every process it started, gateway first and Redis last, and exits 0.
+stops every process it started, gateway first and Redis last, and exits 0; a gateway port
+that another process holds stops it before anything starts, with exit code 2.
 """
 
 from __future__ import annotations
 
+import errno
+import http.client
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -145,6 +149,9 @@ class Launcher:
         when something cannot start as configured."""
         signal.signal(signal.SIGINT, self._stop_signal)
         signal.signal(signal.SIGTERM, self._stop_signal)
+        if problem := port_problem(self.settings.host, self.settings.port):
+            log.error("%s", problem)
+            return CONFIG_ERROR_EXIT
         try:
             env = self._environment()
             if not self.stopping:  # Ctrl-C while the tiny model was generated: start nothing
@@ -225,7 +232,9 @@ class Launcher:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
                         return True
-            except OSError:
+            # Not an HTTP answer: another program took the port after port_problem looked;
+            # the gateway then exits 2 saying so.
+            except (OSError, http.client.HTTPException):
                 pass
             self._restart_exited()
             time.sleep(0.5)
@@ -327,3 +336,23 @@ def _backoff(child: Supervised, now: float) -> float:
     child.restarts += 1
     return delay
 
+
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why the gateway could not listen on host:port, found by binding it for a moment before
+    anything starts, or None. Without this, the readiness probe would talk to whichever
+    program holds the port, and the gateway's own error would come only after the slow
+    start-up of every service."""
+    if port == 0:  # any free port: nothing to check
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the gateway binds: a previous run's connections in TIME_WAIT do not count as in use.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use by another process: set --port / CONVEYOR_PORT"
+            return (f"cannot listen on {host}:{port} ({e.strerror or e}): "
+                    "set --host / CONVEYOR_HOST or --port / CONVEYOR_PORT")
+    return None
