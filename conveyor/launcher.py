@@ -40,7 +40,8 @@ STOP_TIMEOUT_S = 20.0
 MAX_BACKOFF_S = 30.0
 TAIL_LINES = 50  # of each child's stderr, kept for the message of a configuration error
 ERROR_LINE = re.compile(r"\bERROR\b|\berror:|^[\w.]*(Error|Exception)\b")  # a log line, argparse, a traceback
-REDIS_LOG_LINES = 3  # of the embedded Redis's log, quoted when it exits: why, if it could not start
+REDIS_LOG_LINES = 3  # of the embedded Redis's log, quoted when it exits: why, if it crashed or could not start
+REDIS_LOG_SCAN = 50  # the lines searched for its last start
 
 
 @dataclass
@@ -113,8 +114,12 @@ class RedisChild:
         self._announce()
 
     def last_error(self) -> str:
-        tail = self.server.log_tail(REDIS_LOG_LINES)
-        return f"its log ({self.server.log_path}) ends:\n{tail}"
+        """Where its log is, and its last lines after it last said it was ready: nothing after
+        a kill -9, the reason after a crash or a failed start (the file spans every run)."""
+        lines = self.server.log_tail(REDIS_LOG_SCAN).splitlines()
+        ready = [i for i, line in enumerate(lines) if "Ready to accept connections" in line]
+        said = lines[ready[-1] + 1:] if ready else lines
+        return "\n".join([f"its log: {self.server.log_path}", *said[-REDIS_LOG_LINES:]])
 
     def _announce(self) -> None:
         s = self.server
