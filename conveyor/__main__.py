@@ -18,21 +18,11 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    from shared.log import setup_logging
-
     if command == "run":
-        from pydantic import ValidationError
-
-        from conveyor.launcher import Launcher
-        from shared.config import RunSettings, parse_settings
-
-        setup_logging("conveyor")
         try:
-            settings = parse_settings(RunSettings, rest)
-        except ValidationError as e:
-            print(f"conveyor run: {e}", file=sys.stderr)
-            return 2
-        return Launcher(settings).run()
+            return _run(rest)
+        except KeyboardInterrupt:  # Ctrl-C before the launcher took SIGINT over: nothing was started yet
+            return 0
     if command == "status":
         from conveyor.status import main as status_main
 
@@ -46,6 +36,22 @@ def main(argv: list[str]) -> int:
         return 0
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _run(rest: list[str]) -> int:
+    from pydantic import ValidationError
+
+    from conveyor.launcher import Launcher
+    from shared.config import RunSettings, parse_settings
+    from shared.log import setup_logging
+
+    setup_logging("conveyor")
+    try:
+        settings = parse_settings(RunSettings, rest)
+    except ValidationError as e:
+        print(f"conveyor run: {e}", file=sys.stderr)
+        return 2
+    return Launcher(settings).run()
 
 
 if __name__ == "__main__":

@@ -3,16 +3,21 @@ REDIS_URL is set), the scheduler, CONVEYOR_WORKERS workers and the gateway.
 A service that crashes (non-zero exit) is restarted with backoff, as compose would; one
 that exits 0 was stopped on purpose and stays stopped; one that exits 2 cannot start as
 configured, so everything stops with its message and exit code 2 (a restart would only
-repeat the error). Ctrl-C or SIGTERM stops every process it started, gateway first and
-Redis last.
+repeat the error). The embedded Redis is restarted with the same backoff whenever it exits,
+on its port and data directory, so the queue it acknowledged is back. Ctrl-C or SIGTERM
+stops every process it started, gateway first and Redis last, and exits 0; a gateway port
+that another process holds stops it before anything starts, with exit code 2.
 """
 
 from __future__ import annotations
 
+import errno
+import http.client
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,12 +26,12 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from conveyor.commands import service_command
 from shared import cpu_layout
 from shared.config import CONFIG_ERROR_EXIT, RunSettings
-from shared.embedded_redis import free_port, start_embedded_redis
+from shared.embedded_redis import EmbeddedRedis, free_port, start_embedded_redis
 from shared.models import cache_root, model_dir
 
 log = logging.getLogger("conveyor.launcher")
@@ -35,6 +40,8 @@ STOP_TIMEOUT_S = 20.0
 MAX_BACKOFF_S = 30.0
 TAIL_LINES = 50  # of each child's stderr, kept for the message of a configuration error
 ERROR_LINE = re.compile(r"\bERROR\b|\berror:|^[\w.]*(Error|Exception)\b")  # a log line, argparse, a traceback
+REDIS_LOG_LINES = 3  # of the embedded Redis's log, quoted when it exits: why, if it crashed or could not start
+REDIS_LOG_SCAN = 50  # the lines searched for its last start
 
 
 @dataclass
@@ -52,8 +59,18 @@ class Child:
     def start(self) -> None:
         # stderr (its log) goes through us, to the terminal as it comes, so that its last
         # lines can be quoted if it cannot start.
-        self.proc = subprocess.Popen(service_command(self.service, sys.executable), env=self.env,
-                                     stderr=subprocess.PIPE)
+        # NOTE: Ctrl-C in the terminal signals the whole process group, and a service must not
+        # act on it: the gateway's uvicorn re-raises it as a KeyboardInterrupt traceback once
+        # it has shut down, and each would stop in its own order. So a service starts with
+        # SIGINT blocked (the mask outlives exec; its handlers never run) and the launcher stops
+        # them in order with SIGTERM. It stays in our group, so `kill -- -PGID` (and
+        # bench/server.py's CPU accounting) still covers it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.proc = subprocess.Popen(service_command(self.service, sys.executable), env=self.env,
+                                         stderr=subprocess.PIPE)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C meanwhile was held, now delivered
         self.started_at = time.monotonic()
         self.tail = deque(maxlen=TAIL_LINES)  # the last run's reader may still be appending to the old one
         self._reader = threading.Thread(target=_forward, args=(self.proc.stderr, self.tail),
@@ -75,6 +92,44 @@ class Child:
             self._reader.join(wait_s)
 
 
+class RedisChild:
+    """The embedded redis-server, supervised as the services are (the same fields as Child):
+    without it every request gets 503. It is restarted whatever its exit code, on the same
+    port and data directory, so the services reconnect to the URL they were given and find
+    the queue in its append-only file."""
+
+    name = service = "redis"
+
+    def __init__(self, server: EmbeddedRedis):
+        self.server = server
+        self.proc: Optional[subprocess.Popen] = server.process
+        self.restarts = 0
+        self.next_start = 0.0
+        self.started_at = time.monotonic()
+        self._announce()
+
+    def start(self) -> None:
+        self.server.restart()
+        self.proc, self.started_at = self.server.process, time.monotonic()
+        self._announce()
+
+    def last_error(self) -> str:
+        """Where its log is, and its last lines after it last said it was ready: nothing after
+        a kill -9, the reason after a crash or a failed start (the file spans every run)."""
+        lines = self.server.log_tail(REDIS_LOG_SCAN).splitlines()
+        ready = [i for i, line in enumerate(lines) if "Ready to accept connections" in line]
+        said = lines[ready[-1] + 1:] if ready else lines
+        return "\n".join([f"its log: {self.server.log_path}", *said[-REDIS_LOG_LINES:]])
+
+    def _announce(self) -> None:
+        s = self.server
+        log.info("started redis (pid %d) at %s, data in %s (append-only, appendfsync %s)",
+                 s.pid, s.url, s.data_dir, s.appendfsync)
+
+
+Supervised = Union[Child, RedisChild]
+
+
 def _forward(stream, tail: deque[str]) -> None:
     """Copies a child's stderr to ours line by line, keeping the last lines in `tail`."""
     with stream:
@@ -89,16 +144,23 @@ class Launcher:
     def __init__(self, settings: RunSettings):
         self.settings = settings
         self.children: list[Child] = []
-        self.redis = None
+        self.redis: Optional[RedisChild] = None  # the embedded Redis, when REDIS_URL is not set
         self.stopping = False
         self.config_error: Optional[str] = None  # which service could not start as configured, and why
 
     def run(self) -> int:
+        """Starts everything and supervises it until Ctrl-C or SIGTERM; returns the exit code:
+        0 when stopped so (a Ctrl-C is how `make run` ends, not a failure), CONFIG_ERROR_EXIT
+        when something cannot start as configured."""
         signal.signal(signal.SIGINT, self._stop_signal)
         signal.signal(signal.SIGTERM, self._stop_signal)
+        if problem := port_problem(self.settings.host, self.settings.port):
+            log.error("%s", problem)
+            return CONFIG_ERROR_EXIT
         try:
             env = self._environment()
-            self._spawn(env)
+            if not self.stopping:  # Ctrl-C while the tiny model was generated: start nothing
+                self._spawn(env)
             if self._wait_ready():
                 self._banner()
             self._supervise()
@@ -119,9 +181,8 @@ class Launcher:
         if not redis_url:
             data_dir = cache_root() / "redis"
             data_dir.mkdir(parents=True, exist_ok=True)
-            self.redis = start_embedded_redis(data_dir, appendfsync=s.redis_appendfsync)
-            redis_url = self.redis.url
-            log.info("embedded Redis at %s (data in %s)", redis_url, data_dir)
+            self.redis = RedisChild(start_embedded_redis(data_dir, appendfsync=s.redis_appendfsync))
+            redis_url = self.redis.server.url
         scheduler_address = s.scheduler_address or f"tcp://127.0.0.1:{free_port()}"
         env = dict(os.environ)
         env.update({
@@ -176,7 +237,9 @@ class Launcher:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
                         return True
-            except OSError:
+            # Not an HTTP answer: another program took the port after port_problem looked;
+            # the gateway then exits 2 saying so.
+            except (OSError, http.client.HTTPException):
                 pass
             self._restart_exited()
             time.sleep(0.5)
@@ -210,31 +273,37 @@ Ctrl-C stops everything.
 
     def _restart_exited(self) -> None:
         now = time.monotonic()
-        for child in list(self.children):
+        # Redis first: the services come back to a queue that is there.
+        for child in [*([self.redis] if self.redis else []), *self.children]:
+            if self.stopping:
+                return
             if child.proc is None:
-                if now >= child.next_start and not self.stopping:
+                if now >= child.next_start:
                     child.start()
                 continue
             code = child.proc.poll()
-            if code is None or self.stopping:
-                continue
+            if code is not None:
+                self._exited(child, code, now)
+
+    def _exited(self, child: Supervised, code: int, now: float) -> None:
+        if child is not self.redis:  # Redis has no planned exit, nor one that a restart cannot mend
             if code == 0:  # it was stopped on purpose (SIGTERM): scaling down, not a crash
                 log.info("%s stopped (exit 0); not restarting it", child.name)
                 self.children.remove(child)
-                continue
+                return
             if code == CONFIG_ERROR_EXIT:
                 log.error("%s exited with code %d: it cannot start as configured; stopping everything",
                           child.name, code)
                 self.config_error = f"{child.name} cannot start as configured (exit code {code}):\n{child.last_error()}"
                 self.stopping = True
                 return
-            # A service that ran a while before dying gets a fresh backoff.
-            if now - child.started_at > 60:
-                child.restarts = 0
-            delay = min(MAX_BACKOFF_S, 0.5 * 2 ** child.restarts)
-            child.restarts += 1
+        delay = _backoff(child, now)
+        if child is self.redis:
+            log.error("redis exited with code %s; restarting in %.1f s on the same port and data (%s, %s); %s",
+                      code, delay, self.redis.server.url, self.redis.server.data_dir, child.last_error())
+        else:
             log.error("%s exited with code %s; restarting in %.1f s", child.name, code, delay)
-            child.proc, child.next_start = None, now + delay
+        child.proc, child.next_start = None, now + delay
 
     def _stop_signal(self, *_) -> None:
         if not self.stopping:
@@ -259,5 +328,36 @@ Ctrl-C stops everything.
         for c in self.children:  # their last lines out before we exit (daemon threads die mid-write)
             c.output_done()
         if self.redis is not None:
-            self.redis.stop()
+            self.redis.server.stop()  # a no-op if it is waiting out a backoff
         log.info("all processes stopped")
+
+
+def _backoff(child: Supervised, now: float) -> float:
+    """How long a crashed process waits before it starts again: 0.5 s, doubling with each
+    crash up to MAX_BACKOFF_S; a process that ran a while before dying starts from 0.5 s."""
+    if now - child.started_at > 60:
+        child.restarts = 0
+    delay = min(MAX_BACKOFF_S, 0.5 * 2 ** child.restarts)
+    child.restarts += 1
+    return delay
+
+
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why the gateway could not listen on host:port, found by binding it for a moment before
+    anything starts, or None. Without this, the readiness probe would talk to whichever
+    program holds the port, and the gateway's own error would come only after the slow
+    start-up of every service."""
+    if port == 0:  # any free port: nothing to check
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the gateway binds: a previous run's connections in TIME_WAIT do not count as in use.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use by another process: set --port / CONVEYOR_PORT"
+            return (f"cannot listen on {host}:{port} ({e.strerror or e}): "
+                    "set --host / CONVEYOR_HOST or --port / CONVEYOR_PORT")
+    return None

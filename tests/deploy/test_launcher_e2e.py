@@ -72,7 +72,7 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
         model_dir = re.search(r"Conveyor is serving (\S+)", text).group(1)
         assert model_dir.startswith(str(tmp_path / "cache")), "the tiny model was generated into the cache"
         pids = {name: int(pid) for name, pid in re.findall(r"started (\S+) \(pid (\d+)\)", text)}
-        assert set(pids) == {"scheduler", "worker-0", "gateway"}
+        assert set(pids) == {"redis", "scheduler", "worker-0", "gateway"}
         # The worker computes on the cores after the first, one thread each; the rest of the
         # system is not bound.
         cores = cpu_layout.compute_cores(cpu_layout.allowed_cores())

@@ -131,3 +131,23 @@ def test_every_answered_write_survives_kill_9(tmp_path):
 def test_a_bad_appendfsync_is_refused(tmp_path):
     with pytest.raises(ValueError, match="appendfsync must be one of always, everysec, no"):
         start_embedded_redis(tmp_path, appendfsync="sometimes")
+
+
+def test_restart_after_kill_9_keeps_url_and_data(tmp_path):
+    # What `make run` does when its Redis dies: the same URL, every acknowledged write back.
+    with start_embedded_redis(tmp_path, appendfsync="always") as server:
+        url, first_pid = server.url, server.pid
+        client = redis.Redis.from_url(url)
+        ids = [client.xadd("queue", {"msg": str(i).encode()}) for i in range(20)]
+        client.close()
+        with pytest.raises(RuntimeError, match="still running"):
+            server.restart()
+        os.kill(first_pid, signal.SIGKILL)
+        server.process.wait(10)
+        server.restart()
+        server.wait_ready(10)
+        assert server.url == url and server.pid != first_pid
+        client = redis.Redis.from_url(url)
+        assert [entry_id for entry_id, _ in client.xrange("queue")] == ids
+        assert client.config_get("appendfsync")["appendfsync"] == "always"
+        client.close()
