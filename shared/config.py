@@ -157,7 +157,8 @@ class SchedulerSettings(RedisSettings):
         10.0, gt=0, description="a step running this long shows its worker as STALLED in `conveyor status`")
     stats_interval: float = Field(1.0, gt=0, description="seconds between figures written to Redis")
     gateway_timeout: float = Field(
-        10.0, gt=0, description="a gateway whose liveness key is missing this long: its requests are aborted")
+        10.0, gt=0, description="a gateway whose liveness key is missing this long, or that takes none of its "
+        "outputs this long (its socket full), is gone: its requests are aborted")
     zmq_server_secret_key: Optional[str] = Field(
         None, description="CurveZMQ: the scheduler's secret key (Z85); set it to encrypt the worker link")
     zmq_client_public_key: Optional[str] = Field(
