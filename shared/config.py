@@ -191,6 +191,9 @@ class GatewaySettings(RedisSettings):
         None, gt=0, description="a request not scheduled within this many seconds ends with 503")
     request_timeout: Optional[float] = Field(
         None, gt=0, description="a request not finished within this many seconds is aborted with 504")
+    shutdown_timeout: float = Field(
+        10.0, ge=0, description="on SIGTERM, as vLLM's: new requests and /health get 503 while open ones have this "
+        "many seconds to finish; the rest then end with an error event (503) and are aborted, and the gateway exits")
     output_bind: str = Field(
         "tcp://127.0.0.1:*", description="ZeroMQ address where this gateway receives outputs (* = a free port)")
     output_advertise: Optional[str] = Field(
