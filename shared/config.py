@@ -157,7 +157,8 @@ class SchedulerSettings(RedisSettings):
         10.0, gt=0, description="a step running this long shows its worker as STALLED in `conveyor status`")
     stats_interval: float = Field(1.0, gt=0, description="seconds between figures written to Redis")
     gateway_timeout: float = Field(
-        10.0, gt=0, description="a gateway whose liveness key is missing this long: its requests are aborted")
+        10.0, gt=0, description="a gateway whose liveness key is missing this long, or that takes none of its "
+        "outputs this long (its socket full), is gone: its requests are aborted")
     zmq_server_secret_key: Optional[str] = Field(
         None, description="CurveZMQ: the scheduler's secret key (Z85); set it to encrypt the worker link")
     zmq_client_public_key: Optional[str] = Field(
@@ -190,6 +191,9 @@ class GatewaySettings(RedisSettings):
         None, gt=0, description="a request not scheduled within this many seconds ends with 503")
     request_timeout: Optional[float] = Field(
         None, gt=0, description="a request not finished within this many seconds is aborted with 504")
+    shutdown_timeout: float = Field(
+        10.0, ge=0, description="on SIGTERM, as vLLM's: new requests and /health get 503 while open ones have this "
+        "many seconds to finish; the rest then end with an error event (503) and are aborted, and the gateway exits")
     output_bind: str = Field(
         "tcp://127.0.0.1:*", description="ZeroMQ address where this gateway receives outputs (* = a free port)")
     output_advertise: Optional[str] = Field(

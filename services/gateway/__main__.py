@@ -12,8 +12,6 @@ import sys
 
 from shared.log import setup_logging
 
-GRACEFUL_SHUTDOWN_S = 5  # streams still open after SIGTERM are cut (and aborted) after this
-
 
 def main(argv: list[str] | None = None) -> int:
     log_level = setup_logging("gateway")
@@ -26,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.gateway.app import create_app
     from services.gateway.served_model import load_served_model
+    from services.gateway.shutdown import CUT_GRACE_S, DrainingServer
     from shared.config import GatewaySettings, parse_settings
     from shared.models import ModelLoadError
     from shared.redis_protocol import connect, durability_problem
@@ -46,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("Redis at %s does not answer yet: %s", settings.redis_url, e)
     log.info("serving %s (max_model_len %d) on http://%s:%d", model.name, model.max_model_len,
              *sock.getsockname()[:2])
+    # SIGTERM: the drain (shutdown.py) first; uvicorn's own shutdown then only closes what is left.
     config = uvicorn.Config(app, log_level=log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_config=None)
-    uvicorn.Server(config).run(sockets=[sock])
+                            access_log=False, timeout_graceful_shutdown=CUT_GRACE_S, log_config=None)
+    DrainingServer(config, app.state.gateway, settings.shutdown_timeout).run(sockets=[sock])
     return 0
 
 

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.gateway.cluster import ClusterStatus
 from services.gateway.engine_client import EngineClient
-from services.gateway.errors import ApiError, install_error_handlers
+from services.gateway.errors import ApiError, install_error_handlers, retry_after
 from services.gateway.generation import Generation
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import ApiKeyAuth, BodySizeLimit
@@ -49,12 +49,21 @@ class Gateway:
                                    settings.max_queue_len, settings.max_queue_tokens)
         self.metrics = GatewayMetrics(lambda: read_status(self.client, self.keys))
         self.grammars = GrammarChecker(model.tokenizer, model.vocab_size)
+        self.draining = False  # shutting down (shutdown.py): no new work
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down and takes no new requests; retry (another replica "
+                                "may serve it)", code="shutting_down", headers=retry_after())
 
     async def generate(self, kind: str, plan: GenerationPlan, request: Request) -> Response:
         await self.grammars.check(plan.constraint)  # an invalid one is the client's 400 before any wait
         await self.cluster.require_ready()
         gen = Generation(plan, self.model, self.engine, self.metrics,
                          self.settings.queue_timeout, self.settings.request_timeout)
+        # NOTE: checked just before start() registers the request, with no await between:
+        # the drain, which waits for registered requests, cannot miss one that got past.
+        self.refuse_if_draining()
         await gen.start()
         try:
             return await respond(gen, request, formatter(kind, self.model, gen))
@@ -113,6 +122,8 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
     @app.get("/health")
     async def health() -> JSONResponse:
         """200 when the scheduler is alive and a worker serves (shared.figures.health); else 503 and why."""
+        if gw.draining:
+            return JSONResponse({"status": "unavailable", "reason": "the server is shutting down"}, status_code=503)
         try:
             status = await gw.cluster.read(max_age_s=0)
             reason = figures.health(status, time.time())

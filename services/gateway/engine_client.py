@@ -82,6 +82,22 @@ class EngineClient:
         for rid in request_ids:
             self._routes.pop(rid, None)
 
+    def open_requests(self) -> int:
+        """Scheduler requests an HTTP request still waits on (registered, not yet unregistered)."""
+        return len(self._routes)
+
+    async def cut_all(self, error: str) -> int:
+        """End every open request as the scheduler ends one it aborts for a gone gateway: each
+        gets a final GATEWAY_GONE output (a stream's error event, a 503), and the scheduler
+        is told to abort it. Returns how many were open."""
+        routes = dict(self._routes)
+        for rid, queue in routes.items():
+            queue.put_nowait(m.RequestOutput(rid, finish_reason=m.FinishReason.ERROR,
+                                             error_code=m.ErrorCode.GATEWAY_GONE, error=error))
+        if routes:
+            await self._abort(list(routes), "gateway shutting down")
+        return len(routes)
+
     async def submit(self, requests: list[m.SubmitRequest]) -> None:
         """Admit and enqueue one HTTP request's scheduler requests, or raise 429 when the queue
         (XLEN: queued + running, across every gateway) is full. NOTE: the check and the XADDs

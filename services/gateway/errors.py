@@ -52,7 +52,7 @@ _SCHEDULER_ERRORS: dict[ErrorCode, tuple[int, Optional[str], Optional[int]]] = {
     ErrorCode.TOO_LONG: (400, "max_tokens", None),  # longer than any worker can hold
     ErrorCode.INVALID_REQUEST: (400, None, None),
     ErrorCode.QUEUE_TIMEOUT: (503, None, RETRY_AFTER_QUEUE_TIMEOUT_S),  # overloaded
-    ErrorCode.GATEWAY_GONE: (503, None, RETRY_AFTER_S),  # this gateway's liveness key lapsed
+    ErrorCode.GATEWAY_GONE: (503, None, RETRY_AFTER_S),  # its gateway was declared gone, or shut down first
     ErrorCode.REQUEST_TIMEOUT: (504, None, None),
     ErrorCode.WORKER_FAILED: (500, None, None),
     ErrorCode.INTERNAL: (500, None, None),

@@ -2,10 +2,14 @@
 gateways, the Redis request stream in (read by queue_reader's thread), status out. Several
 schedulers of distinct names may share the stream, each with its own workers (peers.py).
 
-One loop, asleep until a worker message or new queue entries arrive. Each pass: take them,
-drop silent workers, hand every idle worker its next step, send the outputs (one message
-per gateway), then acknowledge finished requests and write status in one pipeline. Workers
-step concurrently; the loop never waits for one to serve another.
+One loop, asleep until a worker message or new queue entries arrive (or a gateway that
+was full takes more). Each pass: take them, drop silent workers, hand every idle worker its
+next step, send the outputs (one message per gateway, through outbox.py), then acknowledge
+the requests whose final outputs went out and write status in one pipeline. Workers step
+concurrently; the loop never waits for one, nor for a gateway, to serve another.
+
+SIGTERM: no new entries are read; the outputs produced go out, finished requests are
+acknowledged, and the requests still running stay in the Redis queue for the next scheduler.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import zmq
 from services.scheduler.core import SchedulerCore
 from services.scheduler.figures import FigureBuilder
 from services.scheduler.lease import Lease
+from services.scheduler.outbox import Outbox
 from services.scheduler.peers import Peers
 from services.scheduler.queue_reader import QueueReader
 from shared import messages as m
@@ -38,6 +43,7 @@ MAX_WAIT_S = 0.25  # the longest sleep of an idle loop: bounds how late SIGTERM 
 MAX_MESSAGE_BYTES = 64 << 20  # a bigger message on the worker socket is refused by ZeroMQ
 REDIS_RETRY_MAX_S = 5.0  # while Redis is down, try it again at most this often
 EXIT_LEASE_LOST = 3
+STOP_FLUSH_S = 2.0  # at a stop, how long outputs still waiting for a slow gateway may take to go out
 
 
 class LeaseLost(Exception):
@@ -57,7 +63,9 @@ class SchedulerService:
         self.peers = Peers(client, self.keys, self.name, settings.max_num_seqs, settings.stall_after)
         self.ctx = zmq.Context.instance()
         self.workers_sock: zmq.Socket | None = None  # bound once the lease is ours
-        self.gateways: dict[str, zmq.Socket] = {}
+        self.poller = zmq.Poller()
+        self.outbox = Outbox(self.poller, settings.gateway_timeout)
+        self._gone: set[str] = set()  # gateways declared gone: what is addressed to them is dropped
         self.stopping = False
         self._last_stats = 0.0
         self.figures = FigureBuilder(core, settings.stall_after)
@@ -67,7 +75,6 @@ class SchedulerService:
         self._redis_backoff = 0.1
         self._gateway_seen: dict[str, float] = {}  # reply_to -> when its liveness key was last there
         self.reader: QueueReader | None = None  # started once the lease is ours
-        self.poller = zmq.Poller()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
@@ -103,16 +110,33 @@ class SchedulerService:
             log.error("%s; stopping so that no request is served by two schedulers", e)
             code = EXIT_LEASE_LOST
         self.reader.stop()
+        if code == 0:
+            self._hand_back()
         # Workers stay up: a restarted scheduler asks them to register again.
         self.workers_sock.close()
         if self._auth is not None:
             self._auth.stop()
-        for sock in self.gateways.values():
-            sock.close()
+        self.outbox.close(STOP_FLUSH_S)
         if code == 0:
             self._redis(self.lease.release)
         log.info("scheduler stopped")
         return code
+
+    def _hand_back(self) -> None:
+        """A clean stop, once no more entries are read: the outputs produced go out (for up
+        to STOP_FLUSH_S), the requests they finish are acknowledged, and those still running
+        stay unacknowledged in the Redis queue: this scheduler restarted replays them, and
+        its peers take them over once its lease is released."""
+        self._send_outputs()  # those of the last pass's bookkeeping (expiries, aborts)
+        if not self.outbox.drain(STOP_FLUSH_S):
+            log.warning("%d messages of outputs not taken by their gateways in %g s; their requests stay "
+                        "in the queue and run again", self.outbox.waiting(), STOP_FLUSH_S)
+        self._collect_status()
+        self._redis_retry_at = 0.0  # one last try, whatever the backoff
+        self._redis(self._flush)
+        if self.core.requests:
+            log.info("%d requests still running are left in the queue for the next scheduler",
+                     len(self.core.requests))
 
     def _wait_for_lease(self) -> bool:
         announced = False
@@ -240,6 +264,7 @@ class SchedulerService:
         if msg is None:
             self._record_error(f"queue entry {entry.entry_id} rejected: {entry.error}")
         elif isinstance(msg, m.SubmitRequest) and self.core.add_request(msg, entry.entry_id):
+            self._gone.discard(msg.reply_to)  # it submits: it is back (or it never left)
             if msg.request_id in aborted:  # aborted before it was taken: it ends at once, acked as it ends
                 self.core.abort(msg.request_id, aborted[msg.request_id])
             return
@@ -249,51 +274,68 @@ class SchedulerService:
 
     def _holds(self, entry: QueueEntry) -> bool:
         """Whether this entry was read before: its request runs here, or it awaits its XACK."""
-        if entry.entry_id in self._unacked:
+        if entry.entry_id in self._unacked or self.outbox.holds(entry.entry_id):
             return True
         req = self.core.requests.get(entry.message.request_id) if isinstance(entry.message, m.SubmitRequest) else None
         return req is not None and req.entry_id == entry.entry_id
 
     def _send_outputs(self) -> None:
+        """This pass's outputs, one message per gateway. A request finished in it is
+        acknowledged once its final output is handed to ZeroMQ (outbox.py); a gateway that
+        took none for gateway_timeout is gone."""
+        # NOTE: both drained at once: a request's final output and its finish come together.
+        entries = {r.request_id: r.entry_id for r in self.core.finished if r.entry_id}
+        self.core.finished.clear()
         by_gateway: dict[str, list[m.RequestOutput]] = defaultdict(list)
         for reply_to, out in self.core.outputs:
             by_gateway[reply_to].append(out)
         self.core.outputs.clear()
+        now = time.monotonic()
         for reply_to, outs in by_gateway.items():
-            self._to_gateway(reply_to, *outs)
+            ends = [entries[o.request_id] for o in outs if o.finish_reason is not None and o.request_id in entries]
+            if reply_to in self._gone:  # its requests were aborted for it: nobody reads these
+                self._unacked.extend(ends)
+            else:
+                self.outbox.send(reply_to, outs, ends, now)
+        self.outbox.flush()
+        for reply_to in self.outbox.stuck(now):
+            self._gateway_gone(reply_to, f"it took no output for {self.settings.gateway_timeout:g} s")
 
-    def _to_gateway(self, reply_to: str, *outputs: m.RequestOutput) -> None:
-        sock = self.gateways.get(reply_to)
-        if sock is None:
-            sock = self.gateways[reply_to] = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-            try:
-                sock.connect(reply_to)
-            except zmq.ZMQError as e:
-                log.warning("cannot reach gateway %r: %s", reply_to, e)
-        try:
-            sock.send(m.encode(m.GatewayOutputs(list(outputs))), zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("gateway %s is not reading; %d outputs dropped", reply_to, len(outputs))
+    def _gateway_gone(self, reply_to: str, why: str) -> None:
+        """Nobody reads this gateway's outputs: abort its requests (their status says
+        gateway_gone), drop what waits for it, and send it nothing more until it submits again."""
+        rids = [rid for rid, req in self.core.requests.items() if req.reply_to == reply_to]
+        for rid in rids:
+            self.core.abort(rid, "gateway gone")
+        left = self.outbox.drop(reply_to)
+        self._unacked.extend(left.entry_ids)  # finished: their final outputs are what was lost
+        self._gone.add(reply_to)
+        self._gateway_seen.pop(reply_to, None)
+        lost = f"; {left.messages} messages of outputs undelivered, the last of {len(left.entry_ids)} finished " \
+            "requests among them" if left.messages else ""
+        self._record_error(f"gateway {reply_to} is gone ({why}): {len(rids)} requests aborted{lost}")
 
     # ---- Redis bookkeeping -------------------------------------------------------------------
     def _bookkeeping(self) -> None:
-        finished, self.core.finished = self.core.finished, []
-        self._unacked.extend(r.entry_id for r in finished if r.entry_id)
-        for rid, fields in self.core.status_updates.items():
-            self.status.request_status(rid, **fields)
-        self.core.status_updates.clear()
-        for e in self.core.errors:
-            self.status.error(ErrorRecord(**e, time=time.time()))
-        self.core.errors.clear()
+        self._collect_status()
         if time.monotonic() - self._last_stats >= self.settings.stats_interval:
             self.core.expire_queued(time.time())
             self._write_figures()
             self._redis(self._renew_lease)
             self._redis(self._abort_orphans)
             self._redis(self._take_over)
+            self._forget_gone()
         self._redis(self._flush)
+
+    def _collect_status(self) -> None:
+        """What the next _flush writes: acks of the final outputs sent, status, errors."""
+        self._unacked.extend(self.outbox.take_delivered())
+        for rid, fields in self.core.status_updates.items():
+            self.status.request_status(rid, **fields)
+        self.core.status_updates.clear()
+        for e in self.core.errors:
+            self.status.error(ErrorRecord(**e, time=time.time()))
+        self.core.errors.clear()
 
     def _flush(self) -> None:
         if self._unacked:
@@ -323,15 +365,14 @@ class SchedulerService:
             if alive:
                 self._gateway_seen[reply_to] = now
             elif now - seen > self.settings.gateway_timeout:
-                self._record_error(f"gateway {reply_to} is gone: {len(rids)} requests aborted")
-                for rid in rids:
-                    self.core.abort(rid, "gateway gone")
-                sock = self.gateways.pop(reply_to, None)
-                if sock is not None:
-                    sock.close()
-                del self._gateway_seen[reply_to]
+                self._gateway_gone(reply_to, f"its liveness key was missing for {self.settings.gateway_timeout:g} s")
         for reply_to in set(self._gateway_seen) - set(by_gateway):
             del self._gateway_seen[reply_to]
+
+    def _forget_gone(self) -> None:
+        """A gateway declared gone is forgotten once nothing more can be addressed to it: none
+        of its requests is left, nor an output of theirs (an abort's, sent in the next pass)."""
+        self._gone &= {r.reply_to for r in self.core.requests.values()} | {to for to, _ in self.core.outputs}
 
     def _renew_lease(self) -> None:
         if not self.lease.renew():

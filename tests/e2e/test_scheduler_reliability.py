@@ -1,10 +1,11 @@
 """Faults around the scheduler, with real processes: kill -9 of the scheduler (restarted,
 it resumes every unfinished request from the Redis queue; streams continue with no token
-lost or repeated), a second scheduler started by mistake (it stands by on the lease), a
-Redis restart (everyone reconnects; queued requests survive), and kill -9 of Redis with 50
-requests accepted and streaming (`appendfsync always`: every accepted one completes, once,
-equal to an undisturbed greedy run). Every scheduler here speculates (n-gram prompt lookup):
-the faults must not change a token with it either."""
+lost or repeated), SIGTERM (the same, without waiting for its lease), a second scheduler
+started by mistake (it stands by on the lease), a Redis restart (everyone reconnects;
+queued requests survive), and kill -9 of Redis with 50 requests accepted and streaming
+(`appendfsync always`: every accepted one completes, once, equal to an undisturbed greedy
+run). Every scheduler here speculates (n-gram prompt lookup): the faults must not change a
+token with it either."""
 
 from __future__ import annotations
 
@@ -91,6 +92,29 @@ def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, mod
         stack.start_scheduler(name="scheduler-2")  # as compose or the launcher would restart it
         _check(stack, requests, expected)
         _check(stack, keepers, dict.fromkeys(keepers, keeper_expected))
+        _wait_all_acked(stack)
+    finally:
+        stack.stop()
+
+
+def test_scheduler_sigterm_leaves_what_runs_in_the_queue_for_the_next(redis_server, model_dir, tmp_path):
+    """A clean stop: what finished is delivered and acknowledged, what runs stays pending in
+    Redis; the next scheduler replays it and the stream continues, no token lost or repeated."""
+    stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
+    try:
+        stack.start_scheduler()
+        stack.start_worker("w1")
+        stack.wait_workers({"w1"})
+        keepers = stack.submit_keepers(1)
+        stack.submit("short", [5, 6, 7], max_tokens=4)
+        stack.wait_finished(["short"], timeout_s=60)
+        stack.wait_until(lambda: stack.mid_stream(keepers, KEEPER_TOKENS), "a keeper mid-stream")
+        stack.kill("scheduler", signal.SIGTERM)
+        assert stack.procs["scheduler"].wait(timeout=15) == 0, stack.log_tail("scheduler")
+        assert stack.client.xpending(stack.keys.requests, stack.keys.group)["pending"] == 1, "the keeper only"
+        stack.start_scheduler(name="scheduler-2")  # the lease was released: it serves at once
+        stack.wait_finished(keepers, timeout_s=120)
+        assert len(stack.tokens[keepers[0]]) == KEEPER_TOKENS
         _wait_all_acked(stack)
     finally:
         stack.stop()

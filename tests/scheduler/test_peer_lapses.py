@@ -50,6 +50,7 @@ def test_a_lone_scheduler_whose_ack_reply_was_lost_keeps_serving_after_a_lapse(r
     read = service.queue.read()
     service._read_queue(read)
     service.core.abort("r1")
+    service._send_outputs()
     service._bookkeeping()  # r1's XACK goes out...
     service._unacked.append(read[0].entry_id)  # ...and applies, but its reply is lost: it is acked again later
     redis_client.delete(redis_keys.scheduler("a"))  # the outage outlasted the TTL
