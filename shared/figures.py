@@ -13,6 +13,8 @@ from shared.messages import RegisterWorker
 
 STALE_AFTER_S = 5.0  # rewritten about every second: figures older than this mean their writer is gone
 STARTUP_FAILURE_TTL_S = 600  # how long a worker's failure to start is shown (it may be fixed since)
+# vLLM's buckets of tokens per engine step (vllm:iteration_tokens_total); WorkerFigures counts steps in them.
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class SchedulerFigures(msgspec.Struct, kw_only=True):
@@ -59,6 +61,11 @@ class WorkerFigures(msgspec.Struct, kw_only=True):
     spec_drafts: int = 0  # speculative decoding on this worker, as in SchedulerFigures
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    # Its steps since the scheduler started, by the tokens each computed: a count per
+    # ITERATION_TOKENS_BUCKETS bound (n <= bound, above the one before), then one for larger
+    # steps; and the tokens of them all. [] before its first step.
+    iteration_tokens: list[int] = []
+    iteration_tokens_sum: int = 0
 
 
 class ErrorRecord(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -47,7 +47,7 @@ class Gateway:
         self.cluster = ClusterStatus(self.client, self.keys, model.limits)
         self.engine = EngineClient(self.client, self.keys, settings.output_bind, settings.output_advertise,
                                    settings.max_queue_len, settings.max_queue_tokens)
-        self.metrics = GatewayMetrics(lambda: read_status(self.client, self.keys))
+        self.metrics = GatewayMetrics(model.name, model.max_model_len, lambda: read_status(self.client, self.keys))
         self.grammars = GrammarChecker(model.tokenizer, model.vocab_size)
         self.draining = False  # shutting down (shutdown.py): no new work
 
@@ -150,5 +150,5 @@ def _count_refusals(gw: Gateway) -> Iterator[None]:
     try:
         yield
     except ApiError as e:
-        gw.metrics.requests_rejected.labels(str(e.status)).inc()
+        gw.metrics.rejected(e.status)
         raise

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Optional
 
 from services.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher, special_tokens_decoder
 from services.gateway.engine_client import EngineClient
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.metrics import GatewayMetrics, RequestTimes
 from services.gateway.served_model import ServedModel
 from services.gateway.validation import ChoicePlan, GenerationPlan, OutputOptions
 from shared.messages import ErrorCode, FinishReason, RequestOutput, SubmitRequest, TokenLogprobs
@@ -142,7 +142,7 @@ class Generation:
         self._by_id = {c.request_id: c for c in self.choices}
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._arrival = time.monotonic()
-        self._last_token_at: dict[str, float] = {}
+        self._times = {c.request_id: RequestTimes(self._arrival) for c in self.choices}
         self._closed = False
 
     async def start(self) -> None:
@@ -167,6 +167,7 @@ class Generation:
         deltas = []
         for c in running:
             c.finish_reason = FinishReason.ERROR
+            self._finished(c)
             deltas.append(ChoiceText(c.index, finish_reason=FinishReason.ERROR, error_code=ErrorCode.REQUEST_TIMEOUT,
                                      error=f"request timeout: not finished within {self.request_timeout:g} s"))
         return deltas
@@ -212,7 +213,7 @@ class Generation:
             self.engine.abort_soon([c.request_id for c in running], "client disconnected")
             for c in running:
                 c.finish_reason = FinishReason.ABORT
-                self.metrics.request_success.labels(FinishReason.ABORT.value).inc()
+                self.metrics.abandoned()
         self.engine.unregister(list(self._by_id))
 
     def usage(self) -> dict:
@@ -226,23 +227,18 @@ class Generation:
 
     # ---- internals ------------------------------------------------------------------------
     def _finished(self, choice: ChoiceState) -> None:
-        self.metrics.request_success.labels(choice.finish_reason.value).inc()
-        self.metrics.e2e_request_latency.observe(time.monotonic() - self._arrival)
+        plan = self.plan.choices[choice.index]
+        self.metrics.on_finished(self._times[choice.request_id], choice.finish_reason, time.monotonic(),
+                                 num_prompt_tokens=len(plan.prompt_token_ids), num_generation_tokens=choice.num_tokens,
+                                 max_tokens=plan.sampling.max_tokens)
+        siblings = [c for c in self.choices if c.prompt_index == choice.prompt_index]
+        if all(c.finish_reason is not None for c in siblings):
+            self.metrics.on_prompt_finished(len(siblings), max(c.num_tokens for c in siblings))
         if choice.stopped_by_string and choice.final is None:
             # The scheduler would keep generating: stop it, and free its KV blocks.
             self.engine.abort_soon([choice.request_id], "stop string")
 
     def _observe(self, choice: ChoiceState, out: RequestOutput) -> None:
-        if not out.token_ids:
-            return
-        now = time.monotonic()
-        last = self._last_token_at.get(choice.request_id)
-        if last is None:
-            self.metrics.time_to_first_token.observe(now - self._arrival)
-            if out.queue_time_s is not None:
-                self.metrics.request_queue_time.observe(max(out.queue_time_s, 0.0))
-        else:
-            per_token = (now - last) / len(out.token_ids)
-            for _ in out.token_ids:
-                self.metrics.inter_token_latency.observe(per_token)
-        self._last_token_at[choice.request_id] = now
+        # Tokens a restarted scheduler replays were counted when they first came.
+        new = out.index + len(out.token_ids) - choice.num_tokens
+        self.metrics.on_output(self._times[choice.request_id], max(new, 0), out.queue_time_s, time.monotonic())

@@ -237,7 +237,7 @@ class SchedulerCore:
             if reason is not None:
                 break
         kept = req.output_token_ids[start:]
-        first = start == 0 and req.num_preemptions == 0
+        first = start == 0  # its first output, preempted before it or not: queue time = to first scheduled
         with_prompt = start == 0 and req.sampling.prompt_logprobs is not None
         out = RequestOutput(rid, kept, logprobs[:len(kept)], index=start,
                             queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None,

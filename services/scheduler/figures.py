@@ -1,15 +1,16 @@
 """The scheduler's figures, built from SchedulerCore for shared/redis_protocol.py to write:
-rates over the interval since the last write, and each worker's step times as its
-StepResults reported them.
+rates over the interval since the last write, each worker's step times as its StepResults
+reported them, and how many tokens its steps computed (vLLM's iteration_tokens_total).
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
 from services.scheduler.core import SchedulerCore
-from shared.figures import SchedulerFigures, WorkerFigures
+from shared.figures import ITERATION_TOKENS_BUCKETS, SchedulerFigures, WorkerFigures
 from shared.messages import StepTimings
 
 
@@ -22,9 +23,20 @@ class FigureBuilder:
     _tokens_at: int = 0
     _worker_tokens_at: dict[str, int] = field(default_factory=dict)
     _times: dict[str, list[StepTimings]] = field(default_factory=dict)  # each worker's steps in the interval
+    _step_sizes: dict[str, list[int]] = field(default_factory=dict)  # WorkerFigures.iteration_tokens
+    _step_tokens: dict[str, int] = field(default_factory=dict)
 
     def on_timings(self, worker_id: str, timings: StepTimings) -> None:
+        """A step result came from the worker; called before the core takes it, so the step
+        it answers is still the worker's step in flight (NOTE: the service's order)."""
         self._times.setdefault(worker_id, []).append(timings)
+        w = self.core.workers.get(worker_id)
+        if w is None or w.in_flight is None:
+            return
+        n = sum(w.in_flight.scheduled.values())
+        sizes = self._step_sizes.setdefault(worker_id, [0] * (len(ITERATION_TOKENS_BUCKETS) + 1))
+        sizes[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, n)] += 1
+        self._step_tokens[worker_id] = self._step_tokens.get(worker_id, 0) + n
 
     def worker(self, worker_id: str, elapsed_s: float = 1.0) -> WorkerFigures:
         w, now = self.core.workers[worker_id], time.monotonic()
@@ -43,6 +55,8 @@ class FigureBuilder:
             step_in_flight_s=round(busy_s, 2), stalled=w.stalled(now, self.stall_after_s),
             spec_drafts=w.spec_drafts, spec_draft_tokens=w.spec_draft_tokens,
             spec_accepted_tokens=w.spec_accepted_tokens,
+            iteration_tokens=list(self._step_sizes.get(worker_id, [])),
+            iteration_tokens_sum=self._step_tokens.get(worker_id, 0),
         )
 
     def interval(self) -> tuple[SchedulerFigures, dict[str, WorkerFigures]]:

@@ -1,5 +1,6 @@
-"""The compose files validate offline against the compose spec, and each service runs the
-very command the local launcher runs."""
+"""The compose files validate offline against the compose spec, each service runs the very
+command the local launcher runs, and the `monitoring` profile's Prometheus and Grafana are
+provisioned from the repo's files."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_compose_files_validate_against_the_compose_spec():
 
 
 def test_each_service_runs_the_launchers_command():
-    services = _compose(COMPOSE)["services"]
+    services = {name: s for name, s in _compose(COMPOSE)["services"].items() if "profiles" not in s}
     assert set(SERVICE_MODULES) | {"redis"} == set(services)
     for name in SERVICE_MODULES:
         assert services[name]["command"] == service_command(name, "python"), name
@@ -78,3 +79,30 @@ def test_dockerfile_installs_the_project_and_ships_every_package():
     for package in ("shared", "services", "kernels", "conveyor"):
         assert f"COPY {package} ./{package}" in text
     assert "pip install" in text
+
+
+def test_the_monitoring_profile_scrapes_the_gateways_and_provisions_grafana():
+    services = _compose(COMPOSE)["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["profiles"] == ["monitoring"] and grafana["profiles"] == ["monitoring"], \
+        "a plain `docker compose up` starts neither"
+    mounts = {}
+    for service in (prometheus, grafana):
+        for volume in service["volumes"]:
+            source, target = volume.split(":")[:2]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), volume
+                mounts[target] = REPO / source
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    target = config["scrape_configs"][0]["dns_sd_configs"][0]
+    assert target["names"] == ["gateway"] and target["port"] == 8000, "every gateway replica, on its port"
+    assert services["gateway"]["environment"]["CONVEYOR_PORT"] == "8000"
+
+    provisioning = mounts["/etc/grafana/provisioning"]
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["url"] == "http://prometheus:9090" and source["isDefault"]
+    provider = yaml.safe_load((provisioning / "dashboards" / "conveyor.yml").read_text())["providers"][0]
+    dashboards = mounts[provider["options"]["path"]]
+    assert (dashboards / "conveyor.json").exists(), "the provider reads the folder the dashboards are mounted at"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == provider["options"]["path"] + "/conveyor.json"

@@ -8,6 +8,7 @@ gateway processes on it, each with the flags its module needs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,9 +95,17 @@ def gateway(stack) -> RunningGateway:
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    key = f"{name}{{{labels}}}" if labels else name
+    """The sum of the samples named `name` in Prometheus text format whose labels include
+    `labels` ('finished_reason="stop"'; others, such as model_name, may be there too): one
+    sample's value, or a per-worker series' total. 0 when there is none."""
+    wanted = set(_LABEL.findall(labels))
+    total = 0.0
     for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        m = _SAMPLE.match(line)
+        if m and m["name"] == name and wanted <= set(_LABEL.findall(m["labels"] or "")):
+            total += float(m["value"])
+    return total
+
+
+_SAMPLE = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')

@@ -255,8 +255,12 @@ def test_metrics_after_the_requests_above(gateway):
         time.sleep(0.1)
     text = gateway.metrics()
     for name in ["time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
-                 "e2e_request_latency_seconds_count", "request_queue_time_seconds_count"]:
+                 "e2e_request_latency_seconds_count", "request_queue_time_seconds_count",
+                 "request_prefill_time_seconds_count", "request_decode_time_seconds_count",
+                 "request_params_n_count", "iteration_tokens_total_count"]:
         assert metric_value(text, f"conveyor:{name}") > 0, name
+    assert any(line.startswith("conveyor:kv_cache_usage_perc{model_name=") and 'worker="w1"' in line
+               for line in text.splitlines()), "one series per worker"
     for reason in ("length", "stop"):
         assert metric_value(text, "conveyor:request_success_total", f'finished_reason="{reason}"') > 0
     assert metric_value(text, "conveyor:requests_rejected_total", 'status="400"') > 0

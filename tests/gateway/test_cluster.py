@@ -104,12 +104,16 @@ def test_health_and_metrics_follow_the_scheduler_figures(app_client):
     assert health.status_code == 200 and health.json()["workers"] == 2
     assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 64, "the gateway's own limit is lower"
     text = client.get("/metrics").text
-    for line in ["conveyor:num_requests_running 3.0", "conveyor:num_requests_waiting 2.0",
-                 "conveyor:kv_cache_usage_perc 0.375", "conveyor:prompt_tokens_total 40.0",
-                 "conveyor:generation_tokens_total 7.0", "conveyor:num_preemptions_total 1.0",
-                 "conveyor:prefix_cache_queries_total 40.0", "conveyor:prefix_cache_hits_total 16.0",
-                 'conveyor:scheduler_request_finished_total{finished_reason="stop"} 5.0',
-                 'conveyor:scheduler_request_finished_total{finished_reason="abort"} 2.0']:
+    model = 'model_name="tiny"'
+    for line in [f"conveyor:num_requests_running{{{model}}} 3.0", f"conveyor:num_requests_waiting{{{model}}} 2.0",
+                 f'conveyor:kv_cache_usage_perc{{{model},worker="w1"}} 0.5',
+                 f'conveyor:kv_cache_usage_perc{{{model},worker="w2"}} 0.25',
+                 f"conveyor:prompt_tokens_total{{{model}}} 40.0", f"conveyor:generation_tokens_total{{{model}}} 7.0",
+                 f"conveyor:num_preemptions_total{{{model}}} 1.0",
+                 f"conveyor:prefix_cache_queries_total{{{model}}} 40.0",
+                 f"conveyor:prefix_cache_hits_total{{{model}}} 16.0",
+                 f'conveyor:scheduler_request_finished_total{{finished_reason="stop",{model}}} 5.0',
+                 f'conveyor:scheduler_request_finished_total{{finished_reason="abort",{model}}} 2.0']:
         assert line in text.splitlines(), line
     for name in ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
                  "request_queue_time_seconds"]:

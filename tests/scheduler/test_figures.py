@@ -31,3 +31,22 @@ def test_worker_figures_carry_its_registration_and_step_times():
 
     _, workers = figures.interval()
     assert workers["w0"].step_ms == 0.0 and workers["w0"].tokens_per_s == 0.0, "no step since the last write"
+
+
+def test_each_workers_steps_are_counted_by_the_tokens_they_computed():
+    """As the service does: a step result's timings come while its step is still in flight."""
+    core = SchedulerCore()
+    worker = FakeWorker("w0", num_blocks=8, block_size=16, max_model_len=4096)
+    core.add_worker(worker.register(), 0.0)
+    figures = FigureBuilder(core, stall_after_s=10.0)
+    assert submit(core, "r1", prompt_len=20, max_tokens=3)
+    for _ in range(3):
+        plan = core.next_plan("w0", 0.0, 0.0)
+        result = worker.execute(plan)
+        figures.on_timings("w0", result.timings)
+        core.on_step_result(result)
+
+    w0 = figures.worker("w0")
+    # The 20-token prefill (bucket le=32), then two decodes of one token (le=1).
+    assert w0.iteration_tokens == [2, 0, 0, 1, *[0] * 10] and w0.iteration_tokens_sum == 22
+    assert figures.interval()[1]["w0"].iteration_tokens == w0.iteration_tokens, "cumulative, not per interval"
