@@ -42,13 +42,13 @@ def render(status: SystemStatus, now: float, where: str) -> str:
         *([f"speculation {_speculation(s)}"] if s.spec_drafts else []),
         *_schedulers(status, now),
         "",
-        f"{'WORKER':<24}{'DEVICE':<8}{'KV USE':>8}{'RUNNING':>9}{'WAITING':>9}{'TOK/S':>9}{'STEPS':>9}"
+        f"{'WORKER':<24}{'DEVICE':<8}{'KV USE':>8}{'RUNNING':>9}{'TOK/S':>9}{'STEPS':>9}"
         f"{'STEP MS':>9}  STATE",
     ]
     if not status.workers:
         lines.append("(no worker registered)")
     for wid, w in sorted(status.workers.items()):
-        lines.append(f"{wid:<24}{w.registered.device:<8}{w.kv_usage:>8.1%}{w.running:>9}{w.waiting:>9}"
+        lines.append(f"{wid:<24}{w.registered.device:<8}{w.kv_usage:>8.1%}{w.running:>9}"
                      f"{w.tokens_per_s:>9}{w.steps:>9}{w.step_ms:>9.1f}  {_state(w, now)}")
         lines += _kernels(w)
         if w.spec_drafts:

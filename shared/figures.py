@@ -49,8 +49,7 @@ class WorkerFigures(msgspec.Struct, kw_only=True):
     max_len: int  # the longest request it holds (WorkerState.max_len): what the gateway validates against
     updated_at: float
     kv_usage: float = 0.0  # share of its KV blocks in use
-    running: int = 0
-    waiting: int = 0
+    running: int = 0  # (requests wait for all workers at once: SchedulerFigures.waiting)
     steps: int = 0
     tokens_generated: int = 0
     tokens_per_s: float = 0.0

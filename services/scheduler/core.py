@@ -17,7 +17,6 @@ from services.scheduler import transitions
 from services.scheduler.block_pool import BlockPool
 from services.scheduler.policy import Decision, Limits, schedule
 from services.scheduler.request import Request, check_stop
-from services.scheduler.router import choose_worker
 from services.scheduler.worker_state import InFlightStep, WorkerState
 from shared.messages import (
     CachedRequest, ErrorCode, FinishReason, NewRequest, RegisterWorker, RequestOutput, RequestStatus, SamplingParams,
@@ -56,7 +55,7 @@ class SchedulerCore:
         self.enable_prefix_caching = enable_prefix_caching
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.workers: dict[str, WorkerState] = {}
-        self.unplaced: list[Request] = []  # waiting for any worker to exist
+        self.waiting: list[Request] = []  # queued for whichever worker admits them (policy.py)
         self.counters = Counters()
         self._step_id = 0
         self._aborts: dict[str, str] = {}  # request_id -> reason, applied between steps
@@ -82,7 +81,9 @@ class SchedulerCore:
         req = Request(msg, entry_id)
         self.requests[req.request_id] = req
         self.counters.prompt_tokens += len(req.prompt_token_ids)
-        self._place(req)
+        self.waiting.append(req)
+        self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED}
+        self._refuse_unservable()
         return True
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
@@ -112,9 +113,7 @@ class SchedulerCore:
         if spec is not None and spec.method == "draft_model" and not reg.draft_model:  # NOTE: never silently
             log.warning("worker %s has no draft model (its speculative_config is not the scheduler's): "
                         "no speculative decoding on it", reg.worker_id)
-        unplaced, self.unplaced = self.unplaced, []
-        for req in unplaced:
-            self._place(req)
+        self._refuse_unservable()
 
     def remove_worker(self, worker_id: str, reason: str) -> None:
         """The worker is gone (left, died, re-registered): requeue all it had. Their tokens
@@ -124,15 +123,16 @@ class SchedulerCore:
             return
         self.counters.retired_prefix_queries += w.pool.prefix_queries
         self.counters.retired_prefix_hits += w.pool.prefix_hits
-        moved = w.running + w.waiting
+        moved = list(w.running)
         log.warning("worker %s removed (%s): %d requests requeued", worker_id, reason, len(moved))
         for req in moved:
             if req.request_id in self._aborts:  # it was waiting for this worker's step to end
                 self._finish_aborted(req, None)
                 continue
-            self.counters.migrations += req.status is RequestStatus.RUNNING or req.num_computed_tokens > 0
-            transitions.migrate(req)
-            self._place(req)
+            self.counters.migrations += 1
+            transitions.migrate(self.waiting, req)
+            self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED}
+        self._refuse_unservable()
 
     # ---- stepping -------------------------------------------------------------------------
     def next_plan(self, worker_id: str, now: float, monotonic: float) -> Optional[StepPlan]:
@@ -140,7 +140,7 @@ class SchedulerCore:
         w = self.workers.get(worker_id)
         if w is None or w.in_flight is not None:
             return None
-        d = schedule(w, self.limits, now)
+        d = schedule(w, self.limits, now, self.waiting)
         self.counters.preemptions += len(d.preempted)
         for req in d.preempted:
             log.info("preempted %s on %s (blocks exhausted; %d tokens to recompute)",
@@ -259,16 +259,15 @@ class SchedulerCore:
         return dead
 
     # ---- internals ------------------------------------------------------------------------
-    def _place(self, req: Request) -> None:
-        w = choose_worker(req, self.workers.values(), self.limits.max_num_seqs)
-        if w is not None:
-            transitions.place(w, req)
-            self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED, "worker": w.worker_id}
-        elif self.workers:  # every worker is too short for it: no point waiting for one
+    def _refuse_unservable(self) -> None:
+        """Waiting requests too long for every worker there is end with TOO_LONG: no point
+        waiting for one (with no worker at all, they wait for the first)."""
+        if not self.workers:
+            return
+        longest = max(w.max_len for w in self.workers.values())
+        for req in [r for r in self.waiting if r.num_tokens >= longest]:
             self._finish(req, FinishReason.ERROR, None, ErrorCode.TOO_LONG,
                          f"{req.num_tokens} tokens exceed every worker's max_model_len")
-        else:
-            self.unplaced.append(req)
 
     def _build_plan(self, w: WorkerState, d: Decision) -> StepPlan:
         new, cached = [], []
@@ -300,13 +299,13 @@ class SchedulerCore:
                 self._finish(req, FinishReason.ERROR, w, ErrorCode.WORKER_FAILED,
                              f"the worker failed this request {n} times: {error}")
             else:
-                transitions.requeue(w, req, preempted=False)
+                transitions.requeue(w, self.waiting, req, preempted=False)
 
     def _finish(self, req: Request, reason: FinishReason, w: Optional[WorkerState],
                 error_code: Optional[ErrorCode] = None, error: Optional[str] = None,
                 tokens_out: Optional[RequestOutput] = None) -> None:
-        if w is None and req in self.unplaced:
-            self.unplaced.remove(req)
+        if w is None and req in self.waiting:
+            self.waiting.remove(req)
         transitions.finish(w, req, reason, error_code, error)
         self.requests.pop(req.request_id, None)
         self._aborts.pop(req.request_id, None)
@@ -324,22 +323,19 @@ class SchedulerCore:
 
     def expire_queued(self, now: float) -> None:
         """End requests that waited past their queue timeout without ever being scheduled."""
-        waiting = list(self.unplaced) + [r for w in self.workers.values() for r in w.waiting]
-        for req in waiting:
+        for req in list(self.waiting):
             limit = req.queue_timeout_s
             if limit is not None and req.first_scheduled_time is None and now - req.arrival_time > limit:
-                w = self.workers.get(req.worker_id) if req.worker_id else None
-                self._finish(req, FinishReason.ERROR, w, ErrorCode.QUEUE_TIMEOUT,
+                self._finish(req, FinishReason.ERROR, None, ErrorCode.QUEUE_TIMEOUT,
                              f"queue timeout: waited {now - req.arrival_time:.1f} s for a slot (limit {limit:g} s)")
 
     # ---- figures --------------------------------------------------------------------------
     def queued_tokens(self) -> int:
         """Tokens of waiting requests: the prefill work not started yet (for overload 429s)."""
-        return sum(r.num_tokens for r in self.unplaced) + sum(
-            r.num_tokens for w in self.workers.values() for r in w.waiting)
+        return sum(r.num_tokens for r in self.waiting)
 
     def num_waiting(self) -> int:
-        return len(self.unplaced) + sum(len(w.waiting) for w in self.workers.values())
+        return len(self.waiting)
 
     def prefix_cache_totals(self) -> tuple[int, int]:
         """(queried, hit) prompt tokens since start, over every worker there ever was."""

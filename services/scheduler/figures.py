@@ -47,7 +47,7 @@ class FigureBuilder:
             tokens_at = 0  # it registered again since: its counts started over
         return WorkerFigures(
             registered=w.info, max_len=w.max_len, updated_at=round(time.time(), 3),
-            kv_usage=round(w.pool.usage, 4), running=len(w.running), waiting=len(w.waiting),
+            kv_usage=round(w.pool.usage, 4), running=len(w.running),
             steps=w.steps, tokens_generated=w.tokens_generated,
             tokens_per_s=round((w.tokens_generated - tokens_at) / elapsed_s, 2),
             step_ms=round(sum(t.total_ms for t in times) / len(times), 2) if times else 0.0,

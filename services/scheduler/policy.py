@@ -1,6 +1,7 @@
 """The scheduling policy: which requests run in a worker's next step, and how many tokens
 each. `schedule` applies its decision (blocks, admissions, preemptions) to the worker's
-state through transitions.py; the rest only reads. No sockets, no Redis, no clock.
+state and the waiting list through transitions.py; the rest only reads. No sockets, no
+Redis, no clock.
 
 One step = one token budget (max_num_batched_tokens) and at most max_num_seqs requests:
 
@@ -8,11 +9,15 @@ One step = one token budget (max_num_batched_tokens) and at most max_num_seqs re
      prefill takes its next chunk (at most max_prefill_chunk). When blocks run out, the
      least important running request is preempted (blocks freed, recomputed later with
      the tokens it generated) — never an error.
-  2. Then waiting requests, in priority order with aging, while budget, sequence slots
-     and blocks last. A new request reuses the longest chain of cached prefix blocks; one
-     whose next prefix block another request is computing right now waits for it (a
-     step or two) rather than computing the same blocks again. One that asks for prompt
-     logprobs reuses nothing (as in vLLM): they are computed over its whole prompt.
+  2. Then waiting requests, while budget, sequence slots and blocks last. There is one
+     waiting list for all workers: a request is bound to a worker when one admits it, so
+     it never waits behind one worker's long requests while another has room. A worker
+     admits in priority order with aging; among the first ADMIT_WINDOW of them, those of
+     the same (aged) priority with more of their prefix cached on this worker first. A
+     new request reuses the longest chain of cached prefix blocks; one whose next prefix
+     block another request is computing right now waits for it (a step or two) rather
+     than computing the same blocks again. One that asks for prompt logprobs reuses
+     nothing (as in vLLM): they are computed over its whole prompt.
 
 Speculative decoding (Limits.speculative): a decoding request takes up to k proposed tokens
 after its last one, as many as pay by its recent acceptance and the worker's measured step
@@ -25,7 +30,8 @@ made while the worker runs more requests than `disable_by_batch_size`.
 Priority: lower `priority` first, then earlier arrival. Aging lowers a waiting request's
 effective priority by one level every `aging_seconds`, so nobody waits forever behind a
 flood of more important work. Because a running request is decoded every step and only
-the least important one is preempted, a long generation is not starved by short ones.
+the least important one is preempted, a long generation is not starved by short ones. A
+prefix hit lets a request pass only those of its own priority level within the window.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from services.scheduler.worker_state import WorkerState
 from shared.messages import RequestStatus
 from shared.speculative import SpeculativeConfig
 
+# How far down the waiting list a worker looks for requests whose prefix it has cached (a
+# prefix match per request looked at, each step): past it, strict priority and age order.
+ADMIT_WINDOW = 32
 
 @dataclass(frozen=True)
 class Limits:
@@ -66,7 +75,8 @@ def waiting_key(now: float, aging_seconds: float):
     return key
 
 
-def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
+def schedule(w: WorkerState, limits: Limits, now: float, waiting: list[Request]) -> Decision:
+    """The worker's next step; it admits from `waiting`, the list all workers share."""
     d = Decision()
     budget = limits.max_num_batched_tokens
     w.running.sort(key=lambda r: (r.priority, r.arrival_time))  # most important first
@@ -87,7 +97,7 @@ def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
             n += _propose(w, req, spec, budget, theta, d)
         while not transitions.grow(w, req, req.num_computed_tokens + n):
             victim = w.running[-1]  # least important; never one already scheduled (index < i)
-            transitions.requeue(w, victim, preempted=True)  # recomputed later, tokens kept
+            transitions.requeue(w, waiting, victim, preempted=True)  # recomputed later, tokens kept
             d.preempted.append(victim)
             if victim is req:
                 break
@@ -101,33 +111,50 @@ def schedule(w: WorkerState, limits: Limits, now: float) -> Decision:
         w.draft_acceptance.idle = 0 if d.draft_counts else w.draft_acceptance.idle + 1
     # A step that had to preempt admits nobody: the freed blocks go to running requests.
     if not d.preempted:
-        _admit_waiting(w, d, budget, limits, now)
+        _admit_waiting(w, d, budget, limits, now, waiting)
     return d
 
 
-def _admit_waiting(w: WorkerState, d: Decision, budget: int, limits: Limits, now: float) -> None:
-    w.waiting.sort(key=waiting_key(now, limits.aging_seconds))
+def _admit_waiting(w: WorkerState, d: Decision, budget: int, limits: Limits, now: float,
+                   waiting: list[Request]) -> None:
+    if budget <= 0 or len(w.running) >= limits.max_num_seqs or not waiting:
+        return
     bs, caching = w.pool.block_size, w.pool.enable_prefix_caching
     computing = _prefix_blocks_being_computed(w) if caching else set()
-    i = 0
-    while i < len(w.waiting) and budget > 0 and len(w.running) < limits.max_num_seqs:
-        req = w.waiting[i]
+    for req in _candidates(w, waiting, limits, now):
+        if budget <= 0 or len(w.running) >= limits.max_num_seqs:
+            break
         # A request that needs prompt logprobs computes its whole prompt (see
         # Request.needs_prompt_logprobs): it neither waits for a prefix nor takes one.
         whole = req.needs_prompt_logprobs
         if caching and computing and not whole and _waits_for_prefix(w, req, computing):
-            i += 1  # its prefix is being computed right now: it will hit the cache in a step or two
-            continue
+            continue  # its prefix is being computed right now: it will hit the cache in a step or two
         # At least the last token is always computed: its logits are what we sample from.
         hit = [] if whole else w.pool.match_prefix(_usable_hashes(req, bs))
         n = min(req.num_tokens - len(hit) * bs, budget, limits.max_prefill_chunk)
-        if not transitions.admit(w, req, hit, len(hit) * bs + n, now):
+        if not transitions.admit(w, waiting, req, hit, len(hit) * bs + n, now):
             break  # the most important waiting request does not fit: don't let others pass it
         if caching:
             computing.update(req.block_hashes_for(bs)[req.num_cached_blocks:])
         d.admitted.append(req)
         d.scheduled[req.request_id] = n
         budget -= n
+
+
+def _candidates(w: WorkerState, waiting: list[Request], limits: Limits, now: float) -> list[Request]:
+    """The waiting requests `w` can hold, best first for it: by aged priority and arrival;
+    within the first ADMIT_WINDOW, more of the prefix cached here first at each level."""
+    key = waiting_key(now, limits.aging_seconds)
+    fits = sorted((r for r in waiting if r.num_tokens < w.max_len), key=key)
+    if not w.pool.enable_prefix_caching or len(fits) < 2:
+        return fits
+    bs = w.pool.block_size
+
+    def cached_here(r: Request) -> int:
+        return 0 if r.needs_prompt_logprobs else len(w.pool.match_prefix(_usable_hashes(r, bs)))
+
+    window = sorted(fits[:ADMIT_WINDOW], key=lambda r: (key(r)[0], -cached_here(r), key(r)[1]))
+    return window + fits[ADMIT_WINDOW:]
 
 
 def _prefix_blocks_being_computed(w: WorkerState) -> set[bytes]:

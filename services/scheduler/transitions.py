@@ -1,13 +1,14 @@
 """Every move of a request, in one place (policy and core call these). Until it finishes
-a request is in one of core.unplaced, a worker's waiting list or its running list:
+a request is either in the one waiting list every worker admits from (core.waiting) or in
+one worker's running list:
 
-    place ──▶ QUEUED on w ──admit──▶ RUNNING on w ──finish──▶ FINISHED / ERROR
-                ▲  ▲                      │
-                │  └─────── requeue ──────┘  (preempted, or its step failed)
-                └── migrate: w is gone; the core places it again, on any worker
+    QUEUED (waiting) ──admit on w──▶ RUNNING on w ──finish──▶ FINISHED / ERROR
+          ▲                              │
+          └── requeue (preempted, its step failed) or migrate (w is gone)
 
-Leaving a worker frees its blocks and drops its row there; its tokens, generated ones
-included, are kept: it is recomputed and continues.
+A request is bound to a worker only while it runs there. Leaving a worker frees its blocks
+and drops its row there; its tokens, generated ones included, are kept: it is recomputed
+and continues, on whichever worker admits it next.
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ from services.scheduler.worker_state import WorkerState
 from shared.messages import ErrorCode, FinishReason, RequestStatus
 
 
-def place(w: WorkerState, req: Request) -> None:
-    req.worker_id = w.worker_id
-    w.waiting.append(req)
-
-
-def admit(w: WorkerState, req: Request, hit: list[int], num_tokens: int, now: float) -> bool:
-    """Queued → running on `w`, reusing the cached blocks `hit` and given blocks up to
-    `num_tokens`. Returns False, changing nothing, if those blocks are not free."""
+def admit(w: WorkerState, waiting: list[Request], req: Request, hit: list[int], num_tokens: int,
+          now: float) -> bool:
+    """Queued in `waiting` → running on `w`, reusing the cached blocks `hit` and given blocks
+    up to `num_tokens`. Returns False, changing nothing, if those blocks are not free."""
     w.pool.touch(hit)  # before allocating, so eviction cannot take the blocks we reuse
     req.block_ids = list(hit)
     if not grow(w, req, num_tokens):
@@ -40,8 +37,9 @@ def admit(w: WorkerState, req: Request, hit: list[int], num_tokens: int, now: fl
     if req.num_preemptions == 0 and not req.output_token_ids:
         req.num_cached_tokens = hit_tokens
     req.num_cached_blocks, req.num_computed_tokens = len(hit), hit_tokens
-    w.waiting.remove(req)
+    waiting.remove(req)
     w.running.append(req)
+    req.worker_id = w.worker_id
     req.status = RequestStatus.RUNNING
     if req.first_scheduled_time is None:
         req.first_scheduled_time = now
@@ -74,17 +72,17 @@ def computed(w: WorkerState, req: Request, num_tokens: int) -> None:
     req.num_cached_blocks = full
 
 
-def requeue(w: WorkerState, req: Request, *, preempted: bool) -> None:
-    """Running → queued on the same worker, to be recomputed from its tokens."""
+def requeue(w: WorkerState, waiting: list[Request], req: Request, *, preempted: bool) -> None:
+    """Running on `w` → queued in `waiting`, to be recomputed from its tokens."""
     _leave(w, req)
     req.num_preemptions += preempted
-    w.waiting.append(req)
+    waiting.append(req)
 
 
-def migrate(req: Request) -> None:
-    """Its worker is gone, with its blocks and row: only its tokens remain."""
+def migrate(waiting: list[Request], req: Request) -> None:
+    """Its worker is gone, with its blocks and row: only its tokens remain; queued again."""
     _forget_placement(req)
-    req.worker_id = None
+    waiting.append(req)
 
 
 def finish(w: Optional[WorkerState], req: Request, reason: FinishReason,
@@ -103,8 +101,6 @@ def _leave(w: WorkerState, req: Request) -> None:
     if req in w.running:
         w.running.remove(req)
         w.pool.free(req.block_ids)
-    elif req in w.waiting:
-        w.waiting.remove(req)
     if req.on_worker:
         w.to_drop.append(req.request_id)
     _forget_placement(req)
@@ -114,4 +110,5 @@ def _forget_placement(req: Request) -> None:
     req.block_ids, req.new_block_ids = [], []
     req.num_cached_blocks = req.num_computed_tokens = 0
     req.on_worker = False
+    req.worker_id = None
     req.status = RequestStatus.QUEUED

@@ -1,5 +1,6 @@
 """What the scheduler knows about one worker: its logical block pool, the requests
-queued on it and running on it, the rows it must drop, and the step in flight.
+running on it, the rows it must drop, and the step in flight (requests wait in one list
+for all workers: core.waiting).
 
 Each worker has at most one step in flight; all workers step concurrently.
 """
@@ -31,7 +32,6 @@ class InFlightStep:
 class WorkerState:
     info: RegisterWorker
     pool: BlockPool
-    waiting: list[Request] = field(default_factory=list)
     running: list[Request] = field(default_factory=list)  # in admission order
     to_drop: list[str] = field(default_factory=list)  # rows the next plan tells it to drop
     in_flight: Optional[InFlightStep] = None
@@ -64,7 +64,3 @@ class WorkerState:
     def stalled(self, monotonic: float, stall_after_s: float) -> bool:
         """Its step has run longer than stall_after_s: it serves nobody meanwhile."""
         return self.in_flight is not None and monotonic - self.in_flight.sent_at > stall_after_s
-
-    @property
-    def load(self) -> int:
-        return len(self.waiting) + len(self.running)

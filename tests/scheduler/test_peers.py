@@ -160,11 +160,13 @@ def test_room_is_unbounded_alone_and_the_serving_workers_free_slots_with_peers(r
     assert peers.room(core) == 4
     worker(core, "w2", time.monotonic())
     for n in range(3):
-        core.add_request(request(n))  # placed on both: the least loaded first
+        core.add_request(request(n))
     assert peers.room(core) == 5
     core.next_plan("w1", time.time(), time.monotonic() - 11.0)  # its step has run 11 s: stalled
     assert core.workers["w1"].in_flight is not None and peers.room(core) == 1, "only w2 serves"
+    core.add_request(request(3))  # w1 admitted the first three: one for w2
     core.next_plan("w2", time.time(), time.monotonic() - 11.0)
+    assert core.workers["w2"].in_flight is not None
     assert peers.room(core) == 0, "none of its workers serves"
 
 
