@@ -176,8 +176,8 @@ class SchedulerCollector:
             return
         s, model = status.scheduler or SchedulerFigures(updated_at=0.0), [self.model_name]
         yield self._gauge("num_requests_running", "Requests running on the workers.", s.running)
-        yield self._gauge("num_requests_waiting", "Requests waiting to be scheduled (on a worker's queue or "
-                          "for any worker).", s.waiting)
+        yield self._gauge("num_requests_waiting", "Requests waiting to be scheduled (one queue for all "
+                          "workers).", s.waiting)
         yield self._gauge("num_workers", "Workers registered with the scheduler.", len(status.workers))
         yield self._counter("prompt_tokens", "Prompt tokens of the requests the scheduler accepted.",
                             s.prompt_tokens)
@@ -200,14 +200,13 @@ class SchedulerCollector:
         yield from self._per_worker(status)
 
     def _per_worker(self, status: SystemStatus) -> Iterable[Metric]:
-        """What each worker holds: its KV pool (one per worker, as one per vLLM engine) and queues."""
+        """What each worker holds: its KV pool (one per worker, as one per vLLM engine) and running
+        requests (none waits for one worker: they wait for all, num_requests_waiting)."""
         labels = ["model_name", "worker"]
         kv = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV cache blocks in use (1 = 100%).", labels=labels)
         old_kv = GaugeMetricFamily(PREFIX + "gpu_cache_usage_perc", "The same as kv_cache_usage_perc "
                                    "(vLLM's name for it before 0.9).", labels=labels)
         running = GaugeMetricFamily(PREFIX + "worker_num_requests_running", "Requests running on the worker.",
-                                    labels=labels)
-        waiting = GaugeMetricFamily(PREFIX + "worker_num_requests_waiting", "Requests queued on the worker.",
                                     labels=labels)
         generated = CounterMetricFamily(PREFIX + "worker_generation_tokens", "Tokens the worker generated "
                                         "(since it registered).", labels=labels)
@@ -220,11 +219,10 @@ class SchedulerCollector:
             kv.add_metric(ids, w.kv_usage)
             old_kv.add_metric(ids, w.kv_usage)
             running.add_metric(ids, w.running)
-            waiting.add_metric(ids, w.waiting)
             generated.add_metric(ids, w.tokens_generated)
             steps.add_metric(ids, _buckets(w.iteration_tokens), w.iteration_tokens_sum)
             config.add_metric([*ids, str(w.registered.block_size), str(w.registered.num_blocks)], 1)
-        yield from (kv, old_kv, running, waiting, generated, steps, config)
+        yield from (kv, old_kv, running, generated, steps, config)
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])

@@ -42,13 +42,13 @@ VLLM_BUCKETS = {  # as vllm/v1/metrics/loggers.py defines them
     "iteration_tokens_total": [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384],
 }
 PER_WORKER = ["kv_cache_usage_perc", "gpu_cache_usage_perc", "worker_num_requests_running",
-              "worker_num_requests_waiting", "worker_generation_tokens", "iteration_tokens_total", "cache_config_info"]
+              "worker_generation_tokens", "iteration_tokens_total", "cache_config_info"]
 
 
 def _status() -> SystemStatus:
     # w1 stepped 3 times: 1, 5 and 40 tokens (buckets le=1, le=8, le=64).
     steps = [1, 1, 0, 0, 1, *[0] * 9]
-    workers = {"w1": worker_figures("w1", kv_usage=0.5, running=2, waiting=1, tokens_generated=9,
+    workers = {"w1": worker_figures("w1", kv_usage=0.5, running=2, tokens_generated=9,
                                     iteration_tokens=steps, iteration_tokens_sum=46),
                "w2": worker_figures("w2", kv_usage=0.25)}
     scheduler = SchedulerFigures(updated_at=1000.0, running=2, waiting=3, prompt_tokens=40, generation_tokens=9,
@@ -79,7 +79,6 @@ def test_every_series_names_the_model_and_each_workers_names_the_worker(metrics)
     assert metric_value(text, "conveyor:kv_cache_usage_perc", 'worker="w1"') == 0.5
     assert metric_value(text, "conveyor:kv_cache_usage_perc", 'worker="w2"') == 0.25
     assert metric_value(text, "conveyor:gpu_cache_usage_perc", 'worker="w2"') == 0.25, "vLLM's old name too"
-    assert metric_value(text, "conveyor:worker_num_requests_waiting", 'worker="w1"') == 1
     assert metric_value(text, "conveyor:num_requests_waiting") == 3, "the scheduler's, with what no worker holds yet"
     assert metric_value(text, "conveyor:cache_config_info", 'block_size="16",num_gpu_blocks="64"') == 2
     for name, value in [("prompt_tokens_total", 40), ("generation_tokens_total", 9), ("num_preemptions_total", 1),
