@@ -81,7 +81,22 @@ def worker():
     return FakeWorker("w1", num_blocks=1024)
 
 
-def serving(client, keys, worker: FakeWorker, gateway_timeout: float) -> SchedulerService:
+@pytest.fixture
+def serving():
+    """Makes services as `_serving` does, and closes their outboxes after the test: a context
+    left to the garbage collector with its sockets open blocks in term() for ever."""
+    made: list[SchedulerService] = []
+
+    def make(client, keys, worker: FakeWorker, gateway_timeout: float) -> SchedulerService:
+        made.append(_serving(client, keys, worker, gateway_timeout))
+        return made[-1]
+
+    yield make
+    for service in made:
+        service.outbox.close(0)
+
+
+def _serving(client, keys, worker: FakeWorker, gateway_timeout: float) -> SchedulerService:
     settings = SchedulerSettings(redis_prefix=keys.prefix, gateway_timeout=gateway_timeout, stats_interval=0.1)
     service = SchedulerService(settings, SchedulerCore(), client)
     service.outbox.close(0)
@@ -141,7 +156,7 @@ def status(client, keys, rid: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in client.hgetall(keys.request(rid)).items()}
 
 
-def test_what_a_full_gateway_did_not_take_comes_once_it_reads_again(redis_client, redis_keys, ctx, worker):
+def test_what_a_full_gateway_did_not_take_comes_once_it_reads_again(redis_client, redis_keys, ctx, worker, serving):
     slow, fast = FakeGateway(ctx, redis_client, redis_keys), FakeGateway(ctx, redis_client, redis_keys, small=False)
     service = serving(redis_client, redis_keys, worker, gateway_timeout=60)
     fillers = fill(service, slow)
@@ -171,7 +186,7 @@ def test_what_a_full_gateway_did_not_take_comes_once_it_reads_again(redis_client
     assert service.outbox.waiting() == 0
 
 
-def test_a_gateway_that_never_reads_again_is_gone_and_its_requests_aborted(redis_client, redis_keys, ctx, worker):
+def test_a_gateway_that_never_reads_again_is_gone_and_its_requests_aborted(redis_client, redis_keys, ctx, worker, serving):
     stuck, fast = FakeGateway(ctx, redis_client, redis_keys), FakeGateway(ctx, redis_client, redis_keys, small=False)
     service = serving(redis_client, redis_keys, worker, gateway_timeout=GONE_AFTER_S)
     fill(service, stuck)
@@ -189,7 +204,9 @@ def test_a_gateway_that_never_reads_again_is_gone_and_its_requests_aborted(redis
     errors = [e.error for e in read_status(redis_client, redis_keys).errors]
     assert any(f"gateway {stuck.reply_to} is gone (it took no output for 3 s)" in e and "1 requests aborted" in e
                and "1 finished requests" in e for e in errors), errors
-    assert service.outbox.waiting(stuck.reply_to) == 0 and not service.outbox.stuck(time.monotonic() + 60)
+    # Nothing of the gone one waits (the other's latest output may, on a busy machine).
+    assert service.outbox.waiting(stuck.reply_to) == 0
+    assert stuck.reply_to not in service.outbox.stuck(time.monotonic() + 60)
 
     # The other gateway is served on; r-done's entry (its final output lost with its gateway) is acked.
     n = len(fast.outputs["r-other"])
@@ -205,7 +222,7 @@ def test_a_gateway_that_never_reads_again_is_gone_and_its_requests_aborted(redis
     assert not {"r-done", "r-long"} & set(stuck.outputs)
 
 
-def test_a_stop_sends_what_it_can_and_leaves_the_rest_in_the_queue(redis_client, redis_keys, ctx, worker):
+def test_a_stop_sends_what_it_can_and_leaves_the_rest_in_the_queue(redis_client, redis_keys, ctx, worker, serving):
     stuck, fast = FakeGateway(ctx, redis_client, redis_keys), FakeGateway(ctx, redis_client, redis_keys, small=False)
     service = serving(redis_client, redis_keys, worker, gateway_timeout=60)
     fill(service, stuck)
