@@ -197,7 +197,8 @@ class Launcher:
         """`make run`'s settings that belong to other services, for their environment."""
         s = self.settings
         given = {"CONVEYOR_TOKENIZER": s.tokenizer, "CONVEYOR_REASONING_PARSER": s.reasoning_parser,
-                 "CONVEYOR_SPECULATIVE_CONFIG": s.speculative_config}
+                 "CONVEYOR_SPECULATIVE_CONFIG": s.speculative_config,
+                 "CONVEYOR_OTLP_TRACES_ENDPOINT": s.otlp_traces_endpoint}
         return {name: value for name, value in given.items() if value}
 
     def _spawn(self, env: dict[str, str]) -> None:

@@ -37,6 +37,9 @@ def check_speculative_config(v: Optional[str]) -> Optional[str]:
     return v
 
 
+OTLP_TRACES_HELP = ("OpenTelemetry: export request traces by OTLP to this endpoint, e.g. http://collector:4317 "
+                    "(vLLM's flag; OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf for OTLP over HTTP; "
+                    "default: no tracing)")
 SpeculativeConfigText = Annotated[Optional[str], AfterValidator(check_speculative_config)]
 SPECULATIVE_CONFIG_HELP = ('speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": k, '
                            '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"method": "draft_model", "model": DIR, '
@@ -167,9 +170,11 @@ class SchedulerSettings(RedisSettings):
         5.0, gt=0, description="the scheduler's lease in Redis expires this long after its last renewal; "
         "then its peers take over its requests")
     speculative_config: SpeculativeConfigText = Field(None, description=SPECULATIVE_CONFIG_HELP)
+    otlp_traces_endpoint: Optional[str] = Field(None, description=OTLP_TRACES_HELP)
 
 
 class GatewaySettings(RedisSettings):
+    otlp_traces_endpoint: Optional[str] = Field(None, description=OTLP_TRACES_HELP)
     model: Optional[str] = Field(
         None, description="Hugging Face model directory or .gguf file, for its tokenizer and chat template "
         "(default: the tiny model)")
@@ -219,6 +224,7 @@ class RunSettings(_Settings):
         None, description="the gateway's reasoning parser (qwen3 or deepseek_r1; default: none)")
     speculative_config: SpeculativeConfigText = Field(
         None, description="speculative decoding, vLLM's JSON, for the scheduler and every worker (default: off)")
+    otlp_traces_endpoint: Optional[str] = Field(None, description=OTLP_TRACES_HELP + "; gateway and scheduler")
     host: str = Field("127.0.0.1", description="gateway HTTP address")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=0, description="number of local GPU workers")

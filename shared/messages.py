@@ -249,6 +249,7 @@ class SubmitRequest(msgspec.Struct, frozen=True, tag="submit"):
     priority: int = 0
     cache_salt: Union[str, None] = None
     queue_timeout_s: Union[float, None] = None  # not scheduled by then: it ends with an error
+    traceparent: str = ""  # W3C trace context when the gateway traces it (shared/tracing.py)
 
 
 class AbortRequest(msgspec.Struct, frozen=True, tag="abort"):

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import redis
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.gateway.cluster import ClusterStatus
@@ -34,6 +35,7 @@ from shared import figures
 from shared.config import GatewaySettings
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import connect, read_status
+from shared.tracing import context_from, tracer_for
 
 
 class Gateway:
@@ -50,6 +52,7 @@ class Gateway:
         self.metrics = GatewayMetrics(model.name, model.max_model_len, lambda: read_status(self.client, self.keys))
         self.grammars = GrammarChecker(model.tokenizer, model.vocab_size)
         self.draining = False  # shutting down (shutdown.py): no new work
+        self.tracer = tracer_for("gateway", settings.otlp_traces_endpoint)
 
     def refuse_if_draining(self) -> None:
         if self.draining:
@@ -60,7 +63,7 @@ class Gateway:
         await self.grammars.check(plan.constraint)  # an invalid one is the client's 400 before any wait
         await self.cluster.require_ready()
         gen = Generation(plan, self.model, self.engine, self.metrics,
-                         self.settings.queue_timeout, self.settings.request_timeout)
+                         self.settings.queue_timeout, self.settings.request_timeout, self._span(plan, request))
         # NOTE: checked just before start() registers the request, with no await between:
         # the drain, which waits for registered requests, cannot miss one that got past.
         self.refuse_if_draining()
@@ -70,6 +73,19 @@ class Gateway:
         except BaseException:
             gen.close()  # whatever went wrong, nothing keeps running for nobody
             raise
+
+    def _span(self, plan: GenerationPlan, request: Request):
+        """The request's trace span, under the caller's trace when its headers carry one."""
+        if self.tracer is None:
+            return None
+        first = plan.choices[0].sampling
+        return self.tracer.start_span("gateway.request", context=context_from(request.headers),
+                                      kind=SpanKind.SERVER, attributes={
+                                          "gen_ai.request.id": plan.request_id, "gen_ai.response.model": self.model.name,
+                                          "gen_ai.request.max_tokens": first.max_tokens,
+                                          "gen_ai.request.temperature": first.temperature,
+                                          "gen_ai.request.top_p": first.top_p, "gen_ai.request.n": len(plan.choices),
+                                          "gen_ai.usage.prompt_tokens": sum(len(p) for p in plan.prompts)})
 
     async def model_card(self) -> dict:
         m = self.model

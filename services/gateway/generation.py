@@ -17,6 +17,7 @@ from services.gateway.metrics import GatewayMetrics, RequestTimes
 from services.gateway.served_model import ServedModel
 from services.gateway.validation import ChoicePlan, GenerationPlan, OutputOptions
 from shared.messages import ErrorCode, FinishReason, RequestOutput, SubmitRequest, TokenLogprobs
+from shared.tracing import traceparent
 
 SETTLE_TIMEOUT_S = 2.0  # how long to wait for a stop-string-aborted choice's final figures
 
@@ -129,8 +130,10 @@ class ChoiceState:
 
 class Generation:
     def __init__(self, plan: GenerationPlan, model: ServedModel, engine: EngineClient, metrics: GatewayMetrics,
-                 queue_timeout: Optional[float] = None, request_timeout: Optional[float] = None):
+                 queue_timeout: Optional[float] = None, request_timeout: Optional[float] = None, span=None):
+        """`span`: this request's trace span (shared/tracing.py), ended with it; None: not traced."""
         self.plan = plan
+        self.span = span
         self.queue_timeout = queue_timeout
         self.request_timeout = request_timeout
         self.engine = engine
@@ -151,13 +154,15 @@ class Generation:
         self.engine.register(ids, self._queue)
         now = time.time()
         p = self.plan
+        trace = traceparent(self.span) if self.span is not None else ""
         try:
             await self.engine.submit([
                 SubmitRequest(c.request_id, c.prompt_token_ids, c.sampling, self.engine.reply_to, now,
-                              p.priority, p.cache_salt, self.queue_timeout) for c in p.choices])
-        except BaseException:
+                              p.priority, p.cache_salt, self.queue_timeout, trace) for c in p.choices])
+        except BaseException as e:
             self.engine.unregister(ids)
             self._closed = True
+            self._end_span(f"not queued: {e}")
             raise
 
     def _time_out(self) -> list[ChoiceText]:
@@ -215,6 +220,17 @@ class Generation:
                 c.finish_reason = FinishReason.ABORT
                 self.metrics.abandoned()
         self.engine.unregister(list(self._by_id))
+        self._end_span("client disconnected" if running else None)
+
+    def _end_span(self, error: Optional[str]) -> None:
+        if self.span is None:
+            return
+        self.span.set_attributes({
+            "gen_ai.usage.completion_tokens": sum(c.num_tokens for c in self.choices),
+            "gen_ai.response.finish_reasons": [c.finish_reason.value if c.finish_reason else "none"
+                                               for c in self.choices], **({"error.type": error} if error else {})})
+        self.span.end()
+        self.span = None
 
     def usage(self) -> dict:
         """So far (a streamed chunk's continuous usage) or in all. Each prompt is billed once,
@@ -241,4 +257,6 @@ class Generation:
     def _observe(self, choice: ChoiceState, out: RequestOutput) -> None:
         # Tokens a restarted scheduler replays were counted when they first came.
         new = out.index + len(out.token_ids) - choice.num_tokens
+        if self.span is not None and new > 0 and choice.num_tokens == 0:
+            self.span.add_event("first_token", {"choice": choice.index})
         self.metrics.on_output(self._times[choice.request_id], max(new, 0), out.queue_time_s, time.monotonic())

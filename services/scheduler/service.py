@@ -30,12 +30,14 @@ from services.scheduler.lease import Lease
 from services.scheduler.outbox import Outbox
 from services.scheduler.peers import Peers
 from services.scheduler.queue_reader import QueueReader
+from services.scheduler.tracing import RequestSpans
 from shared import messages as m
 from shared.config import SchedulerSettings
 from shared.curve import secure_server
 from shared.figures import ErrorRecord
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import QueueEntry, RequestQueue, StatusWriter
+from shared.tracing import tracer_for
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class SchedulerService:
         self.stopping = False
         self._last_stats = 0.0
         self.figures = FigureBuilder(core, settings.stall_after)
+        self.spans = RequestSpans(tracer_for("scheduler", settings.otlp_traces_endpoint))
         self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
         self._unacked_aborts: list[str] = []  # the same, of our abort stream
         self._redis_retry_at = 0.0  # while Redis is down: when to try it again
@@ -212,6 +215,7 @@ class SchedulerService:
             w.last_seen = now
             if isinstance(msg, m.StepResult):
                 self.figures.on_timings(msg.worker_id, msg.timings)
+                self.spans.step_done(msg)
                 self.core.on_step_result(msg)
         elif isinstance(msg, m.WorkerLeaving):
             self.core.remove_worker(msg.worker_id, f"left: {msg.reason}")
@@ -224,6 +228,7 @@ class SchedulerService:
         for wid in list(self.core.workers):
             plan = self.core.next_plan(wid, now, mono)
             if plan is not None:
+                self.spans.step_sent(wid, plan)
                 self._send_worker(wid, plan)
 
     def _send_worker(self, worker_id: str, msg: m.Message) -> None:
@@ -265,6 +270,7 @@ class SchedulerService:
             self._record_error(f"queue entry {entry.entry_id} rejected: {entry.error}")
         elif isinstance(msg, m.SubmitRequest) and self.core.add_request(msg, entry.entry_id):
             self._gone.discard(msg.reply_to)  # it submits: it is back (or it never left)
+            self.spans.started(msg)
             if msg.request_id in aborted:  # aborted before it was taken: it ends at once, acked as it ends
                 self.core.abort(msg.request_id, aborted[msg.request_id])
             return
@@ -289,6 +295,7 @@ class SchedulerService:
         by_gateway: dict[str, list[m.RequestOutput]] = defaultdict(list)
         for reply_to, out in self.core.outputs:
             by_gateway[reply_to].append(out)
+            self.spans.output(out)
         self.core.outputs.clear()
         now = time.monotonic()
         for reply_to, outs in by_gateway.items():
