@@ -289,7 +289,9 @@ class RequestOutput(msgspec.Struct, frozen=True):
 
 
 class GatewayOutputs(msgspec.Struct, frozen=True, tag="outputs"):
-    """All outputs for one gateway from one step, batched into one message."""
+    """All outputs for one gateway from one pass of the scheduler's loop, in one message: the
+    tokens of every step whose result the pass took (several workers' steps, or none), and
+    the finishes of requests aborted, expired or refused since the pass before."""
 
     outputs: list[RequestOutput]
 

@@ -1,7 +1,8 @@
 """The gateway's link to the scheduler: requests go into the Redis stream, outputs come
 back over ZeroMQ, to the PULL socket named in each request's `reply_to` (one per gateway,
-so several can run), as one `GatewayOutputs` per step; a task routes each `RequestOutput`
-to the queue of the HTTP request waiting for it.
+so several can run), as one `GatewayOutputs` per pass of the scheduler's loop that has
+outputs for this gateway (the steps of any number of workers); a task routes each
+`RequestOutput` to the queue of the HTTP request waiting for it.
 
 While it runs, the gateway refreshes a liveness key in Redis (`RedisKeys.gateway`): the
 scheduler aborts the requests of a gateway whose key stays missing.
