@@ -166,7 +166,9 @@ class PromptLogprobs(msgspec.Struct, frozen=True, array_like=True):
 
 
 class StepTimings(msgspec.Struct, frozen=True):
-    """Where a step's time went, worker-side; the scheduler publishes the means per worker."""
+    """Where a step's time went, worker-side, in wall time with the device's work included
+    (a CUDA device is synchronized before each reading: gpu_worker/device_clock.py); the
+    scheduler publishes the means per worker."""
 
     prepare_ms: float = 0.0
     forward_ms: float = 0.0
