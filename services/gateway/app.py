@@ -96,8 +96,6 @@ class Gateway:
 
 def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[redis.Redis] = None) -> FastAPI:
     gw = Gateway(settings, model, client)
-    chat_config = ChatConfig(settings.tool_call_parser, settings.trust_request_chat_template,
-                             settings.reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -109,6 +107,20 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
                   description="OpenAI-compatible completions and chat completions (see docs/http_api.md)")
     app.state.gateway = gw
     install_error_handlers(app)
+    app.include_router(_openai_routes(gw))
+    app.include_router(tokenize_routes(model, gw.cluster.limits))
+    app.include_router(_status_routes(gw))
+    # Outermost first: the key is checked before the body is read.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    return app
+
+
+def _openai_routes(gw: Gateway) -> APIRouter:
+    """/v1: completions, chat completions and the model list, as OpenAI's API."""
+    model, settings = gw.model, gw.settings
+    chat_config = ChatConfig(settings.tool_call_parser, settings.trust_request_chat_template,
+                             settings.reasoning_parser)
     v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions")
@@ -132,10 +144,14 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
         check_model_name(model_id, model)
         return await gw.model_card()
 
-    app.include_router(v1)
-    app.include_router(tokenize_routes(model, gw.cluster.limits))
+    return v1
 
-    @app.get("/health")
+
+def _status_routes(gw: Gateway) -> APIRouter:
+    """/health for load balancers and orchestrators, /metrics for Prometheus."""
+    router = APIRouter()
+
+    @router.get("/health")
     async def health() -> JSONResponse:
         """200 when the scheduler is alive and a worker serves (shared.figures.health); else 503 and why."""
         if gw.draining:
@@ -151,14 +167,11 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
         return JSONResponse({"status": "ok", "workers": len(status.workers), "stalled_workers": s.stalled_workers,
                              "running": s.running, "waiting": s.waiting})
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def metrics() -> Response:
         return Response(await asyncio.to_thread(gw.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
-    # Outermost first: the key is checked before the body is read.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
-    return app
+    return router
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """The gateway's link to the scheduler: requests go into the Redis stream, outputs come
 back over ZeroMQ, to the PULL socket named in each request's `reply_to` (one per gateway,
-so several can run), as one `GatewayOutputs` per step; a task routes each `RequestOutput`
-to the queue of the HTTP request waiting for it.
+so several can run), as one `GatewayOutputs` per pass of the scheduler's loop that has
+outputs for this gateway (the steps of any number of workers); a task routes each
+`RequestOutput` to the queue of the HTTP request waiting for it.
 
 While it runs, the gateway refreshes a liveness key in Redis (`RedisKeys.gateway`): the
 scheduler aborts the requests of a gateway whose key stays missing.
@@ -42,7 +43,9 @@ class EngineClient:
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RCVHWM, 0)  # the scheduler drops what we cannot take: take all
+        # No bound: take all as it comes. What we cannot take waits in the scheduler's outbox,
+        # which declares a gateway that takes nothing for gateway_timeout gone.
+        self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.bind(output_bind)  # zmq.ZMQError on a bad or busy address: a start-up error
         self.bound = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.reply_to = advertised_address(self.bound, output_advertise)
@@ -100,7 +103,8 @@ class EngineClient:
 
     async def submit(self, requests: list[m.SubmitRequest]) -> None:
         """Admit and enqueue one HTTP request's scheduler requests, or raise 429 when the queue
-        (XLEN: queued + running, across every gateway) is full. NOTE: the check and the XADDs
+        (XLEN: queued + running, across every gateway) is full or its prompt tokens waiting
+        to be scheduled would pass max_queue_tokens. NOTE: the check and the XADDs
         happen under one lock, so a burst here cannot overshoot; replicas may by a few."""
         async with self._admission:
             await self._redis(self._admit, requests)

@@ -226,7 +226,7 @@ def _plan(kind: str, body: Union[CompletionRequest, ChatCompletionRequest], prom
     uid = uuid.uuid4().hex
     # A sampled request without a seed gets one here: each token's draw is seeded by (seed,
     # position), so a request replayed after a scheduler restart continues with the very
-    # tokens its client already has. Unseeded requests stay random from one call to the next.
+    # tokens its client already has. A client that sends no seed still gets a fresh draw per call.
     greedy = body.temperature == 0
     seed = body.seed if body.seed is not None or greedy else secrets.randbits(62)
     base = _sampling(body, max_tokens, logprobs, limits, model, constraint, prompt_logprobs)

@@ -21,13 +21,13 @@ assumes (shared/speculative.py): sampled outputs keep their distribution.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from services.gpu_worker.batch import ScheduledRow, build_batch
+from services.gpu_worker.device_clock import device_time
 from services.gpu_worker.model import DecoderModel
 
 
@@ -42,7 +42,7 @@ class DraftRow(Protocol):
 @dataclass
 class Drafts:
     tokens: list[list[int]]  # per row asked, its proposals
-    ms: float
+    ms: float  # its passes' wall time, the device's work included (device_clock.py)
     passes: int
 
 
@@ -58,7 +58,7 @@ class Drafter:
     def propose(self, rows: list[DraftRow], counts: list[int]) -> Drafts:
         """counts[i] proposals after rows[i]'s last token (each row decoding: its last token
         not in any cache yet)."""
-        t0 = time.perf_counter()
+        t0 = device_time(self.model.device)
         proposals: list[list[int]] = [[] for _ in rows]
         live = [i for i, c in enumerate(counts) if c > 0]
         passes = 0
@@ -78,7 +78,9 @@ class Drafter:
                 proposals[i].append(best[k])
             live = [i for i in live if len(proposals[i]) < counts[i]]
             passes += 1
-        return Drafts(proposals, (time.perf_counter() - t0) * 1000.0, passes)
+        # Each pass's .tolist() waits for its kernels already; device_time keeps the time true
+        # should a pass ever end without reading its result back.
+        return Drafts(proposals, (device_time(self.model.device) - t0) * 1000.0, passes)
 
     @staticmethod
     def verified(row: DraftRow, proposed: int, accepted: int) -> None:

@@ -9,12 +9,12 @@ are dropped (their cache contents are unknown) and the scheduler must resend the
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from services.gpu_worker.batch import ForwardBatch, ScheduledRow, build_batch
+from services.gpu_worker.device_clock import device_time
 from services.gpu_worker.drafter import Drafter
 from services.gpu_worker.logit_masks import mask_problem
 from services.gpu_worker.model import DecoderModel
@@ -65,7 +65,7 @@ class Engine:
 
     # ---- the one entry point ----------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
-        t0 = time.perf_counter()
+        t0 = device_time(self.device)
         try:
             self._validate(plan)
         except PlanError as e:
@@ -180,7 +180,7 @@ class Engine:
         drafts = [plan.draft_token_ids.get(rid) or drafted.get(rid, []) for rid, _ in scheduled]
         batch = build_batch([ScheduledRow(r.token_ids + d if d else r.token_ids, r.block_ids, r.num_computed_tokens, n)
                              for r, d, (_, n) in zip(rows, drafts, scheduled)], self.block_size, self.device)
-        t1 = time.perf_counter()
+        t1 = device_time(self.device)  # the batch's copies to the device are prepare time
         hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
 
         # Only requests that reach the end of their tokens sample; a prefill chunk in the
@@ -193,19 +193,18 @@ class Engine:
         logprobs = {}
         accepted: dict[str, list[int]] = {}
         accepted_logprobs = {}
-        t2 = time.perf_counter()
-        if due:
-            if plan.draft_token_ids or drafted:
-                picks = [p for k, i in due for p in range(batch.last_token_index[k] - len(drafts[i]),
-                                                            batch.last_token_index[k] + 1)]
-                # Each position is sampled as the row will be with the drafts before it as its
-                # tokens: what one step per token would draw (see shared/speculative.py).
-                sampling = [s for _, i in due for s in rows[i].sampling.ahead(drafts[i])]
-            else:  # the common step: one position per row
-                picks = [batch.last_token_index[k] for k, _ in due]
-                sampling = [rows[i].sampling for _, i in due]
-            logits = self.model.compute_logits(hidden[picks])
-            t2 = time.perf_counter()
+        if due and (plan.draft_token_ids or drafted):
+            picks = [p for k, i in due for p in range(batch.last_token_index[k] - len(drafts[i]),
+                                                        batch.last_token_index[k] + 1)]
+            # Each position is sampled as the row will be with the drafts before it as its
+            # tokens: what one step per token would draw (see shared/speculative.py).
+            sampling = [s for _, i in due for s in rows[i].sampling.ahead(drafts[i])]
+        else:  # the common step: one position per row
+            picks = [batch.last_token_index[k] for k, _ in due]
+            sampling = [rows[i].sampling for _, i in due]
+        logits = self.model.compute_logits(hidden[picks]) if due else None
+        t2 = device_time(self.device)  # the forward pass and the logits have run
+        if logits is not None:
             out = self.sampler(logits, sampling)
             at = 0
             for _, i in due:
@@ -232,7 +231,7 @@ class Engine:
                     r.sampling.append(token)
             if r.request_id in sampled:
                 r.sampling.append(sampled[r.request_id])
-        t3 = time.perf_counter()
+        t3 = device_time(self.device)
         ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
         return StepResult(
             step_id=plan.step_id, worker_id=self.worker_id, sampled_token_ids=sampled, logprobs=logprobs,

@@ -365,7 +365,9 @@ def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
     """Each row's one uniform for this token, [B, 1] in (0, 1]. A seeded request's is
     output n of its own SplitMix64 stream, n its output position, so its token is the same
     alone or in any batch, after a preemption and on another worker, with no RNG state
-    kept anywhere. Others' come from torch's global RNG."""
+    kept anywhere. That is every sampled row that came through a gateway (validation.py
+    seeds each request sent without a seed), so this Python loop runs over all of them;
+    only rows submitted with no seed (tests, worker benchmarks) take torch's global RNG."""
     seeded = [_stream_uniform(row.params.seed, row.num_output_tokens) if row.params.seed is not None else 0.0
               for row in rows]
     uniform = torch.tensor(seeded, dtype=torch.float32, device=device)

@@ -2,7 +2,8 @@
 out. No sockets, no Redis, no clock: the service feeds it events with the time and drains
 what it produced, so hand-made step results test it. A request finishes exactly once
 (each error with its ErrorCode); a worker that leaves or dies hands its requests back,
-tokens kept, to continue on another. Every move of a request goes through transitions.py.
+tokens kept, to continue on another. add_request puts a request in the waiting list;
+every move after that goes through transitions.py.
 """
 
 from __future__ import annotations
@@ -304,9 +305,7 @@ class SchedulerCore:
     def _finish(self, req: Request, reason: FinishReason, w: Optional[WorkerState],
                 error_code: Optional[ErrorCode] = None, error: Optional[str] = None,
                 tokens_out: Optional[RequestOutput] = None) -> None:
-        if w is None and req in self.waiting:
-            self.waiting.remove(req)
-        transitions.finish(w, req, reason, error_code, error)
+        transitions.finish(w, self.waiting, req, reason, error_code, error)
         self.requests.pop(req.request_id, None)
         self._aborts.pop(req.request_id, None)
         self._errors_by_request.pop(req.request_id, None)

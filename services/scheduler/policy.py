@@ -1,7 +1,8 @@
 """The scheduling policy: which requests run in a worker's next step, and how many tokens
 each. `schedule` applies its decision (blocks, admissions, preemptions) to the worker's
-state and the waiting list through transitions.py; the rest only reads. No sockets, no
-Redis, no clock.
+state and the waiting list through transitions.py; besides, it sorts the worker's running
+list and updates the speculation's acceptance bookkeeping (speculation.py). No sockets,
+no Redis, no clock.
 
 One step = one token budget (max_num_batched_tokens) and at most max_num_seqs requests:
 

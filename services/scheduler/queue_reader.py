@@ -34,8 +34,9 @@ def blocking_client(client: redis.Redis, block_ms: int) -> redis.Redis:
 
 class QueueReader:
     """`wake` turns readable when a batch is ready; `take()` returns it. One batch at a
-    time: the thread reads the next only once the loop took the last, so a flood of
-    requests waits in Redis, not in this process."""
+    time: the thread reads the next only once the loop took the last, so a pass is handed
+    at most one batch. Alone (no room bound) a scheduler still reads a flood whole, batch
+    by batch; with live peers, what exceeds its room waits in Redis (peers.room)."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, ctx: zmq.Context, block_ms: int = BLOCK_MS,
                  consumer: str = "scheduler", aborts: str | None = None):

@@ -2,7 +2,8 @@
 
 The scheduler is the only owner of a request's logical state: its tokens, its blocks on
 the worker it runs on, how many of its tokens are in that worker's cache, and why it
-stopped. It moves between queues and states only through transitions.py.
+stopped. After its arrival it moves between the waiting list, a worker's running list
+and its states only through transitions.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.QUEUED
-    worker_id: Optional[str] = None  # the worker it is queued on or runs on
+    worker_id: Optional[str] = None  # the worker it runs on; None while it waits (for any worker)
     block_ids: list[int] = field(default_factory=list)
     new_block_ids: list[int] = field(default_factory=list)  # appended since the last plan
     num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache

@@ -4,8 +4,11 @@ schedulers of distinct names may share the stream, each with its own workers (pe
 
 One loop, asleep until a worker message or new queue entries arrive (or a gateway that
 was full takes more). Each pass: take them, drop silent workers, hand every idle worker its
-next step, send the outputs (one message per gateway, through outbox.py), then acknowledge
-the requests whose final outputs went out and write status in one pipeline. Workers step
+next step, send the outputs (one message per gateway, through outbox.py), then write to
+Redis what the pass produced: the acknowledgements of the requests whose final outputs went
+out, those of the abort entries read, and the status, each in one pipeline (so up to three
+round trips, none when there is nothing to write); once every stats_interval it also
+writes the figures, renews its lease and checks gateways and peers. Workers step
 concurrently; the loop never waits for one, nor for a gateway, to serve another.
 
 SIGTERM: no new entries are read; the outputs produced go out, finished requests are
@@ -345,6 +348,7 @@ class SchedulerService:
         self.core.errors.clear()
 
     def _flush(self) -> None:
+        """A round trip for each that has something to write: acks, abort acks, status."""
         if self._unacked:
             self.queue.ack(self._unacked)
             self._unacked = []

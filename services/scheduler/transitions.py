@@ -1,10 +1,11 @@
-"""Every move of a request, in one place (policy and core call these). Until it finishes
-a request is either in the one waiting list every worker admits from (core.waiting) or in
-one worker's running list:
+"""Every move of a request after its arrival, in one place (policy and core call these).
+Until it finishes a request is either in the one waiting list every worker admits from
+(core.waiting, where core.add_request puts it) or in one worker's running list:
 
     QUEUED (waiting) ──admit on w──▶ RUNNING on w ──finish──▶ FINISHED / ERROR
-          ▲                              │
-          └── requeue (preempted, its step failed) or migrate (w is gone)
+       │  ▲                              │
+       │  └── requeue (preempted, its step failed) or migrate (w is gone)
+       └──finish (aborted, timed out, too long for every worker)──▶ FINISHED / ERROR
 
 A request is bound to a worker only while it runs there. Leaving a worker frees its blocks
 and drops its row there; its tokens, generated ones included, are kept: it is recomputed
@@ -85,13 +86,16 @@ def migrate(waiting: list[Request], req: Request) -> None:
     waiting.append(req)
 
 
-def finish(w: Optional[WorkerState], req: Request, reason: FinishReason,
+def finish(w: Optional[WorkerState], waiting: list[Request], req: Request, reason: FinishReason,
            error_code: Optional[ErrorCode] = None, error: Optional[str] = None) -> None:
-    """Final, exactly once: off its worker `w` (None: it is on none), blocks freed."""
+    """Final, exactly once: off its worker `w`, blocks freed, or (w None: it runs on none)
+    out of `waiting` if it is there."""
     assert not req.status.is_final, f"{req.request_id} finished twice"
     assert (reason is FinishReason.ERROR) == (error_code is not None) or reason is FinishReason.ABORT, reason
     if w is not None:
         _leave(w, req)
+    elif req in waiting:
+        waiting.remove(req)
     _forget_placement(req)
     req.status = RequestStatus.ERROR if reason is FinishReason.ERROR else RequestStatus.FINISHED
     req.finish_reason, req.error_code, req.error = reason, error_code, error

@@ -32,7 +32,9 @@ class InFlightStep:
 class WorkerState:
     info: RegisterWorker
     pool: BlockPool
-    running: list[Request] = field(default_factory=list)  # in admission order
+    # Most important first (priority, then arrival) as policy.schedule sorts it each step,
+    # so that preemption takes from the end; admissions append between sorts.
+    running: list[Request] = field(default_factory=list)
     to_drop: list[str] = field(default_factory=list)  # rows the next plan tells it to drop
     in_flight: Optional[InFlightStep] = None
     last_seen: float = 0.0  # monotonic time of its last message or heartbeat

@@ -10,11 +10,24 @@ import time
 import pytest
 
 from shared.curve import make_keys
-from shared.redis_protocol import read_status
+from shared.redis_protocol import read_scheduler_figures, read_status
 from shared.tiny_model import make_model
 from tests.stack import REPO, Stack, service_env
 
 pytestmark = pytest.mark.slow
+
+INTRUDERS = ("wrong-key", "plain")  # a worker with another client key pair, and one with no CURVE at all
+SENT = "registered with the scheduler"  # what a worker logs once its registration is sent (worker.py)
+
+
+def _sent_registration(proc: subprocess.Popen, log_path) -> bool:
+    assert proc.poll() is None, f"{log_path.name} exited:\n{log_path.read_text()[-3000:]}"
+    return SENT in log_path.read_text()
+
+
+def _figures_written_since(stack: Stack, t: float) -> bool:
+    figures = read_scheduler_figures(stack.client, stack.keys)
+    return any(f.updated_at > t for f in figures.values())
 
 
 def test_only_workers_holding_the_key_pair_get_in(redis_server, tmp_path):
@@ -28,9 +41,9 @@ def test_only_workers_holding_the_key_pair_get_in(redis_server, tmp_path):
                               f"--zmq-client-public-key={keys['CONVEYOR_ZMQ_CLIENT_PUBLIC_KEY']}")
         stack.start_worker("trusted", f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
                            f"--zmq-client-secret-key={keys['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}")
-        for name, extra in (("wrong-key", [f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
-                                           f"--zmq-client-secret-key={other['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}"]),
-                            ("plain", [])):
+        for name, extra in zip(INTRUDERS, ([f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
+                                            f"--zmq-client-secret-key={other['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}"],
+                                           [])):
             log = open(tmp_path / f"{name}.log", "w")
             intruders.append(subprocess.Popen(
                 [sys.executable, "-m", "services.gpu_worker", "--model", str(model_dir), "--device", "cpu",
@@ -40,7 +53,13 @@ def test_only_workers_holding_the_key_pair_get_in(redis_server, tmp_path):
         stack.submit("secret", [5, 6, 7, 8], max_tokens=6)
         stack.wait_finished(["secret"])
         assert len(stack.tokens["secret"]) == 6
-        time.sleep(5)  # the intruders have long finished loading and tried to register
+        stack.wait_until(lambda: all(_sent_registration(p, tmp_path / f"{name}.log")
+                                     for p, name in zip(intruders, INTRUDERS)),
+                         "the intruders to try to register", timeout_s=120.0)
+        tried = time.time()
+        # A registration that got in would be in the next figures the scheduler writes, once
+        # it had a heartbeat interval (1 s) to arrive.
+        stack.wait_until(lambda: _figures_written_since(stack, tried + 1.0), "figures written after the attempts")
         assert set(read_status(stack.client, stack.keys).workers) == {"trusted"}
         assert all(p.poll() is None for p in intruders), "they are up, just never let in"
     finally:

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from shared.embedded_redis import free_port, start_embedded_redis
+from shared.redis_protocol import read_status
 from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy, keeper_reference
 from tests.stack import KEEPER_TOKENS, LONG_MAX_TOKENS, Stack
@@ -53,6 +54,12 @@ def _wait_tokens(stack: Stack, n: int, timeout_s: float = 60.0) -> None:
     while sum(len(t) for t in stack.tokens.values()) < n:
         assert time.monotonic() < deadline, stack.log_tail()
         stack.collect(0.05)
+
+
+def _waiting(stack: Stack) -> int:
+    """The requests the scheduler holds, not yet running, as its latest figures say."""
+    figures = read_status(stack.client, stack.keys).scheduler
+    return figures.waiting if figures is not None else 0
 
 
 def _submit_all(stack: Stack, requests) -> None:
@@ -160,7 +167,7 @@ def test_redis_restart_loses_no_request(model_dir, workload, tmp_path):
         stack.start_scheduler()
         # Queued while no worker exists yet, so some are still in the stream at the restart.
         _submit_all(stack, requests)
-        time.sleep(1.5)  # the scheduler has read the queue
+        stack.wait_until(lambda: _waiting(stack) == len(requests), "the scheduler to read the queue")
         server.stop()
         time.sleep(1.0)
         server = start_embedded_redis(redis_dir, port=port)
@@ -222,7 +229,7 @@ def test_requests_of_a_vanished_gateway_are_aborted(redis_server, long_model_dir
     import zmq
 
     from shared import messages as m
-    from shared.redis_protocol import read_status, submit
+    from shared.redis_protocol import submit
 
     stack = Stack(redis_server.url, long_model_dir, tmp_path, speculative=True)
     try:
@@ -266,7 +273,6 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
     import zmq
 
     from shared import messages as m
-    from shared.redis_protocol import read_status
     from tests.stack import REPO, service_env
 
     stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
