@@ -95,6 +95,13 @@ class WorkerSettings(_Settings):
     max_model_len: Optional[int] = Field(
         None, gt=0, description="longest prompt + output in tokens (default: the model's max_position_embeddings)")
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
+    attention_backend: Literal["auto", "cpu", "reference", "triton"] = Field(
+        "auto", description="attention kernels: cpu (C++, auto's choice on CPU, the reference where it cannot be "
+        "built), triton (auto's choice on CUDA; elsewhere only under TRITON_INTERPRET=1) or reference (plain "
+        "torch, the ground truth, for debugging)")
+    layer_ops: Literal["auto", "cpu", "eager"] = Field(
+        "auto", description="norms, residual adds, rotary and act(gate) * up: cpu (fused C++ kernels, auto's "
+        "choice on CPU) or eager (torch ops, auto's choice elsewhere; for debugging on CPU)")
     linear_backend: Literal["auto", "onednn", "torch"] = Field(
         "auto", description="matrix multiplications: onednn (prepacked weights; auto's choice for float32 on CPU) "
         "or torch (F.linear, for debugging)")

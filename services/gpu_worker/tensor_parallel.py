@@ -42,8 +42,9 @@ def load_rank(settings: WorkerSettings, path: Path, group: Group, dtype: torch.d
     over the ranks, so that a block id means the same slots everywhere."""
     config = load_config(path)
     sharding = shard_model(config, model_shape(config), group.rank, group.world)
-    model = load_model(path, group.device, dtype, get_attention_backend(group.device), settings.linear_backend,
-                       sharding, group.all_reduce, cls, max_model_len(read_config(path), path, settings.max_model_len))
+    model = load_model(path, group.device, dtype, get_attention_backend(group.device, settings.attention_backend),
+                       settings.linear_backend, sharding, group.all_reduce, cls,
+                       max_model_len(read_config(path), path, settings.max_model_len), settings.layer_ops)
     # On CPU kv_cache_memory is the worker's: each rank takes its share.
     mine = num_blocks_in_budget(model.shape, settings.block_size, dtype, group.device,
                                 int(settings.kv_cache_memory) // group.world, settings.gpu_memory_fraction)
