@@ -112,6 +112,12 @@ class WorkerSettings(_Settings):
         "auto", description="cores to bind the compute threads to: a list such as 1 or 2-5,7, none, or auto "
         "(all but the first core, the first two above 8 cores, left to the gateway, scheduler and Redis; "
         "unbound when OMP_NUM_THREADS is set and num_threads is not)")
+    # OpenMP's own variable: torch's thread pool reads it by itself; the worker reads it only
+    # to leave that choice alone (see cpu_affinity).
+    omp_num_threads: Optional[str] = Field(
+        None, validation_alias=AliasChoices("OMP_NUM_THREADS", "omp_num_threads"),
+        description="OpenMP's OMP_NUM_THREADS, as set in the environment: when set (and num_threads is not), "
+        "cpu_affinity auto binds no core and torch keeps the threads OpenMP gives it")
     zmq_server_public_key: Optional[str] = Field(
         None, description="CurveZMQ: the scheduler's public key (Z85); set it when the scheduler encrypts")
     zmq_client_secret_key: Optional[str] = Field(None, description="CurveZMQ: this worker's secret key (Z85)")

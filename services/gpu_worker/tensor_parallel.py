@@ -178,11 +178,11 @@ def rank_layouts(threads: int, cores: Optional[list[int]], world: int) -> list[R
     return [RankLayout(per_rank, cores[bounds[r]:bounds[r + 1]]) for r in range(world)]
 
 
-def share_out(settings: WorkerSettings, allowed: list[int], omp_num_threads: Optional[str],
-              default_threads: int) -> list[RankLayout]:
+def share_out(settings: WorkerSettings, allowed: list[int], default_threads: int) -> list[RankLayout]:
     """Each rank's threads and cores: the worker's (`settings` as cpu_layout resolves them
     against the cores this process may use), shared out."""
-    threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed, omp_num_threads)
+    threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed,
+                                        settings.omp_num_threads)
     return rank_layouts(threads or default_threads, cores, settings.tensor_parallel_size)
 
 
@@ -196,7 +196,7 @@ def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.de
     shard_model(config, model_shape(config), 0, world)  # the ModelLoadError, before any process starts
     if device.type == "cuda":
         check_devices(device, world, torch.cuda.device_count())
-    layouts = share_out(settings, allowed_cores(), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
+    layouts = share_out(settings, allowed_cores(), torch.get_num_threads())
     before = RankLayout(torch.get_num_threads(), sorted(os.sched_getaffinity(0)))
     init_method = f"tcp://127.0.0.1:{free_port()}"
     # Spawned before rank 0 narrows itself to its share: a child inherits the cores it may bind to.

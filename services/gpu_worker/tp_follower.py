@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     from shared.cpu_layout import apply as apply_cpu_layout
 
     settings = WorkerSettings.model_validate_json(args.settings)
-    threads, cores = apply_cpu_layout(settings.num_threads, settings.cpu_affinity)
+    threads, cores = apply_cpu_layout(settings.num_threads, settings.cpu_affinity, settings.omp_num_threads)
     serve(settings, args.rank, args.world, args.init_method)
     log.info("rank %d stopped (%d threads, cores %s)", args.rank, threads, cores)
     return 0
