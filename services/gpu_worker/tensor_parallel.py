@@ -34,6 +34,8 @@ from shared.models import ModelLoadError, max_model_len, read_config
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
+# How a follower rank starts, before its flags (tests put a follower that dies on purpose here).
+FOLLOWER_COMMAND = [sys.executable, "-m", "services.gpu_worker.tp_follower"]
 
 
 def load_rank(settings: WorkerSettings, path: Path, group: Group, dtype: torch.dtype,
@@ -263,6 +265,6 @@ def _spawn(settings: WorkerSettings, path: Path, rank: int, world: int, init_met
     rank_settings = settings.model_copy(update=dict(model=str(path), num_threads=layout.threads, cpu_affinity=cores,
                                                     zmq_server_public_key=None, zmq_client_secret_key=None,
                                                     redis_url=None))
-    cmd = [sys.executable, "-m", "services.gpu_worker.tp_follower", "--rank", str(rank), "--world", str(world),
-           "--init-method", init_method, "--parent-pid", str(os.getpid()), "--settings", rank_settings.model_dump_json()]
+    cmd = [*FOLLOWER_COMMAND, "--rank", str(rank), "--world", str(world), "--init-method", init_method,
+           "--parent-pid", str(os.getpid()), "--settings", rank_settings.model_dump_json()]
     return subprocess.Popen(cmd, cwd=REPO)  # its log lines go where the worker's go
