@@ -38,8 +38,13 @@ def check_speculative_config(v: Optional[str]) -> Optional[str]:
 
 
 OTLP_TRACES_HELP = ("OpenTelemetry: export request traces by OTLP to this endpoint, e.g. http://collector:4317 "
-                    "(vLLM's flag; OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf for OTLP over HTTP; "
-                    "default: no tracing)")
+                    "(vLLM's flag; otlp_traces_protocol http/protobuf for OTLP over HTTP; default: no tracing)")
+# OpenTelemetry's own variable, as vLLM reads it (so not CONVEYOR_-prefixed), or the flag.
+OTLP_PROTOCOL_ALIAS = AliasChoices("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "otlp_traces_protocol")
+OtlpTracesProtocol = Annotated[Literal["grpc", "http/protobuf"], Field(
+    "grpc", validation_alias=OTLP_PROTOCOL_ALIAS,
+    description="how traces go to otlp_traces_endpoint: grpc or http/protobuf (env: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, "
+    "OpenTelemetry's own variable)")]
 SpeculativeConfigText = Annotated[Optional[str], AfterValidator(check_speculative_config)]
 SPECULATIVE_CONFIG_HELP = ('speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": k, '
                            '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"method": "draft_model", "model": DIR, '
@@ -184,10 +189,12 @@ class SchedulerSettings(RedisSettings):
         "then its peers take over its requests")
     speculative_config: SpeculativeConfigText = Field(None, description=SPECULATIVE_CONFIG_HELP)
     otlp_traces_endpoint: Optional[str] = Field(None, description=OTLP_TRACES_HELP)
+    otlp_traces_protocol: OtlpTracesProtocol
 
 
 class GatewaySettings(RedisSettings):
     otlp_traces_endpoint: Optional[str] = Field(None, description=OTLP_TRACES_HELP)
+    otlp_traces_protocol: OtlpTracesProtocol
     model: Optional[str] = Field(
         None, description="Hugging Face model directory or .gguf file, for its tokenizer and chat template "
         "(default: the tiny model)")
@@ -238,6 +245,9 @@ class RunSettings(_Settings):
     speculative_config: SpeculativeConfigText = Field(
         None, description="speculative decoding, vLLM's JSON, for the scheduler and every worker (default: off)")
     otlp_traces_endpoint: Optional[str] = Field(None, description=OTLP_TRACES_HELP + "; gateway and scheduler")
+    otlp_traces_protocol: Optional[Literal["grpc", "http/protobuf"]] = Field(
+        None, validation_alias=OTLP_PROTOCOL_ALIAS,
+        description="the gateway's and scheduler's otlp_traces_protocol (default: theirs, grpc)")
     host: str = Field("127.0.0.1", description="gateway HTTP address")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=0, description="number of local GPU workers")
