@@ -198,7 +198,8 @@ class Launcher:
         s = self.settings
         given = {"CONVEYOR_TOKENIZER": s.tokenizer, "CONVEYOR_REASONING_PARSER": s.reasoning_parser,
                  "CONVEYOR_SPECULATIVE_CONFIG": s.speculative_config,
-                 "CONVEYOR_OTLP_TRACES_ENDPOINT": s.otlp_traces_endpoint}
+                 "CONVEYOR_OTLP_TRACES_ENDPOINT": s.otlp_traces_endpoint,
+                 "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": s.otlp_traces_protocol}
         return {name: value for name, value in given.items() if value}
 
     def _spawn(self, env: dict[str, str]) -> None:

@@ -8,7 +8,6 @@ prefill and decode take an optional sliding `window` (kernels/reference.py's con
 
 import importlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,7 +15,6 @@ import torch
 
 from kernels import reference
 
-BACKEND_ENV_VAR = "CONVEYOR_ATTENTION_BACKEND"
 BACKENDS = ("cpu", "reference", "triton")
 log = logging.getLogger(__name__)
 
@@ -54,13 +52,14 @@ class AttentionBackend:
         return []
 
 
-def get_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
-    """The backend called `name`, else $CONVEYOR_ATTENTION_BACKEND, else the device's default."""
+def get_attention_backend(device: torch.device, name: str = "auto") -> AttentionBackend:
+    """The backend called `name` (the worker's attention_backend setting), or with "auto" the
+    device's default."""
     device = torch.device(device)
-    name = name or os.environ.get(BACKEND_ENV_VAR)
-    if name is None and device.type == "cpu":
-        return _cpu_backend_or_reference()
-    name = name or "triton"
+    if name == "auto":
+        if device.type == "cpu":
+            return _cpu_backend_or_reference()
+        name = "triton"
     if name == "cpu":
         return _cpu_backend(device)
     if name == "reference":
@@ -68,7 +67,7 @@ def get_attention_backend(device: torch.device, name: str | None = None) -> Atte
     if name == "triton":
         return _triton_backend(device)
     raise ValueError(
-        f"unknown attention backend {name!r} (from argument or ${BACKEND_ENV_VAR}); expected one of {BACKENDS}"
+        f"unknown attention backend {name!r}; expected one of {('auto', *BACKENDS)}"
     )
 
 

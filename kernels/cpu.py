@@ -37,11 +37,14 @@ def build(name: str, sources: list[Path], extra_cflags: tuple[str, ...] = ()) ->
 
     Raises RuntimeError naming what is missing when the machine cannot build it.
     """
-    compiler = os.environ.get("CXX", "c++")
+    # NOTE: the compiler is the toolchain's convention, $CXX, read by torch itself, not a Conveyor
+    # setting: asking torch which one it will run keeps the two from disagreeing.
+    compiler = cpp_extension.get_cxx_compiler()
     if shutil.which(compiler) is None:
         raise RuntimeError(f"building the cpu kernels needs a C++ compiler ({compiler!r} not found; set $CXX)")
     # torch runs `ninja` from $PATH; the pinned pip package puts it beside this python, which
-    # is not on $PATH when the venv's python is run without activating the venv.
+    # is not on $PATH when the venv's python is run without activating the venv. (This process's
+    # search path for the build's tools, not a setting: tests/shared/test_settings_in_one_place.py.)
     venv_bin = os.path.dirname(sys.executable)
     if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")

@@ -38,8 +38,13 @@ def check_speculative_config(v: Optional[str]) -> Optional[str]:
 
 
 OTLP_TRACES_HELP = ("OpenTelemetry: export request traces by OTLP to this endpoint, e.g. http://collector:4317 "
-                    "(vLLM's flag; OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf for OTLP over HTTP; "
-                    "default: no tracing)")
+                    "(vLLM's flag; otlp_traces_protocol http/protobuf for OTLP over HTTP; default: no tracing)")
+# OpenTelemetry's own variable, as vLLM reads it (so not CONVEYOR_-prefixed), or the flag.
+OTLP_PROTOCOL_ALIAS = AliasChoices("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "otlp_traces_protocol")
+OtlpTracesProtocol = Annotated[Literal["grpc", "http/protobuf"], Field(
+    "grpc", validation_alias=OTLP_PROTOCOL_ALIAS,
+    description="how traces go to otlp_traces_endpoint: grpc or http/protobuf (env: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, "
+    "OpenTelemetry's own variable)")]
 SpeculativeConfigText = Annotated[Optional[str], AfterValidator(check_speculative_config)]
 SPECULATIVE_CONFIG_HELP = ('speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": k, '
                            '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"method": "draft_model", "model": DIR, '
@@ -95,6 +100,13 @@ class WorkerSettings(_Settings):
     max_model_len: Optional[int] = Field(
         None, gt=0, description="longest prompt + output in tokens (default: the model's max_position_embeddings)")
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between heartbeats")
+    attention_backend: Literal["auto", "cpu", "reference", "triton"] = Field(
+        "auto", description="attention kernels: cpu (C++, auto's choice on CPU, the reference where it cannot be "
+        "built), triton (auto's choice on CUDA; elsewhere only under TRITON_INTERPRET=1) or reference (plain "
+        "torch, the ground truth, for debugging)")
+    layer_ops: Literal["auto", "cpu", "eager"] = Field(
+        "auto", description="norms, residual adds, rotary and act(gate) * up: cpu (fused C++ kernels, auto's "
+        "choice on CPU) or eager (torch ops, auto's choice elsewhere; for debugging on CPU)")
     linear_backend: Literal["auto", "onednn", "torch"] = Field(
         "auto", description="matrix multiplications: onednn (prepacked weights; auto's choice for float32 on CPU) "
         "or torch (F.linear, for debugging)")
@@ -105,6 +117,12 @@ class WorkerSettings(_Settings):
         "auto", description="cores to bind the compute threads to: a list such as 1 or 2-5,7, none, or auto "
         "(all but the first core, the first two above 8 cores, left to the gateway, scheduler and Redis; "
         "unbound when OMP_NUM_THREADS is set and num_threads is not)")
+    # OpenMP's own variable: torch's thread pool reads it by itself; the worker reads it only
+    # to leave that choice alone (see cpu_affinity).
+    omp_num_threads: Optional[str] = Field(
+        None, validation_alias=AliasChoices("OMP_NUM_THREADS", "omp_num_threads"),
+        description="OpenMP's OMP_NUM_THREADS, as set in the environment: when set (and num_threads is not), "
+        "cpu_affinity auto binds no core and torch keeps the threads OpenMP gives it")
     zmq_server_public_key: Optional[str] = Field(
         None, description="CurveZMQ: the scheduler's public key (Z85); set it when the scheduler encrypts")
     zmq_client_secret_key: Optional[str] = Field(None, description="CurveZMQ: this worker's secret key (Z85)")
@@ -171,10 +189,12 @@ class SchedulerSettings(RedisSettings):
         "then its peers take over its requests")
     speculative_config: SpeculativeConfigText = Field(None, description=SPECULATIVE_CONFIG_HELP)
     otlp_traces_endpoint: Optional[str] = Field(None, description=OTLP_TRACES_HELP)
+    otlp_traces_protocol: OtlpTracesProtocol
 
 
 class GatewaySettings(RedisSettings):
     otlp_traces_endpoint: Optional[str] = Field(None, description=OTLP_TRACES_HELP)
+    otlp_traces_protocol: OtlpTracesProtocol
     model: Optional[str] = Field(
         None, description="Hugging Face model directory or .gguf file, for its tokenizer and chat template "
         "(default: the tiny model)")
@@ -225,6 +245,9 @@ class RunSettings(_Settings):
     speculative_config: SpeculativeConfigText = Field(
         None, description="speculative decoding, vLLM's JSON, for the scheduler and every worker (default: off)")
     otlp_traces_endpoint: Optional[str] = Field(None, description=OTLP_TRACES_HELP + "; gateway and scheduler")
+    otlp_traces_protocol: Optional[Literal["grpc", "http/protobuf"]] = Field(
+        None, validation_alias=OTLP_PROTOCOL_ALIAS,
+        description="the gateway's and scheduler's otlp_traces_protocol (default: theirs, grpc)")
     host: str = Field("127.0.0.1", description="gateway HTTP address")
     port: int = Field(8000, ge=0, le=65535, description="gateway HTTP port")
     workers: int = Field(1, ge=0, description="number of local GPU workers")

@@ -91,13 +91,14 @@ def resolve(num_threads: Optional[int], cpu_affinity: str, allowed: list[int],
     return num_threads or len(cores), cores
 
 
-def apply(num_threads: Optional[int], cpu_affinity: str) -> tuple[int, Optional[list[int]]]:
-    """Binds this process and sets torch's threads; returns what is now in force. Call it
-    before torch starts its thread pool (before the first op), so that the OpenMP threads
-    inherit the binding."""
+def apply(num_threads: Optional[int], cpu_affinity: str,
+          omp_num_threads: Optional[str]) -> tuple[int, Optional[list[int]]]:
+    """Binds this process and sets torch's threads (the worker's settings, as `resolve` takes
+    them); returns what is now in force. Call it before torch starts its thread pool (before
+    the first op), so that the OpenMP threads inherit the binding."""
     import torch
 
-    threads, cores = resolve(num_threads, cpu_affinity, allowed_cores(), os.environ.get("OMP_NUM_THREADS"))
+    threads, cores = resolve(num_threads, cpu_affinity, allowed_cores(), omp_num_threads)
     if cores is not None:
         os.sched_setaffinity(0, cores)
     if threads is not None:

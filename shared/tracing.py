@@ -1,6 +1,6 @@
 """OpenTelemetry tracing of a request's life, as vLLM's `--otlp-traces-endpoint`: off unless
-an endpoint is set, and then exported by OTLP (gRPC, or HTTP with
-OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf, as vLLM reads it). Off costs nothing: no
+an endpoint is set, and then exported by OTLP (gRPC, or HTTP with the otlp_traces_protocol
+setting, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf as vLLM reads it). Off costs nothing: no
 SDK is imported and no span is made (the services hold None for their tracer).
 
 The trace context crosses processes as a W3C `traceparent` string: from an HTTP request's
@@ -10,7 +10,6 @@ to the scheduler, which records the queue wait and each worker step under it.
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Optional
 
 from opentelemetry import trace
@@ -20,21 +19,21 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
-def tracer_for(service: str, endpoint: Optional[str]) -> Optional[trace.Tracer]:
-    """A tracer exporting to `endpoint` (None or "": tracing off, None returned)."""
+def tracer_for(service: str, endpoint: Optional[str], protocol: str = "grpc") -> Optional[trace.Tracer]:
+    """A tracer exporting to `endpoint` (None or "": tracing off, None returned) by OTLP over
+    `protocol`, the service's otlp_traces_protocol setting."""
     if not endpoint:
         return None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     elif protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
     else:
-        raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL {protocol!r}: grpc or http/protobuf")
+        raise ValueError(f"otlp_traces_protocol {protocol!r}: grpc or http/protobuf")
     provider = TracerProvider(resource=Resource.create({"service.name": f"conveyor-{service}"}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     return provider.get_tracer("conveyor")

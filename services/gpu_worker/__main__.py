@@ -106,7 +106,7 @@ def apply_cpu_layout(settings):
     from shared.cpu_layout import apply, format_cores
 
     try:
-        threads, cores = apply(settings.num_threads, settings.cpu_affinity)
+        threads, cores = apply(settings.num_threads, settings.cpu_affinity, settings.omp_num_threads)
     except ValueError as e:  # cores this process may not use
         raise ConfigError(str(e)) from None
     log.info("%d compute threads, %s", threads, f"bound to cores {format_cores(cores)}" if cores else "unbound")

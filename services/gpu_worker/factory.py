@@ -76,8 +76,8 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
         model, num_blocks = start_tensor_parallel(settings, path, device, dtype)
         draft = None
     else:
-        model = load_model(path, device, dtype, get_attention_backend(device), settings.linear_backend,
-                           max_model_len=max_len)
+        model = load_model(path, device, dtype, get_attention_backend(device, settings.attention_backend),
+                           settings.linear_backend, max_model_len=max_len, layer_ops=settings.layer_ops)
         draft = None if draft_path is None else _load_draft(draft_path, model, settings, device, dtype, max_len)
         shapes = [model.shape] if draft is None else [model.shape, draft.shape]
         num_blocks = num_blocks_in_budget(shapes, settings.block_size, dtype, device,
@@ -135,8 +135,8 @@ def _draft_path(settings: WorkerSettings, max_len: int) -> Path | None:
 
 def _load_draft(path: Path, model, settings: WorkerSettings, device: torch.device, dtype: torch.dtype,
                 max_len: int):
-    draft = load_model(path, device, dtype, get_attention_backend(device), settings.linear_backend,
-                       max_model_len=max_len)
+    draft = load_model(path, device, dtype, get_attention_backend(device, settings.attention_backend),
+                       settings.linear_backend, max_model_len=max_len, layer_ops=settings.layer_ops)
     if draft.shape.vocab_size != model.shape.vocab_size:
         draft.close()
         raise ModelLoadError(f"speculative_config: the draft model's vocabulary ({draft.shape.vocab_size} tokens) "

@@ -128,14 +128,15 @@ def activation(config):
 
 
 def build(shape, embed, layers, final_norm, lm_head, config, device: torch.device, attention_backend,
-          cls: type[DecoderModel] = DecoderModel) -> Gemma3Model:
+          cls: type[DecoderModel] = DecoderModel, layer_ops: str = "auto") -> Gemma3Model:
     """`cls`: DecoderModel, or a subclass that wraps the forward pass (tensor parallelism's
     rank 0 hands each step's inputs to the other ranks first): combined with Gemma's."""
     klass = Gemma3Model if cls is DecoderModel else type(f"{cls.__name__}Gemma3", (cls, Gemma3Model), {})
     return klass(shape, embed, layers, _one_plus(final_norm), lm_head, None, activation(config),
-                       attention_backend, rotaries=rotaries(config, shape.head_dim, shape.max_position_embeddings, device),
-                       query_pre_attn_scalar=config.query_pre_attn_scalar,
-                       final_logit_softcapping=getattr(config, "final_logit_softcapping", None))
+                 attention_backend, layer_ops,
+                 rotaries=rotaries(config, shape.head_dim, shape.max_position_embeddings, device),
+                 query_pre_attn_scalar=config.query_pre_attn_scalar,
+                 final_logit_softcapping=getattr(config, "final_logit_softcapping", None))
 
 
 def is_gemma3(config) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +17,6 @@ from transformers.activations import SiLUActivation
 
 from services.gpu_worker.rope import apply_rotary
 
-LAYER_OPS_ENV_VAR = "CONVEYOR_LAYER_OPS"
 LAYER_OPS = ("cpu", "eager")
 log = logging.getLogger(__name__)
 
@@ -53,11 +51,10 @@ class LayerOps:
     slow_paths: tuple[str, ...] = ()  # ops that run eager although this backend has kernels, and why
 
 
-def get_layer_ops(device: torch.device, act: Callable, name: str | None = None) -> LayerOps:
-    """The ops called `name`, else $CONVEYOR_LAYER_OPS, else the device's default."""
+def get_layer_ops(device: torch.device, act: Callable, name: str = "auto") -> LayerOps:
+    """The ops called `name` (the worker's layer_ops setting), or with "auto" the device's default."""
     device = torch.device(device)
-    name = name or os.environ.get(LAYER_OPS_ENV_VAR)
-    if name is None:
+    if name == "auto":
         return _cpu_or_eager(act) if device.type == "cpu" else _eager(act)
     if name == "eager":
         return _eager(act)
@@ -65,7 +62,7 @@ def get_layer_ops(device: torch.device, act: Callable, name: str | None = None) 
         if device.type != "cpu":
             raise ValueError(f"the cpu layer ops run on the CPU only, not on {device.type}")
         return _cpu(act)
-    raise ValueError(f"unknown layer ops {name!r} (from argument or ${LAYER_OPS_ENV_VAR}); expected one of {LAYER_OPS}")
+    raise ValueError(f"unknown layer ops {name!r}; expected one of {('auto', *LAYER_OPS)}")
 
 
 def _eager(act: Callable) -> LayerOps:

@@ -71,10 +71,11 @@ def layer_windows(config) -> list[Optional[int]]:
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, attention_backend,
                linear_backend: str = "auto", sharding: Optional[Sharding] = None,
                all_reduce: Optional[AllReduce] = None, cls: type[DecoderModel] = DecoderModel,
-               max_model_len: Optional[int] = None) -> DecoderModel:
+               max_model_len: Optional[int] = None, layer_ops: str = "auto") -> DecoderModel:
     """The whole model, or with `sharding` and `all_reduce` one tensor-parallel rank's part
     of it, read from only that rank's slices of the safetensors files. `max_model_len`: the
-    context served (None: the model's whole), which picks LongRoPE's frequencies (rope.py)."""
+    context served (None: the model's whole), which picks LongRoPE's frequencies (rope.py).
+    `layer_ops`: the worker's setting (layer_ops.get_layer_ops)."""
     config = load_config(model_dir)
     onednn = use_onednn(linear_backend, device, dtype)
     shape = model_shape(config)
@@ -94,12 +95,12 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
         layer.window = window
     if gemma3.is_gemma3(config):
         return gemma3.build(dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
-                            embed, layers, final_norm, lm_head, config, device, attention_backend, cls)
+                            embed, layers, final_norm, lm_head, config, device, attention_backend, cls, layer_ops)
     return cls(
         shape=dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
         embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head,
         rotary=RotaryEmbedding(config, shape.head_dim, shape.max_position_embeddings, device, max_model_len),
-        act=ACT2FN[config.hidden_act], attention_backend=attention_backend)
+        act=ACT2FN[config.hidden_act], attention_backend=attention_backend, layer_ops=layer_ops)
 
 
 def shard_model(config, shape: ModelShape, rank: int, world: int) -> Sharding:

@@ -53,8 +53,9 @@ class LayerWeights:
 class DecoderModel:
     def __init__(self, shape: ModelShape, embed: VocabParallelEmbedding, layers: list[LayerWeights],
                  final_norm: torch.Tensor, lm_head: Optional[Linear], rotary: RotaryEmbedding,
-                 act: Callable[[torch.Tensor], torch.Tensor], attention_backend):
-        """`lm_head`: None on a tensor-parallel rank other than 0, which never samples."""
+                 act: Callable[[torch.Tensor], torch.Tensor], attention_backend, layer_ops: str = "auto"):
+        """`lm_head`: None on a tensor-parallel rank other than 0, which never samples.
+        `layer_ops`: the name get_layer_ops resolves (the worker's setting)."""
         self.shape = shape
         self.embed = embed
         self.layers = layers
@@ -68,7 +69,7 @@ class DecoderModel:
         self.scale = shape.head_dim**-0.5
         self.dtype = embed.weight.dtype
         self.device = embed.weight.device
-        self.ops = get_layer_ops(self.device, act)  # norms, residual adds, rope, activation
+        self.ops = get_layer_ops(self.device, act, layer_ops)  # norms, residual adds, rope, activation
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

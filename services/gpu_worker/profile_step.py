@@ -19,7 +19,6 @@ from dataclasses import replace
 
 import torch
 
-from kernels import get_attention_backend
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan
@@ -95,9 +94,8 @@ def profile(preset: str, config: str, num_steps: int, num_decodes: int = 32,
     attention, linear = CONFIGS[config]
     model_dir = ensure_smollm2() if preset == "smollm2" else ensure_model(preset)
     engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype=dtype,
-                                                linear_backend=linear, num_threads=1, cpu_affinity="none",
-                                                kv_cache_memory="4GiB"))
-    engine.model.attn = get_attention_backend(torch.device("cpu"), attention)
+                                                attention_backend=attention, linear_backend=linear, num_threads=1,
+                                                cpu_affinity="none", kv_cache_memory="4GiB"))
     totals: dict[str, float] = defaultdict(float)
     instrument(engine, totals)
     for plan, timed in steps(engine.model.shape.vocab_size, info.block_size, num_steps, num_decodes):

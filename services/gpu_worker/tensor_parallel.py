@@ -34,6 +34,8 @@ from shared.models import ModelLoadError, max_model_len, read_config
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
+# How a follower rank starts, before its flags (tests put a follower that dies on purpose here).
+FOLLOWER_COMMAND = [sys.executable, "-m", "services.gpu_worker.tp_follower"]
 
 
 def load_rank(settings: WorkerSettings, path: Path, group: Group, dtype: torch.dtype,
@@ -42,8 +44,9 @@ def load_rank(settings: WorkerSettings, path: Path, group: Group, dtype: torch.d
     over the ranks, so that a block id means the same slots everywhere."""
     config = load_config(path)
     sharding = shard_model(config, model_shape(config), group.rank, group.world)
-    model = load_model(path, group.device, dtype, get_attention_backend(group.device), settings.linear_backend,
-                       sharding, group.all_reduce, cls, max_model_len(read_config(path), path, settings.max_model_len))
+    model = load_model(path, group.device, dtype, get_attention_backend(group.device, settings.attention_backend),
+                       settings.linear_backend, sharding, group.all_reduce, cls,
+                       max_model_len(read_config(path), path, settings.max_model_len), settings.layer_ops)
     # On CPU kv_cache_memory is the worker's: each rank takes its share.
     mine = num_blocks_in_budget(model.shape, settings.block_size, dtype, group.device,
                                 int(settings.kv_cache_memory) // group.world, settings.gpu_memory_fraction)
@@ -177,11 +180,11 @@ def rank_layouts(threads: int, cores: Optional[list[int]], world: int) -> list[R
     return [RankLayout(per_rank, cores[bounds[r]:bounds[r + 1]]) for r in range(world)]
 
 
-def share_out(settings: WorkerSettings, allowed: list[int], omp_num_threads: Optional[str],
-              default_threads: int) -> list[RankLayout]:
+def share_out(settings: WorkerSettings, allowed: list[int], default_threads: int) -> list[RankLayout]:
     """Each rank's threads and cores: the worker's (`settings` as cpu_layout resolves them
     against the cores this process may use), shared out."""
-    threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed, omp_num_threads)
+    threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed,
+                                        settings.omp_num_threads)
     return rank_layouts(threads or default_threads, cores, settings.tensor_parallel_size)
 
 
@@ -195,7 +198,7 @@ def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.de
     shard_model(config, model_shape(config), 0, world)  # the ModelLoadError, before any process starts
     if device.type == "cuda":
         check_devices(device, world, torch.cuda.device_count())
-    layouts = share_out(settings, allowed_cores(), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
+    layouts = share_out(settings, allowed_cores(), torch.get_num_threads())
     before = RankLayout(torch.get_num_threads(), sorted(os.sched_getaffinity(0)))
     init_method = f"tcp://127.0.0.1:{free_port()}"
     # Spawned before rank 0 narrows itself to its share: a child inherits the cores it may bind to.
@@ -262,6 +265,6 @@ def _spawn(settings: WorkerSettings, path: Path, rank: int, world: int, init_met
     rank_settings = settings.model_copy(update=dict(model=str(path), num_threads=layout.threads, cpu_affinity=cores,
                                                     zmq_server_public_key=None, zmq_client_secret_key=None,
                                                     redis_url=None))
-    cmd = [sys.executable, "-m", "services.gpu_worker.tp_follower", "--rank", str(rank), "--world", str(world),
-           "--init-method", init_method, "--parent-pid", str(os.getpid()), "--settings", rank_settings.model_dump_json()]
+    cmd = [*FOLLOWER_COMMAND, "--rank", str(rank), "--world", str(world), "--init-method", init_method,
+           "--parent-pid", str(os.getpid()), "--settings", rank_settings.model_dump_json()]
     return subprocess.Popen(cmd, cwd=REPO)  # its log lines go where the worker's go

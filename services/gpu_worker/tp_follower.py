@@ -12,13 +12,18 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 from shared.log import setup_logging
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-# Fault injection for the start-up tests: the follower exits at this point of serve()
-# ("before-rendezvous" or "before-ready"), as one that crashes or runs out of memory there.
-EXIT_AT_ENV = "CONVEYOR_TEST_TP_FOLLOWER_EXIT_AT"
+# The points of serve()'s start-up reported to its `at_point` hook, where the tests make a
+# follower die as one that crashes or runs out of memory there (tests/gpu_worker/dying_tp_follower.py).
+START_UP_POINTS = ("before-rendezvous", "before-ready")
+
+
+def _nothing(point: str) -> None:
+    pass
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -32,7 +37,7 @@ def die_with_parent(parent_pid: int) -> None:
         sys.exit(1)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], at_point: Callable[[str], None] = _nothing) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--world", type=int, required=True)
@@ -49,13 +54,14 @@ def main(argv: list[str]) -> int:
     from shared.cpu_layout import apply as apply_cpu_layout
 
     settings = WorkerSettings.model_validate_json(args.settings)
-    threads, cores = apply_cpu_layout(settings.num_threads, settings.cpu_affinity)
-    serve(settings, args.rank, args.world, args.init_method)
+    threads, cores = apply_cpu_layout(settings.num_threads, settings.cpu_affinity, settings.omp_num_threads)
+    serve(settings, args.rank, args.world, args.init_method, at_point)
     log.info("rank %d stopped (%d threads, cores %s)", args.rank, threads, cores)
     return 0
 
 
-def serve(settings, rank: int, world: int, init_method: str) -> None:
+def serve(settings, rank: int, world: int, init_method: str, at_point: Callable[[str], None] = _nothing) -> None:
+    """`at_point(name)` is called at each of START_UP_POINTS (a hook for the tests)."""
     import torch
 
     from services.gpu_worker.factory import resolve_device, resolve_dtype
@@ -67,10 +73,10 @@ def serve(settings, rank: int, world: int, init_method: str) -> None:
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    _exit_if_asked("before-rendezvous")
+    at_point("before-rendezvous")
     group = init_group(rank, world, init_method, rank_device(device, rank))
     model, num_blocks = load_rank(settings, Path(settings.model), group, dtype, DecoderModel)
-    _exit_if_asked("before-ready")
+    at_point("before-ready")
     kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, group.device)
     group.barrier()  # rank 0's start-up ends here: this rank is ready
     logging.getLogger("services.gpu_worker.tp_follower").info(
@@ -80,11 +86,6 @@ def serve(settings, rank: int, world: int, init_method: str) -> None:
         while (step := recv_step(group)) is not None:
             model.forward(*step, kv_caches)
     close_group(group)
-
-
-def _exit_if_asked(point: str) -> None:
-    if os.environ.get(EXIT_AT_ENV) == point:
-        os._exit(3)
 
 
 if __name__ == "__main__":

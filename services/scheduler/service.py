@@ -74,7 +74,8 @@ class SchedulerService:
         self.stopping = False
         self._last_stats = 0.0
         self.figures = FigureBuilder(core, settings.stall_after)
-        self.spans = RequestSpans(tracer_for("scheduler", settings.otlp_traces_endpoint))
+        self.spans = RequestSpans(tracer_for("scheduler", settings.otlp_traces_endpoint,
+                                             settings.otlp_traces_protocol))
         self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
         self._unacked_aborts: list[str] = []  # the same, of our abort stream
         self._redis_retry_at = 0.0  # while Redis is down: when to try it again

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -19,6 +20,7 @@ from services.gateway.validation import completion_plan
 from services.scheduler.core import SchedulerCore
 from services.scheduler.policy import Limits
 from services.scheduler.tracing import RequestSpans
+from shared.config import GatewaySettings, SchedulerSettings, parse_settings
 from shared.figures import SystemStatus
 from shared.tracing import context_from, tracer_for
 from tests.scheduler.fake_worker import FakeWorker
@@ -107,3 +109,16 @@ def test_tracing_is_off_without_an_endpoint_and_untraced_requests_make_no_spans(
 
     spans.started(SubmitRequest("r", [1, 2], SamplingParams(), "tcp://x", 0.0, traceparent=CALLER))
     assert spans.spans == {}
+
+
+def test_the_protocol_is_a_setting_read_from_opentelemetrys_own_variable(monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    assert GatewaySettings().otlp_traces_protocol == SchedulerSettings().otlp_traces_protocol == "http/protobuf"
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+    assert GatewaySettings().otlp_traces_protocol == "grpc"
+    flag = parse_settings(SchedulerSettings, ["--otlp-traces-protocol", "http/protobuf"])
+    assert flag.otlp_traces_protocol == "http/protobuf"
+    with pytest.raises(ValueError, match="otlp_traces_protocol"):
+        GatewaySettings(otlp_traces_protocol="http/json")
+    with pytest.raises(ValueError, match="otlp_traces_protocol 'http/json'"):
+        tracer_for("gateway", "http://127.0.0.1:9/v1/traces", "http/json")

@@ -146,10 +146,10 @@ def test_a_worker_process_shares_out_the_cores_it_bound_itself_to(n, compute):
     settings = WorkerSettings(tensor_parallel_size=2)
     threads, cores = resolve(settings.num_threads, settings.cpu_affinity, list(range(n)), None)
     assert cores == compute and threads == len(compute)
-    layouts = share_out(in_force(settings, threads, cores), cores, None, default_threads=1)
+    layouts = share_out(in_force(settings, threads, cores), cores, default_threads=1)
     assert [c for layout in layouts for c in layout.cores] == compute
     assert sum(layout.threads for layout in layouts) == 2 * (len(compute) // 2)
-    unbound = share_out(in_force(settings, 4, None), cores, None, default_threads=1)
+    unbound = share_out(in_force(settings, 4, None), cores, default_threads=1)
     assert unbound == [RankLayout(2, None)] * 2, "an unbound worker (OMP_NUM_THREADS) keeps its ranks unbound"
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import psutil
 import pytest
 
+from services.gpu_worker import tensor_parallel
 from services.gpu_worker.factory import create_engine
-from services.gpu_worker.tp_follower import EXIT_AT_ENV
+from services.gpu_worker.tp_follower import START_UP_POINTS
 from services.gpu_worker.tp_group import RankFailure
 from services.gpu_worker.worker import Worker
 from shared import messages as m
@@ -67,11 +69,12 @@ def _followers_of_this_process() -> list[psutil.Process]:
     return alive
 
 
-@pytest.mark.parametrize("point", ["before-rendezvous", "before-ready"])
+@pytest.mark.parametrize("point", START_UP_POINTS)
 def test_a_follower_dying_at_start_up_fails_the_start_up_at_once(model_dirs, monkeypatch, point):
     """Before the rendezvous rank 0 would wait 5 minutes for it; after loading (an OOM in its
     KV cache) rank 0 would start and, on NCCL, block for ever in its first step."""
-    monkeypatch.setenv(EXIT_AT_ENV, point)  # inherited by the follower only: rank 0 reads it nowhere
+    monkeypatch.setattr(tensor_parallel, "FOLLOWER_COMMAND",
+                        [sys.executable, "-m", "tests.gpu_worker.dying_tp_follower", point])
     start = time.monotonic()
     with pytest.raises(ModelLoadError, match=r"tensor-parallel rank 1 \(pid \d+\) exited with 3"):
         create_engine(tp_settings(model_dirs["llama"]))

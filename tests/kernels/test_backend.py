@@ -1,4 +1,5 @@
-"""The backend switch: device defaults, the environment override, and a clear error for a typo."""
+"""The backend switch: device defaults, the worker's attention_backend setting, and a clear
+error for a typo."""
 
 import logging
 import os
@@ -6,32 +7,38 @@ import time
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from kernels import BACKEND_ENV_VAR, cpu, get_attention_backend, reference
+from kernels import cpu, get_attention_backend, reference
+from shared.config import WorkerSettings, parse_settings
 
 
 def test_cpu_defaults_to_the_cpu_kernel(monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
-    backend = get_attention_backend(torch.device("cpu"))
+    monkeypatch.delenv("CONVEYOR_ATTENTION_BACKEND", raising=False)
+    backend = get_attention_backend(torch.device("cpu"), WorkerSettings().attention_backend)
     assert backend.name == "cpu"
     assert backend.decode_attention is cpu.decode_attention
     assert backend.prefill_attention is cpu.prefill_attention
     assert backend.store_kv is cpu.store_kv
 
 
-def test_environment_overrides_the_default(monkeypatch):
+def test_the_setting_overrides_the_default(monkeypatch):
     # Without a GPU, conftest.py has set TRITON_INTERPRET=1, which lets triton run on CPU.
-    monkeypatch.setenv(BACKEND_ENV_VAR, "triton")
-    backend = get_attention_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    monkeypatch.setenv("CONVEYOR_ATTENTION_BACKEND", "triton")
+    backend = get_attention_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                    WorkerSettings().attention_backend)
     assert backend.name == "triton"
     assert backend.store_kv.__module__ == "kernels.triton_store_kv"
-    monkeypatch.setenv(BACKEND_ENV_VAR, "reference")
-    assert get_attention_backend(torch.device("cpu")).decode_attention is reference.decode_attention
+    monkeypatch.setenv("CONVEYOR_ATTENTION_BACKEND", "reference")
+    assert get_attention_backend(torch.device("cpu"),
+                                 WorkerSettings().attention_backend).decode_attention is reference.decode_attention
 
 
-def test_explicit_name_beats_the_environment(monkeypatch):
-    monkeypatch.setenv(BACKEND_ENV_VAR, "triton")
-    assert get_attention_backend(torch.device("cpu"), "reference").name == "reference"
+def test_the_flag_beats_the_environment_and_a_typo_names_the_setting(monkeypatch):
+    monkeypatch.setenv("CONVEYOR_ATTENTION_BACKEND", "triton")
+    assert parse_settings(WorkerSettings, ["--attention-backend", "reference"]).attention_backend == "reference"
+    with pytest.raises(ValidationError, match="attention_backend"):
+        WorkerSettings(attention_backend="cuda-graphs")
 
 
 def test_unknown_backend_is_named_in_the_error():
@@ -46,7 +53,6 @@ def test_cpu_backend_refuses_a_gpu_device():
 
 @pytest.fixture
 def no_compiler(monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     cpu.load.cache_clear()  # forget the build this process already loaded
     yield

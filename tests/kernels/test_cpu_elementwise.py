@@ -12,6 +12,7 @@ from transformers.activations import ACT2FN
 from kernels import cpu_elementwise as k
 from services.gpu_worker import layer_ops
 from services.gpu_worker.rope import RotaryEmbedding
+from shared.config import WorkerSettings
 
 ROWS = [0, 1, 7, 33]
 WIDTHS = [64, 100, 1000, 1536]
@@ -91,13 +92,12 @@ def test_bf16_rounds_like_eager():
 
 
 def test_switch_defaults_to_cpu_on_cpu_and_keeps_other_activations_eager(monkeypatch):
-    monkeypatch.delenv(layer_ops.LAYER_OPS_ENV_VAR, raising=False)
     assert layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"]).act_and_mul is k.silu_and_mul
     gelu = layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["gelu"])
     gate_up = torch.randn(3, 128)
     assert gelu.name == "cpu" and torch.equal(gelu.act_and_mul(gate_up), layer_ops.act_and_mul(ACT2FN["gelu"], gate_up))
-    monkeypatch.setenv(layer_ops.LAYER_OPS_ENV_VAR, "eager")
-    assert layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"]).name == "eager"
+    monkeypatch.setenv("CONVEYOR_LAYER_OPS", "eager")  # the worker's layer_ops setting
+    assert layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"], WorkerSettings().layer_ops).name == "eager"
     with pytest.raises(ValueError, match="'fused'.*expected one of"):
         layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"], "fused")
     with pytest.raises(ValueError, match="CPU only, not on cuda"):
@@ -105,7 +105,6 @@ def test_switch_defaults_to_cpu_on_cpu_and_keeps_other_activations_eager(monkeyp
 
 
 def test_without_a_compiler_the_default_falls_back_to_eager_and_says_why(monkeypatch, caplog):
-    monkeypatch.delenv(layer_ops.LAYER_OPS_ENV_VAR, raising=False)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     k.load.cache_clear()  # forget the build this process already loaded
     try:

@@ -12,7 +12,6 @@ from kernels import get_attention_backend
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.factory import eos_token_ids
 from services.gpu_worker.kv_cache import allocate_kv_cache
-from services.gpu_worker.layer_ops import LAYER_OPS_ENV_VAR
 from services.gpu_worker.loader import load_config, load_model
 from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
@@ -22,15 +21,14 @@ from tests.gpu_worker.plan_driver import PlanDriver
 # The layer's elementwise ops too: the fused CPU kernels (the CPU default) and eager torch.
 @pytest.mark.parametrize("backend,layer_ops", [("triton", "eager"), ("cpu", "cpu"), ("cpu", "eager"),
                                                ("reference", "cpu")])
-def test_engine_on_backend_matches_hf(tmp_path, monkeypatch, backend, layer_ops):
-    monkeypatch.setenv(LAYER_OPS_ENV_VAR, layer_ops)
+def test_engine_on_backend_matches_hf(tmp_path, backend, layer_ops):
     # Small enough for the interpreter: 1 layer, 64-wide, GQA 2. The C++ kernel is compiled
     # for head_dim 64 and 128 only (16 would go to the reference), so it gets heads of 64.
     model_dir = make_model(tmp_path / "m", arch="qwen3", preset="tiny", seed=3, num_hidden_layers=1,
                            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16 if backend == "triton" else 64)
     device = torch.device("cuda" if torch.cuda.is_available() and backend == "triton" else "cpu")
-    model = load_model(model_dir, device, torch.float32, get_attention_backend(device, backend))
+    model = load_model(model_dir, device, torch.float32, get_attention_backend(device, backend), layer_ops=layer_ops)
     assert model.ops.name == layer_ops
     block_size, num_blocks = 16, 64
     engine = Engine(model, allocate_kv_cache(model.shape, num_blocks, block_size, torch.float32, device),
