@@ -52,7 +52,7 @@ class Gateway:
         self.metrics = GatewayMetrics(model.name, model.max_model_len, lambda: read_status(self.client, self.keys))
         self.grammars = GrammarChecker(model.tokenizer, model.vocab_size)
         self.draining = False  # shutting down (shutdown.py): no new work
-        self.tracer = tracer_for("gateway", settings.otlp_traces_endpoint)
+        self.tracer = tracer_for("gateway", settings.otlp_traces_endpoint, settings.otlp_traces_protocol)
 
     def refuse_if_draining(self) -> None:
         if self.draining:
