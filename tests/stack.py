@@ -169,9 +169,9 @@ class Stack:
         submit(self.client, m.SubmitRequest(request_id, prompt, params, self.reply_to, time.time()), self.keys)
 
     def submit_keepers(self, n: int) -> list[str]:
-        """`n` long requests (KEEPER_TOKENS, ignore_eos), spread over the workers by the
-        router's load balance, that keep running through a fault the test injects: a
-        workload of short requests can all end between the trigger and the fault."""
+        """`n` long requests (KEEPER_TOKENS, ignore_eos), that keep running through a fault the
+        test injects (a workload of short requests can all end between the trigger and the
+        fault); which workers admit them depends on which plans first."""
         keepers = [f"keeper-{i}" for i in range(n)]
         for rid in keepers:
             self.submit(rid, KEEPER_PROMPT, max_tokens=KEEPER_TOKENS, ignore_eos=True)

@@ -141,7 +141,7 @@ class SchedulerCore:
         w = self.workers.get(worker_id)
         if w is None or w.in_flight is not None:
             return None
-        d = schedule(w, self.limits, now, self.waiting)
+        d = schedule(w, self.limits, now, self.waiting, [o for o in self.workers.values() if o is not w])
         self.counters.preemptions += len(d.preempted)
         for req in d.preempted:
             log.info("preempted %s on %s (blocks exhausted; %d tokens to recompute)",

@@ -38,7 +38,7 @@ prefix hit lets a request pass only those of its own priority level within the w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from services.scheduler import transitions
 from services.scheduler.request import Request
@@ -76,7 +76,8 @@ def waiting_key(now: float, aging_seconds: float):
     return key
 
 
-def schedule(w: WorkerState, limits: Limits, now: float, waiting: list[Request]) -> Decision:
+def schedule(w: WorkerState, limits: Limits, now: float, waiting: list[Request],
+             others: Sequence[WorkerState] = ()) -> Decision:
     """The worker's next step; it admits from `waiting`, the list all workers share."""
     d = Decision()
     budget = limits.max_num_batched_tokens
@@ -112,24 +113,36 @@ def schedule(w: WorkerState, limits: Limits, now: float, waiting: list[Request])
         w.draft_acceptance.idle = 0 if d.draft_counts else w.draft_acceptance.idle + 1
     # A step that had to preempt admits nobody: the freed blocks go to running requests.
     if not d.preempted:
-        _admit_waiting(w, d, budget, limits, now, waiting)
+        _admit_waiting(w, d, budget, limits, now, waiting, others)
     return d
 
 
 def _admit_waiting(w: WorkerState, d: Decision, budget: int, limits: Limits, now: float,
-                   waiting: list[Request]) -> None:
-    if budget <= 0 or len(w.running) >= limits.max_num_seqs or not waiting:
+                   waiting: list[Request], others: Sequence[WorkerState]) -> None:
+    """Admits while budget, slots and blocks last. Past its fair share of the requests (all
+    running and waiting over all workers), `w` leaves a request to a less busy worker that
+    can hold it: the worker that plans first does not take a whole burst while the others,
+    planning in the same loop pass, take none."""
+    share = -(-(len(waiting) + len(w.running) + sum(len(o.running) for o in others)) // (1 + len(others)))
+
+    def full() -> bool:
+        return budget <= 0 or len(w.running) >= limits.max_num_seqs
+
+    if full() or not waiting:
         return
     bs, caching = w.pool.block_size, w.pool.enable_prefix_caching
     computing = _prefix_blocks_being_computed(w) if caching else set()
     for req in _candidates(w, waiting, limits, now):
-        if budget <= 0 or len(w.running) >= limits.max_num_seqs:
+        if full():
             break
         # A request that needs prompt logprobs computes its whole prompt (see
         # Request.needs_prompt_logprobs): it neither waits for a prefix nor takes one.
         whole = req.needs_prompt_logprobs
         if caching and computing and not whole and _waits_for_prefix(w, req, computing):
             continue  # its prefix is being computed right now: it will hit the cache in a step or two
+        if len(w.running) >= share and any(len(o.running) < len(w.running) and req.num_tokens < o.max_len
+                                           for o in others):
+            continue  # another worker takes it
         # At least the last token is always computed: its logits are what we sample from.
         hit = [] if whole else w.pool.match_prefix(_usable_hashes(req, bs))
         n = min(req.num_tokens - len(hit) * bs, budget, limits.max_prefill_chunk)

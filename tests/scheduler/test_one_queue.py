@@ -82,3 +82,18 @@ def test_a_preempted_or_migrated_request_continues_on_whichever_worker_has_room(
     outputs = Outputs()
     run(core, [w2])
     assert len(outputs.collect(core).tokens["a"]) == 20
+
+
+def test_a_burst_is_shared_between_idle_workers_in_one_pass():
+    """The worker that plans first takes its share, not the whole burst; a worker past its
+    share still takes what no less busy worker can hold."""
+    w1, w2 = FakeWorker("w1"), FakeWorker("w2", max_model_len=64)
+    core = _core(Limits(), w1, w2)
+    for i in range(20):
+        submit(core, f"r{i}", 8, max_tokens=4)
+    firsts = {w.worker_id: len(step(core, w).new_requests) for w in (w1, w2)}
+    assert firsts == {"w1": 10, "w2": 10}
+    for i in range(6):
+        submit(core, f"long{i}", 80, max_tokens=4)  # too long for w2
+    plan = step(core, w1)
+    assert sorted(r.request_id for r in plan.new_requests) == [f"long{i}" for i in range(6)]
