@@ -84,7 +84,7 @@ class SchedulerCore:
         self.counters.prompt_tokens += len(req.prompt_token_ids)
         self.waiting.append(req)
         self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED}
-        self._refuse_unservable()
+        self._refuse_unservable([req])  # only the new one: the others were checked already
         return True
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
@@ -260,13 +260,14 @@ class SchedulerCore:
         return dead
 
     # ---- internals ------------------------------------------------------------------------
-    def _refuse_unservable(self) -> None:
-        """Waiting requests too long for every worker there is end with TOO_LONG: no point
-        waiting for one (with no worker at all, they wait for the first)."""
+    def _refuse_unservable(self, requests: Optional[list[Request]] = None) -> None:
+        """Waiting `requests` (default: all, as after a worker came or went) too long for every
+        worker there is end with TOO_LONG: no point waiting for one (with no worker at all,
+        they wait for the first)."""
         if not self.workers:
             return
         longest = max(w.max_len for w in self.workers.values())
-        for req in [r for r in self.waiting if r.num_tokens >= longest]:
+        for req in [r for r in (self.waiting if requests is None else requests) if r.num_tokens >= longest]:
             self._finish(req, FinishReason.ERROR, None, ErrorCode.TOO_LONG,
                          f"{req.num_tokens} tokens exceed every worker's max_model_len")
 
