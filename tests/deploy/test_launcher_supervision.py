@@ -54,6 +54,20 @@ def _run(tmp_path: Path, model: Path, redis_url: Optional[str], prefix: str,
     return proc, log_path
 
 
+def _exit_of(tmp_path: Path, model: Path, redis_url: Optional[str], prefix: str, **kw) -> tuple[int, float, str]:
+    """A run expected to stop by itself within 60 s: (exit code, seconds it took, its log);
+    killed with its group when it does not, and the wait fails the test."""
+    start = time.monotonic()
+    proc, log_path = _run(tmp_path, model, redis_url, prefix, **kw)
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return code, time.monotonic() - start, log_path.read_text()
+
+
 def _pids(text: str, name: str) -> list[int]:
     return [int(pid) for pid in re.findall(rf"started {name} \(pid (\d+)\)", text)]
 
@@ -95,16 +109,7 @@ def test_a_worker_that_cannot_start_stops_run_with_its_message(tmp_path, tiny_mo
     config = json.loads((model / "config.json").read_text())
     config["architectures"] = ["MambaForCausalLM"]
     (model / "config.json").write_text(json.dumps(config))
-    start = time.monotonic()
-    proc, log_path = _run(tmp_path, model, redis_server.url, redis_keys.prefix)
-    try:
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    took = time.monotonic() - start
-    text = log_path.read_text()
+    code, took, text = _exit_of(tmp_path, model, redis_server.url, redis_keys.prefix)
     assert code == 2 and took < 30, (code, took, text[-3000:])
     # The launcher quotes the worker's message last, after its own log has scrolled past.
     said = text.split("worker-0 cannot start as configured (exit code 2):\n", 1)[1]
@@ -227,16 +232,7 @@ def test_a_taken_port_stops_run_with_one_clear_line(tmp_path, tiny_model, redis_
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        start = time.monotonic()
-        proc, log_path = _run(tmp_path, tiny_model, redis_server.url, redis_keys.prefix, port=port)
-        try:
-            code = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    took = time.monotonic() - start
-    text = log_path.read_text()
+        code, took, text = _exit_of(tmp_path, tiny_model, redis_server.url, redis_keys.prefix, port=port)
     assert code == 2 and took < 20, (code, took, text[-3000:])  # before any service started
     assert f"port {port} on 127.0.0.1 is in use by another process: set --port / CONVEYOR_PORT" in text, text
     assert "Traceback" not in text and "started" not in text, text

@@ -10,12 +10,18 @@ from tests.scheduler.fake_worker import FakeWorker
 from tests.scheduler.helpers import step, submit
 
 
-def test_worker_figures_carry_its_registration_and_step_times():
+def _one_request_on_one_worker() -> tuple[SchedulerCore, FakeWorker, FigureBuilder]:
+    """A worker whose pool (8 blocks of 16) is shorter than its model, and one request of a
+    20-token prompt and 3 output tokens."""
     core = SchedulerCore()
     worker = FakeWorker("w0", num_blocks=8, block_size=16, max_model_len=4096)
     core.add_worker(worker.register(), 0.0)
-    figures = FigureBuilder(core, stall_after_s=10.0)
     assert submit(core, "r1", prompt_len=20, max_tokens=3)
+    return core, worker, FigureBuilder(core, stall_after_s=10.0)
+
+
+def test_worker_figures_carry_its_registration_and_step_times():
+    core, worker, figures = _one_request_on_one_worker()
     for _ in range(3):
         step(core, worker)
     figures.on_timings("w0", StepTimings(forward_ms=3.0, total_ms=4.0))
@@ -35,11 +41,7 @@ def test_worker_figures_carry_its_registration_and_step_times():
 
 def test_each_workers_steps_are_counted_by_the_tokens_they_computed():
     """As the service does: a step result's timings come while its step is still in flight."""
-    core = SchedulerCore()
-    worker = FakeWorker("w0", num_blocks=8, block_size=16, max_model_len=4096)
-    core.add_worker(worker.register(), 0.0)
-    figures = FigureBuilder(core, stall_after_s=10.0)
-    assert submit(core, "r1", prompt_len=20, max_tokens=3)
+    core, worker, figures = _one_request_on_one_worker()
     for _ in range(3):
         plan = core.next_plan("w0", 0.0, 0.0)
         result = worker.execute(plan)
