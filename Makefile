@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast run status tiny-model bench-worker bench bench-peer vllm-peer gpu-check gpu-wheels clean
+.PHONY: lint test test-fast run status tiny-model bench-worker bench bench-peer vllm-peer gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ $(STAMP): pyproject.toml Makefile
 # less time than one here). TEST_JOBS=0 runs them in this one process.
 TEST_JOBS ?= 2
 XDIST = -n $(TEST_JOBS) --dist loadfile
-test: $(STAMP)
+# Lint, format and types first (pyproject.toml: [tool.ruff], [tool.mypy]): a violation fails
+# `make test` before any test runs. `ruff format .` fixes the formatting.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # For development: everything but the end-to-end tests that run the system's processes.

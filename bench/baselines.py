@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -78,9 +78,14 @@ class RowLimits(StoppingCriteria):
 
 
 @torch.inference_mode()
-def generate(model, prompts: list[list[int]], limits: list[int], clock: Callable[[], float],
-             stop_at_eos: bool = False, sampling: Optional[tuple[float, float, int]] = None
-             ) -> tuple[list[float], list[tuple[int, str]]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    limits: list[int],
+    clock: Callable[[], float],
+    stop_at_eos: bool = False,
+    sampling: tuple[float, float, int] | None = None,
+) -> tuple[list[float], list[tuple[int, str]]]:
     """Left-padded; row i gets exactly limits[i] new tokens, or (stop_at_eos) stops at EOS
     within them. Greedy, or sampling = (temperature, top_p, seed). Returns the time of each
     step and each row's (token count, finish reason)."""
@@ -91,17 +96,27 @@ def generate(model, prompts: list[list[int]], limits: list[int], clock: Callable
     ids = torch.full((len(prompts), width), pid, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
     eos = eos_ids(model)
-    config = GenerationConfig(max_new_tokens=steps, min_new_tokens=0 if stop_at_eos else steps,
-                              eos_token_id=eos or None, pad_token_id=pid, do_sample=sampling is not None,
-                              **(dict(temperature=sampling[0], top_p=sampling[1]) if sampling else {}))
+    config = GenerationConfig(
+        max_new_tokens=steps,
+        min_new_tokens=0 if stop_at_eos else steps,
+        eos_token_id=eos or None,
+        pad_token_id=pid,
+        do_sample=sampling is not None,
+        **(dict(temperature=sampling[0], top_p=sampling[1]) if sampling else {}),
+    )
     if sampling:
         torch.manual_seed(sampling[2])
     streamer = StepTimes(clock)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                         streamer=streamer, stopping_criteria=StoppingCriteriaList([RowLimits(width, limits)]))
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        generation_config=config,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([RowLimits(width, limits)]),
+    )
     assert out.shape[1] - width == len(streamer.times) <= steps, (out.shape, width, steps)
     assert stop_at_eos or len(streamer.times) == steps, (len(streamer.times), steps)
     rows = []
@@ -111,15 +126,21 @@ def generate(model, prompts: list[list[int]], limits: list[int], clock: Callable
     return streamer.times, rows
 
 
-def _sampling(reqs: list[Request]) -> Optional[tuple[float, float, int]]:
+def _sampling(reqs: list[Request]) -> tuple[float, float, int] | None:
     """The first request's sampling settings (None: greedy); a batch shares its seed."""
     r = reqs[0]
     return (r.temperature, r.top_p, r.seed or 0) if r.temperature > 0 else None
 
 
 def _generate_for(model, reqs: list[Request], clock: Callable[[], float]):
-    return generate(model, [r.prompt for r in reqs], [r.max_tokens for r in reqs], clock,
-                    stop_at_eos=not reqs[0].ignore_eos, sampling=_sampling(reqs))
+    return generate(
+        model,
+        [r.prompt for r in reqs],
+        [r.max_tokens for r in reqs],
+        clock,
+        stop_at_eos=not reqs[0].ignore_eos,
+        sampling=_sampling(reqs),
+    )
 
 
 def warm_up(model) -> None:
@@ -128,8 +149,14 @@ def warm_up(model) -> None:
 
 # ---- static batching ---------------------------------------------------------------------------
 
-def next_batch(arrivals: list[float], first: int, free_at: float,
-               batch_size: int = BATCH_SIZE, max_wait: float = MAX_WAIT_S) -> tuple[float, int]:
+
+def next_batch(
+    arrivals: list[float],
+    first: int,
+    free_at: float,
+    batch_size: int = BATCH_SIZE,
+    max_wait: float = MAX_WAIT_S,
+) -> tuple[float, int]:
     """The next batch when the runner is free at `free_at` and requests `first:` (in
     arrival order) are unserved: (its start time, the index after its last request)."""
     n = len(arrivals)
@@ -141,13 +168,21 @@ def next_batch(arrivals: list[float], first: int, free_at: float,
     return start, end
 
 
-def run_static(model, workload: Workload, batch_size: int = BATCH_SIZE, max_wait: float = MAX_WAIT_S,
-               progress: bool = True, sleep: Callable[[float], None] = time.sleep) -> list[RequestRecord]:
+def run_static(
+    model,
+    workload: Workload,
+    batch_size: int = BATCH_SIZE,
+    max_wait: float = MAX_WAIT_S,
+    progress: bool = True,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[RequestRecord]:
     reqs = workload.requests
     arrivals = [r.arrival for r in reqs]
     assert arrivals == sorted(arrivals), "workload requests must be in arrival order"
-    records = [RequestRecord(i, len(r.prompt), r.max_tokens, r.arrival, start=r.arrival, tag=r.tag)
-               for i, r in enumerate(reqs)]
+    records = [
+        RequestRecord(i, len(r.prompt), r.max_tokens, r.arrival, start=r.arrival, tag=r.tag)
+        for i, r in enumerate(reqs)
+    ]
     bar = progress_bar(len(reqs), f"static batching ({workload.name})") if progress else None
     t0 = time.perf_counter()
     clock = lambda: time.perf_counter() - t0  # noqa: E731
@@ -161,7 +196,12 @@ def run_static(model, workload: Workload, batch_size: int = BATCH_SIZE, max_wait
             batch_end = clock()
             for rec, (n, finish) in zip(records[first:end], rows):
                 rec.chunk_times = times[:n]
-                rec.first_token, rec.end, rec.output_tokens, rec.finish_reason = times[0], batch_end, n, finish
+                rec.first_token, rec.end, rec.output_tokens, rec.finish_reason = (
+                    times[0],
+                    batch_end,
+                    n,
+                    finish,
+                )
             if bar is not None:
                 bar.update(end - first)
             first = end
@@ -172,6 +212,7 @@ def run_static(model, workload: Workload, batch_size: int = BATCH_SIZE, max_wait
 
 
 # ---- no batching ---------------------------------------------------------------------------------
+
 
 def subset_indices(workload: Workload, k: int) -> list[int]:
     """About `k` requests spread evenly over the workload, each tag (long/short) in its share."""
@@ -186,7 +227,9 @@ def subset_indices(workload: Workload, k: int) -> list[int]:
     return sorted(picked)
 
 
-def run_no_batching(model, workload: Workload, indices: list[int], progress: bool = True) -> list[RequestRecord]:
+def run_no_batching(
+    model, workload: Workload, indices: list[int], progress: bool = True
+) -> list[RequestRecord]:
     """One request at a time, back to back: latencies include no queueing."""
     bar = progress_bar(len(indices), f"no batching ({workload.name}, subset)") if progress else None
     t0 = time.perf_counter()
@@ -210,14 +253,16 @@ def run_no_batching(model, workload: Workload, indices: list[int], progress: boo
 def subset_note(workload: Workload, indices: list[int]) -> dict:
     sub = [workload.requests[i] for i in indices]
     return {
-        "requests": len(indices), "of": len(workload),
+        "requests": len(indices),
+        "of": len(workload),
         "mean_prompt_tokens": float(np.mean([len(r.prompt) for r in sub])),
         "mean_output_tokens": float(np.mean([r.max_tokens for r in sub])),
         "workload_mean_prompt_tokens": workload.prompt_tokens / len(workload),
         "workload_mean_output_tokens": workload.output_tokens / len(workload),
         "output_tokens_are_max_tokens": workload.stops_at_eos,  # what each request may produce, at most
-        "note": ("one request at a time on an evenly spread subset; throughput is the subset's "
-                 "(tokens or requests / time spent generating them), i.e. the rate a one-at-a-time "
-                 "server would sustain; latencies exclude the queueing such a server would add"),
+        "note": (
+            "one request at a time on an evenly spread subset; throughput is the subset's "
+            "(tokens or requests / time spent generating them), i.e. the rate a one-at-a-time "
+            "server would sustain; latencies exclude the queueing such a server would add"
+        ),
     }
-

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Optional
 
 import httpx
 
@@ -30,11 +29,16 @@ def endpoint(req: Request) -> str:
     return "/v1/chat/completions" if req.message else "/v1/completions"
 
 
-def request_body(req: Request, model: Optional[str] = None) -> dict:
-    body: dict = ({"messages": [{"role": "user", "content": req.message}]} if req.message
-                  else {"prompt": req.prompt})
-    body.update(max_tokens=req.max_tokens, temperature=req.temperature, stream=True,
-                stream_options={"include_usage": True})
+def request_body(req: Request, model: str | None = None) -> dict:
+    body: dict = (
+        {"messages": [{"role": "user", "content": req.message}]} if req.message else {"prompt": req.prompt}
+    )
+    body.update(
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     if req.ignore_eos:
         body["ignore_eos"] = True
     if req.top_p != 1.0:
@@ -46,8 +50,9 @@ def request_body(req: Request, model: Optional[str] = None) -> dict:
     return body
 
 
-async def send_one(client: httpx.AsyncClient, url: str, req: Request, index: int, t0: float,
-                   model: Optional[str] = None) -> RequestRecord:
+async def send_one(
+    client: httpx.AsyncClient, url: str, req: Request, index: int, t0: float, model: str | None = None
+) -> RequestRecord:
     """One streamed completion; failures are recorded in the record, never raised."""
     rec = RequestRecord(index, len(req.prompt), req.max_tokens, req.arrival, tag=req.tag)
     rec.start = time.perf_counter() - t0
@@ -86,7 +91,7 @@ async def send_one(client: httpx.AsyncClient, url: str, req: Request, index: int
     return rec
 
 
-def _short_error(req: Request, rec: RequestRecord) -> Optional[str]:
+def _short_error(req: Request, rec: RequestRecord) -> str | None:
     """Why a finished stream does not count: with ignore_eos anything but exactly max_tokens
     means the server cut it short; without, it must end by EOS (stop) or at max_tokens (length)."""
     n, finish = rec.output_tokens, rec.finish_reason
@@ -125,8 +130,14 @@ def _take_chunk(rec: RequestRecord, chunk: dict, now: float) -> None:
         rec.prompt_tokens = int(usage.get("prompt_tokens", rec.prompt_tokens))
 
 
-async def replay(base_url: str, workload: Workload, model: Optional[str] = None, progress: bool = True,
-                 desc: str = "", transport: Optional[httpx.AsyncBaseTransport] = None) -> list[RequestRecord]:
+async def replay(
+    base_url: str,
+    workload: Workload,
+    model: str | None = None,
+    progress: bool = True,
+    desc: str = "",
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[RequestRecord]:
     """Sends every request at its arrival offset, or, with the workload's max_concurrency,
     as soon as fewer than that many are in flight; returns one record per request, in
     order. `transport` replaces the network (tests)."""
@@ -136,7 +147,11 @@ async def replay(base_url: str, workload: Workload, model: Optional[str] = None,
     errors = 0
     async with httpx.AsyncClient(limits=POOL, timeout=timeout, transport=transport) as client:
         t0 = time.perf_counter()
-        slots = asyncio.Semaphore(workload.max_concurrency) if workload.max_concurrency else contextlib.nullcontext()
+        slots = (
+            asyncio.Semaphore(workload.max_concurrency)
+            if workload.max_concurrency
+            else contextlib.nullcontext()
+        )
 
         async def at_arrival(i: int, req: Request) -> RequestRecord:
             delay = req.arrival - (time.perf_counter() - t0)
@@ -159,6 +174,7 @@ async def replay(base_url: str, workload: Workload, model: Optional[str] = None,
                 bar.close()
 
 
-def run_workload(base_url: str, workload: Workload, model: Optional[str] = None,
-                 progress: bool = True, desc: str = "") -> list[RequestRecord]:
+def run_workload(
+    base_url: str, workload: Workload, model: str | None = None, progress: bool = True, desc: str = ""
+) -> list[RequestRecord]:
     return asyncio.run(replay(base_url, workload, model, progress, desc))

@@ -26,11 +26,20 @@ SENTENCES: tuple[str, ...] = (
 # (kind, instruction): {paragraph}; "replace" also {old} and {new}.
 INSTRUCTIONS: tuple[tuple[str, str], ...] = (
     ("copy", "Copy the following paragraph exactly, word for word, and write nothing else:\n\n{paragraph}"),
-    ("replace", 'Repeat the paragraph below, but write "{new}" wherever it says "{old}". Change nothing '
-                "else.\n\n{paragraph}"),
-    ("typos", "Fix the spelling mistakes in this paragraph and give it back otherwise unchanged:\n\n{paragraph}"),
-    ("quote", "Quote this paragraph back to me inside double quotes, then say in one sentence what it is "
-              "about:\n\n{paragraph}"),
+    (
+        "replace",
+        'Repeat the paragraph below, but write "{new}" wherever it says "{old}". Change nothing '
+        "else.\n\n{paragraph}",
+    ),
+    (
+        "typos",
+        "Fix the spelling mistakes in this paragraph and give it back otherwise unchanged:\n\n{paragraph}",
+    ),
+    (
+        "quote",
+        "Quote this paragraph back to me inside double quotes, then say in one sentence what it is "
+        "about:\n\n{paragraph}",
+    ),
 )
 
 
@@ -51,7 +60,7 @@ def with_typos(text: str, rng: np.random.Generator, n: int = 3) -> str:
     for i in rng.choice(longer, size=min(n, len(longer)), replace=False):
         w = words[i]
         k = int(rng.integers(1, len(w) - 2))
-        words[i] = w[:k] + w[k + 1] + w[k] + w[k + 2:]
+        words[i] = w[:k] + w[k + 1] + w[k] + w[k + 2 :]
     return " ".join(words)
 
 

@@ -68,8 +68,13 @@ def measure(batch: int, context: int, do_bench, device: str = "cuda") -> dict:
     if batch * context <= 64 * 2048:  # the reference is too slow for the big shapes
         torch.testing.assert_close(out, reference.decode_attention(**inputs), rtol=2e-2, atol=2e-2)
     ms = do_bench(run, return_mode="median")
-    return dict(batch=batch, context=context, num_splits=num_splits, time_us=ms * 1e3,
-                bandwidth_gbs=bytes_moved(batch, context) / (ms * 1e-3) / 1e9)
+    return dict(
+        batch=batch,
+        context=context,
+        num_splits=num_splits,
+        time_us=ms * 1e3,
+        bandwidth_gbs=bytes_moved(batch, context) / (ms * 1e-3) / 1e9,
+    )
 
 
 def main() -> None:
@@ -77,7 +82,9 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON to this path")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("decode_attention_bandwidth: needs a CUDA GPU (bandwidth under the CPU interpreter means nothing)")
+        sys.exit(
+            "decode_attention_bandwidth: needs a CUDA GPU (bandwidth under the CPU interpreter means nothing)"
+        )
     from triton.testing import do_bench
 
     copy_bw = copy_bandwidth(do_bench)
@@ -89,12 +96,21 @@ def main() -> None:
     print("| batch | context | splits | time (us) | GB/s | of copy |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['context']} | {r['num_splits']} | {r['time_us']:.1f} "
-              f"| {r['bandwidth_gbs']:.0f} | {r['fraction_of_copy']:.0%} |")
+        print(
+            f"| {r['batch']} | {r['context']} | {r['num_splits']} | {r['time_us']:.1f} "
+            f"| {r['bandwidth_gbs']:.0f} | {r['fraction_of_copy']:.0%} |"
+        )
     if args.out:
-        result = dict(device=torch.cuda.get_device_name(), dtype=str(DTYPE), num_heads=NUM_HEADS,
-                      num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE,
-                      copy_bandwidth_gbs=copy_bw / 1e9, rows=rows)
+        result = dict(
+            device=torch.cuda.get_device_name(),
+            dtype=str(DTYPE),
+            num_heads=NUM_HEADS,
+            num_kv_heads=NUM_KV_HEADS,
+            head_dim=HEAD_DIM,
+            block_size=BLOCK_SIZE,
+            copy_bandwidth_gbs=copy_bw / 1e9,
+            rows=rows,
+        )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

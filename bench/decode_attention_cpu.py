@@ -50,12 +50,17 @@ def logical_inputs(seq_lens: list[int], block_size: int) -> dict:
     perm = torch.randperm(num_blocks, generator=g).int()
     start = 0
     for i, n in enumerate(blocks):
-        table[i, :n] = perm[start:start + n]
+        table[i, :n] = perm[start : start + n]
         start += n
     shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
-    return dict(q=torch.randn(len(seq_lens), NUM_HEADS, HEAD_DIM, generator=g),
-                k=torch.randn(shape, generator=g), v=torch.randn(shape, generator=g), block_tables=table,
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32), scale=HEAD_DIM**-0.5)
+    return dict(
+        q=torch.randn(len(seq_lens), NUM_HEADS, HEAD_DIM, generator=g),
+        k=torch.randn(shape, generator=g),
+        v=torch.randn(shape, generator=g),
+        block_tables=table,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        scale=HEAD_DIM**-0.5,
+    )
 
 
 def time_per_call(fn, samples: int = 5, min_sample_s: float = 0.05) -> float:
@@ -88,11 +93,14 @@ def run_conveyor(with_reference: bool) -> dict:
             args = (x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], x["scale"])
             out = torch.empty_like(x["q"])
             results[f"conveyor/{batch}/{block_size}"] = {
-                "ms": 1e3 * time_per_call(lambda: cpu.decode_attention(*args, out=out)), "checksum": out.sum().item()}
+                "ms": 1e3 * time_per_call(lambda: cpu.decode_attention(*args, out=out)),
+                "checksum": out.sum().item(),
+            }
             if with_reference and block_size == 16:
                 results[f"reference/{batch}/{block_size}"] = {
                     "ms": 1e3 * time_per_call(lambda: reference.decode_attention(*args, out=out)),
-                    "checksum": out.sum().item()}
+                    "checksum": out.sum().item(),
+                }
     return results
 
 
@@ -111,29 +119,59 @@ def run_vllm() -> dict:
             num_blocks = x["k"].shape[0]
             kv_cache = torch.zeros(num_blocks, NUM_KV_HEADS, 2 * block_size, HEAD_DIM)
             k, v = kv_cache.chunk(2, dim=2)
-            ops.cpu_attn_reshape_and_cache(x["k"].flatten(0, 1), x["v"].flatten(0, 1), k, v,
-                                           torch.arange(num_blocks * block_size), isa)
+            ops.cpu_attn_reshape_and_cache(
+                x["k"].flatten(0, 1), x["v"].flatten(0, 1), k, v, torch.arange(num_blocks * block_size), isa
+            )
             query_start_loc = torch.arange(batch + 1, dtype=torch.int32)
             meta = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=batch, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                seq_lens=x["seq_lens"], dtype=torch.float32, query_start_loc=query_start_loc, causal=True,
-                sliding_window_size=-1, isa=isa, enable_kv_split=True)
+                num_reqs=batch,
+                num_heads=NUM_HEADS,
+                num_kv_heads=NUM_KV_HEADS,
+                head_dim=HEAD_DIM,
+                seq_lens=x["seq_lens"],
+                dtype=torch.float32,
+                query_start_loc=query_start_loc,
+                causal=True,
+                sliding_window_size=-1,
+                isa=isa,
+                enable_kv_split=True,
+            )
             out = torch.empty_like(x["q"])
 
             def call():
                 ops.cpu_attention_with_kv_cache(
-                    query=x["q"], key_cache=k, value_cache=v, output=out, query_start_loc=query_start_loc,
-                    seq_lens=x["seq_lens"], scale=x["scale"], causal=True, alibi_slopes=None, sliding_window=-1,
-                    block_table=x["block_tables"], softcap=0.0, scheduler_metadata=meta, s_aux=None)
+                    query=x["q"],
+                    key_cache=k,
+                    value_cache=v,
+                    output=out,
+                    query_start_loc=query_start_loc,
+                    seq_lens=x["seq_lens"],
+                    scale=x["scale"],
+                    causal=True,
+                    alibi_slopes=None,
+                    sliding_window=-1,
+                    block_table=x["block_tables"],
+                    softcap=0.0,
+                    scheduler_metadata=meta,
+                    s_aux=None,
+                )
 
-            results[f"vllm/{batch}/{block_size}"] = {"ms": 1e3 * time_per_call(call), "checksum": out.sum().item()}
+            results[f"vllm/{batch}/{block_size}"] = {
+                "ms": 1e3 * time_per_call(call),
+                "checksum": out.sum().item(),
+            }
     return results
 
 
 def vllm_round(python: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([python, "-m", "bench.decode_attention_cpu", "--role", "vllm"], env=env,
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [python, "-m", "bench.decode_attention_cpu", "--role", "vllm"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -141,7 +179,11 @@ def summarize(rounds: list[dict]) -> list[dict]:
     rows = []
     for batch in BATCHES:
         for block_size in BLOCK_SIZES:
-            row = {"batch": batch, "block_size": block_size, "mean_context": statistics.mean(context_lengths(batch))}
+            row = {
+                "batch": batch,
+                "block_size": block_size,
+                "mean_context": statistics.mean(context_lengths(batch)),
+            }
             for side in ("conveyor", "vllm", "reference"):
                 key = f"{side}/{batch}/{block_size}"
                 times = [r[key]["ms"] for r in rounds if key in r]
@@ -151,13 +193,17 @@ def summarize(rounds: list[dict]) -> list[dict]:
                     row[f"{side}_checksum"] = rounds[-1][key]["checksum"] if key in rounds[-1] else None
             if "vllm_ms" in row:  # each round's own ratio: the machine's load drifts between rounds
                 row["ratio"] = statistics.median(
-                    r[f"conveyor/{batch}/{block_size}"]["ms"] / r[f"vllm/{batch}/{block_size}"]["ms"] for r in rounds)
+                    r[f"conveyor/{batch}/{block_size}"]["ms"] / r[f"vllm/{batch}/{block_size}"]["ms"]
+                    for r in rounds
+                )
             rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| batch | block | mean ctx | Conveyor ms | vLLM ms | Conveyor / vLLM | reference ms | same output |")
+    print(
+        "| batch | block | mean ctx | Conveyor ms | vLLM ms | Conveyor / vLLM | reference ms | same output |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|:---:|")
     for r in rows:
         cells = [r["batch"], r["block_size"], f"{r['mean_context']:.0f}", f"{r['conveyor_ms']:.3f}"]
@@ -193,8 +239,10 @@ def main() -> None:
         rounds.append(r)
         print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
     rows = summarize(rounds)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
-          f"{NUM_HEADS} heads / {NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, medians of {args.rounds} rounds")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
+        f"{NUM_HEADS} heads / {NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, medians of {args.rounds} rounds"
+    )
     print_table(rows)
     if args.out:
         with open(args.out, "w") as f:

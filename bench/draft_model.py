@@ -18,8 +18,16 @@ from safetensors.torch import save_file
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # What a model directory holds beside its weights and config that the draft shares.
-_SHARED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+_SHARED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
 def truncated_draft(src: Path, layers: int, out: Path) -> Path:
@@ -58,11 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     from shared.models import cache_root
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="a preset, a real model (smollm2) or a model directory")
+    ap.add_argument(
+        "--model", default="smollm2", help="a preset, a real model (smollm2) or a model directory"
+    )
     ap.add_argument("--layers", type=int, required=True, help="layers the draft keeps")
     args = ap.parse_args(argv)
     src, preset = resolve_model(args.model)
-    print(truncated_draft(src, args.layers, cache_root() / "drafts" / f"{preset or src.name}-{args.layers}-layer"))
+    print(
+        truncated_draft(
+            src, args.layers, cache_root() / "drafts" / f"{preset or src.name}-{args.layers}-layer"
+        )
+    )
 
 
 if __name__ == "__main__":

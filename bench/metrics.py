@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -25,12 +24,12 @@ class RequestRecord:
     max_tokens: int
     arrival: float  # when the workload says it arrives
     start: float = math.nan  # when it was sent (HTTP) or became eligible to run (baselines)
-    first_token: Optional[float] = None
+    first_token: float | None = None
     chunk_times: list[float] = field(default_factory=list)  # one per streamed chunk with output
-    end: Optional[float] = None
+    end: float | None = None
     output_tokens: int = 0
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
+    finish_reason: str | None = None
+    error: str | None = None
     tag: str = ""
     text: str = ""  # the streamed output (HTTP), to compare what two systems generated
 
@@ -47,7 +46,7 @@ class RequestRecord:
         return self.end - self.start
 
     @property
-    def tpot(self) -> Optional[float]:
+    def tpot(self) -> float | None:
         """Mean time per output token after the first; None for one-token outputs."""
         if self.output_tokens < 2:
             return None
@@ -72,16 +71,19 @@ def latency_values(records: list[RequestRecord]) -> dict[str, np.ndarray]:
     }
 
 
-def stats_ms(values: np.ndarray) -> dict[str, Optional[float]]:
+def stats_ms(values: np.ndarray) -> dict[str, float | None]:
     """mean/median/p90/p99 in milliseconds (linear interpolation, as numpy and vLLM do)."""
     if len(values) == 0:
         return {"mean": None, "median": None, **{f"p{p}": None for p in PERCENTILES}}
     ms = np.asarray(values) * 1000.0
-    return {"mean": float(ms.mean()), "median": float(np.median(ms)),
-            **{f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES}}
+    return {
+        "mean": float(ms.mean()),
+        "median": float(np.median(ms)),
+        **{f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES},
+    }
 
 
-def summarize(records: list[RequestRecord], duration: Optional[float] = None) -> dict:
+def summarize(records: list[RequestRecord], duration: float | None = None) -> dict:
     """The figures of one run. `duration` defaults to first start → last end."""
     ok = [r for r in records if r.ok]
     if duration is None:
@@ -111,19 +113,30 @@ def short_table_row(name: str, s: dict) -> str:
         v = s[f"{key}_ms"][p]
         return "—" if v is None else f"{v:.0f}"
 
-    return (f"| {name} | {s['completed']}/{s['completed'] + s['failed']} | {s['request_throughput']:.2f} | "
-            f"{s['total_output_tokens']:,} | {s['output_throughput']:.0f} | {ms('ttft', 'median')} | "
-            f"{ms('ttft', 'p99')} | {ms('tpot', 'median')} | {ms('tpot', 'p99')} | {ms('e2e', 'median')} | "
-            f"{ms('e2e', 'p99')} |")
+    return (
+        f"| {name} | {s['completed']}/{s['completed'] + s['failed']} | {s['request_throughput']:.2f} | "
+        f"{s['total_output_tokens']:,} | {s['output_throughput']:.0f} | {ms('ttft', 'median')} | "
+        f"{ms('ttft', 'p99')} | {ms('tpot', 'median')} | {ms('tpot', 'p99')} | {ms('e2e', 'median')} | "
+        f"{ms('e2e', 'p99')} |"
+    )
 
 
-TABLE_HEADER = ("| system | ok | req/s | out tokens | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
-                "| TPOT p99 ms | E2E p50 ms | E2E p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+TABLE_HEADER = (
+    "| system | ok | req/s | out tokens | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+    "| TPOT p99 ms | E2E p50 ms | E2E p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def progress_bar(total: int, desc: str):
     """A tqdm bar on stderr; plain (no redraw spam) when stderr is not a terminal."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 10.0, leave=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="req",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        leave=True,
+    )

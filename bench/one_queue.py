@@ -60,12 +60,17 @@ def scheduler_tree(ref: str | None):
         return
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref],
+            check=True,
+            capture_output=True,
+        )
         try:
             yield tree
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True
+            )
 
 
 def measure(tree: Path, n_workers: int, seconds: float, seed: int) -> dict:
@@ -77,14 +82,27 @@ def measure(tree: Path, n_workers: int, seconds: float, seed: int) -> dict:
     for _ in sizes[1:]:
         arrivals.append(arrivals[-1] + rng.expovariate(rate))
     keys = RedisKeys("onequeue")
-    with tempfile.TemporaryDirectory() as tmp, start_embedded_redis(tmp) as server, \
-            open(Path(tmp) / "scheduler.log", "w") as log:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        start_embedded_redis(tmp) as server,
+        open(Path(tmp) / "scheduler.log", "w") as log,
+    ):
         address = f"tcp://127.0.0.1:{free_port()}"
-        env = dict(os.environ, REDIS_URL=server.url, CONVEYOR_SCHEDULER_ADDRESS=address,
-                   CONVEYOR_REDIS_PREFIX=keys.prefix, CONVEYOR_MAX_NUM_SEQS=str(SEQS_PER_WORKER),
-                   CONVEYOR_LOG_LEVEL="WARNING")
-        proc = subprocess.Popen([sys.executable, "-m", "services.scheduler"], cwd=tree, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        env = dict(
+            os.environ,
+            REDIS_URL=server.url,
+            CONVEYOR_SCHEDULER_ADDRESS=address,
+            CONVEYOR_REDIS_PREFIX=keys.prefix,
+            CONVEYOR_MAX_NUM_SEQS=str(SEQS_PER_WORKER),
+            CONVEYOR_LOG_LEVEL="WARNING",
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.scheduler"],
+            cwd=tree,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         num_blocks = SEQS_PER_WORKER * (PROMPT_LEN + LENGTHS[1]) // BLOCK_SIZE + 64
         sim = Simulator([address], n_workers, num_blocks, seed)
         sink = zmq.Context.instance().socket(zmq.PULL)
@@ -99,8 +117,16 @@ def measure(tree: Path, n_workers: int, seconds: float, seed: int) -> dict:
             sink.close()
 
 
-def _drive(sim: Simulator, proc: subprocess.Popen, redis_url: str, keys: RedisKeys, sink: zmq.Socket,
-           reply_to: str, sizes: list[int], arrivals: list[float]) -> dict:
+def _drive(
+    sim: Simulator,
+    proc: subprocess.Popen,
+    redis_url: str,
+    keys: RedisKeys,
+    sink: zmq.Socket,
+    reply_to: str,
+    sizes: list[int],
+    arrivals: list[float],
+) -> dict:
     client = redis.Redis.from_url(redis_url)
     client.set(keys.gateway(reply_to), b"1", ex=3600)  # a live gateway, or its requests are aborted
     deadline = time.monotonic() + 60
@@ -117,7 +143,9 @@ def _drive(sim: Simulator, proc: subprocess.Popen, redis_url: str, keys: RedisKe
     while len(finished) < len(sizes):
         now = time.monotonic()
         if now > limit or proc.poll() is not None:
-            raise RuntimeError(f"{len(finished)} of {len(sizes)} requests finished; scheduler rc {proc.poll()}")
+            raise RuntimeError(
+                f"{len(finished)} of {len(sizes)} requests finished; scheduler rc {proc.poll()}"
+            )
         while sent < len(sizes) and start + arrivals[sent] <= now:
             params = m.SamplingParams(temperature=0.0, max_tokens=sizes[sent], ignore_eos=True)
             prompt = [random.Random(sent).randrange(10, 4000) for _ in range(PROMPT_LEN)]
@@ -135,11 +163,16 @@ def _drive(sim: Simulator, proc: subprocess.Popen, redis_url: str, keys: RedisKe
     elapsed = time.monotonic() - start
     client.close()
     wait_list = list(waits.values())
-    return dict(workers=len(sim.workers), requests=len(sizes), tokens=sum(sizes),
-                wait_p50_ms=round(percentile(wait_list, 0.5) * 1000, 1),
-                wait_p99_ms=round(percentile(wait_list, 0.99) * 1000, 1),
-                idle_share=round(idle_s / (waiting_s * len(sim.workers)), 3) if waiting_s else 0.0,
-                tokens_per_s=round(sum(sizes) / elapsed, 1), seconds=round(elapsed, 1))
+    return dict(
+        workers=len(sim.workers),
+        requests=len(sizes),
+        tokens=sum(sizes),
+        wait_p50_ms=round(percentile(wait_list, 0.5) * 1000, 1),
+        wait_p99_ms=round(percentile(wait_list, 0.99) * 1000, 1),
+        idle_share=round(idle_s / (waiting_s * len(sim.workers)), 3) if waiting_s else 0.0,
+        tokens_per_s=round(sum(sizes) / elapsed, 1),
+        seconds=round(elapsed, 1),
+    )
 
 
 def _read(sink: zmq.Socket, waits: dict[str, float], finished: set[str]) -> None:
@@ -177,13 +210,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workers | system | queue wait p50 / p99 ms (rounds' median) | idle share while work waits "
-             "| tokens/s |", "|---:|---|---:|---:|---:|"]
+    lines = [
+        "| workers | system | queue wait p50 / p99 ms (rounds' median) | idle share while work waits "
+        "| tokens/s |",
+        "|---:|---|---:|---:|---:|",
+    ]
     for key in dict.fromkeys((r["workers"], r["system"]) for r in rows):
         mine = [r for r in rows if (r["workers"], r["system"]) == key]
         med = lambda f: statistics.median(r[f] for r in mine)  # noqa: E731
-        lines.append(f"| {key[0]} | {key[1]} | {med('wait_p50_ms'):,.0f} / {med('wait_p99_ms'):,.0f} "
-                     f"| {med('idle_share'):.1%} | {med('tokens_per_s'):,.0f} |")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {med('wait_p50_ms'):,.0f} / {med('wait_p99_ms'):,.0f} "
+            f"| {med('idle_share'):.1%} | {med('tokens_per_s'):,.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 COLORS = {"Conveyor": "#1f77b4", "static batching (HF)": "#ff7f0e", "no batching (HF)": "#7f7f7f"}
 
@@ -84,13 +84,27 @@ def short_ttft(rows: dict[str, dict[str, float]], title: str, path: Path) -> Non
     plt.close(fig)
 
 
-def prefix_cache(hit_rate: float, ideal: float, throughputs: dict[str, float], title: str, path: Path) -> None:
+def prefix_cache(
+    hit_rate: float, ideal: float, throughputs: dict[str, float], title: str, path: Path
+) -> None:
     """Measured vs ideal hit rate (left); output tok/s with prefix caching on and off (right)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    _bars(axes[0], ["measured", "ideal"], [100 * hit_rate, 100 * ideal], "prefix-cache hit rate (% of prompt tokens)",
-          "{:.1f}%", colors=[COLORS["Conveyor"], "#bdbdbd"])
-    _bars(axes[1], list(throughputs), list(throughputs.values()), "Conveyor output tokens / s", "{:.0f}",
-          colors=[COLORS["Conveyor"], "#bdbdbd"][:len(throughputs)])
+    _bars(
+        axes[0],
+        ["measured", "ideal"],
+        [100 * hit_rate, 100 * ideal],
+        "prefix-cache hit rate (% of prompt tokens)",
+        "{:.1f}%",
+        colors=[COLORS["Conveyor"], "#bdbdbd"],
+    )
+    _bars(
+        axes[1],
+        list(throughputs),
+        list(throughputs.values()),
+        "Conveyor output tokens / s",
+        "{:.0f}",
+        colors=[COLORS["Conveyor"], "#bdbdbd"][: len(throughputs)],
+    )
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -54,7 +54,9 @@ def store_inputs(num_tokens: int) -> tuple:
     """The engine's k (its own tensor) and v (a view of the fused projection), slots scattered, one padding."""
     k_cache = torch.zeros(2048, 16, NUM_KV_HEADS, HEAD_DIM)
     qkv = torch.randn(num_tokens, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM)
-    k, v = qkv[:, NUM_HEADS * HEAD_DIM:].view(num_tokens, 2 * NUM_KV_HEADS, HEAD_DIM).split(NUM_KV_HEADS, dim=1)
+    k, v = (
+        qkv[:, NUM_HEADS * HEAD_DIM :].view(num_tokens, 2 * NUM_KV_HEADS, HEAD_DIM).split(NUM_KV_HEADS, dim=1)
+    )
     slots = torch.randperm(k_cache.shape[0] * 16)[:num_tokens]
     slots[0] = -1
     return k.contiguous(), v, k_cache, torch.zeros_like(k_cache), slots
@@ -98,11 +100,15 @@ def main() -> None:
             torch.testing.assert_close(out["kernel"], out["reference"], atol=1e-5, rtol=1e-4)
         print(f"round {i + 1}/{args.rounds} done", flush=True)
 
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, {NUM_HEADS} heads / "
-          f"{NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, block {args.block_size}, "
-          f"medians of {args.rounds} rounds")
-    print("| batch (q_len/seq_len) | kernel ms | reference ms | reference / kernel | kernel GFLOP/s "
-          "| reference GFLOP/s |")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, {NUM_HEADS} heads / "
+        f"{NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, block {args.block_size}, "
+        f"medians of {args.rounds} rounds"
+    )
+    print(
+        "| batch (q_len/seq_len) | kernel ms | reference ms | reference / kernel | kernel GFLOP/s "
+        "| reference GFLOP/s |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     ratios = []
     for name, chunks in CASES.items():
@@ -110,8 +116,10 @@ def main() -> None:
         ratio = statistics.median(b / a for a, b in zip(times[name, "kernel"], times[name, "reference"]))
         ratios.append(ratio)
         gf = causal_gflop(chunks)
-        print(f"| {name}: {' '.join(f'{q}/{n}' for q, n in chunks)} | {1e3 * k:.3f} | {1e3 * r:.3f} | "
-              f"{ratio:.2f} | {gf / k:.1f} | {gf / r:.1f} |")
+        print(
+            f"| {name}: {' '.join(f'{q}/{n}' for q, n in chunks)} | {1e3 * k:.3f} | {1e3 * r:.3f} | "
+            f"{ratio:.2f} | {gf / k:.1f} | {gf / r:.1f} |"
+        )
     print(f"geometric mean of reference / kernel: {statistics.geometric_mean(ratios):.2f}")
     print("\n| store_kv tokens | C++ us | reference us | reference / C++ |\n|---:|---:|---:|---:|")
     for n in STORE_TOKENS:

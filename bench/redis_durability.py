@@ -71,26 +71,39 @@ def run(rounds: int, requests: int, clients: list[int], data_dir: Path) -> dict:
     finally:
         for server in servers.values():
             server.stop()
-    ratios = {c: statistics.median(a / e for a, e in zip(rates[f"always/{c}"], rates[f"everysec/{c}"]))
-              for c in clients}
-    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "data_dir": str(data_dir), "rounds": rounds, "requests_per_round": requests,
-            "req_per_s": {k: statistics.median(v) for k, v in rates.items()},
-            "all_req_per_s": rates, "always_over_everysec": ratios}
+    ratios = {
+        c: statistics.median(a / e for a, e in zip(rates[f"always/{c}"], rates[f"everysec/{c}"]))
+        for c in clients
+    }
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "data_dir": str(data_dir),
+        "rounds": rounds,
+        "requests_per_round": requests,
+        "req_per_s": {k: statistics.median(v) for k, v in rates.items()},
+        "all_req_per_s": rates,
+        "always_over_everysec": ratios,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.redis_durability", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.redis_durability", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=2000, help="submits per round and setting")
     parser.add_argument("--clients", default="1,8", help="comma-separated numbers of concurrent gateways")
-    parser.add_argument("--dir", type=Path, default=None, help="where the append-only files go (the disk measured)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where the append-only files go (the disk measured)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     if args.rounds < 1 or min(clients) < 1 or args.requests < max(clients):
-        parser.error(f"--rounds and --clients must be at least 1 and --requests at least the most clients "
-                     f"(got {args.rounds}, {args.clients}, {args.requests})")
+        parser.error(
+            f"--rounds and --clients must be at least 1 and --requests at least the most clients "
+            f"(got {args.rounds}, {args.clients}, {args.requests})"
+        )
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         result = run(args.rounds, args.requests, clients, Path(tmp))
     text = json.dumps(result, indent=2)

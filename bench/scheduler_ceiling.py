@@ -97,8 +97,13 @@ class Simulator:
             w = SimWorker(f"sim-{i}", sock, random.Random(seed * 100_003 + i))
             self.workers.append(w)
             self.poller.register(sock, zmq.POLLIN)
-            sock.send(m.encode(m.RegisterWorker(w.worker_id, "sim", 1 << 20, BLOCK_SIZE, num_blocks,
-                                                1000, [0], "sim", os.getpid())))
+            sock.send(
+                m.encode(
+                    m.RegisterWorker(
+                        w.worker_id, "sim", 1 << 20, BLOCK_SIZE, num_blocks, 1000, [0], "sim", os.getpid()
+                    )
+                )
+            )
         self.by_sock = {w.sock: w for w in self.workers}
         self.due: list[tuple[float, int, bytes]] = []  # (when, worker index, encoded result)
         self.lag: list[float] = []
@@ -165,19 +170,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_scheduler(redis_url: str, address: str, prefix: str, running: int, log,
-                    heartbeat_timeout_s: float | None = None, name: str = "scheduler") -> subprocess.Popen:
-    env = dict(os.environ, REDIS_URL=redis_url, CONVEYOR_SCHEDULER_ADDRESS=address, CONVEYOR_REDIS_PREFIX=prefix,
-               CONVEYOR_MAX_NUM_SEQS=str(max(running, 1)), CONVEYOR_LOG_LEVEL="WARNING",
-               CONVEYOR_SCHEDULER_NAME=name)
+def start_scheduler(
+    redis_url: str,
+    address: str,
+    prefix: str,
+    running: int,
+    log,
+    heartbeat_timeout_s: float | None = None,
+    name: str = "scheduler",
+) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        CONVEYOR_SCHEDULER_ADDRESS=address,
+        CONVEYOR_REDIS_PREFIX=prefix,
+        CONVEYOR_MAX_NUM_SEQS=str(max(running, 1)),
+        CONVEYOR_LOG_LEVEL="WARNING",
+        CONVEYOR_SCHEDULER_NAME=name,
+    )
     if heartbeat_timeout_s is not None:
         env["CONVEYOR_HEARTBEAT_TIMEOUT"] = str(heartbeat_timeout_s)
-    return subprocess.Popen([sys.executable, "-m", "services.scheduler"], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.scheduler"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
-def submit_requests(client: redis.Redis, keys: RedisKeys, n: int, max_tokens: int, reply_to: str,
-                    keep_alive=lambda: None) -> None:
+def submit_requests(
+    client: redis.Redis, keys: RedisKeys, n: int, max_tokens: int, reply_to: str, keep_alive=lambda: None
+) -> None:
     """`keep_alive` runs every 256 submissions. NOTE: the simulator runs in this thread, and
     with `appendfsync always` a submission costs about 0.5 ms here, so 65,536 of them took
     35 s: without it, the workers sent no heartbeat all that time and were dropped as silent."""
@@ -194,8 +214,15 @@ def submit_requests(client: redis.Redis, keys: RedisKeys, n: int, max_tokens: in
         submit(client, m.SubmitRequest(f"r{i}", prompt, params, reply_to, time.time()), keys)
 
 
-def measure(n_workers: int, running: int, seconds: float, max_tokens: int = 2048,
-            admit_timeout_s: float = 300.0, heartbeat_timeout_s: float | None = None, schedulers: int = 1) -> dict:
+def measure(
+    n_workers: int,
+    running: int,
+    seconds: float,
+    max_tokens: int = 2048,
+    admit_timeout_s: float = 300.0,
+    heartbeat_timeout_s: float | None = None,
+    schedulers: int = 1,
+) -> dict:
     """One point of the table: `n_workers` simulated workers with `running` requests each,
     split between `schedulers` schedulers.
     `max_tokens`: long enough that few finish while we measure (the mean batch shows it),
@@ -208,12 +235,24 @@ def measure(n_workers: int, running: int, seconds: float, max_tokens: int = 2048
         sink.setsockopt(zmq.LINGER, 0)
         reply_to = f"tcp://127.0.0.1:{sink.bind_to_random_port('tcp://127.0.0.1')}"
         with open(Path(tmp) / "scheduler.log", "w") as log:
-            procs = [start_scheduler(server.url, address, keys.prefix, running, log, heartbeat_timeout_s, f"s{k}")
-                     for k, address in enumerate(addresses)]
+            procs = [
+                start_scheduler(server.url, address, keys.prefix, running, log, heartbeat_timeout_s, f"s{k}")
+                for k, address in enumerate(addresses)
+            ]
             sim = Simulator(addresses, n_workers, num_blocks)
             try:
-                row = _drive(sim, procs, server.url, keys, sink, reply_to, n_workers * running, max_tokens,
-                             seconds, admit_timeout_s)
+                row = _drive(
+                    sim,
+                    procs,
+                    server.url,
+                    keys,
+                    sink,
+                    reply_to,
+                    n_workers * running,
+                    max_tokens,
+                    seconds,
+                    admit_timeout_s,
+                )
                 return {"schedulers": schedulers, **row}
             finally:
                 for proc in procs:
@@ -223,8 +262,18 @@ def measure(n_workers: int, running: int, seconds: float, max_tokens: int = 2048
                 sink.close()
 
 
-def _drive(sim: Simulator, procs: list[subprocess.Popen], redis_url: str, keys: RedisKeys, sink: zmq.Socket,
-           reply_to: str, total: int, max_tokens: int, seconds: float, admit_timeout_s: float) -> dict:
+def _drive(
+    sim: Simulator,
+    procs: list[subprocess.Popen],
+    redis_url: str,
+    keys: RedisKeys,
+    sink: zmq.Socket,
+    reply_to: str,
+    total: int,
+    max_tokens: int,
+    seconds: float,
+    admit_timeout_s: float,
+) -> dict:
     client = redis.Redis.from_url(redis_url)
     # The scheduler places a request on arrival: every worker must be registered before the
     # first one, or the early workers get them all.
@@ -237,11 +286,15 @@ def _drive(sim: Simulator, procs: list[subprocess.Popen], redis_url: str, keys: 
     # every second): until then each would take the burst as if alone.
     while len(procs) > 1 and client.hlen(keys.schedulers) < len(procs):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {client.hlen(keys.schedulers)} of {len(procs)} schedulers wrote figures")
+            raise RuntimeError(
+                f"only {client.hlen(keys.schedulers)} of {len(procs)} schedulers wrote figures"
+            )
         sim.run_until(time.monotonic() + 0.1)
     sim.run_until(time.monotonic() + (1.5 if len(procs) > 1 else 0.0))
     started = time.monotonic()
-    submit_requests(client, keys, total, max_tokens, reply_to, lambda: sim.run_until(time.monotonic() + 0.001))
+    submit_requests(
+        client, keys, total, max_tokens, reply_to, lambda: sim.run_until(time.monotonic() + 0.001)
+    )
     client.close()
 
     def all_running() -> bool:
@@ -273,32 +326,45 @@ def _drain(sink: zmq.Socket) -> None:
             return
 
 
-def figures(sim: Simulator, n_workers: int, total: int, elapsed: float, cpu: float, admitted_s: float) -> dict:
+def figures(
+    sim: Simulator, n_workers: int, total: int, elapsed: float, cpu: float, admitted_s: float
+) -> dict:
     gaps = [g for w in sim.workers for g in w.gaps]
     steps = sum(w.steps for w in sim.workers)
     ideal = sum(w.steps / w.busy_s for w in sim.workers if w.busy_s > 0)  # steps/s with zero idle time
     batches = [b for w in sim.workers for b in w.batch_sizes]
-    return dict(workers=n_workers, running=total, seconds=round(elapsed, 2), admit_s=round(admitted_s, 1),
-                steps_per_s=round(steps / elapsed, 1), ideal_steps_per_s=round(ideal, 1),
-                efficiency=round(steps / elapsed / ideal, 3) if ideal else 0.0,
-                mean_batch=round(statistics.fmean(batches), 1) if batches else 0.0,
-                tokens_per_s=round(sum(batches) / elapsed),
-                gap_p50_ms=round(percentile(gaps, 0.5) * 1000, 2), gap_p99_ms=round(percentile(gaps, 0.99) * 1000, 2),
-                sim_lag_p50_ms=round(percentile(sim.lag, 0.5) * 1000, 2),
-                sim_lag_p99_ms=round(percentile(sim.lag, 0.99) * 1000, 2),
-                scheduler_cpu=round(cpu / elapsed, 2))
+    return dict(
+        workers=n_workers,
+        running=total,
+        seconds=round(elapsed, 2),
+        admit_s=round(admitted_s, 1),
+        steps_per_s=round(steps / elapsed, 1),
+        ideal_steps_per_s=round(ideal, 1),
+        efficiency=round(steps / elapsed / ideal, 3) if ideal else 0.0,
+        mean_batch=round(statistics.fmean(batches), 1) if batches else 0.0,
+        tokens_per_s=round(sum(batches) / elapsed),
+        gap_p50_ms=round(percentile(gaps, 0.5) * 1000, 2),
+        gap_p99_ms=round(percentile(gaps, 0.99) * 1000, 2),
+        sim_lag_p50_ms=round(percentile(sim.lag, 0.5) * 1000, 2),
+        sim_lag_p99_ms=round(percentile(sim.lag, 0.99) * 1000, 2),
+        scheduler_cpu=round(cpu / elapsed, 2),
+    )
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| schedulers | workers | running requests | mean batch | steps/s (ideal) | efficiency "
-             "| idle gap p50 / p99 ms | sim lag p50 / p99 ms | scheduler CPU (all) | tokens/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| schedulers | workers | running requests | mean batch | steps/s (ideal) | efficiency "
+        "| idle gap p50 / p99 ms | sim lag p50 / p99 ms | scheduler CPU (all) | tokens/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['schedulers']} | {r['workers']} | {r['running']:,} | {r['mean_batch']} "
-                     f"| {r['steps_per_s']:,} "
-                     f"({r['ideal_steps_per_s']:,}) | {r['efficiency']:.0%} | {r['gap_p50_ms']} / {r['gap_p99_ms']} "
-                     f"| {r['sim_lag_p50_ms']} / {r['sim_lag_p99_ms']} | {r['scheduler_cpu']:.0%} "
-                     f"| {r['tokens_per_s']:,} |")
+        lines.append(
+            f"| {r['schedulers']} | {r['workers']} | {r['running']:,} | {r['mean_batch']} "
+            f"| {r['steps_per_s']:,} "
+            f"({r['ideal_steps_per_s']:,}) | {r['efficiency']:.0%} | {r['gap_p50_ms']} / {r['gap_p99_ms']} "
+            f"| {r['sim_lag_p50_ms']} / {r['sim_lag_p99_ms']} | {r['scheduler_cpu']:.0%} "
+            f"| {r['tokens_per_s']:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -309,15 +375,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per point, after admission")
     ap.add_argument("--max-tokens", type=int, default=2048, help="per request; sizes the block pools")
     ap.add_argument("--heartbeat-timeout", type=float, help="the scheduler's, in s (default: its own, 5)")
-    ap.add_argument("--schedulers", nargs="+", type=int, default=[1],
-                    help="schedulers sharing the stream, the workers split between them: each count is one row")
+    ap.add_argument(
+        "--schedulers",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="schedulers sharing the stream, the workers split between them: each count is one row",
+    )
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     rows = []
     for n in args.workers:
         for k in args.schedulers:
-            rows.append(measure(n, args.running, args.seconds, args.max_tokens,
-                                heartbeat_timeout_s=args.heartbeat_timeout, schedulers=k))
+            rows.append(
+                measure(
+                    n,
+                    args.running,
+                    args.seconds,
+                    args.max_tokens,
+                    heartbeat_timeout_s=args.heartbeat_timeout,
+                    schedulers=k,
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if args.json:

@@ -8,7 +8,7 @@ A system is anything with `run(workload, desc) -> (records, counters)` and
 from __future__ import annotations
 
 import os
-from typing import Optional, Protocol
+from typing import Protocol
 
 from bench import rounds
 from bench.metrics import RequestRecord, summarize
@@ -27,8 +27,11 @@ def measure(system: System, workload: Workload, desc: str) -> tuple[list[Request
     cpu0, load0 = system.cpu_seconds(), os.getloadavg()[0]
     recs, counters = system.run(workload, desc)
     cpu1 = system.cpu_seconds()
-    figures = {**summarize(recs), "cpu_s": {k: round(v - cpu0.get(k, 0.0), 3) for k, v in cpu1.items()},
-               "load_average": [load0, os.getloadavg()[0]]}
+    figures = {
+        **summarize(recs),
+        "cpu_s": {k: round(v - cpu0.get(k, 0.0), 3) for k, v in cpu1.items()},
+        "load_average": [load0, os.getloadavg()[0]],
+    }
     if counters:
         figures["scheduler_counters"] = counters
     return recs, figures
@@ -36,14 +39,16 @@ def measure(system: System, workload: Workload, desc: str) -> tuple[list[Request
 
 def run_series(systems: dict[str, System], workload: Workload, n_rounds: int) -> dict[str, list[tuple]]:
     """(records, figures) of every round of every system, rounds interleaved in dict order."""
+
     def runner(name: str, system: System):
         return lambda i: measure(system, workload, f"{name} {workload.name} round {i + 1}/{n_rounds}")
 
     return rounds.interleave({name: runner(name, s) for name, s in systems.items()}, n_rounds)
 
 
-def record_series(series: dict[str, list[tuple]], results: dict, records: dict, ours: str,
-                  peer: Optional[str]) -> None:
+def record_series(
+    series: dict[str, list[tuple]], results: dict, records: dict, ours: str, peer: str | None
+) -> None:
     """Each system's median round becomes its entry in results["systems"] (and its records
     the ones plotted); every round's figures go to results["rounds"]; with a peer, the
     comparison of medians to results["peer"]."""

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import httpx
 
@@ -35,7 +34,7 @@ class LocalServer:
         self.log_path, self.start_timeout_s = log_path, start_timeout_s
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -48,9 +47,15 @@ class LocalServer:
         try:
             with open(self.log_path, "ab") as log:
                 # Its own process group, so that whatever it leaves behind can be stopped as one.
-                self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env(), stdout=log,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(
+                    self.command(),
+                    cwd=REPO,
+                    env=self.env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             self._wait_healthy()
         except BaseException:
             self.stop()
@@ -64,16 +69,20 @@ class LocalServer:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}; "
-                                   f"log {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.proc.returncode}; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"{self.url}/health did not answer 200 within {self.start_timeout_s:.0f} s; "
-                           f"log {self.log_path}:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.url}/health did not answer 200 within {self.start_timeout_s:.0f} s; "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -111,13 +120,19 @@ class LocalConveyor(LocalServer):
 
     name = "conveyor run"
 
-    def __init__(self, model_dir: Path, threads: Optional[int], log_path: Path, workers: int = 1,
-                 env: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        threads: int | None,
+        log_path: Path,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+    ):
         super().__init__(log_path)
         self.model_dir, self.threads, self.workers = model_dir, threads, workers
         self.extra_env = env or {}
-        self.redis: Optional[EmbeddedRedis] = None
-        self._redis_dir: Optional[str] = None
+        self.redis: EmbeddedRedis | None = None
+        self._redis_dir: str | None = None
 
     @property
     def redis_url(self) -> str:
@@ -130,10 +145,20 @@ class LocalConveyor(LocalServer):
         return {k: v for k, v in env.items() if v or k not in self.extra_env}  # NAME= unsets NAME
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "conveyor", "run", "--port", str(self.port),
-                "--model", str(self.model_dir), "--workers", str(self.workers)]
+        return [
+            sys.executable,
+            "-m",
+            "conveyor",
+            "run",
+            "--port",
+            str(self.port),
+            "--model",
+            str(self.model_dir),
+            "--workers",
+            str(self.workers),
+        ]
 
-    def __enter__(self) -> "LocalConveyor":
+    def __enter__(self) -> LocalConveyor:
         self._redis_dir = tempfile.mkdtemp(prefix="conveyor-bench-redis-")
         self.redis = start_embedded_redis(self._redis_dir)
         try:
@@ -171,17 +196,20 @@ def process_group_cpu(pgid: int) -> dict[str, float]:
     return out
 
 
-def _process_cpu(pid: int) -> Optional[tuple[int, str, float]]:
+def _process_cpu(pid: int) -> tuple[int, str, float] | None:
     """(process group, role, CPU seconds) of a live process; None once it has ended."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[2]), _role([a.decode(errors="replace") for a in argv if a]), \
-        (int(fields[11]) + int(fields[12])) / tick  # fields 5 (pgrp), 14 (utime), 15 (stime)
+    return (
+        int(fields[2]),
+        _role([a.decode(errors="replace") for a in argv if a]),
+        (int(fields[11]) + int(fields[12])) / tick,
+    )  # fields 5 (pgrp), 14 (utime), 15 (stime)
 
 
 def _role(argv: list[str]) -> str:
@@ -191,6 +219,7 @@ def _role(argv: list[str]) -> str:
 
 
 # ---- the scheduler's figures in Redis ---------------------------------------------------------
+
 
 def read_stats(redis_url: str, prefix: str = "conveyor") -> dict:
     """The scheduler's figures, flat as in Redis, plus `steps`: of all workers, so that with
@@ -221,12 +250,23 @@ def fresh_stats(redis_url: str, prefix: str = "conveyor", timeout_s: float = 10.
 
 def stats_delta(before: dict, after: dict) -> dict:
     """Counters accumulated between two readings (rates and gauges are left out)."""
-    counters = ["steps", "prompt_tokens", "generation_tokens", "prefix_queries", "prefix_hits", "preemptions",
-                "migrations", "step_errors", "spec_drafts", "spec_draft_tokens", "spec_accepted_tokens"] + [k for k in after if k.startswith("finished_")]
+    counters = [
+        "steps",
+        "prompt_tokens",
+        "generation_tokens",
+        "prefix_queries",
+        "prefix_hits",
+        "preemptions",
+        "migrations",
+        "step_errors",
+        "spec_drafts",
+        "spec_draft_tokens",
+        "spec_accepted_tokens",
+    ] + [k for k in after if k.startswith("finished_")]
     return {k: after.get(k, 0) - before.get(k, 0) for k in counters}
 
 
-async def _warm_up(url: str, model: Optional[str], chat: bool) -> None:
+async def _warm_up(url: str, model: str | None, chat: bool) -> None:
     from bench.client import endpoint, send_one
     from bench.workloads import Request
 
@@ -242,5 +282,5 @@ async def _warm_up(url: str, model: Optional[str], chat: bool) -> None:
                 raise RuntimeError(f"warm-up request to {url} failed: {rec.error}")
 
 
-def warm_up(url: str, model: Optional[str] = None, chat: bool = False) -> None:
+def warm_up(url: str, model: str | None = None, chat: bool = False) -> None:
     asyncio.run(_warm_up(url, model, chat))

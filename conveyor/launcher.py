@@ -26,7 +26,7 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 from conveyor.commands import service_command
 from shared import cpu_layout
@@ -40,7 +40,9 @@ STOP_TIMEOUT_S = 20.0
 MAX_BACKOFF_S = 30.0
 TAIL_LINES = 50  # of each child's stderr, kept for the message of a configuration error
 ERROR_LINE = re.compile(r"\bERROR\b|\berror:|^[\w.]*(Error|Exception)\b")  # a log line, argparse, a traceback
-REDIS_LOG_LINES = 3  # of the embedded Redis's log, quoted when it exits: why, if it crashed or could not start
+REDIS_LOG_LINES = (
+    3  # of the embedded Redis's log, quoted when it exits: why, if it crashed or could not start
+)
 REDIS_LOG_SCAN = 50  # the lines searched for its last start
 
 
@@ -49,12 +51,12 @@ class Child:
     name: str
     service: str
     env: dict[str, str]
-    proc: Optional[subprocess.Popen] = None
+    proc: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = 0.0
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))  # its last stderr lines
-    _reader: Optional[threading.Thread] = None
+    _reader: threading.Thread | None = None
 
     def start(self) -> None:
         # stderr (its log) goes through us, to the terminal as it comes, so that its last
@@ -67,14 +69,16 @@ class Child:
         # bench/server.py's CPU accounting) still covers it.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            self.proc = subprocess.Popen(service_command(self.service, sys.executable), env=self.env,
-                                         stderr=subprocess.PIPE)
+            self.proc = subprocess.Popen(
+                service_command(self.service, sys.executable), env=self.env, stderr=subprocess.PIPE
+            )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C meanwhile was held, now delivered
         self.started_at = time.monotonic()
         self.tail = deque(maxlen=TAIL_LINES)  # the last run's reader may still be appending to the old one
-        self._reader = threading.Thread(target=_forward, args=(self.proc.stderr, self.tail),
-                                        name=f"{self.name}-stderr", daemon=True)
+        self._reader = threading.Thread(
+            target=_forward, args=(self.proc.stderr, self.tail), name=f"{self.name}-stderr", daemon=True
+        )
         self._reader.start()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
@@ -84,7 +88,7 @@ class Child:
         self.output_done(wait_s)  # the lines written just before it exited
         lines = list(self.tail)
         starts = [i for i, line in enumerate(lines) if ERROR_LINE.search(line)]
-        return "\n".join(lines[starts[-1]:][:10] if starts else lines[-5:]) or "(it wrote nothing to stderr)"
+        return "\n".join(lines[starts[-1] :][:10] if starts else lines[-5:]) or "(it wrote nothing to stderr)"
 
     def output_done(self, wait_s: float = 2.0) -> None:
         """Waits until its stderr is all forwarded (until it closes: it and any child of it exited)."""
@@ -102,7 +106,7 @@ class RedisChild:
 
     def __init__(self, server: EmbeddedRedis):
         self.server = server
-        self.proc: Optional[subprocess.Popen] = server.process
+        self.proc: subprocess.Popen | None = server.process
         self.restarts = 0
         self.next_start = 0.0
         self.started_at = time.monotonic()
@@ -118,13 +122,18 @@ class RedisChild:
         a kill -9, the reason after a crash or a failed start (the file spans every run)."""
         lines = self.server.log_tail(REDIS_LOG_SCAN).splitlines()
         ready = [i for i, line in enumerate(lines) if "Ready to accept connections" in line]
-        said = lines[ready[-1] + 1:] if ready else lines
+        said = lines[ready[-1] + 1 :] if ready else lines
         return "\n".join([f"its log: {self.server.log_path}", *said[-REDIS_LOG_LINES:]])
 
     def _announce(self) -> None:
         s = self.server
-        log.info("started redis (pid %d) at %s, data in %s (append-only, appendfsync %s)",
-                 s.pid, s.url, s.data_dir, s.appendfsync)
+        log.info(
+            "started redis (pid %d) at %s, data in %s (append-only, appendfsync %s)",
+            s.pid,
+            s.url,
+            s.data_dir,
+            s.appendfsync,
+        )
 
 
 Supervised = Union[Child, RedisChild]
@@ -144,9 +153,9 @@ class Launcher:
     def __init__(self, settings: RunSettings):
         self.settings = settings
         self.children: list[Child] = []
-        self.redis: Optional[RedisChild] = None  # the embedded Redis, when REDIS_URL is not set
+        self.redis: RedisChild | None = None  # the embedded Redis, when REDIS_URL is not set
         self.stopping = False
-        self.config_error: Optional[str] = None  # which service could not start as configured, and why
+        self.config_error: str | None = None  # which service could not start as configured, and why
 
     def run(self) -> int:
         """Starts everything and supervises it until Ctrl-C or SIGTERM; returns the exit code:
@@ -168,7 +177,9 @@ class Launcher:
             self._shutdown()
         if self.config_error is None:
             return 0
-        log.error("%s\nfix the configuration and run again", self.config_error)  # last: the screen ends with it
+        log.error(
+            "%s\nfix the configuration and run again", self.config_error
+        )  # last: the screen ends with it
         return CONFIG_ERROR_EXIT
 
     # ---- set-up -------------------------------------------------------------------------
@@ -185,21 +196,30 @@ class Launcher:
             redis_url = self.redis.server.url
         scheduler_address = s.scheduler_address or f"tcp://127.0.0.1:{free_port()}"
         env = dict(os.environ)
-        env.update({
-            "CONVEYOR_MODEL": model, "REDIS_URL": redis_url, "CONVEYOR_SCHEDULER_ADDRESS": scheduler_address,
-            "CONVEYOR_HOST": s.host, "CONVEYOR_PORT": str(s.port), "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "CONVEYOR_MODEL": model,
+                "REDIS_URL": redis_url,
+                "CONVEYOR_SCHEDULER_ADDRESS": scheduler_address,
+                "CONVEYOR_HOST": s.host,
+                "CONVEYOR_PORT": str(s.port),
+                "HF_HUB_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(self._passed_on())
         return env
 
     def _passed_on(self) -> dict[str, str]:
         """`make run`'s settings that belong to other services, for their environment."""
         s = self.settings
-        given = {"CONVEYOR_TOKENIZER": s.tokenizer, "CONVEYOR_REASONING_PARSER": s.reasoning_parser,
-                 "CONVEYOR_SPECULATIVE_CONFIG": s.speculative_config,
-                 "CONVEYOR_OTLP_TRACES_ENDPOINT": s.otlp_traces_endpoint,
-                 "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": s.otlp_traces_protocol}
+        given = {
+            "CONVEYOR_TOKENIZER": s.tokenizer,
+            "CONVEYOR_REASONING_PARSER": s.reasoning_parser,
+            "CONVEYOR_SPECULATIVE_CONFIG": s.speculative_config,
+            "CONVEYOR_OTLP_TRACES_ENDPOINT": s.otlp_traces_endpoint,
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": s.otlp_traces_protocol,
+        }
         return {name: value for name, value in given.items() if value}
 
     def _spawn(self, env: dict[str, str]) -> None:
@@ -211,8 +231,10 @@ class Launcher:
         """The services to start, in order, each with its environment."""
         tp = self.settings.tensor_parallel_size
         worker_env = env if tp is None else {**env, "CONVEYOR_TENSOR_PARALLEL_SIZE": str(tp)}
-        workers = [Child(f"worker-{i}", "gpu_worker", {**worker_env, **layout, "CONVEYOR_WORKER_ID": f"worker-{i}"})
-                   for i, layout in enumerate(self._worker_layouts(env))]
+        workers = [
+            Child(f"worker-{i}", "gpu_worker", {**worker_env, **layout, "CONVEYOR_WORKER_ID": f"worker-{i}"})
+            for i, layout in enumerate(self._worker_layouts(env))
+        ]
         return [Child("scheduler", "scheduler", env), *workers, Child("gateway", "gateway", env)]
 
     def _worker_layouts(self, env: dict[str, str]) -> list[dict[str, str]]:
@@ -220,15 +242,24 @@ class Launcher:
         which the worker honours) go to every worker; otherwise the cores after the first
         are shared out, so that workers never compete for a core with each other."""
         s, n = self.settings, self.settings.workers
-        given = {k: str(v) for k, v in (("CONVEYOR_NUM_THREADS", s.num_threads), ("CONVEYOR_CPU_AFFINITY",
-                                                                                  s.cpu_affinity)) if v is not None}
+        given = {
+            k: str(v)
+            for k, v in (("CONVEYOR_NUM_THREADS", s.num_threads), ("CONVEYOR_CPU_AFFINITY", s.cpu_affinity))
+            if v is not None
+        }
         if given or "OMP_NUM_THREADS" in env or n == 0:
             layouts = [given] * n
         else:
-            layouts = [{"CONVEYOR_CPU_AFFINITY": cpu_layout.format_cores(cores)}
-                       for cores in cpu_layout.split_cores(cpu_layout.allowed_cores(), n)]
+            layouts = [
+                {"CONVEYOR_CPU_AFFINITY": cpu_layout.format_cores(cores)}
+                for cores in cpu_layout.split_cores(cpu_layout.allowed_cores(), n)
+            ]
         for i, layout in enumerate(layouts):
-            log.info("worker-%d: %s", i, ", ".join(f"{k}={v}" for k, v in layout.items()) or "the worker's defaults")
+            log.info(
+                "worker-%d: %s",
+                i,
+                ", ".join(f"{k}={v}" for k, v in layout.items()) or "the worker's defaults",
+            )
         return layouts
 
     def _wait_ready(self, timeout_s: float = 300.0) -> bool:
@@ -253,16 +284,19 @@ class Launcher:
         base = f"http://{self._client_host()}:{self.settings.port}"
         model = self.children[0].env["CONVEYOR_MODEL"]
         name = Path(model).name
-        print(f"""
+        print(
+            f"""
 Conveyor is serving {model}
   OpenAI-compatible API: {base}/v1      health: {base}/health      metrics: {base}/metrics
-  Redis: {self.children[0].env['REDIS_URL']}      status: python -m conveyor status --watch 1
+  Redis: {self.children[0].env["REDIS_URL"]}      status: python -m conveyor status --watch 1
 
   curl {base}/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}'
 
 Ctrl-C stops everything.
-""", flush=True)
+""",
+            flush=True,
+        )
 
     def _client_host(self) -> str:
         return "127.0.0.1" if self.settings.host in ("0.0.0.0", "") else self.settings.host
@@ -294,15 +328,26 @@ Ctrl-C stops everything.
                 self.children.remove(child)
                 return
             if code == CONFIG_ERROR_EXIT:
-                log.error("%s exited with code %d: it cannot start as configured; stopping everything",
-                          child.name, code)
-                self.config_error = f"{child.name} cannot start as configured (exit code {code}):\n{child.last_error()}"
+                log.error(
+                    "%s exited with code %d: it cannot start as configured; stopping everything",
+                    child.name,
+                    code,
+                )
+                self.config_error = (
+                    f"{child.name} cannot start as configured (exit code {code}):\n{child.last_error()}"
+                )
                 self.stopping = True
                 return
         delay = _backoff(child, now)
         if child is self.redis:
-            log.error("redis exited with code %s; restarting in %.1f s on the same port and data (%s, %s); %s",
-                      code, delay, self.redis.server.url, self.redis.server.data_dir, child.last_error())
+            log.error(
+                "redis exited with code %s; restarting in %.1f s on the same port and data (%s, %s); %s",
+                code,
+                delay,
+                self.redis.server.url,
+                self.redis.server.data_dir,
+                child.last_error(),
+            )
         else:
             log.error("%s exited with code %s; restarting in %.1f s", child.name, code, delay)
         child.proc, child.next_start = None, now + delay
@@ -339,12 +384,12 @@ def _backoff(child: Supervised, now: float) -> float:
     crash up to MAX_BACKOFF_S; a process that ran a while before dying starts from 0.5 s."""
     if now - child.started_at > 60:
         child.restarts = 0
-    delay = min(MAX_BACKOFF_S, 0.5 * 2 ** child.restarts)
+    delay = min(MAX_BACKOFF_S, 0.5 * 2**child.restarts)
     child.restarts += 1
     return delay
 
 
-def port_problem(host: str, port: int) -> Optional[str]:
+def port_problem(host: str, port: int) -> str | None:
     """Why the gateway could not listen on host:port, found by binding it for a moment before
     anything starts, or None. Without this, the readiness probe would talk to whichever
     program holds the port, and the gateway's own error would come only after the slow
@@ -360,6 +405,8 @@ def port_problem(host: str, port: int) -> Optional[str]:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 return f"port {port} on {host} is in use by another process: set --port / CONVEYOR_PORT"
-            return (f"cannot listen on {host}:{port} ({e.strerror or e}): "
-                    "set --host / CONVEYOR_HOST or --port / CONVEYOR_PORT")
+            return (
+                f"cannot listen on {host}:{port} ({e.strerror or e}): "
+                "set --host / CONVEYOR_HOST or --port / CONVEYOR_PORT"
+            )
     return None

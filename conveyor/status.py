@@ -12,15 +12,24 @@ import time
 from datetime import datetime
 
 from shared.config import RedisSettings
-from shared.figures import STALE_AFTER_S, SchedulerFigures, SystemStatus, WorkerFigures, health, startup_failures
+from shared.figures import (
+    STALE_AFTER_S,
+    SchedulerFigures,
+    SystemStatus,
+    WorkerFigures,
+    health,
+    startup_failures,
+)
 
 
 def _speculation(f) -> str:
     """vLLM's spec-decode figures: proposals made and accepted, and the mean accepted length
     (tokens a verified decode emits: the accepted proposals and the model's own one)."""
     rate = f.spec_accepted_tokens / f.spec_draft_tokens if f.spec_draft_tokens else 0.0
-    return (f"{f.spec_accepted_tokens}/{f.spec_draft_tokens} proposed tokens accepted ({rate:.0%}) in "
-            f"{f.spec_drafts} decodes, mean accepted length {1 + f.spec_accepted_tokens / f.spec_drafts:.2f}")
+    return (
+        f"{f.spec_accepted_tokens}/{f.spec_draft_tokens} proposed tokens accepted ({rate:.0%}) in "
+        f"{f.spec_drafts} decodes, mean accepted length {1 + f.spec_accepted_tokens / f.spec_drafts:.2f}"
+    )
 
 
 def render(status: SystemStatus, now: float, where: str) -> str:
@@ -38,7 +47,8 @@ def render(status: SystemStatus, now: float, where: str) -> str:
         f"totals      prompt tokens {s.prompt_tokens}   generated {s.generation_tokens}"
         f"   preemptions {s.preemptions}   migrations {s.migrations}"
         f"   prefix hits {hits}/{queries} tokens" + (f" ({hits / queries:.0%})" if queries else ""),
-        "finished    " + ("   ".join(f"{reason} {n}" for reason, n in sorted(s.finished.items())) or "none yet"),
+        "finished    "
+        + ("   ".join(f"{reason} {n}" for reason, n in sorted(s.finished.items())) or "none yet"),
         *([f"speculation {_speculation(s)}"] if s.spec_drafts else []),
         *_schedulers(status, now),
         "",
@@ -48,8 +58,10 @@ def render(status: SystemStatus, now: float, where: str) -> str:
     if not status.workers:
         lines.append("(no worker registered)")
     for wid, w in sorted(status.workers.items()):
-        lines.append(f"{wid:<24}{w.registered.device:<8}{w.kv_usage:>8.1%}{w.running:>9}"
-                     f"{w.tokens_per_s:>9}{w.steps:>9}{w.step_ms:>9.1f}  {_state(w, now)}")
+        lines.append(
+            f"{wid:<24}{w.registered.device:<8}{w.kv_usage:>8.1%}{w.running:>9}"
+            f"{w.tokens_per_s:>9}{w.steps:>9}{w.step_ms:>9.1f}  {_state(w, now)}"
+        )
         lines += _kernels(w)
         if w.spec_drafts:
             lines.append(f"  speculation {_speculation(w)}")
@@ -65,19 +77,28 @@ def _schedulers(status: SystemStatus, now: float) -> list[str]:
     """One line per scheduler when several share the queue (the lines above sum the live ones)."""
     if len(status.schedulers) < 2:
         return []
-    lines = ["", f"{'SCHEDULER':<24}{'WORKERS':>8}{'RUNNING':>9}{'WAITING':>9}{'STEPS/S':>9}{'TOK/S':>9}  STATE"]
+    lines = [
+        "",
+        f"{'SCHEDULER':<24}{'WORKERS':>8}{'RUNNING':>9}{'WAITING':>9}{'STEPS/S':>9}{'TOK/S':>9}  STATE",
+    ]
     for name, f in sorted(status.schedulers.items()):
         age = now - f.updated_at
         state = "alive" if age <= STALE_AFTER_S else f"NOT RUNNING (figures {age:.0f} s old)"
-        lines.append(f"{name:<24}{f.workers:>8}{f.running:>9}{f.waiting:>9}{f.steps_per_s:>9}{f.tokens_per_s:>9}"
-                     f"  {state}")
+        lines.append(
+            f"{name:<24}{f.workers:>8}{f.running:>9}{f.waiting:>9}{f.steps_per_s:>9}{f.tokens_per_s:>9}"
+            f"  {state}"
+        )
     return lines
 
 
 def _kernels(w: WorkerFigures) -> list[str]:
     """What the worker's steps run on, and every part that runs a slower path, under its line."""
     reg = w.registered
-    lines = ["  kernels: " + ", ".join(f"{part} {name}" for part, name in reg.backends.items())] if reg.backends else []
+    lines = (
+        ["  kernels: " + ", ".join(f"{part} {name}" for part, name in reg.backends.items())]
+        if reg.backends
+        else []
+    )
     return lines + [f"  SLOW PATH: {slow}" for slow in reg.slow_paths]
 
 
@@ -95,7 +116,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     ap.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     ap.add_argument("--check", action="store_true", help="print nothing; exit 0 if serving, 1 if not")
-    ap.add_argument("--scheduler-only", action="store_true", help="with --check: only the scheduler must be alive")
+    ap.add_argument(
+        "--scheduler-only", action="store_true", help="with --check: only the scheduler must be alive"
+    )
     args = ap.parse_args(argv)
 
     import msgspec

@@ -8,8 +8,8 @@ prefill and decode take an optional sliding `window` (kernels/reference.py's con
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -39,16 +39,22 @@ class AttentionBackend:
         why = self.unserved(head_dim)
         if why is None:
             return self
-        return AttentionBackend("reference", reference.store_kv, reference.prefill_attention,
-                                reference.decode_attention,
-                                fallback_reason=f"{self.name} kernels for {num_heads} query heads over {num_kv_heads} "
-                                                f"kv heads, head_dim {head_dim}: {why}")
+        return AttentionBackend(
+            "reference",
+            reference.store_kv,
+            reference.prefill_attention,
+            reference.decode_attention,
+            fallback_reason=f"{self.name} kernels for {num_heads} query heads over {num_kv_heads} "
+            f"kv heads, head_dim {head_dim}: {why}",
+        )
 
     def slow_paths(self) -> list[str]:
         """What of attention runs slower than this device's fast kernels, for the start-up
         log and the worker's figures: [] when the kernels serve the model."""
         if self.fallback_reason:
-            return [f"attention: decode and prefill run on the torch reference instead of the {self.fallback_reason}"]
+            return [
+                f"attention: decode and prefill run on the torch reference instead of the {self.fallback_reason}"
+            ]
         return []
 
 
@@ -63,12 +69,12 @@ def get_attention_backend(device: torch.device, name: str = "auto") -> Attention
     if name == "cpu":
         return _cpu_backend(device)
     if name == "reference":
-        return AttentionBackend(name, reference.store_kv, reference.prefill_attention, reference.decode_attention)
+        return AttentionBackend(
+            name, reference.store_kv, reference.prefill_attention, reference.decode_attention
+        )
     if name == "triton":
         return _triton_backend(device)
-    raise ValueError(
-        f"unknown attention backend {name!r}; expected one of {('auto', *BACKENDS)}"
-    )
+    raise ValueError(f"unknown attention backend {name!r}; expected one of {('auto', *BACKENDS)}")
 
 
 def _cpu_backend(device: torch.device) -> AttentionBackend:
@@ -78,8 +84,13 @@ def _cpu_backend(device: torch.device) -> AttentionBackend:
         raise ValueError(f"the cpu attention backend runs on the CPU only, not on {device.type}")
 
     cpu.load()  # builds the extension on first use, so a missing compiler shows here, not mid-step
-    return AttentionBackend("cpu", cpu.store_kv, cpu.prefill_attention, cpu.decode_attention,
-                            lambda head_dim: cpu.unserved(head_dim))
+    return AttentionBackend(
+        "cpu",
+        cpu.store_kv,
+        cpu.prefill_attention,
+        cpu.decode_attention,
+        lambda head_dim: cpu.unserved(head_dim),
+    )
 
 
 def _cpu_backend_or_reference() -> AttentionBackend:
@@ -88,8 +99,13 @@ def _cpu_backend_or_reference() -> AttentionBackend:
         return _cpu_backend(torch.device("cpu"))
     except RuntimeError as e:  # no compiler or ninja, or a failed build: the message says which
         log.warning("cpu attention backend unavailable, falling back to the (slower) reference: %s", e)
-        return AttentionBackend("reference", reference.store_kv, reference.prefill_attention,
-                                reference.decode_attention, fallback_reason=f"cpu kernels, which cannot be built: {e}")
+        return AttentionBackend(
+            "reference",
+            reference.store_kv,
+            reference.prefill_attention,
+            reference.decode_attention,
+            fallback_reason=f"cpu kernels, which cannot be built: {e}",
+        )
 
 
 def _triton_backend(device: torch.device) -> AttentionBackend:
@@ -105,8 +121,9 @@ def _triton_backend(device: torch.device) -> AttentionBackend:
     store = importlib.import_module("kernels.triton_store_kv")
     prefill = importlib.import_module("kernels.triton_prefill_attention")
     decode = importlib.import_module("kernels.triton_decode_attention")
-    return AttentionBackend("triton", store.store_kv, prefill.prefill_attention, decode.decode_attention,
-                            _triton_unserved)
+    return AttentionBackend(
+        "triton", store.store_kv, prefill.prefill_attention, decode.decode_attention, _triton_unserved
+    )
 
 
 def _triton_unserved(head_dim: int) -> str | None:

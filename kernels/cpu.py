@@ -28,8 +28,15 @@ HEAD_DIMS, MAX_BLOCK_SIZE = (32, 64, 80, 96, 112, 128, 160, 192, 256), 128
 # Built where it runs, so -march=native is safe and gives the loops AVX2/AVX-512. Reassociation
 # turns each dot product's horizontal sum into a tree instead of a chain of 16 scalar adds;
 # infinities and NaN keep their meaning (no -ffast-math: the online softmax starts at -inf).
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math"]
+CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+]
 
 
 def build(name: str, sources: list[Path], extra_cflags: tuple[str, ...] = ()) -> None:
@@ -41,7 +48,9 @@ def build(name: str, sources: list[Path], extra_cflags: tuple[str, ...] = ()) ->
     # setting: asking torch which one it will run keeps the two from disagreeing.
     compiler = cpp_extension.get_cxx_compiler()
     if shutil.which(compiler) is None:
-        raise RuntimeError(f"building the cpu kernels needs a C++ compiler ({compiler!r} not found; set $CXX)")
+        raise RuntimeError(
+            f"building the cpu kernels needs a C++ compiler ({compiler!r} not found; set $CXX)"
+        )
     # torch runs `ninja` from $PATH; the pinned pip package puts it beside this python, which
     # is not on $PATH when the venv's python is run without activating the venv. (This process's
     # search path for the build's tools, not a setting: tests/shared/test_settings_in_one_place.py.)
@@ -50,8 +59,13 @@ def build(name: str, sources: list[Path], extra_cflags: tuple[str, ...] = ()) ->
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     cpp_extension.verify_ninja_availability()  # raises "Ninja is required ..." (pip install ninja)
     clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)))
-    cpp_extension.load(name=name, sources=[str(p) for p in sources], is_python_module=False,
-                       extra_cflags=CFLAGS + list(extra_cflags), extra_ldflags=["-fopenmp"])
+    cpp_extension.load(
+        name=name,
+        sources=[str(p) for p in sources],
+        is_python_module=False,
+        extra_cflags=CFLAGS + list(extra_cflags),
+        extra_ldflags=["-fopenmp"],
+    )
 
 
 def clear_stale_lock(build_dir: Path, stale_after_s: float = STALE_LOCK_S) -> bool:
@@ -64,7 +78,9 @@ def clear_stale_lock(build_dir: Path, stale_after_s: float = STALE_LOCK_S) -> bo
         return False
     if age < stale_after_s:
         return False
-    log.warning("removing the stale build lock %s (%.0f s old): a build was killed before it finished", lock, age)
+    log.warning(
+        "removing the stale build lock %s (%.0f s old): a build was killed before it finished", lock, age
+    )
     lock.unlink(missing_ok=True)
     return True
 
@@ -90,15 +106,25 @@ def _compiled_for(q: Tensor, k_cache: Tensor) -> bool:
     return head_dim in HEAD_DIMS and block_size <= MAX_BLOCK_SIZE
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                     scale: float, out: Tensor | None = None, num_splits: int | None = None,
-                     window: int | None = None) -> Tensor:
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    out: Tensor | None = None,
+    num_splits: int | None = None,
+    window: int | None = None,
+) -> Tensor:
     """Same contract as kernels.reference.decode_attention; num_splits (a Triton knob) is ignored."""
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if q.shape[0] == 0:
         return out
     if not _compiled_for(q, k_cache):
-        return reference.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out, window=window)
+        return reference.decode_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, out, window=window
+        )
     # The kernel walks rows by stride but needs head_dim contiguous and int32 metadata;
     # the engine already passes exactly that, so these are no-ops on the serving path.
     if q.stride(-1) != 1:
@@ -111,28 +137,43 @@ def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
     """Same contract as kernels.reference.store_kv."""
     load()
     # The kernel copies each token's row whole; the engine's k and v already are such rows.
-    key, value = (x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous() for x in (key, value))
+    key, value = (
+        x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous() for x in (key, value)
+    )
     torch.ops.conveyor_cpu.store_kv(key, value, k_cache, v_cache, slot_mapping.long())
 
 
-def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seqlens_q: Tensor,
-                      seq_lens: Tensor, scale: float, out: Tensor | None = None, window: int | None = None) -> Tensor:
+def prefill_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    cu_seqlens_q: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    out: Tensor | None = None,
+    window: int | None = None,
+) -> Tensor:
     """Same contract as kernels.reference.prefill_attention."""
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if q.shape[0] == 0:
         return out
     if not _compiled_for(q, k_cache):
-        return reference.prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out,
-                                           window=window)
+        return reference.prefill_attention(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, window=window
+        )
     if q.stride(-1) != 1:
         q = q.contiguous()
     load()
-    torch.ops.conveyor_cpu.prefill_attention(q, k_cache, v_cache, block_tables.int(), cu_seqlens_q.int(),
-                                             seq_lens.int(), scale, window or 0, out)
+    torch.ops.conveyor_cpu.prefill_attention(
+        q, k_cache, v_cache, block_tables.int(), cu_seqlens_q.int(), seq_lens.int(), scale, window or 0, out
+    )
     return out
 
 
-if __name__ == "__main__":  # `python -m kernels.cpu`: build now (make does, after install), not at first start
+if (
+    __name__ == "__main__"
+):  # `python -m kernels.cpu`: build now (make does, after install), not at first start
     from kernels import cpu_elementwise
 
     load()

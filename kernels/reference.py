@@ -121,8 +121,16 @@ def _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale, window=No
     table = block_tables[:, :num_blocks].long()
     table = torch.where(invalid[:, ::block_size], table[:, :1], table).flatten()
     # index_select of whole blocks: one contiguous copy per block, the cheapest gather on CPU.
-    k = k_cache.view(k_cache.shape[0], -1).index_select(0, table).view(num_seqs, padded_len, num_kv_heads, head_dim)
-    v = v_cache.view(v_cache.shape[0], -1).index_select(0, table).view(num_seqs, padded_len, num_kv_heads, head_dim)
+    k = (
+        k_cache.view(k_cache.shape[0], -1)
+        .index_select(0, table)
+        .view(num_seqs, padded_len, num_kv_heads, head_dim)
+    )
+    v = (
+        v_cache.view(v_cache.shape[0], -1)
+        .index_select(0, table)
+        .view(num_seqs, padded_len, num_kv_heads, head_dim)
+    )
     last_block_end = -(-lens // block_size) * block_size
     stale = (invalid & (pos < last_block_end)).nonzero(as_tuple=True)  # < block_size per sequence
     k[stale] = 0.0  # k and v are fresh copies: zeroing them leaves the cache untouched
@@ -135,8 +143,9 @@ def _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale, window=No
     # against [seqs, kv_heads, len, head_dim], so K/V are never copied per query head.
     qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     # In fp32 whatever the cache dtype (a no-op for fp32): this is the ground truth.
-    o = F.scaled_dot_product_attention(qg.float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
-                                       attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(
+        qg.float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), attn_mask=mask, scale=scale
+    )
     return o.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 

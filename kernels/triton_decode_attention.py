@@ -14,7 +14,11 @@ import triton
 import triton.language as tl
 
 from kernels.triton_prefill_attention import (
-    check_attention_args, dot_precision, kv_tile_tokens, padded_head_dim, tile_mask,
+    check_attention_args,
+    dot_precision,
+    kv_tile_tokens,
+    padded_head_dim,
+    tile_mask,
 )
 
 # A split shorter than this costs more to merge than it saves.
@@ -24,13 +28,23 @@ _MAX_SPLITS = 64
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    part_out_ptr, part_lse_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    part_out_ptr,
+    part_lse_ptr,
     scale_log2,
-    stride_qs, stride_qh,
-    stride_cb, stride_co, stride_ch,
+    stride_qs,
+    stride_qh,
+    stride_cb,
+    stride_co,
+    stride_ch,
     stride_bt,
-    num_heads, num_splits, window,
+    num_heads,
+    num_splits,
+    window,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -96,9 +110,13 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr,
-    stride_os, stride_oh,
-    num_heads, num_splits,
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_os,
+    stride_oh,
+    num_heads,
+    num_splits,
     SPLITS_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
@@ -156,13 +174,23 @@ def decode_attention(
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_p2, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens,
-        part_out, part_lse,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        part_out,
+        part_lse,
         scale * math.log2(math.e),
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
-        num_heads, num_splits, window or 0,
+        num_heads,
+        num_splits,
+        window or 0,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=k_cache.shape[1],
@@ -172,9 +200,13 @@ def decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
-        part_out, part_lse, out,
-        out.stride(0), out.stride(1),
-        num_heads, num_splits,
+        part_out,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        num_heads,
+        num_splits,
         SPLITS_P2=triton.next_power_of_2(num_splits),
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=head_dim_p2,

@@ -35,12 +35,21 @@ def tile_mask(row_ok, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
     scale_log2,
-    stride_qt, stride_qh,
-    stride_ot, stride_oh,
-    stride_cb, stride_co, stride_ch,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_co,
+    stride_ch,
     stride_bt,
     window,
     GROUP: tl.constexpr,
@@ -145,12 +154,21 @@ def prefill_attention(
     max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     grid = (num_seqs, num_kv_heads, triton.cdiv(max_q_len, block_m))
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out,
-        block_tables, cu_seqlens_q, seq_lens,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens,
         scale * math.log2(math.e),
-        q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
         window or 0,
         GROUP=group,
@@ -171,11 +189,14 @@ def check_attention_args(op: str, q, out, k_cache, v_cache) -> None:
     num_kv_heads = k_cache.shape[2]
     # A model's shape, not a bug here: say which shape, rather than run it wrong.
     if num_heads % num_kv_heads != 0:
-        raise ValueError(f"triton {op} attention: {num_heads} query heads do not split evenly over "
-                         f"{num_kv_heads} kv heads")
+        raise ValueError(
+            f"triton {op} attention: {num_heads} query heads do not split evenly over {num_kv_heads} kv heads"
+        )
     if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"triton {op} attention: head_dim {head_dim} is above {MAX_HEAD_DIM}, "
-                         f"the largest its tiles are sized for")
+        raise ValueError(
+            f"triton {op} attention: head_dim {head_dim} is above {MAX_HEAD_DIM}, "
+            f"the largest its tiles are sized for"
+        )
     assert k_cache.shape[3] == head_dim, "q and the KV cache must share head_dim"
     assert q.stride(2) == 1 and out.stride(2) == 1, "head_dim must be contiguous"
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV cache must be contiguous"

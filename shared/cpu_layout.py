@@ -9,7 +9,6 @@ binds the worker's threads, one per core, to the rest. The launcher and the work
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 AUTO, NONE = "auto", "none"
 
@@ -27,7 +26,7 @@ def reserved_count(n: int) -> int:
 
 def compute_cores(allowed: list[int]) -> list[int]:
     """The default cores of the workers on this machine: all but the first reserved ones."""
-    return allowed[reserved_count(len(allowed)):]
+    return allowed[reserved_count(len(allowed)) :]
 
 
 def split_cores(allowed: list[int], workers: int) -> list[list[int]]:
@@ -57,8 +56,9 @@ def parse_cores(spec: str) -> list[int]:
                 raise ValueError
             cores.update(range(first, last + 1))
     except ValueError:
-        raise ValueError(f"cpu_affinity must be 'auto', 'none' or a core list such as '1' or '0,2-3' "
-                         f"(got {spec!r})") from None
+        raise ValueError(
+            f"cpu_affinity must be 'auto', 'none' or a core list such as '1' or '0,2-3' (got {spec!r})"
+        ) from None
     return sorted(cores)
 
 
@@ -66,8 +66,9 @@ def format_cores(cores: list[int]) -> str:
     return ",".join(map(str, cores))
 
 
-def resolve(num_threads: Optional[int], cpu_affinity: str, allowed: list[int],
-            omp_num_threads: Optional[str]) -> tuple[Optional[int], Optional[list[int]]]:
+def resolve(
+    num_threads: int | None, cpu_affinity: str, allowed: list[int], omp_num_threads: str | None
+) -> tuple[int | None, list[int] | None]:
     """(threads, cores to bind to or None) for the settings given.
 
     auto: the compute cores, one thread each (all cores for more threads); unless OMP_NUM_THREADS is set and num_threads
@@ -86,13 +87,16 @@ def resolve(num_threads: Optional[int], cpu_affinity: str, allowed: list[int],
         cores = parse_cores(cpu_affinity)
         outside = sorted(set(cores) - set(allowed))
         if outside:
-            raise ValueError(f"cpu_affinity {cpu_affinity!r} names cores {outside} this process may not use "
-                             f"(allowed: {format_cores(allowed)})")
+            raise ValueError(
+                f"cpu_affinity {cpu_affinity!r} names cores {outside} this process may not use "
+                f"(allowed: {format_cores(allowed)})"
+            )
     return num_threads or len(cores), cores
 
 
-def apply(num_threads: Optional[int], cpu_affinity: str,
-          omp_num_threads: Optional[str]) -> tuple[int, Optional[list[int]]]:
+def apply(
+    num_threads: int | None, cpu_affinity: str, omp_num_threads: str | None
+) -> tuple[int, list[int] | None]:
     """Binds this process and sets torch's threads (the worker's settings, as `resolve` takes
     them); returns what is now in force. Call it before torch starts its thread pool (before
     the first op), so that the OpenMP threads inherit the binding."""

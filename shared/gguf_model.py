@@ -17,13 +17,22 @@ from shared.models import SUPPORTED_ARCHITECTURES, ModelLoadError, cache_root
 
 # The GGUF `general.architecture` of each served family. llama.cpp writes Mistral (without
 # a sliding window) and SmolLM as "llama".
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                      "gemma3": "Gemma3ForCausalLM"}
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
 assert set(GGUF_ARCHITECTURES.values()) <= set(SUPPORTED_ARCHITECTURES)
 
 # A converted directory is moved into place whole: one that has these files is complete.
-CONVERTED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                   "tokenizer_config.json")
+CONVERTED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def is_gguf(model: str | Path) -> bool:
@@ -37,8 +46,9 @@ def gguf_architecture(path: Path) -> str:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise ModelLoadError("serving a .gguf file needs the `gguf` package (a dependency of conveyor: "
-                             "reinstall with `make`)") from None
+        raise ModelLoadError(
+            "serving a .gguf file needs the `gguf` package (a dependency of conveyor: reinstall with `make`)"
+        ) from None
     try:
         field = GGUFReader(path).get_field("general.architecture")
     except Exception as e:  # a truncated or foreign file: the reader has no single error type
@@ -52,8 +62,10 @@ def check_gguf(path: Path) -> str:
     """The Hugging Face architecture the file holds, once we can serve it, else ModelLoadError."""
     arch = gguf_architecture(path)
     if arch not in GGUF_ARCHITECTURES:
-        raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {str(path)!r}; "
-                             f"supported: {', '.join(GGUF_ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"unsupported GGUF architecture {arch!r} in {str(path)!r}; "
+            f"supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
     return GGUF_ARCHITECTURES[arch]
 
 
@@ -100,10 +112,15 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     # A tied LM head has no tensor of its own; anything else missing is a conversion bug.
     if unexpected or not set(missing) <= {"lm_head.weight"}:
-        raise ModelLoadError(f"{str(gguf)!r}: tensors that do not fit its config (missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)})")
+        raise ModelLoadError(
+            f"{str(gguf)!r}: tensors that do not fit its config (missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)})"
+        )
     model.tie_weights()
     eos = config.eos_token_id
-    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos,
-                                               pad_token_id=getattr(config, "pad_token_id", None) or eos)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=getattr(config, "pad_token_id", None) or eos,
+    )
     return save_model_dir(model, tokenizer, out_dir)

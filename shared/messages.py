@@ -91,17 +91,17 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    seed: Union[int, None] = None
+    seed: int | None = None
     max_tokens: int = 16
     min_tokens: int = 0
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
-    logprobs: Union[int, None] = None
+    logprobs: int | None = None
     logit_bias: dict[int, float] = {}
-    allowed_token_ids: Union[list[int], None] = None
+    allowed_token_ids: list[int] | None = None
     bad_words: list[list[int]] = []  # token id sequences, as vLLM's bad_words tokenized
-    structured: Union[StructuredOutput, None] = None
-    prompt_logprobs: Union[int, None] = None
+    structured: StructuredOutput | None = None
+    prompt_logprobs: int | None = None
 
 
 # ---- scheduler -> worker: one step ------------------------------------------------------
@@ -196,7 +196,7 @@ class StepResult(msgspec.Struct, frozen=True, tag="step_result"):
     draft_token_ids: dict[str, list[int]] = {}  # what its draft model proposed (StepPlan.num_draft_tokens)
     prompt_logprobs: dict[str, PromptLogprobs] = {}  # rows whose sampling asks for them
     timings: StepTimings = StepTimings()
-    error: Union[str, None] = None
+    error: str | None = None
 
 
 class RegisterWorker(msgspec.Struct, frozen=True, tag="register_worker"):
@@ -249,8 +249,8 @@ class SubmitRequest(msgspec.Struct, frozen=True, tag="submit"):
     reply_to: str
     arrival_time: float
     priority: int = 0
-    cache_salt: Union[str, None] = None
-    queue_timeout_s: Union[float, None] = None  # not scheduled by then: it ends with an error
+    cache_salt: str | None = None
+    queue_timeout_s: float | None = None  # not scheduled by then: it ends with an error
     traceparent: str = ""  # W3C trace context when the gateway traces it (shared/tracing.py)
 
 
@@ -279,12 +279,12 @@ class RequestOutput(msgspec.Struct, frozen=True):
     # Position of token_ids[0] among the request's generated tokens. A restarted scheduler
     # replays a request from its prompt; the gateway drops what it already forwarded.
     index: int = 0
-    finish_reason: Union[FinishReason, None] = None
-    stop_token_id: Union[int, None] = None
-    usage: Union[Usage, None] = None
-    error_code: Union[ErrorCode, None] = None
-    error: Union[str, None] = None
-    queue_time_s: Union[float, None] = None  # on the first output: arrival -> first scheduled
+    finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None
+    usage: Usage | None = None
+    error_code: ErrorCode | None = None
+    error: str | None = None
+    queue_time_s: float | None = None  # on the first output: arrival -> first scheduled
     # With sampling.prompt_logprobs, on the first output: one entry per prompt token from
     # the second on (positions 1 .. P-1), computed over the whole prompt (no prefix-cache hit).
     prompt_logprobs: list[TokenLogprobs] = []
@@ -299,8 +299,15 @@ class GatewayOutputs(msgspec.Struct, frozen=True, tag="outputs"):
 
 
 Message = Union[
-    StepPlan, StepResult, RegisterWorker, Heartbeat, WorkerLeaving, Reregister,
-    SubmitRequest, AbortRequest, GatewayOutputs,
+    StepPlan,
+    StepResult,
+    RegisterWorker,
+    Heartbeat,
+    WorkerLeaving,
+    Reregister,
+    SubmitRequest,
+    AbortRequest,
+    GatewayOutputs,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

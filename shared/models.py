@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from shared.config import CacheSettings, ConfigError
 
-SUPPORTED_ARCHITECTURES = ("Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "Gemma3ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Phi3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 
 
 class ModelLoadError(ConfigError):
@@ -24,7 +30,7 @@ def cache_root() -> Path:
     return CacheSettings().cache_dir.expanduser()
 
 
-def model_dir(model: Optional[str]) -> Path:
+def model_dir(model: str | None) -> Path:
     """The directory a process serves: `model` (CONVEYOR_MODEL / --model) when given (a
     .gguf file: its converted directory), else the generated tiny model, built into the
     cache on first use."""
@@ -67,8 +73,10 @@ def check_model_dir(model_dir: str | Path) -> dict:
     config = read_config(path)
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ModelLoadError(f"unsupported architecture {archs or 'unknown'} in {str(path)!r}; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"unsupported architecture {archs or 'unknown'} in {str(path)!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     if config.get("mlp_bias"):
         raise ModelLoadError("MLP biases are not supported (mlp_bias=true)")
     if not any(path.glob("*.safetensors")):
@@ -84,7 +92,7 @@ def config_int(config: dict, name: str, path: Path) -> int:
     return value
 
 
-def max_model_len(config: dict, path: Path, asked: Optional[int]) -> int:
+def max_model_len(config: dict, path: Path, asked: int | None) -> int:
     """The longest prompt + output: `asked` (--max-model-len), at most the model's
     max_position_embeddings, which is the default. A model with a sliding window (Mistral,
     Phi-3) gets the same: the attention kernels apply the window (the loader's layer_windows)."""

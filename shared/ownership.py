@@ -39,7 +39,9 @@ end
 # not ours, whatever the hash says) or it was aborted first ({'aborted', reason}).
 # NOTE: this and _ABORT are atomic towards each other, so an abort either comes before the
 # take (the taker sees the flag) or after it (the abort sees the owner).
-_TAKE = _PENDING_UNDER + """
+_TAKE = (
+    _PENDING_UNDER
+    + """
 local result = {}
 for i = 2, #KEYS do
   local holder = pending_under(KEYS[1], ARGV[2], ARGV[i + 1])
@@ -50,10 +52,13 @@ for i = 2, #KEYS do
 end
 return result
 """
+)
 
 # The entries among ARGV[3..] that are pending under a consumer other than ARGV[2], as
 # {id, consumer} pairs: those a peer took over from us.
-_PENDING_ELSEWHERE = _PENDING_UNDER + """
+_PENDING_ELSEWHERE = (
+    _PENDING_UNDER
+    + """
 local elsewhere = {}
 for i = 3, #ARGV do
   local holder = pending_under(KEYS[1], ARGV[1], ARGV[i])
@@ -61,6 +66,7 @@ for i = 3, #ARGV do
 end
 return elsewhere
 """
+)
 
 # Flag the request as aborted and forward the abort to its owner's stream, if it has one.
 # The owner's stream key is built here (ARGV[3] is the key's prefix): a single Redis, no cluster.
@@ -120,12 +126,21 @@ class Ownership:
     def abort(self, message: AbortRequest) -> str | None:
         """Flag the request as aborted and tell its owner; returns the owner's name (None
         when no scheduler has taken it yet: the one that does will see the flag)."""
-        owner = self._abort(keys=[self.keys.request(message.request_id)],
-                            args=[message.reason, encode(message), self.keys.aborts("").removesuffix(":aborts"),
-                                  ABORTS_MAXLEN, UNTAKEN_FLAG_TTL_S])
+        owner = self._abort(
+            keys=[self.keys.request(message.request_id)],
+            args=[
+                message.reason,
+                encode(message),
+                self.keys.aborts("").removesuffix(":aborts"),
+                ABORTS_MAXLEN,
+                UNTAKEN_FLAG_TTL_S,
+            ],
+        )
         return _str(owner) if owner is not None else None
 
-    def take_over(self, name: str, liveness_key: Callable[[str], str], limit: int | None = None) -> dict[str, int]:
+    def take_over(
+        self, name: str, liveness_key: Callable[[str], str], limit: int | None = None
+    ) -> dict[str, int]:
         """Claim for `name` the pending entries of consumers whose liveness key is gone, the
         oldest first, at most `limit` in all (None: every one); returns {dead consumer:
         entries claimed}. The caller replays its pending entries."""
@@ -138,8 +153,9 @@ class Ownership:
                 continue
             while left != 0:
                 count = TAKEOVER_BATCH if left is None else min(left, TAKEOVER_BATCH)
-                got = self._take_over(keys=[self.keys.requests, liveness_key(peer)],
-                                      args=[self.keys.group, name, peer, count])
+                got = self._take_over(
+                    keys=[self.keys.requests, liveness_key(peer)], args=[self.keys.group, name, peer, count]
+                )
                 if got:
                     claimed[peer] = claimed.get(peer, 0) + len(got)
                 left = None if left is None else left - len(got)
@@ -152,8 +168,10 @@ class Ownership:
         than `name`. One not pending at all (acknowledged, or lost with the stream) is not."""
         elsewhere: dict[str, str] = {}
         for start in range(0, len(entry_ids), TAKEOVER_BATCH):
-            rows = self._pending_elsewhere(keys=[self.keys.requests],
-                                           args=[self.keys.group, name, *entry_ids[start:start + TAKEOVER_BATCH]])
+            rows = self._pending_elsewhere(
+                keys=[self.keys.requests],
+                args=[self.keys.group, name, *entry_ids[start : start + TAKEOVER_BATCH]],
+            )
             elsewhere.update((_str(eid), _str(peer)) for eid, peer in rows)
         return elsewhere
 

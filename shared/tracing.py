@@ -10,7 +10,7 @@ to the scheduler, which records the queue wait and each worker step under it.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -19,7 +19,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
-def tracer_for(service: str, endpoint: Optional[str], protocol: str = "grpc") -> Optional[trace.Tracer]:
+def tracer_for(service: str, endpoint: str | None, protocol: str = "grpc") -> trace.Tracer | None:
     """A tracer exporting to `endpoint` (None or "": tracing off, None returned) by OTLP over
     `protocol`, the service's otlp_traces_protocol setting."""
     if not endpoint:
@@ -46,7 +46,7 @@ def traceparent(span: trace.Span) -> str:
     return carrier.get("traceparent", "")
 
 
-def context_from(headers: Mapping[str, str]) -> Optional[Context]:
+def context_from(headers: Mapping[str, str]) -> Context | None:
     """The caller's trace context from `traceparent` (and `tracestate`) headers, or None."""
     wanted = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
     return _PROPAGATOR.extract(wanted) if "traceparent" in wanted else None

@@ -42,8 +42,13 @@ def long_model_dir(tmp_path_factory):
     from shared.tiny_model import make_model
     from tests.stack import LONG_CONTEXT
 
-    return make_model(tmp_path_factory.mktemp("long-model"), preset="tiny", num_hidden_layers=1, seed=7,
-                      max_position_embeddings=LONG_CONTEXT)
+    return make_model(
+        tmp_path_factory.mktemp("long-model"),
+        preset="tiny",
+        num_hidden_layers=1,
+        seed=7,
+        max_position_embeddings=LONG_CONTEXT,
+    )
 
 
 @pytest.fixture

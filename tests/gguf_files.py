@@ -35,8 +35,10 @@ def _random_q6_k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-KQUANT_TENSORS = {"blk.0.ffn_down.weight": GGMLQuantizationType.Q4_K,
-                  "blk.1.ffn_down.weight": GGMLQuantizationType.Q6_K}
+KQUANT_TENSORS = {
+    "blk.0.ffn_down.weight": GGMLQuantizationType.Q4_K,
+    "blk.1.ffn_down.weight": GGMLQuantizationType.Q6_K,
+}
 
 
 def _copy_field(writer: GGUFWriter, field) -> None:

@@ -35,8 +35,9 @@ KEEPER_PROMPT = [7, 8, 9]
 # The end-to-end tests of batching, faults and structured outputs run with speculative
 # decoding on (Stack(speculative=True): n-gram lookup; "draft_model": the model drafting for
 # itself, so that proposals are accepted): their outputs must not change with it.
-SPECULATIVE_CONFIG = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
-                                 "prompt_lookup_min": 1})
+SPECULATIVE_CONFIG = json.dumps(
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+)
 
 
 def service_env(**extra: str) -> dict[str, str]:
@@ -45,13 +46,23 @@ def service_env(**extra: str) -> dict[str, str]:
 
 
 class Stack:
-    def __init__(self, redis_url: str, model_dir: Path, log_dir: Path, prefix: str | None = None,
-                 speculative: bool | str = False):
+    def __init__(
+        self,
+        redis_url: str,
+        model_dir: Path,
+        log_dir: Path,
+        prefix: str | None = None,
+        speculative: bool | str = False,
+    ):
         self.redis_url = redis_url
         # Every scheduler and worker it starts speculates with this config (None: off).
-        self.speculative = SPECULATIVE_CONFIG if speculative is True else json.dumps(
-            {"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": 3}) \
-            if speculative == "draft_model" else None
+        self.speculative = (
+            SPECULATIVE_CONFIG
+            if speculative is True
+            else json.dumps({"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": 3})
+            if speculative == "draft_model"
+            else None
+        )
         self.model_dir = model_dir
         self.log_dir = log_dir
         self.keys = RedisKeys(prefix or f"e2e-{uuid.uuid4().hex[:8]}")
@@ -73,22 +84,51 @@ class Stack:
 
     def _start(self, name: str, module: str, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=service_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=service_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.procs[name] = proc
         return proc
 
     def start_scheduler(self, *args: str, name: str = "scheduler") -> subprocess.Popen:
-        return self._start(name, "services.scheduler", "--redis-url", self.redis_url,
-                           "--redis-prefix", self.keys.prefix, "--scheduler-address", self.scheduler_address,
-                           "--heartbeat-timeout", "3", "--lease-ttl", "2",
-                           *(["--speculative-config", self.speculative] if self.speculative else []), *args)
+        return self._start(
+            name,
+            "services.scheduler",
+            "--redis-url",
+            self.redis_url,
+            "--redis-prefix",
+            self.keys.prefix,
+            "--scheduler-address",
+            self.scheduler_address,
+            "--heartbeat-timeout",
+            "3",
+            "--lease-ttl",
+            "2",
+            *(["--speculative-config", self.speculative] if self.speculative else []),
+            *args,
+        )
 
     def start_worker(self, name: str, *args: str) -> subprocess.Popen:
-        return self._start(name, "services.gpu_worker", "--model", str(self.model_dir), "--device", "cpu",
-                           "--scheduler-address", self.scheduler_address, "--worker-id", name,
-                           "--kv-cache-memory", "64MiB",
-                           *(["--speculative-config", self.speculative] if self.speculative else []), *args)
+        return self._start(
+            name,
+            "services.gpu_worker",
+            "--model",
+            str(self.model_dir),
+            "--device",
+            "cpu",
+            "--scheduler-address",
+            self.scheduler_address,
+            "--worker-id",
+            name,
+            "--kv-cache-memory",
+            "64MiB",
+            *(["--speculative-config", self.speculative] if self.speculative else []),
+            *args,
+        )
 
     def start_serving(self, *scheduler_args: str) -> int:
         """The usual system: a scheduler, worker "w1" and gateway "gw", all ready; returns
@@ -103,8 +143,19 @@ class Stack:
     def start_gateway(self, name: str = "gateway", *args: str) -> int:
         """A gateway process on a free port, reading this stack's Redis keys; returns the port."""
         port = free_port()
-        self._start(name, "services.gateway", "--model", str(self.model_dir), "--redis-url", self.redis_url,
-                    "--redis-prefix", self.keys.prefix, "--port", str(port), *args)
+        self._start(
+            name,
+            "services.gateway",
+            "--model",
+            str(self.model_dir),
+            "--redis-url",
+            self.redis_url,
+            "--redis-prefix",
+            self.keys.prefix,
+            "--port",
+            str(port),
+            *args,
+        )
         return port
 
     def wait_gateway(self, name: str, port: int, timeout_s: float = 60.0) -> None:
@@ -146,7 +197,9 @@ class Stack:
         for n in names:
             path = self.log_dir / f"{n}.log"
             if path.exists():
-                out.append(f"--- {n} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+                out.append(
+                    f"--- {n} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+                )
         return "\n".join(out)
 
     def stop(self) -> None:
@@ -166,7 +219,9 @@ class Stack:
 
     def submit(self, request_id: str, prompt: list[int], **sampling) -> None:
         params = m.SamplingParams(**{"temperature": 0.0, **sampling})
-        submit(self.client, m.SubmitRequest(request_id, prompt, params, self.reply_to, time.time()), self.keys)
+        submit(
+            self.client, m.SubmitRequest(request_id, prompt, params, self.reply_to, time.time()), self.keys
+        )
 
     def submit_keepers(self, n: int) -> list[str]:
         """`n` long requests (KEEPER_TOKENS, ignore_eos), that keep running through a fault the
@@ -181,9 +236,12 @@ class Stack:
         """Whether one of the requests has streamed tokens and has at least half of its
         `max_tokens` to go, and runs on `worker` when one is named (its Redis hash says where:
         fresher than the figures)."""
-        return any(0 < len(self.tokens[rid]) < max_tokens // 2 and rid not in self.final
-                   and (worker is None or self.client.hget(self.keys.request(rid), "worker") == worker.encode())
-                   for rid in request_ids)
+        return any(
+            0 < len(self.tokens[rid]) < max_tokens // 2
+            and rid not in self.final
+            and (worker is None or self.client.hget(self.keys.request(rid), "worker") == worker.encode())
+            for rid in request_ids
+        )
 
     def abort(self, request_id: str) -> None:
         submit(self.client, m.AbortRequest(request_id), self.keys)
@@ -206,7 +264,7 @@ class Stack:
                 assert out.index <= len(have), f"{out.request_id}: tokens {len(have)}..{out.index} never came"
                 # After a scheduler restart a request is replayed from its prompt: keep
                 # only what is new, as a gateway does.
-                have.extend(out.token_ids[len(have) - out.index:])
+                have.extend(out.token_ids[len(have) - out.index :])
                 if out.finish_reason is not None:
                     self.final[out.request_id] = out
                 n += 1

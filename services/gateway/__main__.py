@@ -43,11 +43,20 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("Redis at %s: %s (see docs/durability.md)", settings.redis_url, problem)
     except redis.RedisError as e:  # not fatal: Redis may come up after us; /health says 503 meanwhile
         log.warning("Redis at %s does not answer yet: %s", settings.redis_url, e)
-    log.info("serving %s (max_model_len %d) on http://%s:%d", model.name, model.max_model_len,
-             *sock.getsockname()[:2])
+    log.info(
+        "serving %s (max_model_len %d) on http://%s:%d",
+        model.name,
+        model.max_model_len,
+        *sock.getsockname()[:2],
+    )
     # SIGTERM: the drain (shutdown.py) first; uvicorn's own shutdown then only closes what is left.
-    config = uvicorn.Config(app, log_level=log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=CUT_GRACE_S, log_config=None)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=CUT_GRACE_S,
+        log_config=None,
+    )
     DrainingServer(config, app.state.gateway, settings.shutdown_timeout).run(sockets=[sock])
     return 0
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Iterator, Optional
 
 import redis
 from fastapi import APIRouter, FastAPI, Request
@@ -41,29 +41,48 @@ from shared.tracing import context_from, tracer_for
 class Gateway:
     """What the routes share: the model, the link to the scheduler, status and metrics."""
 
-    def __init__(self, settings: GatewaySettings, model: ServedModel, client: Optional[redis.Redis] = None):
+    def __init__(self, settings: GatewaySettings, model: ServedModel, client: redis.Redis | None = None):
         self.settings = settings
         self.model = model
         self.keys = RedisKeys(settings.redis_prefix)
         self.client = client or connect(settings.redis_url)
         self.cluster = ClusterStatus(self.client, self.keys, model.limits)
-        self.engine = EngineClient(self.client, self.keys, settings.output_bind, settings.output_advertise,
-                                   settings.max_queue_len, settings.max_queue_tokens)
-        self.metrics = GatewayMetrics(model.name, model.max_model_len, lambda: read_status(self.client, self.keys))
+        self.engine = EngineClient(
+            self.client,
+            self.keys,
+            settings.output_bind,
+            settings.output_advertise,
+            settings.max_queue_len,
+            settings.max_queue_tokens,
+        )
+        self.metrics = GatewayMetrics(
+            model.name, model.max_model_len, lambda: read_status(self.client, self.keys)
+        )
         self.grammars = GrammarChecker(model.tokenizer, model.vocab_size)
         self.draining = False  # shutting down (shutdown.py): no new work
         self.tracer = tracer_for("gateway", settings.otlp_traces_endpoint, settings.otlp_traces_protocol)
 
     def refuse_if_draining(self) -> None:
         if self.draining:
-            raise ApiError(503, "the server is shutting down and takes no new requests; retry (another replica "
-                                "may serve it)", code="shutting_down", headers=retry_after())
+            raise ApiError(
+                503,
+                "the server is shutting down and takes no new requests; retry (another replica may serve it)",
+                code="shutting_down",
+                headers=retry_after(),
+            )
 
     async def generate(self, kind: str, plan: GenerationPlan, request: Request) -> Response:
         await self.grammars.check(plan.constraint)  # an invalid one is the client's 400 before any wait
         await self.cluster.require_ready()
-        gen = Generation(plan, self.model, self.engine, self.metrics,
-                         self.settings.queue_timeout, self.settings.request_timeout, self._span(plan, request))
+        gen = Generation(
+            plan,
+            self.model,
+            self.engine,
+            self.metrics,
+            self.settings.queue_timeout,
+            self.settings.request_timeout,
+            self._span(plan, request),
+        )
         # NOTE: checked just before start() registers the request, with no await between:
         # the drain, which waits for registered requests, cannot miss one that got past.
         self.refuse_if_draining()
@@ -79,22 +98,35 @@ class Gateway:
         if self.tracer is None:
             return None
         first = plan.choices[0].sampling
-        return self.tracer.start_span("gateway.request", context=context_from(request.headers),
-                                      kind=SpanKind.SERVER, attributes={
-                                          "gen_ai.request.id": plan.request_id, "gen_ai.response.model": self.model.name,
-                                          "gen_ai.request.max_tokens": first.max_tokens,
-                                          "gen_ai.request.temperature": first.temperature,
-                                          "gen_ai.request.top_p": first.top_p, "gen_ai.request.n": len(plan.choices),
-                                          "gen_ai.usage.prompt_tokens": sum(len(p) for p in plan.prompts)})
+        return self.tracer.start_span(
+            "gateway.request",
+            context=context_from(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={
+                "gen_ai.request.id": plan.request_id,
+                "gen_ai.response.model": self.model.name,
+                "gen_ai.request.max_tokens": first.max_tokens,
+                "gen_ai.request.temperature": first.temperature,
+                "gen_ai.request.top_p": first.top_p,
+                "gen_ai.request.n": len(plan.choices),
+                "gen_ai.usage.prompt_tokens": sum(len(p) for p in plan.prompts),
+            },
+        )
 
     async def model_card(self) -> dict:
         m = self.model
         limits = await self.cluster.limits()
-        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "conveyor",
-                "root": str(m.path), "max_model_len": limits.max_model_len}
+        return {
+            "id": m.name,
+            "object": "model",
+            "created": m.created,
+            "owned_by": "conveyor",
+            "root": str(m.path),
+            "max_model_len": limits.max_model_len,
+        }
 
 
-def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[redis.Redis] = None) -> FastAPI:
+def create_app(settings: GatewaySettings, model: ServedModel, client: redis.Redis | None = None) -> FastAPI:
     gw = Gateway(settings, model, client)
 
     @asynccontextmanager
@@ -103,8 +135,12 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
         yield
         await gw.engine.stop()
 
-    app = FastAPI(title="Conveyor", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible completions and chat completions (see docs/http_api.md)")
+    app = FastAPI(
+        title="Conveyor",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible completions and chat completions (see docs/http_api.md)",
+    )
     app.state.gateway = gw
     install_error_handlers(app)
     app.include_router(_openai_routes(gw))
@@ -119,8 +155,9 @@ def create_app(settings: GatewaySettings, model: ServedModel, client: Optional[r
 def _openai_routes(gw: Gateway) -> APIRouter:
     """/v1: completions, chat completions and the model list, as OpenAI's API."""
     model, settings = gw.model, gw.settings
-    chat_config = ChatConfig(settings.tool_call_parser, settings.trust_request_chat_template,
-                             settings.reasoning_parser)
+    chat_config = ChatConfig(
+        settings.tool_call_parser, settings.trust_request_chat_template, settings.reasoning_parser
+    )
     v1 = APIRouter(prefix="/v1")
 
     @v1.post("/completions")
@@ -155,7 +192,9 @@ def _status_routes(gw: Gateway) -> APIRouter:
     async def health() -> JSONResponse:
         """200 when the scheduler is alive and a worker serves (shared.figures.health); else 503 and why."""
         if gw.draining:
-            return JSONResponse({"status": "unavailable", "reason": "the server is shutting down"}, status_code=503)
+            return JSONResponse(
+                {"status": "unavailable", "reason": "the server is shutting down"}, status_code=503
+            )
         try:
             status = await gw.cluster.read(max_age_s=0)
             reason = figures.health(status, time.time())
@@ -164,8 +203,15 @@ def _status_routes(gw: Gateway) -> APIRouter:
         if reason is not None:
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         s = status.scheduler
-        return JSONResponse({"status": "ok", "workers": len(status.workers), "stalled_workers": s.stalled_workers,
-                             "running": s.running, "waiting": s.waiting})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "workers": len(status.workers),
+                "stalled_workers": s.stalled_workers,
+                "running": s.running,
+                "waiting": s.waiting,
+            }
+        )
 
     @router.get("/metrics")
     async def metrics() -> Response:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Optional
 
 import redis
 
@@ -37,11 +36,11 @@ class ClusterStatus:
         self.keys = keys
         self.fallback = fallback
         self.max_age_s = max_age_s
-        self._status: Optional[SystemStatus] = None
+        self._status: SystemStatus | None = None
         self._read_at = 0.0
         self._lock = asyncio.Lock()
 
-    async def read(self, max_age_s: Optional[float] = None) -> SystemStatus:
+    async def read(self, max_age_s: float | None = None) -> SystemStatus:
         max_age = self.max_age_s if max_age_s is None else max_age_s
         async with self._lock:
             if self._status is None or time.monotonic() - self._read_at > max_age:

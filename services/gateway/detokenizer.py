@@ -10,7 +10,8 @@ cuts the text where the first stop string to complete starts (or, asked to inclu
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 # Prompt tokens decoded before the output, so a tokenizer that drops a word's leading
@@ -34,19 +35,19 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
         if len(text) <= len(prefix_text) or text.endswith(REPLACEMENT):
             return ""  # an incomplete character (or a token that decodes to nothing yet)
         self._prefix, self._read = self._read, len(self._ids)
-        return text[len(prefix_text):]
+        return text[len(prefix_text) :]
 
     def flush(self) -> str:
         """The held-back tail, decoded as it is (an unfinished character becomes U+FFFD)."""
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return text[len(prefix_text):] if len(text) > len(prefix_text) else ""
+        return text[len(prefix_text) :] if len(text) > len(prefix_text) else ""
 
 
 class StopStringMatcher:
@@ -75,10 +76,10 @@ class StopStringMatcher:
             end, start = min(found)
             self._held = ""
             self.matched = True
-            return buf[:end if self.include else start], True
+            return buf[: end if self.include else start], True
         keep = self._partial_tail(buf)
-        self._held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep], False
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
         held, self._held = self._held, ""
@@ -95,8 +96,9 @@ class StopStringMatcher:
         return best
 
 
-def special_tokens_decoder(model: Any, skip_special_tokens: bool,
-                           spaces_between_special_tokens: bool) -> Callable[[list[int]], str]:
+def special_tokens_decoder(
+    model: Any, skip_special_tokens: bool, spaces_between_special_tokens: bool
+) -> Callable[[list[int]], str]:
     """The decode function of vLLM's two options. Without spaces between special tokens,
     each run of ordinary tokens is decoded apart and the special (added) tokens joined to it
     as their bare text, so the tokenizer puts no space around them."""

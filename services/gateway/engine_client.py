@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Optional
 
 import redis
 import zmq
@@ -33,8 +32,15 @@ LIVENESS_TTL_S = 5  # missed refreshes this long and the key is gone
 
 
 class EngineClient:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, output_bind: str,
-                 output_advertise: Optional[str], max_queue_len: int, max_queue_tokens: int = 1 << 20):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        output_bind: str,
+        output_advertise: str | None,
+        max_queue_len: int,
+        max_queue_tokens: int = 1 << 20,
+    ):
         self.client = client
         self.keys = keys
         self.max_queue_len = max_queue_len
@@ -57,8 +63,10 @@ class EngineClient:
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._receive_loop(), name="gateway-outputs"),
-                       asyncio.create_task(self._liveness_loop(), name="gateway-liveness")]
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="gateway-outputs"),
+            asyncio.create_task(self._liveness_loop(), name="gateway-liveness"),
+        ]
         log.info("receiving outputs on %s (advertised as %s)", self.bound, self.reply_to)
 
     async def stop(self) -> None:
@@ -95,8 +103,11 @@ class EngineClient:
         is told to abort it. Returns how many were open."""
         routes = dict(self._routes)
         for rid, queue in routes.items():
-            queue.put_nowait(m.RequestOutput(rid, finish_reason=m.FinishReason.ERROR,
-                                             error_code=m.ErrorCode.GATEWAY_GONE, error=error))
+            queue.put_nowait(
+                m.RequestOutput(
+                    rid, finish_reason=m.FinishReason.ERROR, error_code=m.ErrorCode.GATEWAY_GONE, error=error
+                )
+            )
         if routes:
             await self._abort(list(routes), "gateway shutting down")
         return len(routes)
@@ -112,15 +123,23 @@ class EngineClient:
     def _admit(self, requests: list[m.SubmitRequest]) -> None:
         queued, waiting = queue_load(self.client, self.keys)
         if queued >= self.max_queue_len:
-            raise ApiError(429, f"the server is at capacity: {queued} requests are queued or running "
-                                f"(max_queue_len {self.max_queue_len}); retry after {RETRY_AFTER_S} s",
-                           code="queue_full", headers=retry_after())
+            raise ApiError(
+                429,
+                f"the server is at capacity: {queued} requests are queued or running "
+                f"(max_queue_len {self.max_queue_len}); retry after {RETRY_AFTER_S} s",
+                code="queue_full",
+                headers=retry_after(),
+            )
         adding = sum(len(r.prompt_token_ids) for r in requests)
         if waiting + adding > self.max_queue_tokens:
-            raise ApiError(429, f"the server is at capacity: {waiting} prompt tokens wait to be scheduled and this "
-                                f"request adds {adding} (max_queue_tokens {self.max_queue_tokens}); "
-                                f"retry after {RETRY_AFTER_S} s",
-                           code="queue_full", headers=retry_after())
+            raise ApiError(
+                429,
+                f"the server is at capacity: {waiting} prompt tokens wait to be scheduled and this "
+                f"request adds {adding} (max_queue_tokens {self.max_queue_tokens}); "
+                f"retry after {RETRY_AFTER_S} s",
+                code="queue_full",
+                headers=retry_after(),
+            )
         for req in requests:
             submit(self.client, req, self.keys)
 
@@ -133,7 +152,9 @@ class EngineClient:
 
     async def _abort(self, request_ids: list[str], reason: str) -> None:
         try:
-            await self._redis(lambda: [self._ownership.abort(m.AbortRequest(rid, reason)) for rid in request_ids])
+            await self._redis(
+                lambda: [self._ownership.abort(m.AbortRequest(rid, reason)) for rid in request_ids]
+            )
         except ApiError as e:
             log.error("could not abort %s: %s", request_ids, e.message)
 
@@ -142,7 +163,9 @@ class EngineClient:
         try:
             return await asyncio.to_thread(fn, *args)
         except redis.RedisError as e:
-            raise ApiError(503, f"the request queue (Redis) is unreachable: {e}", code="redis_unavailable") from e
+            raise ApiError(
+                503, f"the request queue (Redis) is unreachable: {e}", code="redis_unavailable"
+            ) from e
 
     # ---- liveness -------------------------------------------------------------------------
     async def _liveness_loop(self) -> None:
@@ -156,7 +179,9 @@ class EngineClient:
                 failing = False
             except redis.RedisError as e:
                 if not failing:
-                    log.error("cannot refresh the liveness key %s (Redis: %s); retrying", self._liveness_key, e)
+                    log.error(
+                        "cannot refresh the liveness key %s (Redis: %s); retrying", self._liveness_key, e
+                    )
                 failing = True
             await asyncio.sleep(LIVENESS_REFRESH_S)
 
@@ -178,7 +203,7 @@ class EngineClient:
                     queue.put_nowait(out)
 
 
-def advertised_address(bound: str, advertise: Optional[str]) -> str:
+def advertised_address(bound: str, advertise: str | None) -> str:
     """What the scheduler connects to: `advertise` with {hostname} and {port} filled in
     (the port this socket got, useful with a "*" port), or the bound endpoint itself."""
     if not advertise:
@@ -187,5 +212,7 @@ def advertised_address(bound: str, advertise: Optional[str]) -> str:
     try:
         return advertise.format(hostname=socket.gethostname(), port=port)
     except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"output_advertise {advertise!r}: only {{hostname}} and {{port}} can be "
-                         f"filled in ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"output_advertise {advertise!r}: only {{hostname}} and {{port}} can be "
+            f"filled in ({type(e).__name__}: {e})"
+        ) from None

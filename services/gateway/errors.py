@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,8 +36,14 @@ _TYPES = {429: "rate_limit_exceeded", 503: "service_unavailable"}
 class ApiError(Exception):
     """A request the gateway refuses; `param` names the offending field (dotted path)."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
@@ -48,7 +54,7 @@ class ApiError(Exception):
 
 # How a request the scheduler ended with an error is answered:
 # error code -> (HTTP status, the field at fault, Retry-After seconds).
-_SCHEDULER_ERRORS: dict[ErrorCode, tuple[int, Optional[str], Optional[int]]] = {
+_SCHEDULER_ERRORS: dict[ErrorCode, tuple[int, str | None, int | None]] = {
     ErrorCode.TOO_LONG: (400, "max_tokens", None),  # longer than any worker can hold
     ErrorCode.INVALID_REQUEST: (400, None, None),
     ErrorCode.QUEUE_TIMEOUT: (503, None, RETRY_AFTER_QUEUE_TIMEOUT_S),  # overloaded
@@ -59,7 +65,7 @@ _SCHEDULER_ERRORS: dict[ErrorCode, tuple[int, Optional[str], Optional[int]]] = {
 }
 
 
-def scheduler_error(code: Optional[ErrorCode], message: Optional[str]) -> ApiError:
+def scheduler_error(code: ErrorCode | None, message: str | None) -> ApiError:
     """The answer to a request that ended with `code` (None: an older scheduler's, taken
     as INTERNAL); `message` is for the person reading it, never parsed."""
     status, param, seconds = _SCHEDULER_ERRORS[code or ErrorCode.INTERNAL]
@@ -68,15 +74,20 @@ def scheduler_error(code: Optional[ErrorCode], message: Optional[str]) -> ApiErr
         text = f"the request was refused: {text}"
     elif status == 500:
         text = f"generation failed: {text}"
-    return ApiError(status, text, param, code=(code or ErrorCode.INTERNAL).value,
-                    headers=retry_after(seconds) if seconds else None)
+    return ApiError(
+        status,
+        text,
+        param,
+        code=(code or ErrorCode.INTERNAL).value,
+        headers=retry_after(seconds) if seconds else None,
+    )
 
 
-def bad_request(message: str, param: Optional[str] = None) -> ApiError:
+def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param)
 
 
-def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -85,7 +96,7 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def field_path(loc: tuple) -> Optional[str]:
+def field_path(loc: tuple) -> str | None:
     """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
     out = ""
     for p in loc:

@@ -7,7 +7,7 @@ once per name (as vLLM does) and otherwise ignored.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Union
+from typing import Any
 
 from services.gateway.errors import bad_request
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
@@ -21,22 +21,39 @@ MAX_BAD_WORDS = 128  # token sequences after tokenization (vLLM's default limit)
 # vLLM 0.32 fields Conveyor does not implement -> the values that mean "not used" (accepted).
 # They are not declared in protocol.py: they reach `model_extra` and are checked here.
 REFUSED_BOTH: dict[str, tuple] = {
-    "use_beam_search": (False,), "length_penalty": (1.0,), "watermarking": (None, False),
-    "logprob_token_ids": (None, []), "session_id": (None,), "routed_experts_prompt_start": (0,),
-    "return_token_offsets": (None, False), "mm_payload": ("tensors",), "return_mm_kwargs": (None, False),
-    "kv_transfer_params": (None,), "ec_transfer_params": (None,), "vllm_xargs": (None,),
-    "repetition_detection": (None,), "thinking_token_budget": (None,), "stream_interval": (None, 1),
+    "use_beam_search": (False,),
+    "length_penalty": (1.0,),
+    "watermarking": (None, False),
+    "logprob_token_ids": (None, []),
+    "session_id": (None,),
+    "routed_experts_prompt_start": (0,),
+    "return_token_offsets": (None, False),
+    "mm_payload": ("tensors",),
+    "return_mm_kwargs": (None, False),
+    "kv_transfer_params": (None,),
+    "ec_transfer_params": (None,),
+    "vllm_xargs": (None,),
+    "repetition_detection": (None,),
+    "thinking_token_budget": (None,),
+    "stream_interval": (None, 1),
 }
 REFUSED_COMPLETION: dict[str, tuple] = {**REFUSED_BOTH, "prompt_embeds": (None,)}
 REFUSED_CHAT: dict[str, tuple] = {
-    **REFUSED_BOTH, "reasoning_effort": (None,), "include_reasoning": (True,), "documents": (None,),
-    "media_io_kwargs": (None,), "mm_processor_kwargs": (None,), "return_prompt_text": (None, False),
+    **REFUSED_BOTH,
+    "reasoning_effort": (None,),
+    "include_reasoning": (True,),
+    "documents": (None,),
+    "media_io_kwargs": (None,),
+    "mm_processor_kwargs": (None,),
+    "return_prompt_text": (None, False),
 }
 
 _logged_unknown: set[str] = set()
 
 
-def check_extra_fields(body: Union[CompletionRequest, ChatCompletionRequest], accepted: tuple[str, ...] = ()) -> None:
+def check_extra_fields(
+    body: CompletionRequest | ChatCompletionRequest, accepted: tuple[str, ...] = ()
+) -> None:
     """A 400 for a refused field set to a non-default value; unknown fields are logged
     once per name (the request goes on without them). `accepted`: refused fields this
     gateway's settings implement (include_reasoning with a reasoning parser)."""
@@ -48,8 +65,11 @@ def check_extra_fields(body: Union[CompletionRequest, ChatCompletionRequest], ac
         if name not in refused:
             unknown.append(name)
         elif value not in refused[name]:
-            raise bad_request(f"{name} is not supported by this server (only its default, "
-                              f"{_shown(refused[name][0])}, is accepted)", name)
+            raise bad_request(
+                f"{name} is not supported by this server (only its default, "
+                f"{_shown(refused[name][0])}, is accepted)",
+                name,
+            )
     new = sorted(set(unknown) - _logged_unknown)
     if new:
         _logged_unknown.update(new)
@@ -61,14 +81,16 @@ def _shown(value: Any) -> str:
 
 
 # ---- token-level fields ------------------------------------------------------------------
-def logit_bias(bias: Optional[dict[str, float]], limits: ContextLimits) -> dict[int, float]:
+def logit_bias(bias: dict[str, float] | None, limits: ContextLimits) -> dict[int, float]:
     """OpenAI's {"<token id>": bias}: ids within the vocabulary, biases within -100..100."""
     out = {}
     for key, value in (bias or {}).items():
         try:
             token = int(key)
         except ValueError:
-            raise bad_request(f"logit_bias: keys are token ids written as strings, not {key!r}", "logit_bias") from None
+            raise bad_request(
+                f"logit_bias: keys are token ids written as strings, not {key!r}", "logit_bias"
+            ) from None
         check_token(token, f"logit_bias[{key}]", limits)
         if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
             raise bad_request(f"logit_bias[{key}]: {value} is out of range (-100 to 100)", "logit_bias")
@@ -76,17 +98,19 @@ def logit_bias(bias: Optional[dict[str, float]], limits: ContextLimits) -> dict[
     return out
 
 
-def allowed_token_ids(ids: Optional[list[int]], limits: ContextLimits) -> Optional[list[int]]:
+def allowed_token_ids(ids: list[int] | None, limits: ContextLimits) -> list[int] | None:
     if ids is None:
         return None
     if not ids:
-        raise bad_request("allowed_token_ids: must not be empty (it would allow no token)", "allowed_token_ids")
+        raise bad_request(
+            "allowed_token_ids: must not be empty (it would allow no token)", "allowed_token_ids"
+        )
     for i, t in enumerate(ids):
         check_token(t, f"allowed_token_ids[{i}]", limits)
     return sorted(set(ids))
 
 
-def bad_words(words: Optional[list[str]], model: ServedModel) -> list[list[int]]:
+def bad_words(words: list[str] | None, model: ServedModel) -> list[list[int]]:
     """Each word as vLLM tokenizes it: alone, and after a space when that gives a different
     word token of the same length (so it is banned at the start and inside the text)."""
     out: list[list[int]] = []
@@ -99,19 +123,23 @@ def bad_words(words: Optional[list[str]], model: ServedModel) -> list[list[int]]
         if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
             out.append(spaced)
     if len(out) > MAX_BAD_WORDS:
-        raise bad_request(f"bad_words: {len(out)} token sequences after tokenization; at most {MAX_BAD_WORDS}",
-                          "bad_words")
+        raise bad_request(
+            f"bad_words: {len(out)} token sequences after tokenization; at most {MAX_BAD_WORDS}", "bad_words"
+        )
     return out
 
 
 def check_token(token_id: int, where: str, limits: ContextLimits) -> None:
     vocab = limits.vocab_size
     if not 0 <= token_id < vocab:
-        raise bad_request(f"{where}: token id {token_id} is out of range: the model's vocabulary has "
-                          f"{vocab} tokens (ids 0 to {vocab - 1})", where.split("[")[0])
+        raise bad_request(
+            f"{where}: token id {token_id} is out of range: the model's vocabulary has "
+            f"{vocab} tokens (ids 0 to {vocab - 1})",
+            where.split("[")[0],
+        )
 
 
-def truncate(prompt: list[int], keep: Optional[int], side: Optional[str], limits: ContextLimits) -> list[int]:
+def truncate(prompt: list[int], keep: int | None, side: str | None, limits: ContextLimits) -> list[int]:
     """vLLM's truncate_prompt_tokens: keep `keep` tokens (-1: max_model_len), dropping from
     the left (the start) unless truncation_side is 'right'."""
     if keep is None:
@@ -119,11 +147,17 @@ def truncate(prompt: list[int], keep: Optional[int], side: Optional[str], limits
     if keep == -1:
         keep = limits.max_model_len
     if keep > limits.max_model_len:
-        raise bad_request(f"truncate_prompt_tokens: {keep} is more than the model's maximum context length "
-                          f"({limits.max_model_len})", "truncate_prompt_tokens")
+        raise bad_request(
+            f"truncate_prompt_tokens: {keep} is more than the model's maximum context length "
+            f"({limits.max_model_len})",
+            "truncate_prompt_tokens",
+        )
     if len(prompt) <= keep:
         return prompt
     if keep == 0:
-        raise bad_request("truncate_prompt_tokens: 0 would leave an empty prompt; keep at least 1 token "
-                          "(-1: the model's maximum context length)", "truncate_prompt_tokens")
-    return prompt[:keep] if side == "right" else prompt[len(prompt) - keep:]
+        raise bad_request(
+            "truncate_prompt_tokens: 0 would leave an empty prompt; keep at least 1 token "
+            "(-1: the model's maximum context length)",
+            "truncate_prompt_tokens",
+        )
+    return prompt[:keep] if side == "right" else prompt[len(prompt) - keep :]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
 
 from services.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher, special_tokens_decoder
 from services.gateway.engine_client import EngineClient
@@ -32,10 +32,10 @@ class ChoiceText:
     text_offsets: list[int] = field(default_factory=list)  # where each logprobs token starts
     token_ids: list[int] = field(default_factory=list)  # generated (return_token_ids)
     # On a choice's first delta, when its sampling asked for them: positions 1 .. P-1.
-    prompt_logprobs: Optional[list[TokenLogprobs]] = None
-    finish_reason: Optional[FinishReason] = None
-    error_code: Optional[ErrorCode] = None  # with finish_reason ERROR
-    error: Optional[str] = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    error_code: ErrorCode | None = None  # with finish_reason ERROR
+    error: str | None = None
     # New tokens it carries: as vLLM, a chunk goes out for every output that generated
     # tokens, even while they decode to no text yet (a special token, half a character).
     num_tokens: int = 0
@@ -67,13 +67,14 @@ class ChoiceState:
         self._options = options
         self._detok = IncrementalDetokenizer(
             special_tokens_decoder(model, options.skip_special_tokens, options.spaces_between_special_tokens),
-            plan.prompt_token_ids)
+            plan.prompt_token_ids,
+        )
         self._stop = StopStringMatcher(stop, include=options.include_stop_str_in_output)
         self.num_tokens = 0  # generated, as counted in usage (a stop token included)
         self._decoded_chars = 0
-        self.finish_reason: Optional[FinishReason] = None  # as the client sees it
+        self.finish_reason: FinishReason | None = None  # as the client sees it
         self.stopped_by_string = False
-        self.final: Optional[RequestOutput] = None  # the scheduler's last word on it
+        self.final: RequestOutput | None = None  # the scheduler's last word on it
 
     def on_output(self, out: RequestOutput) -> ChoiceText:
         delta = ChoiceText(self.index)
@@ -92,8 +93,11 @@ class ChoiceState:
             self.num_tokens += 1
             delta.num_tokens += 1
             delta.token_ids.append(token)
-            if token == out.stop_token_id and k == len(out.token_ids) - 1 and \
-                    not self._options.include_stop_str_in_output:
+            if (
+                token == out.stop_token_id
+                and k == len(out.token_ids) - 1
+                and not self._options.include_stop_str_in_output
+            ):
                 continue  # EOS / a stop token id: counted, its text is not output (unless asked, as vLLM)
             if logprobs:
                 delta.logprobs.append(logprobs[k])
@@ -129,8 +133,16 @@ class ChoiceState:
 
 
 class Generation:
-    def __init__(self, plan: GenerationPlan, model: ServedModel, engine: EngineClient, metrics: GatewayMetrics,
-                 queue_timeout: Optional[float] = None, request_timeout: Optional[float] = None, span=None):
+    def __init__(
+        self,
+        plan: GenerationPlan,
+        model: ServedModel,
+        engine: EngineClient,
+        metrics: GatewayMetrics,
+        queue_timeout: float | None = None,
+        request_timeout: float | None = None,
+        span=None,
+    ):
         """`span`: this request's trace span (shared/tracing.py), ended with it; None: not traced."""
         self.plan = plan
         self.span = span
@@ -156,9 +168,22 @@ class Generation:
         p = self.plan
         trace = traceparent(self.span) if self.span is not None else ""
         try:
-            await self.engine.submit([
-                SubmitRequest(c.request_id, c.prompt_token_ids, c.sampling, self.engine.reply_to, now,
-                              p.priority, p.cache_salt, self.queue_timeout, trace) for c in p.choices])
+            await self.engine.submit(
+                [
+                    SubmitRequest(
+                        c.request_id,
+                        c.prompt_token_ids,
+                        c.sampling,
+                        self.engine.reply_to,
+                        now,
+                        p.priority,
+                        p.cache_salt,
+                        self.queue_timeout,
+                        trace,
+                    )
+                    for c in p.choices
+                ]
+            )
         except BaseException as e:
             self.engine.unregister(ids)
             self._closed = True
@@ -173,8 +198,14 @@ class Generation:
         for c in running:
             c.finish_reason = FinishReason.ERROR
             self._finished(c)
-            deltas.append(ChoiceText(c.index, finish_reason=FinishReason.ERROR, error_code=ErrorCode.REQUEST_TIMEOUT,
-                                     error=f"request timeout: not finished within {self.request_timeout:g} s"))
+            deltas.append(
+                ChoiceText(
+                    c.index,
+                    finish_reason=FinishReason.ERROR,
+                    error_code=ErrorCode.REQUEST_TIMEOUT,
+                    error=f"request timeout: not finished within {self.request_timeout:g} s",
+                )
+            )
         return deltas
 
     async def deltas(self) -> AsyncIterator[ChoiceText]:
@@ -182,8 +213,9 @@ class Generation:
         deadline = None if self.request_timeout is None else self._arrival + self.request_timeout
         while not all(c.finish_reason for c in self.choices):
             try:
-                out = await asyncio.wait_for(self._queue.get(), None if deadline is None
-                                             else max(0.0, deadline - time.monotonic()))
+                out = await asyncio.wait_for(
+                    self._queue.get(), None if deadline is None else max(0.0, deadline - time.monotonic())
+                )
             except asyncio.TimeoutError:
                 for delta in self._time_out():
                     yield delta
@@ -222,13 +254,18 @@ class Generation:
         self.engine.unregister(list(self._by_id))
         self._end_span("client disconnected" if running else None)
 
-    def _end_span(self, error: Optional[str]) -> None:
+    def _end_span(self, error: str | None) -> None:
         if self.span is None:
             return
-        self.span.set_attributes({
-            "gen_ai.usage.completion_tokens": sum(c.num_tokens for c in self.choices),
-            "gen_ai.response.finish_reasons": [c.finish_reason.value if c.finish_reason else "none"
-                                               for c in self.choices], **({"error.type": error} if error else {})})
+        self.span.set_attributes(
+            {
+                "gen_ai.usage.completion_tokens": sum(c.num_tokens for c in self.choices),
+                "gen_ai.response.finish_reasons": [
+                    c.finish_reason.value if c.finish_reason else "none" for c in self.choices
+                ],
+                **({"error.type": error} if error else {}),
+            }
+        )
         self.span.end()
         self.span = None
 
@@ -237,16 +274,27 @@ class Generation:
         so its cached part is its first choice's prefix-cache hit."""
         prompt = sum(len(p) for p in self.plan.prompts)
         completion = sum(c.num_tokens for c in self.choices)
-        cached = sum(c.final.usage.cached_tokens for c in self._billed if c.final is not None and c.final.usage)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        cached = sum(
+            c.final.usage.cached_tokens for c in self._billed if c.final is not None and c.final.usage
+        )
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     # ---- internals ------------------------------------------------------------------------
     def _finished(self, choice: ChoiceState) -> None:
         plan = self.plan.choices[choice.index]
-        self.metrics.on_finished(self._times[choice.request_id], choice.finish_reason, time.monotonic(),
-                                 num_prompt_tokens=len(plan.prompt_token_ids), num_generation_tokens=choice.num_tokens,
-                                 max_tokens=plan.sampling.max_tokens)
+        self.metrics.on_finished(
+            self._times[choice.request_id],
+            choice.finish_reason,
+            time.monotonic(),
+            num_prompt_tokens=len(plan.prompt_token_ids),
+            num_generation_tokens=choice.num_tokens,
+            max_tokens=plan.sampling.max_tokens,
+        )
         siblings = [c for c in self.choices if c.prompt_index == choice.prompt_index]
         if all(c.finish_reason is not None for c in siblings):
             self.metrics.on_prompt_finished(len(siblings), max(c.num_tokens for c in siblings))
@@ -259,4 +307,6 @@ class Generation:
         new = out.index + len(out.token_ids) - choice.num_tokens
         if self.span is not None and new > 0 and choice.num_tokens == 0:
             self.span.add_event("first_token", {"choice": choice.index})
-        self.metrics.on_output(self._times[choice.request_id], max(new, 0), out.queue_time_s, time.monotonic())
+        self.metrics.on_output(
+            self._times[choice.request_id], max(new, 0), out.queue_time_s, time.monotonic()
+        )

@@ -47,15 +47,28 @@ class BodySizeLimit:
 
     async def _too_large(self, send, declared) -> None:
         size = f"{declared} bytes" if declared is not None else "more than that"
-        payload = json.dumps(error_body(413, f"request body too large: {size}; the limit is {self.max_bytes} "
-                                             "bytes (max_body_bytes)", code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
+        payload = json.dumps(
+            error_body(
+                413,
+                f"request body too large: {size}; the limit is {self.max_bytes} bytes (max_body_bytes)",
+                code="request_too_large",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
 
-def _content_length(scope) -> "int | None":
+def _content_length(scope) -> int | None:
     value = dict(scope.get("headers", [])).get(b"content-length")
     try:
         return None if value is None else int(value)
@@ -68,7 +81,7 @@ class ApiKeyAuth:
     /health and /metrics stay open for probes and scrapers. Checked before the body is
     read, so an unauthenticated client learns nothing else."""
 
-    def __init__(self, app, api_key: "str | None"):
+    def __init__(self, app, api_key: str | None):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
 
@@ -82,9 +95,20 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         reason = "missing API key" if not header else "wrong API key"
-        payload = json.dumps(error_body(401, f"{reason}: send the header 'Authorization: Bearer <key>'",
-                                        code="invalid_api_key")).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
+        payload = json.dumps(
+            error_body(
+                401, f"{reason}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})

@@ -6,7 +6,7 @@ vLLM's. Strict: "0.5" is not a number, 1.0 not an integer; unknown fields are ke
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -27,47 +27,49 @@ class StreamOptions(_Strict):
 class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: Optional[str] = Field(None, description="the served model's name (default: the only one)")
+    model: str | None = Field(None, description="the served model's name (default: the only one)")
     n: int = Field(1, ge=1, le=MAX_N, description="completions to generate for the prompt")
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2, description="0: greedy (default 1)")
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    stop: Optional[Any] = Field(None, description="a string or a list of strings; not included in the output")
-    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy (default 1)")
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: Any | None = Field(None, description="a string or a list of strings; not included in the output")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
-    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> -100..100")
-    response_format: Optional[dict[str, Any]] = None  # structured.py reads it
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> -100..100")
+    response_format: dict[str, Any] | None = None  # structured.py reads it
     # vLLM's extensions.
-    top_k: Optional[int] = Field(None, ge=-1, le=INT64_MAX, description="-1 or 0: off")
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=100)
-    stop_token_ids: Optional[list[int]] = None
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX, description="-1 or 0: off")
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="lower runs first")
-    cache_salt: Optional[str] = Field(None, min_length=1, description="isolates this request's prefix cache")
-    allowed_token_ids: Optional[list[int]] = None
-    bad_words: Optional[list[str]] = None
+    cache_salt: str | None = Field(None, min_length=1, description="isolates this request's prefix cache")
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1, description="keep the last k prompt tokens; -1: max_model_len")
-    truncation_side: Optional[Literal["left", "right"]] = None
-    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    return_tokens_as_token_ids: Optional[bool] = None
-    return_token_ids: Optional[bool] = None
-    request_id: Optional[str] = Field(None, min_length=1, max_length=256, description="the response's id")
-    structured_outputs: Optional[dict[str, Any]] = None  # structured.py reads these
-    guided_json: Optional[Any] = None
-    guided_regex: Optional[str] = None
-    guided_choice: Optional[list[str]] = None
-    guided_grammar: Optional[str] = None
-    guided_whitespace_pattern: Optional[str] = None
-    guided_decoding_backend: Optional[str] = None
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="keep the last k prompt tokens; -1: max_model_len"
+    )
+    truncation_side: Literal["left", "right"] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    request_id: str | None = Field(None, min_length=1, max_length=256, description="the response's id")
+    structured_outputs: dict[str, Any] | None = None  # structured.py reads these
+    guided_json: Any | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
     # vLLM's fields Conveyor does not implement are refused by fields.py when set (never
     # declared here, so each is checked against its default in one table).
 
@@ -81,12 +83,12 @@ class _SamplingFields(_Strict):
 
 class CompletionRequest(_SamplingFields):
     prompt: Any = Field(..., description="a string, a list of token ids, or a batch: a list of those")
-    max_tokens: Optional[int] = Field(None, ge=0, description="0 only with echo: the prompt alone")
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo: the prompt alone")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     add_special_tokens: bool = Field(True, description="a string prompt's BOS, as the tokenizer adds it")
-    suffix: Optional[str] = None
-    best_of: Optional[int] = None
+    suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -104,9 +106,9 @@ class ToolFunction(_Strict):
     """A function the model may call: its name and the JSON schema of its arguments."""
 
     name: str = Field(..., min_length=1)
-    description: Optional[str] = None
-    parameters: Optional[dict[str, Any]] = None
-    strict: Optional[bool] = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class Tool(_Strict):
@@ -127,23 +129,23 @@ class NamedToolChoice(_Strict):
 
 class CalledFunction(_Strict):
     name: str
-    arguments: Optional[Any] = None  # a JSON string as OpenAI sends it (a dict is read too, as vLLM)
+    arguments: Any | None = None  # a JSON string as OpenAI sends it (a dict is read too, as vLLM)
 
 
 class AssistantToolCall(_Strict):
     """A call a past assistant turn made, as the history sends it back."""
 
-    id: Optional[str] = None
+    id: str | None = None
     type: Literal["function"] = "function"
     function: CalledFunction
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Any] = None
-    name: Optional[str] = None
-    tool_calls: Optional[list[AssistantToolCall]] = None  # assistant turns only
-    tool_call_id: Optional[str] = None  # tool turns: the call this answers
+    content: Any | None = None
+    name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant turns only
+    tool_call_id: str | None = None  # tool turns: the call this answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -152,34 +154,47 @@ class ChatMessage(_Strict):
             return v
         if isinstance(v, list):
             for i, part in enumerate(v):
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise ValueError(f"part {i} must be {{'type': 'text', 'text': <string>}} "
-                                     "(only text content is supported)")
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    raise ValueError(
+                        f"part {i} must be {{'type': 'text', 'text': <string>}} "
+                        "(only text content is supported)"
+                    )
             return v
         raise ValueError("must be a string, a list of text parts, or null")
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content or [])
+        return (
+            self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content or [])
+        )
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn opening")
     # Tool calling and the template's inputs (services/gateway/tool_calls.py reads them).
-    tools: Optional[list[Tool]] = None
-    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(
-        None, description="default: auto when tools are given, else none")
-    parallel_tool_calls: Optional[bool] = Field(None, description="false: at most one call")
-    functions: Optional[Any] = None  # OpenAI's legacy spellings of tools / tool_choice: refused
-    function_call: Optional[Any] = None
-    continue_final_message: bool = Field(False, description="the prompt ends inside the last (assistant) message")
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto when tools are given, else none"
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call")
+    functions: Any | None = None  # OpenAI's legacy spellings of tools / tool_choice: refused
+    function_call: Any | None = None
+    continue_final_message: bool = Field(
+        False, description="the prompt ends inside the last (assistant) message"
+    )
     echo: bool = Field(False, description="prepend the last message's content when it is the assistant's")
-    add_special_tokens: bool = Field(False, description="the tokenizer's special tokens (a BOS) on top of the template's")
-    chat_template: Optional[str] = Field(None, description="a Jinja template used instead of the model's")
-    chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="extra variables for the template")
+    add_special_tokens: bool = Field(
+        False, description="the tokenizer's special tokens (a BOS) on top of the template's"
+    )
+    chat_template: str | None = Field(None, description="a Jinja template used instead of the model's")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the template")
 
 
 def _is_token_ids(v: Any) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import msgspec
 
@@ -41,7 +41,9 @@ class ReasoningPlan:
         return self.start != ANSWER
 
 
-def reasoning_plan(parser: str, body: ChatCompletionRequest, prompt: list[int], model: ServedModel) -> ReasoningPlan:
+def reasoning_plan(
+    parser: str, body: ChatCompletionRequest, prompt: list[int], model: ServedModel
+) -> ReasoningPlan:
     """Where the output starts, from the prompt's end and the request's thinking switch:
 
     - the request turned thinking off (chat_template_kwargs `enable_thinking` or `thinking`
@@ -65,7 +67,9 @@ def reasoning_plan(parser: str, body: ChatCompletionRequest, prompt: list[int], 
     return ReasoningPlan(THINKING if parser == "deepseek_r1" else MAYBE, include)
 
 
-def after_thinking(plan: ReasoningPlan, output: StructuredOutput, tokenizer: Any, field: str) -> StructuredOutput:
+def after_thinking(
+    plan: ReasoningPlan, output: StructuredOutput, tokenizer: Any, field: str
+) -> StructuredOutput:
     """`output` applied to the answer after the thinking, as vLLM's structured outputs with a
     reasoning parser: the worker lets the output run free up to </think> and starts the
     grammar after it (and, where the output may not think at all, lets the first token be
@@ -80,13 +84,17 @@ def after_thinking(plan: ReasoningPlan, output: StructuredOutput, tokenizer: Any
             f"{field} cannot be combined with this server's reasoning parser while the model may think first: "
             f"this tokenizer does not have {OPEN} and {CLOSE} as single tokens, so the constraint cannot start "
             'after the thinking. Turn thinking off for the request (chat_template_kwargs {"enable_thinking": '
-            "false}) or leave the constraint out", field)
+            "false}) or leave the constraint out",
+            field,
+        )
     open_id, close_id = ids
-    return msgspec.structs.replace(output, think_end=close_id, think_open=open_id if plan.start == MAYBE else -1)
+    return msgspec.structs.replace(
+        output, think_end=close_id, think_open=open_id if plan.start == MAYBE else -1
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _tag_ids(tokenizer: Any) -> Optional[tuple[int, int]]:
+def _tag_ids(tokenizer: Any) -> tuple[int, int] | None:
     """(<think>'s id, </think>'s id) where each is one token, else None."""
     ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (OPEN, CLOSE)]
     return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
@@ -119,7 +127,7 @@ class ReasoningSplit:
         if self._phase == _LEAD:
             head = buf.lstrip()
             if head.startswith(OPEN):
-                buf, self._phase = head[len(OPEN):], THINKING
+                buf, self._phase = head[len(OPEN) :], THINKING
             elif OPEN.startswith(head) and not final:
                 self._held = buf  # blank so far, or the start of <think>: undecided
                 return "", ""
@@ -131,19 +139,19 @@ class ReasoningSplit:
             end = buf.find(CLOSE)
             if end == -1:
                 keep = 0 if final else _tag_prefix_len(buf, CLOSE)
-                self._held = buf[len(buf) - keep:]
-                return buf[:len(buf) - keep], ""
-            reasoning, buf = buf[:end], buf[end + len(CLOSE):]
+                self._held = buf[len(buf) - keep :]
+                return buf[: len(buf) - keep], ""
+            reasoning, buf = buf[:end], buf[end + len(CLOSE) :]
             self._phase = ANSWER
         return reasoning, buf
 
-    def whole(self, text: str) -> tuple[Optional[str], str]:
+    def whole(self, text: str) -> tuple[str | None, str]:
         """A whole output's reasoning (None when it never thought) and content."""
         reasoning, content = self.feed(text, final=True)
         return (reasoning if self.thought else None), content
 
 
-def _opened_by_prompt(body: ChatCompletionRequest, prompt: list[int], model: ServedModel) -> Optional[bool]:
+def _opened_by_prompt(body: ChatCompletionRequest, prompt: list[int], model: ServedModel) -> bool | None:
     """True when the prompt leaves a think block open, False when it ends with one closed,
     None when it ends with neither. Only the prompt's very end counts: an earlier turn's
     </think> (Qwen3 keeps the reasoning of a tool-calling turn) says nothing of this one.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Optional
+from typing import Any
 
 from services.gateway.generation import ChoiceText, Generation
 from services.gateway.reasoning import ReasoningSplit
@@ -35,8 +35,15 @@ class CompletionFormat:
         self._started: set[int] = set()  # choices whose first chunk went out (echo, prompt details)
 
     def _envelope(self, obj: str, choices: list[dict], **usage: Any) -> dict[str, Any]:
-        return {"id": self.gen.plan.request_id, "object": obj, "created": self.gen.created,
-                "model": self.model.name, "choices": choices, "system_fingerprint": None, **usage}
+        return {
+            "id": self.gen.plan.request_id,
+            "object": obj,
+            "created": self.gen.created,
+            "model": self.model.name,
+            "choices": choices,
+            "system_fingerprint": None,
+            **usage,
+        }
 
     def _stream_usage(self) -> dict[str, Any]:
         """A streamed chunk carries `usage: null` when the client asked for usage at the end,
@@ -52,24 +59,34 @@ class CompletionFormat:
         first = delta.index not in self._started
         self._started.add(delta.index)
         choice = self._choice(delta.index, delta.text, delta, delta.finish_reason, first)
-        return self._envelope(self.object_name, [self._token_ids(choice, delta, first)], **self._stream_usage())
+        return self._envelope(
+            self.object_name, [self._token_ids(choice, delta, first)], **self._stream_usage()
+        )
 
     def response(self, results: list[ChoiceText]) -> dict:
-        return self._envelope(self.object_name, [
-            self._token_ids(self._choice(r.index, r.text, r, r.finish_reason, True), r, True) for r in results],
-            usage=self.gen.usage())
+        return self._envelope(
+            self.object_name,
+            [
+                self._token_ids(self._choice(r.index, r.text, r, r.finish_reason, True), r, True)
+                for r in results
+            ],
+            usage=self.gen.usage(),
+        )
 
     def usage_chunk(self) -> dict:
         return self._envelope(self.object_name, [], usage=self.gen.usage())
 
-    def _choice(self, index: int, text: str, lp: ChoiceText, finish_reason: Optional[str], first: bool) -> dict:
+    def _choice(self, index: int, text: str, lp: ChoiceText, finish_reason: str | None, first: bool) -> dict:
         """With echo, a choice's first text and logprobs start with its prompt's (as vLLM)."""
         plan = self.gen.plan.choices[index]
         echo = self.options.echo and first
         prompt_text = self.options.prompt_texts[plan.prompt_index] if echo else ""
-        out = {"index": index, "text": prompt_text + text,
-               "logprobs": self._logprobs(lp, plan.prompt_token_ids if self.options.echo else None, first),
-               "finish_reason": finish_reason}
+        out = {
+            "index": index,
+            "text": prompt_text + text,
+            "logprobs": self._logprobs(lp, plan.prompt_token_ids if self.options.echo else None, first),
+            "finish_reason": finish_reason,
+        }
         if plan.sampling.prompt_logprobs is not None and first:
             out["prompt_logprobs"] = self.prompt_logprobs(plan.prompt_token_ids, lp.prompt_logprobs)
         return out
@@ -82,7 +99,7 @@ class CompletionFormat:
             choice["token_ids"] = list(delta.token_ids)
         return choice
 
-    def _logprobs(self, lp: ChoiceText, echoed: Optional[list[int]] = None, first: bool = True) -> Optional[dict]:
+    def _logprobs(self, lp: ChoiceText, echoed: list[int] | None = None, first: bool = True) -> dict | None:
         if self.gen.plan.logprobs is None:
             return None
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -98,8 +115,9 @@ class CompletionFormat:
         out["text_offset"] += [echo_chars + o for o in lp.text_offsets]
         return out
 
-    def _prompt_entries(self, out: dict[str, list], prompt: list[int],
-                        prompt_logprobs: Optional[list[TokenLogprobs]]) -> None:
+    def _prompt_entries(
+        self, out: dict[str, list], prompt: list[int], prompt_logprobs: list[TokenLogprobs] | None
+    ) -> None:
         """The prompt's tokens: the first has no logprob (null), each other its own and the
         top alternatives (its own included, as vLLM); offsets add up the tokens' texts."""
         entries = _prompt_entries_by_position(prompt, prompt_logprobs)
@@ -108,12 +126,18 @@ class CompletionFormat:
             text = self.token_str(token)
             out["tokens"].append(text)
             out["token_logprobs"].append(None if e is None else _finite(e.logprob))
-            out["top_logprobs"].append(None if e is None else {
-                self.token_str(e.token_id): _finite(e.logprob), **{self.token_str(t): _finite(v) for t, v in e.top}})
+            out["top_logprobs"].append(
+                None
+                if e is None
+                else {
+                    self.token_str(e.token_id): _finite(e.logprob),
+                    **{self.token_str(t): _finite(v) for t, v in e.top},
+                }
+            )
             out["text_offset"].append(offset)
             offset += len(text)
 
-    def prompt_logprobs(self, prompt: list[int], prompt_logprobs: Optional[list[TokenLogprobs]]) -> list:
+    def prompt_logprobs(self, prompt: list[int], prompt_logprobs: list[TokenLogprobs] | None) -> list:
         """vLLM's `prompt_logprobs`: None for the first token, then per position
         {token id: {logprob, rank, decoded_token}} for the prompt's token and its top
         alternatives. The prompt token's rank is exact within the top N; beyond it, N + 1
@@ -124,17 +148,28 @@ class CompletionFormat:
             if e is None:
                 out.append(None)
                 continue
-            ranked = {str(t): {"logprob": _finite(v), "rank": r, "decoded_token": self.token_str(t)}
-                      for r, (t, v) in enumerate(e.top, 1)}
+            ranked = {
+                str(t): {"logprob": _finite(v), "rank": r, "decoded_token": self.token_str(t)}
+                for r, (t, v) in enumerate(e.top, 1)
+            }
             rank = 1 + sum(1 for _, v in e.top if v > e.logprob)
-            own = {str(e.token_id): {"logprob": _finite(e.logprob), "rank": rank,
-                                     "decoded_token": self.token_str(e.token_id)}}
+            own = {
+                str(e.token_id): {
+                    "logprob": _finite(e.logprob),
+                    "rank": rank,
+                    "decoded_token": self.token_str(e.token_id),
+                }
+            }
             out.append({**own, **ranked})
         return out
 
     def token_str(self, token_id: int) -> str:
         """A token as logprobs name it: its text, or vLLM's "token_id:<id>" when asked."""
-        return f"token_id:{token_id}" if self.options.return_tokens_as_token_ids else self.model.token_text(token_id)
+        return (
+            f"token_id:{token_id}"
+            if self.options.return_tokens_as_token_ids
+            else self.model.token_text(token_id)
+        )
 
     def vllm_extras(self, body: dict, results: list[ChoiceText]) -> dict:
         """Chat's response-level prompt_logprobs / prompt_token_ids and per-choice token_ids (vLLM's)."""
@@ -148,7 +183,7 @@ class CompletionFormat:
         return body
 
 
-def _prompt_entries_by_position(prompt: list[int], prompt_logprobs: Optional[list[TokenLogprobs]]) -> list:
+def _prompt_entries_by_position(prompt: list[int], prompt_logprobs: list[TokenLogprobs] | None) -> list:
     """One entry per prompt position: None for the first, then the scheduler's (positions 1 .. P-1)."""
     entries = list(prompt_logprobs or [])
     assert not entries or len(entries) == len(prompt) - 1, (len(entries), len(prompt))
@@ -171,9 +206,15 @@ class ChatFormat(CompletionFormat):
         self._show_reasoning = plan is not None and plan.include_reasoning
 
     def opening_chunks(self) -> list[dict]:
-        return [self._envelope(self.object_name, [{"index": c.index, "delta": delta, "logprobs": None,
-                                                   "finish_reason": None}], **self._stream_usage())
-                for c in self.gen.choices for delta in self._openings(c.index)]
+        return [
+            self._envelope(
+                self.object_name,
+                [{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}],
+                **self._stream_usage(),
+            )
+            for c in self.gen.choices
+            for delta in self._openings(c.index)
+        ]
 
     def _openings(self, index: int) -> list[dict]:
         """OpenAI's first chunk of a choice announces the role; then come the echoed last
@@ -186,8 +227,12 @@ class ChatFormat(CompletionFormat):
         return deltas
 
     def response(self, results: list[ChoiceText]) -> dict:
-        return self.vllm_extras(self._envelope("chat.completion", [self._message_choice(r) for r in results],
-                                               usage=self.gen.usage()), results)
+        return self.vllm_extras(
+            self._envelope(
+                "chat.completion", [self._message_choice(r) for r in results], usage=self.gen.usage()
+            ),
+            results,
+        )
 
     def _message_choice(self, r: ChoiceText) -> dict:
         tools = self._tools[r.index]
@@ -195,16 +240,25 @@ class ChatFormat(CompletionFormat):
         content, calls = tools.message(text)
         if self.chat.echo:
             content = self.chat.echo + (content or "")
-        message = {"role": "assistant", "content": content, "refusal": None, "tool_calls": [c.as_dict() for c in calls]}
+        message = {
+            "role": "assistant",
+            "content": content,
+            "refusal": None,
+            "tool_calls": [c.as_dict() for c in calls],
+        }
         if self._reasoning:
             if reasoning is not None and content == "":
                 message["content"] = None  # as vLLM: an output that ended with its thinking has no content
             shown = reasoning if self._show_reasoning else None
             message.update(reasoning=shown, reasoning_content=shown)
-        return {"index": r.index, "message": message, "logprobs": self._logprobs(r),
-                "finish_reason": tools.finish_reason(r.finish_reason)}
+        return {
+            "index": r.index,
+            "message": message,
+            "logprobs": self._logprobs(r),
+            "finish_reason": tools.finish_reason(r.finish_reason),
+        }
 
-    def _choice(self, index: int, text: str, lp, finish_reason: Optional[str], first: bool = False) -> dict:
+    def _choice(self, index: int, text: str, lp, finish_reason: str | None, first: bool = False) -> dict:
         tools = self._tools[index]
         final = finish_reason is not None
         if not self._reasoning:
@@ -215,19 +269,30 @@ class ChatFormat(CompletionFormat):
             if reasoning and self._show_reasoning:
                 # vLLM's name (`reasoning`) and its earlier one, DeepSeek's (`reasoning_content`).
                 delta = {"reasoning": reasoning, "reasoning_content": reasoning, **delta}
-        return {"index": index, "delta": delta, "logprobs": self._logprobs(lp),
-                "finish_reason": tools.finish_reason(finish_reason)}
+        return {
+            "index": index,
+            "delta": delta,
+            "logprobs": self._logprobs(lp),
+            "finish_reason": tools.finish_reason(finish_reason),
+        }
 
-    def _logprobs(self, lp) -> Optional[dict]:
+    def _logprobs(self, lp) -> dict | None:
         if self.gen.plan.logprobs is None:
             return None
-        return {"content": [{**self._token(e.token_id, e.logprob),
-                             "top_logprobs": [self._token(t, v) for t, v in e.top]} for e in lp.logprobs],
-                "refusal": None}
+        return {
+            "content": [
+                {**self._token(e.token_id, e.logprob), "top_logprobs": [self._token(t, v) for t, v in e.top]}
+                for e in lp.logprobs
+            ],
+            "refusal": None,
+        }
 
     def _token(self, token_id: int, logprob: float) -> dict:
-        return {"token": self.token_str(token_id), "logprob": _finite(logprob),
-                "bytes": self.model.token_bytes(token_id)}
+        return {
+            "token": self.token_str(token_id),
+            "logprob": _finite(logprob),
+            "bytes": self.model.token_bytes(token_id),
+        }
 
 
 def _finite(x: float) -> float:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from shared.config import GatewaySettings
 from shared.models import ModelLoadError, config_int, max_model_len, model_dir, read_config
@@ -50,19 +50,31 @@ class ServedModel:
         """A completion prompt's ids; special tokens (a BOS) as the tokenizer adds them."""
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool, *,
-                            tools: Optional[list[dict]] = None, continue_final_message: bool = False,
-                            chat_template: Optional[str] = None, add_special_tokens: bool = False,
-                            template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        *,
+        tools: list[dict] | None = None,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        add_special_tokens: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         """The prompt ids of a conversation (the template writes any BOS itself; add_special_tokens
         adds the tokenizer's too). `chat_template` replaces the model's; `template_kwargs` are
         extra variables the template reads (enable_thinking)."""
         if not chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.name!r} has no chat template; use /v1/completions")
         text = self.tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, chat_template=chat_template, tokenize=False,
-            **(template_kwargs or {}))
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template=chat_template,
+            tokenize=False,
+            **(template_kwargs or {}),
+        )
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -84,8 +96,11 @@ class ServedModel:
 
 def _byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: the printable character standing for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     chars, extra = dict(zip(printable, printable)), 0
     for b in range(256):
         if b not in chars:
@@ -98,7 +113,10 @@ def load_served_model(settings: GatewaySettings) -> ServedModel:
     """Reads the model directory named by the settings (default: the tiny model)."""
     path = model_dir(settings.model)
     config = read_config(path)
-    max_len, vocab = max_model_len(config, path, settings.max_model_len), config_int(config, "vocab_size", path)
+    max_len, vocab = (
+        max_model_len(config, path, settings.max_model_len),
+        config_int(config, "vocab_size", path),
+    )
     from transformers import AutoTokenizer  # seconds to import: only once config.json checks out
 
     source = Path(settings.tokenizer).expanduser() if settings.tokenizer else path
@@ -107,7 +125,8 @@ def load_served_model(settings: GatewaySettings) -> ServedModel:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the tokenizer of {str(source)!r}: {e}") from None
     if len(tokenizer) > vocab:  # its ids past the model's embedding would crash the worker
-        raise ModelLoadError(f"the tokenizer of {str(source)!r} has {len(tokenizer)} tokens, more than the "
-                             f"model's vocab_size {vocab}")
+        raise ModelLoadError(
+            f"the tokenizer of {str(source)!r} has {len(tokenizer)} tokens, more than the "
+            f"model's vocab_size {vocab}"
+        )
     return ServedModel(settings.served_model_name or path.name, path, tokenizer, max_len, vocab)
-

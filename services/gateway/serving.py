@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Union
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,8 +28,11 @@ class GenerationStream(StreamingResponse):
     """An SSE response that always closes its generation (aborting what still runs)."""
 
     def __init__(self, gen: Generation, fmt: CompletionFormat):
-        super().__init__(_sse_events(gen, fmt), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            _sse_events(gen, fmt),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.gen = gen
 
     async def __call__(self, scope, receive, send) -> None:
@@ -56,7 +59,7 @@ async def _sse_events(gen: Generation, fmt: CompletionFormat) -> AsyncIterator[b
         gen.close()
 
 
-async def respond(gen: Generation, request: Request, fmt: CompletionFormat) -> Union[Response, StreamingResponse]:
+async def respond(gen: Generation, request: Request, fmt: CompletionFormat) -> Response | StreamingResponse:
     if gen.plan.stream:
         return GenerationStream(gen, fmt)
     try:
@@ -79,7 +82,7 @@ async def _collect(gen: Generation) -> list[ChoiceText]:
     return results
 
 
-async def _collect_unless_disconnected(gen: Generation, request: Request) -> Union[list[ChoiceText], None]:
+async def _collect_unless_disconnected(gen: Generation, request: Request) -> list[ChoiceText] | None:
     """The results, or None when the client disconnected first."""
     collect = asyncio.ensure_future(_collect(gen))
     gone = asyncio.ensure_future(_disconnected(request))

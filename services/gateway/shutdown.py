@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
 
 import uvicorn
 
@@ -31,7 +30,7 @@ class DrainingServer(uvicorn.Server):
         self.gateway = gateway
         self.timeout_s = timeout_s
         self._signalled = False
-        self._drain: Optional[asyncio.Task] = None
+        self._drain: asyncio.Task | None = None
 
     def handle_exit(self, sig, frame) -> None:
         if self._signalled or not self.started:
@@ -54,13 +53,18 @@ async def drain(gateway: Gateway, timeout_s: float) -> None:
     """Refuse new work, wait up to timeout_s for the open requests, then cut the rest."""
     gateway.draining = True
     engine = gateway.engine
-    log.info("shutting down: new requests get 503; %d open requests have %g s to finish",
-             engine.open_requests(), timeout_s)
+    log.info(
+        "shutting down: new requests get 503; %d open requests have %g s to finish",
+        engine.open_requests(),
+        timeout_s,
+    )
     if await _until_closed(engine, timeout_s):
         log.info("every open request finished")
         return
-    n = await engine.cut_all(f"the server is shutting down: the request did not finish within the gateway's "
-                             f"shutdown timeout ({timeout_s:g} s); retry it")
+    n = await engine.cut_all(
+        f"the server is shutting down: the request did not finish within the gateway's "
+        f"shutdown timeout ({timeout_s:g} s); retry it"
+    )
     log.warning("%d requests still open after %g s were ended with an error and aborted", n, timeout_s)
     await _until_closed(engine, CUT_GRACE_S)
 

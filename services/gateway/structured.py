@@ -12,7 +12,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import jsonschema
 
@@ -21,15 +21,27 @@ from shared.messages import StructuredOutput
 from shared.structured import COMPILE_ERRORS, choice_grammar, compile_output
 
 # vLLM's structured_outputs keys; the two it has and Conveyor does not are refused.
-_SO_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
-             "json_object": "json_object"}
+_SO_KINDS = {
+    "json": "json_schema",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+    "json_object": "json_object",
+}
 _SO_FLAGS = ("disable_any_whitespace", "disable_additional_properties")
 _SO_UNSUPPORTED = ("whitespace_pattern", "structural_tag")
-_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
-           "guided_grammar": "grammar"}
+_GUIDED = {
+    "guided_json": "json_schema",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
 # xgrammar ignores these keywords (with a warning): the output would not be held to them.
-_IGNORED_BY_XGRAMMAR = {"integer": ("multipleOf",), "number": ("multipleOf",),
-                        "array": ("uniqueItems", "contains", "minContains", "maxContains")}
+_IGNORED_BY_XGRAMMAR = {
+    "integer": ("multipleOf",),
+    "number": ("multipleOf",),
+    "array": ("uniqueItems", "contains", "minContains", "maxContains"),
+}
 
 
 @dataclass(frozen=True)
@@ -40,11 +52,18 @@ class Constraint:
     output: StructuredOutput
 
 
-def request_constraint(body: Any) -> Optional[Constraint]:
+def request_constraint(body: Any) -> Constraint | None:
     """The one constraint a completion or chat body asks for (None: free text); two or
     more are a 400 naming them. Each is parsed and checked here (no tokenizer needed)."""
-    found = [c for c in (_response_format(body.response_format), _structured_outputs(body.structured_outputs),
-                         *_guided(body)) if c is not None]
+    found = [
+        c
+        for c in (
+            _response_format(body.response_format),
+            _structured_outputs(body.structured_outputs),
+            *_guided(body),
+        )
+        if c is not None
+    ]
     if len(found) > 1:
         names = ", ".join(c.field for c in found)
         raise bad_request(f"only one output constraint per request; this one sets {names}", found[1].field)
@@ -61,7 +80,7 @@ def json_schema_constraint(schema: Any, field: str) -> Constraint:
 
 
 # ---- the spellings ----------------------------------------------------------------------
-def _response_format(rf: Optional[dict]) -> Optional[Constraint]:
+def _response_format(rf: dict | None) -> Constraint | None:
     if rf is None:
         return None
     kind = rf.get("type")
@@ -70,30 +89,40 @@ def _response_format(rf: Optional[dict]) -> Optional[Constraint]:
     if kind == "json_object":
         return Constraint("response_format", StructuredOutput("json_object"))
     if kind != "json_schema":
-        raise bad_request(f"response_format.type: must be 'text', 'json_object' or 'json_schema', not {kind!r}",
-                          "response_format.type")
+        raise bad_request(
+            f"response_format.type: must be 'text', 'json_object' or 'json_schema', not {kind!r}",
+            "response_format.type",
+        )
     spec = rf.get("json_schema")
     if not isinstance(spec, dict) or "schema" not in spec:
-        raise bad_request("response_format.json_schema: must be an object with a 'schema' (and a 'name')",
-                          "response_format.json_schema")
+        raise bad_request(
+            "response_format.json_schema: must be an object with a 'schema' (and a 'name')",
+            "response_format.json_schema",
+        )
     field = "response_format.json_schema.schema"
     return Constraint(field, StructuredOutput("json_schema", _schema_text(spec["schema"], field)))
 
 
-def _structured_outputs(so: Optional[dict]) -> Optional[Constraint]:
+def _structured_outputs(so: dict | None) -> Constraint | None:
     if so is None:
         return None
     for name in _SO_UNSUPPORTED:
         if so.get(name) is not None:
             raise bad_request(f"structured_outputs.{name} is not supported", f"structured_outputs.{name}")
-    unknown = set(so) - set(_SO_KINDS) - set(_SO_FLAGS) - set(_SO_UNSUPPORTED) - {"_backend", "_backend_was_auto"}
+    unknown = (
+        set(so) - set(_SO_KINDS) - set(_SO_FLAGS) - set(_SO_UNSUPPORTED) - {"_backend", "_backend_was_auto"}
+    )
     if unknown:
-        raise bad_request(f"structured_outputs: unknown keys {sorted(unknown)}; known: {sorted(_SO_KINDS)}",
-                          "structured_outputs")
+        raise bad_request(
+            f"structured_outputs: unknown keys {sorted(unknown)}; known: {sorted(_SO_KINDS)}",
+            "structured_outputs",
+        )
     set_kinds = [k for k in _SO_KINDS if so.get(k) not in (None, False)]
     if len(set_kinds) != 1:
-        raise bad_request(f"structured_outputs: set exactly one of {', '.join(_SO_KINDS)} (here {len(set_kinds)})",
-                          "structured_outputs")
+        raise bad_request(
+            f"structured_outputs: set exactly one of {', '.join(_SO_KINDS)} (here {len(set_kinds)})",
+            "structured_outputs",
+        )
     key = set_kinds[0]
     field = f"structured_outputs.{key}"
     value = so[key]
@@ -106,10 +135,15 @@ def _guided(body: Any) -> list[Constraint]:
     if body.guided_whitespace_pattern is not None:
         raise bad_request("guided_whitespace_pattern is not supported", "guided_whitespace_pattern")
     if body.guided_decoding_backend not in (None, "xgrammar", "auto"):
-        raise bad_request(f"guided_decoding_backend: only 'xgrammar' is available, not "
-                          f"{body.guided_decoding_backend!r}", "guided_decoding_backend")
-    return [Constraint(name, _output(kind, getattr(body, name), name))
-            for name, kind in _GUIDED.items() if getattr(body, name) is not None]
+        raise bad_request(
+            f"guided_decoding_backend: only 'xgrammar' is available, not {body.guided_decoding_backend!r}",
+            "guided_decoding_backend",
+        )
+    return [
+        Constraint(name, _output(kind, getattr(body, name), name))
+        for name, kind in _GUIDED.items()
+        if getattr(body, name) is not None
+    ]
 
 
 def _output(kind: str, value: Any, field: str) -> StructuredOutput:
@@ -180,14 +214,18 @@ def check_syntax(c: Constraint) -> None:
 def _check_schema(schema: Any, field: str) -> None:
     # A "$schema" that is not a string names no draft: the default's rules apply (and flag it).
     named = isinstance(schema, dict) and isinstance(schema.get("$schema"), str)
-    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator) if named \
+    validator = (
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        if named
         else jsonschema.Draft202012Validator
+    )
     try:
         validator.check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path)
-        raise bad_request(f"{field}: not a valid JSON schema{f' at {where}' if where else ''}: {e.message}",
-                          field) from None
+        raise bad_request(
+            f"{field}: not a valid JSON schema{f' at {where}' if where else ''}: {e.message}", field
+        ) from None
     unsupported = _ignored_keywords(schema)
     if unsupported:
         raise bad_request(f"{field}: xgrammar cannot enforce {', '.join(sorted(unsupported))}", field)
@@ -218,7 +256,7 @@ class GrammarChecker:
         self._compiler = None
         self._lock = threading.Lock()
 
-    async def check(self, c: Optional[Constraint]) -> None:
+    async def check(self, c: Constraint | None) -> None:
         if c is not None:
             await asyncio.to_thread(self.compile, c)
 

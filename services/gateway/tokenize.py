@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any, Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter
 from pydantic import Field
@@ -16,20 +17,28 @@ from services.gateway.served_model import ContextLimits, ServedModel
 from services.gateway.validation import _chat_prompt, check_model_name
 
 # What a chat /tokenize body may carry besides its messages, passed to the chat prompt's builder.
-_CHAT_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs",
-                "tools", "add_special_tokens")
+_CHAT_FIELDS = (
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
+    "chat_template_kwargs",
+    "tools",
+    "add_special_tokens",
+)
 
 
 class TokenizeRequest(_Strict):
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[Any]] = None
-    add_special_tokens: Optional[bool] = Field(None, description="default: true for a prompt, false for messages")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Any] | None = None
+    add_special_tokens: bool | None = Field(
+        None, description="default: true for a prompt, false for messages"
+    )
     return_token_strs: bool = False
 
 
 class DetokenizeRequest(_Strict):
-    model: Optional[str] = None
+    model: str | None = None
     tokens: list[int]
 
 
@@ -41,8 +50,12 @@ def tokenize_routes(model: ServedModel, limits: Callable[[], Awaitable[ContextLi
         check_model_name(body.model, model)
         ids = _tokens(body, model)
         strs = model.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
-        return {"count": len(ids), "max_model_len": (await limits()).max_model_len, "tokens": ids,
-                "token_strs": strs}
+        return {
+            "count": len(ids),
+            "max_model_len": (await limits()).max_model_len,
+            "tokens": ids,
+            "token_strs": strs,
+        }
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:

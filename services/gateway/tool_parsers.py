@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from services.gateway.tool_calls import ChatPlan
 from shared.messages import FinishReason
@@ -29,13 +29,17 @@ class ToolCall:
     id: str = field(default_factory=new_call_id)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 Piece = Union[str, ToolCall]
 
 
-def _call_from(obj: Any, args_keys: tuple[str, ...]) -> Optional[ToolCall]:
+def _call_from(obj: Any, args_keys: tuple[str, ...]) -> ToolCall | None:
     """{"name": ..., <args key>: {...}} as a call; anything else is not one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
@@ -75,7 +79,7 @@ class HermesReader:
             if end == -1 and not final:
                 return pieces, pos
             stop = len(text) if end == -1 else end + len(self.CLOSE)
-            body = text[start + len(self.OPEN):end if end != -1 else len(text)]
+            body = text[start + len(self.OPEN) : end if end != -1 else len(text)]
             pieces.append(_parse_json_call(body, ("arguments",)) or text[start:stop])
             pos = stop
         return pieces, pos
@@ -100,7 +104,7 @@ class Llama3JsonReader:
         return [text], len(text)
 
     @staticmethod
-    def _calls(text: str) -> Optional[list[ToolCall]]:
+    def _calls(text: str) -> list[ToolCall] | None:
         calls, i = [], 0
         while True:
             while i < len(text) and (text[i].isspace() or text[i] == ";"):
@@ -153,8 +157,13 @@ class ToolCallStream:
         self.calls: list[ToolCall] = []
         if chat.tool_choice == "named":
             self.calls.append(ToolCall(chat.function_name, ""))
-        self._reader = (RequiredReader() if chat.tool_choice == "required"
-                        else READERS[chat.parser]() if chat.tool_choice == "auto" else None)
+        self._reader = (
+            RequiredReader()
+            if chat.tool_choice == "required"
+            else READERS[chat.parser]()
+            if chat.tool_choice == "auto"
+            else None
+        )
         self._text = ""
         self._pos = 0
         # Trailing whitespace is held until more text follows: after the last call it is dropped.
@@ -182,7 +191,7 @@ class ToolCallStream:
             delta["tool_calls"] = [{"index": first + k, **c.as_dict()} for k, c in enumerate(new_calls)]
         return delta
 
-    def message(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
+    def message(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The whole output's content and calls."""
         self.feed(text, final=True)
         if self.chat.tool_choice in ("named", "required"):
@@ -192,7 +201,7 @@ class ToolCallStream:
             return None, self.calls
         return self._content, self.calls
 
-    def finish_reason(self, reason: Optional[FinishReason]) -> Optional[str]:
+    def finish_reason(self, reason: FinishReason | None) -> str | None:
         """OpenAI's: "tool_calls" when calls ended the turn, except for a named call ("stop")."""
         if reason is FinishReason.STOP and self.calls and self.chat.tool_choice in ("auto", "required"):
             return "tool_calls"
@@ -208,14 +217,14 @@ class ToolCallStream:
             else:
                 text = self._space + piece
                 body = text.rstrip()
-                out, self._space = out + body, text[len(body):]
+                out, self._space = out + body, text[len(body) :]
         if final and not self.calls:
             out, self._space = out + self._space, ""
         self._content += out
         return out, new
 
 
-def _parse_json_call(body: str, args_keys: tuple[str, ...]) -> Optional[ToolCall]:
+def _parse_json_call(body: str, args_keys: tuple[str, ...]) -> ToolCall | None:
     try:
         return _call_from(json.loads(body), args_keys)
     except json.JSONDecodeError:
@@ -225,6 +234,6 @@ def _parse_json_call(body: str, args_keys: tuple[str, ...]) -> Optional[ToolCall
 def _tag_prefix_len(text: str, pos: int, tag: str) -> int:
     """The length of the longest tail of text[pos:] that begins `tag`."""
     for n in range(min(len(tag) - 1, len(text) - pos), 0, -1):
-        if tag.startswith(text[len(text) - n:]):
+        if tag.startswith(text[len(text) - n :]):
             return n
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional
 
 from shared.log import setup_logging
 
@@ -64,7 +63,7 @@ def worker_settings(argv: list[str] | None):
     return settings
 
 
-def curve_keys(settings) -> Optional[tuple[str, str]]:
+def curve_keys(settings) -> tuple[str, str] | None:
     """(the scheduler's public key, this worker's secret key) when the link is encrypted."""
     from shared.config import ConfigError
 
@@ -75,7 +74,7 @@ def curve_keys(settings) -> Optional[tuple[str, str]]:
     return settings.zmq_server_public_key, settings.zmq_client_secret_key
 
 
-def check_scheduler_link(address: str, curve: Optional[tuple[str, str]]) -> None:
+def check_scheduler_link(address: str, curve: tuple[str, str] | None) -> None:
     """A malformed address or key fails here, before the model loads; an unreachable
     scheduler is only waited for (it may start later)."""
     import zmq
@@ -90,7 +89,9 @@ def check_scheduler_link(address: str, curve: Optional[tuple[str, str]]) -> None
             try:
                 secure_client(sock, *curve)
             except (zmq.ZMQError, ValueError) as e:
-                raise ConfigError(f"the CurveZMQ keys (zmq_server_public_key, zmq_client_secret_key): {e}") from None
+                raise ConfigError(
+                    f"the CurveZMQ keys (zmq_server_public_key, zmq_client_secret_key): {e}"
+                ) from None
         try:
             sock.connect(address)
         except zmq.ZMQError as e:
@@ -109,17 +110,20 @@ def apply_cpu_layout(settings):
         threads, cores = apply(settings.num_threads, settings.cpu_affinity, settings.omp_num_threads)
     except ValueError as e:  # cores this process may not use
         raise ConfigError(str(e)) from None
-    log.info("%d compute threads, %s", threads, f"bound to cores {format_cores(cores)}" if cores else "unbound")
+    log.info(
+        "%d compute threads, %s", threads, f"bound to cores {format_cores(cores)}" if cores else "unbound"
+    )
     return in_force(settings, threads, cores)
 
 
-def in_force(settings, threads: int, cores: Optional[list[int]]):
+def in_force(settings, threads: int, cores: list[int] | None):
     """The settings with the layout now in force, so that a tensor-parallel worker shares out
     exactly these cores and threads ("auto" again would reserve cores twice)."""
     from shared.cpu_layout import NONE, format_cores
 
-    return settings.model_copy(update=dict(num_threads=threads,
-                                           cpu_affinity=NONE if cores is None else format_cores(cores)))
+    return settings.model_copy(
+        update=dict(num_threads=threads, cpu_affinity=NONE if cores is None else format_cores(cores))
+    )
 
 
 def report_startup_failure(settings, error: str) -> None:

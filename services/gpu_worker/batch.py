@@ -61,7 +61,7 @@ def build_batch(rows: list[ScheduledRow], block_size: int, device: torch.device)
     for i in order:
         r = rows[i]
         end = r.start + r.count
-        input_ids.extend(r.token_ids[r.start:end])
+        input_ids.extend(r.token_ids[r.start : end])
         pos = range(r.start, end)
         positions.extend(pos)
         slots.extend(r.block_ids[p // block_size] * block_size + p % block_size for p in pos)
@@ -85,5 +85,10 @@ def build_batch(rows: list[ScheduledRow], block_size: int, device: torch.device)
         prefill_seq_lens=as_i32(seq_lens[num_decodes:]),
         prefill_cu_seqlens_q=as_i32(cu),
     )
-    return ForwardBatch(torch.tensor(input_ids, dtype=torch.int64, device=device),
-                        torch.tensor(positions, dtype=torch.int64, device=device), meta, order, last_token_index)
+    return ForwardBatch(
+        torch.tensor(input_ids, dtype=torch.int64, device=device),
+        torch.tensor(positions, dtype=torch.int64, device=device),
+        meta,
+        order,
+        last_token_index,
+    )

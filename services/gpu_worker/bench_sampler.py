@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import msgspec
 import torch
@@ -48,8 +48,10 @@ def nucleus_sizes(logits: torch.Tensor) -> list[int]:
 
 def rows_for(params: SamplingParams, batch: int) -> list[SamplingRow]:
     """One row per request, seeds 0, 1, ... where seeded, each at output position 5."""
-    return [SamplingRow(msgspec.structs.replace(params, seed=None if params.seed is None else i), [1] * 9, 4)
-            for i in range(batch)]
+    return [
+        SamplingRow(msgspec.structs.replace(params, seed=None if params.seed is None else i), [1] * 9, 4)
+        for i in range(batch)
+    ]
 
 
 def cpu_ms(step: Callable[[], object], rounds: int, calls: int) -> list[float]:
@@ -70,20 +72,27 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the serving default on 2 cores is 1)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the serving default on 2 cores is 1)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sampler = Sampler(args.vocab, [0], torch.device("cpu"))
     for batch in args.batches:
         logits = peaked_logits(batch, args.vocab, seed=batch)
         sizes = sorted(nucleus_sizes(logits))
-        print(f"batch {batch}: top-p {TOP_P} nucleus sizes at T={TEMPERATURE}: median {sizes[len(sizes) // 2]}, "
-              f"max {sizes[-1]}", flush=True)
+        print(
+            f"batch {batch}: top-p {TOP_P} nucleus sizes at T={TEMPERATURE}: median {sizes[len(sizes) // 2]}, "
+            f"max {sizes[-1]}",
+            flush=True,
+        )
         for name, params in CASES.items():
             rows = rows_for(params, batch)
             ms = cpu_ms(lambda: sampler(logits, rows), args.rounds, args.calls)
-            print(f"  {name:26s} best {min(ms):7.2f} ms/step   median {statistics.median(ms):7.2f} ms/step (CPU time)",
-                  flush=True)
+            print(
+                f"  {name:26s} best {min(ms):7.2f} ms/step   median {statistics.median(ms):7.2f} ms/step (CPU time)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -31,13 +31,23 @@ from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan, StructuredOutput
 from shared.tiny_model import ensure_model
 
-ITEM = {"type": "object", "additionalProperties": False, "required": ["id", "name", "kind", "ok"],
-        "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9999},
-                       "name": {"type": "string", "maxLength": 12},
-                       "kind": {"enum": ["alpha", "beta", "gamma"]},
-                       "ok": {"type": "boolean"}}}
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["items"],
-          "properties": {"items": {"type": "array", "items": ITEM, "minItems": 64, "maxItems": 64}}}
+ITEM = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["id", "name", "kind", "ok"],
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 9999},
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["alpha", "beta", "gamma"]},
+        "ok": {"type": "boolean"},
+    },
+}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["items"],
+    "properties": {"items": {"type": "array", "items": ITEM, "minItems": 64, "maxItems": 64}},
+}
 CONSTRAINT = StructuredOutput("json_schema", json.dumps(SCHEMA))
 _step_ids = itertools.count()
 
@@ -54,15 +64,32 @@ class Side:
 
     def start(self, engine, prompts: list[list[int]], first_block: int, per_request: int, tag: str) -> None:
         self.ids = [f"{self.name}-{tag}-{i}" for i in range(len(prompts))]
-        new = [NewRequest(rid, prompt, len(prompt), self.sampling,
-                          list(range(first_block + i * per_request, first_block + (i + 1) * per_request)))
-               for i, (rid, prompt) in enumerate(zip(self.ids, prompts))]
-        _execute(engine, StepPlan(next(_step_ids), new_requests=new, num_scheduled_tokens={r: len(p) for r, p in zip(self.ids, prompts)}))
+        new = [
+            NewRequest(
+                rid,
+                prompt,
+                len(prompt),
+                self.sampling,
+                list(range(first_block + i * per_request, first_block + (i + 1) * per_request)),
+            )
+            for i, (rid, prompt) in enumerate(zip(self.ids, prompts))
+        ]
+        _execute(
+            engine,
+            StepPlan(
+                next(_step_ids),
+                new_requests=new,
+                num_scheduled_tokens={r: len(p) for r, p in zip(self.ids, prompts)},
+            ),
+        )
 
     def step(self, engine, computed: int, timed: bool) -> None:
         cached = [CachedRequest(r, [], computed) for r in self.ids]
         begin = time.perf_counter()
-        result = _execute(engine, StepPlan(next(_step_ids), cached_requests=cached, num_scheduled_tokens={r: 1 for r in self.ids}))
+        result = _execute(
+            engine,
+            StepPlan(next(_step_ids), cached_requests=cached, num_scheduled_tokens={r: 1 for r in self.ids}),
+        )
         if timed:
             self.step_ms.append((time.perf_counter() - begin) * 1000)
             self.sample_ms.append(result.timings.sample_ms)
@@ -86,12 +113,20 @@ def _grammar_open(engine, request_id: str) -> bool:
 
 def measure(preset: str, batch: int, context: int, steps: int, repeats: int, temperature: float) -> dict:
     model_dir = ensure_model(preset)
-    engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype="float32",
-                                                kv_cache_memory=_cache_bytes(model_dir, 2 * batch * (context + steps + 16))))
+    engine, info = create_engine(
+        WorkerSettings(
+            model=str(model_dir),
+            device="cpu",
+            dtype="float32",
+            kv_cache_memory=_cache_bytes(model_dir, 2 * batch * (context + steps + 16)),
+        )
+    )
     seed = None if temperature == 0 else 0
     plain = Side("plain", SamplingParams(temperature=temperature, seed=seed, max_tokens=1 << 20))
-    constrained = Side("constrained", SamplingParams(temperature=temperature, seed=seed, max_tokens=1 << 20,
-                                                     structured=CONSTRAINT))
+    constrained = Side(
+        "constrained",
+        SamplingParams(temperature=temperature, seed=seed, max_tokens=1 << 20, structured=CONSTRAINT),
+    )
     per_request = -(-(context + steps + 1) // info.block_size)
     vocab = engine.model.shape.vocab_size
     for r in range(repeats + 1):
@@ -101,7 +136,7 @@ def measure(preset: str, batch: int, context: int, steps: int, repeats: int, tem
         constrained.start(engine, prompts, batch * per_request, per_request, str(r))
         for s in range(steps):
             # Step by step, alternating which side goes first: drift in load hits both alike.
-            for side in ((plain, constrained) if s % 2 else (constrained, plain)):
+            for side in (plain, constrained) if s % 2 else (constrained, plain):
                 side.step(engine, context + s, timed=r > 0)
         plain.finish(engine)
         constrained.finish(engine)
@@ -120,7 +155,7 @@ def apply_ms(vocab: int, batch: int, repeats: int = 200) -> dict:
     import xgrammar as xgr
 
     logits = torch.randn(batch, vocab)
-    bitmask = torch.randint(-2**31, 2**31 - 1, (batch, -(-vocab // 32)), dtype=torch.int32)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (batch, -(-vocab // 32)), dtype=torch.int32)
     table = GrammarMask(vocab, torch.device("cpu"))._table
 
     def ours():
@@ -157,15 +192,21 @@ def main() -> None:
         for temperature in args.temperatures:
             row = measure(preset, args.batch, args.context, args.steps, args.repeats, temperature)
             rows.append(row)
-            print(f"{preset:6s} batch {args.batch} T={temperature:g}: plain {row['plain_step_ms']:7.2f} ms/step "
-                  f"(sample {row['plain_sample_ms']:.2f})   constrained {row['constrained_step_ms']:7.2f} ms/step "
-                  f"(sample {row['constrained_sample_ms']:.2f}, grammar open {row['constrained_open_share']:.0%})   "
-                  f"ratio {row['ratio']:.3f}", flush=True)
+            print(
+                f"{preset:6s} batch {args.batch} T={temperature:g}: plain {row['plain_step_ms']:7.2f} ms/step "
+                f"(sample {row['plain_sample_ms']:.2f})   constrained {row['constrained_step_ms']:7.2f} ms/step "
+                f"(sample {row['constrained_sample_ms']:.2f}, grammar open {row['constrained_open_share']:.0%})   "
+                f"ratio {row['ratio']:.3f}",
+                flush=True,
+            )
     for vocab in sorted({ensure_model_vocab(preset) for preset in args.models}):
         row = apply_ms(vocab, args.batch)
         rows.append(row)
-        print(f"apply a {args.batch} x {vocab} bitmask: table lookup {row['lookup_ms']:.3f} ms, "
-              f"xgrammar's CPU kernel {row['xgrammar_ms']:.3f} ms", flush=True)
+        print(
+            f"apply a {args.batch} x {vocab} bitmask: table lookup {row['lookup_ms']:.3f} ms, "
+            f"xgrammar's CPU kernel {row['xgrammar_ms']:.3f} ms",
+            flush=True,
+        )
     write_results(args, rows)
 
 

@@ -23,9 +23,17 @@ from shared.tiny_model import ensure_model
 
 
 def _engine(args: argparse.Namespace, model_dir, tp: int, tokens: int, max_len: int):
-    settings = WorkerSettings(model=str(model_dir), device=args.device, dtype=args.dtype, tensor_parallel_size=tp,
-                              num_threads=args.threads, cpu_affinity="none", worker_id=f"bench-tp{tp}",
-                              kv_cache_memory=_cache_bytes(model_dir, tokens), max_model_len=max_len)
+    settings = WorkerSettings(
+        model=str(model_dir),
+        device=args.device,
+        dtype=args.dtype,
+        tensor_parallel_size=tp,
+        num_threads=args.threads,
+        cpu_affinity="none",
+        worker_id=f"bench-tp{tp}",
+        kv_cache_memory=_cache_bytes(model_dir, tokens),
+        max_model_len=max_len,
+    )
     return create_engine(settings)
 
 
@@ -33,10 +41,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "small"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
-    ap.add_argument("--sizes", nargs="+", type=int, default=[1, 2], help="tensor-parallel sizes; the first is the base")
+    ap.add_argument(
+        "--sizes", nargs="+", type=int, default=[1, 2], help="tensor-parallel sizes; the first is the base"
+    )
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: rank r on cuda:r")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=2, help="compute threads of the worker, shared by its ranks")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="compute threads of the worker, shared by its ranks"
+    )
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
@@ -58,8 +70,9 @@ def main() -> None:
                     for tp, (engine, info) in engines.items():
                         # Rank 0 runs in this process: give it its share, as the worker would.
                         torch.set_num_threads(max(1, args.threads // tp))
-                        rates[tp].append(conveyor_decode_rate(engine, batch, args.context, args.steps,
-                                                              info.block_size))
+                        rates[tp].append(
+                            conveyor_decode_rate(engine, batch, args.context, args.steps, info.block_size)
+                        )
                 rows.append(_row(preset, batch, args.sizes, rates))
         finally:
             for engine, _ in engines.values():
@@ -74,8 +87,13 @@ def _row(preset: str, batch: int, sizes: list[int], rates: dict[int, list[float]
     for tp in sizes:
         row[f"tp{tp}_tok_s"] = statistics.median(rates[tp])
         row[f"tp{tp}_ratio"] = row[f"tp{tp}_tok_s"] / base
-    print(f"{preset:6s} batch {batch:4d}: " + "   ".join(
-        f"TP {tp} {row[f'tp{tp}_tok_s']:9.1f} tok/s ({row[f'tp{tp}_ratio']:.2f}x)" for tp in sizes), flush=True)
+    print(
+        f"{preset:6s} batch {batch:4d}: "
+        + "   ".join(
+            f"TP {tp} {row[f'tp{tp}_tok_s']:9.1f} tok/s ({row[f'tp{tp}_ratio']:.2f}x)" for tp in sizes
+        ),
+        flush=True,
+    )
     return row
 
 

@@ -47,8 +47,13 @@ class Drafts:
 
 
 class Drafter:
-    def __init__(self, model: DecoderModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 name: str):
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        name: str,
+    ):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size

@@ -43,9 +43,18 @@ class RequestRow:
 
 
 class Engine:
-    def __init__(self, model: DecoderModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 num_blocks: int, max_model_len: int, eos_token_ids: list[int], worker_id: str = "in-process",
-                 grammars: Grammars | None = None, drafter: Drafter | None = None):
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        num_blocks: int,
+        max_model_len: int,
+        eos_token_ids: list[int],
+        worker_id: str = "in-process",
+        grammars: Grammars | None = None,
+        drafter: Drafter | None = None,
+    ):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -79,8 +88,11 @@ class Engine:
             named = set(plan.num_scheduled_tokens) | {r.request_id for r in plan.new_requests}
             for request_id in named:
                 self.rows.pop(request_id, None)
-            return StepResult(step_id=plan.step_id, worker_id=self.worker_id,
-                              error=f"step failed: {type(e).__name__}: {e}; dropped rows {sorted(named)}")
+            return StepResult(
+                step_id=plan.step_id,
+                worker_id=self.worker_id,
+                error=f"step failed: {type(e).__name__}: {e}; dropped rows {sorted(named)}",
+            )
 
     # ---- validation: nothing mutates here ------------------------------------------------
     def _validate(self, plan: StepPlan) -> None:
@@ -96,11 +108,15 @@ class Engine:
                 raise PlanError(f"new request {rid!r} already has a row on this worker")
             n = len(new.token_ids)
             if n == 0 or not 0 < new.num_prompt_tokens <= n:
-                raise PlanError(f"request {rid!r}: {n} token ids with num_prompt_tokens={new.num_prompt_tokens}")
+                raise PlanError(
+                    f"request {rid!r}: {n} token ids with num_prompt_tokens={new.num_prompt_tokens}"
+                )
             if n > self.max_model_len:
                 raise PlanError(f"request {rid!r}: {n} tokens exceed max_model_len {self.max_model_len}")
             if not 0 <= new.num_computed_tokens < n:
-                raise PlanError(f"request {rid!r}: num_computed_tokens {new.num_computed_tokens} not in [0, {n})")
+                raise PlanError(
+                    f"request {rid!r}: num_computed_tokens {new.num_computed_tokens} not in [0, {n})"
+                )
             if any(not 0 <= t < self.model.shape.vocab_size for t in new.token_ids):
                 raise PlanError(f"request {rid!r}: token id out of range [0, {self.model.shape.vocab_size})")
             self._check_sampling(rid, new.sampling)
@@ -112,8 +128,10 @@ class Engine:
             if rid not in live:
                 raise PlanError(f"cached request {rid!r} is unknown to this worker")
             if cached.num_computed_tokens != computed[rid]:
-                raise PlanError(f"request {rid!r}: plan says {cached.num_computed_tokens} computed tokens, "
-                                f"worker has {computed[rid]}")
+                raise PlanError(
+                    f"request {rid!r}: plan says {cached.num_computed_tokens} computed tokens, "
+                    f"worker has {computed[rid]}"
+                )
             self._check_blocks(rid, cached.new_block_ids)
             blocks[rid] += len(cached.new_block_ids)
 
@@ -124,12 +142,16 @@ class Engine:
         asked = {rid: [0] * max(n, 0) for rid, n in plan.num_draft_tokens.items()}  # stand-ins, checked alike
         for rid, drafts in [*plan.draft_token_ids.items(), *asked.items()]:
             if rid not in tokens or plan.num_scheduled_tokens.get(rid) != 1 + len(drafts) or not drafts:
-                raise PlanError(f"request {rid!r}: {len(drafts)} drafts, but scheduled for "
-                                f"{plan.num_scheduled_tokens.get(rid)} tokens (1 + drafts)")
+                raise PlanError(
+                    f"request {rid!r}: {len(drafts)} drafts, but scheduled for "
+                    f"{plan.num_scheduled_tokens.get(rid)} tokens (1 + drafts)"
+                )
             if computed[rid] + 1 != tokens[rid]:
                 raise PlanError(f"request {rid!r}: drafts for a request that is not decoding")
             if any(not 0 <= t < self.model.shape.vocab_size for t in drafts):
-                raise PlanError(f"request {rid!r}: draft token id out of range [0, {self.model.shape.vocab_size})")
+                raise PlanError(
+                    f"request {rid!r}: draft token id out of range [0, {self.model.shape.vocab_size})"
+                )
             if tokens[rid] + len(drafts) > self.max_model_len:
                 raise PlanError(f"request {rid!r}: drafts run past max_model_len {self.max_model_len}")
             tokens[rid] += len(drafts)  # verified as tokens of this step
@@ -139,8 +161,10 @@ class Engine:
                 raise PlanError(f"scheduled request {rid!r} is unknown to this worker")
             end = computed[rid] + count
             if count < 1 or end > tokens[rid]:
-                raise PlanError(f"request {rid!r}: {count} tokens scheduled after {computed[rid]} computed, "
-                                f"but it has {tokens[rid]} tokens")
+                raise PlanError(
+                    f"request {rid!r}: {count} tokens scheduled after {computed[rid]} computed, "
+                    f"but it has {tokens[rid]} tokens"
+                )
             if end > blocks[rid] * self.block_size:
                 raise PlanError(f"request {rid!r}: {end} tokens need more than its {blocks[rid]} blocks")
 
@@ -165,7 +189,9 @@ class Engine:
             row = SamplingRow(params, list(new.token_ids), new.num_prompt_tokens)
             if params.structured is not None:  # resumed rows catch up on what they generated
                 row.grammar = self.grammars.row_grammar(params, row.output_token_ids)
-            self.rows[new.request_id] = RequestRow(new.request_id, list(new.block_ids), new.num_computed_tokens, row)
+            self.rows[new.request_id] = RequestRow(
+                new.request_id, list(new.block_ids), new.num_computed_tokens, row
+            )
         for cached in plan.cached_requests:
             self.rows[cached.request_id].block_ids.extend(cached.new_block_ids)
 
@@ -178,8 +204,14 @@ class Engine:
         drafted = self._draft(plan)
         # A row with drafts runs its last token and the drafts after it, as a short chunk.
         drafts = [plan.draft_token_ids.get(rid) or drafted.get(rid, []) for rid, _ in scheduled]
-        batch = build_batch([ScheduledRow(r.token_ids + d if d else r.token_ids, r.block_ids, r.num_computed_tokens, n)
-                             for r, d, (_, n) in zip(rows, drafts, scheduled)], self.block_size, self.device)
+        batch = build_batch(
+            [
+                ScheduledRow(r.token_ids + d if d else r.token_ids, r.block_ids, r.num_computed_tokens, n)
+                for r, d, (_, n) in zip(rows, drafts, scheduled)
+            ],
+            self.block_size,
+            self.device,
+        )
         t1 = device_time(self.device)  # the batch's copies to the device are prepare time
         hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
 
@@ -187,15 +219,21 @@ class Engine:
         # middle of a prompt produces nothing. A row with drafts samples at each of its
         # 1 + len(drafts) positions: what the model chose after its last token and after
         # each draft, so the drafts it agrees with are accepted in order.
-        due = [(k, i) for k, i in enumerate(batch.order)
-               if rows[i].num_computed_tokens + scheduled[i][1] == len(rows[i].token_ids) + len(drafts[i])]
+        due = [
+            (k, i)
+            for k, i in enumerate(batch.order)
+            if rows[i].num_computed_tokens + scheduled[i][1] == len(rows[i].token_ids) + len(drafts[i])
+        ]
         sampled: dict[str, int] = {}
         logprobs = {}
         accepted: dict[str, list[int]] = {}
         accepted_logprobs = {}
         if due and (plan.draft_token_ids or drafted):
-            picks = [p for k, i in due for p in range(batch.last_token_index[k] - len(drafts[i]),
-                                                        batch.last_token_index[k] + 1)]
+            picks = [
+                p
+                for k, i in due
+                for p in range(batch.last_token_index[k] - len(drafts[i]), batch.last_token_index[k] + 1)
+            ]
             # Each position is sampled as the row will be with the drafts before it as its
             # tokens: what one step per token would draw (see shared/speculative.py).
             sampling = [s for _, i in due for s in rows[i].sampling.ahead(drafts[i])]
@@ -216,7 +254,7 @@ class Engine:
                 if d:
                     accepted[rid] = d[:n_ok]
                     if out.logprobs[at] is not None:
-                        accepted_logprobs[rid] = out.logprobs[at:at + n_ok]
+                        accepted_logprobs[rid] = out.logprobs[at : at + n_ok]
                 at += 1 + len(d)
         prompt_logprobs = self._prompt_logprobs(rows, scheduled, batch, hidden)
         for r, (_, n) in zip(rows, scheduled):
@@ -234,11 +272,22 @@ class Engine:
         t3 = device_time(self.device)
         ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
         return StepResult(
-            step_id=plan.step_id, worker_id=self.worker_id, sampled_token_ids=sampled, logprobs=logprobs,
-            accepted_token_ids=accepted, accepted_logprobs=accepted_logprobs, draft_token_ids=drafted,
+            step_id=plan.step_id,
+            worker_id=self.worker_id,
+            sampled_token_ids=sampled,
+            logprobs=logprobs,
+            accepted_token_ids=accepted,
+            accepted_logprobs=accepted_logprobs,
+            draft_token_ids=drafted,
             prompt_logprobs=prompt_logprobs,
-            timings=StepTimings(prepare_ms=ms(t0, t1), forward_ms=ms(t1, t2), sample_ms=ms(t2, t3), total_ms=ms(t0, t3),
-                                draft_ms=self._draft_ms, draft_passes=self._draft_passes),
+            timings=StepTimings(
+                prepare_ms=ms(t0, t1),
+                forward_ms=ms(t1, t2),
+                sample_ms=ms(t2, t3),
+                total_ms=ms(t0, t3),
+                draft_ms=self._draft_ms,
+                draft_passes=self._draft_passes,
+            ),
         )
 
     def _draft(self, plan: StepPlan) -> dict[str, list[int]]:
@@ -248,19 +297,37 @@ class Engine:
             return {}
         assert self.drafter is not None  # _validate
         ids = list(plan.num_draft_tokens)
-        out = self.drafter.propose([self.rows[rid] for rid in ids], [plan.num_draft_tokens[rid] for rid in ids])
+        out = self.drafter.propose(
+            [self.rows[rid] for rid in ids], [plan.num_draft_tokens[rid] for rid in ids]
+        )
         self._draft_ms, self._draft_passes = out.ms, out.passes
         return dict(zip(ids, out.tokens))
 
-    def _prompt_logprobs(self, rows: list[RequestRow], scheduled: list[tuple[str, int]], batch: ForwardBatch,
-                         hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
+    def _prompt_logprobs(
+        self,
+        rows: list[RequestRow],
+        scheduled: list[tuple[str, int]],
+        batch: ForwardBatch,
+        hidden: torch.Tensor,
+    ) -> dict[str, PromptLogprobs]:
         """For the rows whose sampling asks: every prompt token this step's chunk predicts.
         A row resumed after its first token gets no prompt_logprobs from the scheduler (it
         has them already); one recomputed mid-prompt reports again and the scheduler keeps
         one entry per position."""
-        spans = [span for k, i in enumerate(batch.order)
-                 if (span := prompt_span(rows[i].request_id, rows[i].sampling, rows[i].num_computed_tokens,
-                                         scheduled[i][1], batch.last_token_index[k])) is not None]
+        spans = [
+            span
+            for k, i in enumerate(batch.order)
+            if (
+                span := prompt_span(
+                    rows[i].request_id,
+                    rows[i].sampling,
+                    rows[i].num_computed_tokens,
+                    scheduled[i][1],
+                    batch.last_token_index[k],
+                )
+            )
+            is not None
+        ]
         if not spans:
             return {}
         return compute_prompt_logprobs(self.model.compute_logits, hidden, self.model.shape.vocab_size, spans)

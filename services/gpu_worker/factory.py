@@ -13,14 +13,14 @@ import torch
 from kernels import get_attention_backend
 from services.gpu_worker.drafter import Drafter
 from services.gpu_worker.engine import Engine
-from services.gpu_worker.linear import onednn_slow_path
 from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_in_budget
+from services.gpu_worker.linear import onednn_slow_path
 from services.gpu_worker.loader import load_config, load_model
 from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tensor_parallel import start_tensor_parallel
 from shared.config import WorkerSettings
-from shared.models import ModelLoadError, max_model_len, model_dir, read_config
 from shared.messages import RegisterWorker
+from shared.models import ModelLoadError, max_model_len, model_dir, read_config
 from shared.speculative import draft_model_of
 
 log = logging.getLogger(__name__)
@@ -76,18 +76,35 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
         model, num_blocks = start_tensor_parallel(settings, path, device, dtype)
         draft = None
     else:
-        model = load_model(path, device, dtype, get_attention_backend(device, settings.attention_backend),
-                           settings.linear_backend, max_model_len=max_len, layer_ops=settings.layer_ops)
-        draft = None if draft_path is None else _load_draft(draft_path, model, settings, device, dtype, max_len)
+        model = load_model(
+            path,
+            device,
+            dtype,
+            get_attention_backend(device, settings.attention_backend),
+            settings.linear_backend,
+            max_model_len=max_len,
+            layer_ops=settings.layer_ops,
+        )
+        draft = (
+            None if draft_path is None else _load_draft(draft_path, model, settings, device, dtype, max_len)
+        )
         shapes = [model.shape] if draft is None else [model.shape, draft.shape]
-        num_blocks = num_blocks_in_budget(shapes, settings.block_size, dtype, device,
-                                          int(settings.kv_cache_memory), settings.gpu_memory_fraction)
+        num_blocks = num_blocks_in_budget(
+            shapes,
+            settings.block_size,
+            dtype,
+            device,
+            int(settings.kv_cache_memory),
+            settings.gpu_memory_fraction,
+        )
     min_blocks = -(-max_len // settings.block_size)
     if num_blocks < min_blocks:
         model.close()
-        raise ModelLoadError(f"the KV cache budget holds {num_blocks} blocks, fewer than the {min_blocks} one "
-                             f"request of max_model_len {max_len} needs: raise --kv-cache-memory / "
-                             f"--gpu-memory-fraction or lower --max-model-len")
+        raise ModelLoadError(
+            f"the KV cache budget holds {num_blocks} blocks, fewer than the {min_blocks} one "
+            f"request of max_model_len {max_len} needs: raise --kv-cache-memory / "
+            f"--gpu-memory-fraction or lower --max-model-len"
+        )
     kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, device)
     eos = eos_token_ids(path, config)
     backends, slow_paths = model.backends()
@@ -95,21 +112,55 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     log.info("kernels: %s", ", ".join(f"{part} {name}" for part, name in backends.items()))
     for slow in slow_paths:  # NOTE: never a silent fallback: each slower path is said once, here
         log.warning("slow path: %s", slow)
-    log.info("loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)", path, device, dtype, num_blocks,
-             settings.block_size, num_blocks * bytes_per_block(model.shape, settings.block_size, dtype) / 2**20)
+    log.info(
+        "loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)",
+        path,
+        device,
+        dtype,
+        num_blocks,
+        settings.block_size,
+        num_blocks * bytes_per_block(model.shape, settings.block_size, dtype) / 2**20,
+    )
     drafter = None
     if draft is not None:
-        drafter = Drafter(draft, allocate_kv_cache(draft.shape, num_blocks, settings.block_size, dtype, device),
-                          settings.block_size, str(draft_path))
-        log.info("speculative decoding: draft model %s (%d layers, %.1f MiB of KV cache beside the model's), "
-                 "on the rows the scheduler asks proposals of", draft_path, draft.shape.num_layers,
-                 num_blocks * bytes_per_block(draft.shape, settings.block_size, dtype) / 2**20)
-    engine = Engine(model, kv_caches, settings.block_size, num_blocks, max_len, eos, settings.worker_id,
-                    Grammars(tokenizer_dir(settings, path), model.shape.vocab_size, eos), drafter)
-    facts = RegisterWorker(worker_id=settings.worker_id, model=str(path), max_model_len=max_len,
-                           block_size=settings.block_size, num_blocks=num_blocks, vocab_size=model.shape.vocab_size,
-                           eos_token_ids=eos, device=str(device), pid=os.getpid(), backends=backends,
-                           slow_paths=slow_paths, draft_model="" if draft_path is None else str(draft_path))
+        drafter = Drafter(
+            draft,
+            allocate_kv_cache(draft.shape, num_blocks, settings.block_size, dtype, device),
+            settings.block_size,
+            str(draft_path),
+        )
+        log.info(
+            "speculative decoding: draft model %s (%d layers, %.1f MiB of KV cache beside the model's), "
+            "on the rows the scheduler asks proposals of",
+            draft_path,
+            draft.shape.num_layers,
+            num_blocks * bytes_per_block(draft.shape, settings.block_size, dtype) / 2**20,
+        )
+    engine = Engine(
+        model,
+        kv_caches,
+        settings.block_size,
+        num_blocks,
+        max_len,
+        eos,
+        settings.worker_id,
+        Grammars(tokenizer_dir(settings, path), model.shape.vocab_size, eos),
+        drafter,
+    )
+    facts = RegisterWorker(
+        worker_id=settings.worker_id,
+        model=str(path),
+        max_model_len=max_len,
+        block_size=settings.block_size,
+        num_blocks=num_blocks,
+        vocab_size=model.shape.vocab_size,
+        eos_token_ids=eos,
+        device=str(device),
+        pid=os.getpid(),
+        backends=backends,
+        slow_paths=slow_paths,
+        draft_model="" if draft_path is None else str(draft_path),
+    )
     return engine, facts
 
 
@@ -120,25 +171,40 @@ def _draft_path(settings: WorkerSettings, max_len: int) -> Path | None:
     if name is None:
         return None
     if settings.tensor_parallel_size > 1:
-        raise ModelLoadError("speculative_config: a draft model with tensor_parallel_size > 1 is not supported")
+        raise ModelLoadError(
+            "speculative_config: a draft model with tensor_parallel_size > 1 is not supported"
+        )
     try:
         path = model_dir(name)
         positions = read_config(path).get("max_position_embeddings")
     except ModelLoadError as e:
-        raise ModelLoadError(f"speculative_config's draft model: {str(e).replace(' (CONVEYOR_MODEL / --model)', '')}") \
-            from None
+        raise ModelLoadError(
+            f"speculative_config's draft model: {str(e).replace(' (CONVEYOR_MODEL / --model)', '')}"
+        ) from None
     if isinstance(positions, int) and positions < max_len:
-        raise ModelLoadError(f"speculative_config: the draft model {str(path)!r} holds {positions} positions, "
-                             f"fewer than max_model_len {max_len}: lower --max-model-len")
+        raise ModelLoadError(
+            f"speculative_config: the draft model {str(path)!r} holds {positions} positions, "
+            f"fewer than max_model_len {max_len}: lower --max-model-len"
+        )
     return path
 
 
-def _load_draft(path: Path, model, settings: WorkerSettings, device: torch.device, dtype: torch.dtype,
-                max_len: int):
-    draft = load_model(path, device, dtype, get_attention_backend(device, settings.attention_backend),
-                       settings.linear_backend, max_model_len=max_len, layer_ops=settings.layer_ops)
+def _load_draft(
+    path: Path, model, settings: WorkerSettings, device: torch.device, dtype: torch.dtype, max_len: int
+):
+    draft = load_model(
+        path,
+        device,
+        dtype,
+        get_attention_backend(device, settings.attention_backend),
+        settings.linear_backend,
+        max_model_len=max_len,
+        layer_ops=settings.layer_ops,
+    )
     if draft.shape.vocab_size != model.shape.vocab_size:
         draft.close()
-        raise ModelLoadError(f"speculative_config: the draft model's vocabulary ({draft.shape.vocab_size} tokens) "
-                             f"is not the model's ({model.shape.vocab_size}): it must share the tokenizer")
+        raise ModelLoadError(
+            f"speculative_config: the draft model's vocabulary ({draft.shape.vocab_size} tokens) "
+            f"is not the model's ({model.shape.vocab_size}): it must share the tokenizer"
+        )
     return draft

@@ -25,16 +25,25 @@ def cache_budget_bytes(device: torch.device, cpu_budget: int, gpu_fraction: floa
     return int(cpu_budget)
 
 
-def num_blocks_in_budget(shapes: ModelShape | list[ModelShape], block_size: int, dtype: torch.dtype,
-                         device: torch.device, cpu_budget: int, gpu_fraction: float) -> int:
+def num_blocks_in_budget(
+    shapes: ModelShape | list[ModelShape],
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    cpu_budget: int,
+    gpu_fraction: float,
+) -> int:
     """Blocks that fit: of each model's cache when several share the block ids (a draft model's)."""
     shapes = shapes if isinstance(shapes, list) else [shapes]
     per_block = sum(bytes_per_block(shape, block_size, dtype) for shape in shapes)
     return cache_budget_bytes(device, cpu_budget, gpu_fraction) // per_block
 
 
-def allocate_kv_cache(shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def allocate_kv_cache(
+    shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     dims = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
-    return [(torch.zeros(dims, dtype=dtype, device=device), torch.zeros(dims, dtype=dtype, device=device))
-            for _ in range(shape.num_layers)]
+    return [
+        (torch.zeros(dims, dtype=dtype, device=device), torch.zeros(dims, dtype=dtype, device=device))
+        for _ in range(shape.num_layers)
+    ]

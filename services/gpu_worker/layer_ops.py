@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -76,8 +76,14 @@ def _cpu(act: Callable) -> LayerOps:
     # The kernel is SiLU's (Llama, Qwen); any other activation keeps the eager path.
     silu = isinstance(act, (SiLUActivation, nn.SiLU))
     mlp_act = k.silu_and_mul if silu else functools.partial(act_and_mul, act)
-    slow = () if silu else (f"layer ops: act(gate) * up runs as eager torch ops: the fused cpu kernel is SiLU's, "
-                            f"the model's activation is {type(act).__name__}",)
+    slow = (
+        ()
+        if silu
+        else (
+            f"layer ops: act(gate) * up runs as eager torch ops: the fused cpu kernel is SiLU's, "
+            f"the model's activation is {type(act).__name__}",
+        )
+    )
     return LayerOps("cpu", k.rms_norm, k.add_rms_norm, mlp_act, k.rotary, slow)
 
 
@@ -86,5 +92,9 @@ def _cpu_or_eager(act: Callable) -> LayerOps:
         return _cpu(act)
     except RuntimeError as e:  # no compiler or ninja, or a failed build: the message says which
         log.warning("cpu layer ops unavailable, falling back to eager torch ops: %s", e)
-        return dataclasses.replace(_eager(act), slow_paths=(f"layer ops: eager torch ops instead of the cpu "
-                                                            f"kernels, which cannot be built: {e}",))
+        return dataclasses.replace(
+            _eager(act),
+            slow_paths=(
+                f"layer ops: eager torch ops instead of the cpu kernels, which cannot be built: {e}",
+            ),
+        )

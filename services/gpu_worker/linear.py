@@ -10,8 +10,6 @@ Everywhere else, and with linear_backend "torch", F.linear.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +21,9 @@ LINEAR_BACKENDS = ("auto", "onednn", "torch")
 def _onednn_dtypes() -> tuple[torch.dtype, ...]:
     if not torch.backends.mkldnn.is_available():
         return ()
-    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+    return (
+        (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+    )
 
 
 def onednn_slow_path(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -34,8 +34,10 @@ def onednn_slow_path(backend: str, device: torch.device, dtype: torch.dtype) -> 
     if not torch.backends.mkldnn.is_available():
         return ["linear: F.linear instead of prepacked oneDNN, which this torch build lacks (mkldnn)"]
     if dtype not in _onednn_dtypes():
-        return ["linear: bfloat16 F.linear instead of prepacked oneDNN: this CPU has no bf16 instructions "
-                "(avx512_bf16 or AMX); float32 may well be faster here"]
+        return [
+            "linear: bfloat16 F.linear instead of prepacked oneDNN: this CPU has no bf16 instructions "
+            "(avx512_bf16 or AMX); float32 may well be faster here"
+        ]
     return []
 
 
@@ -46,13 +48,15 @@ def use_onednn(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
         raise ModelLoadError(f"linear_backend must be one of {LINEAR_BACKENDS} (got {backend!r})")
     possible = device.type == "cpu" and dtype in _onednn_dtypes()
     if backend == "onednn" and not possible:
-        raise ModelLoadError(f"linear_backend onednn needs float32, or bfloat16 on a CPU with bf16 instructions, "
-                             f"on a CPU with oneDNN (got {dtype} on {device.type})")
+        raise ModelLoadError(
+            f"linear_backend onednn needs float32, or bfloat16 on a CPU with bf16 instructions, "
+            f"on a CPU with oneDNN (got {dtype} on {device.type})"
+        )
     return possible and backend != "torch"
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, onednn: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, onednn: bool = False):
         self.weight = weight  # [out, in]; kept: tied embeddings and tests read it
         self.bias = bias
         # NOTE: packed without a batch-size hint: one layout serves every step's row count.

@@ -11,19 +11,23 @@ from __future__ import annotations
 import dataclasses
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.activations import ACT2FN
 
+from services.gpu_worker import gemma3
 from services.gpu_worker.linear import Linear, use_onednn
 from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
-from services.gpu_worker import gemma3
 from services.gpu_worker.moe import SparseMoE, is_sparse_layer
-from services.gpu_worker.parallel_layers import (AllReduce, RowParallelLinear, Sharding, VocabParallelEmbedding,
-                                                 plan_sharding)
+from services.gpu_worker.parallel_layers import (
+    AllReduce,
+    RowParallelLinear,
+    Sharding,
+    VocabParallelEmbedding,
+    plan_sharding,
+)
 from services.gpu_worker.rope import SUPPORTED_ROPE, UNSUPPORTED_ROPE, RotaryEmbedding
 from shared.models import ModelLoadError, check_model_dir
 
@@ -39,28 +43,39 @@ def load_config(model_dir: str | Path):
     if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
         raise ModelLoadError("partial rotary embeddings are not supported (partial_rotary_factor != 1)")
     if rope.get("rope_type") in UNSUPPORTED_ROPE:
-        raise ModelLoadError(f"rope type {rope['rope_type']!r} is not supported: its frequencies change with the "
-                             f"sequence length at run time (supported: {SUPPORTED_ROPE})")
+        raise ModelLoadError(
+            f"rope type {rope['rope_type']!r} is not supported: its frequencies change with the "
+            f"sequence length at run time (supported: {SUPPORTED_ROPE})"
+        )
     return config
 
 
 def model_shape(config) -> ModelShape:
     heads = config.num_attention_heads
     return ModelShape(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-        num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings)
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+    )
 
 
-def layer_windows(config) -> list[Optional[int]]:
+def layer_windows(config) -> list[int | None]:
     """Each layer's sliding attention window, None where it attends to the whole context: per
     layer_types where the config has them (Qwen2 and Qwen3 with use_sliding_window, from layer
     max_window_layers on; Gemma 3's 'sliding_attention' layers), else sliding_window on every
     layer (Mistral, Phi-3, Qwen3-MoE). transformers' configs already drop Qwen's window when
     use_sliding_window is off. A window as long as the context cuts nothing: None."""
     window = getattr(config, "sliding_window", None)
-    if not isinstance(window, int) or isinstance(window, bool) or not 0 < window < config.max_position_embeddings:
+    if (
+        not isinstance(window, int)
+        or isinstance(window, bool)
+        or not 0 < window < config.max_position_embeddings
+    ):
         return [None] * config.num_hidden_layers
     types = getattr(config, "layer_types", None)
     if types is None:
@@ -68,10 +83,18 @@ def layer_windows(config) -> list[Optional[int]]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
-def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, attention_backend,
-               linear_backend: str = "auto", sharding: Optional[Sharding] = None,
-               all_reduce: Optional[AllReduce] = None, cls: type[DecoderModel] = DecoderModel,
-               max_model_len: Optional[int] = None, layer_ops: str = "auto") -> DecoderModel:
+def load_model(
+    model_dir: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention_backend,
+    linear_backend: str = "auto",
+    sharding: Sharding | None = None,
+    all_reduce: AllReduce | None = None,
+    cls: type[DecoderModel] = DecoderModel,
+    max_model_len: int | None = None,
+    layer_ops: str = "auto",
+) -> DecoderModel:
     """The whole model, or with `sharding` and `all_reduce` one tensor-parallel rank's part
     of it, read from only that rank's slices of the safetensors files. `max_model_len`: the
     context served (None: the model's whole), which picks LongRoPE's frequencies (rope.py).
@@ -81,35 +104,72 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     shape = model_shape(config)
     if sharding is None:
         sharding = shard_model(config, shape, rank=0, world=1)
-    assert (sharding.world > 1) == (all_reduce is not None), "a sharded model needs its collective, a whole one none"
+    assert (sharding.world > 1) == (all_reduce is not None), (
+        "a sharded model needs its collective, a whole one none"
+    )
     with _Checkpoint(Path(model_dir), device, dtype) as ckpt:
-        layers = [_layer(ckpt, f"model.layers.{i}.", shape, sharding, onednn, all_reduce,
-                         config if is_sparse_layer(config, i) else None)
-                  for i in range(shape.num_layers)]
-        embed, lm_head = _embedding_and_head(ckpt, getattr(config, "tie_word_embeddings", False), sharding, onednn,
-                                             all_reduce)
+        layers = [
+            _layer(
+                ckpt,
+                f"model.layers.{i}.",
+                shape,
+                sharding,
+                onednn,
+                all_reduce,
+                config if is_sparse_layer(config, i) else None,
+            )
+            for i in range(shape.num_layers)
+        ]
+        embed, lm_head = _embedding_and_head(
+            ckpt, getattr(config, "tie_word_embeddings", False), sharding, onednn, all_reduce
+        )
         final_norm = ckpt.take("model.norm.weight")
         if gemma3.is_gemma3(config):
             layers = gemma3.gemma3_layers(layers, ckpt, config)
     for layer, window in zip(layers, layer_windows(config)):
         layer.window = window
     if gemma3.is_gemma3(config):
-        return gemma3.build(dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
-                            embed, layers, final_norm, lm_head, config, device, attention_backend, cls, layer_ops)
+        return gemma3.build(
+            dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            config,
+            device,
+            attention_backend,
+            cls,
+            layer_ops,
+        )
     return cls(
         shape=dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
-        embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head,
+        embed=embed,
+        layers=layers,
+        final_norm=final_norm,
+        lm_head=lm_head,
         rotary=RotaryEmbedding(config, shape.head_dim, shape.max_position_embeddings, device, max_model_len),
-        act=ACT2FN[config.hidden_act], attention_backend=attention_backend, layer_ops=layer_ops)
+        act=ACT2FN[config.hidden_act],
+        attention_backend=attention_backend,
+        layer_ops=layer_ops,
+    )
 
 
 def shard_model(config, shape: ModelShape, rank: int, world: int) -> Sharding:
     """Rank `rank`'s slices, or the ModelLoadError saying why the model cannot be split."""
-    return plan_sharding(shape.num_heads, shape.num_kv_heads, config.intermediate_size, shape.vocab_size, rank, world)
+    return plan_sharding(
+        shape.num_heads, shape.num_kv_heads, config.intermediate_size, shape.vocab_size, rank, world
+    )
 
 
-def _layer(ckpt: "_Checkpoint", p: str, shape: ModelShape, s: Sharding, onednn: bool,
-           all_reduce: Optional[AllReduce], moe_config=None) -> LayerWeights:
+def _layer(
+    ckpt: _Checkpoint,
+    p: str,
+    shape: ModelShape,
+    s: Sharding,
+    onednn: bool,
+    all_reduce: AllReduce | None,
+    moe_config=None,
+) -> LayerWeights:
     """One decoder layer's weights; `moe_config` (Qwen3-MoE's config) for a sparse layer."""
     # Column-parallel q/k/v and gate/up (this rank's heads and MLP columns), row-parallel o
     # and down (the matching input columns, summed over the ranks); norms whole everywhere.
@@ -119,56 +179,90 @@ def _layer(ckpt: "_Checkpoint", p: str, shape: ModelShape, s: Sharding, onednn: 
     if ckpt.has(p + "self_attn.qkv_proj.weight"):  # Phi-3: q, k and v in one tensor, gate and up in another
         q_total, kv_total = shape.num_heads * hd, shape.num_kv_heads * hd
         offsets = (0, q_total, q_total + kv_total)
-        qkv = [ckpt.take(p + "self_attn.qkv_proj.weight", rows=(o + r[0], o + r[1])) for o, r in zip(offsets, qkv_rows)]
+        qkv = [
+            ckpt.take(p + "self_attn.qkv_proj.weight", rows=(o + r[0], o + r[1]))
+            for o, r in zip(offsets, qkv_rows)
+        ]
         biases = [None]
         intermediate = ckpt.rows(p + "mlp.gate_up_proj.weight") // 2
-        gate_up = [ckpt.take(p + "mlp.gate_up_proj.weight", rows=(o + s.columns[0], o + s.columns[1]))
-                   for o in (0, intermediate)]
+        gate_up = [
+            ckpt.take(p + "mlp.gate_up_proj.weight", rows=(o + s.columns[0], o + s.columns[1]))
+            for o in (0, intermediate)
+        ]
     else:
         qkv = [ckpt.take(p + f"self_attn.{n}_proj.weight", rows=r) for n, r in zip("qkv", qkv_rows)]
-        biases = [ckpt.take(p + f"self_attn.{n}_proj.bias", rows=r, required=False) for n, r in zip("qkv", qkv_rows)]
-        gate_up = None if moe_config else [ckpt.take(p + f"mlp.{n}_proj.weight", rows=s.columns)
-                                           for n in ("gate", "up")]
+        biases = [
+            ckpt.take(p + f"self_attn.{n}_proj.bias", rows=r, required=False) for n, r in zip("qkv", qkv_rows)
+        ]
+        gate_up = (
+            None
+            if moe_config
+            else [ckpt.take(p + f"mlp.{n}_proj.weight", rows=s.columns) for n in ("gate", "up")]
+        )
     return LayerWeights(
         input_norm=ckpt.take(p + "input_layernorm.weight"),
         qkv=Linear(torch.cat(qkv), torch.cat(biases) if all(b is not None for b in biases) else None, onednn),
-        o=_row_parallel(ckpt.take(p + "self_attn.o_proj.weight", cols=q_rows),
-                        ckpt.take(p + "self_attn.o_proj.bias", required=False), onednn, all_reduce),
+        o=_row_parallel(
+            ckpt.take(p + "self_attn.o_proj.weight", cols=q_rows),
+            ckpt.take(p + "self_attn.o_proj.bias", required=False),
+            onednn,
+            all_reduce,
+        ),
         q_norm=ckpt.take(p + "self_attn.q_norm.weight", required=False),
         k_norm=ckpt.take(p + "self_attn.k_norm.weight", required=False),
         post_attention_norm=ckpt.take(p + "post_attention_layernorm.weight"),
         gate_up=None if moe_config else Linear(torch.cat(gate_up), None, onednn),
-        down=None if moe_config else _row_parallel(ckpt.take(p + "mlp.down_proj.weight", cols=s.columns), None,
-                                                   onednn, all_reduce),
+        down=None
+        if moe_config
+        else _row_parallel(ckpt.take(p + "mlp.down_proj.weight", cols=s.columns), None, onednn, all_reduce),
         moe=_experts(ckpt, p, s, moe_config, all_reduce) if moe_config else None,
     )
 
 
-def _experts(ckpt: "_Checkpoint", p: str, s: Sharding, config, all_reduce: Optional[AllReduce]) -> SparseMoE:
+def _experts(ckpt: _Checkpoint, p: str, s: Sharding, config, all_reduce: AllReduce | None) -> SparseMoE:
     """A sparse layer's router and experts (checkpoints keep one gate, up and down matrix per
     expert); with tensor parallelism, this rank's slice of every expert's intermediate dim."""
     inter, world = config.moe_intermediate_size, s.world
     if inter % world:
-        raise ModelLoadError(f"moe_intermediate_size {inter} does not split over {world} tensor-parallel ranks")
+        raise ModelLoadError(
+            f"moe_intermediate_size {inter} does not split over {world} tensor-parallel ranks"
+        )
     cols = (s.rank * inter // world, (s.rank + 1) * inter // world)
     e = f"{p}mlp.experts."
-    gate_up = torch.stack([torch.cat([ckpt.take(f"{e}{i}.gate_proj.weight", rows=cols),
-                                      ckpt.take(f"{e}{i}.up_proj.weight", rows=cols)])
-                           for i in range(config.num_experts)])
+    gate_up = torch.stack(
+        [
+            torch.cat(
+                [
+                    ckpt.take(f"{e}{i}.gate_proj.weight", rows=cols),
+                    ckpt.take(f"{e}{i}.up_proj.weight", rows=cols),
+                ]
+            )
+            for i in range(config.num_experts)
+        ]
+    )
     down = torch.stack([ckpt.take(f"{e}{i}.down_proj.weight", cols=cols) for i in range(config.num_experts)])
-    return SparseMoE(ckpt.take(f"{p}mlp.gate.weight"), gate_up, down, config.num_experts_per_tok,
-                     bool(getattr(config, "norm_topk_prob", False)), ACT2FN[config.hidden_act], all_reduce)
+    return SparseMoE(
+        ckpt.take(f"{p}mlp.gate.weight"),
+        gate_up,
+        down,
+        config.num_experts_per_tok,
+        bool(getattr(config, "norm_topk_prob", False)),
+        ACT2FN[config.hidden_act],
+        all_reduce,
+    )
 
 
-def _row_parallel(weight: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool,
-                  all_reduce: Optional[AllReduce]) -> Linear | RowParallelLinear:
+def _row_parallel(
+    weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool, all_reduce: AllReduce | None
+) -> Linear | RowParallelLinear:
     if all_reduce is None:
         return Linear(weight, bias, onednn)
     return RowParallelLinear(Linear(weight, None, onednn), bias, all_reduce)
 
 
-def _embedding_and_head(ckpt: "_Checkpoint", tied: bool, s: Sharding, onednn: bool,
-                        all_reduce: Optional[AllReduce]) -> tuple[VocabParallelEmbedding, Optional[Linear]]:
+def _embedding_and_head(
+    ckpt: _Checkpoint, tied: bool, s: Sharding, onednn: bool, all_reduce: AllReduce | None
+) -> tuple[VocabParallelEmbedding, Linear | None]:
     """Every rank: its vocabulary rows of the embedding. Rank 0 alone: the whole LM head.
 
     NOTE: rank 0 alone samples, so sampling, grammars and logprobs stay in one process and
@@ -178,12 +272,16 @@ def _embedding_and_head(ckpt: "_Checkpoint", tied: bool, s: Sharding, onednn: bo
     logits to rank 0 is the next step when that matters."""
     rows = (s.vocab_start, s.vocab_end)
     head = ckpt.take("lm_head.weight", required=not tied) if s.rank == 0 else None
-    if s.rank == 0 and head is None:  # tied: one whole matrix serves as the head, a view of it as the embedding
+    if (
+        s.rank == 0 and head is None
+    ):  # tied: one whole matrix serves as the head, a view of it as the embedding
         head = ckpt.take("model.embed_tokens.weight")
-        embed = head[rows[0]:rows[1]]
+        embed = head[rows[0] : rows[1]]
     else:
         embed = ckpt.take("model.embed_tokens.weight", rows=rows)
-    return VocabParallelEmbedding(embed, s.vocab_start, all_reduce), None if head is None else Linear(head, None, onednn)
+    return VocabParallelEmbedding(embed, s.vocab_start, all_reduce), None if head is None else Linear(
+        head, None, onednn
+    )
 
 
 class _Checkpoint:
@@ -193,11 +291,14 @@ class _Checkpoint:
     def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype):
         self.model_dir, self.device, self.dtype = model_dir, device, dtype
         self.files = ExitStack()
-        self.where = {name: st for f in sorted(model_dir.glob("*.safetensors"))
-                      for st in [self.files.enter_context(safe_open(f, framework="pt", device="cpu"))]
-                      for name in st.keys()}
+        self.where = {
+            name: st
+            for f in sorted(model_dir.glob("*.safetensors"))
+            for st in [self.files.enter_context(safe_open(f, framework="pt", device="cpu"))]
+            for name in st.keys()
+        }
 
-    def __enter__(self) -> "_Checkpoint":
+    def __enter__(self) -> _Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -209,20 +310,29 @@ class _Checkpoint:
     def rows(self, name: str) -> int:
         """The first dimension of tensor `name`, read from the file's header."""
         if name not in self.where:
-            raise ModelLoadError(f"weight {name!r} is missing from the safetensors files in {str(self.model_dir)!r}")
+            raise ModelLoadError(
+                f"weight {name!r} is missing from the safetensors files in {str(self.model_dir)!r}"
+            )
         return self.where[name].get_slice(name).get_shape()[0]
 
-    def take(self, name: str, rows: Optional[tuple[int, int]] = None, cols: Optional[tuple[int, int]] = None,
-             required: bool = True) -> Optional[torch.Tensor]:
+    def take(
+        self,
+        name: str,
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+        required: bool = True,
+    ) -> torch.Tensor | None:
         st = self.where.get(name)
         if st is None:
             if required:
-                raise ModelLoadError(f"weight {name!r} is missing from the safetensors files in {str(self.model_dir)!r}")
+                raise ModelLoadError(
+                    f"weight {name!r} is missing from the safetensors files in {str(self.model_dir)!r}"
+                )
             return None
         if rows is not None:
-            tensor = st.get_slice(name)[rows[0]:rows[1]]
+            tensor = st.get_slice(name)[rows[0] : rows[1]]
         elif cols is not None:
-            tensor = st.get_slice(name)[:, cols[0]:cols[1]]
+            tensor = st.get_slice(name)[:, cols[0] : cols[1]]
         else:
             tensor = st.get_tensor(name)
         return tensor.to(device=self.device, dtype=self.dtype)

@@ -25,7 +25,11 @@ def has_token_masks(params: SamplingParams) -> bool:
 def mask_problem(params: SamplingParams, vocab_size: int) -> str | None:
     """What makes these masks unusable on this vocab (the gateway checks the user's values;
     this guards the worker's invariants), or None."""
-    ids = [*params.logit_bias, *(params.allowed_token_ids or ()), *(t for word in params.bad_words for t in word)]
+    ids = [
+        *params.logit_bias,
+        *(params.allowed_token_ids or ()),
+        *(t for word in params.bad_words for t in word),
+    ]
     so = params.structured
     ids += [t for t in (so.think_end, so.think_open) if t != -1] if so is not None else []
     bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -79,7 +83,7 @@ def _ban_bad_words(work: torch.Tensor, rows: list[SamplingRow]) -> None:
         tokens, generated = row.token_ids, row.num_output_tokens  # no copy of the output per step
         for word in row.params.bad_words:
             prefix = word[:-1]
-            if len(prefix) <= generated and tokens[len(tokens) - len(prefix):] == prefix:
+            if len(prefix) <= generated and tokens[len(tokens) - len(prefix) :] == prefix:
                 row_idx.append(i)
                 token_idx.append(word[-1])
     if row_idx:

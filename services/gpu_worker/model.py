@@ -7,15 +7,15 @@ request) come first in the batch and go to the decode kernel; prefill chunks fol
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
-from services.gpu_worker.moe import SparseMoE
 from services.gpu_worker.batch import AttentionMetadata
 from services.gpu_worker.layer_ops import get_layer_ops
 from services.gpu_worker.linear import Linear
+from services.gpu_worker.moe import SparseMoE
 from services.gpu_worker.parallel_layers import RowParallelLinear, VocabParallelEmbedding
 from services.gpu_worker.rope import RotaryEmbedding
 
@@ -39,21 +39,30 @@ class LayerWeights:
     input_norm: torch.Tensor
     qkv: Linear  # q, k and v projections fused into one matrix: one matmul instead of three
     o: Linear | RowParallelLinear
-    q_norm: Optional[torch.Tensor]  # Qwen3: RMSNorm over head_dim of each head
-    k_norm: Optional[torch.Tensor]
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over head_dim of each head
+    k_norm: torch.Tensor | None
     post_attention_norm: torch.Tensor
-    gate_up: Optional[Linear]  # gate and up fused, gate first (None in a mixture-of-experts layer)
-    down: Optional[Linear | RowParallelLinear]
-    moe: Optional[SparseMoE] = None  # Qwen3-MoE's sparse layers: experts instead of the dense MLP
+    gate_up: Linear | None  # gate and up fused, gate first (None in a mixture-of-experts layer)
+    down: Linear | RowParallelLinear | None
+    moe: SparseMoE | None = None  # Qwen3-MoE's sparse layers: experts instead of the dense MLP
     # Sliding-window attention: the layer's queries see only the last `window` positions
     # (kernels/reference.py); None: all of them. Set by the loader from the config.
-    window: Optional[int] = None
+    window: int | None = None
 
 
 class DecoderModel:
-    def __init__(self, shape: ModelShape, embed: VocabParallelEmbedding, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: Optional[Linear], rotary: RotaryEmbedding,
-                 act: Callable[[torch.Tensor], torch.Tensor], attention_backend, layer_ops: str = "auto"):
+    def __init__(
+        self,
+        shape: ModelShape,
+        embed: VocabParallelEmbedding,
+        layers: list[LayerWeights],
+        final_norm: torch.Tensor,
+        lm_head: Linear | None,
+        rotary: RotaryEmbedding,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        attention_backend,
+        layer_ops: str = "auto",
+    ):
         """`lm_head`: None on a tensor-parallel rank other than 0, which never samples.
         `layer_ops`: the name get_layer_ops resolves (the worker's setting)."""
         self.shape = shape
@@ -72,8 +81,13 @@ class DecoderModel:
         self.ops = get_layer_ops(self.device, act, layer_ops)  # norms, residual adds, rope, activation
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
         h = self.embed(input_ids)
         rope = self.rotary.for_positions(positions, self.dtype)
@@ -97,13 +111,19 @@ class DecoderModel:
         """The kernels each part of a step runs on, and the parts that run a slower path than
         their backend's fast one (which op, which shape, why): for the start-up log and figures."""
         linear = self.layers[0].qkv.backend if self.layers else "torch"
-        names = {"attention": self.attn.name, "layer_ops": self.ops.name, "linear": linear,
-                 "dtype": str(self.dtype).removeprefix("torch.")}
+        names = {
+            "attention": self.attn.name,
+            "layer_ops": self.ops.name,
+            "linear": linear,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
         slow = self.attn.slow_paths() + list(self.ops.slow_paths)
         moe = next((layer.moe for layer in self.layers if layer.moe is not None), None)
         if moe is not None and linear != "torch":
-            slow.append(f"moe experts: torch F.linear per expert ({moe.num_experts} experts, top {moe.top_k}), "
-                        f"not {linear}: the expert weights are not prepacked")
+            slow.append(
+                f"moe experts: torch F.linear per expert ({moe.num_experts} experts, top {moe.top_k}), "
+                f"not {linear}: the expert weights are not prepacked"
+            )
         return names, slow
 
     def watch_ranks(self, on_failure: Callable[[str], None]) -> None:
@@ -129,12 +149,28 @@ class DecoderModel:
         out = torch.empty_like(q)
         d = meta.num_decode_tokens
         if d:
-            self.attn.decode_attention(q[:d], k_cache, v_cache, meta.decode_block_tables,
-                                       meta.decode_seq_lens, self.scale, out=out[:d], window=layer.window)
+            self.attn.decode_attention(
+                q[:d],
+                k_cache,
+                v_cache,
+                meta.decode_block_tables,
+                meta.decode_seq_lens,
+                self.scale,
+                out=out[:d],
+                window=layer.window,
+            )
         if num_tokens > d:
-            self.attn.prefill_attention(q[d:], k_cache, v_cache, meta.prefill_block_tables,
-                                        meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
-                                        self.scale, out=out[d:], window=layer.window)
+            self.attn.prefill_attention(
+                q[d:],
+                k_cache,
+                v_cache,
+                meta.prefill_block_tables,
+                meta.prefill_cu_seqlens_q,
+                meta.prefill_seq_lens,
+                self.scale,
+                out=out[d:],
+                window=layer.window,
+            )
         return layer.o(out.view(num_tokens, q_size))
 
     def _mlp(self, layer: LayerWeights, x):

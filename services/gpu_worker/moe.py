@@ -16,16 +16,23 @@ the ranks' partial outputs are summed (one all-reduce per layer, as a dense MLP'
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 
 class SparseMoE:
-    def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
-                 norm_topk_prob: bool, act: Callable[[torch.Tensor], torch.Tensor],
-                 all_reduce: Optional[Callable[[torch.Tensor], None]] = None):
+    def __init__(
+        self,
+        router: torch.Tensor,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        top_k: int,
+        norm_topk_prob: bool,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        all_reduce: Callable[[torch.Tensor], None] | None = None,
+    ):
         """router [E, H]; gate_up [E, 2I, H] (each expert's gate rows, then its up rows);
         down [E, H, I]; with tensor parallelism, I is this rank's slice and `all_reduce`
         sums a tensor over the ranks in place."""
@@ -54,7 +61,7 @@ class SparseMoE:
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            slots = order[start:start + n]
+            slots = order[start : start + n]
             start += n
             tokens = slots // self.top_k
             gate, up = F.linear(x[tokens], self.gate_up[e]).chunk(2, dim=-1)

@@ -8,8 +8,8 @@ model is the same code with a world of 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,38 +46,55 @@ class Sharding:
         return self.rank * self.intermediate, (self.rank + 1) * self.intermediate
 
 
-def plan_sharding(num_heads: int, num_kv_heads: int, intermediate_size: int, vocab_size: int,
-                  rank: int, world: int) -> Sharding:
+def plan_sharding(
+    num_heads: int, num_kv_heads: int, intermediate_size: int, vocab_size: int, rank: int, world: int
+) -> Sharding:
     """Rank `rank`'s slices of a model split `world` ways, or ModelLoadError naming the
     numbers that do not divide."""
     assert 0 <= rank < world, (rank, world)
-    problems = [f"{name} {n}" for name, n in (("num_attention_heads", num_heads),
-                                              ("intermediate_size", intermediate_size)) if n % world]
+    problems = [
+        f"{name} {n}"
+        for name, n in (("num_attention_heads", num_heads), ("intermediate_size", intermediate_size))
+        if n % world
+    ]
     if num_kv_heads % world and world % num_kv_heads:
-        problems.append(f"num_key_value_heads {num_kv_heads} (nor does {world} divide by it, "
-                        f"which would let ranks share replicated KV heads)")
+        problems.append(
+            f"num_key_value_heads {num_kv_heads} (nor does {world} divide by it, "
+            f"which would let ranks share replicated KV heads)"
+        )
     rows = -(-vocab_size // world)  # the last rank's share may be shorter, but never empty
     if (world - 1) * rows >= vocab_size:
-        problems.append(f"vocab_size {vocab_size} into shares of {rows} rows for every rank "
-                        f"(rank {world - 1} would hold none)")
+        problems.append(
+            f"vocab_size {vocab_size} into shares of {rows} rows for every rank "
+            f"(rank {world - 1} would hold none)"
+        )
     if problems:
-        raise ModelLoadError(f"tensor_parallel_size {world} cannot split this model: it does not divide "
-                             + ", ".join(problems))
+        raise ModelLoadError(
+            f"tensor_parallel_size {world} cannot split this model: it does not divide " + ", ".join(problems)
+        )
     if num_kv_heads % world == 0:
         local_kv, kv_start = num_kv_heads // world, rank * (num_kv_heads // world)
     else:
         # NOTE: fewer KV heads than ranks: each rank holds a copy of the one KV head its
         # query heads read (q head i reads KV head i // (num_heads // num_kv_heads)), as vLLM does.
         local_kv, kv_start = 1, rank // (world // num_kv_heads)
-    return Sharding(rank, world, num_heads // world, local_kv, kv_start, intermediate_size // world,
-                    min(rank * rows, vocab_size), min((rank + 1) * rows, vocab_size))
+    return Sharding(
+        rank,
+        world,
+        num_heads // world,
+        local_kv,
+        kv_start,
+        intermediate_size // world,
+        min(rank * rows, vocab_size),
+        min((rank + 1) * rows, vocab_size),
+    )
 
 
 class RowParallelLinear:
     """y = sum over ranks of x_r @ W_r.T, then the bias once: each rank holds W's columns
     for its own slice of x (its heads, its MLP columns)."""
 
-    def __init__(self, linear: Linear, bias: Optional[torch.Tensor], all_reduce: AllReduce):
+    def __init__(self, linear: Linear, bias: torch.Tensor | None, all_reduce: AllReduce):
         self.linear = linear
         self.bias = bias
         self.all_reduce = all_reduce
@@ -97,7 +114,7 @@ class VocabParallelEmbedding:
     so the all-reduce leaves every rank with every token's row. Without `all_reduce`
     (one rank) it is a plain lookup."""
 
-    def __init__(self, weight: torch.Tensor, start: int, all_reduce: Optional[AllReduce]):
+    def __init__(self, weight: torch.Tensor, start: int, all_reduce: AllReduce | None):
         self.weight = weight
         self.start = start
         self.all_reduce = all_reduce

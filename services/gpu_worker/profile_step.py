@@ -46,9 +46,12 @@ class Timed:
 def instrument(engine, totals: dict[str, float]) -> None:
     model = engine.model
     a = model.attn
-    model.attn = replace(a, store_kv=Timed(a.store_kv, "store K/V", totals),
-                         decode_attention=Timed(a.decode_attention, "decode attention", totals),
-                         prefill_attention=Timed(a.prefill_attention, "prefill attention", totals))
+    model.attn = replace(
+        a,
+        store_kv=Timed(a.store_kv, "store K/V", totals),
+        decode_attention=Timed(a.decode_attention, "decode attention", totals),
+        prefill_attention=Timed(a.prefill_attention, "prefill attention", totals),
+    )
     for layer in model.layers:
         for name in ("qkv", "o", "gate_up", "down"):
             setattr(layer, name, Timed(getattr(layer, name), "linear layers", totals))
@@ -67,8 +70,13 @@ def steps(vocab: int, block_size: int, num_steps: int, num_decodes: int = 32, se
         nonlocal next_block
         rid = f"r{next(ids)}"
         blocks = -(-(prompt_len + num_steps + 1) // block_size)
-        req = NewRequest(rid, [rng.randrange(3, vocab) for _ in range(prompt_len)], prompt_len, GREEDY,
-                         list(range(next_block, next_block + blocks)))
+        req = NewRequest(
+            rid,
+            [rng.randrange(3, vocab) for _ in range(prompt_len)],
+            prompt_len,
+            GREEDY,
+            list(range(next_block, next_block + blocks)),
+        )
         next_block += blocks
         return req
 
@@ -89,13 +97,23 @@ def steps(vocab: int, block_size: int, num_steps: int, num_decodes: int = 32, se
         running.update({r.request_id: len(r.token_ids) for r in plan_new})
 
 
-def profile(preset: str, config: str, num_steps: int, num_decodes: int = 32,
-            dtype: str = "float32") -> dict[str, float]:
+def profile(
+    preset: str, config: str, num_steps: int, num_decodes: int = 32, dtype: str = "float32"
+) -> dict[str, float]:
     attention, linear = CONFIGS[config]
     model_dir = ensure_smollm2() if preset == "smollm2" else ensure_model(preset)
-    engine, info = create_engine(WorkerSettings(model=str(model_dir), device="cpu", dtype=dtype,
-                                                attention_backend=attention, linear_backend=linear, num_threads=1,
-                                                cpu_affinity="none", kv_cache_memory="4GiB"))
+    engine, info = create_engine(
+        WorkerSettings(
+            model=str(model_dir),
+            device="cpu",
+            dtype=dtype,
+            attention_backend=attention,
+            linear_backend=linear,
+            num_threads=1,
+            cpu_affinity="none",
+            kv_cache_memory="4GiB",
+        )
+    )
     totals: dict[str, float] = defaultdict(float)
     instrument(engine, totals)
     for plan, timed in steps(engine.model.shape.vocab_size, info.block_size, num_steps, num_decodes):
@@ -118,13 +136,26 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    ms = {config: profile(args.model, config, args.steps, args.decodes, args.dtype) for config in args.configs}
+    ms = {
+        config: profile(args.model, config, args.steps, args.decodes, args.dtype) for config in args.configs
+    }
     parts = ["linear layers", "LM head", "decode attention", "prefill attention", "store K/V"]
     for m in ms.values():
-        m["norms, rope, activations (rest of forward)"] = m["forward"] - sum(m.get(p, 0.0) for p in parts[:1] + parts[2:])
-        m["step bookkeeping (batch, plan)"] = m["step"] - m["forward"] - m.get("LM head", 0.0) - m.get("sampling", 0.0)
-    rows = parts + ["norms, rope, activations (rest of forward)", "sampling", "step bookkeeping (batch, plan)", "step"]
-    print(f"{args.model} ({args.dtype}): ms per step (share), {args.steps} steps of ~{args.decodes} decodes + a prompt every other step")
+        m["norms, rope, activations (rest of forward)"] = m["forward"] - sum(
+            m.get(p, 0.0) for p in parts[:1] + parts[2:]
+        )
+        m["step bookkeeping (batch, plan)"] = (
+            m["step"] - m["forward"] - m.get("LM head", 0.0) - m.get("sampling", 0.0)
+        )
+    rows = parts + [
+        "norms, rope, activations (rest of forward)",
+        "sampling",
+        "step bookkeeping (batch, plan)",
+        "step",
+    ]
+    print(
+        f"{args.model} ({args.dtype}): ms per step (share), {args.steps} steps of ~{args.decodes} decodes + a prompt every other step"
+    )
     print(f"| part | {' | '.join(ms)} |\n|---|{'---:|' * len(ms)}")
     for p in rows:
         cells = [f"{m.get(p, 0.0):.2f} ({m.get(p, 0.0) / m['step']:.0%})" for m in ms.values()]

@@ -6,8 +6,8 @@ other request pays anything and a long prompt never holds all its logits at once
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -32,8 +32,9 @@ class PromptSpan:
     num_top: int
 
 
-def prompt_span(request_id: str, row: SamplingRow, computed: int, count: int,
-                last_index: int) -> Optional[PromptSpan]:
+def prompt_span(
+    request_id: str, row: SamplingRow, computed: int, count: int, last_index: int
+) -> PromptSpan | None:
     """The span of a row scheduled for tokens [computed, computed + count), whose last token
     is hidden row `last_index`, or None if it asks for nothing or predicts no prompt token
     here. Position p predicts token p + 1; only prompt tokens 1 .. P-1 are wanted (the
@@ -42,15 +43,26 @@ def prompt_span(request_id: str, row: SamplingRow, computed: int, count: int,
     end = min(computed + count, row.num_prompt_tokens - 1)  # exclusive end of predicting positions
     if num_top is None or end <= computed:
         return None
-    return PromptSpan(request_id, first_index=last_index - count + 1, start=computed + 1,
-                      targets=row.token_ids[computed + 1:end + 1], num_top=max(num_top, 0))
+    return PromptSpan(
+        request_id,
+        first_index=last_index - count + 1,
+        start=computed + 1,
+        targets=row.token_ids[computed + 1 : end + 1],
+        num_top=max(num_top, 0),
+    )
 
 
-def compute_prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                            vocab_size: int, spans: list[PromptSpan]) -> dict[str, PromptLogprobs]:
+def compute_prompt_logprobs(
+    compute_logits: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    vocab_size: int,
+    spans: list[PromptSpan],
+) -> dict[str, PromptLogprobs]:
     """log_softmax in fp32 of the raw logits (no penalty, temperature or mask: as vLLM
     reports them) at every span's positions, SLICE_ELEMENTS of logits at a time."""
-    rows = torch.cat([torch.arange(s.first_index, s.first_index + len(s.targets)) for s in spans]).to(hidden.device)
+    rows = torch.cat([torch.arange(s.first_index, s.first_index + len(s.targets)) for s in spans]).to(
+        hidden.device
+    )
     targets = torch.tensor([t for s in spans for t in s.targets], dtype=torch.long, device=hidden.device)
     num_top = [s.num_top for s in spans for _ in s.targets]
     height = max(1, SLICE_ELEMENTS // vocab_size)
@@ -60,7 +72,7 @@ def compute_prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tenso
         entries += _slice_entries(compute_logits(hidden[rows[lo:hi]]), targets[lo:hi], num_top[lo:hi])
     out, k = {}, 0
     for s in spans:
-        out[s.request_id] = PromptLogprobs(s.start, entries[k:k + len(s.targets)])
+        out[s.request_id] = PromptLogprobs(s.start, entries[k : k + len(s.targets)])
         k += len(s.targets)
     return out
 
@@ -73,5 +85,7 @@ def _slice_entries(logits: torch.Tensor, targets: torch.Tensor, num_top: list[in
     if width == 0:
         return [TokenLogprobs(t, lp) for t, lp in zip(targets.tolist(), chosen)]
     top_values, top_ids = (x.tolist() for x in logprobs.topk(width, dim=-1))
-    return [TokenLogprobs(t, lp, list(zip(ids[:n], values[:n])))
-            for t, lp, ids, values, n in zip(targets.tolist(), chosen, top_ids, top_values, num_top)]
+    return [
+        TokenLogprobs(t, lp, list(zip(ids[:n], values[:n])))
+        for t, lp, ids, values, n in zip(targets.tolist(), chosen, top_ids, top_values, num_top)
+    ]

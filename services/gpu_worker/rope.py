@@ -25,8 +25,14 @@ SUPPORTED_ROPE = "default, linear, llama3, yarn, longrope"
 
 
 class RotaryEmbedding:
-    def __init__(self, config, head_dim: int, max_positions: int, device: torch.device,
-                 max_model_len: int | None = None):
+    def __init__(
+        self,
+        config,
+        head_dim: int,
+        max_positions: int,
+        device: torch.device,
+        max_model_len: int | None = None,
+    ):
         """`max_model_len`: the context served (None: max_positions); it picks LongRoPE's set."""
         params = dict(getattr(config, "rope_parameters", None) or {})
         rope_type = params.get("rope_type", "default")
@@ -39,10 +45,14 @@ class RotaryEmbedding:
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
         if rope_type == "longrope":
-            original = config.rope_parameters["original_max_position_embeddings"]  # filled in by the call above
+            original = config.rope_parameters[
+                "original_max_position_embeddings"
+            ]  # filled in by the call above
             served = max_positions if max_model_len is None else max_model_len
             if served > original:  # the long set: what transformers computes past the original context
-                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), seq_len=original + 1)
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](
+                    config, torch.device("cpu"), seq_len=original + 1
+                )
         # Same arithmetic as transformers: fp32 angles, cos/sin of the doubled frequencies.
         angles = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((angles, angles), dim=-1)

@@ -56,7 +56,7 @@ class SamplingRow:
     @property
     def output_token_ids(self) -> list[int]:
         """A copy: add a generated token with `append`."""
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:
@@ -80,7 +80,9 @@ class SamplingRow:
             if grammar is not None:
                 forked = grammar.fork()
                 grammar = forked if forked.try_accept(token_id) else grammar.fork()
-            rows.append(SamplingRow(self.params, self.token_ids + drafts[:j + 1], self.num_prompt_tokens, grammar))
+            rows.append(
+                SamplingRow(self.params, self.token_ids + drafts[: j + 1], self.num_prompt_tokens, grammar)
+            )
         return rows
 
 
@@ -95,7 +97,9 @@ def is_greedy(params: SamplingParams) -> bool:
 
 
 def has_penalties(params: SamplingParams) -> bool:
-    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0 or params.repetition_penalty != 1.0
+    return (
+        params.presence_penalty != 0.0 or params.frequency_penalty != 0.0 or params.repetition_penalty != 1.0
+    )
 
 
 def below_min_tokens(row: SamplingRow) -> bool:
@@ -194,8 +198,13 @@ class Sampler:
                 token_ids[idx] = _sample_whole(work, idx, draw.take(idx))
         return token_ids
 
-    def _logprobs(self, raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow],
-                  grammar: _GrammarStep | None) -> list[TokenLogprobs | None]:
+    def _logprobs(
+        self,
+        raw: torch.Tensor,
+        token_ids: torch.Tensor,
+        rows: list[SamplingRow],
+        grammar: _GrammarStep | None,
+    ) -> list[TokenLogprobs | None]:
         """Raw logprobs (before the token masks, penalties, temperature and filters), as
         vLLM's default; but, as in vLLM, after the grammar's mask, which it applies to the
         model's logits before its sampler: alternatives are tokens the grammar allows."""
@@ -211,7 +220,9 @@ class Sampler:
         top_values, top_ids = logprobs.topk(max(wanted), dim=-1)
         chosen_ids = token_ids[idx]
         chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1)
-        rows_out = zip(idx, wanted, chosen_ids.tolist(), chosen.tolist(), top_ids.tolist(), top_values.tolist())
+        rows_out = zip(
+            idx, wanted, chosen_ids.tolist(), chosen.tolist(), top_ids.tolist(), top_values.tolist()
+        )
         for i, n, token_id, logprob, ids, values in rows_out:
             out[i] = TokenLogprobs(token_id, logprob, list(zip(ids[:n], values[:n])))
         return out
@@ -237,7 +248,9 @@ class _GrammarStep:
         min_tokens, which would ban the stop tokens that a complete grammar allows alone;
         here also for allowed_token_ids and bad_words, which otherwise force a token
         outside the grammar."""
-        suspects = [k for k, i in enumerate(self.idx) if has_token_masks(rows[i].params) or below_min_tokens(rows[i])]
+        suspects = [
+            k for k, i in enumerate(self.idx) if has_token_masks(rows[i].params) or below_min_tokens(rows[i])
+        ]
         if not suspects:
             return
         at = [self.idx[k] for k in suspects]
@@ -255,8 +268,13 @@ def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
 def _edits_logits(row: SamplingRow) -> bool:
     """Whether a mask, penalty or min_tokens writes to the row's logits before the draw."""
     p = row.params
-    return (has_penalties(p) or below_min_tokens(row) or row.grammar is not None or bool(p.logit_bias)
-            or has_token_masks(p))
+    return (
+        has_penalties(p)
+        or below_min_tokens(row)
+        or row.grammar is not None
+        or bool(p.logit_bias)
+        or has_token_masks(p)
+    )
 
 
 def _plain_greedy(row: SamplingRow) -> bool:
@@ -265,7 +283,7 @@ def _plain_greedy(row: SamplingRow) -> bool:
 
 def _take(tensor: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """Rows `idx` (ascending, at least one) of `tensor`: a view where they are consecutive."""
-    return tensor[idx[0]:idx[-1] + 1] if idx[-1] - idx[0] == len(idx) - 1 else tensor[idx]
+    return tensor[idx[0] : idx[-1] + 1] if idx[-1] - idx[0] == len(idx) - 1 else tensor[idx]
 
 
 # ---- the draw ------------------------------------------------------------------------------
@@ -328,17 +346,26 @@ class _Draw:
         over_vocab = [i for i, p in enumerate(params) if p.top_p < 1.0 and not 0 < p.top_k < vocab]
         if over_vocab:
             log_mass[over_vocab] = _log_mass(logits, over_vocab, temperature[over_vocab])
-        return cls(params, temperature,
-                   _column([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device),
-                   _column([p.top_p for p in params], torch.float32, device),
-                   _column([p.min_p for p in params], torch.float32, device),
-                   log_mass, _uniforms(rows, device))
+        return cls(
+            params,
+            temperature,
+            _column([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device),
+            _column([p.top_p for p in params], torch.float32, device),
+            _column([p.min_p for p in params], torch.float32, device),
+            log_mass,
+            _uniforms(rows, device),
+        )
 
     def take(self, idx: list[int]) -> _Draw:
         if len(idx) == len(self.params):
             return self
-        return _Draw([self.params[i] for i in idx], *(t[idx] for t in (
-            self.temperature, self.top_k, self.top_p, self.min_p, self.log_mass, self.uniform)))
+        return _Draw(
+            [self.params[i] for i in idx],
+            *(
+                t[idx]
+                for t in (self.temperature, self.top_k, self.top_p, self.min_p, self.log_mass, self.uniform)
+            ),
+        )
 
 
 def _log_mass(logits: torch.Tensor, idx: list[int], temperature: torch.Tensor) -> torch.Tensor:
@@ -368,8 +395,10 @@ def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
     kept anywhere. That is every sampled row that came through a gateway (validation.py
     seeds each request sent without a seed), so this Python loop runs over all of them;
     only rows submitted with no seed (tests, worker benchmarks) take torch's global RNG."""
-    seeded = [_stream_uniform(row.params.seed, row.num_output_tokens) if row.params.seed is not None else 0.0
-              for row in rows]
+    seeded = [
+        _stream_uniform(row.params.seed, row.num_output_tokens) if row.params.seed is not None else 0.0
+        for row in rows
+    ]
     uniform = torch.tensor(seeded, dtype=torch.float32, device=device)
     unseeded = [i for i, row in enumerate(rows) if row.params.seed is None]
     if unseeded:
@@ -382,7 +411,7 @@ def _stream_uniform(seed: int, position: int) -> float:
     that seeds a multiple of the gamma apart do not give shifted copies of one stream),
     as a float32-exact multiple of 2^-24 in (0, 1]. Python ints: any seed, no overflow."""
     z = _mix64((_mix64(seed & _MASK64) + (position + 1) * _GOLDEN_GAMMA) & _MASK64)
-    return ((z >> 40) + 1) * 2.0 ** -24
+    return ((z >> 40) + 1) * 2.0**-24
 
 
 def _mix64(z: int) -> int:
@@ -406,7 +435,9 @@ def _sample_candidates(logits: torch.Tensor, draw: _Draw, width: int) -> tuple[t
     # the tokens left would keep them, and they have no mass to draw).
     kept = (scaled >= scaled.gather(1, num_kept - 1)) & (scaled > float("-inf"))
     # A tie may lie past the candidates, and top-p's share needs all of the top k.
-    fits = ((kept.sum(dim=-1, keepdim=True) < width) & ((draw.top_k < width) | (draw.top_k == vocab))).squeeze(1)
+    fits = (
+        (kept.sum(dim=-1, keepdim=True) < width) & ((draw.top_k < width) | (draw.top_k == vocab))
+    ).squeeze(1)
     kept &= scaled >= scaled[:, :1] + draw.min_p.log()  # min-p, relative to the top token
     n = int(torch.where(fits, kept.sum(dim=-1), 1).max())  # kept tokens are a prefix of the candidates
     kept, scaled = kept[:, :n], scaled[:, :n]
@@ -491,7 +522,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
         return
     largest = logits.sort(dim=-1, descending=True).values
     in_top_k = torch.arange(vocab, device=logits.device) < top_k
-    log_mass = torch.where(top_k < vocab, _top_k_log_mass(largest, in_top_k), logits.logsumexp(dim=-1, keepdim=True))
+    log_mass = torch.where(
+        top_k < vocab, _top_k_log_mass(largest, in_top_k), logits.logsumexp(dim=-1, keepdim=True)
+    )
     cutoff = largest.gather(1, _nucleus_size(largest, in_top_k, top_p, log_mass) - 1)
     logits.masked_fill_((logits < cutoff) & filtered, float("-inf"))
 
@@ -501,8 +534,9 @@ def _top_k_log_mass(largest: torch.Tensor, in_top_k: torch.Tensor) -> torch.Tens
     return largest.masked_fill(~in_top_k, float("-inf")).logsumexp(dim=-1, keepdim=True)
 
 
-def _nucleus_size(largest: torch.Tensor, in_top_k: torch.Tensor, top_p: torch.Tensor,
-                  log_mass: torch.Tensor) -> torch.Tensor:
+def _nucleus_size(
+    largest: torch.Tensor, in_top_k: torch.Tensor, top_p: torch.Tensor, log_mass: torch.Tensor
+) -> torch.Tensor:
     """How many of each row's sorted `largest` logits top-k and top-p keep ([B, 1], at least
     one): those in its top k while the mass before them (a share of `log_mass`) is below top_p."""
     probs = (largest - log_mass).exp_().masked_fill_(~in_top_k, 0.0)

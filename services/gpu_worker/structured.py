@@ -48,8 +48,16 @@ class RowGrammar:
     reasoning parser. With `think_open` too, the row starts in `lead`: its first token is
     the grammar's or <think>, which puts it to thinking."""
 
-    def __init__(self, matcher, stop_token_ids: list[int], vocab_size: int, keep: torch.Tensor | None = None,
-                 utf8: _Utf8Guard | None = None, think_end: int = -1, think_open: int = -1):
+    def __init__(
+        self,
+        matcher,
+        stop_token_ids: list[int],
+        vocab_size: int,
+        keep: torch.Tensor | None = None,
+        utf8: _Utf8Guard | None = None,
+        think_end: int = -1,
+        think_open: int = -1,
+    ):
         self.matcher = matcher
         self.think_end = think_end
         self.think_open = think_open
@@ -111,8 +119,9 @@ class _Utf8Guard:
     def __init__(self, token_bytes: list[bytes], vocab_size: int):
         self.keep = [i for i, b in enumerate(token_bytes) if not _SURROGATE.search(b)]
         self.ends_with_ed = frozenset(i for i, b in enumerate(token_bytes) if b.endswith(b"\xed"))
-        self.after_ed = _bitmask_of([i for i, b in enumerate(token_bytes)
-                                     if not (b and b[0] in _SURROGATE_SECOND)], vocab_size)
+        self.after_ed = _bitmask_of(
+            [i for i, b in enumerate(token_bytes) if not (b and b[0] in _SURROGATE_SECOND)], vocab_size
+        )
 
 
 def _usable_cpus() -> int:
@@ -156,17 +165,31 @@ class Grammars:
             # tokenizer, so this is a deployment mismatch (or no tokenizer beside the weights).
             # Failing the step instead would fail every request batched with this one: the
             # scheduler retries a failed step's requests, then ends them all with an error.
-            log.error("structured output %s did not compile in the worker (%s); the request ends "
-                      "without output", params.structured, e)
+            log.error(
+                "structured output %s did not compile in the worker (%s); the request ends without output",
+                params.structured,
+                e,
+            )
             return RowGrammar(None, stop, self.vocab_size)
         keep = self._json_keep if params.structured.kind in _JSON_KINDS else self._utf8_keep
         so = params.structured
-        row = RowGrammar(xgr.GrammarMatcher(compiled, override_stop_tokens=stop), stop, self.vocab_size, keep,
-                         self._utf8, so.think_end, so.think_open)
+        row = RowGrammar(
+            xgr.GrammarMatcher(compiled, override_stop_tokens=stop),
+            stop,
+            self.vocab_size,
+            keep,
+            self._utf8,
+            so.think_end,
+            so.think_open,
+        )
         for i, token_id in enumerate(output_token_ids):
             if not row.try_accept(token_id):
-                log.error("resuming a structured output: its grammar rejects generated token %d at %d; "
-                          "the request ends here", token_id, i)
+                log.error(
+                    "resuming a structured output: its grammar rejects generated token %d at %d; "
+                    "the request ends here",
+                    token_id,
+                    i,
+                )
                 return RowGrammar(None, stop, self.vocab_size)
         return row
 
@@ -177,10 +200,12 @@ class Grammars:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.eos_token_ids or None)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=_usable_cpus(), cache_enabled=True,
-                                                 cache_limit_bytes=_CACHE_LIMIT_BYTES)
+            info = xgr.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids or None
+            )
+            self._compiler = xgr.GrammarCompiler(
+                info, max_threads=_usable_cpus(), cache_enabled=True, cache_limit_bytes=_CACHE_LIMIT_BYTES
+            )
             self.token_bytes = token_bytes = list(info.decoded_vocab[: self.vocab_size])
             self._utf8 = _Utf8Guard(token_bytes, self.vocab_size)
             no_surrogate = set(self._utf8.keep)
@@ -212,8 +237,9 @@ class GrammarMask:
             # Pinned, so the copy below can overlap; the step reads its tokens back (a sync)
             # before the next step refills this tensor.
             pin = self.device.type == "cuda"
-            self._bitmask = torch.empty(max(n, 2 * self._bitmask.shape[0]), self._bitmask.shape[1],
-                                        dtype=torch.int32, pin_memory=pin)
+            self._bitmask = torch.empty(
+                max(n, 2 * self._bitmask.shape[0]), self._bitmask.shape[1], dtype=torch.int32, pin_memory=pin
+            )
         bitmask = self._bitmask[:n]
         self._fill(bitmask, grammars)
         on_device = bitmask.to(self.device, non_blocking=True)

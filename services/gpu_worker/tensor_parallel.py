@@ -14,9 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -25,10 +25,18 @@ from services.gpu_worker.kv_cache import num_blocks_in_budget
 from services.gpu_worker.loader import load_config, load_model, model_shape, shard_model
 from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.tp_channel import send_step, send_stop
-from services.gpu_worker.tp_group import (Group, RankFailure, abort_group, check_devices, close_group, init_group,
-                                          rank_device)
+from services.gpu_worker.tp_group import (
+    Group,
+    RankFailure,
+    abort_group,
+    check_devices,
+    close_group,
+    init_group,
+    rank_device,
+)
 from shared.config import WorkerSettings
-from shared.cpu_layout import allowed_cores, format_cores, resolve as resolve_cpu_layout
+from shared.cpu_layout import allowed_cores, format_cores
+from shared.cpu_layout import resolve as resolve_cpu_layout
 from shared.embedded_redis import free_port
 from shared.models import ModelLoadError, max_model_len, read_config
 
@@ -38,18 +46,34 @@ REPO = Path(__file__).resolve().parents[2]
 FOLLOWER_COMMAND = [sys.executable, "-m", "services.gpu_worker.tp_follower"]
 
 
-def load_rank(settings: WorkerSettings, path: Path, group: Group, dtype: torch.dtype,
-              cls: type[DecoderModel]) -> tuple[DecoderModel, int]:
+def load_rank(
+    settings: WorkerSettings, path: Path, group: Group, dtype: torch.dtype, cls: type[DecoderModel]
+) -> tuple[DecoderModel, int]:
     """This rank's shard of the model, and the KV blocks every rank can hold: the fewest
     over the ranks, so that a block id means the same slots everywhere."""
     config = load_config(path)
     sharding = shard_model(config, model_shape(config), group.rank, group.world)
-    model = load_model(path, group.device, dtype, get_attention_backend(group.device, settings.attention_backend),
-                       settings.linear_backend, sharding, group.all_reduce, cls,
-                       max_model_len(read_config(path), path, settings.max_model_len), settings.layer_ops)
+    model = load_model(
+        path,
+        group.device,
+        dtype,
+        get_attention_backend(group.device, settings.attention_backend),
+        settings.linear_backend,
+        sharding,
+        group.all_reduce,
+        cls,
+        max_model_len(read_config(path), path, settings.max_model_len),
+        settings.layer_ops,
+    )
     # On CPU kv_cache_memory is the worker's: each rank takes its share.
-    mine = num_blocks_in_budget(model.shape, settings.block_size, dtype, group.device,
-                                int(settings.kv_cache_memory) // group.world, settings.gpu_memory_fraction)
+    mine = num_blocks_in_budget(
+        model.shape,
+        settings.block_size,
+        dtype,
+        group.device,
+        int(settings.kv_cache_memory) // group.world,
+        settings.gpu_memory_fraction,
+    )
     return model, group.min_int(mine)
 
 
@@ -57,8 +81,8 @@ class LeaderModel(DecoderModel):
     """Rank 0's shard: each forward pass first hands its inputs to the followers."""
 
     group: Group
-    followers: "Followers"
-    layout_before: "RankLayout"  # this process's threads and cores before it became rank 0
+    followers: Followers
+    layout_before: RankLayout  # this process's threads and cores before it became rank 0
 
     def forward(self, input_ids, positions, meta, kv_caches):
         send_step(self.group, input_ids, positions, meta)
@@ -104,7 +128,7 @@ class Followers:
     def __init__(self, procs: list[subprocess.Popen]):
         self.procs = procs
         self.stopping = False
-        self.death: Optional[str] = None
+        self.death: str | None = None
         self._on_death: Callable[[str], None] = lambda reason: log.error("%s", reason)
         self._lock = threading.Lock()  # a death is handed to exactly one callback, the newest
         threading.Thread(target=self._watch, name="tp-followers", daemon=True).start()
@@ -113,7 +137,7 @@ class Followers:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def first_death(self, wait_s: float = 0.0) -> Optional[str]:
+    def first_death(self, wait_s: float = 0.0) -> str | None:
         """Which follower has exited (waiting up to wait_s for one), or None."""
         deadline = time.monotonic() + wait_s
         while True:
@@ -167,29 +191,31 @@ class Followers:
 @dataclass(frozen=True)
 class RankLayout:
     threads: int
-    cores: Optional[list[int]]  # None: unbound (fewer cores than ranks: they share)
+    cores: list[int] | None  # None: unbound (fewer cores than ranks: they share)
 
 
-def rank_layouts(threads: int, cores: Optional[list[int]], world: int) -> list[RankLayout]:
+def rank_layouts(threads: int, cores: list[int] | None, world: int) -> list[RankLayout]:
     """Each rank's share of the worker's threads and cores (None: unbound), in contiguous slices."""
     per_rank = max(1, threads // world)
     if cores is None or len(cores) < world:
         return [RankLayout(per_rank, None)] * world
     share, extra = divmod(len(cores), world)
     bounds = [r * share + min(r, extra) for r in range(world + 1)]
-    return [RankLayout(per_rank, cores[bounds[r]:bounds[r + 1]]) for r in range(world)]
+    return [RankLayout(per_rank, cores[bounds[r] : bounds[r + 1]]) for r in range(world)]
 
 
 def share_out(settings: WorkerSettings, allowed: list[int], default_threads: int) -> list[RankLayout]:
     """Each rank's threads and cores: the worker's (`settings` as cpu_layout resolves them
     against the cores this process may use), shared out."""
-    threads, cores = resolve_cpu_layout(settings.num_threads, settings.cpu_affinity, allowed,
-                                        settings.omp_num_threads)
+    threads, cores = resolve_cpu_layout(
+        settings.num_threads, settings.cpu_affinity, allowed, settings.omp_num_threads
+    )
     return rank_layouts(threads or default_threads, cores, settings.tensor_parallel_size)
 
 
-def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.device,
-                          dtype: torch.dtype) -> tuple[LeaderModel, int]:
+def start_tensor_parallel(
+    settings: WorkerSettings, path: Path, device: torch.device, dtype: torch.dtype
+) -> tuple[LeaderModel, int]:
     """Starts ranks 1..N-1, joins them as rank 0 and loads rank 0's shard; returns it with
     the number of KV blocks all ranks hold. Fails before starting anything when the model
     cannot be split N ways or the devices are not there."""
@@ -202,7 +228,9 @@ def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.de
     before = RankLayout(torch.get_num_threads(), sorted(os.sched_getaffinity(0)))
     init_method = f"tcp://127.0.0.1:{free_port()}"
     # Spawned before rank 0 narrows itself to its share: a child inherits the cores it may bind to.
-    followers = Followers([_spawn(settings, path, rank, world, init_method, layouts[rank]) for rank in range(1, world)])
+    followers = Followers(
+        [_spawn(settings, path, rank, world, init_method, layouts[rank]) for rank in range(1, world)]
+    )
     _use_layout(layouts[0])
     try:
         model, num_blocks = _join(settings, path, init_method, rank_device(device, 0), dtype, followers)
@@ -214,12 +242,18 @@ def start_tensor_parallel(settings: WorkerSettings, path: Path, device: torch.de
     return model, num_blocks
 
 
-def _join(settings: WorkerSettings, path: Path, init_method: str, device: torch.device, dtype: torch.dtype,
-          followers: Followers) -> tuple[LeaderModel, int]:
+def _join(
+    settings: WorkerSettings,
+    path: Path,
+    init_method: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    followers: Followers,
+) -> tuple[LeaderModel, int]:
     """Rank 0's start-up: the rendezvous, its shard, then a barrier once every follower holds
     its KV cache. A follower that dies on the way fails it at once with ModelLoadError (it
     would otherwise hold rank 0 in a collective: on NCCL for ever), the followers killed."""
-    group: Optional[Group] = None
+    group: Group | None = None
 
     def abort_start(reason: str) -> None:  # from the watcher's thread
         log.error("%s while the ranks were starting", reason)
@@ -257,14 +291,33 @@ def _use_layout(layout: RankLayout) -> None:
     torch.set_num_threads(layout.threads)
 
 
-def _spawn(settings: WorkerSettings, path: Path, rank: int, world: int, init_method: str,
-           layout: RankLayout) -> subprocess.Popen:
+def _spawn(
+    settings: WorkerSettings, path: Path, rank: int, world: int, init_method: str, layout: RankLayout
+) -> subprocess.Popen:
     cores = format_cores(layout.cores) if layout.cores is not None else "none"
     # The command line is public (ps): the followers never talk to the scheduler or Redis, so no
     # keys and no Redis URL (it may hold a password).
-    rank_settings = settings.model_copy(update=dict(model=str(path), num_threads=layout.threads, cpu_affinity=cores,
-                                                    zmq_server_public_key=None, zmq_client_secret_key=None,
-                                                    redis_url=None))
-    cmd = [*FOLLOWER_COMMAND, "--rank", str(rank), "--world", str(world), "--init-method", init_method,
-           "--parent-pid", str(os.getpid()), "--settings", rank_settings.model_dump_json()]
+    rank_settings = settings.model_copy(
+        update=dict(
+            model=str(path),
+            num_threads=layout.threads,
+            cpu_affinity=cores,
+            zmq_server_public_key=None,
+            zmq_client_secret_key=None,
+            redis_url=None,
+        )
+    )
+    cmd = [
+        *FOLLOWER_COMMAND,
+        "--rank",
+        str(rank),
+        "--world",
+        str(world),
+        "--init-method",
+        init_method,
+        "--parent-pid",
+        str(os.getpid()),
+        "--settings",
+        rank_settings.model_dump_json(),
+    ]
     return subprocess.Popen(cmd, cwd=REPO)  # its log lines go where the worker's go

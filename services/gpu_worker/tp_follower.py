@@ -11,8 +11,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from shared.log import setup_logging
 
@@ -43,7 +43,9 @@ def main(argv: list[str], at_point: Callable[[str], None] = _nothing) -> int:
     ap.add_argument("--world", type=int, required=True)
     ap.add_argument("--init-method", required=True)
     ap.add_argument("--parent-pid", type=int, required=True)
-    ap.add_argument("--settings", required=True, help="the worker's WorkerSettings as JSON, with this rank's threads")
+    ap.add_argument(
+        "--settings", required=True, help="the worker's WorkerSettings as JSON, with this rank's threads"
+    )
     args = ap.parse_args(argv)
     die_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides
@@ -60,7 +62,9 @@ def main(argv: list[str], at_point: Callable[[str], None] = _nothing) -> int:
     return 0
 
 
-def serve(settings, rank: int, world: int, init_method: str, at_point: Callable[[str], None] = _nothing) -> None:
+def serve(
+    settings, rank: int, world: int, init_method: str, at_point: Callable[[str], None] = _nothing
+) -> None:
     """`at_point(name)` is called at each of START_UP_POINTS (a hook for the tests)."""
     import torch
 
@@ -80,8 +84,13 @@ def serve(settings, rank: int, world: int, init_method: str, at_point: Callable[
     kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, group.device)
     group.barrier()  # rank 0's start-up ends here: this rank is ready
     logging.getLogger("services.gpu_worker.tp_follower").info(
-        "rank %d of %d on %s: %d KV heads, %d KV blocks", rank, world, group.device, model.shape.num_kv_heads,
-        num_blocks)
+        "rank %d of %d on %s: %d KV heads, %d KV blocks",
+        rank,
+        world,
+        group.device,
+        model.shape.num_kv_heads,
+        num_blocks,
+    )
     with torch.inference_mode():
         while (step := recv_step(group)) is not None:
             model.forward(*step, kv_caches)

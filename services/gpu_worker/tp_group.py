@@ -6,9 +6,9 @@ turning a peer's failure into RankFailure so that nobody mistakes it for a bad s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -74,9 +74,11 @@ def check_devices(device: torch.device, world: int, device_count: int) -> None:
         return
     first, last = device.index or 0, (device.index or 0) + world - 1
     if last >= device_count:
-        raise ModelLoadError(f"tensor_parallel_size {world} on cuda:{first} needs cuda:{first}..cuda:{last}, "
-                             f"but this host has {device_count} CUDA device(s): lower --tensor-parallel-size "
-                             f"or choose an earlier --device")
+        raise ModelLoadError(
+            f"tensor_parallel_size {world} on cuda:{first} needs cuda:{first}..cuda:{last}, "
+            f"but this host has {device_count} CUDA device(s): lower --tensor-parallel-size "
+            f"or choose an earlier --device"
+        )
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -87,16 +89,18 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", (device.index or 0) + rank)
 
 
-def init_group(rank: int, world: int, init_method: str, device: torch.device,
-               check: Callable[[], None] = lambda: None) -> Group:
+def init_group(
+    rank: int, world: int, init_method: str, device: torch.device, check: Callable[[], None] = lambda: None
+) -> Group:
     """Joins the group of `world` ranks that meet at `init_method` (tcp://host:port, rank 0's).
     Rank 0 calls `check` while it waits for the others: it raises to give the wait up."""
     assert not dist.is_initialized(), "one tensor-parallel model per process: close the other first"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     url = urlparse(init_method)
-    store = dist.TCPStore(url.hostname, url.port, world, is_master=rank == 0, timeout=STARTUP_TIMEOUT,
-                          wait_for_workers=False)
+    store = dist.TCPStore(
+        url.hostname, url.port, world, is_master=rank == 0, timeout=STARTUP_TIMEOUT, wait_for_workers=False
+    )
     if rank == 0:
         _wait_for_followers(store, world, check)
     else:
@@ -115,8 +119,9 @@ def _wait_for_followers(store: dist.TCPStore, world: int, check: Callable[[], No
     while (joined := store.add(_JOINED, 0)) < world - 1:
         check()
         if time.monotonic() > deadline:
-            raise ModelLoadError(f"only {joined} of the {world - 1} tensor-parallel followers joined within "
-                                 f"{STARTUP_TIMEOUT}")
+            raise ModelLoadError(
+                f"only {joined} of the {world - 1} tensor-parallel followers joined within {STARTUP_TIMEOUT}"
+            )
         time.sleep(0.05)
 
 

@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from typing import Optional
 
 import zmq
 
@@ -34,6 +33,7 @@ CLOSE_DEADLINE_S = 20.0
 def exit_unless(done: threading.Event, deadline_s: float, what: str) -> None:
     """Exits the process with status 1 unless `done` is set within deadline_s: a thread
     stuck in a collective cannot be interrupted, only left (followers die by PDEATHSIG)."""
+
     def watch() -> None:
         if not done.wait(deadline_s):
             log.error("%s took over %.0f s; exiting", what, deadline_s)
@@ -51,8 +51,14 @@ def close_engine(engine: Engine) -> None:
 
 
 class Worker:
-    def __init__(self, engine: Engine, info: m.RegisterWorker, scheduler_address: str,
-                 heartbeat_interval: float = 1.0, curve: Optional[tuple[str, str]] = None):
+    def __init__(
+        self,
+        engine: Engine,
+        info: m.RegisterWorker,
+        scheduler_address: str,
+        heartbeat_interval: float = 1.0,
+        curve: tuple[str, str] | None = None,
+    ):
         """`info`: the engine's facts, sent as they are on (re)registering. `curve`: (the
         scheduler's public key, this worker's secret key) to use CurveZMQ."""
         assert info.worker_id == engine.worker_id, (info.worker_id, engine.worker_id)
@@ -60,7 +66,7 @@ class Worker:
         self.info = info
         self.heartbeat_interval = heartbeat_interval
         self.stopping = False
-        self.failure: Optional[str] = None  # set when a tensor-parallel rank died: the worker leaves
+        self.failure: str | None = None  # set when a tensor-parallel rank died: the worker leaves
         self._left = threading.Event()
         self.curve = curve
         self.ctx = zmq.Context.instance()
@@ -84,7 +90,11 @@ class Worker:
 
     def serve(self) -> None:
         self._send(self.info)  # register
-        log.info("worker %s registered with the scheduler (%d KV blocks)", self.engine.worker_id, self.info.num_blocks)
+        log.info(
+            "worker %s registered with the scheduler (%d KV blocks)",
+            self.engine.worker_id,
+            self.info.num_blocks,
+        )
         done = threading.Event()
         beats = threading.Thread(target=self._heartbeats, args=(done,), name="heartbeat", daemon=True)
         beats.start()
@@ -109,7 +119,9 @@ class Worker:
             return
         log.error("worker %s cannot go on: %s", self.engine.worker_id, reason)
         self.failure = reason
-        exit_unless(self._left, LEAVE_DEADLINE_S, f"worker {self.engine.worker_id}: leaving after a rank died")
+        exit_unless(
+            self._left, LEAVE_DEADLINE_S, f"worker {self.engine.worker_id}: leaving after a rank died"
+        )
 
     def _heartbeats(self, done: threading.Event) -> None:
         """Beats on a socket of its own (ZeroMQ sockets are not shared between threads),
@@ -126,7 +138,9 @@ class Worker:
             msg = m.decode(data)
         except m.DecodeError as e:
             log.warning("undecodable message (%d bytes) ignored: %s", len(data), e)
-            self._send(m.StepResult(step_id=-1, worker_id=self.engine.worker_id, error=f"undecodable message: {e}"))
+            self._send(
+                m.StepResult(step_id=-1, worker_id=self.engine.worker_id, error=f"undecodable message: {e}")
+            )
             return
         if isinstance(msg, m.StepPlan):
             result = self.engine.execute(msg)
@@ -135,7 +149,9 @@ class Worker:
             self._send(result)
             return
         if isinstance(msg, m.Reregister):
-            log.warning("scheduler asks to register again (%s): dropping %d rows", msg.reason, len(self.engine.rows))
+            log.warning(
+                "scheduler asks to register again (%s): dropping %d rows", msg.reason, len(self.engine.rows)
+            )
             self.engine.rows.clear()
             self._send(self.info)  # register
             return

@@ -45,19 +45,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(SchedulerSettings, argv)
         client = connect_redis(settings.redis_url, log)
-        limits = Limits(settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_prefill_chunk,
-                        settings.aging_seconds, parse_config(settings.speculative_config))
+        limits = Limits(
+            settings.max_num_seqs,
+            settings.max_num_batched_tokens,
+            settings.max_prefill_chunk,
+            settings.aging_seconds,
+            parse_config(settings.speculative_config),
+        )
         service = SchedulerService(settings, SchedulerCore(limits, settings.enable_prefix_caching), client)
         if limits.speculative is not None:  # NOTE: say where it does not apply, never silently
             spec = limits.speculative
-            source = f"lookup {spec.prompt_lookup_min}..{spec.prompt_lookup_max} tokens" if spec.method == "ngram" \
+            source = (
+                f"lookup {spec.prompt_lookup_min}..{spec.prompt_lookup_max} tokens"
+                if spec.method == "ngram"
                 else f"drafted by each worker's {spec.model}; none on a worker without it"
-            log.info("speculative decoding: %s, up to %d proposed tokens a decode (%s)%s; "
-                     "every request may carry them (sampled ones by rejection sampling), as many as its recent "
-                     "acceptance and its worker's measured step cost say pay, so none in a compute-bound step",
-                     spec.method, spec.num_speculative_tokens, source,
-                     f", off while a worker runs more than {spec.disable_by_batch_size} requests"
-                     if spec.disable_by_batch_size else "")
+            )
+            log.info(
+                "speculative decoding: %s, up to %d proposed tokens a decode (%s)%s; "
+                "every request may carry them (sampled ones by rejection sampling), as many as its recent "
+                "acceptance and its worker's measured step cost say pay, so none in a compute-bound step",
+                spec.method,
+                spec.num_speculative_tokens,
+                source,
+                f", off while a worker runs more than {spec.disable_by_batch_size} requests"
+                if spec.disable_by_batch_size
+                else "",
+            )
     except (ValidationError, redis.ConnectionError, zmq.ZMQError) as e:
         log.error("cannot start: %s", e)
         return 2

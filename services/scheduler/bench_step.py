@@ -25,7 +25,9 @@ from shared import messages as m
 
 def scheduler_us_per_step(batch: int, steps: int, context: int = 128) -> float:
     core = SchedulerCore(Limits(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch)))
-    reg = m.RegisterWorker("w", "bench", 1 << 20, 16, batch * (context + steps + 64) // 16 + 64, 8192, [0], "cpu", 0)
+    reg = m.RegisterWorker(
+        "w", "bench", 1 << 20, 16, batch * (context + steps + 64) // 16 + 64, 8192, [0], "cpu", 0
+    )
     core.add_worker(reg, 0.0)
     params = m.SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
     for i in range(batch):
@@ -52,9 +54,26 @@ def scheduler_us_per_step(batch: int, steps: int, context: int = 128) -> float:
 
 
 def model_ms_per_step(batch: int, steps: int = 8, context: int = 128) -> float:
-    out = subprocess.run([sys.executable, "-m", "services.gpu_worker.bench_step", "--step-ms-only", "--models",
-                          "small", "--batches", str(batch), "--steps", str(steps), "--context", str(context)],
-                         check=True, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.gpu_worker.bench_step",
+            "--step-ms-only",
+            "--models",
+            "small",
+            "--batches",
+            str(batch),
+            "--steps",
+            str(steps),
+            "--context",
+            str(context),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 

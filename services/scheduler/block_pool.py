@@ -2,6 +2,7 @@
 prefix cache of full blocks keyed by chained hashes. Pure bookkeeping; the worker owns the
 physical KV tensors and only ever sees the block ids handed out here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,9 @@ def _seed(salt: str | None) -> bytes:
     return hashlib.blake2b(b"conveyor-prefix-v1" + data, digest_size=_DIGEST_SIZE).digest()
 
 
-def hash_blocks(token_ids: Sequence[int], block_size: int, salt: str | None = None,
-                prior: Sequence[bytes] = ()) -> list[bytes]:
+def hash_blocks(
+    token_ids: Sequence[int], block_size: int, salt: str | None = None, prior: Sequence[bytes] = ()
+) -> list[bytes]:
     """Chained hashes of every FULL block of token_ids: hash_i = blake2b(hash_{i-1} or the
     salt's seed, tokens of block i), so different salts (cache_salt) never share blocks.
     The result starts with `prior`, the hashes of the first blocks computed before."""
@@ -31,13 +33,14 @@ def hash_blocks(token_ids: Sequence[int], block_size: int, salt: str | None = No
         raise ValueError(f"block_size must be positive, got {block_size}")
     num_full = len(token_ids) // block_size
     if len(prior) > num_full:
-        raise ValueError(f"prior has {len(prior)} hashes but token_ids has only "
-                         f"{num_full} full blocks of {block_size}")
+        raise ValueError(
+            f"prior has {len(prior)} hashes but token_ids has only {num_full} full blocks of {block_size}"
+        )
     hashes = list(prior)
     parent = hashes[-1] if hashes else _seed(salt)
     pack = struct.Struct(f"<{block_size}q").pack  # fixed width: token boundaries are unambiguous
     for i in range(len(hashes), num_full):
-        block = token_ids[i * block_size:(i + 1) * block_size]
+        block = token_ids[i * block_size : (i + 1) * block_size]
         h = hashlib.blake2b(parent, digest_size=_DIGEST_SIZE)
         h.update(pack(*block))
         parent = h.digest()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
 
 import msgspec
 
@@ -20,8 +19,18 @@ from services.scheduler.policy import Decision, Limits, schedule
 from services.scheduler.request import Request, check_stop
 from services.scheduler.worker_state import InFlightStep, WorkerState
 from shared.messages import (
-    CachedRequest, ErrorCode, FinishReason, NewRequest, RegisterWorker, RequestOutput, RequestStatus, SamplingParams,
-    StepPlan, StepResult, SubmitRequest, Usage,
+    CachedRequest,
+    ErrorCode,
+    FinishReason,
+    NewRequest,
+    RegisterWorker,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+    SubmitRequest,
+    Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -71,13 +80,27 @@ class SchedulerCore:
     def add_request(self, msg: SubmitRequest, entry_id: str = "") -> bool:
         """Queue a request. A refused one (False) gets its INVALID_REQUEST output here, to
         its own reply_to; its entry is the caller's to acknowledge."""
-        refused = (f"duplicate request_id {msg.request_id!r}: a request with this id is already running"
-                   if msg.request_id in self.requests else "empty prompt" if not msg.prompt_token_ids else None)
+        refused = (
+            f"duplicate request_id {msg.request_id!r}: a request with this id is already running"
+            if msg.request_id in self.requests
+            else "empty prompt"
+            if not msg.prompt_token_ids
+            else None
+        )
         if refused is not None:
             log.warning("request %r refused: %s", msg.request_id, refused)
             self.errors.append({"error": f"request {msg.request_id!r} refused: {refused}"})
-            self.outputs.append((msg.reply_to, RequestOutput(
-                msg.request_id, finish_reason=FinishReason.ERROR, error_code=ErrorCode.INVALID_REQUEST, error=refused)))
+            self.outputs.append(
+                (
+                    msg.reply_to,
+                    RequestOutput(
+                        msg.request_id,
+                        finish_reason=FinishReason.ERROR,
+                        error_code=ErrorCode.INVALID_REQUEST,
+                        error=refused,
+                    ),
+                )
+            )
             return False
         req = Request(msg, entry_id)
         self.requests[req.request_id] = req
@@ -98,9 +121,11 @@ class SchedulerCore:
         if w is None or w.in_flight is None or request_id not in w.in_flight.scheduled:
             self._finish_aborted(req, w)
 
-    def _finish_aborted(self, req: Request, w: Optional[WorkerState]) -> None:
+    def _finish_aborted(self, req: Request, w: WorkerState | None) -> None:
         reason = self._aborts[req.request_id]
-        self._finish(req, FinishReason.ABORT, w, ABORT_ERRORS.get(reason), None if reason == "abort" else reason)
+        self._finish(
+            req, FinishReason.ABORT, w, ABORT_ERRORS.get(reason), None if reason == "abort" else reason
+        )
 
     # ---- workers --------------------------------------------------------------------------
     def add_worker(self, reg: RegisterWorker, now: float) -> None:
@@ -108,12 +133,20 @@ class SchedulerCore:
             self.remove_worker(reg.worker_id, "re-registered")
         pool = BlockPool(reg.num_blocks, reg.block_size, self.enable_prefix_caching)
         self.workers[reg.worker_id] = WorkerState(info=reg, pool=pool, last_seen=now)
-        log.info("worker %s joined: %d blocks of %d tokens, max_model_len %d",
-                 reg.worker_id, reg.num_blocks, reg.block_size, reg.max_model_len)
+        log.info(
+            "worker %s joined: %d blocks of %d tokens, max_model_len %d",
+            reg.worker_id,
+            reg.num_blocks,
+            reg.block_size,
+            reg.max_model_len,
+        )
         spec = self.limits.speculative
         if spec is not None and spec.method == "draft_model" and not reg.draft_model:  # NOTE: never silently
-            log.warning("worker %s has no draft model (its speculative_config is not the scheduler's): "
-                        "no speculative decoding on it", reg.worker_id)
+            log.warning(
+                "worker %s has no draft model (its speculative_config is not the scheduler's): "
+                "no speculative decoding on it",
+                reg.worker_id,
+            )
         self._refuse_unservable()
 
     def remove_worker(self, worker_id: str, reason: str) -> None:
@@ -136,7 +169,7 @@ class SchedulerCore:
         self._refuse_unservable()
 
     # ---- stepping -------------------------------------------------------------------------
-    def next_plan(self, worker_id: str, now: float, monotonic: float) -> Optional[StepPlan]:
+    def next_plan(self, worker_id: str, now: float, monotonic: float) -> StepPlan | None:
         """The worker's next step, or None if it has nothing to do (or one in flight)."""
         w = self.workers.get(worker_id)
         if w is None or w.in_flight is not None:
@@ -144,9 +177,17 @@ class SchedulerCore:
         d = schedule(w, self.limits, now, self.waiting, [o for o in self.workers.values() if o is not w])
         self.counters.preemptions += len(d.preempted)
         for req in d.preempted:
-            log.info("preempted %s on %s (blocks exhausted; %d tokens to recompute)",
-                     req.request_id, worker_id, req.num_tokens)
-            self.status_updates[req.request_id] = {"status": RequestStatus.QUEUED, "worker": worker_id, "preempted": 1}
+            log.info(
+                "preempted %s on %s (blocks exhausted; %d tokens to recompute)",
+                req.request_id,
+                worker_id,
+                req.num_tokens,
+            )
+            self.status_updates[req.request_id] = {
+                "status": RequestStatus.QUEUED,
+                "worker": worker_id,
+                "preempted": 1,
+            }
         for req in d.admitted:
             self.status_updates[req.request_id] = {"status": RequestStatus.RUNNING, "worker": worker_id}
         if not d.scheduled and not w.to_drop:
@@ -158,7 +199,9 @@ class SchedulerCore:
     def on_step_result(self, result: StepResult) -> None:
         w = self.workers.get(result.worker_id)
         if w is None or w.in_flight is None or w.in_flight.step_id != result.step_id:
-            log.warning("ignored step result %d from %s: no such step in flight", result.step_id, result.worker_id)
+            log.warning(
+                "ignored step result %d from %s: no such step in flight", result.step_id, result.worker_id
+            )
             return
         step, w.in_flight = w.in_flight, None
         self.counters.steps += 1
@@ -199,11 +242,14 @@ class SchedulerCore:
         drafts = step.drafts.get(rid) or result.draft_token_ids.get(rid, [])
         token = result.sampled_token_ids.get(rid)
         accepted = result.accepted_token_ids.get(rid, [])
-        if token is None or len(drafts) != step.proposed(rid) or accepted != drafts[:len(accepted)]:
+        if token is None or len(drafts) != step.proposed(rid) or accepted != drafts[: len(accepted)]:
             # a worker bug: recompute the request
-            self._step_failed(w, InFlightStep(result.step_id, {rid: 1}, 0.0),
-                              f"request {rid!r}: the verified tokens {accepted} are not a prefix of the "
-                              f"{step.proposed(rid)} proposed {drafts}")
+            self._step_failed(
+                w,
+                InFlightStep(result.step_id, {rid: 1}, 0.0),
+                f"request {rid!r}: the verified tokens {accepted} are not a prefix of the "
+                f"{step.proposed(rid)} proposed {drafts}",
+            )
             return
         req.acceptance.record(len(drafts), len(accepted))
         if rid in step.draft_counts:
@@ -217,7 +263,7 @@ class SchedulerCore:
         tokens = [*accepted, token]
         req.output_token_ids.extend(tokens)  # first: computed() hashes the blocks they fill
         transitions.computed(w, req, len(tokens))
-        del req.output_token_ids[-len(tokens):]
+        del req.output_token_ids[-len(tokens) :]
         if rid in self._aborts:
             self._finish_aborted(req, w)
             return
@@ -240,9 +286,14 @@ class SchedulerCore:
         kept = req.output_token_ids[start:]
         first = start == 0  # its first output, preempted before it or not: queue time = to first scheduled
         with_prompt = start == 0 and req.sampling.prompt_logprobs is not None
-        out = RequestOutput(rid, kept, logprobs[:len(kept)], index=start,
-                            queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None,
-                            prompt_logprobs=req.take_prompt_logprobs() if with_prompt else [])
+        out = RequestOutput(
+            rid,
+            kept,
+            logprobs[: len(kept)],
+            index=start,
+            queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None,
+            prompt_logprobs=req.take_prompt_logprobs() if with_prompt else [],
+        )
         if reason is None:
             self.outputs.append((req.reply_to, out))
         else:
@@ -260,7 +311,7 @@ class SchedulerCore:
         return dead
 
     # ---- internals ------------------------------------------------------------------------
-    def _refuse_unservable(self, requests: Optional[list[Request]] = None) -> None:
+    def _refuse_unservable(self, requests: list[Request] | None = None) -> None:
         """Waiting `requests` (default: all, as after a worker came or went) too long for every
         worker there is end with TOO_LONG: no point waiting for one (with no worker at all,
         they wait for the first)."""
@@ -268,8 +319,13 @@ class SchedulerCore:
             return
         longest = max(w.max_len for w in self.workers.values())
         for req in [r for r in (self.waiting if requests is None else requests) if r.num_tokens >= longest]:
-            self._finish(req, FinishReason.ERROR, None, ErrorCode.TOO_LONG,
-                         f"{req.num_tokens} tokens exceed every worker's max_model_len")
+            self._finish(
+                req,
+                FinishReason.ERROR,
+                None,
+                ErrorCode.TOO_LONG,
+                f"{req.num_tokens} tokens exceed every worker's max_model_len",
+            )
 
     def _build_plan(self, w: WorkerState, d: Decision) -> StepPlan:
         new, cached = [], []
@@ -277,15 +333,30 @@ class SchedulerCore:
         for rid in d.scheduled:
             req = by_id[rid]
             if not req.on_worker:
-                new.append(NewRequest(rid, req.all_token_ids, len(req.prompt_token_ids), _worker_sampling(req),
-                                      list(req.block_ids), req.num_computed_tokens))
+                new.append(
+                    NewRequest(
+                        rid,
+                        req.all_token_ids,
+                        len(req.prompt_token_ids),
+                        _worker_sampling(req),
+                        list(req.block_ids),
+                        req.num_computed_tokens,
+                    )
+                )
                 req.on_worker = True
             else:
                 cached.append(CachedRequest(rid, req.new_block_ids, req.num_computed_tokens))
             req.new_block_ids = []
         self._step_id += 1
-        plan = StepPlan(self._step_id, new, cached, dict(d.scheduled), w.to_drop, draft_token_ids=dict(d.drafts),
-                        num_draft_tokens=dict(d.draft_counts))
+        plan = StepPlan(
+            self._step_id,
+            new,
+            cached,
+            dict(d.scheduled),
+            w.to_drop,
+            draft_token_ids=dict(d.drafts),
+            num_draft_tokens=dict(d.draft_counts),
+        )
         w.to_drop = []
         return plan
 
@@ -298,14 +369,25 @@ class SchedulerCore:
         for req in [r for r in w.running if r.request_id in step.scheduled]:
             n = self._errors_by_request[req.request_id] = self._errors_by_request.get(req.request_id, 0) + 1
             if n >= MAX_STEP_ERRORS:
-                self._finish(req, FinishReason.ERROR, w, ErrorCode.WORKER_FAILED,
-                             f"the worker failed this request {n} times: {error}")
+                self._finish(
+                    req,
+                    FinishReason.ERROR,
+                    w,
+                    ErrorCode.WORKER_FAILED,
+                    f"the worker failed this request {n} times: {error}",
+                )
             else:
                 transitions.requeue(w, self.waiting, req, preempted=False)
 
-    def _finish(self, req: Request, reason: FinishReason, w: Optional[WorkerState],
-                error_code: Optional[ErrorCode] = None, error: Optional[str] = None,
-                tokens_out: Optional[RequestOutput] = None) -> None:
+    def _finish(
+        self,
+        req: Request,
+        reason: FinishReason,
+        w: WorkerState | None,
+        error_code: ErrorCode | None = None,
+        error: str | None = None,
+        tokens_out: RequestOutput | None = None,
+    ) -> None:
         transitions.finish(w, self.waiting, req, reason, error_code, error)
         self.requests.pop(req.request_id, None)
         self._aborts.pop(req.request_id, None)
@@ -314,20 +396,40 @@ class SchedulerCore:
         usage = Usage(len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_tokens)
         out = tokens_out or RequestOutput(req.request_id, index=len(req.output_token_ids))
         stop_token_id = req.output_token_ids[-1] if reason is FinishReason.STOP else None
-        self.outputs.append((req.reply_to, msgspec.structs.replace(
-            out, finish_reason=reason, stop_token_id=stop_token_id, usage=usage, error_code=error_code, error=error)))
+        self.outputs.append(
+            (
+                req.reply_to,
+                msgspec.structs.replace(
+                    out,
+                    finish_reason=reason,
+                    stop_token_id=stop_token_id,
+                    usage=usage,
+                    error_code=error_code,
+                    error=error,
+                ),
+            )
+        )
         self.finished.append(req)
         self.status_updates[req.request_id] = {
-            "status": req.status, "finish_reason": reason, **msgspec.structs.asdict(usage),
-            **({"error": error} if error else {}), **({"error_code": error_code} if error_code else {})}
+            "status": req.status,
+            "finish_reason": reason,
+            **msgspec.structs.asdict(usage),
+            **({"error": error} if error else {}),
+            **({"error_code": error_code} if error_code else {}),
+        }
 
     def expire_queued(self, now: float) -> None:
         """End requests that waited past their queue timeout without ever being scheduled."""
         for req in list(self.waiting):
             limit = req.queue_timeout_s
             if limit is not None and req.first_scheduled_time is None and now - req.arrival_time > limit:
-                self._finish(req, FinishReason.ERROR, None, ErrorCode.QUEUE_TIMEOUT,
-                             f"queue timeout: waited {now - req.arrival_time:.1f} s for a slot (limit {limit:g} s)")
+                self._finish(
+                    req,
+                    FinishReason.ERROR,
+                    None,
+                    ErrorCode.QUEUE_TIMEOUT,
+                    f"queue timeout: waited {now - req.arrival_time:.1f} s for a slot (limit {limit:g} s)",
+                )
 
     # ---- figures --------------------------------------------------------------------------
     def queued_tokens(self) -> int:
@@ -340,8 +442,10 @@ class SchedulerCore:
     def prefix_cache_totals(self) -> tuple[int, int]:
         """(queried, hit) prompt tokens since start, over every worker there ever was."""
         pools = [w.pool for w in self.workers.values()]
-        return (self.counters.retired_prefix_queries + sum(p.prefix_queries for p in pools),
-                self.counters.retired_prefix_hits + sum(p.prefix_hits for p in pools))
+        return (
+            self.counters.retired_prefix_queries + sum(p.prefix_queries for p in pools),
+            self.counters.retired_prefix_hits + sum(p.prefix_hits for p in pools),
+        )
 
     def num_running(self) -> int:
         return sum(len(w.running) for w in self.workers.values())

@@ -46,14 +46,20 @@ class FigureBuilder:
         if tokens_at > w.tokens_generated:
             tokens_at = 0  # it registered again since: its counts started over
         return WorkerFigures(
-            registered=w.info, max_len=w.max_len, updated_at=round(time.time(), 3),
-            kv_usage=round(w.pool.usage, 4), running=len(w.running),
-            steps=w.steps, tokens_generated=w.tokens_generated,
+            registered=w.info,
+            max_len=w.max_len,
+            updated_at=round(time.time(), 3),
+            kv_usage=round(w.pool.usage, 4),
+            running=len(w.running),
+            steps=w.steps,
+            tokens_generated=w.tokens_generated,
             tokens_per_s=round((w.tokens_generated - tokens_at) / elapsed_s, 2),
             step_ms=round(sum(t.total_ms for t in times) / len(times), 2) if times else 0.0,
             forward_ms=round(sum(t.forward_ms for t in times) / len(times), 2) if times else 0.0,
-            step_in_flight_s=round(busy_s, 2), stalled=w.stalled(now, self.stall_after_s),
-            spec_drafts=w.spec_drafts, spec_draft_tokens=w.spec_draft_tokens,
+            step_in_flight_s=round(busy_s, 2),
+            stalled=w.stalled(now, self.stall_after_s),
+            spec_drafts=w.spec_drafts,
+            spec_draft_tokens=w.spec_draft_tokens,
             spec_accepted_tokens=w.spec_accepted_tokens,
             iteration_tokens=list(self._step_sizes.get(worker_id, [])),
             iteration_tokens_sum=self._step_tokens.get(worker_id, 0),
@@ -67,15 +73,25 @@ class FigureBuilder:
         queries, hits = core.prefix_cache_totals()
         workers = {wid: self.worker(wid, elapsed) for wid in core.workers}
         scheduler = SchedulerFigures(
-            updated_at=round(time.time(), 3), waiting=core.num_waiting(), running=core.num_running(),
-            queued_tokens=core.queued_tokens(), workers=len(workers),
+            updated_at=round(time.time(), 3),
+            waiting=core.num_waiting(),
+            running=core.num_running(),
+            queued_tokens=core.queued_tokens(),
+            workers=len(workers),
             stalled_workers=sum(1 for w in workers.values() if w.stalled),
-            preemptions=c.preemptions, migrations=c.migrations, prompt_tokens=c.prompt_tokens,
-            generation_tokens=c.generation_tokens, prefix_queries=queries, prefix_hits=hits,
+            preemptions=c.preemptions,
+            migrations=c.migrations,
+            prompt_tokens=c.prompt_tokens,
+            generation_tokens=c.generation_tokens,
+            prefix_queries=queries,
+            prefix_hits=hits,
             steps_per_s=round((c.steps - self._steps_at) / elapsed, 2),
             tokens_per_s=round((c.generation_tokens - self._tokens_at) / elapsed, 2),
-            step_errors=c.step_errors, finished=dict(c.finished), spec_drafts=c.spec_drafts,
-            spec_draft_tokens=c.spec_draft_tokens, spec_accepted_tokens=c.spec_accepted_tokens,
+            step_errors=c.step_errors,
+            finished=dict(c.finished),
+            spec_drafts=c.spec_drafts,
+            spec_draft_tokens=c.spec_draft_tokens,
+            spec_accepted_tokens=c.spec_accepted_tokens,
         )
         self._since, self._steps_at, self._tokens_at = mono, c.steps, c.generation_tokens
         self._worker_tokens_at = {wid: w.tokens_generated for wid, w in core.workers.items()}

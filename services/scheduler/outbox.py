@@ -79,8 +79,11 @@ class Outbox:
 
     def stuck(self, now: float) -> list[str]:
         """Gateways whose oldest waiting message is older than the deadline."""
-        return [reply_to for reply_to, link in self._links.items()
-                if link.waiting and now - link.waiting[0].queued_at > self.stuck_after_s]
+        return [
+            reply_to
+            for reply_to, link in self._links.items()
+            if link.waiting and now - link.waiting[0].queued_at > self.stuck_after_s
+        ]
 
     def drop(self, reply_to: str) -> Undelivered:
         """Forget a gateway (it is gone): close its socket, discard what waits for it."""
@@ -104,7 +107,13 @@ class Outbox:
 
     def waiting(self, reply_to: str | None = None) -> int:
         """Messages waiting here, for `reply_to` or for every gateway."""
-        links = self._links.values() if reply_to is None else [self._links[reply_to]] if reply_to in self._links else []
+        links = (
+            self._links.values()
+            if reply_to is None
+            else [self._links[reply_to]]
+            if reply_to in self._links
+            else []
+        )
         return sum(len(link.waiting) for link in links)
 
     def drain(self, timeout_s: float) -> bool:

@@ -29,7 +29,9 @@ READ_AHEAD = 1
 
 
 class Peers:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, name: str, max_num_seqs: int, stall_after_s: float):
+    def __init__(
+        self, client: redis.Redis, keys: RedisKeys, name: str, max_num_seqs: int, stall_after_s: float
+    ):
         self.name = name
         self.max_num_seqs = max_num_seqs
         self.stall_after_s = stall_after_s
@@ -41,8 +43,11 @@ class Peers:
     def refresh_peers(self) -> None:
         """Who else serves: the schedulers whose figures are fresh."""
         now = time.time()
-        self.live_peers = {name for name, f in read_scheduler_figures(self.client, self.keys).items()
-                           if name != self.name and now - f.updated_at <= STALE_AFTER_S}
+        self.live_peers = {
+            name
+            for name, f in read_scheduler_figures(self.client, self.keys).items()
+            if name != self.name and now - f.updated_at <= STALE_AFTER_S
+        }
 
     def room(self, core: SchedulerCore) -> int | None:
         """New requests to read now (None: no bound). Alone, everything, as a single
@@ -64,7 +69,9 @@ class Peers:
         """Record us as the owner of these (request_id, entry_id); see Ownership.take."""
         taken = self.ownership.take(self.name, entries)
         for entry_id, peer in taken.elsewhere.items():
-            log.warning("entry %s was taken over by %s while our lease had lapsed: left to it", entry_id, peer)
+            log.warning(
+                "entry %s was taken over by %s while our lease had lapsed: left to it", entry_id, peer
+            )
         return taken
 
     def forward_abort(self, message: AbortRequest) -> None:
@@ -83,7 +90,9 @@ class Peers:
         limit = None if room is None else max(room, self.max_num_seqs) if self._serving(core) else 0
         claimed = self.ownership.take_over(self.name, liveness_key, limit)
         for peer, n in claimed.items():
-            log.warning("scheduler %s is gone (its liveness key expired): took over %d of its requests", peer, n)
+            log.warning(
+                "scheduler %s is gone (its liveness key expired): took over %d of its requests", peer, n
+            )
         return sum(claimed.values())
 
     def taken_from_us(self, held: Sequence[str]) -> int:

@@ -37,8 +37,8 @@ prefix hit lets a request pass only those of its own priority level within the w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from services.scheduler import transitions
 from services.scheduler.request import Request
@@ -50,13 +50,14 @@ from shared.speculative import SpeculativeConfig
 # prefix match per request looked at, each step): past it, strict priority and age order.
 ADMIT_WINDOW = 32
 
+
 @dataclass(frozen=True)
 class Limits:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 512  # caps one request's share, so a long prompt never takes a whole step
     aging_seconds: float = 10.0
-    speculative: Optional[SpeculativeConfig] = None  # None: no speculative decoding
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
 
 @dataclass
@@ -76,8 +77,9 @@ def waiting_key(now: float, aging_seconds: float):
     return key
 
 
-def schedule(w: WorkerState, limits: Limits, now: float, waiting: list[Request],
-             others: Sequence[WorkerState] = ()) -> Decision:
+def schedule(
+    w: WorkerState, limits: Limits, now: float, waiting: list[Request], others: Sequence[WorkerState] = ()
+) -> Decision:
     """The worker's next step; it admits from `waiting`, the list all workers share."""
     d = Decision()
     budget = limits.max_num_batched_tokens
@@ -85,11 +87,16 @@ def schedule(w: WorkerState, limits: Limits, now: float, waiting: list[Request],
 
     spec = limits.speculative
     drafting = spec is not None and spec.method == "draft_model"
-    speculating = spec is not None and (spec.disable_by_batch_size is None
-                                        or len(w.running) <= spec.disable_by_batch_size) \
+    speculating = (
+        spec is not None
+        and (spec.disable_by_batch_size is None or len(w.running) <= spec.disable_by_batch_size)
         and (w.drafts_itself or not drafting)
-    theta = w.step_cost.threshold(sum(r.num_tokens - r.num_computed_tokens == 1 for r in w.running), drafting) \
-        if speculating else 1.0
+    )
+    theta = (
+        w.step_cost.threshold(sum(r.num_tokens - r.num_computed_tokens == 1 for r in w.running), drafting)
+        if speculating
+        else 1.0
+    )
     i = 0
     while i < len(w.running) and budget > 0:
         req = w.running[i]
@@ -117,8 +124,15 @@ def schedule(w: WorkerState, limits: Limits, now: float, waiting: list[Request],
     return d
 
 
-def _admit_waiting(w: WorkerState, d: Decision, budget: int, limits: Limits, now: float,
-                   waiting: list[Request], others: Sequence[WorkerState]) -> None:
+def _admit_waiting(
+    w: WorkerState,
+    d: Decision,
+    budget: int,
+    limits: Limits,
+    now: float,
+    waiting: list[Request],
+    others: Sequence[WorkerState],
+) -> None:
     """Admits while budget, slots and blocks last. Past its fair share of the requests (all
     running and waiting over all workers), `w` leaves a request to a less busy worker that
     can hold it: the worker that plans first does not take a whole burst while the others,
@@ -140,8 +154,9 @@ def _admit_waiting(w: WorkerState, d: Decision, budget: int, limits: Limits, now
         whole = req.needs_prompt_logprobs
         if caching and computing and not whole and _waits_for_prefix(w, req, computing):
             continue  # its prefix is being computed right now: it will hit the cache in a step or two
-        if len(w.running) >= share and any(len(o.running) < len(w.running) and req.num_tokens < o.max_len
-                                           for o in others):
+        if len(w.running) >= share and any(
+            len(o.running) < len(w.running) and req.num_tokens < o.max_len for o in others
+        ):
             continue  # another worker takes it
         # At least the last token is always computed: its logits are what we sample from.
         hit = [] if whole else w.pool.match_prefix(_usable_hashes(req, bs))
@@ -149,7 +164,7 @@ def _admit_waiting(w: WorkerState, d: Decision, budget: int, limits: Limits, now
         if not transitions.admit(w, waiting, req, hit, len(hit) * bs + n, now):
             break  # the most important waiting request does not fit: don't let others pass it
         if caching:
-            computing.update(req.block_hashes_for(bs)[req.num_cached_blocks:])
+            computing.update(req.block_hashes_for(bs)[req.num_cached_blocks :])
         d.admitted.append(req)
         d.scheduled[req.request_id] = n
         budget -= n
@@ -176,7 +191,7 @@ def _prefix_blocks_being_computed(w: WorkerState) -> set[bytes]:
     bs, pending = w.pool.block_size, set()
     for r in w.running:
         if r.num_computed_tokens < len(r.prompt_token_ids):
-            pending.update(r.block_hashes_for(bs)[r.num_computed_tokens // bs:])
+            pending.update(r.block_hashes_for(bs)[r.num_computed_tokens // bs :])
     return pending
 
 
@@ -188,15 +203,21 @@ def _waits_for_prefix(w: WorkerState, req: Request, computing: set[bytes]) -> bo
     return hit < len(usable) and usable[hit] in computing
 
 
-def _propose(w: WorkerState, req: Request, spec: SpeculativeConfig, budget: int, theta: float, d: Decision) -> int:
+def _propose(
+    w: WorkerState, req: Request, spec: SpeculativeConfig, budget: int, theta: float, d: Decision
+) -> int:
     """How many tokens are proposed after a decoding request's last one, with blocks for
     them, put in `d` (the tokens found by prompt lookup, or how many the worker drafts); 0
     when none would pay (see speculation.py) or there is no room (tokens, budget or blocks)."""
     out = len(req.output_token_ids)
     if out == 0:
         return 0
-    room = min(spec.num_speculative_tokens, budget - 1, req.sampling.max_tokens - out - 1,
-               w.max_len - req.num_tokens - 1)
+    room = min(
+        spec.num_speculative_tokens,
+        budget - 1,
+        req.sampling.max_tokens - out - 1,
+        w.max_len - req.num_tokens - 1,
+    )
     if spec.method == "draft_model":  # the worker's draft: its acceptance there says most
         req.acceptance.start_from(w.draft_acceptance.p)
         room = req.acceptance.wanted(room, theta, w.draft_acceptance.may_probe(theta))
@@ -211,8 +232,10 @@ def _propose(w: WorkerState, req: Request, spec: SpeculativeConfig, budget: int,
     bs = w.pool.block_size
     need = -(-(req.num_computed_tokens + 1 + count) // bs) - len(req.block_ids)
     # New blocks only while every running request could still take one: never a preemption.
-    if need > 0 and (w.pool.num_free - need < len(w.running) or not transitions.grow(
-            w, req, req.num_computed_tokens + 1 + count)):
+    if need > 0 and (
+        w.pool.num_free - need < len(w.running)
+        or not transitions.grow(w, req, req.num_computed_tokens + 1 + count)
+    ):
         return 0
     if drafts is None:
         d.draft_counts[req.request_id] = count

@@ -13,8 +13,8 @@ import threading
 import redis
 import zmq
 
-from shared.redis_protocol import QueueEntry, RequestQueue
 from shared.redis_keys import RedisKeys
+from shared.redis_protocol import QueueEntry, RequestQueue
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,15 @@ class QueueReader:
     at most one batch. Alone (no room bound) a scheduler still reads a flood whole, batch
     by batch; with live peers, what exceeds its room waits in Redis (peers.room)."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, ctx: zmq.Context, block_ms: int = BLOCK_MS,
-                 consumer: str = "scheduler", aborts: str | None = None):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        ctx: zmq.Context,
+        block_ms: int = BLOCK_MS,
+        consumer: str = "scheduler",
+        aborts: str | None = None,
+    ):
         self._client = blocking_client(client, block_ms)
         self._queue = RequestQueue(self._client, keys, consumer, aborts)
         self.room: int | None = None  # new requests the loop can take (None: no bound); see set_room
@@ -72,7 +79,9 @@ class QueueReader:
         if self.room is None:
             self._taken.set()
         else:
-            self._took = True  # NOTE: the next read waits for set_room: a room from before this batch would overshoot
+            self._took = (
+                True  # NOTE: the next read waits for set_room: a room from before this batch would overshoot
+            )
         return batch
 
     def set_room(self, room: int | None) -> None:

@@ -9,15 +9,23 @@ and its states only through transitions.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from services.scheduler.block_pool import hash_blocks
 from services.scheduler.speculation import Acceptance
-from shared.messages import ErrorCode, FinishReason, PromptLogprobs, RequestStatus, SubmitRequest, TokenLogprobs
+from shared.messages import (
+    ErrorCode,
+    FinishReason,
+    PromptLogprobs,
+    RequestStatus,
+    SubmitRequest,
+    TokenLogprobs,
+)
 
 
 def _from_submit(name: str) -> property:
-    return property(lambda self: getattr(self.submit, name), doc=f"SubmitRequest.{name}, as the gateway sent it")
+    return property(
+        lambda self: getattr(self.submit, name), doc=f"SubmitRequest.{name}, as the gateway sent it"
+    )
 
 
 @dataclass(eq=False)  # identity semantics: requests live in lists and sets
@@ -27,7 +35,7 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.QUEUED
-    worker_id: Optional[str] = None  # the worker it runs on; None while it waits (for any worker)
+    worker_id: str | None = None  # the worker it runs on; None while it waits (for any worker)
     block_ids: list[int] = field(default_factory=list)
     new_block_ids: list[int] = field(default_factory=list)  # appended since the last plan
     num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
@@ -35,10 +43,10 @@ class Request:
     num_cached_tokens: int = 0  # prefix-cache hit at first admission (reported in usage)
     on_worker: bool = False  # the worker holds a row for it
     num_preemptions: int = 0
-    first_scheduled_time: Optional[float] = None
-    finish_reason: Optional[FinishReason] = None
-    error_code: Optional[ErrorCode] = None
-    error: Optional[str] = None
+    first_scheduled_time: float | None = None
+    finish_reason: FinishReason | None = None
+    error_code: ErrorCode | None = None
+    error: str | None = None
     _hashes: dict[int, list[bytes]] = field(default_factory=dict, repr=False)  # see block_hashes_for
     # Prompt logprobs received so far, by the position of the token they are for: a chunk
     # computed again (after a preemption or a failed step) overwrites, never duplicates.
@@ -70,9 +78,10 @@ class Request:
         return self.sampling.prompt_logprobs is not None and not self.output_token_ids
 
     def add_prompt_logprobs(self, chunk: PromptLogprobs) -> None:
-        assert 1 <= chunk.start and chunk.start + len(chunk.entries) <= len(self.prompt_token_ids), (
+        assert chunk.start >= 1 and chunk.start + len(chunk.entries) <= len(self.prompt_token_ids), (
             f"{self.request_id}: prompt logprobs for positions {chunk.start}..+{len(chunk.entries)} "
-            f"of a {len(self.prompt_token_ids)}-token prompt")
+            f"of a {len(self.prompt_token_ids)}-token prompt"
+        )
         for k, entry in enumerate(chunk.entries):
             self.prompt_logprobs[chunk.start + k] = entry
 
@@ -92,12 +101,13 @@ class Request:
         function of its tokens and salt, so predicates and choosers may call it. Read-only."""
         hashes = self._hashes.get(block_size, [])
         if len(hashes) < self.num_tokens // block_size:
-            hashes = self._hashes[block_size] = hash_blocks(self.all_token_ids, block_size, self.cache_salt,
-                                                            prior=hashes)
+            hashes = self._hashes[block_size] = hash_blocks(
+                self.all_token_ids, block_size, self.cache_salt, prior=hashes
+            )
         return hashes
 
 
-def check_stop(req: Request, eos_token_ids: list[int], max_model_len: int) -> Optional[FinishReason]:
+def check_stop(req: Request, eos_token_ids: list[int], max_model_len: int) -> FinishReason | None:
     """Why `req` must stop after its newest token, or None. The order matters: a stop
     token wins over reaching max_tokens on the same token (OpenAI reports "stop")."""
     token = req.output_token_ids[-1]

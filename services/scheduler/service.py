@@ -63,8 +63,12 @@ class SchedulerService:
         self.name = settings.scheduler_name
         self.queue = RequestQueue(client, self.keys, consumer=self.name, aborts=self.keys.aborts(self.name))
         self.status = StatusWriter(client, self.keys, scheduler_name=self.name)
-        self.lease = Lease(client, self.keys.scheduler(self.name), f"{socket.gethostname()}:{os.getpid()}",
-                           settings.lease_ttl)
+        self.lease = Lease(
+            client,
+            self.keys.scheduler(self.name),
+            f"{socket.gethostname()}:{os.getpid()}",
+            settings.lease_ttl,
+        )
         self.peers = Peers(client, self.keys, self.name, settings.max_num_seqs, settings.stall_after)
         self.ctx = zmq.Context.instance()
         self.workers_sock: zmq.Socket | None = None  # bound once the lease is ours
@@ -74,8 +78,9 @@ class SchedulerService:
         self.stopping = False
         self._last_stats = 0.0
         self.figures = FigureBuilder(core, settings.stall_after)
-        self.spans = RequestSpans(tracer_for("scheduler", settings.otlp_traces_endpoint,
-                                             settings.otlp_traces_protocol))
+        self.spans = RequestSpans(
+            tracer_for("scheduler", settings.otlp_traces_endpoint, settings.otlp_traces_protocol)
+        )
         self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
         self._unacked_aborts: list[str] = []  # the same, of our abort stream
         self._redis_retry_at = 0.0  # while Redis is down: when to try it again
@@ -96,19 +101,27 @@ class SchedulerService:
         self.workers_sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.workers_sock.setsockopt(zmq.LINGER, 0)
         s = self.settings
-        self._auth = secure_server(self.workers_sock, s.zmq_server_secret_key,
-                                   s.zmq_client_public_key) if s.zmq_server_secret_key else None
+        self._auth = (
+            secure_server(self.workers_sock, s.zmq_server_secret_key, s.zmq_client_public_key)
+            if s.zmq_server_secret_key
+            else None
+        )
         self.workers_sock.bind(self.settings.scheduler_address)
         self.queue.ensure_group()
-        self.reader = QueueReader(self.queue.client, self.keys, self.ctx, consumer=self.name,
-                                  aborts=self.queue.aborts)
+        self.reader = QueueReader(
+            self.queue.client, self.keys, self.ctx, consumer=self.name, aborts=self.queue.aborts
+        )
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.reader.wake, zmq.POLLIN)
         self._redis(self.peers.refresh_peers)  # before the first read: a backlog is not for us alone
         self.reader.set_room(self.peers.room(self.core))
         self.reader.start()
-        log.info("scheduler %s (%s) listening for workers on %s", self.name, self.lease.holder,
-                 self.settings.scheduler_address)
+        log.info(
+            "scheduler %s (%s) listening for workers on %s",
+            self.name,
+            self.lease.holder,
+            self.settings.scheduler_address,
+        )
         code = 0
         try:
             while not self.stopping:
@@ -136,14 +149,20 @@ class SchedulerService:
         its peers take them over once its lease is released."""
         self._send_outputs()  # those of the last pass's bookkeeping (expiries, aborts)
         if not self.outbox.drain(STOP_FLUSH_S):
-            log.warning("%d messages of outputs not taken by their gateways in %g s; their requests stay "
-                        "in the queue and run again", self.outbox.waiting(), STOP_FLUSH_S)
+            log.warning(
+                "%d messages of outputs not taken by their gateways in %g s; their requests stay "
+                "in the queue and run again",
+                self.outbox.waiting(),
+                STOP_FLUSH_S,
+            )
         self._collect_status()
         self._redis_retry_at = 0.0  # one last try, whatever the backoff
         self._redis(self._flush)
         if self.core.requests:
-            log.info("%d requests still running are left in the queue for the next scheduler",
-                     len(self.core.requests))
+            log.info(
+                "%d requests still running are left in the queue for the next scheduler",
+                len(self.core.requests),
+            )
 
     def _wait_for_lease(self) -> bool:
         announced = False
@@ -155,8 +174,11 @@ class SchedulerService:
             except redis.RedisError as e:
                 holder = f"unknown (Redis: {e})"
             if not announced:
-                log.warning("another scheduler named %s (%s) holds the lease; standing by until it is free",
-                            self.name, holder)
+                log.warning(
+                    "another scheduler named %s (%s) holds the lease; standing by until it is free",
+                    self.name,
+                    holder,
+                )
                 announced = True
             time.sleep(1.0)
         return False
@@ -171,10 +193,15 @@ class SchedulerService:
         # make workers that did send heartbeats look silent.
         self._receive_worker_messages()
         now_mono = time.monotonic()
-        for wid in self.core.check_workers(now_mono, self.settings.heartbeat_timeout, self.settings.step_timeout):
+        for wid in self.core.check_workers(
+            now_mono, self.settings.heartbeat_timeout, self.settings.step_timeout
+        ):
             self.status.remove_worker(wid)
-            self.status.error(ErrorRecord(worker=wid, error="worker stopped answering; its requests were requeued",
-                                          time=time.time()))
+            self.status.error(
+                ErrorRecord(
+                    worker=wid, error="worker stopped answering; its requests were requeued", time=time.time()
+                )
+            )
         self._dispatch_steps()
         self._send_outputs()
         self._bookkeeping()
@@ -253,7 +280,9 @@ class SchedulerService:
             self._unacked_aborts.append(entry.entry_id)
         # Replayed after a lost connection or a takeover: running here, or finished and being acked.
         entries = [e for e in entries if e.stream != self.queue.aborts and not self._holds(e)]
-        submits = [(e.message.request_id, e.entry_id) for e in entries if isinstance(e.message, m.SubmitRequest)]
+        submits = [
+            (e.message.request_id, e.entry_id) for e in entries if isinstance(e.message, m.SubmitRequest)
+        ]
         try:
             taken = self.peers.take(submits)
             for e in entries:
@@ -286,7 +315,11 @@ class SchedulerService:
         """Whether this entry was read before: its request runs here, or it awaits its XACK."""
         if entry.entry_id in self._unacked or self.outbox.holds(entry.entry_id):
             return True
-        req = self.core.requests.get(entry.message.request_id) if isinstance(entry.message, m.SubmitRequest) else None
+        req = (
+            self.core.requests.get(entry.message.request_id)
+            if isinstance(entry.message, m.SubmitRequest)
+            else None
+        )
         return req is not None and req.entry_id == entry.entry_id
 
     def _send_outputs(self) -> None:
@@ -303,7 +336,9 @@ class SchedulerService:
         self.core.outputs.clear()
         now = time.monotonic()
         for reply_to, outs in by_gateway.items():
-            ends = [entries[o.request_id] for o in outs if o.finish_reason is not None and o.request_id in entries]
+            ends = [
+                entries[o.request_id] for o in outs if o.finish_reason is not None and o.request_id in entries
+            ]
             if reply_to in self._gone:  # its requests were aborted for it: nobody reads these
                 self._unacked.extend(ends)
             else:
@@ -322,8 +357,12 @@ class SchedulerService:
         self._unacked.extend(left.entry_ids)  # finished: their final outputs are what was lost
         self._gone.add(reply_to)
         self._gateway_seen.pop(reply_to, None)
-        lost = f"; {left.messages} messages of outputs undelivered, the last of {len(left.entry_ids)} finished " \
-            "requests among them" if left.messages else ""
+        lost = (
+            f"; {left.messages} messages of outputs undelivered, the last of {len(left.entry_ids)} finished "
+            "requests among them"
+            if left.messages
+            else ""
+        )
         self._record_error(f"gateway {reply_to} is gone ({why}): {len(rids)} requests aborted{lost}")
 
     # ---- Redis bookkeeping -------------------------------------------------------------------
@@ -377,7 +416,9 @@ class SchedulerService:
             if alive:
                 self._gateway_seen[reply_to] = now
             elif now - seen > self.settings.gateway_timeout:
-                self._gateway_gone(reply_to, f"its liveness key was missing for {self.settings.gateway_timeout:g} s")
+                self._gateway_gone(
+                    reply_to, f"its liveness key was missing for {self.settings.gateway_timeout:g} s"
+                )
         for reply_to in set(self._gateway_seen) - set(by_gateway):
             del self._gateway_seen[reply_to]
 

@@ -32,7 +32,6 @@ the draft's catching up on the request's text, not a lookup).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from shared.speculative import NgramIndex, SpeculativeConfig
 
@@ -72,7 +71,9 @@ class StepCost:
 
     def observe_draft(self, ms_per_pass: float) -> None:
         seen = self.draft_pass_ms > 0.0
-        self.draft_pass_ms = DRAFT_DECAY * self.draft_pass_ms + (1 - DRAFT_DECAY) * ms_per_pass if seen else ms_per_pass
+        self.draft_pass_ms = (
+            DRAFT_DECAY * self.draft_pass_ms + (1 - DRAFT_DECAY) * ms_per_pass if seen else ms_per_pass
+        )
 
     def _fit(self) -> tuple[float, float] | None:
         """(a, b) in ms, or None while too few steps, or all of one size (no slope to see)."""
@@ -121,7 +122,7 @@ class Acceptance:
     hits: float = PRIOR_HITS
     trials: float = PRIOR_TRIALS
     idle: int = 0  # decode steps since the policy last wanted proposals of it (a lookup may find none)
-    ngrams: Optional[NgramIndex] = None
+    ngrams: NgramIndex | None = None
     decay: float = ACCEPT_DECAY
     judged: bool = False  # any proposal of it verified yet
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -26,7 +25,7 @@ class _Step:
 
 
 class RequestSpans:
-    def __init__(self, tracer: Optional[trace.Tracer]):
+    def __init__(self, tracer: trace.Tracer | None):
         self.tracer = tracer
         self.spans: dict[str, trace.Span] = {}  # request_id -> its span
         self._queued: dict[str, trace.Span] = {}
@@ -38,11 +37,21 @@ class RequestSpans:
             return
         parent = TraceContextTextMapPropagator().extract({"traceparent": msg.traceparent})
         start = int(msg.arrival_time * 1e9)
-        span = self.tracer.start_span("scheduler.request", context=parent, start_time=start, attributes={
-            "gen_ai.request.id": msg.request_id, "gen_ai.usage.prompt_tokens": len(msg.prompt_token_ids),
-            "gen_ai.request.max_tokens": msg.sampling.max_tokens, "conveyor.priority": msg.priority})
+        span = self.tracer.start_span(
+            "scheduler.request",
+            context=parent,
+            start_time=start,
+            attributes={
+                "gen_ai.request.id": msg.request_id,
+                "gen_ai.usage.prompt_tokens": len(msg.prompt_token_ids),
+                "gen_ai.request.max_tokens": msg.sampling.max_tokens,
+                "conveyor.priority": msg.priority,
+            },
+        )
         self.spans[msg.request_id] = span
-        self._queued[msg.request_id] = self.tracer.start_span("queue", context=child_of(span), start_time=start)
+        self._queued[msg.request_id] = self.tracer.start_span(
+            "queue", context=child_of(span), start_time=start
+        )
 
     def step_sent(self, worker_id: str, plan: m.StepPlan) -> None:
         if not self.spans:
@@ -68,11 +77,20 @@ class RequestSpans:
             parent = self.spans.get(rid)
             if parent is None:
                 continue
-            span = self.tracer.start_span("step", context=child_of(parent), start_time=step.sent_ns, attributes={
-                "conveyor.worker": result.worker_id, "conveyor.step_id": result.step_id,
-                "conveyor.scheduled_tokens": n, "conveyor.worker_forward_ms": t.forward_ms,
-                "conveyor.worker_total_ms": t.total_ms, "conveyor.accepted_tokens":
-                len(result.accepted_token_ids.get(rid, ())), "conveyor.error": result.error or ""})
+            span = self.tracer.start_span(
+                "step",
+                context=child_of(parent),
+                start_time=step.sent_ns,
+                attributes={
+                    "conveyor.worker": result.worker_id,
+                    "conveyor.step_id": result.step_id,
+                    "conveyor.scheduled_tokens": n,
+                    "conveyor.worker_forward_ms": t.forward_ms,
+                    "conveyor.worker_total_ms": t.total_ms,
+                    "conveyor.accepted_tokens": len(result.accepted_token_ids.get(rid, ())),
+                    "conveyor.error": result.error or "",
+                },
+            )
             span.end(end_time=end)
 
     def output(self, out: m.RequestOutput) -> None:
@@ -87,9 +105,13 @@ class RequestSpans:
         queued = self._queued.pop(out.request_id, None)
         if queued is not None:  # it ended before its first step (aborted, timed out)
             queued.end()
-        span.set_attributes({"gen_ai.response.finish_reasons": [out.finish_reason.value],
-                             "gen_ai.usage.completion_tokens": out.usage.completion_tokens if out.usage else 0,
-                             **({"conveyor.error": out.error} if out.error else {})})
+        span.set_attributes(
+            {
+                "gen_ai.response.finish_reasons": [out.finish_reason.value],
+                "gen_ai.usage.completion_tokens": out.usage.completion_tokens if out.usage else 0,
+                **({"conveyor.error": out.error} if out.error else {}),
+            }
+        )
         span.end()
         del self.spans[out.request_id]
         self._first.discard(out.request_id)

@@ -14,16 +14,15 @@ and continues, on whichever worker admits it next.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from services.scheduler.block_pool import NoFreeBlocks
 from services.scheduler.request import Request
 from services.scheduler.worker_state import WorkerState
 from shared.messages import ErrorCode, FinishReason, RequestStatus
 
 
-def admit(w: WorkerState, waiting: list[Request], req: Request, hit: list[int], num_tokens: int,
-          now: float) -> bool:
+def admit(
+    w: WorkerState, waiting: list[Request], req: Request, hit: list[int], num_tokens: int, now: float
+) -> bool:
     """Queued in `waiting` → running on `w`, reusing the cached blocks `hit` and given blocks
     up to `num_tokens`. Returns False, changing nothing, if those blocks are not free."""
     w.pool.touch(hit)  # before allocating, so eviction cannot take the blocks we reuse
@@ -86,8 +85,14 @@ def migrate(waiting: list[Request], req: Request) -> None:
     waiting.append(req)
 
 
-def finish(w: Optional[WorkerState], waiting: list[Request], req: Request, reason: FinishReason,
-           error_code: Optional[ErrorCode] = None, error: Optional[str] = None) -> None:
+def finish(
+    w: WorkerState | None,
+    waiting: list[Request],
+    req: Request,
+    reason: FinishReason,
+    error_code: ErrorCode | None = None,
+    error: str | None = None,
+) -> None:
     """Final, exactly once: off its worker `w`, blocks freed, or (w None: it runs on none)
     out of `waiting` if it is there."""
     assert not req.status.is_final, f"{req.request_id} finished twice"

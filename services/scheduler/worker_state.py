@@ -8,7 +8,6 @@ Each worker has at most one step in flight; all workers step concurrently.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from services.scheduler.block_pool import BlockPool
 from services.scheduler.request import Request
@@ -22,7 +21,9 @@ class InFlightStep:
     scheduled: dict[str, int]  # request_id -> tokens scheduled (a decode's proposed tokens included)
     sent_at: float  # monotonic
     drafts: dict[str, list[int]] = field(default_factory=dict)  # request_id -> tokens proposed
-    draft_counts: dict[str, int] = field(default_factory=dict)  # request_id -> tokens its draft model proposes
+    draft_counts: dict[str, int] = field(
+        default_factory=dict
+    )  # request_id -> tokens its draft model proposes
 
     def proposed(self, request_id: str) -> int:
         return len(self.drafts.get(request_id, ())) + self.draft_counts.get(request_id, 0)
@@ -36,7 +37,7 @@ class WorkerState:
     # so that preemption takes from the end; admissions append between sorts.
     running: list[Request] = field(default_factory=list)
     to_drop: list[str] = field(default_factory=list)  # rows the next plan tells it to drop
-    in_flight: Optional[InFlightStep] = None
+    in_flight: InFlightStep | None = None
     last_seen: float = 0.0  # monotonic time of its last message or heartbeat
     # figures
     steps: int = 0

@@ -36,8 +36,16 @@ def handler(token_s: float, journal: str):
             n = body["max_tokens"]
             for i in range(n):
                 time.sleep(token_s)
-                self._event({"choices": [{"index": 0, "text": "x", "finish_reason": "length" if i == n - 1 else None}]})
-            self._event({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}})
+                self._event(
+                    {
+                        "choices": [
+                            {"index": 0, "text": "x", "finish_reason": "length" if i == n - 1 else None}
+                        ]
+                    }
+                )
+            self._event(
+                {"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}}
+            )
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
 

@@ -27,7 +27,9 @@ def usage(n: int) -> dict:
 
 
 def run(workload: Workload, handler) -> list:
-    return asyncio.run(replay("http://test", workload, progress=False, transport=httpx.MockTransport(handler)))
+    return asyncio.run(
+        replay("http://test", workload, progress=False, transport=httpx.MockTransport(handler))
+    )
 
 
 def test_sends_token_ids_greedy_ignore_eos_streaming_and_records_the_stream():
@@ -58,11 +60,15 @@ def test_a_request_cut_short_is_an_error():
 
 
 def test_http_errors_error_chunks_and_missing_done_are_recorded():
-    answers = iter([
-        httpx.Response(429, json={"error": {"message": "queue full"}}),
-        httpx.Response(200, content=sse(choice("a"), {"error": {"message": "generation failed"}}, done=False)),
-        httpx.Response(200, content=sse(choice("a"), usage(1), done=False)),
-    ])
+    answers = iter(
+        [
+            httpx.Response(429, json={"error": {"message": "queue full"}}),
+            httpx.Response(
+                200, content=sse(choice("a"), {"error": {"message": "generation failed"}}, done=False)
+            ),
+            httpx.Response(200, content=sse(choice("a"), usage(1), done=False)),
+        ]
+    )
     recs = run(Workload("t", [Request([5], 1, 0.0)] * 3), lambda request: next(answers))
     errors = sorted(r.error for r in recs)
     assert errors[0].startswith("HTTP 429") and "queue full" in errors[0]
@@ -79,12 +85,19 @@ def test_requests_are_sent_at_their_arrival_offsets():
 
 
 def delta(content: str | None = None, finish: str | None = None, role: bool = False) -> dict:
-    d = {"role": "assistant", "content": ""} if role else ({"content": content} if content is not None else {})
+    d = (
+        {"role": "assistant", "content": ""}
+        if role
+        else ({"content": content} if content is not None else {})
+    )
     return {"choices": [{"index": 0, "delta": d, "finish_reason": finish}], "usage": None}
 
 
 def chat_usage(prompt: int, n: int) -> dict:
-    return {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}}
+    return {
+        "choices": [],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n},
+    }
 
 
 CHAT = Request([], 8, 0.0, message="Write a short poem about wolves.", ignore_eos=False)
@@ -95,15 +108,23 @@ def test_chat_goes_through_chat_completions_and_stops_at_eos():
 
     def handler(request):
         seen.append((request.url.path, json.loads(request.content)))
-        return httpx.Response(200, content=sse(delta(role=True), delta("Grey"), delta(" wolves"),
-                                               delta("", "stop"), chat_usage(31, 3)))
+        return httpx.Response(
+            200,
+            content=sse(
+                delta(role=True), delta("Grey"), delta(" wolves"), delta("", "stop"), chat_usage(31, 3)
+            ),
+        )
 
     [rec] = run(Workload("chat", [CHAT]), handler)
     path, body = seen[0]
     assert path == "/v1/chat/completions"
     assert body["messages"] == [{"role": "user", "content": "Write a short poem about wolves."}]
     assert "ignore_eos" not in body and "prompt" not in body and "seed" not in body and "top_p" not in body
-    assert body["temperature"] == 0 and body["max_tokens"] == 8 and body["stream_options"] == {"include_usage": True}
+    assert (
+        body["temperature"] == 0
+        and body["max_tokens"] == 8
+        and body["stream_options"] == {"include_usage": True}
+    )
     assert rec.ok, rec.error
     assert (rec.output_tokens, rec.prompt_tokens, rec.finish_reason) == (3, 31, "stop"), "counts from usage"
     assert len(rec.chunk_times) == 2 and rec.text == "Grey wolves", "the role chunk is no token"
@@ -129,8 +150,10 @@ def test_chat_that_ends_short_without_eos_is_an_error_and_eos_first_is_not():
         10: sse(delta(role=True), delta("", "stop"), chat_usage(5, 1)),
     }
     reqs = [dataclasses.replace(CHAT, max_tokens=n) for n in answers]
-    short, aborted, eos_first = run(Workload("chat", reqs), lambda request: httpx.Response(
-        200, content=answers[json.loads(request.content)["max_tokens"]]))
+    short, aborted, eos_first = run(
+        Workload("chat", reqs),
+        lambda request: httpx.Response(200, content=answers[json.loads(request.content)["max_tokens"]]),
+    )
     assert not short.ok and "finish_reason=length): 3 of 8" in short.error
     assert not aborted.ok and "finish_reason=abort" in aborted.error
     assert eos_first.ok and eos_first.output_tokens == 1 and eos_first.first_token == eos_first.end

@@ -8,9 +8,18 @@ from bench.metrics import RequestRecord, latency_values, stats_ms, summarize
 
 
 def record(i: int, start: float, chunks: list[float], tokens: int, error: str | None = None) -> RequestRecord:
-    return RequestRecord(i, prompt_tokens=10, max_tokens=tokens, arrival=start, start=start,
-                         first_token=chunks[0] if chunks else None, chunk_times=chunks,
-                         end=chunks[-1] if chunks else None, output_tokens=tokens, error=error)
+    return RequestRecord(
+        i,
+        prompt_tokens=10,
+        max_tokens=tokens,
+        arrival=start,
+        start=start,
+        first_token=chunks[0] if chunks else None,
+        chunk_times=chunks,
+        end=chunks[-1] if chunks else None,
+        output_tokens=tokens,
+        error=error,
+    )
 
 
 def test_ttft_tpot_itl_e2e_of_one_request():
@@ -37,8 +46,11 @@ def test_percentiles_interpolate_linearly():
 
 
 def test_summary_throughputs_and_failures():
-    recs = [record(0, 0.0, [1.0, 2.0], 2), record(1, 0.0, [0.5, 4.0], 2),
-            record(2, 1.0, [], 0, error="HTTP 500: boom")]
+    recs = [
+        record(0, 0.0, [1.0, 2.0], 2),
+        record(1, 0.0, [0.5, 4.0], 2),
+        record(2, 1.0, [], 0, error="HTTP 500: boom"),
+    ]
     s = summarize(recs)
     assert s["completed"] == 2 and s["failed"] == 1
     assert s["duration_s"] == 4.0

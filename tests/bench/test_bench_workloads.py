@@ -19,8 +19,8 @@ def test_mixed_matches_bench_md():
     assert len(wl) == 400
     plens = [len(r.prompt) for r in wl.requests]
     outs = [r.max_tokens for r in wl.requests]
-    assert 16 <= min(plens) and max(plens) <= 256
-    assert 8 <= min(outs) and max(outs) <= 1024
+    assert min(plens) >= 16 and max(plens) <= 256
+    assert min(outs) >= 8 and max(outs) <= 1024
     assert 48 <= np.median(outs) <= 80  # lognormal, median 64
     assert all(r.arrival == 0.0 for r in wl.requests)
     ids = np.concatenate([r.prompt for r in wl.requests])
@@ -40,7 +40,9 @@ def test_same_seed_same_requests_other_seed_other_requests():
 
 def test_mixed_online_is_mixed_with_poisson_arrivals():
     offline, online = w.build("mixed", VOCAB, 50), w.build("mixed-online", VOCAB, 50, rate=5.0)
-    assert [(r.prompt, r.max_tokens) for r in offline.requests] == [(r.prompt, r.max_tokens) for r in online.requests]
+    assert [(r.prompt, r.max_tokens) for r in offline.requests] == [
+        (r.prompt, r.max_tokens) for r in online.requests
+    ]
     arrivals = [r.arrival for r in online.requests]
     assert arrivals[0] == 0.0 and arrivals == sorted(arrivals) and arrivals[-1] > 0
 
@@ -111,7 +113,7 @@ def test_chat_matches_bench_md():
     assert all(r.message and not r.ignore_eos and r.temperature == 0.0 and r.seed is None for r in reqs)
     assert all(r.arrival == 0.0 for r in reqs)
     outs = [r.max_tokens for r in reqs]
-    assert 16 <= min(outs) and max(outs) <= 512
+    assert min(outs) >= 16 and max(outs) <= 512
     assert 140 <= np.median(outs) <= 180  # lognormal, median 160
     texts = [r.message for r in reqs]
     assert len(set(texts)) == 200, "every message differs"
@@ -127,7 +129,9 @@ def test_chat_is_deterministic_and_sampling_keeps_the_requests():
     assert greedy.requests == w.build("chat", VOCAB).requests
     assert greedy.requests != w.build("chat", VOCAB, seed=1).requests
     sampled = w.build("chat", VOCAB, temperature=0.7, top_p=0.9)
-    assert [(r.message, r.max_tokens) for r in sampled.requests] == [(r.message, r.max_tokens) for r in greedy.requests]
+    assert [(r.message, r.max_tokens) for r in sampled.requests] == [
+        (r.message, r.max_tokens) for r in greedy.requests
+    ]
     seeds = [r.seed for r in sampled.requests]
     assert None not in seeds and len(set(seeds)) == 200, "a seed per request"
     assert all((r.temperature, r.top_p) == (0.7, 0.9) for r in sampled.requests)
@@ -170,8 +174,9 @@ def test_copy_matches_bench_md():
     assert all(r.max_tokens == 160 and r.temperature == 0.0 and r.arrival == 0.0 for r in wl.requests)
     texts = [r.message for r in wl.requests]
     assert len(set(texts)) == 48, "every message differs"
-    kinds = Counter(next(k for k, i in copy_prompts.INSTRUCTIONS if t.startswith(i.split("{")[0][:20]))
-                    for t in texts)
+    kinds = Counter(
+        next(k for k, i in copy_prompts.INSTRUCTIONS if t.startswith(i.split("{")[0][:20])) for t in texts
+    )
     assert set(kinds.values()) == {12}, "four instruction kinds, equal shares"
     for t in texts:
         paragraph = t.split("\n\n", 1)[1]

@@ -26,8 +26,17 @@ class FakeServer(LocalServer):
         self.journal, self.token_ms = tmp / f"{label}.journal", token_ms
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "tests.bench.fake_openai", "--port", str(self.port),
-                "--token-ms", str(self.token_ms), "--journal", str(self.journal)]
+        return [
+            sys.executable,
+            "-m",
+            "tests.bench.fake_openai",
+            "--port",
+            str(self.port),
+            "--token-ms",
+            str(self.token_ms),
+            "--journal",
+            str(self.journal),
+        ]
 
     def arrivals(self) -> list[float]:
         return [json.loads(line)["t"] for line in self.journal.read_text().splitlines()]
@@ -54,9 +63,9 @@ def test_rounds_interleave_and_the_ratio_is_of_the_medians(tmp_path):
     # Conveyor's round i, then vLLM's round i, then Conveyor's round i + 1, ...
     assert len(a) == len(b) == 12
     for i in range(3):
-        assert max(a[4 * i:4 * i + 4]) < min(b[4 * i:4 * i + 4])
+        assert max(a[4 * i : 4 * i + 4]) < min(b[4 * i : 4 * i + 4])
         if i < 2:
-            assert max(b[4 * i:4 * i + 4]) < min(a[4 * i + 4:4 * i + 8])
+            assert max(b[4 * i : 4 * i + 4]) < min(a[4 * i + 4 : 4 * i + 8])
     results, records = {"systems": {}}, {}
     record_series(series, results, records, CONVEYOR, VLLM)
     cmp = results["peer"]
@@ -65,10 +74,13 @@ def test_rounds_interleave_and_the_ratio_is_of_the_medians(tmp_path):
         per_round = [f["output_throughput"] for f in results["rounds"][name]]
         assert med[name]["output_throughput"]["median"] == pytest.approx(sorted(per_round)[1])
         assert results["systems"][name]["output_throughput"] in per_round
-        assert all(f["completed"] == 4 and f["scheduler_counters"] == {"steps": 1} for f in results["rounds"][name])
+        assert all(
+            f["completed"] == 4 and f["scheduler_counters"] == {"steps": 1} for f in results["rounds"][name]
+        )
         assert set(results["rounds"][name][0]["cpu_s"]) == {"tests.bench.fake_openai"}
     assert cmp["ratio"]["output_throughput"] == pytest.approx(
-        med[CONVEYOR]["output_throughput"]["median"] / med[VLLM]["output_throughput"]["median"])
+        med[CONVEYOR]["output_throughput"]["median"] / med[VLLM]["output_throughput"]["median"]
+    )
     assert cmp["ratio"]["output_throughput"] > 1.5, "4x shorter token gaps: clearly faster"
     assert len(cmp["output_throughput_ratio_by_round"]) == 3
     assert sum(name.startswith(CONVEYOR) for name in records) == 3, "every round's records are kept"
@@ -78,11 +90,23 @@ def test_rounds_interleave_and_the_ratio_is_of_the_medians(tmp_path):
 
 
 def test_medians_of_even_rounds_and_the_median_round():
-    s = [{"output_throughput": x, "request_throughput": x / 10,
-          "ttft_ms": {"median": 10 * x, "p99": None}, "tpot_ms": {"median": 1.0, "p99": 2.0},
-          "e2e_ms": {"median": 5.0, "p99": 9.0}} for x in (10.0, 40.0, 20.0, 30.0)]
+    s = [
+        {
+            "output_throughput": x,
+            "request_throughput": x / 10,
+            "ttft_ms": {"median": 10 * x, "p99": None},
+            "tpot_ms": {"median": 1.0, "p99": 2.0},
+            "e2e_ms": {"median": 5.0, "p99": 9.0},
+        }
+        for x in (10.0, 40.0, 20.0, 30.0)
+    ]
     m = rounds.medians(s)
-    assert m["output_throughput"] == {"median": 25.0, "min": 10.0, "max": 40.0, "rounds": [10.0, 40.0, 20.0, 30.0]}
+    assert m["output_throughput"] == {
+        "median": 25.0,
+        "min": 10.0,
+        "max": 40.0,
+        "rounds": [10.0, 40.0, 20.0, 30.0],
+    }
     assert m["ttft_ms.median"]["median"] == 250.0 and "ttft_ms.p99" not in m, "no p99 figures: none reported"
     assert rounds.median_round(s) in (2, 3)
     with pytest.raises(ValueError, match="rounds must be >= 1"):

@@ -12,7 +12,9 @@ from bench.scheduler_ceiling import STEP_MS, measure, table
 @pytest.mark.slow  # it runs scheduler processes and a Redis server, for about 5 s
 @pytest.mark.parametrize("schedulers", [1, 2])
 def test_two_workers_few_requests_figures_are_sane(schedulers):
-    row = measure(n_workers=2, running=3, seconds=2.0, max_tokens=256, admit_timeout_s=60.0, schedulers=schedulers)
+    row = measure(
+        n_workers=2, running=3, seconds=2.0, max_tokens=256, admit_timeout_s=60.0, schedulers=schedulers
+    )
     assert row["schedulers"] == schedulers and row["workers"] == 2 and row["running"] == 6
     # Every step decodes every request of its worker: none finished, none left waiting (with
     # two schedulers, each pool took exactly its three slots' worth).

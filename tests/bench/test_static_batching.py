@@ -66,19 +66,24 @@ def test_no_batching_runs_one_at_a_time_on_an_even_subset(one_layer_model):
 
 def test_chat_rows_stop_at_eos_or_their_own_max_tokens(one_layer_model):
     model, prompt = one_layer_model, [3, 4, 5, 6]
-    greedy = model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                            pad_token_id=0)[0, len(prompt):].tolist()
+    greedy = model.generate(
+        torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+    )[0, len(prompt) :].tolist()
     eos, saved = greedy[2], model.generation_config.eos_token_id
     model.generation_config.eos_token_id = eos  # a token the first row makes by its third step
     try:
-        reqs = [Request(prompt, 6, 0.0, message="m", ignore_eos=False),
-                Request([7, 8, 9], 2, 0.0, message="m", ignore_eos=False)]
+        reqs = [
+            Request(prompt, 6, 0.0, message="m", ignore_eos=False),
+            Request([7, 8, 9], 2, 0.0, message="m", ignore_eos=False),
+        ]
         static = baselines.run_static(model, Workload("chat", reqs), progress=False)
         single = baselines.run_no_batching(model, Workload("chat", reqs), [0], progress=False)
     finally:
         model.generation_config.eos_token_id = saved
     stops_at = greedy.index(eos) + 1
     for rec in (static[0], single[0]):
-        assert (rec.output_tokens, rec.finish_reason) == (stops_at, "stop") and len(rec.chunk_times) == stops_at
+        assert (rec.output_tokens, rec.finish_reason) == (stops_at, "stop") and len(
+            rec.chunk_times
+        ) == stops_at
     assert 1 <= static[1].output_tokens <= 2 and static[1].finish_reason in ("stop", "length")
     assert static[0].end == static[1].end and all(r.ok for r in static)

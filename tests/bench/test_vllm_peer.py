@@ -48,7 +48,10 @@ def test_the_server_preloads_and_records_its_choice(venv, tmp_path, monkeypatch)
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
-    for iomp, names in (("off", ["libtcmalloc_minimal.so.4"]), ("on", ["libtcmalloc_minimal.so.4", "libiomp5.so"])):
+    for iomp, names in (
+        ("off", ["libtcmalloc_minimal.so.4"]),
+        ("on", ["libtcmalloc_minimal.so.4", "libiomp5.so"]),
+    ):
         server = LocalVLLM(model, tmp_path / "vllm.log", venv, iomp=iomp)
         settings = server.settings()
         assert settings["iomp"] == iomp and settings["preloaded"] == names
@@ -83,10 +86,13 @@ def test_other_peer_configurations_reach_the_server_and_the_record(venv, tmp_pat
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
-    args = parse_args(["--peer", "vllm", "--peer-env", "VLLM_CPU_OMP_THREADS_BIND=0|1",
-                       "--peer-arg=--data-parallel-size=2"])
+    args = parse_args(
+        ["--peer", "vllm", "--peer-env", "VLLM_CPU_OMP_THREADS_BIND=0|1", "--peer-arg=--data-parallel-size=2"]
+    )
     assert args.peer_env_dict == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    server = LocalVLLM(model, tmp_path / "vllm.log", venv, extra_env=args.peer_env_dict, extra_args=args.peer_arg)
+    server = LocalVLLM(
+        model, tmp_path / "vllm.log", venv, extra_env=args.peer_env_dict, extra_args=args.peer_arg
+    )
     assert server.env()["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
     assert server.command()[-1] == "--data-parallel-size=2"
     settings = server.settings()

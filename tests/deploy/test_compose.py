@@ -24,8 +24,12 @@ def _compose(path: Path) -> dict:
 
 def test_compose_files_validate_against_the_compose_spec():
     checker = Path(sys.executable).with_name("check-jsonschema")
-    proc = subprocess.run([str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE), str(GPU)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE), str(GPU)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -43,7 +47,11 @@ def test_workers_scale_and_redis_persists():
     assert worker["environment"]["CONVEYOR_SCHEDULER_ADDRESS"] == "tcp://scheduler:5555"
     command = services["redis"]["command"]
     # Every accepted request on disk before the gateway answers (docs/durability.md).
-    for flag, value in (("--appendonly", "yes"), ("--appendfsync", "always"), ("--maxmemory-policy", "noeviction")):
+    for flag, value in (
+        ("--appendonly", "yes"),
+        ("--appendfsync", "always"),
+        ("--maxmemory-policy", "noeviction"),
+    ):
         assert command[command.index(flag) + 1] == value, command
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     for name in ("redis", "scheduler", "gateway"):
@@ -84,8 +92,9 @@ def test_dockerfile_installs_the_project_and_ships_every_package():
 def test_the_monitoring_profile_scrapes_the_gateways_and_provisions_grafana():
     services = _compose(COMPOSE)["services"]
     prometheus, grafana = services["prometheus"], services["grafana"]
-    assert prometheus["profiles"] == ["monitoring"] and grafana["profiles"] == ["monitoring"], \
+    assert prometheus["profiles"] == ["monitoring"] and grafana["profiles"] == ["monitoring"], (
         "a plain `docker compose up` starts neither"
+    )
     mounts = {}
     for service in (prometheus, grafana):
         for volume in service["volumes"]:
@@ -103,6 +112,8 @@ def test_the_monitoring_profile_scrapes_the_gateways_and_provisions_grafana():
     assert source["url"] == "http://prometheus:9090" and source["isDefault"]
     provider = yaml.safe_load((provisioning / "dashboards" / "conveyor.yml").read_text())["providers"][0]
     dashboards = mounts[provider["options"]["path"]]
-    assert (dashboards / "conveyor.json").exists(), "the provider reads the folder the dashboards are mounted at"
+    assert (dashboards / "conveyor.json").exists(), (
+        "the provider reads the folder the dashboards are mounted at"
+    )
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == provider["options"]["path"] + "/conveyor.json"

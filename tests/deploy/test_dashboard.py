@@ -26,15 +26,19 @@ TARGET_LABELS = {"instance", "job"}  # what Prometheus adds to every scraped ser
 def _served() -> dict[str, set[str]]:
     """Each series name /metrics serves (histograms' _bucket, _sum, _count; counters' _total)
     and the labels it has, with every source of figures holding data."""
-    workers = {w: worker_figures(w, kv_usage=0.5, running=1, iteration_tokens=[1] * 14, iteration_tokens_sum=9)
-               for w in ("w1", "w2")}
+    workers = {
+        w: worker_figures(w, kv_usage=0.5, running=1, iteration_tokens=[1] * 14, iteration_tokens_sum=9)
+        for w in ("w1", "w2")
+    }
     scheduler = SchedulerFigures(updated_at=1.0, running=2, prompt_tokens=9, finished={"stop": 1})
     status = SystemStatus(scheduler=scheduler, workers=workers, errors=[], queue_length=0, pending=0)
     metrics = GatewayMetrics("tiny", 2048, lambda: status)
     times = RequestTimes(arrival=0.0)
     metrics.on_output(times, 1, 0.1, 0.5)
     metrics.on_output(times, 1, None, 0.6)
-    metrics.on_finished(times, FinishReason.STOP, 0.7, num_prompt_tokens=3, num_generation_tokens=2, max_tokens=8)
+    metrics.on_finished(
+        times, FinishReason.STOP, 0.7, num_prompt_tokens=3, num_generation_tokens=2, max_tokens=8
+    )
     metrics.on_prompt_finished(1, 2)
     metrics.rejected(429)
     served: dict[str, set[str]] = {}
@@ -74,9 +78,19 @@ def test_every_query_names_only_served_series_and_their_labels():
 
 def test_the_dashboard_has_the_panels_a_vllm_user_expects():
     exprs = " ".join(_expressions(json.loads(DASHBOARD.read_text())))
-    for series in ["request_success_total", "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                   "e2e_request_latency_seconds_bucket", "generation_tokens_total", "prompt_tokens_total",
-                   "kv_cache_usage_perc", "num_requests_waiting", "num_preemptions_total", "prefix_cache_hits_total",
-                   "spec_decode_num_accepted_tokens_total", "request_queue_time_seconds_bucket"]:
+    for series in [
+        "request_success_total",
+        "time_to_first_token_seconds_bucket",
+        "inter_token_latency_seconds_bucket",
+        "e2e_request_latency_seconds_bucket",
+        "generation_tokens_total",
+        "prompt_tokens_total",
+        "kv_cache_usage_perc",
+        "num_requests_waiting",
+        "num_preemptions_total",
+        "prefix_cache_hits_total",
+        "spec_decode_num_accepted_tokens_total",
+        "request_queue_time_seconds_bucket",
+    ]:
         assert f"conveyor:{series}" in exprs, series
     assert "by (worker)" in exprs, "KV usage per worker"

@@ -52,15 +52,25 @@ def _port_open(port: int) -> bool:
 
 def test_run_serves_scales_and_stops_cleanly(tmp_path):
     port, sched_port = free_port(), free_port()
-    env = service_env(CONVEYOR_CACHE_DIR=str(tmp_path / "cache"), CONVEYOR_PORT=str(port), CONVEYOR_WORKERS="1",
-                      CONVEYOR_SCHEDULER_ADDRESS=f"tcp://127.0.0.1:{sched_port}")
+    env = service_env(
+        CONVEYOR_CACHE_DIR=str(tmp_path / "cache"),
+        CONVEYOR_PORT=str(port),
+        CONVEYOR_WORKERS="1",
+        CONVEYOR_SCHEDULER_ADDRESS=f"tcp://127.0.0.1:{sched_port}",
+    )
     env.pop("REDIS_URL", None)
     env.pop("CONVEYOR_MODEL", None)
     env.pop("OMP_NUM_THREADS", None)  # the launcher's own thread layout, as `make run` has it
     log_path = tmp_path / "run.log"
     log = open(log_path, "w")
-    launcher = subprocess.Popen([sys.executable, "-m", "conveyor", "run"], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "run"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     extra = None
     try:
         deadline = time.monotonic() + 240
@@ -90,8 +100,11 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
         def traffic() -> None:
             while not joined.is_set():
                 try:
-                    served.append(client.completions.create(model="tiny", prompt="meanwhile", max_tokens=16,
-                                                            extra_body={"ignore_eos": True}).usage.completion_tokens)
+                    served.append(
+                        client.completions.create(
+                            model="tiny", prompt="meanwhile", max_tokens=16, extra_body={"ignore_eos": True}
+                        ).usage.completion_tokens
+                    )
                 except Exception as e:  # noqa: BLE001 — reported by the assertion below
                     errors.append(repr(e))
                     return
@@ -100,12 +113,20 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
         meanwhile.start()
         r = redis.Redis.from_url(redis_url)
         served_before = len(served)
-        extra = subprocess.Popen([sys.executable, "-m", "services.gpu_worker"], cwd=REPO, stdout=log,
-                                 stderr=subprocess.STDOUT,
-                                 env={**env, "CONVEYOR_MODEL": model_dir, "CONVEYOR_WORKER_ID": "extra",
-                                      # its own core, as an operator gives a second worker on one
-                                      # host: on worker-0's busy core it would load too slowly
-                                      "CONVEYOR_CPU_AFFINITY": "0"})
+        extra = subprocess.Popen(
+            [sys.executable, "-m", "services.gpu_worker"],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={
+                **env,
+                "CONVEYOR_MODEL": model_dir,
+                "CONVEYOR_WORKER_ID": "extra",
+                # its own core, as an operator gives a second worker on one
+                # host: on worker-0's busy core it would load too slowly
+                "CONVEYOR_CPU_AFFINITY": "0",
+            },
+        )
         deadline = time.monotonic() + 120
         while "extra" not in read_status(r).workers:
             assert time.monotonic() < deadline and not errors, (errors, log_path.read_text()[-3000:])
@@ -121,9 +142,14 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
 
         def stream(i: int) -> None:
             try:
-                chunks = client.completions.create(model="tiny", prompt=f"request {i}", max_tokens=TOKENS, stream=True,
-                                                   extra_body={"ignore_eos": True},
-                                                   stream_options={"include_usage": True})
+                chunks = client.completions.create(
+                    model="tiny",
+                    prompt=f"request {i}",
+                    max_tokens=TOKENS,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                    stream_options={"include_usage": True},
+                )
                 text, usage = "", None
                 for chunk in chunks:
                     chunks_seen[i] += 1
@@ -139,7 +165,11 @@ def test_run_serves_scales_and_stops_cleanly(tmp_path):
             t.start()
         deadline = time.monotonic() + 120
         while min(chunks_seen) < 3 or read_status(r).workers["worker-0"].running == 0:
-            assert time.monotonic() < deadline and not errors, (chunks_seen, errors, log_path.read_text()[-3000:])
+            assert time.monotonic() < deadline and not errors, (
+                chunks_seen,
+                errors,
+                log_path.read_text()[-3000:],
+            )
             time.sleep(0.1)
         assert not results, "requests are still running when worker-0 leaves"
         os.kill(pids["worker-0"], signal.SIGTERM)  # leaves: finishes its step, hands requests back

@@ -39,11 +39,20 @@ def test_the_tokenizer_and_reasoning_parser_reach_the_services(monkeypatch):
     from shared.config import GatewaySettings
 
     spec = '{"method": "ngram", "num_speculative_tokens": 3}'
-    passed = Launcher(RunSettings(tokenizer="/models/tok", reasoning_parser="qwen3", speculative_config=spec))._passed_on()
-    assert passed == {"CONVEYOR_TOKENIZER": "/models/tok", "CONVEYOR_REASONING_PARSER": "qwen3",
-                      "CONVEYOR_SPECULATIVE_CONFIG": spec}
+    passed = Launcher(
+        RunSettings(tokenizer="/models/tok", reasoning_parser="qwen3", speculative_config=spec)
+    )._passed_on()
+    assert passed == {
+        "CONVEYOR_TOKENIZER": "/models/tok",
+        "CONVEYOR_REASONING_PARSER": "qwen3",
+        "CONVEYOR_SPECULATIVE_CONFIG": spec,
+    }
     assert Launcher(RunSettings())._passed_on() == {}
     for name, value in passed.items():
         monkeypatch.setenv(name, value)
     gateway, worker = GatewaySettings(), WorkerSettings()
-    assert (gateway.tokenizer, gateway.reasoning_parser, worker.tokenizer) == ("/models/tok", "qwen3", "/models/tok")
+    assert (gateway.tokenizer, gateway.reasoning_parser, worker.tokenizer) == (
+        "/models/tok",
+        "qwen3",
+        "/models/tok",
+    )

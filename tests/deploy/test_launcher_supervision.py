@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import openai
@@ -37,24 +36,37 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("model"), preset="tiny", num_hidden_layers=1, seed=3)
 
 
-def _run(tmp_path: Path, model: Path, redis_url: Optional[str], prefix: str,
-         port: Optional[int] = None) -> tuple[subprocess.Popen, Path]:
+def _run(
+    tmp_path: Path, model: Path, redis_url: str | None, prefix: str, port: int | None = None
+) -> tuple[subprocess.Popen, Path]:
     """The launcher, its output in the returned log; `redis_url` None: its embedded Redis."""
-    env = service_env(CONVEYOR_MODEL=str(model), CONVEYOR_PORT=str(port or free_port()), REDIS_URL=redis_url or "",
-                      CONVEYOR_REDIS_PREFIX=prefix, CONVEYOR_CACHE_DIR=str(tmp_path / "cache"),
-                      CONVEYOR_SCHEDULER_ADDRESS=f"tcp://127.0.0.1:{free_port()}", CONVEYOR_WORKERS="1",
-                      # as tests/stack.py's workers: the default 1 GiB took most of the start-up on a busy machine
-                      CONVEYOR_KV_CACHE_MEMORY="64MiB")
+    env = service_env(
+        CONVEYOR_MODEL=str(model),
+        CONVEYOR_PORT=str(port or free_port()),
+        REDIS_URL=redis_url or "",
+        CONVEYOR_REDIS_PREFIX=prefix,
+        CONVEYOR_CACHE_DIR=str(tmp_path / "cache"),
+        CONVEYOR_SCHEDULER_ADDRESS=f"tcp://127.0.0.1:{free_port()}",
+        CONVEYOR_WORKERS="1",
+        # as tests/stack.py's workers: the default 1 GiB took most of the start-up on a busy machine
+        CONVEYOR_KV_CACHE_MEMORY="64MiB",
+    )
     if redis_url is None:
         del env["REDIS_URL"]
     log_path = tmp_path / "run.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "conveyor", "run"], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "run"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return proc, log_path
 
 
-def _exit_of(tmp_path: Path, model: Path, redis_url: Optional[str], prefix: str, **kw) -> tuple[int, float, str]:
+def _exit_of(tmp_path: Path, model: Path, redis_url: str | None, prefix: str, **kw) -> tuple[int, float, str]:
     """A run expected to stop by itself within 60 s: (exit code, seconds it took, its log);
     killed with its group when it does not, and the wait fails the test."""
     start = time.monotonic()
@@ -102,8 +114,9 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_a_worker_that_cannot_start_stops_run_with_its_message(tmp_path, tiny_model, redis_server, redis_client,
-                                                              redis_keys):
+def test_a_worker_that_cannot_start_stops_run_with_its_message(
+    tmp_path, tiny_model, redis_server, redis_client, redis_keys
+):
     model = tmp_path / "mamba"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "config.json").read_text())
@@ -117,7 +130,9 @@ def test_a_worker_that_cannot_start_stops_run_with_its_message(tmp_path, tiny_mo
     assert "restarting" not in text and "all processes stopped" in text
     assert all(_gone(pid) for name in ("scheduler", "worker-0", "gateway") for pid in _pids(text, name))
     # Also recorded where the gateway and `conveyor status` read (what compose relies on).
-    assert "unsupported architecture" in read_status(redis_client, redis_keys).startup_failures["worker-0"].error
+    assert (
+        "unsupported architecture" in read_status(redis_client, redis_keys).startup_failures["worker-0"].error
+    )
 
 
 def test_a_crashed_worker_is_restarted(tmp_path, tiny_model, redis_server, redis_keys):
@@ -145,7 +160,7 @@ def test_a_crashed_worker_is_restarted(tmp_path, tiny_model, redis_server, redis
 STREAM_TOKENS = 4000  # still streaming while Redis dies and comes back (a 1-layer model, 32k context)
 
 
-def _health(port: str) -> Optional[int]:
+def _health(port: str) -> int | None:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
     except httpx.HTTPError:
@@ -165,9 +180,14 @@ def test_a_killed_embedded_redis_is_restarted_and_nothing_accepted_is_lost(tmp_p
 
         def stream() -> None:
             try:
-                chunks = client.completions.create(model=model, prompt="accepted before", max_tokens=STREAM_TOKENS,
-                                                   stream=True, extra_body={"ignore_eos": True},
-                                                   stream_options={"include_usage": True})
+                chunks = client.completions.create(
+                    model=model,
+                    prompt="accepted before",
+                    max_tokens=STREAM_TOKENS,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                    stream_options={"include_usage": True},
+                )
                 usage = None
                 for chunk in chunks:
                     chunks_seen[0] += 1
@@ -195,7 +215,9 @@ def test_a_killed_embedded_redis_is_restarted_and_nothing_accepted_is_lost(tmp_p
         while (health := _health(port)) != 200:
             assert time.monotonic() < deadline, (health, log_path.read_text()[-3000:])
             time.sleep(0.2)
-        after = client.completions.create(model=model, prompt="after", max_tokens=8, extra_body={"ignore_eos": True})
+        after = client.completions.create(
+            model=model, prompt="after", max_tokens=8, extra_body={"ignore_eos": True}
+        )
         assert after.usage.completion_tokens == 8
         assert r.get("written-before-the-kill") == b"kept", "the restarted Redis reloaded the same data"
         r.close()

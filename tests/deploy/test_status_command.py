@@ -19,9 +19,24 @@ pytestmark = pytest.mark.slow
 
 
 def _status(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "conveyor", "status", "--redis-url", stack.redis_url,
-                           "--redis-prefix", stack.keys.prefix, *args],
-                          cwd=REPO, env=service_env(), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conveyor",
+            "status",
+            "--redis-url",
+            stack.redis_url,
+            "--redis-prefix",
+            stack.keys.prefix,
+            *args,
+        ],
+        cwd=REPO,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _wait(predicate, timeout_s=30.0):
@@ -42,7 +57,9 @@ def test_status_shows_the_queue_workers_and_errors(redis_server, tmp_path):
         _wait(lambda: (json.loads(_status(stack, "--json").stdout)["scheduler"] or {}).get("waiting") == 7)
 
         # As a worker that cannot start records it (tests/gpu_worker/test_worker_process.py).
-        record_startup_failure(stack.client, stack.keys, "w-bad", "unsupported architecture ['MambaForCausalLM']")
+        record_startup_failure(
+            stack.client, stack.keys, "w-bad", "unsupported architecture ['MambaForCausalLM']"
+        )
         out = _status(stack).stdout
         assert "scheduler   alive" in out
         assert "7 requests in the stream" in out and "waiting 7" in out
@@ -55,8 +72,12 @@ def test_status_shows_the_queue_workers_and_errors(redis_server, tmp_path):
         stack.start_worker("w-status")
         stack.wait_finished([f"q{i}" for i in range(7)])
         # Figures are refreshed about every second, acknowledgements follow the last output.
-        _wait(lambda: all(text in _status(stack).stdout for text in
-                          ("w-status", "serving", "0 requests in the stream", "finished    length 7")))
+        _wait(
+            lambda: all(
+                text in _status(stack).stdout
+                for text in ("w-status", "serving", "0 requests in the stream", "finished    length 7")
+            )
+        )
         assert _status(stack, "--check").returncode == 0
     finally:
         stack.stop()

@@ -37,29 +37,67 @@ def test_only_workers_holding_the_key_pair_get_in(redis_server, tmp_path):
     intruders = []
     try:
         # --flag=value: a Z85 key may start with "-".
-        stack.start_scheduler(f"--zmq-server-secret-key={keys['CONVEYOR_ZMQ_SERVER_SECRET_KEY']}",
-                              f"--zmq-client-public-key={keys['CONVEYOR_ZMQ_CLIENT_PUBLIC_KEY']}")
-        stack.start_worker("trusted", f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
-                           f"--zmq-client-secret-key={keys['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}")
-        for name, extra in zip(INTRUDERS, ([f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
-                                            f"--zmq-client-secret-key={other['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}"],
-                                           [])):
+        stack.start_scheduler(
+            f"--zmq-server-secret-key={keys['CONVEYOR_ZMQ_SERVER_SECRET_KEY']}",
+            f"--zmq-client-public-key={keys['CONVEYOR_ZMQ_CLIENT_PUBLIC_KEY']}",
+        )
+        stack.start_worker(
+            "trusted",
+            f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
+            f"--zmq-client-secret-key={keys['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}",
+        )
+        for name, extra in zip(
+            INTRUDERS,
+            (
+                [
+                    f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
+                    f"--zmq-client-secret-key={other['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}",
+                ],
+                [],
+            ),
+        ):
             log = open(tmp_path / f"{name}.log", "w")
-            intruders.append(subprocess.Popen(
-                [sys.executable, "-m", "services.gpu_worker", "--model", str(model_dir), "--device", "cpu",
-                 "--scheduler-address", stack.scheduler_address, "--worker-id", name, "--kv-cache-memory", "16MiB",
-                 *extra], cwd=REPO, env=service_env(), stdout=log, stderr=subprocess.STDOUT))
+            intruders.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "services.gpu_worker",
+                        "--model",
+                        str(model_dir),
+                        "--device",
+                        "cpu",
+                        "--scheduler-address",
+                        stack.scheduler_address,
+                        "--worker-id",
+                        name,
+                        "--kv-cache-memory",
+                        "16MiB",
+                        *extra,
+                    ],
+                    cwd=REPO,
+                    env=service_env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         stack.wait_workers({"trusted"})
         stack.submit("secret", [5, 6, 7, 8], max_tokens=6)
         stack.wait_finished(["secret"])
         assert len(stack.tokens["secret"]) == 6
-        stack.wait_until(lambda: all(_sent_registration(p, tmp_path / f"{name}.log")
-                                     for p, name in zip(intruders, INTRUDERS)),
-                         "the intruders to try to register", timeout_s=120.0)
+        stack.wait_until(
+            lambda: all(
+                _sent_registration(p, tmp_path / f"{name}.log") for p, name in zip(intruders, INTRUDERS)
+            ),
+            "the intruders to try to register",
+            timeout_s=120.0,
+        )
         tried = time.time()
         # A registration that got in would be in the next figures the scheduler writes, once
         # it had a heartbeat interval (1 s) to arrive.
-        stack.wait_until(lambda: _figures_written_since(stack, tried + 1.0), "figures written after the attempts")
+        stack.wait_until(
+            lambda: _figures_written_since(stack, tried + 1.0), "figures written after the attempts"
+        )
         assert set(read_status(stack.client, stack.keys).workers) == {"trusted"}
         assert all(p.poll() is None for p in intruders), "they are up, just never let in"
     finally:

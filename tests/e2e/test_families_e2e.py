@@ -21,13 +21,18 @@ from tests.stack import Stack
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 MAX_TOKENS, WINDOW, BLOCKS = 20, 32, 6
-FAMILIES = {"mistral": {}, "phi3": {},
-            # Gemma 3: a sliding layer, a global one, head_dim apart from hidden / heads.
-            "gemma3_text": dict(head_dim=64, query_pre_attn_scalar=48,
-                                layer_types=["sliding_attention", "full_attention"]),
-            # Qwen3-MoE: top-2 of 4 experts, renormalised (its window is off: use_sliding_window).
-            "qwen3_moe": dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                              norm_topk_prob=True)}
+FAMILIES = {
+    "mistral": {},
+    "phi3": {},
+    # Gemma 3: a sliding layer, a global one, head_dim apart from hidden / heads.
+    "gemma3_text": dict(
+        head_dim=64, query_pre_attn_scalar=48, layer_types=["sliding_attention", "full_attention"]
+    ),
+    # Qwen3-MoE: top-2 of 4 experts, renormalised (its window is off: use_sliding_window).
+    "qwen3_moe": dict(
+        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True
+    ),
+}
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
@@ -35,15 +40,27 @@ def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_p
     from services.gpu_worker.kv_cache import bytes_per_block
     from services.gpu_worker.loader import load_config, model_shape
 
-    model_dir = make_model(tmp_path_factory.mktemp(arch), arch=arch, preset="tiny", seed=2, num_hidden_layers=2,
-                           num_attention_heads=6, num_key_value_heads=2, hidden_size=192, sliding_window=WINDOW,
-                           **FAMILIES[arch])
+    model_dir = make_model(
+        tmp_path_factory.mktemp(arch),
+        arch=arch,
+        preset="tiny",
+        seed=2,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        hidden_size=192,
+        sliding_window=WINDOW,
+        **FAMILIES[arch],
+    )
     cache_bytes = BLOCKS * bytes_per_block(model_shape(load_config(model_dir)), 16, torch.float32)
     rng = random.Random(11)
     first = [rng.randrange(3, 4096) for _ in range(40)]
     # Then two at once: one starting with the first's 32 tokens (two cached blocks), one fresh.
     # Each holds 3 blocks with its prompt, and needs a 4th at its 49th token: one is preempted.
-    batch = [first[:32] + [rng.randrange(3, 4096) for _ in range(8)], [rng.randrange(3, 4096) for _ in range(40)]]
+    batch = [
+        first[:32] + [rng.randrange(3, 4096) for _ in range(8)],
+        [rng.randrange(3, 4096) for _ in range(40)],
+    ]
     stack = Stack(redis_server.url, model_dir, tmp_path_factory.mktemp(f"{arch}-logs"))
     try:
         stack.start_scheduler("--max-num-batched-tokens", "20")
@@ -56,12 +73,22 @@ def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_p
 
         async def send(prompts):
             async with httpx.AsyncClient(timeout=120.0) as client:
+
                 async def one(prompt):
-                    r = await client.post(f"{url}/completions", json=dict(
-                        model=model_dir.name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True,
-                        return_token_ids=True))
+                    r = await client.post(
+                        f"{url}/completions",
+                        json=dict(
+                            model=model_dir.name,
+                            prompt=prompt,
+                            max_tokens=MAX_TOKENS,
+                            temperature=0,
+                            ignore_eos=True,
+                            return_token_ids=True,
+                        ),
+                    )
                     assert r.status_code == 200, r.text
                     return r.json()["choices"][0]["token_ids"]
+
                 return await asyncio.gather(*(one(p) for p in prompts))
 
         outputs = asyncio.run(send([first])) + asyncio.run(send(batch))
@@ -75,6 +102,8 @@ def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_p
                 figures[name] = metric_value(text, f"conveyor:{name}_total")
             return figures["prefix_cache_hits"] >= 32 and figures["num_preemptions"] >= 1
 
-        stack.wait_until(counted, "a prefix-cache hit of the shared 32 tokens and a preemption", timeout_s=20.0)
+        stack.wait_until(
+            counted, "a prefix-cache hit of the shared 32 tokens and a preemption", timeout_s=20.0
+        )
     finally:
         stack.stop()

@@ -36,15 +36,21 @@ def test_gateway_kill_9_aborts_its_requests_and_frees_their_blocks(redis_server,
         def stream(port: int, sink: list) -> None:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
             try:
-                for chunk in client.completions.create(model=long_model_dir.name, prompt="tell me",
-                                                       max_tokens=DOOMED_TOKENS, stream=True,
-                                                       extra_body={"ignore_eos": True}):
+                for chunk in client.completions.create(
+                    model=long_model_dir.name,
+                    prompt="tell me",
+                    max_tokens=DOOMED_TOKENS,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                ):
                     sink.append(chunk.choices[0].text if chunk.choices else "")
             except (openai.APIError, httpx.HTTPError) as e:
                 sink.append(e)
 
         doomed_chunks: list[list] = [[] for _ in range(DOOMED_STREAMS)]
-        threads = [threading.Thread(target=stream, args=(doomed, sink), daemon=True) for sink in doomed_chunks]
+        threads = [
+            threading.Thread(target=stream, args=(doomed, sink), daemon=True) for sink in doomed_chunks
+        ]
         for t in threads:
             t.start()
         # Every stream under way (its request accepted and running), not just the first few:
@@ -58,14 +64,21 @@ def test_gateway_kill_9_aborts_its_requests_and_frees_their_blocks(redis_server,
 
         # The other gateway still serves while the orphans are cleaned up.
         live = openai.OpenAI(base_url=f"http://127.0.0.1:{survivor}/v1", api_key="x", max_retries=0)
-        assert live.completions.create(model=long_model_dir.name, prompt="hi", max_tokens=5,
-                                       extra_body={"ignore_eos": True}).usage.completion_tokens == 5
+        assert (
+            live.completions.create(
+                model=long_model_dir.name, prompt="hi", max_tokens=5, extra_body={"ignore_eos": True}
+            ).usage.completion_tokens
+            == 5
+        )
 
         deadline = time.monotonic() + 30
         while True:
             status = read_status(stack.client, stack.keys)
-            if (status.workers["w1"].kv_usage == 0 and status.scheduler.running == 0
-                    and status.queue_length == 0):
+            if (
+                status.workers["w1"].kv_usage == 0
+                and status.scheduler.running == 0
+                and status.queue_length == 0
+            ):
                 break
             assert time.monotonic() < deadline, (status, stack.log_tail("scheduler"))
             time.sleep(0.2)

@@ -27,8 +27,12 @@ def test_a_gguf_file_is_served_by_its_path(redis_server, tmp_path_factory):
     # would land the same directory; the test would just take twice as long).
     converted = ensure_converted(gguf)
     tokenizer = AutoTokenizer.from_pretrained(str(converted), local_files_only=True)
-    prompts = {q: tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)["input_ids"] for q in QUESTIONS}
+    prompts = {
+        q: tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for q in QUESTIONS
+    }
     stack = Stack(redis_server.url, gguf, tmp_path_factory.mktemp("gguf-logs"))
     try:
         stack.start_scheduler()
@@ -42,9 +46,16 @@ def test_a_gguf_file_is_served_by_its_path(redis_server, tmp_path_factory):
             models = client.get(f"{url}/models").json()["data"]
             assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct.Q4_1"], "served under the file's name"
             for question, fact in QUESTIONS.items():
-                r = client.post(f"{url}/chat/completions", json=dict(
-                    model=models[0]["id"], messages=[{"role": "user", "content": question}],
-                    max_tokens=MAX_TOKENS, temperature=0, return_token_ids=True))
+                r = client.post(
+                    f"{url}/chat/completions",
+                    json=dict(
+                        model=models[0]["id"],
+                        messages=[{"role": "user", "content": question}],
+                        max_tokens=MAX_TOKENS,
+                        temperature=0,
+                        return_token_ids=True,
+                    ),
+                )
                 assert r.status_code == 200, r.text
                 body = r.json()
                 assert body["prompt_token_ids"] == prompts[question], "the file's chat template"

@@ -19,14 +19,26 @@ from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
 
-TAGS = ["step_plan", "step_result", "register_worker", "heartbeat", "worker_leaving", "submit", "abort",
-        "outputs", "reregister", "shutdown", "bogus", ""]
+TAGS = [
+    "step_plan",
+    "step_result",
+    "register_worker",
+    "heartbeat",
+    "worker_leaving",
+    "submit",
+    "abort",
+    "outputs",
+    "reregister",
+    "shutdown",
+    "bogus",
+    "",
+]
 
 
 def _junk_value(rng: random.Random, depth: int = 0):
     kind = rng.randrange(9 if depth < 3 else 6)
     if kind == 0:
-        return rng.randrange(-2**63, 2**63)
+        return rng.randrange(-(2**63), 2**63)
     if kind == 1:
         return rng.random() * rng.choice([1, 1e308, -1e-308])
     if kind == 2:
@@ -39,17 +51,33 @@ def _junk_value(rng: random.Random, depth: int = 0):
         return rng.choice([True, False])
     if kind == 6:
         return [_junk_value(rng, depth + 1) for _ in range(rng.randrange(6))]
-    return {rng.choice(["step_id", "worker_id", "request_id", "type", "new_requests", "token_ids",
-                        "num_scheduled_tokens", "block_ids", "x"]): _junk_value(rng, depth + 1)
-            for _ in range(rng.randrange(6))}
+    return {
+        rng.choice(
+            [
+                "step_id",
+                "worker_id",
+                "request_id",
+                "type",
+                "new_requests",
+                "token_ids",
+                "num_scheduled_tokens",
+                "block_ids",
+                "x",
+            ]
+        ): _junk_value(rng, depth + 1)
+        for _ in range(rng.randrange(6))
+    }
 
 
 def malformed_messages(n: int, seed: int) -> list[bytes]:
     """Random bytes, truncated real messages, and well-formed msgpack of the wrong shape
     (real tags with fields of the wrong type, unknown tags, deep nesting)."""
     rng = random.Random(seed)
-    real = [m.encode(m.StepResult(3, "w", sampled_token_ids={"a": 1})), m.encode(m.Heartbeat("w", 1.0)),
-            m.encode(m.StepPlan(1, num_scheduled_tokens={"a": 1}))]
+    real = [
+        m.encode(m.StepResult(3, "w", sampled_token_ids={"a": 1})),
+        m.encode(m.Heartbeat("w", 1.0)),
+        m.encode(m.StepPlan(1, num_scheduled_tokens={"a": 1})),
+    ]
     out = []
     i = 0
     while len(out) < n:
@@ -104,7 +132,9 @@ def test_scheduler_survives_a_thousand_malformed_messages_on_each_channel(redis_
         deadline = time.monotonic() + 30
         while stack.client.xlen(stack.keys.requests) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert stack.client.xlen(stack.keys.requests) == 0, "malformed entries were acknowledged, not left to rot"
+        assert stack.client.xlen(stack.keys.requests) == 0, (
+            "malformed entries were acknowledged, not left to rot"
+        )
         assert read_status(stack.client, stack.keys).errors, "rejections were recorded"
     finally:
         stack.stop()
@@ -113,33 +143,49 @@ def test_scheduler_survives_a_thousand_malformed_messages_on_each_channel(redis_
 def test_worker_survives_a_thousand_malformed_messages(model_dir, tmp_path):
     scheduler = FakeScheduler()
     log = open(tmp_path / "worker.log", "w")
-    proc = start_worker("--model", str(model_dir), "--scheduler-address", scheduler.address,
-                        "--device", "cpu", "--kv-cache-memory", "16MiB", "--worker-id", "w", log=log)
+    proc = start_worker(
+        "--model",
+        str(model_dir),
+        "--scheduler-address",
+        scheduler.address,
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "16MiB",
+        "--worker-id",
+        "w",
+        log=log,
+    )
     try:
         reg = scheduler.recv()
         assert isinstance(reg, m.RegisterWorker)
         junk = malformed_messages(1000, seed=3)
         # Plans that decode but make no sense: each must be refused without changing state.
         sp = m.SamplingParams(temperature=0.0)
-        plans = [m.encode(p) for p in (
-            m.StepPlan(1, [m.NewRequest("a", [], 0, sp, [])], num_scheduled_tokens={"a": 1}),
-            m.StepPlan(2, [m.NewRequest("a", [1, 2], 5, sp, [0])], num_scheduled_tokens={"a": 2}),
-            m.StepPlan(3, [m.NewRequest("a", [10**9], 1, sp, [0])], num_scheduled_tokens={"a": 1}),
-            m.StepPlan(4, [m.NewRequest("a", [1, 2, 3], 3, sp, [-1])], num_scheduled_tokens={"a": 3}),
-            m.StepPlan(5, [m.NewRequest("a", [1] * 40, 40, sp, [0])], num_scheduled_tokens={"a": 40}),
-            m.StepPlan(6, num_scheduled_tokens={"a": -4}),
-            m.StepPlan(7, cached_requests=[m.CachedRequest("nobody", [1], 3)]),
-        )]
+        plans = [
+            m.encode(p)
+            for p in (
+                m.StepPlan(1, [m.NewRequest("a", [], 0, sp, [])], num_scheduled_tokens={"a": 1}),
+                m.StepPlan(2, [m.NewRequest("a", [1, 2], 5, sp, [0])], num_scheduled_tokens={"a": 2}),
+                m.StepPlan(3, [m.NewRequest("a", [10**9], 1, sp, [0])], num_scheduled_tokens={"a": 1}),
+                m.StepPlan(4, [m.NewRequest("a", [1, 2, 3], 3, sp, [-1])], num_scheduled_tokens={"a": 3}),
+                m.StepPlan(5, [m.NewRequest("a", [1] * 40, 40, sp, [0])], num_scheduled_tokens={"a": 40}),
+                m.StepPlan(6, num_scheduled_tokens={"a": -4}),
+                m.StepPlan(7, cached_requests=[m.CachedRequest("nobody", [1], 3)]),
+            )
+        ]
         # FakeScheduler's sends never drop (a full pipe blocks them, within a deadline), and
         # every message gets exactly one answer, in order: all of them must come back.
         for payload in junk + plans:
             scheduler.send_raw(payload)
-        answers = scheduler.recv_until(lambda msg: isinstance(msg, m.StepResult) and msg.step_id == 7,
-                                       timeout_s=180)
+        answers = scheduler.recv_until(
+            lambda msg: isinstance(msg, m.StepResult) and msg.step_id == 7, timeout_s=180
+        )
         assert all(isinstance(a, m.StepResult) and a.error for a in answers), "nothing malformed is executed"
         assert [a.step_id for a in answers] == [-1] * len(junk) + list(range(1, 8))
-        ok = scheduler.execute(m.StepPlan(8, [m.NewRequest("good", [5, 6, 7], 3, sp, [0])],
-                                          num_scheduled_tokens={"good": 3}))
+        ok = scheduler.execute(
+            m.StepPlan(8, [m.NewRequest("good", [5, 6, 7], 3, sp, [0])], num_scheduled_tokens={"good": 3})
+        )
         assert ok.error is None and "good" in ok.sampled_token_ids
         assert proc.poll() is None
         assert "undecodable message" in (tmp_path / "worker.log").read_text(), "rejections are logged"

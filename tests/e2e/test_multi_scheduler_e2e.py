@@ -32,11 +32,38 @@ def start_pools(stack: Stack, max_num_seqs: int) -> None:
     max_num_seqs bounds what each reads ahead, so neither can take the whole stream."""
     for name in NAMES:
         address = f"tcp://127.0.0.1:{free_port()}"
-        stack._start(name, "services.scheduler", "--redis-url", stack.redis_url, "--redis-prefix",
-                     stack.keys.prefix, "--scheduler-name", name, "--scheduler-address", address,
-                     "--heartbeat-timeout", "3", "--lease-ttl", "2", "--max-num-seqs", str(max_num_seqs))
-        stack._start(f"w-{name}", "services.gpu_worker", "--model", str(stack.model_dir), "--device", "cpu",
-                     "--scheduler-address", address, "--worker-id", f"w-{name}", "--kv-cache-memory", "64MiB")
+        stack._start(
+            name,
+            "services.scheduler",
+            "--redis-url",
+            stack.redis_url,
+            "--redis-prefix",
+            stack.keys.prefix,
+            "--scheduler-name",
+            name,
+            "--scheduler-address",
+            address,
+            "--heartbeat-timeout",
+            "3",
+            "--lease-ttl",
+            "2",
+            "--max-num-seqs",
+            str(max_num_seqs),
+        )
+        stack._start(
+            f"w-{name}",
+            "services.gpu_worker",
+            "--model",
+            str(stack.model_dir),
+            "--device",
+            "cpu",
+            "--scheduler-address",
+            address,
+            "--worker-id",
+            f"w-{name}",
+            "--kv-cache-memory",
+            "64MiB",
+        )
     stack.wait_workers({f"w-{name}" for name in NAMES})
 
 
@@ -47,8 +74,9 @@ def owners(stack: Stack, request_ids) -> dict[str, str]:
 
 def pending_of(stack: Stack, consumer: str) -> list[str]:
     """The requests whose queue entries `consumer` read and has not acknowledged."""
-    pending = stack.client.xpending_range(stack.keys.requests, stack.keys.group, "-", "+", 10_000,
-                                          consumername=consumer)
+    pending = stack.client.xpending_range(
+        stack.keys.requests, stack.keys.group, "-", "+", 10_000, consumername=consumer
+    )
     entries = [stack.client.xrange(stack.keys.requests, p["message_id"], p["message_id"]) for p in pending]
     return [m.decode(fields[b"msg"]).request_id for found in entries for _, fields in found]
 
@@ -58,14 +86,17 @@ def workload(model_dir):
     return greedy_workload(model_dir, 30, seed=3, max_tokens=24)
 
 
-def test_kill_9_of_one_of_two_schedulers_leaves_every_request_to_the_other(redis_server, model_dir, workload,
-                                                                            tmp_path):
+def test_kill_9_of_one_of_two_schedulers_leaves_every_request_to_the_other(
+    redis_server, model_dir, workload, tmp_path
+):
     requests, expected = workload
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
         start_pools(stack, max_num_seqs=4)
         _submit_all(stack, requests)
-        stack.wait_until(lambda: set(owners(stack, requests).values()) == set(NAMES), "both schedulers to take some")
+        stack.wait_until(
+            lambda: set(owners(stack, requests).values()) == set(NAMES), "both schedulers to take some"
+        )
         stack.wait_until(lambda: sum(map(len, stack.tokens.values())) >= 40, "tokens to stream")
         stack.kill("s1")
         stack.procs["s1"].wait(timeout=30)
@@ -82,8 +113,9 @@ def test_kill_9_of_one_of_two_schedulers_leaves_every_request_to_the_other(redis
         stack.stop()
 
 
-def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at_once(redis_server, long_model_dir,
-                                                                                      tmp_path):
+def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at_once(
+    redis_server, long_model_dir, tmp_path
+):
     stack = Stack(redis_server.url, long_model_dir, tmp_path)
     long = {"max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}
     try:
@@ -96,7 +128,9 @@ def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at
         stack.submit("queued", [5, 6, 7, 8, 9], **long)
         time.sleep(1.0)
         assert owners(stack, ["queued"]) == {}, "both pools are full: it waits in Redis for room"
-        assert Ownership(stack.client, stack.keys).abort(m.AbortRequest("queued", "client disconnected")) is None
+        assert (
+            Ownership(stack.client, stack.keys).abort(m.AbortRequest("queued", "client disconnected")) is None
+        )
         # One the way the gateway aborts (straight to the owner), one through the shared stream.
         Ownership(stack.client, stack.keys).abort(m.AbortRequest(running[0], "client disconnected"))
         stack.abort(running[1])
@@ -105,7 +139,9 @@ def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at
             assert stack.final[rid].finish_reason is m.FinishReason.ABORT, rid
             assert len(stack.tokens[rid]) < long["max_tokens"], rid
         assert stack.tokens["queued"] == [], "it was never run"
-        assert stack.client.hget(stack.keys.request("queued"), "owner") is None, "taken as aborted: nobody owns it"
+        assert stack.client.hget(stack.keys.request("queued"), "owner") is None, (
+            "taken as aborted: nobody owns it"
+        )
         _wait_all_acked(stack)
     finally:
         stack.stop()

@@ -21,8 +21,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"), preset="tiny", num_hidden_layers=1, seed=12,
-                      max_position_embeddings=LONG_CONTEXT)
+    return make_model(
+        tmp_path_factory.mktemp("model"),
+        preset="tiny",
+        num_hidden_layers=1,
+        seed=12,
+        max_position_embeddings=LONG_CONTEXT,
+    )
 
 
 HOG = {"prompt": "a", "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}  # holds the one slot throughout
@@ -33,14 +38,18 @@ def _model(port: int) -> str:
 
 
 def _post(port: int, body: dict, timeout: float = 120.0) -> httpx.Response:
-    return httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": _model(port), **body},
-                      timeout=timeout)
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/completions", json={"model": _model(port), **body}, timeout=timeout
+    )
 
 
 def _wait_running(stack: Stack, n: int, timeout_s: float = 30.0) -> None:
     """Until `n` requests run, as their Redis hashes say (rewritten every scheduler pass)."""
     deadline = time.monotonic() + timeout_s
-    while sum(stack.client.hget(k, "status") == b"running" for k in stack.client.keys(stack.keys.request("*"))) < n:
+    while (
+        sum(stack.client.hget(k, "status") == b"running" for k in stack.client.keys(stack.keys.request("*")))
+        < n
+    ):
         assert time.monotonic() < deadline, stack.log_tail()
         time.sleep(0.05)
 
@@ -57,8 +66,9 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
         stack.start_scheduler("--max-num-seqs", "1")
         stack.start_worker("w1")
         stack.wait_workers({"w1"})
-        port = stack.start_gateway("gw", "--queue-timeout", "2", "--request-timeout", "4",
-                                   "--max-queue-tokens", "300")
+        port = stack.start_gateway(
+            "gw", "--queue-timeout", "2", "--request-timeout", "4", "--max-queue-tokens", "300"
+        )
         stack.wait_gateway("gw", port)
 
         # One slot: a long request holds it; the next one waits past its queue timeout.
@@ -105,8 +115,16 @@ SAMPLED_TOKENS = 300
 def _stream_tokens(port: int, i: int, tokens: list[str] | None = None) -> list[str]:
     """Stream request `i` (sampled, with a seed of its own); its tokens are appended to
     `tokens` as they come."""
-    body = {"model": _model(port), "prompt": f"story {i}", "max_tokens": SAMPLED_TOKENS, "ignore_eos": True,
-            "temperature": 0.9, "seed": 100 + i, "logprobs": 0, "stream": True}
+    body = {
+        "model": _model(port),
+        "prompt": f"story {i}",
+        "max_tokens": SAMPLED_TOKENS,
+        "ignore_eos": True,
+        "temperature": 0.9,
+        "seed": 100 + i,
+        "logprobs": 0,
+        "stream": True,
+    }
     tokens = [] if tokens is None else tokens
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=180) as r:
         assert r.status_code == 200

@@ -48,7 +48,9 @@ def workload(tmp_path_factory) -> Workload:
     asks["asks-cached-prefix"] = shared + [rng.randrange(3, 4096) for _ in range(9)]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     with torch.inference_mode():
-        reference = {rid: model(torch.tensor([p])).logits[0].float().log_softmax(dim=-1) for rid, p in asks.items()}
+        reference = {
+            rid: model(torch.tensor([p])).logits[0].float().log_softmax(dim=-1) for rid, p in asks.items()
+        }
     return Workload(model_dir, shared, asks, reference)
 
 
@@ -73,7 +75,9 @@ def _running(redis_url: str, workload: Workload, log_dir: Path, workers: list[st
         stack.stop()
 
 
-def _assert_first_output_carries_them(outs: list[m.RequestOutput], prompt: list[int], reference: torch.Tensor):
+def _assert_first_output_carries_them(
+    outs: list[m.RequestOutput], prompt: list[int], reference: torch.Tensor
+):
     first = next(o for o in outs if o.token_ids)
     assert first.index == 0
     assert all(not o.prompt_logprobs for o in outs if o is not first and o.index > 0), "sent twice"
@@ -101,7 +105,9 @@ def test_a_worker_killed_mid_run_still_delivers_them_once(redis_server, workload
             _assert_first_output_carries_them(stack.outputs[rid], prompt, workload.reference[rid])
             assert len(stack.tokens[rid]) == MAX_TOKENS
             assert stack.final[rid].usage.cached_tokens == 0, "computed over the whole prompt"
-            assert sum(1 for o in stack.outputs[rid] if o.prompt_logprobs) == (len(prompt) > 1), "exactly once"
+            assert sum(1 for o in stack.outputs[rid] if o.prompt_logprobs) == (len(prompt) > 1), (
+                "exactly once"
+            )
             assert all(not o.prompt_logprobs for o in stack.outputs[f"plain-{rid}"])
 
 

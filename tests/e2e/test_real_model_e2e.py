@@ -34,8 +34,11 @@ QUESTIONS = {
     "What is the capital of Germany?": "Berlin",
     "What is the chemical symbol for water?": "H2O",
 }
-REPEAT, JAPANESE, EMOJI = ('Repeat exactly: "café naïve 東京 🚀"', "How do you say hello in Japanese?",
-                          "Emoji for rocket: 🚀. Emoji for fire:")
+REPEAT, JAPANESE, EMOJI = (
+    'Repeat exactly: "café naïve 東京 🚀"',
+    "How do you say hello in Japanese?",
+    "Emoji for rocket: 🚀. Emoji for fire:",
+)
 CHAT = [*QUESTIONS, REPEAT, JAPANESE]
 # Plain text, no template. The first continues with " Paris": a leading space to keep.
 PLAIN = ["The capital of France is", "Once upon a time,", "def fibonacci(n):", EMOJI]
@@ -66,8 +69,12 @@ def tokenizer(model_dir):
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
     """Each prompt's token ids as transformers makes them: chat ones through the model's template."""
-    ids = {f"chat:{q}": tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                      tokenize=True, return_dict=True)["input_ids"] for q in CHAT}
+    ids = {
+        f"chat:{q}": tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for q in CHAT
+    }
     ids.update({f"text:{p}": tokenizer(p)["input_ids"] for p in PLAIN})
     return ids
 
@@ -97,8 +104,9 @@ def served(redis_server, model_dir, prompts, tmp_path_factory):
 
 async def _request(client: httpx.AsyncClient, served: Served, key: str, stream: bool) -> Answer:
     kind, content = key.split(":", 1)
-    body = dict(model=served.model, max_tokens=MAX_TOKENS, temperature=0, return_token_ids=True,
-                stream=stream)
+    body = dict(
+        model=served.model, max_tokens=MAX_TOKENS, temperature=0, return_token_ids=True, stream=stream
+    )
     if kind == "chat":
         body["messages"] = [{"role": "user", "content": content}]
     else:
@@ -119,7 +127,7 @@ async def _request(client: httpx.AsyncClient, served: Served, key: str, stream: 
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choice = json.loads(line[len("data: "):])["choices"][0]
+            choice = json.loads(line[len("data: ") :])["choices"][0]
             text = (choice["delta"].get("content") or "") if kind == "chat" else choice["text"]
             if text:
                 answer.deltas.append(text)
@@ -132,9 +140,11 @@ async def _request(client: httpx.AsyncClient, served: Served, key: str, stream: 
 
 def _send_all(served: Served, keys: list[str], stream: bool) -> dict[str, Answer]:
     """Every prompt at once, so the scheduler batches them."""
+
     async def run():
         async with httpx.AsyncClient(timeout=httpx.Timeout(120.0)) as client:
             return await asyncio.gather(*(_request(client, served, k, stream) for k in keys))
+
     return dict(zip(keys, asyncio.run(run())))
 
 
@@ -150,7 +160,9 @@ def streamed(served, prompts, answers) -> dict[str, Answer]:
 
 def test_greedy_output_equals_transformers_in_a_batch(served, answers, prompts):
     for key, answer in answers.items():
-        assert answer.prompt_token_ids == prompts[key], f"{key}: the gateway's tokens (chat template) are HF's"
+        assert answer.prompt_token_ids == prompts[key], (
+            f"{key}: the gateway's tokens (chat template) are HF's"
+        )
         assert_greedy_matches(answer.token_ids, served.references[key], key)
 
 

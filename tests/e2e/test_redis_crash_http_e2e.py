@@ -50,8 +50,14 @@ class Streams:
         self.model = ""
 
     async def one(self, client: httpx.AsyncClient, i: int) -> None:
-        body = dict(model=self.model, prompt=self.prompts[i], max_tokens=MAX_TOKENS, temperature=0, stream=True,
-                    return_token_ids=True)
+        body = dict(
+            model=self.model,
+            prompt=self.prompts[i],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            return_token_ids=True,
+        )
         async with client.stream("POST", self.url, json=body) as r:
             assert r.status_code == 200, await r.aread()
             self.started += 1
@@ -60,7 +66,7 @@ class Streams:
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                choice = json.loads(line[len("data: "):])["choices"][0]
+                choice = json.loads(line[len("data: ") :])["choices"][0]
                 self.tokens[i] += choice["token_ids"]
                 self.finish[i] = choice["finish_reason"] or self.finish[i]
 
@@ -68,14 +74,17 @@ class Streams:
 async def _run(streams: Streams, crash) -> None:
     limits = httpx.Limits(max_connections=STREAMS + 10)
     async with httpx.AsyncClient(timeout=httpx.Timeout(180.0), limits=limits) as client:
-        streams.model = (await client.get(streams.url.replace("completions", "models"))).json()["data"][0]["id"]
+        streams.model = (await client.get(streams.url.replace("completions", "models"))).json()["data"][0][
+            "id"
+        ]
         tasks = [asyncio.create_task(streams.one(client, i)) for i in range(STREAMS)]
         started = asyncio.create_task(streams.all_started.wait())
         # Until every stream has begun; the first can end before the last begins (a fast machine).
         waiting, deadline = {started, *tasks}, time.monotonic() + 120
         while not started.done() and time.monotonic() < deadline:
-            done, waiting = await asyncio.wait(waiting, timeout=deadline - time.monotonic(),
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, waiting = await asyncio.wait(
+                waiting, timeout=deadline - time.monotonic(), return_when=asyncio.FIRST_COMPLETED
+            )
             for t in done - {started}:  # a stream that failed before the crash: its error, not a timeout
                 t.result()
         assert started.done(), f"only {streams.started} of {STREAMS} streams began within 120 s"
@@ -107,7 +116,9 @@ def test_kill_9_of_redis_under_50_http_streams_loses_none(model_dir, prompts_and
             assert streams.finish[i] in ("stop", "length"), (i, streams.finish[i])
             assert_greedy_matches(streams.tokens[i], ref, f"stream {i}")
         for name in ("scheduler", "w1", "gw"):
-            assert stack.procs[name].poll() is None, f"{name} exited across the Redis crash:\n{stack.log_tail(name)}"
+            assert stack.procs[name].poll() is None, (
+                f"{name} exited across the Redis crash:\n{stack.log_tail(name)}"
+            )
     finally:
         stack.stop()
         holder["server"].stop()

@@ -90,7 +90,9 @@ def test_fifty_requests_on_two_workers_match_hf(stack, workload):
         stack.submit(rid, prompt, max_tokens=max_tokens)
     stack.wait_finished(requests)
     _check(stack, requests, expected)
-    status = _status_after(stack, lambda s: s.scheduler.finished.get("stop", 0) + s.scheduler.finished.get("length", 0) == 50)
+    status = _status_after(
+        stack, lambda s: s.scheduler.finished.get("stop", 0) + s.scheduler.finished.get("length", 0) == 50
+    )
     assert status.queue_length == 0 and status.pending == 0, "every finished request was acknowledged"
     assert all(w.steps > 0 for w in status.workers.values()), "both workers served"
     assert status.scheduler.spec_drafts > 0, "proposals were verified in these batches"
@@ -106,8 +108,13 @@ def _kill_mid_run_loses_nothing(stack: Stack, workload, keeper_expected, workers
     keepers = stack.submit_keepers(4)  # the victim surely holds one when it dies
     for rid, (prompt, max_tokens) in requests.items():
         stack.submit(rid, prompt, max_tokens=max_tokens)
-    stack.wait_until(lambda: sum(len(t) for t in stack.tokens.values()) >= 40
-                     and any(stack.mid_stream(keepers, KEEPER_TOKENS, w) for w in workers), "a keeper mid-stream")
+    stack.wait_until(
+        lambda: (
+            sum(len(t) for t in stack.tokens.values()) >= 40
+            and any(stack.mid_stream(keepers, KEEPER_TOKENS, w) for w in workers)
+        ),
+        "a keeper mid-stream",
+    )
     victim = next(w for w in workers if stack.mid_stream(keepers, KEEPER_TOKENS, w))
     survivor = next(w for w in workers if w != victim)
     stack.kill(victim)
@@ -151,12 +158,16 @@ def test_bad_input_is_survived(stack, workload):
     stack.client.xadd(stack.keys.requests, {b"msg": b"not msgpack at all"})
 
     prompt, max_tokens = requests["req-3"]
-    stack.submit("dup", prompt, max_tokens=KEEPER_TOKENS, ignore_eos=True)  # still running when its twin comes
+    stack.submit(
+        "dup", prompt, max_tokens=KEEPER_TOKENS, ignore_eos=True
+    )  # still running when its twin comes
     # The same id again, from another gateway: refused with an error sent to that gateway.
     other = zmq.Context.instance().socket(zmq.PULL)
     other.setsockopt(zmq.LINGER, 0)
     other_addr = f"tcp://127.0.0.1:{other.bind_to_random_port('tcp://127.0.0.1')}"
-    submit(stack.client, m.SubmitRequest("dup", prompt, m.SamplingParams(), other_addr, time.time()), stack.keys)
+    submit(
+        stack.client, m.SubmitRequest("dup", prompt, m.SamplingParams(), other_addr, time.time()), stack.keys
+    )
     stack.submit("req-3", prompt, max_tokens=max_tokens)
     assert other.poll(30000)
     refused = m.decode(other.recv()).outputs[0]

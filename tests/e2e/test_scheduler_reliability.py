@@ -33,8 +33,10 @@ def model_dir(tmp_path_factory):
 def greedy_workload(model_dir, n: int, seed: int, max_tokens: int):
     """`n` random prompts of 5, 30 or 80 tokens, and HF's greedy output for each."""
     rng = random.Random(seed)
-    requests = {f"r{i}": ([rng.randrange(3, 4096) for _ in range(rng.choice([5, 30, 80]))], max_tokens)
-                for i in range(n)}
+    requests = {
+        f"r{i}": ([rng.randrange(3, 4096) for _ in range(rng.choice([5, 30, 80]))], max_tokens)
+        for i in range(n)
+    }
     outs = hf_greedy(model_dir, [p for p, _ in requests.values()], [n for _, n in requests.values()])
     return requests, dict(zip(requests, outs))
 
@@ -82,10 +84,13 @@ def _check(stack: Stack, requests, expected) -> None:
         assert_greedy_matches(stack.tokens[rid], expected[rid], rid)
 
 
-def test_scheduler_kill_9_resumes_every_request_from_the_queue(redis_server, model_dir, workload, keeper_expected,
-                                                               tmp_path):
+def test_scheduler_kill_9_resumes_every_request_from_the_queue(
+    redis_server, model_dir, workload, keeper_expected, tmp_path
+):
     requests, expected = workload
-    stack = Stack(redis_server.url, model_dir, tmp_path, speculative="draft_model")  # its draft cache is rebuilt too
+    stack = Stack(
+        redis_server.url, model_dir, tmp_path, speculative="draft_model"
+    )  # its draft cache is rebuilt too
     try:
         stack.start_scheduler()
         stack.start_worker("w1")
@@ -127,8 +132,9 @@ def test_scheduler_sigterm_leaves_what_runs_in_the_queue_for_the_next(redis_serv
         stack.stop()
 
 
-def test_a_second_scheduler_stands_by_until_the_first_is_gone(redis_server, model_dir, workload, keeper_expected,
-                                                               tmp_path):
+def test_a_second_scheduler_stands_by_until_the_first_is_gone(
+    redis_server, model_dir, workload, keeper_expected, tmp_path
+):
     requests, expected = workload
     stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
     try:
@@ -243,7 +249,11 @@ def test_requests_of_a_vanished_gateway_are_aborted(redis_server, long_model_dir
         stack.client.set(stack.keys.gateway(address), b"alive", px=1500)
         params = m.SamplingParams(temperature=0.0, max_tokens=LONG_MAX_TOKENS, ignore_eos=True)
         for i in range(3):
-            submit(stack.client, m.SubmitRequest(f"orphan{i}", [5] * 40, params, address, time.time()), stack.keys)
+            submit(
+                stack.client,
+                m.SubmitRequest(f"orphan{i}", [5] * 40, params, address, time.time()),
+                stack.keys,
+            )
         assert ghost.poll(30_000), "the requests run"
         ghost.close()
         # Meanwhile the live gateway's request is untouched.
@@ -303,9 +313,24 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
         assert wedged.poll(10_000) and isinstance(m.decode(wedged.recv()), m.StepPlan), "it got the step"
 
         def status(*args):
-            return subprocess.run([sys.executable, "-m", "conveyor", "status", "--redis-url", stack.redis_url,
-                                   "--redis-prefix", stack.keys.prefix, *args], cwd=REPO, env=service_env(),
-                                  capture_output=True, text=True, timeout=60)
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "conveyor",
+                    "status",
+                    "--redis-url",
+                    stack.redis_url,
+                    "--redis-prefix",
+                    stack.keys.prefix,
+                    *args,
+                ],
+                cwd=REPO,
+                env=service_env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
 
         deadline = time.monotonic() + 10
         while not read_status(stack.client, stack.keys).workers["wedged"].stalled:

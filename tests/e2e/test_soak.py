@@ -34,9 +34,15 @@ def _client(port: int, model: str, stop_at: float, seed: int, counts: dict) -> N
     rng = random.Random(seed)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=120) as http:
         while time.monotonic() < stop_at:
-            body = {"model": model, "prompt": " ".join(rng.choice(["queue", "cache", "block", "token", "step"])
-                                                       for _ in range(rng.randrange(1, 60))),
-                    "max_tokens": rng.randrange(1, 80), "temperature": rng.choice([0, 0.8])}
+            body = {
+                "model": model,
+                "prompt": " ".join(
+                    rng.choice(["queue", "cache", "block", "token", "step"])
+                    for _ in range(rng.randrange(1, 60))
+                ),
+                "max_tokens": rng.randrange(1, 80),
+                "temperature": rng.choice([0, 0.8]),
+            }
             if rng.random() < 0.2:
                 body["stop"] = [rng.choice(["e", "a", " "])]
             if rng.random() < 0.5:
@@ -65,7 +71,9 @@ def test_soak_with_disconnects_leaves_nothing_behind(redis_server, tmp_path):
         start = time.monotonic()
         stop_at = start + SECONDS
         counts = {"requests": 0, "hung_up": 0}
-        clients = [threading.Thread(target=_client, args=(port, "soak", stop_at, i, counts)) for i in range(8)]
+        clients = [
+            threading.Thread(target=_client, args=(port, "soak", stop_at, i, counts)) for i in range(8)
+        ]
         for c in clients:
             c.start()
         time.sleep(SECONDS * 0.25)  # warmed up: caches, allocator pools, JIT-free but lazy imports
@@ -78,9 +86,13 @@ def test_soak_with_disconnects_leaves_nothing_behind(redis_server, tmp_path):
         deadline = time.monotonic() + 30
         while True:
             status = read_status(stack.client, stack.keys)
-            settled = (status.scheduler.running == 0 and status.scheduler.waiting == 0
-                       and status.workers["w1"].kv_usage == 0 and status.queue_length == 0
-                       and status.pending == 0)
+            settled = (
+                status.scheduler.running == 0
+                and status.scheduler.waiting == 0
+                and status.workers["w1"].kv_usage == 0
+                and status.queue_length == 0
+                and status.pending == 0
+            )
             if settled:
                 break
             assert time.monotonic() < deadline, status

@@ -25,11 +25,16 @@ MAX_TOKENS = 32
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_greedy_through_the_system_with_speculation_equals_transformers(redis_server, tmp_path_factory, method):
+def test_greedy_through_the_system_with_speculation_equals_transformers(
+    redis_server, tmp_path_factory, method
+):
     model_dir = make_model(tmp_path_factory.mktemp("spec"), preset="tiny", num_hidden_layers=2, seed=4)
     # The worker runs the draft model: here the model itself, whose proposals are accepted.
-    config = CONFIG if method == "ngram" else {"method": "draft_model", "num_speculative_tokens": 3,
-                                               "model": str(model_dir)}
+    config = (
+        CONFIG
+        if method == "ngram"
+        else {"method": "draft_model", "num_speculative_tokens": 3, "model": str(model_dir)}
+    )
     rng = random.Random(8)
     phrase = [rng.randrange(3, 4096) for _ in range(10)]
     prompts = [phrase * 3, [rng.randrange(3, 4096) for _ in range(6)] + phrase * 2]
@@ -44,8 +49,14 @@ def test_greedy_through_the_system_with_speculation_equals_transformers(redis_se
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=120.0) as client:
             for i, prompt in enumerate(prompts):
-                body = dict(model=model_dir.name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                            ignore_eos=True, return_token_ids=True)
+                body = dict(
+                    model=model_dir.name,
+                    prompt=prompt,
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                    ignore_eos=True,
+                    return_token_ids=True,
+                )
                 whole = client.post("/v1/completions", json=body)
                 assert whole.status_code == 200, whole.text
                 assert_greedy_matches(whole.json()["choices"][0]["token_ids"], references[i], f"prompt {i}")
@@ -66,13 +77,22 @@ def test_greedy_through_the_system_with_speculation_equals_transformers(redis_se
         stack.stop()
 
 
-@pytest.mark.parametrize("config, words", [
-    ('{"method": "ngram"}', "num_speculative_tokens"),
-    ('{"method": "draft_model", "num_speculative_tokens": 3}', "needs \"model\""),
-    ("ngram", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ('{"method": "ngram"}', "num_speculative_tokens"),
+        ('{"method": "draft_model", "num_speculative_tokens": 3}', 'needs "model"'),
+        ("ngram", "not JSON"),
+    ],
+)
 def test_a_bad_speculative_config_stops_the_scheduler_saying_why(config, words):
-    proc = subprocess.run([sys.executable, "-m", "services.scheduler", "--speculative-config", config], cwd=REPO,
-                          env=service_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.scheduler", "--speculative-config", config],
+        cwd=REPO,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "speculative" in proc.stderr and words in proc.stderr, proc.stderr

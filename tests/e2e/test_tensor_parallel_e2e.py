@@ -41,7 +41,9 @@ def test_kill_9_of_a_follower_rank_moves_its_requests(redis_server, model_dir, t
         for rid, prompt in prompts.items():
             stack.submit(rid, prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
 
-        stack.wait_until(lambda: stack.mid_stream(prompts, MAX_TOKENS, "tp2"), "the TP worker to run a request", 120)
+        stack.wait_until(
+            lambda: stack.mid_stream(prompts, MAX_TOKENS, "tp2"), "the TP worker to run a request", 120
+        )
         stack._expected_dead.add("tp2")  # it exits by design once its rank is gone
         follower.send_signal(signal.SIGKILL)
 
@@ -50,8 +52,11 @@ def test_kill_9_of_a_follower_rank_moves_its_requests(redis_server, model_dir, t
         stack.wait_finished(prompts, timeout_s=300)
         for rid in prompts:
             assert_greedy_matches(stack.tokens[rid], expected[rid], rid)
-        stack.wait_until(lambda: read_status(stack.client, stack.keys).scheduler.migrations > 0,
-                         "the TP worker's requests to be migrated", 10)
+        stack.wait_until(
+            lambda: read_status(stack.client, stack.keys).scheduler.migrations > 0,
+            "the TP worker's requests to be migrated",
+            10,
+        )
         assert "tp2" not in read_status(stack.client, stack.keys).workers
     finally:
         stack.stop()

@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
 )
 
 from shared.tiny_model import make_model
@@ -34,12 +35,14 @@ class _Collector(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 — http.server's name
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         export = ExportTraceServiceRequest.FromString(body)
         with self.server.lock:
             for resource in export.resource_spans:
-                service = next(a.value.string_value for a in resource.resource.attributes if a.key == "service.name")
+                service = next(
+                    a.value.string_value for a in resource.resource.attributes if a.key == "service.name"
+                )
                 for scope in resource.scope_spans:
                     self.server.spans += [(service, s.name, s.trace_id) for s in scope.spans]
         reply = ExportTraceServiceResponse().SerializeToString()
@@ -66,21 +69,30 @@ def test_the_gateway_and_scheduler_export_one_trace_by_otlp(redis_server, model_
         stack.wait_workers({"w1"})
         port = stack.start_gateway("gw", "--otlp-traces-endpoint", endpoint)
         stack.wait_gateway("gw", port)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers={"traceparent": CALLER}, timeout=60,
-                       json={"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True})
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            headers={"traceparent": CALLER},
+            timeout=60,
+            json={"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True},
+        )
         assert r.status_code == 200, r.text
 
         def exported() -> bool:
             with collector.lock:
-                return {"gateway.request", "scheduler.request", "queue"} <= {name for _, name, _ in collector.spans}
+                return {"gateway.request", "scheduler.request", "queue"} <= {
+                    name for _, name, _ in collector.spans
+                }
 
         stack.wait_until(exported, "the spans at the collector", timeout_s=30.0)
         with collector.lock:
             spans = list(collector.spans)
         assert {trace for _, _, trace in spans} == {bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736")}
-        assert {(s, n) for s, n, _ in spans} >= {("conveyor-gateway", "gateway.request"),
-                                                ("conveyor-scheduler", "scheduler.request"),
-                                                ("conveyor-scheduler", "queue"), ("conveyor-scheduler", "step")}
+        assert {(s, n) for s, n, _ in spans} >= {
+            ("conveyor-gateway", "gateway.request"),
+            ("conveyor-scheduler", "scheduler.request"),
+            ("conveyor-scheduler", "queue"),
+            ("conveyor-scheduler", "step"),
+        }
     finally:
         stack.stop()
         collector.shutdown()

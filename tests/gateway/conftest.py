@@ -32,22 +32,30 @@ def tokenizer():
 @pytest.fixture
 def served_model(tokenizer):
     """The tiny model as the gateway sees it, with a short context to test limits."""
-    return ServedModel(name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tokenizer, max_model_len=64,
-                       vocab_size=4096)
+    return ServedModel(
+        name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tokenizer, max_model_len=64, vocab_size=4096
+    )
 
 
 @pytest.fixture(scope="session")
 def gateway_model_dir(tmp_path_factory):
     # A long context, so that a request can outlast what a test waits on (tests/stack.py).
-    return make_model(tmp_path_factory.mktemp("gateway-model"), preset="tiny", num_hidden_layers=2, seed=4,
-                      max_position_embeddings=LONG_CONTEXT)
+    return make_model(
+        tmp_path_factory.mktemp("gateway-model"),
+        preset="tiny",
+        num_hidden_layers=2,
+        seed=4,
+        max_position_embeddings=LONG_CONTEXT,
+    )
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, gateway_model_dir):
     with start_embedded_redis(tmp_path_factory.mktemp("gateway-redis")) as redis_server:
         # Speculating: the API's tests (structured outputs, tools, logprobs, seeds) hold with it.
-        s = Stack(redis_server.url, gateway_model_dir, tmp_path_factory.mktemp("gateway-logs"), speculative=True)
+        s = Stack(
+            redis_server.url, gateway_model_dir, tmp_path_factory.mktemp("gateway-logs"), speculative=True
+        )
         try:
             s.start_scheduler()
             s.start_worker("w1")
@@ -107,5 +115,5 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     return total
 
 
-_SAMPLE = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$')
+_SAMPLE = re.compile(r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')

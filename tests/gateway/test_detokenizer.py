@@ -29,7 +29,7 @@ def test_a_character_split_across_tokens_is_held_until_complete():
 
 
 def test_an_unfinished_character_at_the_end_is_released_as_replacement():
-    deltas = stream(IncrementalDetokenizer(byte_decode), list("x".encode()) + list("€".encode())[:2])
+    deltas = stream(IncrementalDetokenizer(byte_decode), list(b"x") + list("€".encode())[:2])
     assert deltas == ["x", "", "", "\ufffd"]
 
 
@@ -60,8 +60,10 @@ def test_any_text_streams_back_exactly(tokenizer, text):
 
 
 @settings(max_examples=500, deadline=None)
-@given(ids=st.lists(st.integers(0, 4095), min_size=1, max_size=30),
-       prompt=st.lists(st.integers(0, 4095), max_size=8))
+@given(
+    ids=st.lists(st.integers(0, 4095), min_size=1, max_size=30),
+    prompt=st.lists(st.integers(0, 4095), max_size=8),
+)
 def test_any_token_sequence_streams_to_its_whole_decode(tokenizer, ids, prompt):
     """Random ids (what a random model emits: stray continuation bytes, special tokens)."""
     deltas = stream(IncrementalDetokenizer(_decode(tokenizer), prompt), ids)
@@ -99,9 +101,11 @@ def test_no_stop_strings_passes_text_through():
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet="abc", max_size=30), stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4),
-                                                                 min_size=1, max_size=3),
-       cuts=st.lists(st.integers(0, 30), max_size=6))
+@given(
+    text=st.text(alphabet="abc", max_size=30),
+    stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(0, 30), max_size=6),
+)
 def test_matcher_equals_cutting_the_whole_text_at_the_first_stop(text, stops, cuts):
     pieces, prev = [], 0
     for c in sorted(set(min(c, len(text)) for c in cuts)) + [len(text)]:
@@ -124,7 +128,7 @@ def _cut_at_first_completed_stop(text: str, stops: list[str]) -> tuple[str, bool
     for end in range(1, len(text) + 1):
         for s in sorted(stops, key=len, reverse=True):
             if text[:end].endswith(s):
-                return text[:end - len(s)], True
+                return text[: end - len(s)], True
     return text, False
 
 
@@ -174,9 +178,11 @@ def test_choice_releases_held_text_when_the_output_ends_without_a_match():
 
 def test_choice_drops_tokens_replayed_by_a_restarted_scheduler():
     c = _choice()
-    texts = [c.on_output(RequestOutput("r-0", _bytes("ab"), index=0)).text,
-             c.on_output(RequestOutput("r-0", _bytes("abc"), index=0)).text,  # replayed from the prompt
-             c.on_output(RequestOutput("r-0", _bytes("d"), index=3, finish_reason="length")).text]
+    texts = [
+        c.on_output(RequestOutput("r-0", _bytes("ab"), index=0)).text,
+        c.on_output(RequestOutput("r-0", _bytes("abc"), index=0)).text,  # replayed from the prompt
+        c.on_output(RequestOutput("r-0", _bytes("d"), index=3, finish_reason="length")).text,
+    ]
     assert "".join(texts) == "abcd" and c.num_tokens == 4
 
 

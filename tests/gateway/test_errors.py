@@ -8,11 +8,18 @@ from services.gateway.errors import scheduler_error
 from shared.messages import ErrorCode
 
 
-@pytest.mark.parametrize("code, status, retry_after", [
-    (ErrorCode.TOO_LONG, 400, None), (ErrorCode.INVALID_REQUEST, 400, None),
-    (ErrorCode.QUEUE_TIMEOUT, 503, "5"), (ErrorCode.GATEWAY_GONE, 503, "1"),
-    (ErrorCode.REQUEST_TIMEOUT, 504, None), (ErrorCode.WORKER_FAILED, 500, None), (ErrorCode.INTERNAL, 500, None),
-])
+@pytest.mark.parametrize(
+    "code, status, retry_after",
+    [
+        (ErrorCode.TOO_LONG, 400, None),
+        (ErrorCode.INVALID_REQUEST, 400, None),
+        (ErrorCode.QUEUE_TIMEOUT, 503, "5"),
+        (ErrorCode.GATEWAY_GONE, 503, "1"),
+        (ErrorCode.REQUEST_TIMEOUT, 504, None),
+        (ErrorCode.WORKER_FAILED, 500, None),
+        (ErrorCode.INTERNAL, 500, None),
+    ],
+)
 def test_every_error_code_has_its_status(code, status, retry_after):
     err = scheduler_error(code, "whatever the text says: max_model_len, queue timeout")
     assert (err.status, err.code, err.headers.get("Retry-After")) == (status, code.value, retry_after)

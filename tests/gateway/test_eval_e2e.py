@@ -18,15 +18,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 pytestmark = pytest.mark.slow
 
 TOLERANCE = 1e-3  # fp32, the worker's kernels against transformers' forward pass
-TEXTS = ["The quick brown fox jumps over the lazy dog", "Paris is the capital of", "1 2 3 4 5 6 7 8",
-         "Once upon a time, in a land far away, there lived a king who had three daughters"]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog",
+    "Paris is the capital of",
+    "1 2 3 4 5 6 7 8",
+    "Once upon a time, in a land far away, there lived a king who had three daughters",
+]
 
 
 @pytest.fixture(scope="module")
 def hf(gateway_model_dir):
     tok = AutoTokenizer.from_pretrained(str(gateway_model_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gateway_model_dir), dtype=torch.float32,
-                                                 local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gateway_model_dir), dtype=torch.float32, local_files_only=True
+    ).eval()
     return tok, model
 
 
@@ -50,8 +55,15 @@ def test_lm_eval_loglikelihood_requests_match_transformers(gateway, gateway_mode
     the prompts hit the prefix cache, and their logprobs must still be there, unchanged."""
     tok, model = hf
     prompts = [tok(t)["input_ids"] for t in TEXTS]
-    body = {"model": gateway_model_dir.name, "prompt": prompts, "temperature": 0, "max_tokens": max_tokens,
-            "logprobs": 1, "seed": 1234, "echo": True}
+    body = {
+        "model": gateway_model_dir.name,
+        "prompt": prompts,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
     for attempt in range(2):
         out = _post(gateway, "/v1/completions", body)
         choices = sorted(out["choices"], key=lambda c: c["index"])
@@ -61,12 +73,15 @@ def test_lm_eval_loglikelihood_requests_match_transformers(gateway, gateway_mode
             assert len(lp["tokens"]) == len(ids) + max_tokens
             assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
             want, best = _reference(model, ids)
-            assert None not in lp["token_logprobs"][1:len(ids)], "every prompt token after the first has its logprob"
-            got = torch.tensor(lp["token_logprobs"][1:len(ids)])
+            assert None not in lp["token_logprobs"][1 : len(ids)], (
+                "every prompt token after the first has its logprob"
+            )
+            got = torch.tensor(lp["token_logprobs"][1 : len(ids)])
             assert torch.allclose(got, want, atol=TOLERANCE), (attempt, (got - want).abs().max())
-            tops = lp["top_logprobs"][1:len(ids)]
-            assert all(abs(max(t.values()) - b) < TOLERANCE for t, b in zip(tops, best.tolist())), \
+            tops = lp["top_logprobs"][1 : len(ids)]
+            assert all(abs(max(t.values()) - b) < TOLERANCE for t, b in zip(tops, best.tolist())), (
                 "lm-eval's is_greedy reads the top entry"
+            )
             if max_tokens == 0:
                 assert choice["text"] == tok.decode(ids, skip_special_tokens=True)
         assert out["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
@@ -75,8 +90,17 @@ def test_lm_eval_loglikelihood_requests_match_transformers(gateway, gateway_mode
 def test_prompt_logprobs_in_vllms_shape(gateway, gateway_model_dir, hf):
     tok, model = hf
     ids = tok(TEXTS[1])["input_ids"]
-    out = _post(gateway, "/v1/completions", {"model": gateway_model_dir.name, "prompt": ids, "max_tokens": 2,
-                                             "temperature": 0, "prompt_logprobs": 2})
+    out = _post(
+        gateway,
+        "/v1/completions",
+        {
+            "model": gateway_model_dir.name,
+            "prompt": ids,
+            "max_tokens": 2,
+            "temperature": 0,
+            "prompt_logprobs": 2,
+        },
+    )
     shown = out["choices"][0]["prompt_logprobs"]
     want, _ = _reference(model, ids)
     assert shown[0] is None and len(shown) == len(ids)
@@ -84,15 +108,35 @@ def test_prompt_logprobs_in_vllms_shape(gateway, gateway_model_dir, hf):
     for entry, token, ref in zip(shown[1:], ids[1:], want.tolist()):
         assert abs(entry[str(token)]["logprob"] - ref) < TOLERANCE
         assert min(e["rank"] for e in entry.values()) == 1
-    chat = _post(gateway, "/v1/chat/completions", {"model": gateway_model_dir.name, "max_tokens": 1,
-                                                   "messages": [{"role": "user", "content": "hi"}],
-                                                   "prompt_logprobs": 0})
-    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    chat = _post(
+        gateway,
+        "/v1/chat/completions",
+        {
+            "model": gateway_model_dir.name,
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": "hi"}],
+            "prompt_logprobs": 0,
+        },
+    )
+    assert (
+        chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    )
 
 
 def test_a_batch_of_prompts_with_echo_and_n(gateway, gateway_model_dir):
-    out = _post(gateway, "/v1/completions", {"model": gateway_model_dir.name, "prompt": TEXTS[:3], "n": 2,
-                                             "echo": True, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    out = _post(
+        gateway,
+        "/v1/completions",
+        {
+            "model": gateway_model_dir.name,
+            "prompt": TEXTS[:3],
+            "n": 2,
+            "echo": True,
+            "max_tokens": 4,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
     choices = sorted(out["choices"], key=lambda c: c["index"])
     assert [c["index"] for c in choices] == list(range(6))
     for c in choices:
@@ -103,24 +147,39 @@ def test_a_batch_of_prompts_with_echo_and_n(gateway, gateway_model_dir):
     assert out["usage"]["prompt_tokens"] == sum(tokenized), "each prompt billed once"
 
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["colour", "size", "tags"],
-          "properties": {"colour": {"enum": ["red", "green", "blue"]},
-                         "size": {"type": "integer", "minimum": 1, "maximum": 9},
-                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["colour", "size", "tags"],
+    "properties": {
+        "colour": {"enum": ["red", "green", "blue"]},
+        "size": {"type": "integer", "minimum": 1, "maximum": 9},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
+    },
+}
 
 
 @pytest.mark.parametrize("temperature", [0, 1])
 def test_constrained_outputs_obey_their_constraint(gateway, gateway_model_dir, temperature):
     """Needs the worker's grammar masks: the gateway only converts and checks the constraint."""
-    base = {"model": gateway_model_dir.name, "prompt": "Answer:", "temperature": temperature, "max_tokens": 60,
-            "n": 3}
-    choice = _post(gateway, "/v1/completions", {**base, "structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+    base = {
+        "model": gateway_model_dir.name,
+        "prompt": "Answer:",
+        "temperature": temperature,
+        "max_tokens": 60,
+        "n": 3,
+    }
+    choice = _post(
+        gateway, "/v1/completions", {**base, "structured_outputs": {"choice": ["yes", "no", "maybe"]}}
+    )
     assert all(c["text"] in ("yes", "no", "maybe") for c in choice["choices"])
     regex = _post(gateway, "/v1/completions", {**base, "guided_regex": "[a-c]{2,4}-[0-9]{1,3}"})
     assert all(re.fullmatch("[a-c]{2,4}-[0-9]{1,3}", c["text"]) for c in regex["choices"])
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
-    for path, extra in (("/v1/completions", {}),
-                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "A thing?"}]})):
+    for path, extra in (
+        ("/v1/completions", {}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "A thing?"}]}),
+    ):
         body = {**base, **extra, "response_format": fmt, "max_tokens": 120}
         if extra:
             body.pop("prompt")

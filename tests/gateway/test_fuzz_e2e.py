@@ -24,49 +24,136 @@ pytestmark = pytest.mark.slow
 EXAMPLES_PER_TEST = 500  # x 3 tests
 STATUSES: Counter[int] = Counter()  # over the module, to check the fuzz reached generation
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.integers(-3, 130),
-                         st.floats(allow_nan=True, allow_infinity=True), st.floats(-3, 3), st.text(max_size=12))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=8)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.integers(-3, 130),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-3, 3),
+    st.text(max_size=12),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
 
-SAMPLING_FIELDS = ["model", "n", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",
-                   "frequency_penalty", "stream", "stream_options", "user", "logit_bias", "top_k", "min_p",
-                   "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens", "priority", "cache_salt",
-                   # vLLM's fields of issue 12
-                   "allowed_token_ids", "bad_words", "include_stop_str_in_output", "skip_special_tokens",
-                   "spaces_between_special_tokens", "truncate_prompt_tokens", "truncation_side", "prompt_logprobs",
-                   "return_tokens_as_token_ids", "return_token_ids", "structured_outputs", "guided_regex",
-                   "guided_choice", "guided_json", "request_id", "use_beam_search", "length_penalty"]
-COMPLETION_FIELDS = SAMPLING_FIELDS + ["prompt", "logprobs", "echo", "suffix", "best_of", "add_special_tokens",
-                                       "response_format"]
-CHAT_FIELDS = SAMPLING_FIELDS + ["messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-                                 "tool_choice", "response_format", "add_generation_prompt", "parallel_tool_calls",
-                                 "function_call", "continue_final_message", "echo", "add_special_tokens",
-                                 "chat_template", "chat_template_kwargs"]
+SAMPLING_FIELDS = [
+    "model",
+    "n",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "stream",
+    "stream_options",
+    "user",
+    "logit_bias",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "stop_token_ids",
+    "ignore_eos",
+    "min_tokens",
+    "priority",
+    "cache_salt",
+    # vLLM's fields of issue 12
+    "allowed_token_ids",
+    "bad_words",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "truncate_prompt_tokens",
+    "truncation_side",
+    "prompt_logprobs",
+    "return_tokens_as_token_ids",
+    "return_token_ids",
+    "structured_outputs",
+    "guided_regex",
+    "guided_choice",
+    "guided_json",
+    "request_id",
+    "use_beam_search",
+    "length_penalty",
+]
+COMPLETION_FIELDS = SAMPLING_FIELDS + [
+    "prompt",
+    "logprobs",
+    "echo",
+    "suffix",
+    "best_of",
+    "add_special_tokens",
+    "response_format",
+]
+CHAT_FIELDS = SAMPLING_FIELDS + [
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "add_generation_prompt",
+    "parallel_tool_calls",
+    "function_call",
+    "continue_final_message",
+    "echo",
+    "add_special_tokens",
+    "chat_template",
+    "chat_template_kwargs",
+]
 
 # Values that are often valid, so that the requests which pass validation vary too.
 plausible = {
-    "prompt": st.one_of(st.text(max_size=80), st.lists(st.integers(-2, 5000), max_size=70),
-                        st.lists(st.text(max_size=10), max_size=3)),
-    "messages": st.lists(st.fixed_dictionaries({
-        "role": st.sampled_from(["user", "assistant", "system", "tool", "bot"]),
-        "content": st.one_of(st.text(max_size=40), st.none(),
-                             st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)}),
-                                      max_size=2))}), max_size=3),
+    "prompt": st.one_of(
+        st.text(max_size=80),
+        st.lists(st.integers(-2, 5000), max_size=70),
+        st.lists(st.text(max_size=10), max_size=3),
+    ),
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["user", "assistant", "system", "tool", "bot"]),
+                "content": st.one_of(
+                    st.text(max_size=40),
+                    st.none(),
+                    st.lists(
+                        st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)}),
+                        max_size=2,
+                    ),
+                ),
+            }
+        ),
+        max_size=3,
+    ),
     "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3)),
     "stop_token_ids": st.lists(st.integers(-1, 4100), max_size=3),
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans(),
-                                             "continuous_usage_stats": st.booleans()}),
+    "stream_options": st.fixed_dictionaries(
+        {"include_usage": st.booleans(), "continuous_usage_stats": st.booleans()}
+    ),
     "allowed_token_ids": st.lists(st.integers(-1, 4100), max_size=3),
     "bad_words": st.lists(st.text(max_size=6), max_size=3),
-    "structured_outputs": st.one_of(st.fixed_dictionaries({"regex": st.text(max_size=8)}),
-                                    st.fixed_dictionaries({"choice": st.lists(st.text(max_size=5), max_size=3)}),
-                                    st.fixed_dictionaries({"json": json_values})),
+    "structured_outputs": st.one_of(
+        st.fixed_dictionaries({"regex": st.text(max_size=8)}),
+        st.fixed_dictionaries({"choice": st.lists(st.text(max_size=5), max_size=3)}),
+        st.fixed_dictionaries({"json": json_values}),
+    ),
     "guided_regex": st.text(max_size=10),
-    "response_format": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}),
-                                 st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema":
-                                                        st.fixed_dictionaries({"name": st.just("n"),
-                                                                               "schema": json_values})})),
+    "response_format": st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}),
+        st.fixed_dictionaries(
+            {
+                "type": st.just("json_schema"),
+                "json_schema": st.fixed_dictionaries({"name": st.just("n"), "schema": json_values}),
+            }
+        ),
+    ),
 }
 
 
@@ -78,8 +165,11 @@ def _valid(kind: str, model: str) -> dict:
 
 def _mutations(fields):
     field = st.sampled_from(fields)
-    return field.flatmap(lambda f: st.tuples(st.just(f), st.one_of(
-        st.just("<removed>"), json_values, plausible.get(f, json_values))))
+    return field.flatmap(
+        lambda f: st.tuples(
+            st.just(f), st.one_of(st.just("<removed>"), json_values, plausible.get(f, json_values))
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +197,17 @@ def _check(response: httpx.Response, field: str | None) -> None:
 
 
 def _post(client, path, body):
-    return client.post(path, content=json.dumps(body, allow_nan=True), headers={"Content-Type": "application/json"})
+    return client.post(
+        path, content=json.dumps(body, allow_nan=True), headers={"Content-Type": "application/json"}
+    )
 
 
-@settings(max_examples=EXAMPLES_PER_TEST, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=EXAMPLES_PER_TEST,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(mutation=_mutations(COMPLETION_FIELDS))
 def test_fuzz_completions(fuzz_gateway, gateway_model_dir, mutation):
     _, client = fuzz_gateway
@@ -124,8 +220,12 @@ def test_fuzz_completions(fuzz_gateway, gateway_model_dir, mutation):
     _check(_post(client, "/v1/completions", body), field)
 
 
-@settings(max_examples=EXAMPLES_PER_TEST, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=EXAMPLES_PER_TEST,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(mutation=_mutations(CHAT_FIELDS))
 def test_fuzz_chat(fuzz_gateway, gateway_model_dir, mutation):
     _, client = fuzz_gateway
@@ -138,10 +238,16 @@ def test_fuzz_chat(fuzz_gateway, gateway_model_dir, mutation):
     _check(_post(client, "/v1/chat/completions", body), field)
 
 
-@settings(max_examples=EXAMPLES_PER_TEST, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
-       body=st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=40)))
+@settings(
+    max_examples=EXAMPLES_PER_TEST,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    body=st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=40)),
+)
 def test_fuzz_arbitrary_bodies(fuzz_gateway, path, body):
     _, client = fuzz_gateway
     _check(client.post(path, content=body, headers={"Content-Type": "application/json"}), None)

@@ -53,8 +53,12 @@ def _wait_idle(stack, timeout_s: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         status = read_status(stack.client, stack.keys)
-        idle = (status.scheduler is not None and status.scheduler.running == 0 and status.scheduler.waiting == 0
-                and all(w.kv_usage == 0 for w in status.workers.values()))
+        idle = (
+            status.scheduler is not None
+            and status.scheduler.running == 0
+            and status.scheduler.waiting == 0
+            and all(w.kv_usage == 0 for w in status.workers.values())
+        )
         if idle or time.monotonic() > deadline:
             return status
         time.sleep(0.2)
@@ -63,8 +67,13 @@ def _wait_idle(stack, timeout_s: float = 30.0) -> dict:
 def test_disconnected_clients_free_every_kv_block(gateway, gateway_model_dir):
     stack = gateway.stack
     before = gateway.metrics()
-    body = {"model": _model(gateway_model_dir), "prompt": "a long story " * 20, "max_tokens": LONG_MAX_TOKENS,
-            "ignore_eos": True, "temperature": 0}
+    body = {
+        "model": _model(gateway_model_dir),
+        "prompt": "a long story " * 20,
+        "max_tokens": LONG_MAX_TOKENS,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
 
     async def stream_then_vanish(client: httpx.AsyncClient):
         async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
@@ -77,14 +86,22 @@ def test_disconnected_clients_free_every_kv_block(gateway, gateway_model_dir):
 
     async def wait_then_vanish(client: httpx.AsyncClient):
         with pytest.raises(httpx.ReadTimeout):
-            await client.post("/v1/chat/completions", timeout=1.5, json={
-                "model": body["model"], "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True,
-                "messages": [{"role": "user", "content": "tell me everything"}]})
+            await client.post(
+                "/v1/chat/completions",
+                timeout=1.5,
+                json={
+                    "model": body["model"],
+                    "max_tokens": LONG_MAX_TOKENS,
+                    "ignore_eos": True,
+                    "messages": [{"role": "user", "content": "tell me everything"}],
+                },
+            )
 
     async def run():
         async with httpx.AsyncClient(base_url=gateway.url, headers=gateway.headers(), timeout=60) as client:
-            await asyncio.gather(*(stream_then_vanish(client) for _ in range(6)),
-                                 *(wait_then_vanish(client) for _ in range(2)))
+            await asyncio.gather(
+                *(stream_then_vanish(client) for _ in range(6)), *(wait_then_vanish(client) for _ in range(2))
+            )
 
     asyncio.run(run())
     # Left running, these would take far longer than this (8 x LONG_MAX_TOKENS tokens).
@@ -93,10 +110,16 @@ def test_disconnected_clients_free_every_kv_block(gateway, gateway_model_dir):
     assert status.scheduler.running == 0
     after = gateway.metrics()
     aborted = 'finished_reason="abort"'
-    assert metric_value(after, "conveyor:request_success_total", aborted) - \
-        metric_value(before, "conveyor:request_success_total", aborted) == 8
-    assert metric_value(after, "conveyor:scheduler_request_finished_total", aborted) - \
-        metric_value(before, "conveyor:scheduler_request_finished_total", aborted) >= 8
+    assert (
+        metric_value(after, "conveyor:request_success_total", aborted)
+        - metric_value(before, "conveyor:request_success_total", aborted)
+        == 8
+    )
+    assert (
+        metric_value(after, "conveyor:scheduler_request_finished_total", aborted)
+        - metric_value(before, "conveyor:scheduler_request_finished_total", aborted)
+        >= 8
+    )
     assert metric_value(after, "conveyor:kv_cache_usage_perc") == 0
     assert metric_value(after, "conveyor:generation_tokens_total") > 0
 
@@ -108,8 +131,9 @@ def test_burst_beyond_the_queue_limit_gets_429_and_accepted_requests_complete(st
     body = {"model": _model(gateway_model_dir), "prompt": "overload", "max_tokens": 200, "ignore_eos": True}
 
     async def run():
-        async with httpx.AsyncClient(base_url=gw.url, timeout=120,
-                                     limits=httpx.Limits(max_connections=100)) as client:
+        async with httpx.AsyncClient(
+            base_url=gw.url, timeout=120, limits=httpx.Limits(max_connections=100)
+        ) as client:
             return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(60)))
 
     responses = asyncio.run(run())

@@ -97,14 +97,20 @@ def test_only_a_possible_tag_is_held_back():
 # ---- where the thinking starts ------------------------------------------------------------
 @pytest.fixture
 def roomy_model(tokenizer):
-    return ServedModel(name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tokenizer, max_model_len=2048,
-                       vocab_size=4096)
+    return ServedModel(
+        name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tokenizer, max_model_len=2048, vocab_size=4096
+    )
 
 
 def _chat(model, parser="deepseek_r1", messages=None, **body):
     config = ChatConfig(reasoning_parser=parser, trust_request_chat_template=True)
     request = ChatCompletionRequest.model_validate(
-        {"messages": messages or [{"role": "user", "content": "Is 9.11 more than 9.8?"}], "max_tokens": 40, **body})
+        {
+            "messages": messages or [{"role": "user", "content": "Is 9.11 more than 9.8?"}],
+            "max_tokens": 40,
+            **body,
+        }
+    )
     return chat_plan(request, model, config=config)
 
 
@@ -125,13 +131,19 @@ def test_where_each_parser_starts_thinking(roomy_model):
     for parser in ("qwen3", "deepseek_r1"):
         off = {"chat_template_kwargs": {"enable_thinking": False}}
         assert _start(m, parser, **off) == ANSWER, "the template closed the think block"
-        assert _start(m, parser, chat_template=OPENING, **off) == ANSWER, "the request's switch, as vLLM reads it"
+        assert _start(m, parser, chat_template=OPENING, **off) == ANSWER, (
+            "the request's switch, as vLLM reads it"
+        )
         assert _start(m, parser, chat_template=OPENING) == THINKING, "the template opened it"
         assert _start(m, parser, chat_template=CLOSING) == ANSWER
-    assert _start(m, "qwen3", chat_template=EARLIER_TURN) == MAYBE, "an earlier turn's </think> is not this one's"
+    assert _start(m, "qwen3", chat_template=EARLIER_TURN) == MAYBE, (
+        "an earlier turn's </think> is not this one's"
+    )
     continued = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nThe user"}]
-    assert _start(m, "qwen3", messages=continued, continue_final_message=True,
-                  add_generation_prompt=False) == THINKING, "the continued message left it open"
+    assert (
+        _start(m, "qwen3", messages=continued, continue_final_message=True, add_generation_prompt=False)
+        == THINKING
+    ), "the continued message left it open"
 
 
 def test_no_parser_no_reasoning_plan(roomy_model):
@@ -144,8 +156,10 @@ def _outputs(model, plan, text: str, finish=FinishReason.STOP) -> list[RequestOu
     """`text` as the worker would send it: one token per output, the last one finishing."""
     rid = plan.choices[0].request_id
     ids = model.encode(text, False)
-    return [RequestOutput(rid, [t], index=k, finish_reason=finish if k == len(ids) - 1 else None)
-            for k, t in enumerate(ids)]
+    return [
+        RequestOutput(rid, [t], index=k, finish_reason=finish if k == len(ids) - 1 else None)
+        for k, t in enumerate(ids)
+    ]
 
 
 def _message(model, plan, text: str, finish=FinishReason.STOP) -> dict:
@@ -192,10 +206,13 @@ def test_thinking_and_answer_whole_and_streamed(roomy_model, parser):
     assert max(thinking) <= min(answering), "reasoning deltas while thinking, content deltas after"
 
 
-@pytest.mark.parametrize("parser, reasoning, content", [
-    ("deepseek_r1", "Hmm, let me see", None),  # never closed: all reasoning, no content
-    ("qwen3", None, "Hmm, let me see"),  # nothing opened: all answer
-])
+@pytest.mark.parametrize(
+    "parser, reasoning, content",
+    [
+        ("deepseek_r1", "Hmm, let me see", None),  # never closed: all reasoning, no content
+        ("qwen3", None, "Hmm, let me see"),  # nothing opened: all answer
+    ],
+)
 def test_unterminated_and_untagged_outputs(roomy_model, parser, reasoning, content):
     m = roomy_model
     choice = _message(m, _chat(m, parser), "Hmm, let me see", FinishReason.LENGTH)
@@ -208,14 +225,20 @@ def test_unterminated_and_untagged_outputs(roomy_model, parser, reasoning, conte
 def test_thinking_off_is_all_content_tags_and_all(roomy_model):
     m = roomy_model
     text = "<think>x</think>y"
-    msg = _message(m, _chat(m, "deepseek_r1", chat_template_kwargs={"enable_thinking": False}), text)["message"]
+    msg = _message(m, _chat(m, "deepseek_r1", chat_template_kwargs={"enable_thinking": False}), text)[
+        "message"
+    ]
     assert msg["reasoning"] is None and msg["content"] == text
 
 
 def test_include_reasoning_false_leaves_the_thinking_out(roomy_model):
     m = roomy_model
     msg = _message(m, _chat(m, "qwen3", include_reasoning=False), THOUGHT)["message"]
-    assert msg["reasoning"] is None and msg["reasoning_content"] is None and msg["content"] == "\n\n9.8 is larger."
+    assert (
+        msg["reasoning"] is None
+        and msg["reasoning_content"] is None
+        and msg["content"] == "\n\n9.8 is larger."
+    )
     deltas, joined = _stream(m, _chat(m, "qwen3", include_reasoning=False, stream=True), THOUGHT)
     assert "reasoning" not in joined and joined["content"] == msg["content"]
 
@@ -229,8 +252,10 @@ def test_without_a_parser_the_answer_is_unchanged(roomy_model):
 def test_tool_calls_are_read_from_the_answer_only(roomy_model):
     m = roomy_model
     mentioned = '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'
-    called = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1, "unit": "celsius"}}' \
-             '</tool_call>'
+    called = (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1, "unit": "celsius"}}'
+        "</tool_call>"
+    )
     text = f"<think>Maybe {mentioned}? No.</think>\n{called}"
     choice = _message(m, _chat(m, "qwen3", tools=TOOLS), text)
     msg = choice["message"]
@@ -247,8 +272,9 @@ def test_special_think_tokens_are_kept_in_the_text():
     """A tokenizer that marks the tags special would have them skipped from the text."""
     tok = build_tokenizer(4096)
     tok.add_tokens(["<think>", "</think>"], special_tokens=True)
-    m = ServedModel(name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tok, max_model_len=512,
-                    vocab_size=len(tok))
+    m = ServedModel(
+        name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tok, max_model_len=512, vocab_size=len(tok)
+    )
     plan = _chat(m, "deepseek_r1")
     assert plan.output.skip_special_tokens is False
     ids = m.encode("<think>abc</think>xyz", False)
@@ -259,13 +285,19 @@ def test_special_think_tokens_are_kept_in_the_text():
 
 
 # ---- refusals ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("body, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs.regex"),
-    ({"guided_choice": ["yes", "no"]}, "guided_choice"),
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs.regex"),
+        ({"guided_choice": ["yes", "no"]}, "guided_choice"),
+        ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+            "tool_choice",
+        ),
+    ],
+)
 def test_a_constraint_is_refused_where_the_think_tags_are_not_single_tokens(roomy_model, body, param):
     for parser in ("qwen3", "deepseek_r1"):
         with pytest.raises(ApiError) as info:
@@ -278,31 +310,42 @@ def test_a_constraint_is_refused_where_the_think_tags_are_not_single_tokens(room
         assert plan.choices[0].sampling.structured.think_end == -1
 
 
-@pytest.mark.parametrize("body", [
-    {"response_format": {"type": "json_object"}},
-    {"structured_outputs": {"regex": "[a-z]+"}},
-    {"tools": TOOLS, "tool_choice": "required"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"response_format": {"type": "json_object"}},
+        {"structured_outputs": {"regex": "[a-z]+"}},
+        {"tools": TOOLS, "tool_choice": "required"},
+    ],
+)
 def test_a_constraint_starts_after_the_thinking(body):
     """With <think> and </think> single tokens (as in Qwen3's and DeepSeek-R1's tokenizers) the
     worker is told where the thinking ends, and for qwen3 (the output may not think at all)
     where it would open."""
     tok = build_tokenizer(4094)
     tok.add_tokens(["<think>", "</think>"])
-    m = ServedModel(name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tok, max_model_len=2048,
-                    vocab_size=len(tok))
+    m = ServedModel(
+        name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tok, max_model_len=2048, vocab_size=len(tok)
+    )
     open_id, close_id = tok.convert_tokens_to_ids(["<think>", "</think>"])
     for parser, think_open in (("qwen3", open_id), ("deepseek_r1", -1)):
         structured = _chat(m, parser, **body).choices[0].sampling.structured
         assert (structured.think_end, structured.think_open) == (close_id, think_open), parser
         off = _chat(m, parser, chat_template_kwargs={"enable_thinking": False}, **body).choices[0].sampling
-        assert (off.structured.think_end, off.structured.think_open) == (-1, -1), "no thinking: from the start"
+        assert (off.structured.think_end, off.structured.think_open) == (-1, -1), (
+            "no thinking: from the start"
+        )
 
 
 @pytest.fixture(scope="module")
 def client():
-    served = ServedModel(name="tiny", path=Path("/nonexistent/tiny"), tokenizer=build_tokenizer(4096),
-                         max_model_len=256, vocab_size=4096)
+    served = ServedModel(
+        name="tiny",
+        path=Path("/nonexistent/tiny"),
+        tokenizer=build_tokenizer(4096),
+        max_model_len=256,
+        vocab_size=4096,
+    )
     settings = GatewaySettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", reasoning_parser="deepseek_r1")
     with TestClient(create_app(settings, served), raise_server_exceptions=False) as c:
         yield c
@@ -315,9 +358,13 @@ def _post(client, **body):
 def test_the_gateway_refuses_and_accepts_by_its_parser(client):
     r = _post(client, response_format={"type": "json_object"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
-    r = _post(client, response_format={"type": "json_object"}, chat_template_kwargs={"enable_thinking": False})
+    r = _post(
+        client, response_format={"type": "json_object"}, chat_template_kwargs={"enable_thinking": False}
+    )
     assert r.status_code == 503, "accepted (no Redis behind this app)"
-    assert _post(client, include_reasoning=False).status_code == 503, "with a parser, include_reasoning is read"
+    assert _post(client, include_reasoning=False).status_code == 503, (
+        "with a parser, include_reasoning is read"
+    )
     r = _post(client, include_reasoning="no")
     assert r.status_code == 400 and r.json()["error"]["param"] == "include_reasoning", r.text
     r = client.post("/v1/completions", json={"prompt": "hi", "response_format": {"type": "json_object"}})
@@ -326,9 +373,18 @@ def test_the_gateway_refuses_and_accepts_by_its_parser(client):
 
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_an_unknown_parser_stops_the_gateway_naming_the_choices(how):
-    args, env = (["--reasoning-parser", "qwq"], service_env()) if how == "flag" else \
-        ([], service_env(CONVEYOR_REASONING_PARSER="qwq"))
-    proc = subprocess.run([sys.executable, "-m", "services.gateway", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    args, env = (
+        (["--reasoning-parser", "qwq"], service_env())
+        if how == "flag"
+        else ([], service_env(CONVEYOR_REASONING_PARSER="qwq"))
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.gateway", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "reasoning" in proc.stderr and "qwen3" in proc.stderr and "deepseek_r1" in proc.stderr, proc.stderr

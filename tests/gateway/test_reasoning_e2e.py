@@ -19,7 +19,8 @@ OFF = {"chat_template_kwargs": {"enable_thinking": False}}
 @pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
     return start_gateway(stack, "gateway-reasoning", "--reasoning-parser", "deepseek_r1").openai(
-        max_retries=0, timeout=60)
+        max_retries=0, timeout=60
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,14 @@ def model(gateway_model_dir) -> str:
 
 
 def _create(client, model, **kw):
-    return client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0,
-                                          extra_body={**FIXED, **kw.pop("extra_body", {})}, **kw)
+    return client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        extra_body={**FIXED, **kw.pop("extra_body", {})},
+        **kw,
+    )
 
 
 def test_an_unclosed_thinking_is_all_reasoning_streamed_or_not(client, model):
@@ -47,7 +54,9 @@ def test_an_unclosed_thinking_is_all_reasoning_streamed_or_not(client, model):
 def test_thinking_off_gives_content_only(client, model):
     plain = _create(client, model, extra_body=OFF).choices[0].message
     assert plain.content and getattr(plain, "reasoning_content", None) is None
-    streamed = "".join(c.choices[0].delta.content or "" for c in _create(client, model, stream=True, extra_body=OFF))
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in _create(client, model, stream=True, extra_body=OFF)
+    )
     assert streamed == plain.content
 
 
@@ -55,6 +64,7 @@ def test_a_constraint_is_refused_while_thinking_and_the_completions_route_is_not
     with pytest.raises(openai.BadRequestError) as info:
         _create(client, model, response_format={"type": "json_object"})
     assert info.value.body["param"] == "response_format"
-    text = client.completions.create(model=model, prompt="Is 9.11 more than 9.8?", max_tokens=8, temperature=0,
-                                     extra_body=FIXED).choices[0]
+    text = client.completions.create(
+        model=model, prompt="Is 9.11 more than 9.8?", max_tokens=8, temperature=0, extra_body=FIXED
+    ).choices[0]
     assert text.text and getattr(text, "reasoning_content", None) is None

@@ -32,8 +32,14 @@ class Stream:
         self.done = False  # [DONE] came
         self.error: dict | None = None  # the error event
         self.failure: Exception | None = None  # the connection broke
-        body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True,
-                "ignore_eos": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "prompt": "Once upon a time",
+            "max_tokens": max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
         self.thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
         self.thread.start()
 
@@ -45,7 +51,7 @@ class Stream:
                     if line == "data: [DONE]":
                         self.done = True
                     elif line.startswith("data: "):
-                        event = json.loads(line[len("data: "):])
+                        event = json.loads(line[len("data: ") :])
                         if "error" in event:
                             self.error = event["error"]
                         elif event.get("usage"):
@@ -62,8 +68,11 @@ def test_sigterm_drains_open_streams_then_cuts_the_rest(stack, gateway_model_dir
     plain: dict = {}
 
     def plain_request() -> None:
-        r = httpx.post(f"{gw.url}/v1/completions", timeout=60, json={
-            "model": model, "prompt": "hi", "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True})
+        r = httpx.post(
+            f"{gw.url}/v1/completions",
+            timeout=60,
+            json={"model": model, "prompt": "hi", "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True},
+        )
         plain.update(status=r.status_code, body=r.json())
 
     plain_thread = threading.Thread(target=plain_request, daemon=True)
@@ -73,7 +82,9 @@ def test_sigterm_drains_open_streams_then_cuts_the_rest(stack, gateway_model_dir
     deadline = time.monotonic() + 60
     while min(s.chunks for s in short + long) < 2:
         assert time.monotonic() < deadline, stack.log_tail("draining")
-        assert not any(s.failure or s.error for s in short + long), [(s.failure, s.error) for s in short + long]
+        assert not any(s.failure or s.error for s in short + long), [
+            (s.failure, s.error) for s in short + long
+        ]
         time.sleep(0.05)
     assert not any(s.done for s in short), "the short streams must still be open at the signal"
 
@@ -81,8 +92,9 @@ def test_sigterm_drains_open_streams_then_cuts_the_rest(stack, gateway_model_dir
     signalled = time.monotonic()
     health = httpx.get(f"{gw.url}/health", timeout=10)
     assert health.status_code == 503 and "shutting down" in health.json()["reason"], health.text
-    refused = httpx.post(f"{gw.url}/v1/completions", timeout=10, json={"model": model, "prompt": "hi",
-                                                                         "max_tokens": 2})
+    refused = httpx.post(
+        f"{gw.url}/v1/completions", timeout=10, json={"model": model, "prompt": "hi", "max_tokens": 2}
+    )
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down", refused.text
 
     for s in short + long:
@@ -93,8 +105,11 @@ def test_sigterm_drains_open_streams_then_cuts_the_rest(stack, gateway_model_dir
     for s in short:
         assert s.done and s.error is None and s.failure is None and s.tokens == SHORT_TOKENS, vars(s)
     for s in long:
-        assert s.error is not None and s.error["code"] == "gateway_gone" and "shutting down" in s.error["message"], \
-            vars(s)
+        assert (
+            s.error is not None
+            and s.error["code"] == "gateway_gone"
+            and "shutting down" in s.error["message"]
+        ), vars(s)
         assert not s.done and s.failure is None, vars(s)
     assert plain["status"] == 503 and plain["body"]["error"]["code"] == "gateway_gone", plain
     assert time.monotonic() - signalled >= SHUTDOWN_TIMEOUT_S - 0.5, "cut before the timeout"

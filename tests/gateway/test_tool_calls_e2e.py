@@ -40,8 +40,15 @@ def _check_calls(calls, names=None) -> None:
 
 @pytest.mark.parametrize("temperature", [0, 1])
 def test_named_tool_choice_gives_valid_arguments(client, model, temperature):
-    res = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, n=2,
-                                         temperature=temperature, max_tokens=MAX_TOKENS)
+    res = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice=NAMED,
+        n=2,
+        temperature=temperature,
+        max_tokens=MAX_TOKENS,
+    )
     for choice in res.choices:
         assert choice.finish_reason == "stop", "vLLM: a named call ends with stop"
         assert not choice.message.content
@@ -51,8 +58,15 @@ def test_named_tool_choice_gives_valid_arguments(client, model, temperature):
 
 @pytest.mark.parametrize("temperature", [0, 1])
 def test_required_tool_choice_gives_valid_calls(client, model, temperature):
-    res = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required",
-                                         parallel_tool_calls=False, temperature=temperature, max_tokens=MAX_TOKENS)
+    res = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=temperature,
+        max_tokens=MAX_TOKENS,
+    )
     choice = res.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert len(choice.message.tool_calls) == 1, "parallel_tool_calls false: one call"
@@ -61,9 +75,16 @@ def test_required_tool_choice_gives_valid_calls(client, model, temperature):
 
 @pytest.mark.parametrize("tool_choice", [NAMED, "required"])
 def test_streamed_tool_call_deltas_assemble_into_valid_arguments(client, model, tool_choice):
-    stream = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice,
-                                            parallel_tool_calls=False, temperature=1, max_tokens=MAX_TOKENS,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice=tool_choice,
+        parallel_tool_calls=False,
+        temperature=1,
+        max_tokens=MAX_TOKENS,
+        stream=True,
+    )
     calls, finish = {}, None
     for chunk in stream:
         choice = chunk.choices[0]
@@ -83,22 +104,42 @@ def test_streamed_tool_call_deltas_assemble_into_valid_arguments(client, model, 
 
 def test_tools_and_past_calls_reach_the_prompt(client, model):
     plain = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
-    with_tools = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice="none",
-                                                max_tokens=1)
+    with_tools = client.chat.completions.create(
+        model=model, messages=MESSAGES, tools=TOOLS, tool_choice="none", max_tokens=1
+    )
     history = MESSAGES + [
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": '{"city": "Oslo", "days": 1, "unit": "celsius"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
-    with_history = client.chat.completions.create(model=model, messages=history, tools=TOOLS, tool_choice="none",
-                                                  max_tokens=1)
-    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 100, "the tools' signatures are rendered"
-    assert with_history.usage.prompt_tokens > with_tools.usage.prompt_tokens + 20, "and the past call and result"
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": '{"city": "Oslo", "days": 1, "unit": "celsius"}',
+                    },
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    with_history = client.chat.completions.create(
+        model=model, messages=history, tools=TOOLS, tool_choice="none", max_tokens=1
+    )
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 100, (
+        "the tools' signatures are rendered"
+    )
+    assert with_history.usage.prompt_tokens > with_tools.usage.prompt_tokens + 20, (
+        "and the past call and result"
+    )
     assert with_tools.choices[0].message.tool_calls in (None, []), "tool_choice none: nothing is parsed"
 
 
 def test_auto_reads_the_text_and_returns_a_message(client, model):
-    res = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, temperature=1,
-                                         max_tokens=16)
+    res = client.chat.completions.create(
+        model=model, messages=MESSAGES, tools=TOOLS, temperature=1, max_tokens=16
+    )
     choice = res.choices[0]
     # Random weights write no <tool_call> block: the text is the content, as it came.
     assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
@@ -114,8 +155,12 @@ def test_auto_streams_text_that_is_no_call_as_content(client, model):
 
 def test_refusals_through_http(client, model):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS,
-                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+        client.chat.completions.create(
+            model=model,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
     assert info.value.body["param"] == "tool_choice"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice="sometimes")

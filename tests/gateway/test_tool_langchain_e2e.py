@@ -30,8 +30,15 @@ class Forecast(BaseModel):
 
 @pytest.fixture(scope="module")
 def llm(gateway, gateway_model_dir) -> ChatOpenAI:
-    return ChatOpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.api_key or "none", model=gateway_model_dir.name,
-                      temperature=1, max_tokens=120, max_retries=0, timeout=120)
+    return ChatOpenAI(
+        base_url=f"{gateway.url}/v1",
+        api_key=gateway.api_key or "none",
+        model=gateway_model_dir.name,
+        temperature=1,
+        max_tokens=120,
+        max_retries=0,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("tool_choice", ["get_weather", "any"])
@@ -61,6 +68,7 @@ def test_structured_output_json_mode_returns_a_dict(llm, gateway_model_dir):
     # close; the grammar still decides where "}" may go (nowhere inside a key).
     close = AutoTokenizer.from_pretrained(gateway_model_dir).convert_tokens_to_ids("}")
     schema = {"title": "forecast", "type": "object", "properties": {"city": {"type": "string"}}}
-    got = llm.with_structured_output(schema, method="json_mode").invoke(QUESTION + " Answer in JSON.",
-                                                                         max_tokens=400, logit_bias={str(close): 10})
+    got = llm.with_structured_output(schema, method="json_mode").invoke(
+        QUESTION + " Answer in JSON.", max_tokens=400, logit_bias={str(close): 10}
+    )
     assert isinstance(got, dict)

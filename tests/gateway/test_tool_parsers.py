@@ -29,7 +29,7 @@ def _streamed(plan: ChatPlan, text: str, step: int):
     """The deltas for `text` fed `step` characters at a time, put together as a client does."""
     stream = ToolCallStream(plan)
     content, calls = "", {}
-    pieces = [text[i:i + step] for i in range(0, len(text), step)] or [""]
+    pieces = [text[i : i + step] for i in range(0, len(text), step)] or [""]
     deltas = [stream.named_header()] if plan.tool_choice == "named" else []
     deltas += [stream.feed(p, final=k == len(pieces) - 1) for k, p in enumerate(pieces)]
     for delta in deltas:
@@ -42,33 +42,52 @@ def _streamed(plan: ChatPlan, text: str, step: int):
     return content, [calls[i] for i in sorted(calls)]
 
 
-@pytest.mark.parametrize("text, content, calls", [
-    ("just words", "just words", []),
-    (CALL, None, [("get_weather", {"city": "Paris", "days": 2})]),
-    ("Let me check. " + CALL, "Let me check.", [("get_weather", {"city": "Paris", "days": 2})]),
-    (CALL + "\n" + CALL.replace("Paris", "Rome"), None,
-     [("get_weather", {"city": "Paris", "days": 2}), ("get_weather", {"city": "Rome", "days": 2})]),
-    # Malformed calls stay text; the valid one beside them is still a call.
-    ('<tool_call>{"name": broken}</tool_call>', '<tool_call>{"name": broken}</tool_call>', []),
-    ('<tool_call>{"arguments": {}}</tool_call> ' + CALL, '<tool_call>{"arguments": {}}</tool_call>',
-     [("get_weather", {"city": "Paris", "days": 2})]),
-    # Cut off after the JSON (max_tokens): still a call; cut inside it: text.
-    ('<tool_call>{"name": "f", "arguments": {}}', None, [("f", {})]),
-    ('<tool_call>{"name": "f", "argu', '<tool_call>{"name": "f", "argu', []),
-    ("a <tool_ b", "a <tool_ b", []),
-])
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        ("just words", "just words", []),
+        (CALL, None, [("get_weather", {"city": "Paris", "days": 2})]),
+        ("Let me check. " + CALL, "Let me check.", [("get_weather", {"city": "Paris", "days": 2})]),
+        (
+            CALL + "\n" + CALL.replace("Paris", "Rome"),
+            None,
+            [("get_weather", {"city": "Paris", "days": 2}), ("get_weather", {"city": "Rome", "days": 2})],
+        ),
+        # Malformed calls stay text; the valid one beside them is still a call.
+        ('<tool_call>{"name": broken}</tool_call>', '<tool_call>{"name": broken}</tool_call>', []),
+        (
+            '<tool_call>{"arguments": {}}</tool_call> ' + CALL,
+            '<tool_call>{"arguments": {}}</tool_call>',
+            [("get_weather", {"city": "Paris", "days": 2})],
+        ),
+        # Cut off after the JSON (max_tokens): still a call; cut inside it: text.
+        ('<tool_call>{"name": "f", "arguments": {}}', None, [("f", {})]),
+        ('<tool_call>{"name": "f", "argu', '<tool_call>{"name": "f", "argu', []),
+        ("a <tool_ b", "a <tool_ b", []),
+    ],
+)
 def test_hermes(text, content, calls):
     assert _message(HERMES, text) == (content, calls)
 
 
-@pytest.mark.parametrize("text, content, calls", [
-    ('{"name": "f", "parameters": {"x": 1}}', None, [("f", {"x": 1})]),
-    ('<|python_tag|>{"name": "f", "arguments": {"x": 1}}; {"name": "g", "parameters": {}}', None,
-     [("f", {"x": 1}), ("g", {})]),
-    ('{"x": 1}', '{"x": 1}', []),  # not a call: the whole output is text
-    ('{"name": "f", "parameters": {}} trailing words', '{"name": "f", "parameters": {}} trailing words', []),
-    ("Hello {not json", "Hello {not json", []),
-])
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        ('{"name": "f", "parameters": {"x": 1}}', None, [("f", {"x": 1})]),
+        (
+            '<|python_tag|>{"name": "f", "arguments": {"x": 1}}; {"name": "g", "parameters": {}}',
+            None,
+            [("f", {"x": 1}), ("g", {})],
+        ),
+        ('{"x": 1}', '{"x": 1}', []),  # not a call: the whole output is text
+        (
+            '{"name": "f", "parameters": {}} trailing words',
+            '{"name": "f", "parameters": {}} trailing words',
+            [],
+        ),
+        ("Hello {not json", "Hello {not json", []),
+    ],
+)
 def test_llama3_json(text, content, calls):
     assert _message(LLAMA, text) == (content, calls)
 
@@ -83,19 +102,27 @@ def test_required_reads_the_forced_array_and_named_takes_the_output_as_arguments
 
 def test_parallel_tool_calls_false_keeps_the_first_call():
     plan = ChatPlan("auto", parser="hermes", parallel_tool_calls=False)
-    assert _message(plan, CALL + CALL.replace("Paris", "Rome"))[1] == [("get_weather", {"city": "Paris", "days": 2})]
+    assert _message(plan, CALL + CALL.replace("Paris", "Rome"))[1] == [
+        ("get_weather", {"city": "Paris", "days": 2})
+    ]
 
 
-@pytest.mark.parametrize("plan, text", [
-    (HERMES, "Let me check. " + CALL + " done"),
-    (HERMES, CALL + "\n" + CALL.replace("Paris", "Rome")),
-    (HERMES, "plain text with a < sign and <tool no call"),
-    (HERMES, '<tool_call>{"name": broken}</tool_call> and more'),
-    (LLAMA, '{"name": "f", "parameters": {"x": [1, 2]}}'),
-    (LLAMA, "Hello there"),
-    (REQUIRED, '[{"name":"get_weather","parameters":{"city":"Oslo"}},{"name":"f","parameters":{"a":"}{"}}]'),
-    (NAMED, '{"city":"Oslo","days":3}'),
-])
+@pytest.mark.parametrize(
+    "plan, text",
+    [
+        (HERMES, "Let me check. " + CALL + " done"),
+        (HERMES, CALL + "\n" + CALL.replace("Paris", "Rome")),
+        (HERMES, "plain text with a < sign and <tool no call"),
+        (HERMES, '<tool_call>{"name": broken}</tool_call> and more'),
+        (LLAMA, '{"name": "f", "parameters": {"x": [1, 2]}}'),
+        (LLAMA, "Hello there"),
+        (
+            REQUIRED,
+            '[{"name":"get_weather","parameters":{"city":"Oslo"}},{"name":"f","parameters":{"a":"}{"}}]',
+        ),
+        (NAMED, '{"city":"Oslo","days":3}'),
+    ],
+)
 @pytest.mark.parametrize("step", [1, 3, 1000])
 def test_streamed_deltas_assemble_into_the_whole_message(plan, text, step):
     content, calls = _message(plan, text)

@@ -23,28 +23,49 @@ from shared.config import GatewaySettings, parse_settings
 from shared.messages import FinishReason, RequestOutput
 from shared.tiny_model import CHAT_TEMPLATE, _update_chat_template
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                   "required": ["city"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time"}}
 HISTORY = [
     {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24 C"},
 ]
 
 
 @pytest.fixture
 def model(tokenizer):
-    return ServedModel(name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tokenizer, max_model_len=4096,
-                       vocab_size=4096)
+    return ServedModel(
+        name="tiny", path=Path("/nonexistent/tiny"), tokenizer=tokenizer, max_model_len=4096, vocab_size=4096
+    )
 
 
 def _plan(model, parser="hermes", trust_template=True, **body):
     body.setdefault("messages", [{"role": "user", "content": "hi"}])
-    return chat_plan(ChatCompletionRequest.model_validate(body), model, config=ChatConfig(parser, trust_template))
+    return chat_plan(
+        ChatCompletionRequest.model_validate(body), model, config=ChatConfig(parser, trust_template)
+    )
 
 
 def _prompt(model, plan) -> str:
@@ -77,9 +98,13 @@ def test_tool_choice_none_still_renders_the_tools(model):
 
 
 def test_named_tool_choice_constrains_the_output_to_the_arguments(model):
-    plan = _plan(model, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    plan = _plan(
+        model, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}}
+    )
     structured = plan.choices[0].sampling.structured
-    assert structured.kind == "json_schema" and json.loads(structured.spec) == WEATHER["function"]["parameters"]
+    assert (
+        structured.kind == "json_schema" and json.loads(structured.spec) == WEATHER["function"]["parameters"]
+    )
     assert (plan.chat.tool_choice, plan.chat.function_name) == ("named", "get_weather")
     no_params = _plan(model, tools=[TIME], tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert json.loads(no_params.choices[0].sampling.structured.spec) == {"type": "object", "properties": {}}
@@ -87,13 +112,22 @@ def test_named_tool_choice_constrains_the_output_to_the_arguments(model):
 
 @pytest.mark.parametrize("parallel", [None, False])
 def test_required_tool_choice_constrains_the_output_to_an_array_of_calls(model, parallel):
-    plan = _plan(model, tools=[WEATHER, TIME], tool_choice="required", n=2,
-                 **({} if parallel is None else {"parallel_tool_calls": parallel}))
+    plan = _plan(
+        model,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        n=2,
+        **({} if parallel is None else {"parallel_tool_calls": parallel}),
+    )
     assert all(c.sampling.structured == plan.chat.structured for c in plan.choices)
     schema = json.loads(plan.chat.structured.spec)
     one = [{"name": "get_weather", "parameters": {"city": "Oslo"}}]
     jsonschema.validate(one, schema)
-    for bad in ([], [{"name": "get_weather", "parameters": {"town": "Oslo"}}], [{"name": "nope", "parameters": {}}]):
+    for bad in (
+        [],
+        [{"name": "get_weather", "parameters": {"town": "Oslo"}}],
+        [{"name": "nope", "parameters": {}}],
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     two = one + [{"name": "get_time", "parameters": {}}]
@@ -105,8 +139,17 @@ def test_required_tool_choice_constrains_the_output_to_an_array_of_calls(model, 
 
 
 def test_required_moves_the_tools_defs_to_the_top(model):
-    tool = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": {"type": "integer"}}}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"p": {"$ref": "#/$defs/P"}},
+                "$defs": {"P": {"type": "integer"}},
+            },
+        },
+    }
     schema = json.loads(_plan(model, tools=[tool], tool_choice="required").chat.structured.spec)
     jsonschema.validate([{"name": "f", "parameters": {"p": 3}}], schema)
     with pytest.raises(jsonschema.ValidationError):
@@ -119,36 +162,66 @@ def test_template_fields_reach_the_template(model):
     custom = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{{ greeting }}"
     prompt = _prompt(model, _plan(model, chat_template=custom, chat_template_kwargs={"greeting": "Go:"}))
     assert prompt == "[user] hi\nGo:"
-    cont = _plan(model, messages=[{"role": "user", "content": "Count"}, {"role": "assistant", "content": "One, two"}],
-                 continue_final_message=True, add_generation_prompt=False)
+    cont = _plan(
+        model,
+        messages=[{"role": "user", "content": "Count"}, {"role": "assistant", "content": "One, two"}],
+        continue_final_message=True,
+        add_generation_prompt=False,
+    )
     assert _prompt(model, cont).endswith("<|im_start|>assistant\nOne, two")
 
 
 def test_chat_echo_is_the_last_assistant_message(model):
     msgs = [{"role": "user", "content": "Count"}, {"role": "assistant", "content": "One, two"}]
-    assert _plan(model, messages=msgs, echo=True, continue_final_message=True,
-                 add_generation_prompt=False).chat.echo == "One, two"
+    assert (
+        _plan(
+            model, messages=msgs, echo=True, continue_final_message=True, add_generation_prompt=False
+        ).chat.echo
+        == "One, two"
+    )
     assert _plan(model, echo=True).chat.echo == "", "the last message is the user's: nothing to echo"
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]}, "tool_choice",
-     ["nope", "get_weather"]),
-    ({"tool_choice": "required"}, "tool_choice", ["tools"]),
-    ({"tools": []}, "tools", ["empty"]),
-    ({"functions": [WEATHER["function"]]}, "functions", ["tools"]),
-    ({"function_call": "auto"}, "function_call", ["tool_choice"]),
-    ({"continue_final_message": True}, "continue_final_message", ["add_generation_prompt"]),
-    ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message", ["assistant"]),
-    ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs", ["tools"]),
-    ({"chat_template": "{{ raise_exception('no way') }}"}, "chat_template", ["no way"]),
-    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
-     "response_format", ["tool_choice"]),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}],
-      "tool_choice": "required"}, "tools", ["objectx"]),
-    ({"messages": [{"role": "user", "content": "x", "tool_calls": HISTORY[1]["tool_calls"]}]},
-     "messages[0].tool_calls", ["assistant"]),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]},
+            "tool_choice",
+            ["nope", "get_weather"],
+        ),
+        ({"tool_choice": "required"}, "tool_choice", ["tools"]),
+        ({"tools": []}, "tools", ["empty"]),
+        ({"functions": [WEATHER["function"]]}, "functions", ["tools"]),
+        ({"function_call": "auto"}, "function_call", ["tool_choice"]),
+        ({"continue_final_message": True}, "continue_final_message", ["add_generation_prompt"]),
+        (
+            {"continue_final_message": True, "add_generation_prompt": False},
+            "continue_final_message",
+            ["assistant"],
+        ),
+        ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs", ["tools"]),
+        ({"chat_template": "{{ raise_exception('no way') }}"}, "chat_template", ["no way"]),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+            ["tool_choice"],
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+            ["objectx"],
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x", "tool_calls": HISTORY[1]["tool_calls"]}]},
+            "messages[0].tool_calls",
+            ["assistant"],
+        ),
+    ],
+)
 def test_refusals_name_the_field(model, body, param, words):
     err = _refused(model, **body)
     assert err.param == param, err.message
@@ -169,7 +242,9 @@ def test_auto_needs_a_parser(model):
 
 
 def test_a_cached_model_gets_the_current_template(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "old", "eos_token": "<|endoftext|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "old", "eos_token": "<|endoftext|>"})
+    )
     _update_chat_template(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config == {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>"}
@@ -184,8 +259,12 @@ def _run(model, plan, text: str, finish=FinishReason.STOP):
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     chunks, whole = stream_fmt.opening_chunks(), ChoiceText(0)
     for k, token in enumerate(ids):
-        out = RequestOutput(plan.choices[0].request_id, token_ids=[token], index=k,
-                            finish_reason=finish if k == len(ids) - 1 else None)
+        out = RequestOutput(
+            plan.choices[0].request_id,
+            token_ids=[token],
+            index=k,
+            finish_reason=finish if k == len(ids) - 1 else None,
+        )
         delta = gen.choices[0].on_output(out)
         whole.add(delta)
         chunks.append(stream_fmt.chunk(delta))
@@ -206,7 +285,9 @@ def _assembled(chunks) -> tuple[str, dict]:
 
 
 def test_named_response_and_stream(model):
-    plan = _plan(model, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    plan = _plan(
+        model, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}}
+    )
     body, chunks = _run(model, plan, '{"city":"Oslo","days":2}')
     choice = body["choices"][0]
     assert choice["finish_reason"] == "stop", "vLLM: a named call keeps stop"
@@ -223,8 +304,11 @@ def test_named_response_and_stream(model):
 
 def test_required_and_auto_responses_end_with_tool_calls(model):
     required = _plan(model, tools=[WEATHER, TIME], tool_choice="required")
-    body, chunks = _run(model, required, '[{"name":"get_weather","parameters":{"city":"Oslo"}},'
-                                         '{"name":"get_time","parameters":{}}]')
+    body, chunks = _run(
+        model,
+        required,
+        '[{"name":"get_weather","parameters":{"city":"Oslo"}},{"name":"get_time","parameters":{}}]',
+    )
     msg = body["choices"][0]["message"]
     assert [c["function"]["name"] for c in msg["tool_calls"]] == ["get_weather", "get_time"]
     assert body["choices"][0]["finish_reason"] == "tool_calls" and msg["content"] == ""
@@ -239,16 +323,29 @@ def test_required_and_auto_responses_end_with_tool_calls(model):
     assert msg["content"] == "Checking." and body["choices"][0]["finish_reason"] == "tool_calls"
     assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"city": "Rome"}
     content, calls = _assembled(chunks)
-    assert content == "Checking." and calls[0]["id"].startswith("chatcmpl-tool-") and calls[0]["name"] == "get_weather"
+    assert (
+        content == "Checking."
+        and calls[0]["id"].startswith("chatcmpl-tool-")
+        and calls[0]["name"] == "get_weather"
+    )
     body, _ = _run(model, auto, "No tools needed.", finish=FinishReason.LENGTH)
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "No tools needed.", "refusal": None,
-                                             "tool_calls": []}
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "No tools needed.",
+        "refusal": None,
+        "tool_calls": [],
+    }
     assert body["choices"][0]["finish_reason"] == "length"
 
 
 def test_echo_prepends_the_last_message(model):
-    plan = _plan(model, messages=[{"role": "user", "content": "Count"}, {"role": "assistant", "content": "One,"}],
-                 echo=True, continue_final_message=True, add_generation_prompt=False)
+    plan = _plan(
+        model,
+        messages=[{"role": "user", "content": "Count"}, {"role": "assistant", "content": "One,"}],
+        echo=True,
+        continue_final_message=True,
+        add_generation_prompt=False,
+    )
     body, chunks = _run(model, plan, " two")
     assert body["choices"][0]["message"]["content"] == "One, two"
     assert _assembled(chunks)[0] == "One, two"
@@ -256,17 +353,28 @@ def test_echo_prepends_the_last_message(model):
 
 def test_the_parser_flag_and_its_variable(monkeypatch):
     assert parse_settings(GatewaySettings, []).tool_call_parser == "hermes"
-    assert parse_settings(GatewaySettings, ["--tool-call-parser", "llama3_json"]).tool_call_parser == "llama3_json"
+    assert (
+        parse_settings(GatewaySettings, ["--tool-call-parser", "llama3_json"]).tool_call_parser
+        == "llama3_json"
+    )
     monkeypatch.setenv("CONVEYOR_TOOL_CALL_PARSER", "none")
     assert parse_settings(GatewaySettings, []).tool_call_parser == "none"
     with pytest.raises(ValidationError, match="tool_call_parser"):
         parse_settings(GatewaySettings, ["--tool-call-parser", "mistral"])
 
 
-@pytest.mark.parametrize("tool_choice, parser, skipped", [
-    ("auto", "hermes", False), ("required", "hermes", False), ("none", "hermes", True), ("auto", "llama3_json", True)])
-def test_hermes_keeps_special_tokens_so_a_special_tool_call_tag_reaches_the_parser(model, tool_choice, parser,
-                                                                                  skipped):
+@pytest.mark.parametrize(
+    "tool_choice, parser, skipped",
+    [
+        ("auto", "hermes", False),
+        ("required", "hermes", False),
+        ("none", "hermes", True),
+        ("auto", "llama3_json", True),
+    ],
+)
+def test_hermes_keeps_special_tokens_so_a_special_tool_call_tag_reaches_the_parser(
+    model, tool_choice, parser, skipped
+):
     """As vLLM's hermes parser: some models mark <tool_call> special; skipped, the calls vanish."""
     plan = _plan(model, parser, tools=[WEATHER], tool_choice=tool_choice)
     assert plan.output.skip_special_tokens is skipped

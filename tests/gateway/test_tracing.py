@@ -44,15 +44,21 @@ class _Engine:
 
 
 def test_a_trace_shows_every_stage_of_a_request_with_durations(served_model):
-    metrics = GatewayMetrics("tiny", 2048, lambda: SystemStatus(scheduler=None, workers={}, errors=[], queue_length=0, pending=0))
+    metrics = GatewayMetrics(
+        "tiny", 2048, lambda: SystemStatus(scheduler=None, workers={}, errors=[], queue_length=0, pending=0)
+    )
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
 
-    plan = completion_plan(CompletionRequest.model_validate({"prompt": "hello there", "max_tokens": 5,
-                                                             "ignore_eos": True}), served_model)
-    span = tracer.start_span("gateway.request", context=context_from({"traceparent": CALLER}), kind=SpanKind.SERVER)
+    plan = completion_plan(
+        CompletionRequest.model_validate({"prompt": "hello there", "max_tokens": 5, "ignore_eos": True}),
+        served_model,
+    )
+    span = tracer.start_span(
+        "gateway.request", context=context_from({"traceparent": CALLER}), kind=SpanKind.SERVER
+    )
     engine = _Engine()
     gen = Generation(plan, served_model, engine, metrics, span=span)
     core, worker, spans = SchedulerCore(Limits(max_prefill_chunk=2)), FakeWorker("w1"), RequestSpans(tracer)
@@ -84,11 +90,15 @@ def test_a_trace_shows_every_stage_of_a_request_with_durations(served_model):
     by_name: dict[str, list] = {}
     for s in exporter.get_finished_spans():
         by_name.setdefault(s.name, []).append(s)
-    (gateway,), (scheduler,), (queue,) = by_name["gateway.request"], by_name["scheduler.request"], by_name["queue"]
+    (gateway,), (scheduler,), (queue,) = (
+        by_name["gateway.request"],
+        by_name["scheduler.request"],
+        by_name["queue"],
+    )
     assert len(by_name["step"]) == steps >= 5, "its prefill chunk(s), then a step per further token"
     trace_id = gateway.context.trace_id
-    assert trace_id == 0x0af7651916cd43dd8448eb211c80319c, "under the caller's trace"
-    assert gateway.parent.span_id == 0xb7ad6b7169203331
+    assert trace_id == 0x0AF7651916CD43DD8448EB211C80319C, "under the caller's trace"
+    assert gateway.parent.span_id == 0xB7AD6B7169203331
     assert scheduler.parent.span_id == gateway.context.span_id
     assert queue.parent.span_id == scheduler.context.span_id
     assert all(s.parent.span_id == scheduler.context.span_id for s in by_name["step"])
@@ -96,7 +106,9 @@ def test_a_trace_shows_every_stage_of_a_request_with_durations(served_model):
     for s in [gateway, scheduler, queue, *by_name["step"]]:
         assert s.end_time >= s.start_time, s.name
     assert queue.end_time <= by_name["step"][0].start_time <= scheduler.end_time
-    assert [e.name for e in gateway.events] == ["first_token"] and [e.name for e in scheduler.events] == ["first_token"]
+    assert [e.name for e in gateway.events] == ["first_token"] and [e.name for e in scheduler.events] == [
+        "first_token"
+    ]
     assert scheduler.attributes["gen_ai.usage.completion_tokens"] == 5
     assert gateway.attributes["gen_ai.usage.completion_tokens"] == 5
     assert by_name["step"][0].attributes["conveyor.worker"] == "w1"
@@ -113,7 +125,9 @@ def test_tracing_is_off_without_an_endpoint_and_untraced_requests_make_no_spans(
 
 def test_the_protocol_is_a_setting_read_from_opentelemetrys_own_variable(monkeypatch):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
-    assert GatewaySettings().otlp_traces_protocol == SchedulerSettings().otlp_traces_protocol == "http/protobuf"
+    assert (
+        GatewaySettings().otlp_traces_protocol == SchedulerSettings().otlp_traces_protocol == "http/protobuf"
+    )
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
     assert GatewaySettings().otlp_traces_protocol == "grpc"
     flag = parse_settings(SchedulerSettings, ["--otlp-traces-protocol", "http/protobuf"])

@@ -21,8 +21,10 @@ def _completion(served, **body):
 
 
 def _chat(served, **body):
-    return chat_plan(ChatCompletionRequest.model_validate(
-        {"messages": [{"role": "user", "content": "hi"}], **body}), served)
+    return chat_plan(
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **body}),
+        served,
+    )
 
 
 def _refused(fn, *args, **kw) -> ApiError:
@@ -32,19 +34,47 @@ def _refused(fn, *args, **kw) -> ApiError:
 
 
 def test_completion_plan_maps_every_parameter(served_model):
-    plan = _completion(served_model, n=3, seed=7, temperature=0.5, top_p=0.9, top_k=-1, min_p=0.1,
-                       presence_penalty=1, frequency_penalty=-1, repetition_penalty=1.2, max_tokens=5,
-                       min_tokens=2, stop="x", stop_token_ids=[9], ignore_eos=True, logprobs=2, priority=-3,
-                       cache_salt="s")
+    plan = _completion(
+        served_model,
+        n=3,
+        seed=7,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=-1,
+        min_p=0.1,
+        presence_penalty=1,
+        frequency_penalty=-1,
+        repetition_penalty=1.2,
+        max_tokens=5,
+        min_tokens=2,
+        stop="x",
+        stop_token_ids=[9],
+        ignore_eos=True,
+        logprobs=2,
+        priority=-3,
+        cache_salt="s",
+    )
     assert plan.prompt_token_ids == served_model.encode("hello")
     assert [c.request_id for c in plan.choices] == [f"{plan.request_id}-{i}" for i in range(3)]
     assert plan.request_id.startswith("cmpl-")
     assert [c.sampling.seed for c in plan.choices] == [7, 8, 9]
     s = plan.choices[0].sampling
     assert (s.temperature, s.top_p, s.top_k, s.min_p, s.presence_penalty, s.frequency_penalty) == (
-        0.5, 0.9, 0, 0.1, 1.0, -1.0)
+        0.5,
+        0.9,
+        0,
+        0.1,
+        1.0,
+        -1.0,
+    )
     assert (s.repetition_penalty, s.max_tokens, s.min_tokens, s.stop_token_ids, s.ignore_eos, s.logprobs) == (
-        1.2, 5, 2, [9], True, 2)
+        1.2,
+        5,
+        2,
+        [9],
+        True,
+        2,
+    )
     assert (plan.stop, plan.priority, plan.cache_salt) == (["x"], -3, "s")
 
 
@@ -79,18 +109,25 @@ def test_prompt_forms(served_model):
     assert _completion(served_model, prompt=["hello"]).prompt_token_ids == served_model.encode("hello")
 
 
-@pytest.mark.parametrize("body, param, words", [
-    (dict(prompt=[5, 6], max_tokens=63), "max_tokens", ["64", "65", "2 in the prompt", "63"]),
-    (dict(prompt=list(range(3, 70))), "prompt", ["64", "67 in the prompt", "16 for max_tokens, its default"]),
-    (dict(prompt=[1, 4096]), "prompt", ["prompt[1]", "4096", "vocabulary"]),
-    (dict(stop_token_ids=[-1]), "stop_token_ids", ["stop_token_ids[0]", "-1"]),
-    (dict(stop=["a", ""]), "stop", ["stop[1]", "empty"]),
-    (dict(min_tokens=20, max_tokens=5), "min_tokens", ["min_tokens (20)", "max_tokens (5)"]),
-    (dict(max_tokens=0), "max_tokens", ["max_tokens", "echo"]),
-    (dict(best_of=3), "best_of", ["best_of"]),
-    (dict(logit_bias={"5": 101}), "logit_bias", ["logit_bias[5]", "-100 to 100"]),
-    (dict(stream_options={"include_usage": True}), "stream_options", ["stream_options", "stream"]),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        (dict(prompt=[5, 6], max_tokens=63), "max_tokens", ["64", "65", "2 in the prompt", "63"]),
+        (
+            dict(prompt=list(range(3, 70))),
+            "prompt",
+            ["64", "67 in the prompt", "16 for max_tokens, its default"],
+        ),
+        (dict(prompt=[1, 4096]), "prompt", ["prompt[1]", "4096", "vocabulary"]),
+        (dict(stop_token_ids=[-1]), "stop_token_ids", ["stop_token_ids[0]", "-1"]),
+        (dict(stop=["a", ""]), "stop", ["stop[1]", "empty"]),
+        (dict(min_tokens=20, max_tokens=5), "min_tokens", ["min_tokens (20)", "max_tokens (5)"]),
+        (dict(max_tokens=0), "max_tokens", ["max_tokens", "echo"]),
+        (dict(best_of=3), "best_of", ["best_of"]),
+        (dict(logit_bias={"5": 101}), "logit_bias", ["logit_bias[5]", "-100 to 100"]),
+        (dict(stream_options={"include_usage": True}), "stream_options", ["stream_options", "stream"]),
+    ],
+)
 def test_completion_refusals_name_the_field(served_model, body, param, words):
     err = _refused(_completion, served_model, **body)
     assert err.status == 400 and err.param == param
@@ -116,33 +153,50 @@ def test_chat_refusals(served_model):
 
 @pytest.fixture
 def client(served_model):
-    settings = GatewaySettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", max_body_bytes=2000,
-                               api_key="k")
+    settings = GatewaySettings(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0", max_body_bytes=2000, api_key="k"
+    )
     app = create_app(settings, served_model)
     with TestClient(app, raise_server_exceptions=False) as c:
         c.headers["Authorization"] = "Bearer k"
         yield c
 
 
-@pytest.mark.parametrize("path, body, param, words", [
-    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature", ["temperature", "number"]),
-    ("/v1/completions", {"prompt": "x", "temperature": 2.5}, "temperature", ["temperature", "2"]),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 1.5}, "max_tokens", ["max_tokens", "integer"]),
-    ("/v1/completions", {"prompt": "x", "n": 0}, "n", ["n:", "1"]),
-    ("/v1/completions", {"prompt": "x", "stop": [1]}, "stop", ["stop", "string"]),
-    ("/v1/completions", {"prompt": {"a": 1}}, "prompt", ["prompt", "token ids"]),
-    ("/v1/completions", {"max_tokens": 3}, "prompt", ["prompt", "required"]),
-    ("/v1/completions", {"prompt": ""}, "prompt", ["prompt", "empty"]),
-    ("/v1/completions", {"prompt": [[]]}, "prompt", ["prompt"]),
-    ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed", ["seed"]),
-    ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream", ["stream", "boolean"]),
-    ("/v1/chat/completions", {"messages": []}, "messages", ["messages", "at least 1"]),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", ["role"]),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "messages[0].content", ["content", "text"]),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21},
-     "top_logprobs", ["top_logprobs", "20"]),
-])
+@pytest.mark.parametrize(
+    "path, body, param, words",
+    [
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature", ["temperature", "number"]),
+        ("/v1/completions", {"prompt": "x", "temperature": 2.5}, "temperature", ["temperature", "2"]),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1.5}, "max_tokens", ["max_tokens", "integer"]),
+        ("/v1/completions", {"prompt": "x", "n": 0}, "n", ["n:", "1"]),
+        ("/v1/completions", {"prompt": "x", "stop": [1]}, "stop", ["stop", "string"]),
+        ("/v1/completions", {"prompt": {"a": 1}}, "prompt", ["prompt", "token ids"]),
+        ("/v1/completions", {"max_tokens": 3}, "prompt", ["prompt", "required"]),
+        ("/v1/completions", {"prompt": ""}, "prompt", ["prompt", "empty"]),
+        ("/v1/completions", {"prompt": [[]]}, "prompt", ["prompt"]),
+        ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed", ["seed"]),
+        ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream", ["stream", "boolean"]),
+        ("/v1/chat/completions", {"messages": []}, "messages", ["messages", "at least 1"]),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "robot", "content": "x"}]},
+            "messages[0].role",
+            ["role"],
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content",
+            ["content", "text"],
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21},
+            "top_logprobs",
+            ["top_logprobs", "20"],
+        ),
+    ],
+)
 def test_http_400_names_the_field(client, path, body, param, words):
     r = client.post(path, json=body)
     assert r.status_code == 400, r.text
@@ -153,7 +207,9 @@ def test_http_400_names_the_field(client, path, body, param, words):
 
 
 def test_malformed_json_and_non_object_bodies(client):
-    r = client.post("/v1/completions", content=b'{"prompt": "x",', headers={"Content-Type": "application/json"})
+    r = client.post(
+        "/v1/completions", content=b'{"prompt": "x",', headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = client.post("/v1/completions", json=[1, 2])
     assert r.status_code == 400 and "must be a JSON object" in r.json()["error"]["message"]

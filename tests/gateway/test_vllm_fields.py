@@ -19,40 +19,177 @@ from shared.embedded_redis import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
-VLLM_COMPLETION = """model prompt echo frequency_penalty logit_bias logprobs max_tokens n presence_penalty seed stop
-stream stream_options suffix temperature top_p user use_beam_search top_k min_p repetition_penalty watermarking
-length_penalty stop_token_ids include_stop_str_in_output ignore_eos min_tokens skip_special_tokens
-spaces_between_special_tokens truncate_prompt_tokens truncation_side allowed_token_ids prompt_logprobs
-logprob_token_ids bad_words prompt_embeds add_special_tokens response_format structured_outputs priority request_id
-session_id return_tokens_as_token_ids return_token_ids routed_experts_prompt_start return_token_offsets mm_payload
-return_mm_kwargs cache_salt kv_transfer_params ec_transfer_params vllm_xargs repetition_detection
-thinking_token_budget stream_interval""".split()
+VLLM_COMPLETION = [
+    "model",
+    "prompt",
+    "echo",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "max_tokens",
+    "n",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "suffix",
+    "temperature",
+    "top_p",
+    "user",
+    "use_beam_search",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "watermarking",
+    "length_penalty",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "truncate_prompt_tokens",
+    "truncation_side",
+    "allowed_token_ids",
+    "prompt_logprobs",
+    "logprob_token_ids",
+    "bad_words",
+    "prompt_embeds",
+    "add_special_tokens",
+    "response_format",
+    "structured_outputs",
+    "priority",
+    "request_id",
+    "session_id",
+    "return_tokens_as_token_ids",
+    "return_token_ids",
+    "routed_experts_prompt_start",
+    "return_token_offsets",
+    "mm_payload",
+    "return_mm_kwargs",
+    "cache_salt",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "vllm_xargs",
+    "repetition_detection",
+    "thinking_token_budget",
+    "stream_interval",
+]
 
-VLLM_CHAT = """messages model frequency_penalty logit_bias logprobs top_logprobs max_tokens max_completion_tokens n
-presence_penalty response_format seed stop stream stream_options temperature top_p tools tool_choice reasoning_effort
-thinking_token_budget include_reasoning parallel_tool_calls user use_beam_search top_k min_p repetition_penalty
-watermarking length_penalty stop_token_ids include_stop_str_in_output ignore_eos min_tokens skip_special_tokens
-spaces_between_special_tokens truncate_prompt_tokens truncation_side prompt_logprobs logprob_token_ids
-allowed_token_ids bad_words echo add_generation_prompt continue_final_message add_special_tokens documents
-chat_template chat_template_kwargs media_io_kwargs mm_processor_kwargs structured_outputs priority request_id
-session_id return_tokens_as_token_ids return_token_ids routed_experts_prompt_start return_token_offsets
-return_prompt_text mm_payload return_mm_kwargs cache_salt kv_transfer_params ec_transfer_params vllm_xargs
-repetition_detection stream_interval""".split()
+VLLM_CHAT = [
+    "messages",
+    "model",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "presence_penalty",
+    "response_format",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "tools",
+    "tool_choice",
+    "reasoning_effort",
+    "thinking_token_budget",
+    "include_reasoning",
+    "parallel_tool_calls",
+    "user",
+    "use_beam_search",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "watermarking",
+    "length_penalty",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "truncate_prompt_tokens",
+    "truncation_side",
+    "prompt_logprobs",
+    "logprob_token_ids",
+    "allowed_token_ids",
+    "bad_words",
+    "echo",
+    "add_generation_prompt",
+    "continue_final_message",
+    "add_special_tokens",
+    "documents",
+    "chat_template",
+    "chat_template_kwargs",
+    "media_io_kwargs",
+    "mm_processor_kwargs",
+    "structured_outputs",
+    "priority",
+    "request_id",
+    "session_id",
+    "return_tokens_as_token_ids",
+    "return_token_ids",
+    "routed_experts_prompt_start",
+    "return_token_offsets",
+    "return_prompt_text",
+    "mm_payload",
+    "return_mm_kwargs",
+    "cache_salt",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "vllm_xargs",
+    "repetition_detection",
+    "stream_interval",
+]
 
 # Conveyor's own (or older vLLM spellings), not in vLLM 0.32's lists.
-OURS = {"best_of", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern",
-        "guided_decoding_backend", "functions", "function_call"}
+OURS = {
+    "best_of",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_whitespace_pattern",
+    "guided_decoding_backend",
+    "functions",
+    "function_call",
+}
 
-_V, _F, _S = "tests/gateway/test_validation.py", "tests/gateway/test_completion_fields.py", "tests/gateway/test_structured_requests.py"
-_E, _T, _R = "tests/gateway/test_api_e2e.py", "tests/gateway/test_eval_e2e.py", "tests/gateway/test_tool_rendering.py"
+_V, _F, _S = (
+    "tests/gateway/test_validation.py",
+    "tests/gateway/test_completion_fields.py",
+    "tests/gateway/test_structured_requests.py",
+)
+_E, _T, _R = (
+    "tests/gateway/test_api_e2e.py",
+    "tests/gateway/test_eval_e2e.py",
+    "tests/gateway/test_tool_rendering.py",
+)
 _MAPS = f"{_V}::test_completion_plan_maps_every_parameter"
 
 IMPLEMENTED_BOTH = {
     "model": f"{_V}::test_body_limit_key_and_unknown_model",
-    "frequency_penalty": _MAPS, "presence_penalty": _MAPS, "temperature": _MAPS, "top_p": _MAPS, "top_k": _MAPS,
-    "min_p": _MAPS, "repetition_penalty": _MAPS, "stop_token_ids": _MAPS, "ignore_eos": _MAPS, "min_tokens": _MAPS,
-    "priority": _MAPS, "cache_salt": _MAPS, "max_tokens": _MAPS,
-    "seed": f"{_E}::test_seed_reproducibility", "n": f"{_E}::test_n_choices",
+    "frequency_penalty": _MAPS,
+    "presence_penalty": _MAPS,
+    "temperature": _MAPS,
+    "top_p": _MAPS,
+    "top_k": _MAPS,
+    "min_p": _MAPS,
+    "repetition_penalty": _MAPS,
+    "stop_token_ids": _MAPS,
+    "ignore_eos": _MAPS,
+    "min_tokens": _MAPS,
+    "priority": _MAPS,
+    "cache_salt": _MAPS,
+    "max_tokens": _MAPS,
+    "seed": f"{_E}::test_seed_reproducibility",
+    "n": f"{_E}::test_n_choices",
     "stop": f"{_E}::test_stop_string_is_trimmed_and_the_request_aborted",
     "stream": f"{_E}::test_completion_streaming_equals_non_streaming_with_usage",
     "stream_options": f"{_F}::test_tokens_as_ids_token_ids_and_continuous_usage_in_a_stream",
@@ -91,31 +228,61 @@ TOOL_FIELDS = {
     "echo": f"{_R}::test_chat_echo_is_the_last_assistant_message",
 }
 IMPLEMENTED_CHAT = {
-    **IMPLEMENTED_BOTH, **TOOL_FIELDS,
+    **IMPLEMENTED_BOTH,
+    **TOOL_FIELDS,
     "messages": f"{_E}::test_chat_streaming_equals_non_streaming",
-    "logprobs": f"{_E}::test_logprobs", "top_logprobs": f"{_E}::test_logprobs",
+    "logprobs": f"{_E}::test_logprobs",
+    "top_logprobs": f"{_E}::test_logprobs",
     "max_completion_tokens": f"{_V}::test_chat_uses_the_template_and_its_logprob_fields",
     "add_generation_prompt": "tests/gateway/test_tokenize.py::test_tokenize_messages_as_the_chat_route_renders_them",
 }
 
 # Refused: a value other than the default -> 400 naming the field.
 REFUSED_BOTH = {
-    "use_beam_search": True, "length_penalty": 0.5, "watermarking": True, "logprob_token_ids": [1],
-    "session_id": "s", "routed_experts_prompt_start": 2, "return_token_offsets": True, "mm_payload": "none",
-    "return_mm_kwargs": True, "kv_transfer_params": {"a": 1}, "ec_transfer_params": {"a": 1},
-    "vllm_xargs": {"a": 1}, "repetition_detection": {"window": 4}, "thinking_token_budget": 10,
+    "use_beam_search": True,
+    "length_penalty": 0.5,
+    "watermarking": True,
+    "logprob_token_ids": [1],
+    "session_id": "s",
+    "routed_experts_prompt_start": 2,
+    "return_token_offsets": True,
+    "mm_payload": "none",
+    "return_mm_kwargs": True,
+    "kv_transfer_params": {"a": 1},
+    "ec_transfer_params": {"a": 1},
+    "vllm_xargs": {"a": 1},
+    "repetition_detection": {"window": 4},
+    "thinking_token_budget": 10,
     "stream_interval": 4,
 }
 REFUSED_COMPLETION = {**REFUSED_BOTH, "suffix": "tail", "prompt_embeds": "AAAA"}
-REFUSED_CHAT = {**REFUSED_BOTH, "reasoning_effort": "low", "include_reasoning": False,
-                "documents": [{"title": "t", "text": "x"}], "media_io_kwargs": {"image": {}},
-                "mm_processor_kwargs": {"a": 1}, "return_prompt_text": True}
+REFUSED_CHAT = {
+    **REFUSED_BOTH,
+    "reasoning_effort": "low",
+    "include_reasoning": False,
+    "documents": [{"title": "t", "text": "x"}],
+    "media_io_kwargs": {"image": {}},
+    "mm_processor_kwargs": {"a": 1},
+    "return_prompt_text": True,
+}
 
 ROUTES = {
-    "completion": (CompletionRequest, VLLM_COMPLETION, IMPLEMENTED_COMPLETION, REFUSED_COMPLETION,
-                   "/v1/completions", {"prompt": "hello"}),
-    "chat": (ChatCompletionRequest, VLLM_CHAT, IMPLEMENTED_CHAT, REFUSED_CHAT, "/v1/chat/completions",
-             {"messages": [{"role": "user", "content": "hi"}]}),
+    "completion": (
+        CompletionRequest,
+        VLLM_COMPLETION,
+        IMPLEMENTED_COMPLETION,
+        REFUSED_COMPLETION,
+        "/v1/completions",
+        {"prompt": "hello"},
+    ),
+    "chat": (
+        ChatCompletionRequest,
+        VLLM_CHAT,
+        IMPLEMENTED_CHAT,
+        REFUSED_CHAT,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}]},
+    ),
 }
 
 
@@ -133,12 +300,18 @@ def test_every_vllm_field_is_implemented_or_refused(route):
 def test_the_protocol_declares_no_field_outside_vllms_and_ours(route):
     model, vllm, *_ = ROUTES[route]
     unknown = set(model.model_fields) - set(vllm) - OURS
-    assert not unknown, f"{route} accepts fields that are neither vLLM's nor listed in OURS: {sorted(unknown)}"
+    assert not unknown, (
+        f"{route} accepts fields that are neither vLLM's nor listed in OURS: {sorted(unknown)}"
+    )
 
 
 def _implemented(route_filter=None):
-    return [(route, field, test) for route, (_, _, implemented, _, _, _) in ROUTES.items()
-            for field, test in implemented.items() if route_filter is None or route_filter(route, field)]
+    return [
+        (route, field, test)
+        for route, (_, _, implemented, _, _, _) in ROUTES.items()
+        for field, test in implemented.items()
+        if route_filter is None or route_filter(route, field)
+    ]
 
 
 @pytest.mark.parametrize("route, field, test", _implemented(), ids=[f"{r}-{f}" for r, f, _ in _implemented()])
@@ -157,8 +330,13 @@ def client():
     from services.gateway.served_model import ServedModel
     from shared.tiny_model import build_tokenizer
 
-    served = ServedModel(name="tiny", path=Path("/nonexistent/tiny"), tokenizer=build_tokenizer(4096),
-                         max_model_len=64, vocab_size=4096)
+    served = ServedModel(
+        name="tiny",
+        path=Path("/nonexistent/tiny"),
+        tokenizer=build_tokenizer(4096),
+        max_model_len=64,
+        vocab_size=4096,
+    )
     settings = GatewaySettings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with TestClient(create_app(settings, served), raise_server_exceptions=False) as c:
         yield c

@@ -32,12 +32,27 @@ def first_difference(got: list[int], want: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
 
 
-def model_agreement(model_dir: Path, device: str, dtype: str, prompts: list[list[int]], tokens: int,
-                    max_model_len: int | None = None, kv_cache_memory: str = "64MiB") -> dict:
+def model_agreement(
+    model_dir: Path,
+    device: str,
+    dtype: str,
+    prompts: list[list[int]],
+    tokens: int,
+    max_model_len: int | None = None,
+    kv_cache_memory: str = "64MiB",
+) -> dict:
     refs: list[Reference] = hf_greedy(model_dir, prompts, tokens)  # fp32, on the CPU: the ground truth
-    engine, info = create_engine(WorkerSettings(model=str(model_dir), device=device, dtype=dtype, block_size=16,
-                                                kv_cache_memory=kv_cache_memory, worker_id="bf16-check",
-                                                max_model_len=max_model_len))
+    engine, info = create_engine(
+        WorkerSettings(
+            model=str(model_dir),
+            device=device,
+            dtype=dtype,
+            block_size=16,
+            kv_cache_memory=kv_cache_memory,
+            worker_id="bf16-check",
+            max_model_len=max_model_len,
+        )
+    )
     try:
         driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids)
         for i, prompt in enumerate(prompts):
@@ -47,11 +62,13 @@ def model_agreement(model_dir: Path, device: str, dtype: str, prompts: list[list
         engine.close()
     firsts = [first_difference(outputs[str(i)], ref.tokens) for i, ref in enumerate(refs)]
     gaps = [ref.gaps[f] for f, ref in zip(firsts, refs) if f < len(ref.tokens)]
-    return {"prefix_agreement": sum(firsts) / sum(len(r.tokens) for r in refs),
-            "exact": sum(outputs[str(i)] == ref.tokens for i, ref in enumerate(refs)),
-            "first_difference": firsts,
-            # fp32 top-2 logit gap where they part: small means bf16 flipped a near-tie.
-            "median_gap_at_difference": statistics.median(gaps) if gaps else None}
+    return {
+        "prefix_agreement": sum(firsts) / sum(len(r.tokens) for r in refs),
+        "exact": sum(outputs[str(i)] == ref.tokens for i, ref in enumerate(refs)),
+        "first_difference": firsts,
+        # fp32 top-2 logit gap where they part: small means bf16 flipped a near-tie.
+        "median_gap_at_difference": statistics.median(gaps) if gaps else None,
+    }
 
 
 def main() -> None:
@@ -69,12 +86,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch, overrides in VARIANTS.items():
             model_dir = make_model(Path(tmp) / arch, preset="tiny", num_hidden_layers=2, seed=1, **overrides)
-            prompts = _prompts(seed=7, vocab=PRESETS["tiny"]["vocab_size"], lengths=PROMPT_LENGTHS[:args.prompts])
+            prompts = _prompts(
+                seed=7, vocab=PRESETS["tiny"]["vocab_size"], lengths=PROMPT_LENGTHS[: args.prompts]
+            )
             models[arch] = model_agreement(model_dir, args.device, args.dtype, prompts, args.tokens)
-            print(f"{arch}: {models[arch]['prefix_agreement']:.0%} of tokens equal before the first difference, "
-                  f"{models[arch]['exact']}/{len(prompts)} prompts equal throughout", flush=True)
-    args.out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "tokens": args.tokens,
-                                    "prompts": args.prompts, "models": models}, indent=2))
+            print(
+                f"{arch}: {models[arch]['prefix_agreement']:.0%} of tokens equal before the first difference, "
+                f"{models[arch]['exact']}/{len(prompts)} prompts equal throughout",
+                flush=True,
+            )
+    args.out.write_text(
+        json.dumps(
+            {
+                "device": args.device,
+                "dtype": args.dtype,
+                "tokens": args.tokens,
+                "prompts": args.prompts,
+                "models": models,
+            },
+            indent=2,
+        )
+    )
 
 
 def smollm2_agreement(device: str, dtype: str, n: int, tokens: int) -> dict:
@@ -86,11 +118,20 @@ def smollm2_agreement(device: str, dtype: str, n: int, tokens: int) -> dict:
 
     model_dir = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False) for m in messages(n, np.random.default_rng(0))]
-    result = model_agreement(model_dir, device, dtype, prompts, tokens, max_model_len=1024, kv_cache_memory="1GiB")
-    print(f"smollm2: {result['prefix_agreement']:.0%} of tokens equal before the first difference, "
-          f"{result['exact']}/{n} prompts equal throughout", flush=True)
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": m}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for m in messages(n, np.random.default_rng(0))
+    ]
+    result = model_agreement(
+        model_dir, device, dtype, prompts, tokens, max_model_len=1024, kv_cache_memory="1GiB"
+    )
+    print(
+        f"smollm2: {result['prefix_agreement']:.0%} of tokens equal before the first difference, "
+        f"{result['exact']}/{n} prompts equal throughout",
+        flush=True,
+    )
     return result
 
 

@@ -67,14 +67,21 @@ class Runner:
         for i, part in enumerate(self.plan):
             if part.needs in self.background:
                 self._finish_background(part.needs)
-            reserve = sum(p.estimate_s for p in self.plan[i + 1:] if not p.background)
+            reserve = sum(p.estimate_s for p in self.plan[i + 1 :] if not p.background)
             timeout = min(part.timeout_s, self.deadline - time.monotonic() - reserve)
             if part.background:
                 self.background[part.name] = (part, self._start(part), time.monotonic())
                 self._note_end(part.name)
             elif timeout < MIN_TIMEOUT_S:
-                self.outcomes[part.name] = Outcome(part.name, part.what, "skipped", 0.0, part.estimate_s, 0.0,
-                                                   figures={"headline": "no time left in the budget"})
+                self.outcomes[part.name] = Outcome(
+                    part.name,
+                    part.what,
+                    "skipped",
+                    0.0,
+                    part.estimate_s,
+                    0.0,
+                    figures={"headline": "no time left in the budget"},
+                )
             else:
                 start = time.monotonic()
                 self.outcomes[part.name] = self._wait(part, self._start(part), start, timeout)
@@ -87,19 +94,29 @@ class Runner:
         log = open(self.work / f"{part.name}.log", "wb")
         with log:  # the child holds its own descriptor
             # Its own process group, so a timeout stops everything the part started.
-            return subprocess.Popen(part.argv, cwd=self.cwd, env={**self.env, **part.env}, stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            return subprocess.Popen(
+                part.argv,
+                cwd=self.cwd,
+                env={**self.env, **part.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def _note_end(self, name: str) -> None:
         """A watcher of the background part, so its wall time is its own, not the wait for it."""
         part, proc, _ = self.background[name]
-        watcher = threading.Thread(target=lambda: (proc.wait(), self.ended.setdefault(name, time.monotonic())),
-                                   daemon=True)
+        watcher = threading.Thread(
+            target=lambda: (proc.wait(), self.ended.setdefault(name, time.monotonic())), daemon=True
+        )
         watcher.start()
 
     def _finish_background(self, name: str) -> None:
         part, proc, start = self.background.pop(name)
-        left = max(MIN_TIMEOUT_S, min(part.timeout_s - (time.monotonic() - start), self.deadline - time.monotonic()))
+        left = max(
+            MIN_TIMEOUT_S, min(part.timeout_s - (time.monotonic() - start), self.deadline - time.monotonic())
+        )
         outcome = self._wait(part, proc, start, left)
         outcome.wall_s = self.ended.get(name, time.monotonic()) - start
         self.outcomes[name] = outcome
@@ -111,8 +128,16 @@ class Runner:
             status = "passed" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
             rc, status = stop(proc), "timed out"
-        outcome = Outcome(part.name, part.what, status, time.monotonic() - start, part.estimate_s, timeout, rc,
-                          log=str(self.work / f"{part.name}.log"))
+        outcome = Outcome(
+            part.name,
+            part.what,
+            status,
+            time.monotonic() - start,
+            part.estimate_s,
+            timeout,
+            rc,
+            log=str(self.work / f"{part.name}.log"),
+        )
         outcome.figures = self._figures(part)
         return outcome
 
@@ -123,14 +148,18 @@ class Runner:
             return part.figures(self.work)
         except (OSError, ValueError, KeyError, TypeError, ET.ParseError) as e:
             # No result file, or half of one: the log's last line usually says why.
-            return {"headline": f"no figures ({type(e).__name__}); log: {last_line(self.work / f'{part.name}.log')}",
-                    "error": str(e)}
+            return {
+                "headline": f"no figures ({type(e).__name__}); log: {last_line(self.work / f'{part.name}.log')}",
+                "error": str(e),
+            }
 
     def _line(self, outcome: Outcome | None, part: Part) -> str:
         if outcome is None:
             return f"[gpu-check] {part.name}: started in the background"
-        return (f"[gpu-check] {part.name}: {outcome.status} in {outcome.wall_s:.0f} s "
-                f"(limit {outcome.timeout_s:.0f} s) - {outcome.figures.get('headline', '')}")
+        return (
+            f"[gpu-check] {part.name}: {outcome.status} in {outcome.wall_s:.0f} s "
+            f"(limit {outcome.timeout_s:.0f} s) - {outcome.figures.get('headline', '')}"
+        )
 
 
 def stop(proc: subprocess.Popen) -> int | None:
@@ -148,15 +177,20 @@ def stop(proc: subprocess.Popen) -> int | None:
 
 
 def last_line(path: Path) -> str:
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else []
+    lines = (
+        [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else []
+    )
     return lines[-1][:120] if lines else "(no output)"
 
 
 def device_name(dry: bool) -> str:
     if dry or shutil.which("nvidia-smi") is None:
         return "CPU (dry run)" if dry else "no nvidia-smi"
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip().replace("\n", "; ") or f"nvidia-smi failed: {out.stderr.strip()}"
 
 
@@ -170,8 +204,11 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path]:
     8 at most), else bench/results/; the parts' own files go to work, then into a tarball."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = os.environ.get("OUT")
-    results = args.results or (Path(out) / "gpu-check" if out else
-                               REPO / "bench" / "results" / f"gpu-check{'-dry' if args.dry_run else ''}-{stamp}")
+    results = args.results or (
+        Path(out) / "gpu-check"
+        if out
+        else REPO / "bench" / "results" / f"gpu-check{'-dry' if args.dry_run else ''}-{stamp}"
+    )
     work = Path(tempfile.mkdtemp(prefix="gpu-check-")) if out and not args.results else results / "raw"
     results.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -194,11 +231,15 @@ def write_results(results: Path, work: Path, record: dict, dry: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU / TRITON_INTERPRET=1 versions on tiny shapes")
-    ap.add_argument("--results", type=Path, help="results folder (default: $OUT/gpu-check, else bench/results/)")
+    ap.add_argument(
+        "--results", type=Path, help="results folder (default: $OUT/gpu-check, else bench/results/)"
+    )
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all parts together")
     ap.add_argument("--only", nargs="+", help="run only these parts (names as in the summary)")
     ap.add_argument("--site", type=Path, default=Path("/tmp/site"), help="where the wheels are installed")
-    ap.add_argument("--update-docs", type=Path, metavar="RESULTS_JSON", help="only rewrite docs/gpu.md's table")
+    ap.add_argument(
+        "--update-docs", type=Path, metavar="RESULTS_JSON", help="only rewrite docs/gpu.md's table"
+    )
     args = ap.parse_args(argv)
     if args.update_docs:
         update_docs(REPO / "docs" / "gpu.md", render_table(json.loads(args.update_docs.read_text())))
@@ -215,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.site), os.environ.get("PYTHONPATH")]))
     started = time.monotonic()
     outcomes = Runner(plan, work, env, args.budget).run()
-    record = {"dry_run": args.dry_run, "device": device_name(args.dry_run), "commit": git_commit(),
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "wall_s": time.monotonic() - started, "budget_s": args.budget,
-              "parts": [asdict(o) for o in outcomes]}
+    record = {
+        "dry_run": args.dry_run,
+        "device": device_name(args.dry_run),
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_s": time.monotonic() - started,
+        "budget_s": args.budget,
+        "parts": [asdict(o) for o in outcomes],
+    }
     write_results(results, work, record, args.dry_run)
     print("\n" + summary_screen(record) + f"\nresults: {results}")
     return 0 if all(o.status == "passed" for o in outcomes) else 1

@@ -41,9 +41,21 @@ def main() -> None:
     rows = [bw.measure(b, c, do_bench, device="cpu") for b, c in SHAPES]
     for row in rows:
         row["fraction_of_copy"] = row["bandwidth_gbs"] * 1e9 / copy_bw
-    args.out.write_text(json.dumps(dict(device="cpu (TRITON_INTERPRET=1)", dtype=str(bw.DTYPE), num_heads=bw.NUM_HEADS,
-                                        num_kv_heads=bw.NUM_KV_HEADS, head_dim=bw.HEAD_DIM, block_size=bw.BLOCK_SIZE,
-                                        copy_bandwidth_gbs=copy_bw / 1e9, rows=rows), indent=2))
+    args.out.write_text(
+        json.dumps(
+            dict(
+                device="cpu (TRITON_INTERPRET=1)",
+                dtype=str(bw.DTYPE),
+                num_heads=bw.NUM_HEADS,
+                num_kv_heads=bw.NUM_KV_HEADS,
+                head_dim=bw.HEAD_DIM,
+                block_size=bw.BLOCK_SIZE,
+                copy_bandwidth_gbs=copy_bw / 1e9,
+                rows=rows,
+            ),
+            indent=2,
+        )
+    )
     print(f"{len(rows)} shapes measured, each checked against the reference")
 
 

@@ -6,9 +6,9 @@ through the same plumbing (same result files, same figures), so CI exercises all
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from tests.gpu import figures
 
@@ -24,7 +24,9 @@ GREEDY_TESTS = "not backend or triton"
 SMALL_ENGINES = {"CONVEYOR_GPU_MEMORY_FRACTION": "0.05"}
 # bench_step's HF side prefills 256 x 128 tokens with logits at every position (~10 GB in
 # bf16 on gpu-0.5b's 151,936-word vocabulary, more upcast): room for it beside the engine's cache.
-HALF_FOR_THE_ENGINE = {"CONVEYOR_GPU_MEMORY_FRACTION": "0.5"}  # test_engine_on_backends: only its Triton case runs on CUDA
+HALF_FOR_THE_ENGINE = {
+    "CONVEYOR_GPU_MEMORY_FRACTION": "0.5"
+}  # test_engine_on_backends: only its Triton case runs on CUDA
 
 
 @dataclass
@@ -35,9 +37,9 @@ class Part:
     timeout_s: float
     estimate_s: float  # H100-class wall time, for the budget (docs/gpu.md)
     env: dict[str, str] = field(default_factory=dict)
-    figures: Optional[Callable[[Path], dict]] = None  # reads the part's output under the work dir
+    figures: Callable[[Path], dict] | None = None  # reads the part's output under the work dir
     background: bool = False  # starts, and the parts after it run while it does
-    needs: Optional[str] = None  # a background part that must have finished first
+    needs: str | None = None  # a background part that must have finished first
 
 
 def parts(dry: bool, python: str, work: Path, site: Path) -> list[Part]:
@@ -45,38 +47,130 @@ def parts(dry: bool, python: str, work: Path, site: Path) -> list[Part]:
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
     interpret = {"TRITON_INTERPRET": "1"} if dry else {}
     return [
-        Part("install", "wheels the image lacks: " + ("closure and pins checked" if dry else f"installed into {site}"),
-             [python, "-m", "tests.gpu.wheels", *(["check"] if dry else ["install", "--target", str(site)])],
-             timeout_s=120, estimate_s=15),
-        Part("model", "the gpu-0.5b model generated (random weights, offline), beside the next parts",
-             [python, "-m", "shared.tiny_model", "--preset", "tiny" if dry else "gpu-0.5b"],
-             timeout_s=240, estimate_s=0, background=True),
-        Part("kernels", "Triton kernels vs the fp32 reference: fp32, fp16" + ("" if dry else ", bf16"),
-             [*pytest, "tests/kernels/test_triton_kernels.py", f"--junitxml={work / 'kernels.xml'}",
-              *(["-k", DRY_KERNEL_TESTS] if dry else [])],
-             timeout_s=200, estimate_s=60, env=interpret, figures=lambda w: figures.junit(w / "kernels.xml")),
-        Part("greedy", "greedy = transformers, fp32, Llama/Qwen2/Qwen3 (alone, batched, prefix hits, preemption)",
-             [*pytest, "tests/gpu_worker/test_engine_vs_hf.py", "tests/kernels/test_engine_on_backends.py",
-              f"--junitxml={work / 'greedy.xml'}", "-k", DRY_GREEDY_TESTS if dry else GREEDY_TESTS],
-             timeout_s=200, estimate_s=60, env={"CONVEYOR_TEST_DEVICE": device, **SMALL_ENGINES, **interpret},
-             figures=lambda w: figures.junit(w / "greedy.xml")),
-        Part("bf16", "bf16 greedy agreement with fp32 transformers over the first N tokens",
-             [python, "-m", "tests.gpu.bf16_agreement", "--device", device, "--out", str(work / "bf16.json"),
-              *(["--tokens", "4", "--prompts", "2"] if dry else [])],
-             timeout_s=120, estimate_s=25, env=SMALL_ENGINES, figures=lambda w: figures.bf16(w / "bf16.json")),
-        Part("bandwidth", "decode attention on gpu-0.5b shapes, as a fraction of a device-to-device copy",
-             [python, "-m", "tests.gpu.dry_bandwidth" if dry else "bench.decode_attention_bandwidth",
-              "--out", str(work / "decode_bw.json")],
-             timeout_s=120, estimate_s=25, env=interpret, figures=lambda w: figures.bandwidth(w / "decode_bw.json")),
-        Part("worker-step", "decode tok/s of one worker step vs HF's forward, gpu-0.5b, bf16",
-             [python, "-m", "services.gpu_worker.bench_step", "--device", device, "--out", str(work / "worker_step.json"),
-              *(["--models", "tiny", "--batches", "1", "32", "--steps", "2", "--repeats", "1"] if dry
-                else ["--models", "gpu-0.5b", "--dtype", "bfloat16", "--batches", "1", "64", "256"])],
-             timeout_s=150, estimate_s=60, env=HALF_FOR_THE_ENGINE, needs="model",
-             figures=lambda w: figures.worker_step(w / "worker_step.json")),
-        Part("mixed", "BENCH.md's mixed, 1,000 requests on gpu-0.5b over HTTP, vs HF static batching",
-             [python, "-m", "bench.run", "--workload", "mixed", "--device", device, "--quiet", "--out", str(work / "mixed"),
-              *(DRY_MIXED if dry
-                else ["--model", "gpu-0.5b", "--requests", "1000", "--no-batching-requests", "4"])],
-             timeout_s=330, estimate_s=270, needs="model", figures=lambda w: figures.mixed(w / "mixed" / "results.json")),
+        Part(
+            "install",
+            "wheels the image lacks: " + ("closure and pins checked" if dry else f"installed into {site}"),
+            [python, "-m", "tests.gpu.wheels", *(["check"] if dry else ["install", "--target", str(site)])],
+            timeout_s=120,
+            estimate_s=15,
+        ),
+        Part(
+            "model",
+            "the gpu-0.5b model generated (random weights, offline), beside the next parts",
+            [python, "-m", "shared.tiny_model", "--preset", "tiny" if dry else "gpu-0.5b"],
+            timeout_s=240,
+            estimate_s=0,
+            background=True,
+        ),
+        Part(
+            "kernels",
+            "Triton kernels vs the fp32 reference: fp32, fp16" + ("" if dry else ", bf16"),
+            [
+                *pytest,
+                "tests/kernels/test_triton_kernels.py",
+                f"--junitxml={work / 'kernels.xml'}",
+                *(["-k", DRY_KERNEL_TESTS] if dry else []),
+            ],
+            timeout_s=200,
+            estimate_s=60,
+            env=interpret,
+            figures=lambda w: figures.junit(w / "kernels.xml"),
+        ),
+        Part(
+            "greedy",
+            "greedy = transformers, fp32, Llama/Qwen2/Qwen3 (alone, batched, prefix hits, preemption)",
+            [
+                *pytest,
+                "tests/gpu_worker/test_engine_vs_hf.py",
+                "tests/kernels/test_engine_on_backends.py",
+                f"--junitxml={work / 'greedy.xml'}",
+                "-k",
+                DRY_GREEDY_TESTS if dry else GREEDY_TESTS,
+            ],
+            timeout_s=200,
+            estimate_s=60,
+            env={"CONVEYOR_TEST_DEVICE": device, **SMALL_ENGINES, **interpret},
+            figures=lambda w: figures.junit(w / "greedy.xml"),
+        ),
+        Part(
+            "bf16",
+            "bf16 greedy agreement with fp32 transformers over the first N tokens",
+            [
+                python,
+                "-m",
+                "tests.gpu.bf16_agreement",
+                "--device",
+                device,
+                "--out",
+                str(work / "bf16.json"),
+                *(["--tokens", "4", "--prompts", "2"] if dry else []),
+            ],
+            timeout_s=120,
+            estimate_s=25,
+            env=SMALL_ENGINES,
+            figures=lambda w: figures.bf16(w / "bf16.json"),
+        ),
+        Part(
+            "bandwidth",
+            "decode attention on gpu-0.5b shapes, as a fraction of a device-to-device copy",
+            [
+                python,
+                "-m",
+                "tests.gpu.dry_bandwidth" if dry else "bench.decode_attention_bandwidth",
+                "--out",
+                str(work / "decode_bw.json"),
+            ],
+            timeout_s=120,
+            estimate_s=25,
+            env=interpret,
+            figures=lambda w: figures.bandwidth(w / "decode_bw.json"),
+        ),
+        Part(
+            "worker-step",
+            "decode tok/s of one worker step vs HF's forward, gpu-0.5b, bf16",
+            [
+                python,
+                "-m",
+                "services.gpu_worker.bench_step",
+                "--device",
+                device,
+                "--out",
+                str(work / "worker_step.json"),
+                *(
+                    ["--models", "tiny", "--batches", "1", "32", "--steps", "2", "--repeats", "1"]
+                    if dry
+                    else ["--models", "gpu-0.5b", "--dtype", "bfloat16", "--batches", "1", "64", "256"]
+                ),
+            ],
+            timeout_s=150,
+            estimate_s=60,
+            env=HALF_FOR_THE_ENGINE,
+            needs="model",
+            figures=lambda w: figures.worker_step(w / "worker_step.json"),
+        ),
+        Part(
+            "mixed",
+            "BENCH.md's mixed, 1,000 requests on gpu-0.5b over HTTP, vs HF static batching",
+            [
+                python,
+                "-m",
+                "bench.run",
+                "--workload",
+                "mixed",
+                "--device",
+                device,
+                "--quiet",
+                "--out",
+                str(work / "mixed"),
+                *(
+                    DRY_MIXED
+                    if dry
+                    else ["--model", "gpu-0.5b", "--requests", "1000", "--no-batching-requests", "4"]
+                ),
+            ],
+            timeout_s=330,
+            estimate_s=270,
+            needs="model",
+            figures=lambda w: figures.mixed(w / "mixed" / "results.json"),
+        ),
     ]

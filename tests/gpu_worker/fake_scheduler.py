@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
@@ -21,8 +21,14 @@ REPO = Path(__file__).resolve().parents[2]
 def start_worker(*args: str, log=subprocess.PIPE) -> subprocess.Popen:
     """`log`: where its output goes; a pipe only when the test reads it (a full pipe blocks)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "services.gpu_worker", *args], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.gpu_worker", *args],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 class FakeScheduler:

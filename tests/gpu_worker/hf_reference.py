@@ -31,8 +31,9 @@ class Reference:
     gaps: list[float]  # top-1 minus top-2 logit at each position
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int | list[int],
-              ignore_eos: bool = False) -> list[Reference]:
+def hf_greedy(
+    model_dir: Path, prompts: list[list[int]], max_new_tokens: int | list[int], ignore_eos: bool = False
+) -> list[Reference]:
     """`max_new_tokens`: one for all prompts, or one per prompt. `ignore_eos`: generate past
     EOS, as a request with vLLM's ignore_eos does."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
@@ -45,11 +46,23 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int | l
     for prompt, limit in zip(prompts, limits):
         ids = torch.tensor([prompt])
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit, do_sample=False,
-                                 pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=limit,
+                do_sample=False,
+                pad_token_id=pad,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         top2 = torch.cat(out.logits).float().topk(2, dim=-1)
-        references.append(Reference(out.sequences[0, len(prompt):].tolist(), top2.indices[:, 1].tolist(),
-                                    (top2.values[:, 0] - top2.values[:, 1]).tolist()))
+        references.append(
+            Reference(
+                out.sequences[0, len(prompt) :].tolist(),
+                top2.indices[:, 1].tolist(),
+                (top2.values[:, 0] - top2.values[:, 1]).tolist(),
+            )
+        )
     return references
 
 
@@ -62,7 +75,8 @@ def assert_greedy_matches(got: list[int], ref: Reference, what: str = "") -> boo
         return True
     assert ref.gaps[same] < NEAR_TIE and got[same] == ref.runner_up[same], (
         f"{what}: token {same} is {got[same]}, HF's is {ref.tokens[same]} (its second choice {ref.runner_up[same]}, "
-        f"top-2 gap {ref.gaps[same]:.3g}, a near-tie below {NEAR_TIE}): {got} vs {ref.tokens}")
+        f"top-2 gap {ref.gaps[same]:.3g}, a near-tie below {NEAR_TIE}): {got} vs {ref.tokens}"
+    )
     return False
 
 

@@ -7,8 +7,8 @@ on the production policy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan, StepResult
 
@@ -34,8 +34,14 @@ class DriverRequest:
 
 
 class PlanDriver:
-    def __init__(self, execute: Callable[[StepPlan], StepResult], block_size: int, num_blocks: int,
-                 eos_token_ids: list[int] = (), chunk_size: int = 1 << 30):
+    def __init__(
+        self,
+        execute: Callable[[StepPlan], StepResult],
+        block_size: int,
+        num_blocks: int,
+        eos_token_ids: list[int] = (),
+        chunk_size: int = 1 << 30,
+    ):
         self.execute = execute
         self.block_size = block_size
         self.free = list(range(1, num_blocks))  # block 0 stays unused, as a real scheduler may
@@ -47,13 +53,22 @@ class PlanDriver:
         self.step_id = 0
         self.results: list[StepResult] = []
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int,
-            sampling: SamplingParams = GREEDY, prefix_of: Optional[str] = None, prefix_blocks: int = 0) -> None:
+    def add(
+        self,
+        request_id: str,
+        prompt: list[int],
+        max_tokens: int,
+        sampling: SamplingParams = GREEDY,
+        prefix_of: str | None = None,
+        prefix_blocks: int = 0,
+    ) -> None:
         """`prefix_of`: reuse that request's first `prefix_blocks` full blocks as a cache hit."""
         r = DriverRequest(request_id, list(prompt), max_tokens, sampling)
         if prefix_of is not None:
             donor = self.requests[prefix_of]
-            assert donor.tokens[: prefix_blocks * self.block_size] == r.prompt[: prefix_blocks * self.block_size]
+            assert (
+                donor.tokens[: prefix_blocks * self.block_size] == r.prompt[: prefix_blocks * self.block_size]
+            )
             r.block_ids = donor.block_ids[:prefix_blocks]
             for b in r.block_ids:
                 self.refs[b] += 1
@@ -67,7 +82,7 @@ class PlanDriver:
         r.computed, r.on_worker, r.new_blocks = 0, False, []
         self.finished_ids.append(request_id)
 
-    def step(self, only: Optional[list[str]] = None) -> StepResult:
+    def step(self, only: list[str] | None = None) -> StepResult:
         new, cached, scheduled = [], [], {}
         for r in self.requests.values():
             if r.done or (only is not None and r.request_id not in only):
@@ -76,7 +91,11 @@ class PlanDriver:
             self._grow(r, r.computed + count)
             scheduled[r.request_id] = count
             if not r.on_worker:
-                new.append(NewRequest(r.request_id, r.tokens, len(r.prompt), r.sampling, list(r.block_ids), r.computed))
+                new.append(
+                    NewRequest(
+                        r.request_id, r.tokens, len(r.prompt), r.sampling, list(r.block_ids), r.computed
+                    )
+                )
                 r.on_worker = True
             else:
                 cached.append(CachedRequest(r.request_id, r.new_blocks, r.computed))
@@ -124,8 +143,16 @@ class PlanDriver:
         r.block_ids = []
 
 
-def assert_batch_matches_hf(engine, info, model_dir, prompts: list[list[int]], max_tokens, chunk_size: int,
-                            what: str, ignore_eos: bool = False) -> list:
+def assert_batch_matches_hf(
+    engine,
+    info,
+    model_dir,
+    prompts: list[list[int]],
+    max_tokens,
+    chunk_size: int,
+    what: str,
+    ignore_eos: bool = False,
+) -> list:
     """All `prompts` as one continuous batch on `engine` (prefill chunks of `chunk_size`),
     each greedy output checked against transformers' by hf_reference's rule; returns
     transformers' references. `max_tokens`: one for all, or one per prompt."""
@@ -133,7 +160,9 @@ def assert_batch_matches_hf(engine, info, model_dir, prompts: list[list[int]], m
 
     limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     expected = hf_greedy(model_dir, prompts, limits, ignore_eos=ignore_eos)
-    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=chunk_size)
+    driver = PlanDriver(
+        engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=chunk_size
+    )
     for i, (prompt, n) in enumerate(zip(prompts, limits)):
         driver.add(f"r{i}", prompt, n, SamplingParams(temperature=0.0, ignore_eos=ignore_eos, max_tokens=n))
     outputs = driver.run()

@@ -48,12 +48,19 @@ def test_the_draft_model_config_is_vllm_s_and_a_bad_one_says_what_is_wrong():
     config = parse_config('{"method": "draft_model", "model": "/m", "num_speculative_tokens": 3}')
     assert (config.method, config.model, config.num_speculative_tokens) == ("draft_model", "/m", 3)
     assert config.prompt_lookup_min is None
-    for text, words in [('{"method": "draft_model", "num_speculative_tokens": 3}', "needs \"model\""),
-                        ('{"method": "draft_model", "model": "/m", "num_speculative_tokens": 3, '
-                         '"prompt_lookup_max": 2}', "prompt_lookup_max: only for method \"ngram\""),
-                        ('{"method": "ngram", "model": "/m", "num_speculative_tokens": 3}', "model: only for"),
-                        ('{"method": "draft_model", "model": "/m", "num_speculative_tokens": 3, '
-                         '"draft_tensor_parallel_size": 1}', "draft_tensor_parallel_size")]:
+    for text, words in [
+        ('{"method": "draft_model", "num_speculative_tokens": 3}', 'needs "model"'),
+        (
+            '{"method": "draft_model", "model": "/m", "num_speculative_tokens": 3, "prompt_lookup_max": 2}',
+            'prompt_lookup_max: only for method "ngram"',
+        ),
+        ('{"method": "ngram", "model": "/m", "num_speculative_tokens": 3}', "model: only for"),
+        (
+            '{"method": "draft_model", "model": "/m", "num_speculative_tokens": 3, '
+            '"draft_tensor_parallel_size": 1}',
+            "draft_tensor_parallel_size",
+        ),
+    ]:
         with pytest.raises(ValueError, match=words):
             parse_config(text)
 
@@ -80,10 +87,13 @@ def test_a_draft_model_under_preemption_gives_the_same_tokens_and_frees_every_bl
     assert spec == plain
 
 
-@pytest.mark.parametrize("sampling", [
-    pytest.param(dict(temperature=0.6, top_k=3, seed=11, logprobs=1), id="seeded-sampled"),
-    pytest.param(dict(repetition_penalty=1.3, bad_words=[[7, 8]], min_tokens=12), id="greedy-penalties"),
-])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        pytest.param(dict(temperature=0.6, top_k=3, seed=11, logprobs=1), id="seeded-sampled"),
+        pytest.param(dict(repetition_penalty=1.3, bad_words=[[7, 8]], min_tokens=12), id="greedy-penalties"),
+    ],
+)
 def test_sampled_and_penalised_requests_get_the_same_tokens_with_a_draft_model(target, sampling):
     prompts = _copy_prompts(4096)
     plain, plain_outs, _ = _serve(target, prompts, None, **sampling)
@@ -146,8 +156,17 @@ def test_a_worker_without_a_draft_model_refuses_a_plan_asking_drafts_and_gets_no
     core.workers[info.worker_id].step_cost = _AlwaysPays()
     prompts = _copy_prompts(4096)
     for i, prompt in enumerate(prompts):
-        assert core.add_request(SubmitRequest(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=40,
-                                                                             ignore_eos=True), "gw", 0.0, 0, None))
+        assert core.add_request(
+            SubmitRequest(
+                str(i),
+                prompt,
+                SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+                "gw",
+                0.0,
+                0,
+                None,
+            )
+        )
     outputs = Outputs()
     while (plan := core.next_plan(info.worker_id, 0.0, 0.0)) is not None:
         assert not plan.num_draft_tokens
@@ -158,10 +177,16 @@ def test_a_worker_without_a_draft_model_refuses_a_plan_asking_drafts_and_gets_no
 
 
 def test_a_draft_model_that_cannot_serve_stops_the_worker_at_start_up_saying_why(target, tmp_path):
-    other_vocab = make_model(tmp_path / "vocab", arch="qwen2", preset="tiny", num_hidden_layers=1, vocab_size=1024)
-    short = make_model(tmp_path / "short", arch="qwen2", preset="tiny", num_hidden_layers=1,
-                       max_position_embeddings=64)
-    for draft, words in [(other_vocab, "vocabulary"), (short, "64 positions"),
-                         (tmp_path / "missing", "draft model: model directory")]:
+    other_vocab = make_model(
+        tmp_path / "vocab", arch="qwen2", preset="tiny", num_hidden_layers=1, vocab_size=1024
+    )
+    short = make_model(
+        tmp_path / "short", arch="qwen2", preset="tiny", num_hidden_layers=1, max_position_embeddings=64
+    )
+    for draft, words in [
+        (other_vocab, "vocabulary"),
+        (short, "64 positions"),
+        (tmp_path / "missing", "draft model: model directory"),
+    ]:
         with pytest.raises(ModelLoadError, match=words):
             make_engine(target, speculative_config=_draft(str(draft)).model_dump_json(exclude_none=True))

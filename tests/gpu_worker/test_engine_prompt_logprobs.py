@@ -34,7 +34,9 @@ def _hf_logprobs(model_dir, prompts: list[list[int]]) -> list[torch.Tensor]:
         return [model(torch.tensor([p])).logits[0].float().log_softmax(dim=-1) for p in prompts]
 
 
-def _assembled(results: list[StepResult], request_id: str) -> tuple[list[PromptLogprobs], list[TokenLogprobs]]:
+def _assembled(
+    results: list[StepResult], request_id: str
+) -> tuple[list[PromptLogprobs], list[TokenLogprobs]]:
     """The request's chunks in step order, checked to follow each other from position 1."""
     chunks = [r.prompt_logprobs[request_id] for r in results if request_id in r.prompt_logprobs]
     position = 1
@@ -49,14 +51,21 @@ def _assert_matches_hf(entries: list[TokenLogprobs], prompt: list[int], referenc
     for q, entry in enumerate(entries, start=1):
         ref = reference[q - 1]
         assert entry.token_id == prompt[q]
-        assert abs(entry.logprob - ref[prompt[q]].item()) < TOLERANCE, (q, entry.logprob, ref[prompt[q]].item())
+        assert abs(entry.logprob - ref[prompt[q]].item()) < TOLERANCE, (
+            q,
+            entry.logprob,
+            ref[prompt[q]].item(),
+        )
         ref_values, ref_ids = ref.topk(top)
         assert len(entry.top) == top
         # Same ids in the same order; where HF's values tie within the tolerance, either of
         # the tied ids is right, so each id is checked by its own HF logprob.
         for (got_id, got_lp), want_lp in zip(entry.top, ref_values.tolist()):
             assert abs(got_lp - want_lp) < TOLERANCE and abs(ref[got_id].item() - got_lp) < TOLERANCE, (
-                q, entry.top, list(zip(ref_ids.tolist(), ref_values.tolist())))
+                q,
+                entry.top,
+                list(zip(ref_ids.tolist(), ref_values.tolist())),
+            )
         assert len({i for i, _ in entry.top}) == top
         if top > 1 and (ref_values[:-1] - ref_values[1:]).min() > 1e-4:
             assert [i for i, _ in entry.top] == ref_ids.tolist()

@@ -75,11 +75,13 @@ def test_batch_noise_is_far_inside_the_near_tie_bound(model_dirs):
     every matmul with 15 others, on each test model."""
     rng = random.Random(2)
     for arch, model_dir in model_dirs.items():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, local_files_only=True
+        ).eval()
         ids = torch.tensor([[rng.randrange(3, model.config.vocab_size)] for _ in range(16)])
         with torch.inference_mode():
             together = model(ids).logits[:, -1]
-            alone = torch.cat([model(ids[i:i + 1]).logits[:, -1] for i in range(len(ids))])
+            alone = torch.cat([model(ids[i : i + 1]).logits[:, -1] for i in range(len(ids))])
         noise = (together - alone).abs().max().item()
         assert noise < NEAR_TIE / 10, f"{arch}: batch noise {noise:.3g}"
 
@@ -88,7 +90,9 @@ def test_batch_noise_is_far_inside_the_near_tie_bound(model_dirs):
 def test_chunk_size_does_not_change_output(model_dirs, chunk_size):
     engine, info = make_engine(model_dirs["qwen3"], block_size=32)
     prompts = _prompts(seed=3, vocab=info.vocab_size, lengths=[31, 32, 33, 70])
-    driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=chunk_size)
+    driver = PlanDriver(
+        engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=chunk_size
+    )
     for i, p in enumerate(prompts):
         driver.add(str(i), p, 6)
     outputs = driver.run()

@@ -21,11 +21,22 @@ MAX_TOKENS = 10
 # Shaped like Gemma 3 270M scaled down: head_dim independent of hidden/heads, one KV head,
 # query_pre_attn_scalar unlike head_dim, sliding layers around a global one, a window well
 # below the prompts (so the sliding layers cut and the global one does not).
-GEMMA = dict(num_hidden_layers=3, hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
-             intermediate_size=256, query_pre_attn_scalar=48, sliding_window=40, max_position_embeddings=4096,
-             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                              "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+GEMMA = dict(
+    num_hidden_layers=3,
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=64,
+    intermediate_size=256,
+    query_pre_attn_scalar=48,
+    sliding_window=40,
+    max_position_embeddings=4096,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +54,12 @@ def test_greedy_matches_hf_in_a_batch_with_chunked_prefill(gemma):
 
 
 def test_attention_soft_capping_is_refused(tmp_path):
-    model_dir = make_model(tmp_path / "capped", arch="gemma3_text", preset="tiny", seed=1,
-                           **{**GEMMA, "attn_logit_softcapping": 50.0})
+    model_dir = make_model(
+        tmp_path / "capped",
+        arch="gemma3_text",
+        preset="tiny",
+        seed=1,
+        **{**GEMMA, "attn_logit_softcapping": 50.0},
+    )
     with pytest.raises(ModelLoadError, match="attn_logit_softcapping"):
         load_model(model_dir, torch.device("cpu"), torch.float32, None)

@@ -13,8 +13,8 @@ from gguf.quants import dequantize
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from services.gpu_worker.factory import create_engine
 from services.gateway.served_model import load_served_model
+from services.gpu_worker.factory import create_engine
 from shared.config import GatewaySettings, WorkerSettings
 from shared.gguf_model import converted_dir
 from shared.models import ModelLoadError, check_model_dir, model_dir
@@ -57,8 +57,11 @@ def test_a_kquant_file_is_converted_once_to_exactly_its_dequantized_weights(kqua
     tensors = {t.name: t for t in GGUFReader(kquant).tensors}
     assert {tensors[n].tensor_type for n in KQUANT_TENSORS} == set(KQUANT_TENSORS.values())
     # ffn_down (K-quants) and ffn_up (the file's own Q4_1): not permuted by the conversion.
-    pairs = {f"model.layers.{i}.mlp.{hf}.weight": f"blk.{i}.ffn_{g}.weight"
-             for i in (0, 1) for hf, g in (("down_proj", "down"), ("up_proj", "up"))}
+    pairs = {
+        f"model.layers.{i}.mlp.{hf}.weight": f"blk.{i}.ffn_{g}.weight"
+        for i in (0, 1)
+        for hf, g in (("down_proj", "down"), ("up_proj", "up"))
+    }
     with safe_open(weights, "pt") as f:
         for hf_name, gguf_name in pairs.items():
             t = tensors[gguf_name]
@@ -72,12 +75,21 @@ def test_an_engine_serving_a_kquant_file_by_its_path_matches_hf(kquant):
     served = model_dir(str(kquant))
     tokenizer = AutoTokenizer.from_pretrained(str(served), local_files_only=True)
     assert tokenizer.chat_template, "the chat template comes from the file's metadata"
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"]
-               for q in ("What is the capital of France?", "Name three colours.")]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for q in ("What is the capital of France?", "Name three colours.")
+    ]
     prompts.append(tokenizer("The quick brown fox")["input_ids"])
-    settings = WorkerSettings(model=str(kquant), device=TEST_DEVICE, dtype="float32", max_model_len=512,
-                              kv_cache_memory="16MiB", worker_id="test-worker")
+    settings = WorkerSettings(
+        model=str(kquant),
+        device=TEST_DEVICE,
+        dtype="float32",
+        max_model_len=512,
+        kv_cache_memory="16MiB",
+        worker_id="test-worker",
+    )
     engine, info = create_engine(settings)
     driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=9)
     for i, prompt in enumerate(prompts):
@@ -98,8 +110,9 @@ def test_files_we_cannot_serve_are_refused_saying_why(tmp_path, cache):
     for check in (check_model_dir, model_dir):
         with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'mamba'.*supported: llama"):
             check(str(mamba))
-    assert not (cache / "models" / "gguf").exists() or not any((cache / "models" / "gguf").rglob("mamba*")), \
+    assert not (cache / "models" / "gguf").exists() or not any((cache / "models" / "gguf").rglob("mamba*")), (
         "refused before any conversion"
+    )
 
 
 def test_the_gateway_takes_another_tokenizer_if_it_fits_the_model():

@@ -21,7 +21,9 @@ def test_onednn_linear_matches_f_linear(rows, bias):
     torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 instructions")
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 instructions"
+)
 @pytest.mark.parametrize("rows", [1, 16, 65])
 def test_bf16_onednn_linear_equals_bf16_f_linear(rows):
     g = torch.Generator().manual_seed(rows)

@@ -13,9 +13,16 @@ import random
 import pytest
 import torch
 
-from services.gpu_worker.loader import (_Checkpoint, _layer, layer_windows, load_config, load_model, model_shape,
-                                        shard_model)
 from services.gpu_worker.factory import create_engine
+from services.gpu_worker.loader import (
+    _Checkpoint,
+    _layer,
+    layer_windows,
+    load_config,
+    load_model,
+    model_shape,
+    shard_model,
+)
 from shared.config import WorkerSettings
 from shared.models import ModelLoadError, max_model_len, read_config
 from shared.tiny_model import make_model
@@ -27,8 +34,15 @@ MAX_TOKENS = 30
 # Small, with a GQA group of 3 and the window far below the context, as the real ones have
 # (Mistral-7B-v0.1: 4,096 of 32,768; Phi-3-mini-4k: 2,047 of 4,096): 37 tokens, off the
 # block size, so that prompts and outputs of up to ~130 tokens run far past it.
-SHAPE = dict(num_hidden_layers=2, hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
-             intermediate_size=384, max_position_embeddings=4096, sliding_window=37)
+SHAPE = dict(
+    num_hidden_layers=2,
+    hidden_size=192,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    intermediate_size=384,
+    max_position_embeddings=4096,
+    sliding_window=37,
+)
 
 
 @pytest.fixture(scope="module", params=["mistral", "phi3"])
@@ -45,21 +59,30 @@ def test_the_checkpoint_has_the_family_s_own_layout(family):
         names = set(f.keys())
     fused = {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"}
     assert fused <= names if arch == "phi3" else not fused & names
-    assert read_config(model_dir)["architectures"] == [{"mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}[arch]]
+    assert read_config(model_dir)["architectures"] == [
+        {"mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}[arch]
+    ]
 
 
 def test_greedy_matches_hf_in_a_batch_with_chunked_prefill(family):
     arch, model_dir = family
     engine, info = make_engine(model_dir)
-    assert info.max_model_len == SHAPE["max_position_embeddings"], "the whole context, not capped to the window"
+    assert info.max_model_len == SHAPE["max_position_embeddings"], (
+        "the whole context, not capped to the window"
+    )
     assert info.backends["attention"] == "cpu" and info.slow_paths == []
     rng = random.Random(7)
     prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in (1, 23, 60, 100)]
-    expected = assert_batch_matches_hf(engine, info, model_dir, prompts, MAX_TOKENS, 17, arch, ignore_eos=True)
+    expected = assert_batch_matches_hf(
+        engine, info, model_dir, prompts, MAX_TOKENS, 17, arch, ignore_eos=True
+    )
     # The window matters here: without it transformers itself generates otherwise.
-    unwindowed = make_model(model_dir.parent / "unwindowed", arch=arch, preset="tiny", seed=5,
-                            **{**SHAPE, "sliding_window": None})
-    assert [r.tokens for r in hf_greedy(unwindowed, prompts, MAX_TOKENS, ignore_eos=True)] != [r.tokens for r in expected]
+    unwindowed = make_model(
+        model_dir.parent / "unwindowed", arch=arch, preset="tiny", seed=5, **{**SHAPE, "sliding_window": None}
+    )
+    assert [r.tokens for r in hf_greedy(unwindowed, prompts, MAX_TOKENS, ignore_eos=True)] != [
+        r.tokens for r in expected
+    ]
 
 
 def test_fused_weights_shard_like_the_separate_ones(tmp_path):
@@ -72,18 +95,27 @@ def test_fused_weights_shard_like_the_separate_ones(tmp_path):
     shape = model_shape(config)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     attn, mlp = hf.model.layers[1].self_attn, hf.model.layers[1].mlp
-    q_w, k_w, v_w = attn.qkv_proj.weight.split([shape.num_heads * shape.head_dim,
-                                                 shape.num_kv_heads * shape.head_dim,
-                                                 shape.num_kv_heads * shape.head_dim])
+    q_w, k_w, v_w = attn.qkv_proj.weight.split(
+        [
+            shape.num_heads * shape.head_dim,
+            shape.num_kv_heads * shape.head_dim,
+            shape.num_kv_heads * shape.head_dim,
+        ]
+    )
     gate_w, up_w = mlp.gate_up_proj.weight.chunk(2)
     hd = shape.head_dim
     for rank in range(2):
         s = shard_model(config, shape, rank, 2)
         with _Checkpoint(model_dir, torch.device("cpu"), torch.float32) as ckpt:
             layer = _layer(ckpt, "model.layers.1.", shape, s, False, None)
-        want_qkv = torch.cat([q_w[s.heads[0] * hd:s.heads[1] * hd], k_w[s.kv_heads[0] * hd:s.kv_heads[1] * hd],
-                              v_w[s.kv_heads[0] * hd:s.kv_heads[1] * hd]])
-        want_gate_up = torch.cat([gate_w[s.columns[0]:s.columns[1]], up_w[s.columns[0]:s.columns[1]]])
+        want_qkv = torch.cat(
+            [
+                q_w[s.heads[0] * hd : s.heads[1] * hd],
+                k_w[s.kv_heads[0] * hd : s.kv_heads[1] * hd],
+                v_w[s.kv_heads[0] * hd : s.kv_heads[1] * hd],
+            ]
+        )
+        want_gate_up = torch.cat([gate_w[s.columns[0] : s.columns[1]], up_w[s.columns[0] : s.columns[1]]])
         assert torch.equal(layer.qkv.weight, want_qkv), f"rank {rank}: qkv rows"
         assert torch.equal(layer.gate_up.weight, want_gate_up), f"rank {rank}: gate/up rows"
 
@@ -91,7 +123,9 @@ def test_fused_weights_shard_like_the_separate_ones(tmp_path):
 def test_a_windowed_model_serves_its_whole_context(tmp_path):
     config = {"max_position_embeddings": 4096, "sliding_window": 512}
     assert max_model_len(config, tmp_path, None) == 4096 and max_model_len(config, tmp_path, 1024) == 1024
-    with pytest.raises(ModelLoadError, match="max_model_len 8192 exceeds the model's max_position_embeddings 4096"):
+    with pytest.raises(
+        ModelLoadError, match="max_model_len 8192 exceeds the model's max_position_embeddings 4096"
+    ):
         max_model_len(config, tmp_path, 8192)
 
 
@@ -106,13 +140,17 @@ def test_each_layer_gets_the_window_transformers_gives_it():
     # Qwen2 and Qwen3 carry a window that applies only with use_sliding_window, and then only
     # from layer max_window_layers on; Qwen3-MoE's applies to every layer.
     assert layer_windows(Qwen2Config(sliding_window=512, **layers)) == [None] * 4
-    assert layer_windows(Qwen2Config(use_sliding_window=True, sliding_window=512, max_window_layers=1,
-                                     **layers)) == [None, 512, 512, 512]
+    assert layer_windows(
+        Qwen2Config(use_sliding_window=True, sliding_window=512, max_window_layers=1, **layers)
+    ) == [None, 512, 512, 512]
     assert layer_windows(Qwen3MoeConfig(use_sliding_window=True, sliding_window=512, **layers)) == [512] * 4
 
 
-@pytest.mark.parametrize("served, lengths", [(24, (5, 11, 16)), (None, (25, 31, 40))],
-                         ids=["within-the-original-context", "served-longer"])
+@pytest.mark.parametrize(
+    "served, lengths",
+    [(24, (5, 11, 16)), (None, (25, 31, 40))],
+    ids=["within-the-original-context", "served-longer"],
+)
 def test_longrope_matches_hf(tmp_path, served, lengths):
     """Phi-3's LongRoPE, as vLLM picks it: the short frequencies where the served context fits
     the original one (24 here), the long ones where it is longer, with the attention factor on
@@ -121,14 +159,29 @@ def test_longrope_matches_hf(tmp_path, served, lengths):
     chunked prefill."""
     half = SHAPE["hidden_size"] // SHAPE["num_attention_heads"] // 2
     rng = random.Random(3)
-    scaling = {"rope_type": "longrope", "short_factor": [round(rng.uniform(1.0, 1.5), 3) for _ in range(half)],
-               "long_factor": [round(rng.uniform(2.0, 6.0), 3) for _ in range(half)]}
-    model_dir = make_model(tmp_path / "phi3-long", arch="phi3", preset="tiny", seed=5,
-                           **{**SHAPE, "sliding_window": None, "max_position_embeddings": 256},
-                           original_max_position_embeddings=24, rope_scaling=scaling)
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": [round(rng.uniform(1.0, 1.5), 3) for _ in range(half)],
+        "long_factor": [round(rng.uniform(2.0, 6.0), 3) for _ in range(half)],
+    }
+    model_dir = make_model(
+        tmp_path / "phi3-long",
+        arch="phi3",
+        preset="tiny",
+        seed=5,
+        **{**SHAPE, "sliding_window": None, "max_position_embeddings": 256},
+        original_max_position_embeddings=24,
+        rope_scaling=scaling,
+    )
     assert read_config(model_dir)["rope_parameters"]["rope_type"] == "longrope"
-    settings = WorkerSettings(model=str(model_dir), device="cpu", dtype="float32", kv_cache_memory="64MiB",
-                              worker_id="test-worker", max_model_len=served)
+    settings = WorkerSettings(
+        model=str(model_dir),
+        device="cpu",
+        dtype="float32",
+        kv_cache_memory="64MiB",
+        worker_id="test-worker",
+        max_model_len=served,
+    )
     engine, info = create_engine(settings)
     prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in lengths]
     new_tokens = [24 - n for n in lengths] if served else [MAX_TOKENS] * len(lengths)
@@ -141,11 +194,19 @@ def test_longrope_matches_hf(tmp_path, served, lengths):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     n = served or 40
     cos, sin = hf.model.rotary_emb(torch.zeros(1, n, 1), torch.arange(n)[None])
-    assert torch.equal(engine.model.rotary.cos[:n], cos[0]) and torch.equal(engine.model.rotary.sin[:n], sin[0])
+    assert torch.equal(engine.model.rotary.cos[:n], cos[0]) and torch.equal(
+        engine.model.rotary.sin[:n], sin[0]
+    )
 
 
 def test_dynamic_rope_is_refused_at_load_saying_why(tmp_path):
-    model_dir = make_model(tmp_path / "dyn", arch="llama", preset="tiny", seed=1, num_hidden_layers=1,
-                           rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model_dir = make_model(
+        tmp_path / "dyn",
+        arch="llama",
+        preset="tiny",
+        seed=1,
+        num_hidden_layers=1,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
     with pytest.raises(ModelLoadError, match="rope type 'dynamic' is not supported"):
         load_model(model_dir, torch.device("cpu"), torch.float32, None)

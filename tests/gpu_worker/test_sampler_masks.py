@@ -51,8 +51,11 @@ def test_a_large_logit_bias_forces_its_token_and_logprobs_stay_raw():
 
 def test_logit_bias_shifts_one_row_only():
     logits = torch.tensor([[0.0, 2.0, 1.0, 0.0, 0.0, -9.0, 0.0, 0.0]] * 3)
-    rows = [make_row(temperature=0.0), make_row(temperature=0.0, logit_bias={1: -100.0, 2: 0.5}),
-            make_row(temperature=0.0, logit_bias={7: 1.5})]
+    rows = [
+        make_row(temperature=0.0),
+        make_row(temperature=0.0, logit_bias={1: -100.0, 2: 0.5}),
+        make_row(temperature=0.0, logit_bias={7: 1.5}),
+    ]
     assert sampler()(logits, rows).token_ids == [1, 2, 1]
 
 
@@ -84,11 +87,13 @@ def test_a_one_token_bad_word_is_always_banned():
 def test_a_longer_bad_word_bans_its_last_token_after_the_rest_of_it():
     logits = torch.tensor([[0.0, 9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * 4)
     word = [[6, 7, 1]]
-    rows = [make_row(output=[6, 7], temperature=0.0, bad_words=word),  # ends with 6 7: 1 banned
-            make_row(output=[7, 6], temperature=0.0, bad_words=word),  # other order: allowed
-            make_row(output=[7], temperature=0.0, bad_words=word),  # too short: allowed
-            # vLLM matches the generated tokens only, not the prompt before them.
-            make_row(prompt=[6], output=[7], temperature=0.0, bad_words=word)]
+    rows = [
+        make_row(output=[6, 7], temperature=0.0, bad_words=word),  # ends with 6 7: 1 banned
+        make_row(output=[7, 6], temperature=0.0, bad_words=word),  # other order: allowed
+        make_row(output=[7], temperature=0.0, bad_words=word),  # too short: allowed
+        # vLLM matches the generated tokens only, not the prompt before them.
+        make_row(prompt=[6], output=[7], temperature=0.0, bad_words=word),
+    ]
     assert sampler()(logits, rows).token_ids == [2, 1, 1, 1]
 
 

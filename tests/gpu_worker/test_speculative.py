@@ -45,10 +45,16 @@ def test_the_config_is_vllm_s_json_and_a_bad_one_says_what_is_wrong():
     assert parse_config(None) is None and parse_config("") is None
     config = parse_config('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}')
     assert (config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) == (5, 4, 4)
-    for text, words in [("{", "not JSON"), ('{"method": "eagle", "num_speculative_tokens": 2}', "method"),
-                        ('{"method": "ngram"}', "num_speculative_tokens"),
-                        ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3}', "exceeds"),
-                        ('{"method": "ngram", "num_speculative_tokens": 2, "typo": 1}', "typo")]:
+    for text, words in [
+        ("{", "not JSON"),
+        ('{"method": "eagle", "num_speculative_tokens": 2}', "method"),
+        ('{"method": "ngram"}', "num_speculative_tokens"),
+        (
+            '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3}',
+            "exceeds",
+        ),
+        ('{"method": "ngram", "num_speculative_tokens": 2, "typo": 1}', "typo"),
+    ]:
         with pytest.raises(ValueError, match=words):
             parse_config(text)
 
@@ -89,12 +95,21 @@ def _serve(model_dir, prompts, speculative, blocks: int | None = None, tamper=No
     if blocks is None:
         engine, info = make_engine(model_dir, speculative_config=config)
     else:
-        shapes = [model_shape(load_config(d)) for d in [model_dir, *([speculative.model] if config and
-                                                                     speculative.model else [])]]
-        engine, info = create_engine(WorkerSettings(
-            model=str(model_dir), device="cpu", dtype="float32", worker_id="test-worker", max_model_len=blocks * 16,
-            kv_cache_memory=str(blocks * sum(bytes_per_block(s, 16, torch.float32) for s in shapes)),
-            speculative_config=config))
+        shapes = [
+            model_shape(load_config(d))
+            for d in [model_dir, *([speculative.model] if config and speculative.model else [])]
+        ]
+        engine, info = create_engine(
+            WorkerSettings(
+                model=str(model_dir),
+                device="cpu",
+                dtype="float32",
+                worker_id="test-worker",
+                max_model_len=blocks * 16,
+                kv_cache_memory=str(blocks * sum(bytes_per_block(s, 16, torch.float32) for s in shapes)),
+                speculative_config=config,
+            )
+        )
         assert info.num_blocks == blocks
     core = SchedulerCore(Limits(max_num_batched_tokens=64, max_prefill_chunk=32, speculative=speculative))
     core.add_worker(info, 0.0)
@@ -120,8 +135,11 @@ def _copy_prompts(vocab: int) -> list[list[int]]:
     """Prompts that repeat themselves, as copy-heavy requests do, and one that does not."""
     rng = random.Random(5)
     phrase = [rng.randrange(3, vocab) for _ in range(12)]
-    return [phrase * 3, [rng.randrange(3, vocab) for _ in range(5)] + phrase * 2,
-            [rng.randrange(3, vocab) for _ in range(30)]]
+    return [
+        phrase * 3,
+        [rng.randrange(3, vocab) for _ in range(5)] + phrase * 2,
+        [rng.randrange(3, vocab) for _ in range(30)],
+    ]
 
 
 def test_greedy_output_is_the_same_with_speculation_and_equals_transformers(model_dirs):
@@ -136,9 +154,15 @@ def test_greedy_output_is_the_same_with_speculation_and_equals_transformers(mode
     for i, want in enumerate(hf_greedy(model_dir, prompts, 40, ignore_eos=True)):
         assert_greedy_matches(spec[i], want, f"prompt {i}")
     # What `conveyor status` shows of it, for the scheduler and per worker.
-    figures = SchedulerFigures(updated_at=0.0, spec_drafts=on.spec_drafts, spec_draft_tokens=on.spec_draft_tokens,
-                               spec_accepted_tokens=on.spec_accepted_tokens)
-    screen = render(SystemStatus(scheduler=figures, workers={}, errors=[], queue_length=0, pending=0), 0.0, "test")
+    figures = SchedulerFigures(
+        updated_at=0.0,
+        spec_drafts=on.spec_drafts,
+        spec_draft_tokens=on.spec_draft_tokens,
+        spec_accepted_tokens=on.spec_accepted_tokens,
+    )
+    screen = render(
+        SystemStatus(scheduler=figures, workers={}, errors=[], queue_length=0, pending=0), 0.0, "test"
+    )
     mean = 1 + on.spec_accepted_tokens / on.spec_drafts
     assert f"{on.spec_accepted_tokens}/{on.spec_draft_tokens} proposed tokens accepted" in screen
     assert f"in {on.spec_drafts} decodes, mean accepted length {mean:.2f}" in screen
@@ -173,8 +197,10 @@ def test_a_verification_that_contradicts_the_drafts_recomputes_the_request(model
         if result.accepted_token_ids and not tampered:
             rid, accepted = next(iter(result.accepted_token_ids.items()))
             tampered.append(rid)
-            return msgspec.structs.replace(result, accepted_token_ids={
-                **result.accepted_token_ids, rid: [t + 1 for t in accepted] or [1]})
+            return msgspec.structs.replace(
+                result,
+                accepted_token_ids={**result.accepted_token_ids, rid: [t + 1 for t in accepted] or [1]},
+            )
         return result
 
     spec, _, counters = _serve(model_dir, prompts, NGRAM, tamper=tamper)
@@ -189,8 +215,10 @@ def test_stops_and_logprobs_hold_when_tokens_come_several_to_a_step(model_dirs):
     # A stop token that falls inside a run of accepted tokens ends the output right there.
     stop = plain[0][17]
     cut = plain[0].index(stop) + 1
-    for tokens, outs, _ in (_serve(model_dir, prompts[:1], None, stop_token_ids=[stop]),
-                            _serve(model_dir, prompts[:1], NGRAM, stop_token_ids=[stop])):
+    for tokens, outs, _ in (
+        _serve(model_dir, prompts[:1], None, stop_token_ids=[stop]),
+        _serve(model_dir, prompts[:1], NGRAM, stop_token_ids=[stop]),
+    ):
         assert tokens[0] == plain[0][:cut] and outs.finish["0"].finish_reason.value == "stop"
     # max_tokens is exact, however many tokens a step accepts.
     for n in (1, 2, 7):
@@ -207,15 +235,30 @@ def test_stops_and_logprobs_hold_when_tokens_come_several_to_a_step(model_dirs):
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
-
-@pytest.mark.parametrize("sampling", [
-    pytest.param(dict(temperature=0.6, top_k=3, seed=11), id="seeded-sampled"),
-    pytest.param(dict(repetition_penalty=1.3, frequency_penalty=0.2, bad_words=[[7, 8]], min_tokens=12),
-                 id="greedy-penalties-bad-words-min-tokens"),
-    pytest.param(dict(structured=StructuredOutput("json_object"), ignore_eos=False, max_tokens=60), id="grammar"),
-    pytest.param(dict(temperature=0.8, seed=3, logprobs=1, structured=StructuredOutput(
-        "regex", r"(ab|cd|[0-9]{1,3}-)+"), ignore_eos=False, max_tokens=60), id="sampled-grammar"),
-])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        pytest.param(dict(temperature=0.6, top_k=3, seed=11), id="seeded-sampled"),
+        pytest.param(
+            dict(repetition_penalty=1.3, frequency_penalty=0.2, bad_words=[[7, 8]], min_tokens=12),
+            id="greedy-penalties-bad-words-min-tokens",
+        ),
+        pytest.param(
+            dict(structured=StructuredOutput("json_object"), ignore_eos=False, max_tokens=60), id="grammar"
+        ),
+        pytest.param(
+            dict(
+                temperature=0.8,
+                seed=3,
+                logprobs=1,
+                structured=StructuredOutput("regex", r"(ab|cd|[0-9]{1,3}-)+"),
+                ignore_eos=False,
+                max_tokens=60,
+            ),
+            id="sampled-grammar",
+        ),
+    ],
+)
 def test_every_kind_of_request_gets_the_same_tokens_with_speculation(model_dirs, sampling):
     """Each position of a speculated row is sampled as it will be with the drafts before it:
     seeded draws, penalties, bad words, min_tokens and grammars give the plain run's tokens."""
@@ -225,8 +268,9 @@ def test_every_kind_of_request_gets_the_same_tokens_with_speculation(model_dirs,
     spec, spec_outs, on = _serve(model_dir, prompts, NGRAM, **sampling)
     assert on.spec_drafts > 0 and on.spec_accepted_tokens > 0, on
     assert spec == plain
-    assert {k: f.finish_reason for k, f in spec_outs.finish.items()} == \
-        {k: f.finish_reason for k, f in plain_outs.finish.items()}
+    assert {k: f.finish_reason for k, f in spec_outs.finish.items()} == {
+        k: f.finish_reason for k, f in plain_outs.finish.items()
+    }
     if sampling.get("logprobs") is not None:
         for i in plain_outs.logprobs:
             for a, b in zip(spec_outs.logprobs[i], plain_outs.logprobs[i], strict=True):

@@ -58,14 +58,28 @@ def _draw(engine, sampling: SamplingParams, drafts: list[int], n: int) -> list[t
         blocks = {rid: [1 + k] for k, rid in enumerate(ids)}  # one 16-token block each
         news = [NewRequest(rid, list(PROMPT), len(PROMPT), sampling, blocks[rid]) for rid in ids]
         # The prompt but its last token: a chunk that samples nothing.
-        engine.execute(StepPlan(next(STEPS), new_requests=news, num_scheduled_tokens={rid: len(PROMPT) - 1 for rid in ids}))
-        verified = engine.execute(StepPlan(next(STEPS), num_scheduled_tokens={rid: 1 + len(drafts) for rid in ids},
-                                           draft_token_ids={rid: list(drafts) for rid in ids}))
+        engine.execute(
+            StepPlan(
+                next(STEPS), new_requests=news, num_scheduled_tokens={rid: len(PROMPT) - 1 for rid in ids}
+            )
+        )
+        verified = engine.execute(
+            StepPlan(
+                next(STEPS),
+                num_scheduled_tokens={rid: 1 + len(drafts) for rid in ids},
+                draft_token_ids={rid: list(drafts) for rid in ids},
+            )
+        )
         emitted = {rid: [*verified.accepted_token_ids[rid], verified.sampled_token_ids[rid]] for rid in ids}
         short = [rid for rid in ids if len(emitted[rid]) < 2]
         if short:
-            last = engine.execute(StepPlan(next(STEPS), cached_requests=[CachedRequest(rid, [], len(PROMPT)) for rid in short],
-                                           num_scheduled_tokens={rid: 1 for rid in short}))
+            last = engine.execute(
+                StepPlan(
+                    next(STEPS),
+                    cached_requests=[CachedRequest(rid, [], len(PROMPT)) for rid in short],
+                    num_scheduled_tokens={rid: 1 for rid in short},
+                )
+            )
             for rid in short:
                 emitted[rid].append(last.sampled_token_ids[rid])
         pairs += [(emitted[rid][0], emitted[rid][1]) for rid in ids]
@@ -93,8 +107,12 @@ def test_speculated_sampling_keeps_the_output_distribution(model_dirs):
     likely = max(p1, key=p1.get)
     unlikely = min(p1, key=p1.get)
     outside = next(t for t in range(3, 4000) if t not in p1)
-    cases = {"no drafts": [], "likely drafts": [likely, max(p2[likely], key=p2[likely].get)],
-             "unlikely drafts": [unlikely, min(p2[unlikely], key=p2[unlikely].get)], "impossible draft": [outside]}
+    cases = {
+        "no drafts": [],
+        "likely drafts": [likely, max(p2[likely], key=p2[likely].get)],
+        "unlikely drafts": [unlikely, min(p2[unlikely], key=p2[unlikely].get)],
+        "impossible draft": [outside],
+    }
     for name, drafts in cases.items():
         if not drafts:  # the plain path, as the control: one token a step
             pairs = _plain_pairs(engine, sampling)
@@ -117,9 +135,16 @@ def _plain_pairs(engine, sampling: SamplingParams) -> list[tuple[int, int]]:
     ids = [f"p{i}" for i in range(BATCH)]
     for _ in range(SAMPLES // BATCH):
         news = [NewRequest(rid, list(PROMPT), len(PROMPT), sampling, [1 + k]) for k, rid in enumerate(ids)]
-        first = engine.execute(StepPlan(next(STEPS), new_requests=news, num_scheduled_tokens={rid: len(PROMPT) for rid in ids}))
-        second = engine.execute(StepPlan(next(STEPS), cached_requests=[CachedRequest(rid, [], len(PROMPT)) for rid in ids],
-                                         num_scheduled_tokens={rid: 1 for rid in ids}))
+        first = engine.execute(
+            StepPlan(next(STEPS), new_requests=news, num_scheduled_tokens={rid: len(PROMPT) for rid in ids})
+        )
+        second = engine.execute(
+            StepPlan(
+                next(STEPS),
+                cached_requests=[CachedRequest(rid, [], len(PROMPT)) for rid in ids],
+                num_scheduled_tokens={rid: 1 for rid in ids},
+            )
+        )
         pairs += [(first.sampled_token_ids[rid], second.sampled_token_ids[rid]) for rid in ids]
         engine.execute(StepPlan(next(STEPS), finished_ids=ids))
     return pairs

@@ -30,7 +30,10 @@ def test_the_parts_of_a_step_add_up_to_its_total(tmp_path):
     driver.add("r", list(range(3, 33)), 4)  # a 30-token prompt in chunks of 8: three steps sample nothing
     driver.run()
     steps = [r for r in driver.results if r.timings.total_ms > 0]
-    assert sum(not r.sampled_token_ids for r in steps) == 3 and sum(bool(r.sampled_token_ids) for r in steps) == 4
+    assert (
+        sum(not r.sampled_token_ids for r in steps) == 3
+        and sum(bool(r.sampled_token_ids) for r in steps) == 4
+    )
     for r in steps:
         t = r.timings
         assert min(t.prepare_ms, t.forward_ms, t.sample_ms) >= 0.0 and t.forward_ms > 0.0, t

@@ -15,8 +15,8 @@ import xgrammar as xgr
 from transformers import AutoTokenizer
 
 from services.gpu_worker.structured import GrammarMask
-from shared.structured import compile_output
 from shared.messages import NewRequest, SamplingParams, StepPlan, StructuredOutput
+from shared.structured import compile_output
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker
 from tests.gpu_worker.plan_driver import PlanDriver
@@ -28,18 +28,30 @@ PERSON = {
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "role": {"enum": ["admin", "user", "guest"]},
         "tags": {"type": "array", "items": {"type": "string", "enum": ["x", "y", "z"]}, "maxItems": 3},
-        "address": {"type": "object", "properties": {"zip": {"type": "integer", "minimum": 1000, "maximum": 9999},
-                                                     "city": {"enum": ["Oslo", "Rome"]}},
-                    "required": ["zip", "city"], "additionalProperties": False},
+        "address": {
+            "type": "object",
+            "properties": {
+                "zip": {"type": "integer", "minimum": 1000, "maximum": 9999},
+                "city": {"enum": ["Oslo", "Rome"]},
+            },
+            "required": ["zip", "city"],
+            "additionalProperties": False,
+        },
     },
     "required": ["name", "age", "role", "tags", "address"],
     "additionalProperties": False,
 }
-POINTS = {"type": "array", "maxItems": 4,
-          "items": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5},
-                                                     "ok": {"type": "boolean"}},
-                    "required": ["x", "ok"], "additionalProperties": False}}
-CHOICES = ["red", "green", "blue", "light blue", "ünïcode \"quoted\""]
+POINTS = {
+    "type": "array",
+    "maxItems": 4,
+    "items": {
+        "type": "object",
+        "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5}, "ok": {"type": "boolean"}},
+        "required": ["x", "ok"],
+        "additionalProperties": False,
+    },
+}
+CHOICES = ["red", "green", "blue", "light blue", 'ünïcode "quoted"']
 PATTERN = r"[a-z]{2,6}-\d{2,4}(\.[A-Z])?"
 EBNF = 'root ::= "(" item ("," item){0,4} ")"\nitem ::= [0-9] | "ab"'
 SEEDS = [0, 1, 2, 3, 4]
@@ -53,14 +65,17 @@ def setup(model_dirs):
     return engine, info, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
-def run(setup, structured: StructuredOutput, max_tokens: int = 120, prompts=("Hello", "Write JSON:"), **params):
+def run(
+    setup, structured: StructuredOutput, max_tokens: int = 120, prompts=("Hello", "Write JSON:"), **params
+):
     """Every (prompt, sampling) pair as one batch; returns {request_id: output tokens}."""
     engine, info, tok = setup
     driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=32)
     for p, prompt in enumerate(prompts):
         for name, temperature, seed in SAMPLINGS:
-            sampling = SamplingParams(temperature=temperature, seed=seed, structured=structured,
-                                      max_tokens=max_tokens, **params)
+            sampling = SamplingParams(
+                temperature=temperature, seed=seed, structured=structured, max_tokens=max_tokens, **params
+            )
             driver.add(f"{name}/{p}", tok.encode(prompt), max_tokens, sampling)
     return driver.run()
 
@@ -136,7 +151,9 @@ def test_a_request_cut_by_max_tokens_is_a_valid_prefix(setup):
 
 def fresh_matcher(setup, so: StructuredOutput):
     engine, info, _ = setup
-    return xgr.GrammarMatcher(compile_output(engine.grammars.compiler, so), override_stop_tokens=info.eos_token_ids)
+    return xgr.GrammarMatcher(
+        compile_output(engine.grammars.compiler, so), override_stop_tokens=info.eos_token_ids
+    )
 
 
 @pytest.mark.parametrize("temperature,seed", [(0.0, None), (1.0, 11)])
@@ -191,7 +208,12 @@ def test_a_constraint_the_worker_cannot_compile_ends_its_request_only(setup):
     _, info, tok = setup
     engine = setup[0]
     driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids)
-    driver.add("bad", tok.encode("Hi"), 20, SamplingParams(temperature=0.0, structured=StructuredOutput("regex", "(")))
+    driver.add(
+        "bad",
+        tok.encode("Hi"),
+        20,
+        SamplingParams(temperature=0.0, structured=StructuredOutput("regex", "(")),
+    )
     driver.add("good", tok.encode("Hi"), 20, SamplingParams(temperature=0.0, ignore_eos=True))
     out = driver.run()
     assert len(out["bad"]) == 1 and out["bad"][0] in info.eos_token_ids  # no text against its constraint
@@ -222,7 +244,12 @@ def test_seeded_constrained_request_is_the_same_in_any_batch(setup):
     expected = alone.run()["s"]
     crowd = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=5)
     crowd.add("o1", tok.encode("Other"), 30, SamplingParams(temperature=1.0, ignore_eos=True))
-    crowd.add("o2", tok.encode("More"), 30, SamplingParams(temperature=0.7, seed=42, structured=StructuredOutput("json_object")))
+    crowd.add(
+        "o2",
+        tok.encode("More"),
+        30,
+        SamplingParams(temperature=0.7, seed=42, structured=StructuredOutput("json_object")),
+    )
     crowd.step()
     crowd.add("s", tok.encode("Points:"), 100, sampling)
     assert crowd.run()["s"] == expected
@@ -256,15 +283,21 @@ def test_a_resumed_row_whose_tokens_break_its_grammar_is_held_to_stop_tokens(set
 def _think_ids(tok) -> tuple[int, int]:
     """Two single tokens no answer of PATTERN holds, standing for <think> and </think> (Qwen3's
     are added tokens too): <|im_start|> and the token of "?"."""
-    open_id, = tok.encode("?")
+    (open_id,) = tok.encode("?")
     return open_id, tok.convert_tokens_to_ids("<|im_start|>")
 
 
-def _greedy(setup, structured: StructuredOutput | None, bias: dict[int, float], max_tokens: int = 24) -> list[int]:
+def _greedy(
+    setup, structured: StructuredOutput | None, bias: dict[int, float], max_tokens: int = 24
+) -> list[int]:
     engine, info, tok = setup
     driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=32)
-    driver.add("r", tok.encode("Hello"), max_tokens,
-               SamplingParams(temperature=0.0, structured=structured, max_tokens=max_tokens, logit_bias=bias))
+    driver.add(
+        "r",
+        tok.encode("Hello"),
+        max_tokens,
+        SamplingParams(temperature=0.0, structured=structured, max_tokens=max_tokens, logit_bias=bias),
+    )
     return driver.run()["r"]
 
 
@@ -289,8 +322,9 @@ def test_an_output_that_may_not_think_opens_with_the_grammar_or_the_thinking(set
     open_id, end_id = _think_ids(tok)
     maybe = StructuredOutput("regex", PATTERN, think_end=end_id, think_open=open_id)
     # Not opened: constrained from the first token, as without a reasoning parser.
-    assert _greedy(setup, maybe, {open_id: -100.0}) == _greedy(setup, StructuredOutput("regex", PATTERN),
-                                                                 {open_id: -100.0})
+    assert _greedy(setup, maybe, {open_id: -100.0}) == _greedy(
+        setup, StructuredOutput("regex", PATTERN), {open_id: -100.0}
+    )
     # Opened: free (here <think> again and again, which the grammar would never allow).
     out = _greedy(setup, maybe, {open_id: 100.0, end_id: -100.0})
     assert out == [open_id] * 24
@@ -303,8 +337,11 @@ def test_an_output_that_may_not_think_opens_with_the_grammar_or_the_thinking(set
 def test_a_resumed_row_knows_whether_its_thinking_ended(setup):
     engine, _, tok = setup
     open_id, end_id = _think_ids(tok)
-    params = SamplingParams(structured=StructuredOutput("choice", json.dumps(["red", "blue"]), think_end=end_id,
-                                                        think_open=open_id))
+    params = SamplingParams(
+        structured=StructuredOutput(
+            "choice", json.dumps(["red", "blue"]), think_end=end_id, think_open=open_id
+        )
+    )
     thinking = engine.grammars.row_grammar(params, [open_id, *tok.encode("green ??")])
     assert thinking.thinking and not thinking.free
     answered = engine.grammars.row_grammar(params, [open_id, *tok.encode("green"), end_id, *tok.encode("re")])
@@ -317,8 +354,12 @@ def test_a_resumed_row_knows_whether_its_thinking_ended(setup):
 
 def test_mask_token_ids_outside_the_vocab_are_an_invalid_plan(setup):
     engine, info, _ = setup
-    for bad in (SamplingParams(logit_bias={info.vocab_size: 1.0}), SamplingParams(allowed_token_ids=[-1]),
-                SamplingParams(bad_words=[[3, info.vocab_size + 5]]), SamplingParams(bad_words=[[]])):
+    for bad in (
+        SamplingParams(logit_bias={info.vocab_size: 1.0}),
+        SamplingParams(allowed_token_ids=[-1]),
+        SamplingParams(bad_words=[[3, info.vocab_size + 5]]),
+        SamplingParams(bad_words=[[]]),
+    ):
         plan = StepPlan(0, [NewRequest("x", [5, 6], 2, bad, [1])], num_scheduled_tokens={"x": 2})
         result = engine.execute(plan)
         assert result.error is not None and "invalid step plan" in result.error
@@ -330,13 +371,35 @@ def test_the_worker_process_applies_masks_and_grammars_sent_over_the_wire(setup,
     """msgpack carries the constraint and the masks; the worker process reads its tokenizer
     itself and gives the in-process engine's tokens."""
     engine, info, tok = setup
-    samplings = {"schema": SamplingParams(temperature=0.0, structured=StructuredOutput("json_schema", json.dumps(PERSON))),
-                 "choice": SamplingParams(temperature=1.0, seed=5, structured=StructuredOutput("choice", json.dumps(CHOICES))),
-                 "masks": SamplingParams(temperature=1.0, seed=6, logit_bias={40: 5.0}, allowed_token_ids=list(range(30, 60)),
-                                         bad_words=[[41], [42, 43]], ignore_eos=True)}
+    samplings = {
+        "schema": SamplingParams(
+            temperature=0.0, structured=StructuredOutput("json_schema", json.dumps(PERSON))
+        ),
+        "choice": SamplingParams(
+            temperature=1.0, seed=5, structured=StructuredOutput("choice", json.dumps(CHOICES))
+        ),
+        "masks": SamplingParams(
+            temperature=1.0,
+            seed=6,
+            logit_bias={40: 5.0},
+            allowed_token_ids=list(range(30, 60)),
+            bad_words=[[41], [42, 43]],
+            ignore_eos=True,
+        ),
+    }
     scheduler = FakeScheduler()
-    proc = start_worker("--model", str(model_dirs["qwen2"]), "--scheduler-address", scheduler.address,
-                        "--device", "cpu", "--kv-cache-memory", "64MiB", "--worker-id", "w-struct")
+    proc = start_worker(
+        "--model",
+        str(model_dirs["qwen2"]),
+        "--scheduler-address",
+        scheduler.address,
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "64MiB",
+        "--worker-id",
+        "w-struct",
+    )
     try:
         reg = scheduler.recv()
         remote = PlanDriver(scheduler.execute, reg.block_size, reg.num_blocks, reg.eos_token_ids)
@@ -355,8 +418,9 @@ def test_the_worker_process_applies_masks_and_grammars_sent_over_the_wire(setup,
         scheduler.close()
 
 
-@pytest.mark.parametrize("kind, spec", [("json_schema", json.dumps({"type": "string", "maxLength": 5})),
-                                        ("regex", "[^a]{1,4}")])
+@pytest.mark.parametrize(
+    "kind, spec", [("json_schema", json.dumps({"type": "string", "maxLength": 5})), ("regex", "[^a]{1,4}")]
+)
 def test_no_utf16_surrogate_ever_gets_through(setup, kind, spec):
     """xgrammar's negated classes take U+D800..U+DFFF, whose UTF-8 form (ED A0..BF xx) is
     not valid UTF-8 (a decoder shows three U+FFFD, and maxLength breaks): never inside a
@@ -368,7 +432,9 @@ def test_no_utf16_surrogate_ever_gets_through(setup, kind, spec):
     if kind == "json_schema":
         row.accept(token_bytes.index(b'"'))
     mask = GrammarMask(grammars.vocab_size, engine.device)
-    allowed = lambda: {i for i, v in enumerate(mask.additive([row], grammars.vocab_size)[0].tolist()) if v == 0}  # noqa: E731
+    allowed = lambda: {
+        i for i, v in enumerate(mask.additive([row], grammars.vocab_size)[0].tolist()) if v == 0
+    }
     first = allowed()
     assert not any(re.search(rb"\xed[\xa0-\xbf]", token_bytes[i]) for i in first)
     row.accept(token_bytes.index(b"\xed"))

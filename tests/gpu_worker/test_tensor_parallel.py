@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 
 from kernels import get_attention_backend
+from services.gpu_worker.__main__ import in_force
 from services.gpu_worker.factory import create_engine
 from services.gpu_worker.loader import load_config, load_model, model_shape, shard_model
 from services.gpu_worker.parallel_layers import plan_sharding
-from services.gpu_worker.__main__ import in_force
 from services.gpu_worker.tensor_parallel import RankLayout, rank_layouts, share_out
 from services.gpu_worker.tp_group import check_devices
 from shared.config import WorkerSettings
@@ -34,13 +34,21 @@ TP_VARIANTS = {**VARIANTS, "mqa": dict(arch="qwen3", num_key_value_heads=1)}
 
 
 def tp_settings(model_dir, world: int = 2, **kw) -> WorkerSettings:
-    return WorkerSettings(model=str(model_dir), device="cpu", kv_cache_memory="64MiB", worker_id="tp-worker",
-                          tensor_parallel_size=world, **kw)
+    return WorkerSettings(
+        model=str(model_dir),
+        device="cpu",
+        kv_cache_memory="64MiB",
+        worker_id="tp-worker",
+        tensor_parallel_size=world,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def tp_model_dirs(model_dirs, tmp_path_factory):
-    mqa = make_model(tmp_path_factory.mktemp("mqa"), preset="tiny", num_hidden_layers=2, seed=1, **TP_VARIANTS["mqa"])
+    mqa = make_model(
+        tmp_path_factory.mktemp("mqa"), preset="tiny", num_hidden_layers=2, seed=1, **TP_VARIANTS["mqa"]
+    )
     return {**model_dirs, "mqa": mqa}
 
 
@@ -58,7 +66,9 @@ def test_greedy_batch_matches_hf(tp_engine):
     arch, model_dir, engine, info = tp_engine
     assert engine.model.shape.num_heads == 2 and engine.model.shape.num_kv_heads == 1  # this rank's share
     prompts = _prompts(seed=7, vocab=info.vocab_size, lengths=LENGTHS)
-    shared = prompts[4][:64] + _prompts(seed=8, vocab=info.vocab_size, lengths=[23])[0]  # 4 cached blocks + a tail
+    shared = (
+        prompts[4][:64] + _prompts(seed=8, vocab=info.vocab_size, lengths=[23])[0]
+    )  # 4 cached blocks + a tail
     preempted = _prompts(seed=9, vocab=info.vocab_size, lengths=[57])[0]
     expected = hf_greedy(model_dir, prompts + [shared, preempted], MAX_TOKENS)
 
@@ -97,9 +107,15 @@ def test_seeded_sampling_equals_the_single_rank_engine(tp_engine):
         for n, p in enumerate(prompts):
             driver.add(f"s{n}", p, 16, params)
         outputs.append(driver.run())
-        logprobs.append([(rid, lp.token_id, lp.logprob) for r in driver.results for rid, lp in r.logprobs.items()]
-                        + [(rid, e.token_id, e.logprob) for r in driver.results
-                           for rid, chunk in r.prompt_logprobs.items() for e in chunk.entries])
+        logprobs.append(
+            [(rid, lp.token_id, lp.logprob) for r in driver.results for rid, lp in r.logprobs.items()]
+            + [
+                (rid, e.token_id, e.logprob)
+                for r in driver.results
+                for rid, chunk in r.prompt_logprobs.items()
+                for e in chunk.entries
+            ]
+        )
     assert outputs[0] == outputs[1], arch
     assert len(logprobs[0]) == len(logprobs[1]) == 2 * 16 + 8 + 36
     for (rid, token, lp), (rid1, token1, lp1) in zip(*logprobs):
@@ -108,8 +124,14 @@ def test_seeded_sampling_equals_the_single_rank_engine(tp_engine):
 
 @pytest.mark.parametrize("heads, kv_heads", [(6, 3), (3, 3)])
 def test_a_model_that_cannot_be_split_fails_at_start_up(tmp_path, heads, kv_heads):
-    model_dir = make_model(tmp_path, preset="tiny", num_hidden_layers=1, num_attention_heads=heads,
-                           num_key_value_heads=kv_heads, hidden_size=192)
+    model_dir = make_model(
+        tmp_path,
+        preset="tiny",
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        hidden_size=192,
+    )
     with pytest.raises(ModelLoadError) as e:
         create_engine(tp_settings(model_dir))
     message = str(e.value)
@@ -162,7 +184,9 @@ def test_a_vocabulary_that_leaves_a_rank_no_rows_fails_at_start_up():
 def test_more_ranks_than_the_host_has_gpus_fails_before_starting():
     check_devices(torch.device("cuda", 0), 2, device_count=2)
     check_devices(torch.device("cpu"), 4, device_count=0)
-    with pytest.raises(ModelLoadError, match="tensor_parallel_size 2 on cuda:1 needs cuda:1..cuda:2.* 2 CUDA"):
+    with pytest.raises(
+        ModelLoadError, match="tensor_parallel_size 2 on cuda:1 needs cuda:1..cuda:2.* 2 CUDA"
+    ):
         check_devices(torch.device("cuda", 1), 2, device_count=2)
     with pytest.raises(ModelLoadError, match="on cuda:0 needs cuda:0..cuda:3"):
         check_devices(torch.device("cuda"), 4, device_count=2)
@@ -180,8 +204,9 @@ def test_ranks_load_the_replicated_kv_head_their_query_heads_read(model_dirs):
     assert k.shape[0] == 2 * hd, "the tiny preset has 2 KV heads"
     for rank in range(4):
         sharding = shard_model(config, model_shape(config), rank, 4)
-        model = load_model(path, cpu, torch.float32, get_attention_backend(cpu), "torch", sharding,
-                           all_reduce=lambda t: None)  # loading runs no collective
+        model = load_model(
+            path, cpu, torch.float32, get_attention_backend(cpu), "torch", sharding, all_reduce=lambda t: None
+        )  # loading runs no collective
         qkv = model.layers[1].qkv.weight  # this rank's one query head, then its K and V rows
         kv = slice((rank // 2) * hd, (rank // 2 + 1) * hd)
-        assert torch.equal(qkv[hd:2 * hd], k[kv]) and torch.equal(qkv[2 * hd:], v[kv]), rank
+        assert torch.equal(qkv[hd : 2 * hd], k[kv]) and torch.equal(qkv[2 * hd :], v[kv]), rank

@@ -73,8 +73,11 @@ def _followers_of_this_process() -> list[psutil.Process]:
 def test_a_follower_dying_at_start_up_fails_the_start_up_at_once(model_dirs, monkeypatch, point):
     """Before the rendezvous rank 0 would wait 5 minutes for it; after loading (an OOM in its
     KV cache) rank 0 would start and, on NCCL, block for ever in its first step."""
-    monkeypatch.setattr(tensor_parallel, "FOLLOWER_COMMAND",
-                        [sys.executable, "-m", "tests.gpu_worker.dying_tp_follower", point])
+    monkeypatch.setattr(
+        tensor_parallel,
+        "FOLLOWER_COMMAND",
+        [sys.executable, "-m", "tests.gpu_worker.dying_tp_follower", point],
+    )
     start = time.monotonic()
     with pytest.raises(ModelLoadError, match=r"tensor-parallel rank 1 \(pid \d+\) exited with 3"):
         create_engine(tp_settings(model_dirs["llama"]))
@@ -133,9 +136,21 @@ def test_a_worker_stops_heartbeating_once_a_rank_died_while_its_step_hangs(model
 def tp_worker(model_dirs):
     """(fake scheduler, worker process, its follower's psutil.Process, registration)."""
     scheduler = FakeScheduler()
-    proc = start_worker("--model", str(model_dirs["llama"]), "--scheduler-address", scheduler.address,
-                        "--device", "cpu", "--kv-cache-memory", "16MiB", "--worker-id", "tp",
-                        "--tensor-parallel-size", "2", log=subprocess.DEVNULL)
+    proc = start_worker(
+        "--model",
+        str(model_dirs["llama"]),
+        "--scheduler-address",
+        scheduler.address,
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "16MiB",
+        "--worker-id",
+        "tp",
+        "--tensor-parallel-size",
+        "2",
+        log=subprocess.DEVNULL,
+    )
     followers: list[psutil.Process] = []
     try:
         reg = scheduler.recv(timeout_s=120)
@@ -158,7 +173,9 @@ def tp_worker(model_dirs):
 
 
 def _one_step(scheduler: FakeScheduler, step_id: int, rid: str) -> m.StepResult:
-    plan = m.StepPlan(step_id, [m.NewRequest(rid, [5, 6, 7, 8], 4, GREEDY, [step_id])], num_scheduled_tokens={rid: 4})
+    plan = m.StepPlan(
+        step_id, [m.NewRequest(rid, [5, 6, 7, 8], 4, GREEDY, [step_id])], num_scheduled_tokens={rid: 4}
+    )
     return scheduler.execute(plan, timeout_s=60)
 
 
@@ -203,5 +220,7 @@ def test_sigterm_stops_every_rank(tp_worker):
     leaving = scheduler.recv(timeout_s=30)
     assert isinstance(leaving, m.WorkerLeaving) and leaving.reason == "shutdown"
     assert proc.wait(timeout=30) == 0
-    follower.wait(timeout=10)  # rank 0 reaped it: its exit status is rank 0's to read (it checks 0 in-process)
+    follower.wait(
+        timeout=10
+    )  # rank 0 reaped it: its exit status is rank 0's to read (it checks 0 in-process)
     assert not follower.is_running()

@@ -27,8 +27,14 @@ from shared.tiny_model import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TEXTS = ["hello world", "héllo → 世界 🙂", "  two  spaces\tand a tab\n\nnew lines ",
-         "<|im_end|> inside text", "", "KV-cache: 16 tokens/block, p99=180ms"]
+TEXTS = [
+    "hello world",
+    "héllo → 世界 🙂",
+    "  two  spaces\tand a tab\n\nnew lines ",
+    "<|im_end|> inside text",
+    "",
+    "KV-cache: 16 tokens/block, p99=180ms",
+]
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -68,8 +74,14 @@ def test_each_arch_loads_offline_and_gives_logits(tmp_path, arch):
 
 def test_gpu_05b_preset_is_qwen2_tied_bf16(tmp_path):
     # Shrunk by overrides: the preset's shape is what matters, not its 0.5B parameters.
-    model_dir = make_model(tmp_path / "g", arch="llama", preset="gpu-0.5b", dtype=torch.bfloat16,
-                           num_hidden_layers=1, vocab_size=4096)
+    model_dir = make_model(
+        tmp_path / "g",
+        arch="llama",
+        preset="gpu-0.5b",
+        dtype=torch.bfloat16,
+        num_hidden_layers=1,
+        vocab_size=4096,
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     config = model.config
     assert config.model_type == "qwen2" and model.dtype == torch.bfloat16
@@ -82,10 +94,21 @@ def test_gpu_05b_preset_is_qwen2_tied_bf16(tmp_path):
 
 
 def test_overrides_reach_the_config(tmp_path):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
-    model_dir = make_model(tmp_path / "m", num_hidden_layers=1, tie_word_embeddings=True,
-                           rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=8192)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 1024,
+    }
+    model_dir = make_model(
+        tmp_path / "m",
+        num_hidden_layers=1,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=scaling,
+        max_position_embeddings=8192,
+    )
     config = AutoModelForCausalLM.from_pretrained(model_dir).config
     assert config.num_hidden_layers == 1 and config.tie_word_embeddings
     assert config.rope_parameters["rope_type"] == "llama3"
@@ -130,8 +153,9 @@ def test_chat_template_is_chatml(tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo"}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n"
-                    "<|im_start|>user\nhéllo<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhéllo<|im_end|>\n<|im_start|>assistant\n"
+    )
     # The markers are single special tokens, not spelled out byte by byte.
     ids = tok.encode(text)
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
@@ -166,10 +190,15 @@ def test_cli_prints_dir_while_racing_another_builder(tmp_path):
     # their publishes overlap: both must succeed, leaving one complete model that is
     # identical to ours (so the seed also holds across processes).
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "shared.tiny_model", "--out", str(out),
-           "--preset", "tiny"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "shared.tiny_model", "--out", str(out), "--preset", "tiny"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     builds, deadline = 0, time.monotonic() + 120
     while proc.poll() is None:
         assert time.monotonic() < deadline, "the CLI did not finish within 120 s"

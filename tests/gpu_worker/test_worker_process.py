@@ -34,8 +34,18 @@ def scheduler():
 @pytest.mark.slow
 def test_worker_process_matches_in_process_engine(model_dirs, scheduler):
     model_dir = model_dirs["llama"]
-    proc = start_worker("--model", str(model_dir), "--scheduler-address", scheduler.address,
-                        "--device", "cpu", "--kv-cache-memory", "64MiB", "--worker-id", "w1")
+    proc = start_worker(
+        "--model",
+        str(model_dir),
+        "--scheduler-address",
+        scheduler.address,
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "64MiB",
+        "--worker-id",
+        "w1",
+    )
     try:
         reg = scheduler.recv()
         assert isinstance(reg, m.RegisterWorker)
@@ -49,14 +59,25 @@ def test_worker_process_matches_in_process_engine(model_dirs, scheduler):
         assert isinstance(bad, m.StepResult) and "undecodable" in bad.error
         unknown = scheduler.execute(m.StepPlan(step_id=900, num_scheduled_tokens={"ghost": 1}))
         assert unknown.step_id == 900 and "ghost" in unknown.error
-        out_of_range = scheduler.execute(m.StepPlan(step_id=901, new_requests=[m.NewRequest(
-            "x", [5, 6, 7], 3, m.SamplingParams(temperature=0), [reg.num_blocks + 3])], num_scheduled_tokens={"x": 3}))
+        out_of_range = scheduler.execute(
+            m.StepPlan(
+                step_id=901,
+                new_requests=[
+                    m.NewRequest("x", [5, 6, 7], 3, m.SamplingParams(temperature=0), [reg.num_blocks + 3])
+                ],
+                num_scheduled_tokens={"x": 3},
+            )
+        )
         assert "out of range" in out_of_range.error
 
         prompts = _prompts(seed=11, vocab=reg.vocab_size, lengths=[3, 20, 47, 90])
-        remote = PlanDriver(scheduler.execute, reg.block_size, reg.num_blocks, reg.eos_token_ids, chunk_size=17)
+        remote = PlanDriver(
+            scheduler.execute, reg.block_size, reg.num_blocks, reg.eos_token_ids, chunk_size=17
+        )
         engine, info = make_engine(model_dir)
-        local = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=17)
+        local = PlanDriver(
+            engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=17
+        )
         for driver in (remote, local):
             for i, p in enumerate(prompts):
                 driver.add(str(i), p, 8)
@@ -77,14 +98,27 @@ def test_a_lost_plan_fails_the_wait_within_its_deadline(model_dirs, scheduler):
     """The helper's own guarantee, tested because it once hung a run: a plan the worker
     never receives (here sent to its heartbeat socket, which reads nothing) makes the wait
     raise TimeoutError at its deadline, although heartbeats keep arriving all along."""
-    proc = start_worker("--model", str(model_dirs["llama"]), "--scheduler-address", scheduler.address,
-                        "--device", "cpu", "--kv-cache-memory", "16MiB", "--worker-id", "w1",
-                        log=subprocess.DEVNULL)
+    proc = start_worker(
+        "--model",
+        str(model_dirs["llama"]),
+        "--scheduler-address",
+        scheduler.address,
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "16MiB",
+        "--worker-id",
+        "w1",
+        log=subprocess.DEVNULL,
+    )
     try:
         assert isinstance(scheduler.recv(), m.RegisterWorker)
         assert isinstance(scheduler.recv(skip_heartbeats=False), m.Heartbeat)  # its socket is known now
-        plan = m.StepPlan(1, [m.NewRequest("a", [5, 6, 7], 3, m.SamplingParams(temperature=0), [0])],
-                          num_scheduled_tokens={"a": 3})
+        plan = m.StepPlan(
+            1,
+            [m.NewRequest("a", [5, 6, 7], 3, m.SamplingParams(temperature=0), [0])],
+            num_scheduled_tokens={"a": 3},
+        )
         scheduler.send_raw(m.encode(plan), identity=b"w1/heartbeat")
         beats, start = scheduler.heartbeats, time.monotonic()
         with pytest.raises(TimeoutError):
@@ -122,7 +156,9 @@ def test_bad_flag_value_fails_clearly(model_dirs):
     assert proc.returncode == 2 and "block_size" in out
 
 
-def test_a_failure_to_start_is_one_line_and_recorded_in_redis(redis_server, redis_client, redis_keys, tmp_path):
+def test_a_failure_to_start_is_one_line_and_recorded_in_redis(
+    redis_server, redis_client, redis_keys, tmp_path
+):
     """Compose restarts a worker that exits 2, so it also says why where the gateway and
     `conveyor status` read: for a model it cannot serve, and for settings that do not
     validate (then the environment alone says who it is and where Redis is)."""
@@ -132,19 +168,35 @@ def test_a_failure_to_start_is_one_line_and_recorded_in_redis(redis_server, redi
     unreadable = tmp_path / "unreadable"
     shutil.copytree(mamba, unreadable)
     (unreadable / "config.json").chmod(0)
-    cases = {"w-model": (["--model", str(mamba)], {}, "unsupported architecture ['MambaForCausalLM']"),
-             "w-setting": ([], {"CONVEYOR_BLOCK_SIZE": "12"}, "block_size: "),
-             "w-affinity": ([], {"CONVEYOR_CPU_AFFINITY": "4096"}, "cpu_affinity '4096' names cores")}
+    cases = {
+        "w-model": (["--model", str(mamba)], {}, "unsupported architecture ['MambaForCausalLM']"),
+        "w-setting": ([], {"CONVEYOR_BLOCK_SIZE": "12"}, "block_size: "),
+        "w-affinity": ([], {"CONVEYOR_CPU_AFFINITY": "4096"}, "cpu_affinity '4096' names cores"),
+    }
     if os.geteuid() != 0:  # root reads any file
         cases["w-unreadable"] = (["--model", str(unreadable)], {}, "cannot read")
     for worker_id, (flags, env, words) in cases.items():
-        proc = subprocess.run([sys.executable, "-m", "services.gpu_worker", *flags], cwd=REPO, capture_output=True,
-                              text=True, timeout=120,
-                              env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", REDIS_URL=redis_server.url,
-                                       CONVEYOR_REDIS_PREFIX=redis_keys.prefix, CONVEYOR_WORKER_ID=worker_id, **env))
+        proc = subprocess.run(
+            [sys.executable, "-m", "services.gpu_worker", *flags],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(
+                os.environ,
+                HF_HUB_OFFLINE="1",
+                OMP_NUM_THREADS="1",
+                REDIS_URL=redis_server.url,
+                CONVEYOR_REDIS_PREFIX=redis_keys.prefix,
+                CONVEYOR_WORKER_ID=worker_id,
+                **env,
+            ),
+        )
         errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
         assert proc.returncode == 2 and len(errors) == 1 and words in errors[0], proc.stderr
     failures = read_status(redis_client, redis_keys).startup_failures
     assert set(failures) == set(cases)
-    assert failures["w-model"].error.startswith(f"unsupported architecture ['MambaForCausalLM'] in {str(mamba)!r}")
+    assert failures["w-model"].error.startswith(
+        f"unsupported architecture ['MambaForCausalLM'] in {str(mamba)!r}"
+    )
     assert 0 < redis_client.ttl(redis_keys.startup_failures) <= STARTUP_FAILURE_TTL_S

@@ -25,18 +25,23 @@ def test_cpu_defaults_to_the_cpu_kernel(monkeypatch):
 def test_the_setting_overrides_the_default(monkeypatch):
     # Without a GPU, conftest.py has set TRITON_INTERPRET=1, which lets triton run on CPU.
     monkeypatch.setenv("CONVEYOR_ATTENTION_BACKEND", "triton")
-    backend = get_attention_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                                    WorkerSettings().attention_backend)
+    backend = get_attention_backend(
+        torch.device("cuda" if torch.cuda.is_available() else "cpu"), WorkerSettings().attention_backend
+    )
     assert backend.name == "triton"
     assert backend.store_kv.__module__ == "kernels.triton_store_kv"
     monkeypatch.setenv("CONVEYOR_ATTENTION_BACKEND", "reference")
-    assert get_attention_backend(torch.device("cpu"),
-                                 WorkerSettings().attention_backend).decode_attention is reference.decode_attention
+    assert (
+        get_attention_backend(torch.device("cpu"), WorkerSettings().attention_backend).decode_attention
+        is reference.decode_attention
+    )
 
 
 def test_the_flag_beats_the_environment_and_a_typo_names_the_setting(monkeypatch):
     monkeypatch.setenv("CONVEYOR_ATTENTION_BACKEND", "triton")
-    assert parse_settings(WorkerSettings, ["--attention-backend", "reference"]).attention_backend == "reference"
+    assert (
+        parse_settings(WorkerSettings, ["--attention-backend", "reference"]).attention_backend == "reference"
+    )
     with pytest.raises(ValidationError, match="attention_backend"):
         WorkerSettings(attention_backend="cuda-graphs")
 

@@ -83,7 +83,9 @@ def test_bf16_rounds_like_eager():
     assert torch.equal(got_h, want_h)
     torch.testing.assert_close(got_x, want_x, **bf16)
     gate_up = torch.randn(9, 640, dtype=torch.bfloat16)
-    torch.testing.assert_close(k.silu_and_mul(gate_up), layer_ops.act_and_mul(ACT2FN["silu"], gate_up), **bf16)
+    torch.testing.assert_close(
+        k.silu_and_mul(gate_up), layer_ops.act_and_mul(ACT2FN["silu"], gate_up), **bf16
+    )
     q, kk, cos, sin = rope_case(9, 64, torch.bfloat16)
     want_q, want_k = layer_ops.apply_rotary(q, kk, cos, sin)
     got_q, got_k = k.rotary(q, kk, cos, sin)
@@ -95,9 +97,14 @@ def test_switch_defaults_to_cpu_on_cpu_and_keeps_other_activations_eager(monkeyp
     assert layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"]).act_and_mul is k.silu_and_mul
     gelu = layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["gelu"])
     gate_up = torch.randn(3, 128)
-    assert gelu.name == "cpu" and torch.equal(gelu.act_and_mul(gate_up), layer_ops.act_and_mul(ACT2FN["gelu"], gate_up))
+    assert gelu.name == "cpu" and torch.equal(
+        gelu.act_and_mul(gate_up), layer_ops.act_and_mul(ACT2FN["gelu"], gate_up)
+    )
     monkeypatch.setenv("CONVEYOR_LAYER_OPS", "eager")  # the worker's layer_ops setting
-    assert layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"], WorkerSettings().layer_ops).name == "eager"
+    assert (
+        layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"], WorkerSettings().layer_ops).name
+        == "eager"
+    )
     with pytest.raises(ValueError, match="'fused'.*expected one of"):
         layer_ops.get_layer_ops(torch.device("cpu"), ACT2FN["silu"], "fused")
     with pytest.raises(ValueError, match="CPU only, not on cuda"):
@@ -133,4 +140,6 @@ def test_bf16_conversion_rounds_exactly_as_torch_on_edge_values():
     x = torch.tensor([1.00390625, 1.01171875, 3.3961e38, 3.4e38, float("inf"), float("nan"), 65504.0, 1e-40])
     gate_up = torch.cat([x, torch.ones_like(x)]).reshape(1, -1)
     want = layer_ops.act_and_mul(ACT2FN["silu"], gate_up.to(torch.bfloat16))
-    torch.testing.assert_close(k.silu_and_mul(gate_up.to(torch.bfloat16)), want, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(
+        k.silu_and_mul(gate_up.to(torch.bfloat16)), want, atol=0, rtol=0, equal_nan=True
+    )

@@ -69,9 +69,16 @@ def test_shapes_without_a_compiled_kernel_go_to_the_reference(paged_batch, num_h
 
 def test_empty_batch_and_empty_sequence(paged_batch):
     b = paged_batch([1, 1], [4, 9], 4, 2, 64, 16)
-    assert cpu.decode_attention(b.q[:0], b.k_cache, b.v_cache, b.block_tables[:0], b.seq_lens[:0], b.scale).shape[0] == 0
+    assert (
+        cpu.decode_attention(
+            b.q[:0], b.k_cache, b.v_cache, b.block_tables[:0], b.seq_lens[:0], b.scale
+        ).shape[0]
+        == 0
+    )
     with pytest.raises(RuntimeError, match="sequence 1 has seq_len 0"):
-        cpu.decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, torch.tensor([4, 0], dtype=torch.int32), b.scale)
+        cpu.decode_attention(
+            b.q, b.k_cache, b.v_cache, b.block_tables, torch.tensor([4, 0], dtype=torch.int32), b.scale
+        )
 
 
 def poison_before(b, first_keys):
@@ -91,7 +98,9 @@ WINDOWS = [1, 5, 16, 37, 70, 4096]
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_window_matches_reference_and_skips_blocks_before_it(paged_batch, window, num_heads, num_kv_heads, dtype):
+def test_window_matches_reference_and_skips_blocks_before_it(
+    paged_batch, window, num_heads, num_kv_heads, dtype
+):
     lens = [1, 15, 17, 70, 250, 1000]
     b = paged_batch([1] * len(lens), lens, num_heads, num_kv_heads, 64, 16, dtype=dtype)
     args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale)

@@ -83,13 +83,24 @@ def test_shapes_without_a_compiled_kernel_go_to_the_reference(paged_batch, num_h
 
 def test_empty_batch_and_metadata_that_does_not_fit(paged_batch):
     b = batch(paged_batch, [(4, 4), (9, 9)], 4, 2, 64, 16)
-    empty = cpu.prefill_attention(b.q[:0], b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale)
+    empty = cpu.prefill_attention(
+        b.q[:0], b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale
+    )
     assert empty.shape[0] == 0
     with pytest.raises(RuntimeError, match="sequence 1 has 9 query tokens but seq_len 8"):
-        cpu.prefill_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q,
-                              torch.tensor([4, 8], dtype=torch.int32), b.scale)
+        cpu.prefill_attention(
+            b.q,
+            b.k_cache,
+            b.v_cache,
+            b.block_tables,
+            b.cu_seqlens_q,
+            torch.tensor([4, 8], dtype=torch.int32),
+            b.scale,
+        )
     with pytest.raises(RuntimeError, match="cu_seqlens_q runs 0 .. 13 but q has 12 rows"):
-        cpu.prefill_attention(b.q[:12], b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale)
+        cpu.prefill_attention(
+            b.q[:12], b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale
+        )
 
 
 # Windows of one token, below, at and off the block and tile sizes, and longer than every chunk.
@@ -99,7 +110,9 @@ WINDOWS = [1, 5, 16, 37, 100, 4096]
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_window_matches_reference_and_skips_keys_before_it(paged_batch, window, num_heads, num_kv_heads, dtype):
+def test_window_matches_reference_and_skips_keys_before_it(
+    paged_batch, window, num_heads, num_kv_heads, dtype
+):
     # CHUNKS holds chunks after a prefix longer than the window (the chunk crosses the window's
     # lower edge: chunked prefill) and whole prompts longer and shorter than it.
     b = batch(paged_batch, CHUNKS, num_heads, num_kv_heads, 64, 16, dtype=dtype)
@@ -120,8 +133,12 @@ def test_window_with_every_chunk_length_and_prefix(paged_batch, window):
     for q_len in (1, 7, 16, 31, 100):
         b = batch(paged_batch, [(q_len, q_len), (q_len, q_len + 45), (q_len, q_len + 1)], 9, 3, 64, 16)
         args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale)
-        torch.testing.assert_close(cpu.prefill_attention(*args, window=window),
-                                   reference.prefill_attention(*args, window=window), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            cpu.prefill_attention(*args, window=window),
+            reference.prefill_attention(*args, window=window),
+            atol=2e-6,
+            rtol=1e-5,
+        )
 
 
 def test_window_zero_is_no_window(paged_batch):

@@ -18,7 +18,7 @@ def write_both(key, value, slots, dtype=torch.float32):
 def test_matches_reference_and_skips_padding(dtype):
     n = 40
     qkv = torch.randn(n, 8 * 64).to(dtype)  # v is a view of the fused projection, as in the engine
-    key, value = qkv[:, 4 * 64:6 * 64].reshape(n, 2, 64).clone(), qkv[:, 6 * 64:].view(n, 2, 64)
+    key, value = qkv[:, 4 * 64 : 6 * 64].reshape(n, 2, 64).clone(), qkv[:, 6 * 64 :].view(n, 2, 64)
     slots = torch.randperm(9 * 16)[:n]
     slots[::7] = -1
     k_ref, v_ref, k_cpu, v_cpu = write_both(key, value, slots, dtype)

@@ -19,20 +19,38 @@ from tests.gpu_worker.plan_driver import PlanDriver
 
 
 # The layer's elementwise ops too: the fused CPU kernels (the CPU default) and eager torch.
-@pytest.mark.parametrize("backend,layer_ops", [("triton", "eager"), ("cpu", "cpu"), ("cpu", "eager"),
-                                               ("reference", "cpu")])
+@pytest.mark.parametrize(
+    "backend,layer_ops", [("triton", "eager"), ("cpu", "cpu"), ("cpu", "eager"), ("reference", "cpu")]
+)
 def test_engine_on_backend_matches_hf(tmp_path, backend, layer_ops):
     # Small enough for the interpreter: 1 layer, 64-wide, GQA 2. The C++ kernel is compiled
     # for head_dim 64 and 128 only (16 would go to the reference), so it gets heads of 64.
-    model_dir = make_model(tmp_path / "m", arch="qwen3", preset="tiny", seed=3, num_hidden_layers=1,
-                           hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16 if backend == "triton" else 64)
+    model_dir = make_model(
+        tmp_path / "m",
+        arch="qwen3",
+        preset="tiny",
+        seed=3,
+        num_hidden_layers=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16 if backend == "triton" else 64,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() and backend == "triton" else "cpu")
-    model = load_model(model_dir, device, torch.float32, get_attention_backend(device, backend), layer_ops=layer_ops)
+    model = load_model(
+        model_dir, device, torch.float32, get_attention_backend(device, backend), layer_ops=layer_ops
+    )
     assert model.ops.name == layer_ops
     block_size, num_blocks = 16, 64
-    engine = Engine(model, allocate_kv_cache(model.shape, num_blocks, block_size, torch.float32, device),
-                    block_size, num_blocks, 4096, eos_token_ids(model_dir, load_config(model_dir)))
+    engine = Engine(
+        model,
+        allocate_kv_cache(model.shape, num_blocks, block_size, torch.float32, device),
+        block_size,
+        num_blocks,
+        4096,
+        eos_token_ids(model_dir, load_config(model_dir)),
+    )
     prompts = [[5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], list(range(40, 75))]
     driver = PlanDriver(engine.execute, block_size, num_blocks, engine.sampler.eos_token_ids, chunk_size=11)
     for i, p in enumerate(prompts):

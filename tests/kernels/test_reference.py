@@ -118,12 +118,15 @@ WINDOWS = [1, 7, 16, 37, 70, 1000]
 def test_prefill_with_a_window_matches_naive(paged_batch, window, num_heads, num_kv_heads):
     q_lens, seq_lens = RAGGED
     b = paged_batch(q_lens, seq_lens, num_heads, num_kv_heads, 64, 16)
-    out = reference.prefill_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens,
-                                      b.scale, window=window)
+    out = reference.prefill_attention(
+        b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale, window=window
+    )
     starts = b.cu_seqlens_q.tolist()
     for i, seq_len in enumerate(seq_lens):
         rows = slice(starts[i], starts[i + 1])
-        expected = naive_attention(b.q[rows], b.k_cache, b.v_cache, b.block_tables[i], seq_len, b.scale, window)
+        expected = naive_attention(
+            b.q[rows], b.k_cache, b.v_cache, b.block_tables[i], seq_len, b.scale, window
+        )
         torch.testing.assert_close(out[rows].double(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -132,9 +135,13 @@ def test_prefill_with_a_window_matches_naive(paged_batch, window, num_heads, num
 def test_decode_with_a_window_matches_naive(paged_batch, window, num_heads, num_kv_heads):
     seq_lens = [1, 16, 33, 70, 300]  # two length groups: the padded batches are masked per sequence
     b = paged_batch([1] * len(seq_lens), seq_lens, num_heads, num_kv_heads, 64, 16)
-    out = reference.decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale, window=window)
+    out = reference.decode_attention(
+        b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale, window=window
+    )
     for i, seq_len in enumerate(seq_lens):
-        expected = naive_attention(b.q[i : i + 1], b.k_cache, b.v_cache, b.block_tables[i], seq_len, b.scale, window)
+        expected = naive_attention(
+            b.q[i : i + 1], b.k_cache, b.v_cache, b.block_tables[i], seq_len, b.scale, window
+        )
         torch.testing.assert_close(out[i : i + 1].double(), expected, rtol=1e-4, atol=1e-5)
 
 

@@ -10,7 +10,7 @@ import torch
 from kernels import reference
 
 pytest.importorskip("triton")
-from kernels import triton_decode_attention, triton_prefill_attention, triton_store_kv  # noqa: E402
+from kernels import triton_decode_attention, triton_prefill_attention, triton_store_kv
 
 # Kernels run where triton was told to run them: the interpreter takes CPU tensors only.
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -31,7 +31,10 @@ SHAPES = [
     pytest.param(g, d, DTYPES[(i + j) % len(DTYPES)], id=f"group{g}-d{d}-{DTYPES[(i + j) % len(DTYPES)]}")
     for i, g in enumerate(GROUPS)
     for j, d in enumerate(HEAD_DIMS)
-] + [pytest.param(16, d, dtype, id=f"group16-d{d}-{dtype}") for d, dtype in [(128, torch.float16), (80, torch.float32)]]
+] + [
+    pytest.param(16, d, dtype, id=f"group16-d{d}-{dtype}")
+    for d, dtype in [(128, torch.float16), (80, torch.float32)]
+]
 
 # (q_lens, seq_lens): a lone token, a chunk after a cached prefix, a whole prompt longer
 # than one tile, a one-token chunk after a long prefix; none aligned to blocks.
@@ -151,21 +154,30 @@ def test_small_head_dims(paged_batch, head_dim):
 
     q = torch.randn(len(seq_lens), 6, head_dim, dtype=torch.float16, device=DEVICE)
     args = (q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale)
-    assert_close(triton_decode_attention.decode_attention(*args, num_splits=2), reference.decode_attention(*args))
+    assert_close(
+        triton_decode_attention.decode_attention(*args, num_splits=2), reference.decode_attention(*args)
+    )
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,why", [
-    (8, 2, 320, "head_dim 320 is above 256"),
-    (6, 4, 64, "6 query heads do not split evenly over 4 kv heads"),
-])
-def test_shapes_the_kernels_cannot_serve_are_refused_by_name(paged_batch, num_heads, num_kv_heads, head_dim, why):
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,why",
+    [
+        (8, 2, 320, "head_dim 320 is above 256"),
+        (6, 4, 64, "6 query heads do not split evenly over 4 kv heads"),
+    ],
+)
+def test_shapes_the_kernels_cannot_serve_are_refused_by_name(
+    paged_batch, num_heads, num_kv_heads, head_dim, why
+):
     b = paged_batch([3], [3], num_heads, num_kv_heads, head_dim, 16, torch.float32, DEVICE)
     with pytest.raises(ValueError, match=f"triton prefill attention: {why}"):
         triton_prefill_attention.prefill_attention(
-            b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale)
+            b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale
+        )
     with pytest.raises(ValueError, match=f"triton decode attention: {why}"):
         triton_decode_attention.decode_attention(
-            b.q[:1], b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale, num_splits=1)
+            b.q[:1], b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale, num_splits=1
+        )
 
 
 def test_default_num_splits_grows_with_context_and_shrinks_with_batch(monkeypatch):
@@ -186,18 +198,22 @@ def test_prefill_attention_with_a_window(paged_batch, window, num_heads, num_kv_
     q_lens, seq_lens = PREFILL
     b = paged_batch(q_lens, seq_lens, num_heads, num_kv_heads, 64, 16, torch.float32, DEVICE)
     args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale)
-    got = triton_prefill_attention.prefill_attention(*args, out=torch.full_like(b.q, float("nan")), window=window)
+    got = triton_prefill_attention.prefill_attention(
+        *args, out=torch.full_like(b.q, float("nan")), window=window
+    )
     assert_close(got, reference.prefill_attention(*args, window=window))
 
 
 @pytest.mark.parametrize("window", [1, 20, 37, 1000])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (6, 2)])
 def test_decode_attention_with_a_window(paged_batch, window, num_heads, num_kv_heads):
-    b = paged_batch([1] * len(DECODE_SEQ_LENS), DECODE_SEQ_LENS, num_heads, num_kv_heads, 64, 16, torch.float32,
-                    DEVICE)
+    b = paged_batch(
+        [1] * len(DECODE_SEQ_LENS), DECODE_SEQ_LENS, num_heads, num_kv_heads, 64, 16, torch.float32, DEVICE
+    )
     args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale)
     expected = reference.decode_attention(*args, window=window)
     for num_splits in [1, 3, None]:  # the splits share out the window's keys only
-        got = triton_decode_attention.decode_attention(*args, out=torch.full_like(b.q, float("nan")),
-                                                       num_splits=num_splits, window=window)
+        got = triton_decode_attention.decode_attention(
+            *args, out=torch.full_like(b.q, float("nan")), num_splits=num_splits, window=window
+        )
         assert_close(got, expected)

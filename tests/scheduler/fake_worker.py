@@ -28,8 +28,17 @@ class FakeWorker:
     eos_at: dict[str, int] = field(default_factory=dict)  # request_id -> output index that samples EOS
 
     def register(self) -> RegisterWorker:
-        return RegisterWorker(self.worker_id, "fake", self.max_model_len, self.block_size, self.num_blocks,
-                              1000, list(self.eos_token_ids), "cpu", 0)
+        return RegisterWorker(
+            self.worker_id,
+            "fake",
+            self.max_model_len,
+            self.block_size,
+            self.num_blocks,
+            1000,
+            list(self.eos_token_ids),
+            "cpu",
+            0,
+        )
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.plans.append(plan)
@@ -37,8 +46,12 @@ class FakeWorker:
             self.rows.pop(rid, None)
         for new in plan.new_requests:
             assert new.request_id not in self.rows, f"{new.request_id} sent twice as new"
-            self.rows[new.request_id] = dict(tokens=len(new.token_ids), prompt=new.num_prompt_tokens,
-                                             computed=new.num_computed_tokens, blocks=list(new.block_ids))
+            self.rows[new.request_id] = dict(
+                tokens=len(new.token_ids),
+                prompt=new.num_prompt_tokens,
+                computed=new.num_computed_tokens,
+                blocks=list(new.block_ids),
+            )
         for cached in plan.cached_requests:
             row = self.rows[cached.request_id]
             assert row["computed"] == cached.num_computed_tokens, "scheduler and worker disagree"
@@ -52,7 +65,9 @@ class FakeWorker:
             row["computed"] += n
             if row["computed"] == row["tokens"]:
                 index = row["tokens"] - row["prompt"]
-                token = self.eos_token_ids[0] if self.eos_at.get(rid) == index else token_for(rid, row["tokens"])
+                token = (
+                    self.eos_token_ids[0] if self.eos_at.get(rid) == index else token_for(rid, row["tokens"])
+                )
                 sampled[rid] = token
                 row["tokens"] += 1
         return StepResult(plan.step_id, self.worker_id, sampled_token_ids=sampled)

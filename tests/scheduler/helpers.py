@@ -10,8 +10,18 @@ from shared.messages import SamplingParams, StepPlan, SubmitRequest
 from tests.scheduler.fake_worker import FakeWorker, token_for
 
 
-def submit(core: SchedulerCore, rid: str, prompt_len: int, max_tokens: int = 4, *, priority: int = 0,
-           arrival: float = 0.0, prompt: list[int] | None = None, salt: str | None = None, **sampling) -> bool:
+def submit(
+    core: SchedulerCore,
+    rid: str,
+    prompt_len: int,
+    max_tokens: int = 4,
+    *,
+    priority: int = 0,
+    arrival: float = 0.0,
+    prompt: list[int] | None = None,
+    salt: str | None = None,
+    **sampling,
+) -> bool:
     """Returns whether the core accepted it. The prompt is seeded by `rid`, so a failing
     example replays whatever PYTHONHASHSEED is."""
     if prompt is None:
@@ -43,13 +53,15 @@ class Outputs:
         self.logprobs: dict[str, list] = defaultdict(list)  # of requests that ask for them
         self.finish: dict[str, object] = {}
 
-    def collect(self, core: SchedulerCore) -> "Outputs":
+    def collect(self, core: SchedulerCore) -> Outputs:
         for _, out in core.outputs:
             assert out.request_id not in self.finish, f"{out.request_id}: output after its finish"
             assert out.index == len(self.tokens[out.request_id]), f"{out.request_id}: index off"
             self.tokens[out.request_id].extend(out.token_ids)
             if out.logprobs:
-                assert len(out.logprobs) == len(out.token_ids), f"{out.request_id}: one logprob entry per token"
+                assert len(out.logprobs) == len(out.token_ids), (
+                    f"{out.request_id}: one logprob entry per token"
+                )
                 self.logprobs[out.request_id].extend(out.logprobs)
             if out.finish_reason is not None:
                 self.finish[out.request_id] = out

@@ -1,7 +1,9 @@
 """The scheduler's logical block pool: allocation, LRU eviction of freed cached blocks,
 prefix matching and chained block hashes, plus a stateful test against a naive model."""
+
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.scheduler.block_pool import BlockPool, NoFreeBlocks, hash_blocks
@@ -14,6 +16,7 @@ def H(i: int) -> bytes:
 
 
 # ---------------------------------------------------------------- allocate / free
+
 
 def test_allocate_and_free_counts():
     pool = BlockPool(8, BS)
@@ -54,6 +57,7 @@ def test_free_of_free_block_is_an_error():
 
 # ---------------------------------------------------------------- LRU order
 
+
 def test_eviction_is_least_recently_freed_first():
     pool = BlockPool(6, BS)
     r1, r2, r3 = pool.allocate(2), pool.allocate(2), pool.allocate(2)
@@ -86,6 +90,7 @@ def test_request_tail_is_evicted_before_its_prefix():
 
 
 # ---------------------------------------------------------------- prefix cache
+
 
 def test_freed_cached_block_is_found_until_evicted():
     pool = BlockPool(2, BS)
@@ -177,6 +182,7 @@ def test_hit_counters():
 
 # ---------------------------------------------------------------- hash_blocks
 
+
 def test_hash_blocks_hashes_only_full_blocks():
     assert hash_blocks([1, 2, 3], BS) == []
     hs = hash_blocks(list(range(11)), BS)
@@ -242,6 +248,7 @@ def test_hash_blocks_prior_is_returned_unchanged_and_validated():
 
 
 # ---------------------------------------------------------------- stateful model test
+
 
 class _NaivePool:
     """An obviously-correct O(n) reference: a list as the free queue."""

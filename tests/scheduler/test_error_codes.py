@@ -22,7 +22,8 @@ def _core(w: FakeWorker, limits: Limits = Limits()) -> SchedulerCore:
 def _final(core: SchedulerCore, rid: str):
     final = Outputs().collect(core).finish[rid]
     assert core.status_updates[rid]["status"] is (
-        RequestStatus.ERROR if final.finish_reason is FinishReason.ERROR else RequestStatus.FINISHED)
+        RequestStatus.ERROR if final.finish_reason is FinishReason.ERROR else RequestStatus.FINISHED
+    )
     return final
 
 
@@ -38,8 +39,11 @@ def test_queue_timeout():
     w = FakeWorker("w0")
     core = _core(w, Limits(max_num_seqs=1))
     submit(core, "busy", 8, max_tokens=100)
-    core.add_request(SubmitRequest("late", [5] * 8, SamplingParams(max_tokens=4), "tcp://gateway", 0.0,
-                                   queue_timeout_s=1.0))
+    core.add_request(
+        SubmitRequest(
+            "late", [5] * 8, SamplingParams(max_tokens=4), "tcp://gateway", 0.0, queue_timeout_s=1.0
+        )
+    )
     step(core, w)
     assert core.status_updates["busy"]["status"] is RequestStatus.RUNNING
     assert core.status_updates["late"]["status"] is RequestStatus.QUEUED
@@ -59,13 +63,16 @@ def test_a_request_the_worker_keeps_failing():
     assert core.workers["w0"].pool.num_used == 0
 
 
-@pytest.mark.parametrize("reason, code, error", [
-    ("abort", None, None),
-    ("client disconnected", None, "client disconnected"),
-    ("stop string", None, "stop string"),
-    ("gateway gone", ErrorCode.GATEWAY_GONE, "gateway gone"),
-    ("request timeout", ErrorCode.REQUEST_TIMEOUT, "request timeout"),
-])
+@pytest.mark.parametrize(
+    "reason, code, error",
+    [
+        ("abort", None, None),
+        ("client disconnected", None, "client disconnected"),
+        ("stop string", None, "stop string"),
+        ("gateway gone", ErrorCode.GATEWAY_GONE, "gateway gone"),
+        ("request timeout", ErrorCode.REQUEST_TIMEOUT, "request timeout"),
+    ],
+)
 @pytest.mark.parametrize("when", ["waiting", "in flight", "in a failed step", "on a lost worker"])
 def test_abort_reasons(reason, code, error, when):
     w = FakeWorker("w0")
@@ -80,8 +87,11 @@ def test_abort_reasons(reason, code, error, when):
         if when == "on a lost worker":
             core.remove_worker("w0", "killed")
         else:
-            core.on_step_result(StepResult(plan.step_id, "w0", error="boom") if when == "in a failed step"
-                                else w.execute(plan))
+            core.on_step_result(
+                StepResult(plan.step_id, "w0", error="boom")
+                if when == "in a failed step"
+                else w.execute(plan)
+            )
     final = _final(core, "r")
     assert final.finish_reason is FinishReason.ABORT
     assert (final.error_code, final.error) == (code, error)

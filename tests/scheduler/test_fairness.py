@@ -55,7 +55,9 @@ def _run_long(flood_per_step: int, long_priority: int = 0) -> dict:
         now += _cost(plan)
         steps += admitted_at is not None
         if "long" in out.collect(core).finish:
-            return dict(steps=steps, time=now - admitted_at, wait=admitted_at - arrived, overtaken_by=overtaken_by)
+            return dict(
+                steps=steps, time=now - admitted_at, wait=admitted_at - arrived, overtaken_by=overtaken_by
+            )
     raise AssertionError("the long request never finished")
 
 

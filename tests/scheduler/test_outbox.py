@@ -97,7 +97,9 @@ def serving():
 
 
 def _serving(client, keys, worker: FakeWorker, gateway_timeout: float) -> SchedulerService:
-    settings = SchedulerSettings(redis_prefix=keys.prefix, gateway_timeout=gateway_timeout, stats_interval=0.1)
+    settings = SchedulerSettings(
+        redis_prefix=keys.prefix, gateway_timeout=gateway_timeout, stats_interval=0.1
+    )
     service = SchedulerService(settings, SchedulerCore(), client)
     service.outbox.close(0)
     service.outbox = Outbox(service.poller, gateway_timeout, sndhwm=1)  # ZeroMQ holds one message a gateway
@@ -156,14 +158,24 @@ def status(client, keys, rid: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in client.hgetall(keys.request(rid)).items()}
 
 
-def test_what_a_full_gateway_did_not_take_comes_once_it_reads_again(redis_client, redis_keys, ctx, worker, serving):
-    slow, fast = FakeGateway(ctx, redis_client, redis_keys), FakeGateway(ctx, redis_client, redis_keys, small=False)
+def test_what_a_full_gateway_did_not_take_comes_once_it_reads_again(
+    redis_client, redis_keys, ctx, worker, serving
+):
+    slow, fast = (
+        FakeGateway(ctx, redis_client, redis_keys),
+        FakeGateway(ctx, redis_client, redis_keys, small=False),
+    )
     service = serving(redis_client, redis_keys, worker, gateway_timeout=60)
     fillers = fill(service, slow)
     take(service, redis_client, redis_keys, slow, "r-slow", 5)
     take(service, redis_client, redis_keys, fast, "r-fast", 5)
-    run_until(service, worker, lambda: not service.core.requests and finished(fast, "r-fast"),
-              "both requests to finish", read=(fast,))
+    run_until(
+        service,
+        worker,
+        lambda: not service.core.requests and finished(fast, "r-fast"),
+        "both requests to finish",
+        read=(fast,),
+    )
 
     assert fast.tokens("r-fast") == expected_tokens("r-fast", len(PROMPT), 5), "the other gateway was served"
     assert status(redis_client, redis_keys, "r-slow")["status"] == "finished"
@@ -186,8 +198,13 @@ def test_what_a_full_gateway_did_not_take_comes_once_it_reads_again(redis_client
     assert service.outbox.waiting() == 0
 
 
-def test_a_gateway_that_never_reads_again_is_gone_and_its_requests_aborted(redis_client, redis_keys, ctx, worker, serving):
-    stuck, fast = FakeGateway(ctx, redis_client, redis_keys), FakeGateway(ctx, redis_client, redis_keys, small=False)
+def test_a_gateway_that_never_reads_again_is_gone_and_its_requests_aborted(
+    redis_client, redis_keys, ctx, worker, serving
+):
+    stuck, fast = (
+        FakeGateway(ctx, redis_client, redis_keys),
+        FakeGateway(ctx, redis_client, redis_keys, small=False),
+    )
     service = serving(redis_client, redis_keys, worker, gateway_timeout=GONE_AFTER_S)
     fill(service, stuck)
     filled = time.monotonic()
@@ -197,13 +214,19 @@ def test_a_gateway_that_never_reads_again_is_gone_and_its_requests_aborted(redis
     run_until(service, worker, lambda: "r-done" not in service.core.requests, "r-done to finish")
     assert not service._gone
     time.sleep(max(0.0, GONE_AFTER_S - (time.monotonic() - filled) + 0.1))
-    run_until(service, worker, lambda: "r-long" not in service.core.requests, "r-long to be aborted", 5.0, (fast,))
+    run_until(
+        service, worker, lambda: "r-long" not in service.core.requests, "r-long to be aborted", 5.0, (fast,)
+    )
 
     long = status(redis_client, redis_keys, "r-long")
     assert long["finish_reason"] == "abort" and long["error_code"] == "gateway_gone", long
     errors = [e.error for e in read_status(redis_client, redis_keys).errors]
-    assert any(f"gateway {stuck.reply_to} is gone (it took no output for 3 s)" in e and "1 requests aborted" in e
-               and "1 finished requests" in e for e in errors), errors
+    assert any(
+        f"gateway {stuck.reply_to} is gone (it took no output for 3 s)" in e
+        and "1 requests aborted" in e
+        and "1 finished requests" in e
+        for e in errors
+    ), errors
     # Nothing of the gone one waits (the other's latest output may, on a busy machine).
     assert service.outbox.waiting(stuck.reply_to) == 0
     assert stuck.reply_to not in service.outbox.stuck(time.monotonic() + 60)
@@ -222,14 +245,21 @@ def test_a_gateway_that_never_reads_again_is_gone_and_its_requests_aborted(redis
     assert not {"r-done", "r-long"} & set(stuck.outputs)
 
 
-def test_a_stop_sends_what_it_can_and_leaves_the_rest_in_the_queue(redis_client, redis_keys, ctx, worker, serving):
-    stuck, fast = FakeGateway(ctx, redis_client, redis_keys), FakeGateway(ctx, redis_client, redis_keys, small=False)
+def test_a_stop_sends_what_it_can_and_leaves_the_rest_in_the_queue(
+    redis_client, redis_keys, ctx, worker, serving
+):
+    stuck, fast = (
+        FakeGateway(ctx, redis_client, redis_keys),
+        FakeGateway(ctx, redis_client, redis_keys, small=False),
+    )
     service = serving(redis_client, redis_keys, worker, gateway_timeout=60)
     fill(service, stuck)
     take(service, redis_client, redis_keys, stuck, "r-waiting", 2)
     take(service, redis_client, redis_keys, fast, "r-sent", 2)
     take(service, redis_client, redis_keys, fast, "r-running", 10_000)
-    run_until(service, worker, lambda: not {"r-waiting", "r-sent"} & set(service.core.requests), "two to finish")
+    run_until(
+        service, worker, lambda: not {"r-waiting", "r-sent"} & set(service.core.requests), "two to finish"
+    )
 
     started = time.monotonic()
     service._hand_back()

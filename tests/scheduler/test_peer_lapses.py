@@ -52,7 +52,9 @@ def test_a_lone_scheduler_whose_ack_reply_was_lost_keeps_serving_after_a_lapse(r
     service.core.abort("r1")
     service._send_outputs()
     service._bookkeeping()  # r1's XACK goes out...
-    service._unacked.append(read[0].entry_id)  # ...and applies, but its reply is lost: it is acked again later
+    service._unacked.append(
+        read[0].entry_id
+    )  # ...and applies, but its reply is lost: it is acked again later
     redis_client.delete(redis_keys.scheduler("a"))  # the outage outlasted the TTL
     service._renew_lease()  # nobody took r2: it goes on serving
     assert not service.lease.lapsed and set(service.core.requests) == {"r2"}
@@ -84,7 +86,8 @@ def test_an_entry_a_peer_took_over_before_our_loop_took_it_stays_the_peers(redis
     assert redis_client.hget(redis_keys.request("r1"), "owner") == b"b"
     service._flush()
     assert redis_client.xpending(redis_keys.requests, redis_keys.group)["consumers"] == [
-        {"name": b"b", "pending": 1}], "not acked by us: b's entry"
+        {"name": b"b", "pending": 1}
+    ], "not acked by us: b's entry"
 
 
 def test_a_dead_peers_backlog_is_shared_by_the_survivors_with_room(redis_client, redis_keys):
@@ -103,11 +106,14 @@ def test_a_dead_peers_backlog_is_shared_by_the_survivors_with_room(redis_client,
         peers.refresh_peers()
         if name != "idle":
             worker(core, f"w-{name}", time.monotonic())
-    assert [p.take_over(redis_keys.scheduler, core) for p, core in survivors.values()] == [2, 2, 0], \
+    assert [p.take_over(redis_keys.scheduler, core) for p, core in survivors.values()] == [2, 2, 0], (
         "each its room; a pool without a worker none"
+    )
     peers_b, core_b = survivors["b"]
     for n in range(2):
         core_b.add_request(request(100 + n))  # its pool is full now...
-    assert peers_b.take_over(redis_keys.scheduler, core_b) == 2, "...and still it drains max_num_seqs per interval"
+    assert peers_b.take_over(redis_keys.scheduler, core_b) == 2, (
+        "...and still it drains max_num_seqs per interval"
+    )
     peers_b.live_peers = set()  # alone: as a single scheduler, all of them
     assert peers_b.take_over(redis_keys.scheduler, core_b) == 4

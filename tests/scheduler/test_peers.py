@@ -24,8 +24,13 @@ from shared.redis_protocol import RequestQueue, StatusWriter, queue_load, read_s
 
 
 def request(n: int) -> SubmitRequest:
-    return SubmitRequest(request_id=f"r{n}", prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=4),
-                         reply_to="tcp://127.0.0.1:5555", arrival_time=1000.0 + n)
+    return SubmitRequest(
+        request_id=f"r{n}",
+        prompt_token_ids=[1, 2, 3],
+        sampling=SamplingParams(max_tokens=4),
+        reply_to="tcp://127.0.0.1:5555",
+        arrival_time=1000.0 + n,
+    )
 
 
 def queue(client, keys, name: str) -> RequestQueue:
@@ -64,7 +69,9 @@ def test_an_abort_after_the_take_reaches_the_owner_only(redis_client, redis_keys
     assert own.take("a", [("r1", entry.entry_id)]) == Taken()
     assert own.abort(AbortRequest("r1", "client disconnected")) == "a"
     [entry] = a.read(block_ms=10)
-    assert entry.message == AbortRequest("r1", "client disconnected") and entry.stream == redis_keys.aborts("a")
+    assert entry.message == AbortRequest("r1", "client disconnected") and entry.stream == redis_keys.aborts(
+        "a"
+    )
     assert b.read(block_ms=10) == []
     a.ack([entry.entry_id], redis_keys.aborts("a"))
     assert redis_client.xlen(redis_keys.aborts("a")) == 0
@@ -73,7 +80,7 @@ def test_an_abort_after_the_take_reaches_the_owner_only(redis_client, redis_keys
 def test_an_abort_before_the_take_is_seen_by_the_taker(redis_client, redis_keys):
     own = Ownership(redis_client, redis_keys)
     assert own.abort(AbortRequest("r1", "client disconnected")) is None  # nobody owns it yet
-    assert 0 < redis_client.ttl(redis_keys.request("r1"))  # a flag nobody takes does not stay forever
+    assert redis_client.ttl(redis_keys.request("r1")) > 0  # a flag nobody takes does not stay forever
     taken = own.take("b", [("r0", "1-0"), ("r1", "2-0")])  # no stream: nobody else holds them
     assert taken == Taken(aborted={"r1": "client disconnected"})
     assert redis_client.hget(redis_keys.request("r0"), "owner") == b"b"
@@ -125,8 +132,9 @@ def test_the_lease_is_per_name(redis_client, redis_keys):
 
 def test_a_full_pool_reads_aborts_but_no_new_requests(redis_client, redis_keys):
     queue(redis_client, redis_keys, "a")
-    reader = QueueReader(redis_client, redis_keys, zmq.Context.instance(), consumer="a",
-                         aborts=redis_keys.aborts("a"))
+    reader = QueueReader(
+        redis_client, redis_keys, zmq.Context.instance(), consumer="a", aborts=redis_keys.aborts("a")
+    )
     reader.set_room(0)
     reader.start()
     try:
@@ -191,8 +199,11 @@ def test_status_shows_each_scheduler_and_sums_the_live_ones(redis_client, redis_
     now = time.time()
     for name, running, queued_tokens, age in (("a", 3, 100, 0.0), ("b", 4, 20, 1.0), ("gone", 50, 999, 60.0)):
         writer = StatusWriter(redis_client, redis_keys, scheduler_name=name)
-        writer.figures(SchedulerFigures(updated_at=now - age, running=running, queued_tokens=queued_tokens,
-                                        finished={"stop": running}))
+        writer.figures(
+            SchedulerFigures(
+                updated_at=now - age, running=running, queued_tokens=queued_tokens, finished={"stop": running}
+            )
+        )
         writer.flush()
     status = read_status(redis_client, redis_keys)
     assert set(status.schedulers) == {"a", "b", "gone"} and status.schedulers["b"].running == 4
@@ -210,8 +221,9 @@ def test_the_next_read_waits_until_the_loop_has_placed_what_it_took(redis_client
     queue(redis_client, redis_keys, "a")
     for n in range(3):
         submit(redis_client, request(n), redis_keys)
-    reader = QueueReader(redis_client, redis_keys, zmq.Context.instance(), consumer="a",
-                         aborts=redis_keys.aborts("a"))
+    reader = QueueReader(
+        redis_client, redis_keys, zmq.Context.instance(), consumer="a", aborts=redis_keys.aborts("a")
+    )
     reader.set_room(1)
     reader.start()
     try:
@@ -235,6 +247,8 @@ def test_a_scheduler_whose_requests_were_taken_while_its_lease_lapsed_stops(redi
     redis_client.delete(redis_keys.scheduler("a"))  # it expired during an outage...
     service._renew_lease()  # ...and was taken again before any peer looked: still all ours
     redis_client.delete(redis_keys.scheduler("a"))
-    assert peers_of(redis_client, redis_keys, "b").take_over(redis_keys.scheduler, SchedulerCore()) == 1  # a peer did
+    assert (
+        peers_of(redis_client, redis_keys, "b").take_over(redis_keys.scheduler, SchedulerCore()) == 1
+    )  # a peer did
     with pytest.raises(LeaseLost, match="peers took over 1 of our requests"):
         service._renew_lease()

@@ -211,7 +211,10 @@ def test_requests_wait_for_a_worker_and_bad_input_is_refused():
     assert empty.request_id == "empty" and "empty" in empty.error
     for refused in (dup, empty):
         assert refused.finish_reason == FinishReason.ERROR and refused.error_code == ErrorCode.INVALID_REQUEST
-    assert [e["error"] for e in core.errors] == [f"request 'early' refused: {dup.error}", "request 'empty' refused: empty prompt"]
+    assert [e["error"] for e in core.errors] == [
+        f"request 'early' refused: {dup.error}",
+        "request 'empty' refused: empty prompt",
+    ]
     assert list(core.requests) == ["early"], "the original is undisturbed"
     w = FakeWorker("late")
     core.add_worker(w.register(), 0.0)
@@ -222,6 +225,7 @@ def test_requests_wait_for_a_worker_and_bad_input_is_refused():
 
 def _empty_plan():
     from shared.messages import StepPlan
+
     return StepPlan(999)
 
 

@@ -19,8 +19,14 @@ BLOCK_SIZES = {"w0": 16, "w1": 32}  # requests migrate between them
 SHARED_PREFIX = list(range(500, 548))  # 3 blocks some prompts start with
 
 op = st.one_of(
-    st.tuples(st.just("arrive"), st.integers(1, 90), st.integers(1, 12), st.integers(0, 2), st.booleans(),
-              st.sampled_from([None, "t1"])),
+    st.tuples(
+        st.just("arrive"),
+        st.integers(1, 90),
+        st.integers(1, 12),
+        st.integers(0, 2),
+        st.booleans(),
+        st.sampled_from([None, "t1"]),
+    ),
     st.tuples(st.just("send"), st.sampled_from(WORKERS)),
     st.tuples(st.just("send"), st.sampled_from(WORKERS)),
     st.tuples(st.just("deliver"), st.sampled_from(WORKERS)),
@@ -44,7 +50,9 @@ def test_every_block_freed_and_every_request_finished_once(ops, num_blocks, chun
 
     def join(wid):
         if wid not in core.workers:
-            fakes[wid] = FakeWorker(wid, num_blocks=num_blocks, block_size=BLOCK_SIZES[wid], max_model_len=2048)
+            fakes[wid] = FakeWorker(
+                wid, num_blocks=num_blocks, block_size=BLOCK_SIZES[wid], max_model_len=2048
+            )
             core.add_worker(fakes[wid].register(), 0.0)
 
     def deliver(wid, fail=False):
@@ -60,10 +68,18 @@ def test_every_block_freed_and_every_request_finished_once(ops, num_blocks, chun
         if kind == "arrive":
             _, n, max_tokens, priority, shares, salt = o
             rid = f"r{len(prompts)}"
-            prompt = (SHARED_PREFIX + list(range(n)) if shares else [7000 + i for i in range(n)])
+            prompt = SHARED_PREFIX + list(range(n)) if shares else [7000 + i for i in range(n)]
             prompts[rid] = len(prompt)
-            assert submit(core, rid, 0, prompt=prompt, max_tokens=max_tokens, priority=priority, salt=salt,
-                          arrival=float(len(prompts)))
+            assert submit(
+                core,
+                rid,
+                0,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                priority=priority,
+                salt=salt,
+                arrival=float(len(prompts)),
+            )
         elif kind == "send" and o[1] in core.workers and o[1] not in in_flight:
             plan = core.next_plan(o[1], 0.0, 0.0)
             if plan is not None:

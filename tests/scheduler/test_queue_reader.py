@@ -9,13 +9,18 @@ import time
 import zmq
 
 from services.scheduler.queue_reader import BLOCK_MS, QueueReader
-from shared.redis_protocol import RequestQueue, submit
 from shared.messages import SamplingParams, SubmitRequest
+from shared.redis_protocol import RequestQueue, submit
 
 
 def request(n: int) -> SubmitRequest:
-    return SubmitRequest(request_id=f"r{n}", prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=4),
-                         reply_to="tcp://127.0.0.1:5555", arrival_time=1000.0 + n)
+    return SubmitRequest(
+        request_id=f"r{n}",
+        prompt_token_ids=[1, 2, 3],
+        sampling=SamplingParams(max_tokens=4),
+        reply_to="tcp://127.0.0.1:5555",
+        arrival_time=1000.0 + n,
+    )
 
 
 def xreadgroup_calls(client) -> int:

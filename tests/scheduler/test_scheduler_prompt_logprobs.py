@@ -12,7 +12,13 @@ import msgspec
 from services.scheduler.core import SchedulerCore
 from services.scheduler.policy import Limits
 from shared.messages import (
-    PromptLogprobs, RequestOutput, SamplingParams, StepPlan, StepResult, SubmitRequest, TokenLogprobs,
+    PromptLogprobs,
+    RequestOutput,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+    SubmitRequest,
+    TokenLogprobs,
 )
 from tests.scheduler.fake_worker import FakeWorker
 from tests.scheduler.helpers import expected_tokens, run, step, submit
@@ -23,8 +29,11 @@ def fake_logprob(position: int, token: int) -> float:
 
 
 def expected_prompt_logprobs(prompt: list[int], top: int) -> list[TokenLogprobs]:
-    return [TokenLogprobs(t, fake_logprob(q, t), [(t, fake_logprob(q, t))][:top])
-            for q, t in enumerate(prompt) if q > 0]
+    return [
+        TokenLogprobs(t, fake_logprob(q, t), [(t, fake_logprob(q, t))][:top])
+        for q, t in enumerate(prompt)
+        if q > 0
+    ]
 
 
 class PromptLogprobsWorker(FakeWorker):
@@ -46,7 +55,11 @@ class PromptLogprobsWorker(FakeWorker):
             self.asking.pop(rid, None)
         for new in plan.new_requests:
             if new.sampling.prompt_logprobs is not None:
-                self.asking[new.request_id] = (new.token_ids, new.num_prompt_tokens, new.sampling.prompt_logprobs)
+                self.asking[new.request_id] = (
+                    new.token_ids,
+                    new.num_prompt_tokens,
+                    new.sampling.prompt_logprobs,
+                )
         if len(self.plans) in self.fail_steps:
             self.plans.append(plan)
             for rid in [*plan.finished_ids, *plan.num_scheduled_tokens]:
@@ -62,7 +75,9 @@ class PromptLogprobsWorker(FakeWorker):
                 tokens, num_prompt, top = self.asking[rid]
                 start, end = computed[rid] + 1, min(computed[rid] + count, num_prompt - 1) + 1
                 if start < end:
-                    chunks[rid] = PromptLogprobs(start, expected_prompt_logprobs(tokens[:end], top)[start - 1:])
+                    chunks[rid] = PromptLogprobs(
+                        start, expected_prompt_logprobs(tokens[:end], top)[start - 1 :]
+                    )
         return msgspec.structs.replace(result, prompt_logprobs=chunks)
 
 
@@ -108,7 +123,9 @@ def test_chunks_are_assembled_on_the_first_output():
     assert _delivered(outs["one-token"]) == [], "a 1-token prompt has no prompt logprobs"
     (only,) = outs["finishes-at-once"]
     assert only.finish_reason == "length"
-    assert only.prompt_logprobs == expected_prompt_logprobs(prompts["finishes-at-once"], 0), "on its one output"
+    assert only.prompt_logprobs == expected_prompt_logprobs(prompts["finishes-at-once"], 0), (
+        "on its one output"
+    )
     assert all(not o.prompt_logprobs for o in outs["plain"])
     assert not core.requests
 
@@ -162,7 +179,9 @@ def test_a_prompt_recomputed_after_preemption_mid_prefill_is_delivered_once():
         _outputs(core, outs)
     sent = [n for p in w.plans for n in p.new_requests if n.request_id == "b"]
     assert core.counters.preemptions >= 1 and len(sent) >= 2
-    assert all(n.num_computed_tokens == 0 and len(n.token_ids) == 80 for n in sent), "preempted before its first token"
+    assert all(n.num_computed_tokens == 0 and len(n.token_ids) == 80 for n in sent), (
+        "preempted before its first token"
+    )
     assert all(n.sampling.prompt_logprobs == 1 for n in sent), "still asking: nothing was delivered"
     reported = sum(len(r.prompt_logprobs["b"].entries) for r in w.results if "b" in r.prompt_logprobs)
     assert reported > 79, "the worker reported some positions twice"

@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.speculation import (
-    PRIOR_FIXED_PER_TOKEN, PROBE_EVERY, WORKER_DECAY, WORKER_PROBE_EVERY, Acceptance, StepCost,
+    PRIOR_FIXED_PER_TOKEN,
+    PROBE_EVERY,
+    WORKER_DECAY,
+    WORKER_PROBE_EVERY,
+    Acceptance,
+    StepCost,
 )
 
 
@@ -85,7 +90,9 @@ def test_a_worker_s_draft_acceptance_starts_its_requests_and_gates_their_probes(
     assert not useless.may_probe(theta)
     fresh = Acceptance()
     fresh.start_from(useless.p)
-    assert [fresh.wanted(5, theta, useless.may_probe(theta)) for _ in range(5 * PROBE_EVERY)] == [0] * 5 * PROBE_EVERY
+    assert [fresh.wanted(5, theta, useless.may_probe(theta)) for _ in range(5 * PROBE_EVERY)] == [
+        0
+    ] * 5 * PROBE_EVERY
     useless.idle = WORKER_PROBE_EVERY * 2
     assert useless.may_probe(theta) and fresh.wanted(5, theta, True) == 1, "the worker's rare probe"
     good = Acceptance(decay=WORKER_DECAY)

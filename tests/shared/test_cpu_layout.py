@@ -11,9 +11,9 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from shared.tiny_model import make_model
 from shared import cpu_layout
 from shared.config import RunSettings, WorkerSettings
+from shared.tiny_model import make_model
 from tests.stack import REPO, service_env
 
 
@@ -27,7 +27,11 @@ def test_the_first_core_is_left_to_the_serving_processes():
 
 def test_local_workers_share_the_compute_cores_without_overlap():
     assert cpu_layout.split_cores(list(range(8)), 2) == [[1, 2, 3, 4], [5, 6, 7]]
-    assert cpu_layout.split_cores(list(range(16)), 3) == [[2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12, 13, 14, 15]]
+    assert cpu_layout.split_cores(list(range(16)), 3) == [
+        [2, 3, 4, 5, 6],
+        [7, 8, 9, 10, 11],
+        [12, 13, 14, 15],
+    ]
     # More workers than compute cores: one core each, from the last, before any doubles up.
     assert cpu_layout.split_cores([0, 1], 2) == [[1], [0]]
     assert cpu_layout.split_cores([0, 1], 3) == [[1], [0], [1]]
@@ -65,8 +69,14 @@ def model_dir(tmp_path_factory):
 def _worker(model_dir, *flags: str) -> subprocess.Popen:
     env = service_env(CONVEYOR_MODEL=str(model_dir), CONVEYOR_SCHEDULER_ADDRESS="tcp://127.0.0.1:9")
     env.pop("OMP_NUM_THREADS")
-    return subprocess.Popen([sys.executable, "-m", "services.gpu_worker", *flags], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.gpu_worker", *flags],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_a_worker_binds_its_compute_threads_before_loading_the_model(model_dir):

@@ -93,8 +93,12 @@ def test_port_in_use_fails_with_the_log(tmp_path):
 
 
 def test_command_line_runs_until_sigterm(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "shared.embedded_redis", "--dir", str(tmp_path)],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.embedded_redis", "--dir", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("redis://127.0.0.1:")

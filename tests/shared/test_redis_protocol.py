@@ -9,14 +9,26 @@ from redis.retry import Retry
 
 from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus
 from shared.messages import AbortRequest, Heartbeat, SamplingParams, SubmitRequest, encode
-from shared.redis_protocol import (QueueEntry, RequestQueue, StatusWriter, durability_problem, queue_load,
-                                   read_status, submit)
+from shared.redis_protocol import (
+    QueueEntry,
+    RequestQueue,
+    StatusWriter,
+    durability_problem,
+    queue_load,
+    read_status,
+    submit,
+)
 from tests.shared.helpers import worker_figures
 
 
 def request(n: int) -> SubmitRequest:
-    return SubmitRequest(request_id=f"r{n}", prompt_token_ids=[1, 2, n], sampling=SamplingParams(max_tokens=n),
-                         reply_to="tcp://127.0.0.1:5555", arrival_time=1000.0 + n)
+    return SubmitRequest(
+        request_id=f"r{n}",
+        prompt_token_ids=[1, 2, n],
+        sampling=SamplingParams(max_tokens=n),
+        reply_to="tcp://127.0.0.1:5555",
+        arrival_time=1000.0 + n,
+    )
 
 
 @pytest.fixture
@@ -32,7 +44,10 @@ def queue(redis_client, redis_keys):
 def test_submit_then_read_returns_the_message(redis_client, redis_keys, queue):
     entry_id = submit(redis_client, request(1), redis_keys)
     abort_id = submit(redis_client, AbortRequest("r1", reason="client gone"), redis_keys)
-    assert queue.read() == [QueueEntry(entry_id, request(1)), QueueEntry(abort_id, AbortRequest("r1", "client gone"))]
+    assert queue.read() == [
+        QueueEntry(entry_id, request(1)),
+        QueueEntry(abort_id, AbortRequest("r1", "client gone")),
+    ]
     assert queue.read() == []
     assert queue.pending_count() == 2 and queue.queue_length() == 2
 
@@ -94,11 +109,14 @@ def test_read_creates_the_group_when_needed(redis_client, redis_keys):
     assert RequestQueue(redis_client, redis_keys).read() == [QueueEntry(entry_id, request(1))]
 
 
-@pytest.mark.parametrize("fields, error", [
-    ({b"msg": b"\xc1junk"}, "undecodable"),
-    ({b"other": b"x"}, "no field 'msg'"),
-    ({b"msg": encode(Heartbeat("w0", 1.0))}, "Heartbeat"),
-])
+@pytest.mark.parametrize(
+    "fields, error",
+    [
+        ({b"msg": b"\xc1junk"}, "undecodable"),
+        ({b"other": b"x"}, "no field 'msg'"),
+        ({b"msg": encode(Heartbeat("w0", 1.0))}, "Heartbeat"),
+    ],
+)
 def test_bad_entry_is_reported_and_reading_continues(redis_client, redis_keys, queue, fields, error):
     first = submit(redis_client, request(1), redis_keys)
     bad = redis_client.xadd(redis_keys.requests, fields).decode()
@@ -154,7 +172,10 @@ def test_status_is_written_only_on_flush_in_one_round_trip(redis_client, redis_k
     # nothing went out per update call.
     assert commands_sent_by(writer.flush) == 5
     assert redis_client.hgetall(redis_keys.request("r1")) == {
-        b"status": b"running", b"worker": b"w0", b"num_generated_tokens": b"2"}
+        b"status": b"running",
+        b"worker": b"w0",
+        b"num_generated_tokens": b"2",
+    }
     assert redis_client.ttl(redis_keys.request("r1")) == -1  # running: no expiry
     assert commands_sent_by(writer.flush) == 0  # nothing collected: no round trip
 
@@ -216,12 +237,15 @@ def test_updates_survive_a_failed_flush(redis_server, redis_client, redis_keys):
 
 def test_read_status_returns_what_was_published(redis_client, redis_keys, queue):
     assert read_status(redis_client, redis_keys) == SystemStatus(
-        scheduler=None, workers={}, errors=[], queue_length=0, pending=0)
+        scheduler=None, workers={}, errors=[], queue_length=0, pending=0
+    )
     for n in range(3):
         submit(redis_client, request(n), redis_keys)
     queue.read(count=2)
     writer = StatusWriter(redis_client, redis_keys)
-    figures = SchedulerFigures(updated_at=1234.5, running=2, tokens_per_s=12.5, finished={"stop": 4, "abort": 1})
+    figures = SchedulerFigures(
+        updated_at=1234.5, running=2, tokens_per_s=12.5, finished={"stop": 4, "abort": 1}
+    )
     writer.figures(figures)
     writer.worker("w0", worker_figures("w0", kv_usage=0.6, step_ms=3.5))
     writer.error(ErrorRecord(error="first", time=1.0))
@@ -230,10 +254,16 @@ def test_read_status_returns_what_was_published(redis_client, redis_keys, queue)
     # Operators read the hash with redis-cli: one JSON per scheduler name.
     assert b'"finished":{"stop":4,"abort":1}' in redis_client.hget(redis_keys.schedulers, "scheduler")
     assert read_status(redis_client, redis_keys) == SystemStatus(
-        scheduler=figures, schedulers={"scheduler": figures},
+        scheduler=figures,
+        schedulers={"scheduler": figures},
         workers={"w0": worker_figures("w0", kv_usage=0.6, step_ms=3.5)},
-        errors=[ErrorRecord(error="second", time=2.0, worker="w0", step_id=7), ErrorRecord(error="first", time=1.0)],
-        queue_length=3, pending=2)
+        errors=[
+            ErrorRecord(error="second", time=2.0, worker="w0", step_id=7),
+            ErrorRecord(error="first", time=1.0),
+        ],
+        queue_length=3,
+        pending=2,
+    )
 
 
 def test_a_record_that_does_not_decode_names_its_field(redis_client, redis_keys):
