@@ -17,21 +17,28 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def add_ratios(results: dict) -> None:
     sys_ = results["systems"]
     c, s, o = sys_.get(CONVEYOR), sys_.get(STATIC), sys_.get(SINGLE)
-    get = lambda d, k: d[k] if d else None  # noqa: E731
-    p99 = lambda d: d["ttft_ms"]["p99"] if d else None  # noqa: E731
     results["ratios"] = {
         key: {
-            "conveyor_over_static": ratio(get(c, key), get(s, key)),
-            "conveyor_over_no_batching": ratio(get(c, key), get(o, key)),
+            "conveyor_over_static": ratio(_figure(c, key), _figure(s, key)),
+            "conveyor_over_no_batching": ratio(_figure(c, key), _figure(o, key)),
         }
         for key in ("output_throughput", "request_throughput")
     }
     results["ratios"]["ttft_p99_ms"] = {
-        "conveyor": p99(c),
-        "static": p99(s),
-        "no_batching_unqueued": p99(o),
-        "static_over_conveyor": ratio(p99(s), p99(c)),
+        "conveyor": _ttft_p99(c),
+        "static": _ttft_p99(s),
+        "no_batching_unqueued": _ttft_p99(o),
+        "static_over_conveyor": ratio(_ttft_p99(s), _ttft_p99(c)),
     }
+
+
+def _figure(system: dict | None, key: str) -> float | None:
+    """A system's figure; None for a system that did not run."""
+    return system[key] if system else None
+
+
+def _ttft_p99(system: dict | None) -> float | None:
+    return system["ttft_ms"]["p99"] if system else None
 
 
 def output_agreement(ours: list, peer: list) -> dict:
@@ -99,6 +106,27 @@ def write_plots(out: Path, results: dict, records: dict, title: str) -> list[str
 
 
 def summary_markdown(results: dict) -> str:
+    """summary.md: the run's heading and table, then a paragraph or table per figure it has."""
+    lines = _heading(results)
+    for section in (
+        _no_batching_note,
+        _ratios_note,
+        _peer_notes,
+        _speculation_notes,
+        _rounds_and_rate_notes,
+        _long_short_table,
+        _shared_prefix_notes,
+    ):
+        lines += section(results)
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None, d: int = 2) -> str:
+    return "—" if x is None else f"{x:.{d}f}"
+
+
+def _heading(results: dict) -> list[str]:
+    """What ran on what, the command, and one row per system (with its failures, if any)."""
     m, w = results["machine"], results["workload"]
     out = (
         f"at most {w['max_output_tokens']} output tokens (stopping at EOS)"
@@ -108,8 +136,8 @@ def summary_markdown(results: dict) -> str:
     lines = [
         f"## {w['name']} on {results['model']['name']} — {w['requests']} requests, "
         f"{w['prompt_tokens']} prompt tokens, {out}",
-        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, {results['model']['dtype']} "
-        f"on {m['device']}; {m['date']}; 1-min load average "
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
+        f"{results['model']['dtype']} on {m['device']}; {m['date']}; 1-min load average "
         + ", ".join(f"{k.replace('_', ' ')} {v[0]:.1f}" for k, v in results["load_average"].items()),
         f"`{results['command']}`",
         "",
@@ -122,25 +150,38 @@ def summary_markdown(results: dict) -> str:
                 f"\n**{name}: {s['failed']} requests failed** (figures are of the completed ones only): "
                 + "; ".join(s["errors"][:3])
             )
-    fmt = lambda x, d=2: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
-    if SINGLE in results["systems"]:
-        sub = results["systems"][SINGLE]["subset"]
-        lines.append(
-            f"\n{SINGLE}: {sub['requests']} of {sub['of']} requests, one at a time; its latencies "
-            "include no queueing, its throughput is what a one-at-a-time server sustains (extrapolated: "
-            f"the whole workload would take about {fmt(sub['extrapolated_workload_duration_s'], 0)} s)."
-        )
+    return lines
+
+
+def _no_batching_note(results: dict) -> list[str]:
+    if SINGLE not in results["systems"]:
+        return []
+    sub = results["systems"][SINGLE]["subset"]
+    return [
+        f"\n{SINGLE}: {sub['requests']} of {sub['of']} requests, one at a time; its latencies "
+        "include no queueing, its throughput is what a one-at-a-time server sustains (extrapolated: "
+        f"the whole workload would take about {_fmt(sub['extrapolated_workload_duration_s'], 0)} s)."
+    ]
+
+
+def _ratios_note(results: dict) -> list[str]:
     r = results.get("ratios", {})
-    if r:
-        out, req = r["output_throughput"], r["request_throughput"]
-        lines.append(
-            f"\nConveyor / static batching: output tok/s {fmt(out['conveyor_over_static'])}×, "
-            f"req/s {fmt(req['conveyor_over_static'])}×; "
-            f"Conveyor / no batching: output tok/s {fmt(out['conveyor_over_no_batching'])}×, "
-            f"req/s {fmt(req['conveyor_over_no_batching'])}×. "
-            f"p99 TTFT: Conveyor {fmt(r['ttft_p99_ms']['conveyor'], 0)} ms, static "
-            f"{fmt(r['ttft_p99_ms']['static'], 0)} ms."
-        )
+    if not r:
+        return []
+    out, req = r["output_throughput"], r["request_throughput"]
+    return [
+        f"\nConveyor / static batching: output tok/s {_fmt(out['conveyor_over_static'])}×, "
+        f"req/s {_fmt(req['conveyor_over_static'])}×; "
+        f"Conveyor / no batching: output tok/s {_fmt(out['conveyor_over_no_batching'])}×, "
+        f"req/s {_fmt(req['conveyor_over_no_batching'])}×. "
+        f"p99 TTFT: Conveyor {_fmt(r['ttft_p99_ms']['conveyor'], 0)} ms, static "
+        f"{_fmt(r['ttft_p99_ms']['static'], 0)} ms."
+    ]
+
+
+def _peer_notes(results: dict) -> list[str]:
+    """The rounds against the peer, whether their outputs agree, and how the peer was set up."""
+    lines: list[str] = []
     if "peer" in results:
         lines += rounds.markdown(results["peer"])
         agree = results["peer"].get("outputs")
@@ -157,6 +198,11 @@ def summary_markdown(results: dict) -> str:
         extra = [f"{k}={v}" for k, v in peer.get("extra_env", {}).items()] + peer.get("extra_args", [])
         if extra:
             lines.append(f"Peer configuration beyond its defaults: {' '.join(extra)}.")
+    return lines
+
+
+def _speculation_notes(results: dict) -> list[str]:
+    lines = []
     for name, figures in results.get("systems", {}).items():
         c = figures.get("scheduler_counters", {})
         if c.get("spec_drafts"):
@@ -164,10 +210,17 @@ def summary_markdown(results: dict) -> str:
                 f"Speculation ({name}, median round): {c['spec_accepted_tokens']:,} of "
                 f"{c['spec_draft_tokens']:,} proposed tokens accepted "
                 f"({c['spec_accepted_tokens'] / c['spec_draft_tokens']:.0%}) in {c['spec_drafts']:,} "
-                f"verified decodes, mean accepted length {1 + c['spec_accepted_tokens'] / c['spec_drafts']:.2f} "
+                "verified decodes, mean accepted length "
+                f"{1 + c['spec_accepted_tokens'] / c['spec_drafts']:.2f} "
                 f"(tokens a verified decode emitted); {c.get('steps', 0):,} steps for "
                 f"{c.get('generation_tokens', 0):,} output tokens."
             )
+    return lines
+
+
+def _rounds_and_rate_notes(results: dict) -> list[str]:
+    """The servers' CPU time per round, and where an online workload's arrival rate came from."""
+    lines = []
     if "rounds" in results:
         lines.append(
             "CPU seconds of each server's processes per round: "
@@ -182,24 +235,32 @@ def summary_markdown(results: dict) -> str:
             f"Arrival rate {ro['rate']:.2f} req/s = {ro['share']:.0%} of Conveyor's offline "
             f"{ro['offline']['request_throughput']:.2f} req/s on the same requests."
         )
-    if "long_short" in results:
-        lines += ["", "| short requests' TTFT | p50 ms | p99 ms |", "|---|---:|---:|"]
-        lines += [
-            f"| {k} | {fmt(v['median'], 0)} | {fmt(v['p99'], 0)} |"
-            for k, v in results["long_short"]["short_ttft_ms"].items()
-        ]
+    return lines
+
+
+def _long_short_table(results: dict) -> list[str]:
+    if "long_short" not in results:
+        return []
+    return ["", "| short requests' TTFT | p50 ms | p99 ms |", "|---|---:|---:|"] + [
+        f"| {k} | {_fmt(v['median'], 0)} | {_fmt(v['p99'], 0)} |"
+        for k, v in results["long_short"]["short_ttft_ms"].items()
+    ]
+
+
+def _shared_prefix_notes(results: dict) -> list[str]:
     sp = results.get("shared_prefix")
-    if sp:
-        lines.append(
-            f"\nPrefix cache: hit rate {fmt(sp['hit_rate'] and 100 * sp['hit_rate'], 1)}% of prompt tokens "
-            f"(ideal {100 * sp['ideal_hit_rate']:.1f}%)."
+    if not sp:
+        return []
+    lines = [
+        f"\nPrefix cache: hit rate {_fmt(sp['hit_rate'] and 100 * sp['hit_rate'], 1)}% of prompt tokens "
+        f"(ideal {100 * sp['ideal_hit_rate']:.1f}%)."
+    ]
+    if "prefix_caching_off" in sp:
+        on, off = (
+            results["systems"][CONVEYOR]["output_throughput"],
+            sp["prefix_caching_off"]["output_throughput"],
         )
-        if "prefix_caching_off" in sp:
-            on, off = (
-                results["systems"][CONVEYOR]["output_throughput"],
-                sp["prefix_caching_off"]["output_throughput"],
-            )
-            lines.append(
-                f"Output tok/s with prefix caching on {on:.0f}, off {off:.0f} ({fmt(ratio(on, off))}×)."
-            )
-    return "\n".join(lines) + "\n"
+        lines.append(
+            f"Output tok/s with prefix caching on {on:.0f}, off {off:.0f} ({_fmt(ratio(on, off))}×)."
+        )
+    return lines
