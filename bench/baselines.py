@@ -143,6 +143,15 @@ def _generate_for(model, reqs: list[Request], clock: Callable[[], float]):
     )
 
 
+def seconds_since(t0: float) -> Callable[[], float]:
+    """A clock of the run: seconds since `t0` (a time.perf_counter() reading)."""
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
+    return clock
+
+
 def warm_up(model) -> None:
     generate(model, [[3, 4, 5, 6]] * 2, [2, 2], time.perf_counter)
 
@@ -184,8 +193,7 @@ def run_static(
         for i, r in enumerate(reqs)
     ]
     bar = progress_bar(len(reqs), f"static batching ({workload.name})") if progress else None
-    t0 = time.perf_counter()
-    clock = lambda: time.perf_counter() - t0  # noqa: E731
+    clock = seconds_since(time.perf_counter())
     first = 0
     try:
         while first < len(reqs):
@@ -232,8 +240,7 @@ def run_no_batching(
 ) -> list[RequestRecord]:
     """One request at a time, back to back: latencies include no queueing."""
     bar = progress_bar(len(indices), f"no batching ({workload.name}, subset)") if progress else None
-    t0 = time.perf_counter()
-    clock = lambda: time.perf_counter() - t0  # noqa: E731
+    clock = seconds_since(time.perf_counter())
     records = []
     try:
         for i in indices:

@@ -1,11 +1,12 @@
 """Replays a workload against an OpenAI-compatible server over HTTP, streaming.
 
 Each request is sent at its arrival offset (offline workloads send everything at t=0), or
-with a concurrency limit (the workload's max_concurrency) as soon as a slot is free, to `POST /v1/completions` with the prompt as token ids, `max_tokens`,
-`ignore_eos`, greedy, and `stream_options.include_usage`; a chat request (a user message,
-stopping at EOS) to `POST /v1/chat/completions`, with its sampling settings. The time of
-every chunk that carries output is recorded, and the token counts are taken from the final
-usage: a request that stops at EOS produces as many tokens as it happens to.
+with a concurrency limit (the workload's max_concurrency) as soon as a slot is free, to
+`POST /v1/completions` with the prompt as token ids, `max_tokens`, `ignore_eos`, greedy,
+and `stream_options.include_usage`; a chat request (a user message, stopping at EOS) to
+`POST /v1/chat/completions`, with its sampling settings. The time of every chunk that
+carries output is recorded, and the token counts are taken from the final usage: a request
+that stops at EOS produces as many tokens as it happens to.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ the outputs are compared too. Conveyor / vLLM is the median of each round's own 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -93,12 +94,12 @@ def run_conveyor(with_reference: bool) -> dict:
             args = (x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], x["scale"])
             out = torch.empty_like(x["q"])
             results[f"conveyor/{batch}/{block_size}"] = {
-                "ms": 1e3 * time_per_call(lambda: cpu.decode_attention(*args, out=out)),
+                "ms": 1e3 * time_per_call(functools.partial(cpu.decode_attention, *args, out=out)),
                 "checksum": out.sum().item(),
             }
             if with_reference and block_size == 16:
                 results[f"reference/{batch}/{block_size}"] = {
-                    "ms": 1e3 * time_per_call(lambda: reference.decode_attention(*args, out=out)),
+                    "ms": 1e3 * time_per_call(functools.partial(reference.decode_attention, *args, out=out)),
                     "checksum": out.sum().item(),
                 }
     return results
@@ -137,25 +138,23 @@ def run_vllm() -> dict:
                 enable_kv_split=True,
             )
             out = torch.empty_like(x["q"])
-
-            def call():
-                ops.cpu_attention_with_kv_cache(
-                    query=x["q"],
-                    key_cache=k,
-                    value_cache=v,
-                    output=out,
-                    query_start_loc=query_start_loc,
-                    seq_lens=x["seq_lens"],
-                    scale=x["scale"],
-                    causal=True,
-                    alibi_slopes=None,
-                    sliding_window=-1,
-                    block_table=x["block_tables"],
-                    softcap=0.0,
-                    scheduler_metadata=meta,
-                    s_aux=None,
-                )
-
+            call = functools.partial(
+                ops.cpu_attention_with_kv_cache,
+                query=x["q"],
+                key_cache=k,
+                value_cache=v,
+                output=out,
+                query_start_loc=query_start_loc,
+                seq_lens=x["seq_lens"],
+                scale=x["scale"],
+                causal=True,
+                alibi_slopes=None,
+                sliding_window=-1,
+                block_table=x["block_tables"],
+                softcap=0.0,
+                scheduler_metadata=meta,
+                s_aux=None,
+            )
             results[f"vllm/{batch}/{block_size}"] = {
                 "ms": 1e3 * time_per_call(call),
                 "checksum": out.sum().item(),
@@ -241,7 +240,8 @@ def main() -> None:
     rows = summarize(rounds)
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
-        f"{NUM_HEADS} heads / {NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, medians of {args.rounds} rounds"
+        f"{NUM_HEADS} heads / {NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, "
+        f"medians of {args.rounds} rounds"
     )
     print_table(rows)
     if args.out:

@@ -45,7 +45,7 @@ def truncated_draft(src: Path, layers: int, out: Path) -> Path:
     tensors = {}
     for path in sorted(src.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 safe_open has keys() but is not iterable
                 match = _LAYER.match(name)
                 if match is None or int(match.group(1)) < layers:
                     tensors[name] = f.get_tensor(name)

@@ -217,10 +217,11 @@ def table(rows: list[dict]) -> str:
     ]
     for key in dict.fromkeys((r["workers"], r["system"]) for r in rows):
         mine = [r for r in rows if (r["workers"], r["system"]) == key]
-        med = lambda f: statistics.median(r[f] for r in mine)  # noqa: E731
+        fields = ("wait_p50_ms", "wait_p99_ms", "idle_share", "tokens_per_s")
+        med = {f: statistics.median(r[f] for r in mine) for f in fields}
         lines.append(
-            f"| {key[0]} | {key[1]} | {med('wait_p50_ms'):,.0f} / {med('wait_p99_ms'):,.0f} "
-            f"| {med('idle_share'):.1%} | {med('tokens_per_s'):,.0f} |"
+            f"| {key[0]} | {key[1]} | {med['wait_p50_ms']:,.0f} / {med['wait_p99_ms']:,.0f} "
+            f"| {med['idle_share']:.1%} | {med['tokens_per_s']:,.0f} |"
         )
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ half (the q·k and p·v products a query row really needs), the same figure for 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import random
 import statistics
@@ -51,7 +52,8 @@ STORE_TOKENS = (1, 32, 96, 512)  # a decode step of 1 and of 32 sequences, mixed
 
 
 def store_inputs(num_tokens: int) -> tuple:
-    """The engine's k (its own tensor) and v (a view of the fused projection), slots scattered, one padding."""
+    """The engine's k (its own tensor) and v (a view of the fused projection), slots scattered,
+    one padding."""
     k_cache = torch.zeros(2048, 16, NUM_KV_HEADS, HEAD_DIM)
     qkv = torch.randn(num_tokens, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM)
     k, v = (
@@ -91,18 +93,18 @@ def main() -> None:
         for n in STORE_TOKENS:
             x = store_inputs(n)
             for side, fn in {"kernel": cpu.store_kv, "reference": reference.store_kv}.items():
-                store[n, side].append(time_per_call(lambda: fn(*x)))
+                store[n, side].append(time_per_call(functools.partial(fn, *x)))
         for name, chunks in CASES.items():
             x = inputs(chunks, args.block_size)
             out = {side: torch.empty_like(x[0]) for side in sides}
             for side, fn in sides.items():
-                times[name, side].append(time_per_call(lambda: fn(*x, out=out[side])))
+                times[name, side].append(time_per_call(functools.partial(fn, *x, out=out[side])))
             torch.testing.assert_close(out["kernel"], out["reference"], atol=1e-5, rtol=1e-4)
         print(f"round {i + 1}/{args.rounds} done", flush=True)
 
     print(
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, {NUM_HEADS} heads / "
-        f"{NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, block {args.block_size}, "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
+        f"{NUM_HEADS} heads / {NUM_KV_HEADS} kv heads / head_dim {HEAD_DIM}, fp32, block {args.block_size}, "
         f"medians of {args.rounds} rounds"
     )
     print(

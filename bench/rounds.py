@@ -81,9 +81,13 @@ def compare(by_system: dict[str, list[dict]], ours: str, peer: str) -> dict:
     }
 
 
+def fmt(x: float | None, d: int = 0) -> str:
+    """A figure with thousands separators and `d` decimals; "—" for one not measured."""
+    return "—" if x is None else f"{x:,.{d}f}"
+
+
 def markdown(cmp: dict) -> list[str]:
     """The comparison as a table: median (min–max) per system, then the ratios."""
-    fmt = lambda x, d=0: "—" if x is None else f"{x:,.{d}f}"  # noqa: E731
 
     def cell(spread: dict | None, d: int = 0) -> str:
         if not spread:

@@ -6,6 +6,7 @@ figures can be read), and the base that the peer (bench/vllm_peer.py) shares; th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -102,14 +103,10 @@ class LocalServer:
         pgid = self.proc.pid  # start_new_session: it leads its own group
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(pgid, signal.SIGKILL)  # stragglers; ProcessLookupError when none
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):  # when no straggler is left
+            os.killpg(pgid, signal.SIGKILL)  # stragglers
         self.proc.wait()
         self.proc = None
 
