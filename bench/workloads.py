@@ -12,15 +12,14 @@ The same name, size, rate and seed always give the same requests: `mixed` and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from bench import chat_prompts, copy_prompts
+from bench.random_draws import LengthDist, poisson_arrivals, random_prompts, stream_rng
 
-FIRST_ORDINARY_ID = 3  # 0-2 are <|endoftext|>, <|im_start|>, <|im_end|> in the tiny models
 NAMES = ("mixed", "mixed-online", "shared-prefix", "long-short", "chat", "copy")
 # BENCH.md's sizes; `mixed` has 100 requests on the `small` model.
 DEFAULT_REQUESTS = {
@@ -83,80 +82,11 @@ class Workload:
         )
 
 
-# ---- length distributions ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LengthDist:
-    """`fixed:N`, `uniform:LO:HI` (inclusive) or `lognormal:MEDIAN:SIGMA:LO:HI` (clipped)."""
-
-    kind: str
-    args: tuple[float, ...]
-
-    @classmethod
-    def parse(cls, spec: str) -> LengthDist:
-        kind, *raw = spec.split(":")
-        want = {"fixed": 1, "uniform": 2, "lognormal": 4}
-        if kind not in want or len(raw) != want[kind]:
-            raise ValueError(
-                f"length distribution {spec!r}: expected fixed:N, uniform:LO:HI "
-                "or lognormal:MEDIAN:SIGMA:LO:HI"
-            )
-        try:
-            args = tuple(float(a) for a in raw)
-        except ValueError:
-            raise ValueError(
-                f"length distribution {spec!r}: every field after the kind must be a number"
-            ) from None
-        lo = args[0] if kind != "lognormal" else args[2]
-        hi = args[-1]
-        if lo < 1 or hi < lo:
-            raise ValueError(f"length distribution {spec!r}: lengths must satisfy 1 <= LO <= HI")
-        return cls(kind, args)
-
-    def sample(self, rng: np.random.Generator, n: int) -> list[int]:
-        if self.kind == "fixed":
-            return [int(self.args[0])] * n
-        if self.kind == "uniform":
-            lo, hi = int(self.args[0]), int(self.args[1])
-            return rng.integers(lo, hi + 1, n).tolist()
-        median, sigma, lo, hi = self.args
-        draws = rng.lognormal(math.log(median), sigma, n)
-        return np.clip(np.rint(draws), lo, hi).astype(int).tolist()
-
-    def __str__(self) -> str:
-        return ":".join([self.kind, *(f"{a:g}" for a in self.args)])
-
-
 MIXED_PROMPT = LengthDist("uniform", (16, 256))
 MIXED_OUTPUT = LengthDist("lognormal", (64, 1.0, 8, 1024))
 CHAT_OUTPUT = LengthDist(
     "lognormal", (160, 0.5, 16, 512)
 )  # max_tokens: BENCH.md's median and clip; sigma ours
-
-
-# ---- building blocks ---------------------------------------------------------------------
-
-
-def _rng(seed: int, stream: str) -> np.random.Generator:
-    """One independent generator per purpose, so changing arrivals never changes prompts."""
-    return np.random.default_rng([seed, sum(ord(c) << (8 * i) for i, c in enumerate(stream))])
-
-
-def random_prompts(rng: np.random.Generator, lengths: list[int], vocab_size: int) -> list[list[int]]:
-    if vocab_size <= FIRST_ORDINARY_ID:
-        raise ValueError(f"vocab_size must exceed {FIRST_ORDINARY_ID} (got {vocab_size})")
-    return [rng.integers(FIRST_ORDINARY_ID, vocab_size, n).tolist() for n in lengths]
-
-
-def poisson_arrivals(rng: np.random.Generator, n: int, rate: float | None) -> list[float]:
-    """Offsets of a Poisson process at `rate` requests/s, the first at 0; all 0 if rate is None."""
-    if rate is None or n == 0:
-        return [0.0] * n
-    if not rate > 0:
-        raise ValueError(f"rate must be > 0 requests/s (got {rate})")
-    gaps = rng.exponential(1.0 / rate, n)
-    return (np.cumsum(gaps) - gaps[0]).tolist()
 
 
 # ---- the workloads -------------------------------------------------------------------------
@@ -174,10 +104,10 @@ def custom(
     """`n` requests with independent prompt and output lengths; Poisson at `rate`, or all at t=0."""
     if n < 1:
         raise ValueError(f"requests must be >= 1 (got {n})")
-    plens = prompt_len.sample(_rng(seed, "prompt-len"), n)
-    olens = output_len.sample(_rng(seed, "output-len"), n)
-    prompts = random_prompts(_rng(seed, "tokens"), plens, vocab_size)
-    arrivals = poisson_arrivals(_rng(seed, "arrivals"), n, rate)
+    plens = prompt_len.sample(stream_rng(seed, "prompt-len"), n)
+    olens = output_len.sample(stream_rng(seed, "output-len"), n)
+    prompts = random_prompts(stream_rng(seed, "tokens"), plens, vocab_size)
+    arrivals = poisson_arrivals(stream_rng(seed, "arrivals"), n, rate)
     reqs = [Request(p, o, a) for p, o, a in zip(prompts, olens, arrivals)]
     return Workload(
         name,
@@ -212,7 +142,7 @@ def shared_prefix(
     seed: int = 0,
 ) -> Workload:
     """One system prefix shared by all, each with a unique suffix; all at t=0."""
-    rng = _rng(seed, "tokens")
+    rng = stream_rng(seed, "tokens")
     prefix = random_prompts(rng, [prefix_len], vocab_size)[0]
     suffixes = random_prompts(rng, [suffix_len] * n, vocab_size)
     reqs = [Request(prefix + s, output_len, 0.0) for s in suffixes]
@@ -250,12 +180,12 @@ def long_short(
     random order, arriving as one Poisson stream (all at t=0 when `rate` is None)."""
     n_long = max(1, round(n * 20 / 320)) if n >= 2 else 0
     n_short = n - n_long
-    order = _rng(seed, "order").permutation(n)
+    order = stream_rng(seed, "order").permutation(n)
     is_long = np.zeros(n, dtype=bool)
     is_long[order[:n_long]] = True
     plens = [long_io[0] if lg else short_io[0] for lg in is_long]
-    prompts = random_prompts(_rng(seed, "tokens"), plens, vocab_size)
-    arrivals = poisson_arrivals(_rng(seed, "arrivals"), n, rate)
+    prompts = random_prompts(stream_rng(seed, "tokens"), plens, vocab_size)
+    arrivals = poisson_arrivals(stream_rng(seed, "arrivals"), n, rate)
     reqs = [
         Request(p, long_io[1] if lg else short_io[1], a, "long" if lg else "short")
         for p, lg, a in zip(prompts, is_long, arrivals)
@@ -298,10 +228,14 @@ def chat(
         raise ValueError(f"requests must be >= 1 (got {n})")
     if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be in [0, 2] and top_p in (0, 1] (got {temperature}, {top_p})")
-    texts = chat_prompts.messages(n, _rng(seed, "messages"))
-    olens = CHAT_OUTPUT.sample(_rng(seed, "output-len"), n)
+    texts = chat_prompts.messages(n, stream_rng(seed, "messages"))
+    olens = CHAT_OUTPUT.sample(stream_rng(seed, "output-len"), n)
     sampled = temperature > 0
-    seeds = _rng(seed, "sampling-seeds").integers(0, 2**31, n).tolist() if sampled and seeded else [None] * n
+    seeds = (
+        stream_rng(seed, "sampling-seeds").integers(0, 2**31, n).tolist()
+        if sampled and seeded
+        else [None] * n
+    )
     reqs = [
         Request(
             render(t) if render else [],
@@ -339,7 +273,7 @@ def copy_workload(
         raise ValueError(f"requests must be >= 1 (got {n})")
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"concurrency must be >= 1 (got {max_concurrency})")
-    texts = copy_prompts.messages(n, _rng(seed, "copy-messages"))
+    texts = copy_prompts.messages(n, stream_rng(seed, "copy-messages"))
     reqs = [
         Request(render(t) if render else [], COPY_MAX_TOKENS, 0.0, message=t, ignore_eos=False) for t in texts
     ]
