@@ -29,7 +29,8 @@ from pathlib import Path
 import redis
 import zmq
 
-from bench.scheduler_ceiling import BLOCK_SIZE, PROMPT_LEN, REPO, Simulator, percentile
+from bench.scheduler_ceiling import PROMPT_LEN, REPO, percentile
+from bench.sim_workers import BLOCK_SIZE, Simulator
 from shared import messages as m
 from shared.embedded_redis import free_port, start_embedded_redis
 from shared.redis_keys import RedisKeys
