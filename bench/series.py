@@ -2,7 +2,7 @@
 the CPU time each server's processes spent in every round; what results.json keeps of them.
 
 A system is anything with `run(workload, desc) -> (records, counters)` and
-`cpu_seconds() -> {process role: seconds}` (bench.run.Conveyor, bench.vllm_peer.VLLMPeer).
+`cpu_seconds() -> {process role: seconds}` (bench.systems.Conveyor, bench.vllm_peer.VLLMPeer).
 """
 
 from __future__ import annotations
