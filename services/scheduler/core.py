@@ -203,8 +203,6 @@ class SchedulerCore:
         w.steps += 1
         if result.error:
             self._step_failed(w, step, result.error)
-            for rid in [r for r in step.scheduled if r in self._aborts and r in self.requests]:
-                self._finish_aborted(self.requests[rid], w)
             return
         by_id = {r.request_id: r for r in w.running}
         if self.limits.speculative is not None:
@@ -313,7 +311,8 @@ class SchedulerCore:
 
     def _step_failed(self, w: WorkerState, step: InFlightStep, error: str) -> None:
         """Nothing of the step can be trusted: every request in it is recomputed from its
-        tokens (on this worker again), or ends with the error after MAX_STEP_ERRORS."""
+        tokens (on this worker again), or ends with the error after MAX_STEP_ERRORS; one
+        aborted during the step ends now."""
         self.counters.step_errors += 1
         log.error("step %d on %s failed: %s", step.step_id, w.worker_id, error)
         self.errors.append({"worker": w.worker_id, "step_id": step.step_id, "error": error})
@@ -329,6 +328,10 @@ class SchedulerCore:
                 )
             else:
                 transitions.requeue(w, self.waiting, req, preempted=False)
+                if req.request_id in self._aborts:
+                    # NOTE: it is waiting now, not on `w`: finished with w=None, which takes it
+                    # off the waiting list (else it would be admitted again, finished).
+                    self._finish_aborted(req, None)
 
     def _finish(
         self,
