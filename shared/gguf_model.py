@@ -108,7 +108,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the saved weights are plain fp32
     config.dtype = torch.float32
-    # transformers leaves from_config and GenerationConfig() unannotated: their calls are untyped.
+    # transformers leaves from_config unannotated: a call mypy cannot check.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     # A tied LM head has no tensor of its own; anything else missing is a conversion bug.
@@ -119,7 +119,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         )
     model.tie_weights()
     eos = config.eos_token_id
-    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]  # transformers: unannotated
         bos_token_id=config.bos_token_id,
         eos_token_id=eos,
         pad_token_id=getattr(config, "pad_token_id", None) or eos,

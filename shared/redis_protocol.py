@@ -382,7 +382,7 @@ def _scheduler_figures(reply: Mapping[bytes | str, bytes | str]) -> dict[str, Sc
     return {_str(name): msgspec.json.decode(v, type=SchedulerFigures) for name, v in reply.items()}
 
 
-def _pending_from_reply(reply: Any) -> int:
+def _pending_from_reply(reply: Any) -> int:  # XPENDING's reply (a dict), or the error it raised
     if isinstance(reply, redis.ResponseError) and "NOGROUP" in str(reply):
         return 0  # no group yet: nothing was read
     if isinstance(reply, Exception):
