@@ -71,9 +71,10 @@ def resolve(
 ) -> tuple[int | None, list[int] | None]:
     """(threads, cores to bind to or None) for the settings given.
 
-    auto: the compute cores, one thread each (all cores for more threads); unless OMP_NUM_THREADS is set and num_threads
-    is not, when the environment has already chosen (tests, a user's shell): its thread
-    count, no binding. none: no binding, num_threads or OMP/torch's default (None).
+    auto: the compute cores, one thread each (all cores for more threads); unless
+    OMP_NUM_THREADS is set and num_threads is not, when the environment has already chosen
+    (tests, a user's shell): its thread count, no binding. none: no binding, num_threads or
+    OMP/torch's default (None).
     """
     if cpu_affinity == NONE:
         return num_threads, None

@@ -6,7 +6,12 @@ holding that pair; workers hold the server public key and the client key pair.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import zmq
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 
 def make_keys() -> dict[str, str]:
@@ -20,7 +25,9 @@ def make_keys() -> dict[str, str]:
     }
 
 
-def secure_server(sock: zmq.Socket, server_secret: str, client_public: str | None):
+def secure_server(
+    sock: zmq.Socket[bytes], server_secret: str, client_public: str | None
+) -> ThreadAuthenticator | None:
     """Make `sock` (before bind) a CURVE server. Returns the authenticator thread to stop
     at exit, or None when any client that knows the server's public key may connect."""
     sock.curve_secretkey = server_secret.encode()
@@ -36,7 +43,7 @@ def secure_server(sock: zmq.Socket, server_secret: str, client_public: str | Non
     return auth
 
 
-def secure_client(sock: zmq.Socket, server_public: str, client_secret: str) -> None:
+def secure_client(sock: zmq.Socket[bytes], server_public: str, client_secret: str) -> None:
     """Make `sock` (before connect) a CURVE client of the scheduler."""
     sock.curve_serverkey = server_public.encode()
     sock.curve_secretkey = client_secret.encode()

@@ -7,7 +7,7 @@ a `DecodeError` naming the field. One name means one thing everywhere (`request_
 from __future__ import annotations
 
 import enum
-from typing import Union
+from typing import TypeAlias
 
 import msgspec
 
@@ -15,6 +15,8 @@ import msgspec
 class _StrEnum(str, enum.Enum):
     """A str enum whose str() is its value (Python 3.11's str() of a mixed-in enum is
     'Class.MEMBER'), so labels, f-strings and JSON all see the wire spelling."""
+
+    _value_: str
 
     def __str__(self) -> str:
         return self.value
@@ -298,20 +300,21 @@ class GatewayOutputs(msgspec.Struct, frozen=True, tag="outputs"):
     outputs: list[RequestOutput]
 
 
-Message = Union[
-    StepPlan,
-    StepResult,
-    RegisterWorker,
-    Heartbeat,
-    WorkerLeaving,
-    Reregister,
-    SubmitRequest,
-    AbortRequest,
-    GatewayOutputs,
-]
+Message: TypeAlias = (
+    StepPlan
+    | StepResult
+    | RegisterWorker
+    | Heartbeat
+    | WorkerLeaving
+    | Reregister
+    | SubmitRequest
+    | AbortRequest
+    | GatewayOutputs
+)
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
+# Typed by hand: mypy cannot infer a Decoder's type from a union (it would be Decoder[Any]).
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
 def encode(message: Message) -> bytes:

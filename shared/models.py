@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from shared.config import CacheSettings, ConfigError
 
@@ -46,7 +47,7 @@ def model_dir(model: str | None) -> Path:
     return ensure_tiny_model()
 
 
-def read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict[str, Any]:  # config.json: JSON values of any kind
     """config.json of a model directory, or ModelLoadError saying what is wrong."""
     if not path.is_dir():
         raise ModelLoadError(f"model directory {str(path)!r} does not exist (CONVEYOR_MODEL / --model)")
@@ -54,14 +55,15 @@ def read_config(path: Path) -> dict:
     if not config_file.is_file():
         raise ModelLoadError(f"{str(path)!r} has no config.json: expected a Hugging Face model directory")
     try:
-        return json.loads(config_file.read_text())
+        config: dict[str, Any] = json.loads(config_file.read_text())
+        return config
     except OSError as e:  # unreadable: permissions
         raise ModelLoadError(f"cannot read {str(config_file)!r}: {e.strerror or e}") from None
     except ValueError as e:
         raise ModelLoadError(f"{str(config_file)!r} is not valid JSON: {e}") from None
 
 
-def check_model_dir(model_dir: str | Path) -> dict:
+def check_model_dir(model_dir: str | Path) -> dict[str, Any]:
     """config.json's contents once the worker can run the model, else ModelLoadError. A
     .gguf file (before its conversion): its architecture only, and an empty dict."""
     path = Path(model_dir)
@@ -84,7 +86,7 @@ def check_model_dir(model_dir: str | Path) -> dict:
     return config
 
 
-def config_int(config: dict, name: str, path: Path) -> int:
+def config_int(config: dict[str, Any], name: str, path: Path) -> int:
     """A positive integer field of config.json (vocab_size, max_position_embeddings)."""
     value = config.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -92,7 +94,7 @@ def config_int(config: dict, name: str, path: Path) -> int:
     return value
 
 
-def max_model_len(config: dict, path: Path, asked: int | None) -> int:
+def max_model_len(config: dict[str, Any], path: Path, asked: int | None) -> int:
     """The longest prompt + output: `asked` (--max-model-len), at most the model's
     max_position_embeddings, which is the default. A model with a sliding window (Mistral,
     Phi-3) gets the same: the attention kernels apply the window (the loader's layer_windows)."""

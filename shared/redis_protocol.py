@@ -10,12 +10,13 @@ restarts reads its unfinished work again and the stream only ever holds unfinish
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import redis
+from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from shared.figures import (
     STARTUP_FAILURE_TTL_S,
@@ -122,7 +123,7 @@ class RequestQueue:
                 self._pending_cursor = entries[-1].entry_id
                 return entries
             self._pending_cursor = None
-        streams = {self.keys.requests: ">"} if new_requests else {}
+        streams: dict[KeyT, StreamIdT] = {self.keys.requests: ">"} if new_requests else {}
         if self.aborts is not None:
             streams[self.aborts] = ">"
         return self._xreadgroup(streams, count, block_ms) if streams else []
@@ -154,9 +155,13 @@ class RequestQueue:
     def queue_length(self) -> int:
         return self.client.xlen(self.keys.requests)
 
-    def _xreadgroup(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[QueueEntry]:
+    def _xreadgroup(
+        self, streams: dict[KeyT, StreamIdT], count: int, block_ms: int | None
+    ) -> list[QueueEntry]:
         try:
-            reply = self.client.xreadgroup(
+            # A Redis reply: RESP2 gives [[stream, entries]], RESP3 {stream: [entries]}, each entry
+            # [id, {field: value}] (fields None once deleted); redis-py's annotation has no one shape.
+            reply: Any = self.client.xreadgroup(
                 self.keys.group, self.consumer, streams, count=count, block=block_ms
             )
         except redis.ResponseError as e:
@@ -165,22 +170,21 @@ class RequestQueue:
             # The stream was deleted under us (FLUSHDB, a Redis without persistence restarted).
             self.ensure_group()
             return []
-        # RESP2 gives [[stream, entries]], RESP3 {stream: [entries]}.
-        streams = reply.items() if isinstance(reply, dict) else reply or []
+        by_stream = reply.items() if isinstance(reply, dict) else reply or []
         return [
             _entry(entry_id, fields, _str(stream))
-            for stream, entries in streams
+            for stream, entries in by_stream
             for entry_id, fields in entries
         ]
 
 
-def _entry(entry_id: bytes | str, fields: dict | None, stream: str = "") -> QueueEntry:
+def _entry(entry_id: bytes | str, fields: dict[bytes, bytes] | None, stream: str = "") -> QueueEntry:
     entry = _decoded(_str(entry_id), fields)
     entry.stream = stream
     return entry
 
 
-def _decoded(entry_id: str, fields: dict | None) -> QueueEntry:
+def _decoded(entry_id: str, fields: dict[bytes, bytes] | None) -> QueueEntry:
     if not fields:
         # A pending entry whose stream entry was deleted (XDEL, MAXLEN) comes back empty.
         return QueueEntry(entry_id, None, "entry has no fields (deleted from the stream?)")
@@ -216,10 +220,11 @@ class StatusWriter:
         self.keys = keys
         self.finished_ttl_s = finished_ttl_s
         self.scheduler_name = scheduler_name  # whose figures these are
-        self._requests: dict[str, dict[str, str | int | float]] = {}
+        # Each request's fields, typed as redis-py's hset takes them (a Mapping's keys are invariant).
+        self._requests: dict[str, dict[FieldT, EncodableT]] = {}
         self._expire: set[str] = set()
         self._workers: dict[str, bytes | None] = {}  # None: remove
-        self._stats: dict[str, bytes] = {}  # {scheduler_name: its figures} or nothing
+        self._figures: bytes | None = None  # this scheduler's, when there are new ones
         self._errors: list[tuple[bytes, int]] = []
 
     def request_status(self, request_id: str, **fields: str | int | float) -> None:
@@ -234,7 +239,7 @@ class StatusWriter:
         status = fields.get("status")
         if status is not None:
             fields["status"] = RequestStatus(status).value  # ValueError on a status nobody reads
-        self._requests.setdefault(request_id, {}).update(fields)
+        self._requests.setdefault(request_id, {}).update(fields.items())
         if status is not None and RequestStatus(status).is_final:
             self._expire.add(request_id)
 
@@ -245,7 +250,7 @@ class StatusWriter:
         self._workers[worker_id] = None
 
     def figures(self, figures: SchedulerFigures) -> None:
-        self._stats[self.scheduler_name] = msgspec.json.encode(figures)
+        self._figures = msgspec.json.encode(figures)
 
     def error(self, record: ErrorRecord, keep: int = 100) -> None:
         """Record an error in the list of recent errors (newest first), capped at `keep`."""
@@ -257,7 +262,7 @@ class StatusWriter:
         """Send everything collected in one pipeline; nothing when nothing was collected.
         On a connection error or timeout the updates are kept and the error re-raised
         (the caller retries)."""
-        if not (self._requests or self._workers or self._stats or self._errors):
+        if not (self._requests or self._workers or self._figures is not None or self._errors):
             return
         pipe = self.client.pipeline(transaction=False)
         for request_id, fields in self._requests.items():
@@ -270,8 +275,8 @@ class StatusWriter:
                 pipe.hdel(self.keys.workers, worker_id)
             else:
                 pipe.hset(self.keys.workers, worker_id, info)
-        if self._stats:
-            pipe.hset(self.keys.schedulers, mapping=self._stats)
+        if self._figures is not None:
+            pipe.hset(self.keys.schedulers, self.scheduler_name, self._figures)
         for info, keep in self._errors:
             pipe.lpush(self.keys.errors, info)
             pipe.ltrim(self.keys.errors, 0, keep - 1)
@@ -285,8 +290,9 @@ class StatusWriter:
         self._clear()
 
     def _clear(self) -> None:
-        for updates in (self._requests, self._expire, self._workers, self._stats, self._errors):
+        for updates in (self._requests, self._expire, self._workers, self._errors):
             updates.clear()
+        self._figures = None
 
 
 def read_status(client: redis.Redis, keys: RedisKeys = RedisKeys()) -> SystemStatus:
@@ -357,10 +363,11 @@ def durability_problem(client: redis.Redis) -> str | None:
     settings (docs/durability.md); None when it is durable (appendonly yes, appendfsync
     always). A server that refuses CONFIG GET (many managed ones) is reported as unverified."""
     try:
-        config = client.config_get("append*")
+        # A Redis reply: bytes here (decode_responses off), whatever redis-py's annotation says.
+        reply: dict[Any, Any] = client.config_get("append*")
     except redis.ResponseError as e:
         return f"cannot verify the request queue's durability (CONFIG GET refused: {e})"
-    config = {_str(k): _str(v) for k, v in config.items()}
+    config = {_str(k): _str(v) for k, v in reply.items()}
     if config.get("appendonly") != "yes":
         return "appendonly is off: a Redis crash or restart loses the request queue"
     if config.get("appendfsync") != "always":
@@ -371,11 +378,11 @@ def durability_problem(client: redis.Redis) -> str | None:
     return None
 
 
-def _scheduler_figures(reply: dict) -> dict[str, SchedulerFigures]:
+def _scheduler_figures(reply: Mapping[bytes | str, bytes | str]) -> dict[str, SchedulerFigures]:
     return {_str(name): msgspec.json.decode(v, type=SchedulerFigures) for name, v in reply.items()}
 
 
-def _pending_from_reply(reply: Any) -> int:
+def _pending_from_reply(reply: Any) -> int:  # XPENDING's reply (a dict), or the error it raised
     if isinstance(reply, redis.ResponseError) and "NOGROUP" in str(reply):
         return 0  # no group yet: nothing was read
     if isinstance(reply, Exception):

@@ -44,7 +44,7 @@ class SpeculativeConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _lookup_defaults(cls, raw):
+    def _lookup_defaults(cls, raw: object) -> object:  # the JSON as given: any value, checked after
         if isinstance(raw, dict) and raw.get("method") == "ngram":
             low, high = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
             raw = {
@@ -123,20 +123,25 @@ class NgramIndex:
 
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
-        self.starts: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_n, max_n + 1)}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.starts: dict[int, dict[tuple[int, ...], int]] = {
+            n: {} for n in range(self.min_n, self.max_n + 1)
+        }
         self.length = 0  # tokens indexed
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
         total = len(token_ids)
         if total < self.length:  # not the sequence it indexed: start over
-            self.__init__(self.min_n, self.max_n)
+            self._reset()
         # An n-gram starting at s is indexed once token s + n exists: it has a follower.
         for n, starts in self.starts.items():
             for s in range(max(0, self.length - n), total - n):
                 starts[tuple(token_ids[s : s + n])] = s
         self.length = total
         for n in range(min(self.max_n, total - 1), self.min_n - 1, -1):
-            s = self.starts[n].get(tuple(token_ids[total - n :]))
-            if s is not None:
-                return token_ids[s + n : s + n + k]
+            start = self.starts[n].get(tuple(token_ids[total - n :]))
+            if start is not None:
+                return token_ids[start + n : start + n + k]
         return []

@@ -6,8 +6,12 @@ tokens with it), so what the gateway accepts is exactly what the worker enforces
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from shared.messages import StructuredOutput
+
+if TYPE_CHECKING:  # the worker and the gateway import xgrammar; this module needs it only for types
+    import xgrammar
 
 # An object with any keys, as vLLM compiles json_object: the builtin JSON grammar would
 # also let a top-level array through, and clients of json_object parse an object.
@@ -21,7 +25,7 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
-def compile_output(compiler, so: StructuredOutput):
+def compile_output(compiler: xgrammar.GrammarCompiler, so: StructuredOutput) -> xgrammar.CompiledGrammar:
     """`so` compiled by an xgrammar GrammarCompiler (which caches it); raises COMPILE_ERRORS."""
     if so.kind == "json_schema":
         return compiler.compile_json_schema(so.spec, any_whitespace=so.any_whitespace)

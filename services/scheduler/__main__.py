@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from shared.log import setup_logging
 
+if TYPE_CHECKING:
+    import redis
 
-def connect_redis(url: str, log: logging.Logger, attempts: int = 30):
+
+def connect_redis(url: str, log: logging.Logger, attempts: int = 30) -> redis.Redis:
     """A client whose server answers PING, retrying with backoff: Redis may start after us."""
     import redis
 
@@ -17,16 +21,16 @@ def connect_redis(url: str, log: logging.Logger, attempts: int = 30):
 
     client = connect(url, scheduler=True)  # short timeouts: an outage must not stall the loop
     delay = 0.1
-    for attempt in range(attempts):
+    for _ in range(attempts - 1):
         try:
             client.ping()
             return client
         except redis.ConnectionError as e:
-            if attempt == attempts - 1:
-                raise
             log.warning("Redis at %s not reachable (%s); retrying in %.1f s", url, e, delay)
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
+    client.ping()  # the last attempt: its ConnectionError is the caller's
+    return client
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,26 +11,30 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import msgspec
-
 from services.scheduler import transitions
 from services.scheduler.block_pool import BlockPool
-from services.scheduler.policy import Decision, Limits, schedule
+from services.scheduler.policy import Limits, schedule
 from services.scheduler.request import Request, check_stop
+from services.scheduler.request_outputs import (
+    CoreError,
+    StatusFields,
+    final_output,
+    final_status,
+    refused_output,
+    tokens_output,
+)
+from services.scheduler.step_plan import build_plan
 from services.scheduler.worker_state import InFlightStep, WorkerState
 from shared.messages import (
-    CachedRequest,
     ErrorCode,
     FinishReason,
-    NewRequest,
     RegisterWorker,
     RequestOutput,
     RequestStatus,
-    SamplingParams,
     StepPlan,
     StepResult,
     SubmitRequest,
-    Usage,
+    TokenLogprobs,
 )
 
 log = logging.getLogger(__name__)
@@ -73,8 +77,8 @@ class SchedulerCore:
         # What the service drains after each event:
         self.outputs: list[tuple[str, RequestOutput]] = []  # (reply_to, output)
         self.finished: list[Request] = []
-        self.status_updates: dict[str, dict] = {}
-        self.errors: list[dict] = []
+        self.status_updates: dict[str, StatusFields] = {}
+        self.errors: list[CoreError] = []
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, msg: SubmitRequest, entry_id: str = "") -> bool:
@@ -90,17 +94,7 @@ class SchedulerCore:
         if refused is not None:
             log.warning("request %r refused: %s", msg.request_id, refused)
             self.errors.append({"error": f"request {msg.request_id!r} refused: {refused}"})
-            self.outputs.append(
-                (
-                    msg.reply_to,
-                    RequestOutput(
-                        msg.request_id,
-                        finish_reason=FinishReason.ERROR,
-                        error_code=ErrorCode.INVALID_REQUEST,
-                        error=refused,
-                    ),
-                )
-            )
+            self.outputs.append((msg.reply_to, refused_output(msg, refused)))
             return False
         req = Request(msg, entry_id)
         self.requests[req.request_id] = req
@@ -192,7 +186,8 @@ class SchedulerCore:
             self.status_updates[req.request_id] = {"status": RequestStatus.RUNNING, "worker": worker_id}
         if not d.scheduled and not w.to_drop:
             return None
-        plan = self._build_plan(w, d)
+        self._step_id += 1
+        plan = build_plan(self._step_id, w, d)
         w.in_flight = InFlightStep(plan.step_id, dict(d.scheduled), monotonic, d.drafts, d.draft_counts)
         return plan
 
@@ -208,12 +203,10 @@ class SchedulerCore:
         w.steps += 1
         if result.error:
             self._step_failed(w, step, result.error)
-            for rid in [r for r in step.scheduled if r in self._aborts and r in self.requests]:
-                self._finish_aborted(self.requests[rid], w)
             return
         by_id = {r.request_id: r for r in w.running}
         if self.limits.speculative is not None:
-            _observe_cost(w, step, by_id, result)
+            w.observe_step_cost(step, by_id, result.timings)
         for rid, n in step.scheduled.items():
             req = by_id.get(rid)
             if req is None:  # finished or moved meanwhile
@@ -270,10 +263,9 @@ class SchedulerCore:
         lps = [*result.accepted_logprobs.get(rid, []), *([lp] if (lp := result.logprobs.get(rid)) else [])]
         self._emit(w, req, tokens, lps)
 
-    def _emit(self, w: WorkerState, req: Request, tokens: list[int], logprobs: list) -> None:
+    def _emit(self, w: WorkerState, req: Request, tokens: list[int], logprobs: list[TokenLogprobs]) -> None:
         """Appends a step's tokens to `req` one by one, as far as its stop rules let it,
         and sends them in one output (its last, with the finish, when one stops it)."""
-        rid = req.request_id
         start = len(req.output_token_ids)
         reason = None
         for token in tokens:
@@ -283,17 +275,7 @@ class SchedulerCore:
             reason = check_stop(req, w.info.eos_token_ids, w.max_len)
             if reason is not None:
                 break
-        kept = req.output_token_ids[start:]
-        first = start == 0  # its first output, preempted before it or not: queue time = to first scheduled
-        with_prompt = start == 0 and req.sampling.prompt_logprobs is not None
-        out = RequestOutput(
-            rid,
-            kept,
-            logprobs[: len(kept)],
-            index=start,
-            queue_time_s=(req.first_scheduled_time - req.arrival_time) if first else None,
-            prompt_logprobs=req.take_prompt_logprobs() if with_prompt else [],
-        )
+        out = tokens_output(req, start, logprobs)
         if reason is None:
             self.outputs.append((req.reply_to, out))
         else:
@@ -327,42 +309,10 @@ class SchedulerCore:
                 f"{req.num_tokens} tokens exceed every worker's max_model_len",
             )
 
-    def _build_plan(self, w: WorkerState, d: Decision) -> StepPlan:
-        new, cached = [], []
-        by_id = {r.request_id: r for r in w.running}
-        for rid in d.scheduled:
-            req = by_id[rid]
-            if not req.on_worker:
-                new.append(
-                    NewRequest(
-                        rid,
-                        req.all_token_ids,
-                        len(req.prompt_token_ids),
-                        _worker_sampling(req),
-                        list(req.block_ids),
-                        req.num_computed_tokens,
-                    )
-                )
-                req.on_worker = True
-            else:
-                cached.append(CachedRequest(rid, req.new_block_ids, req.num_computed_tokens))
-            req.new_block_ids = []
-        self._step_id += 1
-        plan = StepPlan(
-            self._step_id,
-            new,
-            cached,
-            dict(d.scheduled),
-            w.to_drop,
-            draft_token_ids=dict(d.drafts),
-            num_draft_tokens=dict(d.draft_counts),
-        )
-        w.to_drop = []
-        return plan
-
     def _step_failed(self, w: WorkerState, step: InFlightStep, error: str) -> None:
         """Nothing of the step can be trusted: every request in it is recomputed from its
-        tokens (on this worker again), or ends with the error after MAX_STEP_ERRORS."""
+        tokens (on this worker again), or ends with the error after MAX_STEP_ERRORS; one
+        aborted during the step ends now."""
         self.counters.step_errors += 1
         log.error("step %d on %s failed: %s", step.step_id, w.worker_id, error)
         self.errors.append({"worker": w.worker_id, "step_id": step.step_id, "error": error})
@@ -378,6 +328,10 @@ class SchedulerCore:
                 )
             else:
                 transitions.requeue(w, self.waiting, req, preempted=False)
+                if req.request_id in self._aborts:
+                    # NOTE: it is waiting now, not on `w`: finished with w=None, which takes it
+                    # off the waiting list (else it would be admitted again, finished).
+                    self._finish_aborted(req, None)
 
     def _finish(
         self,
@@ -393,30 +347,9 @@ class SchedulerCore:
         self._aborts.pop(req.request_id, None)
         self._errors_by_request.pop(req.request_id, None)
         self.counters.finished[reason.value] = self.counters.finished.get(reason.value, 0) + 1
-        usage = Usage(len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_tokens)
-        out = tokens_out or RequestOutput(req.request_id, index=len(req.output_token_ids))
-        stop_token_id = req.output_token_ids[-1] if reason is FinishReason.STOP else None
-        self.outputs.append(
-            (
-                req.reply_to,
-                msgspec.structs.replace(
-                    out,
-                    finish_reason=reason,
-                    stop_token_id=stop_token_id,
-                    usage=usage,
-                    error_code=error_code,
-                    error=error,
-                ),
-            )
-        )
+        self.outputs.append((req.reply_to, final_output(req, tokens_out)))
         self.finished.append(req)
-        self.status_updates[req.request_id] = {
-            "status": req.status,
-            "finish_reason": reason,
-            **msgspec.structs.asdict(usage),
-            **({"error": error} if error else {}),
-            **({"error_code": error_code} if error_code else {}),
-        }
+        self.status_updates[req.request_id] = final_status(req)
 
     def expire_queued(self, now: float) -> None:
         """End requests that waited past their queue timeout without ever being scheduled."""
@@ -449,28 +382,3 @@ class SchedulerCore:
 
     def num_running(self) -> int:
         return sum(len(w.running) for w in self.workers.values())
-
-
-def _worker_sampling(req: Request) -> SamplingParams:
-    """The sampling a worker gets: without prompt_logprobs once they were delivered, so a
-    request resumed after its first token (preempted, migrated) does not compute them again."""
-    if req.sampling.prompt_logprobs is not None and not req.needs_prompt_logprobs:
-        return msgspec.structs.replace(req.sampling, prompt_logprobs=None)
-    return req.sampling
-
-
-def _observe_cost(w: WorkerState, step: InFlightStep, by_id: dict[str, Request], result: StepResult) -> None:
-    """A step whose every row decoded (with or without proposals) tells the worker's step
-    cost (speculation.py); prefill chunks would tell the cost of attention over prompts. A
-    draft model's passes are timed apart: they cost per pass, not per token verified."""
-    timings = result.timings
-    if timings.draft_passes:
-        w.step_cost.observe_draft(timings.draft_ms / timings.draft_passes)
-    ms = timings.total_ms - timings.draft_ms
-    if ms <= 0.0:
-        return
-    for rid, n in step.scheduled.items():
-        req = by_id.get(rid)
-        if req is None or req.num_tokens - req.num_computed_tokens != 1 or n != 1 + step.proposed(rid):
-            return
-    w.step_cost.observe(sum(step.scheduled.values()), ms)

@@ -38,7 +38,7 @@ class _Message:
 
 @dataclass
 class _Link:
-    sock: zmq.Socket
+    sock: zmq.Socket[bytes]
     waiting: deque[_Message] = field(default_factory=deque)
     watched: bool = False  # registered for POLLOUT: the loop wakes when it can take more
 

@@ -24,9 +24,10 @@ Speculative decoding (Limits.speculative): a decoding request takes up to k prop
 after its last one, as many as pay by its recent acceptance and the worker's measured step
 cost (speculation.py), counted in the step's budget; the worker checks them all in the
 step's pass. N-gram prompt lookup finds them here in the request's own text; a draft model
-is the worker's, which drafts as many as the plan asks (none on a worker without one). Proposals get blocks only
-while every running request could still get one: they never cause a preemption. None are
-made while the worker runs more requests than `disable_by_batch_size`.
+is the worker's, which drafts as many as the plan asks (none on a worker without one).
+Proposals get blocks only while every running request could still get one: they never
+cause a preemption. None are made while the worker runs more requests than
+`disable_by_batch_size`.
 
 Priority: lower `priority` first, then earlier arrival. Aging lowers a waiting request's
 effective priority by one level every `aging_seconds`, so nobody waits forever behind a
@@ -37,7 +38,7 @@ prefix hit lets a request pass only those of its own priority level within the w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.scheduler import transitions
@@ -69,8 +70,10 @@ class Decision:
     draft_counts: dict[str, int] = field(default_factory=dict)  # request_id -> tokens the worker drafts
 
 
-def waiting_key(now: float, aging_seconds: float):
-    def key(req: Request):
+def waiting_key(now: float, aging_seconds: float) -> Callable[[Request], tuple[int, float]]:
+    """Sort key of a waiting request: (aged priority, arrival), lowest first."""
+
+    def key(req: Request) -> tuple[int, float]:
         waited = max(0.0, now - req.arrival_time)
         return (req.priority - int(waited // aging_seconds), req.arrival_time)
 

@@ -42,7 +42,7 @@ class QueueReader:
         self,
         client: redis.Redis,
         keys: RedisKeys,
-        ctx: zmq.Context,
+        ctx: zmq.Context[zmq.Socket[bytes]],
         block_ms: int = BLOCK_MS,
         consumer: str = "scheduler",
         aborts: str | None = None,
@@ -124,7 +124,7 @@ class QueueReader:
             self._stop.wait(NO_ROOM_BLOCK_MS / 1000)  # nothing to block on
         return entries
 
-    def _read_until_stopped(self, signal: zmq.Socket) -> None:
+    def _read_until_stopped(self, signal: zmq.Socket[bytes]) -> None:
         backoff = 0.0
         while not self._stop.is_set():
             self._taken.wait()

@@ -17,15 +17,10 @@ from shared.messages import (
     FinishReason,
     PromptLogprobs,
     RequestStatus,
+    SamplingParams,
     SubmitRequest,
     TokenLogprobs,
 )
-
-
-def _from_submit(name: str) -> property:
-    return property(
-        lambda self: getattr(self.submit, name), doc=f"SubmitRequest.{name}, as the gateway sent it"
-    )
 
 
 @dataclass(eq=False)  # identity semantics: requests live in lists and sets
@@ -53,14 +48,38 @@ class Request:
     prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict, repr=False)
     acceptance: Acceptance = field(default_factory=Acceptance, repr=False)  # its speculation so far
 
-    request_id = _from_submit("request_id")
-    prompt_token_ids = _from_submit("prompt_token_ids")
-    sampling = _from_submit("sampling")
-    reply_to = _from_submit("reply_to")
-    arrival_time = _from_submit("arrival_time")
-    priority = _from_submit("priority")
-    cache_salt = _from_submit("cache_salt")
-    queue_timeout_s = _from_submit("queue_timeout_s")
+    # What the gateway sent (SubmitRequest), read through.
+    @property
+    def request_id(self) -> str:
+        return self.submit.request_id
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.submit.prompt_token_ids
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.submit.sampling
+
+    @property
+    def reply_to(self) -> str:
+        return self.submit.reply_to
+
+    @property
+    def arrival_time(self) -> float:
+        return self.submit.arrival_time
+
+    @property
+    def priority(self) -> int:
+        return self.submit.priority
+
+    @property
+    def cache_salt(self) -> str | None:
+        return self.submit.cache_salt
+
+    @property
+    def queue_timeout_s(self) -> float | None:
+        return self.submit.queue_timeout_s
 
     @property
     def num_tokens(self) -> int:
@@ -112,9 +131,9 @@ def check_stop(req: Request, eos_token_ids: list[int], max_model_len: int) -> Fi
     token wins over reaching max_tokens on the same token (OpenAI reports "stop")."""
     token = req.output_token_ids[-1]
     params = req.sampling
-    if len(req.output_token_ids) >= params.min_tokens:
-        if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            return FinishReason.STOP
+    stop_token = (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+    if stop_token and len(req.output_token_ids) >= params.min_tokens:
+        return FinishReason.STOP
     if len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= max_model_len:
         return FinishReason.LENGTH
     return None

@@ -1,6 +1,7 @@
-"""The scheduler process's plumbing around SchedulerCore: ZeroMQ to the workers and the
-gateways, the Redis request stream in (read by queue_reader's thread), status out. Several
-schedulers of distinct names may share the stream, each with its own workers (peers.py).
+"""The scheduler process's plumbing around SchedulerCore: ZeroMQ to the workers
+(worker_link.py) and the gateways (outbox.py), the Redis request stream in (read by
+queue_reader's thread), status out. Several schedulers of distinct names may share the
+stream, each with its own workers (peers.py).
 
 One loop, asleep until a worker message or new queue entries arrive (or a gateway that
 was full takes more). Each pass: take them, drop silent workers, hand every idle worker its
@@ -23,20 +24,23 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import redis
 import zmq
 
 from services.scheduler.core import SchedulerCore
 from services.scheduler.figures import FigureBuilder
-from services.scheduler.lease import Lease
+from services.scheduler.gateway_liveness import GatewayLiveness
+from services.scheduler.lease import Lease, LeaseLost
 from services.scheduler.outbox import Outbox
 from services.scheduler.peers import Peers
 from services.scheduler.queue_reader import QueueReader
+from services.scheduler.redis_backoff import RedisBackoff
 from services.scheduler.tracing import RequestSpans
+from services.scheduler.worker_link import WorkerLink
 from shared import messages as m
 from shared.config import SchedulerSettings
-from shared.curve import secure_server
 from shared.figures import ErrorRecord
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import QueueEntry, RequestQueue, StatusWriter
@@ -45,14 +49,8 @@ from shared.tracing import tracer_for
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 0.25  # the longest sleep of an idle loop: bounds how late SIGTERM and timeouts are seen
-MAX_MESSAGE_BYTES = 64 << 20  # a bigger message on the worker socket is refused by ZeroMQ
-REDIS_RETRY_MAX_S = 5.0  # while Redis is down, try it again at most this often
 EXIT_LEASE_LOST = 3
 STOP_FLUSH_S = 2.0  # at a stop, how long outputs still waiting for a slow gateway may take to go out
-
-
-class LeaseLost(Exception):
-    """Another scheduler holds the lease: this one must stop serving at once."""
 
 
 class SchedulerService:
@@ -70,8 +68,8 @@ class SchedulerService:
             settings.lease_ttl,
         )
         self.peers = Peers(client, self.keys, self.name, settings.max_num_seqs, settings.stall_after)
-        self.ctx = zmq.Context.instance()
-        self.workers_sock: zmq.Socket | None = None  # bound once the lease is ours
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._link: WorkerLink | None = None  # bound once the lease is ours
         self.poller = zmq.Poller()
         self.outbox = Outbox(self.poller, settings.gateway_timeout)
         self._gone: set[str] = set()  # gateways declared gone: what is addressed to them is dropped
@@ -83,39 +81,40 @@ class SchedulerService:
         )
         self._unacked: list[str] = []  # finished entries whose XACK has not reached Redis yet
         self._unacked_aborts: list[str] = []  # the same, of our abort stream
-        self._redis_retry_at = 0.0  # while Redis is down: when to try it again
-        self._redis_backoff = 0.1
-        self._gateway_seen: dict[str, float] = {}  # reply_to -> when its liveness key was last there
-        self.reader: QueueReader | None = None  # started once the lease is ours
+        self.redis_backoff = RedisBackoff()
+        self.liveness = GatewayLiveness(client, self.keys, settings.gateway_timeout)
+        self._reader: QueueReader | None = None  # started once the lease is ours
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
 
+    @property
+    def link(self) -> WorkerLink:
+        assert self._link is not None, "the worker socket is bound in serve(), once the lease is ours"
+        return self._link
+
+    @property
+    def reader(self) -> QueueReader:
+        assert self._reader is not None, "the queue is read from serve(), once the lease is ours"
+        return self._reader
+
     def serve(self) -> int:
         """Serve until SIGTERM; returns the process exit code."""
-        if not self._wait_for_lease():
+        if not self.lease.stand_by(self.name, lambda: self.stopping):
             return 0
-        self.workers_sock = self.ctx.socket(zmq.ROUTER)
-        self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises
-        self.workers_sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        self.workers_sock.setsockopt(zmq.LINGER, 0)
-        s = self.settings
-        self._auth = (
-            secure_server(self.workers_sock, s.zmq_server_secret_key, s.zmq_client_public_key)
-            if s.zmq_server_secret_key
-            else None
+        link = self._link = WorkerLink(
+            self.ctx, self.settings, self.core, self.status, self.figures, self.spans, self._record_error
         )
-        self.workers_sock.bind(self.settings.scheduler_address)
         self.queue.ensure_group()
-        self.reader = QueueReader(
+        reader = self._reader = QueueReader(
             self.queue.client, self.keys, self.ctx, consumer=self.name, aborts=self.queue.aborts
         )
-        self.poller.register(self.workers_sock, zmq.POLLIN)
-        self.poller.register(self.reader.wake, zmq.POLLIN)
+        self.poller.register(link.sock, zmq.POLLIN)
+        self.poller.register(reader.wake, zmq.POLLIN)
         self._redis(self.peers.refresh_peers)  # before the first read: a backlog is not for us alone
-        self.reader.set_room(self.peers.room(self.core))
-        self.reader.start()
+        reader.set_room(self.peers.room(self.core))
+        reader.start()
         log.info(
             "scheduler %s (%s) listening for workers on %s",
             self.name,
@@ -129,13 +128,10 @@ class SchedulerService:
         except LeaseLost as e:
             log.error("%s; stopping so that no request is served by two schedulers", e)
             code = EXIT_LEASE_LOST
-        self.reader.stop()
+        reader.stop()
         if code == 0:
             self._hand_back()
-        # Workers stay up: a restarted scheduler asks them to register again.
-        self.workers_sock.close()
-        if self._auth is not None:
-            self._auth.stop()
+        link.close()
         self.outbox.close(STOP_FLUSH_S)
         if code == 0:
             self._redis(self.lease.release)
@@ -156,7 +152,7 @@ class SchedulerService:
                 STOP_FLUSH_S,
             )
         self._collect_status()
-        self._redis_retry_at = 0.0  # one last try, whatever the backoff
+        self.redis_backoff.retry_now()  # one last try
         self._redis(self._flush)
         if self.core.requests:
             log.info(
@@ -164,111 +160,26 @@ class SchedulerService:
                 len(self.core.requests),
             )
 
-    def _wait_for_lease(self) -> bool:
-        announced = False
-        while not self.stopping:
-            try:
-                if self.lease.acquire():
-                    return True
-                holder = self.lease.current_holder()
-            except redis.RedisError as e:
-                holder = f"unknown (Redis: {e})"
-            if not announced:
-                log.warning(
-                    "another scheduler named %s (%s) holds the lease; standing by until it is free",
-                    self.name,
-                    holder,
-                )
-                announced = True
-            time.sleep(1.0)
-        return False
-
     def run_once(self) -> None:
         ready = dict(self.poller.poll(self._wait_ms()))
-        if self.workers_sock in ready:
-            self._receive_worker_messages()
+        if self.link.sock in ready:
+            self.link.receive()
         if self.reader.wake in ready:
             self._read_queue(self.reader.take())
         # NOTE: what came during this pass first: a long pass (a burst of arrivals) must not
         # make workers that did send heartbeats look silent.
-        self._receive_worker_messages()
-        now_mono = time.monotonic()
-        for wid in self.core.check_workers(
-            now_mono, self.settings.heartbeat_timeout, self.settings.step_timeout
-        ):
-            self.status.remove_worker(wid)
-            self.status.error(
-                ErrorRecord(
-                    worker=wid, error="worker stopped answering; its requests were requeued", time=time.time()
-                )
-            )
-        self._dispatch_steps()
+        self.link.receive()
+        self.link.drop_silent()
+        self.link.dispatch()
         self._send_outputs()
         self._bookkeeping()
         self.reader.set_room(self.peers.room(self.core))
 
-    # ---- workers ------------------------------------------------------------------------
     def _wait_ms(self) -> int:
         """Until the next figures are due (or MAX_WAIT_S): nothing else needs a pass unless
         a socket has something to read."""
         due = self._last_stats + self.settings.stats_interval - time.monotonic()
         return max(0, round(1000 * min(due, MAX_WAIT_S)))
-
-    def _receive_worker_messages(self) -> None:
-        while True:
-            try:
-                frames = self.workers_sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._handle_worker_frames(frames)
-
-    def _handle_worker_frames(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            log.warning("ignored a worker message of %d frames", len(frames))
-            return
-        identity, data = frames
-        try:
-            msg = m.decode(data)
-        except m.DecodeError as e:
-            self._record_error(f"undecodable message from {identity[:64]!r}: {e}")
-            return
-        now = time.monotonic()
-        if isinstance(msg, m.RegisterWorker):
-            self.core.add_worker(msg, now)
-            self.status.worker(msg.worker_id, self.figures.worker(msg.worker_id))
-        elif isinstance(msg, (m.Heartbeat, m.StepResult)):
-            w = self.core.workers.get(msg.worker_id)
-            if w is None:
-                # A worker we don't know (we restarted, or it was dropped as silent): it
-                # must forget its rows and register again.
-                self._send_worker(msg.worker_id, m.Reregister("unknown to this scheduler"))
-                return
-            w.last_seen = now
-            if isinstance(msg, m.StepResult):
-                self.figures.on_timings(msg.worker_id, msg.timings)
-                self.spans.step_done(msg)
-                self.core.on_step_result(msg)
-        elif isinstance(msg, m.WorkerLeaving):
-            self.core.remove_worker(msg.worker_id, f"left: {msg.reason}")
-            self.status.remove_worker(msg.worker_id)
-        else:
-            self._record_error(f"unexpected {type(msg).__name__} on the worker socket from {identity[:64]!r}")
-
-    def _dispatch_steps(self) -> None:
-        now, mono = time.time(), time.monotonic()
-        for wid in list(self.core.workers):
-            plan = self.core.next_plan(wid, now, mono)
-            if plan is not None:
-                self.spans.step_sent(wid, plan)
-                self._send_worker(wid, plan)
-
-    def _send_worker(self, worker_id: str, msg: m.Message) -> None:
-        try:
-            self.workers_sock.send_multipart([worker_id.encode(), m.encode(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # EHOSTUNREACH: it disconnected
-            if worker_id in self.core.workers:
-                self.core.remove_worker(worker_id, f"unreachable ({e})")
-                self.status.remove_worker(worker_id)
 
     # ---- queue and gateways ---------------------------------------------------------------
     def _read_queue(self, entries: list[QueueEntry]) -> None:
@@ -356,7 +267,7 @@ class SchedulerService:
         left = self.outbox.drop(reply_to)
         self._unacked.extend(left.entry_ids)  # finished: their final outputs are what was lost
         self._gone.add(reply_to)
-        self._gateway_seen.pop(reply_to, None)
+        self.liveness.forget(reply_to)
         lost = (
             f"; {left.messages} messages of outputs undelivered, the last of {len(left.entry_ids)} finished "
             "requests among them"
@@ -398,29 +309,12 @@ class SchedulerService:
         self.status.flush()
 
     def _abort_orphans(self) -> None:
-        """Abort the requests of gateways that are gone: nobody would read their tokens.
-        A gateway's key must stay missing for gateway_timeout, so a Redis restart or a
-        slow refresh never aborts live clients."""
-        by_gateway: dict[str, list[str]] = defaultdict(list)
-        for rid, req in self.core.requests.items():
-            by_gateway[req.reply_to].append(rid)
-        if not by_gateway:
-            self._gateway_seen.clear()
-            return
-        pipe = self.queue.client.pipeline(transaction=False)
-        for reply_to in by_gateway:
-            pipe.exists(self.keys.gateway(reply_to))
-        now = time.monotonic()
-        for (reply_to, rids), alive in zip(by_gateway.items(), pipe.execute()):
-            seen = self._gateway_seen.setdefault(reply_to, now)
-            if alive:
-                self._gateway_seen[reply_to] = now
-            elif now - seen > self.settings.gateway_timeout:
-                self._gateway_gone(
-                    reply_to, f"its liveness key was missing for {self.settings.gateway_timeout:g} s"
-                )
-        for reply_to in set(self._gateway_seen) - set(by_gateway):
-            del self._gateway_seen[reply_to]
+        """Abort the requests of gateways that are gone: nobody would read their tokens."""
+        gateways = dict.fromkeys(req.reply_to for req in self.core.requests.values())
+        for reply_to in self.liveness.missing(gateways):
+            self._gateway_gone(
+                reply_to, f"its liveness key was missing for {self.settings.gateway_timeout:g} s"
+            )
 
     def _forget_gone(self) -> None:
         """A gateway declared gone is forgotten once nothing more can be addressed to it: none
@@ -443,24 +337,10 @@ class SchedulerService:
         if self.peers.take_over(self.keys.scheduler, self.core):
             self.reader.replay_pending()  # read as our own pending entries, as after a restart
 
-    def _redis(self, action) -> None:
-        """Run a Redis action unless Redis is known to be down. While it is down, serving
-        goes on for the requests already here (tokens flow over ZeroMQ); acknowledgements
-        and status wait, and Redis is retried with backoff, so the loop never stalls."""
-        now = time.monotonic()
-        if now < self._redis_retry_at:
-            return
-        try:
-            action()
-        except redis.RedisError as e:
-            if self._redis_backoff == 0.1:
-                log.error("Redis unreachable (%s): serving what is here, retrying with backoff", e)
-            self._redis_retry_at = now + self._redis_backoff
-            self._redis_backoff = min(self._redis_backoff * 2, REDIS_RETRY_MAX_S)
-            return
-        if self._redis_backoff != 0.1:
-            log.info("Redis reachable again")
-            self._redis_backoff = 0.1
+    def _redis(self, action: Callable[[], object]) -> None:
+        """Run a Redis action unless Redis is known to be down (redis_backoff.py):
+        acknowledgements and status wait meanwhile."""
+        self.redis_backoff.run(action)
 
     def _write_figures(self) -> None:
         scheduler, workers = self.figures.interval()

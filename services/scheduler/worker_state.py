@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from services.scheduler.block_pool import BlockPool
 from services.scheduler.request import Request
 from services.scheduler.speculation import WORKER_DECAY, Acceptance, StepCost
-from shared.messages import RegisterWorker
+from shared.messages import RegisterWorker, StepTimings
 
 
 @dataclass
@@ -67,3 +67,19 @@ class WorkerState:
     def stalled(self, monotonic: float, stall_after_s: float) -> bool:
         """Its step has run longer than stall_after_s: it serves nobody meanwhile."""
         return self.in_flight is not None and monotonic - self.in_flight.sent_at > stall_after_s
+
+    def observe_step_cost(self, step: InFlightStep, by_id: dict[str, Request], timings: StepTimings) -> None:
+        """A step whose every row decoded (with or without proposals) tells its step cost
+        (speculation.py); prefill chunks would tell the cost of attention over prompts. A
+        draft model's passes are timed apart: they cost per pass, not per token verified.
+        `by_id`: its running requests by id."""
+        if timings.draft_passes:
+            self.step_cost.observe_draft(timings.draft_ms / timings.draft_passes)
+        ms = timings.total_ms - timings.draft_ms
+        if ms <= 0.0:
+            return
+        for rid, n in step.scheduled.items():
+            req = by_id.get(rid)
+            if req is None or req.num_tokens - req.num_computed_tokens != 1 or n != 1 + step.proposed(rid):
+                return
+        self.step_cost.observe(sum(step.scheduled.values()), ms)

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from services.scheduler.core import SchedulerCore
-from services.scheduler.service import LeaseLost, SchedulerService
+from services.scheduler.lease import LeaseLost
+from services.scheduler.service import SchedulerService
 from shared.config import SchedulerSettings
 from shared.figures import SchedulerFigures
 from shared.redis_protocol import StatusWriter, submit

@@ -12,10 +12,10 @@ import zmq
 
 from conveyor.status import render
 from services.scheduler.core import SchedulerCore
-from services.scheduler.lease import Lease
+from services.scheduler.lease import Lease, LeaseLost
 from services.scheduler.peers import Peers
 from services.scheduler.queue_reader import QueueReader
-from services.scheduler.service import LeaseLost, SchedulerService
+from services.scheduler.service import SchedulerService
 from shared.config import SchedulerSettings
 from shared.figures import SchedulerFigures
 from shared.messages import AbortRequest, FinishReason, RegisterWorker, SamplingParams, SubmitRequest
