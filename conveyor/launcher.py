@@ -26,7 +26,6 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from conveyor.commands import service_command
 from shared import cpu_layout
@@ -136,7 +135,7 @@ class RedisChild:
         )
 
 
-Supervised = Union[Child, RedisChild]
+Supervised = Child | RedisChild
 
 
 def _forward(stream, tail: deque[str]) -> None:

@@ -53,7 +53,8 @@ class AttentionBackend:
         log and the worker's figures: [] when the kernels serve the model."""
         if self.fallback_reason:
             return [
-                f"attention: decode and prefill run on the torch reference instead of the {self.fallback_reason}"
+                "attention: decode and prefill run on the torch reference instead of the "
+                f"{self.fallback_reason}"
             ]
         return []
 

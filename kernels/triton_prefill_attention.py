@@ -26,10 +26,7 @@ def tile_mask(row_ok, dims, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr):
     """Which elements of a [rows, HEAD_DIM_P2] tile are real: rows where row_ok, and only the
     first HEAD_DIM columns. The padding columns load as zeros, which add nothing to q.k nor to
     p.v. A power-of-two head dim gets the row mask alone, as before padding existed."""
-    if HEAD_DIM == HEAD_DIM_P2:
-        mask = row_ok[:, None]
-    else:
-        mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    mask = row_ok[:, None] if HEAD_DIM == HEAD_DIM_P2 else row_ok[:, None] & (dims < HEAD_DIM)[None, :]
     return mask
 
 

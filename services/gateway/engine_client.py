@@ -11,6 +11,7 @@ scheduler aborts the requests of a gateway whose key stays missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -77,10 +78,8 @@ class EngineClient:
             await asyncio.wait(self._background, timeout=2)
         for task in self._tasks:
             task.cancel()
-        try:
+        with contextlib.suppress(redis.RedisError):  # it expires by itself
             await asyncio.to_thread(self.client.delete, self._liveness_key)
-        except redis.RedisError:
-            pass  # it expires by itself
         self._sock.close()
         self._ctx.term()
 

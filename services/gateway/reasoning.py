@@ -81,10 +81,10 @@ def after_thinking(
     ids = _tag_ids(tokenizer)
     if ids is None:
         raise bad_request(
-            f"{field} cannot be combined with this server's reasoning parser while the model may think first: "
-            f"this tokenizer does not have {OPEN} and {CLOSE} as single tokens, so the constraint cannot start "
-            'after the thinking. Turn thinking off for the request (chat_template_kwargs {"enable_thinking": '
-            "false}) or leave the constraint out",
+            f"{field} cannot be combined with this server's reasoning parser while the model may think "
+            f"first: this tokenizer does not have {OPEN} and {CLOSE} as single tokens, so the constraint "
+            "cannot start after the thinking. Turn thinking off for the request (chat_template_kwargs "
+            '{"enable_thinking": false}) or leave the constraint out',
             field,
         )
     open_id, close_id = ids

@@ -43,7 +43,8 @@ class ServedModel:
 
     @property
     def limits(self) -> ContextLimits:
-        """The model directory's own; once a worker registered, cluster.worker_limits' (its pool may hold less)."""
+        """The model directory's own; once a worker registered, cluster.worker_limits' (its pool
+        may hold less)."""
         return ContextLimits(self.max_model_len, self.vocab_size)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

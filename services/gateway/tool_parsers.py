@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from services.gateway.tool_calls import ChatPlan
 from shared.messages import FinishReason
@@ -36,7 +36,7 @@ class ToolCall:
         }
 
 
-Piece = Union[str, ToolCall]
+Piece = str | ToolCall
 
 
 def _call_from(obj: Any, args_keys: tuple[str, ...]) -> ToolCall | None:
