@@ -109,7 +109,7 @@ def load_model(
     )
     onednn = use_onednn(linear_backend, device, dtype)
     gemma_layers = None
-    with _Checkpoint(Path(model_dir), device, dtype) as ckpt:
+    with Checkpoint(Path(model_dir), device, dtype) as ckpt:
         layers = _layers(ckpt, config, shape, sharding, onednn, all_reduce)
         embed, lm_head = _embedding_and_head(
             ckpt, getattr(config, "tie_word_embeddings", False), sharding, onednn, all_reduce
@@ -152,7 +152,7 @@ def shard_model(config, shape: ModelShape, rank: int, world: int) -> Sharding:
 
 
 def _layers(
-    ckpt: _Checkpoint,
+    ckpt: Checkpoint,
     config: PretrainedConfig,
     shape: ModelShape,
     s: Sharding,
@@ -161,7 +161,7 @@ def _layers(
 ) -> list[LayerWeights]:
     """Every decoder layer's weights, each with its attention window."""
     layers = [
-        _layer(
+        load_layer(
             ckpt,
             f"model.layers.{i}.",
             shape,
@@ -177,8 +177,8 @@ def _layers(
     return layers
 
 
-def _layer(
-    ckpt: _Checkpoint,
+def load_layer(
+    ckpt: Checkpoint,
     p: str,
     shape: ModelShape,
     s: Sharding,
@@ -227,7 +227,7 @@ def _layer(
 
 
 def _dense_mlp(
-    ckpt: _Checkpoint, p: str, s: Sharding, fused: bool, onednn: bool, all_reduce: AllReduce | None
+    ckpt: Checkpoint, p: str, s: Sharding, fused: bool, onednn: bool, all_reduce: AllReduce | None
 ) -> tuple[Linear, Linear | RowParallelLinear]:
     """A dense layer's gate/up (fused, gate first: this rank's columns of each) and down."""
     if fused:  # Phi-3: gate and up in one tensor
@@ -242,7 +242,7 @@ def _dense_mlp(
     return Linear(torch.cat(gate_up), None, onednn), down
 
 
-def _experts(ckpt: _Checkpoint, p: str, s: Sharding, config, all_reduce: AllReduce | None) -> SparseMoE:
+def _experts(ckpt: Checkpoint, p: str, s: Sharding, config, all_reduce: AllReduce | None) -> SparseMoE:
     """A sparse layer's router and experts (checkpoints keep one gate, up and down matrix per
     expert); with tensor parallelism, this rank's slice of every expert's intermediate dim."""
     inter, world = config.moe_intermediate_size, s.world
@@ -284,7 +284,7 @@ def _row_parallel(
 
 
 def _embedding_and_head(
-    ckpt: _Checkpoint, tied: bool, s: Sharding, onednn: bool, all_reduce: AllReduce | None
+    ckpt: Checkpoint, tied: bool, s: Sharding, onednn: bool, all_reduce: AllReduce | None
 ) -> tuple[VocabParallelEmbedding, Linear | None]:
     """Every rank: its vocabulary rows of the embedding. Rank 0 alone: the whole LM head.
 
@@ -309,7 +309,7 @@ def _embedding_and_head(
     )
 
 
-class _Checkpoint:
+class Checkpoint:
     """The safetensors files of a model directory, read a tensor (or a slice of one) at a
     time, so a rank never holds more than its own slices."""
 
@@ -323,7 +323,7 @@ class _Checkpoint:
             for name in st.keys()  # noqa: SIM118 — a safetensors file is no dict: keys() is its API
         }
 
-    def __enter__(self) -> _Checkpoint:
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:
