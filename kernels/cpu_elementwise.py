@@ -1,5 +1,5 @@
 """Fused CPU kernels for a decoder layer's elementwise ops (kernels/csrc/elementwise.cpp),
-built and cached like the attention kernel (kernels/cpu.py). Same contracts as the eager
+built and cached as the attention kernels are (kernels/cpu_build.py). Same contracts as the eager
 versions in services/gpu_worker/layer_ops.py, which they are tested against.
 """
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kernels import cpu
+from kernels.cpu_build import build
 
 SOURCE = Path(__file__).parent / "csrc" / "elementwise.cpp"
 OPS = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary")
@@ -20,8 +20,8 @@ EXTRA_CFLAGS = ("-ffp-contract=off",)
 
 @functools.cache
 def load():
-    """Build or load the extension (see kernels.cpu.build); returns the op namespace."""
-    cpu.build("conveyor_cpu_elementwise", [SOURCE], EXTRA_CFLAGS)
+    """Build or load the extension (see kernels.cpu_build.build); returns the op namespace."""
+    build("conveyor_cpu_elementwise", [SOURCE], EXTRA_CFLAGS)
     return torch.ops.conveyor_cpu
 
 

@@ -168,9 +168,41 @@ def decode_attention(
         num_splits = default_num_splits(num_seqs, num_kv_heads, int(seq_lens.max()), q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    group = num_heads // num_kv_heads
     head_dim_p2 = padded_head_dim(head_dim)
+    part_out, part_lse = _split_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, window, head_dim_p2
+    )
+    _decode_merge_kernel[(num_seqs, num_heads)](
+        part_out,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        num_heads,
+        num_splits,
+        SPLITS_P2=triton.next_power_of_2(num_splits),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=head_dim_p2,
+    )
+    return out
 
+
+def _split_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    window: int | None,
+    head_dim_p2: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: each partition's normalised output [seqs, heads, splits, head_dim_p2] and its
+    log-sum-exp (base 2) [seqs, heads, splits], for pass 2 to merge."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_p2, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -199,19 +231,7 @@ def decode_attention(
         BLOCK_N=kv_tile_tokens(head_dim_p2, q.dtype),
         DOT_PRECISION=dot_precision(q.dtype),
     )
-    _decode_merge_kernel[(num_seqs, num_heads)](
-        part_out,
-        part_lse,
-        out,
-        out.stride(0),
-        out.stride(1),
-        num_heads,
-        num_splits,
-        SPLITS_P2=triton.next_power_of_2(num_splits),
-        HEAD_DIM=head_dim,
-        HEAD_DIM_P2=head_dim_p2,
-    )
-    return out
+    return part_out, part_lse
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         client = connect(settings.redis_url)
         model = load_served_model(settings)  # seconds: transformers is imported here
         app = create_app(settings, model, client)
-        sock = _listen(settings.host, settings.port)
+        sock = listen(settings.host, settings.port)
     except (ValidationError, SettingsError, ModelLoadError, ValueError, OSError, zmq.ZMQError) as e:
         log.error("cannot start: %s", e)
         return 2
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
     """Bind here rather than in uvicorn, so a busy port is a start-up error (exit 2)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # NOTE: proto=IPPROTO_TCP, or asyncio skips TCP_NODELAY on accepted connections and

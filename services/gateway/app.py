@@ -203,6 +203,7 @@ def _status_routes(gw: Gateway) -> APIRouter:
         if reason is not None:
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         s = status.scheduler
+        assert s is not None  # else health() gave the reason
         return JSONResponse(
             {
                 "status": "ok",

@@ -109,7 +109,8 @@ def special_tokens_decoder(
         return lambda ids: model.decode(ids, False)
 
     def decode(ids: list[int]) -> str:
-        parts, run = [], []
+        parts: list[str] = []
+        run: list[int] = []
         for t in ids:
             if t in added:
                 parts += [model.decode(run, False) if run else "", added[t]]

@@ -287,6 +287,7 @@ class Generation:
     # ---- internals ------------------------------------------------------------------------
     def _finished(self, choice: ChoiceState) -> None:
         plan = self.plan.choices[choice.index]
+        assert choice.finish_reason is not None  # called once the choice has finished
         self.metrics.on_finished(
             self._times[choice.request_id],
             choice.finish_reason,

@@ -102,7 +102,8 @@ N_BUCKETS = (1, 2, 5, 10, 20)
 
 def buckets_1_2_5(limit: int) -> tuple[int, ...]:
     """1, 2, 5, 10, 20, 50, ... up to `limit`: vLLM's buckets of token counts (up to max_model_len)."""
-    out, scale = [], 1
+    out: list[int] = []
+    scale = 1
     while True:
         for m in (1, 2, 5):
             if m * scale > limit:
@@ -128,13 +129,33 @@ class GatewayMetrics:
     def __init__(self, model_name: str, max_model_len: int, read_status: Callable[[], SystemStatus]):
         disable_created_metrics()  # no `*_created` series beside every counter and histogram
         self.registry = CollectorRegistry(auto_describe=False)
-        r, labels = self.registry, ["model_name"]
-        tokens = buckets_1_2_5(max_model_len)
+        self._model_name = model_name
+        self._add_latency_histograms()
+        self._add_size_histograms(buckets_1_2_5(max_model_len))
+        success = Counter(
+            PREFIX + "request_success",
+            "Finished requests by the finish reason the client saw (abort: the client went away).",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self._success = {reason: success.labels(model_name, reason.value) for reason in FinishReason}
+        self._rejected = Counter(
+            PREFIX + "requests_rejected",
+            "Requests refused before enqueueing, by HTTP status.",
+            ["model_name", "status"],
+            registry=self.registry,
+        )
+        self.registry.register(SchedulerCollector(model_name, read_status))
 
-        def hist(name: str, doc: str, buckets: tuple[float, ...]):
-            # One child per series, made now: each series is served (at 0) before any request.
-            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        # One child per series, made now: each series is served (at 0) before any request.
+        return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(
+            self._model_name
+        )
 
+    def _add_latency_histograms(self) -> None:
+        """Each request's times: to its first token, between its outputs, and its phases."""
+        hist = self._histogram
         self.time_to_first_token = hist(
             "time_to_first_token_seconds",
             "Arrival at the gateway to the first generated token.",
@@ -176,6 +197,10 @@ class GatewayMetrics:
         self.request_decode_time = hist(
             "request_decode_time_seconds", "First token to last token.", REQUEST_LATENCY_BUCKETS
         )
+
+    def _add_size_histograms(self, tokens: tuple[int, ...]) -> None:
+        """Each finished request's tokens and parameters (`tokens`: buckets up to max_model_len)."""
+        hist = self._histogram
         self.request_prompt_tokens = hist(
             "request_prompt_tokens", "Prompt tokens of each finished request.", tokens
         )
@@ -193,21 +218,6 @@ class GatewayMetrics:
             "The most tokens any choice of a finished prompt generated.",
             tokens,
         )
-        success = Counter(
-            PREFIX + "request_success",
-            "Finished requests by the finish reason the client saw (abort: the client went away).",
-            [*labels, "finished_reason"],
-            registry=r,
-        )
-        self._success = {reason: success.labels(model_name, reason.value) for reason in FinishReason}
-        self._rejected = Counter(
-            PREFIX + "requests_rejected",
-            "Requests refused before enqueueing, by HTTP status.",
-            [*labels, "status"],
-            registry=r,
-        )
-        self._model_name = model_name
-        r.register(SchedulerCollector(model_name, read_status))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -226,7 +236,8 @@ class GatewayMetrics:
         if times.first_token is None:
             times.first_token = now
             self.time_to_first_token.observe(now - times.arrival)
-        else:  # as vLLM: one interval per output, however many tokens it carries (speculation)
+        elif times.last_token is not None:  # always: set with first_token
+            # As vLLM: one interval per output, however many tokens it carries (speculation).
             self.inter_token_latency.observe(now - times.last_token)
             self.time_per_output_token.observe(now - times.last_token)
         if queue_time_s is not None and times.queue_s is None:
@@ -380,7 +391,8 @@ def _buckets(counts: list[int]) -> list[tuple[str, float]]:
         if len(counts) == len(ITERATION_TOKENS_BUCKETS) + 1
         else [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
     )
-    out, total = [], 0
+    out: list[tuple[str, float]] = []
+    total = 0
     for le, n in zip([*map(float, ITERATION_TOKENS_BUCKETS), float("inf")], counts):
         total += n
         out.append((floatToGoString(le), total))

@@ -15,7 +15,7 @@ from services.gateway.reasoning import ReasoningSplit
 from services.gateway.served_model import ServedModel
 from services.gateway.tool_calls import ChatPlan
 from services.gateway.tool_parsers import ToolCallStream
-from shared.messages import TokenLogprobs
+from shared.messages import FinishReason, TokenLogprobs
 
 DONE = b"data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # what a -inf logprob is reported as (JSON has no infinity), as vLLM
@@ -76,7 +76,9 @@ class CompletionFormat:
     def usage_chunk(self) -> dict:
         return self._envelope(self.object_name, [], usage=self.gen.usage())
 
-    def _choice(self, index: int, text: str, lp: ChoiceText, finish_reason: str | None, first: bool) -> dict:
+    def _choice(
+        self, index: int, text: str, lp: ChoiceText, finish_reason: FinishReason | None, first: bool
+    ) -> dict:
         """With echo, a choice's first text and logprobs start with its prompt's (as vLLM)."""
         plan = self.gen.plan.choices[index]
         echo = self.options.echo and first
@@ -254,11 +256,13 @@ class ChatFormat(CompletionFormat):
         return {
             "index": r.index,
             "message": message,
-            "logprobs": self._logprobs(r),
+            "logprobs": self._chat_logprobs(r),
             "finish_reason": tools.finish_reason(r.finish_reason),
         }
 
-    def _choice(self, index: int, text: str, lp, finish_reason: str | None, first: bool = False) -> dict:
+    def _choice(
+        self, index: int, text: str, lp: ChoiceText, finish_reason: FinishReason | None, first: bool = False
+    ) -> dict:
         tools = self._tools[index]
         final = finish_reason is not None
         if not self._reasoning:
@@ -272,11 +276,12 @@ class ChatFormat(CompletionFormat):
         return {
             "index": index,
             "delta": delta,
-            "logprobs": self._logprobs(lp),
+            "logprobs": self._chat_logprobs(lp),
             "finish_reason": tools.finish_reason(finish_reason),
         }
 
-    def _logprobs(self, lp) -> dict | None:
+    def _chat_logprobs(self, lp: ChoiceText) -> dict | None:
+        """Chat's shape of the logprobs: `content`, one entry per token."""
         if self.gen.plan.logprobs is None:
             return None
         return {

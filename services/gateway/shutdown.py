@@ -18,7 +18,7 @@ from services.gateway.engine_client import EngineClient
 
 log = logging.getLogger(__name__)
 
-CUT_GRACE_S = 2.0  # for the requests cut at the end to write their error and close
+CUT_GRACE_S = 2  # for the requests cut at the end to write their error and close
 POLL_S = 0.05
 
 

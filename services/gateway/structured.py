@@ -12,13 +12,16 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # ships no types; its stubs are no dependency
 
 from services.gateway.errors import bad_request
 from shared.messages import StructuredOutput
 from shared.structured import COMPILE_ERRORS, choice_grammar, compile_output
+
+if TYPE_CHECKING:
+    import xgrammar as xgr  # imported where used: the first constrained request loads it
 
 # vLLM's structured_outputs keys; the two it has and Conveyor does not are refused.
 _SO_KINDS = {
@@ -253,7 +256,7 @@ class GrammarChecker:
 
     def __init__(self, tokenizer: Any, vocab_size: int):
         self._tokenizer, self._vocab_size = tokenizer, vocab_size
-        self._compiler = None
+        self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
 
     async def check(self, c: Constraint | None) -> None:
@@ -267,7 +270,7 @@ class GrammarChecker:
         except COMPILE_ERRORS as e:
             raise bad_request(f"{c.field}: {_xgrammar_message(e)}", c.field) from None
 
-    def _get_compiler(self):
+    def _get_compiler(self) -> xgr.GrammarCompiler:
         # Built on first use: TokenizerInfo reads the whole vocabulary (about a second for 150k tokens).
         with self._lock:
             if self._compiler is None:

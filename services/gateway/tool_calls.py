@@ -10,11 +10,18 @@ import functools
 import inspect
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from services.gateway.errors import bad_request
-from services.gateway.protocol import AssistantToolCall, ChatCompletionRequest, ChatMessage, Tool
+from services.gateway.protocol import (
+    AssistantToolCall,
+    ChatCompletionRequest,
+    ChatMessage,
+    NamedToolChoice,
+    Tool,
+)
 from services.gateway.reasoning import ReasoningPlan
 from services.gateway.served_model import ServedModel
 from services.gateway.structured import json_schema_constraint
@@ -74,33 +81,35 @@ def chat_options(body: ChatCompletionRequest, config: ChatConfig) -> ChatPlan:
     choice = _tool_choice(body, config.tool_call_parser)
     echo = body.messages[-1].text() if body.echo and body.messages[-1].role == "assistant" else ""
     parallel = body.parallel_tool_calls is not False
+    if choice == "none":
+        return ChatPlan(echo=echo)
     if choice == "auto":
         return ChatPlan("auto", parser=config.tool_call_parser, parallel_tool_calls=parallel, echo=echo)
+    tools = body.tools
+    assert tools, "_tool_choice refuses tool_choice required or named without tools"
     if choice == "required":
         return ChatPlan(
             "required",
             parallel_tool_calls=parallel,
             echo=echo,
-            structured=_json_schema(_required_schema(body.tools, parallel)),
+            structured=_json_schema(_required_schema(tools, parallel)),
         )
-    if choice == "named":
-        name = body.tool_choice.function.name
-        params = next(t.function.parameters for t in body.tools if t.function.name == name)
-        return ChatPlan(
-            "named",
-            function_name=name,
-            parallel_tool_calls=parallel,
-            echo=echo,
-            structured=_json_schema(params or EMPTY_PARAMETERS),
-        )
-    return ChatPlan(echo=echo)
+    name = choice.function.name
+    params = next(t.function.parameters for t in tools if t.function.name == name)
+    return ChatPlan(
+        "named",
+        function_name=name,
+        parallel_tool_calls=parallel,
+        echo=echo,
+        structured=_json_schema(params or EMPTY_PARAMETERS),
+    )
 
 
 def render_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
     """The prompt's token ids: the conversation, the tools and the template's own variables
     rendered by the request's chat template, or the model's."""
     kwargs = dict(body.chat_template_kwargs or {})
-    for name in _apply_parameters(type(model.tokenizer)) & kwargs.keys():
+    for name in _apply_parameters(type(model.tokenizer).apply_chat_template) & kwargs.keys():
         raise bad_request(
             f"chat_template_kwargs: {name!r} is not a template variable but an argument the "
             "gateway sets from the request's own fields",
@@ -153,15 +162,17 @@ def template_tools(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
 
 # ---- internals ----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
-def _apply_parameters(tokenizer_type: type) -> frozenset[str]:
-    """apply_chat_template's own arguments (tokenize, tools, ...): a template kwarg of that
-    name would reach the function, not the template."""
-    params = inspect.signature(tokenizer_type.apply_chat_template).parameters.values()
+def _apply_parameters(apply_chat_template: Callable[..., object]) -> frozenset[str]:
+    """apply_chat_template's own arguments (tokenize, tools, ...), given the tokenizer class's
+    function: a template kwarg of that name would reach the function, not the template."""
+    params = inspect.signature(apply_chat_template).parameters.values()
     return frozenset(p.name for p in params if p.kind is not p.VAR_KEYWORD) | {"messages"}
 
 
-def _tool_choice(body: ChatCompletionRequest, tool_call_parser: str) -> str:
-    """none | auto | required | named, with vLLM's defaults and refusals."""
+def _tool_choice(
+    body: ChatCompletionRequest, tool_call_parser: str
+) -> Literal["none", "auto", "required"] | NamedToolChoice:
+    """none | auto | required | the named function's choice, with vLLM's defaults and refusals."""
     if body.tools is not None and not body.tools:
         raise bad_request(
             "tools must not be an empty array: give at least one tool or leave the field out", "tools"
@@ -191,7 +202,7 @@ def _tool_choice(body: ChatCompletionRequest, tool_call_parser: str) -> str:
             f"({', '.join(map(repr, names))})",
             "tool_choice",
         )
-    return "named"
+    return choice
 
 
 def _refuse_other_constraints(body: ChatCompletionRequest) -> None:
@@ -262,11 +273,12 @@ def _template_call(call: AssistantToolCall, where: str) -> dict[str, Any]:
 def _required_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
     """tool_choice required: a JSON array of at least one call, each {"name": one of the tools,
     "parameters": its schema} (vLLM's shape); the tools' $defs move to the top, where refs find them."""
-    alternatives, defs = [], {}
+    alternatives: list[dict[str, Any]] = []
+    defs: dict[str, Any] = {}
     for tool in tools:
         params = dict(tool.function.parameters or EMPTY_PARAMETERS)
-        for name, schema in (params.pop("$defs", None) or {}).items():
-            if defs.setdefault(name, schema) != schema:
+        for name, definition in (params.pop("$defs", None) or {}).items():
+            if defs.setdefault(name, definition) != definition:
                 raise bad_request(
                     f"tools: two tools define $defs {name!r} differently; "
                     "tool_choice 'required' needs them to agree",

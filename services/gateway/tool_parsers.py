@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from services.gateway.tool_calls import ChatPlan
 from shared.messages import FinishReason
@@ -37,6 +37,13 @@ class ToolCall:
 
 
 Piece = str | ToolCall
+
+
+class Reader(Protocol):
+    def advance(self, text: str, pos: int, final: bool) -> tuple[list[Piece], int]:
+        """The pieces of `text` from `pos` that are decided (content, or a complete call), and
+        where the undecided rest starts; `final`: no more text follows."""
+        ...
 
 
 def _call_from(obj: Any, args_keys: tuple[str, ...]) -> ToolCall | None:
@@ -105,7 +112,8 @@ class Llama3JsonReader:
 
     @staticmethod
     def _calls(text: str) -> list[ToolCall] | None:
-        calls, i = [], 0
+        calls: list[ToolCall] = []
+        i = 0
         while True:
             while i < len(text) and (text[i].isspace() or text[i] == ";"):
                 i += 1
@@ -144,7 +152,7 @@ class RequiredReader:
                 pieces.append(call)
 
 
-READERS = {"hermes": HermesReader, "llama3_json": Llama3JsonReader}
+READERS: dict[str, type[Reader]] = {"hermes": HermesReader, "llama3_json": Llama3JsonReader}
 
 
 class ToolCallStream:
@@ -155,15 +163,15 @@ class ToolCallStream:
     def __init__(self, chat: ChatPlan):
         self.chat = chat
         self.calls: list[ToolCall] = []
+        self._reader: Reader | None = None
         if chat.tool_choice == "named":
+            assert chat.function_name is not None  # chat_options names it
             self.calls.append(ToolCall(chat.function_name, ""))
-        self._reader = (
-            RequiredReader()
-            if chat.tool_choice == "required"
-            else READERS[chat.parser]()
-            if chat.tool_choice == "auto"
-            else None
-        )
+        elif chat.tool_choice == "required":
+            self._reader = RequiredReader()
+        elif chat.tool_choice == "auto":
+            assert chat.parser is not None  # chat_options sets it
+            self._reader = READERS[chat.parser]()
         self._text = ""
         self._pos = 0
         # Trailing whitespace is held until more text follows: after the last call it is dropped.
@@ -178,7 +186,7 @@ class ToolCallStream:
         """The delta for `text`, the choice's next piece of output (`final`: its last)."""
         self._text += text
         if self.chat.tool_choice == "named":
-            self.calls[0] = ToolCall(self.chat.function_name, self._text, self.calls[0].id)
+            self.calls[0] = ToolCall(self.calls[0].name, self._text, self.calls[0].id)
             return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
         if self._reader is None:
             self._content += text

@@ -82,7 +82,7 @@ def check_scheduler_link(address: str, curve: tuple[str, str] | None) -> None:
     from shared.config import ConfigError
     from shared.curve import secure_client
 
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
         if curve is not None:

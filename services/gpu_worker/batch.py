@@ -73,9 +73,11 @@ def build_batch(rows: list[ScheduledRow], block_size: int, device: torch.device)
         padded = [rows[i].block_ids + [0] * (width - len(rows[i].block_ids)) for i in indices]
         return torch.tensor(padded, dtype=torch.int32).reshape(len(indices), width).to(device)
 
+    def as_i32(values: list[int]) -> torch.Tensor:  # the kernels' dtype for lengths
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
     q_lens = [rows[i].count for i in order[num_decodes:]]
     cu = [0, *accumulate(q_lens)]
-    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         num_decode_tokens=num_decodes,

@@ -15,14 +15,16 @@ import torch
 
 from services.gpu_worker.batch import ForwardBatch, ScheduledRow, build_batch
 from services.gpu_worker.device_clock import device_time
+from services.gpu_worker.draft_verification import StepSamples, read_samples, sample_positions
 from services.gpu_worker.drafter import Drafter
 from services.gpu_worker.logit_masks import mask_problem
 from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.prompt_logprobs import compute_prompt_logprobs, prompt_span
-from services.gpu_worker.sampler import Sampler, SamplingRow
+from services.gpu_worker.sampler import Sampler
+from services.gpu_worker.sampling_row import SamplingRow
 from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tp_group import RankFailure
-from shared.messages import PromptLogprobs, SamplingParams, StepPlan, StepResult, StepTimings
+from shared.messages import NewRequest, PromptLogprobs, SamplingParams, StepPlan, StepResult, StepTimings
 
 
 class PlanError(ValueError):
@@ -98,6 +100,7 @@ class Engine:
     def _validate(self, plan: StepPlan) -> None:
         finished = set(plan.finished_ids)
         live = {rid for rid in self.rows if rid not in finished}
+        # Each request's tokens, computed tokens and blocks as the plan leaves them.
         tokens: dict[str, int] = {rid: len(self.rows[rid].token_ids) for rid in live}
         computed: dict[str, int] = {rid: self.rows[rid].num_computed_tokens for rid in live}
         blocks: dict[str, int] = {rid: len(self.rows[rid].block_ids) for rid in live}
@@ -106,22 +109,9 @@ class Engine:
             rid = new.request_id
             if rid in tokens:
                 raise PlanError(f"new request {rid!r} already has a row on this worker")
-            n = len(new.token_ids)
-            if n == 0 or not 0 < new.num_prompt_tokens <= n:
-                raise PlanError(
-                    f"request {rid!r}: {n} token ids with num_prompt_tokens={new.num_prompt_tokens}"
-                )
-            if n > self.max_model_len:
-                raise PlanError(f"request {rid!r}: {n} tokens exceed max_model_len {self.max_model_len}")
-            if not 0 <= new.num_computed_tokens < n:
-                raise PlanError(
-                    f"request {rid!r}: num_computed_tokens {new.num_computed_tokens} not in [0, {n})"
-                )
-            if any(not 0 <= t < self.model.shape.vocab_size for t in new.token_ids):
-                raise PlanError(f"request {rid!r}: token id out of range [0, {self.model.shape.vocab_size})")
-            self._check_sampling(rid, new.sampling)
-            self._check_blocks(rid, new.block_ids)
-            tokens[rid], computed[rid], blocks[rid] = n, new.num_computed_tokens, len(new.block_ids)
+            self._check_new(new)
+            tokens[rid], computed[rid] = len(new.token_ids), new.num_computed_tokens
+            blocks[rid] = len(new.block_ids)
 
         for cached in plan.cached_requests:
             rid = cached.request_id
@@ -135,6 +125,35 @@ class Engine:
             self._check_blocks(rid, cached.new_block_ids)
             blocks[rid] += len(cached.new_block_ids)
 
+        self._check_drafts(plan, tokens, computed)
+        for rid, count in plan.num_scheduled_tokens.items():
+            if rid not in tokens:
+                raise PlanError(f"scheduled request {rid!r} is unknown to this worker")
+            end = computed[rid] + count
+            if count < 1 or end > tokens[rid]:
+                raise PlanError(
+                    f"request {rid!r}: {count} tokens scheduled after {computed[rid]} computed, "
+                    f"but it has {tokens[rid]} tokens"
+                )
+            if end > blocks[rid] * self.block_size:
+                raise PlanError(f"request {rid!r}: {end} tokens need more than its {blocks[rid]} blocks")
+
+    def _check_new(self, new: NewRequest) -> None:
+        rid, n = new.request_id, len(new.token_ids)
+        if n == 0 or not 0 < new.num_prompt_tokens <= n:
+            raise PlanError(f"request {rid!r}: {n} token ids with num_prompt_tokens={new.num_prompt_tokens}")
+        if n > self.max_model_len:
+            raise PlanError(f"request {rid!r}: {n} tokens exceed max_model_len {self.max_model_len}")
+        if not 0 <= new.num_computed_tokens < n:
+            raise PlanError(f"request {rid!r}: num_computed_tokens {new.num_computed_tokens} not in [0, {n})")
+        if any(not 0 <= t < self.model.shape.vocab_size for t in new.token_ids):
+            raise PlanError(f"request {rid!r}: token id out of range [0, {self.model.shape.vocab_size})")
+        self._check_sampling(rid, new.sampling)
+        self._check_blocks(rid, new.block_ids)
+
+    def _check_drafts(self, plan: StepPlan, tokens: dict[str, int], computed: dict[str, int]) -> None:
+        """Proposed tokens, and the numbers to draft, each on a decoding row scheduled for them;
+        `tokens` then counts the drafts, which the step verifies as its tokens."""
         if plan.num_draft_tokens and self.drafter is None:
             raise PlanError("draft tokens asked of a worker without a draft model")
         for rid in plan.num_draft_tokens.keys() & plan.draft_token_ids.keys():
@@ -156,18 +175,6 @@ class Engine:
                 raise PlanError(f"request {rid!r}: drafts run past max_model_len {self.max_model_len}")
             tokens[rid] += len(drafts)  # verified as tokens of this step
 
-        for rid, count in plan.num_scheduled_tokens.items():
-            if rid not in tokens:
-                raise PlanError(f"scheduled request {rid!r} is unknown to this worker")
-            end = computed[rid] + count
-            if count < 1 or end > tokens[rid]:
-                raise PlanError(
-                    f"request {rid!r}: {count} tokens scheduled after {computed[rid]} computed, "
-                    f"but it has {tokens[rid]} tokens"
-                )
-            if end > blocks[rid] * self.block_size:
-                raise PlanError(f"request {rid!r}: {end} tokens need more than its {blocks[rid]} blocks")
-
     def _check_sampling(self, rid: str, params: SamplingParams) -> None:
         problem = mask_problem(params, self.model.shape.vocab_size)
         if problem:
@@ -188,6 +195,7 @@ class Engine:
             params = new.sampling
             row = SamplingRow(params, list(new.token_ids), new.num_prompt_tokens)
             if params.structured is not None:  # resumed rows catch up on what they generated
+                assert self.grammars is not None  # else _check_sampling refused the request
                 row.grammar = self.grammars.row_grammar(params, row.output_token_ids)
             self.rows[new.request_id] = RequestRow(
                 new.request_id, list(new.block_ids), new.num_computed_tokens, row
@@ -224,39 +232,47 @@ class Engine:
             for k, i in enumerate(batch.order)
             if rows[i].num_computed_tokens + scheduled[i][1] == len(rows[i].token_ids) + len(drafts[i])
         ]
-        sampled: dict[str, int] = {}
-        logprobs = {}
-        accepted: dict[str, list[int]] = {}
-        accepted_logprobs = {}
-        if due and (plan.draft_token_ids or drafted):
-            picks = [
-                p
-                for k, i in due
-                for p in range(batch.last_token_index[k] - len(drafts[i]), batch.last_token_index[k] + 1)
-            ]
-            # Each position is sampled as the row will be with the drafts before it as its
-            # tokens: what one step per token would draw (see shared/speculative.py).
-            sampling = [s for _, i in due for s in rows[i].sampling.ahead(drafts[i])]
-        else:  # the common step: one position per row
-            picks = [batch.last_token_index[k] for k, _ in due]
-            sampling = [rows[i].sampling for _, i in due]
+        picks, sampling = sample_positions(
+            due, rows, drafts, batch.last_token_index, bool(due and (plan.draft_token_ids or drafted))
+        )
         logits = self.model.compute_logits(hidden[picks]) if due else None
         t2 = device_time(self.device)  # the forward pass and the logits have run
-        if logits is not None:
-            out = self.sampler(logits, sampling)
-            at = 0
-            for _, i in due:
-                rid, d = rows[i].request_id, drafts[i]
-                n_ok = next((j for j, t in enumerate(d) if out.token_ids[at + j] != t), len(d)) if d else 0
-                sampled[rid] = out.token_ids[at + n_ok]
-                if out.logprobs[at + n_ok] is not None:
-                    logprobs[rid] = out.logprobs[at + n_ok]
-                if d:
-                    accepted[rid] = d[:n_ok]
-                    if out.logprobs[at] is not None:
-                        accepted_logprobs[rid] = out.logprobs[at : at + n_ok]
-                at += 1 + len(d)
+        samples = (
+            read_samples(self.sampler(logits, sampling), due, rows, drafts)
+            if logits is not None
+            else StepSamples({}, {}, {}, {})
+        )
         prompt_logprobs = self._prompt_logprobs(rows, scheduled, batch, hidden)
+        self._advance(rows, scheduled, samples.accepted, samples.sampled, drafted)
+        t3 = device_time(self.device)
+        return StepResult(
+            step_id=plan.step_id,
+            worker_id=self.worker_id,
+            sampled_token_ids=samples.sampled,
+            logprobs=samples.logprobs,
+            accepted_token_ids=samples.accepted,
+            accepted_logprobs=samples.accepted_logprobs,
+            draft_token_ids=drafted,
+            prompt_logprobs=prompt_logprobs,
+            timings=StepTimings(
+                prepare_ms=_ms(t0, t1),
+                forward_ms=_ms(t1, t2),
+                sample_ms=_ms(t2, t3),
+                total_ms=_ms(t0, t3),
+                draft_ms=self._draft_ms,
+                draft_passes=self._draft_passes,
+            ),
+        )
+
+    def _advance(
+        self,
+        rows: list[RequestRow],
+        scheduled: list[tuple[str, int]],
+        accepted: dict[str, list[int]],
+        sampled: dict[str, int],
+        drafted: dict[str, list[int]],
+    ) -> None:
+        """Each row past what the step computed, with its accepted drafts and new token."""
         for r, (_, n) in zip(rows, scheduled):
             kept = accepted.get(r.request_id)
             if kept is None:
@@ -269,26 +285,6 @@ class Engine:
                     r.sampling.append(token)
             if r.request_id in sampled:
                 r.sampling.append(sampled[r.request_id])
-        t3 = device_time(self.device)
-        ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
-        return StepResult(
-            step_id=plan.step_id,
-            worker_id=self.worker_id,
-            sampled_token_ids=sampled,
-            logprobs=logprobs,
-            accepted_token_ids=accepted,
-            accepted_logprobs=accepted_logprobs,
-            draft_token_ids=drafted,
-            prompt_logprobs=prompt_logprobs,
-            timings=StepTimings(
-                prepare_ms=ms(t0, t1),
-                forward_ms=ms(t1, t2),
-                sample_ms=ms(t2, t3),
-                total_ms=ms(t0, t3),
-                draft_ms=self._draft_ms,
-                draft_passes=self._draft_passes,
-            ),
-        )
 
     def _draft(self, plan: StepPlan) -> dict[str, list[int]]:
         """The draft model's proposals for the rows the plan asks them of (prepare time)."""
@@ -331,3 +327,7 @@ class Engine:
         if not spans:
             return {}
         return compute_prompt_logprobs(self.model.compute_logits, hidden, self.model.shape.vocab_size, spans)
+
+
+def _ms(start: float, end: float) -> float:
+    return (end - start) * 1000.0

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from kernels import get_attention_backend
 from services.gpu_worker.drafter import Drafter
@@ -16,6 +17,7 @@ from services.gpu_worker.engine import Engine
 from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_in_budget
 from services.gpu_worker.linear import onednn_slow_path
 from services.gpu_worker.loader import load_config, load_model
+from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tensor_parallel import start_tensor_parallel
 from shared.config import WorkerSettings
@@ -43,7 +45,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def eos_token_ids(path: Path, config) -> list[int]:
+def eos_token_ids(path: Path, config: PretrainedConfig) -> list[int]:
     """EOS ids from generation_config.json when present (it may list several, e.g. a chat
     end token), else from config.json."""
     eos = None
@@ -72,31 +74,7 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     draft_path = _draft_path(settings, max_len)
-    if settings.tensor_parallel_size > 1:
-        model, num_blocks = start_tensor_parallel(settings, path, device, dtype)
-        draft = None
-    else:
-        model = load_model(
-            path,
-            device,
-            dtype,
-            get_attention_backend(device, settings.attention_backend),
-            settings.linear_backend,
-            max_model_len=max_len,
-            layer_ops=settings.layer_ops,
-        )
-        draft = (
-            None if draft_path is None else _load_draft(draft_path, model, settings, device, dtype, max_len)
-        )
-        shapes = [model.shape] if draft is None else [model.shape, draft.shape]
-        num_blocks = num_blocks_in_budget(
-            shapes,
-            settings.block_size,
-            dtype,
-            device,
-            int(settings.kv_cache_memory),
-            settings.gpu_memory_fraction,
-        )
+    model, draft, num_blocks = _load_models(settings, path, draft_path, device, dtype, max_len)
     min_blocks = -(-max_len // settings.block_size)
     if num_blocks < min_blocks:
         model.close()
@@ -107,11 +85,7 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
         )
     kv_caches = allocate_kv_cache(model.shape, num_blocks, settings.block_size, dtype, device)
     eos = eos_token_ids(path, config)
-    backends, slow_paths = model.backends()
-    slow_paths += onednn_slow_path(settings.linear_backend, device, dtype)
-    log.info("kernels: %s", ", ".join(f"{part} {name}" for part, name in backends.items()))
-    for slow in slow_paths:  # NOTE: never a silent fallback: each slower path is said once, here
-        log.warning("slow path: %s", slow)
+    backends, slow_paths = _kernels(model, settings.linear_backend, device, dtype)
     log.info(
         "loaded %s on %s (%s): %d KV blocks of %d tokens (%.1f MiB)",
         path,
@@ -122,20 +96,8 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
         num_blocks * bytes_per_block(model.shape, settings.block_size, dtype) / 2**20,
     )
     drafter = None
-    if draft is not None:
-        drafter = Drafter(
-            draft,
-            allocate_kv_cache(draft.shape, num_blocks, settings.block_size, dtype, device),
-            settings.block_size,
-            str(draft_path),
-        )
-        log.info(
-            "speculative decoding: draft model %s (%d layers, %.1f MiB of KV cache beside the model's), "
-            "on the rows the scheduler asks proposals of",
-            draft_path,
-            draft.shape.num_layers,
-            num_blocks * bytes_per_block(draft.shape, settings.block_size, dtype) / 2**20,
-        )
+    if draft is not None and draft_path is not None:
+        drafter = _drafter(draft, draft_path, num_blocks, settings.block_size, dtype, device)
     engine = Engine(
         model,
         kv_caches,
@@ -164,6 +126,78 @@ def create_engine(settings: WorkerSettings) -> tuple[Engine, RegisterWorker]:
     return engine, facts
 
 
+def _load_models(
+    settings: WorkerSettings,
+    path: Path,
+    draft_path: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_len: int,
+) -> tuple[DecoderModel, DecoderModel | None, int]:
+    """The model (with tensor parallelism, rank 0's shard, its followers started), the draft
+    model if there is one, and the number of KV blocks their memory budget holds."""
+    if settings.tensor_parallel_size > 1:
+        leader, num_blocks = start_tensor_parallel(settings, path, device, dtype)
+        return leader, None, num_blocks
+    model = load_model(
+        path,
+        device,
+        dtype,
+        get_attention_backend(device, settings.attention_backend),
+        settings.linear_backend,
+        max_model_len=max_len,
+        layer_ops=settings.layer_ops,
+    )
+    draft = None if draft_path is None else _load_draft(draft_path, model, settings, device, dtype, max_len)
+    shapes = [model.shape] if draft is None else [model.shape, draft.shape]
+    num_blocks = num_blocks_in_budget(
+        shapes,
+        settings.block_size,
+        dtype,
+        device,
+        int(settings.kv_cache_memory),
+        settings.gpu_memory_fraction,
+    )
+    return model, draft, num_blocks
+
+
+def _kernels(
+    model: DecoderModel, linear_backend: str, device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, str], list[str]]:
+    """The kernels each part of a step runs on and the slower paths taken, logged here."""
+    backends, slow_paths = model.backends()
+    slow_paths += onednn_slow_path(linear_backend, device, dtype)
+    log.info("kernels: %s", ", ".join(f"{part} {name}" for part, name in backends.items()))
+    for slow in slow_paths:  # NOTE: never a silent fallback: each slower path is said once, here
+        log.warning("slow path: %s", slow)
+    return backends, slow_paths
+
+
+def _drafter(
+    draft: DecoderModel,
+    draft_path: Path,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Drafter:
+    """The draft model with a KV cache of the target's blocks (drafter.py)."""
+    drafter = Drafter(
+        draft,
+        allocate_kv_cache(draft.shape, num_blocks, block_size, dtype, device),
+        block_size,
+        str(draft_path),
+    )
+    log.info(
+        "speculative decoding: draft model %s (%d layers, %.1f MiB of KV cache beside the model's), "
+        "on the rows the scheduler asks proposals of",
+        draft_path,
+        draft.shape.num_layers,
+        num_blocks * bytes_per_block(draft.shape, block_size, dtype) / 2**20,
+    )
+    return drafter
+
+
 def _draft_path(settings: WorkerSettings, max_len: int) -> Path | None:
     """The draft model's directory when speculative_config names one, checked before anything
     loads: a model of its own, with no tensor parallelism."""
@@ -190,8 +224,13 @@ def _draft_path(settings: WorkerSettings, max_len: int) -> Path | None:
 
 
 def _load_draft(
-    path: Path, model, settings: WorkerSettings, device: torch.device, dtype: torch.dtype, max_len: int
-):
+    path: Path,
+    model: DecoderModel,
+    settings: WorkerSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_len: int,
+) -> DecoderModel:
     draft = load_model(
         path,
         device,

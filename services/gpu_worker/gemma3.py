@@ -16,6 +16,7 @@ as the Llama family. What differs, each as transformers' Gemma3 does it:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
@@ -36,6 +37,8 @@ class Gemma3Layer(LayerWeights):
 
 
 class Gemma3Model(DecoderModel):
+    layers: Sequence[Gemma3Layer]  # build() gives it only those
+
     def __init__(
         self,
         *args,

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 
+from kernels import AttentionBackend
 from services.gpu_worker import gemma3
 from services.gpu_worker.linear import Linear, use_onednn
 from services.gpu_worker.model import DecoderModel, LayerWeights, ModelShape
@@ -87,7 +88,7 @@ def load_model(
     model_dir: str | Path,
     device: torch.device,
     dtype: torch.dtype,
-    attention_backend,
+    attention_backend: AttentionBackend,
     linear_backend: str = "auto",
     sharding: Sharding | None = None,
     all_reduce: AllReduce | None = None,
@@ -100,39 +101,28 @@ def load_model(
     context served (None: the model's whole), which picks LongRoPE's frequencies (rope.py).
     `layer_ops`: the worker's setting (layer_ops.get_layer_ops)."""
     config = load_config(model_dir)
-    onednn = use_onednn(linear_backend, device, dtype)
     shape = model_shape(config)
     if sharding is None:
         sharding = shard_model(config, shape, rank=0, world=1)
     assert (sharding.world > 1) == (all_reduce is not None), (
         "a sharded model needs its collective, a whole one none"
     )
-    with _Checkpoint(Path(model_dir), device, dtype) as ckpt:
-        layers = [
-            _layer(
-                ckpt,
-                f"model.layers.{i}.",
-                shape,
-                sharding,
-                onednn,
-                all_reduce,
-                config if is_sparse_layer(config, i) else None,
-            )
-            for i in range(shape.num_layers)
-        ]
+    onednn = use_onednn(linear_backend, device, dtype)
+    gemma_layers = None
+    with Checkpoint(Path(model_dir), device, dtype) as ckpt:
+        layers = _layers(ckpt, config, shape, sharding, onednn, all_reduce)
         embed, lm_head = _embedding_and_head(
             ckpt, getattr(config, "tie_word_embeddings", False), sharding, onednn, all_reduce
         )
         final_norm = ckpt.take("model.norm.weight")
         if gemma3.is_gemma3(config):
-            layers = gemma3.gemma3_layers(layers, ckpt, config)
-    for layer, window in zip(layers, layer_windows(config)):
-        layer.window = window
-    if gemma3.is_gemma3(config):
+            gemma_layers = gemma3.gemma3_layers(layers, ckpt, config)
+    rank_shape = dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads)
+    if gemma_layers is not None:
         return gemma3.build(
-            dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
+            rank_shape,
             embed,
-            layers,
+            gemma_layers,
             final_norm,
             lm_head,
             config,
@@ -142,7 +132,7 @@ def load_model(
             layer_ops,
         )
     return cls(
-        shape=dataclasses.replace(shape, num_heads=sharding.num_heads, num_kv_heads=sharding.num_kv_heads),
+        shape=rank_shape,
         embed=embed,
         layers=layers,
         final_norm=final_norm,
@@ -161,14 +151,40 @@ def shard_model(config, shape: ModelShape, rank: int, world: int) -> Sharding:
     )
 
 
-def _layer(
-    ckpt: _Checkpoint,
+def _layers(
+    ckpt: Checkpoint,
+    config: PretrainedConfig,
+    shape: ModelShape,
+    s: Sharding,
+    onednn: bool,
+    all_reduce: AllReduce | None,
+) -> list[LayerWeights]:
+    """Every decoder layer's weights, each with its attention window."""
+    layers = [
+        load_layer(
+            ckpt,
+            f"model.layers.{i}.",
+            shape,
+            s,
+            onednn,
+            all_reduce,
+            config if is_sparse_layer(config, i) else None,
+        )
+        for i in range(shape.num_layers)
+    ]
+    for layer, window in zip(layers, layer_windows(config)):
+        layer.window = window
+    return layers
+
+
+def load_layer(
+    ckpt: Checkpoint,
     p: str,
     shape: ModelShape,
     s: Sharding,
     onednn: bool,
     all_reduce: AllReduce | None,
-    moe_config=None,
+    moe_config: PretrainedConfig | None = None,
 ) -> LayerWeights:
     """One decoder layer's weights; `moe_config` (Qwen3-MoE's config) for a sparse layer."""
     # Column-parallel q/k/v and gate/up (this rank's heads and MLP columns), row-parallel o
@@ -176,7 +192,10 @@ def _layer(
     hd = shape.head_dim
     q_rows, kv_rows = (s.heads[0] * hd, s.heads[1] * hd), (s.kv_heads[0] * hd, s.kv_heads[1] * hd)
     qkv_rows = (q_rows, kv_rows, kv_rows)
-    if ckpt.has(p + "self_attn.qkv_proj.weight"):  # Phi-3: q, k and v in one tensor, gate and up in another
+    # Phi-3: q, k and v in one tensor, gate and up in another.
+    fused = ckpt.has(p + "self_attn.qkv_proj.weight")
+    biases: list[torch.Tensor | None]
+    if fused:
         q_total, kv_total = shape.num_heads * hd, shape.num_kv_heads * hd
         offsets = (0, q_total, q_total + kv_total)
         qkv = [
@@ -184,42 +203,46 @@ def _layer(
             for o, r in zip(offsets, qkv_rows)
         ]
         biases = [None]
+    else:
+        qkv = [ckpt.take(p + f"self_attn.{n}_proj.weight", rows=r) for n, r in zip("qkv", qkv_rows)]
+        biases = [ckpt.take_optional(p + f"self_attn.{n}_proj.bias", rows=r) for n, r in zip("qkv", qkv_rows)]
+    present = [b for b in biases if b is not None]
+    gate_up, down = (None, None) if moe_config else _dense_mlp(ckpt, p, s, fused, onednn, all_reduce)
+    return LayerWeights(
+        input_norm=ckpt.take(p + "input_layernorm.weight"),
+        qkv=Linear(torch.cat(qkv), torch.cat(present) if len(present) == len(biases) else None, onednn),
+        o=_row_parallel(
+            ckpt.take(p + "self_attn.o_proj.weight", cols=q_rows),
+            ckpt.take_optional(p + "self_attn.o_proj.bias"),
+            onednn,
+            all_reduce,
+        ),
+        q_norm=ckpt.take_optional(p + "self_attn.q_norm.weight"),
+        k_norm=ckpt.take_optional(p + "self_attn.k_norm.weight"),
+        post_attention_norm=ckpt.take(p + "post_attention_layernorm.weight"),
+        gate_up=gate_up,
+        down=down,
+        moe=_experts(ckpt, p, s, moe_config, all_reduce) if moe_config else None,
+    )
+
+
+def _dense_mlp(
+    ckpt: Checkpoint, p: str, s: Sharding, fused: bool, onednn: bool, all_reduce: AllReduce | None
+) -> tuple[Linear, Linear | RowParallelLinear]:
+    """A dense layer's gate/up (fused, gate first: this rank's columns of each) and down."""
+    if fused:  # Phi-3: gate and up in one tensor
         intermediate = ckpt.rows(p + "mlp.gate_up_proj.weight") // 2
         gate_up = [
             ckpt.take(p + "mlp.gate_up_proj.weight", rows=(o + s.columns[0], o + s.columns[1]))
             for o in (0, intermediate)
         ]
     else:
-        qkv = [ckpt.take(p + f"self_attn.{n}_proj.weight", rows=r) for n, r in zip("qkv", qkv_rows)]
-        biases = [
-            ckpt.take(p + f"self_attn.{n}_proj.bias", rows=r, required=False) for n, r in zip("qkv", qkv_rows)
-        ]
-        gate_up = (
-            None
-            if moe_config
-            else [ckpt.take(p + f"mlp.{n}_proj.weight", rows=s.columns) for n in ("gate", "up")]
-        )
-    return LayerWeights(
-        input_norm=ckpt.take(p + "input_layernorm.weight"),
-        qkv=Linear(torch.cat(qkv), torch.cat(biases) if all(b is not None for b in biases) else None, onednn),
-        o=_row_parallel(
-            ckpt.take(p + "self_attn.o_proj.weight", cols=q_rows),
-            ckpt.take(p + "self_attn.o_proj.bias", required=False),
-            onednn,
-            all_reduce,
-        ),
-        q_norm=ckpt.take(p + "self_attn.q_norm.weight", required=False),
-        k_norm=ckpt.take(p + "self_attn.k_norm.weight", required=False),
-        post_attention_norm=ckpt.take(p + "post_attention_layernorm.weight"),
-        gate_up=None if moe_config else Linear(torch.cat(gate_up), None, onednn),
-        down=None
-        if moe_config
-        else _row_parallel(ckpt.take(p + "mlp.down_proj.weight", cols=s.columns), None, onednn, all_reduce),
-        moe=_experts(ckpt, p, s, moe_config, all_reduce) if moe_config else None,
-    )
+        gate_up = [ckpt.take(p + f"mlp.{n}_proj.weight", rows=s.columns) for n in ("gate", "up")]
+    down = _row_parallel(ckpt.take(p + "mlp.down_proj.weight", cols=s.columns), None, onednn, all_reduce)
+    return Linear(torch.cat(gate_up), None, onednn), down
 
 
-def _experts(ckpt: _Checkpoint, p: str, s: Sharding, config, all_reduce: AllReduce | None) -> SparseMoE:
+def _experts(ckpt: Checkpoint, p: str, s: Sharding, config, all_reduce: AllReduce | None) -> SparseMoE:
     """A sparse layer's router and experts (checkpoints keep one gate, up and down matrix per
     expert); with tensor parallelism, this rank's slice of every expert's intermediate dim."""
     inter, world = config.moe_intermediate_size, s.world
@@ -261,7 +284,7 @@ def _row_parallel(
 
 
 def _embedding_and_head(
-    ckpt: _Checkpoint, tied: bool, s: Sharding, onednn: bool, all_reduce: AllReduce | None
+    ckpt: Checkpoint, tied: bool, s: Sharding, onednn: bool, all_reduce: AllReduce | None
 ) -> tuple[VocabParallelEmbedding, Linear | None]:
     """Every rank: its vocabulary rows of the embedding. Rank 0 alone: the whole LM head.
 
@@ -271,7 +294,9 @@ def _embedding_and_head(
     KV blocks then takes from every rank's cache. A vocab-sharded head with a gather of the
     logits to rank 0 is the next step when that matters."""
     rows = (s.vocab_start, s.vocab_end)
-    head = ckpt.take("lm_head.weight", required=not tied) if s.rank == 0 else None
+    head = None
+    if s.rank == 0:
+        head = ckpt.take_optional("lm_head.weight") if tied else ckpt.take("lm_head.weight")
     if (
         s.rank == 0 and head is None
     ):  # tied: one whole matrix serves as the head, a view of it as the embedding
@@ -284,7 +309,7 @@ def _embedding_and_head(
     )
 
 
-class _Checkpoint:
+class Checkpoint:
     """The safetensors files of a model directory, read a tensor (or a slice of one) at a
     time, so a rank never holds more than its own slices."""
 
@@ -295,10 +320,10 @@ class _Checkpoint:
             name: st
             for f in sorted(model_dir.glob("*.safetensors"))
             for st in [self.files.enter_context(safe_open(f, framework="pt", device="cpu"))]
-            for name in st.keys()
+            for name in st.keys()  # noqa: SIM118 — a safetensors file is no dict: keys() is its API
         }
 
-    def __enter__(self) -> _Checkpoint:
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -316,18 +341,22 @@ class _Checkpoint:
         return self.where[name].get_slice(name).get_shape()[0]
 
     def take(
-        self,
-        name: str,
-        rows: tuple[int, int] | None = None,
-        cols: tuple[int, int] | None = None,
-        required: bool = True,
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Tensor `name` (or its `rows` or `cols` slice), which the model must have."""
+        tensor = self.take_optional(name, rows, cols)
+        if tensor is None:
+            raise ModelLoadError(
+                f"weight {name!r} is missing from the safetensors files in {str(self.model_dir)!r}"
+            )
+        return tensor
+
+    def take_optional(
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
     ) -> torch.Tensor | None:
+        """As take, for a weight only some models have: None where this one has not."""
         st = self.where.get(name)
         if st is None:
-            if required:
-                raise ModelLoadError(
-                    f"weight {name!r} is missing from the safetensors files in {str(self.model_dir)!r}"
-                )
             return None
         if rows is not None:
             tensor = st.get_slice(name)[rows[0] : rows[1]]

@@ -1,25 +1,28 @@
 """The token masks a request sets in its SamplingParams, applied to a step's logits before
 penalties and sampling: logit_bias (added), allowed_token_ids (every other id -inf),
 bad_words (a banned word's last token -inf wherever the output so far ends with the rest of
-it). Each is one batch-wide tensor op over the rows that set it; the grammar's mask is in
+it); and, after the penalties, min_tokens (the stop tokens -inf until it has that many).
+Each is one batch-wide tensor op over the rows that set it; the grammar's mask is in
 structured.py. Token ids are validated against the vocab before a row exists (engine).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from itertools import chain
 
 import torch
 
+from services.gpu_worker.sampling_row import SamplingRow
 from shared.messages import SamplingParams
-
-if TYPE_CHECKING:
-    from services.gpu_worker.sampler import SamplingRow
 
 
 def has_token_masks(params: SamplingParams) -> bool:
     """Masks that can leave a row without any token (logit_bias only shifts logits)."""
     return params.allowed_token_ids is not None or bool(params.bad_words)
+
+
+def below_min_tokens(row: SamplingRow) -> bool:
+    return row.num_output_tokens < row.params.min_tokens
 
 
 def mask_problem(params: SamplingParams, vocab_size: int) -> str | None:
@@ -47,8 +50,27 @@ def apply_token_masks(work: torch.Tensor, rows: list[SamplingRow]) -> None:
     _ban_bad_words(work, rows)
 
 
+def mask_stop_tokens(work: torch.Tensor, rows: list[SamplingRow], eos_token_ids: list[int]) -> None:
+    """min_tokens: a request may not stop before it has generated that many tokens."""
+    vocab = work.shape[1]
+    row_idx: list[int] = []
+    token_idx: list[int] = []
+    for i, row in enumerate(rows):
+        if not below_min_tokens(row):
+            continue
+        eos = [] if row.params.ignore_eos else eos_token_ids
+        # An id outside the vocab can never be sampled, so there is nothing to mask.
+        ids = [t for t in chain(row.params.stop_token_ids, eos) if 0 <= t < vocab]
+        row_idx += [i] * len(ids)
+        token_idx += ids
+    if row_idx:
+        work[row_idx, token_idx] = float("-inf")
+
+
 def _add_logit_bias(work: torch.Tensor, rows: list[SamplingRow]) -> None:
-    row_idx, token_idx, bias = [], [], []
+    row_idx: list[int] = []
+    token_idx: list[int] = []
+    bias: list[float] = []
     for i, row in enumerate(rows):
         b = row.params.logit_bias
         row_idx += [i] * len(b)
@@ -63,8 +85,9 @@ def _keep_allowed(work: torch.Tensor, rows: list[SamplingRow]) -> None:
     idx = [i for i, row in enumerate(rows) if row.params.allowed_token_ids is not None]
     if not idx:
         return
-    row_idx = [k for k, i in enumerate(idx) for _ in rows[i].params.allowed_token_ids]
-    token_idx = [t for i in idx for t in rows[i].params.allowed_token_ids]
+    allowed = [rows[i].params.allowed_token_ids or () for i in idx]
+    row_idx = [k for k, ids in enumerate(allowed) for _ in ids]
+    token_idx = [t for ids in allowed for t in ids]
     banned = torch.ones(len(idx), work.shape[1], dtype=torch.bool, device=work.device)
     banned[_ids(row_idx, work), _ids(token_idx, work)] = False
     if len(idx) == len(rows):
@@ -76,7 +99,8 @@ def _keep_allowed(work: torch.Tensor, rows: list[SamplingRow]) -> None:
 def _ban_bad_words(work: torch.Tensor, rows: list[SamplingRow]) -> None:
     """vLLM's rule: a word of one token is always banned; a longer one is banned when the
     generated tokens (not the prompt) end with all of it but its last token."""
-    row_idx, token_idx = [], []
+    row_idx: list[int] = []
+    token_idx: list[int] = []
     for i, row in enumerate(rows):
         if not row.params.bad_words:
             continue

@@ -7,7 +7,7 @@ request) come first in the batch and go to the decode kernel; prefill chunks fol
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +55,7 @@ class DecoderModel:
         self,
         shape: ModelShape,
         embed: VocabParallelEmbedding,
-        layers: list[LayerWeights],
+        layers: Sequence[LayerWeights],
         final_norm: torch.Tensor,
         lm_head: Linear | None,
         rotary: RotaryEmbedding,
@@ -174,6 +174,8 @@ class DecoderModel:
         return layer.o(out.view(num_tokens, q_size))
 
     def _mlp(self, layer: LayerWeights, x):
-        if layer.moe is not None:
+        gate_up, down = layer.gate_up, layer.down
+        if gate_up is None or down is None:  # a mixture-of-experts layer: the loader sets moe instead
+            assert layer.moe is not None
             return layer.moe(x)
-        return layer.down(self.ops.act_and_mul(layer.gate_up(x)))
+        return down(self.ops.act_and_mul(gate_up(x)))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.gpu_worker.sampler import SamplingRow
+from services.gpu_worker.sampling_row import SamplingRow
 from shared.messages import PromptLogprobs, TokenLogprobs
 
 # fp32 logits held at once: 32 Mi floats (128 MiB) bound one slice, e.g. 220 positions of a

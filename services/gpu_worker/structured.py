@@ -12,11 +12,15 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from shared.messages import SamplingParams
 from shared.structured import compile_output
+
+if TYPE_CHECKING:
+    import xgrammar as xgr  # imported where used: it loads slowly, and most workers never need it
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,7 @@ class RowGrammar:
     def allowed_now(self) -> torch.Tensor | None:
         """The tokens this row may take this step beyond what its grammar says (None: any)."""
         if self.after_lead_ed:
+            assert self.utf8 is not None  # after_lead_ed is set only with a guard
             base = self.utf8.after_ed if self.keep is None else self.keep & self.utf8.after_ed
             return base | self.stop_only
         return self.keep
@@ -145,7 +150,7 @@ class Grammars:
         self.model_dir = Path(model_dir)
         self.vocab_size = vocab_size  # the logits' width: the mask covers every column
         self.eos_token_ids = list(eos_token_ids)
-        self._compiler = None
+        self._compiler: xgr.GrammarCompiler | None = None
         self._json_keep: torch.Tensor | None = None  # tokens without a byte in _NOT_IN_JSON, nor a surrogate
         self._utf8_keep: torch.Tensor | None = None  # tokens without a surrogate
         self._utf8: _Utf8Guard | None = None
@@ -194,7 +199,7 @@ class Grammars:
         return row
 
     @property
-    def compiler(self):
+    def compiler(self) -> xgr.GrammarCompiler:
         if self._compiler is None:
             import xgrammar as xgr
             from transformers import AutoTokenizer
@@ -229,7 +234,7 @@ class GrammarMask:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # [byte value, bit]
         self._table = torch.zeros(256, 8).masked_fill_(bits == 0, float("-inf")).to(device)
         self._bitmask = torch.empty(0, -(-vocab_size // 32), dtype=torch.int32)
-        self._filler = None  # an xgrammar BatchGrammarMatcher: one call fills every row
+        self._filler: xgr.BatchGrammarMatcher | None = None  # one call fills every row
 
     def additive(self, grammars: list[RowGrammar], width: int) -> torch.Tensor:
         n = len(grammars)
@@ -271,4 +276,6 @@ class GrammarMask:
             bitmask[list(rows)] &= torch.stack(masks)
         for i in range(len(grammars)):
             if grammars[i].lead:  # the first token may open the thinking instead
-                bitmask[i] |= grammars[i].lead_extra
+                extra = grammars[i].lead_extra
+                assert extra is not None  # made with lead
+                bitmask[i] |= extra

@@ -2,8 +2,8 @@
 whole Engine (rows, sampling, grammars, logprobs); ranks 1..N-1 are follower processes
 (tp_follower.py) that only execute forward passes on their shards of the model.
 
-    rank 0:  engine.execute -> LeaderModel.forward: broadcast inputs ─┬─> layers (all-reduce) -> LM head, sample
-    rank r:  recv_step <──────────────────────────────────────────────┘   layers (all-reduce) -> discarded
+  rank 0:  engine.execute -> LeaderModel.forward: broadcast inputs ─┬─> layers (all-reduce) -> LM head, sample
+  rank r:  recv_step <──────────────────────────────────────────────┘   layers (all-reduce) -> discarded
 """
 
 from __future__ import annotations
@@ -268,6 +268,7 @@ def _join(
     try:
         group = init_group(0, settings.tensor_parallel_size, init_method, device, check)
         model, num_blocks = load_rank(settings, path, group, dtype, LeaderModel)
+        assert isinstance(model, LeaderModel)  # load_model builds `cls`, or a subclass of it (Gemma 3)
         group.barrier()  # the followers' KV caches are allocated: an OOM there fails the start-up here
     except BaseException as e:
         # gloo's collective raises as the peer's connection closes, maybe before it is reaped

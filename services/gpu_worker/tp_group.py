@@ -98,6 +98,7 @@ def init_group(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     url = urlparse(init_method)
+    assert url.hostname is not None and url.port is not None, f"{init_method!r} is not tcp://host:port"
     store = dist.TCPStore(
         url.hostname, url.port, world, is_master=rank == 0, timeout=STARTUP_TIMEOUT, wait_for_workers=False
     )

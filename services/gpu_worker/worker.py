@@ -69,7 +69,7 @@ class Worker:
         self.failure: str | None = None  # set when a tensor-parallel rank died: the worker leaves
         self._left = threading.Event()
         self.curve = curve
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.scheduler_address = scheduler_address
         self.sock = self._connect(engine.worker_id, linger_ms=1000)
         engine.model.watch_ranks(self._rank_died)

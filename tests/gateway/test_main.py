@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from services.gateway.__main__ import _listen
+from services.gateway.__main__ import listen
 from services.gateway.engine_client import advertised_address
 from tests.stack import REPO, service_env
 
@@ -56,7 +56,7 @@ def test_busy_port_exits_2(gateway_model_dir):
 def test_listening_socket_makes_nodelay_connections():
     """asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets; without it every response
     waits ~40 ms for a delayed ACK."""
-    sock = _listen("127.0.0.1", 0)
+    sock = listen("127.0.0.1", 0)
     try:
         assert sock.proto == socket.IPPROTO_TCP
     finally:

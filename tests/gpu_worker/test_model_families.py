@@ -15,10 +15,10 @@ import torch
 
 from services.gpu_worker.factory import create_engine
 from services.gpu_worker.loader import (
-    _Checkpoint,
-    _layer,
+    Checkpoint,
     layer_windows,
     load_config,
+    load_layer,
     load_model,
     model_shape,
     shard_model,
@@ -106,8 +106,8 @@ def test_fused_weights_shard_like_the_separate_ones(tmp_path):
     hd = shape.head_dim
     for rank in range(2):
         s = shard_model(config, shape, rank, 2)
-        with _Checkpoint(model_dir, torch.device("cpu"), torch.float32) as ckpt:
-            layer = _layer(ckpt, "model.layers.1.", shape, s, False, None)
+        with Checkpoint(model_dir, torch.device("cpu"), torch.float32) as ckpt:
+            layer = load_layer(ckpt, "model.layers.1.", shape, s, False, None)
         want_qkv = torch.cat(
             [
                 q_w[s.heads[0] * hd : s.heads[1] * hd],

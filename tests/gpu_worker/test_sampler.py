@@ -12,7 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.gpu_worker.sampler import Sampler, SamplingRow, _topk, apply_penalties, apply_top_k_top_p
+from services.gpu_worker.draw import apply_top_k_top_p, candidate_topk
+from services.gpu_worker.penalties import apply_penalties
+from services.gpu_worker.sampler import Sampler
+from services.gpu_worker.sampling_row import SamplingRow
 from shared.messages import SamplingParams
 
 CPU = torch.device("cpu")
@@ -150,7 +153,7 @@ def test_the_candidates_topk_finds_the_same_values_as_torchs():
     logits[8:] = (logits[8:] * 2).round() / 2  # steps of 0.5: thousands of ties
     logits[12, :] = 1.0
     for k in (1, 32, 64):
-        values, ids = _topk(logits, k)
+        values, ids = candidate_topk(logits, k)
         assert torch.equal(values, logits.topk(k).values)
         assert torch.equal(logits.gather(1, ids), values)
         assert all(len(set(row)) == k for row in ids.tolist())

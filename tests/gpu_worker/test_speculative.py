@@ -280,7 +280,7 @@ def test_every_kind_of_request_gets_the_same_tokens_with_speculation(model_dirs,
 def test_every_position_row_has_a_grammar_of_its_own():
     """The batch mask fill runs matchers on threads at once: no two rows may share one, also
     after a draft the grammar refuses (the rows after it keep the place before it)."""
-    from services.gpu_worker.sampler import SamplingRow
+    from services.gpu_worker.sampling_row import SamplingRow
 
     class Grammar:
         def __init__(self, taken=()):

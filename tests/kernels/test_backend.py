@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kernels import cpu, get_attention_backend, reference
+from kernels import cpu, cpu_build, get_attention_backend, reference
 from shared.config import WorkerSettings, parse_settings
 
 
@@ -81,8 +81,8 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_
     # would hang every later start of the worker.
     lock = tmp_path / "lock"
     lock.touch()
-    assert not cpu.clear_stale_lock(tmp_path) and lock.exists(), "a build in progress keeps its lock"
-    old = time.time() - cpu.STALE_LOCK_S - 1
+    assert not cpu_build.clear_stale_lock(tmp_path) and lock.exists(), "a build in progress keeps its lock"
+    old = time.time() - cpu_build.STALE_LOCK_S - 1
     os.utime(lock, (old, old))
-    assert cpu.clear_stale_lock(tmp_path) and not lock.exists()
-    assert not cpu.clear_stale_lock(tmp_path), "no lock, nothing to do"
+    assert cpu_build.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not cpu_build.clear_stale_lock(tmp_path), "no lock, nothing to do"

@@ -19,7 +19,7 @@ ALLOWED = {
     ("conveyor/launcher.py", "env = dict(os.environ)"),
     # The C++ build finds the venv's ninja on this process's PATH (torch runs it from there):
     # the tool search path, set for the build, not a Conveyor setting.
-    ("kernels/cpu.py", 'os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")'),
+    ("kernels/cpu_build.py", 'os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")'),
 }
 
 
