@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import redis
 
-from shared.figures import (
+from shared.figure_records import (
     STARTUP_FAILURE_TTL_S,
     ErrorRecord,
     SchedulerFigures,

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.gateway.errors import bad_request
+from services.gateway.output_constraints import json_schema_constraint
 from services.gateway.protocol import AssistantToolCall, ChatCompletionRequest, ChatMessage, Tool
 from services.gateway.reasoning import ReasoningPlan
 from services.gateway.served_model import ServedModel
-from services.gateway.structured import json_schema_constraint
 from shared.messages import StructuredOutput
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 penalties and sampling: logit_bias (added), allowed_token_ids (every other id -inf),
 bad_words (a banned word's last token -inf wherever the output so far ends with the rest of
 it). Each is one batch-wide tensor op over the rows that set it; the grammar's mask is in
-structured.py. Token ids are validated against the vocab before a row exists (engine).
+grammar_masks.py. Token ids are validated against the vocab before a row exists (engine).
 """
 
 from __future__ import annotations

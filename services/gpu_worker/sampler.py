@@ -13,8 +13,8 @@ from itertools import chain
 
 import torch
 
+from services.gpu_worker.grammar_masks import GrammarMask, RowGrammar
 from services.gpu_worker.logit_masks import apply_token_masks, has_token_masks
-from services.gpu_worker.structured import GrammarMask, RowGrammar
 from shared.messages import SamplingParams, TokenLogprobs
 
 # Temperatures below this are greedy: dividing logits by them would overflow float32.

@@ -28,7 +28,7 @@ import redis
 import zmq
 
 from services.scheduler.core import SchedulerCore
-from services.scheduler.figures import FigureBuilder
+from services.scheduler.figure_builder import FigureBuilder
 from services.scheduler.lease import Lease
 from services.scheduler.outbox import Outbox
 from services.scheduler.peers import Peers
@@ -37,7 +37,7 @@ from services.scheduler.tracing import RequestSpans
 from shared import messages as m
 from shared.config import SchedulerSettings
 from shared.curve import secure_server
-from shared.figures import ErrorRecord
+from shared.figure_records import ErrorRecord
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import QueueEntry, RequestQueue, StatusWriter
 from shared.tracing import tracer_for

@@ -18,7 +18,7 @@ import jsonschema
 
 from services.gateway.errors import bad_request
 from shared.messages import StructuredOutput
-from shared.structured import COMPILE_ERRORS, choice_grammar, compile_output
+from shared.structured_grammar import COMPILE_ERRORS, choice_grammar, compile_output
 
 # vLLM's structured_outputs keys; the two it has and Conveyor does not are refused.
 _SO_KINDS = {
