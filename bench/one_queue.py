@@ -30,8 +30,9 @@ import redis
 import zmq
 
 from bench.scheduler_ceiling import BLOCK_SIZE, PROMPT_LEN, REPO, Simulator, percentile
+from conveyor.embedded_redis import start_embedded_redis
 from shared import messages as m
-from shared.embedded_redis import free_port, start_embedded_redis
+from shared.ports import free_port
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import submit
 

@@ -32,8 +32,9 @@ from pathlib import Path
 import redis
 import zmq
 
+from conveyor.embedded_redis import start_embedded_redis
 from shared import messages as m
-from shared.embedded_redis import free_port, start_embedded_redis
+from shared.ports import free_port
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import submit
 

@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Union
 
 from conveyor.commands import service_command
+from conveyor.embedded_redis import EmbeddedRedis, start_embedded_redis
 from shared import cpu_layout
 from shared.config import CONFIG_ERROR_EXIT, RunSettings
-from shared.embedded_redis import EmbeddedRedis, free_port, start_embedded_redis
-from shared.models import cache_root, model_dir
+from shared.model_cache import cache_root
+from shared.models import model_dir
+from shared.ports import free_port
 
 log = logging.getLogger("conveyor.launcher")
 
