@@ -31,7 +31,7 @@ from services.gateway.serving import formatter, respond
 from services.gateway.tokenize_routes import tokenize_routes
 from services.gateway.tool_calls import ChatConfig
 from services.gateway.validation import GenerationPlan, chat_plan, check_model_name, completion_plan
-from shared import figures
+from shared import figure_records
 from shared.config import GatewaySettings
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import connect, read_status
@@ -197,7 +197,7 @@ def _status_routes(gw: Gateway) -> APIRouter:
             )
         try:
             status = await gw.cluster.read(max_age_s=0)
-            reason = figures.health(status, time.time())
+            reason = figure_records.health(status, time.time())
         except ApiError as e:  # Redis unreachable
             reason = e.message
         if reason is not None:
