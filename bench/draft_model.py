@@ -63,7 +63,7 @@ def truncated_draft(src: Path, layers: int, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     from bench.run import resolve_model
-    from shared.models import cache_root
+    from shared.model_cache import cache_root
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(

@@ -31,8 +31,9 @@ import zmq
 
 from bench.scheduler_ceiling import PROMPT_LEN, REPO, percentile
 from bench.sim_workers import BLOCK_SIZE, Simulator
+from conveyor.embedded_redis import start_embedded_redis
 from shared import messages as m
-from shared.embedded_redis import free_port, start_embedded_redis
+from shared.ports import free_port
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import submit
 

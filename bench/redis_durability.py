@@ -25,8 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from conveyor.embedded_redis import start_embedded_redis
 from shared import messages as m
-from shared.embedded_redis import start_embedded_redis
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import RequestQueue, connect, queue_load, submit
 

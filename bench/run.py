@@ -79,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_model(spec: str) -> tuple[Path, str]:
-    from shared.real_models import ensure_smollm2
-    from shared.tiny_model import PRESETS, ensure_model
+    from conveyor.tiny_model import PRESETS, ensure_model
+    from tools.real_models import ensure_smollm2
 
     real = {"smollm2": ensure_smollm2}
     if spec in PRESETS:

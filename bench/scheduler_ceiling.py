@@ -33,8 +33,9 @@ import zmq
 
 from bench.sim_workers import BLOCK_SIZE, Simulator
 from bench.sim_workers import STEP_MS as STEP_MS  # re-exported: the figures are read against it
+from conveyor.embedded_redis import start_embedded_redis
 from shared import messages as m
-from shared.embedded_redis import free_port, start_embedded_redis
+from shared.ports import free_port
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import submit
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from shared.embedded_redis import EmbeddedRedis, free_port, start_embedded_redis
+from conveyor.embedded_redis import EmbeddedRedis, start_embedded_redis
+from shared.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300.0
@@ -221,7 +222,7 @@ def _role(argv: list[str]) -> str:
 def read_stats(redis_url: str, prefix: str = "conveyor") -> dict:
     """The scheduler's figures, flat as in Redis, plus `steps`: of all workers, so that with
     the run's duration they give the mean time of a step."""
-    from shared.figures import SchedulerFigures
+    from shared.figure_records import SchedulerFigures
     from shared.redis_keys import RedisKeys
     from shared.redis_protocol import connect, figure_fields, read_status
 

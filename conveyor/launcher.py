@@ -22,11 +22,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from conveyor.embedded_redis import start_embedded_redis
 from conveyor.supervised import Child, RedisChild, Supervised, backoff
 from shared import cpu_layout
 from shared.config import CONFIG_ERROR_EXIT, RunSettings
-from shared.embedded_redis import free_port, start_embedded_redis
-from shared.models import cache_root, model_dir
+from shared.model_cache import cache_root
+from shared.models import model_dir
+from shared.ports import free_port
 
 log = logging.getLogger("conveyor.launcher")
 

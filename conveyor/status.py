@@ -1,7 +1,7 @@
 """`python -m conveyor status`: what is queued, what runs where, and what went wrong, read
 from Redis (the scheduler refreshes it about every second). `--watch N` refreshes the
 screen every N seconds; `--json` prints the figures as JSON; `--check` only sets the exit
-code by the same rule as the gateway's /health (shared.figures.health), for health checks.
+code by the same rule as the gateway's /health (shared.figure_records.health), for health checks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 
 from shared.config import RedisSettings
-from shared.figures import (
+from shared.figure_records import (
     STALE_AFTER_S,
     SchedulerFigures,
     SystemStatus,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from conveyor.commands import service_command
-from shared.embedded_redis import EmbeddedRedis
+from conveyor.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger("conveyor.launcher")  # the launcher's lines, as one log
 

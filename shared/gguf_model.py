@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from shared.models import SUPPORTED_ARCHITECTURES, ModelLoadError, cache_root
+from shared.model_cache import cache_root, save_model_dir
+from shared.models import SUPPORTED_ARCHITECTURES, ModelLoadError
 
 # The GGUF `general.architecture` of each served family. llama.cpp writes Mistral (without
 # a sliding window) and SmolLM as "llama".
@@ -95,8 +96,6 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     weights are copied into a plain model built from the same config and saved from there."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from shared.tiny_model import save_model_dir  # the same atomic move into the cache
 
     kw = dict(gguf_file=gguf.name, local_files_only=True)
     try:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.config import CacheSettings, ConfigError
+from shared.config import ConfigError
 
 SUPPORTED_ARCHITECTURES = (
     "Gemma3ForCausalLM",
@@ -26,11 +26,6 @@ class ModelLoadError(ConfigError):
     """The model directory cannot be served; the message tells the user what to fix."""
 
 
-def cache_root() -> Path:
-    """CONVEYOR_CACHE_DIR, default ~/.cache/conveyor."""
-    return CacheSettings().cache_dir.expanduser()
-
-
 def model_dir(model: str | None) -> Path:
     """The directory a process serves: `model` (CONVEYOR_MODEL / --model) when given (a
     .gguf file: its converted directory), else the generated tiny model, built into the
@@ -42,7 +37,11 @@ def model_dir(model: str | None) -> Path:
 
             return ensure_converted(path)
         return path
-    from shared.tiny_model import ensure_tiny_model  # imports torch: only when needed
+    # NOTE: shared/'s one import of conveyor/, where the generator lives beside the launcher
+    # that serves its model: a gateway or worker started alone (compose) builds it the same
+    # way. Here, not at the top: it imports torch, and conveyor.tiny_model imports only
+    # shared.model_cache from shared/, so no import circle.
+    from conveyor.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model()
 

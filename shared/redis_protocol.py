@@ -18,7 +18,7 @@ import msgspec
 import redis
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
-from shared.figures import (
+from shared.figure_records import (
     STARTUP_FAILURE_TTL_S,
     ErrorRecord,
     SchedulerFigures,

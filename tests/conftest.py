@@ -11,7 +11,7 @@ import pytest
 import redis
 import torch
 
-from shared.embedded_redis import start_embedded_redis
+from conveyor.embedded_redis import start_embedded_redis
 from shared.redis_keys import RedisKeys
 
 # Triton reads TRITON_INTERPRET when triton.language is first imported, and more than the
@@ -39,7 +39,7 @@ def redis_client(redis_server):
 def long_model_dir(tmp_path_factory):
     """A 1-layer tiny model with a long context, for requests that must outlast the test
     (tests/stack.py: LONG_MAX_TOKENS)."""
-    from shared.tiny_model import make_model
+    from conveyor.tiny_model import make_model
     from tests.stack import LONG_CONTEXT
 
     return make_model(

@@ -18,7 +18,7 @@ import redis
 import zmq
 
 from shared import messages as m
-from shared.embedded_redis import free_port
+from shared.ports import free_port
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import read_status, submit
 

@@ -1,7 +1,7 @@
 """The gateway's FastAPI app: OpenAI-compatible routes, /health and /metrics.
 
 Routes stay thin: validation.py turns a body into a plan, generation.py runs it against
-the scheduler, serving.py and responses.py answer in OpenAI's shapes; tokenize.py adds
+the scheduler, serving.py and responses.py answer in OpenAI's shapes; tokenize_routes.py adds
 vLLM's /tokenize, /detokenize and /version.
 """
 
@@ -24,14 +24,14 @@ from services.gateway.errors import ApiError, install_error_handlers, retry_afte
 from services.gateway.generation import Generation
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import ApiKeyAuth, BodySizeLimit
+from services.gateway.output_constraints import GrammarChecker
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.served_model import ServedModel
 from services.gateway.serving import formatter, respond
-from services.gateway.structured import GrammarChecker
-from services.gateway.tokenize import tokenize_routes
+from services.gateway.tokenize_routes import tokenize_routes
 from services.gateway.tool_calls import ChatConfig
 from services.gateway.validation import GenerationPlan, chat_plan, check_model_name, completion_plan
-from shared import figures
+from shared import figure_records
 from shared.config import GatewaySettings
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import connect, read_status
@@ -190,14 +190,14 @@ def _status_routes(gw: Gateway) -> APIRouter:
 
     @router.get("/health")
     async def health() -> JSONResponse:
-        """200 when the scheduler is alive and a worker serves (shared.figures.health); else 503 and why."""
+        """200 when the scheduler is alive and a worker serves (figure_records.health); else 503 and why."""
         if gw.draining:
             return JSONResponse(
                 {"status": "unavailable", "reason": "the server is shutting down"}, status_code=503
             )
         try:
             status = await gw.cluster.read(max_age_s=0)
-            reason = figures.health(status, time.time())
+            reason = figure_records.health(status, time.time())
         except ApiError as e:  # Redis unreachable
             reason = e.message
         if reason is not None:

@@ -1,5 +1,5 @@
 """What the system behind this gateway can serve, from the scheduler's figures in Redis:
-a 503 while `shared.figures.health` says nothing can (requests would only wait), and the
+a 503 while `shared.figure_records.health` says nothing can (requests would only wait), and the
 limits requests are validated against, the workers' (the model directory's before any).
 """
 
@@ -12,7 +12,7 @@ import redis
 
 from services.gateway.errors import ApiError, retry_after
 from services.gateway.served_model import ContextLimits
-from shared.figures import SystemStatus, health, serving_workers
+from shared.figure_records import SystemStatus, health, serving_workers
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import read_status
 

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from shared.figures import ITERATION_TOKENS_BUCKETS, SchedulerFigures, SystemStatus
+from shared.figure_records import ITERATION_TOKENS_BUCKETS, SchedulerFigures, SystemStatus
 from shared.messages import FinishReason
 
 log = logging.getLogger(__name__)

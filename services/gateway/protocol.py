@@ -15,16 +15,18 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 
 
-class _Strict(BaseModel):
+class StrictBody(BaseModel):
+    """The base of every request body, the gateway's other routes' included (tokenize_routes.py)."""
+
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictBody):
     include_usage: bool = False
     continuous_usage_stats: bool = Field(False, description="with include_usage: usage on every chunk")
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(StrictBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(None, description="the served model's name (default: the only one)")
@@ -40,7 +42,7 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> -100..100")
-    response_format: dict[str, Any] | None = None  # structured.py reads it
+    response_format: dict[str, Any] | None = None  # output_constraints.py reads it
     # vLLM's extensions.
     top_k: int | None = Field(None, ge=-1, le=INT64_MAX, description="-1 or 0: off")
     min_p: float | None = Field(None, ge=0, le=1)
@@ -63,7 +65,7 @@ class _SamplingFields(_Strict):
     return_tokens_as_token_ids: bool | None = None
     return_token_ids: bool | None = None
     request_id: str | None = Field(None, min_length=1, max_length=256, description="the response's id")
-    structured_outputs: dict[str, Any] | None = None  # structured.py reads these
+    structured_outputs: dict[str, Any] | None = None  # output_constraints.py reads these
     guided_json: Any | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -102,7 +104,7 @@ class CompletionRequest(_SamplingFields):
         raise ValueError("must be a string, a list of token ids, or a list of those")
 
 
-class ToolFunction(_Strict):
+class ToolFunction(StrictBody):
     """A function the model may call: its name and the JSON schema of its arguments."""
 
     name: str = Field(..., min_length=1)
@@ -111,28 +113,28 @@ class ToolFunction(_Strict):
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(StrictBody):
     type: Literal["function"]
     function: ToolFunction
 
 
-class NamedFunction(_Strict):
+class NamedFunction(StrictBody):
     name: str = Field(..., min_length=1)
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictBody):
     """tool_choice {"type": "function", "function": {"name": ...}}: call exactly that one."""
 
     type: Literal["function"]
     function: NamedFunction
 
 
-class CalledFunction(_Strict):
+class CalledFunction(StrictBody):
     name: str
     arguments: Any | None = None  # a JSON string as OpenAI sends it (a dict is read too, as vLLM)
 
 
-class AssistantToolCall(_Strict):
+class AssistantToolCall(StrictBody):
     """A call a past assistant turn made, as the history sends it back."""
 
     id: str | None = None
@@ -140,7 +142,7 @@ class AssistantToolCall(_Strict):
     function: CalledFunction
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any | None = None
     name: str | None = None

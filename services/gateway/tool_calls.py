@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.gateway.errors import bad_request
+from services.gateway.output_constraints import json_schema_constraint
 from services.gateway.protocol import (
     AssistantToolCall,
     ChatCompletionRequest,
@@ -24,7 +25,6 @@ from services.gateway.protocol import (
 )
 from services.gateway.reasoning import ReasoningPlan
 from services.gateway.served_model import ServedModel
-from services.gateway.structured import json_schema_constraint
 from shared.messages import StructuredOutput
 
 log = logging.getLogger(__name__)

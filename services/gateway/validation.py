@@ -15,10 +15,10 @@ import msgspec
 
 from services.gateway import fields
 from services.gateway.errors import ApiError, bad_request
+from services.gateway.output_constraints import Constraint, request_constraint
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.reasoning import after_thinking, reasoning_plan, tags_are_special
 from services.gateway.served_model import ContextLimits, ServedModel
-from services.gateway.structured import Constraint, request_constraint
 from services.gateway.tool_calls import ChatConfig, ChatPlan, chat_options, render_prompt
 from shared.messages import SamplingParams
 
@@ -118,7 +118,7 @@ def chat_plan(
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     prompt = fields.truncate(
-        _chat_prompt(body, model), body.truncate_prompt_tokens, body.truncation_side, limits
+        chat_prompt(body, model), body.truncate_prompt_tokens, body.truncation_side, limits
     )
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -228,7 +228,9 @@ def _completion_prompts(
     return texts, prompts
 
 
-def _chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
+def chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
+    """The chat request's messages rendered by the model's template, as /v1/chat/completions
+    and /tokenize both see them; an empty rendering is the client's 400."""
     ids = render_prompt(body, model)
     if not ids:
         raise bad_request("messages: the chat template made an empty prompt", "messages")

@@ -17,12 +17,12 @@ from services.gpu_worker.batch import ForwardBatch, ScheduledRow, build_batch
 from services.gpu_worker.device_clock import device_time
 from services.gpu_worker.draft_verification import StepSamples, read_samples, sample_positions
 from services.gpu_worker.drafter import Drafter
+from services.gpu_worker.grammar_masks import Grammars
 from services.gpu_worker.logit_masks import mask_problem
 from services.gpu_worker.model import DecoderModel
 from services.gpu_worker.prompt_logprobs import compute_prompt_logprobs, prompt_span
 from services.gpu_worker.sampler import Sampler
 from services.gpu_worker.sampling_row import SamplingRow
-from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tp_group import RankFailure
 from shared.messages import NewRequest, PromptLogprobs, SamplingParams, StepPlan, StepResult, StepTimings
 

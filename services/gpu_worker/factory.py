@@ -14,11 +14,11 @@ from transformers import PretrainedConfig
 from kernels import get_attention_backend
 from services.gpu_worker.drafter import Drafter
 from services.gpu_worker.engine import Engine
+from services.gpu_worker.grammar_masks import Grammars
 from services.gpu_worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_in_budget
 from services.gpu_worker.linear import onednn_slow_path
 from services.gpu_worker.loader import load_config, load_model
 from services.gpu_worker.model import DecoderModel
-from services.gpu_worker.structured import Grammars
 from services.gpu_worker.tensor_parallel import start_tensor_parallel
 from shared.config import WorkerSettings
 from shared.messages import RegisterWorker

@@ -13,6 +13,7 @@ from typing import cast
 import torch
 
 from services.gpu_worker.draw import sample
+from services.gpu_worker.grammar_masks import GrammarMask, RowGrammar
 from services.gpu_worker.grammar_step import GrammarStep
 from services.gpu_worker.logit_masks import (
     apply_token_masks,
@@ -23,7 +24,6 @@ from services.gpu_worker.logit_masks import (
 from services.gpu_worker.penalties import apply_penalties, has_penalties
 from services.gpu_worker.sampled_logprobs import sampled_logprobs
 from services.gpu_worker.sampling_row import SamplingRow
-from services.gpu_worker.structured import GrammarMask, RowGrammar
 from shared.messages import SamplingParams, TokenLogprobs
 
 # Temperatures below this are greedy: dividing logits by them would overflow float32.

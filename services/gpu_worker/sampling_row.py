@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.gpu_worker.structured import RowGrammar
+from services.gpu_worker.grammar_masks import RowGrammar
 from shared.messages import SamplingParams
 
 

@@ -37,8 +37,8 @@ from services.gpu_worker.tp_group import (
 from shared.config import WorkerSettings
 from shared.cpu_layout import allowed_cores, format_cores
 from shared.cpu_layout import resolve as resolve_cpu_layout
-from shared.embedded_redis import free_port
 from shared.models import ModelLoadError, max_model_len, read_config
+from shared.ports import free_port
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from services.scheduler.core import SchedulerCore
-from shared.figures import STALE_AFTER_S
+from shared.figure_records import STALE_AFTER_S
 from shared.messages import AbortRequest
 from shared.ownership import Ownership, Taken
 from shared.redis_keys import RedisKeys

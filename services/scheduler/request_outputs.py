@@ -41,7 +41,7 @@ class _ErrorPlace(TypedDict, total=False):
 
 
 class CoreError(_ErrorPlace):
-    """An error for the service to record (shared.figures.ErrorRecord, once it adds the time):
+    """An error for the service to record (shared.figure_records.ErrorRecord, once it adds the time):
     what went wrong and, for a failed step, where."""
 
     error: str

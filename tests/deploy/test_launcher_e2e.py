@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from shared import cpu_layout
-from shared.embedded_redis import free_port
+from shared.ports import free_port
 from shared.redis_protocol import read_status
 from tests.stack import REPO, service_env
 

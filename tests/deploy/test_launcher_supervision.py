@@ -23,9 +23,9 @@ import openai
 import pytest
 import redis
 
-from shared.embedded_redis import free_port
+from conveyor.tiny_model import make_model
+from shared.ports import free_port
 from shared.redis_protocol import read_status
-from shared.tiny_model import make_model
 from tests.stack import REPO, service_env
 
 pytestmark = pytest.mark.slow

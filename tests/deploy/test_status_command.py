@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from conveyor.tiny_model import make_model
 from shared.redis_protocol import record_startup_failure
-from shared.tiny_model import make_model
 from tests.stack import REPO, Stack, service_env
 
 pytestmark = pytest.mark.slow

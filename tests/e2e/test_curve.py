@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from conveyor.tiny_model import make_model
 from shared.curve import make_keys
 from shared.redis_protocol import read_scheduler_figures, read_status
-from shared.tiny_model import make_model
 from tests.stack import REPO, Stack, service_env
 
 pytestmark = pytest.mark.slow

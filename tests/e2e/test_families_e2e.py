@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from shared.tiny_model import make_model
+from conveyor.tiny_model import make_model
 from tests.gateway.conftest import metric_value
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.stack import Stack

@@ -11,9 +11,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from shared.gguf_model import ensure_converted
-from shared.real_models import smollm2_gguf
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.stack import Stack
+from tools.real_models import smollm2_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -11,9 +11,9 @@ import msgpack
 import pytest
 import zmq
 
+from conveyor.tiny_model import make_model
 from shared import messages as m
 from shared.redis_protocol import read_status
-from shared.tiny_model import make_model
 from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker
 from tests.stack import Stack
 

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
+from conveyor.tiny_model import make_model
 from shared import messages as m
-from shared.embedded_redis import free_port
 from shared.ownership import Ownership
-from shared.tiny_model import make_model
+from shared.ports import free_port
 from tests.e2e.test_scheduler_reliability import _check, _submit_all, _wait_all_acked, greedy_workload
 from tests.stack import LONG_MAX_TOKENS, Stack
 

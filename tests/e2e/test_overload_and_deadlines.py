@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
+from conveyor.tiny_model import make_model
 from shared.redis_protocol import read_status
-from shared.tiny_model import make_model
 from tests.stack import LONG_CONTEXT, LONG_MAX_TOKENS, Stack
 
 pytestmark = pytest.mark.slow

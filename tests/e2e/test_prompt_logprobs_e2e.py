@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conveyor.tiny_model import make_model
 from shared import messages as m
-from shared.tiny_model import make_model
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""A real, trained model through the whole system: SmolLM2-135M-Instruct (shared/real_models.py)
+"""A real, trained model through the whole system: SmolLM2-135M-Instruct (tools/real_models.py)
 in fp32 behind the HTTP gateway, the scheduler and a worker process, on a real Redis. Greedy
 output equals transformers' token for token on chat and plain prompts sent at once (so they
 batch), the chat model answers simple questions and stops at its EOS, and streamed text
@@ -14,9 +14,9 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from shared.real_models import ensure_smollm2
 from tests.gpu_worker.hf_reference import Reference, assert_greedy_matches, hf_greedy
 from tests.stack import Stack
+from tools.real_models import ensure_smollm2
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

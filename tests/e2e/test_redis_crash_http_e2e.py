@@ -14,8 +14,9 @@ import time
 import httpx
 import pytest
 
-from shared.embedded_redis import free_port, start_embedded_redis
-from shared.tiny_model import make_model
+from conveyor.embedded_redis import start_embedded_redis
+from conveyor.tiny_model import make_model
+from shared.ports import free_port
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.stack import Stack
 

@@ -12,9 +12,9 @@ import time
 import pytest
 import zmq
 
-from shared.figures import SystemStatus
+from conveyor.tiny_model import make_model
+from shared.figure_records import SystemStatus
 from shared.redis_protocol import read_status
-from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy, keeper_reference
 from tests.stack import KEEPER_TOKENS, Stack
 

@@ -16,9 +16,10 @@ import time
 
 import pytest
 
-from shared.embedded_redis import free_port, start_embedded_redis
+from conveyor.embedded_redis import start_embedded_redis
+from conveyor.tiny_model import make_model
+from shared.ports import free_port
 from shared.redis_protocol import read_status
-from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy, keeper_reference
 from tests.stack import KEEPER_TOKENS, LONG_MAX_TOKENS, Stack
 

@@ -11,8 +11,8 @@ import signal
 import psutil
 import pytest
 
+from conveyor.tiny_model import make_model
 from shared.redis_protocol import read_status
-from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.stack import Stack
 

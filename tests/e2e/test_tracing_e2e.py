@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from shared.tiny_model import make_model
+from conveyor.tiny_model import make_model
 from tests.stack import Stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -16,9 +16,9 @@ import httpx
 import openai
 import pytest
 
+from conveyor.embedded_redis import start_embedded_redis
+from conveyor.tiny_model import build_tokenizer, make_model
 from services.gateway.served_model import ServedModel
-from shared.embedded_redis import start_embedded_redis
-from shared.tiny_model import build_tokenizer, make_model
 from tests.stack import LONG_CONTEXT, Stack
 
 API_KEY = "test-key"

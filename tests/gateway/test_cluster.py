@@ -15,7 +15,13 @@ from services.gateway.app import create_app
 from services.gateway.cluster import worker_limits
 from services.gateway.served_model import ContextLimits
 from shared.config import GatewaySettings
-from shared.figures import STARTUP_FAILURE_TTL_S, SchedulerFigures, StartupFailure, SystemStatus, health
+from shared.figure_records import (
+    STARTUP_FAILURE_TTL_S,
+    SchedulerFigures,
+    StartupFailure,
+    SystemStatus,
+    health,
+)
 from shared.redis_protocol import StatusWriter
 from tests.shared.helpers import worker_figures
 from tests.stack import REPO, service_env

@@ -14,7 +14,7 @@ from services.gateway.generation import Generation
 from services.gateway.metrics import GatewayMetrics, RequestTimes
 from services.gateway.protocol import CompletionRequest
 from services.gateway.validation import completion_plan
-from shared.figures import SchedulerFigures, SystemStatus
+from shared.figure_records import SchedulerFigures, SystemStatus
 from shared.messages import FinishReason, RequestOutput, Usage
 from tests.gateway.conftest import metric_value
 from tests.shared.helpers import worker_figures

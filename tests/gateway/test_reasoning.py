@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from conveyor.tiny_model import build_tokenizer
 from services.gateway.app import create_app
 from services.gateway.errors import ApiError
 from services.gateway.generation import ChoiceText, Generation
@@ -24,9 +25,8 @@ from services.gateway.served_model import ServedModel
 from services.gateway.tool_calls import ChatConfig
 from services.gateway.validation import chat_plan
 from shared.config import GatewaySettings
-from shared.embedded_redis import free_port
 from shared.messages import FinishReason, RequestOutput
-from shared.tiny_model import build_tokenizer
+from shared.ports import free_port
 from tests.gateway.tool_examples import TOOLS
 from tests.stack import REPO, service_env
 

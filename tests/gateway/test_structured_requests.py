@@ -15,13 +15,13 @@ from xgrammar.testing import _is_grammar_accept_string as accepts
 
 from services.gateway.app import create_app
 from services.gateway.errors import ApiError
+from services.gateway.output_constraints import Constraint, GrammarChecker, json_schema_constraint
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
-from services.gateway.structured import Constraint, GrammarChecker, json_schema_constraint
 from services.gateway.validation import chat_plan, completion_plan
 from shared.config import GatewaySettings
-from shared.embedded_redis import free_port
 from shared.messages import StructuredOutput
-from shared.structured import choice_grammar
+from shared.ports import free_port
+from shared.structured_grammar import choice_grammar
 
 _KEYS = [
     "type",

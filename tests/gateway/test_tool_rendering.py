@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
+from conveyor.tiny_model import CHAT_TEMPLATE, _update_chat_template
 from services.gateway.errors import ApiError
 from services.gateway.generation import ChoiceText, Generation
 from services.gateway.protocol import ChatCompletionRequest
@@ -21,7 +22,6 @@ from services.gateway.tool_calls import ChatConfig
 from services.gateway.validation import chat_plan
 from shared.config import GatewaySettings, parse_settings
 from shared.messages import FinishReason, RequestOutput
-from shared.tiny_model import CHAT_TEMPLATE, _update_chat_template
 
 WEATHER = {
     "type": "function",

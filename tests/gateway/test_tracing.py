@@ -21,7 +21,7 @@ from services.scheduler.core import SchedulerCore
 from services.scheduler.policy import Limits
 from services.scheduler.tracing import RequestSpans
 from shared.config import GatewaySettings, SchedulerSettings, parse_settings
-from shared.figures import SystemStatus
+from shared.figure_records import SystemStatus
 from shared.tracing import context_from, tracer_for
 from tests.scheduler.fake_worker import FakeWorker
 

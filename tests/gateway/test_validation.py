@@ -13,7 +13,7 @@ from services.gateway.errors import ApiError
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.validation import chat_plan, completion_plan
 from shared.config import GatewaySettings
-from shared.embedded_redis import free_port
+from shared.ports import free_port
 
 
 def _completion(served, **body):

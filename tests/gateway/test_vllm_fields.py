@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from services.gateway.app import create_app
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from shared.config import GatewaySettings
-from shared.embedded_redis import free_port
+from shared.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -234,7 +234,7 @@ IMPLEMENTED_CHAT = {
     "logprobs": f"{_E}::test_logprobs",
     "top_logprobs": f"{_E}::test_logprobs",
     "max_completion_tokens": f"{_V}::test_chat_uses_the_template_and_its_logprob_fields",
-    "add_generation_prompt": "tests/gateway/test_tokenize.py::test_tokenize_messages_as_the_chat_route_renders_them",
+    "add_generation_prompt": "tests/gateway/test_tokenize_routes.py::test_tokenize_messages_as_the_chat_route_renders_them",
 }
 
 # Refused: a value other than the default -> 400 naming the field.
@@ -327,8 +327,8 @@ def test_an_implemented_field_is_declared_and_its_test_exists(route, field, test
 
 @pytest.fixture(scope="module")
 def client():
+    from conveyor.tiny_model import build_tokenizer
     from services.gateway.served_model import ServedModel
-    from shared.tiny_model import build_tokenizer
 
     served = ServedModel(
         name="tiny",

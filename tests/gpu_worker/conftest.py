@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from conveyor.tiny_model import make_model
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
-from shared.tiny_model import make_model
 
 # Each variant exercises a different loading path: untied + llama3 rope scaling, qkv bias
 # + tied embeddings, q/k norm + explicit head_dim + a non-default rope_theta, a sliding
@@ -60,7 +60,7 @@ def model_dirs(tmp_path_factory):
     }
 
 
-# The GPU check (tests/gpu) runs these engines on CUDA, still in fp32 (CUDA's default is bf16).
+# The GPU check (tools/gpu_check) runs these engines on CUDA, still in fp32 (CUDA's default is bf16).
 TEST_DEVICE = os.environ.get("CONVEYOR_TEST_DEVICE", "cpu")
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench.draft_model import truncated_draft
+from conveyor.tiny_model import make_model
 from services.gpu_worker.batch import ScheduledRow, build_batch
 from services.gpu_worker.drafter import Drafter
 from services.gpu_worker.kv_cache import allocate_kv_cache
@@ -21,7 +22,6 @@ from services.scheduler.policy import Limits
 from shared.messages import SamplingParams, StepPlan, SubmitRequest
 from shared.models import ModelLoadError
 from shared.speculative import SpeculativeConfig, parse_config
-from shared.tiny_model import make_model
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.test_speculative import _AlwaysPays, _copy_prompts, _serve

@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 
+from conveyor.tiny_model import make_model
 from services.gpu_worker.loader import load_model
 from shared.models import ModelLoadError
-from shared.tiny_model import make_model
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.plan_driver import assert_batch_matches_hf
 

@@ -13,17 +13,17 @@ from gguf.quants import dequantize
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
+from conveyor.tiny_model import ensure_tiny_model
 from services.gateway.served_model import load_served_model
 from services.gpu_worker.factory import create_engine
 from shared.config import GatewaySettings, WorkerSettings
 from shared.gguf_model import converted_dir
 from shared.models import ModelLoadError, check_model_dir, model_dir
-from shared.real_models import ensure_smollm2, smollm2_gguf
-from shared.tiny_model import ensure_tiny_model
 from tests.gguf_files import KQUANT_TENSORS, write_foreign_arch, write_kquant_model
 from tests.gpu_worker.conftest import TEST_DEVICE
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
+from tools.real_models import ensure_smollm2, smollm2_gguf
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+from conveyor.tiny_model import make_model
 from services.gpu_worker.factory import create_engine
 from services.gpu_worker.loader import (
     Checkpoint,
@@ -25,7 +26,6 @@ from services.gpu_worker.loader import (
 )
 from shared.config import WorkerSettings
 from shared.models import ModelLoadError, max_model_len, read_config
-from shared.tiny_model import make_model
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.hf_reference import hf_greedy
 from tests.gpu_worker.plan_driver import assert_batch_matches_hf

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from conveyor.status import render
-from shared.figures import SystemStatus, WorkerFigures
-from shared.tiny_model import make_model
+from conveyor.tiny_model import make_model
+from shared.figure_records import SystemStatus, WorkerFigures
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver, assert_batch_matches_hf

@@ -1,4 +1,4 @@
-"""Real, trained models in an in-process engine (shared/real_models.py): SmolLM2-135M-Instruct,
+"""Real, trained models in an in-process engine (tools/real_models.py): SmolLM2-135M-Instruct,
 30 layers and grouped-query attention where the test models have 2 layers of random
 weights, and Gemma 3 270M, with its sliding and global layers, 256-wide heads and 262k
 vocabulary. Greedy output of a batch of real prompts (chat and plain, chunked prefill, joins
@@ -15,10 +15,10 @@ from bench.chat_prompts import messages
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
 from shared.models import read_config
-from shared.real_models import ensure_gemma3, ensure_smollm2
 from tests.gpu_worker.conftest import TEST_DEVICE
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
+from tools.real_models import ensure_gemma3, ensure_smollm2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,9 +10,9 @@ import math
 import torch
 import xgrammar as xgr
 
+from services.gpu_worker.grammar_masks import RowGrammar
 from services.gpu_worker.sampler import Sampler
-from services.gpu_worker.structured import RowGrammar
-from shared.structured import choice_grammar
+from shared.structured_grammar import choice_grammar
 from tests.gpu_worker.test_sampler import CPU, EOS, make_row
 
 # Ids 0..7; EOS (5) is the stop token. "yes" and "no" are single tokens.

@@ -19,7 +19,7 @@ from services.scheduler.core import SchedulerCore
 from services.scheduler.policy import Limits
 from services.scheduler.speculation import StepCost
 from shared.config import WorkerSettings
-from shared.figures import SchedulerFigures, SystemStatus
+from shared.figure_records import SchedulerFigures, SystemStatus
 from shared.messages import SamplingParams, StructuredOutput, SubmitRequest
 from shared.speculative import NgramIndex, SpeculativeConfig, ngram_propose, parse_config
 from tests.gpu_worker.conftest import make_engine

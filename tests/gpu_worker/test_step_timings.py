@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conveyor.tiny_model import make_model
 from services.gpu_worker.device_clock import device_time
-from shared.tiny_model import make_model
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.plan_driver import PlanDriver
 

@@ -14,9 +14,9 @@ import pytest
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
-from services.gpu_worker.structured import GrammarMask
+from services.gpu_worker.grammar_masks import GrammarMask
 from shared.messages import NewRequest, SamplingParams, StepPlan, StructuredOutput
-from shared.structured import compile_output
+from shared.structured_grammar import compile_output
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker
 from tests.gpu_worker.plan_driver import PlanDriver

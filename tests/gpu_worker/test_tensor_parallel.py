@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conveyor.tiny_model import make_model
 from kernels import get_attention_backend
 from services.gpu_worker.__main__ import in_force
 from services.gpu_worker.factory import create_engine
@@ -21,7 +22,6 @@ from shared.config import WorkerSettings
 from shared.cpu_layout import resolve
 from shared.messages import SamplingParams
 from shared.models import ModelLoadError
-from shared.tiny_model import make_model
 from tests.gpu_worker.conftest import VARIANTS, make_engine
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver

@@ -17,14 +17,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.tiny_model import (
+from conveyor.tiny_model import (
     IM_END,
     PRESETS,
     build_tokenizer,
-    default_model_dir,
     ensure_tiny_model,
     make_model,
 )
+from shared.model_cache import default_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEXTS = [
@@ -190,7 +190,7 @@ def test_cli_prints_dir_while_racing_another_builder(tmp_path):
     # their publishes overlap: both must succeed, leaving one complete model that is
     # identical to ours (so the seed also holds across processes).
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "shared.tiny_model", "--out", str(out), "--preset", "tiny"]
+    cmd = [sys.executable, "-m", "conveyor.tiny_model", "--out", str(out), "--preset", "tiny"]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO_ROOT,

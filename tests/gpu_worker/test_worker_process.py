@@ -15,7 +15,7 @@ import time
 import pytest
 
 from shared import messages as m
-from shared.figures import STARTUP_FAILURE_TTL_S
+from shared.figure_records import STARTUP_FAILURE_TTL_S
 from shared.redis_protocol import read_status
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker

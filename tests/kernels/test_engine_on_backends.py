@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conveyor.tiny_model import make_model
 from kernels import get_attention_backend
 from services.gpu_worker.engine import Engine
 from services.gpu_worker.factory import eos_token_ids
 from services.gpu_worker.kv_cache import allocate_kv_cache
 from services.gpu_worker.loader import load_config, load_model
-from shared.tiny_model import make_model
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
 

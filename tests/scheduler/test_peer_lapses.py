@@ -13,7 +13,7 @@ from services.scheduler.core import SchedulerCore
 from services.scheduler.lease import LeaseLost
 from services.scheduler.service import SchedulerService
 from shared.config import SchedulerSettings
-from shared.figures import SchedulerFigures
+from shared.figure_records import SchedulerFigures
 from shared.redis_protocol import StatusWriter, submit
 from tests.scheduler.test_peers import peers_of, queue, request, worker
 

@@ -17,7 +17,7 @@ from services.scheduler.peers import Peers
 from services.scheduler.queue_reader import QueueReader
 from services.scheduler.service import SchedulerService
 from shared.config import SchedulerSettings
-from shared.figures import SchedulerFigures
+from shared.figure_records import SchedulerFigures
 from shared.messages import AbortRequest, FinishReason, RegisterWorker, SamplingParams, SubmitRequest
 from shared.ownership import Ownership, Taken
 from shared.redis_protocol import RequestQueue, StatusWriter, queue_load, read_status, submit

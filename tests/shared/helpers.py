@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.figures import WorkerFigures
+from shared.figure_records import WorkerFigures
 from shared.messages import RegisterWorker
 
 

@@ -11,9 +11,9 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from conveyor.tiny_model import make_model
 from shared import cpu_layout
 from shared.config import RunSettings, WorkerSettings
-from shared.tiny_model import make_model
 from tests.stack import REPO, service_env
 
 

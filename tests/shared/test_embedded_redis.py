@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.embedded_redis import start_embedded_redis
+from conveyor.embedded_redis import start_embedded_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_port_in_use_fails_with_the_log(tmp_path):
 
 def test_command_line_runs_until_sigterm(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.embedded_redis", "--dir", str(tmp_path)],
+        [sys.executable, "-m", "conveyor.embedded_redis", "--dir", str(tmp_path)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

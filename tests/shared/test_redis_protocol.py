@@ -7,7 +7,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.figures import ErrorRecord, SchedulerFigures, SystemStatus
+from shared.figure_records import ErrorRecord, SchedulerFigures, SystemStatus
 from shared.messages import AbortRequest, Heartbeat, SamplingParams, SubmitRequest, encode
 from shared.redis_protocol import (
     QueueEntry,

@@ -1,7 +1,7 @@
 """What structured outputs cost the worker: decode step time with BATCH requests held to a
 JSON schema against BATCH plain ones, same model, prompts and sampling, in one run.
 
-    python -m services.gpu_worker.bench_structured [--models tiny small] [--batch 64] [--out FILE]
+    python -m bench.structured_cost [--models tiny small] [--batch 64] [--out FILE]
 
 Each round prefills BATCH fresh requests per side (CONTEXT-token prompts, the same for
 both), then runs STEPS decode steps of each side in turn (`Engine.execute` of a plan with
@@ -10,7 +10,7 @@ minItems that no request reaches within the steps, so every timed token is mask 
 Figures are medians over every timed step of REPEATS rounds; the ratio is constrained /
 plain, for greedy and for temperature-1 sampling. The first round is a warm-up (it reads
 the tokenizer and compiles the grammar) and is not timed. Last, the mask's apply step alone:
-GrammarMask's table lookup against xgrammar's own CPU kernel.
+the worker's table lookup (GrammarMask) against xgrammar's own CPU kernel.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import time
 
 import torch
 
-from services.gpu_worker.bench_step import _cache_bytes, write_results
+from bench.worker_step import cache_bytes, write_results
+from conveyor.tiny_model import ensure_model
 from services.gpu_worker.factory import create_engine
+from services.gpu_worker.grammar_masks import byte_table
 from services.gpu_worker.loader import load_config
-from services.gpu_worker.structured import GrammarMask
 from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan, StructuredOutput
-from shared.tiny_model import ensure_model
 
 ITEM = {
     "type": "object",
@@ -118,7 +118,7 @@ def measure(preset: str, batch: int, context: int, steps: int, repeats: int, tem
             model=str(model_dir),
             device="cpu",
             dtype="float32",
-            kv_cache_memory=_cache_bytes(model_dir, 2 * batch * (context + steps + 16)),
+            kv_cache_memory=cache_bytes(model_dir, 2 * batch * (context + steps + 16)),
         )
     )
     seed = None if temperature == 0 else 0
@@ -151,12 +151,12 @@ def measure(preset: str, batch: int, context: int, steps: int, repeats: int, tem
 
 def apply_ms(vocab: int, batch: int, repeats: int = 200) -> dict:
     """Applying one step's filled bitmask to the logits: xgrammar's CPU kernel against the
-    table lookup GrammarMask uses (both from the same random bitmask, results equal)."""
+    table lookup GrammarMask uses (byte_table; both from the same random bitmask, results equal)."""
     import xgrammar as xgr
 
     logits = torch.randn(batch, vocab)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (batch, -(-vocab // 32)), dtype=torch.int32)
-    table = GrammarMask(vocab, torch.device("cpu"))._table
+    table = byte_table(torch.device("cpu"))
 
     def ours():
         add = torch.nn.functional.embedding(bitmask.view(torch.uint8).long(), table).view(batch, -1)
@@ -193,10 +193,11 @@ def main() -> None:
             row = measure(preset, args.batch, args.context, args.steps, args.repeats, temperature)
             rows.append(row)
             print(
-                f"{preset:6s} batch {args.batch} T={temperature:g}: plain {row['plain_step_ms']:7.2f} ms/step "
-                f"(sample {row['plain_sample_ms']:.2f})   constrained {row['constrained_step_ms']:7.2f} ms/step "
-                f"(sample {row['constrained_sample_ms']:.2f}, grammar open {row['constrained_open_share']:.0%})   "
-                f"ratio {row['ratio']:.3f}",
+                f"{preset:6s} batch {args.batch} T={temperature:g}: "
+                f"plain {row['plain_step_ms']:7.2f} ms/step (sample {row['plain_sample_ms']:.2f})   "
+                f"constrained {row['constrained_step_ms']:7.2f} ms/step "
+                f"(sample {row['constrained_sample_ms']:.2f}, "
+                f"grammar open {row['constrained_open_share']:.0%})   ratio {row['ratio']:.3f}",
                 flush=True,
             )
     for vocab in sorted({ensure_model_vocab(preset) for preset in args.models}):

@@ -1,23 +1,22 @@
 """Generates the random-weight models Conveyor serves by default and tests against: plain
 Hugging Face directories (safetensors, a byte-level BPE tokenizer with a ChatML template)
-built offline from a fixed seed, the same on every machine. In shared/ because every
-process falls back on it. `python -m shared.tiny_model` prints its path.
+built offline from a fixed seed, the same on every machine. The launcher serves `tiny` when
+no model is named; a gateway or worker started alone builds it through shared.models.model_dir.
+`python -m conveyor.tiny_model` prints its path.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from shared.models import cache_root
+from shared.model_cache import default_model_dir, save_model_dir
 
 # transformers takes seconds to import; it is imported where a model is built, so that
 # finding an already built model (ensure_tiny_model) stays cheap.
@@ -101,7 +100,8 @@ CHAT_TEMPLATE = (  # NOTE: a newline right after a {% tag %} is trimmed (trim_bl
     "{% if message['content'] %}{{ nl }}{{ message['content'] }}{% endif %}"
     "{% for call in message['tool_calls'] %}"
     "{% set fn = call['function'] if call['function'] is defined else call %}"
-    '{{ nl }}<tool_call>\n{"name": "{{ fn[\'name\'] }}", "arguments": {{ fn[\'arguments\'] | tojson }}}\n</tool_call>'
+    '{{ nl }}<tool_call>\n{"name": "{{ fn[\'name\'] }}", '
+    "\"arguments\": {{ fn['arguments'] | tojson }}}\n</tool_call>"
     "{% endfor %}<|im_end|>{{ nl }}"
     "{% else %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -112,7 +112,6 @@ CHAT_TEMPLATE = (  # NOTE: a newline right after a {% tag %} is trimmed (trim_bl
     "{% endif %}"
 )
 CORPUS = Path(__file__).with_name("corpus.txt")
-_DIR_NOT_EMPTY = (errno.ENOTEMPTY, errno.EEXIST)  # what rename() onto a full directory raises
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -141,7 +140,8 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(), trainer)
-    return PreTrainedTokenizerFast(  # clean_up_tokenization_spaces=False: decode(encode(s)) == s, spaces included
+    # clean_up_tokenization_spaces=False: decode(encode(s)) == s, spaces included.
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS,
         pad_token=EOS,
@@ -192,21 +192,6 @@ def make_model(
     return save_model_dir(model, tokenizer, out_dir)
 
 
-def save_model_dir(model, tokenizer, out_dir: str | Path) -> Path:
-    """Writes a model and its tokenizer as a Hugging Face directory at `out_dir`, published
-    whole (see _publish): a reader sees the old directory or the new one, never half of one."""
-    out_dir = Path(out_dir).expanduser()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp, save_jinja_files=False)  # template in tokenizer_config.json
-        _publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
 def _randomize_biases_and_norms(model: torch.nn.Module, std: float) -> None:
     """Biases around 0 and norm weights around 1, not exactly 0 and 1 (transformers' init):
     else a runner that forgot the qkv bias or a norm weight would still match Hugging Face."""
@@ -216,36 +201,6 @@ def _randomize_biases_and_norms(model: torch.nn.Module, std: float) -> None:
                 param.normal_(0.0, std)
             elif "norm" in name:  # input/post-attention/final RMSNorm, Qwen3's q_norm/k_norm
                 param.normal_(1.0, std)
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Moves a finished model directory into place, so no reader ever sees half of one.
-    NOTE: two processes racing to build it write identical models; the last to land stays."""
-    try:
-        os.rename(tmp, out_dir)  # atomic; succeeds when out_dir is absent or empty
-        return
-    except OSError as e:
-        if e.errno not in _DIR_NOT_EMPTY:
-            raise
-    # out_dir holds a model already: move it aside, then put ours in its place.
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    try:
-        try:
-            os.rename(out_dir, old)
-        except FileNotFoundError:
-            pass  # a racing writer moved it aside first
-        try:
-            os.rename(tmp, out_dir)
-        except OSError as e:  # a racing writer published in between; its model is complete
-            if e.errno not in _DIR_NOT_EMPTY:
-                raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def default_model_dir() -> Path:
-    """Where the default model lives: $CONVEYOR_CACHE_DIR/models/tiny."""
-    return cache_root() / "models" / "tiny"
 
 
 def ensure_model(

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.scheduler.core import SchedulerCore
-from shared.figures import ITERATION_TOKENS_BUCKETS, SchedulerFigures, WorkerFigures
+from shared.figure_records import ITERATION_TOKENS_BUCKETS, SchedulerFigures, WorkerFigures
 from shared.messages import StepTimings
 
 

@@ -11,7 +11,7 @@ from services.gateway.app import create_app
 from services.gateway.protocol import ChatCompletionRequest
 from services.gateway.validation import chat_plan
 from shared.config import GatewaySettings
-from shared.embedded_redis import free_port
+from shared.ports import free_port
 
 
 @pytest.fixture

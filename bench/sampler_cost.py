@@ -4,7 +4,7 @@
 CPU time per step, best and median of the rounds (not wall time, which others' load on a
 shared machine inflates at random); one torch thread, as the worker runs on 2 cores.
 
-    python -m services.gpu_worker.bench_sampler [--batches 32 128 256] [--threads 1]
+    python -m bench.sampler_cost [--batches 32 128 256] [--threads 1]
 
 The logits are synthetic but shaped like a trained model's: each row's probabilities at
 T=0.7 fall as rank^-s (s from 1.5 to 3) over token ids in random order, which gives nuclei
@@ -15,6 +15,7 @@ the sizes it got.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -82,15 +83,16 @@ def main() -> None:
         logits = peaked_logits(batch, args.vocab, seed=batch)
         sizes = sorted(nucleus_sizes(logits))
         print(
-            f"batch {batch}: top-p {TOP_P} nucleus sizes at T={TEMPERATURE}: median {sizes[len(sizes) // 2]}, "
-            f"max {sizes[-1]}",
+            f"batch {batch}: top-p {TOP_P} nucleus sizes at T={TEMPERATURE}: "
+            f"median {sizes[len(sizes) // 2]}, max {sizes[-1]}",
             flush=True,
         )
         for name, params in CASES.items():
             rows = rows_for(params, batch)
-            ms = cpu_ms(lambda: sampler(logits, rows), args.rounds, args.calls)
+            ms = cpu_ms(functools.partial(sampler, logits, rows), args.rounds, args.calls)
             print(
-                f"  {name:26s} best {min(ms):7.2f} ms/step   median {statistics.median(ms):7.2f} ms/step (CPU time)",
+                f"  {name:26s} best {min(ms):7.2f} ms/step   "
+                f"median {statistics.median(ms):7.2f} ms/step (CPU time)",
                 flush=True,
             )
 

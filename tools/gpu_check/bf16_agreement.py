@@ -2,8 +2,8 @@
 Llama/Qwen2/Qwen3 test models: bf16 rounding flips near-ties, after which the texts part,
 so this is a figure to report, not a pass/fail bound. Prompts run in one batch, as served.
 
-    python -m tests.gpu.bf16_agreement --device cuda --out bf16.json
-    python -m tests.gpu.bf16_agreement --device cpu --smollm2 48 --tokens 64 --out bf16.json
+    python -m tools.gpu_check.bf16_agreement --device cuda --out bf16.json
+    python -m tools.gpu_check.bf16_agreement --device cpu --smollm2 48 --tokens 64 --out bf16.json
 
 --smollm2 N adds the real model SmolLM2-135M-Instruct on N of the `chat` workload's messages
 (chat template applied): real text, whose top-2 gaps are those of a trained model.
@@ -19,9 +19,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from conveyor.tiny_model import PRESETS, make_model
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
-from shared.tiny_model import PRESETS, make_model
 from tests.gpu_worker.conftest import VARIANTS
 from tests.gpu_worker.hf_reference import Reference, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
@@ -91,8 +91,8 @@ def main() -> None:
             )
             models[arch] = model_agreement(model_dir, args.device, args.dtype, prompts, args.tokens)
             print(
-                f"{arch}: {models[arch]['prefix_agreement']:.0%} of tokens equal before the first difference, "
-                f"{models[arch]['exact']}/{len(prompts)} prompts equal throughout",
+                f"{arch}: {models[arch]['prefix_agreement']:.0%} of tokens equal before the first "
+                f"difference, {models[arch]['exact']}/{len(prompts)} prompts equal throughout",
                 flush=True,
             )
     args.out.write_text(
@@ -114,7 +114,7 @@ def smollm2_agreement(device: str, dtype: str, n: int, tokens: int) -> dict:
     from transformers import AutoTokenizer
 
     from bench.chat_prompts import messages
-    from shared.real_models import ensure_smollm2
+    from tools.real_models import ensure_smollm2
 
     model_dir = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

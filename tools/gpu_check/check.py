@@ -3,9 +3,9 @@ parts of parts.py run one after another (the model build beside them), each unde
 timeout; one that fails or runs out of time is reported and the rest still run. Writes one
 results folder (under $OUT when set) and prints a one-screen summary.
 
-    python -m tests.gpu.check                 # on a CUDA machine (make gpu-check)
-    python -m tests.gpu.check --dry-run       # here, CPU versions on tiny shapes (make gpu-check DRY_RUN=1)
-    python -m tests.gpu.check --update-docs RESULTS_JSON   # docs/gpu.md's table from a fetched run
+    python -m tools.gpu_check.check            # on a CUDA machine (make gpu-check)
+    python -m tools.gpu_check.check --dry-run  # here, CPU versions on tiny shapes (make gpu-check DRY_RUN=1)
+    python -m tools.gpu_check.check --update-docs RESULTS_JSON  # docs/gpu.md's table from a fetched run
 
 Standard library only in this file: it must run, and report, on the bare image.
 """
@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tests.gpu.parts import Part, parts
-from tests.gpu.report import render_table, summary_screen, update_docs
+from tools.gpu_check.parts import Part, parts
+from tools.gpu_check.report import render_table, summary_screen, update_docs
 
 REPO = Path(__file__).resolve().parents[2]
 # The device tool allows 600 s a command; the rest is the summary, the tarball and slack.
@@ -91,8 +91,7 @@ class Runner:
         return [self.outcomes[p.name] for p in self.plan]
 
     def _start(self, part: Part) -> subprocess.Popen:
-        log = open(self.work / f"{part.name}.log", "wb")
-        with log:  # the child holds its own descriptor
+        with open(self.work / f"{part.name}.log", "wb") as log:  # the child holds its own descriptor
             # Its own process group, so a timeout stops everything the part started.
             return subprocess.Popen(
                 part.argv,
@@ -148,10 +147,8 @@ class Runner:
             return part.figures(self.work)
         except (OSError, ValueError, KeyError, TypeError, ET.ParseError) as e:
             # No result file, or half of one: the log's last line usually says why.
-            return {
-                "headline": f"no figures ({type(e).__name__}); log: {last_line(self.work / f'{part.name}.log')}",
-                "error": str(e),
-            }
+            log = last_line(self.work / f"{part.name}.log")
+            return {"headline": f"no figures ({type(e).__name__}); log: {log}", "error": str(e)}
 
     def _line(self, outcome: Outcome | None, part: Part) -> str:
         if outcome is None:

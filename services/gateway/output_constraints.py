@@ -18,7 +18,7 @@ import jsonschema  # type: ignore[import-untyped]  # ships no types; its stubs a
 
 from services.gateway.errors import bad_request
 from shared.messages import StructuredOutput
-from shared.structured import COMPILE_ERRORS, choice_grammar, compile_output
+from shared.structured_grammar import COMPILE_ERRORS, choice_grammar, compile_output
 
 if TYPE_CHECKING:
     import xgrammar as xgr  # imported where used: the first constrained request loads it

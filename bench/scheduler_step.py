@@ -1,12 +1,12 @@
 """The scheduler's own cost per step, against the model step it schedules.
 
-    python -m services.scheduler.bench_step [--batches 64 256] [--steps 200]
+    python -m bench.scheduler_step [--batches 64 256] [--steps 200]
 
 With N requests decoding on one worker, one scheduler step is: schedule (policy + block
 pool), build the StepPlan delta, encode it, decode the worker's StepResult, apply it
 (append tokens, stop checks, prefix-cache registration, outputs). The model step is a
-real `small` engine decode step at the same batch, measured in the same run by the
-worker's own benchmark in a child process (a service never imports another's internals).
+real `small` engine decode step at the same batch, measured in the same run by
+bench/worker_step.py (--step-ms-only) in a child process: this one never loads torch.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def model_ms_per_step(batch: int, steps: int = 8, context: int = 128) -> float:
         [
             sys.executable,
             "-m",
-            "services.gpu_worker.bench_step",
+            "bench.worker_step",
             "--step-ms-only",
             "--models",
             "small",

@@ -10,8 +10,8 @@ BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 
 def summary_screen(record: dict) -> str:
     lines = [
-        f"GPU check{' (dry run)' if record['dry_run'] else ''}: {record['device']}, commit {record['commit']}, "
-        f"{record['wall_s']:.0f} s of a {record['budget_s']:.0f} s budget"
+        f"GPU check{' (dry run)' if record['dry_run'] else ''}: {record['device']}, "
+        f"commit {record['commit']}, {record['wall_s']:.0f} s of a {record['budget_s']:.0f} s budget"
     ]
     for p in record["parts"]:
         lines.append(
@@ -59,8 +59,8 @@ def _bandwidth(f: dict) -> list[str]:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     return rows + [
-        f"| {r['batch']} | {r['context']} | {r['num_splits']} | {r['time_us']:.1f} | {r['bandwidth_gbs']:.0f} "
-        f"| {r['fraction_of_copy']:.0%} |"
+        f"| {r['batch']} | {r['context']} | {r['num_splits']} | {r['time_us']:.1f} "
+        f"| {r['bandwidth_gbs']:.0f} | {r['fraction_of_copy']:.0%} |"
         for r in f["rows"]
     ]
 
@@ -73,14 +73,16 @@ def _worker_step(f: dict) -> list[str]:
         "|---|---:|---:|---:|---:|",
     ]
     return rows + [
-        f"| {r['model']} | {r['batch']} | {r['conveyor_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {r['ratio']:.2f} |"
+        f"| {r['model']} | {r['batch']} | {r['conveyor_tok_s']:.0f} | {r['hf_tok_s']:.0f} "
+        f"| {r['ratio']:.2f} |"
         for r in f["rows"]
     ]
 
 
 def _bf16(f: dict) -> list[str]:
     rows = [
-        f"bf16 engine vs fp32 transformers, greedy, first {f['tokens']} tokens of {f['prompts']} prompts per model:",
+        f"bf16 engine vs fp32 transformers, greedy, "
+        f"first {f['tokens']} tokens of {f['prompts']} prompts per model:",
         "",
         "| model | tokens equal before the first difference | prompts equal throughout |",
         "|---|---:|---:|",

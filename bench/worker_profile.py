@@ -1,6 +1,6 @@
 """Where a worker step's time goes, by part, on a mixed-workload-like stream of steps.
 
-    python -m services.gpu_worker.profile_step [--model tiny|small|smollm2] [--steps 60] [--decodes 32]
+    python -m bench.worker_profile [--model tiny|small|smollm2] [--steps 60] [--decodes 32]
 
 About 32 requests (--decodes) decode every step while a new prompt of 16-256 tokens is prefilled every
 other step (as BENCH.md's `mixed` looks once it is running). The same steps run on two
@@ -19,11 +19,11 @@ from dataclasses import replace
 
 import torch
 
+from conveyor.tiny_model import ensure_model
 from services.gpu_worker.factory import create_engine
 from shared.config import WorkerSettings
 from shared.messages import CachedRequest, NewRequest, SamplingParams, StepPlan
-from shared.real_models import ensure_smollm2
-from shared.tiny_model import ensure_model
+from tools.real_models import ensure_smollm2
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1 << 20)
 CONFIGS = {"before": ("reference", "torch"), "after": ("cpu", "auto")}
@@ -154,7 +154,8 @@ def main() -> None:
         "step",
     ]
     print(
-        f"{args.model} ({args.dtype}): ms per step (share), {args.steps} steps of ~{args.decodes} decodes + a prompt every other step"
+        f"{args.model} ({args.dtype}): ms per step (share), "
+        f"{args.steps} steps of ~{args.decodes} decodes + a prompt every other step"
     )
     print(f"| part | {' | '.join(ms)} |\n|---|{'---:|' * len(ms)}")
     for p in rows:
