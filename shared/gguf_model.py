@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from shared.architectures import SUPPORTED_ARCHITECTURES, ModelLoadError
 from shared.model_cache import cache_root, save_model_dir
-from shared.models import SUPPORTED_ARCHITECTURES, ModelLoadError
 
 # The GGUF `general.architecture` of each served family. llama.cpp writes Mistral (without
 # a sliding window) and SmolLM as "llama".

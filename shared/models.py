@@ -9,21 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.config import ConfigError
-
-SUPPORTED_ARCHITECTURES = (
-    "Gemma3ForCausalLM",
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Phi3ForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Qwen3MoeForCausalLM",
-)
-
-
-class ModelLoadError(ConfigError):
-    """The model directory cannot be served; the message tells the user what to fix."""
+# Re-exported: every process imports them from here with the checks below.
+from shared.architectures import SUPPORTED_ARCHITECTURES as SUPPORTED_ARCHITECTURES
+from shared.architectures import ModelLoadError as ModelLoadError
+from shared.gguf_model import check_gguf, ensure_converted
 
 
 def model_dir(model: str | None) -> Path:
@@ -33,9 +22,7 @@ def model_dir(model: str | None) -> Path:
     if model:
         path = Path(model).expanduser()
         if path.suffix.lower() == ".gguf":
-            from shared.gguf_model import ensure_converted  # converted once, into the cache
-
-            return ensure_converted(path)
+            return ensure_converted(path)  # converted once, into the cache
         return path
     # NOTE: shared/'s one import of conveyor/, where the generator lives beside the launcher
     # that serves its model: a gateway or worker started alone (compose) builds it the same
@@ -67,8 +54,6 @@ def check_model_dir(model_dir: str | Path) -> dict[str, Any]:
     .gguf file (before its conversion): its architecture only, and an empty dict."""
     path = Path(model_dir)
     if path.suffix.lower() == ".gguf":
-        from shared.gguf_model import check_gguf
-
         check_gguf(path.expanduser())
         return {}
     config = read_config(path)

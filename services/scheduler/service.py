@@ -37,7 +37,7 @@ from services.scheduler.outbox import Outbox
 from services.scheduler.peers import Peers
 from services.scheduler.queue_reader import QueueReader
 from services.scheduler.redis_backoff import RedisBackoff
-from services.scheduler.tracing import RequestSpans
+from services.scheduler.request_spans import RequestSpans
 from services.scheduler.worker_link import WorkerLink
 from shared import messages as m
 from shared.config import SchedulerSettings

@@ -14,7 +14,7 @@ import zmq
 
 from services.scheduler.core import SchedulerCore
 from services.scheduler.figure_builder import FigureBuilder
-from services.scheduler.tracing import RequestSpans
+from services.scheduler.request_spans import RequestSpans
 from shared import messages as m
 from shared.config import SchedulerSettings
 from shared.curve import secure_server

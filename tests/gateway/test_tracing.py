@@ -19,7 +19,7 @@ from services.gateway.protocol import CompletionRequest
 from services.gateway.validation import completion_plan
 from services.scheduler.core import SchedulerCore
 from services.scheduler.policy import Limits
-from services.scheduler.tracing import RequestSpans
+from services.scheduler.request_spans import RequestSpans
 from shared.config import GatewaySettings, SchedulerSettings, parse_settings
 from shared.figure_records import SystemStatus
 from shared.tracing import context_from, tracer_for
