@@ -5,6 +5,7 @@ unseeded rows draw from torch's RNG; sampling leaves the caller's logits as they
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.gpu_worker.sampler_helpers import make_row, peaked_logits, sampler
@@ -149,3 +150,25 @@ def test_sampling_leaves_the_logits_as_they_were():
     sampler(16384)(logits, rows)
     sampler(16384)(logits, rows[:1] + [make_row(temperature=0.0)] + rows[1:-1])
     assert torch.equal(logits, before)
+
+
+def test_one_thread_and_two_draw_the_same_tokens():
+    """On one CPU thread (each serving process's, and the tests': tests/conftest.py) the
+    sampler takes a few rows at a time (16 at this vocab); on more, all at once. The draws
+    are the same."""
+    cases = LARGE_VOCAB_ROWS * 8  # 48 rows: three chunks
+    logits = torch.stack([peaked_logits(16384, seed=i, **shape) for i, (_, shape) in enumerate(cases)])
+    rows = [make_row(seed=i, logprobs=3, **params) for i, (params, _) in enumerate(cases)]
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            draws.append(sampler(16384)(logits, rows))
+    finally:
+        torch.set_num_threads(threads)
+    one, two = draws
+    assert one.token_ids == two.token_ids
+    for a, b in zip(one.logprobs, two.logprobs):
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-5)
