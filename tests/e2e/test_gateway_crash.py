@@ -57,8 +57,8 @@ def test_gateway_kill_9_aborts_its_requests_and_frees_their_blocks(redis_server,
     try:
         stack.start_scheduler("--gateway-timeout", "2")
         stack.start_worker("w1")
-        stack.wait_workers({"w1"})
         doomed, survivor = stack.start_gateway("doomed"), stack.start_gateway("survivor")
+        stack.wait_workers({"w1"})
         stack.wait_gateway("doomed", doomed)
         stack.wait_gateway("survivor", survivor)
 
