@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import zmq
@@ -327,9 +328,10 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
     stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
     stop = threading.Event()
     try:
-        # The step timeout leaves room for three `conveyor status` runs while the worker shows
-        # as stalled (each starts a Python process: seconds on a busy machine).
-        stack.start_scheduler("--stall-after", "1", "--step-timeout", "20")
+        # The step timeout leaves room for three `conveyor status` runs, side by side, while the
+        # worker shows as stalled (each starts a Python process: about 0.5 s, seconds on a busy
+        # machine); past it the request moves.
+        stack.start_scheduler("--stall-after", "1", "--step-timeout", "10")
         wedged = _register_wedged_worker(stack, stop)
         stack.wait_workers({"wedged"})
         stack.submit("stuck", [5, 6, 7, 8], max_tokens=5)
@@ -339,9 +341,13 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
         while not read_status(stack.client, stack.keys).workers["wedged"].stalled:
             assert time.monotonic() < deadline, "stalled within seconds"
             time.sleep(0.2)
-        assert "STALLED" in _conveyor_status(stack).stdout
-        assert _conveyor_status(stack, "--check").returncode == 1, "no worker serving: not healthy"
-        assert json.loads(_conveyor_status(stack, "--json").stdout)["scheduler"]["stalled_workers"] == 1
+        with ThreadPoolExecutor(3) as pool:
+            shown, check, as_json = pool.map(
+                lambda args: _conveyor_status(stack, *args), [(), ("--check",), ("--json",)]
+            )
+        assert "STALLED" in shown.stdout
+        assert check.returncode == 1, "no worker serving: not healthy"
+        assert json.loads(as_json.stdout)["scheduler"]["stalled_workers"] == 1
 
         stack.start_worker("w1")  # at the step timeout the request moves here
         stack.wait_finished(["stuck"], timeout_s=120)
