@@ -20,6 +20,13 @@ from shared.redis_keys import RedisKeys
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One compute thread in each pytest process, as each serving process has (tests/stack.py):
+# `make test` runs two pytest processes on two cores beside the services they start, and
+# OpenMP's second thread spin-waited for a core another process held (tests/gpu_worker's
+# engine tests ran 3 to 7 times slower with two). The kernels' tests of several threads set
+# their own (tests/kernels/conftest.py: at_threads).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):

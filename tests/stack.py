@@ -83,14 +83,15 @@ class Stack:
     # ---- processes ----------------------------------------------------------------------
 
     def _start(self, name: str, module: str, *args: str) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            cwd=REPO,
-            env=service_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        # The child writes to its own copy of the descriptor: ours can close at once.
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                cwd=REPO,
+                env=service_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.procs[name] = proc
         return proc
 
@@ -132,11 +133,12 @@ class Stack:
 
     def start_serving(self, *scheduler_args: str) -> int:
         """The usual system: a scheduler, worker "w1" and gateway "gw", all ready; returns
-        the gateway's port."""
+        the gateway's port. The three start side by side: the gateway is healthy once the
+        worker registered."""
         self.start_scheduler(*scheduler_args)
         self.start_worker("w1")
-        self.wait_workers({"w1"})
         port = self.start_gateway("gw")
+        self.wait_workers({"w1"})
         self.wait_gateway("gw", port)
         return port
 

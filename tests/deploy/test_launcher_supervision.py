@@ -167,6 +167,34 @@ def _health(port: str) -> int | None:
         return None
 
 
+def _wait_healthy(port: str, log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while (health := _health(port)) != 200:
+        assert time.monotonic() < deadline, (health, log_path.read_text()[-3000:])
+        time.sleep(0.2)
+
+
+def _stream(client: openai.OpenAI, model: str, results: dict, chunks_seen: list[int], errors: list) -> None:
+    """A request of STREAM_TOKENS, streamed: its chunks counted in chunks_seen[0], its
+    completion tokens in results["stream"], or the error that ended it."""
+    try:
+        chunks = client.completions.create(
+            model=model,
+            prompt="accepted before",
+            max_tokens=STREAM_TOKENS,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
+        )
+        usage = None
+        for chunk in chunks:
+            chunks_seen[0] += 1
+            usage = chunk.usage or usage
+        results["stream"] = usage.completion_tokens
+    except Exception as e:  # noqa: BLE001 — reported by the assertion below
+        errors.append(repr(e))
+
+
 def test_a_killed_embedded_redis_is_restarted_and_nothing_accepted_is_lost(tmp_path, long_model_dir):
     proc, log_path = _run(tmp_path, long_model_dir, None, "conveyor")
     errors, results, chunks_seen = [], {}, [0]
@@ -178,25 +206,9 @@ def test_a_killed_embedded_redis_is_restarted_and_nothing_accepted_is_lost(tmp_p
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         model = long_model_dir.name
 
-        def stream() -> None:
-            try:
-                chunks = client.completions.create(
-                    model=model,
-                    prompt="accepted before",
-                    max_tokens=STREAM_TOKENS,
-                    stream=True,
-                    extra_body={"ignore_eos": True},
-                    stream_options={"include_usage": True},
-                )
-                usage = None
-                for chunk in chunks:
-                    chunks_seen[0] += 1
-                    usage = chunk.usage or usage
-                results["stream"] = usage.completion_tokens
-            except Exception as e:  # noqa: BLE001 — reported by the assertion below
-                errors.append(repr(e))
-
-        streaming = threading.Thread(target=stream, daemon=True)
+        streaming = threading.Thread(
+            target=_stream, args=(client, model, results, chunks_seen, errors), daemon=True
+        )
         streaming.start()
         r = redis.Redis.from_url(url)
         r.set("written-before-the-kill", b"kept")  # acknowledged: in the fsynced append-only file
@@ -211,10 +223,7 @@ def test_a_killed_embedded_redis_is_restarted_and_nothing_accepted_is_lost(tmp_p
         assert re.findall(r"started redis \(pid \d+\) at (\S+),", text) == [url, url]
 
         # Served again: /health (it reads Redis) says so, then a new request is answered.
-        deadline = time.monotonic() + 60
-        while (health := _health(port)) != 200:
-            assert time.monotonic() < deadline, (health, log_path.read_text()[-3000:])
-            time.sleep(0.2)
+        _wait_healthy(port, log_path)
         after = client.completions.create(
             model=model, prompt="after", max_tokens=8, extra_body={"ignore_eos": True}
         )

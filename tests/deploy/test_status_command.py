@@ -10,9 +10,11 @@ import sys
 import time
 
 import pytest
+import redis
 
 from conveyor.tiny_model import make_model
-from shared.redis_protocol import record_startup_failure
+from shared.figure_records import STALE_AFTER_S
+from shared.redis_protocol import read_scheduler_figures, record_startup_failure
 from tests.stack import REPO, Stack, service_env
 
 pytestmark = pytest.mark.slow
@@ -81,7 +83,10 @@ def test_status_shows_the_queue_workers_and_errors(redis_server, tmp_path):
         assert _status(stack, "--check").returncode == 0
     finally:
         stack.stop()
-    # With the scheduler gone, the figures go stale and the check fails.
-    time.sleep(6)
+    # With the scheduler gone, its figures go stale (STALE_AFTER_S after their last write)
+    # and the check fails.
+    with redis.Redis.from_url(stack.redis_url) as client:
+        written = max(f.updated_at for f in read_scheduler_figures(client, stack.keys).values())
+    time.sleep(max(0.0, written + STALE_AFTER_S + 0.5 - time.time()))
     assert _status(stack, "--check", "--scheduler-only").returncode == 1
     assert "NOT RUNNING" in _status(stack).stdout

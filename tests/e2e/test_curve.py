@@ -30,6 +30,33 @@ def _figures_written_since(stack: Stack, t: float) -> bool:
     return any(f.updated_at > t for f in figures.values())
 
 
+def _start_intruder(stack: Stack, model_dir, name: str, *curve_args: str) -> subprocess.Popen:
+    """A worker the scheduler must not let in, its output in `name`.log beside the stack's."""
+    with open(stack.log_dir / f"{name}.log", "w") as log:  # the worker writes to its own copy
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.gpu_worker",
+                "--model",
+                str(model_dir),
+                "--device",
+                "cpu",
+                "--scheduler-address",
+                stack.scheduler_address,
+                "--worker-id",
+                name,
+                "--kv-cache-memory",
+                "16MiB",
+                *curve_args,
+            ],
+            cwd=REPO,
+            env=service_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def test_only_workers_holding_the_key_pair_get_in(redis_server, tmp_path):
     model_dir = make_model(tmp_path / "m", preset="tiny", num_hidden_layers=1, seed=14)
     keys, other = make_keys(), make_keys()
@@ -41,46 +68,13 @@ def test_only_workers_holding_the_key_pair_get_in(redis_server, tmp_path):
             f"--zmq-server-secret-key={keys['CONVEYOR_ZMQ_SERVER_SECRET_KEY']}",
             f"--zmq-client-public-key={keys['CONVEYOR_ZMQ_CLIENT_PUBLIC_KEY']}",
         )
+        server_public = f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}"
         stack.start_worker(
-            "trusted",
-            f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
-            f"--zmq-client-secret-key={keys['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}",
+            "trusted", server_public, f"--zmq-client-secret-key={keys['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}"
         )
-        for name, extra in zip(
-            INTRUDERS,
-            (
-                [
-                    f"--zmq-server-public-key={keys['CONVEYOR_ZMQ_SERVER_PUBLIC_KEY']}",
-                    f"--zmq-client-secret-key={other['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}",
-                ],
-                [],
-            ),
-        ):
-            log = open(tmp_path / f"{name}.log", "w")
-            intruders.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "services.gpu_worker",
-                        "--model",
-                        str(model_dir),
-                        "--device",
-                        "cpu",
-                        "--scheduler-address",
-                        stack.scheduler_address,
-                        "--worker-id",
-                        name,
-                        "--kv-cache-memory",
-                        "16MiB",
-                        *extra,
-                    ],
-                    cwd=REPO,
-                    env=service_env(),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+        wrong_key = [server_public, f"--zmq-client-secret-key={other['CONVEYOR_ZMQ_CLIENT_SECRET_KEY']}"]
+        for name, curve_args in zip(INTRUDERS, (wrong_key, [])):
+            intruders.append(_start_intruder(stack, model_dir, name, *curve_args))
         stack.wait_workers({"trusted"})
         stack.submit("secret", [5, 6, 7, 8], max_tokens=6)
         stack.wait_finished(["secret"])

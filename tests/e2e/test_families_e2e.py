@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import httpx
 import pytest
@@ -35,12 +36,9 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("arch", list(FAMILIES))
-def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_path_factory):
-    from services.gpu_worker.kv_cache import bytes_per_block
-    from services.gpu_worker.loader import load_config, model_shape
-
-    model_dir = make_model(
+def _family_model(arch: str, tmp_path_factory) -> Path:
+    """A random model of `arch`, small, with a sliding window shorter than the requests."""
+    return make_model(
         tmp_path_factory.mktemp(arch),
         arch=arch,
         preset="tiny",
@@ -52,15 +50,67 @@ def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_p
         sliding_window=WINDOW,
         **FAMILIES[arch],
     )
-    cache_bytes = BLOCKS * bytes_per_block(model_shape(load_config(model_dir)), 16, torch.float32)
+
+
+def _prompts() -> tuple[list[int], list[list[int]]]:
+    """A first prompt, then two to send at once: one starting with the first's 32 tokens
+    (two cached blocks), one fresh. Each holds 3 blocks with its prompt, and needs a 4th at
+    its 49th token: one is preempted."""
     rng = random.Random(11)
     first = [rng.randrange(3, 4096) for _ in range(40)]
-    # Then two at once: one starting with the first's 32 tokens (two cached blocks), one fresh.
-    # Each holds 3 blocks with its prompt, and needs a 4th at its 49th token: one is preempted.
     batch = [
         first[:32] + [rng.randrange(3, 4096) for _ in range(8)],
         [rng.randrange(3, 4096) for _ in range(40)],
     ]
+    return first, batch
+
+
+def _complete_at_once(url: str, model: str, prompts: list[list[int]]) -> list[list[int]]:
+    """The greedy completions' token ids, all requests sent together."""
+
+    async def send():
+        async with httpx.AsyncClient(timeout=120.0) as client:
+
+            async def one(prompt):
+                r = await client.post(
+                    f"{url}/completions",
+                    json=dict(
+                        model=model,
+                        prompt=prompt,
+                        max_tokens=MAX_TOKENS,
+                        temperature=0,
+                        ignore_eos=True,
+                        return_token_ids=True,
+                    ),
+                )
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["token_ids"]
+
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+    return asyncio.run(send())
+
+
+def _wait_cache_hit_and_preemption(stack: Stack, port: int) -> None:
+    figures = {}
+
+    def counted() -> bool:  # the scheduler publishes its counters every few hundred ms
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30.0).text
+        for name in ("prefix_cache_hits", "num_preemptions"):
+            figures[name] = metric_value(text, f"conveyor:{name}_total")
+        return figures["prefix_cache_hits"] >= 32 and figures["num_preemptions"] >= 1
+
+    stack.wait_until(counted, "a prefix-cache hit of the shared 32 tokens and a preemption", timeout_s=20.0)
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_path_factory):
+    from services.gpu_worker.kv_cache import bytes_per_block
+    from services.gpu_worker.loader import load_config, model_shape
+
+    model_dir = _family_model(arch, tmp_path_factory)
+    cache_bytes = BLOCKS * bytes_per_block(model_shape(load_config(model_dir)), 16, torch.float32)
+    first, batch = _prompts()
     stack = Stack(redis_server.url, model_dir, tmp_path_factory.mktemp(f"{arch}-logs"))
     try:
         stack.start_scheduler("--max-num-batched-tokens", "20")
@@ -70,40 +120,11 @@ def test_greedy_through_the_system_equals_transformers(arch, redis_server, tmp_p
         stack.wait_workers({"w1"})
         stack.wait_gateway("gw", port)
         url = f"http://127.0.0.1:{port}/v1"
-
-        async def send(prompts):
-            async with httpx.AsyncClient(timeout=120.0) as client:
-
-                async def one(prompt):
-                    r = await client.post(
-                        f"{url}/completions",
-                        json=dict(
-                            model=model_dir.name,
-                            prompt=prompt,
-                            max_tokens=MAX_TOKENS,
-                            temperature=0,
-                            ignore_eos=True,
-                            return_token_ids=True,
-                        ),
-                    )
-                    assert r.status_code == 200, r.text
-                    return r.json()["choices"][0]["token_ids"]
-
-                return await asyncio.gather(*(one(p) for p in prompts))
-
-        outputs = asyncio.run(send([first])) + asyncio.run(send(batch))
+        outputs = _complete_at_once(url, model_dir.name, [first]) + _complete_at_once(
+            url, model_dir.name, batch
+        )
         for i, (got, want) in enumerate(zip(outputs, references)):
             assert_greedy_matches(got, want, f"{arch}: request {i}")
-        figures = {}
-
-        def counted() -> bool:  # the scheduler publishes its counters every few hundred ms
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30.0).text
-            for name in ("prefix_cache_hits", "num_preemptions"):
-                figures[name] = metric_value(text, f"conveyor:{name}_total")
-            return figures["prefix_cache_hits"] >= 32 and figures["num_preemptions"] >= 1
-
-        stack.wait_until(
-            counted, "a prefix-cache hit of the shared 32 tokens and a preemption", timeout_s=20.0
-        )
+        _wait_cache_hit_and_preemption(stack, port)
     finally:
         stack.stop()

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from shared.figure_records import SystemStatus
 from shared.redis_protocol import read_status
 from tests.stack import LONG_MAX_TOKENS, Stack
 
@@ -23,33 +24,48 @@ pytestmark = pytest.mark.slow
 DOOMED_STREAMS, DOOMED_TOKENS = 16, LONG_MAX_TOKENS
 
 
+def _stream(port: int, model: str, sink: list) -> None:
+    """A long streamed completion through the gateway on `port`: each chunk's text in `sink`,
+    then the error that ended it, if one did."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    try:
+        for chunk in client.completions.create(
+            model=model,
+            prompt="tell me",
+            max_tokens=DOOMED_TOKENS,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ):
+            sink.append(chunk.choices[0].text if chunk.choices else "")
+    except (openai.APIError, httpx.HTTPError) as e:
+        sink.append(e)
+
+
+def _wait_everything_freed(stack: Stack) -> SystemStatus:
+    """The status once the worker's cache is empty and nothing runs or waits."""
+    deadline = time.monotonic() + 30
+    while True:
+        status = read_status(stack.client, stack.keys)
+        if status.workers["w1"].kv_usage == 0 and status.scheduler.running == 0 and status.queue_length == 0:
+            return status
+        assert time.monotonic() < deadline, (status, stack.log_tail("scheduler"))
+        time.sleep(0.2)
+
+
 def test_gateway_kill_9_aborts_its_requests_and_frees_their_blocks(redis_server, long_model_dir, tmp_path):
     stack = Stack(redis_server.url, long_model_dir, tmp_path)
     try:
         stack.start_scheduler("--gateway-timeout", "2")
         stack.start_worker("w1")
-        stack.wait_workers({"w1"})
         doomed, survivor = stack.start_gateway("doomed"), stack.start_gateway("survivor")
+        stack.wait_workers({"w1"})
         stack.wait_gateway("doomed", doomed)
         stack.wait_gateway("survivor", survivor)
 
-        def stream(port: int, sink: list) -> None:
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-            try:
-                for chunk in client.completions.create(
-                    model=long_model_dir.name,
-                    prompt="tell me",
-                    max_tokens=DOOMED_TOKENS,
-                    stream=True,
-                    extra_body={"ignore_eos": True},
-                ):
-                    sink.append(chunk.choices[0].text if chunk.choices else "")
-            except (openai.APIError, httpx.HTTPError) as e:
-                sink.append(e)
-
         doomed_chunks: list[list] = [[] for _ in range(DOOMED_STREAMS)]
         threads = [
-            threading.Thread(target=stream, args=(doomed, sink), daemon=True) for sink in doomed_chunks
+            threading.Thread(target=_stream, args=(doomed, long_model_dir.name, sink), daemon=True)
+            for sink in doomed_chunks
         ]
         for t in threads:
             t.start()
@@ -71,17 +87,7 @@ def test_gateway_kill_9_aborts_its_requests_and_frees_their_blocks(redis_server,
             == 5
         )
 
-        deadline = time.monotonic() + 30
-        while True:
-            status = read_status(stack.client, stack.keys)
-            if (
-                status.workers["w1"].kv_usage == 0
-                and status.scheduler.running == 0
-                and status.queue_length == 0
-            ):
-                break
-            assert time.monotonic() < deadline, (status, stack.log_tail("scheduler"))
-            time.sleep(0.2)
+        status = _wait_everything_freed(stack)
         assert status.scheduler.finished.get("abort", 0) == DOOMED_STREAMS
         assert status.scheduler.finished.get("length", 0) == 1, "only the live request ran to its end"
         assert any("gateway" in e.error and "gone" in e.error for e in status.errors)

@@ -142,20 +142,20 @@ def test_scheduler_survives_a_thousand_malformed_messages_on_each_channel(redis_
 
 def test_worker_survives_a_thousand_malformed_messages(model_dir, tmp_path):
     scheduler = FakeScheduler()
-    log = open(tmp_path / "worker.log", "w")
-    proc = start_worker(
-        "--model",
-        str(model_dir),
-        "--scheduler-address",
-        scheduler.address,
-        "--device",
-        "cpu",
-        "--kv-cache-memory",
-        "16MiB",
-        "--worker-id",
-        "w",
-        log=log,
-    )
+    with open(tmp_path / "worker.log", "w") as log:  # the worker writes to its own copy
+        proc = start_worker(
+            "--model",
+            str(model_dir),
+            "--scheduler-address",
+            scheduler.address,
+            "--device",
+            "cpu",
+            "--kv-cache-memory",
+            "16MiB",
+            "--worker-id",
+            "w",
+            log=log,
+        )
     try:
         reg = scheduler.recv()
         assert isinstance(reg, m.RegisterWorker)
@@ -192,5 +192,4 @@ def test_worker_survives_a_thousand_malformed_messages(model_dir, tmp_path):
     finally:
         proc.kill()
         proc.wait()
-        log.close()
         scheduler.close()

@@ -65,10 +65,10 @@ def test_deadlines_and_token_bounded_queue(redis_server, model_dir, tmp_path):
     try:
         stack.start_scheduler("--max-num-seqs", "1")
         stack.start_worker("w1")
-        stack.wait_workers({"w1"})
         port = stack.start_gateway(
             "gw", "--queue-timeout", "2", "--request-timeout", "4", "--max-queue-tokens", "300"
         )
+        stack.wait_workers({"w1"})
         stack.wait_gateway("gw", port)
 
         # One slot: a long request holds it; the next one waits past its queue timeout.

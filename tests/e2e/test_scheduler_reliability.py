@@ -9,19 +9,26 @@ token with it either."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import zmq
 
 from conveyor.embedded_redis import start_embedded_redis
 from conveyor.tiny_model import make_model
+from shared import messages as m
 from shared.ports import free_port
 from shared.redis_protocol import read_status
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy, keeper_reference
-from tests.stack import KEEPER_TOKENS, LONG_MAX_TOKENS, Stack
+from tests.stack import KEEPER_TOKENS, LONG_MAX_TOKENS, REPO, Stack, service_env
 
 pytestmark = pytest.mark.slow
 
@@ -275,71 +282,73 @@ def test_requests_of_a_vanished_gateway_are_aborted(redis_server, long_model_dir
         stack.stop()
 
 
+def _register_wedged_worker(stack: Stack, stop: threading.Event) -> zmq.Socket:
+    """A worker whose heartbeat thread lives on (until `stop`) while its main loop is stuck:
+    it takes a step and never answers. Returns its main socket."""
+    wedged = zmq.Context.instance().socket(zmq.DEALER)
+    wedged.setsockopt(zmq.LINGER, 0)
+    wedged.setsockopt(zmq.IDENTITY, b"wedged")
+    wedged.connect(stack.scheduler_address)
+    wedged.send(m.encode(m.RegisterWorker("wedged", "tiny", 4096, 16, 4096, 4096, [0, 2], "cpu", 1)))
+
+    def beat():
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(stack.scheduler_address)
+        while not stop.wait(0.5):
+            sock.send(m.encode(m.Heartbeat("wedged", time.time())))
+        sock.close()
+
+    threading.Thread(target=beat, daemon=True).start()
+    return wedged
+
+
+def _conveyor_status(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    """`conveyor status` on this stack's Redis keys, as an operator runs it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conveyor",
+            "status",
+            "--redis-url",
+            stack.redis_url,
+            "--redis-prefix",
+            stack.keys.prefix,
+            *args,
+        ],
+        cwd=REPO,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, model_dir, tmp_path):
-    import json
-    import subprocess
-    import sys
-    import threading
-
-    import zmq
-
-    from shared import messages as m
-    from tests.stack import REPO, service_env
-
     stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
     stop = threading.Event()
     try:
-        # The step timeout leaves room for three `conveyor status` runs while the worker shows
-        # as stalled (each starts a Python process: seconds on a busy machine).
-        stack.start_scheduler("--stall-after", "1", "--step-timeout", "20")
-        # A worker whose heartbeat thread lives on while its main loop is stuck: it takes
-        # a step and never answers.
-        wedged = zmq.Context.instance().socket(zmq.DEALER)
-        wedged.setsockopt(zmq.LINGER, 0)
-        wedged.setsockopt(zmq.IDENTITY, b"wedged")
-        wedged.connect(stack.scheduler_address)
-        wedged.send(m.encode(m.RegisterWorker("wedged", "tiny", 4096, 16, 4096, 4096, [0, 2], "cpu", 1)))
-
-        def beat():
-            sock = zmq.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(stack.scheduler_address)
-            while not stop.wait(0.5):
-                sock.send(m.encode(m.Heartbeat("wedged", time.time())))
-            sock.close()
-
-        threading.Thread(target=beat, daemon=True).start()
+        # The step timeout leaves room for three `conveyor status` runs, side by side, while the
+        # worker shows as stalled (each starts a Python process: about 0.5 s, seconds on a busy
+        # machine); past it the request moves.
+        stack.start_scheduler("--stall-after", "1", "--step-timeout", "10")
+        wedged = _register_wedged_worker(stack, stop)
         stack.wait_workers({"wedged"})
         stack.submit("stuck", [5, 6, 7, 8], max_tokens=5)
         assert wedged.poll(10_000) and isinstance(m.decode(wedged.recv()), m.StepPlan), "it got the step"
-
-        def status(*args):
-            return subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "conveyor",
-                    "status",
-                    "--redis-url",
-                    stack.redis_url,
-                    "--redis-prefix",
-                    stack.keys.prefix,
-                    *args,
-                ],
-                cwd=REPO,
-                env=service_env(),
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
 
         deadline = time.monotonic() + 10
         while not read_status(stack.client, stack.keys).workers["wedged"].stalled:
             assert time.monotonic() < deadline, "stalled within seconds"
             time.sleep(0.2)
-        assert "STALLED" in status().stdout
-        assert status("--check").returncode == 1, "no worker serving: not healthy"
-        assert json.loads(status("--json").stdout)["scheduler"]["stalled_workers"] == 1
+        with ThreadPoolExecutor(3) as pool:
+            shown, check, as_json = pool.map(
+                lambda args: _conveyor_status(stack, *args), [(), ("--check",), ("--json",)]
+            )
+        assert "STALLED" in shown.stdout
+        assert check.returncode == 1, "no worker serving: not healthy"
+        assert json.loads(as_json.stdout)["scheduler"]["stalled_workers"] == 1
 
         stack.start_worker("w1")  # at the step timeout the request moves here
         stack.wait_finished(["stuck"], timeout_s=120)

@@ -24,27 +24,38 @@ CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3
 MAX_TOKENS = 32
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("spec"), preset="tiny", num_hidden_layers=2, seed=4)
+
+
+@pytest.fixture(scope="module")
+def prompts_and_references(model_dir):
+    """Prompts that repeat a phrase (n-gram lookup finds proposals in them), and
+    transformers' greedy output for each: the same for both methods."""
+    rng = random.Random(8)
+    phrase = [rng.randrange(3, 4096) for _ in range(10)]
+    prompts = [phrase * 3, [rng.randrange(3, 4096) for _ in range(6)] + phrase * 2]
+    return prompts, hf_greedy(model_dir, prompts, MAX_TOKENS, ignore_eos=True)
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_greedy_through_the_system_with_speculation_equals_transformers(
-    redis_server, tmp_path_factory, method
+    redis_server, model_dir, prompts_and_references, tmp_path_factory, method
 ):
-    model_dir = make_model(tmp_path_factory.mktemp("spec"), preset="tiny", num_hidden_layers=2, seed=4)
     # The worker runs the draft model: here the model itself, whose proposals are accepted.
     config = (
         CONFIG
         if method == "ngram"
         else {"method": "draft_model", "num_speculative_tokens": 3, "model": str(model_dir)}
     )
-    rng = random.Random(8)
-    phrase = [rng.randrange(3, 4096) for _ in range(10)]
-    prompts = [phrase * 3, [rng.randrange(3, 4096) for _ in range(6)] + phrase * 2]
-    references = hf_greedy(model_dir, prompts, MAX_TOKENS, ignore_eos=True)
+    prompts, references = prompts_and_references
     stack = Stack(redis_server.url, model_dir, tmp_path_factory.mktemp("spec-logs"))
     try:
         stack.start_scheduler("--speculative-config", json.dumps(config))
         stack.start_worker("w1", "--speculative-config", json.dumps(config))
+        port = stack.start_gateway("gw")  # starts beside the worker; healthy once it registered
         stack.wait_workers({"w1"})
-        port = stack.start_gateway("gw")
         stack.wait_gateway("gw", port)
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=120.0) as client:

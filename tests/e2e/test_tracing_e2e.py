@@ -66,8 +66,8 @@ def test_the_gateway_and_scheduler_export_one_trace_by_otlp(redis_server, model_
     try:
         stack.start_scheduler("--otlp-traces-endpoint", endpoint)
         stack.start_worker("w1")
-        stack.wait_workers({"w1"})
         port = stack.start_gateway("gw", "--otlp-traces-endpoint", endpoint)
+        stack.wait_workers({"w1"})
         stack.wait_gateway("gw", port)
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/completions",

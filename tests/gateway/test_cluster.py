@@ -70,8 +70,9 @@ def test_unavailable_says_why_workers_could_not_start():
         "w5": _failure("too old", age_s=STARTUP_FAILURE_TTL_S + 1),
     }
     assert health(_status(workers={}, failures=failures), NOW) == (
-        "no worker is registered with the scheduler; workers w2, w3 failed to start: unsupported architecture "
-        "['X']; worker w4 failed to start: no config.json"
+        "no worker is registered with the scheduler; "
+        "workers w2, w3 failed to start: unsupported architecture ['X']; "
+        "worker w4 failed to start: no config.json"
     ), "one line per error; a failure of long ago is left out"
     stale = {"w1": worker_figures("w1", NOW - 9)}
     assert health(_status(workers=stale, failures={"w1": _failure("bad"), "w4": _failure("worse")}), NOW) == (
@@ -115,6 +116,32 @@ def test_no_scheduler_means_503_and_unhealthy(app_client):
     assert health.status_code == 503 and "scheduler" in health.json()["reason"]
 
 
+def _check_metrics(text: str) -> None:
+    """/metrics shows the figures that the test below writes, and the latency histograms."""
+    model = 'model_name="tiny"'
+    for line in [
+        f"conveyor:num_requests_running{{{model}}} 3.0",
+        f"conveyor:num_requests_waiting{{{model}}} 2.0",
+        f'conveyor:kv_cache_usage_perc{{{model},worker="w1"}} 0.5',
+        f'conveyor:kv_cache_usage_perc{{{model},worker="w2"}} 0.25',
+        f"conveyor:prompt_tokens_total{{{model}}} 40.0",
+        f"conveyor:generation_tokens_total{{{model}}} 7.0",
+        f"conveyor:num_preemptions_total{{{model}}} 1.0",
+        f"conveyor:prefix_cache_queries_total{{{model}}} 40.0",
+        f"conveyor:prefix_cache_hits_total{{{model}}} 16.0",
+        f'conveyor:scheduler_request_finished_total{{finished_reason="stop",{model}}} 5.0',
+        f'conveyor:scheduler_request_finished_total{{finished_reason="abort",{model}}} 2.0',
+    ]:
+        assert line in text.splitlines(), line
+    for name in [
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+    ]:
+        assert f"# TYPE conveyor:{name} histogram" in text
+
+
 def test_health_and_metrics_follow_the_scheduler_figures(app_client):
     client, redis, keys = app_client
     writer = StatusWriter(redis, keys)
@@ -141,29 +168,7 @@ def test_health_and_metrics_follow_the_scheduler_figures(app_client):
     assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 64, (
         "the gateway's own limit is lower"
     )
-    text = client.get("/metrics").text
-    model = 'model_name="tiny"'
-    for line in [
-        f"conveyor:num_requests_running{{{model}}} 3.0",
-        f"conveyor:num_requests_waiting{{{model}}} 2.0",
-        f'conveyor:kv_cache_usage_perc{{{model},worker="w1"}} 0.5',
-        f'conveyor:kv_cache_usage_perc{{{model},worker="w2"}} 0.25',
-        f"conveyor:prompt_tokens_total{{{model}}} 40.0",
-        f"conveyor:generation_tokens_total{{{model}}} 7.0",
-        f"conveyor:num_preemptions_total{{{model}}} 1.0",
-        f"conveyor:prefix_cache_queries_total{{{model}}} 40.0",
-        f"conveyor:prefix_cache_hits_total{{{model}}} 16.0",
-        f'conveyor:scheduler_request_finished_total{{finished_reason="stop",{model}}} 5.0',
-        f'conveyor:scheduler_request_finished_total{{finished_reason="abort",{model}}} 2.0',
-    ]:
-        assert line in text.splitlines(), line
-    for name in [
-        "time_to_first_token_seconds",
-        "inter_token_latency_seconds",
-        "e2e_request_latency_seconds",
-        "request_queue_time_seconds",
-    ]:
-        assert f"# TYPE conveyor:{name} histogram" in text
+    _check_metrics(client.get("/metrics").text)
     writer.worker("w2", worker_figures("w2", time.time(), stalled=True, step_in_flight_s=11))
     writer.worker("w1", worker_figures("w1", time.time(), stalled=True, step_in_flight_s=12))
     writer.flush()
@@ -202,7 +207,8 @@ def test_the_503_names_why_a_worker_could_not_start(app_client, redis_server, tm
     writer.flush()
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
     assert r.status_code == 503 and r.json()["error"]["message"].startswith(
-        "no worker is available: no worker is registered with the scheduler; worker worker-0 failed to start: "
+        "no worker is available: no worker is registered with the scheduler; "
+        "worker worker-0 failed to start: "
         f"unsupported architecture ['MambaForCausalLM'] in {str(model)!r}; supported: "
     ), r.json()
     assert (

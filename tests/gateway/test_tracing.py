@@ -43,53 +43,36 @@ class _Engine:
         pass
 
 
-def test_a_trace_shows_every_stage_of_a_request_with_durations(served_model):
-    metrics = GatewayMetrics(
-        "tiny", 2048, lambda: SystemStatus(scheduler=None, workers={}, errors=[], queue_length=0, pending=0)
-    )
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
-
-    plan = completion_plan(
-        CompletionRequest.model_validate({"prompt": "hello there", "max_tokens": 5, "ignore_eos": True}),
-        served_model,
-    )
-    span = tracer.start_span(
-        "gateway.request", context=context_from({"traceparent": CALLER}), kind=SpanKind.SERVER
-    )
-    engine = _Engine()
-    gen = Generation(plan, served_model, engine, metrics, span=span)
-    core, worker, spans = SchedulerCore(Limits(max_prefill_chunk=2)), FakeWorker("w1"), RequestSpans(tracer)
+async def _serve_through_the_scheduler(gen: Generation, engine: _Engine, spans: RequestSpans) -> int:
+    """The Generation's request through a scheduler core and a fake worker, every span
+    recorded; the number of steps that scheduled it."""
+    core, worker = SchedulerCore(Limits(max_prefill_chunk=2)), FakeWorker("w1")
     core.add_worker(worker.register(), 0.0)
+    await gen.start()
+    (submitted,) = engine.submitted
+    assert submitted.traceparent.startswith("00-0af7651916cd43dd8448eb211c80319c-"), "the caller's trace"
+    assert core.add_request(submitted)
+    spans.started(submitted)
+    steps = 0
+    while (plan := core.next_plan("w1", 0.0, 0.0)) is not None:
+        spans.step_sent("w1", plan)
+        result = worker.execute(plan)
+        spans.step_done(result)
+        core.on_step_result(result)
+        steps += submitted.request_id in plan.num_scheduled_tokens  # not a plan that only drops its row
+        for _, out in core.outputs:
+            spans.output(out)
+            gen._queue.put_nowait(out)
+        core.outputs.clear()
+    async for _ in gen.deltas():
+        pass
+    gen.close()
+    return steps
 
-    async def run() -> None:
-        await gen.start()
-        (submitted,) = engine.submitted
-        assert submitted.traceparent.startswith("00-0af7651916cd43dd8448eb211c80319c-"), "the caller's trace"
-        assert core.add_request(submitted)
-        spans.started(submitted)
-        steps = 0
-        while (plan_ := core.next_plan("w1", 0.0, 0.0)) is not None:
-            spans.step_sent("w1", plan_)
-            result = worker.execute(plan_)
-            spans.step_done(result)
-            core.on_step_result(result)
-            steps += submitted.request_id in plan_.num_scheduled_tokens  # not a plan that only drops its row
-            for _, out in core.outputs:
-                spans.output(out)
-                gen._queue.put_nowait(out)
-            core.outputs.clear()
-        async for _ in gen.deltas():
-            pass
-        gen.close()
-        return steps
 
-    steps = asyncio.run(asyncio.wait_for(run(), 10))
-    by_name: dict[str, list] = {}
-    for s in exporter.get_finished_spans():
-        by_name.setdefault(s.name, []).append(s)
+def _check_trace(by_name: dict[str, list], steps: int) -> None:
+    """One trace under the caller's: gateway > scheduler > queue and steps, each with a
+    duration, the first token marked on both sides, the usage on both."""
     (gateway,), (scheduler,), (queue,) = (
         by_name["gateway.request"],
         by_name["scheduler.request"],
@@ -112,6 +95,31 @@ def test_a_trace_shows_every_stage_of_a_request_with_durations(served_model):
     assert scheduler.attributes["gen_ai.usage.completion_tokens"] == 5
     assert gateway.attributes["gen_ai.usage.completion_tokens"] == 5
     assert by_name["step"][0].attributes["conveyor.worker"] == "w1"
+
+
+def test_a_trace_shows_every_stage_of_a_request_with_durations(served_model):
+    metrics = GatewayMetrics(
+        "tiny", 2048, lambda: SystemStatus(scheduler=None, workers={}, errors=[], queue_length=0, pending=0)
+    )
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+
+    plan = completion_plan(
+        CompletionRequest.model_validate({"prompt": "hello there", "max_tokens": 5, "ignore_eos": True}),
+        served_model,
+    )
+    span = tracer.start_span(
+        "gateway.request", context=context_from({"traceparent": CALLER}), kind=SpanKind.SERVER
+    )
+    engine = _Engine()
+    gen = Generation(plan, served_model, engine, metrics, span=span)
+    steps = asyncio.run(asyncio.wait_for(_serve_through_the_scheduler(gen, engine, RequestSpans(tracer)), 10))
+    by_name: dict[str, list] = {}
+    for s in exporter.get_finished_spans():
+        by_name.setdefault(s.name, []).append(s)
+    _check_trace(by_name, steps)
 
 
 def test_tracing_is_off_without_an_endpoint_and_untraced_requests_make_no_spans():

@@ -197,7 +197,9 @@ IMPLEMENTED_BOTH = {
     "logit_bias": f"{_F}::test_token_level_fields_become_sampling_params",
     "allowed_token_ids": f"{_F}::test_token_level_fields_become_sampling_params",
     "bad_words": f"{_F}::test_bad_words_are_tokenized_as_vllm_does",
-    "include_stop_str_in_output": f"{_F}::test_include_stop_str_in_output_keeps_the_stop_string_and_stop_token",
+    "include_stop_str_in_output": (
+        f"{_F}::test_include_stop_str_in_output_keeps_the_stop_string_and_stop_token"
+    ),
     "skip_special_tokens": f"{_F}::test_skip_special_tokens_false_shows_them",
     "spaces_between_special_tokens": f"{_F}::test_skip_special_tokens_false_shows_them",
     "truncate_prompt_tokens": f"{_F}::test_truncate_prompt_tokens_keeps_the_end_unless_right",
@@ -234,7 +236,9 @@ IMPLEMENTED_CHAT = {
     "logprobs": f"{_E}::test_logprobs",
     "top_logprobs": f"{_E}::test_logprobs",
     "max_completion_tokens": f"{_V}::test_chat_uses_the_template_and_its_logprob_fields",
-    "add_generation_prompt": "tests/gateway/test_tokenize_routes.py::test_tokenize_messages_as_the_chat_route_renders_them",
+    "add_generation_prompt": (
+        "tests/gateway/test_tokenize_routes.py::test_tokenize_messages_as_the_chat_route_renders_them"
+    ),
 }
 
 # Refused: a value other than the default -> 400 naming the field.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from transformers import AutoTokenizer
 
 from conveyor.tiny_model import make_model
 from services.gpu_worker.factory import create_engine
@@ -75,3 +76,11 @@ def make_engine(model_dir, block_size: int = 16, kv_cache_memory: str = "64MiB",
         speculative_config=speculative_config,
     )
     return create_engine(settings)
+
+
+@pytest.fixture(scope="session")
+def qwen2_engine(model_dirs):
+    """An engine on the qwen2 tiny model, its info and tokenizer, shared by the structured
+    output tests (three files): building one, and its grammar compiler, takes seconds."""
+    engine, info = make_engine(model_dirs["qwen2"])
+    return engine, info, AutoTokenizer.from_pretrained(model_dirs["qwen2"], local_files_only=True)

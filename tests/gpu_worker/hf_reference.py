@@ -74,8 +74,9 @@ def assert_greedy_matches(got: list[int], ref: Reference, what: str = "") -> boo
         assert len(got) == len(ref.tokens), f"{what}: {got} vs HF's {ref.tokens}"
         return True
     assert ref.gaps[same] < NEAR_TIE and got[same] == ref.runner_up[same], (
-        f"{what}: token {same} is {got[same]}, HF's is {ref.tokens[same]} (its second choice {ref.runner_up[same]}, "
-        f"top-2 gap {ref.gaps[same]:.3g}, a near-tie below {NEAR_TIE}): {got} vs {ref.tokens}"
+        f"{what}: token {same} is {got[same]}, HF's is {ref.tokens[same]} "
+        f"(its second choice {ref.runner_up[same]}, top-2 gap {ref.gaps[same]:.3g}, "
+        f"a near-tie below {NEAR_TIE}): {got} vs {ref.tokens}"
     )
     return False
 

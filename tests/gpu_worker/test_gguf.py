@@ -31,17 +31,21 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A cache of the module's own, so that the conversion really happens here."""
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("gguf-cache")
-    mp.setenv("CONVEYOR_CACHE_DIR", str(path))
-    yield path
-    mp.undo()
+def own_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf-cache")
+
+
+@pytest.fixture
+def cache(own_cache, monkeypatch):
+    """A cache of the module's own, so that the conversion really happens here. Only for
+    the tests that ask for it: the others find SmolLM2 converted once in the usual cache,
+    not again here (20 s or more)."""
+    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(own_cache))
+    return own_cache
 
 
 @pytest.fixture(scope="module")
-def kquant(cache, tmp_path_factory):
+def kquant(tmp_path_factory):
     return write_kquant_model(smollm2_gguf(), tmp_path_factory.mktemp("gguf") / "smol-kq.gguf")
 
 
@@ -71,7 +75,7 @@ def test_a_kquant_file_is_converted_once_to_exactly_its_dequantized_weights(kqua
             assert np.abs(want).max() > 0, "a real weight, not zeros"
 
 
-def test_an_engine_serving_a_kquant_file_by_its_path_matches_hf(kquant):
+def test_an_engine_serving_a_kquant_file_by_its_path_matches_hf(kquant, cache):
     served = model_dir(str(kquant))
     tokenizer = AutoTokenizer.from_pretrained(str(served), local_files_only=True)
     assert tokenizer.chat_template, "the chat template comes from the file's metadata"

@@ -13,7 +13,7 @@ import xgrammar as xgr
 from services.gpu_worker.grammar_masks import RowGrammar
 from services.gpu_worker.sampler import Sampler
 from shared.structured_grammar import choice_grammar
-from tests.gpu_worker.test_sampler import CPU, EOS, make_row
+from tests.gpu_worker.sampler_helpers import CPU, EOS, make_row
 
 # Ids 0..7; EOS (5) is the stop token. "yes" and "no" are single tokens.
 VOCAB = ["y", "e", "s", "yes", "no", "</s>", "n", "o"]

@@ -50,7 +50,8 @@ def test_the_config_is_vllm_s_json_and_a_bad_one_says_what_is_wrong():
         ('{"method": "eagle", "num_speculative_tokens": 2}', "method"),
         ('{"method": "ngram"}', "num_speculative_tokens"),
         (
-            '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3}',
+            '{"method": "ngram", "num_speculative_tokens": 2, '
+            '"prompt_lookup_min": 5, "prompt_lookup_max": 3}',
             "exceeds",
         ),
         ('{"method": "ngram", "num_speculative_tokens": 2, "typo": 1}', "typo"),

@@ -114,10 +114,8 @@ def test_speculated_sampling_keeps_the_output_distribution(model_dirs):
         "impossible draft": [outside],
     }
     for name, drafts in cases.items():
-        if not drafts:  # the plain path, as the control: one token a step
-            pairs = _plain_pairs(engine, sampling)
-        else:
-            pairs = _draw(engine, sampling, drafts, SAMPLES)
+        # No drafts: the plain path, as the control (one token a step).
+        pairs = _draw(engine, sampling, drafts, SAMPLES) if drafts else _plain_pairs(engine, sampling)
         stat = _chi_square(pairs, p1, p2)
         assert stat < CHI2_15_AT_1E4, f"{name}: chi-square {stat:.1f} over 16 pairs"
         if name == "likely drafts":

@@ -165,10 +165,8 @@ def tp_worker(model_dirs):
             proc.kill()
         proc.wait()
         for p in followers:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
         scheduler.close()
 
 

@@ -11,7 +11,8 @@ from services.scheduler.block_pool import BlockPool, NoFreeBlocks, hash_blocks
 BS = 4
 
 
-def H(i: int) -> bytes:
+def fake_hash(i: int) -> bytes:
+    """A block hash made from `i`: distinct for distinct `i`, as real ones are."""
     return i.to_bytes(16, "little")
 
 
@@ -36,12 +37,12 @@ def test_allocate_and_free_counts():
 def test_no_free_blocks_leaves_state_unchanged():
     pool = BlockPool(4, BS)
     held = pool.allocate(2)
-    pool.cache_block(held[0], H(1))
+    pool.cache_block(held[0], fake_hash(1))
     pool.free(held)
     with pytest.raises(NoFreeBlocks):
         pool.allocate(5)
     assert pool.num_free == 4
-    assert pool.match_prefix([H(1)]) == [held[0]]  # nothing was evicted
+    assert pool.match_prefix([fake_hash(1)]) == [held[0]]  # nothing was evicted
     # The same allocation order as if the failed call never happened.
     assert pool.allocate(4) == [2, 3, held[1], held[0]]
     pool.check_invariants()
@@ -79,9 +80,9 @@ def test_request_tail_is_evicted_before_its_prefix():
     pool = BlockPool(3, BS)
     blocks = pool.allocate(3)
     for i, b in enumerate(blocks):
-        pool.cache_block(b, H(i))
+        pool.cache_block(b, fake_hash(i))
     pool.free(blocks)
-    hashes = [H(0), H(1), H(2)]
+    hashes = [fake_hash(0), fake_hash(1), fake_hash(2)]
     assert pool.match_prefix(hashes) == blocks
     pool.allocate(1)  # evicts the tail block
     assert pool.match_prefix(hashes) == blocks[:2]
@@ -95,24 +96,24 @@ def test_request_tail_is_evicted_before_its_prefix():
 def test_freed_cached_block_is_found_until_evicted():
     pool = BlockPool(2, BS)
     (b,) = pool.allocate(1)
-    pool.cache_block(b, H(7))
-    assert pool.match_prefix([H(7)]) == [b]
+    pool.cache_block(b, fake_hash(7))
+    assert pool.match_prefix([fake_hash(7)]) == [b]
     pool.free([b])
-    assert pool.match_prefix([H(7)]) == [b]
+    assert pool.match_prefix([fake_hash(7)]) == [b]
     pool.allocate(1)  # the never-used block: b survives
-    assert pool.match_prefix([H(7)]) == [b]
+    assert pool.match_prefix([fake_hash(7)]) == [b]
     assert pool.allocate(1) == [b]  # evicted and reused
-    assert pool.match_prefix([H(7)]) == []
+    assert pool.match_prefix([fake_hash(7)]) == []
     pool.check_invariants()
 
 
 def test_match_prefix_stops_at_first_miss_and_changes_no_refcount():
     pool = BlockPool(4, BS)
     blocks = pool.allocate(3)
-    pool.cache_block(blocks[0], H(0))
-    pool.cache_block(blocks[2], H(2))
-    assert pool.match_prefix([H(0), H(1), H(2)]) == [blocks[0]]
-    assert pool.match_prefix([H(2)]) == [blocks[2]]
+    pool.cache_block(blocks[0], fake_hash(0))
+    pool.cache_block(blocks[2], fake_hash(2))
+    assert pool.match_prefix([fake_hash(0), fake_hash(1), fake_hash(2)]) == [blocks[0]]
+    assert pool.match_prefix([fake_hash(2)]) == [blocks[2]]
     assert pool.match_prefix([]) == []
     assert pool.num_used == 3
 
@@ -120,13 +121,13 @@ def test_match_prefix_stops_at_first_miss_and_changes_no_refcount():
 def test_touch_revives_a_free_cached_block():
     pool = BlockPool(3, BS)
     (b,) = pool.allocate(1)
-    pool.cache_block(b, H(1))
+    pool.cache_block(b, fake_hash(1))
     pool.free([b])
     assert pool.num_free == 3
-    pool.touch(pool.match_prefix([H(1)]))
+    pool.touch(pool.match_prefix([fake_hash(1)]))
     assert (pool.num_free, pool.num_used) == (2, 1)
     assert b not in pool.allocate(2)  # no longer in the free queue
-    assert pool.match_prefix([H(1)]) == [b]  # and still cached
+    assert pool.match_prefix([fake_hash(1)]) == [b]  # and still cached
     pool.check_invariants()
 
 
@@ -134,11 +135,11 @@ def test_shared_blocks_return_to_free_queue_after_last_free():
     pool = BlockPool(4, BS)
     a = pool.allocate(2)
     for i, b in enumerate(a):
-        pool.cache_block(b, H(i))
+        pool.cache_block(b, fake_hash(i))
     pool.free(a)
-    req1 = pool.match_prefix([H(0), H(1)])
+    req1 = pool.match_prefix([fake_hash(0), fake_hash(1)])
     pool.touch(req1)
-    req2 = pool.match_prefix([H(0), H(1)])
+    req2 = pool.match_prefix([fake_hash(0), fake_hash(1)])
     pool.touch(req2)
     assert req1 == req2 == a and pool.num_used == 2
     pool.free(req1)
@@ -153,23 +154,23 @@ def test_shared_blocks_return_to_free_queue_after_last_free():
 def test_cache_block_keeps_the_first_mapping():
     pool = BlockPool(4, BS)
     a, b = pool.allocate(2)
-    pool.cache_block(a, H(5))
-    pool.cache_block(b, H(5))  # same content computed twice: the first stays
-    pool.cache_block(a, H(5))  # re-registering is harmless
-    assert pool.match_prefix([H(5)]) == [a]
+    pool.cache_block(a, fake_hash(5))
+    pool.cache_block(b, fake_hash(5))  # same content computed twice: the first stays
+    pool.cache_block(a, fake_hash(5))  # re-registering is harmless
+    assert pool.match_prefix([fake_hash(5)]) == [a]
     pool.free([b])
     pool.check_invariants()
     pool.free([a])
-    assert pool.match_prefix([H(5)]) == [a]
+    assert pool.match_prefix([fake_hash(5)]) == [a]
 
 
 def test_prefix_caching_disabled():
     pool = BlockPool(4, BS, enable_prefix_caching=False)
     (b,) = pool.allocate(1)
-    pool.cache_block(b, H(1))
-    assert pool.match_prefix([H(1)]) == []
+    pool.cache_block(b, fake_hash(1))
+    assert pool.match_prefix([fake_hash(1)]) == []
     pool.free([b])
-    assert pool.match_prefix([H(1)]) == []
+    assert pool.match_prefix([fake_hash(1)]) == []
     pool.check_invariants()
 
 
@@ -326,7 +327,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(hashes=st.lists(hash_ids, max_size=4), extra=st.integers(0, 2))
     def match_and_touch(self, hashes, extra):
-        hs = [H(h) for h in hashes]
+        hs = [fake_hash(h) for h in hashes]
         matched = self.pool.match_prefix(hs)
         assert matched == self.model.match(hs)
         self.pool.touch(matched)
@@ -348,10 +349,10 @@ class PoolMachine(RuleBasedStateMachine):
         if not blocks:
             return
         b = data.draw(st.sampled_from(blocks))
-        if b in self.model.b2h and self.model.b2h[b] != H(h):
+        if b in self.model.b2h and self.model.b2h[b] != fake_hash(h):
             return  # a block's content, hence its hash, never changes
-        self.pool.cache_block(b, H(h))
-        self.model.cache(b, H(h))
+        self.pool.cache_block(b, fake_hash(h))
+        self.model.cache(b, fake_hash(h))
 
     @invariant()
     def consistent(self):

@@ -11,7 +11,7 @@ from tests.scheduler.fake_worker import FakeWorker
 from tests.scheduler.helpers import Outputs, expected_tokens, run, step, submit
 
 
-def _core(limits=Limits(), workers=(FakeWorker("w0"),), now=0.0):
+def _core(limits=Limits(), workers=(), now=0.0):
     core = SchedulerCore(limits)
     for w in workers:
         core.add_worker(w.register(), now)

@@ -38,92 +38,108 @@ op = st.one_of(
 )
 
 
+class _Run:
+    """The scheduler and its fake workers (w0 from the start), driven one op at a time; what
+    it did: the prompts' lengths, the requests aborted while they existed, every output."""
+
+    def __init__(self, num_blocks: int, chunk: int):
+        self.core = SchedulerCore(Limits(max_num_seqs=6, max_num_batched_tokens=96, max_prefill_chunk=chunk))
+        self.num_blocks = num_blocks
+        self.fakes: dict[str, FakeWorker] = {}
+        self.in_flight: dict[str, object] = {}
+        self.prompts: dict[str, int] = {}
+        self.aborted: set[str] = set()
+        self.out = Outputs()
+        self.join("w0")
+
+    def join(self, wid: str) -> None:
+        if wid not in self.core.workers:
+            self.fakes[wid] = FakeWorker(
+                wid, num_blocks=self.num_blocks, block_size=BLOCK_SIZES[wid], max_model_len=2048
+            )
+            self.core.add_worker(self.fakes[wid].register(), 0.0)
+
+    def deliver(self, wid: str, fail: bool = False) -> None:
+        plan = self.in_flight.pop(wid, None)
+        if plan is None or wid not in self.core.workers:
+            return
+        result = StepResult(plan.step_id, wid, error="boom") if fail else self.fakes[wid].execute(plan)
+        self.core.on_step_result(result)
+
+    def arrive(self, n: int, max_tokens: int, priority: int, shares: bool, salt: str | None) -> None:
+        rid = f"r{len(self.prompts)}"
+        prompt = SHARED_PREFIX + list(range(n)) if shares else [7000 + i for i in range(n)]
+        self.prompts[rid] = len(prompt)
+        assert submit(
+            self.core,
+            rid,
+            0,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            priority=priority,
+            salt=salt,
+            arrival=float(len(self.prompts)),
+        )
+
+    def apply(self, o: tuple) -> None:
+        kind = o[0]
+        if kind == "arrive":
+            self.arrive(*o[1:])
+        elif kind == "send" and o[1] in self.core.workers and o[1] not in self.in_flight:
+            plan = self.core.next_plan(o[1], 0.0, 0.0)
+            if plan is not None:
+                self.in_flight[o[1]] = plan
+        elif kind in ("deliver", "fail"):
+            self.deliver(o[1], fail=kind == "fail")
+        elif kind == "abort":
+            rid = f"r{o[1]}"
+            if rid in self.core.requests:
+                self.aborted.add(rid)
+            self.core.abort(rid)
+        elif kind == "kill":
+            self.in_flight.pop(o[1], None)
+            self.core.remove_worker(o[1], "killed")
+        elif kind == "join":
+            self.join(o[1])
+        self.out.collect(self.core)
+
+    def settle(self) -> None:
+        """A worker exists, in-flight steps land, then everything runs to the end."""
+        self.join("w0")
+        for wid in list(self.in_flight):
+            self.deliver(wid)
+        for _ in range(5000):
+            progressed = False
+            for wid in list(self.core.workers):
+                plan = self.core.next_plan(wid, 1e6, 0.0)
+                if plan is not None:
+                    self.core.on_step_result(self.fakes[wid].execute(plan))
+                    progressed = True
+            if not progressed:
+                break
+        self.out.collect(self.core)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, max_size=80), num_blocks=st.integers(8, 40), chunk=st.integers(1, 64))
 def test_every_block_freed_and_every_request_finished_once(ops, num_blocks, chunk):
-    core = SchedulerCore(Limits(max_num_seqs=6, max_num_batched_tokens=96, max_prefill_chunk=chunk))
-    fakes: dict[str, FakeWorker] = {}
-    in_flight: dict[str, object] = {}
-    prompts: dict[str, int] = {}
-    aborted: set[str] = set()
-    out = Outputs()
-
-    def join(wid):
-        if wid not in core.workers:
-            fakes[wid] = FakeWorker(
-                wid, num_blocks=num_blocks, block_size=BLOCK_SIZES[wid], max_model_len=2048
-            )
-            core.add_worker(fakes[wid].register(), 0.0)
-
-    def deliver(wid, fail=False):
-        plan = in_flight.pop(wid, None)
-        if plan is None or wid not in core.workers:
-            return
-        result = StepResult(plan.step_id, wid, error="boom") if fail else fakes[wid].execute(plan)
-        core.on_step_result(result)
-
-    join("w0")
+    run = _Run(num_blocks, chunk)
     for o in ops:
-        kind = o[0]
-        if kind == "arrive":
-            _, n, max_tokens, priority, shares, salt = o
-            rid = f"r{len(prompts)}"
-            prompt = SHARED_PREFIX + list(range(n)) if shares else [7000 + i for i in range(n)]
-            prompts[rid] = len(prompt)
-            assert submit(
-                core,
-                rid,
-                0,
-                prompt=prompt,
-                max_tokens=max_tokens,
-                priority=priority,
-                salt=salt,
-                arrival=float(len(prompts)),
-            )
-        elif kind == "send" and o[1] in core.workers and o[1] not in in_flight:
-            plan = core.next_plan(o[1], 0.0, 0.0)
-            if plan is not None:
-                in_flight[o[1]] = plan
-        elif kind in ("deliver", "fail"):
-            deliver(o[1], fail=kind == "fail")
-        elif kind == "abort":
-            rid = f"r{o[1]}"
-            if rid in core.requests:
-                aborted.add(rid)
-            core.abort(rid)
-        elif kind == "kill":
-            in_flight.pop(o[1], None)
-            core.remove_worker(o[1], "killed")
-        elif kind == "join":
-            join(o[1])
-        out.collect(core)
+        run.apply(o)
+    run.settle()
 
-    # Settle: a worker exists, in-flight steps land, then everything runs to the end.
-    join("w0")
-    for wid in list(in_flight):
-        deliver(wid)
-    for _ in range(5000):
-        progressed = False
-        for wid in list(core.workers):
-            plan = core.next_plan(wid, 1e6, 0.0)
-            if plan is not None:
-                core.on_step_result(fakes[wid].execute(plan))
-                progressed = True
-        if not progressed:
-            break
-    out.collect(core)
-
+    core, out = run.core, run.out
     assert not core.requests and core.num_waiting() == 0 and core.num_running() == 0
-    assert set(out.finish) == set(prompts), "every request finished exactly once"
+    assert set(out.finish) == set(run.prompts), "every request finished exactly once"
     for wid, w in core.workers.items():
         w.pool.check_invariants()
         assert w.pool.num_used == 0 and w.pool.num_free == num_blocks
-        assert not fakes[wid].rows, "the worker was told to drop every row"
+        assert not run.fakes[wid].rows, "the worker was told to drop every row"
     for rid, final in out.finish.items():
         if final.finish_reason == "length":
             n = len(out.tokens[rid])
-            assert out.tokens[rid] == expected_tokens(rid, prompts[rid], n)
+            assert out.tokens[rid] == expected_tokens(rid, run.prompts[rid], n)
         assert final.finish_reason in ("length", "abort", "error")
         assert (final.finish_reason == "error") == (final.error_code is not None), "every error has its code"
         if final.finish_reason == "abort":
-            assert rid in aborted
+            assert rid in run.aborted
