@@ -222,11 +222,11 @@ def ensure_model(
     if not all((path / f).is_file() for f in MODEL_FILES):
         make_model(path, arch=arch, preset=preset, seed=seed, dtype=dtype)
     else:
-        _update_chat_template(path)
+        update_chat_template(path)
     return path
 
 
-def _update_chat_template(path: Path) -> None:
+def update_chat_template(path: Path) -> None:
     """A model cached before CHAT_TEMPLATE last changed keeps its weights (they depend on the
     seed alone) and gets the current template written into its tokenizer_config.json."""
     config_file = path / "tokenizer_config.json"

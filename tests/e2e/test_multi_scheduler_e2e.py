@@ -14,7 +14,7 @@ from conveyor.tiny_model import make_model
 from shared import messages as m
 from shared.ownership import Ownership
 from shared.ports import free_port
-from tests.e2e.test_scheduler_reliability import _check, _submit_all, _wait_all_acked, greedy_workload
+from tests.e2e.test_scheduler_reliability import greedy_workload, submit_all, wait_all_acked, wait_and_check
 from tests.stack import LONG_MAX_TOKENS, Stack
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ def test_kill_9_of_one_of_two_schedulers_leaves_every_request_to_the_other(
     stack = Stack(redis_server.url, model_dir, tmp_path)
     try:
         start_pools(stack, max_num_seqs=4)
-        _submit_all(stack, requests)
+        submit_all(stack, requests)
         stack.wait_until(
             lambda: set(owners(stack, requests).values()) == set(NAMES), "both schedulers to take some"
         )
@@ -105,8 +105,10 @@ def test_kill_9_of_one_of_two_schedulers_leaves_every_request_to_the_other(
         # name requests s1 finished in the meantime.
         unfinished_of_s1 = pending_of(stack, "s1")
         assert unfinished_of_s1, "s1 must hold unfinished requests when it dies"
-        _check(stack, requests, expected)  # every one finished once (Stack.collect asserts it), equal to HF's
-        _wait_all_acked(stack)
+        wait_and_check(
+            stack, requests, expected
+        )  # every one finished once (Stack.collect asserts it), equal to HF's
+        wait_all_acked(stack)
         assert all(owners(stack, unfinished_of_s1)[rid] == "s2" for rid in unfinished_of_s1)
         assert "took over" in stack.log_tail("s2", lines=200)
     finally:
@@ -142,6 +144,6 @@ def test_aborts_reach_the_owner_and_an_abort_before_the_take_ends_the_request_at
         assert stack.client.hget(stack.keys.request("queued"), "owner") is None, (
             "taken as aborted: nobody owns it"
         )
-        _wait_all_acked(stack)
+        wait_all_acked(stack)
     finally:
         stack.stop()

@@ -72,12 +72,12 @@ def _waiting(stack: Stack) -> int:
     return figures.waiting if figures is not None else 0
 
 
-def _submit_all(stack: Stack, requests) -> None:
+def submit_all(stack: Stack, requests) -> None:
     for rid, (prompt, max_tokens) in requests.items():
         stack.submit(rid, prompt, max_tokens=max_tokens)
 
 
-def _wait_all_acked(stack: Stack, timeout_s: float = 15.0) -> None:
+def wait_all_acked(stack: Stack, timeout_s: float = 15.0) -> None:
     # Acknowledged right after the final output is sent (a crash in between replays the
     # request rather than losing it), so allow the scheduler a moment.
     deadline = time.monotonic() + timeout_s
@@ -86,7 +86,7 @@ def _wait_all_acked(stack: Stack, timeout_s: float = 15.0) -> None:
     assert stack.client.xlen(stack.keys.requests) == 0, "finished requests left in the queue"
 
 
-def _check(stack: Stack, requests, expected) -> None:
+def wait_and_check(stack: Stack, requests, expected) -> None:
     stack.wait_finished(requests)
     for rid in requests:
         assert_greedy_matches(stack.tokens[rid], expected[rid], rid)
@@ -104,15 +104,15 @@ def test_scheduler_kill_9_resumes_every_request_from_the_queue(
         stack.start_worker("w1")
         stack.wait_workers({"w1"})
         keepers = stack.submit_keepers(1)  # running, surely, at the kill
-        _submit_all(stack, requests)
+        submit_all(stack, requests)
         _wait_tokens(stack, 30)
         stack.wait_until(lambda: stack.mid_stream(keepers, KEEPER_TOKENS), "a keeper mid-stream")
         stack.kill("scheduler")
         stack.procs["scheduler"].wait(timeout=30)
         stack.start_scheduler(name="scheduler-2")  # as compose or the launcher would restart it
-        _check(stack, requests, expected)
-        _check(stack, keepers, dict.fromkeys(keepers, keeper_expected))
-        _wait_all_acked(stack)
+        wait_and_check(stack, requests, expected)
+        wait_and_check(stack, keepers, dict.fromkeys(keepers, keeper_expected))
+        wait_all_acked(stack)
     finally:
         stack.stop()
 
@@ -135,7 +135,7 @@ def test_scheduler_sigterm_leaves_what_runs_in_the_queue_for_the_next(redis_serv
         stack.start_scheduler(name="scheduler-2")  # the lease was released: it serves at once
         stack.wait_finished(keepers, timeout_s=120)
         assert len(stack.tokens[keepers[0]]) == KEEPER_TOKENS
-        _wait_all_acked(stack)
+        wait_all_acked(stack)
     finally:
         stack.stop()
 
@@ -158,12 +158,12 @@ def test_a_second_scheduler_stands_by_until_the_first_is_gone(
         holder = stack.client.get(stack.keys.scheduler("scheduler")).decode()
         assert holder.endswith(f":{stack.procs['scheduler'].pid}")
         keepers = stack.submit_keepers(1)
-        _submit_all(stack, requests)
+        submit_all(stack, requests)
         _wait_tokens(stack, 20)
         stack.wait_until(lambda: stack.mid_stream(keepers, KEEPER_TOKENS), "a keeper mid-stream")
         stack.kill("scheduler")
-        _check(stack, requests, expected)  # the standby took the lease and finished everything
-        _check(stack, keepers, dict.fromkeys(keepers, keeper_expected))
+        wait_and_check(stack, requests, expected)  # the standby took the lease and finished everything
+        wait_and_check(stack, keepers, dict.fromkeys(keepers, keeper_expected))
         holder = stack.client.get(stack.keys.scheduler("scheduler")).decode()
         assert holder.endswith(f":{stack.procs['standby'].pid}")
     finally:
@@ -180,13 +180,13 @@ def test_redis_restart_loses_no_request(model_dir, workload, tmp_path):
     try:
         stack.start_scheduler()
         # Queued while no worker exists yet, so some are still in the stream at the restart.
-        _submit_all(stack, requests)
+        submit_all(stack, requests)
         stack.wait_until(lambda: _waiting(stack) == len(requests), "the scheduler to read the queue")
         server.stop()
         time.sleep(1.0)
         server = start_embedded_redis(redis_dir, port=port)
         stack.start_worker("w1")
-        _check(stack, requests, expected)
+        wait_and_check(stack, requests, expected)
         for name in ("scheduler", "w1"):
             assert stack.procs[name].poll() is None, f"{name} survived the Redis restart"
     finally:
@@ -220,20 +220,20 @@ def test_kill_9_of_redis_loses_no_accepted_request(model_dir, workload_50, tmp_p
         stack.start_worker("w1")
         stack.wait_workers({"w1"})
         rids = list(requests)
-        _submit_all(stack, {rid: requests[rid] for rid in rids[:STREAMING]})
+        submit_all(stack, {rid: requests[rid] for rid in rids[:STREAMING]})
         _wait_streaming(stack, rids[:STREAMING])
         # The last ten are accepted (XADD answered) microseconds before the crash; with
         # appendfsync always they are fsynced before their reply, none is left in memory.
-        _submit_all(stack, {rid: requests[rid] for rid in rids[STREAMING:]})
+        submit_all(stack, {rid: requests[rid] for rid in rids[STREAMING:]})
         os.kill(server.pid, signal.SIGKILL)
         server.process.wait(10)
         assert len(stack.final) < len(requests), "the crash must come while requests are running"
         time.sleep(1.0)  # an outage: the scheduler serves what it holds and retries Redis
         server = start_embedded_redis(redis_dir, port=port)
-        _check(stack, requests, expected)  # each finished once (Stack.collect asserts it)
+        wait_and_check(stack, requests, expected)  # each finished once (Stack.collect asserts it)
         for name in ("scheduler", "w1"):
             assert stack.procs[name].poll() is None, f"{name} exited across the Redis crash"
-        _wait_all_acked(stack)  # none stays in the queue to be replayed
+        wait_all_acked(stack)  # none stays in the queue to be replayed
     finally:
         stack.stop()
         server.stop()

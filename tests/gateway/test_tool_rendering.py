@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from conveyor.tiny_model import CHAT_TEMPLATE, _update_chat_template
+from conveyor.tiny_model import CHAT_TEMPLATE, update_chat_template
 from services.gateway.errors import ApiError
 from services.gateway.generation import ChoiceText, Generation
 from services.gateway.protocol import ChatCompletionRequest
@@ -245,7 +245,7 @@ def test_a_cached_model_gets_the_current_template(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"chat_template": "old", "eos_token": "<|endoftext|>"})
     )
-    _update_chat_template(tmp_path)
+    update_chat_template(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config == {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>"}
 

@@ -24,7 +24,7 @@ from shared.models import ModelLoadError
 from shared.speculative import SpeculativeConfig, parse_config
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
-from tests.gpu_worker.test_speculative import _AlwaysPays, _copy_prompts, _serve
+from tests.gpu_worker.test_speculative import AlwaysPays, copy_prompts, serve_requests
 from tests.scheduler.helpers import Outputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -66,10 +66,10 @@ def test_the_draft_model_config_is_vllm_s_and_a_bad_one_says_what_is_wrong():
 
 
 def test_greedy_output_is_the_same_with_a_draft_model_and_equals_transformers(target, one_layer_draft):
-    prompts = _copy_prompts(4096)
-    plain, _, _ = _serve(target, prompts, None)
-    itself, _, same = _serve(target, prompts, _draft(str(target)))
-    truncated, _, other = _serve(target, prompts, _draft(str(one_layer_draft)))
+    prompts = copy_prompts(4096)
+    plain, _, _ = serve_requests(target, prompts, None)
+    itself, _, same = serve_requests(target, prompts, _draft(str(target)))
+    truncated, _, other = serve_requests(target, prompts, _draft(str(one_layer_draft)))
     assert itself == truncated == plain
     for i, want in enumerate(hf_greedy(target, prompts, 40, ignore_eos=True)):
         assert_greedy_matches(itself[i], want, f"prompt {i}")
@@ -80,9 +80,9 @@ def test_greedy_output_is_the_same_with_a_draft_model_and_equals_transformers(ta
 
 
 def test_a_draft_model_under_preemption_gives_the_same_tokens_and_frees_every_block(target):
-    prompts = _copy_prompts(4096)
-    plain, _, _ = _serve(target, prompts, None, blocks=10)
-    spec, _, on = _serve(target, prompts, _draft(str(target)), blocks=10)
+    prompts = copy_prompts(4096)
+    plain, _, _ = serve_requests(target, prompts, None, blocks=10)
+    spec, _, on = serve_requests(target, prompts, _draft(str(target)), blocks=10)
     assert on.preemptions > 0 and on.spec_accepted_tokens == on.spec_draft_tokens > 0, on
     assert spec == plain
 
@@ -95,9 +95,9 @@ def test_a_draft_model_under_preemption_gives_the_same_tokens_and_frees_every_bl
     ],
 )
 def test_sampled_and_penalised_requests_get_the_same_tokens_with_a_draft_model(target, sampling):
-    prompts = _copy_prompts(4096)
-    plain, plain_outs, _ = _serve(target, prompts, None, **sampling)
-    spec, spec_outs, on = _serve(target, prompts, _draft(str(target)), **sampling)
+    prompts = copy_prompts(4096)
+    plain, plain_outs, _ = serve_requests(target, prompts, None, **sampling)
+    spec, spec_outs, on = serve_requests(target, prompts, _draft(str(target)), **sampling)
     assert on.spec_draft_tokens > 0 and spec == plain
     for i in plain_outs.logprobs:
         for a, b in zip(spec_outs.logprobs[i], plain_outs.logprobs[i], strict=True):
@@ -153,8 +153,8 @@ def test_a_worker_without_a_draft_model_refuses_a_plan_asking_drafts_and_gets_no
     # The scheduler asks drafts only of workers that have a draft model: this one gets none.
     core = SchedulerCore(Limits(speculative=_draft("/d")))
     core.add_worker(info, 0.0)
-    core.workers[info.worker_id].step_cost = _AlwaysPays()
-    prompts = _copy_prompts(4096)
+    core.workers[info.worker_id].step_cost = AlwaysPays()
+    prompts = copy_prompts(4096)
     for i, prompt in enumerate(prompts):
         assert core.add_request(
             SubmitRequest(
@@ -173,7 +173,7 @@ def test_a_worker_without_a_draft_model_refuses_a_plan_asking_drafts_and_gets_no
         core.on_step_result(engine.execute(plan))
         outputs.collect(core)
     assert core.counters.spec_drafts == 0 and core.counters.step_errors == 0
-    assert {int(k): v for k, v in outputs.tokens.items()} == _serve(target, prompts, None)[0]
+    assert {int(k): v for k, v in outputs.tokens.items()} == serve_requests(target, prompts, None)[0]
 
 
 def test_a_draft_model_that_cannot_serve_stops_the_worker_at_start_up_saying_why(target, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from shared.messages import SamplingParams
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.plan_driver import PlanDriver
-from tests.gpu_worker.test_engine_vs_hf import _prompts
+from tests.gpu_worker.test_engine_vs_hf import random_prompts
 
 SEEDED = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True, logprobs=2)
 
@@ -19,12 +19,12 @@ def _driver(model_dir, chunk_size=64):
 def test_seeded_request_same_alone_and_in_a_batch(model_dirs):
     model_dir = model_dirs["qwen2"]
     alone, info = _driver(model_dir)
-    prompt = _prompts(seed=5, vocab=info.vocab_size, lengths=[37])[0]
+    prompt = random_prompts(seed=5, vocab=info.vocab_size, lengths=[37])[0]
     alone.add("s", prompt, 24, SEEDED)
     expected = alone.run()["s"]
 
     crowd, _ = _driver(model_dir, chunk_size=9)
-    others = _prompts(seed=6, vocab=info.vocab_size, lengths=[5, 60, 13, 100])
+    others = random_prompts(seed=6, vocab=info.vocab_size, lengths=[5, 60, 13, 100])
     crowd.add("o0", others[0], 30, SamplingParams(temperature=1.0, ignore_eos=True))  # unseeded
     crowd.add("o1", others[1], 30, SamplingParams(temperature=0.7, seed=1234, ignore_eos=True))  # same seed
     crowd.step()

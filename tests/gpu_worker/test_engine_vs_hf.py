@@ -19,7 +19,7 @@ MAX_TOKENS = 10
 PROMPT_LENGTHS = [1, 2, 15, 16, 17, 40, 129, 300]
 
 
-def _prompts(seed: int, vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
+def random_prompts(seed: int, vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
@@ -28,11 +28,11 @@ def _prompts(seed: int, vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
 def test_mixed_batch_matches_hf(model_dirs, arch):
     model_dir = model_dirs[arch]
     engine, info = make_engine(model_dir)
-    prompts = _prompts(seed=7, vocab=info.vocab_size)
+    prompts = random_prompts(seed=7, vocab=info.vocab_size)
     # A prefix-sharing prompt: the 129-token prompt's first 64 tokens (4 full blocks) + a new tail.
-    shared = prompts[6][:64] + _prompts(seed=8, vocab=info.vocab_size, lengths=[23])[0]
+    shared = prompts[6][:64] + random_prompts(seed=8, vocab=info.vocab_size, lengths=[23])[0]
     # A prompt that will be preempted mid-generation and resumed by recompute.
-    preempted = _prompts(seed=9, vocab=info.vocab_size, lengths=[57])[0]
+    preempted = random_prompts(seed=9, vocab=info.vocab_size, lengths=[57])[0]
     expected = hf_greedy(model_dir, prompts + [shared, preempted], MAX_TOKENS)
 
     driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=13)
@@ -63,7 +63,7 @@ def test_a_request_alone_matches_hf_exactly(model_dirs, arch):
     """Alone (whole-prompt prefill, then one row per step, as HF runs it) no batch can
     flip anything: every token must match, near-ties included."""
     engine, info = make_engine(model_dirs[arch])
-    prompts = _prompts(seed=7, vocab=info.vocab_size)
+    prompts = random_prompts(seed=7, vocab=info.vocab_size)
     for prompt, want in zip(prompts, hf_greedy(model_dirs[arch], prompts, MAX_TOKENS)):
         driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids)
         driver.add("alone", prompt, MAX_TOKENS)
@@ -89,7 +89,7 @@ def test_batch_noise_is_far_inside_the_near_tie_bound(model_dirs):
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
 def test_chunk_size_does_not_change_output(model_dirs, chunk_size):
     engine, info = make_engine(model_dirs["qwen3"], block_size=32)
-    prompts = _prompts(seed=3, vocab=info.vocab_size, lengths=[31, 32, 33, 70])
+    prompts = random_prompts(seed=3, vocab=info.vocab_size, lengths=[31, 32, 33, 70])
     driver = PlanDriver(
         engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=chunk_size
     )

@@ -82,12 +82,12 @@ def test_the_scheduler_s_ngram_index_proposes_what_a_scan_does():
             tokens += [rng.randrange(vocab) for _ in range(rng.randint(1, 4))]
 
 
-class _AlwaysPays(StepCost):
+class AlwaysPays(StepCost):
     def threshold(self, decoding_rows: int, drafting: bool = False) -> float:
         return 0.0
 
 
-def _serve(model_dir, prompts, speculative, blocks: int | None = None, tamper=None, **sampling):
+def serve_requests(model_dir, prompts, speculative, blocks: int | None = None, tamper=None, **sampling):
     """Every prompt through a SchedulerCore and a real engine (with `blocks` KV blocks of 16
     tokens, else 64 MiB of them); {index: output tokens}, the Outputs (finishes, logprobs)
     and the core's counters. Checks that every block is free again at the end: speculative
@@ -115,7 +115,7 @@ def _serve(model_dir, prompts, speculative, blocks: int | None = None, tamper=No
     core = SchedulerCore(Limits(max_num_batched_tokens=64, max_prefill_chunk=32, speculative=speculative))
     core.add_worker(info, 0.0)
     # Every proposal made, whatever the steps' timings say: the same plans on every run.
-    core.workers[info.worker_id].step_cost = _AlwaysPays()
+    core.workers[info.worker_id].step_cost = AlwaysPays()
     for i, prompt in enumerate(prompts):
         params = SamplingParams(**{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True, **sampling})
         assert core.add_request(SubmitRequest(str(i), prompt, params, "tcp://gateway", float(i), 0, None))
@@ -132,7 +132,7 @@ def _serve(model_dir, prompts, speculative, blocks: int | None = None, tamper=No
     return {int(k): v for k, v in outputs.tokens.items()}, outputs, core.counters
 
 
-def _copy_prompts(vocab: int) -> list[list[int]]:
+def copy_prompts(vocab: int) -> list[list[int]]:
     """Prompts that repeat themselves, as copy-heavy requests do, and one that does not."""
     rng = random.Random(5)
     phrase = [rng.randrange(3, vocab) for _ in range(12)]
@@ -145,9 +145,9 @@ def _copy_prompts(vocab: int) -> list[list[int]]:
 
 def test_greedy_output_is_the_same_with_speculation_and_equals_transformers(model_dirs):
     model_dir = model_dirs["qwen2"]
-    prompts = _copy_prompts(4096)
-    plain, _, off = _serve(model_dir, prompts, None)
-    spec, outs, on = _serve(model_dir, prompts, NGRAM)
+    prompts = copy_prompts(4096)
+    plain, _, off = serve_requests(model_dir, prompts, None)
+    spec, outs, on = serve_requests(model_dir, prompts, NGRAM)
     assert spec == plain  # these prompts have no near-tie (checked against transformers below)
     assert off.spec_drafts == 0 and on.spec_drafts > 0 and on.spec_accepted_tokens > 0, on
     assert on.spec_accepted_tokens <= on.spec_draft_tokens
@@ -173,9 +173,9 @@ def test_speculation_under_preemption_gives_the_same_tokens_and_frees_every_bloc
     """10 blocks for three requests of up to 5: they are preempted and recomputed, with
     proposals' slots given only while blocks last."""
     model_dir = model_dirs["qwen2"]
-    prompts = _copy_prompts(4096)
-    plain, _, off = _serve(model_dir, prompts, None, blocks=10)
-    spec, _, on = _serve(model_dir, prompts, NGRAM, blocks=10)
+    prompts = copy_prompts(4096)
+    plain, _, off = serve_requests(model_dir, prompts, None, blocks=10)
+    spec, _, on = serve_requests(model_dir, prompts, NGRAM, blocks=10)
     assert off.preemptions > 0 and on.preemptions > 0, (off, on)
     assert on.spec_accepted_tokens > 0
     # Token for token, by the tests' rule (batch composition may flip an fp32 near-tie).
@@ -190,8 +190,8 @@ def test_a_verification_that_contradicts_the_drafts_recomputes_the_request(model
     import msgspec
 
     model_dir = model_dirs["qwen2"]
-    prompts = _copy_prompts(4096)
-    plain, _, _ = _serve(model_dir, prompts, None)
+    prompts = copy_prompts(4096)
+    plain, _, _ = serve_requests(model_dir, prompts, None)
     tampered = []
 
     def tamper(result):
@@ -204,28 +204,30 @@ def test_a_verification_that_contradicts_the_drafts_recomputes_the_request(model
             )
         return result
 
-    spec, _, counters = _serve(model_dir, prompts, NGRAM, tamper=tamper)
+    spec, _, counters = serve_requests(model_dir, prompts, NGRAM, tamper=tamper)
     assert tampered and counters.step_errors == 1
     assert spec == plain
 
 
 def test_stops_and_logprobs_hold_when_tokens_come_several_to_a_step(model_dirs):
     model_dir = model_dirs["qwen2"]
-    prompts = _copy_prompts(4096)
-    plain, _, _ = _serve(model_dir, prompts, None, max_tokens=40)
+    prompts = copy_prompts(4096)
+    plain, _, _ = serve_requests(model_dir, prompts, None, max_tokens=40)
     # A stop token that falls inside a run of accepted tokens ends the output right there.
     stop = plain[0][17]
     cut = plain[0].index(stop) + 1
     for tokens, outs, _ in (
-        _serve(model_dir, prompts[:1], None, stop_token_ids=[stop]),
-        _serve(model_dir, prompts[:1], NGRAM, stop_token_ids=[stop]),
+        serve_requests(model_dir, prompts[:1], None, stop_token_ids=[stop]),
+        serve_requests(model_dir, prompts[:1], NGRAM, stop_token_ids=[stop]),
     ):
         assert tokens[0] == plain[0][:cut] and outs.finish["0"].finish_reason.value == "stop"
     # max_tokens is exact, however many tokens a step accepts.
     for n in (1, 2, 7):
-        assert _serve(model_dir, prompts, NGRAM, max_tokens=n)[0] == {i: t[:n] for i, t in plain.items()}
+        assert serve_requests(model_dir, prompts, NGRAM, max_tokens=n)[0] == {
+            i: t[:n] for i, t in plain.items()
+        }
     # Logprobs of every emitted token, accepted drafts included, equal the plain run's.
-    with_lp, spec_lp = (_serve(model_dir, prompts, spec, logprobs=2) for spec in (None, NGRAM))
+    with_lp, spec_lp = (serve_requests(model_dir, prompts, spec, logprobs=2) for spec in (None, NGRAM))
     assert spec_lp[2].spec_accepted_tokens > 0
     with_lp, spec_lp = with_lp[1].logprobs, spec_lp[1].logprobs
     assert len(with_lp) == len(prompts)
@@ -264,9 +266,9 @@ def test_every_kind_of_request_gets_the_same_tokens_with_speculation(model_dirs,
     """Each position of a speculated row is sampled as it will be with the drafts before it:
     seeded draws, penalties, bad words, min_tokens and grammars give the plain run's tokens."""
     model_dir = model_dirs["qwen2"]
-    prompts = _copy_prompts(4096)
-    plain, plain_outs, _ = _serve(model_dir, prompts, None, **sampling)
-    spec, spec_outs, on = _serve(model_dir, prompts, NGRAM, **sampling)
+    prompts = copy_prompts(4096)
+    plain, plain_outs, _ = serve_requests(model_dir, prompts, None, **sampling)
+    spec, spec_outs, on = serve_requests(model_dir, prompts, NGRAM, **sampling)
     assert on.spec_drafts > 0 and on.spec_accepted_tokens > 0, on
     assert spec == plain
     assert {k: f.finish_reason for k, f in spec_outs.finish.items()} == {

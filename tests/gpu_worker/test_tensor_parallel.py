@@ -25,7 +25,7 @@ from shared.models import ModelLoadError
 from tests.gpu_worker.conftest import VARIANTS, make_engine
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
-from tests.gpu_worker.test_engine_vs_hf import _prompts
+from tests.gpu_worker.test_engine_vs_hf import random_prompts
 
 MAX_TOKENS = 8
 LENGTHS = [1, 16, 17, 40, 129]
@@ -65,11 +65,11 @@ def tp_engine(request, tp_model_dirs):
 def test_greedy_batch_matches_hf(tp_engine):
     arch, model_dir, engine, info = tp_engine
     assert engine.model.shape.num_heads == 2 and engine.model.shape.num_kv_heads == 1  # this rank's share
-    prompts = _prompts(seed=7, vocab=info.vocab_size, lengths=LENGTHS)
+    prompts = random_prompts(seed=7, vocab=info.vocab_size, lengths=LENGTHS)
     shared = (
-        prompts[4][:64] + _prompts(seed=8, vocab=info.vocab_size, lengths=[23])[0]
+        prompts[4][:64] + random_prompts(seed=8, vocab=info.vocab_size, lengths=[23])[0]
     )  # 4 cached blocks + a tail
-    preempted = _prompts(seed=9, vocab=info.vocab_size, lengths=[57])[0]
+    preempted = random_prompts(seed=9, vocab=info.vocab_size, lengths=[57])[0]
     expected = hf_greedy(model_dir, prompts + [shared, preempted], MAX_TOKENS)
 
     driver = PlanDriver(engine.execute, info.block_size, info.num_blocks, info.eos_token_ids, chunk_size=13)
@@ -99,7 +99,7 @@ def test_seeded_sampling_equals_the_single_rank_engine(tp_engine):
     within the all-reduce's rounding."""
     arch, model_dir, engine, info = tp_engine
     params = SamplingParams(temperature=1.0, seed=77, ignore_eos=True, logprobs=1, prompt_logprobs=1)
-    prompts = _prompts(seed=5, vocab=info.vocab_size, lengths=[9, 37])
+    prompts = random_prompts(seed=5, vocab=info.vocab_size, lengths=[9, 37])
     single, single_info = make_engine(model_dir)
     outputs, logprobs = [], []
     for e, i in ((engine, info), (single, single_info)):

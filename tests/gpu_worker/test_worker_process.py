@@ -20,7 +20,7 @@ from shared.redis_protocol import read_status
 from tests.gpu_worker.conftest import make_engine
 from tests.gpu_worker.fake_scheduler import FakeScheduler, start_worker
 from tests.gpu_worker.plan_driver import PlanDriver
-from tests.gpu_worker.test_engine_vs_hf import _prompts
+from tests.gpu_worker.test_engine_vs_hf import random_prompts
 from tests.stack import REPO
 
 
@@ -70,7 +70,7 @@ def test_worker_process_matches_in_process_engine(model_dirs, scheduler):
         )
         assert "out of range" in out_of_range.error
 
-        prompts = _prompts(seed=11, vocab=reg.vocab_size, lengths=[3, 20, 47, 90])
+        prompts = random_prompts(seed=11, vocab=reg.vocab_size, lengths=[3, 20, 47, 90])
         remote = PlanDriver(
             scheduler.execute, reg.block_size, reg.num_blocks, reg.eos_token_ids, chunk_size=17
         )

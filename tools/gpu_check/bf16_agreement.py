@@ -25,7 +25,7 @@ from shared.config import WorkerSettings
 from tests.gpu_worker.conftest import VARIANTS
 from tests.gpu_worker.hf_reference import Reference, hf_greedy
 from tests.gpu_worker.plan_driver import PlanDriver
-from tests.gpu_worker.test_engine_vs_hf import PROMPT_LENGTHS, _prompts
+from tests.gpu_worker.test_engine_vs_hf import PROMPT_LENGTHS, random_prompts
 
 
 def first_difference(got: list[int], want: list[int]) -> int:
@@ -86,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch, overrides in VARIANTS.items():
             model_dir = make_model(Path(tmp) / arch, preset="tiny", num_hidden_layers=2, seed=1, **overrides)
-            prompts = _prompts(
+            prompts = random_prompts(
                 seed=7, vocab=PRESETS["tiny"]["vocab_size"], lengths=PROMPT_LENGTHS[: args.prompts]
             )
             models[arch] = model_agreement(model_dir, args.device, args.dtype, prompts, args.tokens)
