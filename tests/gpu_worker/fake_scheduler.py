@@ -4,6 +4,7 @@ seconds instead of hanging the run)."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -50,8 +51,10 @@ class FakeScheduler:
         a worker that only heartbeats (it dropped or never got a plan) fails here too."""
         deadline = time.monotonic() + timeout_s
         while (left_s := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(left_s * 1000):
-                break
+            # Rounded up, and the deadline checked again: zmq's poll takes whole milliseconds
+            # and may wake just before the deadline, which must not end the wait early.
+            if not self.sock.poll(math.ceil(left_s * 1000)):
+                continue
             identity, data = self.sock.recv_multipart()
             msg = m.decode(data)
             if isinstance(msg, m.Heartbeat):
