@@ -219,6 +219,18 @@ class Stack:
 
     # ---- a test-side gateway -----------------------------------------------------------------
 
+    def conveyor_status(self, *args: str) -> subprocess.CompletedProcess:
+        """`conveyor status` on this stack's Redis keys, as an operator runs it."""
+        command = [sys.executable, "-m", "conveyor", "status", "--redis-url", self.redis_url]
+        return subprocess.run(
+            [*command, "--redis-prefix", self.keys.prefix, *args],
+            cwd=REPO,
+            env=service_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
     def submit(self, request_id: str, prompt: list[int], **sampling) -> None:
         params = m.SamplingParams(**{"temperature": 0.0, **sampling})
         submit(

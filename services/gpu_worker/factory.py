@@ -139,15 +139,7 @@ def _load_models(
     if settings.tensor_parallel_size > 1:
         leader, num_blocks = start_tensor_parallel(settings, path, device, dtype)
         return leader, None, num_blocks
-    model = load_model(
-        path,
-        device,
-        dtype,
-        get_attention_backend(device, settings.attention_backend),
-        settings.linear_backend,
-        max_model_len=max_len,
-        layer_ops=settings.layer_ops,
-    )
+    model = _load_with(settings, path, device, dtype, max_len)
     draft = None if draft_path is None else _load_draft(draft_path, model, settings, device, dtype, max_len)
     shapes = [model.shape] if draft is None else [model.shape, draft.shape]
     num_blocks = num_blocks_in_budget(
@@ -223,15 +215,11 @@ def _draft_path(settings: WorkerSettings, max_len: int) -> Path | None:
     return path
 
 
-def _load_draft(
-    path: Path,
-    model: DecoderModel,
-    settings: WorkerSettings,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_len: int,
+def _load_with(
+    settings: WorkerSettings, path: Path, device: torch.device, dtype: torch.dtype, max_len: int
 ) -> DecoderModel:
-    draft = load_model(
+    """A model on this worker's kernels (the target and its draft load alike)."""
+    return load_model(
         path,
         device,
         dtype,
@@ -240,6 +228,17 @@ def _load_draft(
         max_model_len=max_len,
         layer_ops=settings.layer_ops,
     )
+
+
+def _load_draft(
+    path: Path,
+    model: DecoderModel,
+    settings: WorkerSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_len: int,
+) -> DecoderModel:
+    draft = _load_with(settings, path, device, dtype, max_len)
     if draft.shape.vocab_size != model.shape.vocab_size:
         draft.close()
         raise ModelLoadError(

@@ -13,8 +13,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +26,7 @@ from shared import messages as m
 from shared.ports import free_port
 from shared.redis_protocol import read_status
 from tests.gpu_worker.hf_reference import assert_greedy_matches, hf_greedy, keeper_reference
-from tests.stack import KEEPER_TOKENS, LONG_MAX_TOKENS, REPO, Stack, service_env
+from tests.stack import KEEPER_TOKENS, LONG_MAX_TOKENS, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -303,28 +301,6 @@ def _register_wedged_worker(stack: Stack, stop: threading.Event) -> zmq.Socket:
     return wedged
 
 
-def _conveyor_status(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    """`conveyor status` on this stack's Redis keys, as an operator runs it."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "conveyor",
-            "status",
-            "--redis-url",
-            stack.redis_url,
-            "--redis-prefix",
-            stack.keys.prefix,
-            *args,
-        ],
-        cwd=REPO,
-        env=service_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, model_dir, tmp_path):
     stack = Stack(redis_server.url, model_dir, tmp_path, speculative=True)
     stop = threading.Event()
@@ -344,7 +320,7 @@ def test_a_wedged_worker_shows_as_stalled_then_its_requests_move(redis_server, m
             time.sleep(0.2)
         with ThreadPoolExecutor(3) as pool:
             shown, check, as_json = pool.map(
-                lambda args: _conveyor_status(stack, *args), [(), ("--check",), ("--json",)]
+                lambda args: stack.conveyor_status(*args), [(), ("--check",), ("--json",)]
             )
         assert "STALLED" in shown.stdout
         assert check.returncode == 1, "no worker serving: not healthy"
